@@ -1,0 +1,43 @@
+"""He et al. 2015, Sec. 4.2: CIFAR-10 ResNets / plain nets (Table 6, Fig. 6).
+
+Recipe: batch 128, SGD momentum 0.9, weight decay 1e-4, lr 0.1 divided by 10 at 32k and 48k
+iterations, stop at 64k; 4-pixel pad + random 32x32 crop + flip, per-pixel mean subtraction;
+ResNet-110 and deeper warm up at lr 0.01 for 400 iterations. BN statistics over groups of 64
+(the paper's per-GPU batch on 2 GPUs), so results do not depend on the device count.
+Config args: depth=56, plain, shortcut=A|B|C, preact, val=5000 (the 45k/5k split),
+dataset=cifar10|cifar100, bn_group=64 (0: whole global batch).
+Example: python -m resnet_jax.main --config=configs/cifar.py:depth=110 --workdir=/tmp/r110
+"""
+from resnet_jax.default_config import base_config, parse_arg
+
+
+def get_config(arg: str | None = None):
+  args = parse_arg(arg, depth=20, plain=False, shortcut='A', preact=False, val=0,
+                   dataset='cifar10', bn_group=64)
+  c = base_config()
+  c.model.name = f'resnet{args.depth}'
+  c.model.residual = not args.plain
+  c.model.shortcut = args.shortcut
+  c.model.preact = args.preact
+  c.model.bn_group_size = args.bn_group or None
+  c.data.name = args.dataset
+  c.data.num_classes = 100 if args.dataset == 'cifar100' else 10
+  c.data.image_size = 32
+  c.data.augment = 'cifar'
+  c.data.normalize = 'per_pixel_mean'
+  c.data.validation_size = args.val
+  c.data.eval_split = 'validation' if args.val else 'test'
+  c.batch_size = 128
+  c.num_train_steps = 64_000
+  c.schedule.name = 'piecewise'
+  c.schedule.base_lr = 0.1
+  c.schedule.boundaries = '32000,48000'
+  if args.depth >= 110:
+    c.schedule.warmup_steps = 400
+    c.schedule.warmup = 'constant'
+    c.schedule.warmup_lr = 0.01
+  c.optimizer.weight_decay = 1e-4
+  c.log_every_steps = 100
+  c.eval_every_steps = 2000
+  c.checkpoint_every_steps = 2000
+  return c

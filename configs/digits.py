@@ -1,0 +1,34 @@
+"""The embedded offline demo: a small CIFAR-style ResNet on the 1,797 scikit-learn digits (8x8).
+
+Runs on a laptop CPU in a few minutes; no download. Config args (comma-separated):
+  depth=14     any 6n+2 (CIFAR family)
+  plain        the plain twin (no shortcuts)
+  shortcut=A   A | B | C
+  steps=1500   training steps at batch 64
+Example: python -m resnet_jax.main --config=configs/digits.py:depth=20,plain --workdir=/tmp/d
+"""
+from resnet_jax.default_config import base_config, parse_arg
+
+
+def get_config(arg: str | None = None):
+  args = parse_arg(arg, depth=14, plain=False, shortcut='A', steps=1500, batch=64)
+  c = base_config()
+  c.model.name = f'resnet{args.depth}'
+  c.model.residual = not args.plain
+  c.model.shortcut = args.shortcut
+  c.data.name = 'digits'
+  c.data.image_size = 8
+  c.data.augment = 'none'
+  c.data.normalize = 'per_pixel_mean'
+  c.batch_size = args.batch
+  c.eval_batch_size = 360
+  c.num_train_steps = args.steps
+  c.schedule.name = 'cosine'
+  c.schedule.base_lr = 0.1
+  c.schedule.warmup_steps = 50
+  c.schedule.warmup = 'linear'
+  c.optimizer.weight_decay = 5e-4
+  c.log_every_steps = 100
+  c.eval_every_steps = 500
+  c.checkpoint_every_steps = 500
+  return c

@@ -1,0 +1,60 @@
+"""He et al. 2015, Sec. 3.4 / 4.1: ImageNet ResNets and plain nets (Tables 2-3, Fig. 4).
+
+recipe=paper: batch 256, SGD momentum 0.9, weight decay 1e-4, lr 0.1 divided by 10 at epochs 30
+and 60 (the paper's plateaus), 60e4 iterations; scale augmentation [256, 480] + 224 crop + flip,
+per-pixel mean, PCA colour; BN statistics over groups of 32 (the paper's per-GPU batch); v1 blocks
+(stride on the 1x1) unless stride_on=3x3.
+recipe=modern: the now-standard ResNet-50 recipe (Goyal et al. / torchvision): lr 0.1 x batch/256,
+5-epoch linear warm-up + cosine, label smoothing 0.1, Nesterov, decay on kernels only, Inception
+crop, zero-init last BN, bfloat16, v1.5 blocks, 90 epochs.
+Config args: depth=50, plain, shortcut=A|B|C, recipe=paper|modern, stride_on=1x1|3x3,
+batch=256, bn_group=32 (0: whole global batch), dataset=imagenet2012.
+"""
+from resnet_jax.default_config import base_config, parse_arg
+
+_NUM_TRAIN = 1_281_167
+
+
+def get_config(arg: str | None = None):
+  args = parse_arg(arg, depth=50, plain=False, shortcut='B', recipe='paper', stride_on='',
+                   batch=256, bn_group=32, dataset='imagenet2012')
+  if args.recipe not in ('paper', 'modern'):
+    raise ValueError(f'recipe must be paper or modern, got {args.recipe!r}')
+  paper = args.recipe == 'paper'
+  c = base_config()
+  c.model.name = f'resnet{args.depth}'
+  c.model.residual = not args.plain
+  c.model.shortcut = args.shortcut
+  c.model.stride_on = args.stride_on or ('1x1' if paper else '3x3')
+  c.model.bn_group_size = (args.bn_group or None) if paper else None
+  c.model.zero_init_last_bn = not paper and not args.plain
+  c.data.name = args.dataset
+  c.data.num_classes = 1000
+  c.data.image_size = 224
+  c.data.augment = 'imagenet' if paper else 'inception'
+  c.data.normalize = 'per_pixel_mean' if paper else 'mean_std'
+  c.data.num_workers = 8
+  c.data.eval_crops = 10 if paper else 1
+  c.batch_size = args.batch
+  c.eval_batch_size = 250
+  c.dtype = 'float32' if paper else 'bfloat16'
+  c.optimizer.weight_decay = 1e-4
+  if paper:
+    c.num_train_steps = 600_000 * 256 // args.batch
+    c.schedule.name = 'piecewise'
+    c.schedule.base_lr = 0.1 * args.batch / 256
+    c.schedule.boundaries_epochs = '30,60'
+  else:
+    c.num_epochs = 90.0
+    c.schedule.name = 'cosine'
+    c.schedule.base_lr = 0.1
+    c.schedule.scale_with_batch = True
+    c.schedule.warmup = 'linear'
+    c.schedule.warmup_steps = 5 * _NUM_TRAIN // args.batch
+    c.label_smoothing = 0.1
+    c.optimizer.nesterov = True
+    c.optimizer.weight_decay_mask = 'kernels'
+  c.log_every_steps = 100
+  c.eval_every_steps = 5000
+  c.checkpoint_every_steps = 5000
+  return c

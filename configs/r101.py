@@ -1,0 +1,6 @@
+"""ResNet-101 on ImageNet: configs/imagenet.py with depth=101 (extra args are passed through)."""
+from resnet_jax.default_config import load_sibling_config
+
+
+def get_config(arg: str | None = None):
+  return load_sibling_config(__file__, 'imagenet').get_config(f'depth=101,{arg or ""}')

@@ -1,0 +1,6 @@
+"""ResNet-152 on ImageNet: configs/imagenet.py with depth=152 (extra args are passed through)."""
+from resnet_jax.default_config import load_sibling_config
+
+
+def get_config(arg: str | None = None):
+  return load_sibling_config(__file__, 'imagenet').get_config(f'depth=152,{arg or ""}')

@@ -1,0 +1,192 @@
+"""Grain train/eval pipelines: deterministic, per-process sharded, resumable, exact-once evaluation.
+
+Layout shared by train and eval: the global stream of examples is cut into global batches of
+`local_batch_size * process_count`; process p takes the p-th contiguous `local_batch_size` slice of
+each, so concatenating the processes' batches in process order gives the same global batch for any
+process count. Batching happens inside the `MapDataset` (before `mp_prefetch`), so worker processes
+produce whole local batches and the iterator state is one index: `get_state()` / `set_state()`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Any
+
+from absl import flags
+import grain
+import ml_collections
+import numpy as np
+
+from resnet_jax.data import augment as augment_lib
+from resnet_jax.data import sources
+from resnet_jax.data import stats as stats_lib
+
+NORMALIZATIONS = ("per_pixel_mean", "mean_std", "scale")
+_SYNTHETIC_STATS_EXAMPLES = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  """What the model and training loop need to know about the configured dataset."""
+
+  name: str
+  num_classes: int
+  image_shape: tuple[int, int, int]  # model input H, W, C after preprocessing
+  num_train_examples: int
+  num_eval_examples: int
+  eval_split: str
+
+
+def _image_size(config: ml_collections.ConfigDict, source: sources.SplitSource) -> int:
+  size = config.data.get("image_size", None)
+  if size:
+    return int(size)
+  if source.native_shape[0] is None:
+    raise ValueError(f"config.data.image_size must be set for {config.data.name} (variable-size images)")
+  return int(source.native_shape[0])
+
+
+def get_dataset_info(config: ml_collections.ConfigDict) -> DatasetInfo:
+  """Sizes, classes and model input shape; prepares `digits` on first use, raises DatasetNotFoundError."""
+  train = sources.open_split(config, str(config.data.get("train_split", "train")))
+  eval_split = str(config.data.get("eval_split", "test"))
+  evaluation = sources.open_split(config, eval_split)
+  size = _image_size(config, train)
+  return DatasetInfo(str(config.data.name), train.num_classes, (size, size, train.native_shape[2]),
+                     len(train), len(evaluation), eval_split)
+
+
+def _normalizer(kind: str, stats: dict[str, np.ndarray]) -> augment_lib.Normalizer:
+  if kind == "per_pixel_mean":  # the paper; a scalar std keeps the input at unit scale
+    return augment_lib.Normalizer(stats["pixel_mean"], np.asarray(stats["pixel_std"], np.float32))
+  if kind == "mean_std":
+    return augment_lib.Normalizer(stats["channel_mean"], stats["channel_std"])
+  if kind == "scale":
+    return augment_lib.Normalizer(np.zeros((), np.float32), np.asarray(255.0, np.float32))
+  raise ValueError(f"config.data.normalize={kind!r} is not one of {NORMALIZATIONS}")
+
+
+def make_preprocessor(config: ml_collections.ConfigDict) -> augment_lib.Preprocessor:
+  """The configured augmentation with normalisation statistics of the train split (cached)."""
+  data = config.data
+  train_split = str(data.get("train_split", "train"))
+  train = sources.open_split(config, train_split)
+  size = _image_size(config, train)
+  augment = str(data.get("augment", "none"))
+  kind = str(data.get("normalize", "per_pixel_mean"))
+  base = augment_lib.Preprocessor(augment, size, train.native_shape[2],
+                                  augment_lib.Normalizer(np.zeros((), np.float32), np.ones((), np.float32)))
+  needs_stats = kind != "scale" or augment == "imagenet"
+  stats = None
+  if needs_stats:
+    small = train.native_shape[0] is not None and train.native_shape[0] * train.native_shape[1] <= 64 * 64
+    if data.name == "synthetic":
+      limit = _SYNTHETIC_STATS_EXAMPLES
+    else:
+      limit = stats_lib.MAX_EXAMPLES_SMALL if small else stats_lib.MAX_EXAMPLES_LARGE
+    key = {"v": 1, "name": data.name, "cache_dir": train.cache_dir, "split": train_split, "n": len(train),
+           "validation_size": int(data.get("validation_size", 0) or 0), "size": size,
+           "resize": base.eval_resize, "limit": limit,
+           "synthetic": [data.get("channels", 3), data.get("num_classes", None)] if data.name == "synthetic" else None}
+    stats = stats_lib.cached_stats(
+        key, None if data.name == "synthetic" else train.cache_dir,
+        lambda: stats_lib.compute_stats(train.records, base.eval_uint8, limit))
+  normalize = _normalizer(kind, stats) if stats is not None else _normalizer(kind, {})
+  return dataclasses.replace(base, normalize=normalize,
+                             pca_eigvals=None if stats is None else stats["pca_eigvals"],
+                             pca_eigvecs=None if stats is None else stats["pca_eigvecs"])
+
+
+class _TrainTransform:
+  """grain random_map: record -> {'image': float32 HWC, 'label': int32}; rng is per (seed, position)."""
+
+  def __init__(self, preprocessor: augment_lib.Preprocessor):
+    self._pre = preprocessor
+
+  def __call__(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    return {"image": self._pre.train(record["image"], rng), "label": np.int32(record["label"])}
+
+
+class _EvalExample:
+  """grain map over padded positions: real examples below `len(records)`, masked zeros beyond."""
+
+  def __init__(self, records, preprocessor: augment_lib.Preprocessor, crops: int, scale: int | None):
+    self._records, self._pre, self._crops, self._scale = records, preprocessor, crops, scale
+    size = int(scale) if scale else preprocessor.image_size
+    shape = (size, size, preprocessor.channels)
+    self._pad_shape = shape if crops == 1 else (crops, *shape)
+
+  def __call__(self, index: int) -> dict[str, np.ndarray]:
+    if index >= len(self._records):
+      return {"image": np.zeros(self._pad_shape, np.float32), "label": np.int32(0), "mask": np.bool_(False)}
+    record = self._records[index]
+    image = self._pre.eval(record["image"], crops=self._crops, scale=self._scale)
+    return {"image": np.ascontiguousarray(image, np.float32), "label": np.int32(record["label"]),
+            "mask": np.bool_(True)}
+
+
+def _finish(ds: grain.MapDataset, config: ml_collections.ConfigDict) -> grain.IterDataset:
+  """Threads (and worker processes, `config.data.num_workers`) that compute whole local batches ahead."""
+  prefetch = max(1, int(config.data.get("prefetch", 2) or 1))
+  workers = int(config.data.get("num_workers", 0) or 0)
+  threads = max(1, min(prefetch, os.cpu_count() or 1)) if workers == 0 else 1
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=prefetch))
+  if workers > 0:
+    if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags; outside an absl app use defaults
+      flags.FLAGS.mark_as_parsed()
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=prefetch))
+  return it
+
+
+def _check_sharding(local_batch_size: int, process_index: int, process_count: int) -> None:
+  if local_batch_size < 1 or process_count < 1 or not 0 <= process_index < process_count:
+    raise ValueError(f"bad sharding: local_batch_size={local_batch_size}, "
+                     f"process_index={process_index}, process_count={process_count}")
+
+
+def create_train_iterator(config: ml_collections.ConfigDict, *, local_batch_size: int, process_index: int,
+                          process_count: int, seed: int) -> grain.DatasetIterator:
+  """Infinite iterator of {'image': float32 [b, H, W, C], 'label': int32 [b]} for this process.
+
+  Epoch e is the train split shuffled by (seed, e) (Grain's index shuffle); augmentation randomness is a
+  function of (seed, position in the global stream), so batches do not depend on process or worker
+  count. Save `it.get_state()` in the checkpoint and `it.set_state(state)` on a fresh iterator to
+  resume at exactly the next batch.
+  """
+  _check_sharding(local_batch_size, process_index, process_count)
+  train = sources.open_split(config, str(config.data.get("train_split", "train")))
+  preprocessor = make_preprocessor(config)
+  seed = int(seed) % 2**32
+  ds = grain.MapDataset.source(train.records).shuffle(seed=seed).repeat()
+  ds = ds.random_map(_TrainTransform(preprocessor), seed=(seed + 0x5EED) % 2**32)
+  ds = ds.batch(local_batch_size, drop_remainder=True)[process_index::process_count]
+  return iter(_finish(ds, config))
+
+
+def num_eval_batches(num_examples: int, local_batch_size: int, process_count: int) -> int:
+  """Batches every process yields for a split: ceil(N / global batch)."""
+  return max(1, math.ceil(num_examples / (local_batch_size * process_count)))
+
+
+def create_eval_iterator(config: ml_collections.ConfigDict, *, split: str | None, local_batch_size: int,
+                         process_index: int, process_count: int, crops: int = 1,
+                         scale: int | None = None) -> grain.IterDataset:
+  """Re-iterable batches covering every example of `split` (default eval_split) exactly once.
+
+  Yields {'image': float32 [b, H, W, C] (crops == 1) or [b, crops, H, W, C], 'label': int32 [b],
+  'mask': bool [b]}; positions past the end of the split are zero images with mask False, and every
+  process yields `num_eval_batches(...)` batches. crops: 1 (centre), 2 (centre + flip), 10 (paper).
+  `scale=S`: the paper's fully-convolutional multi-scale testing input (shorter side S, centred
+  S x S, so H = W = S); average the softmax over S in {224, 256, 384, 480, 640} for the paper's number.
+  """
+  _check_sharding(local_batch_size, process_index, process_count)
+  split = split or str(config.data.get("eval_split", "test"))
+  evaluation = sources.open_split(config, split)
+  preprocessor = make_preprocessor(config)
+  batches = num_eval_batches(len(evaluation), local_batch_size, process_count)
+  ds = grain.MapDataset.range(batches * local_batch_size * process_count)
+  ds = ds.map(_EvalExample(evaluation.records, preprocessor, crops, scale))
+  ds = ds.batch(local_batch_size)[process_index::process_count]
+  return _finish(ds, config)

@@ -1,0 +1,183 @@
+"""Random-access sources for one split: TFDS ArrayRecord data, the embedded digits, synthetic images.
+
+Every source is a picklable sequence (`len`, `[i]`) of `{'image': uint8 array or encoded bytes,
+'label': int}` so Grain can read it in worker processes. Splits named `validation` can be carved from
+the training split (`config.data.validation_size`, the paper's 45k/5k CIFAR split).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import unittest.mock
+from typing import Any, Sequence
+
+import ml_collections
+import numpy as np
+
+SYNTHETIC_NUM_TRAIN = 1_281_167  # ImageNet-sized epoch by default, for input/step benchmarks.
+SYNTHETIC_NUM_EVAL = 10_000
+_HOLDOUT_SEED = 0  # fixed: the held-out examples must not change with the training seed.
+
+
+class DatasetNotFoundError(ValueError):
+  """A dataset (or split) is unknown or not prepared; the message is one line saying what to do."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitSource:
+  """One split: the records plus what the pipeline needs to know about them."""
+
+  records: Sequence[dict[str, Any]]
+  num_classes: int
+  native_shape: tuple[int | None, int | None, int]  # H, W may be None (variable-size images)
+  encoded: bool  # True when `image` is encoded bytes (JPEG/PNG) to be decoded by the pipeline
+  cache_dir: str | None = None  # where derived data (normalisation statistics) may be cached
+
+  def __len__(self) -> int:
+    return len(self.records)
+
+
+class SyntheticRecords:
+  """Uniform random uint8 images and labels, a pure function of (split seed, index): no storage."""
+
+  def __init__(self, num_examples: int, shape: tuple[int, int, int], num_classes: int, split_seed: int):
+    self._n, self._shape, self._classes, self._seed = num_examples, shape, num_classes, split_seed
+
+  def __len__(self) -> int:
+    return self._n
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    index = int(index)
+    if not 0 <= index < self._n:
+      raise IndexError(index)
+    rng = np.random.default_rng((self._seed, index))
+    label = int(rng.integers(self._classes))
+    return {"image": rng.integers(0, 256, self._shape, dtype=np.uint8), "label": label}
+
+
+class _Subset:
+  """`records[indices[i]]`: a held-out or remaining part of a split, still random access."""
+
+  def __init__(self, records: Sequence[dict[str, Any]], indices: np.ndarray):
+    self._records, self._indices = records, indices
+
+  def __len__(self) -> int:
+    return len(self._indices)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    return self._records[int(self._indices[index])]
+
+
+class _Renamed:
+  """Maps a TFDS record to {'image', 'label'} (datasets differ in their supervised keys)."""
+
+  def __init__(self, records: Sequence[dict[str, Any]], image_key: str, label_key: str):
+    self._records, self._image_key, self._label_key = records, image_key, label_key
+
+  def __len__(self) -> int:
+    return len(self._records)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    record = self._records[index]
+    return {"image": record[self._image_key], "label": int(record[self._label_key])}
+
+
+def _not_prepared_message(name: str, data_dir: str | None) -> str:
+  where = data_dir or "the TFDS data dir (TFDS_DATA_DIR or ~/tensorflow_datasets)"
+  if name.split(":")[0] == "imagenet2012" or name.startswith("imagenet2012"):
+    return (f"dataset '{name}' is not prepared in {where}: download ILSVRC2012_img_train.tar and "
+            f"ILSVRC2012_img_val.tar from image-net.org into {where}/downloads/manual/, then run "
+            f"`pip install resnet_jax[tf]` and `tfds build imagenet2012 --file_format=array_record"
+            + (f" --data_dir={data_dir}`" if data_dir else "`"))
+  flag = f" --data_dir={data_dir}" if data_dir else ""
+  return (f"dataset '{name}' is not prepared in {where}: prepare it once with `pip install resnet_jax[tf]` "
+          f"and `tfds build {name} --file_format=array_record{flag}`, "
+          "or point config.data.data_dir at the directory that holds it")
+
+
+def _tfds_builder(name: str, data_dir: str | None):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  from resnet_jax.data import digits  # pylint: disable=g-import-not-at-top
+
+  if name == "digits":
+    return digits.prepare_digits(data_dir)
+  try:
+    return tfds.builder(name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError as e:
+    raise DatasetNotFoundError(f"unknown dataset '{name}': not 'digits', 'synthetic' or a TFDS dataset name") from e
+
+
+def _tfds_split(name: str, data_dir: str | None, split: str) -> SplitSource:
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  builder = _tfds_builder(name, data_dir)
+  features = builder.info.features
+  image_key, label_key = builder.info.supervised_keys or ("image", "label")
+  if not isinstance(image_key, str) or image_key not in features or label_key not in features:
+    raise DatasetNotFoundError(f"dataset '{name}' is not an image classification dataset (no image/label keys)")
+  image_feature = features[image_key]
+  shape = tuple(image_feature.shape)
+  if len(shape) != 3:
+    raise DatasetNotFoundError(f"dataset '{name}': image feature has shape {shape}, expected (H, W, C)")
+  # Variable-size images (ImageNet-like) are kept encoded so the pipeline can decode at reduced size.
+  skip = isinstance(image_feature, tfds.features.Image) and (shape[0] is None or shape[1] is None)
+  try:
+    records = builder.as_data_source(
+        split=split, decoders={image_key: tfds.decode.SkipDecoding()} if skip else None)
+    if skip and isinstance(getattr(records, "data_source", None), unittest.mock.Mock):
+      raise ModuleNotFoundError("tfds.testing.mock_data needs TF to encode images: read them decoded")
+  except ModuleNotFoundError:
+    records, skip = builder.as_data_source(split=split), False
+  except (ValueError, NotImplementedError, AssertionError, KeyError, FileNotFoundError) as e:
+    if not builder.is_prepared():
+      raise DatasetNotFoundError(_not_prepared_message(name, data_dir)) from e
+    if isinstance(e, NotImplementedError):
+      raise DatasetNotFoundError(
+          f"dataset '{name}' in {builder.data_dir} is not in ArrayRecord format (needed for random "
+          f"access): rebuild it with `tfds build {name} --file_format=array_record`") from e
+    raise DatasetNotFoundError(
+        f"dataset '{name}' has no split '{split}' (available: {', '.join(builder.info.splits)})") from e
+  return SplitSource(_Renamed(records, image_key, label_key), int(features[label_key].num_classes),
+                     (shape[0], shape[1], int(shape[2])), encoded=skip, cache_dir=os.fspath(builder.data_dir))
+
+
+def holdout_indices(num_train: int, validation_size: int) -> tuple[np.ndarray, np.ndarray]:
+  """(remaining train indices, held-out validation indices), fixed for a given split size."""
+  if not 0 < validation_size < num_train:
+    raise ValueError(f"validation_size={validation_size} must be in (0, {num_train})")
+  perm = np.random.default_rng(_HOLDOUT_SEED).permutation(num_train)
+  return np.sort(perm[validation_size:]), np.sort(perm[:validation_size])
+
+
+def _synthetic_split(config: ml_collections.ConfigDict, split: str) -> SplitSource:
+  data = config.data
+  size = int(data.image_size)
+  shape = (size, size, int(data.get("channels", 3)))
+  classes = int(data.num_classes)
+  is_train = split == data.get("train_split", "train")
+  n = int(data.get("num_train_examples" if is_train else "num_eval_examples", 0) or 0)
+  n = n or (SYNTHETIC_NUM_TRAIN if is_train else SYNTHETIC_NUM_EVAL)
+  split_seed = 0 if is_train else (1 + sum(map(ord, split)))  # distinct images per split
+  return SplitSource(SyntheticRecords(n, shape, classes, split_seed), classes, shape, encoded=False)
+
+
+def open_split(config: ml_collections.ConfigDict, split: str) -> SplitSource:
+  """The records of `split` for `config.data`, with the held-out validation split applied.
+
+  With `config.data.validation_size = V > 0`, split 'validation' is V examples carved from the train
+  split and the train split is the rest (this takes precedence over a TFDS 'validation' split).
+  """
+  data = config.data
+  name = str(data.name)
+  train_split = str(data.get("train_split", "train"))
+  validation_size = int(data.get("validation_size", 0) or 0)
+  if name == "synthetic":
+    return _synthetic_split(config, split)
+  data_dir = data.get("data_dir", None)
+  if validation_size > 0 and split in ("validation", train_split):
+    full = _tfds_split(name, data_dir, train_split)
+    keep, held_out = holdout_indices(len(full), validation_size)
+    return dataclasses.replace(full, records=_Subset(full.records, keep if split == train_split else held_out))
+  return _tfds_split(name, data_dir, split)

@@ -1,0 +1,126 @@
+"""The one place every config field is defined, with its default.
+
+Experiment files in `configs/` start from `base_config()` and change what their recipe needs, so a
+field that exists in one experiment exists in all of them and `--config.<key>=...` overrides behave
+the same everywhere (with `lock_config=True` a misspelled key is an error).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Defaults shared by every experiment (the paper's CIFAR recipe where a choice is needed)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.dtype = 'float32'  # 'float32' | 'bfloat16' (compute dtype; params and BN stats stay float32)
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = 'resnet20'
+  c.model.num_classes = ml_collections.FieldReference(None, field_type=int)  # None: from the dataset
+  c.model.residual = True
+  c.model.shortcut = ml_collections.FieldReference(None, field_type=str)  # None: A for CIFAR, B for ImageNet
+  c.model.stride_on = ml_collections.FieldReference(None, field_type=str)  # '1x1' (paper v1) | '3x3' (v1.5)
+  c.model.preact = False
+  c.model.zero_init_last_bn = False
+  c.model.bn_group_size = ml_collections.FieldReference(None, field_type=int)  # None: whole global batch
+  c.model.bn_momentum = 0.9
+  c.model.bn_epsilon = 1e-5
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = 'digits'  # 'digits' | 'synthetic' | any TFDS image-classification name
+  c.data.data_dir = ml_collections.FieldReference(None, field_type=str)
+  c.data.train_split = 'train'
+  c.data.eval_split = 'test'
+  c.data.validation_size = 0  # >0: hold out that many train examples as split 'validation'
+  c.data.image_size = 32
+  c.data.num_classes = 10  # only used by 'synthetic'
+  c.data.augment = 'none'  # 'none' | 'cifar' | 'imagenet' | 'inception'
+  c.data.normalize = 'per_pixel_mean'  # 'per_pixel_mean' (paper) | 'mean_std' | 'scale'
+  c.data.num_workers = 0  # grain worker processes (0 = decode in the training process)
+  c.data.prefetch = 2  # batches prepared ahead on the host
+  c.data.eval_crops = 1  # 1 | 10 (the paper's 10-crop testing)
+
+  c.batch_size = 128  # global, over all devices and hosts
+  c.eval_batch_size = 256
+  c.num_epochs = 10.0
+  c.num_train_steps = -1  # >0 overrides num_epochs
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.momentum = 0.9
+  c.optimizer.nesterov = False
+  c.optimizer.weight_decay = 1e-4
+  # Which parameters are decayed: 'all' (the paper's Caffe L2 on every weight, BN included) or
+  # 'kernels' (conv/dense kernels only: the modern choice).
+  c.optimizer.weight_decay_mask = 'all'
+  c.label_smoothing = 0.0
+
+  c.schedule = ml_collections.ConfigDict()
+  c.schedule.name = 'piecewise'  # 'piecewise' | 'cosine' | 'constant'
+  c.schedule.base_lr = 0.1
+  c.schedule.scale_with_batch = False  # lr = base_lr * batch_size / 256 (Goyal et al.)
+  c.schedule.boundaries = ml_collections.FieldReference(None, field_type=str)  # e.g. '32000,48000' (steps)
+  c.schedule.boundaries_epochs = ml_collections.FieldReference(None, field_type=str)  # e.g. '30,60'
+  c.schedule.decay_factor = 0.1
+  c.schedule.warmup_steps = 0
+  c.schedule.warmup = 'constant'  # 'constant' (paper: lr 0.01 for ResNet-110) | 'linear'
+  c.schedule.warmup_lr = 0.01  # used by constant warm-up
+
+  c.log_every_steps = 50
+  c.eval_every_steps = 500  # <=0: only at the end
+  c.checkpoint_every_steps = 500
+  c.max_to_keep = 3
+  c.keep_best = False  # additionally keep the checkpoint with the lowest eval top-1 error
+  c.on_nonfinite = 'error'  # 'error': stop naming the step | 'skip': drop that update
+  c.init_from = ''  # another run's workdir or a converted checkpoint: weights only
+  c.progress_bar = True
+  return c
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+  """Parses a config-string such as ``depth=56,plain,shortcut=B`` (big_vision style).
+
+  Each key must appear in `defaults`; values are converted to the default's type and a bare
+  ``key`` means ``key=True``. Unknown keys are an error that lists the valid ones.
+  """
+  out = ml_collections.ConfigDict(dict(defaults))
+  if not arg:
+    return out
+  for item in arg.split(','):
+    item = item.strip()
+    if not item:
+      continue
+    key, sep, value = item.partition('=')
+    key = key.strip()
+    if key not in defaults:
+      raise ValueError(f'unknown config argument {key!r}; valid: {", ".join(sorted(defaults))}')
+    default = defaults[key]
+    if not sep:
+      if not isinstance(default, bool):
+        raise ValueError(f'config argument {key!r} needs a value ({key}=...)')
+      out[key] = True
+    elif isinstance(default, bool):
+      if value.lower() not in ('true', 'false', '1', '0'):
+        raise ValueError(f'config argument {key}={value!r}: expected true/false')
+      out[key] = value.lower() in ('true', '1')
+    elif isinstance(default, int):
+      out[key] = int(value)
+    elif isinstance(default, float):
+      out[key] = float(value)
+    else:
+      out[key] = value
+  return out
+
+
+def load_sibling_config(this_file: str, name: str):
+  """Imports `configs/<name>.py` next to `this_file` (configs/ is a folder of files, not a package)."""
+  import importlib.util
+  import os
+
+  path = os.path.join(os.path.dirname(os.path.abspath(this_file)), f'{name}.py')
+  spec = importlib.util.spec_from_file_location(f'resnet_jax_configs_{name}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module

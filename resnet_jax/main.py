@@ -1,0 +1,84 @@
+"""Command-line entry: `python -m resnet_jax.main --config=configs/X.py[:args] --workdir=DIR`.
+
+Thin on purpose (as flax's examples/imagenet): flags, the distributed runtime, logging, then
+`train.train_and_evaluate`. Bad input ends with one `error:` line and exit status 1.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and results.')
+config_flags.DEFINE_config_file(
+    'config', None, 'Experiment config file, e.g. configs/r50.py or configs/cifar.py:depth=56,plain.',
+    lock_config=True)
+flags.DEFINE_string('coordinator_address', None,
+                    'HOST:PORT of process 0, for multi-process runs (jax.distributed.initialize).')
+flags.DEFINE_integer('num_processes', None, 'Number of processes of a multi-process run.')
+flags.DEFINE_integer('process_id', None, 'This process\'s index in [0, num_processes).')
+flags.DEFINE_bool('distributed', None,
+                  'Call jax.distributed.initialize() with no arguments (cluster auto-detection: '
+                  'SLURM, TPU pods, ...). Default: only when the coordinator flags are given or '
+                  'SLURM runs several tasks.')
+
+_ERRORS_SHOWN_AS_ONE_LINE = (ValueError, FileNotFoundError, PermissionError)
+
+
+def initialize_distributed() -> None:
+  """Starts JAX's multi-controller runtime when this is one process of several."""
+  import jax
+
+  explicit = FLAGS.coordinator_address or FLAGS.num_processes or FLAGS.process_id is not None
+  auto = FLAGS.distributed
+  if auto is None:
+    auto = int(os.environ.get('SLURM_NTASKS', '1')) > 1
+  if not (explicit or auto):
+    return
+  # Cross-process collectives between CPU devices (tests, CPU clusters) go through gloo.
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  if explicit:
+    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+  else:
+    jax.distributed.initialize()
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if FLAGS.workdir is None:
+    raise app.UsageError('--workdir is required')
+  if FLAGS.config is None:
+    raise app.UsageError('--config is required (e.g. --config=configs/digits.py)')
+  logging.getLogger('absl').setLevel(logging.INFO)
+  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s')
+  for noisy in ('absl', 'orbax', 'jax._src', 'tensorflow_datasets'):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+
+  import jax
+  from resnet_jax import train
+
+  initialize_distributed()
+  if jax.process_index() == 0:
+    logging.info('JAX %s: %d processes, %d devices (%s)', jax.__version__, jax.process_count(),
+                 jax.device_count(), jax.devices()[0].platform)
+  try:
+    results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except (_ERRORS_SHOWN_AS_ONE_LINE + (train.NonFiniteLossError,)) as e:
+    if os.environ.get('RESNET_JAX_TRACEBACK'):
+      raise
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
+  if jax.process_index() == 0 and 'eval' in results:
+    ev = results['eval']
+    print(f"done: step {results['step']}, test top-1 error {100 * ev['top1_error']:.2f}% "
+          f"({ev['num_examples']} examples), results in {os.path.join(FLAGS.workdir, 'results.json')}")
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,184 @@
+"""The train state and the jit-compiled train/eval steps, sharded over a `data` mesh axis.
+
+One `jax.jit` program sees the *global* batch (sharded over every device of every host) and the
+replicated state; XLA inserts the gradient all-reduce and the BatchNorm statistics reductions.
+Nothing here depends on the device count: the same global batch gives the same update on 1 device
+or 1,000.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXIS = 'data'
+
+
+class TrainState(struct.PyTreeNode):
+  """Everything a resumed run needs besides the input position (there is no other randomness)."""
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  apply_fn: Callable = struct.field(pytree_node=False)
+  tx: optax.GradientTransformation = struct.field(pytree_node=False)
+
+  @classmethod
+  def create(cls, *, apply_fn, variables, tx) -> 'TrainState':
+    params = variables['params']
+    return cls(step=jnp.zeros((), jnp.int32), params=params,
+               batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params),
+               apply_fn=apply_fn, tx=tx)
+
+
+def create_mesh(devices=None) -> Mesh:
+  """A 1-D mesh over every device of every process: data parallelism."""
+  devices = np.asarray(jax.devices() if devices is None else devices)
+  return Mesh(devices.reshape(-1), (DATA_AXIS,))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
+  """Per-example softmax cross-entropy, optionally against smoothed one-hot targets."""
+  num_classes = logits.shape[-1]
+  targets = jax.nn.one_hot(labels, num_classes)
+  if label_smoothing:
+    targets = optax.smooth_labels(targets, label_smoothing)
+  return optax.softmax_cross_entropy(logits, targets)
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], *,
+               learning_rate_fn: Callable, label_smoothing: float = 0.0,
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One SGD step on the global batch.
+
+  A step whose loss or gradients are not finite is not applied (state unchanged except `step`);
+  it is reported in the metrics so the host can stop with an error naming it or skip it.
+  """
+
+  def loss_fn(params):
+    logits, updates = state.apply_fn(
+        {'params': params, 'batch_stats': state.batch_stats}, batch['image'], train=True,
+        mutable=['batch_stats'])
+    loss = cross_entropy(logits, batch['label'], label_smoothing).mean()
+    return loss, (logits, updates['batch_stats'])
+
+  (loss, (logits, new_batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, new_opt_state = state.tx.update(grads, state.opt_state, state.params)
+  new_params = optax.apply_updates(state.params, updates)
+
+  finite = jnp.isfinite(loss) & jnp.isfinite(_sum_of_squares(grads))
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  new_state = state.replace(
+      step=state.step + 1,
+      params=keep(new_params, state.params),
+      batch_stats=keep(new_batch_stats, state.batch_stats),
+      opt_state=keep(new_opt_state, state.opt_state))
+  metrics = {
+      'loss': loss,
+      'top1_error': jnp.mean(jnp.argmax(logits, -1) != batch['label']),
+      'learning_rate': learning_rate_fn(state.step),
+      'nonfinite': jnp.logical_not(finite).astype(jnp.int32),
+      # The first non-finite step of a logging window is the min over the window of this value.
+      'nonfinite_step': jnp.where(finite, jnp.iinfo(jnp.int32).max, state.step),
+  }
+  return new_state, metrics
+
+
+def _sum_of_squares(tree: Any) -> jax.Array:
+  return sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree))
+
+
+def eval_step(state: TrainState, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """Sums (not means) of the eval metrics over the real (mask=True) examples of the batch.
+
+  `image` is [B, H, W, C] or [B, crops, H, W, C]; with crops the softmax probabilities are averaged
+  over the crops, as in the paper's 10-crop testing.
+  """
+  images, labels, mask = batch['image'], batch['label'], batch['mask']
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  if images.ndim == 5:
+    b, crops = images.shape[:2]
+    logits = state.apply_fn(variables, images.reshape((b * crops,) + images.shape[2:]), train=False)
+    probs = jax.nn.softmax(logits.astype(jnp.float32)).reshape(b, crops, -1).mean(axis=1)
+    log_probs = jnp.log(jnp.clip(probs, 1e-12))
+  else:
+    log_probs = jax.nn.log_softmax(state.apply_fn(variables, images, train=False).astype(jnp.float32))
+  nll = -jnp.take_along_axis(log_probs, labels[:, None], axis=-1)[:, 0]
+  top5 = jax.lax.top_k(log_probs, min(5, log_probs.shape[-1]))[1]
+  in_top5 = jnp.any(top5 == labels[:, None], axis=-1)
+  top1_wrong = jnp.argmax(log_probs, -1) != labels
+  m = mask.astype(jnp.float32)
+  return {'loss': jnp.sum(nll * m), 'top1_errors': jnp.sum(top1_wrong * m),
+          'top5_errors': jnp.sum(jnp.logical_not(in_top5) * m), 'count': jnp.sum(m)}
+
+
+def compile_steps(mesh: Mesh, state_sharding: Any, learning_rate_fn: Callable,
+                  label_smoothing: float) -> tuple[Callable, Callable]:
+  """jit the steps with explicit shardings: batch split on `data`, state replicated and donated."""
+  data = batch_sharding(mesh)
+  rep = replicated(mesh)
+  p_train = jax.jit(
+      functools.partial(train_step, learning_rate_fn=learning_rate_fn,
+                        label_smoothing=label_smoothing),
+      in_shardings=(state_sharding, data), out_shardings=(state_sharding, rep),
+      donate_argnums=(0,))
+  p_eval = jax.jit(eval_step, in_shardings=(state_sharding, data), out_shardings=rep)
+  return p_train, p_eval
+
+
+def init_state(model: nn.Module, tx: optax.GradientTransformation, image_shape: tuple[int, ...],
+               seed: int, mesh: Mesh, variables: Any = None) -> TrainState:
+  """Initialises (or wraps given `variables` into) a train state replicated over the mesh."""
+  rep = replicated(mesh)
+
+  def make(rng):
+    v = model.init(rng, jnp.zeros((1,) + tuple(image_shape), jnp.float32), train=False)
+    return TrainState.create(apply_fn=model.apply, variables=v, tx=tx)
+
+  if variables is None:
+    return jax.jit(make, out_shardings=rep)(jax.random.key(seed))
+  state = TrainState.create(apply_fn=model.apply, variables=variables, tx=tx)
+  return jax.device_put(state, rep)
+
+
+def abstract_state(model: nn.Module, tx: optax.GradientTransformation,
+                   image_shape: tuple[int, ...], mesh: Mesh) -> TrainState:
+  """Shapes, dtypes and shardings of the train state, without allocating it (for restores)."""
+  def make(rng):
+    v = model.init(rng, jnp.zeros((1,) + tuple(image_shape), jnp.float32), train=False)
+    return TrainState.create(apply_fn=model.apply, variables=v, tx=tx)
+  shapes = jax.eval_shape(make, jax.random.key(0))
+  rep = replicated(mesh)
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), shapes)
+
+
+def state_fingerprint(state: TrainState) -> str:
+  """SHA-256 over every array of the state in a fixed (sorted-path) order: equal iff same state."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(state)
+  digest = hashlib.sha256()
+  for path, leaf in sorted(flat, key=lambda kv: jax.tree_util.keystr(kv[0])):
+    value = np.asarray(leaf.addressable_data(0) if isinstance(leaf, jax.Array) else leaf)
+    digest.update(jax.tree_util.keystr(path).encode())
+    digest.update(str(value.dtype).encode() + str(value.shape).encode())
+    digest.update(np.ascontiguousarray(value).tobytes())
+  return digest.hexdigest()
+
+
+def count_params(params: Any) -> int:
+  return int(sum(np.prod(p.shape) for p in jax.tree.leaves(params)))

@@ -1,0 +1,80 @@
+"""The paper's learning-rate schedules and weight decay, checked at their boundaries."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from resnet_jax import optim
+from resnet_jax.default_config import load_sibling_config
+
+CONFIGS = __file__.rsplit('/tests/', 1)[0] + '/configs/x.py'
+
+
+def _config(name, arg=''):
+  return load_sibling_config(CONFIGS, name).get_config(arg)
+
+
+def test_cifar_schedule_paper_boundaries():
+  c = _config('cifar', 'depth=56')
+  lr = optim.create_learning_rate_fn(c, steps_per_epoch=391, total_steps=c.num_train_steps)
+  assert c.num_train_steps == 64_000
+  for step, want in [(0, 0.1), (31_999, 0.1), (32_000, 0.01), (47_999, 0.01), (48_000, 0.001),
+                     (63_999, 0.001)]:
+    np.testing.assert_allclose(lr(step), want, rtol=1e-6, err_msg=f'step {step}')
+
+
+def test_resnet110_warms_up_at_0_01_for_400_steps():
+  c = _config('cifar', 'depth=110')
+  lr = optim.create_learning_rate_fn(c, steps_per_epoch=391, total_steps=c.num_train_steps)
+  for step, want in [(0, 0.01), (399, 0.01), (400, 0.1), (32_000, 0.01), (48_000, 0.001)]:
+    np.testing.assert_allclose(lr(step), want, rtol=1e-6, err_msg=f'step {step}')
+  c56 = _config('cifar', 'depth=56')
+  assert c56.schedule.warmup_steps == 0
+
+
+def test_imagenet_paper_schedule_divides_at_epochs_30_and_60():
+  c = _config('imagenet', 'depth=34')
+  spe = 5005
+  lr = optim.create_learning_rate_fn(c, steps_per_epoch=spe, total_steps=c.num_train_steps)
+  assert c.num_train_steps == 600_000
+  np.testing.assert_allclose(lr(30 * spe - 1), 0.1, rtol=1e-6)
+  np.testing.assert_allclose(lr(30 * spe), 0.01, rtol=1e-6)
+  np.testing.assert_allclose(lr(60 * spe), 0.001, rtol=1e-6)
+
+
+def test_modern_recipe_linear_warmup_cosine_and_batch_scaling():
+  c = _config('imagenet', 'depth=50,recipe=modern,batch=1024')
+  spe = 1251
+  total = int(c.num_epochs * spe)
+  lr = optim.create_learning_rate_fn(c, steps_per_epoch=spe, total_steps=total)
+  peak = 0.1 * 1024 / 256
+  warm = c.schedule.warmup_steps
+  np.testing.assert_allclose(lr(0), 0.0, atol=1e-9)
+  np.testing.assert_allclose(lr(warm // 2), peak * (warm // 2) / warm, rtol=1e-5)
+  np.testing.assert_allclose(lr(warm), peak, rtol=1e-5)
+  np.testing.assert_allclose(lr(total), 0.0, atol=1e-6)
+  assert float(lr(warm + (total - warm) // 2)) == pytest.approx(peak / 2, rel=1e-3)
+
+
+def test_bad_schedule_name_is_an_error():
+  c = _config('cifar')
+  c.schedule.name = 'exponential'
+  with pytest.raises(ValueError, match='schedule.name'):
+    optim.create_learning_rate_fn(c, 10, 100)
+
+
+@pytest.mark.parametrize('mask,decayed', [('all', {'kernel', 'scale', 'bias'}), ('kernels', {'kernel'})])
+def test_weight_decay_mask(mask, decayed):
+  """Coupled L2: with zero gradients, exactly the masked leaves move by -lr * wd * w."""
+  c = _config('cifar')
+  c.optimizer.weight_decay_mask = mask
+  c.optimizer.momentum = 0.0
+  params = {'conv': {'kernel': jnp.ones((3, 3))}, 'bn': {'scale': jnp.ones(3), 'bias': jnp.ones(3)}}
+  tx = optim.create_optimizer(c, optax.constant_schedule(0.1))
+  updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+  flat = jax.tree_util.tree_flatten_with_path(updates)[0]
+  for path, u in flat:
+    name = path[-1].key
+    want = -0.1 * 1e-4 if name in decayed else 0.0
+    np.testing.assert_allclose(u, want, rtol=1e-6, err_msg=name)
