@@ -62,7 +62,7 @@ def evaluate_workdir(workdir: str, *, split: str | None = None, crops: int | Non
   if batch_size:
     config.eval_batch_size = batch_size
   info = data.get_dataset_info(config)
-  model = train._build(config, info)  # pylint: disable=protected-access
+  model = train._build(config, config.model.num_classes or info.num_classes)  # pylint: disable=protected-access
   mesh = create_mesh()
   lr_fn = optim.create_learning_rate_fn(config, 1, max(config.num_train_steps, 1))
   tx = optim.create_optimizer(config, lr_fn)

@@ -80,5 +80,24 @@ def main(argv: list[str]) -> None:
           f"({ev['num_examples']} examples), results in {os.path.join(FLAGS.workdir, 'results.json')}")
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing, with config errors (a misspelled --config.key, a bad config arg) as one line."""
+  try:
+    return FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as e:
+    print(f'error: {_one_line(e)}', file=sys.stderr)
+    sys.exit(1)
+
+
+def _one_line(e: Exception) -> str:
+  """The informative line of a config_flags error (they embed tracebacks and escaped quotes)."""
+  text = str(e).replace("\\'", "'").replace('\\n', '\n').strip('\'"')
+  lines = [l.strip() for l in text.splitlines() if l.strip()]
+  if isinstance(e, AttributeError) and lines:  # misspelled --config.key
+    return f"unknown config key {lines[0].strip(chr(39))!r}" + (f' ({lines[1]})' if len(lines) > 1 else '')
+  last = lines[-1] if lines else repr(e)
+  return last.split(': ', 1)[1] if last.startswith(('ValueError: ', 'KeyError: ')) else last
+
+
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

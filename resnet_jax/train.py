@@ -131,8 +131,7 @@ def _device_batches(iterator, sharding) -> Iterator[tuple[Any, dict[str, jax.Arr
     enqueue()
 
 
-def _build(config: ml_collections.ConfigDict, info: data.DatasetInfo):
-  num_classes = config.model.num_classes or info.num_classes
+def _build(config: ml_collections.ConfigDict, num_classes: int):
   return create_model(
       config.model.name, num_classes=num_classes, residual=config.model.residual,
       shortcut=config.model.shortcut, stride_on=config.model.stride_on,
@@ -147,9 +146,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   start_time = time.time()
   validate_config(config)
   workdir = os.path.abspath(workdir)
+  _build(config, num_classes=config.model.num_classes or 1)  # a bad model name fails first
   _prepare_workdir(workdir, config)
   info = data.get_dataset_info(config)
-  model = _build(config, info)
+  model = _build(config, config.model.num_classes or info.num_classes)
   mesh = create_mesh()
   steps_per_epoch = math.ceil(info.num_train_examples / config.batch_size)
   total_steps = (config.num_train_steps if config.num_train_steps > 0

@@ -55,12 +55,9 @@ def measure(config: ml_collections.ConfigDict, batch_size: int, num_batches: int
   if eval_crops is None:
     it = data.create_train_iterator(config, local_batch_size=batch_size, process_index=0, process_count=1,
                                     seed=0)
-  else:  # cycle the (small) eval split until enough batches were timed
-    def cycle():
-      while True:
-        yield from data.create_eval_iterator(config, split=None, local_batch_size=batch_size, process_index=0,
-                                             process_count=1, crops=eval_crops)
-    it = cycle()
+  else:  # the train split is the larger one: one pass covers the timed batches without restarting workers
+    it = iter(data.create_eval_iterator(config, split="train", local_batch_size=batch_size, process_index=0,
+                                        process_count=1, crops=eval_crops))
   try:
     for _ in range(warmup):
       next(it)

@@ -116,7 +116,7 @@ def test_parameter_names_follow_torchvision_scheme():
 
 
 def test_he_fan_out_init():
-    k = conv_kernel_init(jax.random.key(0), (3, 3, 64, 512))
+    k = conv_kernel_init(rng(), (3, 3, 64, 512))
     assert float(jnp.std(k)) == pytest.approx(np.sqrt(2.0 / (9 * 512)), rel=0.02)
 
 
