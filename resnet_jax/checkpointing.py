@@ -14,12 +14,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from typing import Any
 
 import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 
 logger = logging.getLogger(__name__)
@@ -117,7 +119,9 @@ class Checkpointer:
     Returns None when there is no checkpoint. Falls back to older checkpoints when the newest
     cannot be read; raises CheckpointMismatchError when a readable one has another structure.
     """
+    skipped = []
     for step in sorted(self.manager.all_steps(), reverse=True):
+      skipped.append(step)
       try:
         found = self.manager.item_metadata(step)['state']
         if found is None:
@@ -131,6 +135,7 @@ class Checkpointer:
         raise CheckpointMismatchError(
             f'{self.directory}/{step} holds a run of a different model/config: {mismatch}; '
             'use another --workdir')
+      skipped.pop()
       data_state = IteratorState()
       try:
         restored = self.manager.restore(step, args=ocp.args.Composite(
@@ -139,9 +144,30 @@ class Checkpointer:
       except Exception as e:  # noqa: BLE001 -- truncated/corrupt files: fall back, loudly
         logger.warning('checkpoint %s/%d is corrupt or incomplete (%s); trying the previous one',
                        self.directory, step, _short(e))
+        skipped.append(step)
         continue
+      self._set_aside(skipped)
       return restored['state'], data_state, step
+    if skipped:
+      logger.warning('no readable checkpoint in %s: starting from scratch', self.directory)
+      self._set_aside(skipped)
     return None
+
+  def _set_aside(self, steps: list[int]) -> None:
+    """Moves unreadable checkpoints to `corrupt_checkpoints/` so the resumed run can save those
+    steps again (nothing is deleted: they stay for inspection)."""
+    if not steps:
+      return
+    if jax.process_index() == 0:
+      aside = os.path.join(os.path.dirname(self.directory), 'corrupt_checkpoints')
+      os.makedirs(aside, exist_ok=True)
+      for step in steps:
+        target = os.path.join(aside, f'{step}_{int(time.time())}')
+        os.replace(os.path.join(self.directory, str(step)), target)
+        logger.warning('moved unreadable checkpoint %d to %s', step, target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices('resnet_jax_set_aside_corrupt_checkpoints')
+    self.manager.reload()
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

@@ -37,6 +37,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.validation_size = 0  # >0: hold out that many train examples as split 'validation'
   c.data.image_size = 32
   c.data.num_classes = 10  # only used by 'synthetic'
+  c.data.num_train_examples = 1_281_167  # only used by 'synthetic' (defines an epoch)
+  c.data.num_eval_examples = 10_000  # only used by 'synthetic'
+  c.data.channels = 3  # only used by 'synthetic'
   c.data.augment = 'none'  # 'none' | 'cifar' | 'imagenet' | 'inception'
   c.data.normalize = 'per_pixel_mean'  # 'per_pixel_mean' (paper) | 'mean_std' | 'scale'
   c.data.num_workers = 0  # grain worker processes (0 = decode in the training process)

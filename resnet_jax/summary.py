@@ -1,7 +1,7 @@
 """Model summary: parameters, multiply-accumulates and output shape per stage.
 
-    python -m resnet_jax.summary resnet50 [--plain] [--shortcut A|B|C] [--stride-on 1x1|3x3]
-        [--num-classes N] [--image-size N] [--preact] [--json]
+  python -m resnet_jax.summary resnet50 [--plain] [--shortcut A|B|C] [--stride-on 1x1|3x3]
+    [--num-classes N] [--image-size N] [--preact] [--json]
 
 MACs are counted analytically: every ``nn.Conv`` and ``nn.Dense`` call is intercepted while the
 model is traced abstractly (``jax.eval_shape``, no FLOPs spent), and contributes
@@ -26,113 +26,113 @@ from resnet_jax.models import create_model, parse_name
 
 
 def stage_of(top_level_name: str) -> str:
-    """Group a top-level submodule name into its stage: 'stem', 'layer<k>' or 'head'."""
-    m = re.fullmatch(r"(layer\d+)_\d+", top_level_name)
-    if m:
-        return m[1]
-    if top_level_name in ("conv1", "bn1"):
-        return "stem"
-    return "head"
+  """Group a top-level submodule name into its stage: 'stem', 'layer<k>' or 'head'."""
+  m = re.fullmatch(r"(layer\d+)_\d+", top_level_name)
+  if m:
+    return m[1]
+  if top_level_name in ("conv1", "bn1"):
+    return "stem"
+  return "head"
 
 
 def count_params(params: Any) -> int:
-    """Number of scalars in a params tree (works on arrays and on ShapeDtypeStructs)."""
-    return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params))
+  """Number of scalars in a params tree (works on arrays and on ShapeDtypeStructs)."""
+  return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params))
 
 
 def analyze(model: nn.Module, image_size: int, in_channels: int = 3) -> dict:
-    """Per-stage output shape, params and MACs of ``model`` for one ``image_size`` square image."""
-    calls = []  # (module path, output shape, macs) for every submodule __call__, in call order
+  """Per-stage output shape, params and MACs of ``model`` for one ``image_size`` square image."""
+  calls = []  # (module path, output shape, macs) for every submodule __call__, in call order
 
-    def interceptor(next_fun, args, kwargs, context):
-        out = next_fun(*args, **kwargs)
-        module = context.module
-        if context.method_name != "__call__" or not module.path:
-            return out
-        macs = 0
-        if isinstance(module, nn.Conv):
-            kernel = math.prod(module.kernel_size)
-            macs = math.prod(out.shape[1:]) * kernel * args[0].shape[-1] // module.feature_group_count
-        elif isinstance(module, nn.Dense):
-            macs = math.prod(out.shape[1:]) * args[0].shape[-1]
-        calls.append((module.path, tuple(out.shape[1:]), macs))
-        return out
+  def interceptor(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    module = context.module
+    if context.method_name != "__call__" or not module.path:
+      return out
+    macs = 0
+    if isinstance(module, nn.Conv):
+      kernel = math.prod(module.kernel_size)
+      macs = math.prod(out.shape[1:]) * kernel * args[0].shape[-1] // module.feature_group_count
+    elif isinstance(module, nn.Dense):
+      macs = math.prod(out.shape[1:]) * args[0].shape[-1]
+    calls.append((module.path, tuple(out.shape[1:]), macs))
+    return out
 
-    x = jax.ShapeDtypeStruct((1, image_size, image_size, in_channels), jnp.float32)
-    with nn.intercept_methods(interceptor):
-        variables = jax.eval_shape(
-            lambda x: model.init(jax.random.key(0), x, train=False), x
-        )
+  x = jax.ShapeDtypeStruct((1, image_size, image_size, in_channels), jnp.float32)
+  with nn.intercept_methods(interceptor):
+    variables = jax.eval_shape(
+      lambda x: model.init(jax.random.key(0), x, train=False), x
+    )
 
-    stages: dict[str, dict] = {}
-    for path, shape, macs in calls:
-        entry = stages.setdefault(stage_of(path[0]), {"output_shape": None, "params": 0, "macs": 0})
-        entry["macs"] += macs
-        if len(path) == 1:  # a direct child of the ResNet: its output is the stage output so far
-            entry["output_shape"] = list(shape)
-    for name, subtree in variables["params"].items():
-        stages[stage_of(name)]["params"] += count_params(subtree)
-    rows = [{"name": name, **entry} for name, entry in stages.items()]
-    return {
-        "params": count_params(variables["params"]),
-        "macs": sum(r["macs"] for r in rows),
-        "stages": rows,
-    }
+  stages: dict[str, dict] = {}
+  for path, shape, macs in calls:
+    entry = stages.setdefault(stage_of(path[0]), {"output_shape": None, "params": 0, "macs": 0})
+    entry["macs"] += macs
+    if len(path) == 1:  # a direct child of the ResNet: its output is the stage output so far
+      entry["output_shape"] = list(shape)
+  for name, subtree in variables["params"].items():
+    stages[stage_of(name)]["params"] += count_params(subtree)
+  rows = [{"name": name, **entry} for name, entry in stages.items()]
+  return {
+    "params": count_params(variables["params"]),
+    "macs": sum(r["macs"] for r in rows),
+    "stages": rows,
+  }
 
 
 def format_table(summary: dict) -> str:
-    """Plain-text table, one row per stage plus a total."""
-    lines = [f"{'stage':<8} {'output':>14} {'params':>14} {'MACs':>16}"]
-    for row in summary["stages"]:
-        shape = "x".join(str(d) for d in row["output_shape"])
-        lines.append(f"{row['name']:<8} {shape:>14} {row['params']:>14,} {row['macs']:>16,}")
-    lines.append(f"{'total':<8} {'':>14} {summary['params']:>14,} {summary['macs']:>16,}")
-    lines.append(f"({summary['macs'] / 1e9:.3f} G multiply-accumulates per image)")
-    return "\n".join(lines)
+  """Plain-text table, one row per stage plus a total."""
+  lines = [f"{'stage':<8} {'output':>14} {'params':>14} {'MACs':>16}"]
+  for row in summary["stages"]:
+    shape = "x".join(str(d) for d in row["output_shape"])
+    lines.append(f"{row['name']:<8} {shape:>14} {row['params']:>14,} {row['macs']:>16,}")
+  lines.append(f"{'total':<8} {'':>14} {summary['params']:>14,} {summary['macs']:>16,}")
+  lines.append(f"({summary['macs'] / 1e9:.3f} G multiply-accumulates per image)")
+  return "\n".join(lines)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m resnet_jax.summary", description=__doc__.split("\n")[0])
-    parser.add_argument("name", help="model name, e.g. resnet50, resnet56, plain20")
-    parser.add_argument("--plain", action="store_true", help="the plain twin (no shortcuts)")
-    parser.add_argument("--shortcut", choices=["A", "B", "C"])
-    parser.add_argument("--stride-on", choices=["1x1", "3x3"])
-    parser.add_argument("--preact", action="store_true", help="pre-activation blocks (He et al. 2016)")
-    parser.add_argument("--num-classes", type=int)
-    parser.add_argument("--image-size", type=int, help="default 224 (ImageNet names) or 32 (CIFAR)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    args = parser.parse_args(argv)
+  parser = argparse.ArgumentParser(prog="python -m resnet_jax.summary", description=__doc__.split("\n")[0])
+  parser.add_argument("name", help="model name, e.g. resnet50, resnet56, plain20")
+  parser.add_argument("--plain", action="store_true", help="the plain twin (no shortcuts)")
+  parser.add_argument("--shortcut", choices=["A", "B", "C"])
+  parser.add_argument("--stride-on", choices=["1x1", "3x3"])
+  parser.add_argument("--preact", action="store_true", help="pre-activation blocks (He et al. 2016)")
+  parser.add_argument("--num-classes", type=int)
+  parser.add_argument("--image-size", type=int, help="default 224 (ImageNet names) or 32 (CIFAR)")
+  parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+  args = parser.parse_args(argv)
 
-    try:
-        spec = parse_name(args.name)
-        model = create_model(
-            args.name,
-            num_classes=args.num_classes,
-            residual=not args.plain,
-            shortcut=args.shortcut,
-            stride_on=args.stride_on,
-            preact=args.preact,
-        )
-    except ValueError as e:
-        parser.error(str(e))
-    image_size = args.image_size or (224 if spec.family == "imagenet" else 32)
-    summary = analyze(model, image_size)
-    header = {
-        "name": args.name,
-        "family": spec.family,
-        "residual": model.residual,
-        "shortcut": model.shortcut if model.residual else None,
-        "stride_on": model.stride_on,
-        "preact": args.preact,
-        "num_classes": model.num_classes,
-        "image_size": image_size,
-    }
-    if args.json:
-        print(json.dumps({**header, **summary}))
-    else:
-        print(", ".join(f"{k}={v}" for k, v in header.items()))
-        print(format_table(summary))
+  try:
+    spec = parse_name(args.name)
+    model = create_model(
+      args.name,
+      num_classes=args.num_classes,
+      residual=not args.plain,
+      shortcut=args.shortcut,
+      stride_on=args.stride_on,
+      preact=args.preact,
+    )
+  except ValueError as e:
+    parser.error(str(e))
+  image_size = args.image_size or (224 if spec.family == "imagenet" else 32)
+  summary = analyze(model, image_size)
+  header = {
+    "name": args.name,
+    "family": spec.family,
+    "residual": model.residual,
+    "shortcut": model.shortcut if model.residual else None,
+    "stride_on": model.stride_on,
+    "preact": args.preact,
+    "num_classes": model.num_classes,
+    "image_size": image_size,
+  }
+  if args.json:
+    print(json.dumps({**header, **summary}))
+  else:
+    print(", ".join(f"{k}={v}" for k, v in header.items()))
+    print(format_table(summary))
 
 
 if __name__ == "__main__":
-    main()
+  main()

@@ -125,3 +125,21 @@ def test_stats_cache_roundtrip(tmp_path):
   second = stats.cached_stats(key, str(tmp_path), compute)
   assert len(calls) == 1 and list(tmp_path.glob("resnet_jax_stats_*.npz"))
   np.testing.assert_array_equal(first["pixel_mean"], second["pixel_mean"])
+
+
+def test_imagenet_crop_matches_resize_then_crop():
+  """The region-resample shortcut gives the paper's 'resize shorter side to s, random crop' geometry."""
+  yy, xx = np.mgrid[0:90, 0:140]
+  image = np.stack([xx * 255 / 139, yy * 255 / 89, (xx + yy) * 255 / 228], -1).round().astype(np.uint8)
+  pre = augment.Preprocessor("imagenet", 32, 3, identity_norm())
+  for seed in range(5):
+    out = pre.train(image, np.random.default_rng(seed))
+    rng = np.random.default_rng(seed)  # replay the draws: scale, top, left, flip
+    lo, hi = (round(32 * r) for r in augment.SCALE_AUG_RANGE)
+    resized = pre.base_uint8(image, int(rng.integers(lo, hi + 1))).astype(np.float32)
+    top = int(rng.integers(0, resized.shape[0] - 32 + 1))
+    left = int(rng.integers(0, resized.shape[1] - 32 + 1))
+    expected = resized[top:top + 32, left:left + 32]
+    if rng.random() < 0.5:
+      expected = expected[:, ::-1]
+    assert np.abs(out - expected).mean() < 2.0

@@ -12,234 +12,236 @@ from resnet_jax.models.layers import conv_kernel_init
 
 
 def rng(seed=0):
-    """XLA's RngBitGenerator key: compiles in a fraction of threefry's time on CPU."""
-    return jax.random.key(seed, impl="rbg")
+  """XLA's RngBitGenerator key: compiles in a fraction of threefry's time on CPU."""
+  return jax.random.key(seed, impl="rbg")
 
 
 def normal(shape, seed=0):
-    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
 
 
 def abstract_variables(model, image_size):
-    x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
-    return jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
+  x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+  return jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
 
 
 def n_params(variables):
-    return sum(int(np.prod(l.shape)) for l in jax.tree.leaves(variables["params"]))
+  return sum(int(np.prod(l.shape)) for l in jax.tree.leaves(variables["params"]))
 
 
 def init_tiny(model, batch=8, size=8, seed=0):
-    """Real (jitted: one compile instead of hundreds of eager op compiles) init of a tiny input."""
-    x = normal((batch, size, size, 3), seed)
-    return jax.jit(lambda x: model.init(rng(1), x, train=False))(x), x
+  """Real (jitted: one compile instead of hundreds of eager op compiles) init of a tiny input."""
+  x = normal((batch, size, size, 3), seed)
+  return jax.jit(lambda x: model.init(rng(1), x, train=False))(x), x
 
 
 def run(model, variables, x, **kwargs):
-    """``model.apply`` under jit with static keyword options."""
-    return jax.jit(functools.partial(model.apply, **kwargs))(variables, x)
+  """``model.apply`` under jit with static keyword options."""
+  return jax.jit(functools.partial(model.apply, **kwargs))(variables, x)
 
 
 @pytest.mark.parametrize(
-    "name,expected",
-    [
-        ("resnet18", 11_689_512),
-        ("resnet34", 21_797_672),
-        ("resnet50", 25_557_032),
-        ("resnet101", 44_549_160),
-        ("resnet152", 60_192_808),
-        ("resnet20", 269_722),
-        ("resnet32", 464_154),
-        ("resnet44", 658_586),
-        ("resnet56", 853_018),
-        ("resnet110", 1_727_962),
-        ("resnet1202", 19_421_274),
-    ],
+  "name,expected",
+  [
+    ("resnet18", 11_689_512),
+    ("resnet34", 21_797_672),
+    ("resnet50", 25_557_032),
+    ("resnet101", 44_549_160),
+    ("resnet152", 60_192_808),
+    ("resnet20", 269_722),
+    ("resnet32", 464_154),
+    ("resnet44", 658_586),
+    ("resnet56", 853_018),
+    ("resnet110", 1_727_962),
+    ("resnet1202", 19_421_274),
+  ],
 )
 def test_parameter_counts_match_torchvision_and_paper(name, expected):
-    size = 32 if parse_name(name).family == "cifar" else 224
-    assert n_params(abstract_variables(create_model(name), size)) == expected
+  size = 32 if parse_name(name).family == "cifar" else 224
+  assert n_params(abstract_variables(create_model(name), size)) == expected
 
 
 @pytest.mark.parametrize("name,size", [("resnet34", 224), ("resnet50", 224), ("resnet20", 32)])
 def test_plain_equals_option_a_and_c_gt_b_gt_a(name, size):
-    count = lambda **kw: n_params(abstract_variables(create_model(name, **kw), size))
-    a, b, c = count(shortcut="A"), count(shortcut="B"), count(shortcut="C")
-    plain = n_params(abstract_variables(create_model(name.replace("resnet", "plain")), size))
-    assert plain == a == count(residual=False, shortcut="C")
-    assert c > b > a
+  count = lambda **kw: n_params(abstract_variables(create_model(name, **kw), size))
+  a, b, c = count(shortcut="A"), count(shortcut="B"), count(shortcut="C")
+  plain = n_params(abstract_variables(create_model(name.replace("resnet", "plain")), size))
+  assert plain == a == count(residual=False, shortcut="C")
+  assert c > b > a
 
 
 def test_name_registry_and_defaults():
-    assert parse_name("resnet50").family == "imagenet"
-    assert parse_name("cifar_resnet50").family == "cifar"
-    assert parse_name("resnet8") == ("cifar", 8, True)
-    assert parse_name("plain1202") == ("cifar", 1202, False)
-    m = create_model("plain34")
-    assert (m.residual, m.shortcut, m.stride_on, m.num_classes) == (False, "B", "3x3", 1000)
-    m = create_model("resnet110")
-    assert (m.residual, m.shortcut, m.num_classes, m.stage_sizes) == (True, "A", 10, (18, 18, 18))
-    v = abstract_variables(create_model("resnet18", num_classes=7), 64)
-    assert v["params"]["fc"]["kernel"].shape == (512, 7)
-    assert set(v) == {"params", "batch_stats"}
+  assert parse_name("resnet50").family == "imagenet"
+  assert parse_name("cifar_resnet50").family == "cifar"
+  assert parse_name("resnet8") == ("cifar", 8, True)
+  assert parse_name("plain1202") == ("cifar", 1202, False)
+  m = create_model("plain34")
+  assert (m.residual, m.shortcut, m.stride_on, m.num_classes) == (False, "B", "3x3", 1000)
+  m = create_model("resnet110")
+  assert (m.residual, m.shortcut, m.num_classes, m.stage_sizes) == (True, "A", 10, (18, 18, 18))
+  v = abstract_variables(create_model("resnet18", num_classes=7), 64)
+  assert v["params"]["fc"]["kernel"].shape == (512, 7)
+  assert set(v) == {"params", "batch_stats"}
 
 
 @pytest.mark.parametrize("bad", ["resnet21", "resnet19", "resnet2", "resnet0", "resnet", "vgg16", "ResNet50"])
 def test_unknown_name_lists_valid_forms(bad):
-    with pytest.raises(ValueError, match=r"resnet\{6n\+2\}.*plain<N>") as e:
-        create_model(bad)
-    assert "resnet152" in str(e.value) and repr(bad) in str(e.value)
+  with pytest.raises(ValueError, match=r"resnet\{6n\+2\}.*plain<N>") as e:
+    create_model(bad)
+  assert "resnet152" in str(e.value) and repr(bad) in str(e.value)
 
 
 def test_invalid_options_raise():
-    for kw in [dict(shortcut="D"), dict(stride_on="2x2"), dict(bn_group_size=0)]:
-        with pytest.raises(ValueError):
-            create_model("resnet20", **kw)
-    with pytest.raises(ValueError, match="plain"):
-        create_model("plain20", zero_init_last_bn=True)
+  for kw in [dict(shortcut="D"), dict(stride_on="2x2"), dict(bn_group_size=0)]:
+    with pytest.raises(ValueError):
+      create_model("resnet20", **kw)
+  with pytest.raises(ValueError, match="plain"):
+    create_model("plain20", zero_init_last_bn=True)
 
 
 def test_parameter_names_follow_torchvision_scheme():
-    v = abstract_variables(create_model("resnet50"), 64)
-    p, s = v["params"], v["batch_stats"]
-    assert set(p) == {"conv1", "bn1", "fc"} | {
-        f"layer{i}_{j}" for i, n in zip(range(1, 5), (3, 4, 6, 3)) for j in range(n)
-    }
-    assert set(p["layer2_0"]) == {"conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "downsample_conv", "downsample_bn"}
-    assert set(p["layer2_1"]) == {"conv1", "bn1", "conv2", "bn2", "conv3", "bn3"}
-    assert p["layer2_0"]["conv2"]["kernel"].shape == (3, 3, 128, 128)
-    assert set(p["bn1"]) == {"scale", "bias"} and set(s["bn1"]) == {"mean", "var"}
-    # Pre-activation: bare-conv projections and a final BN.
-    v = abstract_variables(create_model("resnet20", preact=True, shortcut="B"), 32)
-    assert "bn_final" in v["params"] and "bn1" not in v["params"]
-    assert set(v["params"]["layer2_0"]) == {"bn1", "conv1", "bn2", "conv2", "downsample_conv"}
+  v = abstract_variables(create_model("resnet50"), 64)
+  p, s = v["params"], v["batch_stats"]
+  assert set(p) == {"conv1", "bn1", "fc"} | {
+    f"layer{i}_{j}" for i, n in zip(range(1, 5), (3, 4, 6, 3)) for j in range(n)
+  }
+  assert set(p["layer2_0"]) == {"conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "downsample_conv", "downsample_bn"}
+  assert set(p["layer2_1"]) == {"conv1", "bn1", "conv2", "bn2", "conv3", "bn3"}
+  assert p["layer2_0"]["conv2"]["kernel"].shape == (3, 3, 128, 128)
+  assert set(p["bn1"]) == {"scale", "bias"} and set(s["bn1"]) == {"mean", "var"}
+  # Pre-activation: bare-conv projections and a final BN.
+  v = abstract_variables(create_model("resnet20", preact=True, shortcut="B"), 32)
+  assert "bn_final" in v["params"] and "bn1" not in v["params"]
+  assert set(v["params"]["layer2_0"]) == {"bn1", "conv1", "bn2", "conv2", "downsample_conv"}
 
 
 def test_he_fan_out_init():
-    k = conv_kernel_init(rng(), (3, 3, 64, 512))
-    assert float(jnp.std(k)) == pytest.approx(np.sqrt(2.0 / (9 * 512)), rel=0.02)
+  k = conv_kernel_init(rng(), (3, 3, 64, 512))
+  assert float(jnp.std(k)) == pytest.approx(np.sqrt(2.0 / (9 * 512)), rel=0.02)
 
 
 def test_tiny_forward_train_and_eval():
-    model = create_model("resnet8")
-    variables, x = init_tiny(model)
-    logits, updates = run(model, variables, x, train=True, mutable=["batch_stats"])
-    assert logits.shape == (8, 10) and logits.dtype == jnp.float32
-    assert bool(jnp.all(jnp.isfinite(logits)))
-    old, new = variables["batch_stats"]["bn1"]["mean"], updates["batch_stats"]["bn1"]["mean"]
-    assert not np.allclose(old, new)
-    eval_logits = run(model, {**variables, **updates}, x, train=False)
-    assert eval_logits.shape == (8, 10)
+  model = create_model("resnet8")
+  variables, x = init_tiny(model)
+  logits, updates = run(model, variables, x, train=True, mutable=["batch_stats"])
+  assert logits.shape == (8, 10) and logits.dtype == jnp.float32
+  assert bool(jnp.all(jnp.isfinite(logits)))
+  old, new = variables["batch_stats"]["bn1"]["mean"], updates["batch_stats"]["bn1"]["mean"]
+  assert not np.allclose(old, new)
+  eval_logits = run(model, {**variables, **updates}, x, train=False)
+  assert eval_logits.shape == (8, 10)
 
 
 def test_bfloat16_keeps_params_stats_and_logits_float32():
-    model = create_model("resnet8", preact=True, shortcut="B", dtype=jnp.bfloat16)
-    variables, x = init_tiny(model)
-    logits, updates = run(model, variables, x, train=True, mutable=["batch_stats"])
-    leaves = jax.tree.leaves(variables) + jax.tree.leaves(updates)
-    assert all(l.dtype == jnp.float32 for l in leaves)
-    assert logits.dtype == jnp.float32
-    ref, _ = run(
-        create_model("resnet8", preact=True, shortcut="B"), variables, x, train=True, mutable=["batch_stats"]
-    )
-    np.testing.assert_allclose(logits, ref, atol=0.1 * float(jnp.abs(ref).max()) + 1e-2)
+  model = create_model("resnet8", preact=True, shortcut="B", dtype=jnp.bfloat16)
+  variables, x = init_tiny(model)
+  logits, updates = run(model, variables, x, train=True, mutable=["batch_stats"])
+  leaves = jax.tree.leaves(variables) + jax.tree.leaves(updates)
+  assert all(l.dtype == jnp.float32 for l in leaves)
+  assert logits.dtype == jnp.float32
+  ref, _ = run(
+    create_model("resnet8", preact=True, shortcut="B"), variables, x, train=True, mutable=["batch_stats"]
+  )
+  np.testing.assert_allclose(logits, ref, atol=0.1 * float(jnp.abs(ref).max()) + 1e-2)
 
 
 def test_zero_init_last_bn_makes_blocks_identity():
-    model = create_model("resnet8", zero_init_last_bn=True)
-    variables, x = init_tiny(model)
-    assert not np.any(variables["params"]["layer1_0"]["bn2"]["scale"])
-    _, inter = run(model, variables, x, train=False, capture_intermediates=True, mutable=["intermediates"])
-    inter = inter["intermediates"]
-    stem_out = jax.nn.relu(inter["bn1"]["__call__"][0])
-    np.testing.assert_allclose(inter["layer1_0"]["__call__"][0], stem_out, atol=1e-6)
+  model = create_model("resnet8", zero_init_last_bn=True)
+  variables, x = init_tiny(model)
+  assert not np.any(variables["params"]["layer1_0"]["bn2"]["scale"])
+  _, inter = run(model, variables, x, train=False, capture_intermediates=True, mutable=["intermediates"])
+  inter = inter["intermediates"]
+  stem_out = jax.nn.relu(inter["bn1"]["__call__"][0])
+  np.testing.assert_allclose(inter["layer1_0"]["__call__"][0], stem_out, atol=1e-6)
 
 
 def test_intermediates_expose_bn_output_before_relu_and_addition():
-    """Fig. 7 analysis reads BN outputs after 3x3 convs; the block output is relu(bn2 + input)."""
-    model = create_model("resnet8")
-    variables, x = init_tiny(model)
-    _, state = run(model, variables, x, train=False, capture_intermediates=True, mutable=["intermediates"])
-    inter = state["intermediates"]
-    block_in = jax.nn.relu(inter["bn1"]["__call__"][0])
-    bn2 = inter["layer1_0"]["bn2"]["__call__"][0]
-    assert bn2.shape == (8, 8, 8, 16) and float(bn2.min()) < 0  # pre-ReLU response
-    np.testing.assert_allclose(inter["layer1_0"]["__call__"][0], jax.nn.relu(bn2 + block_in), atol=1e-5)
+  """Fig. 7 analysis reads BN outputs after 3x3 convs; the block output is relu(bn2 + input)."""
+  model = create_model("resnet8")
+  variables, x = init_tiny(model)
+  _, state = run(model, variables, x, train=False, capture_intermediates=True, mutable=["intermediates"])
+  inter = state["intermediates"]
+  block_in = jax.nn.relu(inter["bn1"]["__call__"][0])
+  bn2 = inter["layer1_0"]["bn2"]["__call__"][0]
+  assert bn2.shape == (8, 8, 8, 16) and float(bn2.min()) < 0  # pre-ReLU response
+  np.testing.assert_allclose(inter["layer1_0"]["__call__"][0], jax.nn.relu(bn2 + block_in), atol=1e-5)
 
 
 def _bn_apply(x, group_size, variables=None):
-    bn = BatchNorm(use_running_average=False, group_size=group_size, momentum=0.5)
-    variables = variables or bn.init(rng(), x)
-    return run(bn, variables, x, mutable=["batch_stats"])
+  bn = BatchNorm(use_running_average=False, group_size=group_size, momentum=0.5)
+  variables = variables or bn.init(rng(), x)
+  return run(bn, variables, x, mutable=["batch_stats"])
 
 
 def test_batchnorm_whole_batch_matches_reference():
-    x = 3.0 + 2.0 * normal((6, 4, 4, 5))
-    y, upd = _bn_apply(x, None)
-    xn = np.asarray(x, np.float64)
-    mean, var = xn.mean((0, 1, 2)), xn.var((0, 1, 2))
-    np.testing.assert_allclose(y, (xn - mean) / np.sqrt(var + 1e-5), atol=1e-4)
-    np.testing.assert_allclose(upd["batch_stats"]["mean"], 0.5 * mean, rtol=1e-5)
-    np.testing.assert_allclose(upd["batch_stats"]["var"], 0.5 + 0.5 * var, rtol=1e-5)
+  x = 3.0 + 2.0 * normal((6, 4, 4, 5))
+  y, upd = _bn_apply(x, None)
+  xn = np.asarray(x, np.float64)
+  mean, var = xn.mean((0, 1, 2)), xn.var((0, 1, 2))
+  np.testing.assert_allclose(y, (xn - mean) / np.sqrt(var + 1e-5), atol=1e-4)
+  np.testing.assert_allclose(upd["batch_stats"]["mean"], 0.5 * mean, rtol=1e-5)
+  np.testing.assert_allclose(upd["batch_stats"]["var"], 0.5 + 0.5 * var, rtol=1e-5)
 
 
 def test_ghost_batchnorm_normalises_each_group_separately():
-    x = normal((8, 3, 3, 4)) * jnp.arange(1.0, 9.0)[:, None, None, None]
-    y, upd = _bn_apply(x, 2)
-    means, variances = [], []
-    for g in range(4):
-        yg, ug = _bn_apply(x[2 * g : 2 * g + 2], None)
-        np.testing.assert_allclose(y[2 * g : 2 * g + 2], yg, atol=1e-5)
-        means.append(ug["batch_stats"]["mean"])
-        variances.append(ug["batch_stats"]["var"])
-    np.testing.assert_allclose(upd["batch_stats"]["mean"], np.mean(means, 0), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(upd["batch_stats"]["var"], np.mean(variances, 0), rtol=1e-5)
-    whole, _ = _bn_apply(x, None)
-    assert not np.allclose(y, whole, atol=1e-2)
+  x = normal((8, 3, 3, 4)) * jnp.arange(1.0, 9.0)[:, None, None, None]
+  y, upd = _bn_apply(x, 2)
+  means, variances = [], []
+  for g in range(4):
+    yg, ug = _bn_apply(x[2 * g : 2 * g + 2], None)
+    np.testing.assert_allclose(y[2 * g : 2 * g + 2], yg, atol=1e-5)
+    means.append(ug["batch_stats"]["mean"])
+    variances.append(ug["batch_stats"]["var"])
+  np.testing.assert_allclose(upd["batch_stats"]["mean"], np.mean(means, 0), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(upd["batch_stats"]["var"], np.mean(variances, 0), rtol=1e-5)
+  whole, _ = _bn_apply(x, None)
+  assert not np.allclose(y, whole, atol=1e-2)
 
 
 def test_ghost_batchnorm_rejects_indivisible_batch():
-    with pytest.raises(ValueError, match="group_size=4 must divide the batch size 6"):
-        _bn_apply(jnp.ones((6, 2, 2, 3)), 4)
-    model = create_model("resnet8", bn_group_size=3)
-    variables, x = init_tiny(model)
-    with pytest.raises(ValueError, match="group_size"):
-        run(model, variables, x, train=True, mutable=["batch_stats"])
+  with pytest.raises(ValueError, match="group_size=4 must divide the batch size 6"):
+    _bn_apply(jnp.ones((6, 2, 2, 3)), 4)
+  small, _ = _bn_apply(jnp.arange(24.0).reshape(2, 2, 2, 3), 4)  # smaller than a group: one group
+  np.testing.assert_allclose(small, _bn_apply(jnp.arange(24.0).reshape(2, 2, 2, 3), None)[0])
+  model = create_model("resnet8", bn_group_size=3)
+  variables, x = init_tiny(model)
+  with pytest.raises(ValueError, match="group_size"):
+    run(model, variables, x, train=True, mutable=["batch_stats"])
 
 
 def test_batchnorm_bfloat16_statistics_in_float32():
-    x = (100.0 + normal((16, 4, 4, 3))).astype(jnp.bfloat16)
-    bn = BatchNorm(use_running_average=False, dtype=jnp.bfloat16)
-    variables = bn.init(rng(), x)
-    y, upd = run(bn, variables, x, mutable=["batch_stats"])
-    assert y.dtype == jnp.bfloat16 and upd["batch_stats"]["var"].dtype == jnp.float32
-    assert float(jnp.std(y.astype(jnp.float32))) == pytest.approx(1.0, abs=0.05)
+  x = (100.0 + normal((16, 4, 4, 3))).astype(jnp.bfloat16)
+  bn = BatchNorm(use_running_average=False, dtype=jnp.bfloat16)
+  variables = bn.init(rng(), x)
+  y, upd = run(bn, variables, x, mutable=["batch_stats"])
+  assert y.dtype == jnp.bfloat16 and upd["batch_stats"]["var"].dtype == jnp.float32
+  assert float(jnp.std(y.astype(jnp.float32))) == pytest.approx(1.0, abs=0.05)
 
 
 def test_shortcut_a_subsamples_and_zero_pads():
-    x = normal((2, 4, 4, 3))
-    y = shortcut(x, 5, 2, kind="A", conv=None, norm=None)
-    np.testing.assert_array_equal(y[..., :3], x[:, ::2, ::2, :])
-    assert y.shape == (2, 2, 2, 5) and not np.any(y[..., 3:])
-    assert shortcut(x, 3, 1, kind="A", conv=None, norm=None) is x
+  x = normal((2, 4, 4, 3))
+  y = shortcut(x, 5, 2, kind="A", conv=None, norm=None)
+  np.testing.assert_array_equal(y[..., :3], x[:, ::2, ::2, :])
+  assert y.shape == (2, 2, 2, 5) and not np.any(y[..., 3:])
+  assert shortcut(x, 3, 1, kind="A", conv=None, norm=None) is x
 
 
 @pytest.mark.parametrize("group_size", [2, None])
 def test_sharding_over_four_devices_does_not_change_outputs(group_size):
-    devices = jax.devices()
-    assert len(devices) == 4, "tests/conftest.py should simulate 4 CPU devices"
-    model = create_model("resnet8", bn_group_size=group_size, shortcut="B")
-    variables, x = init_tiny(model)
+  devices = jax.devices()
+  assert len(devices) == 4, "tests/conftest.py should simulate 4 CPU devices"
+  model = create_model("resnet8", bn_group_size=group_size, shortcut="B")
+  variables, x = init_tiny(model)
 
-    @jax.jit
-    def step(variables, x):
-        return run(model, variables, x, train=True, mutable=["batch_stats"])
+  @jax.jit
+  def step(variables, x):
+    return run(model, variables, x, train=True, mutable=["batch_stats"])
 
-    ref_logits, ref_stats = step(variables, x)
-    mesh = Mesh(np.array(devices), ("data",))
-    xs = jax.device_put(x, NamedSharding(mesh, P("data")))
-    vs = jax.device_put(variables, NamedSharding(mesh, P()))
-    logits, stats = step(vs, xs)
-    assert len(xs.sharding.device_set) == 4 and len(logits.sharding.device_set) == 4
-    np.testing.assert_allclose(logits, ref_logits, rtol=1e-5, atol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), stats, ref_stats)
+  ref_logits, ref_stats = step(variables, x)
+  mesh = Mesh(np.array(devices), ("data",))
+  xs = jax.device_put(x, NamedSharding(mesh, P("data")))
+  vs = jax.device_put(variables, NamedSharding(mesh, P()))
+  logits, stats = step(vs, xs)
+  assert len(xs.sharding.device_set) == 4 and len(logits.sharding.device_set) == 4
+  np.testing.assert_allclose(logits, ref_logits, rtol=1e-5, atol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), stats, ref_stats)

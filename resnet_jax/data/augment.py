@@ -188,18 +188,20 @@ class Preprocessor:
     img = open_image(image, self.channels)
     w, h = img.size
     if self.augment == "imagenet":
+      # "resize the shorter side to s, then take a random size x size crop", done as: pick the crop in
+      # the would-be resized image, map it back to the original, and resample only that region.
       lo, hi = (round(size * r) for r in SCALE_AUG_RANGE)
-      array = to_array(resize_shorter(img, int(rng.integers(lo, hi + 1)), self.channels), self.channels)
-      top = int(rng.integers(0, array.shape[0] - size + 1))
-      left = int(rng.integers(0, array.shape[1] - size + 1))
-      array = array[top:top + size, left:left + size]
+      factor = int(rng.integers(lo, hi + 1)) / min(w, h)
+      top = int(rng.integers(0, max(size, round(h * factor)) - size + 1))
+      left = int(rng.integers(0, max(size, round(w * factor)) - size + 1))
+      left, top, cw, ch = left / factor, top / factor, size / factor, size / factor
     else:  # inception
       left, top, cw, ch = _random_resized_box(rng, w, h)
-      factor = size / min(cw, ch)  # decode at the smallest scale keeping the crop >= size
-      img = decode(img, self.channels, (math.ceil(w * factor), math.ceil(h * factor)))
-      sx, sy = img.size[0] / w, img.size[1] / h
-      box = (left * sx, top * sy, (left + cw) * sx, (top + ch) * sy)
-      array = to_array(img.resize((size, size), Image.BILINEAR, box=box), self.channels)
+      factor = size / min(cw, ch)
+    img = decode(img, self.channels, (math.ceil(w * factor), math.ceil(h * factor)))  # reduced if possible
+    sx, sy = img.size[0] / w, img.size[1] / h
+    box = (left * sx, top * sy, min(img.size[0], (left + cw) * sx), min(img.size[1], (top + ch) * sy))
+    array = to_array(img.resize((size, size), Image.BILINEAR, box=box), self.channels)
     if rng.random() < 0.5:
       array = array[:, ::-1]
     out = array.astype(np.float32)

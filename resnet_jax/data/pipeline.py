@@ -146,14 +146,60 @@ def _check_sharding(local_batch_size: int, process_index: int, process_count: in
                      f"process_index={process_index}, process_count={process_count}")
 
 
+class TrainIterator(grain.DatasetIterator):
+  """This process's infinite stream of local batches; the state is the global step (JSON-able).
+
+  Grain's own state records per-worker positions, so restoring it with another worker count would
+  silently yield different batches. Here the batches form a random-access `MapDataset`, so resuming
+  at step k simply starts a fresh Grain pipeline on `batches[k:]`: exact for any worker count and any
+  process count with the same global batch size. Workers start lazily, at the first `next()`.
+  """
+
+  def __init__(self, batches: grain.MapDataset, config: ml_collections.ConfigDict, seed: int,
+               global_batch_size: int):
+    super().__init__()
+    self._batches, self._config = batches, config
+    self._seed, self._global_batch_size = seed, global_batch_size
+    self._step = 0
+    self._it: grain.DatasetIterator | None = None
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    self._assert_not_closed()
+    if self._it is None:
+      self._it = iter(_finish(self._batches[self._step:], self._config))
+    batch = next(self._it)
+    self._step += 1
+    return batch
+
+  def get_state(self) -> dict[str, Any]:
+    return {"step": self._step, "seed": self._seed, "global_batch_size": self._global_batch_size}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    for key in ("seed", "global_batch_size"):
+      if int(state[key]) != getattr(self, f"_{key}"):
+        raise ValueError(f"input pipeline state was saved with {key}={state[key]}, but this run uses "
+                         f"{getattr(self, f'_{key}')}: the resumed batches would differ")
+    self._stop()
+    self._step = int(state["step"])
+
+  def _stop(self) -> None:
+    if self._it is not None:
+      self._it.close()
+      self._it = None
+
+  def close(self) -> None:
+    self._stop()
+    super().close()
+
+
 def create_train_iterator(config: ml_collections.ConfigDict, *, local_batch_size: int, process_index: int,
-                          process_count: int, seed: int) -> grain.DatasetIterator:
+                          process_count: int, seed: int) -> TrainIterator:
   """Infinite iterator of {'image': float32 [b, H, W, C], 'label': int32 [b]} for this process.
 
   Epoch e is the train split shuffled by (seed, e) (Grain's index shuffle); augmentation randomness is a
   function of (seed, position in the global stream), so batches do not depend on process or worker
-  count. Save `it.get_state()` in the checkpoint and `it.set_state(state)` on a fresh iterator to
-  resume at exactly the next batch.
+  count. Save `it.get_state()` (a small JSON-able dict) in the checkpoint and `it.set_state(state)` on a
+  fresh iterator to resume at exactly the next batch, even with another worker or process count.
   """
   _check_sharding(local_batch_size, process_index, process_count)
   train = sources.open_split(config, str(config.data.get("train_split", "train")))
@@ -162,7 +208,7 @@ def create_train_iterator(config: ml_collections.ConfigDict, *, local_batch_size
   ds = grain.MapDataset.source(train.records).shuffle(seed=seed).repeat()
   ds = ds.random_map(_TrainTransform(preprocessor), seed=(seed + 0x5EED) % 2**32)
   ds = ds.batch(local_batch_size, drop_remainder=True)[process_index::process_count]
-  return iter(_finish(ds, config))
+  return TrainIterator(ds, config, seed, local_batch_size * process_count)
 
 
 def num_eval_batches(num_examples: int, local_batch_size: int, process_count: int) -> int:

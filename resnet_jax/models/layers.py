@@ -28,128 +28,130 @@ dense_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "unifo
 
 
 def conv(
-    features: int,
-    kernel_size: int,
-    strides: int = 1,
-    *,
-    name: str,
-    dtype: Dtype = jnp.float32,
+  features: int,
+  kernel_size: int,
+  strides: int = 1,
+  *,
+  name: str,
+  dtype: Dtype = jnp.float32,
 ) -> nn.Conv:
-    """A bias-free square convolution with explicit symmetric padding ``kernel_size // 2``.
+  """A bias-free square convolution with explicit symmetric padding ``kernel_size // 2``.
 
-    ``padding='SAME'`` pads asymmetrically (0 before, 1 after) for even inputs with stride 2, which
-    shifts every strided feature map by half a pixel relative to torch; explicit symmetric padding
-    is what torchvision (and imported weights) expect.
-    """
-    pad = kernel_size // 2
-    return nn.Conv(
-        features,
-        (kernel_size, kernel_size),
-        strides=(strides, strides),
-        padding=((pad, pad), (pad, pad)),
-        use_bias=False,
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        kernel_init=conv_kernel_init,
-        name=name,
-    )
+  ``padding='SAME'`` pads asymmetrically (0 before, 1 after) for even inputs with stride 2, which
+  shifts every strided feature map by half a pixel relative to torch; explicit symmetric padding
+  is what torchvision (and imported weights) expect.
+  """
+  pad = kernel_size // 2
+  return nn.Conv(
+    features,
+    (kernel_size, kernel_size),
+    strides=(strides, strides),
+    padding=((pad, pad), (pad, pad)),
+    use_bias=False,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    kernel_init=conv_kernel_init,
+    name=name,
+  )
 
 
 class BatchNorm(nn.Module):
-    """Batch normalisation over N, H, W with optional ghost groups of ``group_size`` examples.
+  """Batch normalisation over N, H, W with optional ghost groups of ``group_size`` examples.
 
-    Statistics are computed in float32 in one pass (E[x^2] - E[x]^2, clamped at 0, as Flax does),
-    so bfloat16 activations do not lose precision in the reduction. Running statistics use
-    ``new = momentum * old + (1 - momentum) * batch_stat`` with the biased batch variance (Flax's
-    convention; torch stores the unbiased one, which only matters during training, not when
-    importing weights). With groups, the running statistics are updated with the mean over groups.
-    """
+  Statistics are computed in float32 in one pass (E[x^2] - E[x]^2, clamped at 0, as Flax does),
+  so bfloat16 activations do not lose precision in the reduction. Running statistics use
+  ``new = momentum * old + (1 - momentum) * batch_stat`` with the biased batch variance (Flax's
+  convention; torch stores the unbiased one, which only matters during training, not when
+  importing weights). With groups, the running statistics are updated with the mean over groups.
+  A batch smaller than ``group_size`` forms a single group; any other batch size that is not a
+  multiple of ``group_size`` raises ``ValueError``.
+  """
 
-    use_running_average: Optional[bool] = None
-    momentum: float = 0.9
-    epsilon: float = 1e-5
-    group_size: Optional[int] = None
-    dtype: Dtype = jnp.float32
-    scale_init: Callable[..., jax.Array] = nn.initializers.ones
-    bias_init: Callable[..., jax.Array] = nn.initializers.zeros
+  use_running_average: Optional[bool] = None
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+  group_size: Optional[int] = None
+  dtype: Dtype = jnp.float32
+  scale_init: Callable[..., jax.Array] = nn.initializers.ones
+  bias_init: Callable[..., jax.Array] = nn.initializers.zeros
 
-    @nn.compact
-    def __call__(self, x: jax.Array, use_running_average: Optional[bool] = None) -> jax.Array:
-        use_running_average = nn.merge_param(
-            "use_running_average", self.use_running_average, use_running_average
-        )
-        features = x.shape[-1]
-        ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
-        ra_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
-        scale = self.param("scale", self.scale_init, (features,), jnp.float32)
-        bias = self.param("bias", self.bias_init, (features,), jnp.float32)
+  @nn.compact
+  def __call__(self, x: jax.Array, use_running_average: Optional[bool] = None) -> jax.Array:
+    use_running_average = nn.merge_param(
+      "use_running_average", self.use_running_average, use_running_average
+    )
+    features = x.shape[-1]
+    ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
+    ra_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
+    scale = self.param("scale", self.scale_init, (features,), jnp.float32)
+    bias = self.param("bias", self.bias_init, (features,), jnp.float32)
 
-        if use_running_average:
-            mean, var = ra_mean.value, ra_var.value
-            y = _affine(x, mean, var, scale, bias, self.epsilon)
-            return y.astype(self.dtype)
+    if use_running_average:
+      mean, var = ra_mean.value, ra_var.value
+      y = _affine(x, mean, var, scale, bias, self.epsilon)
+      return y.astype(self.dtype)
 
-        batch = x.shape[0]
-        # A batch smaller than one group (smoke runs, tiny debug batches) is a single group.
-        group = batch if self.group_size is None else min(self.group_size, batch)
-        if group <= 0 or batch % group:
-            raise ValueError(
-                f"BatchNorm group_size={self.group_size} must divide the batch size {batch} "
-                "(ghost batch norm computes statistics over groups of exactly group_size examples)."
-            )
-        # (num_groups, group, ..., C): reduce over everything but the group and channel axes.
-        xg = x.reshape((batch // group, group) + x.shape[1:])
-        axes = tuple(range(1, xg.ndim - 1))
-        xf = xg.astype(jnp.float32)
-        mean = jnp.mean(xf, axis=axes, keepdims=True)
-        mean2 = jnp.mean(jnp.square(xf), axis=axes, keepdims=True)
-        var = jnp.maximum(0.0, mean2 - jnp.square(mean))
+    batch = x.shape[0]
+    # A batch smaller than one group (smoke runs, tiny debug batches) is a single group.
+    group = batch if self.group_size is None else min(self.group_size, batch)
+    if group <= 0 or batch % group:
+      raise ValueError(
+        f"BatchNorm group_size={self.group_size} must divide the batch size {batch} "
+        "(ghost batch norm computes statistics over groups of exactly group_size examples)."
+      )
+    # (num_groups, group, ..., C): reduce over everything but the group and channel axes.
+    xg = x.reshape((batch // group, group) + x.shape[1:])
+    axes = tuple(range(1, xg.ndim - 1))
+    xf = xg.astype(jnp.float32)
+    mean = jnp.mean(xf, axis=axes, keepdims=True)
+    mean2 = jnp.mean(jnp.square(xf), axis=axes, keepdims=True)
+    var = jnp.maximum(0.0, mean2 - jnp.square(mean))
 
-        if not self.is_initializing():
-            flat = lambda s: jnp.mean(s.reshape(-1, features), axis=0)
-            m = self.momentum
-            ra_mean.value = m * ra_mean.value + (1.0 - m) * flat(mean)
-            ra_var.value = m * ra_var.value + (1.0 - m) * flat(var)
+    if not self.is_initializing():
+      flat = lambda s: jnp.mean(s.reshape(-1, features), axis=0)
+      m = self.momentum
+      ra_mean.value = m * ra_mean.value + (1.0 - m) * flat(mean)
+      ra_var.value = m * ra_var.value + (1.0 - m) * flat(var)
 
-        y = _affine(xg, mean, var, scale, bias, self.epsilon)
-        return y.reshape(x.shape).astype(self.dtype)
+    y = _affine(xg, mean, var, scale, bias, self.epsilon)
+    return y.reshape(x.shape).astype(self.dtype)
 
 
 def _affine(x, mean, var, scale, bias, epsilon):
-    """(x - mean) / sqrt(var + eps) * scale + bias, folded into one multiply-add in float32."""
-    mul = scale * jax.lax.rsqrt(var + epsilon)
-    return x * mul + (bias - mean * mul)
+  """(x - mean) / sqrt(var + eps) * scale + bias, folded into one multiply-add in float32."""
+  mul = scale * jax.lax.rsqrt(var + epsilon)
+  return x * mul + (bias - mean * mul)
 
 
 def shortcut(
-    x: jax.Array,
-    out_features: int,
-    strides: int,
-    *,
-    kind: str,
-    conv: ModuleDef,
-    norm: Optional[ModuleDef],
+  x: jax.Array,
+  out_features: int,
+  strides: int,
+  *,
+  kind: str,
+  conv: ModuleDef,
+  norm: Optional[ModuleDef],
 ) -> jax.Array:
-    """The paper's shortcut options for a block mapping ``x`` to ``out_features`` channels.
+  """The paper's shortcut options for a block mapping ``x`` to ``out_features`` channels.
 
-    A: identity; where the shape changes, strided subsampling + zero-padded extra channels
-       (parameter-free). B: identity, projection (1x1 conv + BN) only where the shape changes.
-    C: projection on every block. ``norm=None`` gives a bare conv projection (pre-activation blocks,
-    whose next block normalises the sum anyway). Submodules: ``downsample_conv``, ``downsample_bn``.
-    """
-    in_features = x.shape[-1]
-    changes = strides != 1 or in_features != out_features
-    if kind == "A":
-        if not changes:
-            return x
-        if in_features > out_features:
-            raise ValueError("shortcut 'A' can only add channels, not remove them")
-        y = x[:, ::strides, ::strides, :]
-        return jnp.pad(y, ((0, 0), (0, 0), (0, 0), (0, out_features - in_features)))
-    if kind == "B" and not changes:
-        return x
-    if kind not in ("B", "C"):
-        raise ValueError(f"unknown shortcut {kind!r}; expected 'A', 'B' or 'C'")
-    y = conv(out_features, 1, strides, name="downsample_conv")(x)
-    return y if norm is None else norm(name="downsample_bn")(y)
+  A: identity; where the shape changes, strided subsampling + zero-padded extra channels
+   (parameter-free). B: identity, projection (1x1 conv + BN) only where the shape changes.
+  C: projection on every block. ``norm=None`` gives a bare conv projection (pre-activation blocks,
+  whose next block normalises the sum anyway). Submodules: ``downsample_conv``, ``downsample_bn``.
+  """
+  in_features = x.shape[-1]
+  changes = strides != 1 or in_features != out_features
+  if kind == "A":
+    if not changes:
+      return x
+    if in_features > out_features:
+      raise ValueError("shortcut 'A' can only add channels, not remove them")
+    y = x[:, ::strides, ::strides, :]
+    return jnp.pad(y, ((0, 0), (0, 0), (0, 0), (0, out_features - in_features)))
+  if kind == "B" and not changes:
+    return x
+  if kind not in ("B", "C"):
+    raise ValueError(f"unknown shortcut {kind!r}; expected 'A', 'B' or 'C'")
+  y = conv(out_features, 1, strides, name="downsample_conv")(x)
+  return y if norm is None else norm(name="downsample_bn")(y)
 

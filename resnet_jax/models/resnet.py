@@ -37,304 +37,304 @@ from resnet_jax.models import layers
 
 ModuleDef = Any
 IMAGENET_DEPTHS = {  # depth -> (block kind, blocks per stage), paper Table 1.
-    18: ("basic", (2, 2, 2, 2)),
-    34: ("basic", (3, 4, 6, 3)),
-    50: ("bottleneck", (3, 4, 6, 3)),
-    101: ("bottleneck", (3, 4, 23, 3)),
-    152: ("bottleneck", (3, 8, 36, 3)),
+  18: ("basic", (2, 2, 2, 2)),
+  34: ("basic", (3, 4, 6, 3)),
+  50: ("bottleneck", (3, 4, 6, 3)),
+  101: ("bottleneck", (3, 4, 23, 3)),
+  152: ("bottleneck", (3, 8, 36, 3)),
 }
 IMAGENET_WIDTHS = (64, 128, 256, 512)
 CIFAR_WIDTHS = (16, 32, 64)
 
 
 def _last_bn_init(zero: bool):
-    """Zero the last BN's scale so the residual branch starts as zero (Goyal et al. 2017)."""
-    return nn.initializers.zeros if zero else nn.initializers.ones
+  """Zero the last BN's scale so the residual branch starts as zero (Goyal et al. 2017)."""
+  return nn.initializers.zeros if zero else nn.initializers.ones
 
 
 def _projects(kind: str, changes: bool) -> bool:
-    return kind == "C" or (kind == "B" and changes)
+  return kind == "C" or (kind == "B" and changes)
 
 
 class BasicBlock(nn.Module):
-    """Two 3x3 convs, each followed by BN; ReLU after the first and after the shortcut addition."""
+  """Two 3x3 convs, each followed by BN; ReLU after the first and after the shortcut addition."""
 
-    features: int
-    conv: ModuleDef
-    norm: ModuleDef
-    strides: int = 1
-    residual: bool = True
-    shortcut: str = "B"
-    stride_on: str = "3x3"  # unused: a basic block's only stride is on its first 3x3 conv
-    zero_init_last_bn: bool = False
-    expansion = 1
-    preact = False
+  features: int
+  conv: ModuleDef
+  norm: ModuleDef
+  strides: int = 1
+  residual: bool = True
+  shortcut: str = "B"
+  stride_on: str = "3x3"  # unused: a basic block's only stride is on its first 3x3 conv
+  zero_init_last_bn: bool = False
+  expansion = 1
+  preact = False
 
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        y = self.conv(self.features, 3, self.strides, name="conv1")(x)
-        y = nn.relu(self.norm(name="bn1")(y))
-        y = self.conv(self.features, 3, name="conv2")(y)
-        y = self.norm(name="bn2", scale_init=_last_bn_init(self.zero_init_last_bn))(y)
-        if self.residual:
-            y = y + layers.shortcut(
-                x, self.features, self.strides, kind=self.shortcut, conv=self.conv, norm=self.norm
-            )
-        return nn.relu(y)
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = self.conv(self.features, 3, self.strides, name="conv1")(x)
+    y = nn.relu(self.norm(name="bn1")(y))
+    y = self.conv(self.features, 3, name="conv2")(y)
+    y = self.norm(name="bn2", scale_init=_last_bn_init(self.zero_init_last_bn))(y)
+    if self.residual:
+      y = y + layers.shortcut(
+        x, self.features, self.strides, kind=self.shortcut, conv=self.conv, norm=self.norm
+      )
+    return nn.relu(y)
 
 
 class Bottleneck(nn.Module):
-    """1x1 reduce, 3x3, 1x1 expand (x4). ``stride_on`` picks v1 ('1x1', paper) or v1.5 ('3x3')."""
+  """1x1 reduce, 3x3, 1x1 expand (x4). ``stride_on`` picks v1 ('1x1', paper) or v1.5 ('3x3')."""
 
-    features: int
-    conv: ModuleDef
-    norm: ModuleDef
-    strides: int = 1
-    residual: bool = True
-    shortcut: str = "B"
-    stride_on: str = "3x3"
-    zero_init_last_bn: bool = False
-    expansion = 4
-    preact = False
+  features: int
+  conv: ModuleDef
+  norm: ModuleDef
+  strides: int = 1
+  residual: bool = True
+  shortcut: str = "B"
+  stride_on: str = "3x3"
+  zero_init_last_bn: bool = False
+  expansion = 4
+  preact = False
 
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        s1, s3 = (self.strides, 1) if self.stride_on == "1x1" else (1, self.strides)
-        out = self.features * self.expansion
-        y = self.conv(self.features, 1, s1, name="conv1")(x)
-        y = nn.relu(self.norm(name="bn1")(y))
-        y = self.conv(self.features, 3, s3, name="conv2")(y)
-        y = nn.relu(self.norm(name="bn2")(y))
-        y = self.conv(out, 1, name="conv3")(y)
-        y = self.norm(name="bn3", scale_init=_last_bn_init(self.zero_init_last_bn))(y)
-        if self.residual:
-            y = y + layers.shortcut(
-                x, out, self.strides, kind=self.shortcut, conv=self.conv, norm=self.norm
-            )
-        return nn.relu(y)
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    s1, s3 = (self.strides, 1) if self.stride_on == "1x1" else (1, self.strides)
+    out = self.features * self.expansion
+    y = self.conv(self.features, 1, s1, name="conv1")(x)
+    y = nn.relu(self.norm(name="bn1")(y))
+    y = self.conv(self.features, 3, s3, name="conv2")(y)
+    y = nn.relu(self.norm(name="bn2")(y))
+    y = self.conv(out, 1, name="conv3")(y)
+    y = self.norm(name="bn3", scale_init=_last_bn_init(self.zero_init_last_bn))(y)
+    if self.residual:
+      y = y + layers.shortcut(
+        x, out, self.strides, kind=self.shortcut, conv=self.conv, norm=self.norm
+      )
+    return nn.relu(y)
 
 
 class PreActBasicBlock(nn.Module):
-    """He et al. 2016 full pre-activation: BN-ReLU-conv twice, nothing after the addition.
+  """He et al. 2016 full pre-activation: BN-ReLU-conv twice, nothing after the addition.
 
-    A projection shortcut reads the pre-activated input (shared BN-ReLU) and has no BN of its own.
-    """
+  A projection shortcut reads the pre-activated input (shared BN-ReLU) and has no BN of its own.
+  """
 
-    features: int
-    conv: ModuleDef
-    norm: ModuleDef
-    strides: int = 1
-    residual: bool = True
-    shortcut: str = "B"
-    stride_on: str = "3x3"  # unused, as in BasicBlock
-    zero_init_last_bn: bool = False
-    expansion = 1
-    preact = True
+  features: int
+  conv: ModuleDef
+  norm: ModuleDef
+  strides: int = 1
+  residual: bool = True
+  shortcut: str = "B"
+  stride_on: str = "3x3"  # unused, as in BasicBlock
+  zero_init_last_bn: bool = False
+  expansion = 1
+  preact = True
 
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        pre = nn.relu(self.norm(name="bn1")(x))
-        y = self.conv(self.features, 3, self.strides, name="conv1")(pre)
-        y = nn.relu(self.norm(name="bn2", scale_init=_last_bn_init(self.zero_init_last_bn))(y))
-        y = self.conv(self.features, 3, name="conv2")(y)
-        if not self.residual:
-            return y
-        changes = self.strides != 1 or x.shape[-1] != self.features
-        src = pre if _projects(self.shortcut, changes) else x
-        return y + layers.shortcut(
-            src, self.features, self.strides, kind=self.shortcut, conv=self.conv, norm=None
-        )
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    pre = nn.relu(self.norm(name="bn1")(x))
+    y = self.conv(self.features, 3, self.strides, name="conv1")(pre)
+    y = nn.relu(self.norm(name="bn2", scale_init=_last_bn_init(self.zero_init_last_bn))(y))
+    y = self.conv(self.features, 3, name="conv2")(y)
+    if not self.residual:
+      return y
+    changes = self.strides != 1 or x.shape[-1] != self.features
+    src = pre if _projects(self.shortcut, changes) else x
+    return y + layers.shortcut(
+      src, self.features, self.strides, kind=self.shortcut, conv=self.conv, norm=None
+    )
 
 
 class PreActBottleneck(nn.Module):
-    """Pre-activation bottleneck: (BN-ReLU-conv) x3 with 1x1, 3x3, 1x1 (x4) convs."""
+  """Pre-activation bottleneck: (BN-ReLU-conv) x3 with 1x1, 3x3, 1x1 (x4) convs."""
 
-    features: int
-    conv: ModuleDef
-    norm: ModuleDef
-    strides: int = 1
-    residual: bool = True
-    shortcut: str = "B"
-    stride_on: str = "3x3"
-    zero_init_last_bn: bool = False
-    expansion = 4
-    preact = True
+  features: int
+  conv: ModuleDef
+  norm: ModuleDef
+  strides: int = 1
+  residual: bool = True
+  shortcut: str = "B"
+  stride_on: str = "3x3"
+  zero_init_last_bn: bool = False
+  expansion = 4
+  preact = True
 
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        s1, s3 = (self.strides, 1) if self.stride_on == "1x1" else (1, self.strides)
-        out = self.features * self.expansion
-        pre = nn.relu(self.norm(name="bn1")(x))
-        y = self.conv(self.features, 1, s1, name="conv1")(pre)
-        y = nn.relu(self.norm(name="bn2")(y))
-        y = self.conv(self.features, 3, s3, name="conv2")(y)
-        y = nn.relu(self.norm(name="bn3", scale_init=_last_bn_init(self.zero_init_last_bn))(y))
-        y = self.conv(out, 1, name="conv3")(y)
-        if not self.residual:
-            return y
-        changes = self.strides != 1 or x.shape[-1] != out
-        src = pre if _projects(self.shortcut, changes) else x
-        return y + layers.shortcut(src, out, self.strides, kind=self.shortcut, conv=self.conv, norm=None)
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    s1, s3 = (self.strides, 1) if self.stride_on == "1x1" else (1, self.strides)
+    out = self.features * self.expansion
+    pre = nn.relu(self.norm(name="bn1")(x))
+    y = self.conv(self.features, 1, s1, name="conv1")(pre)
+    y = nn.relu(self.norm(name="bn2")(y))
+    y = self.conv(self.features, 3, s3, name="conv2")(y)
+    y = nn.relu(self.norm(name="bn3", scale_init=_last_bn_init(self.zero_init_last_bn))(y))
+    y = self.conv(out, 1, name="conv3")(y)
+    if not self.residual:
+      return y
+    changes = self.strides != 1 or x.shape[-1] != out
+    src = pre if _projects(self.shortcut, changes) else x
+    return y + layers.shortcut(src, out, self.strides, kind=self.shortcut, conv=self.conv, norm=None)
 
 
 class ResNet(nn.Module):
-    """Stem, stages of blocks (first block of every stage but the first downsamples), pool, dense.
+  """Stem, stages of blocks (first block of every stage but the first downsamples), pool, dense.
 
-    ``stem='imagenet'``: 7x7/2 conv + BN + ReLU + 3x3/2 max-pool; ``stem='cifar'``: 3x3 conv + BN +
-    ReLU (pre-activation CIFAR nets keep only the conv: the first block's BN-ReLU follows it).
-    Pre-activation nets end with ``bn_final`` + ReLU before pooling (He et al. 2016, Sec. 4.1).
-    """
+  ``stem='imagenet'``: 7x7/2 conv + BN + ReLU + 3x3/2 max-pool; ``stem='cifar'``: 3x3 conv + BN +
+  ReLU (pre-activation CIFAR nets keep only the conv: the first block's BN-ReLU follows it).
+  Pre-activation nets end with ``bn_final`` + ReLU before pooling (He et al. 2016, Sec. 4.1).
+  """
 
-    stage_sizes: Sequence[int]
-    block_cls: ModuleDef
-    num_classes: int
-    widths: Sequence[int] = IMAGENET_WIDTHS
-    stem: str = "imagenet"
-    residual: bool = True
-    shortcut: str = "B"
-    stride_on: str = "3x3"
-    zero_init_last_bn: bool = False
-    bn_group_size: Optional[int] = None
-    bn_momentum: float = 0.9
-    bn_epsilon: float = 1e-5
-    dtype: Any = jnp.float32
+  stage_sizes: Sequence[int]
+  block_cls: ModuleDef
+  num_classes: int
+  widths: Sequence[int] = IMAGENET_WIDTHS
+  stem: str = "imagenet"
+  residual: bool = True
+  shortcut: str = "B"
+  stride_on: str = "3x3"
+  zero_init_last_bn: bool = False
+  bn_group_size: Optional[int] = None
+  bn_momentum: float = 0.9
+  bn_epsilon: float = 1e-5
+  dtype: Any = jnp.float32
 
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        conv = functools.partial(layers.conv, dtype=self.dtype)
-        norm = functools.partial(
-            layers.BatchNorm,
-            use_running_average=not train,
-            momentum=self.bn_momentum,
-            epsilon=self.bn_epsilon,
-            group_size=self.bn_group_size,
-            dtype=self.dtype,
-        )
-        preact = self.block_cls.preact
-        if self.stem == "imagenet":
-            x = conv(self.widths[0], 7, 2, name="conv1")(x)
-            x = nn.relu(norm(name="bn1")(x))
-            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-        elif self.stem == "cifar":
-            x = conv(self.widths[0], 3, name="conv1")(x)
-            if not preact:
-                x = nn.relu(norm(name="bn1")(x))
-        else:
-            raise ValueError(f"unknown stem {self.stem!r}; expected 'imagenet' or 'cifar'")
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    conv = functools.partial(layers.conv, dtype=self.dtype)
+    norm = functools.partial(
+      layers.BatchNorm,
+      use_running_average=not train,
+      momentum=self.bn_momentum,
+      epsilon=self.bn_epsilon,
+      group_size=self.bn_group_size,
+      dtype=self.dtype,
+    )
+    preact = self.block_cls.preact
+    if self.stem == "imagenet":
+      x = conv(self.widths[0], 7, 2, name="conv1")(x)
+      x = nn.relu(norm(name="bn1")(x))
+      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    elif self.stem == "cifar":
+      x = conv(self.widths[0], 3, name="conv1")(x)
+      if not preact:
+        x = nn.relu(norm(name="bn1")(x))
+    else:
+      raise ValueError(f"unknown stem {self.stem!r}; expected 'imagenet' or 'cifar'")
 
-        for i, (num_blocks, width) in enumerate(zip(self.stage_sizes, self.widths)):
-            for j in range(num_blocks):
-                x = self.block_cls(
-                    width,
-                    conv=conv,
-                    norm=norm,
-                    strides=2 if i > 0 and j == 0 else 1,
-                    residual=self.residual,
-                    shortcut=self.shortcut,
-                    stride_on=self.stride_on,
-                    zero_init_last_bn=self.zero_init_last_bn,
-                    name=f"layer{i + 1}_{j}",
-                )(x)
-        if preact:
-            x = nn.relu(norm(name="bn_final")(x))
-        x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-        return nn.Dense(
-            self.num_classes,
-            dtype=jnp.float32,
-            param_dtype=jnp.float32,
-            kernel_init=layers.dense_kernel_init,
-            name="fc",
+    for i, (num_blocks, width) in enumerate(zip(self.stage_sizes, self.widths)):
+      for j in range(num_blocks):
+        x = self.block_cls(
+          width,
+          conv=conv,
+          norm=norm,
+          strides=2 if i > 0 and j == 0 else 1,
+          residual=self.residual,
+          shortcut=self.shortcut,
+          stride_on=self.stride_on,
+          zero_init_last_bn=self.zero_init_last_bn,
+          name=f"layer{i + 1}_{j}",
         )(x)
+    if preact:
+      x = nn.relu(norm(name="bn_final")(x))
+    x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+    return nn.Dense(
+      self.num_classes,
+      dtype=jnp.float32,
+      param_dtype=jnp.float32,
+      kernel_init=layers.dense_kernel_init,
+      name="fc",
+    )(x)
 
 
 class ArchSpec(NamedTuple):
-    """What a model name means: family ('imagenet' | 'cifar'), depth, and whether it is residual."""
+  """What a model name means: family ('imagenet' | 'cifar'), depth, and whether it is residual."""
 
-    family: str
-    depth: int
-    residual: bool
+  family: str
+  depth: int
+  residual: bool
 
 
 _NAME_RE = re.compile(r"(?P<cifar>cifar_)?(?P<kind>resnet|plain)(?P<depth>[1-9]\d*)")
 VALID_NAMES = (
-    "resnet18, resnet34, resnet50, resnet101, resnet152 (ImageNet); "
-    "resnet{6n+2} for n >= 1, e.g. resnet8, resnet20, resnet56, resnet110, resnet1202 (CIFAR); "
-    "plain<N> for any of these depths (residual=False twin); "
-    "prefix cifar_ (e.g. cifar_resnet50) forces the CIFAR family where depths collide"
+  "resnet18, resnet34, resnet50, resnet101, resnet152 (ImageNet); "
+  "resnet{6n+2} for n >= 1, e.g. resnet8, resnet20, resnet56, resnet110, resnet1202 (CIFAR); "
+  "plain<N> for any of these depths (residual=False twin); "
+  "prefix cifar_ (e.g. cifar_resnet50) forces the CIFAR family where depths collide"
 )
 
 
 def parse_name(name: str) -> ArchSpec:
-    """Resolve a model name; ImageNet depths win over the CIFAR 6n+2 rule (50 and 152 are both)."""
-    m = _NAME_RE.fullmatch(name)
-    if m is not None:
-        depth = int(m["depth"])
-        residual = m["kind"] == "resnet"
-        if not m["cifar"] and depth in IMAGENET_DEPTHS:
-            return ArchSpec("imagenet", depth, residual)
-        if depth >= 8 and (depth - 2) % 6 == 0:
-            return ArchSpec("cifar", depth, residual)
-    raise ValueError(f"unknown model name {name!r}; valid forms: {VALID_NAMES}")
+  """Resolve a model name; ImageNet depths win over the CIFAR 6n+2 rule (50 and 152 are both)."""
+  m = _NAME_RE.fullmatch(name)
+  if m is not None:
+    depth = int(m["depth"])
+    residual = m["kind"] == "resnet"
+    if not m["cifar"] and depth in IMAGENET_DEPTHS:
+      return ArchSpec("imagenet", depth, residual)
+    if depth >= 8 and (depth - 2) % 6 == 0:
+      return ArchSpec("cifar", depth, residual)
+  raise ValueError(f"unknown model name {name!r}; valid forms: {VALID_NAMES}")
 
 
 def create_model(
-    name: str,
-    *,
-    num_classes: Optional[int] = None,
-    residual: bool = True,
-    shortcut: Optional[str] = None,
-    stride_on: Optional[str] = None,
-    preact: bool = False,
-    zero_init_last_bn: bool = False,
-    bn_group_size: Optional[int] = None,
-    dtype: Any = jnp.float32,
-    bn_momentum: float = 0.9,
-    bn_epsilon: float = 1e-5,
+  name: str,
+  *,
+  num_classes: Optional[int] = None,
+  residual: bool = True,
+  shortcut: Optional[str] = None,
+  stride_on: Optional[str] = None,
+  preact: bool = False,
+  zero_init_last_bn: bool = False,
+  bn_group_size: Optional[int] = None,
+  dtype: Any = jnp.float32,
+  bn_momentum: float = 0.9,
+  bn_epsilon: float = 1e-5,
 ) -> ResNet:
-    """Build a ResNet by name (see ``VALID_NAMES``) with the paper's options.
+  """Build a ResNet by name (see ``VALID_NAMES``) with the paper's options.
 
-    Defaults: ImageNet names have 1000 classes, ``shortcut='B'``, ``stride_on='3x3'`` (v1.5, the
-    torchvision layout; ``'1x1'`` is the paper's v1); CIFAR names have 10 classes and
-    ``shortcut='A'``. ``plain<N>`` names (or ``residual=False``) drop every shortcut.
-    """
-    spec = parse_name(name)
-    residual = residual and spec.residual
-    imagenet = spec.family == "imagenet"
-    shortcut = shortcut if shortcut is not None else ("B" if imagenet else "A")
-    stride_on = stride_on if stride_on is not None else "3x3"
-    if shortcut not in ("A", "B", "C"):
-        raise ValueError(f"shortcut must be 'A', 'B' or 'C', got {shortcut!r}")
-    if stride_on not in ("1x1", "3x3"):
-        raise ValueError(f"stride_on must be '1x1' or '3x3', got {stride_on!r}")
-    if bn_group_size is not None and (not isinstance(bn_group_size, int) or bn_group_size < 1):
-        raise ValueError(f"bn_group_size must be a positive int or None, got {bn_group_size!r}")
-    if zero_init_last_bn and not residual:
-        raise ValueError("zero_init_last_bn=True would make every block of a plain net output zero")
+  Defaults: ImageNet names have 1000 classes, ``shortcut='B'``, ``stride_on='3x3'`` (v1.5, the
+  torchvision layout; ``'1x1'`` is the paper's v1); CIFAR names have 10 classes and
+  ``shortcut='A'``. ``plain<N>`` names (or ``residual=False``) drop every shortcut.
+  """
+  spec = parse_name(name)
+  residual = residual and spec.residual
+  imagenet = spec.family == "imagenet"
+  shortcut = shortcut if shortcut is not None else ("B" if imagenet else "A")
+  stride_on = stride_on if stride_on is not None else "3x3"
+  if shortcut not in ("A", "B", "C"):
+    raise ValueError(f"shortcut must be 'A', 'B' or 'C', got {shortcut!r}")
+  if stride_on not in ("1x1", "3x3"):
+    raise ValueError(f"stride_on must be '1x1' or '3x3', got {stride_on!r}")
+  if bn_group_size is not None and (not isinstance(bn_group_size, int) or bn_group_size < 1):
+    raise ValueError(f"bn_group_size must be a positive int or None, got {bn_group_size!r}")
+  if zero_init_last_bn and not residual:
+    raise ValueError("zero_init_last_bn=True would make every block of a plain net output zero")
 
-    if imagenet:
-        kind, stage_sizes = IMAGENET_DEPTHS[spec.depth]
-        widths, stem = IMAGENET_WIDTHS, "imagenet"
-    else:
-        kind, stage_sizes = "basic", ((spec.depth - 2) // 6,) * 3
-        widths, stem = CIFAR_WIDTHS, "cifar"
-    blocks = {
-        ("basic", False): BasicBlock,
-        ("basic", True): PreActBasicBlock,
-        ("bottleneck", False): Bottleneck,
-        ("bottleneck", True): PreActBottleneck,
-    }
-    return ResNet(
-        stage_sizes=stage_sizes,
-        block_cls=blocks[kind, bool(preact)],
-        num_classes=num_classes if num_classes is not None else (1000 if imagenet else 10),
-        widths=widths,
-        stem=stem,
-        residual=residual,
-        shortcut=shortcut,
-        stride_on=stride_on,
-        zero_init_last_bn=zero_init_last_bn,
-        bn_group_size=bn_group_size,
-        bn_momentum=bn_momentum,
-        bn_epsilon=bn_epsilon,
-        dtype=jnp.dtype(dtype),
-    )
+  if imagenet:
+    kind, stage_sizes = IMAGENET_DEPTHS[spec.depth]
+    widths, stem = IMAGENET_WIDTHS, "imagenet"
+  else:
+    kind, stage_sizes = "basic", ((spec.depth - 2) // 6,) * 3
+    widths, stem = CIFAR_WIDTHS, "cifar"
+  blocks = {
+    ("basic", False): BasicBlock,
+    ("basic", True): PreActBasicBlock,
+    ("bottleneck", False): Bottleneck,
+    ("bottleneck", True): PreActBottleneck,
+  }
+  return ResNet(
+    stage_sizes=stage_sizes,
+    block_cls=blocks[kind, bool(preact)],
+    num_classes=num_classes if num_classes is not None else (1000 if imagenet else 10),
+    widths=widths,
+    stem=stem,
+    residual=residual,
+    shortcut=shortcut,
+    stride_on=stride_on,
+    zero_init_last_bn=zero_init_last_bn,
+    bn_group_size=bn_group_size,
+    bn_momentum=bn_momentum,
+    bn_epsilon=bn_epsilon,
+    dtype=jnp.dtype(dtype),
+  )

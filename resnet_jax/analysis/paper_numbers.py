@@ -1,0 +1,39 @@
+"""The numbers of He et al. 2015 that our summary tables print beside ours (DESIGN.md, "Paper numbers").
+
+Keyed by what a run *is* (dataset family, variant, depth, shortcut option), so a run only gets a
+paper number when it is the paper's configuration: e.g. ImageNet ResNet-18 of Table 2 is option A,
+so a ResNet-18 trained with option B has none.
+"""
+from __future__ import annotations
+
+# CIFAR-10 test top-1 error (%), Table 6 (option A, single model, best of 5 runs for 110).
+CIFAR10_TABLE6 = {20: 8.75, 32: 7.51, 44: 7.17, 56: 6.97, 110: 6.43, 1202: 7.93}
+
+# ImageNet validation top-1 error (%), 10-crop testing. (variant, depth, shortcut) -> error.
+IMAGENET_TABLES = {
+    ('plain', 18, None): (27.94, 'Table 2'),
+    ('plain', 34, None): (28.54, 'Table 2'),
+    ('residual', 18, 'A'): (27.88, 'Table 2'),
+    ('residual', 34, 'A'): (25.03, 'Tables 2-3'),
+    ('residual', 34, 'B'): (24.52, 'Table 3'),
+    ('residual', 34, 'C'): (24.19, 'Table 3'),
+    ('residual', 50, 'B'): (22.85, 'Table 3'),
+    ('residual', 101, 'B'): (21.75, 'Table 3'),
+    ('residual', 152, 'B'): (21.43, 'Table 3'),
+}
+
+_IMAGENET_NAMES = ('imagenet2012', 'imagenet', 'imagenet2012_subset')
+
+
+def paper_error(dataset: str, variant: str, depth: int, shortcut: str | None,
+                preact: bool = False) -> tuple[float, str] | None:
+  """(top-1 error in %, source) of the paper's run matching this configuration, or None."""
+  if preact:
+    return None  # He et al. 2016 nets; not the tables of this paper
+  if dataset == 'cifar10' and variant == 'residual' and (shortcut or 'A') == 'A':
+    err = CIFAR10_TABLE6.get(depth)
+    return (err, 'Table 6') if err is not None else None
+  if dataset in _IMAGENET_NAMES:
+    key = (variant, depth, None if variant == 'plain' else (shortcut or 'B'))
+    return IMAGENET_TABLES.get(key)
+  return None

@@ -1,0 +1,242 @@
+"""Reads a sweep directory back into summary.json, summary.md and curves.png.
+
+Everything is derived from the run directories themselves (config.json, metrics.jsonl,
+results.json), not from the sweep's command line, so a report can be rebuilt at any time, for a
+sweep still running, or for run directories gathered from several machines.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import statistics
+from typing import Any, Sequence
+
+from resnet_jax.analysis.paper_numbers import paper_error
+
+Record = dict[str, Any]
+
+
+def read_metrics(path: str) -> list[Record]:
+  """metrics.jsonl records, skipping a line torn by a crash mid-write."""
+  out = []
+  if not os.path.exists(path):
+    return out
+  with open(path) as f:
+    for line in f:
+      try:
+        out.append(json.loads(line))
+      except json.JSONDecodeError:
+        continue
+  return out
+
+
+def _depth(model_name: str) -> int:
+  m = re.search(r'(\d+)$', model_name)
+  if m is None:
+    raise ValueError(f'model name {model_name!r} has no depth')
+  return int(m.group(1))
+
+
+def load_run(run_dir: str, train_window: int = 5) -> Record | None:
+  """One summary record for a run directory (None if it holds no run).
+
+  `train_top1_error`/`train_loss`: mean of the last `train_window` logged train points (each is
+  itself a mean over `log_every_steps` steps), which smooths the batch-to-batch noise the way the
+  paper's curves do. Test error: results.json when finished, else the newest eval point.
+  """
+  config_path = os.path.join(run_dir, 'config.json')
+  if not os.path.exists(config_path):
+    return None
+  with open(config_path) as f:
+    cfg = json.load(f)
+  metrics = read_metrics(os.path.join(run_dir, 'metrics.jsonl'))
+  train = sorted((m for m in metrics if m.get('split') == 'train'), key=lambda m: m['step'])
+  evals = sorted((m for m in metrics if m.get('split') == 'eval'), key=lambda m: m['step'])
+  results = None
+  if os.path.exists(os.path.join(run_dir, 'results.json')):
+    with open(os.path.join(run_dir, 'results.json')) as f:
+      results = json.load(f)
+  model = cfg['model']
+  variant = 'residual' if model['residual'] and not model['name'].startswith('plain') else 'plain'
+  last = train[-train_window:] if train_window > 0 else train
+  rec: Record = {
+      'run': os.path.basename(os.path.normpath(run_dir)),
+      'dataset': cfg['data']['name'],
+      'model': model['name'],
+      'depth': _depth(model['name']),
+      'variant': variant,
+      'shortcut': model.get('shortcut') if variant == 'residual' else None,
+      'preact': bool(model.get('preact', False)),
+      'seed': cfg.get('seed'),
+      'finished': results is not None,
+      'steps': results['step'] if results else (train[-1]['step'] if train else 0),
+      'params': results['params'] if results else None,
+      'train_top1_error': _mean([m['top1_error'] for m in last]),
+      'train_loss': _mean([m['loss'] for m in last]),
+      'test_top1_error': (results['eval']['top1_error'] if results
+                          else (evals[-1]['top1_error'] if evals else None)),
+      'test_loss': results['eval']['loss'] if results else (evals[-1]['loss'] if evals else None),
+      'eval_crops': cfg['data'].get('eval_crops', 1),
+      'wall_time_s': results.get('wall_time_s') if results else None,
+  }
+  paper = paper_error(rec['dataset'], variant, rec['depth'], rec['shortcut'], rec['preact'])
+  rec['paper_top1_error_pct'], rec['paper_source'] = paper if paper else (None, None)
+  return rec
+
+
+def _mean(xs: Sequence[float]) -> float | None:
+  return float(sum(xs) / len(xs)) if xs else None
+
+
+def _sort_key(rec: Record) -> tuple:
+  return (rec['dataset'], rec['preact'], rec['variant'] != 'plain', rec['depth'],
+          rec['shortcut'] or '', rec['seed'] if rec['seed'] is not None else -1)
+
+
+def collect_runs(sweep_dir: str, train_window: int = 5) -> list[Record]:
+  """Records of every run directory directly under `sweep_dir`, plain before residual, by depth."""
+  records = []
+  for name in sorted(os.listdir(sweep_dir)) if os.path.isdir(sweep_dir) else []:
+    path = os.path.join(sweep_dir, name)
+    if os.path.isdir(path):
+      rec = load_run(path, train_window)
+      if rec is not None:
+        records.append(rec)
+  return sorted(records, key=_sort_key)
+
+
+def _group_key(rec: Record) -> tuple:
+  return (rec['dataset'], rec['preact'], rec['variant'], rec['depth'], rec['shortcut'])
+
+
+def group_runs(records: Sequence[Record]) -> list[list[Record]]:
+  """Runs that differ only in seed, in table order."""
+  groups: dict[tuple, list[Record]] = {}
+  for rec in sorted(records, key=_sort_key):
+    groups.setdefault(_group_key(rec), []).append(rec)
+  return list(groups.values())
+
+
+def label(rec: Record) -> str:
+  """'plain-20', 'ResNet-34 B', 'ResNet-110 (pre-act)': the paper's way of naming nets."""
+  text = f"{'ResNet' if rec['variant'] == 'residual' else 'plain'}-{rec['depth']}"
+  return text + (' (pre-act)' if rec['preact'] else '')
+
+
+def mean_std(values: Sequence[float | None], scale: float = 1.0, digits: int = 2) -> str:
+  """'8.12' for one value, '8.12 ± 0.20' (sample std) for several, '—' for none."""
+  xs = [v * scale for v in values if v is not None and math.isfinite(v)]
+  if not xs:
+    return '—'
+  if len(xs) == 1:
+    return f'{xs[0]:.{digits}f}'
+  return f'{statistics.mean(xs):.{digits}f} ± {statistics.stdev(xs):.{digits}f}'
+
+
+def markdown_table(records: Sequence[Record], train_window: int = 5) -> str:
+  """The summary table: ours beside the paper's test error where the paper has that net."""
+  if not records:
+    return '_No runs found._\n'
+  datasets = sorted({r['dataset'] for r in records})
+  crops = sorted({r['eval_crops'] for r in records})
+  lines = [
+      f"Dataset: {', '.join(datasets)}. Errors in %; test error evaluated with "
+      f"{'/'.join(map(str, crops))} crop(s); final train error/loss = mean of the last "
+      f'{train_window} logged training points (train-mode BN, augmented batches as trained). '
+      'Several seeds: mean ± sample std.', '',
+      '| model | shortcut | params | seeds | steps | train top-1 err | train loss '
+      '| test top-1 err | paper test err | wall time (s) |',
+      '|---|---|---:|---:|---:|---:|---:|---:|---:|---:|']
+  unfinished = False
+  for group in group_runs(records):
+    first = group[0]
+    done = all(r['finished'] for r in group)
+    unfinished |= not done
+    params = first['params']
+    paper = first['paper_top1_error_pct']
+    lines.append('| ' + ' | '.join([
+        label(first) + ('' if done else ' *'),
+        first['shortcut'] or '—',
+        f'{params:,}' if params else '—',
+        str(len(group)),
+        '/'.join(sorted({str(r['steps']) for r in group})),
+        mean_std([r['train_top1_error'] for r in group], 100),
+        mean_std([r['train_loss'] for r in group], 1, 4),
+        mean_std([r['test_top1_error'] for r in group], 100),
+        f"{paper:.2f} ({first['paper_source']})" if paper is not None else '—',
+        mean_std([r['wall_time_s'] for r in group], 1, 0),
+    ]) + ' |')
+  if unfinished:
+    lines += ['', '\\* not finished: newest logged numbers, not final ones.']
+  return '\n'.join(lines) + '\n'
+
+
+def _mean_curve(group: Sequence[Record], curves: dict[str, list[Record]], key: str) -> tuple[list, list]:
+  """Mean over the group's seeds at the steps every seed logged."""
+  per_run = [{m['step']: m[key] for m in curves[r['run']] if m.get(key) is not None} for r in group]
+  steps = sorted(set.intersection(*(set(c) for c in per_run))) if per_run else []
+  return steps, [sum(c[s] for c in per_run) / len(per_run) for s in steps]
+
+
+def plot_curves(sweep_dir: str, records: Sequence[Record], out_path: str) -> str:
+  """Training error / training loss / test error vs step: plain dashed, residual solid (Figs. 4, 6)."""
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+
+  metrics = {r['run']: read_metrics(os.path.join(sweep_dir, r['run'], 'metrics.jsonl'))
+             for r in records}
+  train = {k: [m for m in v if m.get('split') == 'train'] for k, v in metrics.items()}
+  evals = {k: [m for m in v if m.get('split') == 'eval'] for k, v in metrics.items()}
+  shortcuts_vary = len({r['shortcut'] for r in records if r['variant'] == 'residual'}) > 1
+  colour_keys = sorted({(r['depth'], r['shortcut'] if shortcuts_vary else None) for r in records},
+                       key=lambda k: (k[0], k[1] or ''))
+  cmap = plt.get_cmap('tab10')
+  colours = {k: cmap(i % 10) for i, k in enumerate(colour_keys)}
+  fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+  panels = [(axes[0], train, 'top1_error', 100, 'training top-1 error (%)'),
+            (axes[1], train, 'loss', 1, 'training loss (log scale)'),
+            (axes[2], evals, 'top1_error', 100, 'test top-1 error (%)')]
+  for group in group_runs(records):
+    first = group[0]
+    colour = colours[(first['depth'], first['shortcut'] if shortcuts_vary else None)]
+    name = label(first) + (f" {first['shortcut']}" if shortcuts_vary and first['shortcut'] else '')
+    style = '-' if first['variant'] == 'residual' else '--'
+    for ax, curves, key, scale, _ in panels:
+      steps, ys = _mean_curve(group, curves, key)
+      if steps:
+        ax.plot(steps, [y * scale for y in ys], style, color=colour, lw=1.4,
+                marker='o' if curves is evals and len(steps) < 30 else None, ms=3, label=name)
+  for ax, _, _, _, title in panels:
+    ax.set_xlabel('iteration')
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+  axes[1].set_yscale('log')
+  axes[0].legend(fontsize=8, ncol=2)
+  datasets = ', '.join(sorted({r['dataset'] for r in records}))
+  fig.suptitle(f'{datasets}: plain (dashed) vs residual (solid)')
+  fig.tight_layout()
+  fig.savefig(out_path, dpi=110)
+  plt.close(fig)
+  return out_path
+
+
+def write_report(sweep_dir: str, train_window: int = 5) -> list[str]:
+  """Writes summary.json (one record per run), summary.md and curves.png; returns their paths."""
+  records = collect_runs(sweep_dir, train_window)
+  os.makedirs(sweep_dir, exist_ok=True)
+  paths = [os.path.join(sweep_dir, n) for n in ('summary.json', 'summary.md', 'curves.png')]
+  with open(paths[0], 'w') as f:
+    json.dump(records, f, indent=2)
+  with open(paths[1], 'w') as f:
+    f.write(f'# Sweep {os.path.basename(os.path.abspath(sweep_dir))}\n\n')
+    f.write(markdown_table(records, train_window))
+    if records:
+      f.write('\n![curves](curves.png)\n')
+  if records:
+    plot_curves(sweep_dir, records, paths[2])
+  else:
+    paths.pop()
+  return paths

@@ -1,0 +1,177 @@
+"""Import torchvision ResNet weights: ``from_torchvision(state_dict, name)`` and a CLI.
+
+    python -m resnet_jax.convert --arch resnet50 --torchvision-weights resnet50-11ad3fa6.pth --out DIR
+
+writes an Orbax checkpoint of ``{'params', 'batch_stats'}`` that ``--config.init_from=DIR`` (and
+``python -m resnet_jax.predict --checkpoint DIR``) accept. torchvision's weight files are listed in
+``torchvision.models.ResNet50_Weights`` etc.; download one (e.g. from
+https://download.pytorch.org/models/resnet50-11ad3fa6.pth) on a machine with internet access.
+
+The mapping is exact because our parameter names mirror torchvision's (see
+``resnet_jax.models.resnet``): ``layer{s}.{b}.conv{k}.weight`` -> ``layer{s}_{b}/conv{k}/kernel``
+(OIHW -> HWIO), ``downsample.0``/``downsample.1`` -> ``downsample_conv``/``downsample_bn``,
+``fc.weight`` -> ``fc/kernel`` (transposed), BN ``weight``/``bias`` -> ``scale``/``bias`` and
+``running_mean``/``running_var`` -> ``batch_stats`` ``mean``/``var``. torch normalises with
+``running_var`` as stored (its unbiased-update convention only affects training), exactly like our
+``var``, and both use epsilon 1e-5, so eval-mode logits agree. torch is only needed to read a
+``.pth`` file (the CLI); ``from_torchvision`` takes any mapping of array-likes.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any, Mapping, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from resnet_jax.models import create_model, parse_name
+
+# Keys torchvision stores that carry no model state (BN's update counter).
+IGNORED_SUFFIXES = ('num_batches_tracked',)
+_LEAF_NAMES = {
+    ('params', 'kernel'): 'weight',  # conv and dense
+    ('params', 'bias'): 'bias',  # dense and BN
+    ('params', 'scale'): 'weight',  # BN
+    ('batch_stats', 'mean'): 'running_mean',
+    ('batch_stats', 'var'): 'running_var',
+}
+
+
+def torch_key(collection: str, path: Sequence[str]) -> str:
+  """The torchvision ``state_dict`` key of the flax variable ``collection/path``."""
+  *modules, leaf = path
+  parts = []
+  for m in modules:
+    if m.startswith('layer') and '_' in m:  # layer2_3 -> layer2.3
+      parts.extend(m.split('_', 1))
+    elif m == 'downsample_conv':
+      parts.extend(['downsample', '0'])
+    elif m == 'downsample_bn':
+      parts.extend(['downsample', '1'])
+    else:
+      parts.append(m)
+  parts.append(_LEAF_NAMES[collection, leaf])
+  return '.'.join(parts)
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+  """torch tensors (without importing torch), numpy arrays, jax arrays -> float32 numpy."""
+  if hasattr(value, 'detach'):
+    value = value.detach().cpu().float().numpy()
+  return np.asarray(value, dtype=np.float32)
+
+
+def _to_flax_layout(torch_value: np.ndarray, path: Sequence[str]) -> np.ndarray:
+  if path[-1] != 'kernel':
+    return torch_value
+  if torch_value.ndim == 4:  # conv OIHW -> HWIO
+    return torch_value.transpose(2, 3, 1, 0)
+  return torch_value.T  # dense (out, in) -> (in, out)
+
+
+def from_torchvision(state_dict: Mapping[str, Any], name: str) -> dict[str, Any]:
+  """Convert a torchvision ResNet ``state_dict`` to ``{'params', 'batch_stats'}`` of ``create_model(name)``.
+
+  The number of classes is read from ``fc.weight``. Key accounting is strict: a variable with no
+  torchvision key, a torchvision key that no variable uses (other than ``num_batches_tracked``), or a
+  shape mismatch is a ``ValueError`` naming them. A ``module.`` prefix (DataParallel) is stripped.
+  """
+  spec = parse_name(name)
+  if spec.family != 'imagenet' or not spec.residual:
+    raise ValueError(f'torchvision has weights for resnet18/34/50/101/152 only, not {name!r}')
+  sd = {k.removeprefix('module.'): v for k, v in state_dict.items()}
+  if 'fc.weight' not in sd:
+    raise ValueError('state_dict has no fc.weight: not a torchvision ResNet state_dict')
+  num_classes = int(np.shape(sd['fc.weight'])[0])
+  model = create_model(name, num_classes=num_classes)
+  abstract = jax.eval_shape(
+      lambda x: model.init(jax.random.key(0), x, train=False),
+      jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32))
+
+  used, missing, reshaped = set(), [], []
+
+  def convert(keypath, leaf):
+    names = [k.key for k in keypath]
+    key = torch_key(names[0], names[1:])
+    if key not in sd:
+      missing.append(key)
+      return None
+    used.add(key)
+    value = _to_flax_layout(_to_numpy(sd[key]), names)
+    if value.shape != leaf.shape:
+      reshaped.append(f'{key} {tuple(np.shape(sd[key]))} -> {"/".join(names)} {leaf.shape}')
+    return value
+
+  variables = jax.tree_util.tree_map_with_path(convert, abstract)
+  unused = sorted(k for k in sd if k not in used and not k.endswith(IGNORED_SUFFIXES))
+  problems = []
+  if missing:
+    problems.append(f'missing torchvision keys {sorted(missing)}')
+  if unused:
+    problems.append(f'unused torchvision keys {unused}')
+  if reshaped:
+    problems.append(f'shape mismatches {reshaped}')
+  if problems:
+    raise ValueError(f'state_dict does not fit {name}: ' + '; '.join(problems))
+  return {'params': variables['params'], 'batch_stats': variables['batch_stats']}
+
+
+def adapt_input_channels(variables: dict[str, Any], in_channels: int) -> dict[str, Any]:
+  """Re-shape the stem conv for ``in_channels`` inputs (e.g. 1 for grayscale data).
+
+  For one channel the RGB kernels are summed, so a grey image gives the response the RGB model
+  gives to that image replicated over three channels; for other counts the RGB kernels are cycled
+  and rescaled by 3 / in_channels to keep the response's magnitude.
+  """
+  params = dict(variables['params'])
+  kernel = np.asarray(params['conv1']['kernel'])
+  rgb = kernel.shape[2]
+  if in_channels == rgb:
+    return variables
+  if in_channels == 1:
+    new = kernel.sum(axis=2, keepdims=True)
+  else:
+    new = kernel[:, :, np.arange(in_channels) % rgb, :] * (rgb / in_channels)
+  params['conv1'] = {**params['conv1'], 'kernel': new.astype(kernel.dtype)}
+  return {**variables, 'params': params}
+
+
+def load_torch_state_dict(path: str) -> dict[str, Any]:
+  """Read a ``.pth`` state_dict with torch (imported here only: torch is an optional extra)."""
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise SystemExit('reading .pth files needs torch: pip install -e ".[torch]"') from e
+  state = torch.load(path, map_location='cpu', weights_only=True)
+  if isinstance(state, Mapping) and 'state_dict' in state and 'fc.weight' not in state:
+    state = state['state_dict']
+  return dict(state)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+  parser = argparse.ArgumentParser(prog='python -m resnet_jax.convert',
+                                   description=__doc__.split('\n')[0])
+  parser.add_argument('--arch', required=True, help='resnet18 | resnet34 | resnet50 | resnet101 | resnet152')
+  parser.add_argument('--torchvision-weights', required=True, help='torchvision .pth state_dict file')
+  parser.add_argument('--out', required=True, help='output checkpoint directory (must not exist)')
+  parser.add_argument('--in-channels', type=int, default=3,
+                      help='adapt the stem to this many input channels (1: grayscale datasets)')
+  args = parser.parse_args(argv)
+
+  from resnet_jax import checkpointing  # pylint: disable=import-outside-toplevel
+
+  variables = from_torchvision(load_torch_state_dict(args.torchvision_weights), args.arch)
+  variables = adapt_input_channels(variables, args.in_channels)
+  out = os.path.abspath(args.out)
+  checkpointing.save_model_variables(out, variables)
+  n = sum(np.size(x) for x in jax.tree.leaves(variables['params']))
+  classes = variables['params']['fc']['kernel'].shape[1]
+  print(f'wrote {args.arch} ({n:,} parameters, {classes} classes) to {out}\n'
+        f'fine-tune: python -m resnet_jax.main --config=configs/finetune.py:arch={args.arch} '
+        f'--config.init_from={out} --workdir=...')
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,128 @@
+"""Classify images with an ImageNet ResNet: top-5 classes and probabilities, one per line.
+
+    python -m resnet_jax.predict --arch resnet50 --torchvision-weights resnet50-11ad3fa6.pth cat.jpg
+    python -m resnet_jax.predict --arch resnet50 --checkpoint DIR cat.jpg dog.png
+
+``--checkpoint`` takes a directory written by ``python -m resnet_jax.convert`` or a training workdir
+(its newest checkpoint). Preprocessing is torchvision's ImageNet eval transform: resize the shorter
+side to 256 (PIL bilinear, antialiased), centre-crop 224, scale to [0, 1], normalise with the
+ImageNet mean/std. Class names come from torchvision's metadata when it is installed (read as a
+file, without importing torch), from ``--labels FILE`` (one name per line), or are ``class <i>``.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from resnet_jax.models import create_model
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+
+def preprocess(image: Image.Image, image_size: int = 224, resize_size: int = 256) -> np.ndarray:
+  """torchvision ``Resize(resize_size) + CenterCrop(image_size) + ToTensor + Normalize``, as HWC."""
+  image = image.convert('RGB')
+  w, h = image.size
+  short, long = (w, h) if w <= h else (h, w)
+  new_short, new_long = resize_size, int(resize_size * long / short)
+  new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+  image = image.resize((new_w, new_h), Image.BILINEAR)
+  if new_w < image_size or new_h < image_size:
+    raise ValueError(f'--image-size {image_size} is larger than the resized image {new_w}x{new_h}')
+  top = int(round((new_h - image_size) / 2.0))
+  left = int(round((new_w - image_size) / 2.0))
+  image = image.crop((left, top, left + image_size, top + image_size))
+  x = np.asarray(image, np.float32) / 255.0
+  return (x - IMAGENET_MEAN) / IMAGENET_STD
+
+
+def class_names(num_classes: int, labels_file: Optional[str] = None) -> list[str]:
+  """Names for the model's classes (see module docstring for the sources, in order)."""
+  if labels_file:
+    with open(labels_file) as f:
+      names = [line.strip() for line in f if line.strip()]
+    if len(names) != num_classes:
+      raise ValueError(f'{labels_file} has {len(names)} names, the model has {num_classes} classes')
+    return names
+  if num_classes == 1000:
+    spec = importlib.util.find_spec('torchvision')  # locates the package without importing it
+    if spec is not None and spec.submodule_search_locations:
+      meta = os.path.join(list(spec.submodule_search_locations)[0], 'models', '_meta.py')
+      if os.path.exists(meta):
+        loader_spec = importlib.util.spec_from_file_location('_torchvision_meta', meta)
+        module = importlib.util.module_from_spec(loader_spec)
+        loader_spec.loader.exec_module(module)  # a plain data module: no imports
+        names = list(getattr(module, '_IMAGENET_CATEGORIES', []))
+        if len(names) == 1000:
+          return names
+  return [f'class {i}' for i in range(num_classes)]
+
+
+def load_variables(args: argparse.Namespace) -> dict[str, Any]:
+  if args.torchvision_weights:
+    from resnet_jax import convert  # pylint: disable=import-outside-toplevel
+    return convert.from_torchvision(convert.load_torch_state_dict(args.torchvision_weights), args.arch)
+  from resnet_jax import checkpointing  # pylint: disable=import-outside-toplevel
+  return checkpointing.load_model_variables(args.checkpoint)
+
+
+def top5(model, variables: dict[str, Any], images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Indices and probabilities of the five most likely classes, best first, per image."""
+  logits = model.apply(variables, jnp.asarray(images), train=False)
+  probs = np.asarray(jax.nn.softmax(logits, axis=-1))
+  k = min(5, probs.shape[-1])
+  idx = np.argsort(-probs, axis=-1, kind='stable')[:, :k]
+  return idx, np.take_along_axis(probs, idx, axis=-1)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+  parser = argparse.ArgumentParser(prog='python -m resnet_jax.predict', description=__doc__.split('\n')[0])
+  parser.add_argument('--arch', required=True, help='model name, e.g. resnet50')
+  source = parser.add_mutually_exclusive_group(required=True)
+  source.add_argument('--torchvision-weights', help='torchvision .pth state_dict (needs torch)')
+  source.add_argument('--checkpoint', help='converted checkpoint directory or training workdir')
+  parser.add_argument('--shortcut', choices=['A', 'B', 'C'], help='for checkpoints of non-default models')
+  parser.add_argument('--stride-on', choices=['1x1', '3x3'])
+  parser.add_argument('--preact', action='store_true')
+  parser.add_argument('--image-size', type=int, default=224, help='crop size (resize = size * 256 / 224)')
+  parser.add_argument('--labels', help='text file with one class name per line')
+  parser.add_argument('images', nargs='+', help='image files')
+  args = parser.parse_args(argv)
+
+  variables = load_variables(args)
+  kernel = variables['params']['fc']['kernel']
+  num_classes = kernel.shape[1]
+  in_channels = variables['params']['conv1']['kernel'].shape[2]
+  if in_channels != 3:
+    parser.error(f'the checkpoint expects {in_channels}-channel input; predict handles RGB ImageNet-style '
+                 'models (use python -m resnet_jax.evaluate for models trained on other data)')
+  model = create_model(args.arch, num_classes=num_classes, shortcut=args.shortcut,
+                       stride_on=args.stride_on, preact=args.preact)
+  from resnet_jax.checkpointing import describe_mismatch  # pylint: disable=import-outside-toplevel
+  expected = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False),
+                            jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32))
+  mismatch = describe_mismatch(expected, variables)
+  if mismatch:
+    parser.error(f'the weights do not fit {args.arch} with these options: {mismatch}')
+
+  resize = int(round(args.image_size * 256 / 224))
+  batch = np.stack([preprocess(Image.open(p), args.image_size, resize) for p in args.images])
+  names = class_names(num_classes, args.labels)
+  indices, probs = top5(model, variables, batch)
+  for path, idx, prob in zip(args.images, indices, probs):
+    if len(args.images) > 1:
+      print(f'{path}:')
+    for i, p in zip(idx, prob):
+      print(f'{p:.4f}  {names[i]} ({i})')
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,372 @@
+"""Train-step and inference throughput of the real product step, optionally against PyTorch eager.
+
+    python scripts/benchmark.py --model resnet20 --batch-size 128 --image-size 32 --steps 20
+    python scripts/benchmark.py --model resnet50 --batch-size 16 --image-size 224 --steps 10 \
+        --compare-torch --json
+    python scripts/benchmark.py --model resnet50 --batch-size 256 --image-size 224 --steps 50 \
+        --dtype bfloat16 --peak-tflops 989 --json          # one H100 (bf16 dense peak)
+
+What is timed is exactly what `resnet_jax.train` runs: the step returned by
+`resnet_jax.train_step.compile_steps` (forward, backward, SGD momentum + coupled weight decay from
+`resnet_jax.optim.create_optimizer`, BatchNorm statistics update, non-finite guard, state donated),
+on a synthetic batch already sharded over every device (the loop prefetches to the device, so the
+input pipeline is not part of the step; `scripts/benchmark_input.py` measures that side).
+
+- Compile time is reported separately (`.lower(...).compile()`); the timed steps call the compiled
+  executable, each step ended by `jax.block_until_ready`, after `--warmup` untimed steps.
+- `images_per_sec` is batch / median step time. Inference (`eval_images_per_sec`) times the real
+  `eval_step` (forward with running statistics + metric sums).
+- `--compare-torch` builds the same architecture in plain `torch.nn` (no torchvision needed) and times
+  it in eager mode with the same batch, optimizer and BN momentum. JAX and torch are run in
+  alternating blocks of `--block` steps in this one process, so load from other processes hits both
+  equally; the JSON reports the ratio of medians. torch is only imported under that flag.
+- FLOPs: `flops_per_image` = 2 x multiply-accumulates of one forward pass (`resnet_jax.summary`);
+  a train step is counted as 3x forward (forward + two backward matmuls per conv), the usual MFU
+  convention. `xla_flops_per_step` is XLA's own cost analysis of the compiled train step.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from resnet_jax import default_config, optim, summary  # pylint: disable=wrong-import-position
+from resnet_jax.models import create_model, parse_name  # pylint: disable=wrong-import-position
+from resnet_jax.train_step import (  # pylint: disable=wrong-import-position
+    batch_sharding, compile_steps, create_mesh, init_state)
+
+
+def _loadavg() -> list[float]:
+  try:
+    return [round(x, 2) for x in os.getloadavg()]
+  except OSError:  # not available on this platform
+    return []
+
+
+def _config(args):
+  c = default_config.base_config()
+  c.batch_size = args.batch_size
+  c.schedule.name = 'constant'
+  c.schedule.base_lr = 0.1
+  c.optimizer.momentum = 0.9
+  c.optimizer.weight_decay = 1e-4
+  return c
+
+
+class JaxBench:
+  """The product's compiled train and eval steps on one synthetic device-resident batch."""
+
+  def __init__(self, args):
+    self.args = args
+    self.batch_size = args.batch_size
+    dtype = jnp.bfloat16 if args.dtype == 'bfloat16' else jnp.float32
+    self.model = create_model(args.model, num_classes=args.num_classes, dtype=dtype)
+    config = _config(args)
+    lr_fn = optim.create_learning_rate_fn(config, steps_per_epoch=1000, total_steps=10**6)
+    tx = optim.create_optimizer(config, lr_fn)
+    self.mesh = create_mesh()
+    n = jax.device_count()
+    if args.batch_size % n:
+      raise SystemExit(f'--batch-size {args.batch_size} must be a multiple of the {n} devices')
+    shape = (args.image_size, args.image_size, 3)
+    self.state = init_state(self.model, tx, shape, seed=0, mesh=self.mesh)
+    state_sharding = jax.tree.map(lambda x: x.sharding, self.state)
+    p_train, p_eval = compile_steps(self.mesh, state_sharding, lr_fn, 0.0)
+    rng = np.random.default_rng(0)
+    images = rng.standard_normal((args.batch_size,) + shape, dtype=np.float32)
+    labels = rng.integers(0, self.model.num_classes, args.batch_size).astype(np.int32)
+    put = lambda v: jax.device_put(v, batch_sharding(self.mesh))
+    self.batch = {'image': put(images), 'label': put(labels)}
+    self.eval_batch = dict(self.batch, mask=put(np.ones(args.batch_size, bool)))
+    self.images, self.labels = images, labels  # the same data for torch
+
+    t = time.perf_counter()
+    self.train = p_train.lower(self.state, self.batch).compile()
+    self.compile_s = time.perf_counter() - t
+    t = time.perf_counter()
+    self.eval = p_eval.lower(self.state, self.eval_batch).compile() if args.inference else None
+    self.eval_compile_s = time.perf_counter() - t if args.inference else None
+    try:
+      cost = self.train.cost_analysis()
+      cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+      self.xla_flops = float(cost.get('flops', 0.0)) or None
+    except Exception:  # pylint: disable=broad-except
+      self.xla_flops = None
+    self.first_step_s = self.train_steps(1)[0]  # runtime warm-up of the freshly compiled program
+
+  def train_steps(self, k: int) -> list[float]:
+    times = []
+    for _ in range(k):
+      t = time.perf_counter()
+      self.state, metrics = self.train(self.state, self.batch)
+      jax.block_until_ready((self.state, metrics))
+      times.append(time.perf_counter() - t)
+    return times
+
+  def eval_steps(self, k: int) -> list[float]:
+    times = []
+    for _ in range(k):
+      t = time.perf_counter()
+      jax.block_until_ready(self.eval(self.state, self.eval_batch))
+      times.append(time.perf_counter() - t)
+    return times
+
+
+class TorchBench:
+  """The same ResNet in plain torch.nn, eager mode, same batch/optimizer/BN momentum."""
+
+  def __init__(self, args, images, labels, num_classes):
+    import torch  # pylint: disable=g-import-not-at-top
+    self.torch = torch
+    spec = parse_name(args.model)
+    self.model = _torch_resnet(torch, spec, num_classes)
+    if args.torch_channels_last:
+      self.model = self.model.to(memory_format=torch.channels_last)
+    self.opt = torch.optim.SGD(self.model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    self.loss = torch.nn.CrossEntropyLoss()
+    x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+    self.x = x.contiguous(memory_format=torch.channels_last) if args.torch_channels_last else x
+    self.y = torch.from_numpy(labels.astype(np.int64))
+    self.autocast = args.dtype == 'bfloat16'
+    self.num_threads = torch.get_num_threads()
+    self.version = torch.__version__
+
+  def _step(self):
+    torch = self.torch
+    self.opt.zero_grad(set_to_none=True)
+    with torch.autocast('cpu', dtype=torch.bfloat16, enabled=self.autocast):
+      out = self.model(self.x)
+    loss = self.loss(out.float(), self.y)
+    loss.backward()
+    self.opt.step()
+    return loss
+
+  def train_steps(self, k: int) -> list[float]:
+    self.model.train()
+    times = []
+    for _ in range(k):
+      t = time.perf_counter()
+      self._step().item()  # the metric the loop would fetch; also a sync point
+      times.append(time.perf_counter() - t)
+    return times
+
+  def eval_steps(self, k: int) -> list[float]:
+    torch = self.torch
+    self.model.eval()
+    times = []
+    with torch.inference_mode(), torch.autocast('cpu', dtype=torch.bfloat16, enabled=self.autocast):
+      for _ in range(k):
+        t = time.perf_counter()
+        self.model(self.x).float().argmax(-1).sum().item()
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def _torch_resnet(torch, spec, num_classes):
+  """torchvision-equivalent ResNet (v1.5, shortcut B) or the CIFAR ResNet (shortcut A)."""
+  nn, F = torch.nn, torch.nn.functional
+  residual = spec.residual
+
+  def bn(c):
+    return nn.BatchNorm2d(c, eps=1e-5, momentum=0.1)  # flax momentum 0.9 == torch 0.1
+
+  class ShortcutA(nn.Module):
+
+    def __init__(self, cin, cout, stride):
+      super().__init__()
+      self.stride, self.extra = stride, cout - cin
+
+    def forward(self, x):
+      return F.pad(x[:, :, ::self.stride, ::self.stride], (0, 0, 0, 0, 0, self.extra))
+
+  def shortcut(kind, cin, cout, stride):
+    if not residual:
+      return None
+    if stride == 1 and cin == cout:
+      return nn.Identity()
+    if kind == 'A':
+      return ShortcutA(cin, cout, stride)
+    return nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), bn(cout))
+
+  class Basic(nn.Module):
+    expansion = 1
+
+    def __init__(self, cin, width, stride, kind):
+      super().__init__()
+      self.conv1 = nn.Conv2d(cin, width, 3, stride, 1, bias=False)
+      self.bn1 = bn(width)
+      self.conv2 = nn.Conv2d(width, width, 3, 1, 1, bias=False)
+      self.bn2 = bn(width)
+      self.short = shortcut(kind, cin, width, stride)
+
+    def forward(self, x):
+      y = F.relu(self.bn1(self.conv1(x)), inplace=True)
+      y = self.bn2(self.conv2(y))
+      if self.short is not None:
+        y = y + self.short(x)
+      return F.relu(y, inplace=True)
+
+  class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, cin, width, stride, kind):
+      super().__init__()
+      out = width * 4
+      self.conv1 = nn.Conv2d(cin, width, 1, bias=False)
+      self.bn1 = bn(width)
+      self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)  # v1.5: stride on the 3x3
+      self.bn2 = bn(width)
+      self.conv3 = nn.Conv2d(width, out, 1, bias=False)
+      self.bn3 = bn(out)
+      self.short = shortcut(kind, cin, out, stride)
+
+    def forward(self, x):
+      y = F.relu(self.bn1(self.conv1(x)), inplace=True)
+      y = F.relu(self.bn2(self.conv2(y)), inplace=True)
+      y = self.bn3(self.conv3(y))
+      if self.short is not None:
+        y = y + self.short(x)
+      return F.relu(y, inplace=True)
+
+  if spec.family == 'imagenet':
+    from resnet_jax.models.resnet import IMAGENET_DEPTHS, IMAGENET_WIDTHS  # pylint: disable=g-import-not-at-top
+    kind, sizes = IMAGENET_DEPTHS[spec.depth]
+    block, widths, sc = (Basic if kind == 'basic' else Bottleneck), IMAGENET_WIDTHS, 'B'
+    stem = [nn.Conv2d(3, 64, 7, 2, 3, bias=False), bn(64), nn.ReLU(inplace=True),
+            nn.MaxPool2d(3, 2, 1)]
+  else:
+    block, widths, sc = Basic, (16, 32, 64), 'A'
+    sizes = ((spec.depth - 2) // 6,) * 3
+    stem = [nn.Conv2d(3, 16, 3, 1, 1, bias=False), bn(16), nn.ReLU(inplace=True)]
+  layers, cin = list(stem), widths[0]
+  for i, (n, w) in enumerate(zip(sizes, widths)):
+    for j in range(n):
+      layers.append(block(cin, w, 2 if i > 0 and j == 0 else 1, sc))
+      cin = w * block.expansion
+  layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes)]
+  model = nn.Sequential(*layers)
+  for m in model.modules():
+    if isinstance(m, nn.Conv2d):
+      nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+  return model
+
+
+def _interleaved(benches, method, rounds, block, warmup):
+  """Warm up each, then alternate blocks of `block` steps: per-bench list of step times."""
+  for b in benches:
+    getattr(b, method)(warmup)
+  times = [[] for _ in benches]
+  for _ in range(rounds):
+    for i, b in enumerate(benches):
+      times[i] += getattr(b, method)(block)
+  return times
+
+
+def _rate(batch, times):
+  return batch / statistics.median(times)
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument('--model', default='resnet20')
+  p.add_argument('--batch-size', type=int, default=128)
+  p.add_argument('--image-size', type=int, default=None, help='default 224 (ImageNet) / 32 (CIFAR)')
+  p.add_argument('--num-classes', type=int, default=None)
+  p.add_argument('--steps', type=int, default=20, help='timed train steps (per framework)')
+  p.add_argument('--warmup', type=int, default=2, help='untimed steps after the first call')
+  p.add_argument('--block', type=int, default=0,
+                 help='steps per interleaved block with --compare-torch (default: steps // 4)')
+  p.add_argument('--dtype', choices=['float32', 'bfloat16'], default='float32')
+  p.add_argument('--inference', action=argparse.BooleanOptionalAction, default=True,
+                 help='also time the eval step (default on)')
+  p.add_argument('--compare-torch', action='store_true')
+  p.add_argument('--torch-channels-last', action='store_true',
+                 help='torch in channels_last memory format (default: the eager default, NCHW)')
+  p.add_argument('--peak-tflops', type=float, default=None,
+                 help='device peak (e.g. 989 for H100 SXM bf16 dense) to report model FLOP utilisation')
+  p.add_argument('--json', action='store_true', help='print one JSON object')
+  args = p.parse_args(argv)
+  spec = parse_name(args.model)
+  args.image_size = args.image_size or (224 if spec.family == 'imagenet' else 32)
+
+  load_start = _loadavg()
+  jb = JaxBench(args)
+  macs = summary.analyze(jb.model, args.image_size)['macs']
+  benches = [jb]
+  tb = None
+  if args.compare_torch:
+    tb = TorchBench(args, jb.images, jb.labels, jb.model.num_classes)
+    benches.append(tb)
+  block = args.block or max(1, args.steps // 4)
+  rounds = max(1, math.ceil(args.steps / block))
+  train_times = _interleaved(benches, 'train_steps', rounds, block, args.warmup)
+  eval_times = None
+  if args.inference:
+    eval_times = _interleaved(benches, 'eval_steps', rounds, block, args.warmup)
+
+  dev = jax.devices()[0]
+  step_s = statistics.median(train_times[0])
+  flops_image = 2 * macs
+  result = {
+      'model': args.model,
+      'batch_size': args.batch_size,
+      'image_size': args.image_size,
+      'dtype': args.dtype,
+      'platform': dev.platform,
+      'device_kind': dev.device_kind,
+      'devices': jax.device_count(),
+      'jax_version': jax.__version__,
+      'host_cpus': os.cpu_count(),
+      'python': platform.python_version(),
+      'compile_s': round(jb.compile_s, 3),
+      'first_step_s': round(jb.first_step_s, 4),
+      'steps_timed': len(train_times[0]),
+      'step_ms_median': round(1e3 * step_s, 3),
+      'step_ms_min': round(1e3 * min(train_times[0]), 3),
+      'images_per_sec': round(args.batch_size / step_s, 2),
+      'macs_per_image': int(macs),
+      'flops_per_image': int(flops_image),
+      'train_flops_per_image': int(3 * flops_image),
+      'achieved_tflops': round(3 * flops_image * args.batch_size / step_s / 1e12, 4),
+      'xla_flops_per_step': jb.xla_flops,
+  }
+  if args.peak_tflops:
+    result['peak_tflops'] = args.peak_tflops
+    result['mfu'] = round(result['achieved_tflops'] / args.peak_tflops, 4)
+  if eval_times is not None:
+    result['eval_compile_s'] = round(jb.eval_compile_s, 3)
+    result['eval_images_per_sec'] = round(_rate(args.batch_size, eval_times[0]), 2)
+  if tb is not None:
+    result['torch_version'] = tb.version
+    result['torch_threads'] = tb.num_threads
+    result['torch_channels_last'] = args.torch_channels_last
+    result['torch_images_per_sec'] = round(_rate(args.batch_size, train_times[1]), 2)
+    result['ratio_jax_over_torch'] = round(result['images_per_sec'] / result['torch_images_per_sec'], 3)
+    if eval_times is not None:
+      result['torch_eval_images_per_sec'] = round(_rate(args.batch_size, eval_times[1]), 2)
+      result['eval_ratio_jax_over_torch'] = round(
+          result['eval_images_per_sec'] / result['torch_eval_images_per_sec'], 3)
+  result['loadavg_start'] = load_start
+  result['loadavg_end'] = _loadavg()
+  result['xla_flags'] = os.environ.get('XLA_FLAGS', '')
+
+  if args.json:
+    print(json.dumps(result))
+  else:
+    for k, v in result.items():
+      print(f'{k:>28}: {v}')
+
+
+if __name__ == '__main__':
+  main()

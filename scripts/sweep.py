@@ -1,0 +1,93 @@
+"""Depth x variant (x shortcut x seed) sweeps: run every grid point, then tabulate and plot.
+
+  python scripts/sweep.py --config=configs/cifar.py --workdir=runs/t6 --depths=20,32,44,56,110 \
+      --variants=residual,plain [--shortcuts=A,B,C] [--seeds=0,1] [--parallel=4 --devices=0,1,2,3] \
+      [--config.key=value ...]
+  python scripts/sweep.py --experiment=table6 --workdir=runs/t6     # from configs/paper.py
+
+Each run trains in DIR/<variant><depth>[_<shortcut>][_s<seed>]/ via `python -m resnet_jax.main`;
+finished runs (results.json) are skipped and partial ones resume, so rerunning the same command
+continues a sweep. Then DIR/summary.json, DIR/summary.md and DIR/curves.png are written from
+whatever runs exist. Exit status 1 if any run failed (the others still ran and are reported).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
+sys.path.insert(0, _ROOT)
+
+from resnet_jax.analysis import sweep, sweep_report  # noqa: E402  (after the path insert)
+
+
+def load_registry():
+  """Imports configs/paper.py (configs/ is a folder of files, not a package)."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location('resnet_jax_paper_registry',
+                                                os.path.join(_ROOT, 'configs', 'paper.py'))
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module  # dataclasses look their module up here
+  spec.loader.exec_module(module)
+  return module
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument('--config', help='base config, e.g. configs/cifar.py or configs/imagenet.py:recipe=paper')
+  p.add_argument('--workdir', required=True, help='sweep directory (one sub-directory per run)')
+  p.add_argument('--depths', help='comma-separated depths, e.g. 20,32,56')
+  p.add_argument('--variants', help="comma-separated, among 'residual' and 'plain' (default both)")
+  p.add_argument('--shortcuts', help='sweep shortcut options too, e.g. A,B,C (residual runs only)')
+  p.add_argument('--seeds', help='sweep seeds too, e.g. 0,1,2 (tables show mean +- std)')
+  p.add_argument('--experiment', help='fill the grid from configs/paper.py, e.g. table6')
+  p.add_argument('--parallel', type=int, default=1, help='runs at a time (default 1: sequential)')
+  p.add_argument('--devices', help="device groups, one per parallel slot, exported as "
+                 "CUDA_VISIBLE_DEVICES: '0,1,2,3' (one GPU each) or '0+1,2+3' (two each)")
+  p.add_argument('--rerun_finished', action='store_true',
+                 help='relaunch finished runs too (e.g. after raising num_train_steps)')
+  p.add_argument('--report_only', action='store_true', help='only (re)write the summary files')
+  p.add_argument('--train_window', type=int, default=5,
+                 help='final train error = mean of this many last train points')
+  args, rest = p.parse_known_args(argv)
+  bad = [a for a in rest if not a.startswith('--config.')]
+  if bad:
+    p.error(f'unrecognised arguments: {" ".join(bad)} (only --config.key=value are passed on)')
+  if args.experiment:
+    registry = load_registry()
+    exp = registry.get(args.experiment)
+    args.config = args.config or exp.config
+    args.depths = args.depths or exp.depths
+    args.variants = args.variants or exp.variants
+    args.shortcuts = args.shortcuts or exp.shortcuts or None
+    keys = {o.split('=', 1)[0] for o in rest}
+    rest = [o for o in exp.overrides if o.split('=', 1)[0] not in keys] + rest
+  if not args.report_only and not (args.config and args.depths):
+    p.error('--config and --depths are required (or --experiment)')
+  return args, rest
+
+
+def main(argv: list[str]) -> int:
+  args, overrides = parse_args(argv)
+  failed: list[str] = []
+  if not args.report_only:
+    runs = sweep.plan_runs([int(d) for d in sweep._csv(args.depths)],
+                           sweep._csv(args.variants or 'residual,plain'),
+                           sweep._csv(args.shortcuts) or None,
+                           [int(s) for s in sweep._csv(args.seeds)] or None)
+    devices = [g.replace('+', ',') for g in sweep._csv(args.devices)] or None
+    status = sweep.run_sweep(runs, args.config, args.workdir, overrides,
+                             parallel=args.parallel, devices=devices,
+                             rerun_finished=args.rerun_finished)
+    failed = [name for name, rc in status.items() if rc != 0]
+  paths = sweep_report.write_report(args.workdir, train_window=args.train_window)
+  print(f'[sweep] wrote {", ".join(paths)}')
+  if failed:
+    print(f'[sweep] {len(failed)} run(s) did not finish: {", ".join(failed)}', file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,198 @@
+"""torchvision weight import: logit parity, strict key accounting, the convert/predict CLIs, fine-tuning.
+
+Everything but the first test needs the optional `[torch]` extra and is skipped without it.
+torchvision's weights cannot be downloaded here, so models get random weights and randomised BN
+statistics (which is a stricter test than trained weights: every BN matters).
+"""
+import importlib.util
+import os
+import subprocess
+import sys
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from resnet_jax import checkpointing, convert, predict
+from resnet_jax.models import create_model
+
+
+def test_core_package_does_not_import_torch():
+  code = ('import sys, resnet_jax.models, resnet_jax.summary, resnet_jax.convert, resnet_jax.predict; '
+          'assert "torch" not in sys.modules and "torchvision" not in sys.modules')
+  subprocess.run([sys.executable, '-c', code], check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+
+
+@pytest.fixture(scope='module')
+def torch():
+  return pytest.importorskip('torch', reason='torch is an optional extra: pip install -e ".[torch]"')
+
+
+@pytest.fixture(scope='module')
+def tv(torch):
+  """``torchvision.models.resnet``.
+
+  The only torchvision wheels on PyPI for recent torch are CUDA builds whose compiled ops cannot
+  load without CUDA ("operator torchvision::nms does not exist"); the ResNet definitions are pure
+  Python, so then we import the subpackage without running ``torchvision/__init__`` (which registers
+  those ops). The model code used is torchvision's own either way.
+  """
+  spec = importlib.util.find_spec('torchvision')
+  if spec is None:
+    pytest.skip('torchvision is an optional extra: pip install -e ".[torch]"')
+  try:
+    from torchvision.models import resnet
+    return resnet
+  except (RuntimeError, OSError):
+    for name in [m for m in sys.modules if m == 'torchvision' or m.startswith('torchvision.')]:
+      del sys.modules[name]
+    package = types.ModuleType('torchvision')
+    package.__path__ = list(spec.submodule_search_locations)
+    package.__spec__ = spec
+    sys.modules['torchvision'] = package
+    from torchvision.models import resnet
+    return resnet
+
+
+def random_torchvision(torch, tv, name, seed=0, **kwargs):
+  """A torchvision ResNet in eval mode with random weights and randomised BN affine + statistics."""
+  torch.manual_seed(seed)
+  model = getattr(tv, name)(**kwargs).eval()
+  with torch.no_grad():
+    for m in model.modules():
+      if isinstance(m, torch.nn.BatchNorm2d):
+        m.weight.uniform_(0.5, 1.5)
+        m.bias.normal_(0.0, 0.2)
+        m.running_mean.normal_(0.0, 0.2)
+        m.running_var.uniform_(0.5, 2.0)
+  return model
+
+
+def torch_logits(torch, model, x_nhwc):
+  with torch.no_grad():
+    return model(torch.from_numpy(np.ascontiguousarray(x_nhwc.transpose(0, 3, 1, 2)))).numpy()
+
+
+@pytest.mark.parametrize('name,size', [('resnet18', 57), ('resnet34', 64), ('resnet50', 64), ('resnet101', 48)])
+def test_logits_match_torchvision(torch, tv, name, size):
+  model = random_torchvision(torch, tv, name)
+  x = np.random.default_rng(0).standard_normal((2, size, size, 3)).astype(np.float32)
+  variables = convert.from_torchvision(model.state_dict(), name)
+  ours = np.asarray(create_model(name).apply(variables, jnp.asarray(x), train=False))
+  ref = torch_logits(torch, model, x)
+  assert ours.dtype == np.float32 and ours.shape == ref.shape == (2, 1000)
+  assert np.linalg.norm(ours - ref) / np.linalg.norm(ref) < 1e-4
+  assert np.abs(ours - ref).max() / np.abs(ref).max() < 1e-4
+
+
+def test_torch_key_mapping():
+  assert convert.torch_key('params', ['conv1', 'kernel']) == 'conv1.weight'
+  assert convert.torch_key('params', ['bn1', 'scale']) == 'bn1.weight'
+  assert convert.torch_key('batch_stats', ['layer3_12', 'bn2', 'var']) == 'layer3.12.bn2.running_var'
+  assert convert.torch_key('params', ['layer2_0', 'downsample_conv', 'kernel']) == 'layer2.0.downsample.0.weight'
+  assert convert.torch_key('batch_stats', ['layer2_0', 'downsample_bn', 'mean']) == 'layer2.0.downsample.1.running_mean'
+  assert convert.torch_key('params', ['fc', 'bias']) == 'fc.bias'
+
+
+def test_strict_key_accounting(torch, tv):
+  sd = random_torchvision(torch, tv, 'resnet18', num_classes=7).state_dict()
+  variables = convert.from_torchvision({f'module.{k}': v for k, v in sd.items()}, 'resnet18')
+  assert variables['params']['fc']['kernel'].shape == (512, 7)
+  np.testing.assert_array_equal(variables['params']['fc']['kernel'], sd['fc.weight'].numpy().T)
+  np.testing.assert_array_equal(variables['batch_stats']['layer2_0']['downsample_bn']['var'],
+                                sd['layer2.0.downsample.1.running_var'].numpy())
+
+  missing = {k: v for k, v in sd.items() if k != 'layer1.1.bn2.running_mean'}
+  with pytest.raises(ValueError, match=r'missing torchvision keys \[\'layer1.1.bn2.running_mean\'\]'):
+    convert.from_torchvision(missing, 'resnet18')
+  with pytest.raises(ValueError, match=r'unused torchvision keys \[\'extra.weight\'\]'):
+    convert.from_torchvision({**sd, 'extra.weight': sd['fc.bias']}, 'resnet18')
+  bad = dict(sd, **{'layer1.0.conv1.weight': torch.zeros(64, 64, 1, 1)})
+  with pytest.raises(ValueError, match='shape mismatches.*layer1.0.conv1.weight'):
+    convert.from_torchvision(bad, 'resnet18')
+  sd34 = random_torchvision(torch, tv, 'resnet34').state_dict()
+  with pytest.raises(ValueError, match=r'unused torchvision keys \[.*layer1\.2\.bn1\.bias'):
+    convert.from_torchvision(sd34, 'resnet18')
+  with pytest.raises(ValueError, match='resnet18/34/50/101/152 only'):
+    convert.from_torchvision(sd, 'resnet20')
+
+
+def test_adapt_input_channels_for_grayscale(torch, tv):
+  variables = convert.from_torchvision(random_torchvision(torch, tv, 'resnet18').state_dict(), 'resnet18')
+  gray = convert.adapt_input_channels(variables, 1)
+  assert gray['params']['conv1']['kernel'].shape == (7, 7, 1, 64)
+  x = np.random.default_rng(1).standard_normal((2, 40, 40, 1)).astype(np.float32)
+  model = create_model('resnet18')
+  np.testing.assert_allclose(model.apply(gray, x, train=False),
+                             model.apply(variables, np.repeat(x, 3, axis=-1), train=False), rtol=1e-4, atol=1e-4)
+
+
+def test_preprocessing_matches_torchvision_transforms(torch, tv):
+  try:
+    from torchvision import transforms
+  except Exception as e:  # pylint: disable=broad-except
+    pytest.skip(f'torchvision.transforms unavailable: {e}')
+  image = Image.fromarray(np.random.default_rng(2).integers(0, 256, (300, 451, 3), dtype=np.uint8))
+  reference = transforms.Compose([
+      transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(),
+      transforms.Normalize(mean=predict.IMAGENET_MEAN.tolist(), std=predict.IMAGENET_STD.tolist())])
+  np.testing.assert_allclose(predict.preprocess(image), reference(image).numpy().transpose(1, 2, 0), atol=1e-5)
+
+
+def test_convert_cli_then_predict_prints_top5(torch, tv, tmp_path, capsys):
+  model = random_torchvision(torch, tv, 'resnet18', seed=3)
+  weights, out = tmp_path / 'r18.pth', tmp_path / 'converted'
+  torch.save(model.state_dict(), weights)
+  convert.main(['--arch', 'resnet18', '--torchvision-weights', str(weights), '--out', str(out)])
+  assert 'wrote resnet18 (11,689,512 parameters, 1000 classes)' in capsys.readouterr().out
+  restored = checkpointing.load_model_variables(str(out))
+  expected = convert.from_torchvision(model.state_dict(), 'resnet18')
+  jax.tree.map(np.testing.assert_array_equal, restored, expected)
+
+  image_path = tmp_path / 'image.png'
+  Image.fromarray(np.random.default_rng(4).integers(0, 256, (230, 310, 3), dtype=np.uint8)).save(image_path)
+  predict.main(['--arch', 'resnet18', '--checkpoint', str(out), str(image_path)])
+  lines = capsys.readouterr().out.splitlines()
+  assert len(lines) == 5
+  probs = [float(line.split()[0]) for line in lines]
+  indices = [int(line.rsplit('(', 1)[1].rstrip(')')) for line in lines]
+  assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0001
+
+  x = predict.preprocess(Image.open(image_path))[None]
+  ref = torch.softmax(torch.from_numpy(torch_logits(torch, model, x)), -1).numpy()[0]
+  assert indices == list(np.argsort(-ref)[:5])
+  np.testing.assert_allclose(probs, ref[indices], atol=1e-4)
+  if predict.class_names(1000)[0] != 'class 0':  # torchvision's ImageNet names were found
+    assert lines[0].split(None, 1)[1] == f'{predict.class_names(1000)[indices[0]]} ({indices[0]})'
+
+  predict.main(['--arch', 'resnet18', '--torchvision-weights', str(weights), str(image_path)])
+  assert capsys.readouterr().out.splitlines() == lines
+
+
+@pytest.mark.slow
+def test_finetune_from_converted_checkpoint_on_digits(torch, tv, tmp_path):
+  """A 1000-class converted ResNet-18 fine-tunes on digits with a fresh 10-class head.
+
+  With lr=0 every restored weight must come out unchanged, proving it was loaded, not re-initialised.
+  """
+  from tests.runner import results, run_main
+  weights, converted, workdir = tmp_path / 'r18.pth', tmp_path / 'converted', tmp_path / 'ft'
+  torch.save(random_torchvision(torch, tv, 'resnet18', seed=5).state_dict(), weights)
+  convert.main(['--arch', 'resnet18', '--torchvision-weights', str(weights), '--out', str(converted),
+                '--in-channels', '1'])
+  proc = run_main(str(workdir), f'--config.init_from={converted}', '--config.schedule.base_lr=0.0',
+                  '--config.eval_every_steps=0', config='configs/finetune.py:arch=resnet18,steps=2,batch=8,image_size=16',
+                  devices=1)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  res = results(str(workdir))
+  assert res['step'] == 2 and res['eval']['num_examples'] == 360
+  assert res['params'] == 11_689_512 - 7 * 7 * 2 * 64 - 513 * 990  # grey stem, 10-class head
+  before = checkpointing.load_model_variables(str(converted))['params']
+  after = checkpointing.load_model_variables(str(workdir))['params']
+  assert after['fc']['kernel'].shape == (512, 10)
+  for key in before:
+    if key != 'fc':
+      jax.tree.map(np.testing.assert_array_equal, after[key], before[key])

@@ -1,0 +1,158 @@
+"""Checkpoints and faults (issue 5): a crash costs minutes, never the run, never silently changes it.
+
+Every scenario must end in exactly the state of one uninterrupted run (same state_fingerprint).
+Runs are tiny (ResNet-8 on digits, 4 simulated devices) but go through the real CLI.
+"""
+import json
+import os
+import shutil
+import signal
+
+import pytest
+
+from tests.runner import finished_checkpoints, results, run_main, start_main, wait_for
+
+pytestmark = pytest.mark.slow
+
+RUN = ('--config.num_train_steps=160', '--config.checkpoint_every_steps=40',
+       '--config.eval_every_steps=80', '--config.log_every_steps=20', '--config.batch_size=32')
+
+
+@pytest.fixture(scope='module')
+def reference(tmp_path_factory):
+  """One uninterrupted run: the fingerprint every interrupted run must reproduce."""
+  workdir = str(tmp_path_factory.mktemp('reference'))
+  proc = run_main(workdir, *RUN)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return workdir, results(workdir)['state_fingerprint']
+
+
+def test_uninterrupted_run_writes_the_contract_outputs(reference):
+  workdir, _ = reference
+  r = results(workdir)
+  assert r['step'] == 160 and r['eval']['num_examples'] == 360
+  assert set(r) >= {'step', 'eval', 'params', 'state_fingerprint', 'wall_time_s', 'config'}
+  assert len(r['state_fingerprint']) == 64
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    records = [json.loads(l) for l in f]
+  train = [x for x in records if x['split'] == 'train']
+  assert [x['step'] for x in train] == list(range(20, 161, 20))
+  assert all({'loss', 'top1_error', 'learning_rate', 'images_per_sec'} <= set(x) for x in train)
+  assert [x['step'] for x in records if x['split'] == 'eval'] == [80, 160]
+  assert any(n.startswith('events') for n in os.listdir(os.path.join(workdir, 'tensorboard')))
+  assert finished_checkpoints(workdir) == [80, 120, 160]  # max_to_keep=3
+
+
+def _steps_logged(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(l)['step'] for l in f if '"train"' in l]
+
+
+def test_kill_9_mid_run_then_rerun_matches(reference, tmp_path):
+  workdir = str(tmp_path / 'killed')
+  proc = start_main(workdir, *RUN)
+  wait_for(lambda: finished_checkpoints(workdir) or proc.poll() is not None)
+  proc.kill()
+  proc.wait()
+  assert finished_checkpoints(workdir) and not os.path.exists(os.path.join(workdir, 'results.json'))
+  rerun = run_main(workdir, *RUN)
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  assert results(workdir)['state_fingerprint'] == reference[1]
+  assert _steps_logged(workdir) == list(range(20, 161, 20))  # no duplicated or lost points
+
+
+def test_sigterm_saves_exits_0_and_rerun_matches(reference, tmp_path):
+  workdir = str(tmp_path / 'preempted')
+  proc = start_main(workdir, *RUN)
+  wait_for(lambda: finished_checkpoints(workdir) or proc.poll() is not None)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=60)
+  assert proc.returncode == 0, err[-3000:]
+  assert 'stopped at step' in err
+  stopped_at = max(finished_checkpoints(workdir))
+  assert stopped_at < 160, 'the run finished before the signal: test did not preempt'
+  rerun = run_main(workdir, *RUN)
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  assert f'resuming from' in rerun.stderr
+  assert results(workdir)['state_fingerprint'] == reference[1]
+
+
+def test_truncated_newest_checkpoint_falls_back_to_previous(reference, tmp_path):
+  workdir = str(tmp_path / 'corrupt')
+  shutil.copytree(reference[0], workdir)
+  os.remove(os.path.join(workdir, 'results.json'))
+  newest = os.path.join(workdir, 'checkpoints', '160')
+  truncated = 0
+  for root, _, files in os.walk(os.path.join(newest, 'state')):
+    for name in files:
+      path = os.path.join(root, name)
+      with open(path, 'r+b') as f:
+        f.truncate(os.path.getsize(path) // 3)
+      truncated += 1
+  assert truncated
+  rerun = run_main(workdir, *RUN)
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  assert 'checkpoints/160' in rerun.stderr and 'corrupt' in rerun.stderr
+  assert 'resuming from' in rerun.stderr and 'checkpoints/120' in rerun.stderr
+  assert results(workdir)['state_fingerprint'] == reference[1]
+
+
+def test_nonfinite_loss_stops_naming_the_step(tmp_path):
+  proc = run_main(str(tmp_path / 'nan'), '--config.num_train_steps=20', '--config.batch_size=32',
+                  '--config.log_every_steps=5', '--config.schedule.base_lr=1e12',
+                  '--config.schedule.warmup_steps=0')
+  assert proc.returncode == 1
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith('error: non-finite loss') and 'at step' in last, last
+
+
+def test_nonfinite_steps_can_be_skipped(tmp_path):
+  proc = run_main(str(tmp_path / 'skip'), '--config.num_train_steps=10', '--config.batch_size=32',
+                  '--config.log_every_steps=5', '--config.schedule.base_lr=1e12',
+                  '--config.schedule.warmup_steps=0', '--config.on_nonfinite=skip')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'skipped' in proc.stderr
+
+
+def _one_line_error(proc, *needles):
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith('error: '), last
+  for needle in needles:
+    assert needle in last, last
+  return last
+
+
+@pytest.mark.parametrize('overrides,needles', [
+    (('--config.model.name=resnet21',), ('resnet21', 'valid forms')),
+    (('--config.model.name=resnet19',), ('resnet19',)),
+    (('--config.batch_size=0',), ('batch_size', 'positive')),
+    (('--config.batch_size=6',), ('batch_size 6', '4 devices')),
+    (('--config.data.name=no_such_dataset',), ('no_such_dataset',)),
+    (('--config.batch_sise=8',), ('batch_sise', 'batch_size')),
+])
+def test_bad_input_is_one_clear_line(tmp_path, overrides, needles):
+  _one_line_error(run_main(str(tmp_path / 'w'), *overrides), *needles)
+
+
+def test_workdir_of_another_model_is_refused(reference):
+  proc = run_main(reference[0], *RUN, config='configs/digits.py:depth=14')
+  _one_line_error(proc, 'resnet8', 'resnet14', 'another --workdir')
+
+
+def test_unwritable_workdir(tmp_path):
+  blocker = tmp_path / 'a_file'
+  blocker.write_text('x')
+  _one_line_error(run_main(str(blocker / 'run')), 'not writable')
+
+
+def test_init_from_another_run_loads_its_weights(reference, tmp_path):
+  proc = run_main(str(tmp_path / 'ft'), '--config.num_train_steps=2', '--config.batch_size=32',
+                  '--config.log_every_steps=1', f'--config.init_from={reference[0]}',
+                  '--config.schedule.base_lr=0.0', '--config.schedule.warmup_steps=0',
+                  '--config.optimizer.weight_decay=0.0')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  # With lr 0 the weights are the reference's; only BN running stats move on 2 batches.
+  ref_err = results(reference[0])['eval']['top1_error']
+  assert results(str(tmp_path / 'ft'))['eval']['top1_error'] <= ref_err + 0.05

@@ -1,0 +1,157 @@
+"""Sweeps: grid planning, the runner's skip/failure handling, aggregation, table and plot.
+
+Most tests write synthetic run directories (config.json / metrics.jsonl / results.json) in
+tmp_path; one end-to-end test runs a real tiny digits sweep and the Fig. 7 analysis on it.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+
+import pytest
+
+from resnet_jax.analysis import sweep, sweep_report
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load_script():
+  spec = importlib.util.spec_from_file_location('sweep_script', os.path.join(ROOT, 'scripts', 'sweep.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def write_run(sweep_dir, name, *, depth, residual=True, dataset='cifar10', shortcut='A', seed=0,
+              train_errors=(0.5, 0.3, 0.2, 0.1), test_error=0.09, finished=True, params=1000):
+  """A synthetic run directory with the files train.py writes."""
+  d = sweep_dir / name
+  d.mkdir(parents=True)
+  config = {'seed': seed, 'model': {'name': f'resnet{depth}', 'residual': residual,
+                                    'shortcut': shortcut, 'preact': False},
+            'data': {'name': dataset, 'eval_crops': 1}}
+  (d / 'config.json').write_text(json.dumps(config))
+  lines = []
+  for i, e in enumerate(train_errors):
+    lines.append({'step': 10 * (i + 1), 'split': 'train', 'loss': 2 * e, 'top1_error': e})
+  lines.append({'step': 10 * len(train_errors), 'split': 'eval', 'loss': 1.0, 'top1_error': test_error,
+                'top5_error': 0.0, 'num_examples': 100})
+  (d / 'metrics.jsonl').write_text(''.join(json.dumps(l) + '\n' for l in lines) + '{"torn')
+  if finished:
+    (d / 'results.json').write_text(json.dumps({
+        'step': 10 * len(train_errors), 'params': params, 'wall_time_s': 12.0,
+        'eval': {'loss': 1.0, 'top1_error': test_error, 'top5_error': 0.0, 'num_examples': 100}}))
+  return d
+
+
+def test_plan_runs_names_and_grid():
+  runs = sweep.plan_runs([20, 56], ['residual', 'plain'])
+  assert [r.name for r in runs] == ['residual20', 'plain20', 'residual56', 'plain56']
+  runs = sweep.plan_runs([34], ['residual', 'plain'], shortcuts=['A', 'B', 'C'], seeds=[0, 1])
+  names = [r.name for r in runs]
+  assert names[:2] == ['residual34_A_s0', 'residual34_A_s1']
+  assert 'plain34_s0' in names and len(names) == 8  # a plain net has no shortcut to sweep
+  with pytest.raises(ValueError):
+    sweep.plan_runs([20], ['resnet'])
+
+
+def test_config_arg_replaces_swept_keys():
+  spec = sweep.RunSpec('plain56', 56, 'plain', None, None)
+  assert spec.config_arg('configs/cifar.py:depth=20,val=5000,shortcut=B') == \
+      'configs/cifar.py:val=5000,shortcut=B,depth=56,plain'
+  spec = sweep.RunSpec('residual34_C', 34, 'residual', 'C', 1)
+  assert spec.config_arg('configs/imagenet.py:plain,shortcut=A') == 'configs/imagenet.py:depth=34,shortcut=C'
+  cmd = sweep.run_command(spec, 'configs/imagenet.py', '/tmp/x', ['--config.batch_size=8'])
+  assert cmd[-2:] == ['--config.seed=1', '--config.batch_size=8']
+  assert '--workdir=/tmp/x/residual34_C' in cmd
+
+
+def test_run_sweep_skips_finished_and_reports_failures(tmp_path, monkeypatch):
+  write_run(tmp_path, 'residual8', depth=8)
+  launched = []
+
+  def fake_command(spec, base, sweep_dir, overrides):
+    launched.append(spec.name)
+    return [sys.executable, '-c', 'import sys; sys.exit(3)']
+
+  monkeypatch.setattr(sweep, 'run_command', fake_command)
+  messages = []
+  status = sweep.run_sweep(sweep.plan_runs([8], ['residual', 'plain']), 'configs/digits.py',
+                           str(tmp_path), parallel=2, echo=messages.append)
+  assert launched == ['plain8']
+  assert status == {'residual8': 0, 'plain8': 3}
+  assert any('FAILED (exit 3)' in m for m in messages)
+
+
+def test_aggregation_table_and_plot(tmp_path):
+  write_run(tmp_path, 'residual20_s0', depth=20, seed=0, test_error=0.08)
+  write_run(tmp_path, 'residual20_s1', depth=20, seed=1, test_error=0.10)
+  write_run(tmp_path, 'plain20_s0', depth=20, residual=False, train_errors=(0.6, 0.5, 0.4, 0.4))
+  write_run(tmp_path, 'plain56_s0', depth=56, residual=False, finished=False, test_error=0.3)
+  (tmp_path / 'not_a_run').mkdir()
+
+  records = sweep_report.collect_runs(str(tmp_path), train_window=2)
+  assert [r['run'] for r in records] == ['plain20_s0', 'plain56_s0', 'residual20_s0', 'residual20_s1']
+  plain20 = records[0]
+  assert plain20['variant'] == 'plain' and plain20['shortcut'] is None
+  assert plain20['train_top1_error'] == pytest.approx(0.4)  # mean of the last 2 train points
+  assert plain20['train_loss'] == pytest.approx(0.8)
+  assert records[1]['finished'] is False and records[1]['test_top1_error'] == 0.3
+  assert records[2]['paper_top1_error_pct'] == 8.75 and plain20['paper_top1_error_pct'] is None
+
+  md = sweep_report.markdown_table(records, train_window=2)
+  row = next(l for l in md.splitlines() if l.startswith('| ResNet-20'))
+  assert '9.00 ± 1.41' in row and '8.75 (Table 6)' in row and '| 2 |' in row
+  assert 'plain-56 *' in md and 'not finished' in md
+
+  paths = sweep_report.write_report(str(tmp_path), train_window=2)
+  assert [os.path.basename(p) for p in paths] == ['summary.json', 'summary.md', 'curves.png']
+  assert len(json.loads((tmp_path / 'summary.json').read_text())) == 4
+  assert (tmp_path / 'curves.png').read_bytes()[:4] == b'\x89PNG'
+
+
+def test_imagenet_paper_numbers_match_configuration():
+  from resnet_jax.analysis.paper_numbers import paper_error
+  assert paper_error('imagenet2012', 'residual', 34, 'C') == (24.19, 'Table 3')
+  assert paper_error('imagenet2012', 'plain', 18, 'B') == (27.94, 'Table 2')
+  assert paper_error('imagenet2012', 'residual', 18, 'B') is None  # Table 2 used option A
+  assert paper_error('digits', 'residual', 20, 'A') is None
+
+
+def test_experiment_registry_fills_the_grid():
+  script = _load_script()
+  args, overrides = script.parse_args(['--experiment=table3_34', '--workdir=/tmp/x',
+                                       '--config.batch_size=64'])
+  assert (args.config, args.depths, args.variants, args.shortcuts) == \
+      ('configs/imagenet.py:recipe=paper', '34', 'residual', 'A,B,C')
+  assert overrides == ['--config.batch_size=64']
+  with pytest.raises(SystemExit):
+    script.parse_args(['--workdir=/tmp/x', '--config=configs/digits.py', '--depths=8', '--oops'])
+
+
+def test_end_to_end_digits_sweep_and_responses(tmp_path, monkeypatch):
+  """One command: 2 depths x {residual, plain} on digits, then the three outputs and Fig. 7."""
+  monkeypatch.setenv('XLA_FLAGS', '')  # one CPU device per run: less to compile
+  sweep_dir = tmp_path / 'sweep'
+  rc = _load_script().main([
+      '--config=configs/digits.py', f'--workdir={sweep_dir}', '--depths=8,14',
+      '--variants=residual,plain', '--parallel=2', '--config.num_train_steps=3',
+      '--config.log_every_steps=1', '--config.eval_every_steps=0',
+      '--config.checkpoint_every_steps=0'])
+  assert rc == 0
+  for name in ('summary.json', 'summary.md', 'curves.png'):
+    assert (sweep_dir / name).exists()
+  records = json.loads((sweep_dir / 'summary.json').read_text())
+  assert sorted(r['run'] for r in records) == ['plain14', 'plain8', 'residual14', 'residual8']
+  assert all(r['finished'] and r['steps'] == 3 for r in records)
+
+  from resnet_jax.analysis import responses
+  out = tmp_path / 'fig7.png'
+  assert responses.main([f'--workdir={sweep_dir / "plain8"}', f'--workdir={sweep_dir / "residual8"}',
+                         f'--out={out}', '--max_examples=100']) == 0
+  values = json.loads((tmp_path / 'fig7.json').read_text())
+  assert [v['label'] for v in values] == ['plain-8', 'ResNet-8']
+  assert all(len(v['std']) == 7 and v['num_examples'] == 100 for v in values)  # stem + 6 convs
+  assert out.read_bytes()[:4] == b'\x89PNG'
