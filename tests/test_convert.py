@@ -92,8 +92,10 @@ def test_torch_key_mapping():
   assert convert.torch_key('params', ['conv1', 'kernel']) == 'conv1.weight'
   assert convert.torch_key('params', ['bn1', 'scale']) == 'bn1.weight'
   assert convert.torch_key('batch_stats', ['layer3_12', 'bn2', 'var']) == 'layer3.12.bn2.running_var'
-  assert convert.torch_key('params', ['layer2_0', 'downsample_conv', 'kernel']) == 'layer2.0.downsample.0.weight'
-  assert convert.torch_key('batch_stats', ['layer2_0', 'downsample_bn', 'mean']) == 'layer2.0.downsample.1.running_mean'
+  down = ['layer2_0', 'downsample_conv', 'kernel']
+  assert convert.torch_key('params', down) == 'layer2.0.downsample.0.weight'
+  down = ['layer2_0', 'downsample_bn', 'mean']
+  assert convert.torch_key('batch_stats', down) == 'layer2.0.downsample.1.running_mean'
   assert convert.torch_key('params', ['fc', 'bias']) == 'fc.bias'
 
 
@@ -126,8 +128,8 @@ def test_adapt_input_channels_for_grayscale(torch, tv):
   assert gray['params']['conv1']['kernel'].shape == (7, 7, 1, 64)
   x = np.random.default_rng(1).standard_normal((2, 40, 40, 1)).astype(np.float32)
   model = create_model('resnet18')
-  np.testing.assert_allclose(model.apply(gray, x, train=False),
-                             model.apply(variables, np.repeat(x, 3, axis=-1), train=False), rtol=1e-4, atol=1e-4)
+  rgb_logits = model.apply(variables, np.repeat(x, 3, axis=-1), train=False)
+  np.testing.assert_allclose(model.apply(gray, x, train=False), rgb_logits, rtol=1e-4, atol=1e-4)
 
 
 def test_preprocessing_matches_torchvision_transforms(torch, tv):
@@ -184,8 +186,8 @@ def test_finetune_from_converted_checkpoint_on_digits(torch, tv, tmp_path):
   convert.main(['--arch', 'resnet18', '--torchvision-weights', str(weights), '--out', str(converted),
                 '--in-channels', '1'])
   proc = run_main(str(workdir), f'--config.init_from={converted}', '--config.schedule.base_lr=0.0',
-                  '--config.eval_every_steps=0', config='configs/finetune.py:arch=resnet18,steps=2,batch=8,image_size=16',
-                  devices=1)
+                  '--config.eval_every_steps=0', devices=1,
+                  config='configs/finetune.py:arch=resnet18,steps=2,batch=8,image_size=16')
   assert proc.returncode == 0, proc.stderr[-3000:]
   res = results(str(workdir))
   assert res['step'] == 2 and res['eval']['num_examples'] == 360

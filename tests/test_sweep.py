@@ -136,7 +136,7 @@ def test_end_to_end_digits_sweep_and_responses(tmp_path, monkeypatch):
   monkeypatch.setenv('XLA_FLAGS', '')  # one CPU device per run: less to compile
   sweep_dir = tmp_path / 'sweep'
   rc = _load_script().main([
-      '--config=configs/digits.py', f'--workdir={sweep_dir}', '--depths=8,14',
+      f'--config={ROOT}/configs/digits.py', f'--workdir={sweep_dir}', '--depths=8,14',
       '--variants=residual,plain', '--parallel=2', '--config.num_train_steps=3',
       '--config.log_every_steps=1', '--config.eval_every_steps=0',
       '--config.checkpoint_every_steps=0'])
