@@ -36,7 +36,7 @@ def get_config(arg: str | None = None):
   c.data.num_workers = 8
   c.data.eval_crops = 10 if paper else 1
   c.batch_size = args.batch
-  c.eval_batch_size = 250
+  c.eval_batch_size = 64 if paper else 256  # paper: x10 crops per image
   c.dtype = 'float32' if paper else 'bfloat16'
   c.optimizer.weight_decay = 1e-4
   if paper:

@@ -38,7 +38,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.image_size = 32
   c.data.num_classes = 10  # only used by 'synthetic'
   c.data.num_train_examples = 1_281_167  # only used by 'synthetic' (defines an epoch)
-  c.data.num_eval_examples = 10_000  # only used by 'synthetic'
+  c.data.num_eval_examples = 32  # only used by 'synthetic' (random data: eval only exercises the path)
   c.data.channels = 3  # only used by 'synthetic'
   c.data.augment = 'none'  # 'none' | 'cifar' | 'imagenet' | 'inception'
   c.data.normalize = 'per_pixel_mean'  # 'per_pixel_mean' (paper) | 'mean_std' | 'scale'

@@ -122,7 +122,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     "family": spec.family,
     "residual": model.residual,
     "shortcut": model.shortcut if model.residual else None,
-    "stride_on": model.stride_on,
+    "stride_on": model.stride_on if model.block_cls.expansion > 1 else None,  # bottlenecks only
     "preact": args.preact,
     "num_classes": model.num_classes,
     "image_size": image_size,

@@ -29,10 +29,16 @@ def n_params(variables):
   return sum(int(np.prod(l.shape)) for l in jax.tree.leaves(variables["params"]))
 
 
-def init_tiny(model, batch=8, size=8, seed=0):
-  """Real (jitted: one compile instead of hundreds of eager op compiles) init of a tiny input."""
+@functools.cache
+def _init(model, batch, size, seed):
   x = normal((batch, size, size, 3), seed)
   return jax.jit(lambda x: model.init(rng(1), x, train=False))(x), x
+
+
+def init_tiny(model, batch=8, size=8, seed=0):
+  """Real init on a tiny input: jitted (one compile instead of hundreds of eager op compiles) and
+  cached per model, so tests that differ only in BN grouping or dtype share one compilation."""
+  return _init(model.clone(bn_group_size=None, dtype=jnp.dtype(jnp.float32)), batch, size, seed)
 
 
 @functools.cache
@@ -143,9 +149,10 @@ def test_tiny_forward_train_and_eval():
 def test_bfloat16_keeps_params_stats_and_logits_float32():
   model = create_model("resnet8", preact=True, shortcut="B", dtype=jnp.bfloat16)
   variables, x = init_tiny(model)
+  abstract = jax.eval_shape(lambda x: model.init(rng(), x, train=False), x)
+  assert all(l.dtype == jnp.float32 for l in jax.tree.leaves(abstract))
   logits, updates = run(model, variables, x, train=True, mutable=["batch_stats"])
-  leaves = jax.tree.leaves(variables) + jax.tree.leaves(updates)
-  assert all(l.dtype == jnp.float32 for l in leaves)
+  assert all(l.dtype == jnp.float32 for l in jax.tree.leaves(updates))
   assert logits.dtype == jnp.float32
   ref, _ = run(
     create_model("resnet8", preact=True, shortcut="B"), variables, x, train=True, mutable=["batch_stats"]
@@ -173,6 +180,23 @@ def test_intermediates_expose_bn_output_before_relu_and_addition():
   bn2 = inter["layer1_0"]["bn2"]["__call__"][0]
   assert bn2.shape == (8, 8, 8, 16) and float(bn2.min()) < 0  # pre-ReLU response
   np.testing.assert_allclose(inter["layer1_0"]["__call__"][0], jax.nn.relu(bn2 + block_in), atol=1e-5)
+
+
+def test_preact_shortcuts_read_the_right_input():
+  """First unit after the bare CIFAR stem shares its BN-ReLU with the shortcut; later A shortcuts
+  subsample the raw sum (He et al. 2016)."""
+  model = create_model("resnet8", preact=True)
+  variables, x = init_tiny(model)
+  _, state = run(model, variables, x, train=False, capture_intermediates=True, mutable=["intermediates"])
+  inter = state["intermediates"]
+  out = lambda *path: functools.reduce(lambda d, k: d[k], path, inter)["__call__"][0]
+  np.testing.assert_allclose(
+    out("layer1_0"), out("layer1_0", "conv2") + jax.nn.relu(out("layer1_0", "bn1")), atol=1e-5
+  )
+  sub = out("layer1_0")[:, ::2, ::2, :]
+  expected = out("layer2_0", "conv2") + jnp.pad(sub, ((0, 0), (0, 0), (0, 0), (0, 16)))
+  np.testing.assert_allclose(out("layer2_0"), expected, atol=1e-5)
+  assert "bn_final" in inter and out("fc").shape == (8, 10)
 
 
 def _bn_apply(x, group_size, variables=None):

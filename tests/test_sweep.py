@@ -137,7 +137,7 @@ def test_end_to_end_digits_sweep_and_responses(tmp_path, monkeypatch):
   sweep_dir = tmp_path / 'sweep'
   rc = _load_script().main([
       f'--config={ROOT}/configs/digits.py', f'--workdir={sweep_dir}', '--depths=8,14',
-      '--variants=residual,plain', '--parallel=2', '--config.num_train_steps=3',
+      '--variants=residual,plain', '--parallel=4', '--config.num_train_steps=3',
       '--config.log_every_steps=1', '--config.eval_every_steps=0',
       '--config.checkpoint_every_steps=0'])
   assert rc == 0

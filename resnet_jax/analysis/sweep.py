@@ -9,6 +9,7 @@ any other run directory is resumed by `resnet_jax.main` from its newest checkpoi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import subprocess
 import sys
@@ -112,7 +113,7 @@ def _tail(path: str, n: int = 8) -> str:
 def run_sweep(runs: Iterable[RunSpec], base_config: str, sweep_dir: str,
               overrides: Sequence[str] = (), *, parallel: int = 1,
               devices: Sequence[str] | None = None, rerun_finished: bool = False,
-              echo=print) -> dict[str, int]:
+              echo=functools.partial(print, flush=True)) -> dict[str, int]:
   """Runs every spec not yet finished, `parallel` at a time; returns {run name: exit status}.
 
   `devices[i]` (e.g. '0' or '0,1') is exported as CUDA_VISIBLE_DEVICES to the run in slot i, so

@@ -144,7 +144,7 @@ def markdown_table(records: Sequence[Record], train_window: int = 5) -> str:
   lines = [
       f"Dataset: {', '.join(datasets)}. Errors in %; test error evaluated with "
       f"{'/'.join(map(str, crops))} crop(s); final train error/loss = mean of the last "
-      f'{train_window} logged training points (train-mode BN, augmented batches as trained). '
+      f'{train_window} logged training points (train-mode BN, on the batches as trained). '
       'Several seeds: mean ± sample std.', '',
       '| model | shortcut | params | seeds | steps | train top-1 err | train loss '
       '| test top-1 err | paper test err | wall time (s) |',
@@ -199,6 +199,7 @@ def plot_curves(sweep_dir: str, records: Sequence[Record], out_path: str) -> str
   panels = [(axes[0], train, 'top1_error', 100, 'training top-1 error (%)'),
             (axes[1], train, 'loss', 1, 'training loss (log scale)'),
             (axes[2], evals, 'top1_error', 100, 'test top-1 error (%)')]
+  tops = {id(ax): 0.0 for ax in axes}
   for group in group_runs(records):
     first = group[0]
     colour = colours[(first['depth'], first['shortcut'] if shortcuts_vary else None)]
@@ -207,12 +208,18 @@ def plot_curves(sweep_dir: str, records: Sequence[Record], out_path: str) -> str
     for ax, curves, key, scale, _ in panels:
       steps, ys = _mean_curve(group, curves, key)
       if steps:
-        ax.plot(steps, [y * scale for y in ys], style, color=colour, lw=1.4,
+        ys = [y * scale for y in ys]
+        ax.plot(steps, ys, style, color=colour, lw=1.4,
                 marker='o' if curves is evals and len(steps) < 30 else None, ms=3, label=name)
+        late = [y for s, y in zip(steps, ys) if s >= 0.1 * steps[-1]] or ys
+        tops[id(ax)] = max(tops[id(ax)], max(late))
   for ax, _, _, _, title in panels:
     ax.set_xlabel('iteration')
     ax.set_title(title)
     ax.grid(alpha=0.3)
+  for ax in (axes[0], axes[2]):  # like Figs. 4/6: zoom past the first 10% of training
+    if tops[id(ax)] > 0:
+      ax.set_ylim(0, min(100.0, 1.15 * tops[id(ax)]))
   axes[1].set_yscale('log')
   axes[0].legend(fontsize=8, ncol=2)
   datasets = ', '.join(sorted({r['dataset'] for r in records}))

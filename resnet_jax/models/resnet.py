@@ -117,7 +117,10 @@ class Bottleneck(nn.Module):
 class PreActBasicBlock(nn.Module):
   """He et al. 2016 full pre-activation: BN-ReLU-conv twice, nothing after the addition.
 
-  A projection shortcut reads the pre-activated input (shared BN-ReLU) and has no BN of its own.
+  A projection shortcut reads the pre-activated input (shared BN-ReLU) and has no BN of its own;
+  so does every shortcut of the first unit after a bare conv stem (``shared_preact``, the CIFAR
+  nets: "the first activation right after conv1 and before splitting into two paths", He et al.
+  2016, appendix).
   """
 
   features: int
@@ -128,6 +131,7 @@ class PreActBasicBlock(nn.Module):
   shortcut: str = "B"
   stride_on: str = "3x3"  # unused, as in BasicBlock
   zero_init_last_bn: bool = False
+  shared_preact: bool = False  # first unit after a bare conv stem
   expansion = 1
   preact = True
 
@@ -140,7 +144,7 @@ class PreActBasicBlock(nn.Module):
     if not self.residual:
       return y
     changes = self.strides != 1 or x.shape[-1] != self.features
-    src = pre if _projects(self.shortcut, changes) else x
+    src = pre if self.shared_preact or _projects(self.shortcut, changes) else x
     return y + layers.shortcut(
       src, self.features, self.strides, kind=self.shortcut, conv=self.conv, norm=None
     )
@@ -157,6 +161,7 @@ class PreActBottleneck(nn.Module):
   shortcut: str = "B"
   stride_on: str = "3x3"
   zero_init_last_bn: bool = False
+  shared_preact: bool = False  # first unit after a bare conv stem
   expansion = 4
   preact = True
 
@@ -173,7 +178,7 @@ class PreActBottleneck(nn.Module):
     if not self.residual:
       return y
     changes = self.strides != 1 or x.shape[-1] != out
-    src = pre if _projects(self.shortcut, changes) else x
+    src = pre if self.shared_preact or _projects(self.shortcut, changes) else x
     return y + layers.shortcut(src, out, self.strides, kind=self.shortcut, conv=self.conv, norm=None)
 
 
@@ -224,6 +229,7 @@ class ResNet(nn.Module):
 
     for i, (num_blocks, width) in enumerate(zip(self.stage_sizes, self.widths)):
       for j in range(num_blocks):
+        first_after_bare_stem = preact and self.stem == "cifar" and i == 0 and j == 0
         x = self.block_cls(
           width,
           conv=conv,
@@ -234,6 +240,7 @@ class ResNet(nn.Module):
           stride_on=self.stride_on,
           zero_init_last_bn=self.zero_init_last_bn,
           name=f"layer{i + 1}_{j}",
+          **({"shared_preact": first_after_bare_stem} if preact else {}),
         )(x)
     if preact:
       x = nn.relu(norm(name="bn_final")(x))
