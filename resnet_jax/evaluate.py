@@ -20,24 +20,19 @@ import numpy as np
 from jax.sharding import Mesh
 
 from resnet_jax import data
-from resnet_jax.train_step import batch_sharding
+from resnet_jax.train_step import batch_sharding, eval_probabilities, metric_sums
 
 
-def run_evaluation(eval_step: Callable, state: Any, config: ml_collections.ConfigDict, mesh: Mesh,
-                   *, split: str | None = None, crops: int = 1) -> dict[str, float]:
-  """Mean loss and top-1/top-5 error over the whole split (crops: 1 or 10)."""
+def _eval_iterators(config, split, crops, scales):
   n_dev, n_proc = jax.device_count(), jax.process_count()
   global_batch = math.ceil(config.eval_batch_size / n_dev) * n_dev
-  batches = data.create_eval_iterator(
+  return [data.create_eval_iterator(
       config, split=split, local_batch_size=global_batch // n_proc,
-      process_index=jax.process_index(), process_count=n_proc, crops=crops)
-  sharding = batch_sharding(mesh)
-  totals = None
-  for local in batches:
-    batch = {k: jax.make_array_from_process_local_data(sharding, np.asarray(local[k]))
-             for k in ('image', 'label', 'mask')}
-    sums = eval_step(state, batch)
-    totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
+      process_index=jax.process_index(), process_count=n_proc, crops=crops, scale=scale)
+      for scale in scales]
+
+
+def _finish(totals: Any, split: str | None, config) -> dict[str, float]:
   if totals is None:
     raise ValueError(f'split {split!r} of {config.data.name} is empty')
   totals = jax.device_get(totals)
@@ -48,8 +43,43 @@ def run_evaluation(eval_step: Callable, state: Any, config: ml_collections.Confi
           'num_examples': int(round(count))}
 
 
+def run_evaluation(eval_step: Callable, state: Any, config: ml_collections.ConfigDict, mesh: Mesh,
+                   *, split: str | None = None, crops: int = 1) -> dict[str, float]:
+  """Mean loss and top-1/top-5 error over the whole split (crops: 1 or 10)."""
+  sharding = batch_sharding(mesh)
+  totals = None
+  for local in _eval_iterators(config, split, crops, [None])[0]:
+    batch = {k: jax.make_array_from_process_local_data(sharding, np.asarray(local[k]))
+             for k in ('image', 'label', 'mask')}
+    sums = eval_step(state, batch)
+    totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
+  return _finish(totals, split, config)
+
+
+def run_multiscale_evaluation(state: Any, config: ml_collections.ConfigDict, mesh: Mesh, *,
+                              scales: list[int], split: str | None = None,
+                              crops: int = 1) -> dict[str, float]:
+  """The paper's fully-convolutional multi-scale testing: softmax averaged over scales.
+
+  Each scale resizes the shorter side to S and takes the centred S x S square (crops=2 adds its
+  flip); the iterators of all scales yield the same examples in the same order, so they are
+  walked in lockstep and each example's probabilities are averaged before scoring.
+  """
+  sharding = batch_sharding(mesh)
+  probs_fn = jax.jit(eval_probabilities, out_shardings=sharding)
+  sums_fn = jax.jit(metric_sums, out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  put = lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x))
+  totals = None
+  for per_scale in zip(*_eval_iterators(config, split, crops, scales)):
+    probs = sum(probs_fn(state, put(b['image'])) for b in per_scale) / len(scales)
+    sums = sums_fn(probs, put(per_scale[0]['label']), put(per_scale[0]['mask']))
+    totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
+  return _finish(totals, split, config)
+
+
 def evaluate_workdir(workdir: str, *, split: str | None = None, crops: int | None = None,
-                     batch_size: int | None = None) -> dict[str, float]:
+                     batch_size: int | None = None,
+                     scales: list[int] | None = None) -> dict[str, float]:
   """Restores the newest good checkpoint of a training run and evaluates it."""
   from resnet_jax import checkpointing, optim, train
   from resnet_jax.train_step import abstract_state, compile_steps, create_mesh
@@ -74,8 +104,14 @@ def evaluate_workdir(workdir: str, *, split: str | None = None, crops: int | Non
   state, _, step = restored
   ckpt.close()
   _, p_eval = compile_steps(mesh, jax.tree.map(lambda s: s.sharding, abstract), lr_fn, 0.0)
-  result = run_evaluation(p_eval, state, config, mesh, split=split or config.data.eval_split,
-                          crops=crops or config.data.eval_crops)
+  split = split or config.data.eval_split
+  if scales:
+    result = run_multiscale_evaluation(state, config, mesh, scales=scales, split=split,
+                                       crops=crops or 1)
+    result['scales'] = scales
+  else:
+    result = run_evaluation(p_eval, state, config, mesh, split=split,
+                            crops=crops or config.data.eval_crops)
   result['step'] = int(step)
   return result
 
@@ -86,8 +122,10 @@ def main(argv: list[str]) -> None:
 
   f = flags.FLAGS
   try:
-    result = evaluate_workdir(f.workdir, split=f.split, crops=f.crops, batch_size=f.batch_size)
-  except (ValueError, FileNotFoundError) as e:
+    scales = [int(x) for x in f.scales] if f.scales else None
+    result = evaluate_workdir(f.workdir, split=f.split, crops=f.crops, batch_size=f.batch_size,
+                              scales=scales)
+  except (ValueError, FileNotFoundError) as e:  # one clear line, no traceback
     print(f'resnet_jax.evaluate: error: {e}', file=sys.stderr)
     sys.exit(1)
   if jax.process_index() == 0:
@@ -102,4 +140,6 @@ if __name__ == '__main__':
   flags.DEFINE_integer('crops', None, 'Crops per image: 1, or 10 (the paper\'s 10-crop testing).')
   flags.register_validator('crops', lambda c: c in (None, 1, 10), message='--crops must be 1 or 10')
   flags.DEFINE_integer('batch_size', None, 'Global eval batch size.')
+  flags.DEFINE_list('scales', None, 'Multi-scale fully-convolutional testing, e.g. '
+                    '224,256,384,480,640 (the paper\'s ImageNet setting); softmax averaged.')
   app.run(main)

@@ -104,28 +104,35 @@ def _sum_of_squares(tree: Any) -> jax.Array:
   return sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree))
 
 
-def eval_step(state: TrainState, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-  """Sums (not means) of the eval metrics over the real (mask=True) examples of the batch.
-
-  `image` is [B, H, W, C] or [B, crops, H, W, C]; with crops the softmax probabilities are averaged
-  over the crops, as in the paper's 10-crop testing.
-  """
-  images, labels, mask = batch['image'], batch['label'], batch['mask']
+def eval_probabilities(state: TrainState, images: jax.Array) -> jax.Array:
+  """Softmax probabilities [B, classes]; with crops ([B, crops, H, W, C]) averaged over them."""
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
   if images.ndim == 5:
     b, crops = images.shape[:2]
     logits = state.apply_fn(variables, images.reshape((b * crops,) + images.shape[2:]), train=False)
-    probs = jax.nn.softmax(logits.astype(jnp.float32)).reshape(b, crops, -1).mean(axis=1)
-    log_probs = jnp.log(jnp.clip(probs, 1e-12))
-  else:
-    log_probs = jax.nn.log_softmax(state.apply_fn(variables, images, train=False).astype(jnp.float32))
+    return jax.nn.softmax(logits.astype(jnp.float32)).reshape(b, crops, -1).mean(axis=1)
+  return jax.nn.softmax(state.apply_fn(variables, images, train=False).astype(jnp.float32))
+
+
+def metric_sums(probs: jax.Array, labels: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
+  """Sums (not means) of loss and top-1/top-5 errors over the real (mask=True) examples."""
+  log_probs = jnp.log(jnp.clip(probs, 1e-30))
   nll = -jnp.take_along_axis(log_probs, labels[:, None], axis=-1)[:, 0]
-  top5 = jax.lax.top_k(log_probs, min(5, log_probs.shape[-1]))[1]
+  top5 = jax.lax.top_k(probs, min(5, probs.shape[-1]))[1]
   in_top5 = jnp.any(top5 == labels[:, None], axis=-1)
-  top1_wrong = jnp.argmax(log_probs, -1) != labels
+  top1_wrong = jnp.argmax(probs, -1) != labels
   m = mask.astype(jnp.float32)
   return {'loss': jnp.sum(nll * m), 'top1_errors': jnp.sum(top1_wrong * m),
           'top5_errors': jnp.sum(jnp.logical_not(in_top5) * m), 'count': jnp.sum(m)}
+
+
+def eval_step(state: TrainState, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """Metric sums of one eval batch; `image` is [B, H, W, C] or [B, crops, H, W, C].
+
+  With crops the softmax probabilities are averaged over the crops, as in the paper's 10-crop
+  testing; padding examples (mask=False) count for nothing.
+  """
+  return metric_sums(eval_probabilities(state, batch['image']), batch['label'], batch['mask'])
 
 
 def compile_steps(mesh: Mesh, state_sharding: Any, learning_rate_fn: Callable,

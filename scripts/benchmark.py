@@ -139,6 +139,8 @@ class TorchBench:
     self.x = x.contiguous(memory_format=torch.channels_last) if args.torch_channels_last else x
     self.y = torch.from_numpy(labels.astype(np.int64))
     self.autocast = args.dtype == 'bfloat16'
+    if args.torch_threads:
+      torch.set_num_threads(args.torch_threads)
     self.num_threads = torch.get_num_threads()
     self.version = torch.__version__
 
@@ -293,6 +295,9 @@ def main(argv=None):
   p.add_argument('--compare-torch', action='store_true')
   p.add_argument('--torch-channels-last', action='store_true',
                  help='torch in channels_last memory format (default: the eager default, NCHW)')
+  p.add_argument('--torch-threads', type=int, default=0,
+                 help='torch intra-op threads (default: torch default = physical cores); for a '
+                 'single-thread comparison pair 1 with XLA_FLAGS=--xla_cpu_multi_thread_eigen=false')
   p.add_argument('--peak-tflops', type=float, default=None,
                  help='device peak (e.g. 989 for H100 SXM bf16 dense) to report model FLOP utilisation')
   p.add_argument('--json', action='store_true', help='print one JSON object')

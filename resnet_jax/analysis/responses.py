@@ -124,6 +124,7 @@ def plot_responses(results: Sequence[dict[str, Any]], out_path: str) -> str:
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
+  import matplotlib.ticker
 
   fig, axes = plt.subplots(2, 1, figsize=(8, 7))
   depths = sorted({r['depth'] for r in results})
@@ -137,6 +138,7 @@ def plot_responses(results: Sequence[dict[str, Any]], out_path: str) -> str:
   axes[0].set_xlabel('layer index (original)')
   axes[1].set_xlabel('layer index (sorted by magnitude)')
   for ax in axes:
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_ylabel('std')
     ax.grid(alpha=0.3)
   axes[0].legend(fontsize=8, ncol=2)

@@ -1,0 +1,99 @@
+"""Evaluation (issue 4 / DESIGN "Evaluation"): every example exactly once, on any devices and batch."""
+import json
+import subprocess
+import sys
+
+import jax
+import optax
+import pytest
+import tensorflow_datasets as tfds
+
+from resnet_jax import train
+from resnet_jax.default_config import load_sibling_config
+from resnet_jax.evaluate import run_evaluation, run_multiscale_evaluation
+from resnet_jax.models import create_model
+from resnet_jax.train_step import compile_steps, create_mesh, init_state
+from tests.runner import ROOT, env_with_devices, results, run_main
+
+CONFIGS = ROOT + '/configs/x.py'
+
+
+def _digits_state(mesh):
+  model = create_model('resnet8', num_classes=10)
+  state = init_state(model, optax.sgd(0.1), (8, 8, 1), seed=0, mesh=mesh)
+  _, p_eval = compile_steps(mesh, jax.tree.map(lambda x: x.sharding, state),
+                            optax.constant_schedule(0.1), 0.0)
+  return state, p_eval
+
+
+@pytest.mark.parametrize('num_devices,batch_size,crops', [
+    (1, 7, 1), (1, 50, 10), (4, 64, 1), (4, 1000, 1), (4, 50, 10)])
+def test_every_example_counted_once(num_devices, batch_size, crops):
+  config = load_sibling_config(CONFIGS, 'digits').get_config('depth=8')
+  config.eval_batch_size = batch_size
+  mesh = create_mesh(jax.devices()[:num_devices])
+  state, p_eval = _digits_state(mesh)
+  result = run_evaluation(p_eval, state, config, mesh, split='test', crops=crops)
+  assert result['num_examples'] == 360
+  assert 0.0 <= result['top5_error'] <= result['top1_error'] <= 1.0
+
+
+def test_result_does_not_depend_on_batch_or_devices():
+  config = load_sibling_config(CONFIGS, 'digits').get_config('depth=8')
+  out = []
+  for n, bs in [(1, 360), (4, 52)]:
+    config.eval_batch_size = bs
+    mesh = create_mesh(jax.devices()[:n])
+    state, p_eval = _digits_state(mesh)
+    out.append(run_evaluation(p_eval, state, config, mesh, split='test'))
+  assert out[0]['top1_error'] == out[1]['top1_error']
+  assert out[0]['loss'] == pytest.approx(out[1]['loss'], rel=1e-5)
+
+
+def test_multiscale_averages_over_scales():
+  config = load_sibling_config(CONFIGS, 'digits').get_config('depth=8')
+  config.eval_batch_size = 100
+  mesh = create_mesh()
+  state, _ = _digits_state(mesh)
+  result = run_multiscale_evaluation(state, config, mesh, scales=[8, 12], split='test')
+  assert result['num_examples'] == 360
+
+
+def test_cifar_config_trains_and_evaluates_under_mock_data(tmp_path):
+  """configs/cifar.py end to end (paper augmentations, per-pixel mean, ghost BN) on mock CIFAR."""
+  config = load_sibling_config(CONFIGS, 'cifar').get_config('depth=8,bn_group=8')
+  config.batch_size = 16
+  config.eval_batch_size = 24
+  config.num_train_steps = 3
+  config.log_every_steps = 1
+  config.progress_bar = False
+  config.data.data_dir = str(tmp_path / 'tfds')
+  with tfds.testing.mock_data(num_examples=40, policy=tfds.testing.MockPolicy.USE_CODE):
+    result = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert result['step'] == 3
+  assert result['eval']['num_examples'] == 40
+  model = create_model('resnet8', num_classes=10)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jax.numpy.zeros((1, 32, 32, 3))))
+  assert result['params'] == sum(x.size for x in jax.tree.leaves(shapes['params']))
+
+
+@pytest.mark.slow
+def test_evaluate_cli_matches_the_training_run(tmp_path):
+  workdir = str(tmp_path / 'run')
+  proc = run_main(workdir, '--config.num_train_steps=20', '--config.batch_size=32',
+                  '--config.log_every_steps=10')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  cmd = [sys.executable, '-m', 'resnet_jax.evaluate', f'--workdir={workdir}']
+  out = subprocess.run(cmd + ['--batch_size=44'], cwd=ROOT, env=env_with_devices(4),
+                       capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  got = json.loads(out.stdout.strip().splitlines()[-1])
+  assert got['num_examples'] == 360 and got['step'] == 20
+  assert got['loss'] == pytest.approx(results(workdir)['eval']['loss'], rel=1e-4)
+  ten = subprocess.run(cmd + ['--crops=10'], cwd=ROOT, env=env_with_devices(4),
+                       capture_output=True, text=True, timeout=600)
+  assert ten.returncode == 0, ten.stderr[-3000:]
+  assert json.loads(ten.stdout.strip().splitlines()[-1])['num_examples'] == 360
+  bad = subprocess.run(cmd[:-1] + [f'--workdir={tmp_path}/nothing'], cwd=ROOT,
+                       env=env_with_devices(4), capture_output=True, text=True, timeout=600)
+  assert bad.returncode == 1 and bad.stderr.strip().startswith('resnet_jax.evaluate: error:')
