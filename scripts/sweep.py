@@ -42,7 +42,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
   p.add_argument('--shortcuts', help='sweep shortcut options too, e.g. A,B,C (residual runs only)')
   p.add_argument('--seeds', help='sweep seeds too, e.g. 0,1,2 (tables show mean +- std)')
   p.add_argument('--experiment', help='fill the grid from configs/paper.py, e.g. table6')
-  p.add_argument('--parallel', type=int, default=1, help='runs at a time (default 1: sequential)')
+  p.add_argument('--parallel', type=int,
+                 help='runs at a time (default: one per --devices group, else 1: sequential)')
   p.add_argument('--devices', help="device groups, one per parallel slot, exported as "
                  "CUDA_VISIBLE_DEVICES: '0,1,2,3' (one GPU each) or '0+1,2+3' (two each)")
   p.add_argument('--rerun_finished', action='store_true',
@@ -77,8 +78,9 @@ def main(argv: list[str]) -> int:
                            sweep._csv(args.shortcuts) or None,
                            [int(s) for s in sweep._csv(args.seeds)] or None)
     devices = [g.replace('+', ',') for g in sweep._csv(args.devices)] or None
+    parallel = args.parallel or (len(devices) if devices else 1)
     status = sweep.run_sweep(runs, args.config, args.workdir, overrides,
-                             parallel=args.parallel, devices=devices,
+                             parallel=parallel, devices=devices,
                              rerun_finished=args.rerun_finished)
     failed = [name for name, rc in status.items() if rc != 0]
   paths = sweep_report.write_report(args.workdir, train_window=args.train_window)
