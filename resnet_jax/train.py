@@ -163,7 +163,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                     keep_best=config.keep_best)
   restored = ckpt.restore(abstract)
   if restored is not None:
-    state, position, start_step = restored
+    state, saved, start_step = restored
+    # The data item holds the iterator position and the wall time spent before this checkpoint.
+    position = checkpointing.IteratorState(saved.state['iterator'])
+    start_time -= saved.state['wall_time_s']
     logger.info('resuming from %s/%d', ckpt.directory, start_step)
   else:
     variables = None
@@ -231,7 +234,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if do_eval:
         eval_result = evaluate(step)
       if do_ckpt or stopping:
-        ckpt.save(step, state, checkpointing.IteratorState(position.state),
+        ckpt.save(step, state, checkpointing.IteratorState(
+                      {'iterator': position.state, 'wall_time_s': time.time() - start_time}),
                   metrics={'top1_error': eval_result['top1_error']} if do_eval else None)
       if stopping and not at_end:
         ckpt.close()
@@ -247,7 +251,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       'eval': {k: eval_result[k] for k in ('loss', 'top1_error', 'top5_error', 'num_examples')},
       'params': num_params,
       'state_fingerprint': state_fingerprint(state),
-      'wall_time_s': time.time() - start_time,
+      'wall_time_s': time.time() - start_time,  # summed over resumes (up to the checkpoint)
       'config': json.loads(config.to_json_best_effort()),
   }
   if jax.process_index() == 0:
