@@ -149,16 +149,18 @@ def compile_steps(mesh: Mesh, state_sharding: Any, learning_rate_fn: Callable,
   return p_train, p_eval
 
 
+def _fresh_state(model: nn.Module, tx: optax.GradientTransformation,
+                 image_shape: tuple[int, ...], rng: jax.Array) -> TrainState:
+  variables = model.init(rng, jnp.zeros((1,) + tuple(image_shape), jnp.float32), train=False)
+  return TrainState.create(apply_fn=model.apply, variables=variables, tx=tx)
+
+
 def init_state(model: nn.Module, tx: optax.GradientTransformation, image_shape: tuple[int, ...],
                seed: int, mesh: Mesh, variables: Any = None) -> TrainState:
   """Initialises (or wraps given `variables` into) a train state replicated over the mesh."""
   rep = replicated(mesh)
-
-  def make(rng):
-    v = model.init(rng, jnp.zeros((1,) + tuple(image_shape), jnp.float32), train=False)
-    return TrainState.create(apply_fn=model.apply, variables=v, tx=tx)
-
   if variables is None:
+    make = functools.partial(_fresh_state, model, tx, image_shape)
     return jax.jit(make, out_shardings=rep)(jax.random.key(seed))
   state = TrainState.create(apply_fn=model.apply, variables=variables, tx=tx)
   return jax.device_put(state, rep)
@@ -167,10 +169,8 @@ def init_state(model: nn.Module, tx: optax.GradientTransformation, image_shape: 
 def abstract_state(model: nn.Module, tx: optax.GradientTransformation,
                    image_shape: tuple[int, ...], mesh: Mesh) -> TrainState:
   """Shapes, dtypes and shardings of the train state, without allocating it (for restores)."""
-  def make(rng):
-    v = model.init(rng, jnp.zeros((1,) + tuple(image_shape), jnp.float32), train=False)
-    return TrainState.create(apply_fn=model.apply, variables=v, tx=tx)
-  shapes = jax.eval_shape(make, jax.random.key(0))
+  shapes = jax.eval_shape(functools.partial(_fresh_state, model, tx, image_shape),
+                          jax.random.key(0))
   rep = replicated(mesh)
   return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), shapes)
 

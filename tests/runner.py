@@ -55,3 +55,12 @@ def finished_checkpoints(workdir: str) -> list[int]:
   if not os.path.isdir(d):
     return []
   return sorted(int(n) for n in os.listdir(d) if n.isdigit())
+
+
+def data_config(**overrides):
+  """The project's default config with digits data at 8x8; `overrides` set `config.data` fields."""
+  from resnet_jax.default_config import base_config
+  config = base_config()
+  config.data.image_size = 8
+  config.data.update(overrides)
+  return config

@@ -8,14 +8,11 @@ import tensorflow_datasets as tfds
 import resnet_jax.data as data
 from resnet_jax.data import generated
 from resnet_jax.data import sources
+from tests.runner import data_config
 
 
 def make_config(**overrides) -> ml_collections.ConfigDict:
-  fields = dict(name="digits", data_dir=None, train_split="train", eval_split="test", validation_size=0,
-                image_size=8, num_classes=10, augment="none", normalize="per_pixel_mean", num_workers=0,
-                prefetch=2)
-  fields.update(overrides)
-  return ml_collections.ConfigDict({"data": fields})
+  return data_config(**overrides)
 
 
 @pytest.fixture(scope="module")
