@@ -5,20 +5,24 @@ iterations, stop at 64k; 4-pixel pad + random 32x32 crop + flip, per-pixel mean 
 ResNet-110 and deeper warm up at lr 0.01 for 400 iterations. BN statistics over groups of 64
 (the paper's per-GPU batch on 2 GPUs), so results do not depend on the device count.
 Config args: depth=56, plain, shortcut=A|B|C, preact, val=5000 (the 45k/5k split),
-dataset=cifar10|cifar100, bn_group=64 (0: whole global batch).
-Example: python -m resnet_jax.main --config=configs/cifar.py:depth=110 --workdir=/tmp/r110
+dataset=cifar10|cifar100, bn_group=64 (0: whole global batch), block=basic|bottleneck.
+`block=bottleneck` gives the 9n+2-layer bottleneck nets of He et al. 2016 (ResNet-164/1001; the
+shortcut then defaults to B, projections where the width grows, as in that paper).
+Examples: python -m resnet_jax.main --config=configs/cifar.py:depth=110 --workdir=/tmp/r110
+          python -m resnet_jax.main --config=configs/cifar.py:depth=164,preact,block=bottleneck ...
 """
 from resnet_jax.default_config import base_config, parse_arg
 
 
 def get_config(arg: str | None = None):
-  args = parse_arg(arg, depth=20, plain=False, shortcut='A', preact=False, val=0,
-                   dataset='cifar10', bn_group=64)
+  args = parse_arg(arg, depth=20, plain=False, shortcut='', preact=False, val=0,
+                   dataset='cifar10', bn_group=64, block='basic')
   c = base_config()
   c.model.name = f'resnet{args.depth}'
   c.model.residual = not args.plain
-  c.model.shortcut = args.shortcut
+  c.model.shortcut = args.shortcut or ('B' if args.block == 'bottleneck' else 'A')
   c.model.preact = args.preact
+  c.model.block = args.block
   c.model.bn_group_size = args.bn_group or None
   c.data.name = args.dataset
   c.data.num_classes = 100 if args.dataset == 'cifar100' else 10

@@ -1,9 +1,11 @@
 """The embedded offline demo: a small CIFAR-style ResNet on the 1,797 scikit-learn digits (8x8).
 
 Runs on a laptop CPU in a few minutes; no download. Config args (comma-separated):
-  depth=14     any 6n+2 (CIFAR family)
+  depth=14     any 6n+2 (CIFAR family; 9n+2 with block=bottleneck)
   plain        the plain twin (no shortcuts)
-  shortcut=A   A | B | C
+  shortcut=A   A | B | C (default B with block=bottleneck)
+  preact       pre-activation blocks (He et al. 2016)
+  block=basic  basic | bottleneck
   steps=1500   training steps at batch 64
 Example: python -m resnet_jax.main --config=configs/digits.py:depth=20,plain --workdir=/tmp/d
 """
@@ -11,11 +13,14 @@ from resnet_jax.default_config import base_config, parse_arg
 
 
 def get_config(arg: str | None = None):
-  args = parse_arg(arg, depth=14, plain=False, shortcut='A', steps=1500, batch=64)
+  args = parse_arg(arg, depth=14, plain=False, shortcut='', steps=1500, batch=64, preact=False,
+                   block='basic')
   c = base_config()
   c.model.name = f'resnet{args.depth}'
   c.model.residual = not args.plain
-  c.model.shortcut = args.shortcut
+  c.model.shortcut = args.shortcut or ('B' if args.block == 'bottleneck' else 'A')
+  c.model.preact = args.preact
+  c.model.block = args.block
   c.data.name = 'digits'
   c.data.image_size = 8
   c.data.augment = 'none'

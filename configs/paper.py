@@ -53,10 +53,13 @@ EXPERIMENTS: dict[str, Experiment] = {
         'ImageNet Table 3: bottleneck ResNet-50/101/152 (option B)',
         'configs/imagenet.py:recipe=paper,shortcut=B', '50,101,152', 'residual'),
     'preact110': Experiment(
-        'He et al. 2016 (Identity Mappings): pre-activation ResNet-110 on CIFAR-10',
-        'configs/cifar.py:preact', '110', 'residual',
-        note='ResNet-164/1001 of that paper are bottleneck CIFAR nets (9n+2 layers), which the '
-             'model family does not have yet: see docs/results.md.'),
+        'He et al. 2016 (Identity Mappings) Table 2: pre-activation ResNet-110 on CIFAR-10',
+        'configs/cifar.py:preact', '110', 'residual'),
+    'preact_bottleneck': Experiment(
+        'He et al. 2016 Table 3: pre-activation bottleneck ResNet-164 / ResNet-1001 on CIFAR-10',
+        'configs/cifar.py:preact,block=bottleneck', '164,1001', 'residual',
+        note='9n+2-layer bottleneck nets (1.7M / 10.2M weights), projection shortcuts; add '
+             'dataset=cifar100 to the config args for the CIFAR-100 column.'),
     'modern_r50': Experiment(
         'ResNet-50, modern recipe (cosine, warm-up, label smoothing, Nesterov, bf16, v1.5)',
         'configs/imagenet.py:recipe=modern', '50', 'residual'),

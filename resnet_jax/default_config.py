@@ -24,6 +24,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.shortcut = ml_collections.FieldReference(None, field_type=str)  # None: A for CIFAR, B for ImageNet
   c.model.stride_on = ml_collections.FieldReference(None, field_type=str)  # '1x1' (paper v1) | '3x3' (v1.5)
   c.model.preact = False
+  c.model.block = ml_collections.FieldReference(None, field_type=str)  # CIFAR: None/'basic' | 'bottleneck'
   c.model.zero_init_last_bn = False
   c.model.bn_group_size = ml_collections.FieldReference(None, field_type=int)  # None: whole global batch
   c.model.bn_momentum = 0.9

@@ -8,6 +8,7 @@ or counted twice.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -23,13 +24,16 @@ from resnet_jax import data
 from resnet_jax.train_step import batch_sharding, eval_probabilities, metric_sums
 
 
+@contextlib.contextmanager
 def _eval_iterators(config, split, crops, scales):
+  """One batch iterator per scale, closed on exit so no Grain worker outlives a failed eval."""
   n_dev, n_proc = jax.device_count(), jax.process_count()
   global_batch = math.ceil(config.eval_batch_size / n_dev) * n_dev
-  return [data.create_eval_iterator(
-      config, split=split, local_batch_size=global_batch // n_proc,
-      process_index=jax.process_index(), process_count=n_proc, crops=crops, scale=scale)
-      for scale in scales]
+  with contextlib.ExitStack() as stack:
+    yield [stack.enter_context(contextlib.closing(iter(data.create_eval_iterator(
+        config, split=split, local_batch_size=global_batch // n_proc,
+        process_index=jax.process_index(), process_count=n_proc, crops=crops, scale=scale))))
+        for scale in scales]
 
 
 def _finish(totals: Any, split: str | None, config) -> dict[str, float]:
@@ -48,11 +52,12 @@ def run_evaluation(eval_step: Callable, state: Any, config: ml_collections.Confi
   """Mean loss and top-1/top-5 error over the whole split (crops: 1 or 10)."""
   sharding = batch_sharding(mesh)
   totals = None
-  for local in _eval_iterators(config, split, crops, [None])[0]:
-    batch = {k: jax.make_array_from_process_local_data(sharding, np.asarray(local[k]))
-             for k in ('image', 'label', 'mask')}
-    sums = eval_step(state, batch)
-    totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
+  with _eval_iterators(config, split, crops, [None]) as (batches,):
+    for local in batches:
+      batch = {k: jax.make_array_from_process_local_data(sharding, np.asarray(local[k]))
+               for k in ('image', 'label', 'mask')}
+      sums = eval_step(state, batch)
+      totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
   return _finish(totals, split, config)
 
 
@@ -70,10 +75,11 @@ def run_multiscale_evaluation(state: Any, config: ml_collections.ConfigDict, mes
   sums_fn = jax.jit(metric_sums, out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
   put = lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x))
   totals = None
-  for per_scale in zip(*_eval_iterators(config, split, crops, scales)):
-    probs = sum(probs_fn(state, put(b['image'])) for b in per_scale) / len(scales)
-    sums = sums_fn(probs, put(per_scale[0]['label']), put(per_scale[0]['mask']))
-    totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
+  with _eval_iterators(config, split, crops, scales) as per_scale_batches:
+    for per_scale in zip(*per_scale_batches):
+      probs = sum(probs_fn(state, put(b['image'])) for b in per_scale) / len(scales)
+      sums = sums_fn(probs, put(per_scale[0]['label']), put(per_scale[0]['mask']))
+      totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
   return _finish(totals, split, config)
 
 

@@ -1,7 +1,7 @@
 """Model summary: parameters, multiply-accumulates and output shape per stage.
 
   python -m resnet_jax.summary resnet50 [--plain] [--shortcut A|B|C] [--stride-on 1x1|3x3]
-    [--num-classes N] [--image-size N] [--preact] [--json]
+    [--num-classes N] [--image-size N] [--preact] [--block basic|bottleneck] [--json]
 
 MACs are counted analytically: every ``nn.Conv`` and ``nn.Dense`` call is intercepted while the
 model is traced abstractly (``jax.eval_shape``, no FLOPs spent), and contributes
@@ -98,13 +98,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   parser.add_argument("--shortcut", choices=["A", "B", "C"])
   parser.add_argument("--stride-on", choices=["1x1", "3x3"])
   parser.add_argument("--preact", action="store_true", help="pre-activation blocks (He et al. 2016)")
+  parser.add_argument("--block", choices=["basic", "bottleneck"],
+                      help="CIFAR block kind: bottleneck gives the 9n+2 nets (resnet164, resnet1001)")
   parser.add_argument("--num-classes", type=int)
   parser.add_argument("--image-size", type=int, help="default 224 (ImageNet names) or 32 (CIFAR)")
   parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
   args = parser.parse_args(argv)
 
   try:
-    spec = parse_name(args.name)
+    spec = parse_name(args.name, args.block)
     model = create_model(
       args.name,
       num_classes=args.num_classes,
@@ -112,6 +114,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
       shortcut=args.shortcut,
       stride_on=args.stride_on,
       preact=args.preact,
+      block=args.block,
     )
   except ValueError as e:
     parser.error(str(e))
@@ -124,6 +127,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     "shortcut": model.shortcut if model.residual else None,
     "stride_on": model.stride_on if model.block_cls.expansion > 1 else None,  # bottlenecks only
     "preact": args.preact,
+    "block": spec.block,
     "num_classes": model.num_classes,
     "image_size": image_size,
   }

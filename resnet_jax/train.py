@@ -7,6 +7,7 @@ checkpointing at fixed steps. Device work is never synchronised except at those 
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import logging
 import math
@@ -33,7 +34,7 @@ logger = logging.getLogger(__name__)
 # Config fields that define the train state's structure: a workdir trained with other values
 # cannot be resumed with these (checked against the workdir's config.json).
 _SHAPE_FIELDS = ('model.name', 'model.residual', 'model.shortcut', 'model.stride_on',
-                 'model.preact', 'data.name', 'data.image_size')
+                 'model.preact', 'model.block', 'data.name', 'data.image_size')
 
 
 class ConfigError(ValueError):
@@ -135,7 +136,8 @@ def _build(config: ml_collections.ConfigDict, num_classes: int):
   return create_model(
       config.model.name, num_classes=num_classes, residual=config.model.residual,
       shortcut=config.model.shortcut, stride_on=config.model.stride_on,
-      preact=config.model.preact, zero_init_last_bn=config.model.zero_init_last_bn,
+      preact=config.model.preact, block=config.model.block,
+      zero_init_last_bn=config.model.zero_init_last_bn,
       bn_group_size=config.model.bn_group_size, bn_momentum=config.model.bn_momentum,
       bn_epsilon=config.model.bn_epsilon,
       dtype=jnp.bfloat16 if config.dtype == 'bfloat16' else jnp.float32)
@@ -206,7 +208,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   batches = _device_batches(train_iter, batch_sharding(mesh))
   pending, window_start, step = [], time.time(), start_step
   eval_result = None
-  with _StopRequest() as stop:
+  # closing(): a failed or stopped run must not leave Grain worker processes and shared memory behind.
+  with _StopRequest() as stop, contextlib.closing(train_iter):
     while step < total_steps:
       position.state, batch = next(batches)
       state, metrics = p_train(state, batch)
@@ -268,8 +271,10 @@ def _check_finite(window: list[dict[str, Any]], mode: str, last_good: int | None
     return
   first = min(int(m['nonfinite_step']) for m in bad)
   if mode == 'error':
+    saved = ('no checkpoint was saved yet' if last_good is None
+             else f'the last good checkpoint is step {last_good}')
     raise NonFiniteLossError(
-        f'non-finite loss or gradients at step {first + 1}; the update was not applied and the '
-        f'last good checkpoint is step {last_good}. Lower the learning rate, or set '
+        f'non-finite loss or gradients at step {first + 1}; the update was not applied and '
+        f'{saved}. Lower the learning rate, or set '
         '--config.on_nonfinite=skip to skip such steps')
   logger.warning('skipped %d non-finite update(s), first at step %d', len(bad), first + 1)

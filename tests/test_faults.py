@@ -104,6 +104,7 @@ def test_nonfinite_loss_stops_naming_the_step(tmp_path):
   assert proc.returncode == 1
   last = proc.stderr.strip().splitlines()[-1]
   assert last.startswith('error: non-finite loss') and 'at step' in last, last
+  assert "no checkpoint was saved yet" in last, last  # it fails at step 5, the first log point
 
 
 def test_nonfinite_steps_can_be_skipped(tmp_path):
@@ -156,3 +157,22 @@ def test_init_from_another_run_loads_its_weights(reference, tmp_path):
   # With lr 0 the weights are the reference's; only BN running stats move on 2 batches.
   ref_err = results(reference[0])['eval']['top1_error']
   assert results(str(tmp_path / 'ft'))['eval']['top1_error'] <= ref_err + 0.05
+
+
+def test_failed_run_stops_its_data_workers(tmp_path):
+  """train_and_evaluate called in-process (a notebook, a sweep driver) must not leave Grain
+  worker processes running after it raises."""
+  import multiprocessing
+
+  from resnet_jax import train
+  from resnet_jax.default_config import load_sibling_config
+  config = load_sibling_config(os.path.join(os.path.dirname(__file__), '..', 'configs', 'x.py'),
+                               'digits').get_config('depth=8')
+  config.update_from_flattened_dict({
+      'num_train_steps': 10, 'batch_size': 32, 'log_every_steps': 5, 'data.num_workers': 2,
+      'schedule.base_lr': 1e12, 'schedule.warmup_steps': 0, 'progress_bar': False})
+  with pytest.raises(train.NonFiniteLossError) as failure:
+    train.train_and_evaluate(config, str(tmp_path))
+  # The traceback keeps the run's frames alive (as a notebook's last traceback does), so the
+  # workers are gone only if the run stopped them itself, not through garbage collection.
+  assert failure.traceback and multiprocessing.active_children() == []

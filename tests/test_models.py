@@ -86,8 +86,9 @@ def test_plain_equals_option_a_and_c_gt_b_gt_a(name, size):
 def test_name_registry_and_defaults():
   assert parse_name("resnet50").family == "imagenet"
   assert parse_name("cifar_resnet50").family == "cifar"
-  assert parse_name("resnet8") == ("cifar", 8, True)
-  assert parse_name("plain1202") == ("cifar", 1202, False)
+  assert parse_name("resnet8") == ("cifar", 8, True, "basic")
+  assert parse_name("plain1202") == ("cifar", 1202, False, "basic")
+  assert parse_name("resnet50") == ("imagenet", 50, True, "bottleneck")
   m = create_model("plain34")
   assert (m.residual, m.shortcut, m.stride_on, m.num_classes) == (False, "B", "3x3", 1000)
   m = create_model("resnet110")
@@ -127,6 +128,63 @@ def test_parameter_names_follow_torchvision_scheme():
   v = abstract_variables(create_model("resnet20", preact=True, shortcut="B"), 32)
   assert "bn_final" in v["params"] and "bn1" not in v["params"]
   assert set(v["params"]["layer2_0"]) == {"bn1", "conv1", "bn2", "conv2", "downsample_conv"}
+
+
+def _preact_cifar_bottleneck_params(depth, num_classes=10):
+  """He et al. 2016's CIFAR bottleneck net counted from its description, independently of the
+  model code: conv 3x3x16 stem; three stages of (depth-2)/9 units with bottleneck widths 16/32/64
+  and outputs 4x that; each unit BN-conv1x1, BN-conv3x3, BN-conv1x1 (BN: scale + bias); a bare
+  1x1 projection where the width or resolution changes; final BN, dense."""
+  n, total, c = (depth - 2) // 9, 3 * 3 * 3 * 16, 16
+  weights_only = total
+  for stage, m in enumerate((16, 32, 64)):
+    for unit in range(n):
+      convs = c * m + 9 * m * m + m * 4 * m
+      if c != 4 * m or (stage > 0 and unit == 0):
+        convs += c * 4 * m
+      total += convs + 2 * (c + m + m)
+      weights_only += convs
+      c = 4 * m
+  head = c * num_classes + num_classes
+  return total + 2 * c + head, weights_only + head
+
+
+@pytest.mark.parametrize("depth,paper_millions", [(164, 1.7), (1001, 10.2)])
+def test_preact_cifar_bottleneck_counts_match_architecture_and_paper(depth, paper_millions):
+  """He et al. 2016, Table 3: ResNet-164 has 1.7M and ResNet-1001 10.2M parameters; the paper
+  counts conv and dense weights (ours also has BN scale/bias, which it leaves out)."""
+  model = create_model(f"resnet{depth}", block="bottleneck", preact=True)
+  assert model.stage_sizes == ((depth - 2) // 9,) * 3 and model.shortcut == "B"
+  total, weights_only = _preact_cifar_bottleneck_params(depth)
+  assert n_params(abstract_variables(model, 32)) == total
+  assert round(weights_only / 1e6, 1) == paper_millions
+
+
+def test_cifar_bottleneck_names_and_errors():
+  assert parse_name("resnet1001", "bottleneck") == ("cifar", 1001, True, "bottleneck")
+  assert parse_name("resnet164") == ("cifar", 164, True, "basic")  # 6*27+2: the block is explicit
+  assert parse_name("plain164", "bottleneck").residual is False
+  with pytest.raises(ValueError, match="block='bottleneck'"):
+    create_model("resnet1001")  # 9n+2 only: the error says what to pass
+  with pytest.raises(ValueError, match="contradicts"):
+    create_model("resnet50", block="basic")
+  for bad in [dict(name="resnet26", block="bottleneck"), dict(name="resnet20", block="wide")]:
+    with pytest.raises(ValueError, match="block"):
+      create_model(**bad)
+  assert create_model("resnet11", block="bottleneck", shortcut="A").shortcut == "A"
+
+
+@pytest.mark.parametrize("preact,shortcut", [(True, "B"), (False, "A")])
+def test_tiny_cifar_bottleneck_forward(preact, shortcut):
+  """One unit per stage (resnet11): 16 -> 64 -> 128 -> 256 channels, both shortcut kinds."""
+  model = create_model("resnet11", block="bottleneck", preact=preact, shortcut=shortcut)
+  variables, x = init_tiny(model)
+  logits, state = run(model, variables, x, train=False, capture_intermediates=True,
+                      mutable=["intermediates"])
+  inter = state["intermediates"]
+  assert [inter[f"layer{s}_0"]["__call__"][0].shape[-1] for s in (1, 2, 3)] == [64, 128, 256]
+  assert logits.shape == (8, 10) and bool(jnp.all(jnp.isfinite(logits)))
+  assert ("downsample_conv" in variables["params"]["layer1_0"]) == (shortcut == "B")
 
 
 def test_he_fan_out_init():

@@ -25,12 +25,13 @@ def _load_script():
 
 
 def write_run(sweep_dir, name, *, depth, residual=True, dataset='cifar10', shortcut='A', seed=0,
-              train_errors=(0.5, 0.3, 0.2, 0.1), test_error=0.09, finished=True, params=1000):
+              train_errors=(0.5, 0.3, 0.2, 0.1), test_error=0.09, finished=True, params=1000,
+              **model_fields):
   """A synthetic run directory with the files train.py writes."""
   d = sweep_dir / name
   d.mkdir(parents=True)
   config = {'seed': seed, 'model': {'name': f'resnet{depth}', 'residual': residual,
-                                    'shortcut': shortcut, 'preact': False},
+                                    'shortcut': shortcut, 'preact': False, **model_fields},
             'data': {'name': dataset, 'eval_crops': 1}}
   (d / 'config.json').write_text(json.dumps(config))
   lines = []
@@ -118,6 +119,41 @@ def test_imagenet_paper_numbers_match_configuration():
   assert paper_error('imagenet2012', 'plain', 18, 'B') == (27.94, 'Table 2')
   assert paper_error('imagenet2012', 'residual', 18, 'B') is None  # Table 2 used option A
   assert paper_error('digits', 'residual', 20, 'A') is None
+
+
+def test_preact_runs_get_he_2016_numbers_and_their_own_rows(tmp_path):
+  from resnet_jax.analysis.paper_numbers import paper_error
+  assert paper_error('cifar10', 'residual', 1001, 'B', True, 'bottleneck') == \
+      (4.92, 'He et al. 2016, Table 3')
+  assert paper_error('cifar10', 'residual', 164, 'B', True, 'basic') is None  # not that net
+  assert paper_error('cifar10', 'residual', 164, 'A', True, 'bottleneck') is None
+  assert paper_error('cifar10', 'residual', 164, 'B', False, 'bottleneck') is None
+  write_run(tmp_path, 'bottleneck164', depth=164, shortcut='B', preact=True, block='bottleneck')
+  write_run(tmp_path, 'basic164', depth=164, preact=True)
+  records = sweep_report.collect_runs(str(tmp_path))
+  assert [r['block'] for r in records] == ['basic', 'bottleneck']
+  assert [r['paper_top1_error_pct'] for r in records] == [None, 5.46]
+  assert len(sweep_report.group_runs(records)) == 2
+
+
+def test_preact_bottleneck_experiment_builds_the_papers_net():
+  """The registry entry's config string gives He et al. 2016's ResNet-164 (1.7M weights)."""
+  import jax
+  import jax.numpy as jnp
+  from resnet_jax import train
+  from resnet_jax.default_config import load_sibling_config
+  from resnet_jax.train_step import count_params
+  experiment = _load_script().load_registry().get('preact_bottleneck')
+  assert experiment.depths == '164,1001' and experiment.variants == 'residual'
+  path, _, arg = experiment.config.partition(':')
+  assert path == 'configs/cifar.py'
+  cifar = load_sibling_config(os.path.join(ROOT, path), 'cifar')
+  config = cifar.get_config(f'{arg},depth=164')
+  assert (config.model.block, config.model.shortcut, config.schedule.warmup_steps) == \
+      ('bottleneck', 'B', 400)
+  model = train._build(config, num_classes=10)
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
+  assert count_params(variables['params']) == 1_703_258
 
 
 def test_experiment_registry_fills_the_grid():

@@ -22,14 +22,29 @@ IMAGENET_TABLES = {
     ('residual', 152, 'B'): (21.43, 'Table 3'),
 }
 
+# He et al. 2016 ("Identity Mappings in Deep Residual Networks"), CIFAR test error (%) of the
+# full pre-activation nets: Table 2 (ResNet-110, basic blocks, mean of 5 runs) and Table 3
+# (bottleneck ResNet-164/1001, mean of 5 runs, batch 128). (dataset, depth, block) -> error.
+PREACT_2016 = {
+    ('cifar10', 110, 'basic'): (6.37, 'He et al. 2016, Table 2'),
+    ('cifar10', 164, 'bottleneck'): (5.46, 'He et al. 2016, Table 3'),
+    ('cifar10', 1001, 'bottleneck'): (4.92, 'He et al. 2016, Table 3'),
+    ('cifar100', 164, 'bottleneck'): (24.33, 'He et al. 2016, Table 3'),
+    ('cifar100', 1001, 'bottleneck'): (22.71, 'He et al. 2016, Table 3'),
+}
+
 _IMAGENET_NAMES = ('imagenet2012', 'imagenet', 'imagenet2012_subset')
 
 
 def paper_error(dataset: str, variant: str, depth: int, shortcut: str | None,
-                preact: bool = False) -> tuple[float, str] | None:
+                preact: bool = False, block: str = 'basic') -> tuple[float, str] | None:
   """(top-1 error in %, source) of the paper's run matching this configuration, or None."""
-  if preact:
-    return None  # He et al. 2016 nets; not the tables of this paper
+  if preact:  # He et al. 2016: residual nets whose projections are option B, basic ones A
+    if variant != 'residual' or (shortcut or 'A') != ('B' if block == 'bottleneck' else 'A'):
+      return None
+    return PREACT_2016.get((dataset, depth, block))
+  if block != 'basic' and dataset not in _IMAGENET_NAMES:
+    return None
   if dataset == 'cifar10' and variant == 'residual' and (shortcut or 'A') == 'A':
     err = CIFAR10_TABLE6.get(depth)
     return (err, 'Table 6') if err is not None else None

@@ -69,6 +69,7 @@ def load_run(run_dir: str, train_window: int = 5) -> Record | None:
       'variant': variant,
       'shortcut': model.get('shortcut') if variant == 'residual' else None,
       'preact': bool(model.get('preact', False)),
+      'block': model.get('block') or 'basic',  # CIFAR: basic (6n+2) or bottleneck (9n+2)
       'seed': cfg.get('seed'),
       'finished': results is not None,
       'steps': results['step'] if results else (train[-1]['step'] if train else 0),
@@ -81,7 +82,8 @@ def load_run(run_dir: str, train_window: int = 5) -> Record | None:
       'eval_crops': cfg['data'].get('eval_crops', 1),
       'wall_time_s': results.get('wall_time_s') if results else None,
   }
-  paper = paper_error(rec['dataset'], variant, rec['depth'], rec['shortcut'], rec['preact'])
+  paper = paper_error(rec['dataset'], variant, rec['depth'], rec['shortcut'], rec['preact'],
+                      rec['block'])
   rec['paper_top1_error_pct'], rec['paper_source'] = paper if paper else (None, None)
   return rec
 
@@ -91,7 +93,7 @@ def _mean(xs: Sequence[float]) -> float | None:
 
 
 def _sort_key(rec: Record) -> tuple:
-  return (rec['dataset'], rec['preact'], rec['variant'] != 'plain', rec['depth'],
+  return (rec['dataset'], rec['preact'], rec['block'], rec['variant'] != 'plain', rec['depth'],
           rec['shortcut'] or '', rec['seed'] if rec['seed'] is not None else -1)
 
 
@@ -108,7 +110,8 @@ def collect_runs(sweep_dir: str, train_window: int = 5) -> list[Record]:
 
 
 def _group_key(rec: Record) -> tuple:
-  return (rec['dataset'], rec['preact'], rec['variant'], rec['depth'], rec['shortcut'])
+  return (rec['dataset'], rec['preact'], rec['block'], rec['variant'], rec['depth'],
+          rec['shortcut'])
 
 
 def group_runs(records: Sequence[Record]) -> list[list[Record]]:

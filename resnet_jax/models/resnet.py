@@ -255,33 +255,52 @@ class ResNet(nn.Module):
 
 
 class ArchSpec(NamedTuple):
-  """What a model name means: family ('imagenet' | 'cifar'), depth, and whether it is residual."""
+  """What a model name means: family ('imagenet' | 'cifar'), depth, residual, block kind."""
 
   family: str
   depth: int
   residual: bool
+  block: str = "basic"  # 'basic' | 'bottleneck'
 
 
+BLOCK_KINDS = ("basic", "bottleneck")
 _NAME_RE = re.compile(r"(?P<cifar>cifar_)?(?P<kind>resnet|plain)(?P<depth>[1-9]\d*)")
 VALID_NAMES = (
   "resnet18, resnet34, resnet50, resnet101, resnet152 (ImageNet); "
   "resnet{6n+2} for n >= 1, e.g. resnet8, resnet20, resnet56, resnet110, resnet1202 (CIFAR); "
+  "with block='bottleneck', resnet{9n+2} CIFAR bottleneck nets, e.g. resnet164, resnet1001; "
   "plain<N> for any of these depths (residual=False twin); "
   "prefix cifar_ (e.g. cifar_resnet50) forces the CIFAR family where depths collide"
 )
 
 
-def parse_name(name: str) -> ArchSpec:
-  """Resolve a model name; ImageNet depths win over the CIFAR 6n+2 rule (50 and 152 are both)."""
+def parse_name(name: str, block: Optional[str] = None) -> ArchSpec:
+  """Resolve a model name; ImageNet depths win over the CIFAR rules (50 and 152 are 6n+2 too).
+
+  CIFAR nets have basic blocks (6n+2 layers, He et al. 2015) unless ``block='bottleneck'``
+  (9n+2 layers: the ResNet-164/1001 of He et al. 2016). The block kind is explicit because some
+  depths fit both rules (164 = 6*27+2 = 9*18+2) and name nothing else.
+  """
+  if block is not None and block not in BLOCK_KINDS:
+    raise ValueError(f"block must be one of {BLOCK_KINDS} or None, got {block!r}")
   m = _NAME_RE.fullmatch(name)
   if m is not None:
     depth = int(m["depth"])
     residual = m["kind"] == "resnet"
     if not m["cifar"] and depth in IMAGENET_DEPTHS:
-      return ArchSpec("imagenet", depth, residual)
-    if depth >= 8 and (depth - 2) % 6 == 0:
-      return ArchSpec("cifar", depth, residual)
-  raise ValueError(f"unknown model name {name!r}; valid forms: {VALID_NAMES}")
+      kind = IMAGENET_DEPTHS[depth][0]
+      if block not in (None, kind):
+        raise ValueError(f"{name} is an ImageNet net with {kind} blocks; block={block!r} "
+                         f"contradicts it (use cifar_{name} for the CIFAR family)")
+      return ArchSpec("imagenet", depth, residual, kind)
+    per_block = 9 if block == "bottleneck" else 6
+    if depth >= per_block + 2 and (depth - 2) % per_block == 0:
+      return ArchSpec("cifar", depth, residual, block or "basic")
+    if block is None and depth >= 11 and (depth - 2) % 9 == 0:
+      raise ValueError(f"{name!r} is not a basic-block CIFAR depth (6n+2); it is a bottleneck "
+                       f"one (9n+2): pass block='bottleneck' (config: model.block)")
+  raise ValueError(f"unknown model name {name!r}{f' with block={block!r}' if block else ''}; "
+                   f"valid forms: {VALID_NAMES}")
 
 
 def create_model(
@@ -292,6 +311,7 @@ def create_model(
   shortcut: Optional[str] = None,
   stride_on: Optional[str] = None,
   preact: bool = False,
+  block: Optional[str] = None,
   zero_init_last_bn: bool = False,
   bn_group_size: Optional[int] = None,
   dtype: Any = jnp.float32,
@@ -302,12 +322,15 @@ def create_model(
 
   Defaults: ImageNet names have 1000 classes, ``shortcut='B'``, ``stride_on='3x3'`` (v1.5, the
   torchvision layout; ``'1x1'`` is the paper's v1); CIFAR names have 10 classes and
-  ``shortcut='A'``. ``plain<N>`` names (or ``residual=False``) drop every shortcut.
+  ``shortcut='A'``, except CIFAR bottleneck nets (``block='bottleneck'``), which default to
+  ``'B'``: He et al. 2016 project where the width grows (16 -> 64 in the very first block).
+  ``plain<N>`` names (or ``residual=False``) drop every shortcut.
   """
-  spec = parse_name(name)
+  spec = parse_name(name, block)
   residual = residual and spec.residual
   imagenet = spec.family == "imagenet"
-  shortcut = shortcut if shortcut is not None else ("B" if imagenet else "A")
+  if shortcut is None:
+    shortcut = "B" if imagenet or spec.block == "bottleneck" else "A"
   stride_on = stride_on if stride_on is not None else "3x3"
   if shortcut not in ("A", "B", "C"):
     raise ValueError(f"shortcut must be 'A', 'B' or 'C', got {shortcut!r}")
@@ -318,11 +341,13 @@ def create_model(
   if zero_init_last_bn and not residual:
     raise ValueError("zero_init_last_bn=True would make every block of a plain net output zero")
 
+  kind = spec.block
   if imagenet:
-    kind, stage_sizes = IMAGENET_DEPTHS[spec.depth]
+    stage_sizes = IMAGENET_DEPTHS[spec.depth][1]
     widths, stem = IMAGENET_WIDTHS, "imagenet"
   else:
-    kind, stage_sizes = "basic", ((spec.depth - 2) // 6,) * 3
+    layers_per_block = 3 if kind == "bottleneck" else 2
+    stage_sizes = ((spec.depth - 2) // (3 * layers_per_block),) * 3
     widths, stem = CIFAR_WIDTHS, "cifar"
   blocks = {
     ("basic", False): BasicBlock,
