@@ -136,7 +136,7 @@ def _build(config: ml_collections.ConfigDict, num_classes: int):
   return create_model(
       config.model.name, num_classes=num_classes, residual=config.model.residual,
       shortcut=config.model.shortcut, stride_on=config.model.stride_on,
-      preact=config.model.preact, block=config.model.block,
+      preact=config.model.preact, block=config.model.get('block'),  # absent in older workdirs
       zero_init_last_bn=config.model.zero_init_last_bn,
       bn_group_size=config.model.bn_group_size, bn_momentum=config.model.bn_momentum,
       bn_epsilon=config.model.bn_epsilon,

@@ -1,5 +1,6 @@
 """Evaluation (issue 4 / DESIGN "Evaluation"): every example exactly once, on any devices and batch."""
 import json
+import os
 import subprocess
 import sys
 
@@ -83,6 +84,12 @@ def test_evaluate_cli_matches_the_training_run(tmp_path):
   proc = run_main(workdir, '--config.num_train_steps=20', '--config.batch_size=32',
                   '--config.log_every_steps=10')
   assert proc.returncode == 0, proc.stderr[-3000:]
+  config_path = os.path.join(workdir, 'config.json')  # as written before model.block existed
+  with open(config_path) as f:
+    config = json.load(f)
+  del config['model']['block']
+  with open(config_path, 'w') as f:
+    json.dump(config, f)
   cmd = [sys.executable, '-m', 'resnet_jax.evaluate', f'--workdir={workdir}']
   out = subprocess.run(cmd + ['--batch_size=44'], cwd=ROOT, env=env_with_devices(4),
                        capture_output=True, text=True, timeout=600)

@@ -134,6 +134,8 @@ def test_preact_runs_get_he_2016_numbers_and_their_own_rows(tmp_path):
   assert [r['block'] for r in records] == ['basic', 'bottleneck']
   assert [r['paper_top1_error_pct'] for r in records] == [None, 5.46]
   assert len(sweep_report.group_runs(records)) == 2
+  assert [sweep_report.label(r) for r in records] == \
+      ['ResNet-164 (pre-act)', 'ResNet-164 (pre-act, bottleneck)']
 
 
 def test_preact_bottleneck_experiment_builds_the_papers_net():

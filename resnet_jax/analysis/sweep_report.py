@@ -123,9 +123,11 @@ def group_runs(records: Sequence[Record]) -> list[list[Record]]:
 
 
 def label(rec: Record) -> str:
-  """'plain-20', 'ResNet-34 B', 'ResNet-110 (pre-act)': the paper's way of naming nets."""
+  """'plain-20', 'ResNet-110 (pre-act)', 'ResNet-164 (pre-act, bottleneck)': the papers' names."""
   text = f"{'ResNet' if rec['variant'] == 'residual' else 'plain'}-{rec['depth']}"
-  return text + (' (pre-act)' if rec['preact'] else '')
+  notes = [n for n, on in (('pre-act', rec['preact']), ('bottleneck', rec['block'] == 'bottleneck'))
+           if on]
+  return text + (f" ({', '.join(notes)})" if notes else '')
 
 
 def mean_std(values: Sequence[float | None], scale: float = 1.0, digits: int = 2) -> str:
