@@ -22,7 +22,7 @@ def get_config(arg: str | None = None):
   c.model.residual = not args.plain
   c.model.shortcut = args.shortcut or ('B' if args.block == 'bottleneck' else 'A')
   c.model.preact = args.preact
-  c.model.block = args.block
+  c.model.block = None if args.block == 'basic' else args.block  # None: the name's own kind
   c.model.bn_group_size = args.bn_group or None
   c.data.name = args.dataset
   c.data.num_classes = 100 if args.dataset == 'cifar100' else 10

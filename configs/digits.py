@@ -20,7 +20,7 @@ def get_config(arg: str | None = None):
   c.model.residual = not args.plain
   c.model.shortcut = args.shortcut or ('B' if args.block == 'bottleneck' else 'A')
   c.model.preact = args.preact
-  c.model.block = args.block
+  c.model.block = None if args.block == 'basic' else args.block  # None: the name's own kind
   c.data.name = 'digits'
   c.data.image_size = 8
   c.data.augment = 'none'

@@ -176,3 +176,18 @@ def test_failed_run_stops_its_data_workers(tmp_path):
   # The traceback keeps the run's frames alive (as a notebook's last traceback does), so the
   # workers are gone only if the run stopped them itself, not through garbage collection.
   assert failure.traceback and multiprocessing.active_children() == []
+
+
+def test_workdirs_from_before_model_block_resume_but_not_as_bottleneck(tmp_path):
+  """config.json written before `model.block` existed has no such key: a basic-block config may
+  continue it, a bottleneck one (another architecture) may not."""
+  from resnet_jax import train
+  from resnet_jax.default_config import load_sibling_config
+  digits = load_sibling_config(os.path.join(os.path.dirname(__file__), '..', 'configs', 'x.py'),
+                               'digits')
+  old = json.loads(digits.get_config('depth=20').to_json())
+  del old['model']['block']
+  (tmp_path / 'config.json').write_text(json.dumps(old))
+  train._prepare_workdir(str(tmp_path), digits.get_config('depth=20'))
+  with pytest.raises(train.ConfigError, match=r"model.block=None.*'bottleneck'"):
+    train._prepare_workdir(str(tmp_path), digits.get_config('depth=20,block=bottleneck,shortcut=A'))
