@@ -11,18 +11,14 @@ shortcut then defaults to B, projections where the width grows, as in that paper
 Examples: python -m resnet_jax.main --config=configs/cifar.py:depth=110 --workdir=/tmp/r110
           python -m resnet_jax.main --config=configs/cifar.py:depth=164,preact,block=bottleneck ...
 """
-from resnet_jax.default_config import base_config, parse_arg
+from resnet_jax.default_config import base_config, parse_arg, set_cifar_model
 
 
 def get_config(arg: str | None = None):
   args = parse_arg(arg, depth=20, plain=False, shortcut='', preact=False, val=0,
                    dataset='cifar10', bn_group=64, block='basic')
   c = base_config()
-  c.model.name = f'resnet{args.depth}'
-  c.model.residual = not args.plain
-  c.model.shortcut = args.shortcut or ('B' if args.block == 'bottleneck' else 'A')
-  c.model.preact = args.preact
-  c.model.block = None if args.block == 'basic' else args.block  # None: the name's own kind
+  set_cifar_model(c.model, args)
   c.model.bn_group_size = args.bn_group or None
   c.data.name = args.dataset
   c.data.num_classes = 100 if args.dataset == 'cifar100' else 10

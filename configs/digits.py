@@ -9,18 +9,14 @@ Runs on a laptop CPU in a few minutes; no download. Config args (comma-separated
   steps=1500   training steps at batch 64
 Example: python -m resnet_jax.main --config=configs/digits.py:depth=20,plain --workdir=/tmp/d
 """
-from resnet_jax.default_config import base_config, parse_arg
+from resnet_jax.default_config import base_config, parse_arg, set_cifar_model
 
 
 def get_config(arg: str | None = None):
   args = parse_arg(arg, depth=14, plain=False, shortcut='', steps=1500, batch=64, preact=False,
                    block='basic')
   c = base_config()
-  c.model.name = f'resnet{args.depth}'
-  c.model.residual = not args.plain
-  c.model.shortcut = args.shortcut or ('B' if args.block == 'bottleneck' else 'A')
-  c.model.preact = args.preact
-  c.model.block = None if args.block == 'basic' else args.block  # None: the name's own kind
+  set_cifar_model(c.model, args)
   c.data.name = 'digits'
   c.data.image_size = 8
   c.data.augment = 'none'

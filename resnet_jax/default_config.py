@@ -118,6 +118,20 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
   return out
 
 
+def set_cifar_model(model: ml_collections.ConfigDict, args: ml_collections.ConfigDict) -> None:
+  """`model.*` from the CIFAR-family config args that cifar.py and digits.py share.
+
+  args: depth, plain, shortcut ('' = A, or B for bottleneck nets, which project where the width
+  grows as He et al. 2016 do), preact, block ('basic' is stored as None, the name's own kind, so
+  runs from before `model.block` existed still resume).
+  """
+  model.name = f'resnet{args.depth}'
+  model.residual = not args.plain
+  model.shortcut = args.shortcut or ('B' if args.block == 'bottleneck' else 'A')
+  model.preact = args.preact
+  model.block = None if args.block == 'basic' else args.block
+
+
 def load_sibling_config(this_file: str, name: str):
   """Imports `configs/<name>.py` next to `this_file` (configs/ is a folder of files, not a package)."""
   import importlib.util
