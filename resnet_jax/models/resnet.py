@@ -56,8 +56,8 @@ def _projects(kind: str, changes: bool) -> bool:
   return kind == "C" or (kind == "B" and changes)
 
 
-class BasicBlock(nn.Module):
-  """Two 3x3 convs, each followed by BN; ReLU after the first and after the shortcut addition."""
+class _Block(nn.Module):
+  """The fields every block takes: the ResNet builds any block kind with the same arguments."""
 
   features: int
   conv: ModuleDef
@@ -65,10 +65,19 @@ class BasicBlock(nn.Module):
   strides: int = 1
   residual: bool = True
   shortcut: str = "B"
-  stride_on: str = "3x3"  # unused: a basic block's only stride is on its first 3x3 conv
+  stride_on: str = "3x3"  # bottlenecks only: a basic block's one stride is on its first 3x3 conv
   zero_init_last_bn: bool = False
-  expansion = 1
+  expansion = 1  # output channels per unit of `features`
   preact = False
+
+
+class _PreActBlock(_Block):
+  shared_preact: bool = False  # first unit after a bare conv stem
+  preact = True
+
+
+class BasicBlock(_Block):
+  """Two 3x3 convs, each followed by BN; ReLU after the first and after the shortcut addition."""
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -83,19 +92,10 @@ class BasicBlock(nn.Module):
     return nn.relu(y)
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(_Block):
   """1x1 reduce, 3x3, 1x1 expand (x4). ``stride_on`` picks v1 ('1x1', paper) or v1.5 ('3x3')."""
 
-  features: int
-  conv: ModuleDef
-  norm: ModuleDef
-  strides: int = 1
-  residual: bool = True
-  shortcut: str = "B"
-  stride_on: str = "3x3"
-  zero_init_last_bn: bool = False
   expansion = 4
-  preact = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -114,7 +114,7 @@ class Bottleneck(nn.Module):
     return nn.relu(y)
 
 
-class PreActBasicBlock(nn.Module):
+class PreActBasicBlock(_PreActBlock):
   """He et al. 2016 full pre-activation: BN-ReLU-conv twice, nothing after the addition.
 
   A projection shortcut reads the pre-activated input (shared BN-ReLU) and has no BN of its own;
@@ -122,18 +122,6 @@ class PreActBasicBlock(nn.Module):
   nets: "the first activation right after conv1 and before splitting into two paths", He et al.
   2016, appendix).
   """
-
-  features: int
-  conv: ModuleDef
-  norm: ModuleDef
-  strides: int = 1
-  residual: bool = True
-  shortcut: str = "B"
-  stride_on: str = "3x3"  # unused, as in BasicBlock
-  zero_init_last_bn: bool = False
-  shared_preact: bool = False  # first unit after a bare conv stem
-  expansion = 1
-  preact = True
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -150,20 +138,10 @@ class PreActBasicBlock(nn.Module):
     )
 
 
-class PreActBottleneck(nn.Module):
+class PreActBottleneck(_PreActBlock):
   """Pre-activation bottleneck: (BN-ReLU-conv) x3 with 1x1, 3x3, 1x1 (x4) convs."""
 
-  features: int
-  conv: ModuleDef
-  norm: ModuleDef
-  strides: int = 1
-  residual: bool = True
-  shortcut: str = "B"
-  stride_on: str = "3x3"
-  zero_init_last_bn: bool = False
-  shared_preact: bool = False  # first unit after a bare conv stem
   expansion = 4
-  preact = True
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -263,7 +241,9 @@ class ArchSpec(NamedTuple):
   block: str = "basic"  # 'basic' | 'bottleneck'
 
 
-BLOCK_KINDS = ("basic", "bottleneck")
+# CIFAR depth = 2 + this x blocks per stage: 3 stages of 2 (basic) or 3 (bottleneck) layers a block.
+_CIFAR_LAYERS_PER_STAGE_BLOCK = {"basic": 6, "bottleneck": 9}
+BLOCK_KINDS = tuple(_CIFAR_LAYERS_PER_STAGE_BLOCK)
 _NAME_RE = re.compile(r"(?P<cifar>cifar_)?(?P<kind>resnet|plain)(?P<depth>[1-9]\d*)")
 VALID_NAMES = (
   "resnet18, resnet34, resnet50, resnet101, resnet152 (ImageNet); "
@@ -272,6 +252,11 @@ VALID_NAMES = (
   "plain<N> for any of these depths (residual=False twin); "
   "prefix cifar_ (e.g. cifar_resnet50) forces the CIFAR family where depths collide"
 )
+
+
+def _cifar_depth_fits(depth: int, block: str) -> bool:
+  per_block = _CIFAR_LAYERS_PER_STAGE_BLOCK[block]
+  return depth >= per_block + 2 and (depth - 2) % per_block == 0
 
 
 def parse_name(name: str, block: Optional[str] = None) -> ArchSpec:
@@ -293,10 +278,9 @@ def parse_name(name: str, block: Optional[str] = None) -> ArchSpec:
         raise ValueError(f"{name} is an ImageNet net with {kind} blocks; block={block!r} "
                          f"contradicts it (use cifar_{name} for the CIFAR family)")
       return ArchSpec("imagenet", depth, residual, kind)
-    per_block = 9 if block == "bottleneck" else 6
-    if depth >= per_block + 2 and (depth - 2) % per_block == 0:
+    if _cifar_depth_fits(depth, block or "basic"):
       return ArchSpec("cifar", depth, residual, block or "basic")
-    if block is None and depth >= 11 and (depth - 2) % 9 == 0:
+    if block is None and _cifar_depth_fits(depth, "bottleneck"):
       raise ValueError(f"{name!r} is not a basic-block CIFAR depth (6n+2); it is a bottleneck "
                        f"one (9n+2): pass block='bottleneck' (config: model.block)")
   raise ValueError(f"unknown model name {name!r}{f' with block={block!r}' if block else ''}; "
@@ -341,13 +325,11 @@ def create_model(
   if zero_init_last_bn and not residual:
     raise ValueError("zero_init_last_bn=True would make every block of a plain net output zero")
 
-  kind = spec.block
   if imagenet:
     stage_sizes = IMAGENET_DEPTHS[spec.depth][1]
     widths, stem = IMAGENET_WIDTHS, "imagenet"
   else:
-    layers_per_block = 3 if kind == "bottleneck" else 2
-    stage_sizes = ((spec.depth - 2) // (3 * layers_per_block),) * 3
+    stage_sizes = ((spec.depth - 2) // _CIFAR_LAYERS_PER_STAGE_BLOCK[spec.block],) * 3
     widths, stem = CIFAR_WIDTHS, "cifar"
   blocks = {
     ("basic", False): BasicBlock,
@@ -357,7 +339,7 @@ def create_model(
   }
   return ResNet(
     stage_sizes=stage_sizes,
-    block_cls=blocks[kind, bool(preact)],
+    block_cls=blocks[spec.block, bool(preact)],
     num_classes=num_classes if num_classes is not None else (1000 if imagenet else 10),
     widths=widths,
     stem=stem,
