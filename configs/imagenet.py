@@ -29,6 +29,8 @@ def get_config(arg: str | None = None):
   c.model.bn_group_size = (args.bn_group or None) if paper else None
   c.model.zero_init_last_bn = not paper and not args.plain
   c.data.name = args.dataset
+  # TFDS's imagenet2012 has train and validation only; its test split (if built) has no labels.
+  c.data.eval_split = 'validation'
   c.data.num_classes = 1000
   c.data.image_size = 224
   c.data.augment = 'imagenet' if paper else 'inception'
