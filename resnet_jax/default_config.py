@@ -29,6 +29,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.bn_group_size = ml_collections.FieldReference(None, field_type=int)  # None: whole global batch
   c.model.bn_momentum = 0.9
   c.model.bn_epsilon = 1e-5
+  # Run the identical blocks of each stage as one scan over stacked parameters (compile time
+  # independent of depth) and optionally rematerialise each block in the backward pass.
+  c.model.scan = False
+  c.model.remat = False
 
   c.data = ml_collections.ConfigDict()
   c.data.name = 'digits'  # 'digits' | 'synthetic' | any TFDS image-classification name
