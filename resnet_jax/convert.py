@@ -160,12 +160,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                       help='adapt the stem to this many input channels (1: grayscale datasets)')
   args = parser.parse_args(argv)
 
-  from resnet_jax import checkpointing  # pylint: disable=import-outside-toplevel
+  from resnet_jax import pretrained  # pylint: disable=import-outside-toplevel
 
   variables = from_torchvision(load_torch_state_dict(args.torchvision_weights), args.arch)
   variables = adapt_input_channels(variables, args.in_channels)
   out = os.path.abspath(args.out)
-  checkpointing.save_model_variables(out, variables)
+  pretrained.save_model_variables(out, variables)
   n = sum(np.size(x) for x in jax.tree.leaves(variables['params']))
   classes = variables['params']['fc']['kernel'].shape[1]
   print(f'wrote {args.arch} ({n:,} parameters, {classes} classes) to {out}\n'

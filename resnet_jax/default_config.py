@@ -84,6 +84,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.on_nonfinite = 'error'  # 'error': stop naming the step | 'skip': drop that update
   c.init_from = ''  # another run's workdir or a converted checkpoint: weights only
   c.progress_bar = True
+  c.profile_steps = ''  # 'START,STOP': write a jax.profiler trace of those steps to workdir/profile
   return c
 
 
@@ -136,13 +137,24 @@ def set_cifar_model(model: ml_collections.ConfigDict, args: ml_collections.Confi
   model.block = None if args.block == 'basic' else args.block
 
 
-def load_sibling_config(this_file: str, name: str):
-  """Imports `configs/<name>.py` next to `this_file` (configs/ is a folder of files, not a package)."""
+def load_config_module(path: str):
+  """Imports a config file such as `configs/paper.py` (configs/ is a folder of files, not a package)."""
   import importlib.util
   import os
+  import sys
 
-  path = os.path.join(os.path.dirname(os.path.abspath(this_file)), f'{name}.py')
-  spec = importlib.util.spec_from_file_location(f'resnet_jax_configs_{name}', path)
+  name = 'resnet_jax_configs_' + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  if spec is None or not os.path.isfile(path):
+    raise FileNotFoundError(f'config file {path} does not exist')
   module = importlib.util.module_from_spec(spec)
+  sys.modules[name] = module  # dataclasses defined in the file look their module up here
   spec.loader.exec_module(module)
   return module
+
+
+def load_sibling_config(this_file: str, name: str):
+  """Imports `configs/<name>.py` next to `this_file`."""
+  import os
+
+  return load_config_module(os.path.join(os.path.dirname(os.path.abspath(this_file)), f'{name}.py'))

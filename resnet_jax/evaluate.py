@@ -9,19 +9,22 @@ or counted twice.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
-import os
 import sys
 from typing import Any, Callable
 
 import jax
 import ml_collections
-import numpy as np
+from absl import app, flags
 from jax.sharding import Mesh
 
-from resnet_jax import data
-from resnet_jax.train_step import batch_sharding, eval_probabilities, metric_sums
+from resnet_jax import data, runtime
+from resnet_jax.train_step import (batch_sharding, device_batch, eval_probabilities,
+                                   jit_eval_step, metric_sums, replicated)
+
+FLAGS = flags.FLAGS
 
 
 @contextlib.contextmanager
@@ -47,22 +50,22 @@ def _finish(totals: Any, split: str | None, config) -> dict[str, float]:
           'num_examples': int(round(count))}
 
 
-def run_evaluation(eval_step: Callable, state: Any, config: ml_collections.ConfigDict, mesh: Mesh,
-                   *, split: str | None = None, crops: int = 1) -> dict[str, float]:
-  """Mean loss and top-1/top-5 error over the whole split (crops: 1 or 10)."""
-  sharding = batch_sharding(mesh)
+def run_evaluation(eval_step: Callable, variables: Any, config: ml_collections.ConfigDict,
+                   mesh: Mesh, *, split: str | None = None, crops: int = 1) -> dict[str, float]:
+  """Mean loss and top-1/top-5 error over the whole split (crops: 1 or 10).
+
+  `eval_step(variables, batch)` is `train_step.jit_eval_step(...)`: it returns metric sums.
+  """
   totals = None
   with _eval_iterators(config, split, crops, [None]) as (batches,):
     for local in batches:
-      batch = {k: jax.make_array_from_process_local_data(sharding, np.asarray(local[k]))
-               for k in ('image', 'label', 'mask')}
-      sums = eval_step(state, batch)
+      sums = eval_step(variables, device_batch(local, mesh, ('image', 'label', 'mask')))
       totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
   return _finish(totals, split, config)
 
 
-def run_multiscale_evaluation(state: Any, config: ml_collections.ConfigDict, mesh: Mesh, *,
-                              scales: list[int], split: str | None = None,
+def run_multiscale_evaluation(apply_fn: Callable, variables: Any, config: ml_collections.ConfigDict,
+                              mesh: Mesh, *, scales: list[int], split: str | None = None,
                               crops: int = 1) -> dict[str, float]:
   """The paper's fully-convolutional multi-scale testing: softmax averaged over scales.
 
@@ -71,81 +74,64 @@ def run_multiscale_evaluation(state: Any, config: ml_collections.ConfigDict, mes
   walked in lockstep and each example's probabilities are averaged before scoring.
   """
   sharding = batch_sharding(mesh)
-  probs_fn = jax.jit(eval_probabilities, out_shardings=sharding)
-  sums_fn = jax.jit(metric_sums, out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-  put = lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x))
+  probs_fn = jax.jit(functools.partial(eval_probabilities, apply_fn), out_shardings=sharding)
+  sums_fn = jax.jit(metric_sums, out_shardings=replicated(mesh))
   totals = None
   with _eval_iterators(config, split, crops, scales) as per_scale_batches:
     for per_scale in zip(*per_scale_batches):
-      probs = sum(probs_fn(state, put(b['image'])) for b in per_scale) / len(scales)
-      sums = sums_fn(probs, put(per_scale[0]['label']), put(per_scale[0]['mask']))
+      batches = [device_batch(b, mesh, ('image', 'label', 'mask')) for b in per_scale]
+      probs = sum(probs_fn(variables, b['image']) for b in batches) / len(scales)
+      sums = sums_fn(probs, batches[0]['label'], batches[0]['mask'])
       totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
   return _finish(totals, split, config)
 
 
 def evaluate_workdir(workdir: str, *, split: str | None = None, crops: int | None = None,
                      batch_size: int | None = None,
-                     scales: list[int] | None = None) -> dict[str, float]:
-  """Restores the newest good checkpoint of a training run and evaluates it."""
-  from resnet_jax import checkpointing, optim, train
-  from resnet_jax.train_step import abstract_state, compile_steps, create_mesh
-
-  config_path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(config_path):
-    raise FileNotFoundError(f'{workdir} is not a training run (no config.json)')
-  with open(config_path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  if batch_size:
-    config.eval_batch_size = batch_size
-  info = data.get_dataset_info(config)
-  model = train._build(config, config.model.num_classes or info.num_classes)  # pylint: disable=protected-access
-  mesh = create_mesh()
-  lr_fn = optim.create_learning_rate_fn(config, 1, max(config.num_train_steps, 1))
-  tx = optim.create_optimizer(config, lr_fn)
-  abstract = abstract_state(model, tx, info.image_shape, mesh)
-  ckpt = checkpointing.Checkpointer(workdir, async_save=False)
-  restored = ckpt.restore(abstract)
-  if restored is None:
-    raise FileNotFoundError(f'no checkpoint in {ckpt.directory}')
-  state, _, step = restored
-  ckpt.close()
-  _, p_eval = compile_steps(mesh, jax.tree.map(lambda s: s.sharding, abstract), lr_fn, 0.0)
+                     scales: list[int] | None = None) -> dict[str, Any]:
+  """Evaluates the newest good checkpoint of a training run, without writing to its workdir."""
+  trained = runtime.load_trained_model(
+      workdir, {'eval_batch_size': batch_size} if batch_size else None)
+  experiment = trained.experiment
+  config, mesh = experiment.config, experiment.mesh
   split = split or config.data.eval_split
+  variables = jax.device_put(trained.variables, replicated(mesh))
   if scales:
-    result = run_multiscale_evaluation(state, config, mesh, scales=scales, split=split,
-                                       crops=crops or 1)
+    result = run_multiscale_evaluation(experiment.model.apply, variables, config, mesh,
+                                       scales=scales, split=split, crops=crops or 1)
     result['scales'] = scales
   else:
-    result = run_evaluation(p_eval, state, config, mesh, split=split,
+    eval_step = jit_eval_step(mesh, experiment.model.apply)
+    result = run_evaluation(eval_step, variables, config, mesh, split=split,
                             crops=crops or config.data.eval_crops)
-  result['step'] = int(step)
+  result['split'] = split
+  result['step'] = int(trained.step)
   return result
 
 
 def main(argv: list[str]) -> None:
   del argv
-  from absl import flags
-
-  f = flags.FLAGS
   try:
-    scales = [int(x) for x in f.scales] if f.scales else None
-    result = evaluate_workdir(f.workdir, split=f.split, crops=f.crops, batch_size=f.batch_size,
-                              scales=scales)
+    scales = [int(x) for x in FLAGS.scales] if FLAGS.scales else None
+    result = evaluate_workdir(FLAGS.workdir, split=FLAGS.split, crops=FLAGS.crops,
+                              batch_size=FLAGS.batch_size, scales=scales)
   except (ValueError, FileNotFoundError) as e:  # one clear line, no traceback
-    print(f'resnet_jax.evaluate: error: {e}', file=sys.stderr)
+    print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
   if jax.process_index() == 0:
     print(json.dumps(result))
 
 
-if __name__ == '__main__':
-  from absl import app, flags
-
+def define_flags() -> None:
   flags.DEFINE_string('workdir', None, 'Training run directory.', required=True)
-  flags.DEFINE_string('split', None, 'Split to evaluate (default: the config\'s eval split).')
-  flags.DEFINE_integer('crops', None, 'Crops per image: 1, or 10 (the paper\'s 10-crop testing).')
+  flags.DEFINE_string('split', None, "Split to evaluate (default: the config's eval split).")
+  flags.DEFINE_integer('crops', None, "Crops per image: 1, or 10 (the paper's 10-crop testing).")
   flags.register_validator('crops', lambda c: c in (None, 1, 10), message='--crops must be 1 or 10')
   flags.DEFINE_integer('batch_size', None, 'Global eval batch size.')
   flags.DEFINE_list('scales', None, 'Multi-scale fully-convolutional testing, e.g. '
-                    '224,256,384,480,640 (the paper\'s ImageNet setting); softmax averaged.')
+                    "224,256,384,480,640 (the paper's ImageNet setting); softmax averaged.")
+
+
+if __name__ == '__main__':
+  define_flags()
   app.run(main)

@@ -1,7 +1,16 @@
-"""Command-line entry: `python -m resnet_jax.main --config=configs/X.py[:args] --workdir=DIR`.
+"""Train (or resume) a ResNet: python -m resnet_jax.main --config=CONFIG[:ARGS] --workdir=DIR
 
-Thin on purpose (as flax's examples/imagenet): flags, the distributed runtime, logging, then
-`train.train_and_evaluate`. Bad input ends with one `error:` line and exit status 1.
+Examples:
+  python -m resnet_jax.main --config=configs/digits.py --workdir=workdirs/digits
+  python -m resnet_jax.main --config=configs/cifar.py:depth=56,plain --workdir=runs/plain56
+  python -m resnet_jax.main --config=configs/r50.py:recipe=modern,batch=1024 --workdir=runs/r50
+  python -m resnet_jax.main --config=configs/r18.py --workdir=runs/r18 --config.data.data_dir=DIR
+
+Configs (configs/): digits.py (offline demo), cifar.py, fashion_mnist.py, imagenet.py and
+r18.py ... r152.py, finetune.py. Text after ':' selects a variant (see each file's docstring);
+--config.KEY=VALUE overrides any field (all fields: resnet_jax/default_config.py).
+Rerunning the same command with the same --workdir resumes the run. Outputs in DIR:
+metrics.jsonl, tensorboard/, checkpoints/, config.json and, at the end, results.json.
 """
 from __future__ import annotations
 
@@ -76,8 +85,9 @@ def main(argv: list[str]) -> None:
     sys.exit(1)
   if jax.process_index() == 0 and 'eval' in results:
     ev = results['eval']
-    print(f"done: step {results['step']}, test top-1 error {100 * ev['top1_error']:.2f}% "
-          f"({ev['num_examples']} examples), results in {os.path.join(FLAGS.workdir, 'results.json')}")
+    print(f"done: step {results['step']}, {results['eval_split']} top-1 error "
+          f"{100 * ev['top1_error']:.2f}% ({ev['num_examples']} examples), results in "
+          f"{os.path.join(FLAGS.workdir, 'results.json')}")
 
 
 def parse_flags(argv: list[str]) -> list[str]:

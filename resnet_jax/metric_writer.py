@@ -8,31 +8,32 @@ from __future__ import annotations
 
 import json
 import math
-import os
+import platform
 import sys
-import time
 from typing import Any
 
 import jax
+from etils import epath
+
+from resnet_jax.workdir import write_atomic
 
 
 class MetricWriter:
   """Appends `{"step", "split", ...}` records to metrics.jsonl and scalars to TensorBoard."""
 
-  def __init__(self, workdir: str, *, enabled: bool | None = None):
+  def __init__(self, workdir: str | epath.Path, *, enabled: bool | None = None):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
-    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self.path = epath.Path(workdir) / 'metrics.jsonl'
     self._tb = None
     if self.enabled:
       from tensorboardX import SummaryWriter  # imported lazily: only process 0 needs it
-      self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+      self._tb = SummaryWriter(str(epath.Path(workdir) / 'tensorboard'))
 
   def truncate_after(self, step: int) -> None:
     """Drops records logged after `step` (they belong to work lost in an interruption)."""
-    if not self.enabled or not os.path.exists(self.path):
+    if not self.enabled or not self.path.exists():
       return
-    with open(self.path) as f:
-      lines = [l for l in f if l.strip()]
+    lines = [l + '\n' for l in self.path.read_text().splitlines() if l.strip()]
     kept = []
     for line in lines:
       try:
@@ -40,17 +41,15 @@ class MetricWriter:
           kept.append(line)
       except (json.JSONDecodeError, KeyError):  # a line torn by a crash mid-write
         continue
-    tmp = self.path + '.tmp'
-    with open(tmp, 'w') as f:
-      f.writelines(kept)
-    os.replace(tmp, self.path)
+    if len(kept) != len(lines):
+      write_atomic(self.path, ''.join(kept))
 
   def write(self, step: int, split: str, values: dict[str, Any]) -> None:
     if not self.enabled:
       return
     record = {'step': int(step), 'split': split}
     record.update({k: _plain(v) for k, v in values.items()})
-    with open(self.path, 'a') as f:
+    with self.path.open('a') as f:
       f.write(json.dumps(record) + '\n')
     for k, v in record.items():
       if k not in ('step', 'split') and isinstance(v, (int, float)) and math.isfinite(v):
@@ -74,21 +73,27 @@ def _plain(v: Any) -> Any:
 
 
 class Progress:
-  """One line per logging point: step, loss, error, img/s and ETA (stderr, process 0)."""
+  """One line per logging point: step, loss, error, img/s and ETA (stderr, process 0).
 
-  def __init__(self, total_steps: int, start_step: int, enabled: bool):
-    self.total, self.start, self.enabled = total_steps, start_step, enabled
-    self.t0 = time.time()
+  Rates and the ETA count only training steps: compilation, evaluation and checkpointing are
+  timed out of them, so the first line is not dragged down by compilation.
+  """
 
-  def update(self, step: int, loss: float, top1_error: float, images_per_sec: float) -> None:
+  def __init__(self, total_steps: int, start_step: int, enabled: bool, batch_size: int = 0):
+    self.total, self.enabled, self.batch_size = total_steps, enabled, batch_size
+    self._steps, self._seconds = 0, 0.0
+
+  def update(self, step: int, loss: float, top1_error: float, steps: int, seconds: float) -> None:
+    """`steps` training steps just took `seconds` (training only) and ended at `step`."""
+    self._steps += steps
+    self._seconds += seconds
     if not self.enabled:
       return
-    done = step - self.start
-    elapsed = time.time() - self.t0
-    eta = elapsed / done * (self.total - step) if done > 0 else float('nan')
+    per_step = self._seconds / max(self._steps, 1)
+    rate = steps * self.batch_size / max(seconds, 1e-9)
     print(f'step {step}/{self.total} ({100 * step / self.total:.0f}%)  loss {loss:.4f}  '
-          f'top1_err {100 * top1_error:.2f}%  {images_per_sec:,.0f} img/s  '
-          f'ETA {_hms(eta)}', file=sys.stderr, flush=True)
+          f'top-1 error {100 * top1_error:.2f}%  {rate:,.0f} img/s  '
+          f'ETA {_hms(per_step * (self.total - step))}', file=sys.stderr, flush=True)
 
 
 def _hms(seconds: float) -> str:
@@ -96,3 +101,20 @@ def _hms(seconds: float) -> str:
     return '?'
   seconds = int(seconds)
   return f'{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
+
+
+def environment() -> dict[str, Any]:
+  """Versions and hardware a result was measured with (recorded in results.json)."""
+  from importlib import metadata  # pylint: disable=import-outside-toplevel
+
+  versions = {}
+  for package in ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'grain', 'numpy'):
+    try:
+      versions[package] = metadata.version(package)
+    except metadata.PackageNotFoundError:
+      versions[package] = None
+  device = jax.devices()[0]
+  return {'versions': versions, 'python': platform.python_version(),
+          'platform': device.platform, 'device_kind': device.device_kind,
+          'device_count': jax.device_count(), 'local_device_count': jax.local_device_count(),
+          'process_count': jax.process_count(), 'host': platform.node()}

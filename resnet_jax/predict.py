@@ -21,7 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from resnet_jax.models import create_model
+from resnet_jax import runtime
+from resnet_jax.default_config import base_config
+from resnet_jax.workdir import CONFIG_FILE, as_path, read_run_config
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -70,8 +72,24 @@ def load_variables(args: argparse.Namespace) -> dict[str, Any]:
   if args.torchvision_weights:
     from resnet_jax import convert  # pylint: disable=import-outside-toplevel
     return convert.from_torchvision(convert.load_torch_state_dict(args.torchvision_weights), args.arch)
-  from resnet_jax import checkpointing  # pylint: disable=import-outside-toplevel
-  return checkpointing.load_model_variables(args.checkpoint)
+  from resnet_jax import pretrained  # pylint: disable=import-outside-toplevel
+  return pretrained.load_model_variables(args.checkpoint)
+
+
+def model_config(args: argparse.Namespace) -> Any:
+  """The config of the model to run: a training workdir's own, else the command line's."""
+  if args.checkpoint and (as_path(args.checkpoint) / CONFIG_FILE).exists():
+    config = read_run_config(args.checkpoint)
+    if config.model.name != args.arch:
+      raise ValueError(f'{args.checkpoint} trained {config.model.name}, not --arch {args.arch}')
+    return config
+  config = base_config()
+  config.model.name = args.arch
+  config.model.shortcut = args.shortcut
+  config.model.stride_on = args.stride_on
+  config.model.preact = args.preact
+  config.model.block = args.block
+  return config
 
 
 def top5(model, variables: dict[str, Any], images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -92,6 +110,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   parser.add_argument('--shortcut', choices=['A', 'B', 'C'], help='for checkpoints of non-default models')
   parser.add_argument('--stride-on', choices=['1x1', '3x3'])
   parser.add_argument('--preact', action='store_true')
+  parser.add_argument('--block', choices=['basic', 'bottleneck'],
+                      help='CIFAR-family nets: the block kind (bottleneck: 9n+2 layers)')
   parser.add_argument('--image-size', type=int, default=224, help='crop size (resize = size * 256 / 224)')
   parser.add_argument('--labels', help='text file with one class name per line')
   parser.add_argument('images', nargs='+', help='image files')
@@ -104,8 +124,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   if in_channels != 3:
     parser.error(f'the checkpoint expects {in_channels}-channel input; predict handles RGB ImageNet-style '
                  'models (use python -m resnet_jax.evaluate for models trained on other data)')
-  model = create_model(args.arch, num_classes=num_classes, shortcut=args.shortcut,
-                       stride_on=args.stride_on, preact=args.preact)
+  model = runtime.build_model(model_config(args), num_classes)
   from resnet_jax.checkpointing import describe_mismatch  # pylint: disable=import-outside-toplevel
   expected = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False),
                             jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32))

@@ -1,8 +1,9 @@
 """`train_and_evaluate(config, workdir)`: the whole training run, start or resume to results.json.
 
-Read top to bottom: validate the config, build model/optimizer/mesh, restore the newest good
-checkpoint (or initialise), then loop over jit-compiled steps, logging, evaluating and
-checkpointing at fixed steps. Device work is never synchronised except at those points.
+Read top to bottom: validate the config, build everything through `runtime` (model, data,
+optimizer, the restored or fresh state), then loop over jit-compiled steps, logging, evaluating
+and checkpointing at fixed steps. Device work is never synchronised except at those points. The
+input iterator and the metric writer can be passed in, so the loop is testable in-process.
 """
 from __future__ import annotations
 
@@ -10,24 +11,22 @@ import collections
 import contextlib
 import json
 import logging
-import math
-import os
 import signal
 import time
 from typing import Any, Iterator
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 from jax.experimental import multihost_utils
 
-from resnet_jax import checkpointing, data, optim
+from resnet_jax import checkpointing, data, runtime
 from resnet_jax.evaluate import run_evaluation
-from resnet_jax.metric_writer import MetricWriter, Progress
-from resnet_jax.models import create_model
-from resnet_jax.train_step import (abstract_state, batch_sharding, compile_steps, count_params,
-                                   create_mesh, init_state, replicated, state_fingerprint)
+from resnet_jax.metric_writer import MetricWriter, Progress, environment
+from resnet_jax.train_step import (count_params, device_batch, jit_eval_step, jit_train_step,
+                                   model_variables, state_fingerprint)
+from resnet_jax.workdir import CONFIG_FILE, RESULTS_FILE, as_path, read_run_config, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -42,10 +41,11 @@ class ConfigError(ValueError):
 
 
 class NonFiniteLossError(RuntimeError):
-  """The loss or gradients became NaN/inf (the update was not applied)."""
+  """The loss, gradients or update became NaN/inf (the update was not applied)."""
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Refuses, before anything is written, values that cannot give a correct run."""
   if config.batch_size <= 0:
     raise ConfigError(f'batch_size must be positive, got {config.batch_size}')
   n_dev, n_proc = jax.device_count(), jax.process_count()
@@ -54,38 +54,33 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                       f'use a multiple of {n_dev} (per-device batch must be whole)')
   if config.batch_size % n_proc:
     raise ConfigError(f'batch_size {config.batch_size} is not divisible by {n_proc} processes')
-  if config.dtype not in ('float32', 'bfloat16'):
-    raise ConfigError(f"dtype must be 'float32' or 'bfloat16', got {config.dtype!r}")
+  if config.dtype not in runtime.COMPUTE_DTYPES:
+    raise ConfigError(f"dtype must be one of {sorted(runtime.COMPUTE_DTYPES)}, got {config.dtype!r}")
   if config.on_nonfinite not in ('error', 'skip'):
     raise ConfigError(f"on_nonfinite must be 'error' or 'skip', got {config.on_nonfinite!r}")
   if config.num_train_steps <= 0 and config.num_epochs <= 0:
     raise ConfigError('set num_train_steps > 0 or num_epochs > 0')
 
 
-def _prepare_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
+def _prepare_workdir(workdir: epath.Path, config: ml_collections.ConfigDict) -> None:
   """Creates the workdir, proves it writable and refuses one holding a differently shaped run."""
   try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, f'.write_test_{jax.process_index()}')
-    with open(probe, 'w') as f:
-      f.write('ok')
-    os.remove(probe)
+    workdir.mkdir(parents=True, exist_ok=True)
+    probe = workdir / f'.write_test_{jax.process_index()}'
+    probe.write_text('ok')
+    probe.unlink()
   except OSError as e:
     raise ConfigError(f'workdir {workdir} is not writable: {e.strerror or e}') from None
-  path = os.path.join(workdir, 'config.json')
-  if os.path.exists(path):
-    with open(path) as f:
-      old = json.load(f)
+  if (workdir / CONFIG_FILE).exists():
+    old = read_run_config(workdir)
     for field in _SHAPE_FIELDS:
       section, key = field.split('.')
-      before, now = old.get(section, {}).get(key), config[section][key]
+      before, now = old[section][key], config[section][key]
       if before != now:
         raise ConfigError(f'workdir {workdir} holds a run with {field}={before!r}, this config has '
                           f'{now!r}: use another --workdir')
   if jax.process_index() == 0:
-    with open(path + '.tmp', 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
-    os.replace(path + '.tmp', path)
+    write_json(workdir / CONFIG_FILE, json.loads(config.to_json_best_effort()))
 
 
 class _StopRequest:
@@ -110,7 +105,7 @@ class _StopRequest:
       signal.signal(sig, handler)
 
 
-def _device_batches(iterator, sharding) -> Iterator[tuple[Any, dict[str, jax.Array]]]:
+def _device_batches(iterator, mesh) -> Iterator[tuple[Any, dict[str, jax.Array]]]:
   """Yields (iterator position just after the batch, global batch), two batches in flight.
 
   The position is what a checkpoint taken after consuming the batch must store: restoring it
@@ -120,10 +115,7 @@ def _device_batches(iterator, sharding) -> Iterator[tuple[Any, dict[str, jax.Arr
 
   def enqueue():
     local = next(iterator)
-    position = iterator.get_state()
-    batch = {k: jax.make_array_from_process_local_data(sharding, np.asarray(local[k]))
-             for k in ('image', 'label')}
-    queue.append((position, batch))
+    queue.append((iterator.get_state(), device_batch(local, mesh, ('image', 'label'))))
 
   for _ in range(2):
     enqueue()
@@ -132,89 +124,96 @@ def _device_batches(iterator, sharding) -> Iterator[tuple[Any, dict[str, jax.Arr
     enqueue()
 
 
-def _build(config: ml_collections.ConfigDict, num_classes: int):
-  return create_model(
-      config.model.name, num_classes=num_classes, residual=config.model.residual,
-      shortcut=config.model.shortcut, stride_on=config.model.stride_on,
-      preact=config.model.preact, block=config.model.get('block'),  # absent in older workdirs
-      zero_init_last_bn=config.model.zero_init_last_bn,
-      bn_group_size=config.model.bn_group_size, bn_momentum=config.model.bn_momentum,
-      bn_epsilon=config.model.bn_epsilon,
-      dtype=jnp.bfloat16 if config.dtype == 'bfloat16' else jnp.float32)
+def _profile_window(spec: str) -> tuple[int, int] | None:
+  """'START,STOP' (steps) -> the window to trace with jax.profiler, or None."""
+  if not spec:
+    return None
+  try:
+    start, stop = (int(x) for x in spec.split(','))
+  except ValueError:
+    raise ConfigError(f"profile_steps must be 'START,STOP' (e.g. '10,20'), got {spec!r}") from None
+  if not 0 <= start < stop:
+    raise ConfigError(f'profile_steps needs 0 <= START < STOP, got {spec!r}')
+  return start, stop
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains (or resumes) the run described by `config` in `workdir`; returns results.json's dict."""
-  start_time = time.time()
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       train_iter: Any = None, writer: Any = None) -> dict[str, Any]:
+  """Trains (or resumes) the run described by `config` in `workdir`; returns results.json's dict.
+
+  `train_iter` (an iterator of local batches with `get_state`/`set_state`/`close`) and `writer`
+  (a `MetricWriter`-like object) replace the configured input pipeline and the workdir's writer.
+  """
+  invocation_start = time.time()
   validate_config(config)
-  workdir = os.path.abspath(workdir)
-  _build(config, num_classes=config.model.num_classes or 1)  # a bad model name fails first
+  profile = _profile_window(config.profile_steps)
+  workdir = as_path(workdir)
+  runtime.build_model(config, num_classes=config.model.num_classes or 1)  # bad names fail first
   _prepare_workdir(workdir, config)
-  info = data.get_dataset_info(config)
-  model = _build(config, config.model.num_classes or info.num_classes)
-  mesh = create_mesh()
-  steps_per_epoch = math.ceil(info.num_train_examples / config.batch_size)
-  total_steps = (config.num_train_steps if config.num_train_steps > 0
-                 else int(math.ceil(config.num_epochs * steps_per_epoch)))
-  lr_fn = optim.create_learning_rate_fn(config, steps_per_epoch, total_steps)
-  tx = optim.create_optimizer(config, lr_fn)
-  abstract = abstract_state(model, tx, info.image_shape, mesh)
-  state_sharding = jax.tree.map(lambda s: s.sharding, abstract)
+  training = runtime.build_training(config)
+  experiment = training.experiment
+  mesh, total_steps = experiment.mesh, training.total_steps
 
   ckpt = checkpointing.Checkpointer(workdir, max_to_keep=config.max_to_keep,
                                     keep_best=config.keep_best)
-  restored = ckpt.restore(abstract)
-  if restored is not None:
-    state, saved, start_step = restored
-    # The data item holds the iterator position and the wall time spent before this checkpoint.
-    position = checkpointing.IteratorState(saved.state['iterator'])
-    start_time -= saved.state['wall_time_s']
-    logger.info('resuming from %s/%d', ckpt.directory, start_step)
-  else:
-    variables = None
-    if config.init_from:
-      fresh = jax.device_get(jax.jit(lambda r: model.init(
-          r, jnp.zeros((1,) + info.image_shape), train=False))(jax.random.key(config.seed)))
-      variables, reinit = checkpointing.merge_pretrained(
-          fresh, checkpointing.load_model_variables(config.init_from))
-      logger.info('initialised from %s (re-initialised: %s)', config.init_from, reinit or 'none')
-    state = init_state(model, tx, info.image_shape, config.seed, mesh, variables)
-    position, start_step = checkpointing.IteratorState(), 0
+  start = runtime.starting_point(training, ckpt)
+  state, step = start.state, start.step
 
-  train_iter = data.create_train_iterator(
-      config, local_batch_size=config.batch_size // jax.process_count(),
-      process_index=jax.process_index(), process_count=jax.process_count(), seed=config.seed)
-  if position.state is not None:
-    train_iter.set_state(position.state)
-  writer = MetricWriter(workdir)
-  writer.truncate_after(start_step)
-  if start_step == 0:
+  if train_iter is None:
+    train_iter = data.create_train_iterator(
+        config, local_batch_size=config.batch_size // jax.process_count(),
+        process_index=jax.process_index(), process_count=jax.process_count(), seed=config.seed)
+  if start.iterator_state is not None:
+    train_iter.set_state(start.iterator_state)
+  writer = writer or MetricWriter(workdir)
+  writer.truncate_after(step)
+  if step == 0:
     writer.write_text('config', config.to_json_best_effort(indent=2))
-  p_train, p_eval = compile_steps(mesh, state_sharding, lr_fn, config.label_smoothing)
+  train_step = jit_train_step(mesh, training.state_sharding, training.learning_rate_fn,
+                              label_smoothing=config.label_smoothing, seed=config.seed)
+  eval_step = jit_eval_step(mesh, experiment.model.apply)
   num_params = count_params(state.params)
   logger.info('%s: %s parameters, %d steps (%d per epoch), %d devices, %d processes',
-              config.model.name, f'{num_params:,}', total_steps, steps_per_epoch,
+              config.model.name, f'{num_params:,}', total_steps, training.steps_per_epoch,
               jax.device_count(), jax.process_count())
 
-  def evaluate(step: int) -> dict[str, float]:
-    result = run_evaluation(p_eval, state, config, mesh, split=config.data.eval_split,
-                            crops=config.data.eval_crops)
-    writer.write(step, 'eval', {k: result[k] for k in ('loss', 'top1_error', 'top5_error',
-                                                        'num_examples')})
-    logger.info('eval at step %d: %s', step, result)
+  def evaluate(at_step: int, record: bool = True) -> dict[str, Any]:
+    result = run_evaluation(eval_step, model_variables(state), config, mesh,
+                            split=config.data.eval_split, crops=config.data.eval_crops)
+    if record:
+      writer.write(at_step, 'eval', {k: result[k] for k in ('loss', 'top1_error', 'top5_error',
+                                                             'num_examples')})
+    logger.info('eval at step %d on %s (%d examples): top-1 error %.2f%%, top-5 error %.2f%%, '
+                'loss %.4f', at_step, config.data.eval_split, result['num_examples'],
+                100 * result['top1_error'], 100 * result['top5_error'], result['loss'])
     return result
 
-  progress = Progress(total_steps, start_step, enabled=config.progress_bar and jax.process_index() == 0)
-  batches = _device_batches(train_iter, batch_sharding(mesh))
-  pending, window_start, step = [], time.time(), start_step
+  progress = Progress(total_steps, step, enabled=config.progress_bar and jax.process_index() == 0,
+                      batch_size=config.batch_size)
   eval_result = None
   # closing(): a failed or stopped run must not leave Grain worker processes and shared memory behind.
   with _StopRequest() as stop, contextlib.closing(train_iter):
+    batches = _device_batches(train_iter, mesh)
+    if step < total_steps:
+      position, batch = next(batches)
+      logger.info('compiling the train step ...')
+      t0 = time.time()
+      train_step = train_step.lower(state, batch).compile()
+      logger.info('compiled the train step in %.1f s', time.time() - t0)
+      pending_batch = (position, batch)
+    pending, busy_s, window_start = [], 0.0, time.time()
     while step < total_steps:
-      position.state, batch = next(batches)
-      state, metrics = p_train(state, batch)
+      position, batch = pending_batch if pending_batch else next(batches)
+      pending_batch = None
+      if profile and step == profile[0]:
+        jax.profiler.start_trace(str(workdir / 'profile'))
+      state, metrics = train_step(state, batch)
       pending.append(metrics)
       step += 1
+      if profile and step == profile[1]:
+        jax.block_until_ready(state)
+        jax.profiler.stop_trace()
+        logger.info('wrote a profiler trace of steps %d-%d to %s', *profile, workdir / 'profile')
       at_end = step == total_steps
       do_eval = at_end or (config.eval_every_steps > 0 and step % config.eval_every_steps == 0)
       do_ckpt = at_end or (config.checkpoint_every_steps > 0
@@ -226,20 +225,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if jax.process_count() > 1:
         stopping = bool(multihost_utils.process_allgather(np.asarray(stop.requested)).any())
       window = jax.device_get(pending)
-      elapsed = time.time() - window_start
-      pending, window_start = [], time.time()
+      train_s = time.time() - window_start - busy_s  # excludes the evals and saves in between
+      pending, busy_s, window_start = [], 0.0, time.time()
       _check_finite(window, config.on_nonfinite, ckpt.latest_step())
       summary = {k: float(np.mean([m[k] for m in window])) for k in ('loss', 'top1_error')}
       summary['learning_rate'] = float(window[-1]['learning_rate'])
-      summary['images_per_sec'] = len(window) * config.batch_size / max(elapsed, 1e-9)
+      summary['images_per_sec'] = len(window) * config.batch_size / max(train_s, 1e-9)
       writer.write(step, 'train', summary)
-      progress.update(step, summary['loss'], summary['top1_error'], summary['images_per_sec'])
+      progress.update(step, summary['loss'], summary['top1_error'], len(window), train_s)
+      busy_start = time.time()
       if do_eval:
         eval_result = evaluate(step)
       if do_ckpt or stopping:
-        ckpt.save(step, state, checkpointing.IteratorState(
-                      {'iterator': position.state, 'wall_time_s': time.time() - start_time}),
+        ckpt.save(step, state, {'iterator': position,
+                                'wall_time_s': start.wall_time_before_s + time.time()
+                                - invocation_start},
                   metrics={'top1_error': eval_result['top1_error']} if do_eval else None)
+      busy_s += time.time() - busy_start
       if stopping and not at_end:
         ckpt.close()
         writer.close()
@@ -247,20 +249,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         return {'step': step, 'stopped': True}
 
   if eval_result is None:  # resumed at the very end: the run was already complete
-    eval_result = evaluate(step)
+    eval_result = evaluate(step, record=False)
   ckpt.close()
   results = {
       'step': int(step),
       'eval': {k: eval_result[k] for k in ('loss', 'top1_error', 'top5_error', 'num_examples')},
+      'eval_split': config.data.eval_split,
       'params': num_params,
       'state_fingerprint': state_fingerprint(state),
-      'wall_time_s': time.time() - start_time,  # summed over resumes (up to the checkpoint)
+      'wall_time_s': start.wall_time_before_s + time.time() - invocation_start,
+      'environment': environment(),
       'config': json.loads(config.to_json_best_effort()),
   }
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'results.json.tmp'), 'w') as f:
-      json.dump(results, f, indent=2)
-    os.replace(os.path.join(workdir, 'results.json.tmp'), os.path.join(workdir, 'results.json'))
+    write_json(workdir / RESULTS_FILE, results)
   writer.close()
   return results
 
@@ -274,7 +276,7 @@ def _check_finite(window: list[dict[str, Any]], mode: str, last_good: int | None
     saved = ('no checkpoint was saved yet' if last_good is None
              else f'the last good checkpoint is step {last_good}')
     raise NonFiniteLossError(
-        f'non-finite loss or gradients at step {first + 1}; the update was not applied and '
-        f'{saved}. Lower the learning rate, or set '
+        f'non-finite loss, gradients or update at step {first + 1}; the update was not applied '
+        f'and {saved}. Lower the learning rate, or set '
         '--config.on_nonfinite=skip to skip such steps')
   logger.warning('skipped %d non-finite update(s), first at step %d', len(bad), first + 1)

@@ -62,18 +62,31 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
   return optax.softmax_cross_entropy(logits, targets)
 
 
+# Applied to batch['image'] first thing inside the jitted steps: (images, rng) -> model input.
+# rng is a per-step key in training and None in evaluation.
+Preprocess = Callable[..., jax.Array]
+
+
+def _as_float(images: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+  del rng
+  return images.astype(jnp.float32)
+
+
 def train_step(state: TrainState, batch: dict[str, jax.Array], *,
                learning_rate_fn: Callable, label_smoothing: float = 0.0,
+               preprocess: Preprocess = _as_float, seed: int = 0,
                ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One SGD step on the global batch.
 
-  A step whose loss or gradients are not finite is not applied (state unchanged except `step`);
-  it is reported in the metrics so the host can stop with an error naming it or skip it.
+  A step whose loss, gradients or new parameters/statistics are not finite is not applied (state
+  unchanged except `step`); it is reported in the metrics so the host can stop with an error
+  naming it or skip it.
   """
+  images = preprocess(batch['image'], rng=jax.random.fold_in(jax.random.key(seed), state.step))
 
   def loss_fn(params):
     logits, updates = state.apply_fn(
-        {'params': params, 'batch_stats': state.batch_stats}, batch['image'], train=True,
+        {'params': params, 'batch_stats': state.batch_stats}, images, train=True,
         mutable=['batch_stats'])
     loss = cross_entropy(logits, batch['label'], label_smoothing).mean()
     return loss, (logits, updates['batch_stats'])
@@ -82,7 +95,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *,
   updates, new_opt_state = state.tx.update(grads, state.opt_state, state.params)
   new_params = optax.apply_updates(state.params, updates)
 
-  finite = jnp.isfinite(loss) & jnp.isfinite(_sum_of_squares(grads))
+  finite = (jnp.isfinite(loss) & jnp.isfinite(_sum_of_squares(grads))
+            & jnp.isfinite(_sum_of_squares(new_params))
+            & jnp.isfinite(_sum_of_squares(new_batch_stats)))
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
   new_state = state.replace(
       step=state.step + 1,
@@ -101,17 +116,19 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *,
 
 
 def _sum_of_squares(tree: Any) -> jax.Array:
-  return sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree))
+  return sum((jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)),
+             jnp.zeros((), jnp.float32))
 
 
-def eval_probabilities(state: TrainState, images: jax.Array) -> jax.Array:
+def eval_probabilities(apply_fn: Callable, variables: Any, images: jax.Array,
+                       preprocess: Preprocess = _as_float) -> jax.Array:
   """Softmax probabilities [B, classes]; with crops ([B, crops, H, W, C]) averaged over them."""
-  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  images = preprocess(images, rng=None)
   if images.ndim == 5:
     b, crops = images.shape[:2]
-    logits = state.apply_fn(variables, images.reshape((b * crops,) + images.shape[2:]), train=False)
+    logits = apply_fn(variables, images.reshape((b * crops,) + images.shape[2:]), train=False)
     return jax.nn.softmax(logits.astype(jnp.float32)).reshape(b, crops, -1).mean(axis=1)
-  return jax.nn.softmax(state.apply_fn(variables, images, train=False).astype(jnp.float32))
+  return jax.nn.softmax(apply_fn(variables, images, train=False).astype(jnp.float32))
 
 
 def metric_sums(probs: jax.Array, labels: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
@@ -126,27 +143,45 @@ def metric_sums(probs: jax.Array, labels: jax.Array, mask: jax.Array) -> dict[st
           'top5_errors': jnp.sum(jnp.logical_not(in_top5) * m), 'count': jnp.sum(m)}
 
 
-def eval_step(state: TrainState, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+def eval_step(variables: Any, batch: dict[str, jax.Array], *, apply_fn: Callable,
+              preprocess: Preprocess = _as_float) -> dict[str, jax.Array]:
   """Metric sums of one eval batch; `image` is [B, H, W, C] or [B, crops, H, W, C].
 
   With crops the softmax probabilities are averaged over the crops, as in the paper's 10-crop
   testing; padding examples (mask=False) count for nothing.
   """
-  return metric_sums(eval_probabilities(state, batch['image']), batch['label'], batch['mask'])
+  probs = eval_probabilities(apply_fn, variables, batch['image'], preprocess)
+  return metric_sums(probs, batch['label'], batch['mask'])
 
 
-def compile_steps(mesh: Mesh, state_sharding: Any, learning_rate_fn: Callable,
-                  label_smoothing: float) -> tuple[Callable, Callable]:
-  """jit the steps with explicit shardings: batch split on `data`, state replicated and donated."""
-  data = batch_sharding(mesh)
-  rep = replicated(mesh)
-  p_train = jax.jit(
+def jit_train_step(mesh: Mesh, state_sharding: Any, learning_rate_fn: Callable, *,
+                   label_smoothing: float = 0.0, preprocess: Preprocess = _as_float,
+                   seed: int = 0) -> Callable:
+  """`train_step` under jit: batch split on `data`, state replicated and donated."""
+  return jax.jit(
       functools.partial(train_step, learning_rate_fn=learning_rate_fn,
-                        label_smoothing=label_smoothing),
-      in_shardings=(state_sharding, data), out_shardings=(state_sharding, rep),
-      donate_argnums=(0,))
-  p_eval = jax.jit(eval_step, in_shardings=(state_sharding, data), out_shardings=rep)
-  return p_train, p_eval
+                        label_smoothing=label_smoothing, preprocess=preprocess, seed=seed),
+      in_shardings=(state_sharding, batch_sharding(mesh)),
+      out_shardings=(state_sharding, replicated(mesh)), donate_argnums=(0,))
+
+
+def jit_eval_step(mesh: Mesh, apply_fn: Callable, *,
+                  preprocess: Preprocess = _as_float) -> Callable:
+  """`eval_step(variables, batch)` under jit: batch split on `data`, variables replicated."""
+  return jax.jit(functools.partial(eval_step, apply_fn=apply_fn, preprocess=preprocess),
+                 in_shardings=(replicated(mesh), batch_sharding(mesh)),
+                 out_shardings=replicated(mesh))
+
+
+def model_variables(state: TrainState) -> dict[str, Any]:
+  """What the model needs at inference: {'params', 'batch_stats'}."""
+  return {'params': state.params, 'batch_stats': state.batch_stats}
+
+
+def device_batch(local: dict[str, Any], mesh: Mesh, keys: tuple[str, ...]) -> dict[str, jax.Array]:
+  """This process's slice of a batch -> global arrays sharded on the mesh's `data` axis."""
+  sharding = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(local[k])) for k in keys}
 
 
 def _fresh_state(model: nn.Module, tx: optax.GradientTransformation,

@@ -7,7 +7,7 @@
         --dtype bfloat16 --peak-tflops 989 --json          # one H100 (bf16 dense peak)
 
 What is timed is exactly what `resnet_jax.train` runs: the step returned by
-`resnet_jax.train_step.compile_steps` (forward, backward, SGD momentum + coupled weight decay from
+`resnet_jax.train_step.jit_train_step` (forward, backward, SGD momentum + coupled weight decay from
 `resnet_jax.optim.create_optimizer`, BatchNorm statistics update, non-finite guard, state donated),
 on a synthetic batch already sharded over every device (the loop prefetches to the device, so the
 input pipeline is not part of the step; `scripts/benchmark_input.py` measures that side).
@@ -41,10 +41,10 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from resnet_jax import default_config, optim, summary  # pylint: disable=wrong-import-position
-from resnet_jax.models import create_model, parse_name  # pylint: disable=wrong-import-position
+from resnet_jax import default_config, optim, runtime, summary  # pylint: disable=wrong-import-position
+from resnet_jax.models import parse_name  # pylint: disable=wrong-import-position
 from resnet_jax.train_step import (  # pylint: disable=wrong-import-position
-    batch_sharding, compile_steps, create_mesh, init_state)
+    batch_sharding, create_mesh, init_state, jit_eval_step, jit_train_step, model_variables)
 
 
 def _loadavg() -> list[float]:
@@ -56,6 +56,9 @@ def _loadavg() -> list[float]:
 
 def _config(args):
   c = default_config.base_config()
+  c.model.name = args.model
+  c.model.num_classes = args.num_classes
+  c.dtype = args.dtype
   c.batch_size = args.batch_size
   c.schedule.name = 'constant'
   c.schedule.base_lr = 0.1
@@ -70,9 +73,8 @@ class JaxBench:
   def __init__(self, args):
     self.args = args
     self.batch_size = args.batch_size
-    dtype = jnp.bfloat16 if args.dtype == 'bfloat16' else jnp.float32
-    self.model = create_model(args.model, num_classes=args.num_classes, dtype=dtype)
     config = _config(args)
+    self.model = runtime.build_model(config)
     lr_fn = optim.create_learning_rate_fn(config, steps_per_epoch=1000, total_steps=10**6)
     tx = optim.create_optimizer(config, lr_fn)
     self.mesh = create_mesh()
@@ -82,7 +84,8 @@ class JaxBench:
     shape = (args.image_size, args.image_size, 3)
     self.state = init_state(self.model, tx, shape, seed=0, mesh=self.mesh)
     state_sharding = jax.tree.map(lambda x: x.sharding, self.state)
-    p_train, p_eval = compile_steps(self.mesh, state_sharding, lr_fn, 0.0)
+    train_step = jit_train_step(self.mesh, state_sharding, lr_fn)
+    eval_step = jit_eval_step(self.mesh, self.model.apply)
     rng = np.random.default_rng(0)
     images = rng.standard_normal((args.batch_size,) + shape, dtype=np.float32)
     labels = rng.integers(0, self.model.num_classes, args.batch_size).astype(np.int32)
@@ -92,10 +95,11 @@ class JaxBench:
     self.images, self.labels = images, labels  # the same data for torch
 
     t = time.perf_counter()
-    self.train = p_train.lower(self.state, self.batch).compile()
+    self.train = train_step.lower(self.state, self.batch).compile()
     self.compile_s = time.perf_counter() - t
     t = time.perf_counter()
-    self.eval = p_eval.lower(self.state, self.eval_batch).compile() if args.inference else None
+    self.eval = (eval_step.lower(model_variables(self.state), self.eval_batch).compile()
+                 if args.inference else None)
     self.eval_compile_s = time.perf_counter() - t if args.inference else None
     try:
       cost = self.train.cost_analysis()
@@ -118,7 +122,7 @@ class JaxBench:
     times = []
     for _ in range(k):
       t = time.perf_counter()
-      jax.block_until_ready(self.eval(self.state, self.eval_batch))
+      jax.block_until_ready(self.eval(model_variables(self.state), self.eval_batch))
       times.append(time.perf_counter() - t)
     return times
 

@@ -20,17 +20,12 @@ _ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
 sys.path.insert(0, _ROOT)
 
 from resnet_jax.analysis import sweep, sweep_report  # noqa: E402  (after the path insert)
+from resnet_jax.default_config import load_config_module  # noqa: E402
 
 
 def load_registry():
-  """Imports configs/paper.py (configs/ is a folder of files, not a package)."""
-  import importlib.util
-  spec = importlib.util.spec_from_file_location('resnet_jax_paper_registry',
-                                                os.path.join(_ROOT, 'configs', 'paper.py'))
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = module  # dataclasses look their module up here
-  spec.loader.exec_module(module)
-  return module
+  """configs/paper.py, the list of the paper's experiments."""
+  return load_config_module(os.path.join(_ROOT, 'configs', 'paper.py'))
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:

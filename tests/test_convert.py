@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from resnet_jax import checkpointing, convert, predict
+from resnet_jax import convert, predict, pretrained
 from resnet_jax.models import create_model
 
 
@@ -150,7 +150,7 @@ def test_convert_cli_then_predict_prints_top5(torch, tv, tmp_path, capsys):
   torch.save(model.state_dict(), weights)
   convert.main(['--arch', 'resnet18', '--torchvision-weights', str(weights), '--out', str(out)])
   assert 'wrote resnet18 (11,689,512 parameters, 1000 classes)' in capsys.readouterr().out
-  restored = checkpointing.load_model_variables(str(out))
+  restored = pretrained.load_model_variables(str(out))
   expected = convert.from_torchvision(model.state_dict(), 'resnet18')
   jax.tree.map(np.testing.assert_array_equal, restored, expected)
 
@@ -192,8 +192,8 @@ def test_finetune_from_converted_checkpoint_on_digits(torch, tv, tmp_path):
   res = results(str(workdir))
   assert res['step'] == 2 and res['eval']['num_examples'] == 360
   assert res['params'] == 11_689_512 - 7 * 7 * 2 * 64 - 513 * 990  # grey stem, 10-class head
-  before = checkpointing.load_model_variables(str(converted))['params']
-  after = checkpointing.load_model_variables(str(workdir))['params']
+  before = pretrained.load_model_variables(str(converted))['params']
+  after = pretrained.load_model_variables(str(workdir))['params']
   assert after['fc']['kernel'].shape == (512, 10)
   for key in before:
     if key != 'fc':

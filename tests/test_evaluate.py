@@ -13,7 +13,7 @@ from resnet_jax import train
 from resnet_jax.default_config import load_sibling_config
 from resnet_jax.evaluate import run_evaluation, run_multiscale_evaluation
 from resnet_jax.models import create_model
-from resnet_jax.train_step import compile_steps, create_mesh, init_state
+from resnet_jax.train_step import create_mesh, init_state, jit_eval_step, model_variables
 from tests.runner import ROOT, env_with_devices, results, run_main
 
 CONFIGS = ROOT + '/configs/x.py'
@@ -22,9 +22,7 @@ CONFIGS = ROOT + '/configs/x.py'
 def _digits_state(mesh):
   model = create_model('resnet8', num_classes=10)
   state = init_state(model, optax.sgd(0.1), (8, 8, 1), seed=0, mesh=mesh)
-  _, p_eval = compile_steps(mesh, jax.tree.map(lambda x: x.sharding, state),
-                            optax.constant_schedule(0.1), 0.0)
-  return state, p_eval
+  return model_variables(state), jit_eval_step(mesh, model.apply), model
 
 
 @pytest.mark.parametrize('num_devices,batch_size,crops', [
@@ -33,8 +31,8 @@ def test_every_example_counted_once(num_devices, batch_size, crops):
   config = load_sibling_config(CONFIGS, 'digits').get_config('depth=8')
   config.eval_batch_size = batch_size
   mesh = create_mesh(jax.devices()[:num_devices])
-  state, p_eval = _digits_state(mesh)
-  result = run_evaluation(p_eval, state, config, mesh, split='test', crops=crops)
+  variables, eval_step, _ = _digits_state(mesh)
+  result = run_evaluation(eval_step, variables, config, mesh, split='test', crops=crops)
   assert result['num_examples'] == 360
   assert 0.0 <= result['top5_error'] <= result['top1_error'] <= 1.0
 
@@ -45,8 +43,8 @@ def test_result_does_not_depend_on_batch_or_devices():
   for n, bs in [(1, 360), (4, 52)]:
     config.eval_batch_size = bs
     mesh = create_mesh(jax.devices()[:n])
-    state, p_eval = _digits_state(mesh)
-    out.append(run_evaluation(p_eval, state, config, mesh, split='test'))
+    variables, eval_step, _ = _digits_state(mesh)
+    out.append(run_evaluation(eval_step, variables, config, mesh, split='test'))
   assert out[0]['top1_error'] == out[1]['top1_error']
   assert out[0]['loss'] == pytest.approx(out[1]['loss'], rel=1e-5)
 
@@ -55,8 +53,8 @@ def test_multiscale_averages_over_scales():
   config = load_sibling_config(CONFIGS, 'digits').get_config('depth=8')
   config.eval_batch_size = 100
   mesh = create_mesh()
-  state, _ = _digits_state(mesh)
-  result = run_multiscale_evaluation(state, config, mesh, scales=[8, 12], split='test')
+  variables, _, model = _digits_state(mesh)
+  result = run_multiscale_evaluation(model.apply, variables, config, mesh, scales=[8, 12], split='test')
   assert result['num_examples'] == 360
 
 
@@ -103,4 +101,4 @@ def test_evaluate_cli_matches_the_training_run(tmp_path):
   assert json.loads(ten.stdout.strip().splitlines()[-1])['num_examples'] == 360
   bad = subprocess.run(cmd[:-1] + [f'--workdir={tmp_path}/nothing'], cwd=ROOT,
                        env=env_with_devices(4), capture_output=True, text=True, timeout=600)
-  assert bad.returncode == 1 and bad.stderr.strip().startswith('resnet_jax.evaluate: error:')
+  assert bad.returncode == 1 and bad.stderr.strip().startswith('error:')

@@ -188,6 +188,6 @@ def test_workdirs_from_before_model_block_resume_but_not_as_bottleneck(tmp_path)
   old = json.loads(digits.get_config('depth=20').to_json())
   del old['model']['block']
   (tmp_path / 'config.json').write_text(json.dumps(old))
-  train._prepare_workdir(str(tmp_path), digits.get_config('depth=20'))
+  train._prepare_workdir(tmp_path, digits.get_config('depth=20'))
   with pytest.raises(train.ConfigError, match=r"model.block=None.*'bottleneck'"):
-    train._prepare_workdir(str(tmp_path), digits.get_config('depth=20,block=bottleneck,shortcut=A'))
+    train._prepare_workdir(tmp_path, digits.get_config('depth=20,block=bottleneck,shortcut=A'))

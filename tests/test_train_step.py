@@ -6,8 +6,8 @@ import optax
 import pytest
 
 from resnet_jax.models import create_model
-from resnet_jax.train_step import (TrainState, batch_sharding, compile_steps, create_mesh,
-                                   init_state, state_fingerprint)
+from resnet_jax.train_step import (batch_sharding, create_mesh, init_state, jit_eval_step,
+                                   jit_train_step, model_variables, state_fingerprint)
 
 
 _CACHE = {}
@@ -22,60 +22,61 @@ def _setup(lr=0.05):
   state = init_state(model, tx, (8, 8, 1), seed=0, mesh=mesh)
   if 'steps' not in _CACHE:
     sharding = jax.tree.map(lambda x: x.sharding, state)
-    _CACHE['steps'] = compile_steps(mesh, sharding, optax.constant_schedule(lr), 0.0)
-  p_train, p_eval = _CACHE['steps']
+    _CACHE['steps'] = (jit_train_step(mesh, sharding, optax.constant_schedule(lr)),
+                       jit_eval_step(mesh, _CACHE['model'].apply))
+  train_step, eval_step = _CACHE['steps']
   rng = np.random.default_rng(0)
   batch = {'image': rng.normal(size=(16, 8, 8, 1)).astype(np.float32),
            'label': rng.integers(0, 4, size=16).astype(np.int32)}
   put = lambda b: {k: jax.device_put(v, batch_sharding(mesh)) for k, v in b.items()}
-  return state, p_train, p_eval, put, batch
+  return state, train_step, eval_step, put, batch
 
 
 def test_uses_every_device_and_shards_the_batch():
-  state, p_train, _, put, batch = _setup()
+  state, train_step, _, put, batch = _setup()
   assert jax.device_count() == 4
   g = put(batch)
   assert len(g['image'].addressable_shards) == 4
   assert g['image'].addressable_shards[0].data.shape == (4, 8, 8, 1)
-  new_state, _ = p_train(state, g)
+  new_state, _ = train_step(state, g)
   assert int(new_state.step) == 1
 
 
 def test_loss_decreases_on_a_fixed_batch():
-  state, p_train, _, put, batch = _setup()
+  state, train_step, _, put, batch = _setup()
   losses = []
   for _ in range(15):
-    state, m = p_train(state, put(batch))
+    state, m = train_step(state, put(batch))
     losses.append(float(m['loss']))
   assert losses[-1] < 0.5 * losses[0], losses
 
 
 def test_bn_stats_update_in_train_not_in_eval():
-  state, p_train, p_eval, put, batch = _setup()
+  state, train_step, eval_step, put, batch = _setup()
   before = jax.device_get(state.batch_stats)
   fp = state_fingerprint(state)
   ev = dict(batch, mask=np.ones(16, bool))
-  p_eval(state, put(ev))
+  eval_step(model_variables(state), put(ev))
   assert state_fingerprint(state) == fp  # eval changes nothing
-  state, _ = p_train(state, put(batch))
+  state, _ = train_step(state, put(batch))
   after = jax.device_get(state.batch_stats)
   changed = jax.tree.map(lambda a, b: not np.allclose(a, b), before, after)
   assert all(jax.tree.leaves(changed))
 
 
 def test_eval_counts_only_masked_examples():
-  state, _, p_eval, put, batch = _setup()
+  state, _, eval_step, put, batch = _setup()
   ev = dict(batch, mask=np.arange(16) < 10)
-  sums = jax.device_get(p_eval(state, put(ev)))
+  sums = jax.device_get(eval_step(model_variables(state), put(ev)))
   assert sums['count'] == 10
   assert 0 <= sums['top1_errors'] <= 10 and sums['top5_errors'] <= sums['top1_errors']
 
 
 def test_nonfinite_step_is_not_applied():
-  state, p_train, _, put, batch = _setup()
+  state, train_step, _, put, batch = _setup()
   bad = dict(batch, image=np.full_like(batch['image'], np.nan))
   fp_params = state_fingerprint(state.replace(step=jnp.zeros((), jnp.int32)))
-  new_state, m = p_train(state, put(bad))
+  new_state, m = train_step(state, put(bad))
   assert int(m['nonfinite']) == 1 and int(m['nonfinite_step']) == 0
   assert int(new_state.step) == 1
   assert state_fingerprint(new_state.replace(step=jnp.zeros((), jnp.int32))) == fp_params
@@ -83,13 +84,26 @@ def test_nonfinite_step_is_not_applied():
 
 def test_same_update_on_one_device_and_four():
   """Data parallelism is exact: the sharded step equals the single-device step."""
-  state, p_train, _, put, batch = _setup()
+  state, train_step, _, put, batch = _setup()
   model, tx = _CACHE['model'], _CACHE['tx']
   mesh1 = create_mesh(jax.devices()[:1])
   s1 = init_state(model, tx, (8, 8, 1), seed=0, mesh=mesh1)
-  t1, _ = compile_steps(mesh1, jax.tree.map(lambda x: x.sharding, s1), optax.constant_schedule(0.05), 0.0)
+  t1 = jit_train_step(mesh1, jax.tree.map(lambda x: x.sharding, s1), optax.constant_schedule(0.05))
   s1, m1 = t1(s1, {k: jax.device_put(v, batch_sharding(mesh1)) for k, v in batch.items()})
-  s4, m4 = p_train(state, put(batch))
+  s4, m4 = train_step(state, put(batch))
   np.testing.assert_allclose(m1['loss'], m4['loss'], rtol=1e-5)
   for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s4.params)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+def test_update_that_overflows_the_parameters_is_not_applied():
+  """Finite loss and gradients can still give inf parameters (a huge learning rate)."""
+  _, _, _, put, batch = _setup()
+  mesh = create_mesh()
+  huge = init_state(_CACHE['model'], optax.sgd(1e39), (8, 8, 1), seed=0, mesh=mesh)
+  step = jit_train_step(mesh, jax.tree.map(lambda x: x.sharding, huge),
+                        optax.constant_schedule(1e39))
+  fp_params = state_fingerprint(huge.replace(step=jnp.zeros((), jnp.int32)))
+  new_state, m = step(huge, put(batch))
+  assert int(m['nonfinite']) == 1
+  assert state_fingerprint(new_state.replace(step=jnp.zeros((), jnp.int32))) == fp_params

@@ -61,20 +61,16 @@ def layer_stds(workdir: str, *, split: str | None = None, max_examples: int = 0,
                batch_size: int | None = None) -> dict[str, Any]:
   """Restores `workdir`'s newest weights and returns {'label', 'layers', 'std', ...} for its test images."""
   import jax
-  import ml_collections
   import numpy as np
 
-  from resnet_jax import checkpointing, data
-  from resnet_jax.train import _build
+  from resnet_jax import data, runtime
+  from resnet_jax.workdir import read_run_config
 
-  with open(os.path.join(workdir, 'config.json')) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  if config.model.preact:
+  if read_run_config(workdir).model.preact:
     raise ValueError(f'{workdir}: pre-activation nets have no BN right after each 3x3 conv; '
                      'Fig. 7 is defined for the original (post-activation) blocks')
-  num_classes = config.model.num_classes or data.get_dataset_info(config).num_classes
-  model = _build(config, num_classes)
-  variables = checkpointing.load_model_variables(workdir)
+  trained = runtime.load_trained_model(workdir)
+  config, model, variables = trained.experiment.config, trained.experiment.model, trained.variables
   targets = response_layers(variables['params'])
   if not targets:
     raise ValueError(f'{workdir}: no BatchNorm after a 3x3 conv found in {config.model.name}')
@@ -110,8 +106,10 @@ def layer_stds(workdir: str, *, split: str | None = None, max_examples: int = 0,
       sums[key] += (a.size, a.sum(), np.square(a).sum())
     seen += int(mask.sum())
   stds = [float(np.sqrt(max(s[2] / s[0] - (s[1] / s[0]) ** 2, 0.0))) for s in sums.values()]
-  residual = bool(config.model.residual) and not config.model.name.startswith('plain')
-  depth = int(re.search(r'(\d+)$', config.model.name).group(1))
+  from resnet_jax.models import parse_name
+
+  spec = parse_name(config.model.name, config.model.block)
+  residual, depth = bool(config.model.residual) and spec.residual, spec.depth
   return {'workdir': os.path.abspath(workdir),
           'label': f"{'ResNet' if residual else 'plain'}-{depth}",
           'residual': residual, 'depth': depth, 'dataset': config.data.name,

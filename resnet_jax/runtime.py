@@ -1,0 +1,152 @@
+"""The one path from a config to running objects.
+
+Training, `evaluate`, `predict`, `summary`, the Fig. 7 analysis, the benchmarks and the sweeps all
+build their model here, from `config.model` (big_vision style: the fields of `config.model` are
+`create_model`'s keyword arguments). Trainers get the optimizer, schedule and train state
+(fresh, restored or initialised from pretrained weights); readers get model variables only.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from etils import epath
+from jax.sharding import Mesh
+
+from resnet_jax import checkpointing, data, optim, pretrained
+from resnet_jax.models import create_model
+from resnet_jax.train_step import TrainState, abstract_state, create_mesh, init_state
+from resnet_jax.workdir import read_run_config
+
+logger = logging.getLogger(__name__)
+
+COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+def build_model(config: ml_collections.ConfigDict, num_classes: int | None = None) -> nn.Module:
+  """`create_model(**config.model)` with the compute dtype; `num_classes` fills an unset count."""
+  kwargs = config.model.to_dict()
+  kwargs['num_classes'] = kwargs.get('num_classes') or num_classes
+  for not_yet_supported in ('scan', 'remat'):  # TODO(scan branch): create_model takes these
+    kwargs.pop(not_yet_supported, None)
+  return create_model(**kwargs, dtype=COMPUTE_DTYPES[config.dtype])
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+  """What every user of a config needs: the dataset's description, the model and the mesh."""
+
+  config: ml_collections.ConfigDict
+  dataset: data.DatasetInfo
+  model: nn.Module
+  mesh: Mesh
+
+  def abstract_variables(self) -> dict[str, Any]:
+    """Shapes of {'params', 'batch_stats'}, without allocating them."""
+    x = jax.ShapeDtypeStruct((1,) + self.dataset.image_shape, jnp.float32)
+    return jax.eval_shape(lambda x: self.model.init(jax.random.key(0), x, train=False), x)
+
+
+def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
+  """Model, dataset description and mesh; a bad model name fails before any data is opened."""
+  build_model(config, num_classes=config.model.num_classes or 1)
+  info = data.get_dataset_info(config)
+  return Experiment(config, info, build_model(config, info.num_classes), create_mesh())
+
+
+@dataclasses.dataclass(frozen=True)
+class Training:
+  """An experiment plus what only training needs: length, schedule, optimizer, state shapes."""
+
+  experiment: Experiment
+  steps_per_epoch: int
+  total_steps: int
+  learning_rate_fn: optax.Schedule
+  optimizer: optax.GradientTransformation
+  abstract_state: TrainState
+
+  @property
+  def state_sharding(self) -> Any:
+    return jax.tree.map(lambda s: s.sharding, self.abstract_state)
+
+
+def build_training(config: ml_collections.ConfigDict) -> Training:
+  experiment = build_experiment(config)
+  steps_per_epoch = math.ceil(experiment.dataset.num_train_examples / config.batch_size)
+  total_steps = (config.num_train_steps if config.num_train_steps > 0
+                 else int(math.ceil(config.num_epochs * steps_per_epoch)))
+  lr_fn = optim.create_learning_rate_fn(config, steps_per_epoch, total_steps)
+  tx = optim.create_optimizer(config, lr_fn)
+  abstract = abstract_state(experiment.model, tx, experiment.dataset.image_shape, experiment.mesh)
+  return Training(experiment, steps_per_epoch, total_steps, lr_fn, tx, abstract)
+
+
+@dataclasses.dataclass
+class StartingPoint:
+  """Where a run begins: the state, the input position to continue from, and its history."""
+
+  state: TrainState
+  step: int
+  iterator_state: dict[str, Any] | None  # None: start the input pipeline from the beginning
+  wall_time_before_s: float  # time spent by earlier invocations of this run
+
+
+def starting_point(training: Training, checkpointer: checkpointing.Checkpointer) -> StartingPoint:
+  """The newest good checkpoint, or a fresh state (from `config.init_from` weights if set)."""
+  restored = checkpointer.restore(training.abstract_state)
+  if restored is not None:
+    logger.info('resuming from %s/%d', checkpointer.directory, restored.step)
+    return StartingPoint(restored.state, restored.step, restored.progress['iterator'],
+                         float(restored.progress.get('wall_time_s', 0.0)))
+  experiment = training.experiment
+  config, model, mesh = experiment.config, experiment.model, experiment.mesh
+  variables = None
+  if config.init_from:
+    shape = (1,) + experiment.dataset.image_shape
+    fresh = jax.device_get(jax.jit(lambda r: model.init(r, jnp.zeros(shape), train=False))(
+        jax.random.key(config.seed)))
+    variables, reinit = pretrained.merge_pretrained(
+        fresh, pretrained.load_model_variables(config.init_from))
+    logger.info('initialised from %s (re-initialised: %s)', config.init_from, reinit or 'none')
+  state = init_state(model, training.optimizer, experiment.dataset.image_shape, config.seed,
+                     mesh, variables)
+  return StartingPoint(state, 0, None, 0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedModel:
+  """A finished or running run's weights, for readers (evaluation, analysis)."""
+
+  experiment: Experiment
+  variables: dict[str, Any]
+  step: int
+
+
+def load_trained_model(workdir: str | epath.PathLike,
+                       overrides: dict[str, Any] | None = None) -> TrainedModel:
+  """The model of the run in `workdir` with its newest good weights; never writes to `workdir`.
+
+  `overrides` ({'eval_batch_size': 64, ...}, dotted keys allowed) change how it is evaluated,
+  not what was trained.
+  """
+  config = read_run_config(workdir)
+  for key, value in (overrides or {}).items():
+    section = config
+    *parents, leaf = key.split('.')
+    for p in parents:
+      section = section[p]
+    section[leaf] = value
+  experiment = build_experiment(config)
+  variables, step = checkpointing.restore_model_variables(workdir)
+  mismatch = checkpointing.describe_mismatch(experiment.abstract_variables(), variables)
+  if mismatch:
+    raise checkpointing.CheckpointMismatchError(
+        f'{workdir}: the checkpoint does not fit the model its config.json describes: {mismatch}')
+  return TrainedModel(experiment, variables, step)

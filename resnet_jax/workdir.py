@@ -1,0 +1,80 @@
+"""A run's directory: where it is (local or remote), its config.json, and atomic writes.
+
+Every workdir path goes through `etils.epath` (what Orbax uses), so `gs://bucket/run` stays a
+bucket path instead of becoming `./gs:/bucket/run`, and local paths are made absolute once, here.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import ml_collections
+from etils import epath
+
+from resnet_jax.default_config import base_config
+
+CONFIG_FILE = 'config.json'
+RESULTS_FILE = 'results.json'
+
+
+def as_path(workdir: str | epath.PathLike) -> epath.Path:
+  """The workdir as an `epath.Path`: remote URIs untouched, local paths absolute."""
+  text = str(workdir)
+  if '://' in text:
+    return epath.Path(text)
+  return epath.Path(text).expanduser().resolve()
+
+
+def write_atomic(path: epath.Path, text: str) -> None:
+  """Writes `text` to a sibling temporary file, then renames it over `path`.
+
+  A reader (or a crash) sees either the old file or the new one, never half of one.
+  """
+  tmp = path.parent / f'.{path.name}.tmp'
+  tmp.write_text(text)
+  tmp.replace(path)
+
+
+def write_json(path: epath.Path, value: Any) -> None:
+  write_atomic(path, json.dumps(value, indent=2) + '\n')
+
+
+class WorkdirError(ValueError):
+  """A workdir that cannot be used as asked (not a run, damaged config.json, ...)."""
+
+
+def read_run_config(workdir: str | epath.PathLike) -> ml_collections.ConfigDict:
+  """The config a run in `workdir` was started with, on top of today's defaults.
+
+  Fields added since the run was written take their `base_config()` default, so older workdirs
+  keep evaluating and resuming. A missing or damaged config.json is a WorkdirError naming it.
+  """
+  path = as_path(workdir) / CONFIG_FILE
+  if not path.exists():
+    raise WorkdirError(f'{as_path(workdir)} is not a training run (no {CONFIG_FILE})')
+  try:
+    saved = json.loads(path.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise WorkdirError(f'{path} is not valid JSON ({e}); restore it from a backup or use '
+                       'another --workdir') from None
+  if not isinstance(saved, dict):
+    raise WorkdirError(f'{path} holds a {type(saved).__name__}, not a config object')
+  return merge_onto_defaults(saved)
+
+
+def merge_onto_defaults(saved: dict[str, Any]) -> ml_collections.ConfigDict:
+  """`saved` (a config as JSON) laid over `base_config()`; unknown keys are kept as they are."""
+  config = base_config()
+  _merge(config, saved)
+  return config
+
+
+def _merge(config: ml_collections.ConfigDict, saved: dict[str, Any]) -> None:
+  for key, value in saved.items():
+    if isinstance(value, dict) and isinstance(config.get(key), ml_collections.ConfigDict):
+      _merge(config[key], value)
+    elif key in config and config[key] is not None and value is not None:
+      config[key] = type(config[key])(value) if isinstance(config[key], float) else value
+    else:
+      with config.ignore_type():
+        config[key] = value
