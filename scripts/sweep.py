@@ -1,4 +1,4 @@
-"""Depth x variant (x shortcut x seed) sweeps: run every grid point, then tabulate and plot.
+r"""Depth x variant (x shortcut x seed) sweeps: run every grid point, then tabulate and plot.
 
   python scripts/sweep.py --config=configs/cifar.py --workdir=runs/t6 --depths=20,32,44,56,110 \
       --variants=residual,plain [--shortcuts=A,B,C] [--seeds=0,1] [--parallel=4 --devices=0,1,2,3] \

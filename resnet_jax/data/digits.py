@@ -6,7 +6,7 @@ feature would need TF to PNG-encode) in ArrayRecord files, so `tfds.data_source`
 
 from __future__ import annotations
 
-import fcntl
+import contextlib
 import os
 
 from etils import epath
@@ -70,12 +70,24 @@ def prepare_digits(data_dir: str | None = None) -> tfds.core.DatasetBuilder:
   # Several processes (hosts sharing a filesystem, parallel test runs) may prepare at once: serialise.
   root = os.fspath(builder.data_dir_root)
   os.makedirs(root, exist_ok=True)
-  with open(os.path.join(root, ".digits.lock"), "w") as lock:
+  with _exclusive(os.path.join(root, ".digits.lock")):
+    builder = tfds.builder("digits", data_dir=data_dir, file_format="array_record")
+    if not builder.is_prepared():
+      builder.download_and_prepare(file_format="array_record")
+  return builder
+
+
+@contextlib.contextmanager
+def _exclusive(path: str):
+  """An advisory inter-process lock on `path` (POSIX flock; without fcntl, e.g. Windows, none)."""
+  try:
+    import fcntl  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    yield
+    return
+  with open(path, "w") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)
     try:
-      builder = tfds.builder("digits", data_dir=data_dir, file_format="array_record")
-      if not builder.is_prepared():
-        builder.download_and_prepare(file_format="array_record")
+      yield
     finally:
       fcntl.flock(lock, fcntl.LOCK_UN)
-  return builder
