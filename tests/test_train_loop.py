@@ -1,0 +1,95 @@
+"""The training loop in-process: injected data and writer, logging, profiling, finished reruns."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from resnet_jax import train
+from resnet_jax.default_config import load_sibling_config
+
+_CONFIGS = os.path.join(os.path.dirname(__file__), '..', 'configs', 'x.py')
+
+
+class ArrayBatches:
+  """A resumable iterator of fixed random local batches (what train_and_evaluate may be given)."""
+
+  def __init__(self, batch_size: int):
+    self.batch_size, self.step, self.closed = batch_size, 0, False
+
+  def __next__(self):
+    rng = np.random.default_rng(self.step)
+    self.step += 1
+    return {'image': rng.integers(0, 17, (self.batch_size, 8, 8, 1)).astype(np.float32),
+            'label': rng.integers(0, 10, self.batch_size).astype(np.int32)}
+
+  def get_state(self):
+    return {'step': self.step}
+
+  def set_state(self, state):
+    self.step = state['step']
+
+  def close(self):
+    self.closed = True
+
+
+class ListWriter:
+  def __init__(self):
+    self.records, self.closed = [], False
+
+  def truncate_after(self, step):
+    self.records = [r for r in self.records if r['step'] <= step]
+
+  def write(self, step, split, values):
+    self.records.append({'step': step, 'split': split, **values})
+
+  def write_text(self, tag, text):
+    pass
+
+  def close(self):
+    self.closed = True
+
+
+def _config(steps=6):
+  config = load_sibling_config(_CONFIGS, 'digits').get_config(f'depth=8,steps={steps},batch=16')
+  config.update_from_flattened_dict({'log_every_steps': 2, 'eval_every_steps': 4,
+                                     'checkpoint_every_steps': 4, 'progress_bar': False})
+  return config
+
+
+def test_loop_runs_on_injected_batches_and_writer(tmp_path):
+  batches, writer = ArrayBatches(16), ListWriter()
+  result = train.train_and_evaluate(_config(), str(tmp_path), train_iter=batches, writer=writer)
+  assert batches.step == 6 + 1 and batches.closed  # the next batch is prefetched during a step
+  assert [r['step'] for r in writer.records if r['split'] == 'train'] == [2, 4, 6]
+  assert [r['step'] for r in writer.records if r['split'] == 'eval'] == [4, 6]
+  assert all(r['images_per_sec'] > 0 for r in writer.records if r['split'] == 'train')
+  assert result['eval_split'] == 'test' and result['eval']['num_examples'] == 360
+  saved = json.loads((tmp_path / 'results.json').read_text())
+  assert saved['environment']['platform'] == 'cpu' and saved['environment']['device_count'] == 4
+  assert saved['environment']['versions']['jax']
+
+  # Rerunning the finished run evaluates again but records nothing new.
+  again = ListWriter()
+  again.records = list(writer.records)
+  rerun = train.train_and_evaluate(_config(), str(tmp_path), train_iter=ArrayBatches(16),
+                                   writer=again)
+  assert again.records == writer.records
+  assert rerun['state_fingerprint'] == result['state_fingerprint']
+
+
+def test_profile_steps_write_a_trace(tmp_path):
+  config = _config(steps=4)
+  config.profile_steps = '1,3'
+  train.train_and_evaluate(config, str(tmp_path), train_iter=ArrayBatches(16), writer=ListWriter())
+  traces = list((tmp_path / 'profile').rglob('*.xplane.pb'))
+  assert traces, list((tmp_path).rglob('*'))
+
+
+@pytest.mark.parametrize('spec', ['5', '3,1', 'a,b'])
+def test_bad_profile_steps_are_refused_before_anything_is_written(tmp_path, spec):
+  config = _config()
+  config.profile_steps = spec
+  with pytest.raises(train.ConfigError, match='profile_steps'):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert not (tmp_path / 'run').exists()
