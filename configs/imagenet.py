@@ -10,9 +10,7 @@ crop, zero-init last BN, bfloat16, v1.5 blocks, 90 epochs.
 Config args: depth=50, plain, shortcut=A|B|C, recipe=paper|modern, stride_on=1x1|3x3,
 batch=256, bn_group=32 (0: whole global batch), dataset=imagenet2012.
 """
-from resnet_jax.default_config import base_config, parse_arg
-
-_NUM_TRAIN = 1_281_167
+from resnet_jax.default_config import IMAGENET_TRAIN_EXAMPLES, base_config, parse_arg
 
 
 def get_config(arg: str | None = None):
@@ -52,7 +50,7 @@ def get_config(arg: str | None = None):
     c.schedule.base_lr = 0.1
     c.schedule.scale_with_batch = True
     c.schedule.warmup = 'linear'
-    c.schedule.warmup_steps = 5 * _NUM_TRAIN // args.batch
+    c.schedule.warmup_steps = 5 * IMAGENET_TRAIN_EXAMPLES // args.batch
     c.label_smoothing = 0.1
     c.optimizer.nesterov = True
     c.optimizer.weight_decay_mask = 'kernels'

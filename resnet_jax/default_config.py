@@ -10,6 +10,9 @@ from typing import Any
 
 import ml_collections
 
+# ILSVRC-2012's training images: the synthetic dataset's epoch and the modern recipe's warm-up.
+IMAGENET_TRAIN_EXAMPLES = 1_281_167
+
 
 def base_config() -> ml_collections.ConfigDict:
   """Defaults shared by every experiment (the paper's CIFAR recipe where a choice is needed)."""
@@ -42,7 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.validation_size = 0  # >0: hold out that many train examples as split 'validation'
   c.data.image_size = 32
   c.data.num_classes = 10  # only used by 'synthetic'
-  c.data.num_train_examples = 1_281_167  # only used by 'synthetic' (defines an epoch)
+  c.data.num_train_examples = IMAGENET_TRAIN_EXAMPLES  # only used by 'synthetic' (an epoch)
   c.data.num_eval_examples = 32  # only used by 'synthetic' (random data: eval only exercises the path)
   c.data.channels = 3  # only used by 'synthetic'
   c.data.augment = 'none'  # 'none' | 'cifar' | 'imagenet' | 'inception'
