@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from resnet_jax.models import create_model, parse_name
+from resnet_jax.models import create_model, layout, parse_name
 
 # Keys torchvision stores that carry no model state (BN's update counter).
 IGNORED_SUFFIXES = ('num_batches_tracked',)
@@ -71,10 +71,13 @@ def _to_flax_layout(torch_value: np.ndarray, path: Sequence[str]) -> np.ndarray:
   return torch_value.T  # dense (out, in) -> (in, out)
 
 
-def from_torchvision(state_dict: Mapping[str, Any], name: str) -> dict[str, Any]:
+def from_torchvision(state_dict: Mapping[str, Any], name: str, *,
+                     scan: bool = False) -> dict[str, Any]:
   """Convert a torchvision ResNet ``state_dict`` to ``{'params', 'batch_stats'}`` of ``create_model(name)``.
 
-  The number of classes is read from ``fc.weight``. Key accounting is strict: a variable with no
+  The number of classes is read from ``fc.weight``. The keys map onto the unrolled layout;
+  ``scan=True`` returns the variables of ``create_model(name, scan=True)`` instead (stacked
+  blocks, ``models.layout.to_scanned``). Key accounting is strict: a variable with no
   torchvision key, a torchvision key that no variable uses (other than ``num_batches_tracked``), or a
   shape mismatch is a ``ValueError`` naming them. A ``module.`` prefix (DataParallel) is stripped.
   """
@@ -115,7 +118,27 @@ def from_torchvision(state_dict: Mapping[str, Any], name: str) -> dict[str, Any]
     problems.append(f'shape mismatches {reshaped}')
   if problems:
     raise ValueError(f'state_dict does not fit {name}: ' + '; '.join(problems))
-  return {'params': variables['params'], 'batch_stats': variables['batch_stats']}
+  variables = {'params': variables['params'], 'batch_stats': variables['batch_stats']}
+  return layout.to_scanned(variables, model.stage_sizes) if scan else variables
+
+
+def to_torchvision(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """The torchvision ``state_dict`` (numpy arrays) of a ResNet's variables, either layout.
+
+  The inverse of ``from_torchvision`` (``num_batches_tracked`` is not written): export weights
+  trained here to torch, or check a round trip.
+  """
+  unrolled = layout.to_unrolled(dict(variables))
+  out = {}
+  for collection in ('params', 'batch_stats'):
+    flat = jax.tree_util.tree_flatten_with_path(unrolled[collection])[0]
+    for keypath, leaf in flat:
+      names = [k.key for k in keypath]
+      value = np.asarray(leaf, np.float32)
+      if names[-1] == 'kernel':
+        value = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
+      out[torch_key(collection, names)] = value
+  return out
 
 
 def adapt_input_channels(variables: dict[str, Any], in_channels: int) -> dict[str, Any]:

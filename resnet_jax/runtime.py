@@ -34,8 +34,6 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int | None = Non
   """`create_model(**config.model)` with the compute dtype; `num_classes` fills an unset count."""
   kwargs = config.model.to_dict()
   kwargs['num_classes'] = kwargs.get('num_classes') or num_classes
-  for not_yet_supported in ('scan', 'remat'):  # TODO(scan branch): create_model takes these
-    kwargs.pop(not_yet_supported, None)
   return create_model(**kwargs, dtype=COMPUTE_DTYPES[config.dtype])
 
 

@@ -41,7 +41,13 @@ def count_params(params: Any) -> int:
 
 
 def analyze(model: nn.Module, image_size: int, in_channels: int = 3) -> dict:
-  """Per-stage output shape, params and MACs of ``model`` for one ``image_size`` square image."""
+  """Per-stage output shape, params and MACs of ``model`` for one ``image_size`` square image.
+
+  A scanned model (``scan=True``) is counted as its unrolled twin: the same function and
+  parameters, but a scan body is traced once, so per-call interception would miss its repeats.
+  """
+  if getattr(model, "scan", False):
+    model = model.clone(scan=False)
   calls = []  # (module path, output shape, macs) for every submodule __call__, in call order
 
   def interceptor(next_fun, args, kwargs, context):

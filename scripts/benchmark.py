@@ -58,6 +58,10 @@ def _config(args):
   c = default_config.base_config()
   c.model.name = args.model
   c.model.num_classes = args.num_classes
+  c.model.block = args.block_kind
+  c.model.preact = args.preact
+  c.model.scan = args.scan
+  c.model.remat = args.remat
   c.dtype = args.dtype
   c.batch_size = args.batch_size
   c.schedule.name = 'constant'
@@ -294,6 +298,14 @@ def main(argv=None):
   p.add_argument('--block', type=int, default=0,
                  help='steps per interleaved block with --compare-torch (default: steps // 4)')
   p.add_argument('--dtype', choices=['float32', 'bfloat16'], default='float32')
+  p.add_argument('--block-kind', choices=['basic', 'bottleneck'], default=None,
+                 help='CIFAR block kind (bottleneck: resnet164, resnet1001)')
+  p.add_argument('--preact', action='store_true', help='pre-activation blocks (He et al. 2016)')
+  p.add_argument('--scan', action=argparse.BooleanOptionalAction,
+                 default=default_config.base_config().model.scan,
+                 help='identical blocks as one scan (default: config.model.scan)')
+  p.add_argument('--remat', action=argparse.BooleanOptionalAction, default=False,
+                 help='rematerialise each block in the backward pass')
   p.add_argument('--inference', action=argparse.BooleanOptionalAction, default=True,
                  help='also time the eval step (default on)')
   p.add_argument('--compare-torch', action='store_true')
@@ -306,7 +318,12 @@ def main(argv=None):
                  help='device peak (e.g. 989 for H100 SXM bf16 dense) to report model FLOP utilisation')
   p.add_argument('--json', action='store_true', help='print one JSON object')
   args = p.parse_args(argv)
-  spec = parse_name(args.model)
+  try:
+    spec = parse_name(args.model, args.block_kind)
+  except ValueError as e:
+    p.error(str(e))
+  if args.compare_torch and (args.preact or (spec.family == 'cifar' and spec.block != 'basic')):
+    p.error('--compare-torch builds post-activation basic-block CIFAR and ImageNet nets only')
   args.image_size = args.image_size or (224 if spec.family == 'imagenet' else 32)
 
   load_start = _loadavg()
@@ -332,6 +349,10 @@ def main(argv=None):
       'batch_size': args.batch_size,
       'image_size': args.image_size,
       'dtype': args.dtype,
+      'block': spec.block,
+      'preact': args.preact,
+      'scan': args.scan,
+      'remat': args.remat,
       'platform': dev.platform,
       'device_kind': dev.device_kind,
       'devices': jax.device_count(),

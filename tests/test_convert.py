@@ -198,3 +198,22 @@ def test_finetune_from_converted_checkpoint_on_digits(torch, tv, tmp_path):
   for key in before:
     if key != 'fc':
       jax.tree.map(np.testing.assert_array_equal, after[key], before[key])
+
+
+def test_torchvision_round_trip_in_both_layouts_without_torch():
+  """to_torchvision / from_torchvision invert each other; scan=True gives the scanned layout."""
+  model = create_model('resnet18', num_classes=7, scan=True)
+  abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
+  rng = np.random.default_rng(0)
+  variables = jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32), abstract)
+  sd = convert.to_torchvision(variables)
+  assert sd['layer1.1.conv2.weight'].shape == (64, 64, 3, 3) and 'fc.weight' in sd
+  np.testing.assert_array_equal(sd['layer4.1.bn1.running_var'],
+                                variables['batch_stats']['layer4_scan']['bn1']['var'][0])
+  scanned = convert.from_torchvision(sd, 'resnet18', scan=True)
+  assert jax.tree.structure(scanned) == jax.tree.structure(jax.tree.map(np.asarray, variables))
+  jax.tree.map(np.testing.assert_array_equal, scanned, variables)
+  unrolled = convert.from_torchvision(sd, 'resnet18')
+  assert 'layer4_1' in unrolled['params'] and 'layer4_scan' not in unrolled['params']
+  np.testing.assert_array_equal(unrolled['params']['layer2_1']['conv1']['kernel'],
+                                variables['params']['layer2_scan']['conv1']['kernel'][0])

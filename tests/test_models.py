@@ -1,6 +1,7 @@
 """Model family: exact parameter counts, options, ghost BatchNorm, sharding invariance, dtypes."""
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -72,6 +73,7 @@ def run(model, variables, x, **kwargs):
 def test_parameter_counts_match_torchvision_and_paper(name, expected):
   size = 32 if parse_name(name).family == "cifar" else 224
   assert n_params(abstract_variables(create_model(name), size)) == expected
+  assert n_params(abstract_variables(create_model(name, scan=True), size)) == expected
 
 
 @pytest.mark.parametrize("name,size", [("resnet34", 224), ("resnet50", 224), ("resnet20", 32)])
@@ -240,21 +242,54 @@ def test_intermediates_expose_bn_output_before_relu_and_addition():
   np.testing.assert_allclose(inter["layer1_0"]["__call__"][0], jax.nn.relu(bn2 + block_in), atol=1e-5)
 
 
-def test_preact_shortcuts_read_the_right_input():
-  """First unit after the bare CIFAR stem shares its BN-ReLU with the shortcut; later A shortcuts
-  subsample the raw sum (He et al. 2016)."""
-  model = create_model("resnet8", preact=True)
+def _outputs(model):
   variables, x = init_tiny(model)
   _, state = run(model, variables, x, train=False, capture_intermediates=True, mutable=["intermediates"])
   inter = state["intermediates"]
-  out = lambda *path: functools.reduce(lambda d, k: d[k], path, inter)["__call__"][0]
+  return variables, lambda *path: functools.reduce(lambda d, k: d[k], path, inter)["__call__"][0]
+
+
+def test_preact_shortcuts_read_the_right_input():
+  """First unit after the bare CIFAR stem shares its BN-ReLU with the shortcut; so does the
+  option-A shortcut of a unit that changes shape (fb.resnet.torch 'both_preact', He et al. 2016)."""
+  _, out = _outputs(create_model("resnet8", preact=True))
   np.testing.assert_allclose(
     out("layer1_0"), out("layer1_0", "conv2") + jax.nn.relu(out("layer1_0", "bn1")), atol=1e-5
   )
-  sub = out("layer1_0")[:, ::2, ::2, :]
+  sub = jax.nn.relu(out("layer2_0", "bn1"))[:, ::2, ::2, :]
   expected = out("layer2_0", "conv2") + jnp.pad(sub, ((0, 0), (0, 0), (0, 0), (0, 16)))
   np.testing.assert_allclose(out("layer2_0"), expected, atol=1e-5)
-  assert "bn_final" in inter and out("fc").shape == (8, 10)
+  assert out("fc").shape == (8, 10) and out("bn_final").shape[-1] == 64
+
+
+def test_preact_identity_shortcut_of_a_shape_keeping_unit_reads_the_raw_sum():
+  _, out = _outputs(create_model("resnet14", preact=True))
+  np.testing.assert_allclose(
+    out("layer2_1"), out("layer2_1", "conv2") + out("layer2_0"), atol=1e-5
+  )
+
+
+def test_imagenet_preact_stem_is_the_first_units_preactivation():
+  """conv-BN-ReLU-maxpool stem, then a first unit with no BN-ReLU of its own (fb.resnet.torch
+  preresnet 'no_preact'): no BN-ReLU applied twice. Later units pre-activate themselves."""
+  model = create_model("resnet18", preact=True).clone(widths=(4, 4, 8, 8), stage_sizes=(2, 1, 1, 1))
+  variables, out = _outputs(model)
+  p = variables["params"]
+  assert "bn1" in p and "bn1" not in p["layer1_0"] and "bn1" in p["layer1_1"]
+  stem = nn.max_pool(jax.nn.relu(out("bn1")), (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+  np.testing.assert_allclose(out("layer1_0"), out("layer1_0", "conv2") + stem, atol=1e-5)
+  full = abstract_variables(create_model("resnet50", preact=True), 64)["params"]
+  assert "bn1" not in full["layer1_0"] and set(full["layer1_0"]) >= {"conv1", "downsample_conv"}
+
+
+def test_cifar_bottleneck_strides_its_first_1x1_imagenet_keeps_3x3():
+  """He et al. 2016's CIFAR bottleneck code strides the first 1x1 conv; ImageNet stays v1.5."""
+  model = create_model("resnet11", block="bottleneck")
+  assert model.stride_on == "1x1" and create_model("resnet50").stride_on == "3x3"
+  assert create_model("resnet11", block="bottleneck", stride_on="3x3").stride_on == "3x3"
+  _, out = _outputs(model)
+  assert out("layer2_0", "conv1").shape[1:3] == (4, 4)  # 8x8 input halved by the 1x1
+  assert out("layer2_0", "conv2").shape[1:3] == (4, 4)
 
 
 def _bn_apply(x, group_size, variables=None):

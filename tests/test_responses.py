@@ -48,3 +48,9 @@ def test_preact_runs_are_refused(tmp_path):
   (tmp_path / 'config.json').write_text('{"model": {"preact": true, "name": "resnet110"}}')
   with pytest.raises(ValueError, match='pre-activation'):
     responses.layer_stds(str(tmp_path))
+
+
+def test_response_layers_of_scanned_params_are_named_as_unrolled():
+  """A scanned run's params (stacked layer{s}_scan) give one entry per layer, named as today."""
+  assert responses.response_layers(_param_shapes('resnet20', 32, scan=True)) == \
+      responses.response_layers(_param_shapes('resnet20', 32))

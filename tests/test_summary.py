@@ -90,3 +90,10 @@ def test_cli_table_and_errors():
     [sys.executable, "-m", "resnet_jax.summary", "resnet21"], capture_output=True, text=True
   )
   assert bad.returncode == 2 and "resnet{6n+2}" in bad.stderr
+
+
+def test_scanned_model_summary_equals_unrolled():
+  """A scan body is traced once; analyze counts the scanned net as its unrolled twin."""
+  for kw in [dict(), dict(block="bottleneck", preact=True)]:
+    name = "resnet56" if not kw else "resnet29"
+    assert analyze(create_model(name, scan=True, **kw), 32) == analyze(create_model(name, **kw), 32)

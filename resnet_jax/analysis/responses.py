@@ -31,7 +31,11 @@ def response_layers(params: dict[str, Any]) -> list[tuple[str, ...]]:
 
   Found from the parameters, not from module types: in the (post-activation) blocks conv<k> is
   followed by bn<k> (stem: conv1 -> bn1), so every 3x3 `conv<k>/kernel` with a sibling `bn<k>`.
+  Scanned params (`layer{s}_scan`) are read in the unrolled layout: one entry per layer.
   """
+  from resnet_jax.models import layout
+
+  params = layout.to_unrolled(params)
   found = []
 
   def walk(tree: dict[str, Any], path: tuple[str, ...]) -> None:
@@ -63,14 +67,19 @@ def layer_stds(workdir: str, *, split: str | None = None, max_examples: int = 0,
   import jax
   import numpy as np
 
-  from resnet_jax import data, runtime
+  from resnet_jax import runtime
+  from resnet_jax.models import layout
   from resnet_jax.workdir import read_run_config
 
   if read_run_config(workdir).model.preact:
     raise ValueError(f'{workdir}: pre-activation nets have no BN right after each 3x3 conv; '
                      'Fig. 7 is defined for the original (post-activation) blocks')
   trained = runtime.load_trained_model(workdir)
-  config, model, variables = trained.experiment.config, trained.experiment.model, trained.variables
+  config = trained.experiment.config
+  # Measured on the unrolled twin (same function): every layer is then its own module whose
+  # output capture_intermediates records, whichever layout the run trained and saved.
+  model = trained.experiment.model.clone(scan=False)
+  variables = layout.to_unrolled(trained.variables)
   targets = response_layers(variables['params'])
   if not targets:
     raise ValueError(f'{workdir}: no BatchNorm after a 3x3 conv found in {config.model.name}')

@@ -1,4 +1,5 @@
 """ResNet models: ``create_model(name, **options)`` and the building blocks behind it."""
+from resnet_jax.models import layout
 from resnet_jax.models.layers import BatchNorm, conv, shortcut
 from resnet_jax.models.resnet import (
   IMAGENET_DEPTHS,
@@ -25,6 +26,7 @@ __all__ = [
   "VALID_NAMES",
   "conv",
   "create_model",
+  "layout",
   "parse_name",
   "shortcut",
 ]

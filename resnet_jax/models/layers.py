@@ -21,7 +21,9 @@ import jax.numpy as jnp
 Dtype = Any
 ModuleDef = Callable[..., nn.Module]
 
-# He et al. 2015 init, as in the paper and torchvision: N(0, 2 / fan_out).
+# He et al. 2015 init N(0, 2 / fan): fan_out (k*k*out_channels) as torchvision and fb.resnet.torch
+# do; the paper's Caffe "msra" filler uses fan_in (k*k*in_channels). Equal wherever a conv keeps
+# its width; they differ only on the convs that change it.
 conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 # torchvision's nn.Linear default weight init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
 dense_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")

@@ -22,6 +22,10 @@ Stages are numbered from 1 (``layer1``..``layer4`` on ImageNet, ``layer1``..``la
 blocks from 0, exactly as in torchvision. For the Fig. 7 analysis (responses of the BN layers that
 follow 3x3 convs), ``capture_intermediates=True`` records each BatchNorm's ``__call__`` output, which
 is the normalised response *before* the ReLU and before the shortcut addition.
+
+With ``scan=True`` blocks 1.. of stage ``s`` live in one module ``layer{s}_scan`` whose variables
+carry a leading axis (entry ``k`` is block ``k + 1``); ``resnet_jax.models.layout`` converts
+variable trees between that layout and the one above.
 """
 from __future__ import annotations
 
@@ -34,6 +38,12 @@ import jax
 import jax.numpy as jnp
 
 from resnet_jax.models import layers
+from resnet_jax.models.blocks import (
+  BasicBlock,
+  Bottleneck,
+  PreActBasicBlock,
+  PreActBottleneck,
+)
 
 ModuleDef = Any
 IMAGENET_DEPTHS = {  # depth -> (block kind, blocks per stage), paper Table 1.
@@ -47,140 +57,36 @@ IMAGENET_WIDTHS = (64, 128, 256, 512)
 CIFAR_WIDTHS = (16, 32, 64)
 
 
-def _last_bn_init(zero: bool):
-  """Zero the last BN's scale so the residual branch starts as zero (Goyal et al. 2017)."""
-  return nn.initializers.zeros if zero else nn.initializers.ones
-
-
-def _projects(kind: str, changes: bool) -> bool:
-  return kind == "C" or (kind == "B" and changes)
-
-
-class _Block(nn.Module):
-  """The fields every block takes: the ResNet builds any block kind with the same arguments."""
-
-  features: int
-  conv: ModuleDef
-  norm: ModuleDef
-  strides: int = 1
-  residual: bool = True
-  shortcut: str = "B"
-  stride_on: str = "3x3"  # bottlenecks only: a basic block's one stride is on its first 3x3 conv
-  zero_init_last_bn: bool = False
-  expansion = 1  # output channels per unit of `features`
-  preact = False
-
-
-class _PreActBlock(_Block):
-  shared_preact: bool = False  # first unit after a bare conv stem
-  preact = True
-
-
-class BasicBlock(_Block):
-  """Two 3x3 convs, each followed by BN; ReLU after the first and after the shortcut addition."""
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    y = self.conv(self.features, 3, self.strides, name="conv1")(x)
-    y = nn.relu(self.norm(name="bn1")(y))
-    y = self.conv(self.features, 3, name="conv2")(y)
-    y = self.norm(name="bn2", scale_init=_last_bn_init(self.zero_init_last_bn))(y)
-    if self.residual:
-      y = y + layers.shortcut(
-        x, self.features, self.strides, kind=self.shortcut, conv=self.conv, norm=self.norm
-      )
-    return nn.relu(y)
-
-
-class Bottleneck(_Block):
-  """1x1 reduce, 3x3, 1x1 expand (x4). ``stride_on`` picks v1 ('1x1', paper) or v1.5 ('3x3')."""
-
-  expansion = 4
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    s1, s3 = (self.strides, 1) if self.stride_on == "1x1" else (1, self.strides)
-    out = self.features * self.expansion
-    y = self.conv(self.features, 1, s1, name="conv1")(x)
-    y = nn.relu(self.norm(name="bn1")(y))
-    y = self.conv(self.features, 3, s3, name="conv2")(y)
-    y = nn.relu(self.norm(name="bn2")(y))
-    y = self.conv(out, 1, name="conv3")(y)
-    y = self.norm(name="bn3", scale_init=_last_bn_init(self.zero_init_last_bn))(y)
-    if self.residual:
-      y = y + layers.shortcut(
-        x, out, self.strides, kind=self.shortcut, conv=self.conv, norm=self.norm
-      )
-    return nn.relu(y)
-
-
-class PreActBasicBlock(_PreActBlock):
-  """He et al. 2016 full pre-activation: BN-ReLU-conv twice, nothing after the addition.
-
-  A projection shortcut reads the pre-activated input (shared BN-ReLU) and has no BN of its own;
-  so does every shortcut of the first unit after a bare conv stem (``shared_preact``, the CIFAR
-  nets: "the first activation right after conv1 and before splitting into two paths", He et al.
-  2016, appendix).
-  """
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    pre = nn.relu(self.norm(name="bn1")(x))
-    y = self.conv(self.features, 3, self.strides, name="conv1")(pre)
-    y = nn.relu(self.norm(name="bn2", scale_init=_last_bn_init(self.zero_init_last_bn))(y))
-    y = self.conv(self.features, 3, name="conv2")(y)
-    if not self.residual:
-      return y
-    changes = self.strides != 1 or x.shape[-1] != self.features
-    src = pre if self.shared_preact or _projects(self.shortcut, changes) else x
-    return y + layers.shortcut(
-      src, self.features, self.strides, kind=self.shortcut, conv=self.conv, norm=None
-    )
-
-
-class PreActBottleneck(_PreActBlock):
-  """Pre-activation bottleneck: (BN-ReLU-conv) x3 with 1x1, 3x3, 1x1 (x4) convs."""
-
-  expansion = 4
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    s1, s3 = (self.strides, 1) if self.stride_on == "1x1" else (1, self.strides)
-    out = self.features * self.expansion
-    pre = nn.relu(self.norm(name="bn1")(x))
-    y = self.conv(self.features, 1, s1, name="conv1")(pre)
-    y = nn.relu(self.norm(name="bn2")(y))
-    y = self.conv(self.features, 3, s3, name="conv2")(y)
-    y = nn.relu(self.norm(name="bn3", scale_init=_last_bn_init(self.zero_init_last_bn))(y))
-    y = self.conv(out, 1, name="conv3")(y)
-    if not self.residual:
-      return y
-    changes = self.strides != 1 or x.shape[-1] != out
-    src = pre if self.shared_preact or _projects(self.shortcut, changes) else x
-    return y + layers.shortcut(src, out, self.strides, kind=self.shortcut, conv=self.conv, norm=None)
-
-
 class ResNet(nn.Module):
   """Stem, stages of blocks (first block of every stage but the first downsamples), pool, dense.
 
   ``stem='imagenet'``: 7x7/2 conv + BN + ReLU + 3x3/2 max-pool; ``stem='cifar'``: 3x3 conv + BN +
   ReLU (pre-activation CIFAR nets keep only the conv: the first block's BN-ReLU follows it).
-  Pre-activation nets end with ``bn_final`` + ReLU before pooling (He et al. 2016, Sec. 4.1).
+  Pre-activation nets end with ``bn_final`` + ReLU before pooling (He et al. 2016, Sec. 4.1); on
+  the ImageNet stem the first unit takes the stem's BN-ReLU as its pre-activation (fb.resnet.torch
+  'no_preact'), so no BN-ReLU is applied twice.
+
+  ``scan=True``: blocks 1.. of each stage (identical by construction) run as one ``nn.scan`` over
+  parameters stacked on a leading axis, module ``layer{s}_scan`` (see ``models.layout``): the
+  compiled program holds two blocks per stage whatever the depth. ``remat=True`` recomputes each
+  block's activations in the backward pass (``nn.remat``) instead of keeping them.
   """
 
   stage_sizes: Sequence[int]
   block_cls: ModuleDef
   num_classes: int
   widths: Sequence[int] = IMAGENET_WIDTHS
-  stem: str = "imagenet"
+  stem: str = 'imagenet'
   residual: bool = True
-  shortcut: str = "B"
-  stride_on: str = "3x3"
+  shortcut: str = 'B'
+  stride_on: str = '3x3'
   zero_init_last_bn: bool = False
   bn_group_size: Optional[int] = None
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
   dtype: Any = jnp.float32
+  scan: bool = False
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -194,42 +100,54 @@ class ResNet(nn.Module):
       dtype=self.dtype,
     )
     preact = self.block_cls.preact
-    if self.stem == "imagenet":
-      x = conv(self.widths[0], 7, 2, name="conv1")(x)
-      x = nn.relu(norm(name="bn1")(x))
+    if self.stem == 'imagenet':
+      x = conv(self.widths[0], 7, 2, name='conv1')(x)
+      x = nn.relu(norm(name='bn1')(x))
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-    elif self.stem == "cifar":
-      x = conv(self.widths[0], 3, name="conv1")(x)
+    elif self.stem == 'cifar':
+      x = conv(self.widths[0], 3, name='conv1')(x)
       if not preact:
-        x = nn.relu(norm(name="bn1")(x))
+        x = nn.relu(norm(name='bn1')(x))
     else:
-      raise ValueError(f"unknown stem {self.stem!r}; expected 'imagenet' or 'cifar'")
+      raise ValueError(f'unknown stem {self.stem!r}; expected \'imagenet\' or \'cifar\'')
 
+    block_cls = nn.remat(self.block_cls) if self.remat else self.block_cls
+    common = dict(conv=conv, norm=norm, residual=self.residual, shortcut=self.shortcut,
+                  stride_on=self.stride_on, zero_init_last_bn=self.zero_init_last_bn)
     for i, (num_blocks, width) in enumerate(zip(self.stage_sizes, self.widths)):
-      for j in range(num_blocks):
-        first_after_bare_stem = preact and self.stem == "cifar" and i == 0 and j == 0
-        x = self.block_cls(
-          width,
-          conv=conv,
-          norm=norm,
-          strides=2 if i > 0 and j == 0 else 1,
-          residual=self.residual,
-          shortcut=self.shortcut,
-          stride_on=self.stride_on,
-          zero_init_last_bn=self.zero_init_last_bn,
-          name=f"layer{i + 1}_{j}",
-          **({"shared_preact": first_after_bare_stem} if preact else {}),
-        )(x)
+      for j in range(1 if self.scan else num_blocks):
+        first = preact and i == 0 and j == 0
+        extra = {}
+        if first:  # the unit right after the stem: see _PreActBlock
+          extra = ({'shared_preact': True} if self.stem == 'cifar'
+                   else {'input_preactivated': True})
+        x = block_cls(width, strides=2 if i > 0 and j == 0 else 1, name=f'layer{i + 1}_{j}',
+                      **common, **extra)(x)
+      if self.scan and num_blocks > 1:
+        x = self._scanned_blocks(width, num_blocks - 1, f'layer{i + 1}_scan', common)(x)
     if preact:
-      x = nn.relu(norm(name="bn_final")(x))
+      x = nn.relu(norm(name='bn_final')(x))
     x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
     return nn.Dense(
       self.num_classes,
       dtype=jnp.float32,
       param_dtype=jnp.float32,
       kernel_init=layers.dense_kernel_init,
-      name="fc",
+      name='fc',
     )(x)
+
+  def _scanned_blocks(self, width: int, length: int, name: str, common: dict):
+    """``length`` identical stride-1 blocks as one scan: variables gain a leading axis."""
+    block_cls = (nn.remat(self.block_cls, prevent_cse=False) if self.remat
+                 else self.block_cls)
+    block = block_cls(width, strides=1, name=name, **common)
+    body = nn.scan(
+      lambda module, carry, _: (module(carry), None),
+      variable_axes={'params': 0, 'batch_stats': 0, 'intermediates': 0},
+      split_rngs={'params': True},
+      length=length,
+    )
+    return lambda x: body(block, x, None)[0]
 
 
 class ArchSpec(NamedTuple):
@@ -301,21 +219,26 @@ def create_model(
   dtype: Any = jnp.float32,
   bn_momentum: float = 0.9,
   bn_epsilon: float = 1e-5,
+  scan: bool = False,
+  remat: bool = False,
 ) -> ResNet:
   """Build a ResNet by name (see ``VALID_NAMES``) with the paper's options.
 
   Defaults: ImageNet names have 1000 classes, ``shortcut='B'``, ``stride_on='3x3'`` (v1.5, the
   torchvision layout; ``'1x1'`` is the paper's v1); CIFAR names have 10 classes and
   ``shortcut='A'``, except CIFAR bottleneck nets (``block='bottleneck'``), which default to
-  ``'B'``: He et al. 2016 project where the width grows (16 -> 64 in the very first block).
-  ``plain<N>`` names (or ``residual=False``) drop every shortcut.
+  ``'B'``: He et al. 2016 project where the width grows (16 -> 64 in the very first block), and
+  ``stride_on='1x1'`` (the authors' code strides the first 1x1 conv). ``plain<N>`` names (or
+  ``residual=False``) drop every shortcut. ``scan``/``remat``: see ``ResNet`` (same function,
+  different parameter layout: ``models.layout`` converts).
   """
   spec = parse_name(name, block)
   residual = residual and spec.residual
   imagenet = spec.family == "imagenet"
   if shortcut is None:
     shortcut = "B" if imagenet or spec.block == "bottleneck" else "A"
-  stride_on = stride_on if stride_on is not None else "3x3"
+  if stride_on is None:
+    stride_on = '1x1' if not imagenet and spec.block == 'bottleneck' else '3x3'
   if shortcut not in ("A", "B", "C"):
     raise ValueError(f"shortcut must be 'A', 'B' or 'C', got {shortcut!r}")
   if stride_on not in ("1x1", "3x3"):
@@ -351,4 +274,6 @@ def create_model(
     bn_momentum=bn_momentum,
     bn_epsilon=bn_epsilon,
     dtype=jnp.dtype(dtype),
+    scan=bool(scan),
+    remat=bool(remat),
   )

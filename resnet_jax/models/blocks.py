@@ -1,0 +1,144 @@
+"""Residual blocks: the post-activation blocks of He et al. 2015 and the pre-activation ones of 2016.
+
+Every block takes the same fields (``_Block``), so the ResNet builds any kind with one call, and
+every block after the first of a stage is identical (stride 1, same width), which is what lets the
+ResNet run those as one ``nn.scan`` over stacked parameters (``ResNet.scan``).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+
+from resnet_jax.models import layers
+
+ModuleDef = Any
+
+
+def _last_bn_init(zero: bool):
+  """Zero the last BN's scale so the residual branch starts as zero (Goyal et al. 2017)."""
+  return nn.initializers.zeros if zero else nn.initializers.ones
+
+
+def _projects(kind: str, changes: bool) -> bool:
+  return kind == 'C' or (kind == 'B' and changes)
+
+
+class _Block(nn.Module):
+  """The fields every block takes: the ResNet builds any block kind with the same arguments."""
+
+  features: int
+  conv: ModuleDef
+  norm: ModuleDef
+  strides: int = 1
+  residual: bool = True
+  shortcut: str = 'B'
+  stride_on: str = '3x3'  # bottlenecks only: a basic block's one stride is on its first 3x3 conv
+  zero_init_last_bn: bool = False
+  expansion = 1  # output channels per unit of `features`
+  preact = False
+
+
+class _PreActBlock(_Block):
+  """Where a pre-activation unit's input BN-ReLU comes from (fb.resnet.torch ``preresnet.lua``).
+
+  ``shared_preact``: the unit's own BN-ReLU also feeds the shortcut ('both_preact'): the first
+  unit after the bare CIFAR conv stem, and every unit that changes shape.
+  ``input_preactivated``: the input is already BN-ReLU'd by the stem (ImageNet: conv-BN-ReLU-
+  max-pool), so the unit has no BN-ReLU of its own ('no_preact'; no ``bn1``).
+  """
+
+  shared_preact: bool = False
+  input_preactivated: bool = False
+  preact = True
+
+  def _preactivate(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(branch input, shortcut input) of this unit."""
+    if self.input_preactivated:
+      return x, x
+    pre = nn.relu(self.norm(name='bn1')(x))
+    out = self.features * self.expansion
+    changes = self.strides != 1 or x.shape[-1] != out
+    shared = self.shared_preact or changes or _projects(self.shortcut, changes)
+    return pre, (pre if shared else x)
+
+
+class BasicBlock(_Block):
+  """Two 3x3 convs, each followed by BN; ReLU after the first and after the shortcut addition."""
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = self.conv(self.features, 3, self.strides, name='conv1')(x)
+    y = nn.relu(self.norm(name='bn1')(y))
+    y = self.conv(self.features, 3, name='conv2')(y)
+    y = self.norm(name='bn2', scale_init=_last_bn_init(self.zero_init_last_bn))(y)
+    if self.residual:
+      y = y + layers.shortcut(
+        x, self.features, self.strides, kind=self.shortcut, conv=self.conv, norm=self.norm
+      )
+    return nn.relu(y)
+
+
+class Bottleneck(_Block):
+  """1x1 reduce, 3x3, 1x1 expand (x4). ``stride_on`` picks v1 ('1x1', paper) or v1.5 ('3x3')."""
+
+  expansion = 4
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    s1, s3 = (self.strides, 1) if self.stride_on == '1x1' else (1, self.strides)
+    out = self.features * self.expansion
+    y = self.conv(self.features, 1, s1, name='conv1')(x)
+    y = nn.relu(self.norm(name='bn1')(y))
+    y = self.conv(self.features, 3, s3, name='conv2')(y)
+    y = nn.relu(self.norm(name='bn2')(y))
+    y = self.conv(out, 1, name='conv3')(y)
+    y = self.norm(name='bn3', scale_init=_last_bn_init(self.zero_init_last_bn))(y)
+    if self.residual:
+      y = y + layers.shortcut(
+        x, out, self.strides, kind=self.shortcut, conv=self.conv, norm=self.norm
+      )
+    return nn.relu(y)
+
+
+class PreActBasicBlock(_PreActBlock):
+  """He et al. 2016 full pre-activation: BN-ReLU-conv twice, nothing after the addition.
+
+  The shortcut of a unit that changes shape (any option) or projects reads the pre-activated
+  input and a projection has no BN of its own (fb.resnet.torch 'both_preact'); an identity
+  shortcut of a unit that keeps the shape reads the raw sum. See ``_PreActBlock`` for the first
+  unit after the stem.
+  """
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    pre, src = self._preactivate(x)
+    y = self.conv(self.features, 3, self.strides, name='conv1')(pre)
+    y = nn.relu(self.norm(name='bn2', scale_init=_last_bn_init(self.zero_init_last_bn))(y))
+    y = self.conv(self.features, 3, name='conv2')(y)
+    if not self.residual:
+      return y
+    return y + layers.shortcut(
+      src, self.features, self.strides, kind=self.shortcut, conv=self.conv, norm=None
+    )
+
+
+class PreActBottleneck(_PreActBlock):
+  """Pre-activation bottleneck: (BN-ReLU-conv) x3 with 1x1, 3x3, 1x1 (x4) convs."""
+
+  expansion = 4
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    s1, s3 = (self.strides, 1) if self.stride_on == '1x1' else (1, self.strides)
+    out = self.features * self.expansion
+    pre, src = self._preactivate(x)
+    y = self.conv(self.features, 1, s1, name='conv1')(pre)
+    y = nn.relu(self.norm(name='bn2')(y))
+    y = self.conv(self.features, 3, s3, name='conv2')(y)
+    y = nn.relu(self.norm(name='bn3', scale_init=_last_bn_init(self.zero_init_last_bn))(y))
+    y = self.conv(out, 1, name='conv3')(y)
+    if not self.residual:
+      return y
+    return y + layers.shortcut(src, out, self.strides, kind=self.shortcut, conv=self.conv, norm=None)
