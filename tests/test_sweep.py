@@ -142,7 +142,7 @@ def test_preact_bottleneck_experiment_builds_the_papers_net():
   """The registry entry's config string gives He et al. 2016's ResNet-164 (1.7M weights)."""
   import jax
   import jax.numpy as jnp
-  from resnet_jax import train
+  from resnet_jax import runtime
   from resnet_jax.default_config import load_sibling_config
   from resnet_jax.train_step import count_params
   experiment = _load_script().load_registry().get('preact_bottleneck')
@@ -153,7 +153,7 @@ def test_preact_bottleneck_experiment_builds_the_papers_net():
   config = cifar.get_config(f'{arg},depth=164')
   assert (config.model.block, config.model.shortcut, config.schedule.warmup_steps) == \
       ('bottleneck', 'B', 400)
-  model = train._build(config, num_classes=10)
+  model = runtime.build_model(config, num_classes=10)
   variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
   assert count_params(variables['params']) == 1_703_258
 
