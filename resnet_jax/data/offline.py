@@ -235,8 +235,11 @@ def offline_download_manager(builder: Any, url_map: dict[str, str],
       expected = registered.get(url)
       if expected is not None:
         got = checksums.compute_url_info(path).checksum
-        same = 'matches' if got == expected.checksum else 'differs from'
-        report(f'{os.path.basename(path)}: sha256 {same} the official download ({url})')
+        if got == expected.checksum:
+          report(f'{os.path.basename(path)}: sha256 matches the official download ({url})')
+        else:
+          report(f'{os.path.basename(path)}: sha256 differs from the official download ({url}): a '
+                 'repackaged copy (e.g. Debian recompresses), or not the official file')
       return path
 
     manager.download = lambda urls: _map_tree(local, urls)

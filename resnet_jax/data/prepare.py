@@ -7,8 +7,9 @@ Online, TFDS downloads the data. Offline, `--from` takes the official archives a
 Fashion-MNIST IDX .gz files or their directory, an imagenette2*.tgz), and imagenet2012 reads
 ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar from `--manual_dir` (default
 DATA_DIR/downloads/manual, TFDS's own layout). Either way the data goes through TFDS's own builder,
-so the result is exactly what `tfds` produces (splits, features, label names). This wraps the TFDS
-Python API; the `tfds build` CLI needs apache_beam, which the `[tf]` extra does not install.
+so the result is exactly what `tfds` produces (splits, features, label names). Any other TFDS image
+classification dataset can be prepared online by name. This wraps the TFDS Python API (TFDS's
+command-line tool needs apache_beam, which the `[tf]` extra does not install).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import argparse
 import dataclasses
 import os
 import shlex
+import shutil
 import sys
 import tempfile
 from typing import Sequence
@@ -80,9 +82,32 @@ def _require_tensorflow(name: str) -> None:
                        f'them with {INSTALL_HINT}') from e
 
 
-def train_command(name: str, tfds_name: str, data_dir: str | None) -> str:
+def _check_tfds_name(name: str, sources: Sequence[str]) -> None:
+  """A name outside RECIPES must be a TFDS dataset, prepared online (no --from for it)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  try:
+    tfds.builder_cls(name.split('/')[0].split(':')[0])
+  except tfds.core.registered.DatasetNotFoundError as e:
+    raise PrepareError(f'unknown dataset {name!r}: not {", ".join(RECIPES)} nor a TFDS dataset '
+                       'name') from e
+  if sources:
+    raise PrepareError(f'--from is not supported for {name} (it takes the archives of cifar10, '
+                       'cifar100, fashion_mnist and imagenette); without it TFDS downloads the data')
+
+
+def _generic_recipe(tfds_name: str, image_shape: tuple | None) -> Recipe:
+  """Another TFDS dataset: the CIFAR recipe for small fixed-size images, else the ImageNet one."""
+  small = image_shape is not None and image_shape[0] is not None and image_shape[0] <= 64
+  config = 'configs/cifar.py' if small else 'configs/imagenet.py:depth=18'
+  arg = f'dataset={tfds_name}'
+  return Recipe(f'{config},{arg}' if ':' in config else f'{config}:{arg}',
+                f'runs/{tfds_name.replace("/", "_").replace(":", "_")}')
+
+
+def train_command(name: str, tfds_name: str, data_dir: str | None,
+                  image_shape: tuple | None = None) -> str:
   """The exact command that trains the dataset's recipe on the prepared data."""
-  recipe = RECIPES[name]
+  recipe = RECIPES.get(name) or _generic_recipe(tfds_name, image_shape)
   parts = ['python', '-m', 'resnet_jax.main', '--config=' + recipe.config.format(tfds_name=tfds_name),
            '--workdir=' + recipe.workdir]
   if data_dir:
@@ -101,16 +126,22 @@ def _manual_dir(args: argparse.Namespace, data_root: str) -> str:
   return manual
 
 
-def prepare(args: argparse.Namespace) -> str:
-  """Builds the dataset; returns the TFDS name (with builder config) it was prepared under."""
+def _image_shape(builder) -> tuple | None:
+  image_key = (builder.info.supervised_keys or ('image',))[0]
+  feature = builder.info.features[image_key] if isinstance(image_key, str) else None
+  return tuple(feature.shape) if feature is not None and hasattr(feature, 'shape') else None
+
+
+def prepare(args: argparse.Namespace) -> tuple[str, tuple | None]:
+  """Builds the dataset; returns the TFDS name (with builder config) and its image shape."""
   name = args.name
   if name not in RECIPES:
-    raise PrepareError(f'unknown dataset {name!r}: supported are {", ".join(RECIPES)}')
+    _check_tfds_name(name, args.sources)
   data_dir = os.path.abspath(os.path.expanduser(args.data_dir)) if args.data_dir else None
   if name == 'digits':
     from resnet_jax.data import digits  # pylint: disable=g-import-not-at-top
     digits.prepare_digits(data_dir)
-    return name
+    return name, (8, 8, 1)
   if args.sources and name != 'imagenet2012':
     missing = [s for s in args.sources if not os.path.exists(s)]
     if missing:
@@ -121,13 +152,21 @@ def prepare(args: argparse.Namespace) -> str:
   tfds_name = name
   if name == 'imagenette' and args.sources:
     tfds_name = f'imagenette/{imagenette_config(args.sources)}'
-  builder = tfds.builder(tfds_name, data_dir=data_dir, file_format='array_record')
+  builder = tfds.builder(tfds_name, data_dir=data_dir)
+  if builder.is_prepared() and args.overwrite:  # a fresh builder can then write ArrayRecord
+    print(f'--overwrite: removing {builder.data_dir}')
+    shutil.rmtree(builder.data_dir)
+    builder = tfds.builder(tfds_name, data_dir=data_dir)
   manual_dir = args.manual_dir
   if name == 'imagenet2012':
     manual_dir = _manual_dir(args, os.fspath(builder.data_dir_root))
   if builder.is_prepared() and not args.overwrite:
+    file_format = builder.info.file_format
+    if file_format != tfds.core.FileFormat.ARRAY_RECORD:
+      raise PrepareError(f'{tfds_name} in {builder.data_dir} is prepared as {file_format.value}, not '
+                         'ArrayRecord (needed for random access): add --overwrite to rebuild it')
     print(f'{tfds_name} is already prepared in {builder.data_dir} (--overwrite rebuilds it)')
-    return tfds_name
+    return tfds_name, _image_shape(builder)
   mode = tfds.download.GenerateMode
   with tempfile.TemporaryDirectory(prefix='resnet_jax_prepare_') as tmp:
     config = tfds.download.DownloadConfig(
@@ -144,14 +183,14 @@ def prepare(args: argparse.Namespace) -> str:
       builder.download_and_prepare(file_format='array_record', download_config=config)
   splits = ', '.join(f'{s} ({info.num_examples:,})' for s, info in builder.info.splits.items())
   print(f'prepared {tfds_name}: {splits}')
-  return tfds_name
+  return tfds_name, _image_shape(builder)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   """CLI entry: prepare, then print the train command; bad input is one `error:` line, exit 1."""
   args = _parser().parse_args(argv)
   try:
-    tfds_name = prepare(args)
+    tfds_name, image_shape = prepare(args)
   except PrepareError as e:
     print(f'error: {e}', file=sys.stderr)
     return 1
@@ -165,7 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           '(RESNET_JAX_TRACEBACK=1 shows the traceback)', file=sys.stderr)
     return 1
   print('train with:')
-  print('  ' + train_command(args.name, tfds_name, args.data_dir))
+  print('  ' + train_command(args.name, tfds_name, args.data_dir, image_shape))
   return 0
 
 
