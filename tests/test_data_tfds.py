@@ -104,3 +104,21 @@ def test_missing_split_names_the_available_ones(jpeg_dir):
   config = make_config(name="generated_jpegs/tiny", data_dir=jpeg_dir, image_size=24, augment="imagenet")
   with pytest.raises(data.DatasetNotFoundError, match="no split 'dev'.*train"):
     data.create_eval_iterator(config, split="dev", local_batch_size=4, process_index=0, process_count=1)
+
+
+def test_dataset_not_in_array_record_format_points_to_prepare_overwrite(tmp_path):
+  pytest.importorskip("tensorflow")  # TFDS writes TFRecord files with TensorFlow
+  from resnet_jax.data import offline
+  from tests import official_archives
+  archive = str(tmp_path / "cifar-10-binary.tar.gz")
+  official_archives.write_cifar10_binary(archive, per_batch=2, test=2)
+  builder = tfds.builder("cifar10", data_dir=str(tmp_path))  # TFDS's default format: TFRecord
+  with offline.offline_download_manager(builder, {offline.CIFAR10_URL: archive}, report=lambda _: None):
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(extract_dir=str(tmp_path / "x")))
+  config = make_config(name="cifar10", data_dir=str(tmp_path))
+  with pytest.raises(data.DatasetNotFoundError, match="not in ArrayRecord") as excinfo:
+    sources.open_split(config, "train")
+  message = str(excinfo.value)
+  assert f"`python -m resnet_jax.data.prepare cifar10 --overwrite --data_dir={tmp_path}`" in message
+  assert "tfds build" not in message and "\n" not in message
