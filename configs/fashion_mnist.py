@@ -9,9 +9,10 @@ Config args: depth=20, plain, shortcut=A|B|C, preact, block=basic|bottleneck, va
 many train images as 'validation'), bn_group=64 (0: whole global batch), steps=64000 (the schedule
 scales with it, for a CPU budget).
 Prepare the data once: python -m resnet_jax.data.prepare fashion_mnist [--from DIR_OF_IDX_FILES]
-Examples: python -m resnet_jax.main --config=configs/fashion_mnist.py:depth=56,steps=8000 --workdir=/tmp/f56
-          python scripts/sweep.py --config=configs/fashion_mnist.py:steps=8000 --workdir=/tmp/fm \\
-              --depths=20,56 --variants=residual,plain
+Examples:
+  python -m resnet_jax.main --config=configs/fashion_mnist.py:depth=56,steps=8000 --workdir=/tmp/f56
+  python scripts/sweep.py --config=configs/fashion_mnist.py:steps=8000 --workdir=/tmp/fm \\
+      --depths=20,56 --variants=residual,plain
 """
 from resnet_jax.default_config import base_config, parse_arg, set_cifar_model
 

@@ -1,4 +1,4 @@
-"""Miniature archives in the exact layouts of the official downloads (CIFAR, ImageNet, Fashion-MNIST).
+"""Miniature archives in the exact layouts of the official downloads (CIFAR, ImageNet, IDX).
 
 Only the number of examples is small: file names, member paths, pickle keys, binary records and IDX
 headers are those of the files users download, so `prepare` and TFDS's builders read them as they
@@ -16,7 +16,8 @@ import tarfile
 import numpy as np
 from PIL import Image
 
-CIFAR10_NAMES = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck']
+CIFAR10_NAMES = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship',
+                 'truck']
 
 
 def _add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
@@ -26,7 +27,7 @@ def _add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
 
 
 def cifar_arrays(n: int, classes: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """(data [n, 3072] uint8 in CIFAR's R-plane, G-plane, B-plane order, fine labels, coarse labels)."""
+  """(data [n, 3072] uint8 as CIFAR rows: R, G, B planes; fine labels; coarse labels)."""
   rng = np.random.default_rng(seed)
   data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
   labels = np.arange(n) % classes  # every class present
@@ -88,7 +89,8 @@ def write_idx(directory: str, train: int, test: int) -> None:
   rng = np.random.default_rng(0)
   for prefix, n in (('train', train), ('t10k', test)):
     with gzip.open(os.path.join(directory, f'{prefix}-images-idx3-ubyte.gz'), 'wb') as f:
-      f.write(struct.pack('>IIII', 2051, n, 28, 28) + rng.integers(0, 256, n * 784, np.uint8).tobytes())
+      pixels = rng.integers(0, 256, n * 784, np.uint8).tobytes()
+      f.write(struct.pack('>IIII', 2051, n, 28, 28) + pixels)
     with gzip.open(os.path.join(directory, f'{prefix}-labels-idx1-ubyte.gz'), 'wb') as f:
       f.write(struct.pack('>II', 2049, n) + (np.arange(n) % 10).astype(np.uint8).tobytes())
 

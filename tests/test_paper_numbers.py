@@ -10,7 +10,8 @@ def test_table3_top5_and_table4_multiscale_numbers_match_configuration():
   expected = {(34, 'B'): (21.84, 5.71), (34, 'C'): (21.53, 5.60), (50, 'B'): (20.74, 5.25),
               (101, 'B'): (19.87, 4.60), (152, 'B'): (19.38, 4.49)}
   for (depth, shortcut), errors in expected.items():
-    assert pn.paper_multiscale_error('imagenet2012', 'residual', depth, shortcut) == (errors, 'Table 4')
+    got = pn.paper_multiscale_error('imagenet2012', 'residual', depth, shortcut)
+    assert got == (errors, 'Table 4')
   assert pn.paper_multiscale_error('imagenet2012', 'residual', 34, 'A') is None
   # Every Table 3 row has both columns; Table 4 numbers beat their 10-crop Table 3 counterparts.
   assert set(pn.IMAGENET_TOP5) == {k for k, (_, src) in pn.IMAGENET_TABLES.items()

@@ -43,7 +43,8 @@ def read_split(data_dir: str, name: str, split: str) -> list[dict]:
 @pytest.mark.parametrize('args,fragments', [
     (('no_such_dataset_xyz',), ('unknown dataset',)),
     (('cifar10', '--from', '/nonexistent/cifar-10-python.tar.gz'), ('no such file',)),
-    (('imagenet2012', '--manual_dir', '/nonexistent'), ('ILSVRC2012_img_train.tar', '--manual_dir')),
+    (('imagenet2012', '--manual_dir', '/nonexistent'),
+     ('ILSVRC2012_img_train.tar', '--manual_dir')),
     (('cifar10', '--bogus'), ('unrecognized arguments',)),
     ((), ('NAME',)),
 ])
@@ -60,8 +61,8 @@ def test_missing_tensorflow_says_how_to_install_it(tmp_path):
   archive = str(tmp_path / 'cifar-10-binary.tar.gz')
   official_archives.write_cifar10_binary(archive)
   env = dict(os.environ, PYTHONPATH=str(tmp_path / 'no_tf'))
-  line = assert_one_error_line(run_prepare('cifar10', '--from', archive, '--data_dir', str(tmp_path / 'd'),
-                                           env=env), "pip install -e '.[tf]'", 'TensorFlow')
+  proc = run_prepare('cifar10', '--from', archive, '--data_dir', str(tmp_path / 'd'), env=env)
+  line = assert_one_error_line(proc, "pip install -e '.[tf]'", 'TensorFlow')
   assert 'tfds' not in line
 
 
@@ -86,9 +87,11 @@ def test_cifar10_binary_archive_prepares_exactly_its_images(tmp_path):
   builder = tfds.builder('cifar10', data_dir=str(tmp_path / 'tfds'))
   assert builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD
   assert builder.info.features['label'].names == official_archives.CIFAR10_NAMES
-  for split, batches in (('train', [f'data_batch_{i}' for i in range(1, 6)]), ('test', ['test_batch'])):
+  train_batches = [f'data_batch_{i}' for i in range(1, 6)]
+  for split, batches in (('train', train_batches), ('test', ['test_batch'])):
     records = read_split(str(tmp_path / 'tfds'), 'cifar10', split)
-    data = np.concatenate([expected[b][0] for b in batches]).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    data = np.concatenate([expected[b][0] for b in batches])
+    data = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # CIFAR rows are R, G, B planes
     np.testing.assert_array_equal(np.stack([r['image'] for r in records]), data)
     np.testing.assert_array_equal([r['label'] for r in records],
                                   np.concatenate([expected[b][1] for b in batches]))
@@ -144,7 +147,8 @@ def test_fashion_mnist_idx_files_are_checked_against_what_tfds_reads(tmp_path):
     offline.local_downloads('fashion_mnist', [str(tmp_path)], str(tmp_path))
 
 
-@pytest.mark.skipif(not os.path.isdir(FASHION_DEBIAN), reason='Debian dataset-fashion-mnist not installed')
+@pytest.mark.skipif(not os.path.isdir(FASHION_DEBIAN),
+                    reason='Debian dataset-fashion-mnist not installed')
 def test_debian_fashion_mnist_files_map_to_the_tfds_urls():
   files = offline.local_downloads('fashion_mnist', [FASHION_DEBIAN], '/nonexistent')
   assert sorted(files) == sorted(offline.FASHION_URL + f + '.gz' for f in offline.FASHION_FILES)
@@ -154,11 +158,12 @@ def test_debian_fashion_mnist_files_map_to_the_tfds_urls():
 
 def test_train_commands_name_the_recipe_and_data_dir():
   assert prepare.train_command('imagenet2012', 'imagenet2012', '/d') == (
-      'python -m resnet_jax.main --config=configs/r50.py --workdir=runs/r50 --config.data.data_dir=/d')
+      'python -m resnet_jax.main --config=configs/r50.py --workdir=runs/r50 '
+      '--config.data.data_dir=/d')
   assert prepare.train_command('fashion_mnist', 'fashion_mnist', None) == (
       'python -m resnet_jax.main --config=configs/fashion_mnist.py --workdir=runs/fashion_mnist')
-  assert '--config=configs/imagenet.py:depth=18,dataset=imagenette/320px-v2' in prepare.train_command(
-      'imagenette', 'imagenette/320px-v2', None)
+  command = prepare.train_command('imagenette', 'imagenette/320px-v2', None)
+  assert '--config=configs/imagenet.py:depth=18,dataset=imagenette/320px-v2' in command
   assert '--config=configs/cifar.py:dataset=mnist' in prepare.train_command('mnist', 'mnist', None,
                                                                            (28, 28, 1))
   assert offline.imagenette_config(['/x/imagenette2-320.tgz']) == '320px-v2'
@@ -181,4 +186,5 @@ def test_fashion_mnist_config_is_the_paper_cifar_recipe_scaled_to_steps(depth, p
   assert (c.optimizer.momentum, c.optimizer.weight_decay) == (0.9, 1e-4)
   full = module.get_config('preact,block=bottleneck,depth=164,val=5000')
   assert full.schedule.boundaries == '32000,48000' and full.schedule.warmup_steps == 400
-  assert full.model.preact and full.model.block == 'bottleneck' and full.data.eval_split == 'validation'
+  assert full.model.preact and full.model.block == 'bottleneck'
+  assert full.data.eval_split == 'validation' and full.data.validation_size == 5000

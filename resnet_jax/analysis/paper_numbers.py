@@ -1,4 +1,6 @@
-"""The numbers of He et al. 2015 that our summary tables print beside ours (DESIGN.md, "Paper numbers").
+"""The numbers of He et al. 2015/2016 that our summary tables print beside ours.
+
+DESIGN.md, "Paper numbers".
 
 Keyed by what a run *is* (dataset family, variant, depth, shortcut option), so a run only gets a
 paper number when it is the paper's configuration: e.g. ImageNet ResNet-18 of Table 2 is option A,
@@ -66,7 +68,7 @@ def paper_top5_error(dataset: str, variant: str, depth: int,
 
 def paper_multiscale_error(dataset: str, variant: str, depth: int,
                            shortcut: str | None) -> tuple[tuple[float, float], str] | None:
-  """((top-1, top-5) in %, source) of Table 4's multi-scale result for this ImageNet net, or None."""
+  """((top-1, top-5) in %, source) of Table 4's multi-scale result for this net, or None."""
   if dataset not in _IMAGENET_NAMES:
     return None
   return IMAGENET_TABLE4.get(_imagenet_key(variant, depth, shortcut))

@@ -1,11 +1,11 @@
 """Official archives a user already has, handed to TFDS's own builders in place of a download.
 
-`local_downloads(name, paths, workdir)` maps each URL the TFDS builder of `name` downloads to a local
-file; `offline_download_manager(builder, url_map)` makes the builder's download manager return those
-files (still extracted by TFDS's own extractor) and refuse any other URL, so the prepared dataset is
-what `tfds` would write from a download. The CIFAR python (pickle) archives, which TFDS does not
-read, are rewritten losslessly into the binary layout its builder reads (same bytes, same order).
-"""
+`local_downloads(name, paths, workdir)` maps each URL the TFDS builder of `name` downloads to a
+local file; `offline_download_manager(builder, url_map)` makes the builder's download manager
+return those files (still extracted by TFDS's own extractor) and refuse any other URL, so the
+prepared dataset is what `tfds` would write from a download. The CIFAR python (pickle) archives,
+which TFDS does not read, are rewritten losslessly into the binary layout its builder reads (same
+bytes, same order)."""
 
 from __future__ import annotations
 
@@ -47,7 +47,8 @@ _CIFAR = {
                             'fine_label_names': 'fine_label_names.txt'},
                      labels=(b'coarse_labels', b'fine_labels')),
 }
-_NUMPY_GLOBALS = {('numpy.core.multiarray', '_reconstruct'), ('numpy._core.multiarray', '_reconstruct'),
+_NUMPY_GLOBALS = {('numpy.core.multiarray', '_reconstruct'),
+                  ('numpy._core.multiarray', '_reconstruct'),
                   ('numpy', 'ndarray'), ('numpy', 'dtype'), ('_codecs', 'encode')}
 
 
@@ -56,7 +57,8 @@ class _ArrayUnpickler(pickle.Unpickler):
 
   def find_class(self, module: str, name: str) -> Any:
     if (module, name) not in _NUMPY_GLOBALS:
-      raise PrepareError(f'unexpected object {module}.{name} in a CIFAR pickle: not an official archive')
+      raise PrepareError(f'unexpected object {module}.{name} in a CIFAR pickle: '
+                         'not an official archive')
     return super().find_class(module, name)
 
 
@@ -88,7 +90,8 @@ def _cifar_python_to_binary(name: str, src: str, out_dir: str) -> str:
       except KeyError:
         f = None
       if f is None:
-        raise PrepareError(f'{src} has no {spec["py"]}{fname}: not the official {name} python archive')
+        raise PrepareError(f'{src} has no {spec["py"]}{fname}: '
+                           f'not the official {name} python archive')
       return f.read()
 
     def add(fname: str, payload: bytes) -> None:
@@ -107,8 +110,8 @@ def _cifar_python_to_binary(name: str, src: str, out_dir: str) -> str:
       data = np.asarray(batch.get(b'data'), dtype=np.uint8)
       labels = [np.asarray(batch.get(k, []), dtype=np.uint8) for k in spec['labels']]
       if data.ndim != 2 or data.shape[1] != 3072 or any(len(l) != len(data) for l in labels):
-        raise PrepareError(f'{src}:{py_name}: expected data [N, 3072] and {len(labels)} label list(s)'
-                           f' of N, got data {data.shape}')
+        raise PrepareError(f'{src}:{py_name}: expected data [N, 3072] and {len(labels)} label '
+                           f'list(s) of N, got data {data.shape}')
       add(bin_name, np.concatenate([l[:, None] for l in labels] + [data], axis=1).tobytes())
   return out
 
@@ -129,7 +132,8 @@ def _cifar_archive(name: str, src: str, out_dir: str) -> str:
   if any(n.startswith(spec['py']) for n in names):
     print(f'converting {os.path.basename(src)} (python pickles) to the binary layout TFDS reads')
     return _cifar_python_to_binary(name, src, out_dir)
-  raise PrepareError(f'{src} holds neither {spec["py"]} nor {spec["bin"]}: expected {_expected(name)}')
+  raise PrepareError(f'{src} holds neither {spec["py"]} nor {spec["bin"]}: '
+                     f'expected {_expected(name)}')
 
 
 def _expected(name: str) -> str:
@@ -138,7 +142,8 @@ def _expected(name: str) -> str:
           'fashion_mnist': 'the four Fashion-MNIST IDX files (train-images-idx3-ubyte.gz, '
                            'train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, '
                            't10k-labels-idx1-ubyte.gz) or the directory holding them',
-          'imagenette': 'an imagenette2.tgz / imagenette2-320.tgz / imagenette2-160.tgz archive'}[name]
+          'imagenette': 'an imagenette2.tgz / imagenette2-320.tgz / imagenette2-160.tgz archive',
+          }[name]
 
 
 def _idx_header(path: str) -> tuple[int, int]:
@@ -157,7 +162,8 @@ def _fashion_files(paths: Sequence[str]) -> dict[str, str]:
   for p in paths:
     candidates = [os.path.join(p, f) for f in sorted(os.listdir(p))] if os.path.isdir(p) else [p]
     if not os.path.exists(p):
-      raise PrepareError(f'--from {p}: no such file or directory (expected {_expected("fashion_mnist")})')
+      raise PrepareError(f'--from {p}: no such file or directory '
+                         f'(expected {_expected("fashion_mnist")})')
     for c in candidates:
       base = os.path.basename(c)
       stem = base[:-3] if base.endswith('.gz') else base
@@ -170,8 +176,9 @@ def _fashion_files(paths: Sequence[str]) -> dict[str, str]:
   for stem, (magic, count) in FASHION_FILES.items():
     got_magic, got_count = _idx_header(found[stem])
     if got_magic != magic or got_count != count:
-      raise PrepareError(f'{found[stem]}: IDX header says magic {got_magic}, {got_count} items; TFDS\'s '
-                         f'fashion_mnist builder reads the official file (magic {magic}, {count} items)')
+      raise PrepareError(f'{found[stem]}: IDX header says magic {got_magic}, {got_count} items; '
+                         f'TFDS\'s fashion_mnist builder reads the official file (magic {magic}, '
+                         f'{count} items)')
   return {FASHION_URL + stem + '.gz': path for stem, path in found.items()}
 
 
@@ -230,7 +237,8 @@ def offline_download_manager(builder: Any, url_map: dict[str, str],
     def local(url: Any) -> str:
       url = getattr(url, 'url', url)
       if url not in url_map:
-        raise PrepareError(f'{builder.name} wants {url}, which the --from archive(s) do not provide')
+        raise PrepareError(f'{builder.name} wants {url}, '
+                           'which the --from archive(s) do not provide')
       path = url_map[url]
       expected = registered.get(url)
       if expected is not None:

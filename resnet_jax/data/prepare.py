@@ -62,9 +62,10 @@ def _parser() -> argparse.ArgumentParser:
   p = _Parser(prog='python -m resnet_jax.data.prepare',
               description='Prepare a dataset as TFDS ArrayRecord files (random access for Grain).')
   p.add_argument('name', metavar='NAME', help=f'one of: {", ".join(RECIPES)}')
-  p.add_argument('--data_dir', help='TFDS data dir to write (default: TFDS_DATA_DIR or ~/tensorflow_datasets)')
-  p.add_argument('--manual_dir', help='imagenet2012: directory holding ' + ' and '.join(IMAGENET_TARS)
-                 + ' (default DATA_DIR/downloads/manual)')
+  p.add_argument('--data_dir',
+                 help='TFDS data dir to write (default: TFDS_DATA_DIR or ~/tensorflow_datasets)')
+  p.add_argument('--manual_dir', help='imagenet2012: directory holding '
+                 + ' and '.join(IMAGENET_TARS) + ' (default DATA_DIR/downloads/manual)')
   p.add_argument('--from', dest='sources', action='append', default=[], metavar='FILE_OR_DIR',
                  help='official archive(s) already on disk, instead of downloading (repeatable)')
   p.add_argument('--overwrite', action='store_true', help='rebuild even if already prepared')
@@ -91,8 +92,9 @@ def _check_tfds_name(name: str, sources: Sequence[str]) -> None:
     raise PrepareError(f'unknown dataset {name!r}: not {", ".join(RECIPES)} nor a TFDS dataset '
                        'name') from e
   if sources:
-    raise PrepareError(f'--from is not supported for {name} (it takes the archives of cifar10, '
-                       'cifar100, fashion_mnist and imagenette); without it TFDS downloads the data')
+    raise PrepareError(f'--from is not supported for {name} (it takes the archives of '
+                       'cifar10, cifar100, fashion_mnist and imagenette); without it TFDS '
+                       'downloads the data')
 
 
 def _generic_recipe(tfds_name: str, image_shape: tuple | None) -> Recipe:
@@ -108,8 +110,8 @@ def train_command(name: str, tfds_name: str, data_dir: str | None,
                   image_shape: tuple | None = None) -> str:
   """The exact command that trains the dataset's recipe on the prepared data."""
   recipe = RECIPES.get(name) or _generic_recipe(tfds_name, image_shape)
-  parts = ['python', '-m', 'resnet_jax.main', '--config=' + recipe.config.format(tfds_name=tfds_name),
-           '--workdir=' + recipe.workdir]
+  parts = ['python', '-m', 'resnet_jax.main',
+           '--config=' + recipe.config.format(tfds_name=tfds_name), '--workdir=' + recipe.workdir]
   if data_dir:
     parts.append('--config.data.data_dir=' + os.path.abspath(data_dir))
   return ' '.join(shlex.quote(p) for p in parts)
@@ -121,8 +123,8 @@ def _manual_dir(args: argparse.Namespace, data_root: str) -> str:
   manual = os.path.expanduser(manual) if manual else os.path.join(data_root, 'downloads', 'manual')
   for tar in IMAGENET_TARS:
     if not os.path.isfile(os.path.join(manual, tar)):
-      raise PrepareError(f'imagenet2012 needs {" and ".join(IMAGENET_TARS)} (from image-net.org) in '
-                         f'{manual} (pass --manual_dir DIR): {tar} is missing')
+      raise PrepareError(f'imagenet2012 needs {" and ".join(IMAGENET_TARS)} (from image-net.org)'
+                         f' in {manual} (pass --manual_dir DIR): {tar} is missing')
   return manual
 
 
@@ -163,8 +165,9 @@ def prepare(args: argparse.Namespace) -> tuple[str, tuple | None]:
   if builder.is_prepared() and not args.overwrite:
     file_format = builder.info.file_format
     if file_format != tfds.core.FileFormat.ARRAY_RECORD:
-      raise PrepareError(f'{tfds_name} in {builder.data_dir} is prepared as {file_format.value}, not '
-                         'ArrayRecord (needed for random access): add --overwrite to rebuild it')
+      raise PrepareError(f'{tfds_name} in {builder.data_dir} is prepared as {file_format.value}, '
+                         'not ArrayRecord (needed for random access): add --overwrite to '
+                         'rebuild it')
     print(f'{tfds_name} is already prepared in {builder.data_dir} (--overwrite rebuilds it)')
     return tfds_name, _image_shape(builder)
   mode = tfds.download.GenerateMode
@@ -172,7 +175,8 @@ def prepare(args: argparse.Namespace) -> tuple[str, tuple | None]:
     config = tfds.download.DownloadConfig(
         manual_dir=manual_dir, extract_dir=os.path.join(tmp, 'extracted') if args.sources else None,
         try_download_gcs=False,
-        download_mode=mode.REUSE_CACHE_IF_EXISTS if args.overwrite else mode.REUSE_DATASET_IF_EXISTS)
+        download_mode=(mode.REUSE_CACHE_IF_EXISTS if args.overwrite
+                       else mode.REUSE_DATASET_IF_EXISTS))
     print(f'preparing {tfds_name} into {builder.data_dir} (ArrayRecord)', flush=True)
     tfds.display_progress_bar(True)
     if args.sources and name != 'imagenet2012':
