@@ -97,6 +97,12 @@ def test_cifar10_binary_archive_prepares_exactly_its_images(tmp_path):
                                   np.concatenate([expected[b][1] for b in batches]))
   again = run_prepare('cifar10', '--from', archive, '--data_dir', str(tmp_path / 'tfds'))
   assert again.returncode == 0 and 'already prepared' in again.stdout
+  # --overwrite with a wrong archive stops before deleting what is prepared.
+  (tmp_path / 'bogus.tar.gz').write_text('not an archive')
+  wrong = run_prepare('cifar10', '--from', str(tmp_path / 'bogus.tar.gz'), '--overwrite',
+                      '--data_dir', str(tmp_path / 'tfds'))
+  assert_one_error_line(wrong, 'not a readable tar archive')
+  assert tfds.builder('cifar10', data_dir=str(tmp_path / 'tfds')).is_prepared()
 
 
 def test_cifar100_python_archive_keeps_fine_and_coarse_labels_and_names(tmp_path):

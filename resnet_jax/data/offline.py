@@ -119,7 +119,7 @@ def _cifar_python_to_binary(name: str, src: str, out_dir: str) -> str:
 def _cifar_archive(name: str, src: str, out_dir: str) -> str:
   """The binary archive for `name` from either official CIFAR archive (python or binary)."""
   if not os.path.isfile(src):
-    raise PrepareError(f'--from {src}: no such file (expected {_expected(name)})')
+    raise PrepareError(f'--from {src}: not a file (expected {_expected(name)})')
   spec = _CIFAR[name]
   with _open_tar(src) as tar:
     names = set(tar.getnames())

@@ -141,6 +141,8 @@ def prepare(args: argparse.Namespace) -> tuple[str, tuple | None]:
     _check_tfds_name(name, args.sources)
   data_dir = os.path.abspath(os.path.expanduser(args.data_dir)) if args.data_dir else None
   if name == 'digits':
+    if args.sources or args.manual_dir:
+      raise PrepareError('digits ships with scikit-learn: it takes no --from or --manual_dir')
     from resnet_jax.data import digits  # pylint: disable=g-import-not-at-top
     digits.prepare_digits(data_dir)
     return name, (8, 8, 1)
@@ -155,10 +157,6 @@ def prepare(args: argparse.Namespace) -> tuple[str, tuple | None]:
   if name == 'imagenette' and args.sources:
     tfds_name = f'imagenette/{imagenette_config(args.sources)}'
   builder = tfds.builder(tfds_name, data_dir=data_dir)
-  if builder.is_prepared() and args.overwrite:  # a fresh builder can then write ArrayRecord
-    print(f'--overwrite: removing {builder.data_dir}')
-    shutil.rmtree(builder.data_dir)
-    builder = tfds.builder(tfds_name, data_dir=data_dir)
   manual_dir = args.manual_dir
   if name == 'imagenet2012':
     manual_dir = _manual_dir(args, os.fspath(builder.data_dir_root))
@@ -170,17 +168,19 @@ def prepare(args: argparse.Namespace) -> tuple[str, tuple | None]:
                          'rebuild it')
     print(f'{tfds_name} is already prepared in {builder.data_dir} (--overwrite rebuilds it)')
     return tfds_name, _image_shape(builder)
-  mode = tfds.download.GenerateMode
   with tempfile.TemporaryDirectory(prefix='resnet_jax_prepare_') as tmp:
+    offline = bool(args.sources) and name != 'imagenet2012'
+    url_map = local_downloads(name, args.sources, tmp) if offline else {}  # checked before deleting
+    if builder.is_prepared():  # --overwrite: a fresh builder can then write ArrayRecord
+      print(f'--overwrite: removing {builder.data_dir}')
+      shutil.rmtree(builder.data_dir)
+      builder = tfds.builder(tfds_name, data_dir=data_dir)
     config = tfds.download.DownloadConfig(
-        manual_dir=manual_dir, extract_dir=os.path.join(tmp, 'extracted') if args.sources else None,
-        try_download_gcs=False,
-        download_mode=(mode.REUSE_CACHE_IF_EXISTS if args.overwrite
-                       else mode.REUSE_DATASET_IF_EXISTS))
+        manual_dir=manual_dir, extract_dir=os.path.join(tmp, 'extracted') if offline else None,
+        try_download_gcs=False)
     print(f'preparing {tfds_name} into {builder.data_dir} (ArrayRecord)', flush=True)
     tfds.display_progress_bar(True)
-    if args.sources and name != 'imagenet2012':
-      url_map = local_downloads(name, args.sources, tmp)
+    if offline:
       with offline_download_manager(builder, url_map):
         builder.download_and_prepare(file_format='array_record', download_config=config)
     else:
