@@ -32,6 +32,7 @@ AUGMENTS = ('none', 'cifar', 'imagenet', 'inception')
 EVAL_RESIZE_RATIO = 256 / 224  # eval resize of the shorter side relative to the crop (256 for 224)
 SCALE_AUG_RANGE = (256 / 224, 480 / 224)  # paper's [256, 480] for 224 crops
 PCA_ALPHA_STD = 0.1
+DECODERS = ('pil', 'opencv')
 
 
 @dataclasses.dataclass
@@ -89,6 +90,37 @@ def resize_shorter(img: Image.Image, short: int, channels: int) -> Image.Image:
   return img if img.size == new else img.resize(new, Image.BILINEAR)
 
 
+def _encoded(image: Any) -> bytes:
+  return image.item() if isinstance(image, np.ndarray) else bytes(image)
+
+
+def _crop_opencv(data: bytes, channels: int, wh: tuple[int, int], factor: float,
+                 box: tuple[float, float, float, float], size: int) -> np.ndarray:
+  """OpenCV's decode at 1/2, 1/4, 1/8 (when still >= `factor` x the image), crop of `box` (in
+  original pixels, rounded outwards), resize to size x size (area filter when shrinking, as PIL's
+  antialiased bilinear does, bilinear when growing). uint8 [size, size, channels] RGB."""
+  import cv2  # pylint: disable=g-import-not-at-top
+  cv2.setNumThreads(1)  # one Grain worker = one core
+  w, h = wh
+  k = next((k for k in (8, 4, 2) if math.ceil(w / k) >= math.ceil(w * factor)
+            and math.ceil(h / k) >= math.ceil(h * factor)), 1)
+  grey = channels == 1
+  flag = {1: cv2.IMREAD_GRAYSCALE if grey else cv2.IMREAD_COLOR,
+          2: cv2.IMREAD_REDUCED_GRAYSCALE_2 if grey else cv2.IMREAD_REDUCED_COLOR_2,
+          4: cv2.IMREAD_REDUCED_GRAYSCALE_4 if grey else cv2.IMREAD_REDUCED_COLOR_4,
+          8: cv2.IMREAD_REDUCED_GRAYSCALE_8 if grey else cv2.IMREAD_REDUCED_COLOR_8}[k]
+  array = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
+  sx, sy = array.shape[1] / w, array.shape[0] / h
+  left, top, cw, ch = box
+  x0, y0 = int(left * sx), int(top * sy)
+  x1 = max(x0 + 1, min(array.shape[1], math.ceil((left + cw) * sx)))
+  y1 = max(y0 + 1, min(array.shape[0], math.ceil((top + ch) * sy)))
+  crop = array[y0:y1, x0:x1]
+  shrink = crop.shape[0] > size or crop.shape[1] > size
+  out = cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+  return out[..., None] if grey else out[..., ::-1]
+
+
 def center_crop(array: np.ndarray, size: int) -> np.ndarray:
   h, w = array.shape[:2]
   top, left = (h - size) // 2, (w - size) // 2
@@ -141,10 +173,19 @@ class Preprocessor:
   augment: str
   image_size: int
   channels: int
+  decoder: str = 'pil'  # training crops of JPEGs: 'pil' (draft) or 'opencv' (IMREAD_REDUCED_*)
 
   def __post_init__(self):
     if self.augment not in AUGMENTS:
       raise ValueError(f'config.data.augment={self.augment!r} is not one of {AUGMENTS}')
+    if self.decoder not in DECODERS:
+      raise ValueError(f'config.data.decoder={self.decoder!r} is not one of {DECODERS}')
+    if self.decoder == 'opencv':
+      try:
+        import cv2  # pylint: disable=g-import-not-at-top,unused-import
+      except ImportError as e:
+        raise ValueError("config.data.decoder='opencv' needs `pip install "
+                         "opencv-python-headless`") from e
 
   @property
   def pad(self) -> int:
@@ -205,10 +246,14 @@ class Preprocessor:
     else:  # inception
       left, top, cw, ch = _random_resized_box(rng, w, h)
       factor = size / min(cw, ch)
-    img = decode(img, self.channels, (math.ceil(w * factor), math.ceil(h * factor)))  # reduced
-    sx, sy = img.size[0] / w, img.size[1] / h
-    box = (left * sx, top * sy, min(img.size[0], (left + cw) * sx), min(img.size[1], (top + ch) * sy))
-    array = to_array(img.resize((size, size), Image.BILINEAR, box=box), self.channels)
+    if self.decoder == 'opencv' and img.format == 'JPEG':
+      array = _crop_opencv(_encoded(image), self.channels, (w, h), factor, (left, top, cw, ch), size)
+    else:
+      img = decode(img, self.channels, (math.ceil(w * factor), math.ceil(h * factor)))  # reduced
+      sx, sy = img.size[0] / w, img.size[1] / h
+      box = (left * sx, top * sy, min(img.size[0], (left + cw) * sx),
+             min(img.size[1], (top + ch) * sy))
+      array = to_array(img.resize((size, size), Image.BILINEAR, box=box), self.channels)
     if rng.random() < 0.5:
       array = array[:, ::-1]
     return np.ascontiguousarray(array)

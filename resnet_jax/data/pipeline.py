@@ -72,7 +72,7 @@ def make_preprocessor(config: ml_collections.ConfigDict) -> augment_lib.Preproce
   """The configured host augmentation (geometry only: it emits uint8)."""
   train = sources.open_split(config, str(config.data.get('train_split', 'train')))
   return augment_lib.Preprocessor(str(config.data.get('augment', 'none')), _image_size(config, train),
-                                  train.native_shape[2])
+                                  train.native_shape[2], str(config.data.get('decoder', 'pil')))
 
 
 @dataclasses.dataclass(frozen=True)
