@@ -76,7 +76,7 @@ def measure(model_name: str, batch: int, size: int, group: int | None, steps: in
   tx = optim.create_optimizer(config, lr_fn)
   shape = (size, size, 3)
   state = ts.init_state(model, tx, shape, seed=0, mesh=mesh)
-  p_train, _ = ts.compile_steps(mesh, jax.tree.map(lambda x: x.sharding, state), lr_fn, 0.0)
+  p_train = ts.jit_train_step(mesh, jax.tree.map(lambda x: x.sharding, state), lr_fn)
   rng = np.random.default_rng(0)
   put = lambda v: jax.device_put(v, ts.batch_sharding(mesh))
   batch_arrays = {'image': put(rng.standard_normal((batch,) + shape, dtype=np.float32)),

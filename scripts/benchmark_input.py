@@ -156,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
                       help='repeat every (pipeline, impl, workers) measurement, interleaved')
   parser.add_argument('--compare-old', action='store_true',
                       help='also time the old float32-on-host pipeline on the same records')
+  parser.add_argument('--impls', default=None,
+                      help="'new', 'old' or 'new,old' (default new; new,old with --compare-old)")
   parser.add_argument('--decoders', default='pil',
                       help="JPEG decoders of the new pipeline's training crops: pil,opencv")
   parser.add_argument('--dataset', default=None,
@@ -182,7 +184,11 @@ def main(argv: list[str] | None = None) -> int:
   decoders = [d for d in args.decoders.split(',') if d]
   if set(decoders) - {'pil', 'opencv'}:
     parser.error(f'--decoders: choose from pil,opencv, got {args.decoders!r}')
-  impls = [('new', d) for d in decoders] + ([('old', 'pil')] if args.compare_old else [])
+  chosen = (args.impls or ('new,old' if args.compare_old else 'new')).split(',')
+  if not chosen or set(chosen) - {'new', 'old'}:
+    parser.error(f"--impls: choose from new,old, got {args.impls!r}")
+  impls = ([('new', d) for d in decoders] if 'new' in chosen else []) + (
+      [('old', 'pil')] if 'old' in chosen else [])
   results = []
   for name in names:
     dataset, augment, size, batch_size, smoke_dataset = PIPELINES[name]

@@ -14,8 +14,7 @@ import numpy as np
 _SCRIPTS = os.path.dirname(os.path.abspath(__file__))
 _ROOT = os.path.join(_SCRIPTS, '..')
 
-from resnet_jax import optim, summary  # pylint: disable=g-import-not-at-top,wrong-import-position
-from resnet_jax import train as train_lib  # pylint: disable=wrong-import-position
+from resnet_jax import optim, runtime, summary  # pylint: disable=g-import-not-at-top,wrong-import-position
 from resnet_jax import train_step as ts  # pylint: disable=wrong-import-position
 from resnet_jax.data import augment  # pylint: disable=wrong-import-position
 from resnet_jax.data.device_preprocess import DevicePreprocess  # pylint: disable=wrong-import-position
@@ -67,7 +66,7 @@ def jax_row(row: dict, steps: int) -> dict:
   preprocessing inside the jit, batch sharded over every device."""
   config = recipe_config(row)
   num_classes = 10 if row['recipe'] == 'cifar' else 1000
-  model = train_lib._build(config, num_classes)  # pylint: disable=protected-access
+  model = runtime.build_model(config, num_classes)
   mesh = ts.create_mesh()
   size, b = row['size'], row['batch']
   lr_fn = optim.create_learning_rate_fn(config, steps_per_epoch=1000, total_steps=10**6)
@@ -75,25 +74,18 @@ def jax_row(row: dict, steps: int) -> dict:
   state = ts.init_state(model, tx, (size, size, 3), seed=0, mesh=mesh)
   state_sharding = jax.tree.map(lambda x: x.sharding, state)
   pre = _preprocess(row, size)
-  data, rep = ts.batch_sharding(mesh), ts.replicated(mesh)
+  data = ts.batch_sharding(mesh)
   rng = np.random.default_rng(0)
   put = lambda v: jax.device_put(v, data)
   batch = {'image': put(rng.integers(0, 256, (b, size, size, 3), dtype=np.uint8)),
            'label': put(rng.integers(0, num_classes, b).astype(np.int32))}
   if row['kind'] == 'train':
-    def step(state, batch):
-      key = jax.random.fold_in(jax.random.key(0), state.step)
-      batch = dict(batch, image=pre(batch['image'], rng=key))
-      return ts.train_step(state, batch, learning_rate_fn=lr_fn,
-                           label_smoothing=float(config.get('label_smoothing', 0.0)))
-    jitted = jax.jit(step, in_shardings=(state_sharding, data), out_shardings=(state_sharding, rep),
-                     donate_argnums=(0,))
+    jitted = ts.jit_train_step(mesh, state_sharding, lr_fn, preprocess=pre,
+                               label_smoothing=float(config.get('label_smoothing', 0.0)))
   else:
     batch['mask'] = put(np.ones(b, bool))
-
-    def step(state, batch):
-      return state, ts.eval_step(state, dict(batch, image=pre(batch['image'], rng=None)))
-    jitted = jax.jit(step, in_shardings=(state_sharding, data), out_shardings=(state_sharding, rep))
+    evaluate = ts.jit_eval_step(mesh, model.apply, preprocess=pre)
+    jitted = jax.jit(lambda s, x: (s, evaluate(ts.model_variables(s), x)))
   t = time.perf_counter()
   compiled = jitted.lower(state, batch).compile()
   compile_s = time.perf_counter() - t
