@@ -1,4 +1,4 @@
-"""What BatchNorm's statistics scope costs across devices: whole batch vs per device vs straddling groups.
+"""What BatchNorm's statistics scope costs across devices: whole batch, per device, straddling.
 
 For one global batch split over every device, compiles the product's train step with
 `bn_group_size` = None (statistics over the whole global batch: one cross-device all-reduce per BN

@@ -1,4 +1,4 @@
-"""End-to-end training throughput: the real Grain train iterator, the device transfer and the train step.
+"""End-to-end training throughput: the real Grain iterator, the device transfer and the train step.
 
 `scripts/benchmark.py` times the step alone on a batch already on the device; this runs what
 `resnet_jax.train` runs: `create_train_iterator` with `--workers` Grain processes (uint8 images),
@@ -39,7 +39,7 @@ from benchmark_input import CpuClock  # pylint: disable=g-import-not-at-top,wron
 from resnet_jax import default_config, optim  # pylint: disable=wrong-import-position
 import resnet_jax.data as data  # pylint: disable=wrong-import-position
 from resnet_jax.data import generated  # pylint: disable=wrong-import-position
-from resnet_jax.data.device_preprocess import make_device_preprocess  # pylint: disable=wrong-import-position
+from resnet_jax.data import device_preprocess  # pylint: disable=wrong-import-position
 from resnet_jax.models import create_model  # pylint: disable=wrong-import-position
 from resnet_jax import train_step as ts  # pylint: disable=wrong-import-position
 
@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> dict:
   config = default_config.base_config()
   config.batch_size = args.batch_size
   config.schedule.name = 'constant'
-  preprocess = make_device_preprocess(cfg)
+  preprocess = device_preprocess.make_device_preprocess(cfg)
   state, step = build_step(model, config, preprocess, mesh, info.image_shape)
   sharding = ts.batch_sharding(mesh)
   local = args.batch_size // jax.process_count()
@@ -131,7 +131,8 @@ def run(args: argparse.Namespace) -> dict:
       'decoder': args.decoder, 'workers': args.workers, 'steps': args.steps,
       'images_per_sec': round(e2e, 2), 'step_only_images_per_sec': round(step_only, 2),
       'e2e_over_step_only': round(e2e / step_only, 3),
-      'data_wait_fraction': round(wait_data / wall, 3), 'step_wait_fraction': round(wait_step / wall, 3),
+      'data_wait_fraction': round(wait_data / wall, 3),
+      'step_wait_fraction': round(wait_step / wall, 3),
       'host_cores': round(cpu_all / wall, 2), 'main_cores': round(cpu_main / wall, 2),
       'worker_cores': round((cpu_all - cpu_main) / wall, 2),
       'cpu_includes_workers': clock.includes_workers, 'compile_s': round(compile_s, 2),
@@ -147,7 +148,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
   p.add_argument('--batch-size', type=int, default=256)
   p.add_argument('--image-size', type=int, default=224)
   p.add_argument('--dtype', default='bfloat16', choices=('float32', 'bfloat16'))
-  p.add_argument('--augment', default='imagenet', choices=('none', 'cifar', 'imagenet', 'inception'))
+  p.add_argument('--augment', default='imagenet',
+                 choices=('none', 'cifar', 'imagenet', 'inception'))
   p.add_argument('--decoder', default='pil', choices=('pil', 'opencv'))
   p.add_argument('--workers', type=int, default=os.cpu_count() or 1, help='Grain worker processes')
   p.add_argument('--prefetch', type=int, default=2)
@@ -157,7 +159,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
   p.add_argument('--in-flight', type=int, default=2, help='steps queued on the device at most')
   p.add_argument('--generated', default='imagenet', choices=('imagenet', 'cifar', 'tiny'),
                  help='generated_jpegs config to use when no --dataset is given')
-  p.add_argument('--dataset', default=None, help='a prepared TFDS dataset instead (e.g. imagenet2012)')
+  p.add_argument('--dataset', default=None,
+                 help='a prepared TFDS dataset instead (e.g. imagenet2012)')
   p.add_argument('--data_dir', default=None)
   p.add_argument('--smoke', action='store_true', help='tiny model, images and steps (CPU, CI)')
   p.add_argument('--json', action='store_true', help='print one JSON object as the last line')

@@ -1,9 +1,9 @@
 """Input-pipeline throughput: examples/s and host cores of the real train/eval pipelines.
 
-Runs on generated JPEG datasets in TFDS ArrayRecord format (`resnet_jax.data.generated`: crops of real
-photographs), so it measures the same path as CIFAR-10 (small images, pad/crop/flip) and ImageNet (JPEG
-bytes, reduced-size decode, scale augmentation, crop, flip, PCA colour) without any download; or, with
-`--dataset NAME --data_dir DIR`, the same pipelines on a prepared TFDS dataset (e.g. imagenet2012):
+Runs on generated JPEG datasets in TFDS ArrayRecord format (`resnet_jax.data.generated`: crops of
+real photographs), so it measures the same path as CIFAR-10 (small images, pad/crop/flip) and
+ImageNet (JPEG bytes, reduced-size decode, scale augmentation, crop, flip) without any download;
+or, with `--dataset NAME --data_dir DIR`, the same pipelines on a prepared TFDS dataset:
 
   python scripts/benchmark_input.py                     # cifar + imagenet pipelines, workers 0,1,2
   python scripts/benchmark_input.py --workers=0,2,4,8 --json
@@ -13,7 +13,8 @@ bytes, reduced-size decode, scale augmentation, crop, flip, PCA colour) without 
   python scripts/benchmark_input.py --smoke             # a few tiny batches (CI)
 
 Every row reports examples/s and the host CPU seconds the pipeline burned (main process + Grain
-workers, from the OS's accounting), hence `examples_per_core_sec` and `cores_per_7500_images_per_sec`:
+workers, from the OS's accounting), hence `examples_per_core_sec` and
+`cores_per_7500_images_per_sec`:
 how many such cores feed one H100 at the 7,500 images/s target. `impl`: 'new' is the product's
 pipeline (uint8 on the host; normalisation and colour on the device, not timed here, it is part of
 the step); 'old' is the frozen pre-uint8 path (`scripts/legacy_augment.py`: float32 normalised on
@@ -117,7 +118,8 @@ def measure(config: ml_collections.ConfigDict, batch_size: int, num_batches: int
     it = data.create_train_iterator(config, local_batch_size=batch_size, process_index=0,
                                     process_count=1, seed=0, preprocessor=preprocessor)
   else:  # the train split is the larger one: one pass covers the timed batches without restarts
-    available = data.num_eval_batches(data.get_dataset_info(config).num_train_examples, batch_size, 1)
+    num_train = data.get_dataset_info(config).num_train_examples
+    available = data.num_eval_batches(num_train, batch_size, 1)
     warmup = max(0, min(warmup, available - num_batches))
     num_batches = min(num_batches, available - warmup)
     it = iter(data.create_eval_iterator(config, split='train', local_batch_size=batch_size,
@@ -146,11 +148,13 @@ def measure(config: ml_collections.ConfigDict, batch_size: int, num_batches: int
 
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--workers', default=None, help='comma-separated Grain worker counts (default '
-                      '0,1,2; 0 with --smoke)')
-  parser.add_argument('--pipelines', default=','.join(PIPELINES), help=f'subset of {list(PIPELINES)}')
+  parser.add_argument('--workers', default=None,
+                      help='comma-separated Grain worker counts (default 0,1,2; 0 with --smoke)')
+  parser.add_argument('--pipelines', default=','.join(PIPELINES),
+                      help=f'subset of {list(PIPELINES)}')
   parser.add_argument('--batches', type=int, default=20, help='timed batches per measurement')
-  parser.add_argument('--warmup', type=int, default=3, help='untimed batches first (worker start-up)')
+  parser.add_argument('--warmup', type=int, default=3,
+                      help='untimed batches first (worker start-up)')
   parser.add_argument('--prefetch', type=int, default=2)
   parser.add_argument('--rounds', type=int, default=1,
                       help='repeat every (pipeline, impl, workers) measurement, interleaved')
@@ -166,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
                       help='TFDS data dir (default: a temp dir for the generated datasets, '
                       'TFDS\'s default with --dataset)')
   parser.add_argument('--smoke', action='store_true', help='tiny images, 2 batches: checks it runs')
-  parser.add_argument('--json', action='store_true', help='print one JSON object instead of a table')
+  parser.add_argument('--json', action='store_true',
+                      help='print one JSON object instead of a table')
   args = parser.parse_args(argv)
 
   try:
@@ -218,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['examples_per_sec']:9.1f} ex/s  {r['cores_used']:5.2f} cores  "
                   f"{r['examples_per_core_sec']:8.1f} ex/s/core  "
                   f"{r['cores_per_7500_images_per_sec']:7.1f} cores/7500", flush=True)
-  report = {'machine': f'{platform.machine()} {os.cpu_count()} CPUs ({platform.processor() or "cpu"})',
+  cpu = platform.processor() or 'cpu'
+  report = {'machine': f'{platform.machine()} {os.cpu_count()} CPUs ({cpu})',
             'python': platform.python_version(), 'smoke': args.smoke,
             'loadavg': list(os.getloadavg()), 'results': results}
   if args.json:

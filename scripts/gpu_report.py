@@ -1,5 +1,5 @@
-"""One command, the whole accelerator picture: JAX train/eval throughput, compile times, MFU, end to end,
-and PyTorch on the same device in the same run, every JAX figure with its ratio to PyTorch's best.
+"""One command for the accelerator picture: JAX train/eval throughput, compile times, MFU, end to
+end, and PyTorch on the same device in the same run, each JAX figure with its ratio to torch's best.
 
   python scripts/gpu_report.py --out DIR          # GPU: the full matrix, about 10-20 minutes
   python scripts/gpu_report.py --out DIR --tiny   # any machine: tiny models, the same code (CI)
@@ -120,7 +120,8 @@ def markdown(report: dict) -> str:
   lines = [f"# GPU report ({report['date']})", '',
            f"Device: {report['device_kind']} x{report['devices']} ({report['platform']}); "
            f"jax {report['jax_version']}, torch {report.get('torch_version') or 'absent'}; "
-           f"{report['cpu_count']} CPU cores; XLA_FLAGS applied: {report['xla_flags_applied'] or 'none'}"
+           f"{report['cpu_count']} CPU cores; "
+           f"XLA_FLAGS applied: {report['xla_flags_applied'] or 'none'}"
            f"{' (tiny CPU mode)' if report['tiny'] else ''}.", '',
            '| row | batch | JAX img/s | compile s | MFU | torch eager | torch compile | '
            'JAX / best torch |', '|---|---|---|---|---|---|---|---|']
@@ -134,7 +135,8 @@ def markdown(report: dict) -> str:
                  f"{f('torch_compile_images_per_sec')} | {f('ratio_jax_over_best_torch')} |")
   e = report.get('end_to_end')
   if e and 'error' not in e:
-    lines += ['', f"End to end ({e['model']}, batch {e['batch_size']}, {e['dtype']}, {e['workers']} "
+    lines += ['', f"End to end ({e['model']}, batch {e['batch_size']}, {e['dtype']}, "
+              f"{e['workers']} "
               f"Grain workers, {e['dataset']}): {e['images_per_sec']:,.1f} img/s vs step only "
               f"{e['step_only_images_per_sec']:,.1f} ({e['e2e_over_step_only']:.2f}x); data wait "
               f"{100 * e['data_wait_fraction']:.1f} % of wall time; host cores {e['host_cores']}."]
@@ -170,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
   rows = []
   for row in plan(tiny):
     if time.time() > deadline:
-      rows.append({'name': row['name'], 'batch_size': row['batch'], 'error': 'skipped: time budget'})
+      rows.append({'name': row['name'], 'batch_size': row['batch'],
+                   'error': 'skipped: time budget'})
       continue
     try:
       rows.extend(run_row(row, steps, deadline, use_torch))
@@ -194,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
       'wall_s': round(time.time() - start, 1), 'rows': rows, 'end_to_end': e2e,
   }
   with open(os.path.join(args.out, 'gpu_report.json'), 'w') as f:
-    json.dump(report, f, indent=1, default=lambda o: o.item() if isinstance(o, np.generic) else str(o))
+    json.dump(report, f, indent=1,
+              default=lambda o: o.item() if isinstance(o, np.generic) else str(o))
   with open(os.path.join(args.out, 'gpu_report.md'), 'w') as f:
     f.write(markdown(report))
   print(markdown(report))

@@ -1,4 +1,4 @@
-"""The measurements behind scripts/gpu_report.py: one JAX row, its PyTorch twin, the end-to-end run."""
+"""What scripts/gpu_report.py measures: a JAX row, its PyTorch twin, the end-to-end run."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ import numpy as np
 _SCRIPTS = os.path.dirname(os.path.abspath(__file__))
 _ROOT = os.path.join(_SCRIPTS, '..')
 
-from resnet_jax import optim, runtime, summary  # pylint: disable=g-import-not-at-top,wrong-import-position
+from resnet_jax import optim, runtime, summary  # pylint: disable=wrong-import-position
 from resnet_jax import train_step as ts  # pylint: disable=wrong-import-position
 from resnet_jax.data import augment  # pylint: disable=wrong-import-position
-from resnet_jax.data.device_preprocess import DevicePreprocess  # pylint: disable=wrong-import-position
+from resnet_jax.data import device_preprocess  # pylint: disable=wrong-import-position
 
 
 def _config_module(name: str):
@@ -33,20 +33,22 @@ def recipe_config(row: dict):
   if row['recipe'] == 'cifar':
     c = _config_module('cifar').get_config('depth=20')
   else:
-    c = _config_module('imagenet').get_config(f"depth=50,recipe={row['recipe']},batch={row['batch']}")
+    arg = f"depth=50,recipe={row['recipe']},batch={row['batch']}"
+    c = _config_module('imagenet').get_config(arg)
   c.model.name = row['model']
   c.batch_size = row['batch']
   return c
 
 
-def _preprocess(row: dict, size: int) -> DevicePreprocess:
+def _preprocess(row: dict, size: int) -> device_preprocess.DevicePreprocess:
   """Device preprocessing with statistics of the right shapes (values do not change the cost)."""
   rng = np.random.default_rng(0)
   kind = 'cifar' if row['recipe'] == 'cifar' else 'imagenet'
   norm = augment.Normalizer(rng.uniform(100, 150, (size, size, 3)).astype(np.float32),
                             np.float32(60.0))
   vecs = np.linalg.qr(rng.standard_normal((3, 3)))[0].astype(np.float32)
-  return DevicePreprocess(kind, size, norm, np.array([0.2, 0.02, 0.005], np.float32), vecs)
+  eigvals = np.array([0.2, 0.02, 0.005], np.float32)
+  return device_preprocess.DevicePreprocess(kind, size, norm, eigvals, vecs)
 
 
 def _timed(fn, state, batch, steps: int):

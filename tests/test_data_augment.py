@@ -79,7 +79,8 @@ def test_imagenet_scale_augmentation_and_pca_colour_shift():
   eigvals, eigvecs = np.array([0.0, 0.0, 0.1], np.float32), np.eye(3, dtype=np.float32)
   out = np.asarray(DevicePreprocess('imagenet', 32, identity_norm(), eigvals, eigvecs)(
       batch, rng=jax.random.key(0)))
-  no_pca = np.asarray(DevicePreprocess('imagenet', 32, identity_norm())(batch, rng=jax.random.key(0)))
+  plain = DevicePreprocess('imagenet', 32, identity_norm())
+  no_pca = np.asarray(plain(batch, rng=jax.random.key(0)))
   np.testing.assert_array_equal(no_pca, batch.astype(np.float32))
   shift = out - no_pca  # one RGB offset along the eigenvectors per example, same at every pixel
   assert np.allclose(shift[..., :2], 0, atol=1e-4)
@@ -140,7 +141,7 @@ def _jpeg_or_array(kind: str, size: int):
 @pytest.mark.parametrize('kind,size', [('cifar', 16), ('imagenet', 32), ('none', 16)])
 @pytest.mark.parametrize('per_pixel', [True, False])
 def test_host_uint8_plus_device_equals_the_old_host_float_path(kind, size, per_pixel):
-  """Eval (every crop mode and scale) and deterministic training inputs are unchanged by the split."""
+  """Eval (every crop mode and scale) and deterministic training inputs: unchanged by the split."""
   old = legacy()
   rng = np.random.default_rng(0)
   mean = rng.uniform(50, 200, (size, size, 3) if per_pixel else (3,)).astype(np.float32)
@@ -205,3 +206,18 @@ def test_imagenet_crop_matches_resize_then_crop():
     if rng.random() < 0.5:
       expected = expected[:, ::-1]
     assert np.abs(out - expected).mean() < 2.0
+
+
+def test_opencv_decoder_gives_the_same_crop_as_pil():
+  pytest.importorskip('cv2')
+  raw = jpeg_bytes(320, 240)
+  for kind in ('imagenet', 'inception'):
+    for seed in range(4):
+      pil = augment.Preprocessor(kind, 64, 3).train(raw, np.random.default_rng(seed))
+      ocv = augment.Preprocessor(kind, 64, 3, 'opencv').train(raw, np.random.default_rng(seed))
+      assert ocv.shape == pil.shape == (64, 64, 3) and ocv.dtype == np.uint8
+      # same box, flip and channel order; only the resampling filters differ (a swapped channel
+      # order or flip gives 40-70 on this blocky test image)
+      assert np.abs(ocv.astype(np.float32) - pil).mean() < 10.0, (kind, seed)
+  with pytest.raises(ValueError, match='decoder'):
+    augment.Preprocessor('imagenet', 64, 3, 'turbo')

@@ -81,7 +81,8 @@ class DevicePreprocess:
     size, c = images.shape[-2], images.shape[-1]
     mean = self.normalizer.mean_for(tuple(images.shape[-3:-1]))
     if self.pad and np.ndim(mean) == 3:  # views of the padded image: each its own mean, pad stays 0
-      valid = augment_lib.eval_views(np.ones(mean.shape[:2] + (c,), np.float32), crops, size, self.pad)
+      ones = np.ones(mean.shape[:2] + (c,), np.float32)
+      valid = augment_lib.eval_views(ones, crops, size, self.pad)
       mean = augment_lib.eval_views(np.broadcast_to(mean, mean.shape[:2] + (c,)), crops, size,
                                     self.pad)
     else:
