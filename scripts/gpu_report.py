@@ -33,13 +33,17 @@ sys.path.insert(0, _SCRIPTS)
 GPU_XLA_FLAGS = ('--xla_gpu_enable_latency_hiding_scheduler=true',)
 
 
+def nvidia_present() -> bool:
+  return os.path.exists('/dev/nvidiactl') or shutil.which('nvidia-smi') is not None
+
+
 def apply_gpu_xla_flags(environ=os.environ) -> list[str]:
   """Sets GPU_XLA_FLAGS in XLA_FLAGS when an NVIDIA GPU is present and the user set no XLA_FLAGS.
 
   Must run before JAX initialises its backends. Returns the flags applied ([] when none)."""
   if environ.get('XLA_FLAGS') is not None:
     return []
-  if not (os.path.exists('/dev/nvidiactl') or shutil.which('nvidia-smi')):
+  if not nvidia_present():
     return []
   environ['XLA_FLAGS'] = ' '.join(GPU_XLA_FLAGS)
   return list(GPU_XLA_FLAGS)
@@ -85,7 +89,7 @@ def plan(tiny: bool) -> list[dict]:
   return rows
 
 
-def run_row(row: dict, steps: int, deadline: float, use_torch: bool) -> list[dict]:
+def run_row(row: dict, steps: int, deadline: float, torch_result: dict | None) -> list[dict]:
   out = []
   res = lib.jax_row(row, steps)
   res['name'] = row['name']
@@ -93,8 +97,8 @@ def run_row(row: dict, steps: int, deadline: float, use_torch: bool) -> list[dic
   if peak and res.get('tflops'):
     res['mfu'] = round(res['tflops'] / peak, 4)
     res['peak_tflops'] = peak
-  if use_torch and row.get('torch'):
-    res.update(lib.torch_row(row, steps))
+  if torch_result:
+    res.update(torch_result)
     best = max([v for k, v in res.items() if k.startswith('torch_') and k.endswith('images_per_sec')
                 and isinstance(v, (int, float))] or [0])
     if best:
@@ -156,8 +160,7 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument('--no-torch', action='store_true')
   p.add_argument('--no-e2e', action='store_true')
   args = p.parse_args(argv)
-  platform_name = jax.devices()[0].platform
-  tiny = args.tiny or platform_name == 'cpu'
+  tiny = args.tiny or not nvidia_present()
   steps = args.steps or (2 if tiny else 30)
   if steps < 1:
     p.error('--steps must be positive')
@@ -169,6 +172,21 @@ def main(argv: list[str] | None = None) -> int:
   start = time.time()
   deadline = start + args.budget_s
   use_torch = not args.no_torch and lib.torch_available()
+  # PyTorch first, before JAX initialises its backend and takes most of the GPU's memory; its
+  # cache is emptied afterwards. One process, one device, one run.
+  torch_results = {}
+  for row in plan(tiny) if use_torch else []:
+    if row.get('torch'):
+      try:
+        torch_results[row['name']] = lib.torch_row(row, steps)
+      except Exception as e:  # pylint: disable=broad-except
+        torch_results[row['name']] = {'torch_error': f'{type(e).__name__}: {str(e)[:200]}'}
+  lib.release_torch_memory()
+  platform_name = jax.devices()[0].platform
+  if not tiny and platform_name == 'cpu':
+    print('error: an NVIDIA GPU is present but JAX runs on the CPU: install jax[cuda12] or '
+          'jax[cuda13] (or pass --tiny)', file=sys.stderr)
+    return 1
   rows = []
   for row in plan(tiny):
     if time.time() > deadline:
@@ -176,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
                    'error': 'skipped: time budget'})
       continue
     try:
-      rows.extend(run_row(row, steps, deadline, use_torch))
+      rows.extend(run_row(row, steps, deadline, torch_results.get(row['name'])))
     except Exception as e:  # pylint: disable=broad-except  # one failed row must not lose the rest
       rows.append({'name': row['name'], 'batch_size': row['batch'],
                    'error': f'{type(e).__name__}: {str(e).splitlines()[0][:200]}'})

@@ -103,6 +103,15 @@ def jax_row(row: dict, steps: int) -> dict:
           'device_kind': jax.devices()[0].device_kind, 'devices': jax.device_count()}
 
 
+def release_torch_memory() -> None:
+  """Returns PyTorch's cached GPU memory so that JAX can take it."""
+  if torch_available() and 'torch' in sys.modules:
+    import torch  # pylint: disable=g-import-not-at-top
+    if torch.cuda.is_available():
+      torch.cuda.synchronize()
+      torch.cuda.empty_cache()
+
+
 def torch_available() -> bool:
   return importlib.util.find_spec('torch') is not None
 
@@ -119,8 +128,11 @@ def _torch_model(torch, row: dict, num_classes: int):
   from resnet_jax.models import parse_name  # pylint: disable=g-import-not-at-top
   spec = parse_name(row['model'])
   if row['recipe'] != 'cifar' and importlib.util.find_spec('torchvision') is not None:
-    import torchvision  # pylint: disable=g-import-not-at-top
-    if hasattr(torchvision.models, row['model']):
+    try:
+      import torchvision  # pylint: disable=g-import-not-at-top
+    except Exception:  # pylint: disable=broad-except  # a torchvision built for another torch
+      torchvision = None
+    if torchvision is not None and hasattr(torchvision.models, row['model']):
       return getattr(torchvision.models, row['model'])(num_classes=num_classes)
   sys.path.insert(0, _SCRIPTS)
   import benchmark  # pylint: disable=g-import-not-at-top
