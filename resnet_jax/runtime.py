@@ -46,7 +46,7 @@ class Experiment:
   dataset: data.DatasetInfo
   model: nn.Module
   mesh: Mesh
-  preprocess: Any = None  # uint8 batch -> model input inside the jitted steps (data.device_preprocess)
+  preprocess: Any = None  # uint8 batch -> model input inside the jitted steps
 
   def abstract_variables(self) -> dict[str, Any]:
     """Shapes of {'params', 'batch_stats'}, without allocating them."""
