@@ -1,4 +1,5 @@
-"""Smoke test of scripts/benchmark.py: a tiny net, a few steps, every JSON field present and sane.
+"""Smoke tests of the benchmarks: scripts/benchmark.py (a tiny net, a few steps, every JSON field
+present and sane), benchmark_input.py (old vs new pipelines), benchmark_e2e.py and benchmark_bn.py.
 
 One in-process run (one compile of the train and eval steps) keeps this fast; torch is compared
 only when it is installed (it is an optional extra).
@@ -6,6 +7,8 @@ only when it is installed (it is an optional extra).
 import importlib.util
 import json
 import os
+
+import pytest
 
 _SCRIPT = os.path.join(os.path.dirname(__file__), '..', 'scripts', 'benchmark.py')
 
@@ -52,8 +55,10 @@ def test_benchmark_input_smoke_old_and_new(capsys, tmp_path):
   rows = {(x['pipeline'], x['impl']): x for x in r['results']}
   assert set(rows) == {(p, i) for p in ('imagenet_train', 'cifar_train') for i in ('new', 'old')}
   for row in rows.values():
-    assert row['workers'] == 0 and row['examples_per_sec'] > 0
-    assert row['cpu_s'] > 0 and row['cores_per_7500_images_per_sec'] > 0
+    assert row['workers'] == 0 and row['examples_per_sec'] > 0 and row['cpu_s'] >= 0
+    per_core = row['examples_per_core_sec']  # None when the smoke run is below the OS's CPU tick
+    assert per_core is None or per_core * row['cores_per_7500_images_per_sec'] == \
+        pytest.approx(7500, rel=0.01)
   # the new pipeline moves uint8: a quarter of the old float32 bytes per example
   for p in ('imagenet_train', 'cifar_train'):
     assert rows[(p, 'old')]['bytes_per_example'] == 4 * rows[(p, 'new')]['bytes_per_example']
