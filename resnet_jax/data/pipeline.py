@@ -71,8 +71,9 @@ def _normalizer(kind: str, stats: dict[str, np.ndarray]) -> augment_lib.Normaliz
 def make_preprocessor(config: ml_collections.ConfigDict) -> augment_lib.Preprocessor:
   """The configured host augmentation (geometry only: it emits uint8)."""
   train = sources.open_split(config, str(config.data.get('train_split', 'train')))
-  return augment_lib.Preprocessor(str(config.data.get('augment', 'none')), _image_size(config, train),
-                                  train.native_shape[2], str(config.data.get('decoder', 'pil')))
+  return augment_lib.Preprocessor(str(config.data.get('augment', 'none')),
+                                  _image_size(config, train), train.native_shape[2],
+                                  str(config.data.get('decoder', 'pil')))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,13 +96,14 @@ def make_normalization(config: ml_collections.ConfigDict) -> Normalization:
     raise ValueError(f'config.data.normalize={kind!r} is not one of {NORMALIZATIONS}')
   if kind == 'scale' and base.augment != 'imagenet':
     return Normalization(_normalizer(kind, {}), None, None)
-  small = train.native_shape[0] is not None and train.native_shape[0] * train.native_shape[1] <= 64 * 64
+  h, w = train.native_shape[:2]
+  small = h is not None and h * w <= 64 * 64
   if data.name == 'synthetic':
     limit = _SYNTHETIC_STATS_EXAMPLES
   else:
     limit = stats_lib.MAX_EXAMPLES_SMALL if small else stats_lib.MAX_EXAMPLES_LARGE
-  key = {'v': 1, 'name': data.name, 'cache_dir': train.cache_dir, 'split': train_split, 'n': len(train),
-         'validation_size': int(data.get('validation_size', 0) or 0), 'size': base.image_size,
+  key = {'v': 1, 'name': data.name, 'cache_dir': train.cache_dir, 'split': train_split,
+         'n': len(train), 'validation_size': int(data.get('validation_size', 0) or 0), 'size': base.image_size,
          'resize': base.eval_resize, 'limit': limit,
          'synthetic': ([data.get('channels', 3), data.get('num_classes', None)]
                        if data.name == 'synthetic' else None)}
@@ -137,8 +139,8 @@ class _EvalExample:
               'mask': np.bool_(False)}
     record = self._records[index]
     image = self._pre.eval(record["image"], crops=self._crops, scale=self._scale)
-    return {'image': np.ascontiguousarray(image, self._dtype), 'label': np.int32(record['label']),
-            "mask": np.bool_(True)}
+    return {'image': np.ascontiguousarray(image, self._dtype),
+            'label': np.int32(record['label']), 'mask': np.bool_(True)}
 
 
 def _finish(ds: grain.MapDataset, config: ml_collections.ConfigDict) -> grain.IterDataset:
@@ -207,7 +209,8 @@ class TrainIterator(grain.DatasetIterator):
 
 
 def create_train_iterator(config: ml_collections.ConfigDict, *, local_batch_size: int, process_index: int,
-                          process_count: int, seed: int, preprocessor: Any = None) -> TrainIterator:
+                          process_count: int, seed: int,
+                          preprocessor: Any = None) -> TrainIterator:
   """Infinite iterator of {'image': uint8 [b, H, W, C], 'label': int32 [b]} for this process.
 
   Normalise (and, in training, colour-augment) on the device with
