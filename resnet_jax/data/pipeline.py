@@ -103,7 +103,8 @@ def make_normalization(config: ml_collections.ConfigDict) -> Normalization:
   else:
     limit = stats_lib.MAX_EXAMPLES_SMALL if small else stats_lib.MAX_EXAMPLES_LARGE
   key = {'v': 1, 'name': data.name, 'cache_dir': train.cache_dir, 'split': train_split,
-         'n': len(train), 'validation_size': int(data.get('validation_size', 0) or 0), 'size': base.image_size,
+         'n': len(train), 'validation_size': int(data.get('validation_size', 0) or 0),
+         'size': base.image_size,
          'resize': base.eval_resize, 'limit': limit,
          'synthetic': ([data.get('channels', 3), data.get('num_classes', None)]
                        if data.name == 'synthetic' else None)}
