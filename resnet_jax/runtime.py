@@ -21,6 +21,7 @@ from etils import epath
 from jax.sharding import Mesh
 
 from resnet_jax import checkpointing, data, optim, pretrained
+from resnet_jax.data.device_preprocess import make_device_preprocess
 from resnet_jax.models import create_model, layout
 from resnet_jax.train_step import TrainState, abstract_state, create_mesh, init_state
 from resnet_jax.workdir import read_run_config
@@ -45,6 +46,7 @@ class Experiment:
   dataset: data.DatasetInfo
   model: nn.Module
   mesh: Mesh
+  preprocess: Any = None  # uint8 batch -> model input inside the jitted steps
 
   def abstract_variables(self) -> dict[str, Any]:
     """Shapes of {'params', 'batch_stats'}, without allocating them."""
@@ -56,7 +58,8 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
   """Model, dataset description and mesh; a bad model name fails before any data is opened."""
   build_model(config, num_classes=config.model.num_classes or 1)
   info = data.get_dataset_info(config)
-  return Experiment(config, info, build_model(config, info.num_classes), create_mesh())
+  return Experiment(config, info, build_model(config, info.num_classes), create_mesh(),
+                    make_device_preprocess(config))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -170,8 +170,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if step == 0:
     writer.write_text('config', config.to_json_best_effort(indent=2))
   train_step = jit_train_step(mesh, training.state_sharding, training.learning_rate_fn,
-                              label_smoothing=config.label_smoothing, seed=config.seed)
-  eval_step = jit_eval_step(mesh, experiment.model.apply)
+                              label_smoothing=config.label_smoothing, seed=config.seed,
+                              preprocess=experiment.preprocess)
+  eval_step = jit_eval_step(mesh, experiment.model.apply, preprocess=experiment.preprocess)
   num_params = count_params(state.params)
   logger.info('%s: %s parameters, %d steps (%d per epoch), %d devices, %d processes',
               config.model.name, f'{num_params:,}', total_steps, training.steps_per_epoch,

@@ -1,5 +1,6 @@
 """TFDS datasets: mocked CIFAR-10, real on-disk JPEGs (SkipDecoding + PIL), held-out splits, clear errors."""
 
+import jax
 import ml_collections
 import numpy as np
 import pytest
@@ -8,6 +9,7 @@ import tensorflow_datasets as tfds
 import resnet_jax.data as data
 from resnet_jax.data import generated
 from resnet_jax.data import sources
+from resnet_jax.data.device_preprocess import make_device_preprocess
 from tests.runner import data_config
 
 
@@ -30,9 +32,10 @@ def test_cifar10_under_mock_data_trains_and_evaluates_exactly_once():
     assert info == data.DatasetInfo("cifar10", 10, (32, 32, 3), 70, 30, "validation")
     it = data.create_train_iterator(config, local_batch_size=16, process_index=1, process_count=2, seed=0)
     batch = next(it)
-    assert batch["image"].shape == (16, 32, 32, 3) and batch["image"].dtype == np.float32
+    assert batch["image"].shape == (16, 32, 32, 3) and batch["image"].dtype == np.uint8
     assert batch["label"].dtype == np.int32 and batch["label"].max() < 10
-    assert abs(float(batch["image"].mean())) < 0.5
+    normalised = make_device_preprocess(config)(batch["image"], rng=jax.random.key(0))  # on device
+    assert abs(float(normalised.mean())) < 0.5
     state = it.get_state()
     expected = next(it)
     again = data.create_train_iterator(config, local_batch_size=16, process_index=1, process_count=2, seed=0)
