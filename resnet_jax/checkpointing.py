@@ -12,6 +12,8 @@ Guarantees (see README, "Checkpoints and faults"):
   different model/config shape is an error naming the mismatched keys, never a silent partial load.
 - A corrupt, truncated or checksum-failing newest checkpoint is reported (naming it) and the
   previous one is used; the trainer moves it to `corrupt_checkpoints/`, readers never write.
+  When checkpoints exist but none restores, the trainer refuses to start (it never silently
+  starts over).
 """
 from __future__ import annotations
 
@@ -39,6 +41,10 @@ _LEGACY_DATA_ITEM = 'data'  # written by grain's handler before the `progress` i
 
 class CheckpointMismatchError(ValueError):
   """The workdir holds a run whose train state has a different structure or shapes."""
+
+
+class NoReadableCheckpointError(ValueError):
+  """Checkpoints exist but none restores: refusing to start over on top of them."""
 
 
 class Restored(NamedTuple):
@@ -132,9 +138,13 @@ class Checkpointer:
     cannot be read; raises CheckpointMismatchError when a readable one has another structure.
     """
     restored, bad = _restore_newest(self.manager, self.directory, abstract_state)
-    self._set_aside(bad)
     if restored is None and bad:
-      logger.warning('no readable checkpoint in %s: starting from scratch', self.directory)
+      # Starting over here would silently throw the run away: leave everything as it is.
+      raise NoReadableCheckpointError(
+          f'every checkpoint in {self.directory} is unreadable (steps '
+          f'{", ".join(map(str, bad))}; see the warnings above); nothing was changed. To start '
+          f'over deliberately, use a new --workdir or move {self.directory} away')
+    self._set_aside(bad)
     return restored
 
   def _set_aside(self, steps: list[int]) -> None:
@@ -157,8 +167,11 @@ class Checkpointer:
     self.manager.wait_until_finished()
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    """Finishes in-flight saves, then releases the manager (also on error exits)."""
+    try:
+      self.manager.wait_until_finished()
+    finally:
+      self.manager.close()
 
 
 def _read_progress(manager: ocp.CheckpointManager, directory: epath.Path, step: int) -> dict:
