@@ -47,6 +47,8 @@ def open_image(path: str) -> Image.Image:
     image = Image.open(path)
   except FileNotFoundError:
     raise ValueError(f'{path}: no such file') from None
+  except Image.DecompressionBombError as e:
+    raise ValueError(f'{path} is refused as a decompression bomb ({e})') from None
   except (Image.UnidentifiedImageError, OSError) as e:
     raise ValueError(f'{path} is not an image PIL can read ({e})') from None
   w, h = image.size
