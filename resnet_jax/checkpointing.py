@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from typing import Any, NamedTuple
 
@@ -187,6 +188,7 @@ def _read_progress(manager: ocp.CheckpointManager, directory: epath.Path, step: 
 def _restore_newest(manager: ocp.CheckpointManager, directory: epath.Path,
                     abstract: Any) -> tuple[Restored | None, list[int]]:
   """(the newest checkpoint that restores and verifies, the newer steps that did not)."""
+  _drop_closed_loop_noise()
   bad = []
   for step in sorted(manager.all_steps(), reverse=True):
     try:
@@ -228,6 +230,7 @@ def restore_model_variables(workdir: str | epath.Path) -> tuple[dict[str, Any], 
   directory = as_path(workdir) / CHECKPOINT_DIR
   if not directory.is_dir():
     raise FileNotFoundError(f'no checkpoint in {directory}')
+  _drop_closed_loop_noise()
   manager = ocp.CheckpointManager(
       directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False,
                                                       cleanup_tmp_directories=False),
@@ -250,6 +253,25 @@ def restore_model_variables(workdir: str | epath.Path) -> tuple[dict[str, Any], 
   finally:
     manager.close()
   raise FileNotFoundError(f'no readable checkpoint in {directory}')
+
+
+def _drop_closed_loop_noise() -> None:
+  """Silences the 'Event loop is closed' RuntimeErrors that tensorstore's late callbacks raise
+  (as unraisable exceptions, dozens of tracebacks) after Orbax abandons a failed read of a damaged
+  checkpoint. The failure itself is reported once, by the caller. Installed once per process;
+  every other unraisable exception still reaches the previous hook."""
+  previous = sys.unraisablehook
+  if getattr(previous, '_resnet_jax_filter', False):
+    return
+
+  def hook(unraisable: Any) -> None:
+    exc = unraisable.exc_value
+    if isinstance(exc, RuntimeError) and str(exc) == 'Event loop is closed':
+      return
+    previous(unraisable)
+
+  hook._resnet_jax_filter = True  # type: ignore[attr-defined]
+  sys.unraisablehook = hook
 
 
 def _short(e: Exception) -> str:

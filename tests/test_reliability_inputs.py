@@ -235,3 +235,39 @@ def test_preprocess_of_ordinary_images_is_unchanged():
         (left, top, left + 224, top + 224)), np.float32) / 255
     ref = (ref - predict.IMAGENET_MEAN) / predict.IMAGENET_STD
     np.testing.assert_array_equal(predict.preprocess(image), ref)
+
+
+class _PoisonedIterator:
+  """The real digits iterator, with NaN images in the batches of the given (1-based) steps."""
+
+  def __init__(self, inner, poisoned_steps):
+    self.inner, self.poisoned, self.count = inner, set(poisoned_steps), 0
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    batch = dict(next(self.inner))
+    self.count += 1
+    if self.count in self.poisoned:
+      batch['image'] = np.full_like(batch['image'], np.nan)
+    return batch
+
+  def get_state(self):
+    return self.inner.get_state()
+
+  def set_state(self, state):
+    self.inner.set_state(state)
+
+  def close(self):
+    self.inner.close()
+
+
+def test_skip_mode_still_succeeds_when_only_some_steps_are_skipped(tmp_path, caplog):
+  from resnet_jax import data
+  config = _digits(num_train_steps=6, log_every_steps=3, checkpoint_every_steps=0,
+                   on_nonfinite='skip', progress_bar=False, eval_every_steps=0)
+  inner = data.create_train_iterator(config, local_batch_size=32, process_index=0,
+                                     process_count=1, seed=0)
+  result = train.train_and_evaluate(config, str(tmp_path), train_iter=_PoisonedIterator(inner, {2}))
+  assert result['step'] == 6 and 'skipped 1 non-finite update' in caplog.text
