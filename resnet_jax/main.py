@@ -101,8 +101,9 @@ def main(argv: list[str]) -> None:
     sys.exit(1)
   if results.get('stopped'):
     if jax.process_index() == 0:
-      print(f"stopped at step {results['step']} on request: rerun the same command to resume",
-            file=sys.stderr)
+      where = ('before training started' if results['step'] is None
+               else f"at step {results['step']}")
+      print(f'stopped {where} on request: rerun the same command to resume', file=sys.stderr)
     return
   if jax.process_index() == 0 and 'eval' in results:
     ev = results['eval']

@@ -11,6 +11,7 @@ import collections
 import contextlib
 import json
 import logging
+import os
 import time
 from typing import Any, Iterator
 
@@ -112,15 +113,22 @@ def validate_bn_groups(group: int | None, batch_size: int, n_devices: int) -> No
       f'divides {batch_size}, or None (whole-batch statistics)')
 
 
-def _prepare_workdir(workdir: epath.Path, config: ml_collections.ConfigDict) -> None:
-  """Creates the workdir, proves it (and its checkpoints/) writable, and refuses one holding a
-  differently shaped run. Writes nothing that stays: config.json comes once the run is accepted."""
+def _prepare_workdir(workdir: epath.Path, config: ml_collections.ConfigDict,
+                     lock: WorkdirLock | None = None) -> None:
+  """Creates the workdir, takes its `lock` (a second run stops here), proves it and its
+  checkpoints/ writable, and refuses one holding a differently shaped run. Writes nothing that
+  stays: config.json comes once the run is accepted."""
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+    if lock is not None:
+      lock.acquire()
+  except OSError as e:
+    raise ConfigError(f'workdir {workdir} is not writable: {e.strerror or e}') from None
   for directory in (workdir, workdir / checkpointing.CHECKPOINT_DIR):
-    if directory != workdir and not directory.exists():
+    if not directory.exists():
       continue
     try:
-      directory.mkdir(parents=True, exist_ok=True)
-      probe = directory / f'.write_test_{jax.process_index()}'
+      probe = directory / f'.write_test_{jax.process_index()}_{os.getpid()}'
       probe.write_text('ok')
       probe.unlink()
     except OSError as e:
@@ -193,9 +201,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   lock = WorkdirLock(workdir)
   ckpt = None
   try:
-    _prepare_workdir(workdir, config)
-    if jax.process_index() == 0:
-      lock.acquire()
+    if stop.requested:  # a signal during start-up: stop before anything is written
+      return {'step': None, 'stopped': True}
+    _prepare_workdir(workdir, config, lock if jax.process_index() == 0 else None)
     training = runtime.build_training(config)
     ckpt = checkpointing.Checkpointer(workdir, max_to_keep=config.max_to_keep,
                                       keep_best=config.keep_best)
