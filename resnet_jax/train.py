@@ -313,12 +313,13 @@ def _train(config, workdir, training, ckpt, start, train_iter, writer, stop, pro
       window = jax.device_get(pending)
       train_s = time.time() - window_start - busy_s  # excludes the evals and saves in between
       pending, busy_s, window_start = [], 0.0, time.time()
-      skipped += _check_finite(window, config.on_nonfinite, ckpt)
-      if at_end and skipped == step - first_step:
+      skipped_now = _check_finite(window, config.on_nonfinite, ckpt)
+      skipped += skipped_now
+      if at_end and skipped_now == len(window):  # ended stuck: not a result to report
         raise NonFiniteLossError(
-            f'every one of the {skipped} steps of this run had a non-finite loss, gradients or '
-            'update and was skipped: nothing was learned, so no final checkpoint or results '
-            'were written. Lower the learning rate')
+            f'the last {len(window)} steps (to step {step}) were all non-finite and skipped '
+            f'({skipped} of the {step - first_step} steps of this run): the run diverged, so no '
+            'final checkpoint or results were written. Lower the learning rate')
       summary = {k: float(np.mean([m[k] for m in window])) for k in ('loss', 'top1_error')}
       summary['learning_rate'] = float(window[-1]['learning_rate'])
       summary['images_per_sec'] = len(window) * config.batch_size / max(train_s, 1e-9)

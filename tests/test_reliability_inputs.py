@@ -17,7 +17,8 @@ from tests.runner import ROOT
 
 
 def _digits(**overrides):
-  config = load_sibling_config(os.path.join(ROOT, 'configs', 'x.py'), 'digits').get_config('depth=8')
+  digits = load_sibling_config(os.path.join(ROOT, 'configs', 'x.py'), 'digits')
+  config = digits.get_config('depth=8')
   config.update_from_flattened_dict({'batch_size': 32, **overrides})
   return config
 
