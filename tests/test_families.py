@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from resnet_jax import optim, runtime
+from resnet_jax import optim, runtime, summary
 from resnet_jax.analysis import paper_numbers
 from resnet_jax.default_config import load_config_module
 from resnet_jax.models import create_model, layout, parse_name
@@ -43,6 +43,14 @@ def count(model):
 ])
 def test_parameter_counts(name, kwargs, expected):
   assert count(create_model(name, **kwargs)) == expected
+
+
+@pytest.mark.parametrize('name,gmacs', [  # torchvision's weights metadata, '_ops'
+  ('resnext50_32x4d', 4.23), ('resnext101_32x8d', 16.414), ('resnext101_64x4d', 15.46),
+  ('wide_resnet50_2', 11.398), ('wide_resnet101_2', 22.753),
+])
+def test_macs_match_torchvision(name, gmacs):
+  assert round(summary.analyze(create_model(name), 224)['macs'] / 1e9, 3) == gmacs
 
 
 def test_names_parse_into_one_family():
