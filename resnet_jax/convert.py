@@ -1,4 +1,4 @@
-"""Import torchvision ResNet weights: ``from_torchvision(state_dict, name)`` and a CLI.
+"""Import torchvision ResNet / ResNeXt / Wide ResNet weights: ``from_torchvision`` and a CLI.
 
     python -m resnet_jax.convert --arch resnet50 --torchvision-weights resnet50-11ad3fa6.pth --out DIR
 
@@ -74,24 +74,33 @@ def _to_flax_layout(torch_value: np.ndarray, path: Sequence[str]) -> np.ndarray:
   return torch_value.T  # dense (out, in) -> (in, out)
 
 
-def from_torchvision(state_dict: Mapping[str, Any], name: str, *,
-                     scan: bool = False) -> dict[str, Any]:
+def from_torchvision(state_dict: Mapping[str, Any], name: str, *, scan: bool = False,
+                     features_only: bool = False) -> dict[str, Any]:
   """Convert a torchvision ResNet ``state_dict`` to ``{'params', 'batch_stats'}`` of ``create_model(name)``.
 
-  The number of classes is read from ``fc.weight``. The keys map onto the unrolled layout;
-  ``scan=True`` returns the variables of ``create_model(name, scan=True)`` instead (stacked
-  blocks, ``models.layout.to_scanned``). Key accounting is strict: a variable with no
-  torchvision key, a torchvision key that no variable uses (other than ``num_batches_tracked``), or a
-  shape mismatch is a ``ValueError`` naming them. A ``module.`` prefix (DataParallel) is stripped.
+  ``name``: resnet18/34/50/101/152, resnext{50,101}_{G}x{W}d, wide_resnet{50,101}_{k} (grouped
+  3x3 kernels map like any other: OIHW with I = in / groups -> HWIO). The number of classes is
+  read from ``fc.weight``. The keys map onto the unrolled layout; ``scan=True`` returns the
+  variables of ``create_model(name, scan=True)`` instead (stacked blocks,
+  ``models.layout.to_scanned``). ``features_only=True``: the variables of the backbone
+  (``create_model(name, features_only=True)``, any ``output_stride``: dilation adds no
+  parameters): ``fc.*`` is not needed and is dropped if present. Key accounting is strict: a
+  variable with no torchvision key, a torchvision key that no variable uses (other than
+  ``num_batches_tracked``), or a shape mismatch is a ``ValueError`` naming them. A ``module.``
+  prefix (DataParallel) is stripped.
   """
   spec = parse_name(name)
   if spec.family != 'imagenet' or not spec.residual:
-    raise ValueError(f'torchvision has weights for resnet18/34/50/101/152 only, not {name!r}')
+    raise ValueError(f'torchvision has weights for ImageNet ResNets, ResNeXts and Wide ResNets '
+                     f'only, not {name!r}')
   sd = {k.removeprefix('module.'): v for k, v in state_dict.items()}
-  if 'fc.weight' not in sd:
-    raise ValueError('state_dict has no fc.weight: not a torchvision ResNet state_dict')
-  num_classes = int(np.shape(sd['fc.weight'])[0])
-  model = create_model(name, num_classes=num_classes)
+  if features_only:
+    sd = {k: v for k, v in sd.items() if not k.startswith('fc.')}
+    model = create_model(name, num_classes=1, features_only=True)
+  else:
+    if 'fc.weight' not in sd:
+      raise ValueError('state_dict has no fc.weight: not a torchvision ResNet state_dict')
+    model = create_model(name, num_classes=int(np.shape(sd['fc.weight'])[0]))
   abstract = jax.eval_shape(
       lambda x: model.init(jax.random.key(0), x, train=False),
       jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32))

@@ -36,6 +36,17 @@ def base_config() -> ml_collections.ConfigDict:
   # independent of depth) and optionally rematerialise each block in the backward pass.
   c.model.scan = False
   c.model.remat = False
+  # ResNeXt / Wide ResNet bottlenecks (None: the name's own, e.g. resnext50_32x4d: 32 and 4) and
+  # dropout between a block's convs (the CIFAR Wide ResNets of configs/wrn.py).
+  c.model.groups = ml_collections.FieldReference(None, field_type=int)
+  c.model.width_per_group = ml_collections.FieldReference(None, field_type=int)
+  c.model.dropout_rate = 0.0
+  # Fine-tuning a backbone: output stride 16 / 8 by dilation, BatchNorm with frozen statistics
+  # (and scale/bias), stem + stages 1..k frozen (-1: none; optimizer leaves them untouched).
+  c.model.output_stride = 32
+  c.model.frozen_bn = False
+  c.model.frozen_bn_affine = False
+  c.model.frozen_stages = -1
 
   c.data = ml_collections.ConfigDict()
   c.data.name = 'digits'  # 'digits' | 'synthetic' | any TFDS image-classification name

@@ -11,6 +11,8 @@ import jax
 import ml_collections
 import optax
 
+from resnet_jax.models import backbone
+
 
 def _parse_ints(text: str | None) -> list[float]:
   return [float(x) for x in text.split(',') if x.strip()] if text else []
@@ -74,7 +76,8 @@ def create_optimizer(config: ml_collections.ConfigDict,
   which = o.weight_decay_mask
   if which not in ('all', 'kernels'):
     raise ValueError(f"optimizer.weight_decay_mask must be 'all' or 'kernels', got {which!r}")
-  return optax.chain(
+  tx = optax.chain(
       optax.add_decayed_weights(o.weight_decay, mask=lambda p: weight_decay_mask(p, which)),
       optax.sgd(learning_rate_fn, momentum=o.momentum, nesterov=o.nesterov),
   )
+  return backbone.freeze(tx, config.model)  # frozen stages / BN affine: no update at all

@@ -2,6 +2,11 @@
 
   python -m resnet_jax.summary resnet50 [--plain] [--shortcut A|B|C] [--stride-on 1x1|3x3]
     [--num-classes N] [--image-size N] [--preact] [--block basic|bottleneck] [--json]
+    [--features [--output-stride 32|16|8]]
+
+Any name of ``models.VALID_NAMES`` (ResNets, ResNeXts, Wide ResNets). ``--features`` summarises the
+backbone (``features_only=True``: no classifier) and lists its C2-C5 feature maps with their
+shapes and strides; ``--output-stride`` 16 / 8 dilates the last stages instead of striding them.
 
 MACs are counted analytically: every ``nn.Conv`` and ``nn.Dense`` call is intercepted while the
 model is traced abstractly (``jax.eval_shape``, no FLOPs spent), and contributes
@@ -86,6 +91,15 @@ def analyze(model: nn.Module, image_size: int, in_channels: int = 3) -> dict:
   }
 
 
+def feature_maps(model: nn.Module, image_size: int, in_channels: int = 3) -> list[dict]:
+  """Name, shape (H, W, C) and stride of each feature map a ``features_only`` backbone returns."""
+  x = jax.ShapeDtypeStruct((1, image_size, image_size, in_channels), jnp.float32)
+  variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
+  out = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, x)
+  return [{"name": k, "shape": list(v.shape[1:]), "stride": image_size / v.shape[1]}
+          for k, v in out.items()]
+
+
 def format_table(summary: dict) -> str:
   """Plain-text table, one row per stage plus a total."""
   lines = [f"{'stage':<8} {'output':>14} {'params':>14} {'MACs':>16}"]
@@ -94,6 +108,9 @@ def format_table(summary: dict) -> str:
     lines.append(f"{row['name']:<8} {shape:>14} {row['params']:>14,} {row['macs']:>16,}")
   lines.append(f"{'total':<8} {'':>14} {summary['params']:>14,} {summary['macs']:>16,}")
   lines.append(f"({summary['macs'] / 1e9:.3f} G multiply-accumulates per image)")
+  for f in summary.get("features", []):
+    shape = "x".join(str(d) for d in f["shape"])
+    lines.append(f"feature {f['name']:<4} {shape:>14}  stride {f['stride']:g}")
   return "\n".join(lines)
 
 
@@ -108,6 +125,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                       help="CIFAR block kind: bottleneck gives the 9n+2 nets (resnet164, resnet1001)")
   parser.add_argument("--num-classes", type=int)
   parser.add_argument("--image-size", type=int, help="default 224 (ImageNet names) or 32 (CIFAR)")
+  parser.add_argument("--features", action="store_true",
+                      help="the backbone (features_only): C2-C5 shapes and strides, no classifier")
+  parser.add_argument("--output-stride", type=int, default=32, choices=[32, 16, 8],
+                      help="16 / 8: dilate the last one / two stages instead of striding them")
   parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
   args = parser.parse_args(argv)
 
@@ -119,22 +140,31 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
       residual=not args.plain,
       shortcut=args.shortcut,
       stride_on=args.stride_on,
-      preact=args.preact,
+      preact=True if args.preact else None,  # None: the name's own (pre-activation for wrn*)
       block=args.block,
+      output_stride=args.output_stride,
+      features_only=args.features,
     )
   except ValueError as e:
     parser.error(str(e))
   image_size = args.image_size or (224 if spec.family == "imagenet" else 32)
   summary = analyze(model, image_size)
+  if args.features:
+    summary["features"] = feature_maps(model, image_size)
   header = {
     "name": args.name,
     "family": spec.family,
     "residual": model.residual,
     "shortcut": model.shortcut if model.residual else None,
     "stride_on": model.stride_on if model.block_cls.expansion > 1 else None,  # bottlenecks only
-    "preact": args.preact,
+    "preact": model.block_cls.preact,
     "block": spec.block,
-    "num_classes": model.num_classes,
+    "groups": model.groups,
+    "width_per_group": model.base_width,
+    "widths": list(model.widths),
+    "dropout_rate": model.dropout_rate,
+    "output_stride": model.output_stride,
+    "num_classes": None if model.features_only else model.num_classes,
     "image_size": image_size,
   }
   if args.json:

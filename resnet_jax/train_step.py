@@ -82,12 +82,13 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *,
   unchanged except `step`); it is reported in the metrics so the host can stop with an error
   naming it or skip it.
   """
-  images = preprocess(batch['image'], rng=jax.random.fold_in(jax.random.key(seed), state.step))
+  step_key = jax.random.fold_in(jax.random.key(seed), state.step)
+  images = preprocess(batch['image'], rng=step_key)
 
   def loss_fn(params):
     logits, updates = state.apply_fn(
         {'params': params, 'batch_stats': state.batch_stats}, images, train=True,
-        mutable=['batch_stats'])
+        mutable=['batch_stats'], rngs={'dropout': jax.random.fold_in(step_key, 1)})
     loss = cross_entropy(logits, batch['label'], label_smoothing).mean()
     return loss, (logits, updates['batch_stats'])
 

@@ -76,7 +76,13 @@ def torch_logits(torch, model, x_nhwc):
     return model(torch.from_numpy(np.ascontiguousarray(x_nhwc.transpose(0, 3, 1, 2)))).numpy()
 
 
-@pytest.mark.parametrize('name,size', [('resnet18', 57), ('resnet34', 64), ('resnet50', 64), ('resnet101', 48)])
+@pytest.mark.parametrize('name,size', [
+    ('resnet18', 57), ('resnet34', 64), ('resnet50', 64), ('resnet101', 48),
+    ('resnext50_32x4d', 64), ('wide_resnet50_2', 64),
+    pytest.param('resnext101_32x8d', 64, marks=pytest.mark.slow),
+    pytest.param('resnext101_64x4d', 64, marks=pytest.mark.slow),
+    pytest.param('wide_resnet101_2', 64, marks=pytest.mark.slow),
+])
 def test_logits_match_torchvision(torch, tv, name, size):
   model = random_torchvision(torch, tv, name)
   x = np.random.default_rng(0).standard_normal((2, size, size, 3)).astype(np.float32)
@@ -118,7 +124,7 @@ def test_strict_key_accounting(torch, tv):
   sd34 = random_torchvision(torch, tv, 'resnet34').state_dict()
   with pytest.raises(ValueError, match=r'unused torchvision keys \[.*layer1\.2\.bn1\.bias'):
     convert.from_torchvision(sd34, 'resnet18')
-  with pytest.raises(ValueError, match='resnet18/34/50/101/152 only'):
+  with pytest.raises(ValueError, match='ImageNet ResNets, ResNeXts and Wide ResNets only'):
     convert.from_torchvision(sd, 'resnet20')
 
 
@@ -172,6 +178,26 @@ def test_convert_cli_then_predict_prints_top5(torch, tv, tmp_path, capsys):
 
   predict.main(['--arch', 'resnet18', '--torchvision-weights', str(weights), str(image_path)])
   assert capsys.readouterr().out.splitlines() == lines
+
+
+@pytest.mark.parametrize('name', ['resnext50_32x4d', 'wide_resnet50_2'])
+def test_convert_and_predict_take_resnext_and_wide_resnet_weights(torch, tv, tmp_path, capsys, name):
+  model = random_torchvision(torch, tv, name, seed=6)
+  weights, out = tmp_path / f'{name}.pth', tmp_path / 'converted'
+  torch.save(model.state_dict(), weights)
+  convert.main(['--arch', name, '--torchvision-weights', str(weights), '--out', str(out)])
+  count = {'resnext50_32x4d': '25,028,904', 'wide_resnet50_2': '68,883,240'}[name]
+  assert f'wrote {name} ({count} parameters, 1000 classes)' in capsys.readouterr().out
+  image_path = tmp_path / 'image.png'
+  Image.fromarray(np.random.default_rng(7).integers(0, 256, (90, 120, 3), dtype=np.uint8)).save(image_path)
+  predict.main(['--arch', name, '--checkpoint', str(out), '--image-size', '64', str(image_path)])
+  lines = capsys.readouterr().out.splitlines()
+  probs = [float(line.split()[0]) for line in lines]
+  indices = [int(line.rsplit('(', 1)[1].rstrip(')')) for line in lines]
+  x = predict.preprocess(Image.open(image_path), 64, int(round(64 * 256 / 224)))[None]
+  ref = torch.softmax(torch.from_numpy(torch_logits(torch, model, x)), -1).numpy()[0]
+  assert len(lines) == 5 and indices == list(np.argsort(-ref)[:5])
+  np.testing.assert_allclose(probs, ref[indices], atol=1e-4)
 
 
 @pytest.mark.slow

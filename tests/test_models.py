@@ -88,9 +88,9 @@ def test_plain_equals_option_a_and_c_gt_b_gt_a(name, size):
 def test_name_registry_and_defaults():
   assert parse_name("resnet50").family == "imagenet"
   assert parse_name("cifar_resnet50").family == "cifar"
-  assert parse_name("resnet8") == ("cifar", 8, True, "basic")
-  assert parse_name("plain1202") == ("cifar", 1202, False, "basic")
-  assert parse_name("resnet50") == ("imagenet", 50, True, "bottleneck")
+  assert parse_name("resnet8")[:4] == ("cifar", 8, True, "basic")
+  assert parse_name("plain1202")[:4] == ("cifar", 1202, False, "basic")
+  assert parse_name("resnet50")[:4] == ("imagenet", 50, True, "bottleneck")
   m = create_model("plain34")
   assert (m.residual, m.shortcut, m.stride_on, m.num_classes) == (False, "B", "3x3", 1000)
   m = create_model("resnet110")
@@ -163,8 +163,8 @@ def test_preact_cifar_bottleneck_counts_match_architecture_and_paper(depth, pape
 
 
 def test_cifar_bottleneck_names_and_errors():
-  assert parse_name("resnet1001", "bottleneck") == ("cifar", 1001, True, "bottleneck")
-  assert parse_name("resnet164") == ("cifar", 164, True, "basic")  # 6*27+2: the block is explicit
+  assert parse_name("resnet1001", "bottleneck")[:4] == ("cifar", 1001, True, "bottleneck")
+  assert parse_name("resnet164")[:4] == ("cifar", 164, True, "basic")  # 6*27+2: the block is explicit
   assert parse_name("plain164", "bottleneck").residual is False
   with pytest.raises(ValueError, match="block='bottleneck'"):
     create_model("resnet1001")  # 9n+2 only: the error says what to pass

@@ -89,3 +89,22 @@ def paper_error(dataset: str, variant: str, depth: int, shortcut: str | None,
   if dataset in _IMAGENET_NAMES:
     return IMAGENET_TABLES.get(_imagenet_key(variant, depth, shortcut))
   return None
+
+# Zagoruyko & Komodakis 2016 ("Wide Residual Networks"), CIFAR test error (%) of WRN-28-10 with
+# flip/translation augmentation and mean/std normalisation, median of 5 runs, without and with
+# dropout 0.3 between the convs. Figures as printed in the authors' README
+# (github.com/szagoruyko/wide-residual-networks), which reproduces the paper's Table 5 (arXiv
+# v4, "effect of dropout in residual block"; the table number is from our reading of v4, the
+# figures from the README). (dataset, depth, widen, dropout_rate) -> error.
+WRN_2016 = {
+    ('cifar10', 28, 10, 0.0): (4.00, 'Zagoruyko & Komodakis 2016, Table 5'),
+    ('cifar10', 28, 10, 0.3): (3.89, 'Zagoruyko & Komodakis 2016, Table 5'),
+    ('cifar100', 28, 10, 0.0): (19.25, 'Zagoruyko & Komodakis 2016, Table 5'),
+    ('cifar100', 28, 10, 0.3): (18.85, 'Zagoruyko & Komodakis 2016, Table 5'),
+}
+
+
+def wrn_paper_error(dataset: str, depth: int, widen: int,
+                    dropout_rate: float) -> tuple[float, str] | None:
+  """(top-1 error in %, source) of the WRN paper's run with this configuration, or None."""
+  return WRN_2016.get((dataset, depth, widen, round(float(dropout_rate), 4)))

@@ -1,18 +1,9 @@
-"""ResNet models: ``create_model(name, **options)`` and the building blocks behind it."""
+"""ResNet, ResNeXt and Wide ResNet models: ``create_model(name, **options)`` and their blocks."""
 from resnet_jax.models import layout
 from resnet_jax.models.layers import BatchNorm, conv, shortcut
-from resnet_jax.models.resnet import (
-  IMAGENET_DEPTHS,
-  VALID_NAMES,
-  ArchSpec,
-  BasicBlock,
-  Bottleneck,
-  PreActBasicBlock,
-  PreActBottleneck,
-  ResNet,
-  create_model,
-  parse_name,
-)
+from resnet_jax.models.blocks import BasicBlock, Bottleneck, PreActBasicBlock, PreActBottleneck
+from resnet_jax.models.names import IMAGENET_DEPTHS, VALID_NAMES, ArchSpec, parse_name
+from resnet_jax.models.resnet import ResNet, create_model
 
 __all__ = [
   "ArchSpec",

@@ -36,8 +36,27 @@ class _Block(nn.Module):
   shortcut: str = 'B'
   stride_on: str = '3x3'  # bottlenecks only: a basic block's one stride is on its first 3x3 conv
   zero_init_last_bn: bool = False
+  # ResNeXt / torchvision Wide ResNet (bottlenecks only): the 3x3 conv has
+  # int(features * base_width / 64) * groups channels in `groups` groups (torchvision's
+  # `groups` / `width_per_group`); resnet50 is groups=1, base_width=64.
+  groups: int = 1
+  base_width: int = 64
+  dilation: int = 1  # of the 3x3 convs: a backbone's output stride 16 / 8 (see ResNet)
+  dropout_rate: float = 0.0  # between the convs (Wide ResNets, Zagoruyko & Komodakis 2016)
+  deterministic: bool = True  # no dropout (evaluation); False needs a 'dropout' rng
   expansion = 1  # output channels per unit of `features`
   preact = False
+
+  def _dropout(self, y: jax.Array) -> jax.Array:
+    """Dropout between the convs; absent (no rng needed) when the rate is 0 or not training."""
+    if self.dropout_rate <= 0 or self.deterministic:
+      return y
+    return nn.Dropout(self.dropout_rate, deterministic=False, name='dropout')(y)
+
+  @property
+  def inner_width(self) -> int:
+    """Channels of a bottleneck's 3x3 conv: torchvision's int(planes * base_width / 64) * groups."""
+    return int(self.features * (self.base_width / 64.0)) * self.groups
 
 
 class _PreActBlock(_Block):
@@ -65,13 +84,18 @@ class _PreActBlock(_Block):
 
 
 class BasicBlock(_Block):
-  """Two 3x3 convs, each followed by BN; ReLU after the first and after the shortcut addition."""
+  """Two 3x3 convs, each followed by BN; ReLU after the first and after the shortcut addition.
+
+  ``dilation`` dilates both 3x3 convs (torchvision refuses dilation in basic blocks; this is the
+  DeepLab-style generalisation, so resnet18/34 backbones also reach output stride 16 / 8).
+  """
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    y = self.conv(self.features, 3, self.strides, name='conv1')(x)
-    y = nn.relu(self.norm(name='bn1')(y))
-    y = self.conv(self.features, 3, name='conv2')(y)
+    d = self.dilation
+    y = self.conv(self.features, 3, self.strides, name='conv1', dilation=d)(x)
+    y = self._dropout(nn.relu(self.norm(name='bn1')(y)))
+    y = self.conv(self.features, 3, name='conv2', dilation=d)(y)
     y = self.norm(name='bn2', scale_init=_last_bn_init(self.zero_init_last_bn))(y)
     if self.residual:
       y = y + layers.shortcut(
@@ -88,11 +112,11 @@ class Bottleneck(_Block):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     s1, s3 = (self.strides, 1) if self.stride_on == '1x1' else (1, self.strides)
-    out = self.features * self.expansion
-    y = self.conv(self.features, 1, s1, name='conv1')(x)
+    out, width = self.features * self.expansion, self.inner_width
+    y = self.conv(width, 1, s1, name='conv1')(x)
     y = nn.relu(self.norm(name='bn1')(y))
-    y = self.conv(self.features, 3, s3, name='conv2')(y)
-    y = nn.relu(self.norm(name='bn2')(y))
+    y = self.conv(width, 3, s3, name='conv2', groups=self.groups, dilation=self.dilation)(y)
+    y = self._dropout(nn.relu(self.norm(name='bn2')(y)))
     y = self.conv(out, 1, name='conv3')(y)
     y = self.norm(name='bn3', scale_init=_last_bn_init(self.zero_init_last_bn))(y)
     if self.residual:
@@ -114,9 +138,10 @@ class PreActBasicBlock(_PreActBlock):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     pre, src = self._preactivate(x)
-    y = self.conv(self.features, 3, self.strides, name='conv1')(pre)
+    d = self.dilation
+    y = self.conv(self.features, 3, self.strides, name='conv1', dilation=d)(pre)
     y = nn.relu(self.norm(name='bn2', scale_init=_last_bn_init(self.zero_init_last_bn))(y))
-    y = self.conv(self.features, 3, name='conv2')(y)
+    y = self.conv(self.features, 3, name='conv2', dilation=d)(self._dropout(y))
     if not self.residual:
       return y
     return y + layers.shortcut(
@@ -132,13 +157,13 @@ class PreActBottleneck(_PreActBlock):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     s1, s3 = (self.strides, 1) if self.stride_on == '1x1' else (1, self.strides)
-    out = self.features * self.expansion
+    out, width = self.features * self.expansion, self.inner_width
     pre, src = self._preactivate(x)
-    y = self.conv(self.features, 1, s1, name='conv1')(pre)
+    y = self.conv(width, 1, s1, name='conv1')(pre)
     y = nn.relu(self.norm(name='bn2')(y))
-    y = self.conv(self.features, 3, s3, name='conv2')(y)
+    y = self.conv(width, 3, s3, name='conv2', groups=self.groups, dilation=self.dilation)(y)
     y = nn.relu(self.norm(name='bn3', scale_init=_last_bn_init(self.zero_init_last_bn))(y))
-    y = self.conv(out, 1, name='conv3')(y)
+    y = self.conv(out, 1, name='conv3')(self._dropout(y))
     if not self.residual:
       return y
     return y + layers.shortcut(src, out, self.strides, kind=self.shortcut, conv=self.conv, norm=None)

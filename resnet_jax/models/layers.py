@@ -36,19 +36,27 @@ def conv(
   *,
   name: str,
   dtype: Dtype = jnp.float32,
+  groups: int = 1,
+  dilation: int = 1,
 ) -> nn.Conv:
-  """A bias-free square convolution with explicit symmetric padding ``kernel_size // 2``.
+  """A bias-free square convolution with explicit symmetric padding ``dilation * (kernel_size // 2)``.
+
+  ``groups``: grouped convolution (ResNeXt; torch ``groups``, flax ``feature_group_count``: the
+  kernel is HW x (in / groups) x out). ``dilation``: atrous convolution (a backbone's output stride
+  16 or 8, torchvision's ``replace_stride_with_dilation``), padded like torch's ``conv3x3``.
 
   ``padding='SAME'`` pads asymmetrically (0 before, 1 after) for even inputs with stride 2, which
   shifts every strided feature map by half a pixel relative to torch; explicit symmetric padding
   is what torchvision (and imported weights) expect.
   """
-  pad = kernel_size // 2
+  pad = dilation * (kernel_size // 2)
   return nn.Conv(
     features,
     (kernel_size, kernel_size),
     strides=(strides, strides),
     padding=((pad, pad), (pad, pad)),
+    kernel_dilation=(dilation, dilation),
+    feature_group_count=groups,
     use_bias=False,
     dtype=dtype,
     param_dtype=jnp.float32,
@@ -67,6 +75,9 @@ class BatchNorm(nn.Module):
   importing weights). With groups, the running statistics are updated with the mean over groups.
   A batch smaller than ``group_size`` forms a single group; any other batch size that is not a
   multiple of ``group_size`` raises ``ValueError``.
+
+  ``frozen_affine``: no gradient reaches ``scale``/``bias`` (``stop_gradient``; with running
+  statistics this is torchvision's ``FrozenBatchNorm2d``, the detection backbones' norm).
   """
 
   use_running_average: Optional[bool] = None
@@ -76,6 +87,7 @@ class BatchNorm(nn.Module):
   dtype: Dtype = jnp.float32
   scale_init: Callable[..., jax.Array] = nn.initializers.ones
   bias_init: Callable[..., jax.Array] = nn.initializers.zeros
+  frozen_affine: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, use_running_average: Optional[bool] = None) -> jax.Array:
@@ -87,6 +99,8 @@ class BatchNorm(nn.Module):
     ra_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
     scale = self.param("scale", self.scale_init, (features,), jnp.float32)
     bias = self.param("bias", self.bias_init, (features,), jnp.float32)
+    if self.frozen_affine:
+      scale, bias = jax.lax.stop_gradient(scale), jax.lax.stop_gradient(bias)
 
     if use_running_average:
       mean, var = ra_mean.value, ra_var.value

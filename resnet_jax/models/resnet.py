@@ -30,8 +30,7 @@ variable trees between that layout and the one above.
 from __future__ import annotations
 
 import functools
-import re
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -44,17 +43,17 @@ from resnet_jax.models.blocks import (
   PreActBasicBlock,
   PreActBottleneck,
 )
+from resnet_jax.models.names import (
+  CIFAR_WIDTHS,
+  IMAGENET_DEPTHS,
+  IMAGENET_WIDTHS,
+  VALID_NAMES,
+  ArchSpec,
+  cifar_stage_size,
+  parse_name,
+)
 
 ModuleDef = Any
-IMAGENET_DEPTHS = {  # depth -> (block kind, blocks per stage), paper Table 1.
-  18: ("basic", (2, 2, 2, 2)),
-  34: ("basic", (3, 4, 6, 3)),
-  50: ("bottleneck", (3, 4, 6, 3)),
-  101: ("bottleneck", (3, 4, 23, 3)),
-  152: ("bottleneck", (3, 8, 36, 3)),
-}
-IMAGENET_WIDTHS = (64, 128, 256, 512)
-CIFAR_WIDTHS = (16, 32, 64)
 
 
 class ResNet(nn.Module):
@@ -70,6 +69,15 @@ class ResNet(nn.Module):
   parameters stacked on a leading axis, module ``layer{s}_scan`` (see ``models.layout``): the
   compiled program holds two blocks per stage whatever the depth. ``remat=True`` recomputes each
   block's activations in the backward pass (``nn.remat``) instead of keeping them.
+
+  Backbone use (see ``models.backbone``): ``features_only`` returns ``{'C2'..'C5'}`` (ImageNet
+  stages, strides 4/8/16/32; a pre-activation net's C5 is after ``bn_final`` + ReLU) instead of
+  logits, with no ``fc``; ``output_stride`` 16 / 8 replaces the stride of the last one / two
+  stages by dilation as torchvision's ``replace_stride_with_dilation`` does (same parameters);
+  ``frozen_bn`` normalises with the running statistics even when ``train=True`` and never updates
+  them (``frozen_bn_affine``: nor scale/bias: torchvision's ``FrozenBatchNorm2d``);
+  ``frozen_stages`` k >= 0 freezes the stem and stages 1..k (mmdetection's convention; -1: none):
+  no gradient (``stop_gradient`` on their output) and BN in inference mode there.
   """
 
   stage_sizes: Sequence[int]
@@ -87,46 +95,87 @@ class ResNet(nn.Module):
   dtype: Any = jnp.float32
   scan: bool = False
   remat: bool = False
+  groups: int = 1
+  base_width: int = 64
+  dropout_rate: float = 0.0
+  output_stride: int = 32
+  features_only: bool = False
+  frozen_bn: bool = False
+  frozen_bn_affine: bool = False
+  frozen_stages: int = -1
+  stem_width: Optional[int] = None  # None: widths[0]; Wide ResNets keep a 16-channel stem
 
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    conv = functools.partial(layers.conv, dtype=self.dtype)
-    norm = functools.partial(
+  def _norm(self, train: bool, frozen: bool):
+    return functools.partial(
       layers.BatchNorm,
-      use_running_average=not train,
+      use_running_average=not train or self.frozen_bn or frozen,
       momentum=self.bn_momentum,
       epsilon=self.bn_epsilon,
       group_size=self.bn_group_size,
       dtype=self.dtype,
+      frozen_affine=self.frozen_bn_affine,
     )
+
+  def stage_geometry(self) -> list[tuple[int, int, int]]:
+    """(stride, first block's dilation, other blocks' dilation) per stage (torchvision's rule)."""
+    dilated = {32: 0, 16: 1, 8: 2}[self.output_stride]
+    n = len(self.stage_sizes)
+    out, dilation = [], 1
+    for i in range(n):
+      stride, previous = (1 if i == 0 else 2), dilation
+      if i >= n - dilated:
+        dilation *= stride
+        stride = 1
+      out.append((stride, previous, dilation))
+    return out
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> Any:
+    conv = functools.partial(layers.conv, dtype=self.dtype)
+    frozen = lambda stage: stage <= self.frozen_stages  # stage 0 is the stem
+    norm = self._norm(train, frozen(0))
     preact = self.block_cls.preact
+    stem_width = self.stem_width or self.widths[0]
     if self.stem == 'imagenet':
-      x = conv(self.widths[0], 7, 2, name='conv1')(x)
+      x = conv(stem_width, 7, 2, name='conv1')(x)
       x = nn.relu(norm(name='bn1')(x))
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     elif self.stem == 'cifar':
-      x = conv(self.widths[0], 3, name='conv1')(x)
+      x = conv(stem_width, 3, name='conv1')(x)
       if not preact:
         x = nn.relu(norm(name='bn1')(x))
     else:
       raise ValueError(f'unknown stem {self.stem!r}; expected \'imagenet\' or \'cifar\'')
+    if frozen(0):
+      x = jax.lax.stop_gradient(x)
 
     block_cls = nn.remat(self.block_cls) if self.remat else self.block_cls
-    common = dict(conv=conv, norm=norm, residual=self.residual, shortcut=self.shortcut,
-                  stride_on=self.stride_on, zero_init_last_bn=self.zero_init_last_bn)
+    features = {}
     for i, (num_blocks, width) in enumerate(zip(self.stage_sizes, self.widths)):
+      stride, first_dilation, dilation = self.stage_geometry()[i]
+      common = dict(conv=conv, norm=self._norm(train, frozen(i + 1)), residual=self.residual,
+                    shortcut=self.shortcut, stride_on=self.stride_on,
+                    zero_init_last_bn=self.zero_init_last_bn, groups=self.groups,
+                    base_width=self.base_width, dropout_rate=self.dropout_rate,
+                    deterministic=not train or frozen(i + 1))
       for j in range(1 if self.scan else num_blocks):
-        first = preact and i == 0 and j == 0
         extra = {}
-        if first:  # the unit right after the stem: see _PreActBlock
+        if preact and i == 0 and j == 0:  # the unit right after the stem: see _PreActBlock
           extra = ({'shared_preact': True} if self.stem == 'cifar'
                    else {'input_preactivated': True})
-        x = block_cls(width, strides=2 if i > 0 and j == 0 else 1, name=f'layer{i + 1}_{j}',
-                      **common, **extra)(x)
+        x = block_cls(width, strides=stride if j == 0 else 1, name=f'layer{i + 1}_{j}',
+                      dilation=first_dilation if j == 0 else dilation, **common, **extra)(x)
       if self.scan and num_blocks > 1:
-        x = self._scanned_blocks(width, num_blocks - 1, f'layer{i + 1}_scan', common)(x)
+        x = self._scanned_blocks(width, num_blocks - 1, f'layer{i + 1}_scan',
+                                 dict(common, dilation=dilation))(x)
+      if frozen(i + 1):
+        x = jax.lax.stop_gradient(x)
+      features[f'C{i + 2}'] = x
     if preact:
-      x = nn.relu(norm(name='bn_final')(x))
+      x = nn.relu(self._norm(train, False)(name='bn_final')(x))
+      features[f'C{len(self.stage_sizes) + 1}'] = x
+    if self.features_only:
+      return features
     x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
     return nn.Dense(
       self.num_classes,
@@ -144,65 +193,36 @@ class ResNet(nn.Module):
     body = nn.scan(
       lambda module, carry, _: (module(carry), None),
       variable_axes={'params': 0, 'batch_stats': 0, 'intermediates': 0},
-      split_rngs={'params': True},
+      split_rngs={'params': True, 'dropout': True},
       length=length,
     )
     return lambda x: body(block, x, None)[0]
 
 
-class ArchSpec(NamedTuple):
-  """What a model name means: family ('imagenet' | 'cifar'), depth, residual, block kind."""
-
-  family: str
-  depth: int
-  residual: bool
-  block: str = "basic"  # 'basic' | 'bottleneck'
-
-
-# CIFAR depth = 2 + this x blocks per stage: 3 stages of 2 (basic) or 3 (bottleneck) layers a block.
-_CIFAR_LAYERS_PER_STAGE_BLOCK = {"basic": 6, "bottleneck": 9}
-BLOCK_KINDS = tuple(_CIFAR_LAYERS_PER_STAGE_BLOCK)
-_NAME_RE = re.compile(r"(?P<cifar>cifar_)?(?P<kind>resnet|plain)(?P<depth>[1-9]\d*)")
-VALID_NAMES = (
-  "resnet18, resnet34, resnet50, resnet101, resnet152 (ImageNet); "
-  "resnet{6n+2} for n >= 1, e.g. resnet8, resnet20, resnet56, resnet110, resnet1202 (CIFAR); "
-  "with block='bottleneck', resnet{9n+2} CIFAR bottleneck nets, e.g. resnet164, resnet1001; "
-  "plain<N> for any of these depths (residual=False twin); "
-  "prefix cifar_ (e.g. cifar_resnet50) forces the CIFAR family where depths collide"
-)
+_BLOCKS = {
+  ('basic', False): BasicBlock,
+  ('basic', True): PreActBasicBlock,
+  ('bottleneck', False): Bottleneck,
+  ('bottleneck', True): PreActBottleneck,
+}
 
 
-def _cifar_depth_fits(depth: int, block: str) -> bool:
-  per_block = _CIFAR_LAYERS_PER_STAGE_BLOCK[block]
-  return depth >= per_block + 2 and (depth - 2) % per_block == 0
-
-
-def parse_name(name: str, block: Optional[str] = None) -> ArchSpec:
-  """Resolve a model name; ImageNet depths win over the CIFAR rules (50 and 152 are 6n+2 too).
-
-  CIFAR nets have basic blocks (6n+2 layers, He et al. 2015) unless ``block='bottleneck'``
-  (9n+2 layers: the ResNet-164/1001 of He et al. 2016). The block kind is explicit because some
-  depths fit both rules (164 = 6*27+2 = 9*18+2) and name nothing else.
-  """
-  if block is not None and block not in BLOCK_KINDS:
-    raise ValueError(f"block must be one of {BLOCK_KINDS} or None, got {block!r}")
-  m = _NAME_RE.fullmatch(name)
-  if m is not None:
-    depth = int(m["depth"])
-    residual = m["kind"] == "resnet"
-    if not m["cifar"] and depth in IMAGENET_DEPTHS:
-      kind = IMAGENET_DEPTHS[depth][0]
-      if block not in (None, kind):
-        raise ValueError(f"{name} is an ImageNet net with {kind} blocks; block={block!r} "
-                         f"contradicts it (use cifar_{name} for the CIFAR family)")
-      return ArchSpec("imagenet", depth, residual, kind)
-    if _cifar_depth_fits(depth, block or "basic"):
-      return ArchSpec("cifar", depth, residual, block or "basic")
-    if block is None and _cifar_depth_fits(depth, "bottleneck"):
-      raise ValueError(f"{name!r} is not a basic-block CIFAR depth (6n+2); it is a bottleneck "
-                       f"one (9n+2): pass block='bottleneck' (config: model.block)")
-  raise ValueError(f"unknown model name {name!r}{f' with block={block!r}' if block else ''}; "
-                   f"valid forms: {VALID_NAMES}")
+def _resolve_grouping(spec: ArchSpec, name: str, groups: Optional[int],
+                      width_per_group: Optional[int]) -> tuple[int, int]:
+  """The bottleneck's (groups, width_per_group): the name's, unless given (and not contradicting)."""
+  out = []
+  for given, own, field in ((groups, spec.groups, 'groups'),
+                            (width_per_group, spec.width_per_group, 'width_per_group')):
+    if given is not None and spec.variant in ('resnext', 'wide_resnet') and given != own:
+      raise ValueError(f'{name} has {field}={own}; {field}={given} contradicts it')
+    if given is not None and (not isinstance(given, int) or given < 1):
+      raise ValueError(f'{field} must be a positive int, got {given!r}')
+    out.append(own if given is None else given)
+  if tuple(out) != (1, 64) and (spec.family, spec.block) != ('imagenet', 'bottleneck'):
+    raise ValueError(f'groups / width_per_group apply to ImageNet bottleneck nets (ResNet-50/101/152'
+                     f' -> ResNeXt, Wide ResNet) only, not {name} (torchvision refuses them in '
+                     f'basic blocks too)')
+  return out[0], out[1]
 
 
 def create_model(
@@ -212,7 +232,7 @@ def create_model(
   residual: bool = True,
   shortcut: Optional[str] = None,
   stride_on: Optional[str] = None,
-  preact: bool = False,
+  preact: Optional[bool] = None,
   block: Optional[str] = None,
   zero_init_last_bn: bool = False,
   bn_group_size: Optional[int] = None,
@@ -221,8 +241,16 @@ def create_model(
   bn_epsilon: float = 1e-5,
   scan: bool = False,
   remat: bool = False,
+  groups: Optional[int] = None,
+  width_per_group: Optional[int] = None,
+  dropout_rate: float = 0.0,
+  output_stride: int = 32,
+  features_only: bool = False,
+  frozen_bn: bool = False,
+  frozen_bn_affine: bool = False,
+  frozen_stages: int = -1,
 ) -> ResNet:
-  """Build a ResNet by name (see ``VALID_NAMES``) with the paper's options.
+  """Build a ResNet, ResNeXt or Wide ResNet by name (see ``VALID_NAMES``) with the paper's options.
 
   Defaults: ImageNet names have 1000 classes, ``shortcut='B'``, ``stride_on='3x3'`` (v1.5, the
   torchvision layout; ``'1x1'`` is the paper's v1); CIFAR names have 10 classes and
@@ -231,38 +259,54 @@ def create_model(
   ``stride_on='1x1'`` (the authors' code strides the first 1x1 conv). ``plain<N>`` names (or
   ``residual=False``) drop every shortcut. ``scan``/``remat``: see ``ResNet`` (same function,
   different parameter layout: ``models.layout`` converts).
+
+  ``preact=None`` is the name's own: pre-activation for ``wrn*`` (Zagoruyko & Komodakis 2016,
+  shortcut B: a bare 1x1 projection where the shape changes), post-activation otherwise.
+  ``groups``/``width_per_group`` (torchvision's fields; None: the name's) turn a bottleneck
+  ResNet into a ResNeXt / Wide ResNet. ``dropout_rate``: dropout between a block's convs when
+  ``train=True`` (then ``apply`` needs ``rngs={'dropout': key}``); 0 by default for every name,
+  WRN included: the rate is a recipe choice (``configs/wrn.py`` uses the paper's 0.3), and a
+  net without it needs no rng. Backbone fields (``output_stride``, ``features_only``,
+  ``frozen_bn``, ``frozen_bn_affine``, ``frozen_stages``): see ``ResNet``.
   """
   spec = parse_name(name, block)
   residual = residual and spec.residual
-  imagenet = spec.family == "imagenet"
+  imagenet = spec.family == 'imagenet'
+  wrn = spec.variant == 'wrn'
+  preact = wrn if preact is None else bool(preact)
   if shortcut is None:
-    shortcut = "B" if imagenet or spec.block == "bottleneck" else "A"
+    shortcut = 'B' if imagenet or wrn or spec.block == 'bottleneck' else 'A'
   if stride_on is None:
     stride_on = '1x1' if not imagenet and spec.block == 'bottleneck' else '3x3'
-  if shortcut not in ("A", "B", "C"):
+  if shortcut not in ('A', 'B', 'C'):
     raise ValueError(f"shortcut must be 'A', 'B' or 'C', got {shortcut!r}")
-  if stride_on not in ("1x1", "3x3"):
+  if stride_on not in ('1x1', '3x3'):
     raise ValueError(f"stride_on must be '1x1' or '3x3', got {stride_on!r}")
   if bn_group_size is not None and (not isinstance(bn_group_size, int) or bn_group_size < 1):
-    raise ValueError(f"bn_group_size must be a positive int or None, got {bn_group_size!r}")
+    raise ValueError(f'bn_group_size must be a positive int or None, got {bn_group_size!r}')
   if zero_init_last_bn and not residual:
-    raise ValueError("zero_init_last_bn=True would make every block of a plain net output zero")
+    raise ValueError('zero_init_last_bn=True would make every block of a plain net output zero')
+  groups, width_per_group = _resolve_grouping(spec, name, groups, width_per_group)
+  if not 0.0 <= dropout_rate < 1.0:
+    raise ValueError(f'dropout_rate must be in [0, 1), got {dropout_rate!r}')
+  if output_stride not in (32, 16, 8):
+    raise ValueError(f'output_stride must be 32, 16 or 8, got {output_stride!r}')
+  if not imagenet and (output_stride != 32 or features_only):
+    raise ValueError(f'output_stride / features_only are for ImageNet-family backbones (C2-C5 at '
+                     f'strides 4-32), not the CIFAR net {name}')
 
   if imagenet:
     stage_sizes = IMAGENET_DEPTHS[spec.depth][1]
-    widths, stem = IMAGENET_WIDTHS, "imagenet"
+    widths, stem = IMAGENET_WIDTHS, 'imagenet'
   else:
-    stage_sizes = ((spec.depth - 2) // _CIFAR_LAYERS_PER_STAGE_BLOCK[spec.block],) * 3
-    widths, stem = CIFAR_WIDTHS, "cifar"
-  blocks = {
-    ("basic", False): BasicBlock,
-    ("basic", True): PreActBasicBlock,
-    ("bottleneck", False): Bottleneck,
-    ("bottleneck", True): PreActBottleneck,
-  }
+    stage_sizes = (cifar_stage_size(spec),) * 3
+    widths, stem = tuple(w * spec.widen for w in CIFAR_WIDTHS), 'cifar'
+  if not isinstance(frozen_stages, int) or not -1 <= frozen_stages <= len(stage_sizes):
+    raise ValueError(f'frozen_stages must be -1 (none), 0 (stem) .. {len(stage_sizes)} (stem and '
+                     f'every stage), got {frozen_stages!r}')
   return ResNet(
     stage_sizes=stage_sizes,
-    block_cls=blocks[spec.block, bool(preact)],
+    block_cls=_BLOCKS[spec.block, preact],
     num_classes=num_classes if num_classes is not None else (1000 if imagenet else 10),
     widths=widths,
     stem=stem,
@@ -276,4 +320,13 @@ def create_model(
     dtype=jnp.dtype(dtype),
     scan=bool(scan),
     remat=bool(remat),
+    groups=groups,
+    base_width=width_per_group,
+    dropout_rate=float(dropout_rate),
+    output_stride=output_stride,
+    features_only=bool(features_only),
+    frozen_bn=bool(frozen_bn),
+    frozen_bn_affine=bool(frozen_bn_affine),
+    frozen_stages=frozen_stages,
+    stem_width=CIFAR_WIDTHS[0] if wrn else None,
   )

@@ -1,0 +1,131 @@
+"""What a model name means: the registry of ResNet, ResNeXt and Wide ResNet names.
+
+ImageNet family (7x7 stem, four stages): ``resnet18/34/50/101/152`` (He et al. 2015),
+``resnext{50,101,152}_{G}x{W}d`` (Xie et al. 2017: G groups of W channels in the first stage's 3x3
+conv) and ``wide_resnet{50,101,152}_{k}`` (torchvision's Wide ResNets: bottlenecks whose 3x3 is k
+times wider, i.e. ``width_per_group = 64 k``). CIFAR family (3x3 stem, three stages):
+``resnet{6n+2}`` / ``resnet{9n+2}`` (bottleneck) and the Wide ResNets of Zagoruyko & Komodakis 2016,
+``wrn{6n+4}_{k}`` (pre-activation basic blocks of widths 16k/32k/64k).
+"""
+from __future__ import annotations
+
+import re
+from typing import NamedTuple, Optional
+
+IMAGENET_DEPTHS = {  # depth -> (block kind, blocks per stage), paper Table 1.
+  18: ('basic', (2, 2, 2, 2)),
+  34: ('basic', (3, 4, 6, 3)),
+  50: ('bottleneck', (3, 4, 6, 3)),
+  101: ('bottleneck', (3, 4, 23, 3)),
+  152: ('bottleneck', (3, 8, 36, 3)),
+}
+IMAGENET_WIDTHS = (64, 128, 256, 512)
+CIFAR_WIDTHS = (16, 32, 64)
+
+
+class ArchSpec(NamedTuple):
+  """What a model name means.
+
+  ``family``: 'imagenet' | 'cifar'; ``block``: 'basic' | 'bottleneck'; ``variant``: 'resnet',
+  'resnext', 'wide_resnet' (torchvision's) or 'wrn' (CIFAR Wide ResNet, ``widen`` = k);
+  ``groups``/``width_per_group``: torchvision's bottleneck fields (1 / 64 for a ResNet).
+  """
+
+  family: str
+  depth: int
+  residual: bool
+  block: str = 'basic'
+  variant: str = 'resnet'
+  groups: int = 1
+  width_per_group: int = 64
+  widen: int = 1
+
+
+# CIFAR depth = 2 + this x blocks per stage: 3 stages of 2 (basic) or 3 (bottleneck) layers a block.
+_CIFAR_LAYERS_PER_STAGE_BLOCK = {'basic': 6, 'bottleneck': 9}
+BLOCK_KINDS = tuple(_CIFAR_LAYERS_PER_STAGE_BLOCK)
+_NAME_RE = re.compile(r'(?P<cifar>cifar_)?(?P<kind>resnet|plain)(?P<depth>[1-9]\d*)')
+_RESNEXT_RE = re.compile(r'resnext(?P<depth>[1-9]\d*)_(?P<groups>[1-9]\d*)x(?P<width>[1-9]\d*)d')
+_WIDE_RE = re.compile(r'wide_resnet(?P<depth>[1-9]\d*)_(?P<k>[1-9]\d*)')
+_WRN_RE = re.compile(r'wrn(?P<depth>[1-9]\d*)_(?P<k>[1-9]\d*)')
+VALID_NAMES = (
+  'resnet18, resnet34, resnet50, resnet101, resnet152 (ImageNet); '
+  'resnext{50,101,152}_{G}x{W}d, e.g. resnext50_32x4d, resnext101_32x8d, resnext101_64x4d; '
+  'wide_resnet{50,101,152}_{k}, e.g. wide_resnet50_2, wide_resnet101_2; '
+  'resnet{6n+2} for n >= 1, e.g. resnet8, resnet20, resnet56, resnet110, resnet1202 (CIFAR); '
+  "with block='bottleneck', resnet{9n+2} CIFAR bottleneck nets, e.g. resnet164, resnet1001; "
+  'wrn{6n+4}_{k} CIFAR Wide ResNets, e.g. wrn28_10, wrn16_8, wrn40_4; '
+  'plain<N> for any resnet depth (residual=False twin); '
+  'prefix cifar_ (e.g. cifar_resnet50) forces the CIFAR family where depths collide'
+)
+
+
+def cifar_depth_fits(depth: int, block: str) -> bool:
+  per_block = _CIFAR_LAYERS_PER_STAGE_BLOCK[block]
+  return depth >= per_block + 2 and (depth - 2) % per_block == 0
+
+
+def cifar_stage_size(spec: ArchSpec) -> int:
+  """Blocks per stage of a CIFAR-family net: (depth - 2) / (6 | 9), WRN (depth - 4) / 6."""
+  if spec.variant == 'wrn':
+    return (spec.depth - 4) // 6
+  return (spec.depth - 2) // _CIFAR_LAYERS_PER_STAGE_BLOCK[spec.block]
+
+
+def _bottleneck_depth(name: str, depth: int) -> None:
+  if IMAGENET_DEPTHS.get(depth, ('',))[0] != 'bottleneck':
+    raise ValueError(f'{name!r}: ResNeXt and Wide ResNets are bottleneck nets; depth must be one '
+                     f'of 50, 101, 152, got {depth}')
+
+
+def _parse_family_name(name: str, block: Optional[str]) -> Optional[ArchSpec]:
+  """ResNeXt / Wide ResNet names, or None if ``name`` is none of them."""
+  m = _RESNEXT_RE.fullmatch(name) or _WIDE_RE.fullmatch(name) or _WRN_RE.fullmatch(name)
+  if m is None:
+    return None
+  depth = int(m['depth'])
+  if name.startswith('wrn'):
+    if block not in (None, 'basic'):
+      raise ValueError(f'{name} is a Wide ResNet of basic blocks; block={block!r} contradicts it')
+    if depth < 10 or (depth - 4) % 6:
+      raise ValueError(f'{name!r}: a CIFAR Wide ResNet has depth 6n+4 (10, 16, 22, 28, 40, ...), '
+                       f'got {depth}')
+    return ArchSpec('cifar', depth, True, 'basic', 'wrn', widen=int(m['k']))
+  if block not in (None, 'bottleneck'):
+    raise ValueError(f'{name} is a bottleneck net; block={block!r} contradicts it')
+  _bottleneck_depth(name, depth)
+  if name.startswith('resnext'):
+    return ArchSpec('imagenet', depth, True, 'bottleneck', 'resnext', int(m['groups']),
+                    int(m['width']))
+  return ArchSpec('imagenet', depth, True, 'bottleneck', 'wide_resnet', 1, 64 * int(m['k']))
+
+
+def parse_name(name: str, block: Optional[str] = None) -> ArchSpec:
+  """Resolve a model name; ImageNet depths win over the CIFAR rules (50 and 152 are 6n+2 too).
+
+  CIFAR nets have basic blocks (6n+2 layers, He et al. 2015) unless ``block='bottleneck'``
+  (9n+2 layers: the ResNet-164/1001 of He et al. 2016). The block kind is explicit because some
+  depths fit both rules (164 = 6*27+2 = 9*18+2) and name nothing else.
+  """
+  if block is not None and block not in BLOCK_KINDS:
+    raise ValueError(f'block must be one of {BLOCK_KINDS} or None, got {block!r}')
+  family = _parse_family_name(name, block)
+  if family is not None:
+    return family
+  m = _NAME_RE.fullmatch(name)
+  if m is not None:
+    depth = int(m['depth'])
+    residual = m['kind'] == 'resnet'
+    if not m['cifar'] and depth in IMAGENET_DEPTHS:
+      kind = IMAGENET_DEPTHS[depth][0]
+      if block not in (None, kind):
+        raise ValueError(f'{name} is an ImageNet net with {kind} blocks; block={block!r} '
+                         f'contradicts it (use cifar_{name} for the CIFAR family)')
+      return ArchSpec('imagenet', depth, residual, kind)
+    if cifar_depth_fits(depth, block or 'basic'):
+      return ArchSpec('cifar', depth, residual, block or 'basic')
+    if block is None and cifar_depth_fits(depth, 'bottleneck'):
+      raise ValueError(f'{name!r} is not a basic-block CIFAR depth (6n+2); it is a bottleneck '
+                       f"one (9n+2): pass block='bottleneck' (config: model.block)")
+  raise ValueError(f"unknown model name {name!r}{f' with block={block!r}' if block else ''}; "
+                   f'valid forms: {VALID_NAMES}')
