@@ -140,15 +140,18 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
 def set_cifar_model(model: ml_collections.ConfigDict, args: ml_collections.ConfigDict) -> None:
   """`model.*` from the CIFAR-family config args that cifar.py and digits.py share.
 
-  args: depth, plain, shortcut ('' = A, or B for bottleneck nets, which project where the width
-  grows as He et al. 2016 do), preact, block ('basic' is stored as None, the name's own kind, so
+  args: depth, plain, shortcut ('' = the net's default, `models.names.default_shortcut`), preact,
+  block ('basic' is stored as None, the name's own kind, so
   runs from before `model.block` existed still resume).
   """
-  model.name = f'resnet{args.depth}'
+  from resnet_jax.models.names import IMAGENET_DEPTHS, default_shortcut, parse_name
+
+  # 50 and 152 are 6n+2 too: the prefix keeps them CIFAR nets, not ImageNet ResNet-50/152.
+  model.name = f"{'cifar_' if args.depth in IMAGENET_DEPTHS else ''}resnet{args.depth}"
   model.residual = not args.plain
-  model.shortcut = args.shortcut or ('B' if args.block == 'bottleneck' else 'A')
-  model.preact = args.preact
   model.block = None if args.block == 'basic' else args.block
+  model.shortcut = args.shortcut or default_shortcut(parse_name(model.name, model.block))
+  model.preact = args.preact
 
 
 def load_config_module(path: str):

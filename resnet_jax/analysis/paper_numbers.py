@@ -51,6 +51,14 @@ IMAGENET_TABLE4 = {
 # full pre-activation nets: Table 2 (ResNet-110, basic blocks) and Table 3 (bottleneck
 # ResNet-164/1001, batch 128). Each number is the MEDIAN of 5 runs (the paper's footnote), not a
 # mean. (dataset, depth, block) -> error.
+PREACT_2016 = {
+    ('cifar10', 110, 'basic'): (6.37, 'He et al. 2016, Table 2'),
+    ('cifar10', 164, 'bottleneck'): (5.46, 'He et al. 2016, Table 3'),
+    ('cifar10', 1001, 'bottleneck'): (4.92, 'He et al. 2016, Table 3'),
+    ('cifar100', 164, 'bottleneck'): (24.33, 'He et al. 2016, Table 3'),
+    ('cifar100', 1001, 'bottleneck'): (22.71, 'He et al. 2016, Table 3'),
+}
+
 _IMAGENET_NAMES = ('imagenet2012', 'imagenet', 'imagenet2012_subset')
 
 
@@ -74,11 +82,17 @@ def paper_multiscale_error(dataset: str, variant: str, depth: int,
   return IMAGENET_TABLE4.get(_imagenet_key(variant, depth, shortcut))
 
 
+def _cifar_default_shortcut(block: str) -> str:
+  from resnet_jax.models.names import ArchSpec, default_shortcut  # pylint: disable=import-outside-toplevel
+
+  return default_shortcut(ArchSpec('cifar', 0, True, block))
+
+
 def paper_error(dataset: str, variant: str, depth: int, shortcut: str | None,
                 preact: bool = False, block: str = 'basic') -> tuple[float, str] | None:
   """(top-1 error in %, source) of the paper's run matching this configuration, or None."""
   if preact:  # He et al. 2016: residual nets whose projections are option B, basic ones A
-    if variant != 'residual' or (shortcut or 'A') != ('B' if block == 'bottleneck' else 'A'):
+    if variant != 'residual' or (shortcut or 'A') != _cifar_default_shortcut(block):
       return None
     return PREACT_2016.get((dataset, depth, block))
   if block != 'basic' and dataset not in _IMAGENET_NAMES:

@@ -67,7 +67,7 @@ def layer_stds(workdir: str, *, split: str | None = None, max_examples: int = 0,
   import jax
   import numpy as np
 
-  from resnet_jax import runtime
+  from resnet_jax import data, runtime
   from resnet_jax.models import layout
   from resnet_jax.workdir import read_run_config
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import statistics
 from typing import Any, Sequence
 
@@ -32,11 +31,11 @@ def read_metrics(path: str) -> list[Record]:
   return out
 
 
-def _depth(model_name: str) -> int:
-  m = re.search(r'(\d+)$', model_name)
-  if m is None:
-    raise ValueError(f'model name {model_name!r} has no depth')
-  return int(m.group(1))
+def _spec(model: dict[str, Any]):
+  """What the run's model name means (models.names.parse_name; no regex of our own)."""
+  from resnet_jax.models.names import parse_name  # pylint: disable=import-outside-toplevel
+
+  return parse_name(model['name'], model.get('block'))
 
 
 def load_run(run_dir: str, train_window: int = 5) -> Record | None:
@@ -59,13 +58,14 @@ def load_run(run_dir: str, train_window: int = 5) -> Record | None:
     with open(os.path.join(run_dir, 'results.json')) as f:
       results = json.load(f)
   model = cfg['model']
-  variant = 'residual' if model['residual'] and not model['name'].startswith('plain') else 'plain'
+  spec = _spec(model)
+  variant = 'residual' if model['residual'] and spec.residual else 'plain'
   last = train[-train_window:] if train_window > 0 else train
   rec: Record = {
       'run': os.path.basename(os.path.normpath(run_dir)),
       'dataset': cfg['data']['name'],
       'model': model['name'],
-      'depth': _depth(model['name']),
+      'depth': spec.depth,
       'variant': variant,
       'shortcut': model.get('shortcut') if variant == 'residual' else None,
       'preact': bool(model.get('preact', False)),

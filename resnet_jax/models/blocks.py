@@ -78,7 +78,7 @@ class _PreActBlock(_Block):
       return x, x
     pre = nn.relu(self.norm(name='bn1')(x))
     out = self.features * self.expansion
-    changes = self.strides != 1 or x.shape[-1] != out
+    changes = layers.changes_shape(x, out, self.strides)
     shared = self.shared_preact or changes or _projects(self.shortcut, changes)
     return pre, (pre if shared else x)
 

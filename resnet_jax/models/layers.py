@@ -139,6 +139,11 @@ def _affine(x, mean, var, scale, bias, epsilon):
   return x * mul + (bias - mean * mul)
 
 
+def changes_shape(x: jax.Array, out_features: int, strides: int) -> bool:
+  """Whether a block maps `x` to another resolution or width (where shortcuts A/B differ)."""
+  return strides != 1 or x.shape[-1] != out_features
+
+
 def shortcut(
   x: jax.Array,
   out_features: int,
@@ -156,7 +161,7 @@ def shortcut(
   whose next block normalises the sum anyway). Submodules: ``downsample_conv``, ``downsample_bn``.
   """
   in_features = x.shape[-1]
-  changes = strides != 1 or in_features != out_features
+  changes = changes_shape(x, out_features, strides)
   if kind == "A":
     if not changes:
       return x
@@ -167,7 +172,7 @@ def shortcut(
   if kind == "B" and not changes:
     return x
   if kind not in ("B", "C"):
-    raise ValueError(f"unknown shortcut {kind!r}; expected 'A', 'B' or 'C'")
+    raise ValueError(f"unknown shortcut {kind!r}; expected 'A', 'B' or 'C'")  # names.SHORTCUTS
   y = conv(out_features, 1, strides, name="downsample_conv")(x)
   return y if norm is None else norm(name="downsample_bn")(y)
 

@@ -41,6 +41,22 @@ class ArchSpec(NamedTuple):
   widen: int = 1
 
 
+SHORTCUTS = ('A', 'B', 'C')
+
+
+def default_shortcut(spec: ArchSpec) -> str:
+  """The paper's shortcut for a net: A (parameter-free) for the CIFAR basic-block ResNets, B
+  (projections where the shape changes) for everything else: ImageNet nets, CIFAR bottleneck nets
+  (He et al. 2016 project where the width grows) and Wide ResNets."""
+  return 'A' if spec.family == 'cifar' and spec.block == 'basic' and spec.variant == 'resnet' else 'B'
+
+
+def check_shortcut(shortcut: str) -> str:
+  if shortcut not in SHORTCUTS:
+    raise ValueError(f'shortcut must be one of {", ".join(SHORTCUTS)}, got {shortcut!r}')
+  return shortcut
+
+
 # CIFAR depth = 2 + this x blocks per stage: 3 stages of 2 (basic) or 3 (bottleneck) layers a block.
 _CIFAR_LAYERS_PER_STAGE_BLOCK = {'basic': 6, 'bottleneck': 9}
 BLOCK_KINDS = tuple(_CIFAR_LAYERS_PER_STAGE_BLOCK)

@@ -49,7 +49,9 @@ from resnet_jax.models.names import (
   IMAGENET_WIDTHS,
   VALID_NAMES,
   ArchSpec,
+  check_shortcut,
   cifar_stage_size,
+  default_shortcut,
   parse_name,
 )
 
@@ -274,12 +276,9 @@ def create_model(
   imagenet = spec.family == 'imagenet'
   wrn = spec.variant == 'wrn'
   preact = wrn if preact is None else bool(preact)
-  if shortcut is None:
-    shortcut = 'B' if imagenet or wrn or spec.block == 'bottleneck' else 'A'
+  shortcut = check_shortcut(default_shortcut(spec) if shortcut is None else shortcut)
   if stride_on is None:
     stride_on = '1x1' if not imagenet and spec.block == 'bottleneck' else '3x3'
-  if shortcut not in ('A', 'B', 'C'):
-    raise ValueError(f"shortcut must be 'A', 'B' or 'C', got {shortcut!r}")
   if stride_on not in ('1x1', '3x3'):
     raise ValueError(f"stride_on must be '1x1' or '3x3', got {stride_on!r}")
   if bn_group_size is not None and (not isinstance(bn_group_size, int) or bn_group_size < 1):
