@@ -51,6 +51,14 @@ IMAGENET_TABLE4 = {
 # full pre-activation nets: Table 2 (ResNet-110, basic blocks) and Table 3 (bottleneck
 # ResNet-164/1001, batch 128). Each number is the MEDIAN of 5 runs (the paper's footnote), not a
 # mean. (dataset, depth, block) -> error.
+PREACT_2016 = {
+    ('cifar10', 110, 'basic'): (6.37, 'He et al. 2016, Table 2'),
+    ('cifar10', 164, 'bottleneck'): (5.46, 'He et al. 2016, Table 3'),
+    ('cifar10', 1001, 'bottleneck'): (4.92, 'He et al. 2016, Table 3'),
+    ('cifar100', 164, 'bottleneck'): (24.33, 'He et al. 2016, Table 3'),
+    ('cifar100', 1001, 'bottleneck'): (22.71, 'He et al. 2016, Table 3'),
+}
+
 _IMAGENET_NAMES = ('imagenet2012', 'imagenet', 'imagenet2012_subset')
 
 
