@@ -18,3 +18,8 @@ def test_table3_top5_and_table4_multiscale_numbers_match_configuration():
                                    if src.endswith('3') or k == ('plain', 34, None)}
   for key, ((top1, top5), _) in pn.IMAGENET_TABLE4.items():
     assert top1 < pn.IMAGENET_TABLES[key][0] and top5 < pn.IMAGENET_TOP5[key][0]
+
+
+def test_he_2016_cifar_medians_are_still_served():
+  assert pn.paper_error('cifar100', 'residual', 164, 'B', True, 'bottleneck') == (
+      24.33, 'He et al. 2016, Table 3')
