@@ -61,6 +61,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.channels = 3  # only used by 'synthetic'
   c.data.augment = 'none'  # 'none' | 'cifar' | 'imagenet' | 'inception'
   c.data.normalize = 'per_pixel_mean'  # 'per_pixel_mean' (paper) | 'mean_std' | 'scale'
+  c.data.decoder = 'pil'  # JPEG decoder of the training crops: 'pil' | 'opencv' (if installed)
   c.data.num_workers = 0  # grain worker processes (0 = decode in the training process)
   c.data.prefetch = 2  # batches prepared ahead on the host
   c.data.eval_crops = 1  # 1 | 10 (the paper's 10-crop testing)

@@ -179,6 +179,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+  from absl import flags as absl_flags  # pylint: disable=import-outside-toplevel
+
+  absl_flags.FLAGS.mark_as_parsed()  # Grain's worker processes read absl flags: use defaults
   args = parse(argv)
   try:
     result = run(args)

@@ -151,6 +151,9 @@ def measure(config: ml_collections.ConfigDict, batch_size: int, num_batches: int
 
 
 def main(argv: list[str] | None = None) -> int:
+  from absl import flags as absl_flags  # pylint: disable=import-outside-toplevel
+
+  absl_flags.FLAGS.mark_as_parsed()  # Grain's worker processes read absl flags: use defaults
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--workers', default=None,
                       help='comma-separated Grain worker counts (default 0,1,2; 0 with --smoke)')

@@ -152,6 +152,9 @@ def markdown(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+  from absl import flags as absl_flags  # pylint: disable=import-outside-toplevel
+
+  absl_flags.FLAGS.mark_as_parsed()  # Grain's worker processes read absl flags: use defaults
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument('--out', required=True, help='directory for gpu_report.md and gpu_report.json')
   p.add_argument('--tiny', action='store_true', help='tiny CPU version (the default without a GPU)')

@@ -40,7 +40,7 @@ class DatasetInfo:
 
 
 def _image_size(config: ml_collections.ConfigDict, source: sources.SplitSource) -> int:
-  size = config.data.get("image_size", None)
+  size = config.data.image_size
   if size:
     return int(size)
   if source.native_shape[0] is None:
@@ -50,8 +50,8 @@ def _image_size(config: ml_collections.ConfigDict, source: sources.SplitSource) 
 
 def get_dataset_info(config: ml_collections.ConfigDict) -> DatasetInfo:
   """Sizes, classes and model input shape; prepares `digits` on first use, raises DatasetNotFoundError."""
-  train = sources.open_split(config, str(config.data.get("train_split", "train")))
-  eval_split = str(config.data.get("eval_split", "test"))
+  train = sources.open_split(config, str(config.data.train_split))
+  eval_split = str(config.data.eval_split)
   evaluation = sources.open_split(config, eval_split)
   size = _image_size(config, train)
   return DatasetInfo(str(config.data.name), train.num_classes, (size, size, train.native_shape[2]),
@@ -70,10 +70,10 @@ def _normalizer(kind: str, stats: dict[str, np.ndarray]) -> augment_lib.Normaliz
 
 def make_preprocessor(config: ml_collections.ConfigDict) -> augment_lib.Preprocessor:
   """The configured host augmentation (geometry only: it emits uint8)."""
-  train = sources.open_split(config, str(config.data.get('train_split', 'train')))
-  return augment_lib.Preprocessor(str(config.data.get('augment', 'none')),
+  train = sources.open_split(config, str(config.data.train_split))
+  return augment_lib.Preprocessor(str(config.data.augment),
                                   _image_size(config, train), train.native_shape[2],
-                                  str(config.data.get('decoder', 'pil')))
+                                  str(config.data.decoder))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,10 +88,10 @@ class Normalization:
 def make_normalization(config: ml_collections.ConfigDict) -> Normalization:
   """Normalisation and PCA statistics of the train split (computed once, cached beside the data)."""
   data = config.data
-  train_split = str(data.get('train_split', 'train'))
+  train_split = str(data.train_split)
   train = sources.open_split(config, train_split)
   base = make_preprocessor(config)
-  kind = str(data.get('normalize', 'per_pixel_mean'))
+  kind = str(data.normalize)
   if kind not in NORMALIZATIONS:
     raise ValueError(f'config.data.normalize={kind!r} is not one of {NORMALIZATIONS}')
   if kind == 'scale' and base.augment != 'imagenet':
@@ -103,10 +103,10 @@ def make_normalization(config: ml_collections.ConfigDict) -> Normalization:
   else:
     limit = stats_lib.MAX_EXAMPLES_SMALL if small else stats_lib.MAX_EXAMPLES_LARGE
   key = {'v': 1, 'name': data.name, 'cache_dir': train.cache_dir, 'split': train_split,
-         'n': len(train), 'validation_size': int(data.get('validation_size', 0) or 0),
+         'n': len(train), 'validation_size': int(data.validation_size or 0),
          'size': base.image_size,
          'resize': base.eval_resize, 'limit': limit,
-         'synthetic': ([data.get('channels', 3), data.get('num_classes', None)]
+         'synthetic': ([data.channels, data.num_classes]
                        if data.name == 'synthetic' else None)}
   stats = stats_lib.cached_stats(
       key, None if data.name == 'synthetic' else train.cache_dir,
@@ -146,13 +146,15 @@ class _EvalExample:
 
 def _finish(ds: grain.MapDataset, config: ml_collections.ConfigDict) -> grain.IterDataset:
   """Threads (and worker processes, `config.data.num_workers`) that compute whole local batches ahead."""
-  prefetch = max(1, int(config.data.get("prefetch", 2) or 1))
-  workers = int(config.data.get("num_workers", 0) or 0)
+  prefetch = max(1, int(config.data.prefetch or 1))
+  workers = int(config.data.num_workers or 0)
   threads = max(1, min(prefetch, os.cpu_count() or 1)) if workers == 0 else 1
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=prefetch))
   if workers > 0:
-    if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags; outside an absl app use defaults
-      flags.FLAGS.mark_as_parsed()
+    if not flags.FLAGS.is_parsed():
+      raise RuntimeError('data.num_workers > 0 needs absl flags parsed (Grain\'s worker processes '
+                         'read them): run under absl.app, or call '
+                         'absl.flags.FLAGS.mark_as_parsed() first to use the defaults')
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=prefetch))
   return it
 
@@ -224,7 +226,7 @@ def create_train_iterator(config: ml_collections.ConfigDict, *, local_batch_size
   fresh iterator to resume at exactly the next batch, even with another worker or process count.
   """
   _check_sharding(local_batch_size, process_index, process_count)
-  train = sources.open_split(config, str(config.data.get("train_split", "train")))
+  train = sources.open_split(config, str(config.data.train_split))
   preprocessor = preprocessor or make_preprocessor(config)
   seed = int(seed) % 2**32
   ds = grain.MapDataset.source(train.records).shuffle(seed=seed).repeat()
@@ -250,7 +252,7 @@ def create_eval_iterator(config: ml_collections.ConfigDict, *, split: str | None
   S x S, so H = W = S); average the softmax over S in {224, 256, 384, 480, 640} for the paper's number.
   """
   _check_sharding(local_batch_size, process_index, process_count)
-  split = split or str(config.data.get("eval_split", "test"))
+  split = split or str(config.data.eval_split)
   evaluation = sources.open_split(config, split)
   preprocessor = preprocessor or make_preprocessor(config)
   batches = num_eval_batches(len(evaluation), local_batch_size, process_count)
