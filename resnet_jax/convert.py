@@ -18,7 +18,6 @@ The mapping is exact because our parameter names mirror torchvision's (see
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import sys
@@ -29,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from resnet_jax import cli
 from resnet_jax.models import create_model, layout, parse_name
 
 # Keys torchvision stores that carry no model state (BN's update counter).
@@ -247,7 +247,7 @@ def save_to_new_dir(out: str, variables: dict[str, Any]) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-  parser = argparse.ArgumentParser(prog='python -m resnet_jax.convert',
+  parser = cli.ArgumentParser(prog='python -m resnet_jax.convert',
                                    description=__doc__.split('\n')[0])
   parser.add_argument('--arch', required=True, help='resnet18 | resnet34 | resnet50 | resnet101 | resnet152')
   parser.add_argument('--torchvision-weights', required=True, help='torchvision .pth state_dict file')

@@ -13,19 +13,17 @@ import functools
 import json
 import math
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import ml_collections
-from absl import app, flags
 from jax.sharding import Mesh
 
-from resnet_jax import data, runtime
+from resnet_jax import cli, data, runtime
 from resnet_jax.data.device_preprocess import make_device_preprocess
 from resnet_jax.train_step import (batch_sharding, device_batch, eval_probabilities,
                                    jit_eval_step, metric_sums, replicated)
 
-FLAGS = flags.FLAGS
 
 
 @contextlib.contextmanager
@@ -114,29 +112,26 @@ def evaluate_workdir(workdir: str, *, split: str | None = None, crops: int | Non
   return result
 
 
-def main(argv: list[str]) -> None:
-  del argv
+def main(argv: Sequence[str] | None = None) -> None:
+  parser = cli.ArgumentParser(prog='python -m resnet_jax.evaluate',
+                              description=__doc__.split('\n\n')[0])
+  parser.add_argument('--workdir', required=True, help='training run directory (read only)')
+  parser.add_argument('--split', help="split to evaluate (default: the run's eval split)")
+  parser.add_argument('--crops', type=int, choices=[1, 10],
+                      help="crops per image: 1, or 10 (the paper's 10-crop testing)")
+  parser.add_argument('--batch-size', type=int, help='global eval batch size')
+  parser.add_argument('--scales', type=lambda text: [int(x) for x in text.split(',') if x],
+                      help="multi-scale testing, e.g. 224,256,384,480,640 (the paper's ImageNet "
+                           'setting): softmax averaged over the scales')
+  args = parser.parse_args(argv)
   try:
-    scales = [int(x) for x in FLAGS.scales] if FLAGS.scales else None
-    result = evaluate_workdir(FLAGS.workdir, split=FLAGS.split, crops=FLAGS.crops,
-                              batch_size=FLAGS.batch_size, scales=scales)
-  except (ValueError, FileNotFoundError) as e:  # one clear line, no traceback
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(1)
+    result = evaluate_workdir(args.workdir, split=args.split, crops=args.crops,
+                              batch_size=args.batch_size, scales=args.scales)
+  except (ValueError, FileNotFoundError, PermissionError) as e:  # one clear line, no traceback
+    cli.fail(e)
   if jax.process_index() == 0:
     print(json.dumps(result))
 
 
-def define_flags() -> None:
-  flags.DEFINE_string('workdir', None, 'Training run directory.', required=True)
-  flags.DEFINE_string('split', None, "Split to evaluate (default: the config's eval split).")
-  flags.DEFINE_integer('crops', None, "Crops per image: 1, or 10 (the paper's 10-crop testing).")
-  flags.register_validator('crops', lambda c: c in (None, 1, 10), message='--crops must be 1 or 10')
-  flags.DEFINE_integer('batch_size', None, 'Global eval batch size.')
-  flags.DEFINE_list('scales', None, 'Multi-scale fully-convolutional testing, e.g. '
-                    "224,256,384,480,640 (the paper's ImageNet setting); softmax averaged.")
-
-
 if __name__ == '__main__':
-  define_flags()
-  app.run(main)
+  main()

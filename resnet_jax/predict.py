@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from resnet_jax import runtime
+from resnet_jax import cli, runtime
 from resnet_jax.default_config import base_config
 from resnet_jax.workdir import CONFIG_FILE, as_path, read_run_config
 
@@ -145,7 +145,7 @@ def top5(model, variables: dict[str, Any], images: np.ndarray) -> tuple[np.ndarr
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-  parser = argparse.ArgumentParser(prog='python -m resnet_jax.predict', description=__doc__.split('\n')[0])
+  parser = cli.ArgumentParser(prog='python -m resnet_jax.predict', description=__doc__.split('\n')[0])
   parser.add_argument('--arch', required=True, help='model name, e.g. resnet50')
   source = parser.add_mutually_exclusive_group(required=True)
   source.add_argument('--torchvision-weights', help='torchvision .pth state_dict (needs torch)')

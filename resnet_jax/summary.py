@@ -17,7 +17,6 @@ Parameter counts exclude BatchNorm running statistics (``batch_stats``).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import re
@@ -27,6 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from resnet_jax import cli
 from resnet_jax.models import create_model, parse_name
 
 
@@ -115,8 +115,9 @@ def format_table(summary: dict) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-  parser = argparse.ArgumentParser(prog="python -m resnet_jax.summary", description=__doc__.split("\n")[0])
-  parser.add_argument("name", help="model name, e.g. resnet50, resnet56, plain20")
+  parser = cli.ArgumentParser(prog="python -m resnet_jax.summary", description=__doc__.split("\n")[0])
+  parser.add_argument("name", nargs="?", help="model name, e.g. resnet50, resnet56, plain20")
+  parser.add_argument("--arch", help="the model name, as the other commands spell it")
   parser.add_argument("--plain", action="store_true", help="the plain twin (no shortcuts)")
   parser.add_argument("--shortcut", choices=["A", "B", "C"])
   parser.add_argument("--stride-on", choices=["1x1", "3x3"])
@@ -131,6 +132,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                       help="16 / 8: dilate the last one / two stages instead of striding them")
   parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
   args = parser.parse_args(argv)
+  if (args.name is None) == (args.arch is None):
+    parser.error("name the model once: python -m resnet_jax.summary NAME (or --arch NAME)")
+  args.name = args.name or args.arch
 
   try:
     spec = parse_name(args.name, args.block)

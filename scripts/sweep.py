@@ -20,6 +20,7 @@ _ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
 sys.path.insert(0, _ROOT)
 
 from resnet_jax.analysis import sweep, sweep_report  # noqa: E402  (after the path insert)
+from resnet_jax import cli  # noqa: E402
 from resnet_jax.default_config import load_config_module  # noqa: E402
 
 
@@ -29,7 +30,7 @@ def load_registry():
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = cli.ArgumentParser(prog='python scripts/sweep.py', description=__doc__)
   p.add_argument('--config', help='base config, e.g. configs/cifar.py or configs/imagenet.py:recipe=paper')
   p.add_argument('--workdir', required=True, help='sweep directory (one sub-directory per run)')
   p.add_argument('--depths', help='comma-separated depths, e.g. 20,32,56')
@@ -41,10 +42,10 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                  help='runs at a time (default: one per --devices group, else 1: sequential)')
   p.add_argument('--devices', help="device groups, one per parallel slot, exported as "
                  "CUDA_VISIBLE_DEVICES: '0,1,2,3' (one GPU each) or '0+1,2+3' (two each)")
-  p.add_argument('--rerun_finished', action='store_true',
+  p.add_argument('--rerun-finished', action='store_true',
                  help='relaunch finished runs too (e.g. after raising num_train_steps)')
-  p.add_argument('--report_only', action='store_true', help='only (re)write the summary files')
-  p.add_argument('--train_window', type=int, default=5,
+  p.add_argument('--report-only', action='store_true', help='only (re)write the summary files')
+  p.add_argument('--train-window', type=int, default=5,
                  help='final train error = mean of this many last train points')
   args, rest = p.parse_known_args(argv)
   bad = [a for a in rest if not a.startswith('--config.')]

@@ -89,7 +89,7 @@ def test_cli_table_and_errors():
   bad = subprocess.run(
     [sys.executable, "-m", "resnet_jax.summary", "resnet21"], capture_output=True, text=True
   )
-  assert bad.returncode == 2 and "resnet{6n+2}" in bad.stderr
+  assert bad.returncode == 1 and "resnet{6n+2}" in bad.stderr
 
 
 def test_scanned_model_summary_equals_unrolled():

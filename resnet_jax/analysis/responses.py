@@ -15,12 +15,13 @@ Writes the two-panel plot (by layer index, and sorted by magnitude) and FILE.jso
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
 import sys
 from typing import Any, Sequence
+
+from resnet_jax import cli
 
 _CONV_RE = re.compile(r'conv(\d+)$')
 _BLOCK_RE = re.compile(r'layer(\d+)_(\d+)$')
@@ -159,13 +160,13 @@ def plot_responses(results: Sequence[dict[str, Any]], out_path: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = cli.ArgumentParser(prog='python -m resnet_jax.analysis.responses', description=__doc__)
   p.add_argument('--workdir', action='append', required=True, help='a run directory (repeatable)')
   p.add_argument('--out', help='plot path (default: responses.png in the workdirs\' common parent, '
                  'or in the workdir when there is one); the values go to the same name .json')
   p.add_argument('--split', help='dataset split (default: the run\'s eval split)')
-  p.add_argument('--max_examples', type=int, default=0, help='use at most this many (0: all)')
-  p.add_argument('--batch_size', type=int, help='default: the run\'s eval_batch_size')
+  p.add_argument('--max-examples', type=int, default=0, help='use at most this many (0: all)')
+  p.add_argument('--batch-size', type=int, help='default: the run\'s eval_batch_size')
   args = p.parse_args(argv)
   workdirs = [os.path.abspath(w) for w in args.workdir]
   out = args.out or os.path.join(

@@ -8,6 +8,7 @@ by 1/2, 1/4, 1/8) whenever the output still has the resolution the crop needs.
 
 Modes (`config.data.augment`):
 - 'none':      resize (if needed) to image_size; eval the same.
+- 'translate': CIFAR's pad + random crop without the flip (digits: a mirrored 2 is no 2).
 - 'cifar':     paper: per-pixel-mean-normalise, pad `image_size // 8` (4 for 32) zeros, random crop,
                flip. The host emits the whole image; the device normalises, pads, crops and flips.
 - 'imagenet':  paper: shorter side uniform in [256, 480] * image_size/224, random crop, flip (host),
@@ -28,7 +29,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-AUGMENTS = ('none', 'cifar', 'imagenet', 'inception')
+AUGMENTS = ('none', 'cifar', 'translate', 'imagenet', 'inception')
 EVAL_RESIZE_RATIO = 256 / 224  # eval resize of the shorter side relative to the crop (256 for 224)
 SCALE_AUG_RANGE = (256 / 224, 480 / 224)  # paper's [256, 480] for 224 crops
 PCA_ALPHA_STD = 0.1
@@ -189,11 +190,11 @@ class Preprocessor:
 
   @property
   def pad(self) -> int:
-    return max(1, self.image_size // 8) if self.augment == 'cifar' else 0
+    return max(1, self.image_size // 8) if self.augment in ('cifar', 'translate') else 0
 
   @property
   def eval_resize(self) -> int:
-    small = self.augment in ('none', 'cifar')
+    small = self.augment in ('none', 'cifar', 'translate')
     return self.image_size if small else round(self.image_size * EVAL_RESIZE_RATIO)
 
   def base_uint8(self, image: Any, short: int | None = None) -> np.ndarray:
@@ -231,7 +232,7 @@ class Preprocessor:
     image (the padding is zero after normalisation), so the device does them.
     """
     size = self.image_size
-    if self.augment in ('none', 'cifar'):
+    if self.augment in ('none', 'cifar', 'translate'):
       return np.ascontiguousarray(self.eval_uint8(image))
     img = open_image(image, self.channels)
     w, h = img.size

@@ -2,7 +2,7 @@
 
 The host pipeline (`augment.Preprocessor`) emits uint8 images; this module turns them into the
 model's float32 input: per-pixel mean / mean_std / scale normalisation, the AlexNet PCA lighting of
-the paper's ImageNet recipe, and CIFAR's pad + random crop + flip (whose zero padding lives in
+the paper's ImageNet recipe, and CIFAR's pad + random crop + flip ('translate': no flip; the zero zero padding lives in
 normalised space, so it has to follow the normalisation). Doing this on the device keeps a
 quarter of the bytes in Grain's shared memory and the host-to-device copy, and takes the float
 work off the host cores.
@@ -72,6 +72,7 @@ class DevicePreprocess:
       x = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
       offsets = jax.random.randint(crop_key, (b, 2), 0, 2 * p + 1)
       x = jax.vmap(lambda im, o: jax.lax.dynamic_slice(im, (o[0], o[1], 0), (h, w, c)))(x, offsets)
+    if self.augment == 'cifar':
       flip = jax.random.bernoulli(flip_key, 0.5, (b,))
       x = jnp.where(flip[:, None, None, None], x[:, :, ::-1], x)
     return x

@@ -14,7 +14,6 @@ command-line tool needs apache_beam, which the `[tf]` extra does not install).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import shlex
@@ -23,6 +22,7 @@ import sys
 import tempfile
 from typing import Sequence
 
+from resnet_jax import cli
 from resnet_jax.data.offline import PrepareError
 from resnet_jax.data.offline import imagenette_config
 from resnet_jax.data.offline import local_downloads
@@ -50,21 +50,13 @@ RECIPES = {
 IMAGENET_TARS = ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar')
 
 
-class _Parser(argparse.ArgumentParser):
-  """argparse whose usage errors are one `error:` line and exit status 1, like every other error."""
-
-  def error(self, message: str) -> None:  # type: ignore[override]
-    print(f'error: {message} (see --help)', file=sys.stderr)
-    raise SystemExit(1)
-
-
-def _parser() -> argparse.ArgumentParser:
-  p = _Parser(prog='python -m resnet_jax.data.prepare',
+def _parser() -> cli.ArgumentParser:
+  p = cli.ArgumentParser(prog='python -m resnet_jax.data.prepare',
               description='Prepare a dataset as TFDS ArrayRecord files (random access for Grain).')
   p.add_argument('name', metavar='NAME', help=f'one of: {", ".join(RECIPES)}')
-  p.add_argument('--data_dir',
+  p.add_argument('--data-dir',
                  help='TFDS data dir to write (default: TFDS_DATA_DIR or ~/tensorflow_datasets)')
-  p.add_argument('--manual_dir', help='imagenet2012: directory holding '
+  p.add_argument('--manual-dir', help='imagenet2012: directory holding '
                  + ' and '.join(IMAGENET_TARS) + ' (default DATA_DIR/downloads/manual)')
   p.add_argument('--from', dest='sources', action='append', default=[], metavar='FILE_OR_DIR',
                  help='official archive(s) already on disk, instead of downloading (repeatable)')

@@ -1,0 +1,46 @@
+"""The command-line convention of every entry point (training's absl flags aside).
+
+- argparse, with multi-word flags spelled with dashes (`--batch-size`); the underscore spelling
+  (`--batch_size`) is accepted too, so older commands keep working;
+- the model is named by `--arch` (summary also takes it as its first argument);
+- any bad input, usage errors included, is one `error:` line on stderr and exit status 1.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, NoReturn
+
+
+class ArgumentParser(argparse.ArgumentParser):
+  """argparse with the project's flag spellings and one-line errors."""
+
+  def __init__(self, *args: Any, **kwargs: Any):
+    kwargs.setdefault('formatter_class', argparse.RawDescriptionHelpFormatter)
+    super().__init__(*args, **kwargs)
+
+  def add_argument(self, *names: str, **kwargs: Any) -> argparse.Action:
+    spellings = list(names)
+    for name in names:
+      if name.startswith('--') and ('-' in name[2:] or '_' in name[2:]):
+        for other in (name[:2] + name[2:].replace('_', '-'), name[:2] + name[2:].replace('-', '_')):
+          if other not in spellings:
+            spellings.append(other)
+    if len(spellings) > len(names) and 'dest' not in kwargs:
+      kwargs['dest'] = names[0].lstrip('-').replace('-', '_')
+    return super().add_argument(*spellings, **kwargs)
+
+  def format_help(self) -> str:
+    # The dashed spelling first: it is the documented one.
+    for action in self._actions:
+      action.option_strings[:] = sorted(action.option_strings, key=lambda s: '_' in s)
+    return super().format_help()
+
+  def error(self, message: str) -> NoReturn:
+    fail(f'{message} (see {self.prog} --help)')
+
+
+def fail(message: Any) -> NoReturn:
+  """Bad input: one `error:` line, exit status 1."""
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(1)
