@@ -147,7 +147,7 @@ def test_round_trip_is_identity_and_layout_helpers():
   assert jax.tree.structure(back) == jax.tree.structure(v)
   jax.tree.map(np.testing.assert_array_equal, back, v)
   assert list(back['params']) == list(v['params'])  # key order kept too
-  assert layout.to_unrolled(v) is not None and layout.detect_layout(layout.to_unrolled(v)) == 'unrolled'
+  assert layout.detect_layout(layout.to_unrolled(v)) == 'unrolled'
   scanned = layout.to_scanned(v)
   assert layout.to_scanned(scanned)['params'].keys() == scanned['params'].keys()  # idempotent
   stacked = scanned['params']['layer1_scan']['conv2']['kernel']
