@@ -31,7 +31,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.bn_epsilon = 1e-5
   # Run the identical blocks of each stage as one scan over stacked parameters (compile time
   # independent of depth) and optionally rematerialise each block in the backward pass.
-  c.model.scan = False
+  c.model.scan = True
   c.model.remat = False
 
   c.data = ml_collections.ConfigDict()
