@@ -34,7 +34,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.bn_epsilon = 1e-5
   # Run the identical blocks of each stage as one scan over stacked parameters (compile time
   # independent of depth) and optionally rematerialise each block in the backward pass.
-  c.model.scan = False
+  c.model.scan = True
   c.model.remat = False
   # ResNeXt / Wide ResNet bottlenecks (None: the name's own, e.g. resnext50_32x4d: 32 and 4) and
   # dropout between a block's convs (the CIFAR Wide ResNets of configs/wrn.py).

@@ -147,7 +147,7 @@ def test_round_trip_is_identity_and_layout_helpers():
   assert jax.tree.structure(back) == jax.tree.structure(v)
   jax.tree.map(np.testing.assert_array_equal, back, v)
   assert list(back['params']) == list(v['params'])  # key order kept too
-  assert layout.to_unrolled(v) is not None and layout.detect_layout(layout.to_unrolled(v)) == 'unrolled'
+  assert layout.detect_layout(layout.to_unrolled(v)) == 'unrolled'
   scanned = layout.to_scanned(v)
   assert layout.to_scanned(scanned)['params'].keys() == scanned['params'].keys()  # idempotent
   stacked = scanned['params']['layer1_scan']['conv2']['kernel']
@@ -189,3 +189,24 @@ def test_scanned_full_size_counts_and_compiled_program_size():
     return len(jax.jit(lambda v, x: model.apply(v, x)).lower(v, x).as_text())
 
   assert hlo_size('resnet1202') < 1.05 * hlo_size('resnet20')
+
+
+@pytest.mark.parametrize('kernel,padding', [(3, ((1, 1), (1, 1))), (1, ((0, 0), (0, 0))),
+                                            (3, ((0, 2), (1, 0)))])
+def test_loop_friendly_conv_has_the_same_value_and_gradients(kernel, padding):
+  """The custom-VJP conv used inside scans: same output and both gradients as lax's autodiff."""
+  from resnet_jax.models.layers import loop_friendly_conv
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((2, 5, 6, 3)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((kernel, kernel, 3, 4)), jnp.float32)
+  dn = ('NHWC', 'HWIO', 'NHWC')
+  ref = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=dn)
+  ours = lambda x, w: loop_friendly_conv(x, w, (1, 1), padding, dimension_numbers=dn)
+  np.testing.assert_allclose(ours(x, w), ref(x, w), atol=1e-5)
+  assert 'custom_vjp' in str(jax.make_jaxpr(ours)(x, w))  # the canonical-gradient path was taken
+  loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w)))
+  for a, b in zip(jax.grad(loss(ours), (0, 1))(x, w), jax.grad(loss(ref), (0, 1))(x, w)):
+    np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+  strided = loop_friendly_conv(x, w, (2, 2), padding, dimension_numbers=dn)  # falls back
+  np.testing.assert_allclose(strided, jax.lax.conv_general_dilated(
+    x, w, (2, 2), padding, dimension_numbers=dn), atol=1e-5)

@@ -1,4 +1,4 @@
-"""Residual blocks: the post-activation blocks of He et al. 2015 and the pre-activation ones of 2016.
+"""Residual blocks: post-activation (He et al. 2015) and pre-activation (He et al. 2016) ones.
 
 Every block takes the same fields (``_Block``), so the ResNet builds any kind with one call, and
 every block after the first of a stage is identical (stride 1, same width), which is what lets the
@@ -166,4 +166,6 @@ class PreActBottleneck(_PreActBlock):
     y = self.conv(out, 1, name='conv3')(self._dropout(y))
     if not self.residual:
       return y
-    return y + layers.shortcut(src, out, self.strides, kind=self.shortcut, conv=self.conv, norm=None)
+    return y + layers.shortcut(
+      src, out, self.strides, kind=self.shortcut, conv=self.conv, norm=None
+    )

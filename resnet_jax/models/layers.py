@@ -12,6 +12,7 @@ Variables of :class:`BatchNorm` (names chosen to map 1:1 onto torch's ``BatchNor
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Optional
 
 import flax.linen as nn
@@ -29,6 +30,61 @@ conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 dense_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
+_NHWC = ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))  # flax's NHWC / HWIO / NHWC, as lax spells it
+_DN = ('NHWC', 'HWIO', 'NHWC')
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _canonical_conv(x: jax.Array, w: jax.Array, padding: tuple) -> jax.Array:
+  return jax.lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=_DN)
+
+
+def _canonical_conv_fwd(x, w, padding):
+  return _canonical_conv(x, w, padding), (x, w)
+
+
+def _canonical_conv_bwd(padding, res, dy):
+  """Both gradients as forward convolutions in the canonical NHWC/HWIO layout."""
+  x, w = res
+  (lo_h, hi_h), (lo_w, hi_w) = padding
+  k_h, k_w = w.shape[:2]
+  # d/dx: correlate dy with the spatially flipped kernel, in/out channels swapped.
+  w_t = jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2)
+  dx_pad = ((k_h - 1 - lo_h, k_h - 1 - hi_h), (k_w - 1 - lo_w, k_w - 1 - hi_w))
+  dx = jax.lax.conv_general_dilated(dy, w_t, (1, 1), dx_pad, dimension_numbers=_DN)
+  # d/dw: channels of x as the batch, examples as the features, dy as a (H, W, N, O) kernel.
+  dw = jax.lax.conv_general_dilated(x.transpose(3, 1, 2, 0), dy.transpose(1, 2, 0, 3), (1, 1),
+                                    padding, dimension_numbers=_DN)
+  return dx.astype(x.dtype), dw.transpose(1, 2, 0, 3).astype(w.dtype)
+
+
+_canonical_conv.defvjp(_canonical_conv_fwd, _canonical_conv_bwd)
+
+
+def loop_friendly_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                       dimension_numbers=None, feature_group_count=1, precision=None):
+  """``lax.conv_general_dilated`` whose gradients are themselves canonical forward convolutions.
+
+  Why: XLA:CPU rewrites the backward convolutions (weight gradient f01b_i01o->01bf, input
+  gradient with a reversed kernel) into its fast layout only outside loops; inside a ``scan``
+  body they run on a naive path, 5-50x slower (measured; jax-ml/jax#12868 is the forward-pass
+  cousin). Stride-1, undilated, ungrouped NHWC convs (all a scanned block has) take this path;
+  anything else falls back to ``lax.conv_general_dilated``.
+  """
+  simple = (tuple(window_strides) == (1, 1) and feature_group_count == 1 and precision is None
+            and all(d in (None, 1) or tuple(d) == (1, 1) for d in (lhs_dilation, rhs_dilation))
+            and not isinstance(padding, str)
+            and dimension_numbers is not None
+            and tuple(map(tuple, jax.lax.conv_dimension_numbers(
+              lhs.shape, rhs.shape, dimension_numbers))) == _NHWC)
+  if not simple:
+    return jax.lax.conv_general_dilated(
+      lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+      dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
+      precision=precision)
+  return _canonical_conv(lhs, rhs, tuple(tuple(int(v) for v in p) for p in padding))
+
+
 def conv(
   features: int,
   kernel_size: int,
@@ -38,6 +94,7 @@ def conv(
   dtype: Dtype = jnp.float32,
   groups: int = 1,
   dilation: int = 1,
+  loop_friendly: bool = False,
 ) -> nn.Conv:
   """A bias-free square convolution with explicit symmetric padding ``dilation * (kernel_size // 2)``.
 
@@ -47,7 +104,8 @@ def conv(
 
   ``padding='SAME'`` pads asymmetrically (0 before, 1 after) for even inputs with stride 2, which
   shifts every strided feature map by half a pixel relative to torch; explicit symmetric padding
-  is what torchvision (and imported weights) expect.
+  is what torchvision (and imported weights) expect. ``loop_friendly``: gradients through
+  ``loop_friendly_conv`` (for convs inside a scan; same values).
   """
   pad = dilation * (kernel_size // 2)
   return nn.Conv(
@@ -61,6 +119,7 @@ def conv(
     dtype=dtype,
     param_dtype=jnp.float32,
     kernel_init=conv_kernel_init,
+    conv_general_dilated=loop_friendly_conv if loop_friendly else None,
     name=name,
   )
 

@@ -191,6 +191,7 @@ class ResNet(nn.Module):
     """``length`` identical stride-1 blocks as one scan: variables gain a leading axis."""
     block_cls = (nn.remat(self.block_cls, prevent_cse=False) if self.remat
                  else self.block_cls)
+    common = dict(common, conv=functools.partial(layers.conv, dtype=self.dtype, loop_friendly=True))
     block = block_cls(width, strides=1, name=name, **common)
     body = nn.scan(
       lambda module, carry, _: (module(carry), None),
