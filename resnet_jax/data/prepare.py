@@ -14,6 +14,7 @@ command-line tool needs apache_beam, which the `[tf]` extra does not install).
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import shlex
