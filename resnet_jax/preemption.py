@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 from typing import Any
 
 
@@ -54,9 +53,3 @@ class StopRequest:
   def __exit__(self, *exc: Any) -> None:
     self.uninstall()
 
-
-def exit_if_requested(stop: StopRequest, what: str) -> None:
-  """For CLIs: a stop requested before any work began exits 0 with a line saying so."""
-  if stop.requested:
-    print(f'stopped on signal {stop.signum} {what}; nothing was changed', file=sys.stderr)
-    sys.exit(0)

@@ -162,7 +162,7 @@ def test_readers_work_on_a_read_only_workdir(trained, tmp_path):
   assert _snapshot(trained) == before
 
 
-# ---- non-finite updates (items 7, 8) ------------------------------------------------------------
+# ---- non-finite updates (item 7; item 8 is in test_train_step.py and test_faults.py) ------
 
 def test_nonfinite_error_names_only_a_finished_restorable_checkpoint(tmp_path):
   workdir = str(tmp_path / 'diverge')
@@ -176,15 +176,6 @@ def test_nonfinite_error_names_only_a_finished_restorable_checkpoint(tmp_path):
   assert not [n for n in os.listdir(os.path.join(workdir, 'checkpoints')) if not n.isdigit()]
   from resnet_jax.checkpointing import restore_model_variables
   assert restore_model_variables(workdir)[1] == named
-
-
-def test_nonfinite_update_with_finite_loss_is_not_applied(tmp_path):
-  workdir = str(tmp_path / 'huge_lr')
-  proc = run_main(workdir, '--config.num_train_steps=1', '--config.batch_size=32',
-                  '--config.schedule.base_lr=1e39', '--config.schedule.warmup_steps=0')
-  _one_line_error(proc, 'non-finite', 'at step 1', 'no checkpoint was saved yet')
-  assert not os.path.exists(os.path.join(workdir, 'results.json'))
-  assert finished_checkpoints(workdir) == []
 
 
 # ---- one live run per workdir; readers beside it (items 3, 4, 10) -------------------------------
