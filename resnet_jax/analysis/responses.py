@@ -162,21 +162,20 @@ def plot_responses(results: Sequence[dict[str, Any]], out_path: str) -> str:
 def main(argv: list[str] | None = None) -> int:
   p = cli.ArgumentParser(prog='python -m resnet_jax.analysis.responses', description=__doc__)
   p.add_argument('--workdir', action='append', required=True, help='a run directory (repeatable)')
-  p.add_argument('--out', help='plot path (default: responses.png in the workdirs\' common parent, '
-                 'or in the workdir when there is one); the values go to the same name .json')
+  p.add_argument('--out', help='plot path (default: responses.png beside the workdirs, in their '
+                 'common parent: a run\'s own directory is never written); values go to NAME.json')
   p.add_argument('--split', help='dataset split (default: the run\'s eval split)')
   p.add_argument('--max-examples', type=int, default=0, help='use at most this many (0: all)')
   p.add_argument('--batch-size', type=int, help='default: the run\'s eval_batch_size')
   args = p.parse_args(argv)
   workdirs = [os.path.abspath(w) for w in args.workdir]
-  out = args.out or os.path.join(
-      workdirs[0] if len(workdirs) == 1 else os.path.commonpath(workdirs), 'responses.png')
+  parent = os.path.commonpath([os.path.dirname(w) for w in workdirs])
+  out = args.out or os.path.join(parent, 'responses.png')
   try:
     results = [layer_stds(w, split=args.split, max_examples=args.max_examples,
                           batch_size=args.batch_size) for w in workdirs]
   except (ValueError, FileNotFoundError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 1
+    cli.fail(e)
   plot_responses(results, out)
   json_path = os.path.splitext(out)[0] + '.json'
   with open(json_path, 'w') as f:
