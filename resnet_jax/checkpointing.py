@@ -12,11 +12,14 @@ Guarantees (see README, "Checkpoints and faults"):
   different model/config shape is an error naming the mismatched keys, never a silent partial load.
 - A corrupt, truncated or checksum-failing newest checkpoint is reported (naming it) and the
   previous one is used; the trainer moves it to `corrupt_checkpoints/`, readers never write.
+  When checkpoints exist but none restores, the trainer refuses to start (it never silently
+  starts over).
 """
 from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from typing import Any, NamedTuple
 
@@ -39,6 +42,10 @@ _LEGACY_DATA_ITEM = 'data'  # written by grain's handler before the `progress` i
 
 class CheckpointMismatchError(ValueError):
   """The workdir holds a run whose train state has a different structure or shapes."""
+
+
+class NoReadableCheckpointError(ValueError):
+  """Checkpoints exist but none restores: refusing to start over on top of them."""
 
 
 class Restored(NamedTuple):
@@ -132,9 +139,13 @@ class Checkpointer:
     cannot be read; raises CheckpointMismatchError when a readable one has another structure.
     """
     restored, bad = _restore_newest(self.manager, self.directory, abstract_state)
-    self._set_aside(bad)
     if restored is None and bad:
-      logger.warning('no readable checkpoint in %s: starting from scratch', self.directory)
+      # Starting over here would silently throw the run away: leave everything as it is.
+      raise NoReadableCheckpointError(
+          f'every checkpoint in {self.directory} is unreadable (steps '
+          f'{", ".join(map(str, bad))}; see the warnings above); nothing was changed. To start '
+          f'over deliberately, use a new --workdir or move {self.directory} away')
+    self._set_aside(bad)
     return restored
 
   def _set_aside(self, steps: list[int]) -> None:
@@ -157,8 +168,11 @@ class Checkpointer:
     self.manager.wait_until_finished()
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    """Finishes in-flight saves, then releases the manager (also on error exits)."""
+    try:
+      self.manager.wait_until_finished()
+    finally:
+      self.manager.close()
 
 
 def _read_progress(manager: ocp.CheckpointManager, directory: epath.Path, step: int) -> dict:
@@ -174,6 +188,7 @@ def _read_progress(manager: ocp.CheckpointManager, directory: epath.Path, step: 
 def _restore_newest(manager: ocp.CheckpointManager, directory: epath.Path,
                     abstract: Any) -> tuple[Restored | None, list[int]]:
   """(the newest checkpoint that restores and verifies, the newer steps that did not)."""
+  _drop_closed_loop_noise()
   bad = []
   for step in sorted(manager.all_steps(), reverse=True):
     try:
@@ -215,6 +230,7 @@ def restore_model_variables(workdir: str | epath.Path) -> tuple[dict[str, Any], 
   directory = as_path(workdir) / CHECKPOINT_DIR
   if not directory.is_dir():
     raise FileNotFoundError(f'no checkpoint in {directory}')
+  _drop_closed_loop_noise()
   manager = ocp.CheckpointManager(
       directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False,
                                                       cleanup_tmp_directories=False),
@@ -237,6 +253,25 @@ def restore_model_variables(workdir: str | epath.Path) -> tuple[dict[str, Any], 
   finally:
     manager.close()
   raise FileNotFoundError(f'no readable checkpoint in {directory}')
+
+
+def _drop_closed_loop_noise() -> None:
+  """Silences the 'Event loop is closed' RuntimeErrors that tensorstore's late callbacks raise
+  (as unraisable exceptions, dozens of tracebacks) after Orbax abandons a failed read of a damaged
+  checkpoint. The failure itself is reported once, by the caller. Installed once per process;
+  every other unraisable exception still reaches the previous hook."""
+  previous = sys.unraisablehook
+  if getattr(previous, '_resnet_jax_filter', False):
+    return
+
+  def hook(unraisable: Any) -> None:
+    exc = unraisable.exc_value
+    if isinstance(exc, RuntimeError) and str(exc) == 'Event loop is closed':
+      return
+    previous(unraisable)
+
+  hook._resnet_jax_filter = True  # type: ignore[attr-defined]
+  sys.unraisablehook = hook
 
 
 def _short(e: Exception) -> str:

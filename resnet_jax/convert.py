@@ -20,6 +20,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
+import sys
+import tempfile
 from typing import Any, Mapping, Optional, Sequence
 
 import jax
@@ -170,16 +173,77 @@ def adapt_input_channels(variables: dict[str, Any], in_channels: int) -> dict[st
   return {**variables, 'params': params}
 
 
+# torch.load(weights_only=True) could still be made to run code before 2.6.0 (CVE-2025-32434).
+MIN_TORCH_VERSION = (2, 6)
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+  """'2.6.0+cpu' -> (2, 6, 0); a part that is not a number ends the tuple."""
+  parts = []
+  for part in version.split('+')[0].split('.'):
+    digits = ''.join(c for c in part if c.isdigit()) if part[:1].isdigit() else ''
+    if not digits:
+      break
+    parts.append(int(digits))
+    if not part.isdigit():
+      break
+  return tuple(parts)
+
+
 def load_torch_state_dict(path: str) -> dict[str, Any]:
-  """Read a ``.pth`` state_dict with torch (imported here only: torch is an optional extra)."""
+  """Read a ``.pth`` state_dict with torch (imported here only: torch is an optional extra).
+
+  Only with ``weights_only=True`` and torch >= 2.6: older releases let a crafted file run code
+  even then, so they are refused (ValueError) before the file is opened.
+  """
   try:
     import torch  # pylint: disable=import-outside-toplevel
   except ImportError as e:
     raise SystemExit('reading .pth files needs torch: pip install -e ".[torch]"') from e
-  state = torch.load(path, map_location='cpu', weights_only=True)
+  version = str(getattr(torch, '__version__', '0'))
+  if _version_tuple(version) < MIN_TORCH_VERSION:
+    raise ValueError(f'torch {version} is too old to load weight files safely (torch.load can '
+                     'run code from a crafted file before 2.6, CVE-2025-32434): '
+                     'pip install "torch>=2.6"')
+  try:
+    state = torch.load(path, map_location='cpu', weights_only=True)
+  except FileNotFoundError:
+    raise ValueError(f'{path}: no such file') from None
+  except Exception as e:  # noqa: BLE001 -- torch's UnpicklingError, RuntimeError, ...
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise ValueError(f'{path} could not be loaded as a weights-only state_dict '
+                     f'({type(e).__name__}: {first[:300]})') from None
   if isinstance(state, Mapping) and 'state_dict' in state and 'fc.weight' not in state:
     state = state['state_dict']
+  if not isinstance(state, Mapping):
+    raise ValueError(f'{path} holds a {type(state).__name__}, not a state_dict')
   return dict(state)
+
+
+def check_out_dir(out: str) -> str:
+  """The absolute `--out`; refuses an existing non-empty path (nothing may be overwritten)."""
+  out = os.path.abspath(out)
+  if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+    raise ValueError(f'--out {out} already exists and is not empty: choose a new directory '
+                     '(nothing was written)')
+  return out
+
+
+def save_to_new_dir(out: str, variables: dict[str, Any]) -> None:
+  """Writes into a temporary sibling of `out` and renames it into place, so `out` is only ever
+  absent (or empty) or complete; a failure removes the temporary directory."""
+  from resnet_jax import pretrained  # pylint: disable=import-outside-toplevel
+
+  parent = os.path.dirname(out)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(out)}.tmp-', dir=parent)
+  try:
+    pretrained.save_model_variables(os.path.join(tmp, 'ckpt'), variables)
+    if os.path.isdir(out):
+      os.rmdir(out)  # empty (checked): replaced by the finished checkpoint
+    os.rename(os.path.join(tmp, 'ckpt'), out)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -187,17 +251,20 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                                    description=__doc__.split('\n')[0])
   parser.add_argument('--arch', required=True, help='resnet18 | resnet34 | resnet50 | resnet101 | resnet152')
   parser.add_argument('--torchvision-weights', required=True, help='torchvision .pth state_dict file')
-  parser.add_argument('--out', required=True, help='output checkpoint directory (must not exist)')
+  parser.add_argument('--out', required=True, help='output checkpoint directory (new, or empty)')
   parser.add_argument('--in-channels', type=int, default=3,
                       help='adapt the stem to this many input channels (1: grayscale datasets)')
   args = parser.parse_args(argv)
 
-  from resnet_jax import pretrained  # pylint: disable=import-outside-toplevel
-
-  variables = from_torchvision(load_torch_state_dict(args.torchvision_weights), args.arch)
-  variables = adapt_input_channels(variables, args.in_channels)
-  out = os.path.abspath(args.out)
-  pretrained.save_model_variables(out, variables)
+  try:
+    out = check_out_dir(args.out)  # before anything slow: a mistyped --out costs nothing
+    variables = from_torchvision(load_torch_state_dict(args.torchvision_weights), args.arch)
+    variables = adapt_input_channels(variables, args.in_channels)
+    check_out_dir(out)  # again: it may have appeared while converting
+    save_to_new_dir(out, variables)
+  except ValueError as e:  # one clear line, no traceback
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
   n = sum(np.size(x) for x in jax.tree.leaves(variables['params']))
   classes = variables['params']['fc']['kernel'].shape[1]
   print(f'wrote {args.arch} ({n:,} parameters, {classes} classes) to {out}\n'

@@ -21,6 +21,7 @@ from absl import app, flags
 from jax.sharding import Mesh
 
 from resnet_jax import data, runtime
+from resnet_jax.data.device_preprocess import make_device_preprocess
 from resnet_jax.train_step import (batch_sharding, device_batch, eval_probabilities,
                                    jit_eval_step, metric_sums, replicated)
 
@@ -66,7 +67,8 @@ def run_evaluation(eval_step: Callable, variables: Any, config: ml_collections.C
 
 def run_multiscale_evaluation(apply_fn: Callable, variables: Any, config: ml_collections.ConfigDict,
                               mesh: Mesh, *, scales: list[int], split: str | None = None,
-                              crops: int = 1) -> dict[str, float]:
+                              crops: int = 1, preprocess: Callable | None = None
+                              ) -> dict[str, float]:
   """The paper's fully-convolutional multi-scale testing: softmax averaged over scales.
 
   Each scale resizes the shorter side to S and takes the centred S x S square (crops=2 adds its
@@ -74,7 +76,9 @@ def run_multiscale_evaluation(apply_fn: Callable, variables: Any, config: ml_col
   walked in lockstep and each example's probabilities are averaged before scoring.
   """
   sharding = batch_sharding(mesh)
-  probs_fn = jax.jit(functools.partial(eval_probabilities, apply_fn), out_shardings=sharding)
+  preprocess = preprocess or make_device_preprocess(config)  # uint8 batches -> model input
+  probs_fn = jax.jit(functools.partial(eval_probabilities, apply_fn, preprocess=preprocess),
+                     out_shardings=sharding)
   sums_fn = jax.jit(metric_sums, out_shardings=replicated(mesh))
   totals = None
   with _eval_iterators(config, split, crops, scales) as per_scale_batches:
@@ -98,10 +102,11 @@ def evaluate_workdir(workdir: str, *, split: str | None = None, crops: int | Non
   variables = jax.device_put(trained.variables, replicated(mesh))
   if scales:
     result = run_multiscale_evaluation(experiment.model.apply, variables, config, mesh,
-                                       scales=scales, split=split, crops=crops or 1)
+                                       scales=scales, split=split, crops=crops or 1,
+                                       preprocess=experiment.preprocess)
     result['scales'] = scales
   else:
-    eval_step = jit_eval_step(mesh, experiment.model.apply)
+    eval_step = jit_eval_step(mesh, experiment.model.apply, preprocess=experiment.preprocess)
     result = run_evaluation(eval_step, variables, config, mesh, split=split,
                             crops=crops or config.data.eval_crops)
   result['split'] = split

@@ -14,6 +14,15 @@ metrics.jsonl, tensorboard/, checkpoints/, config.json and, at the end, results.
 """
 from __future__ import annotations
 
+from resnet_jax.preemption import StopRequest
+
+# Installed before anything slow is imported: SIGTERM or Ctrl-C during start-up (importing JAX,
+# restoring) stops the run cleanly instead of killing it mid-initialisation.
+_STOP = StopRequest()
+if __name__ == '__main__':
+  _STOP.install()
+
+# pylint: disable=wrong-import-position
 import logging
 import os
 import sys
@@ -62,7 +71,14 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if FLAGS.workdir is None:
     raise app.UsageError('--workdir is required')
-  if FLAGS.config is None:
+  try:
+    config = FLAGS.config  # a file that failed to load is a proxy raising on first use
+    if config is not None:
+      config.get('batch_size')
+  except Exception as e:  # noqa: BLE001 -- any failure of the user's config file: one line
+    print(f'error: {_config_load_error(e)}', file=sys.stderr)
+    sys.exit(1)
+  if config is None:
     raise app.UsageError('--config is required (e.g. --config=configs/digits.py)')
   logging.getLogger('absl').setLevel(logging.INFO)
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s')
@@ -77,12 +93,18 @@ def main(argv: list[str]) -> None:
     logging.info('JAX %s: %d processes, %d devices (%s)', jax.__version__, jax.process_count(),
                  jax.device_count(), jax.devices()[0].platform)
   try:
-    results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    results = train.train_and_evaluate(config, FLAGS.workdir, stop=_STOP.install())
   except (_ERRORS_SHOWN_AS_ONE_LINE + (train.NonFiniteLossError,)) as e:
     if os.environ.get('RESNET_JAX_TRACEBACK'):
       raise
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
+  if results.get('stopped'):
+    if jax.process_index() == 0:
+      where = ('before training started' if results['step'] is None
+               else f"at step {results['step']}")
+      print(f'stopped {where} on request: rerun the same command to resume', file=sys.stderr)
+    return
   if jax.process_index() == 0 and 'eval' in results:
     ev = results['eval']
     print(f"done: step {results['step']}, {results['eval_split']} top-1 error "
@@ -97,12 +119,30 @@ def parse_flags(argv: list[str]) -> list[str]:
   except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as e:
     print(f'error: {_one_line(e)}', file=sys.stderr)
     sys.exit(1)
+  except Exception as e:  # noqa: BLE001 -- the config file itself failed to load
+    print(f'error: {_config_load_error(e)}', file=sys.stderr)
+    sys.exit(1)
+
+
+def _config_load_error(e: BaseException) -> str:
+  """One line for a --config file that is missing, unparsable or raises while loading."""
+  while e.__cause__ is not None and not isinstance(e, SyntaxError):
+    e = e.__cause__
+  if isinstance(e, SyntaxError):
+    return f'cannot load --config file {e.filename}: line {e.lineno}: {e.msg}'
+  lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+  reason = lines[-1] if lines else type(e).__name__
+  if isinstance(e, OSError):
+    return f'cannot load the --config file: {reason}'
+  return f'cannot load the --config file: {type(e).__name__}: {reason}'
 
 
 def _one_line(e: Exception) -> str:
   """The informative line of a config_flags error (they embed tracebacks and escaped quotes)."""
   text = str(e).replace("\\'", "'").replace('\\n', '\n').strip('\'"')
   lines = [l.strip() for l in text.splitlines() if l.strip()]
+  if isinstance(e, AttributeError) and 'get_config' in text:
+    return 'cannot load the --config file: it defines no get_config()'
   if isinstance(e, AttributeError) and lines:  # misspelled --config.key
     return f"unknown config key {lines[0].strip(chr(39))!r}" + (f' ({lines[1]})' if len(lines) > 1 else '')
   last = lines[-1] if lines else repr(e)

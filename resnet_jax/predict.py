@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import sys
 from typing import Any, Optional, Sequence
 
 import jax
@@ -29,19 +30,61 @@ IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 
+# Images with more pixels than this are refused before decoding (PIL's own default bound); a
+# decompression bomb declares a huge size in a few bytes.
+MAX_IMAGE_PIXELS = 89_478_485
+# Above this many pixels after the eval resize, only the centre crop is resampled.
+MAX_RESIZED_PIXELS = 4096 * 4096
+
+
+def open_image(path: str) -> Image.Image:
+  """Opens and decodes one image, refusing what cannot be classified with a one-line ValueError.
+
+  Non-images, truncated files and images over `MAX_IMAGE_PIXELS` (checked from the header,
+  before any pixel is decoded, so a decompression bomb costs nothing) are refused.
+  """
+  try:
+    image = Image.open(path)
+  except FileNotFoundError:
+    raise ValueError(f'{path}: no such file') from None
+  except Image.DecompressionBombError as e:
+    raise ValueError(f'{path} is refused as a decompression bomb ({e})') from None
+  except (Image.UnidentifiedImageError, OSError) as e:
+    raise ValueError(f'{path} is not an image PIL can read ({e})') from None
+  w, h = image.size
+  if w <= 0 or h <= 0 or w * h > MAX_IMAGE_PIXELS:
+    raise ValueError(f'{path} is {w}x{h} pixels, over the {MAX_IMAGE_PIXELS:,} this tool '
+                     'decodes (a decompression bomb or a huge scan): downscale it first')
+  try:
+    image.load()
+  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    raise ValueError(f'{path} could not be decoded ({e}): a truncated or damaged image') from None
+  return image
+
+
 def preprocess(image: Image.Image, image_size: int = 224, resize_size: int = 256) -> np.ndarray:
-  """torchvision ``Resize(resize_size) + CenterCrop(image_size) + ToTensor + Normalize``, as HWC."""
+  """torchvision ``Resize(resize_size) + CenterCrop(image_size) + ToTensor + Normalize``, as HWC.
+
+  When the resized image would exceed `MAX_RESIZED_PIXELS` (an extreme aspect ratio such as
+  1 x 20000 becomes 256 x 5,120,000), only the centre crop is resampled, with PIL ``resize``'s
+  source ``box`` (the same filter, within one 8-bit level of rounding), so memory stays bounded.
+  """
   image = image.convert('RGB')
   w, h = image.size
   short, long = (w, h) if w <= h else (h, w)
   new_short, new_long = resize_size, int(resize_size * long / short)
   new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
-  image = image.resize((new_w, new_h), Image.BILINEAR)
   if new_w < image_size or new_h < image_size:
     raise ValueError(f'--image-size {image_size} is larger than the resized image {new_w}x{new_h}')
   top = int(round((new_h - image_size) / 2.0))
   left = int(round((new_w - image_size) / 2.0))
-  image = image.crop((left, top, left + image_size, top + image_size))
+  crop = (left, top, left + image_size, top + image_size)
+  if new_w * new_h <= MAX_RESIZED_PIXELS:  # torchvision's exact order: resize, then crop
+    image = image.resize((new_w, new_h), Image.BILINEAR).crop(crop)
+  else:
+    sx, sy = w / new_w, h / new_h  # resized -> source coordinates
+    box = (crop[0] * sx, crop[1] * sy, crop[2] * sx, crop[3] * sy)
+    image = image.resize((image_size, image_size), Image.BILINEAR, box=box)
   x = np.asarray(image, np.float32) / 255.0
   return (x - IMAGENET_MEAN) / IMAGENET_STD
 
@@ -117,7 +160,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   parser.add_argument('images', nargs='+', help='image files')
   args = parser.parse_args(argv)
 
-  variables = load_variables(args)
+  try:
+    resize = int(round(args.image_size * 256 / 224))
+    batch = np.stack([preprocess(open_image(p), args.image_size, resize) for p in args.images])
+    variables = load_variables(args)
+  except (ValueError, FileNotFoundError) as e:  # one clear line, no traceback
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
   kernel = variables['params']['fc']['kernel']
   num_classes = kernel.shape[1]
   in_channels = variables['params']['conv1']['kernel'].shape[2]
@@ -132,8 +181,6 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   if mismatch:
     parser.error(f'the weights do not fit {args.arch} with these options: {mismatch}')
 
-  resize = int(round(args.image_size * 256 / 224))
-  batch = np.stack([preprocess(Image.open(p), args.image_size, resize) for p in args.images])
   names = class_names(num_classes, args.labels)
   indices, probs = top5(model, variables, batch)
   for path, idx, prob in zip(args.images, indices, probs):

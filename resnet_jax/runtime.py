@@ -21,7 +21,8 @@ from etils import epath
 from jax.sharding import Mesh
 
 from resnet_jax import checkpointing, data, optim, pretrained
-from resnet_jax.models import create_model
+from resnet_jax.data.device_preprocess import make_device_preprocess
+from resnet_jax.models import create_model, layout
 from resnet_jax.train_step import TrainState, abstract_state, create_mesh, init_state
 from resnet_jax.workdir import read_run_config
 
@@ -45,6 +46,7 @@ class Experiment:
   dataset: data.DatasetInfo
   model: nn.Module
   mesh: Mesh
+  preprocess: Any = None  # uint8 batch -> model input inside the jitted steps
 
   def abstract_variables(self) -> dict[str, Any]:
     """Shapes of {'params', 'batch_stats'}, without allocating them."""
@@ -56,7 +58,8 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
   """Model, dataset description and mesh; a bad model name fails before any data is opened."""
   build_model(config, num_classes=config.model.num_classes or 1)
   info = data.get_dataset_info(config)
-  return Experiment(config, info, build_model(config, info.num_classes), create_mesh())
+  return Experiment(config, info, build_model(config, info.num_classes), create_mesh(),
+                    make_device_preprocess(config))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,9 +99,38 @@ class StartingPoint:
   wall_time_before_s: float  # time spent by earlier invocations of this run
 
 
+def _restore_any_layout(training: Training,
+                        checkpointer: checkpointing.Checkpointer) -> checkpointing.Restored | None:
+  """Restores the newest checkpoint whether it holds scanned or unrolled blocks.
+
+  The layout is a detail of `config.model.scan`: a run may resume with the other setting. The
+  checkpoint is restored as saved (with its checksum verified), then converted.
+  """
+  try:
+    return checkpointer.restore(training.abstract_state)
+  except checkpointing.CheckpointMismatchError:
+    model = training.experiment.model
+    other = model.clone(scan=not model.scan)
+    saved_shape = abstract_state(other, training.optimizer, training.experiment.dataset.image_shape,
+                                 training.experiment.mesh)
+    if checkpointing.describe_mismatch(saved_shape, training.abstract_state) == '':
+      raise  # both layouts are the same tree (one block per stage): a real mismatch
+    try:
+      restored = checkpointer.restore(saved_shape)
+    except checkpointing.CheckpointMismatchError:
+      restored = None
+    if restored is None:
+      raise
+  logger.info('converting checkpoint %d to the %s layout', restored.step, layout.model_layout(model))
+  state = restored.state
+  state = state.replace(apply_fn=model.apply, **{
+      k: layout.for_model(getattr(state, k), model) for k in ('params', 'batch_stats', 'opt_state')})
+  return restored._replace(state=jax.device_put(state, training.state_sharding))
+
+
 def starting_point(training: Training, checkpointer: checkpointing.Checkpointer) -> StartingPoint:
   """The newest good checkpoint, or a fresh state (from `config.init_from` weights if set)."""
-  restored = checkpointer.restore(training.abstract_state)
+  restored = _restore_any_layout(training, checkpointer)
   if restored is not None:
     logger.info('resuming from %s/%d', checkpointer.directory, restored.step)
     return StartingPoint(restored.state, restored.step, restored.progress['iterator'],
@@ -110,8 +142,8 @@ def starting_point(training: Training, checkpointer: checkpointing.Checkpointer)
     shape = (1,) + experiment.dataset.image_shape
     fresh = jax.device_get(jax.jit(lambda r: model.init(r, jnp.zeros(shape), train=False))(
         jax.random.key(config.seed)))
-    variables, reinit = pretrained.merge_pretrained(
-        fresh, pretrained.load_model_variables(config.init_from))
+    weights = layout.for_model(pretrained.load_model_variables(config.init_from), model)
+    variables, reinit = pretrained.merge_pretrained(fresh, weights)
     logger.info('initialised from %s (re-initialised: %s)', config.init_from, reinit or 'none')
   state = init_state(model, training.optimizer, experiment.dataset.image_shape, config.seed,
                      mesh, variables)
@@ -143,6 +175,7 @@ def load_trained_model(workdir: str | epath.PathLike,
     section[leaf] = value
   experiment = build_experiment(config)
   variables, step = checkpointing.restore_model_variables(workdir)
+  variables = layout.for_model(variables, experiment.model)
   mismatch = checkpointing.describe_mismatch(experiment.abstract_variables(), variables)
   if mismatch:
     raise checkpointing.CheckpointMismatchError(

@@ -11,7 +11,7 @@ import collections
 import contextlib
 import json
 import logging
-import signal
+import os
 import time
 from typing import Any, Iterator
 
@@ -26,7 +26,9 @@ from resnet_jax.evaluate import run_evaluation
 from resnet_jax.metric_writer import MetricWriter, Progress, environment
 from resnet_jax.train_step import (count_params, device_batch, jit_eval_step, jit_train_step,
                                    model_variables, state_fingerprint)
-from resnet_jax.workdir import CONFIG_FILE, RESULTS_FILE, as_path, read_run_config, write_json
+from resnet_jax.preemption import StopRequest
+from resnet_jax.workdir import (CONFIG_FILE, RESULTS_FILE, WorkdirLock, as_path, read_run_config,
+                               write_json)
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +47,11 @@ class NonFiniteLossError(RuntimeError):
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Refuses, before anything is written, values that cannot give a correct run."""
+  """Refuses, before anything is written, values that cannot give a correct run.
+
+  Everything that would otherwise fail hours in (at the first eval or log point) or silently
+  do the wrong thing (keep no checkpoint, learn backwards) is checked here.
+  """
   if config.batch_size <= 0:
     raise ConfigError(f'batch_size must be positive, got {config.batch_size}')
   n_dev, n_proc = jax.device_count(), jax.process_count()
@@ -60,17 +66,73 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"on_nonfinite must be 'error' or 'skip', got {config.on_nonfinite!r}")
   if config.num_train_steps <= 0 and config.num_epochs <= 0:
     raise ConfigError('set num_train_steps > 0 or num_epochs > 0')
+  at_least = {'log_every_steps': (config.log_every_steps, 1),
+              'max_to_keep': (config.max_to_keep, 1),
+              'eval_batch_size': (config.eval_batch_size, 1),
+              'schedule.base_lr': (config.schedule.base_lr, 0),
+              'schedule.warmup_steps': (config.schedule.warmup_steps, 0),
+              'schedule.warmup_lr': (config.schedule.warmup_lr, 0),
+              'optimizer.weight_decay': (config.optimizer.weight_decay, 0),
+              'data.num_workers': (config.data.num_workers, 0)}
+  for key, (value, low) in at_least.items():
+    if value is None or value < low:
+      what = 'positive' if low == 1 else 'non-negative'
+      raise ConfigError(f'{key} must be {what}, got {value}' + (
+          ' (0 would keep no checkpoint at all, not even the final one)'
+          if key == 'max_to_keep' else ''))
+  if config.data.eval_crops not in (1, 10):
+    raise ConfigError(f'data.eval_crops must be 1 or 10, got {config.data.eval_crops}')
+  if not 0 <= config.label_smoothing < 1:
+    raise ConfigError(f'label_smoothing must be in [0, 1), got {config.label_smoothing}')
+  validate_bn_groups(config.model.bn_group_size, config.batch_size, n_dev)
 
 
-def _prepare_workdir(workdir: epath.Path, config: ml_collections.ConfigDict) -> None:
-  """Creates the workdir, proves it writable and refuses one holding a differently shaped run."""
+def validate_bn_groups(group: int | None, batch_size: int, n_devices: int) -> None:
+  """Ghost-BN groups must not straddle devices, unless they are made of whole devices.
+
+  A group that splits one device's examples with its neighbour's makes XLA all-gather the full
+  activations at every BatchNorm. Allowed: `group` divides the per-device batch (per-device
+  groups), or it is a multiple of it that divides the global batch (groups of whole devices).
+  A global batch smaller than one group is one group (models/layers.BatchNorm), so that is
+  allowed too.
+  """
+  if group is None or group >= batch_size:
+    if group is not None and group <= 0:
+      raise ConfigError(f'model.bn_group_size must be positive or None, got {group}')
+    return
+  if group <= 0:
+    raise ConfigError(f'model.bn_group_size must be positive or None, got {group}')
+  per_device = batch_size // n_devices
+  if per_device % group == 0 or (group % per_device == 0 and batch_size % group == 0):
+    return
+  divisors = [d for d in range(1, per_device + 1) if per_device % d == 0 and d <= group]
+  raise ConfigError(
+      f'model.bn_group_size={group} does not fit the per-device batch {per_device} '
+      f'(batch_size {batch_size} over {n_devices} devices): its groups would straddle devices. '
+      f'Use a divisor of {per_device} (e.g. {divisors[-1]}), a multiple of {per_device} that '
+      f'divides {batch_size}, or None (whole-batch statistics)')
+
+
+def _prepare_workdir(workdir: epath.Path, config: ml_collections.ConfigDict,
+                     lock: WorkdirLock | None = None) -> None:
+  """Creates the workdir, takes its `lock` (a second run stops here), proves it and its
+  checkpoints/ writable, and refuses one holding a differently shaped run. Writes nothing that
+  stays: config.json comes once the run is accepted."""
   try:
     workdir.mkdir(parents=True, exist_ok=True)
-    probe = workdir / f'.write_test_{jax.process_index()}'
-    probe.write_text('ok')
-    probe.unlink()
+    if lock is not None:
+      lock.acquire()
   except OSError as e:
     raise ConfigError(f'workdir {workdir} is not writable: {e.strerror or e}') from None
+  for directory in (workdir, workdir / checkpointing.CHECKPOINT_DIR):
+    if not directory.exists():
+      continue
+    try:
+      probe = directory / f'.write_test_{jax.process_index()}_{os.getpid()}'
+      probe.write_text('ok')
+      probe.unlink()
+    except OSError as e:
+      raise ConfigError(f'{directory} is not writable: {e.strerror or e}') from None
   if (workdir / CONFIG_FILE).exists():
     old = read_run_config(workdir)
     for field in _SHAPE_FIELDS:
@@ -79,30 +141,11 @@ def _prepare_workdir(workdir: epath.Path, config: ml_collections.ConfigDict) -> 
       if before != now:
         raise ConfigError(f'workdir {workdir} holds a run with {field}={before!r}, this config has '
                           f'{now!r}: use another --workdir')
+
+
+def _write_config(workdir: epath.Path, config: ml_collections.ConfigDict) -> None:
   if jax.process_index() == 0:
     write_json(workdir / CONFIG_FILE, json.loads(config.to_json_best_effort()))
-
-
-class _StopRequest:
-  """Turns SIGTERM/SIGINT (preemption, Ctrl-C) into 'finish this step, save, exit 0'."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = {}
-
-  def __enter__(self):
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      self._previous[sig] = signal.signal(sig, self._handle)
-    return self
-
-  def _handle(self, signum, frame):
-    logger.warning('received signal %d: saving a checkpoint after this step', signum)
-    self.requested = True
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C interrupts hard
-
-  def __exit__(self, *exc):
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
 
 
 def _device_batches(iterator, mesh) -> Iterator[tuple[Any, dict[str, jax.Array]]]:
@@ -138,40 +181,72 @@ def _profile_window(spec: str) -> tuple[int, int] | None:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       train_iter: Any = None, writer: Any = None) -> dict[str, Any]:
+                       train_iter: Any = None, writer: Any = None,
+                       stop: StopRequest | None = None) -> dict[str, Any]:
   """Trains (or resumes) the run described by `config` in `workdir`; returns results.json's dict.
 
   `train_iter` (an iterator of local batches with `get_state`/`set_state`/`close`) and `writer`
   (a `MetricWriter`-like object) replace the configured input pipeline and the workdir's writer.
+  `stop` is a `StopRequest` installed by the caller (main installs one before JAX starts);
+  without one, the run installs its own for its duration. A stop request returns
+  `{'step', 'stopped': True}` after saving. The workdir is locked for the whole run.
   """
   invocation_start = time.time()
   validate_config(config)
   profile = _profile_window(config.profile_steps)
   workdir = as_path(workdir)
   runtime.build_model(config, num_classes=config.model.num_classes or 1)  # bad names fail first
-  _prepare_workdir(workdir, config)
-  training = runtime.build_training(config)
+  own_stop = stop is None
+  stop = stop or StopRequest().install()
+  lock = WorkdirLock(workdir)
+  ckpt = None
+  try:
+    if stop.requested:  # a signal during start-up: stop before anything is written
+      return {'step': None, 'stopped': True}
+    _prepare_workdir(workdir, config, lock if jax.process_index() == 0 else None)
+    training = runtime.build_training(config)
+    ckpt = checkpointing.Checkpointer(workdir, max_to_keep=config.max_to_keep,
+                                      keep_best=config.keep_best)
+    start = runtime.starting_point(training, ckpt)
+    _write_config(workdir, config)  # only now: a refused run leaves the workdir as it was
+    if train_iter is None:
+      train_iter = data.create_train_iterator(
+          config, local_batch_size=config.batch_size // jax.process_count(),
+          process_index=jax.process_index(), process_count=jax.process_count(),
+          seed=config.seed)
+    # closing(): a failed or stopped run must not leave Grain workers and shared memory behind.
+    with contextlib.closing(train_iter):
+      return _train(config, workdir, training, ckpt, start, train_iter, writer, stop, profile,
+                    invocation_start)
+  except BaseException:
+    if ckpt is not None:  # an error exit still finishes the saves it started, deliberately
+      try:
+        ckpt.close()
+      except Exception as e:  # noqa: BLE001 -- the original error is the one to report
+        logger.warning('could not finish the last checkpoint save: %s', e)
+      ckpt = None
+    raise
+  finally:
+    if ckpt is not None:
+      ckpt.close()
+    if own_stop:
+      stop.uninstall()
+    lock.release()
+
+
+def _train(config, workdir, training, ckpt, start, train_iter, writer, stop, profile,
+           invocation_start) -> dict[str, Any]:
+  """The loop of `train_and_evaluate`, once the run is accepted and its state restored."""
   experiment = training.experiment
   mesh, total_steps = experiment.mesh, training.total_steps
-
-  ckpt = checkpointing.Checkpointer(workdir, max_to_keep=config.max_to_keep,
-                                    keep_best=config.keep_best)
-  start = runtime.starting_point(training, ckpt)
   state, step = start.state, start.step
-
-  if train_iter is None:
-    train_iter = data.create_train_iterator(
-        config, local_batch_size=config.batch_size // jax.process_count(),
-        process_index=jax.process_index(), process_count=jax.process_count(), seed=config.seed)
   if start.iterator_state is not None:
     train_iter.set_state(start.iterator_state)
   writer = writer or MetricWriter(workdir)
-  writer.truncate_after(step)
-  if step == 0:
-    writer.write_text('config', config.to_json_best_effort(indent=2))
   train_step = jit_train_step(mesh, training.state_sharding, training.learning_rate_fn,
-                              label_smoothing=config.label_smoothing, seed=config.seed)
-  eval_step = jit_eval_step(mesh, experiment.model.apply)
+                              label_smoothing=config.label_smoothing, seed=config.seed,
+                              preprocess=experiment.preprocess)
+  eval_step = jit_eval_step(mesh, experiment.model.apply, preprocess=experiment.preprocess)
   num_params = count_params(state.params)
   logger.info('%s: %s parameters, %d steps (%d per epoch), %d devices, %d processes',
               config.model.name, f'{num_params:,}', total_steps, training.steps_per_epoch,
@@ -188,11 +263,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                 100 * result['top1_error'], 100 * result['top5_error'], result['loss'])
     return result
 
-  progress = Progress(total_steps, step, enabled=config.progress_bar and jax.process_index() == 0,
-                      batch_size=config.batch_size)
-  eval_result = None
-  # closing(): a failed or stopped run must not leave Grain worker processes and shared memory behind.
-  with _StopRequest() as stop, contextlib.closing(train_iter):
+  def stopped() -> dict[str, Any]:
+    writer.close()
+    logger.warning('stopped at step %d on request; rerun the same command to resume', step)
+    return {'step': step, 'stopped': True}
+
+  try:
+    if stop.requested:  # during start-up: nothing was trained, nothing needs saving
+      return stopped()
+    writer.truncate_after(step)
+    if step == 0:
+      writer.write_text('config', config.to_json_best_effort(indent=2))
+    progress = Progress(total_steps, step, batch_size=config.batch_size,
+                        enabled=config.progress_bar and jax.process_index() == 0)
+    eval_result = None
+    first_step, skipped = step, 0
     batches = _device_batches(train_iter, mesh)
     if step < total_steps:
       position, batch = next(batches)
@@ -201,6 +286,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       train_step = train_step.lower(state, batch).compile()
       logger.info('compiled the train step in %.1f s', time.time() - t0)
       pending_batch = (position, batch)
+      if stop.requested:
+        return stopped()
     pending, busy_s, window_start = [], 0.0, time.time()
     while step < total_steps:
       position, batch = pending_batch if pending_batch else next(batches)
@@ -227,7 +314,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       window = jax.device_get(pending)
       train_s = time.time() - window_start - busy_s  # excludes the evals and saves in between
       pending, busy_s, window_start = [], 0.0, time.time()
-      _check_finite(window, config.on_nonfinite, ckpt.latest_step())
+      skipped_now = _check_finite(window, config.on_nonfinite, ckpt)
+      skipped += skipped_now
+      if at_end and skipped_now == len(window):  # ended stuck: not a result to report
+        raise NonFiniteLossError(
+            f'the last {len(window)} steps (to step {step}) were all non-finite and skipped '
+            f'({skipped} of the {step - first_step} steps of this run): the run diverged, so no '
+            'final checkpoint or results were written. Lower the learning rate')
       summary = {k: float(np.mean([m[k] for m in window])) for k in ('loss', 'top1_error')}
       summary['learning_rate'] = float(window[-1]['learning_rate'])
       summary['images_per_sec'] = len(window) * config.batch_size / max(train_s, 1e-9)
@@ -243,36 +336,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                   metrics={'top1_error': eval_result['top1_error']} if do_eval else None)
       busy_s += time.time() - busy_start
       if stopping and not at_end:
-        ckpt.close()
-        writer.close()
-        logger.warning('stopped at step %d on request; rerun the same command to resume', step)
-        return {'step': step, 'stopped': True}
+        ckpt.wait()
+        return stopped()
 
-  if eval_result is None:  # resumed at the very end: the run was already complete
-    eval_result = evaluate(step, record=False)
-  ckpt.close()
-  results = {
-      'step': int(step),
-      'eval': {k: eval_result[k] for k in ('loss', 'top1_error', 'top5_error', 'num_examples')},
-      'eval_split': config.data.eval_split,
-      'params': num_params,
-      'state_fingerprint': state_fingerprint(state),
-      'wall_time_s': start.wall_time_before_s + time.time() - invocation_start,
-      'environment': environment(),
-      'config': json.loads(config.to_json_best_effort()),
-  }
-  if jax.process_index() == 0:
-    write_json(workdir / RESULTS_FILE, results)
-  writer.close()
-  return results
+    if eval_result is None:  # resumed at the very end: the run was already complete
+      eval_result = evaluate(step, record=False)
+    ckpt.wait()
+    results = {
+        'step': int(step),
+        'eval': {k: eval_result[k] for k in ('loss', 'top1_error', 'top5_error', 'num_examples')},
+        'eval_split': config.data.eval_split,
+        'params': num_params,
+        'state_fingerprint': state_fingerprint(state),
+        'wall_time_s': start.wall_time_before_s + time.time() - invocation_start,
+        'environment': environment(),
+        'config': json.loads(config.to_json_best_effort()),
+    }
+    if jax.process_index() == 0:
+      write_json(workdir / RESULTS_FILE, results)
+    return results
+  finally:
+    writer.close()
 
 
-def _check_finite(window: list[dict[str, Any]], mode: str, last_good: int | None) -> None:
+def _check_finite(window: list[dict[str, Any]], mode: str,
+                  ckpt: checkpointing.Checkpointer) -> int:
+  """How many steps of `window` were skipped as non-finite; raises in mode 'error'."""
   bad = [m for m in window if int(m['nonfinite'])]
   if not bad:
-    return
+    return 0
   first = min(int(m['nonfinite_step']) for m in bad)
   if mode == 'error':
+    ckpt.wait()  # name a checkpoint only once it is complete on disk
+    last_good = ckpt.latest_step()
     saved = ('no checkpoint was saved yet' if last_good is None
              else f'the last good checkpoint is step {last_good}')
     raise NonFiniteLossError(
@@ -280,3 +376,4 @@ def _check_finite(window: list[dict[str, Any]], mode: str, last_good: int | None
         f'and {saved}. Lower the learning rate, or set '
         '--config.on_nonfinite=skip to skip such steps')
   logger.warning('skipped %d non-finite update(s), first at step %d', len(bad), first + 1)
+  return len(bad)

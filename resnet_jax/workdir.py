@@ -6,6 +6,8 @@ bucket path instead of becoming `./gs:/bucket/run`, and local paths are made abs
 from __future__ import annotations
 
 import json
+import os
+import socket
 from typing import Any
 
 import ml_collections
@@ -78,3 +80,56 @@ def _merge(config: ml_collections.ConfigDict, saved: dict[str, Any]) -> None:
     else:
       with config.ignore_type():
         config[key] = value
+
+
+LOCK_FILE = '.lock'
+
+
+class WorkdirLock:
+  """An exclusive lock on a workdir, held by the live trainer (process 0) for its whole run.
+
+  `flock` on `workdir/.lock`: the kernel drops it when the holder exits, however it exits
+  (kill -9 included), so a dead run never leaves it stuck. The file names the holder (host, pid)
+  for the error a second run prints; it is left in place (deleting it would race a new holder).
+  Remote workdirs (gs://...) and platforms without `fcntl` (Windows) are not locked.
+  """
+
+  def __init__(self, workdir: str | epath.PathLike):
+    self.path = as_path(workdir) / LOCK_FILE
+    self._file = None
+
+  def acquire(self) -> bool:
+    """Takes the lock; False when locking is unsupported here. WorkdirError when it is held."""
+    try:
+      import fcntl  # pylint: disable=import-outside-toplevel  # POSIX only
+    except ImportError:
+      return False
+    if '://' in str(self.path):
+      return False
+    f = open(self.path, 'a+')  # pylint: disable=consider-using-with  # held until release()
+    try:
+      fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+      f.seek(0)
+      holder = f.read().strip() or 'another process'
+      f.close()
+      raise WorkdirError(f'workdir {self.path.parent} is in use by a live run ({holder}): wait '
+                         'for it to finish or stop it, or use another --workdir') from None
+    f.seek(0)
+    f.truncate()
+    f.write(f'pid {os.getpid()} on host {socket.gethostname()}\n')
+    f.flush()
+    self._file = f
+    return True
+
+  def release(self) -> None:
+    if self._file is not None:
+      self._file.close()  # closing the descriptor releases the flock
+      self._file = None
+
+  def __enter__(self) -> 'WorkdirLock':
+    self.acquire()
+    return self
+
+  def __exit__(self, *exc: Any) -> None:
+    self.release()

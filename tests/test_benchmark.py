@@ -1,4 +1,5 @@
-"""Smoke test of scripts/benchmark.py: a tiny net, a few steps, every JSON field present and sane.
+"""Smoke tests of the benchmarks: scripts/benchmark.py (a tiny net, a few steps, every JSON field
+present and sane), benchmark_input.py (old vs new pipelines), benchmark_e2e.py and benchmark_bn.py.
 
 One in-process run (one compile of the train and eval steps) keeps this fast; torch is compared
 only when it is installed (it is an optional extra).
@@ -6,6 +7,8 @@ only when it is installed (it is an optional extra).
 import importlib.util
 import json
 import os
+
+import pytest
 
 _SCRIPT = os.path.join(os.path.dirname(__file__), '..', 'scripts', 'benchmark.py')
 
@@ -34,3 +37,61 @@ def test_benchmark_smoke_json(capsys):
       assert r[key] > 0, (key, r[key])
   else:
     assert 'torch_images_per_sec' not in r
+
+
+def _script(name):
+  path = os.path.join(os.path.dirname(__file__), '..', 'scripts', f'{name}.py')
+  spec = importlib.util.spec_from_file_location(f'{name}_script', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_benchmark_input_smoke_old_and_new(capsys, tmp_path):
+  module = _script('benchmark_input')
+  assert module.main(['--smoke', '--compare-old', '--pipelines', 'imagenet_train,cifar_train',
+                      '--data_dir', str(tmp_path), '--json']) == 0
+  r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  rows = {(x['pipeline'], x['impl']): x for x in r['results']}
+  assert set(rows) == {(p, i) for p in ('imagenet_train', 'cifar_train') for i in ('new', 'old')}
+  for row in rows.values():
+    assert row['workers'] == 0 and row['examples_per_sec'] > 0 and row['cpu_s'] >= 0
+    per_core = row['examples_per_core_sec']  # None when the smoke run is below the OS's CPU tick
+    assert per_core is None or per_core * row['cores_per_7500_images_per_sec'] == \
+        pytest.approx(7500, rel=0.01)
+  # the new pipeline moves uint8: a quarter of the old float32 bytes per example
+  for p in ('imagenet_train', 'cifar_train'):
+    assert rows[(p, 'old')]['bytes_per_example'] == 4 * rows[(p, 'new')]['bytes_per_example']
+
+
+def test_benchmark_input_bad_dataset_is_one_line(capsys, tmp_path):
+  module = _script('benchmark_input')
+  assert module.main(['--dataset', 'no_such_dataset_xyz', '--data_dir', str(tmp_path),
+                      '--pipelines', 'cifar_train', '--workers', '0']) == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith('error:')
+
+
+def test_benchmark_e2e_smoke(capsys, tmp_path):
+  module = _script('benchmark_e2e')
+  assert module.main(['--smoke', '--data_dir', str(tmp_path), '--json']) == 0
+  r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert r['images_per_sec'] > 0 and r['step_only_images_per_sec'] > 0
+  assert 0 <= r['data_wait_fraction'] <= 1 and r['host_cores'] > 0
+  assert r['devices'] == 4 and r['steps'] == 4
+
+
+def test_benchmark_bn_collectives_by_scope():
+  module = _script('benchmark_bn')
+  assert module.scopes(12, 4) == [('whole_batch', None), ('per_device', 3), ('two_devices', 6),
+                                  ('straddling', 4)]
+  hlo = ('  %ar = (f32[3,3]{1,0}, /*index=1*/f32[4]{0}) all-reduce(%a, %b), replica_groups={}\n'
+         '  %ag = f32[8,2]{1,0} all-gather-start(%c), dimensions={0}\n'
+         '  ROOT %x = f32[2]{0} add(%d, %e)\n')
+  c = module.collectives(hlo)
+  assert c['all-reduce'] == {'count': 1, 'bytes': 4 * 13}
+  assert c['all-gather'] == {'count': 1, 'bytes': 4 * 16}
+  per_device = module.measure('resnet8', 12, 8, 3, 1, module.jnp.float32)
+  straddling = module.measure('resnet8', 12, 8, 4, 1, module.jnp.float32)
+  assert per_device['collectives']['all-gather']['count'] == 0
+  assert straddling['collectives']['all-gather']['count'] > 0  # groups straddle devices

@@ -3,6 +3,7 @@
 import json
 
 import grain
+import jax
 import ml_collections
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import pytest
 import resnet_jax.data as data
 from resnet_jax.data import digits as digits_lib
 from resnet_jax.data import sources
+from resnet_jax.data.device_preprocess import make_device_preprocess
 from tests.runner import data_config
 
 
@@ -50,7 +52,7 @@ def test_train_batches_shape_normalisation_and_determinism():
   config = make_config()
   it = data.create_train_iterator(config, local_batch_size=16, process_index=0, process_count=1, seed=3)
   batches = take(it, 3)
-  assert batches[0]["image"].shape == (16, 8, 8, 1) and batches[0]["image"].dtype == np.float32
+  assert batches[0]["image"].shape == (16, 8, 8, 1) and batches[0]["image"].dtype == np.uint8
   assert batches[0]["label"].shape == (16,) and batches[0]["label"].dtype == np.int32
   again = take(data.create_train_iterator(config, local_batch_size=16, process_index=0, process_count=1,
                                           seed=3), 3)
@@ -60,9 +62,10 @@ def test_train_batches_shape_normalisation_and_determinism():
     np.testing.assert_array_equal(a["image"], b["image"])
     np.testing.assert_array_equal(a["label"], b["label"])
   assert not np.array_equal(batches[0]["image"], other["image"])
-  # per-pixel mean subtraction: a whole epoch averages to ~0 at every pixel
+  # per-pixel mean subtraction (on the device): a whole epoch averages to ~0 at every pixel
   epoch = next(data.create_train_iterator(config, local_batch_size=1437, process_index=0, process_count=1,
                                           seed=0))["image"]
+  epoch = np.asarray(make_device_preprocess(config)(epoch, rng=jax.random.key(0)))
   assert np.abs(epoch.mean(axis=0)).max() < 1e-3
   assert 0.5 < epoch.std() < 2.0
 
@@ -72,7 +75,7 @@ def test_each_epoch_is_a_new_permutation_of_the_train_split():
   it = data.create_train_iterator(config, local_batch_size=479, process_index=0, process_count=1, seed=0)
   epochs = [np.concatenate([next(it)["image"] for _ in range(3)]) for _ in range(2)]  # 3 * 479 = 1437
   train = digits_lib.prepare_digits().as_data_source(split="train")
-  expected = sorted((r["image"].astype(np.float32) / 255).tobytes() for r in train)
+  expected = sorted(r["image"].tobytes() for r in train)
   for epoch in epochs:
     assert sorted(x.tobytes() for x in epoch) == expected
   assert not np.array_equal(epochs[0], epochs[1])
@@ -146,7 +149,9 @@ def test_synthetic_is_deterministic_and_sized():
   a = next(data.create_train_iterator(config, local_batch_size=8, process_index=0, process_count=1, seed=0))
   b = next(data.create_train_iterator(config, local_batch_size=8, process_index=0, process_count=1, seed=0))
   np.testing.assert_array_equal(a["image"], b["image"])
-  assert a["image"].min() >= 0 and a["image"].max() <= 1 and set(a["label"]) <= set(range(5))
+  assert a["image"].dtype == np.uint8 and set(a["label"]) <= set(range(5))
+  scaled = np.asarray(make_device_preprocess(config)(a["image"], rng=None))
+  assert scaled.min() >= 0 and scaled.max() <= 1 and scaled.max() > 0.5
   records = sources.open_split(config, "train").records
   np.testing.assert_array_equal(records[7]["image"], records[7]["image"])
   assert not np.array_equal(records[7]["image"], records[8]["image"])

@@ -1,5 +1,6 @@
 """TFDS datasets: mocked CIFAR-10, real on-disk JPEGs (SkipDecoding + PIL), held-out splits, clear errors."""
 
+import jax
 import ml_collections
 import numpy as np
 import pytest
@@ -8,6 +9,7 @@ import tensorflow_datasets as tfds
 import resnet_jax.data as data
 from resnet_jax.data import generated
 from resnet_jax.data import sources
+from resnet_jax.data.device_preprocess import make_device_preprocess
 from tests.runner import data_config
 
 
@@ -30,9 +32,10 @@ def test_cifar10_under_mock_data_trains_and_evaluates_exactly_once():
     assert info == data.DatasetInfo("cifar10", 10, (32, 32, 3), 70, 30, "validation")
     it = data.create_train_iterator(config, local_batch_size=16, process_index=1, process_count=2, seed=0)
     batch = next(it)
-    assert batch["image"].shape == (16, 32, 32, 3) and batch["image"].dtype == np.float32
+    assert batch["image"].shape == (16, 32, 32, 3) and batch["image"].dtype == np.uint8
     assert batch["label"].dtype == np.int32 and batch["label"].max() < 10
-    assert abs(float(batch["image"].mean())) < 0.5
+    normalised = make_device_preprocess(config)(batch["image"], rng=jax.random.key(0))  # on device
+    assert abs(float(normalised.mean())) < 0.5
     state = it.get_state()
     expected = next(it)
     again = data.create_train_iterator(config, local_batch_size=16, process_index=1, process_count=2, seed=0)
@@ -76,8 +79,9 @@ def test_real_jpeg_dataset_uses_encoded_bytes_and_all_augmentations(jpeg_dir):
 
 
 @pytest.mark.parametrize("name,expected", [
-    ("cifar10", "tfds build cifar10"),
-    ("imagenet2012", "downloads/manual"),
+    ("cifar10", "`python -m resnet_jax.data.prepare cifar10 --data_dir="),
+    ("fashion_mnist", "`python -m resnet_jax.data.prepare fashion_mnist --data_dir="),
+    ("imagenet2012", "`python -m resnet_jax.data.prepare imagenet2012 --manual_dir=DIR --data_dir="),
     ("no_such_dataset_xyz", "unknown dataset"),
 ])
 def test_missing_dataset_is_one_clear_line(tmp_path, name, expected):
@@ -86,10 +90,38 @@ def test_missing_dataset_is_one_clear_line(tmp_path, name, expected):
     data.create_train_iterator(config, local_batch_size=4, process_index=0, process_count=1, seed=0)
   message = str(excinfo.value)
   assert "\n" not in message and name in message and expected in message
+  assert "tfds build" not in message and "pip install resnet_jax" not in message
   assert isinstance(excinfo.value, ValueError)
+
+
+@pytest.mark.parametrize("split", ["test", "test[:50]"])
+def test_imagenet2012_test_split_is_refused_it_has_no_labels(tmp_path, split):
+  # TFDS writes label -1 for every image of ILSVRC2012_img_test.tar: top-1 error would read 100%.
+  config = make_config(name="imagenet2012", data_dir=str(tmp_path), image_size=32)
+  with pytest.raises(data.DatasetNotFoundError, match="no labels.*'validation'") as excinfo:
+    data.create_eval_iterator(config, split=split, local_batch_size=4, process_index=0, process_count=1)
+  assert "\n" not in str(excinfo.value)
 
 
 def test_missing_split_names_the_available_ones(jpeg_dir):
   config = make_config(name="generated_jpegs/tiny", data_dir=jpeg_dir, image_size=24, augment="imagenet")
   with pytest.raises(data.DatasetNotFoundError, match="no split 'dev'.*train"):
     data.create_eval_iterator(config, split="dev", local_batch_size=4, process_index=0, process_count=1)
+
+
+def test_dataset_not_in_array_record_format_points_to_prepare_overwrite(tmp_path):
+  pytest.importorskip("tensorflow")  # TFDS writes TFRecord files with TensorFlow
+  from resnet_jax.data import offline
+  from tests import official_archives
+  archive = str(tmp_path / "cifar-10-binary.tar.gz")
+  official_archives.write_cifar10_binary(archive, per_batch=2, test=2)
+  builder = tfds.builder("cifar10", data_dir=str(tmp_path))  # TFDS's default format: TFRecord
+  with offline.offline_download_manager(builder, {offline.CIFAR10_URL: archive}, report=lambda _: None):
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(extract_dir=str(tmp_path / "x")))
+  config = make_config(name="cifar10", data_dir=str(tmp_path))
+  with pytest.raises(data.DatasetNotFoundError, match="not in ArrayRecord") as excinfo:
+    sources.open_split(config, "train")
+  message = str(excinfo.value)
+  assert f"`python -m resnet_jax.data.prepare cifar10 --overwrite --data_dir={tmp_path}`" in message
+  assert "tfds build" not in message and "\n" not in message

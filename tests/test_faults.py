@@ -107,12 +107,16 @@ def test_nonfinite_loss_stops_naming_the_step(tmp_path):
   assert "no checkpoint was saved yet" in last, last  # it fails at step 5, the first log point
 
 
-def test_nonfinite_steps_can_be_skipped(tmp_path):
-  proc = run_main(str(tmp_path / 'skip'), '--config.num_train_steps=10', '--config.batch_size=32',
+def test_a_run_that_ends_skipping_every_step_does_not_report_success(tmp_path):
+  """lr 1e12: the first update is finite, every later one is not (the run diverged)."""
+  workdir = str(tmp_path / 'skip')
+  proc = run_main(workdir, '--config.num_train_steps=10', '--config.batch_size=32',
                   '--config.log_every_steps=5', '--config.schedule.base_lr=1e12',
                   '--config.schedule.warmup_steps=0', '--config.on_nonfinite=skip')
-  assert proc.returncode == 0, proc.stderr[-3000:]
   assert 'skipped' in proc.stderr
+  _one_line_error(proc, 'last 5 steps (to step 10)', 'skipped', 'diverged')
+  assert not os.path.exists(os.path.join(workdir, 'results.json'))
+  assert 10 not in finished_checkpoints(workdir)  # no final checkpoint of an untrained state
 
 
 def _one_line_error(proc, *needles):

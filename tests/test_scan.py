@@ -6,6 +6,7 @@ init and are moved across with ``models.layout``, so both nets start from the sa
 """
 import functools
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -117,6 +118,25 @@ def test_resume_across_layouts_and_remat():
   # remat alone (unrolled) changes nothing either.
   remat = tiny('resnet20', shortcut='B', remat=True)
   assert_trees_close(step_fn(remat)(*first, x2, y2)[:3], ref)
+
+
+def test_layout_walks_through_pytree_nodes_like_a_train_state():
+  @flax.struct.dataclass
+  class State:
+    step: jax.Array
+    params: dict
+    opt_state: tuple
+
+  params = {'layer1_0': {'w': np.zeros(2)}, 'layer1_1': {'w': np.ones(2)},
+            'layer1_2': {'w': np.full(2, 2.0)}, 'fc': {'w': np.ones(3)}}
+  state = State(np.int32(3), params, (optax.EmptyState(), optax.TraceState(trace=params)))
+  scanned = layout.to_scanned(state, (3,))
+  assert isinstance(scanned, State) and scanned.step == 3
+  np.testing.assert_array_equal(scanned.params['layer1_scan']['w'], [[1, 1], [2, 2]])
+  assert isinstance(scanned.opt_state[1], optax.TraceState)
+  assert set(scanned.opt_state[1].trace) == {'layer1_0', 'layer1_scan', 'fc'}
+  back = layout.to_unrolled(scanned)
+  jax.tree.map(np.testing.assert_array_equal, back, state)
 
 
 def test_round_trip_is_identity_and_layout_helpers():

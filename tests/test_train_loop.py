@@ -93,3 +93,24 @@ def test_bad_profile_steps_are_refused_before_anything_is_written(tmp_path, spec
   with pytest.raises(train.ConfigError, match='profile_steps'):
     train.train_and_evaluate(config, str(tmp_path / 'run'))
   assert not (tmp_path / 'run').exists()
+
+
+def test_a_run_resumes_across_the_scanned_and_unrolled_layouts(tmp_path):
+  """config.model.scan is a detail: a checkpoint of one layout resumes in the other.
+
+  (The same seed initialises the two layouts differently, so both runs start scanned.)"""
+  def config(steps, scan):
+    c = load_sibling_config(_CONFIGS, 'digits').get_config(f'depth=14,steps={steps},batch=16')
+    c.update_from_flattened_dict({'log_every_steps': 2, 'eval_every_steps': 0,
+                                  'checkpoint_every_steps': 2, 'progress_bar': False,
+                                  'model.scan': scan})
+    return c
+
+  straight = train.train_and_evaluate(config(4, True), str(tmp_path / 'a'),
+                                      train_iter=ArrayBatches(16), writer=ListWriter())
+  train.train_and_evaluate(config(2, True), str(tmp_path / 'b'), train_iter=ArrayBatches(16),
+                           writer=ListWriter())
+  resumed = train.train_and_evaluate(config(4, False), str(tmp_path / 'b'),
+                                     train_iter=ArrayBatches(16), writer=ListWriter())
+  assert resumed['step'] == 4
+  assert resumed['eval']['loss'] == pytest.approx(straight['eval']['loss'], rel=1e-4)

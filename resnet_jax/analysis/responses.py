@@ -87,6 +87,7 @@ def layer_stds(workdir: str, *, split: str | None = None, max_examples: int = 0,
 
   @jax.jit
   def forward(variables, images):
+    images = trained.experiment.preprocess(images, rng=None)  # uint8 batches -> model input
     _, state = model.apply(variables, images, train=False, mutable=['intermediates'],
                            capture_intermediates=lambda mdl, method: (
                                method == '__call__' and tuple(mdl.path) in wanted))

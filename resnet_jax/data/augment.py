@@ -1,14 +1,18 @@
-"""Per-example preprocessing: the paper's CIFAR and ImageNet augmentations, Inception-style crops, eval crops.
+"""Per-example host preprocessing: the paper's CIFAR and ImageNet geometry, Inception crops, eval crops.
 
-Pure NumPy + PIL (no TF, picklable) so Grain worker processes can run it. Encoded JPEGs are decoded
-at reduced size with PIL's `draft` (DCT scaling by 1/2, 1/4, 1/8) whenever the output still has at
-least the resolution the crop needs: this is the cheap part of "decode-and-crop".
+Pure NumPy + PIL (no TF, no JAX, picklable) so Grain worker processes can run it. The host emits
+**uint8** images; normalisation, PCA lighting and CIFAR's pad/crop/flip run inside the jitted step
+(`resnet_jax.data.device_preprocess`), which moves a quarter of the bytes and skips the per-pixel
+float work on the host. Encoded JPEGs are decoded at reduced size with PIL's `draft` (DCT scaling
+by 1/2, 1/4, 1/8) whenever the output still has the resolution the crop needs.
 
 Modes (`config.data.augment`):
 - 'none':      resize (if needed) to image_size; eval the same.
-- 'cifar':     paper: per-pixel-mean-normalise, pad `image_size // 8` (4 for 32) zeros, random crop, flip.
-- 'imagenet':  paper: shorter side uniform in [256, 480] * image_size/224, random crop, flip, PCA colour
-               (AlexNet lighting, alpha ~ N(0, 0.1), eigen-decomposition of the train split's RGB covariance).
+- 'cifar':     paper: per-pixel-mean-normalise, pad `image_size // 8` (4 for 32) zeros, random crop,
+               flip. The host emits the whole image; the device normalises, pads, crops and flips.
+- 'imagenet':  paper: shorter side uniform in [256, 480] * image_size/224, random crop, flip (host),
+               PCA colour (device: AlexNet lighting, alpha ~ N(0, 0.1), eigen-decomposition of the
+               train split's RGB covariance).
 - 'inception': random-resized crop (area 8%-100%, aspect 3/4-4/3) + flip.
 Eval ('imagenet'/'inception'): shorter side resized to image_size*256/224, then centre / 10 crops;
 `scale=S` gives the paper's fully-convolutional testing input: shorter side S, centre S x S.
@@ -24,21 +28,23 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-AUGMENTS = ("none", "cifar", "imagenet", "inception")
+AUGMENTS = ('none', 'cifar', 'imagenet', 'inception')
 EVAL_RESIZE_RATIO = 256 / 224  # eval resize of the shorter side relative to the crop (256 for 224)
 SCALE_AUG_RANGE = (256 / 224, 480 / 224)  # paper's [256, 480] for 224 crops
 PCA_ALPHA_STD = 0.1
+DECODERS = ('pil', 'opencv')
 
 
 @dataclasses.dataclass
 class Normalizer:
-  """(x - mean) / std; a per-pixel mean image is resized when eval runs at another scale."""
+  """(x - mean) / std in NumPy: the statistics the device applies, and the reference it is tested on."""
 
   mean: np.ndarray  # (H, W, C) per-pixel mean, or (C,) / () per channel
   std: np.ndarray   # broadcastable to the image
   _resized: dict[tuple[int, int], np.ndarray] = dataclasses.field(default_factory=dict, repr=False)
 
-  def _mean_for(self, hw: tuple[int, int]) -> np.ndarray:
+  def mean_for(self, hw: tuple[int, int]) -> np.ndarray:
+    """The mean for an [H, W] image: a per-pixel mean is resized bilinearly (PIL), once per size."""
     if self.mean.ndim < 3 or self.mean.shape[:2] == hw:
       return self.mean
     if hw not in self._resized:
@@ -49,7 +55,7 @@ class Normalizer:
 
   def __call__(self, image: np.ndarray) -> np.ndarray:
     x = image.astype(np.float32)
-    x -= self._mean_for(tuple(image.shape[-3:-1]))
+    x -= self.mean_for(tuple(image.shape[-3:-1]))
     x /= self.std
     return x
 
@@ -84,6 +90,37 @@ def resize_shorter(img: Image.Image, short: int, channels: int) -> Image.Image:
   return img if img.size == new else img.resize(new, Image.BILINEAR)
 
 
+def _encoded(image: Any) -> bytes:
+  return image.item() if isinstance(image, np.ndarray) else bytes(image)
+
+
+def _crop_opencv(data: bytes, channels: int, wh: tuple[int, int], factor: float,
+                 box: tuple[float, float, float, float], size: int) -> np.ndarray:
+  """OpenCV's decode at 1/2, 1/4, 1/8 (when still >= `factor` x the image), crop of `box` (in
+  original pixels, rounded outwards), resize to size x size (area filter when shrinking, as PIL's
+  antialiased bilinear does, bilinear when growing). uint8 [size, size, channels] RGB."""
+  import cv2  # pylint: disable=g-import-not-at-top
+  cv2.setNumThreads(1)  # one Grain worker = one core
+  w, h = wh
+  k = next((k for k in (8, 4, 2) if math.ceil(w / k) >= math.ceil(w * factor)
+            and math.ceil(h / k) >= math.ceil(h * factor)), 1)
+  grey = channels == 1
+  flag = {1: cv2.IMREAD_GRAYSCALE if grey else cv2.IMREAD_COLOR,
+          2: cv2.IMREAD_REDUCED_GRAYSCALE_2 if grey else cv2.IMREAD_REDUCED_COLOR_2,
+          4: cv2.IMREAD_REDUCED_GRAYSCALE_4 if grey else cv2.IMREAD_REDUCED_COLOR_4,
+          8: cv2.IMREAD_REDUCED_GRAYSCALE_8 if grey else cv2.IMREAD_REDUCED_COLOR_8}[k]
+  array = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
+  sx, sy = array.shape[1] / w, array.shape[0] / h
+  left, top, cw, ch = box
+  x0, y0 = int(left * sx), int(top * sy)
+  x1 = max(x0 + 1, min(array.shape[1], math.ceil((left + cw) * sx)))
+  y1 = max(y0 + 1, min(array.shape[0], math.ceil((top + ch) * sy)))
+  crop = array[y0:y1, x0:x1]
+  shrink = crop.shape[0] > size or crop.shape[1] > size
+  out = cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+  return out[..., None] if grey else out[..., ::-1]
+
+
 def center_crop(array: np.ndarray, size: int) -> np.ndarray:
   h, w = array.shape[:2]
   top, left = (h - size) // 2, (w - size) // 2
@@ -111,85 +148,96 @@ def _random_resized_box(rng: np.random.Generator, w: int, h: int) -> tuple[int, 
   return (w - side) // 2, (h - side) // 2, side, side
 
 
+def eval_views(array: np.ndarray, crops: int, size: int, pad: int = 0) -> np.ndarray:
+  """The eval views of one [H, W, C] array: [size, size, C] (crops 1) or [crops, size, size, C].
+
+  `pad` > 0 (small images): zero-pad first, as in training, and cut the views from the padded
+  array. crops: 1 centre, 2 centre + its flip, 10 the paper's corners + centre and their flips.
+  The device applies the same function to the mean image and to ones, so each view is normalised
+  with exactly the mean pixels it covers and padding stays zero after normalisation.
+  """
+  if crops not in (1, 2, 10):
+    raise ValueError(f'crops must be 1, 2 or 10, got {crops}')
+  if pad:
+    array = np.pad(array, ((pad, pad), (pad, pad), (0, 0)))
+  if crops == 10:
+    return ten_crops(array, size)
+  centre = center_crop(array, size)
+  return np.stack([centre, centre[:, ::-1]]) if crops == 2 else centre
+
+
 @dataclasses.dataclass
 class Preprocessor:
-  """Everything one example needs, from stored record to normalised float32 model input."""
+  """Everything one example needs on the host, from stored record to uint8 model input."""
 
   augment: str
   image_size: int
   channels: int
-  normalize: Normalizer
-  pca_eigvals: np.ndarray | None = None  # (C,) eigenvalues of the RGB covariance (pixels in [0, 1])
-  pca_eigvecs: np.ndarray | None = None  # (C, C) columns = eigenvectors
+  decoder: str = 'pil'  # training crops of JPEGs: 'pil' (draft) or 'opencv' (IMREAD_REDUCED_*)
 
   def __post_init__(self):
     if self.augment not in AUGMENTS:
-      raise ValueError(f"config.data.augment={self.augment!r} is not one of {AUGMENTS}")
+      raise ValueError(f'config.data.augment={self.augment!r} is not one of {AUGMENTS}')
+    if self.decoder not in DECODERS:
+      raise ValueError(f'config.data.decoder={self.decoder!r} is not one of {DECODERS}')
+    if self.decoder == 'opencv':
+      try:
+        import cv2  # pylint: disable=g-import-not-at-top,unused-import
+      except ImportError as e:
+        raise ValueError("config.data.decoder='opencv' needs `pip install "
+                         "opencv-python-headless`") from e
 
   @property
   def pad(self) -> int:
-    return max(1, self.image_size // 8) if self.augment == "cifar" else 0
+    return max(1, self.image_size // 8) if self.augment == 'cifar' else 0
 
   @property
   def eval_resize(self) -> int:
-    small = self.augment in ("none", "cifar")
+    small = self.augment in ('none', 'cifar')
     return self.image_size if small else round(self.image_size * EVAL_RESIZE_RATIO)
 
   def base_uint8(self, image: Any, short: int | None = None) -> np.ndarray:
-    """Shorter side resized to `short` (default: the eval resize), uint8 [H, W, C]: eval's starting point."""
+    """Shorter side resized to `short` (default: the eval resize), uint8 [H, W, C]: eval's start."""
     short = short or self.eval_resize
-    if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and min(image.shape[:2]) == short:
+    if (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3
+        and min(image.shape[:2]) == short):
       return image  # already decoded at the right size (CIFAR, digits): skip the PIL round trip
     img = open_image(image, self.channels)
     return to_array(resize_shorter(img, short, self.channels), self.channels)
 
   def eval_uint8(self, image: Any) -> np.ndarray:
-    """The single centre crop before normalisation (also what the dataset statistics are computed on)."""
+    """The single centre crop (also what the dataset statistics are computed on)."""
     return center_crop(self.base_uint8(image), self.image_size)
 
   def eval(self, image: Any, crops: int = 1, scale: int | None = None) -> np.ndarray:
-    """float32 [S, S, C] (crops == 1) or [crops, S, S, C]; crops: 1 centre, 2 centre + flip, 10 paper.
+    """uint8 [S, S, C] (crops == 1) or [crops, S, S, C]; crops: 1 centre, 2 centre + flip, 10 paper.
 
     With `scale`, S = scale: the shorter side resized to `scale` and the centred square kept (the
-    fully-convolutional multi-scale testing input); otherwise S = image_size.
+    fully-convolutional multi-scale testing input); otherwise S = image_size. Normalise on the
+    device with `DevicePreprocess` (eval: `rng=None`), which knows each view's geometry.
     """
     if crops not in (1, 2, 10):
-      raise ValueError(f"crops must be 1, 2 or 10, got {crops}")
+      raise ValueError(f'crops must be 1, 2 or 10, got {crops}')
     if scale is not None:
       if crops == 10:
-        raise ValueError("scale=... supports crops 1 or 2 (image and its flip)")
-      out = self.normalize(center_crop(self.base_uint8(image, int(scale)), int(scale)))
-    elif self.pad:  # small images: normalise, zero-pad as in training, crop the padded image
-      out = np.pad(self.normalize(self.base_uint8(image)), ((self.pad,) * 2, (self.pad,) * 2, (0, 0)))
-      if crops != 10:
-        out = center_crop(out, self.image_size)
-    else:
-      out = self.base_uint8(image)
-      out = self.normalize(ten_crops(out, self.image_size) if crops == 10 else center_crop(out, self.image_size))
-    if crops == 10:
-      return ten_crops(out, self.image_size) if out.ndim == 3 else out
-    if crops == 2:
-      return np.stack([out, out[:, ::-1]])
-    return out
+        raise ValueError('scale=... supports crops 1 or 2 (image and its flip)')
+      return np.ascontiguousarray(eval_views(self.base_uint8(image, int(scale)), crops, int(scale)))
+    return np.ascontiguousarray(eval_views(self.base_uint8(image), crops, self.image_size, self.pad))
 
   def train(self, image: Any, rng: np.random.Generator) -> np.ndarray:
-    """One randomly augmented, normalised float32 [image_size, image_size, C] training input."""
+    """One uint8 [image_size, image_size, C] training input (random geometry and flip applied).
+
+    'none' and 'cifar' return the un-augmented image: CIFAR's pad/crop/flip need the normalised
+    image (the padding is zero after normalisation), so the device does them.
+    """
     size = self.image_size
-    if self.augment in ("none", "cifar"):
-      out = self.normalize(self.eval_uint8(image))
-      if self.augment == "cifar":
-        p = self.pad
-        out = np.pad(out, ((p, p), (p, p), (0, 0)))
-        top, left = rng.integers(0, 2 * p + 1, size=2)
-        out = out[top:top + size, left:left + size]
-        if rng.random() < 0.5:
-          out = out[:, ::-1]
-      return np.ascontiguousarray(out)
+    if self.augment in ('none', 'cifar'):
+      return np.ascontiguousarray(self.eval_uint8(image))
     img = open_image(image, self.channels)
     w, h = img.size
-    if self.augment == "imagenet":
-      # "resize the shorter side to s, then take a random size x size crop", done as: pick the crop in
-      # the would-be resized image, map it back to the original, and resample only that region.
+    if self.augment == 'imagenet':
+      # "resize the shorter side to s, then take a random size x size crop", done as: pick the crop
+      # in the would-be resized image, map it back to the original, resample only that region.
       lo, hi = (round(size * r) for r in SCALE_AUG_RANGE)
       factor = int(rng.integers(lo, hi + 1)) / min(w, h)
       top = int(rng.integers(0, max(size, round(h * factor)) - size + 1))
@@ -198,14 +246,14 @@ class Preprocessor:
     else:  # inception
       left, top, cw, ch = _random_resized_box(rng, w, h)
       factor = size / min(cw, ch)
-    img = decode(img, self.channels, (math.ceil(w * factor), math.ceil(h * factor)))  # reduced if possible
-    sx, sy = img.size[0] / w, img.size[1] / h
-    box = (left * sx, top * sy, min(img.size[0], (left + cw) * sx), min(img.size[1], (top + ch) * sy))
-    array = to_array(img.resize((size, size), Image.BILINEAR, box=box), self.channels)
+    if self.decoder == 'opencv' and img.format == 'JPEG':
+      array = _crop_opencv(_encoded(image), self.channels, (w, h), factor, (left, top, cw, ch), size)
+    else:
+      img = decode(img, self.channels, (math.ceil(w * factor), math.ceil(h * factor)))  # reduced
+      sx, sy = img.size[0] / w, img.size[1] / h
+      box = (left * sx, top * sy, min(img.size[0], (left + cw) * sx),
+             min(img.size[1], (top + ch) * sy))
+      array = to_array(img.resize((size, size), Image.BILINEAR, box=box), self.channels)
     if rng.random() < 0.5:
       array = array[:, ::-1]
-    out = array.astype(np.float32)
-    if self.augment == "imagenet" and self.pca_eigvals is not None:
-      alpha = rng.normal(0.0, PCA_ALPHA_STD, size=self.pca_eigvals.shape)
-      out += (self.pca_eigvecs @ (alpha * self.pca_eigvals) * 255.0).astype(np.float32)
-    return np.ascontiguousarray(self.normalize(out))
+    return np.ascontiguousarray(array)

@@ -69,40 +69,55 @@ def _normalizer(kind: str, stats: dict[str, np.ndarray]) -> augment_lib.Normaliz
 
 
 def make_preprocessor(config: ml_collections.ConfigDict) -> augment_lib.Preprocessor:
-  """The configured augmentation with normalisation statistics of the train split (cached)."""
+  """The configured host augmentation (geometry only: it emits uint8)."""
+  train = sources.open_split(config, str(config.data.get('train_split', 'train')))
+  return augment_lib.Preprocessor(str(config.data.get('augment', 'none')),
+                                  _image_size(config, train), train.native_shape[2],
+                                  str(config.data.get('decoder', 'pil')))
+
+
+@dataclasses.dataclass(frozen=True)
+class Normalization:
+  """What the device applies to the host's uint8 images: (x - mean) / std, PCA lighting."""
+
+  normalizer: augment_lib.Normalizer
+  pca_eigvals: np.ndarray | None  # (C,) eigenvalues of the RGB covariance (pixels in [0, 1])
+  pca_eigvecs: np.ndarray | None  # (C, C) columns = eigenvectors
+
+
+def make_normalization(config: ml_collections.ConfigDict) -> Normalization:
+  """Normalisation and PCA statistics of the train split (computed once, cached beside the data)."""
   data = config.data
-  train_split = str(data.get("train_split", "train"))
+  train_split = str(data.get('train_split', 'train'))
   train = sources.open_split(config, train_split)
-  size = _image_size(config, train)
-  augment = str(data.get("augment", "none"))
-  kind = str(data.get("normalize", "per_pixel_mean"))
-  base = augment_lib.Preprocessor(augment, size, train.native_shape[2],
-                                  augment_lib.Normalizer(np.zeros((), np.float32), np.ones((), np.float32)))
-  needs_stats = kind != "scale" or augment == "imagenet"
-  stats = None
-  if needs_stats:
-    small = train.native_shape[0] is not None and train.native_shape[0] * train.native_shape[1] <= 64 * 64
-    if data.name == "synthetic":
-      limit = _SYNTHETIC_STATS_EXAMPLES
-    else:
-      limit = stats_lib.MAX_EXAMPLES_SMALL if small else stats_lib.MAX_EXAMPLES_LARGE
-    key = {"v": 1, "name": data.name, "cache_dir": train.cache_dir, "split": train_split, "n": len(train),
-           "validation_size": int(data.get("validation_size", 0) or 0), "size": size,
-           "resize": base.eval_resize, "limit": limit,
-           "synthetic": [data.get("channels", 3), data.get("num_classes", None)] if data.name == "synthetic" else None}
-    stats = stats_lib.cached_stats(
-        key, None if data.name == "synthetic" else train.cache_dir,
-        lambda: stats_lib.compute_stats(train.records, base.eval_uint8, limit))
-  normalize = _normalizer(kind, stats) if stats is not None else _normalizer(kind, {})
-  return dataclasses.replace(base, normalize=normalize,
-                             pca_eigvals=None if stats is None else stats["pca_eigvals"],
-                             pca_eigvecs=None if stats is None else stats["pca_eigvecs"])
+  base = make_preprocessor(config)
+  kind = str(data.get('normalize', 'per_pixel_mean'))
+  if kind not in NORMALIZATIONS:
+    raise ValueError(f'config.data.normalize={kind!r} is not one of {NORMALIZATIONS}')
+  if kind == 'scale' and base.augment != 'imagenet':
+    return Normalization(_normalizer(kind, {}), None, None)
+  h, w = train.native_shape[:2]
+  small = h is not None and h * w <= 64 * 64
+  if data.name == 'synthetic':
+    limit = _SYNTHETIC_STATS_EXAMPLES
+  else:
+    limit = stats_lib.MAX_EXAMPLES_SMALL if small else stats_lib.MAX_EXAMPLES_LARGE
+  key = {'v': 1, 'name': data.name, 'cache_dir': train.cache_dir, 'split': train_split,
+         'n': len(train), 'validation_size': int(data.get('validation_size', 0) or 0),
+         'size': base.image_size,
+         'resize': base.eval_resize, 'limit': limit,
+         'synthetic': ([data.get('channels', 3), data.get('num_classes', None)]
+                       if data.name == 'synthetic' else None)}
+  stats = stats_lib.cached_stats(
+      key, None if data.name == 'synthetic' else train.cache_dir,
+      lambda: stats_lib.compute_stats(train.records, base.eval_uint8, limit))
+  return Normalization(_normalizer(kind, stats), stats['pca_eigvals'], stats['pca_eigvecs'])
 
 
 class _TrainTransform:
-  """grain random_map: record -> {'image': float32 HWC, 'label': int32}; rng is per (seed, position)."""
+  """grain random_map: record -> {'image': uint8 HWC, 'label': int32}; rng is per (seed, position)."""
 
-  def __init__(self, preprocessor: augment_lib.Preprocessor):
+  def __init__(self, preprocessor: Any):
     self._pre = preprocessor
 
   def __call__(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -112,19 +127,21 @@ class _TrainTransform:
 class _EvalExample:
   """grain map over padded positions: real examples below `len(records)`, masked zeros beyond."""
 
-  def __init__(self, records, preprocessor: augment_lib.Preprocessor, crops: int, scale: int | None):
+  def __init__(self, records, preprocessor: Any, crops: int, scale: int | None):
     self._records, self._pre, self._crops, self._scale = records, preprocessor, crops, scale
+    self._dtype = getattr(preprocessor, 'output_dtype', np.uint8)
     size = int(scale) if scale else preprocessor.image_size
     shape = (size, size, preprocessor.channels)
     self._pad_shape = shape if crops == 1 else (crops, *shape)
 
   def __call__(self, index: int) -> dict[str, np.ndarray]:
     if index >= len(self._records):
-      return {"image": np.zeros(self._pad_shape, np.float32), "label": np.int32(0), "mask": np.bool_(False)}
+      return {'image': np.zeros(self._pad_shape, self._dtype), 'label': np.int32(0),
+              'mask': np.bool_(False)}
     record = self._records[index]
     image = self._pre.eval(record["image"], crops=self._crops, scale=self._scale)
-    return {"image": np.ascontiguousarray(image, np.float32), "label": np.int32(record["label"]),
-            "mask": np.bool_(True)}
+    return {'image': np.ascontiguousarray(image, self._dtype),
+            'label': np.int32(record['label']), 'mask': np.bool_(True)}
 
 
 def _finish(ds: grain.MapDataset, config: ml_collections.ConfigDict) -> grain.IterDataset:
@@ -193,8 +210,13 @@ class TrainIterator(grain.DatasetIterator):
 
 
 def create_train_iterator(config: ml_collections.ConfigDict, *, local_batch_size: int, process_index: int,
-                          process_count: int, seed: int) -> TrainIterator:
-  """Infinite iterator of {'image': float32 [b, H, W, C], 'label': int32 [b]} for this process.
+                          process_count: int, seed: int,
+                          preprocessor: Any = None) -> TrainIterator:
+  """Infinite iterator of {'image': uint8 [b, H, W, C], 'label': int32 [b]} for this process.
+
+  Normalise (and, in training, colour-augment) on the device with
+  `resnet_jax.data.device_preprocess.make_device_preprocess(config)`. `preprocessor` replaces the
+  configured host preprocessing (an object with `.train(image, rng)`; benchmarks use it).
 
   Epoch e is the train split shuffled by (seed, e) (Grain's index shuffle); augmentation randomness is a
   function of (seed, position in the global stream), so batches do not depend on process or worker
@@ -203,7 +225,7 @@ def create_train_iterator(config: ml_collections.ConfigDict, *, local_batch_size
   """
   _check_sharding(local_batch_size, process_index, process_count)
   train = sources.open_split(config, str(config.data.get("train_split", "train")))
-  preprocessor = make_preprocessor(config)
+  preprocessor = preprocessor or make_preprocessor(config)
   seed = int(seed) % 2**32
   ds = grain.MapDataset.source(train.records).shuffle(seed=seed).repeat()
   ds = ds.random_map(_TrainTransform(preprocessor), seed=(seed + 0x5EED) % 2**32)
@@ -218,10 +240,10 @@ def num_eval_batches(num_examples: int, local_batch_size: int, process_count: in
 
 def create_eval_iterator(config: ml_collections.ConfigDict, *, split: str | None, local_batch_size: int,
                          process_index: int, process_count: int, crops: int = 1,
-                         scale: int | None = None) -> grain.IterDataset:
+                         scale: int | None = None, preprocessor: Any = None) -> grain.IterDataset:
   """Re-iterable batches covering every example of `split` (default eval_split) exactly once.
 
-  Yields {'image': float32 [b, H, W, C] (crops == 1) or [b, crops, H, W, C], 'label': int32 [b],
+  Yields {'image': uint8 [b, H, W, C] (crops == 1) or [b, crops, H, W, C], 'label': int32 [b],
   'mask': bool [b]}; positions past the end of the split are zero images with mask False, and every
   process yields `num_eval_batches(...)` batches. crops: 1 (centre), 2 (centre + flip), 10 (paper).
   `scale=S`: the paper's fully-convolutional multi-scale testing input (shorter side S, centred
@@ -230,7 +252,7 @@ def create_eval_iterator(config: ml_collections.ConfigDict, *, split: str | None
   _check_sharding(local_batch_size, process_index, process_count)
   split = split or str(config.data.get("eval_split", "test"))
   evaluation = sources.open_split(config, split)
-  preprocessor = make_preprocessor(config)
+  preprocessor = preprocessor or make_preprocessor(config)
   batches = num_eval_batches(len(evaluation), local_batch_size, process_count)
   ds = grain.MapDataset.range(batches * local_batch_size * process_count)
   ds = ds.map(_EvalExample(evaluation.records, preprocessor, crops, scale))

@@ -83,17 +83,21 @@ class _Renamed:
     return {"image": record[self._image_key], "label": int(record[self._label_key])}
 
 
+def _prepare_command(name: str, data_dir: str | None, *extra: str) -> str:
+  """The `prepare` command line for `name` (the one way this project prepares TFDS data)."""
+  flags = ''.join(f' {e}' for e in extra) + (f' --data_dir={data_dir}' if data_dir else '')
+  return f'python -m resnet_jax.data.prepare {name.split("/")[0].split(":")[0]}{flags}'
+
+
 def _not_prepared_message(name: str, data_dir: str | None) -> str:
   where = data_dir or "the TFDS data dir (TFDS_DATA_DIR or ~/tensorflow_datasets)"
-  if name.split(":")[0] == "imagenet2012" or name.startswith("imagenet2012"):
+  if name.split(":")[0].split("/")[0] == "imagenet2012":
     return (f"dataset '{name}' is not prepared in {where}: download ILSVRC2012_img_train.tar and "
-            f"ILSVRC2012_img_val.tar from image-net.org into {where}/downloads/manual/, then run "
-            f"`pip install resnet_jax[tf]` and `tfds build imagenet2012 --file_format=array_record"
-            + (f" --data_dir={data_dir}`" if data_dir else "`"))
-  flag = f" --data_dir={data_dir}" if data_dir else ""
-  return (f"dataset '{name}' is not prepared in {where}: prepare it once with `pip install resnet_jax[tf]` "
-          f"and `tfds build {name} --file_format=array_record{flag}`, "
-          "or point config.data.data_dir at the directory that holds it")
+            f"ILSVRC2012_img_val.tar from image-net.org into a directory DIR, then run "
+            f"`{_prepare_command(name, data_dir, '--manual_dir=DIR')}`")
+  return (f"dataset '{name}' is not prepared in {where}: prepare it once with "
+          f"`{_prepare_command(name, data_dir)}` (add --from ARCHIVE on an "
+          "offline machine), or point config.data.data_dir at the directory that holds it")
 
 
 def _tfds_builder(name: str, data_dir: str | None):
@@ -112,6 +116,10 @@ def _tfds_builder(name: str, data_dir: str | None):
 def _tfds_split(name: str, data_dir: str | None, split: str) -> SplitSource:
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
+  if name.split(":")[0].split("/")[0] == "imagenet2012" and split.split("[")[0] == "test":
+    raise DatasetNotFoundError(
+        "imagenet2012's 'test' split has no labels (every label is -1): evaluate on 'validation', "
+        "as the paper's ImageNet results do")
   builder = _tfds_builder(name, data_dir)
   features = builder.info.features
   image_key, label_key = builder.info.supervised_keys or ("image", "label")
@@ -136,7 +144,7 @@ def _tfds_split(name: str, data_dir: str | None, split: str) -> SplitSource:
     if isinstance(e, NotImplementedError):
       raise DatasetNotFoundError(
           f"dataset '{name}' in {builder.data_dir} is not in ArrayRecord format (needed for random "
-          f"access): rebuild it with `tfds build {name} --file_format=array_record`") from e
+          f"access): rebuild it with `{_prepare_command(name, data_dir, '--overwrite')}`") from e
     raise DatasetNotFoundError(
         f"dataset '{name}' has no split '{split}' (available: {', '.join(builder.info.splits)})") from e
   return SplitSource(_Renamed(records, image_key, label_key), int(features[label_key].num_classes),

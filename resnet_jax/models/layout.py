@@ -9,7 +9,8 @@ The functions are pure and structural: they rewrite every dict level that holds 
 (or ``layer{s}_scan``) keys, wherever it sits in the pytree, so they apply equally to
 ``{'params', 'batch_stats'}``, to a bare params tree, and to optimizer states whose parts mirror
 the params (optax's SGD momentum ``trace``, Adam's ``mu``/``nu``: tuples / NamedTuples of
-param-shaped dicts). Leaves may be numpy arrays, jax arrays or ``jax.ShapeDtypeStruct`` (abstract
+param-shaped dicts), or a whole train state (any registered pytree node is walked through, its
+non-dict fields kept). Leaves may be numpy arrays, jax arrays or ``jax.ShapeDtypeStruct`` (abstract
 trees, e.g. a restore target); other leaves are left alone.
 """
 from __future__ import annotations
@@ -100,14 +101,16 @@ def _scan_length(tree: Any) -> int:
 
 
 def _rebuild(node: Any, fn) -> Any:
-  """Apply ``fn`` to every Mapping (bottom-up), keeping tuple / NamedTuple / list containers."""
+  """Apply ``fn`` to every Mapping (bottom-up) and keep every other container as it is: tuples,
+  NamedTuples (optax states), lists and registered pytree nodes (e.g. a flax ``TrainState``)."""
   if isinstance(node, Mapping):
     return fn({k: _rebuild(v, fn) for k, v in node.items()})
-  if isinstance(node, tuple) and hasattr(node, '_fields'):  # NamedTuple (optax states)
-    return type(node)(*(_rebuild(v, fn) for v in node))
-  if isinstance(node, (list, tuple)):
-    return type(node)(_rebuild(v, fn) for v in node)
-  return node
+  if node is None or isinstance(node, (jax.Array, np.ndarray, jax.ShapeDtypeStruct)):
+    return node
+  children, treedef = jax.tree_util.tree_flatten(node, is_leaf=lambda x: x is not node)
+  if jax.tree_util.treedef_is_leaf(treedef):
+    return node
+  return jax.tree_util.tree_unflatten(treedef, [_rebuild(c, fn) for c in children])
 
 
 def _check_sizes(counts: dict[int, int], stage_sizes: Optional[Sequence[int]]) -> None:

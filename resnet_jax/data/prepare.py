@@ -1,0 +1,216 @@
+"""Prepares a dataset once as TFDS ArrayRecord files, then prints the command that trains on it.
+
+  python -m resnet_jax.data.prepare NAME [--data_dir DIR] [--manual_dir DIR] [--from FILE_OR_DIR]
+
+Online, TFDS downloads the data. Offline, `--from` takes the official archives a user already has
+(cifar-10-python.tar.gz or cifar-10-binary.tar.gz, cifar-100-python.tar.gz or -binary, the four
+Fashion-MNIST IDX .gz files or their directory, an imagenette2*.tgz), and imagenet2012 reads
+ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar from `--manual_dir` (default
+DATA_DIR/downloads/manual, TFDS's own layout). Either way the data goes through TFDS's own builder,
+so the result is exactly what `tfds` produces (splits, features, label names). Any other TFDS image
+classification dataset can be prepared online by name. This wraps the TFDS Python API (TFDS's
+command-line tool needs apache_beam, which the `[tf]` extra does not install).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shlex
+import shutil
+import sys
+import tempfile
+from typing import Sequence
+
+from resnet_jax.data.offline import PrepareError
+from resnet_jax.data.offline import imagenette_config
+from resnet_jax.data.offline import local_downloads
+from resnet_jax.data.offline import offline_download_manager
+
+INSTALL_HINT = "pip install -e '.[tf]' (run in the resnet_jax checkout)"
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+  """How to train on a prepared dataset: the config (with args) and a default workdir."""
+
+  config: str
+  workdir: str
+
+
+RECIPES = {
+    'cifar10': Recipe('configs/cifar.py', 'runs/cifar10'),
+    'cifar100': Recipe('configs/cifar.py:dataset=cifar100', 'runs/cifar100'),
+    'fashion_mnist': Recipe('configs/fashion_mnist.py', 'runs/fashion_mnist'),
+    'imagenet2012': Recipe('configs/r50.py', 'runs/r50'),
+    'imagenette': Recipe('configs/imagenet.py:depth=18,dataset={tfds_name}', 'runs/imagenette'),
+    'digits': Recipe('configs/digits.py', 'runs/digits'),
+}
+IMAGENET_TARS = ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar')
+
+
+class _Parser(argparse.ArgumentParser):
+  """argparse whose usage errors are one `error:` line and exit status 1, like every other error."""
+
+  def error(self, message: str) -> None:  # type: ignore[override]
+    print(f'error: {message} (see --help)', file=sys.stderr)
+    raise SystemExit(1)
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = _Parser(prog='python -m resnet_jax.data.prepare',
+              description='Prepare a dataset as TFDS ArrayRecord files (random access for Grain).')
+  p.add_argument('name', metavar='NAME', help=f'one of: {", ".join(RECIPES)}')
+  p.add_argument('--data_dir',
+                 help='TFDS data dir to write (default: TFDS_DATA_DIR or ~/tensorflow_datasets)')
+  p.add_argument('--manual_dir', help='imagenet2012: directory holding '
+                 + ' and '.join(IMAGENET_TARS) + ' (default DATA_DIR/downloads/manual)')
+  p.add_argument('--from', dest='sources', action='append', default=[], metavar='FILE_OR_DIR',
+                 help='official archive(s) already on disk, instead of downloading (repeatable)')
+  p.add_argument('--overwrite', action='store_true', help='rebuild even if already prepared')
+  return p
+
+
+def _require_tensorflow(name: str) -> None:
+  """TFDS encodes images with TensorFlow while preparing: say how to install it, in one line."""
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  try:
+    import importlib_resources  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+    import tensorflow  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+  except ImportError as e:
+    raise PrepareError(f'preparing {name} needs TensorFlow and importlib_resources ({e}): install '
+                       f'them with {INSTALL_HINT}') from e
+
+
+def _check_tfds_name(name: str, sources: Sequence[str]) -> None:
+  """A name outside RECIPES must be a TFDS dataset, prepared online (no --from for it)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  try:
+    tfds.builder_cls(name.split('/')[0].split(':')[0])
+  except tfds.core.registered.DatasetNotFoundError as e:
+    raise PrepareError(f'unknown dataset {name!r}: not {", ".join(RECIPES)} nor a TFDS dataset '
+                       'name') from e
+  if sources:
+    raise PrepareError(f'--from is not supported for {name} (it takes the archives of '
+                       'cifar10, cifar100, fashion_mnist and imagenette); without it TFDS '
+                       'downloads the data')
+
+
+def _generic_recipe(tfds_name: str, image_shape: tuple | None) -> Recipe:
+  """Another TFDS dataset: the CIFAR recipe for small fixed-size images, else the ImageNet one."""
+  small = image_shape is not None and image_shape[0] is not None and image_shape[0] <= 64
+  config = 'configs/cifar.py' if small else 'configs/imagenet.py:depth=18'
+  arg = f'dataset={tfds_name}'
+  return Recipe(f'{config},{arg}' if ':' in config else f'{config}:{arg}',
+                f'runs/{tfds_name.replace("/", "_").replace(":", "_")}')
+
+
+def train_command(name: str, tfds_name: str, data_dir: str | None,
+                  image_shape: tuple | None = None) -> str:
+  """The exact command that trains the dataset's recipe on the prepared data."""
+  recipe = RECIPES.get(name) or _generic_recipe(tfds_name, image_shape)
+  parts = ['python', '-m', 'resnet_jax.main',
+           '--config=' + recipe.config.format(tfds_name=tfds_name), '--workdir=' + recipe.workdir]
+  if data_dir:
+    parts.append('--config.data.data_dir=' + os.path.abspath(data_dir))
+  return ' '.join(shlex.quote(p) for p in parts)
+
+
+def _manual_dir(args: argparse.Namespace, data_root: str) -> str:
+  """Where the ImageNet tars are: --manual_dir (or a single --from DIR), else TFDS's default."""
+  manual = args.manual_dir or (args.sources[0] if len(args.sources) == 1 else None)
+  manual = os.path.expanduser(manual) if manual else os.path.join(data_root, 'downloads', 'manual')
+  for tar in IMAGENET_TARS:
+    if not os.path.isfile(os.path.join(manual, tar)):
+      raise PrepareError(f'imagenet2012 needs {" and ".join(IMAGENET_TARS)} (from image-net.org)'
+                         f' in {manual} (pass --manual_dir DIR): {tar} is missing')
+  return manual
+
+
+def _image_shape(builder) -> tuple | None:
+  image_key = (builder.info.supervised_keys or ('image',))[0]
+  feature = builder.info.features[image_key] if isinstance(image_key, str) else None
+  return tuple(feature.shape) if feature is not None and hasattr(feature, 'shape') else None
+
+
+def prepare(args: argparse.Namespace) -> tuple[str, tuple | None]:
+  """Builds the dataset; returns the TFDS name (with builder config) and its image shape."""
+  name = args.name
+  if name not in RECIPES:
+    _check_tfds_name(name, args.sources)
+  data_dir = os.path.abspath(os.path.expanduser(args.data_dir)) if args.data_dir else None
+  if name == 'digits':
+    if args.sources or args.manual_dir:
+      raise PrepareError('digits ships with scikit-learn: it takes no --from or --manual_dir')
+    from resnet_jax.data import digits  # pylint: disable=g-import-not-at-top
+    digits.prepare_digits(data_dir)
+    return name, (8, 8, 1)
+  if args.sources and name != 'imagenet2012':
+    missing = [s for s in args.sources if not os.path.exists(s)]
+    if missing:
+      raise PrepareError(f'--from {missing[0]}: no such file or directory')
+  _require_tensorflow(name)
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  tfds_name = name
+  if name == 'imagenette' and args.sources:
+    tfds_name = f'imagenette/{imagenette_config(args.sources)}'
+  builder = tfds.builder(tfds_name, data_dir=data_dir)
+  manual_dir = args.manual_dir
+  if name == 'imagenet2012':
+    manual_dir = _manual_dir(args, os.fspath(builder.data_dir_root))
+  if builder.is_prepared() and not args.overwrite:
+    file_format = builder.info.file_format
+    if file_format != tfds.core.FileFormat.ARRAY_RECORD:
+      raise PrepareError(f'{tfds_name} in {builder.data_dir} is prepared as {file_format.value}, '
+                         'not ArrayRecord (needed for random access): add --overwrite to '
+                         'rebuild it')
+    print(f'{tfds_name} is already prepared in {builder.data_dir} (--overwrite rebuilds it)')
+    return tfds_name, _image_shape(builder)
+  with tempfile.TemporaryDirectory(prefix='resnet_jax_prepare_') as tmp:
+    offline = bool(args.sources) and name != 'imagenet2012'
+    url_map = local_downloads(name, args.sources, tmp) if offline else {}  # checked before deleting
+    if builder.is_prepared():  # --overwrite: a fresh builder can then write ArrayRecord
+      print(f'--overwrite: removing {builder.data_dir}')
+      shutil.rmtree(builder.data_dir)
+      builder = tfds.builder(tfds_name, data_dir=data_dir)
+    config = tfds.download.DownloadConfig(
+        manual_dir=manual_dir, extract_dir=os.path.join(tmp, 'extracted') if offline else None,
+        try_download_gcs=False)
+    print(f'preparing {tfds_name} into {builder.data_dir} (ArrayRecord)', flush=True)
+    tfds.display_progress_bar(True)
+    if offline:
+      with offline_download_manager(builder, url_map):
+        builder.download_and_prepare(file_format='array_record', download_config=config)
+    else:
+      builder.download_and_prepare(file_format='array_record', download_config=config)
+  splits = ', '.join(f'{s} ({info.num_examples:,})' for s, info in builder.info.splits.items())
+  print(f'prepared {tfds_name}: {splits}')
+  return tfds_name, _image_shape(builder)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """CLI entry: prepare, then print the train command; bad input is one `error:` line, exit 1."""
+  args = _parser().parse_args(argv)
+  try:
+    tfds_name, image_shape = prepare(args)
+  except PrepareError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 1
+  except Exception as e:  # pylint: disable=broad-except
+    # TFDS raises many types (AssertionError for a missing manual file, NonMatchingChecksumError,
+    # tarfile errors on a damaged archive, ...): one line, with a traceback only on request.
+    if os.environ.get('RESNET_JAX_TRACEBACK'):
+      raise
+    message = ' '.join(str(e).split()) or type(e).__name__
+    print(f'error: preparing {args.name} failed: {type(e).__name__}: {message} '
+          '(RESNET_JAX_TRACEBACK=1 shows the traceback)', file=sys.stderr)
+    return 1
+  print('train with:')
+  print('  ' + train_command(args.name, tfds_name, args.data_dir, image_shape))
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,227 @@
+"""One command for the accelerator picture: JAX train/eval throughput, compile times, MFU, end to
+end, and PyTorch on the same device in the same run, each JAX figure with its ratio to torch's best.
+
+  python scripts/gpu_report.py --out DIR          # GPU: the full matrix, about 10-20 minutes
+  python scripts/gpu_report.py --out DIR --tiny   # any machine: tiny models, the same code (CI)
+
+On a GPU it measures: ResNet-50 train step, modern recipe (bf16, whole-batch BN, Nesterov, label
+smoothing) at batch 256 and at the largest batch that fits; ResNet-50 paper recipe (float32, ghost
+BN of 32) at 256; CIFAR ResNet-20 and ResNet-110 (paper recipe) at batch 128; ResNet-50 bf16 eval;
+end to end (`benchmark_e2e`: Grain workers on this machine's cores decoding natural-image JPEGs,
+transfer, step); and torchvision's resnet50 (channels_last, SGD momentum 0.9, weight decay 1e-4,
+bf16 autocast for the bf16 rows) eager and `torch.compile`. Without a GPU it runs a tiny version
+(resnet8 at 8x8, a few steps; torch only if installed) in well under a minute.
+Writes DIR/gpu_report.json and DIR/gpu_report.md. XLA's latency-hiding scheduler is switched on
+for GPUs unless the user set XLA_FLAGS (see `apply_gpu_xla_flags`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+
+_SCRIPTS = os.path.dirname(os.path.abspath(__file__))
+_ROOT = os.path.join(_SCRIPTS, '..')
+sys.path.insert(0, _ROOT)
+sys.path.insert(0, _SCRIPTS)
+
+GPU_XLA_FLAGS = ('--xla_gpu_enable_latency_hiding_scheduler=true',)
+
+
+def nvidia_present() -> bool:
+  return os.path.exists('/dev/nvidiactl') or shutil.which('nvidia-smi') is not None
+
+
+def apply_gpu_xla_flags(environ=os.environ) -> list[str]:
+  """Sets GPU_XLA_FLAGS in XLA_FLAGS when an NVIDIA GPU is present and the user set no XLA_FLAGS.
+
+  Must run before JAX initialises its backends. Returns the flags applied ([] when none)."""
+  if environ.get('XLA_FLAGS') is not None:
+    return []
+  if not nvidia_present():
+    return []
+  environ['XLA_FLAGS'] = ' '.join(GPU_XLA_FLAGS)
+  return list(GPU_XLA_FLAGS)
+
+
+_APPLIED_FLAGS = apply_gpu_xla_flags() if __name__ == '__main__' else []
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+import gpu_report_lib as lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+# Dense peak TFLOP/s by device kind substring: (bf16, tf32). H100/H200 SXM datasheet figures.
+PEAKS = {'H200': (989.0, 494.0), 'H100': (989.0, 494.0), 'A100': (312.0, 156.0),
+         'L4': (121.0, 60.0), 'L40S': (362.0, 183.0)}
+
+
+def peak_tflops(device_kind: str, dtype: str) -> float | None:
+  for key, (bf16, tf32) in PEAKS.items():
+    if key.lower() in device_kind.lower():
+      return bf16 if dtype == 'bfloat16' else tf32
+  return None
+
+
+def plan(tiny: bool) -> list[dict]:
+  """The measurement matrix: one dict per train/eval row."""
+  if tiny:  # the same rows with one CIFAR net: the code paths, not the numbers
+    r50, cifar, size, batch, big = 'resnet8', ['resnet8'], 8, 8, [16]
+  else:
+    r50, cifar, size, batch, big = 'resnet50', ['resnet20', 'resnet110'], 224, 256, [512, 768, 1024]
+  rows = [
+      {'name': f'{r50} train, modern recipe, bf16', 'recipe': 'modern', 'model': r50,
+       'batch': batch, 'size': size, 'kind': 'train', 'torch': 'imagenet', 'grow': big},
+      {'name': f'{r50} train, paper recipe, f32', 'recipe': 'paper', 'model': r50, 'batch': batch,
+       'size': size, 'kind': 'train', 'torch': 'imagenet'},
+      {'name': f'{r50} eval, bf16', 'recipe': 'modern', 'model': r50, 'batch': batch,
+       'size': size, 'kind': 'eval', 'torch': 'imagenet'},
+  ]
+  for name in cifar:
+    rows.append({'name': f'{name} train (CIFAR), paper recipe, f32', 'recipe': 'cifar',
+                 'model': name, 'batch': 128 if not tiny else 8, 'size': 32 if not tiny else 8,
+                 'kind': 'train', 'torch': 'cifar'})
+  return rows
+
+
+def run_row(row: dict, steps: int, deadline: float, torch_result: dict | None) -> list[dict]:
+  out = []
+  res = lib.jax_row(row, steps)
+  res['name'] = row['name']
+  peak = peak_tflops(res['device_kind'], res['dtype'])
+  if peak and res.get('tflops'):
+    res['mfu'] = round(res['tflops'] / peak, 4)
+    res['peak_tflops'] = peak
+  if torch_result:
+    res.update(torch_result)
+    best = max([v for k, v in res.items() if k.startswith('torch_') and k.endswith('images_per_sec')
+                and isinstance(v, (int, float))] or [0])
+    if best:
+      res['ratio_jax_over_best_torch'] = round(res['images_per_sec'] / best, 3)
+  out.append(res)
+  for b in row.get('grow', []):  # the largest batch that fits (stop at the first failure)
+    if time.time() > deadline:
+      break
+    try:
+      big = lib.jax_row(dict(row, batch=b), steps)
+    except Exception as e:  # pylint: disable=broad-except  # out of memory: the previous one fits
+      out.append({'name': f"{row['name']}, batch {b}", 'batch_size': b,
+                  'error': str(e).splitlines()[0][:200]})
+      break
+    big['name'] = f"{row['name']}, batch {b}"
+    if peak and big.get('tflops'):
+      big['mfu'] = round(big['tflops'] / peak, 4)
+    out.append(big)
+  return out
+
+
+def markdown(report: dict) -> str:
+  lines = [f"# GPU report ({report['date']})", '',
+           f"Device: {report['device_kind']} x{report['devices']} ({report['platform']}); "
+           f"jax {report['jax_version']}, torch {report.get('torch_version') or 'absent'}; "
+           f"{report['cpu_count']} CPU cores; "
+           f"XLA_FLAGS applied: {report['xla_flags_applied'] or 'none'}"
+           f"{' (tiny CPU mode)' if report['tiny'] else ''}.", '',
+           '| row | batch | JAX img/s | compile s | MFU | torch eager | torch compile | '
+           'JAX / best torch |', '|---|---|---|---|---|---|---|---|']
+  for r in report['rows']:
+    if 'error' in r:
+      lines.append(f"| {r['name']} | {r['batch_size']} | did not run: {r['error']} | | | | | |")
+      continue
+    f = lambda k: '' if r.get(k) is None else (f'{r[k]:.3f}' if k == 'mfu' else f'{r[k]:,.1f}')
+    lines.append(f"| {r['name']} | {r['batch_size']} | {f('images_per_sec')} | {f('compile_s')} | "
+                 f"{f('mfu')} | {f('torch_eager_images_per_sec')} | "
+                 f"{f('torch_compile_images_per_sec')} | {f('ratio_jax_over_best_torch')} |")
+  e = report.get('end_to_end')
+  if e and 'error' not in e:
+    lines += ['', f"End to end ({e['model']}, batch {e['batch_size']}, {e['dtype']}, "
+              f"{e['workers']} "
+              f"Grain workers, {e['dataset']}): {e['images_per_sec']:,.1f} img/s vs step only "
+              f"{e['step_only_images_per_sec']:,.1f} ({e['e2e_over_step_only']:.2f}x); data wait "
+              f"{100 * e['data_wait_fraction']:.1f} % of wall time; host cores {e['host_cores']}."]
+  elif e:
+    lines += ['', f"End to end: did not run: {e['error']}"]
+  lines += ['', 'MFU = achieved (3 x forward FLOPs x img/s) / dense peak (bf16 rows: bf16 peak; '
+            'f32 rows: TF32 peak).', f"Command: `{report['command']}`", '']
+  return '\n'.join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument('--out', required=True, help='directory for gpu_report.md and gpu_report.json')
+  p.add_argument('--tiny', action='store_true', help='tiny CPU version (the default without a GPU)')
+  p.add_argument('--steps', type=int, default=None, help='timed steps per row (GPU 30, tiny 2)')
+  p.add_argument('--budget-s', type=float, default=1150, help='skip optional rows after this')
+  p.add_argument('--no-torch', action='store_true')
+  p.add_argument('--no-e2e', action='store_true')
+  args = p.parse_args(argv)
+  tiny = args.tiny or not nvidia_present()
+  steps = args.steps or (2 if tiny else 30)
+  if steps < 1:
+    p.error('--steps must be positive')
+  try:
+    os.makedirs(args.out, exist_ok=True)
+  except OSError as e:
+    print(f'error: cannot create --out {args.out}: {e.strerror}', file=sys.stderr)
+    return 1
+  start = time.time()
+  deadline = start + args.budget_s
+  use_torch = not args.no_torch and lib.torch_available()
+  # PyTorch first, before JAX initialises its backend and takes most of the GPU's memory; its
+  # cache is emptied afterwards. One process, one device, one run.
+  torch_results = {}
+  for row in plan(tiny) if use_torch else []:
+    if row.get('torch'):
+      try:
+        torch_results[row['name']] = lib.torch_row(row, steps)
+      except Exception as e:  # pylint: disable=broad-except
+        torch_results[row['name']] = {'torch_error': f'{type(e).__name__}: {str(e)[:200]}'}
+  lib.release_torch_memory()
+  platform_name = jax.devices()[0].platform
+  if not tiny and platform_name == 'cpu':
+    print('error: an NVIDIA GPU is present but JAX runs on the CPU: install jax[cuda12] or '
+          'jax[cuda13] (or pass --tiny)', file=sys.stderr)
+    return 1
+  rows = []
+  for row in plan(tiny):
+    if time.time() > deadline:
+      rows.append({'name': row['name'], 'batch_size': row['batch'],
+                   'error': 'skipped: time budget'})
+      continue
+    try:
+      rows.extend(run_row(row, steps, deadline, torch_results.get(row['name'])))
+    except Exception as e:  # pylint: disable=broad-except  # one failed row must not lose the rest
+      rows.append({'name': row['name'], 'batch_size': row['batch'],
+                   'error': f'{type(e).__name__}: {str(e).splitlines()[0][:200]}'})
+  e2e = None
+  if not args.no_e2e:
+    try:
+      e2e = lib.end_to_end(tiny)
+    except Exception as e:  # pylint: disable=broad-except
+      e2e = {'error': f'{type(e).__name__}: {str(e).splitlines()[0][:200]}'}
+  dev = jax.devices()[0]
+  report = {
+      'date': time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()), 'tiny': tiny,
+      'platform': platform_name, 'device_kind': dev.device_kind, 'devices': jax.device_count(),
+      'jax_version': jax.__version__, 'torch_version': lib.torch_version() if use_torch else None,
+      'cpu_count': os.cpu_count(), 'python': platform.python_version(),
+      'xla_flags_applied': _APPLIED_FLAGS, 'xla_flags': os.environ.get('XLA_FLAGS', ''),
+      'command': ' '.join(['python', 'scripts/gpu_report.py'] + list(argv or sys.argv[1:])),
+      'wall_s': round(time.time() - start, 1), 'rows': rows, 'end_to_end': e2e,
+  }
+  with open(os.path.join(args.out, 'gpu_report.json'), 'w') as f:
+    json.dump(report, f, indent=1,
+              default=lambda o: o.item() if isinstance(o, np.generic) else str(o))
+  with open(os.path.join(args.out, 'gpu_report.md'), 'w') as f:
+    f.write(markdown(report))
+  print(markdown(report))
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

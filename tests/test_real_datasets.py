@@ -1,0 +1,112 @@
+"""The real dataset paths end to end: official-format archives -> `prepare` -> `resnet_jax.main`.
+
+Miniature ImageNet and CIFAR-10 archives in the exact official layouts are prepared with the
+command a user runs, through TFDS's own builders, then the paper recipes (`configs/r18.py` with
+10-crop evaluation of the validation split, `configs/cifar.py`) train a few steps with the CLI.
+"""
+import io
+import numpy as np
+import pytest
+from PIL import Image
+
+from resnet_jax.default_config import load_sibling_config
+from tests import official_archives
+from tests.runner import results, run_main
+from tests.test_prepare import run_prepare
+
+pytest.importorskip('tensorflow')
+import tensorflow_datasets as tfds  # noqa: E402  (after the skip: TFDS needs TF to prepare)
+
+NUM_VAL = 6
+
+
+def _text(value) -> str:
+  return value.decode() if isinstance(value, bytes) else str(value)
+
+
+@pytest.fixture(scope='module')
+def imagenet(tmp_path_factory):
+  """(data_dir, what the archives hold): imagenet2012 prepared from the two manual-download tars."""
+  root = tmp_path_factory.mktemp('imagenet')
+  manual = root / 'manual'
+  manual.mkdir()
+  written = official_archives.write_imagenet(str(manual), num_val=NUM_VAL)
+  proc = run_prepare('imagenet2012', '--manual_dir', str(manual), '--data_dir', str(root / 'tfds'))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.splitlines()[-1].strip().startswith(
+      'python -m resnet_jax.main --config=configs/r50.py --workdir=runs/r50 '
+      '--config.data.data_dir=')
+  return str(root / 'tfds'), written
+
+
+@pytest.fixture(scope='module')
+def cifar10(tmp_path_factory):
+  root = tmp_path_factory.mktemp('cifar10')
+  archive = str(root / 'cifar-10-python.tar.gz')
+  written = official_archives.write_cifar10_python(archive, per_batch=8, test=12)
+  proc = run_prepare('cifar10', '--from', archive, '--data_dir', str(root / 'tfds'))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'converting cifar-10-python.tar.gz' in proc.stdout
+  return str(root / 'tfds'), written
+
+
+def test_imagenet2012_builder_output_matches_the_archives_and_the_recipes(imagenet):
+  data_dir, written = imagenet
+  builder = tfds.builder('imagenet2012', data_dir=data_dir)
+  # The split names TFDS's builder creates from the two tars; every ImageNet recipe uses them.
+  assert set(builder.info.splits) == {'train', 'validation'}
+  for name in ('imagenet', 'r18', 'r34', 'r50', 'r101', 'r152'):
+    for recipe in ('paper', 'modern'):
+      config = load_sibling_config('configs/x.py', name).get_config(f'recipe={recipe}')
+      assert config.data.eval_split in builder.info.splits
+      assert config.data.train_split in builder.info.splits
+  names = builder.info.features['label'].names
+  val = builder.as_data_source('validation')
+  by_file = {_text(val[i]['file_name']): names[val[i]['label']] for i in range(len(val))}
+  assert by_file == {f'ILSVRC2012_val_{i + 1:08d}.JPEG': synset
+                     for i, synset in enumerate(written['validation'])}
+  train = builder.as_data_source('train')
+  records = {_text(train[i]['file_name']): train[i] for i in range(len(train))}
+  assert {f: names[r['label']] for f, r in records.items()} == dict(written['train'])
+  # TFDS's builder rewrites the known CMYK JPEG and the PNG named .JPEG as RGB JPEG (real data too).
+  encoded = builder.as_data_source('train', decoders={'image': tfds.decode.SkipDecoding()})
+  raw = {_text(encoded[i]['file_name']): encoded[i]['image'] for i in range(len(encoded))}
+  for fname in ('n01739381_1309.JPEG', 'n02105855_2933.JPEG'):
+    img = Image.open(io.BytesIO(raw[fname]))
+    assert (img.format, img.mode) == ('JPEG', 'RGB'), fname
+  assert any(Image.open(io.BytesIO(b)).mode == 'L' for b in raw.values())  # grayscale kept as is
+
+
+def test_r18_paper_recipe_trains_and_10_crop_evaluates_the_validation_split(imagenet, tmp_path):
+  data_dir, _ = imagenet
+  workdir = str(tmp_path / 'r18')
+  proc = run_main(workdir, f'--config.data.data_dir={data_dir}', '--config.batch_size=8',
+                  '--config.num_train_steps=2', '--config.eval_batch_size=4',
+                  '--config.data.num_workers=0', '--config.data.image_size=32',
+                  config='configs/r18.py', devices=1)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  r = results(workdir)
+  assert r['step'] == 2 and r['params'] == 11_689_512  # ResNet-18 with 1000 classes
+  assert r['eval']['num_examples'] == NUM_VAL  # every validation image once (padded + masked)
+  assert 0.0 <= r['eval']['top1_error'] <= 1.0 and np.isfinite(r['eval']['loss'])
+  cfg = r['config']
+  assert (cfg['data']['eval_split'], cfg['data']['eval_crops'], cfg['data']['augment']) == (
+      'validation', 10, 'imagenet')
+  model, schedule = cfg['model'], cfg['schedule']
+  assert (model['name'], model['stride_on'], schedule['boundaries_epochs']) == (
+      'resnet18', '1x1', '30,60')
+
+
+def test_cifar_paper_recipe_trains_on_the_prepared_python_archive(cifar10, tmp_path):
+  data_dir, _ = cifar10
+  workdir = str(tmp_path / 'cifar')
+  proc = run_main(workdir, f'--config.data.data_dir={data_dir}', '--config.batch_size=8',
+                  '--config.num_train_steps=3', '--config.eval_batch_size=8',
+                  '--config.data.num_workers=0',
+                  config='configs/cifar.py', devices=1)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  r = results(workdir)
+  assert r['step'] == 3 and r['eval']['num_examples'] == 12
+  assert (r['config']['data']['name'], r['config']['data']['eval_split']) == ('cifar10', 'test')
+  assert (r['config']['data']['augment'], r['config']['schedule']['boundaries']) == (
+      'cifar', '32000,48000')

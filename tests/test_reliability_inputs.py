@@ -1,0 +1,274 @@
+"""Bad input is refused up front with one clear line (issue 13, in-process where the CLI adds
+nothing): config values, bn_group_size vs devices, convert --out, torch versions, predict images."""
+import os
+import struct
+import subprocess
+import sys
+import types
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from resnet_jax import convert, predict, train
+from resnet_jax.default_config import load_sibling_config
+from tests.runner import ROOT
+
+
+def _digits(**overrides):
+  digits = load_sibling_config(os.path.join(ROOT, 'configs', 'x.py'), 'digits')
+  config = digits.get_config('depth=8')
+  config.update_from_flattened_dict({'batch_size': 32, **overrides})
+  return config
+
+
+@pytest.mark.parametrize('overrides,needle', [
+    ({'log_every_steps': 0}, 'log_every_steps must be positive'),
+    ({'max_to_keep': 0}, 'keep no checkpoint'),
+    ({'max_to_keep': -1}, 'max_to_keep must be positive'),
+    ({'data.eval_crops': 3}, 'eval_crops must be 1 or 10'),
+    ({'eval_batch_size': 0}, 'eval_batch_size must be positive'),
+    ({'schedule.base_lr': -0.1}, 'base_lr must be non-negative'),
+    ({'optimizer.weight_decay': -1e-4}, 'weight_decay must be non-negative'),
+    ({'schedule.warmup_steps': -5}, 'warmup_steps'),
+    ({'label_smoothing': 1.0}, 'label_smoothing'),
+    ({'data.num_workers': -1}, 'num_workers'),
+    ({'model.bn_group_size': 3}, 'straddle devices'),  # 8 per device
+    ({'model.bn_group_size': 0}, 'bn_group_size must be positive'),
+])
+def test_validate_config_refuses(overrides, needle):
+  with pytest.raises(train.ConfigError, match=needle):
+    train.validate_config(_digits(**overrides))
+
+
+@pytest.mark.parametrize('group', [None, 1, 2, 4, 8, 16, 32, 64])
+def test_bn_groups_that_do_not_straddle_devices_are_accepted(group):
+  """Batch 32 on 4 devices (8 each): divisors of 8, whole devices (16, 32) and a group larger
+  than the batch (one group, as models/layers.BatchNorm treats it) are all fine."""
+  train.validate_config(_digits(**{'model.bn_group_size': group}))
+
+
+def test_bn_group_rules():
+  ok = train.validate_bn_groups
+  ok(32, 256, 8)  # the paper: 32 per GPU
+  ok(64, 256, 8)  # two whole devices
+  with pytest.raises(train.ConfigError, match='per-device batch 24'):
+    ok(32, 192, 8)  # issue 15's example: 24 per device, groups of 32 straddle
+  with pytest.raises(train.ConfigError, match='e.g. 4'):
+    ok(6, 64, 8)  # neither divides 8 nor is a multiple of it
+  with pytest.raises(train.ConfigError):
+    ok(24, 64, 2)  # 32 per device: 24 neither divides it nor is a multiple of it
+
+
+def test_bad_config_writes_nothing(tmp_path):
+  workdir = tmp_path / 'never'
+  with pytest.raises(train.ConfigError):
+    train.train_and_evaluate(_digits(max_to_keep=0), str(workdir))
+  assert not workdir.exists()
+
+
+@pytest.mark.parametrize('content,needle', [
+    ('{"model": ', 'not valid JSON'),
+    ('[1, 2]', 'holds a list'),
+])
+def test_damaged_config_json_is_named(tmp_path, content, needle):
+  (tmp_path / 'config.json').write_text(content)
+  with pytest.raises(ValueError, match=needle) as e:
+    train.train_and_evaluate(_digits(num_train_steps=2), str(tmp_path))
+  assert 'config.json' in str(e.value)
+  assert (tmp_path / 'config.json').read_text() == content  # untouched
+
+
+# ---- convert --out (item 1) and torch versions (security) ---------------------------------------
+
+def _convert_cli(*args):
+  return subprocess.run([sys.executable, '-m', 'resnet_jax.convert', *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_convert_refuses_existing_non_empty_out(tmp_path):
+  precious = tmp_path / 'out' / 'precious.txt'
+  precious.parent.mkdir()
+  precious.write_text('keep me')
+  proc = _convert_cli('--arch', 'resnet18', '--torchvision-weights', str(tmp_path / 'w.pth'),
+                      '--out', str(precious.parent))
+  assert proc.returncode == 1, proc.stderr
+  assert 'Traceback' not in proc.stderr
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith('error: --out') and 'not empty' in last, last
+  assert precious.read_text() == 'keep me' and os.listdir(precious.parent) == ['precious.txt']
+
+
+def test_convert_writes_through_a_temporary_sibling(tmp_path, monkeypatch):
+  variables = {'params': {'w': np.ones((2, 3), np.float32)}, 'batch_stats': {}}
+  out = tmp_path / 'converted'
+  out.mkdir()  # an empty --out is accepted and replaced
+  convert.save_to_new_dir(str(out), variables)
+  assert sorted(os.listdir(tmp_path)) == ['converted']  # no temporary left behind
+  from resnet_jax import pretrained
+  np.testing.assert_array_equal(pretrained.load_model_variables(str(out))['params']['w'],
+                                variables['params']['w'])
+
+  def fail(path, variables):
+    os.makedirs(path)
+    raise OSError('disk full')
+  monkeypatch.setattr(pretrained, 'save_model_variables', fail)
+  with pytest.raises(OSError):
+    convert.save_to_new_dir(str(tmp_path / 'other'), variables)
+  assert sorted(os.listdir(tmp_path)) == ['converted']  # neither a partial --out nor a temporary
+
+
+def _fake_torch(monkeypatch, version, calls):
+  fake = types.ModuleType('torch')
+  fake.__version__ = version
+
+  def load(path, **kwargs):
+    calls.append(kwargs)
+    return {'fc.weight': np.zeros((2, 2))}
+  fake.load = load
+  monkeypatch.setitem(sys.modules, 'torch', fake)
+
+
+@pytest.mark.parametrize('version', ['2.2.0', '2.5.1+cu121', '1.13.1'])
+def test_old_torch_is_refused_before_loading(monkeypatch, version, tmp_path):
+  calls = []
+  _fake_torch(monkeypatch, version, calls)
+  with pytest.raises(ValueError, match='too old.*CVE-2025-32434'):
+    convert.load_torch_state_dict(str(tmp_path / 'w.pth'))
+  assert calls == []
+
+
+@pytest.mark.parametrize('version', ['2.6.0', '2.9.1+cpu', '2.10.0.dev20251001'])
+def test_recent_torch_loads_weights_only(monkeypatch, version, tmp_path):
+  calls = []
+  _fake_torch(monkeypatch, version, calls)
+  assert set(convert.load_torch_state_dict(str(tmp_path / 'w.pth'))) == {'fc.weight'}
+  assert calls and calls[0]['weights_only'] is True
+
+
+def test_old_torch_is_one_error_line_in_the_cli(tmp_path):
+  fake = tmp_path / 'fake' / 'torch'
+  fake.mkdir(parents=True)
+  (fake / '__init__.py').write_text("__version__ = '2.5.1'\n"
+                                    "def load(*a, **k):\n  raise AssertionError('loaded')\n")
+  out = tmp_path / 'out'
+  proc = subprocess.run(
+      [sys.executable, '-m', 'resnet_jax.convert', '--arch', 'resnet18',
+       '--torchvision-weights', str(tmp_path / 'w.pth'), '--out', str(out)],
+      cwd=ROOT, capture_output=True, text=True, timeout=300,
+      env={**os.environ, 'PYTHONPATH': f'{tmp_path / "fake"}{os.pathsep}{ROOT}'})
+  assert proc.returncode == 1 and 'Traceback' not in proc.stderr, proc.stderr
+  assert proc.stderr.strip().splitlines()[-1].startswith('error: torch 2.5.1 is too old')
+  assert not out.exists()
+
+
+class _RunsCode:
+  def __reduce__(self):
+    return (os.system, ('touch PWNED',))
+
+
+def test_pickle_that_runs_code_is_refused_without_running(tmp_path, monkeypatch):
+  torch = pytest.importorskip('torch', reason='torch is an optional extra')
+  monkeypatch.chdir(tmp_path)
+  path = tmp_path / 'evil.pth'
+  torch.save({'fc.weight': torch.zeros(2, 2), 'x': _RunsCode()}, str(path))
+  with pytest.raises(ValueError, match='weights-only'):
+    convert.load_torch_state_dict(str(path))
+  assert not (tmp_path / 'PWNED').exists()
+
+
+# ---- predict: images it cannot or should not decode ---------------------------------------------
+
+def _png(path, width, height, idat=b''):
+  """A PNG with the given header size; `idat` is whatever (possibly nothing) follows."""
+  def chunk(kind, body):
+    return struct.pack('>I', len(body)) + kind + body + struct.pack('>I', zlib.crc32(kind + body))
+  header = struct.pack('>IIBBBBB', width, height, 8, 2, 0, 0, 0)
+  path.write_bytes(b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', header) + chunk(b'IDAT', idat)
+                   + chunk(b'IEND', b''))
+  return str(path)
+
+
+def test_bad_images_are_one_line_each(tmp_path, capsys):
+  text = tmp_path / 'notes.txt'
+  text.write_text('not an image')
+  good = tmp_path / 'good.jpg'
+  Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 400, 3), np.uint8)).save(good)
+  truncated = tmp_path / 'truncated.jpg'
+  truncated.write_bytes(good.read_bytes()[:len(good.read_bytes()) // 2])
+  bomb = _png(tmp_path / 'bomb.png', 100_000, 100_000, zlib.compress(b'\0' * 1000))
+  big = _png(tmp_path / 'big.png', 10_000, 10_000, zlib.compress(b'\0' * 1000))
+  cases = {str(text): 'not an image', str(truncated): 'truncated', bomb: 'decompression bomb',
+           big: '10000x10000',
+           str(tmp_path / 'missing.png'): 'no such file'}
+  for path, needle in cases.items():
+    with pytest.raises(SystemExit) as e:
+      predict.main(['--arch', 'resnet18', '--checkpoint', str(tmp_path / 'nowhere'), path])
+    assert e.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith('error: ') and needle in err[0], err
+
+
+def test_extreme_aspect_ratio_is_preprocessed_in_bounded_memory(tmp_path):
+  """A 1x20000 PNG: the full eval resize would be 256 x 5,120,000 pixels (5.5 GB as floats)."""
+  path = tmp_path / 'thin.png'
+  Image.fromarray(np.random.default_rng(0).integers(0, 256, (1, 20000, 3), np.uint8)).save(path)
+  code = ('import resource, sys; from resnet_jax import predict; '
+          f'x = predict.preprocess(predict.open_image({str(path)!r})); '
+          'assert x.shape == (224, 224, 3), x.shape; '
+          'print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)')
+  proc = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True,
+                        timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert int(proc.stdout.split()[-1]) < 1_000_000  # KiB: well under 1 GB
+
+
+def test_preprocess_of_ordinary_images_is_unchanged():
+  """The bounded path is only taken for extreme shapes: ordinary photos are resized whole, then
+  cropped, exactly as torchvision does (tests/test_convert.py checks against torchvision)."""
+  rng = np.random.default_rng(1)
+  for w, h in [(500, 375), (375, 500), (300, 1000), (257, 1023)]:
+    image = Image.fromarray(rng.integers(0, 256, (h, w, 3), np.uint8))
+    nw, nh = (256, int(256 * h / w)) if w <= h else (int(256 * w / h), 256)
+    left, top = int(round((nw - 224) / 2)), int(round((nh - 224) / 2))
+    ref = np.asarray(image.resize((nw, nh), Image.BILINEAR).crop(
+        (left, top, left + 224, top + 224)), np.float32) / 255
+    ref = (ref - predict.IMAGENET_MEAN) / predict.IMAGENET_STD
+    np.testing.assert_array_equal(predict.preprocess(image), ref)
+
+
+class _PoisonedIterator:
+  """The real digits iterator, with NaN images in the batches of the given (1-based) steps."""
+
+  def __init__(self, inner, poisoned_steps):
+    self.inner, self.poisoned, self.count = inner, set(poisoned_steps), 0
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    batch = dict(next(self.inner))
+    self.count += 1
+    if self.count in self.poisoned:
+      batch['image'] = np.full_like(batch['image'], np.nan)
+    return batch
+
+  def get_state(self):
+    return self.inner.get_state()
+
+  def set_state(self, state):
+    self.inner.set_state(state)
+
+  def close(self):
+    self.inner.close()
+
+
+def test_skip_mode_still_succeeds_when_only_some_steps_are_skipped(tmp_path, caplog):
+  from resnet_jax import data
+  config = _digits(num_train_steps=6, log_every_steps=3, checkpoint_every_steps=0,
+                   on_nonfinite='skip', progress_bar=False, eval_every_steps=0)
+  inner = data.create_train_iterator(config, local_batch_size=32, process_index=0,
+                                     process_count=1, seed=0)
+  result = train.train_and_evaluate(config, str(tmp_path), train_iter=_PoisonedIterator(inner, {2}))
+  assert result['step'] == 6 and 'skipped 1 non-finite update' in caplog.text
