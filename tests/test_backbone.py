@@ -176,3 +176,30 @@ def test_summary_prints_feature_shapes_and_strides(capsys):
   text = capsys.readouterr().out
   assert re.search(r'feature C5 +7x7x2048 +stride 32\n', text)
   assert math.isclose(float(text.split('(')[1].split(' G')[0]), 11.4, abs_tol=0.05)
+
+
+@pytest.mark.slow
+def test_finetune_resnext_with_frozen_bn_and_stages_from_converted_weights(torch, tv, tmp_path):
+  """configs/finetune.py on a converted ResNeXt: frozen stages and BN statistics come out as
+  converted, the rest trains (weight decay and momentum included)."""
+  from resnet_jax import checkpointing
+  from tests.runner import results, run_main
+  weights, converted, workdir = tmp_path / 'rx.pth', tmp_path / 'converted', tmp_path / 'ft'
+  torch.save(random_torchvision(torch, tv, 'resnext50_32x4d', seed=8).state_dict(), weights)
+  convert.main(['--arch', 'resnext50_32x4d', '--torchvision-weights', str(weights),
+                '--out', str(converted), '--in-channels', '1'])
+  proc = run_main(str(workdir), f'--config.init_from={converted}', '--config.eval_every_steps=0',
+                  devices=1, config='configs/finetune.py:arch=resnext50_32x4d,steps=2,batch=8,'
+                                    'image_size=16,frozen_bn,frozen_stages=2')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert results(str(workdir))['step'] == 2
+  final, _ = checkpointing.restore_model_variables(str(workdir))
+  start = convert.adapt_input_channels(
+    convert.from_torchvision(torch.load(weights), 'resnext50_32x4d'), 1)
+  same = lambda a, b: all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a),
+                                                               jax.tree.leaves(b)))
+  for name in ('conv1', 'bn1', 'layer1_0', 'layer2_3'):
+    assert same(final['params'][name], start['params'][name]), name
+  assert same(final['batch_stats'], start['batch_stats'])
+  assert not same(final['params']['layer3_0']['conv2'], start['params']['layer3_0']['conv2'])
+  assert not same(final['params']['layer4_2']['bn3'], start['params']['layer4_2']['bn3'])

@@ -1,5 +1,5 @@
 """ResNet, ResNeXt and Wide ResNet models: ``create_model(name, **options)`` and their blocks."""
-from resnet_jax.models import layout
+from resnet_jax.models import backbone, layout
 from resnet_jax.models.layers import BatchNorm, conv, shortcut
 from resnet_jax.models.blocks import BasicBlock, Bottleneck, PreActBasicBlock, PreActBottleneck
 from resnet_jax.models.names import IMAGENET_DEPTHS, VALID_NAMES, ArchSpec, parse_name
@@ -15,6 +15,7 @@ __all__ = [
   "PreActBottleneck",
   "ResNet",
   "VALID_NAMES",
+  "backbone",
   "conv",
   "create_model",
   "layout",

@@ -1,5 +1,10 @@
 """The ResNet family of He et al. 2015 (and the pre-activation blocks of He et al. 2016) in linen.
 
+One module serves every name of ``models.names``: ResNeXt and torchvision's Wide ResNets are
+bottleneck ResNets with other block fields (``groups``, ``base_width``), the CIFAR Wide ResNets
+pre-activation CIFAR nets with wider stages and dropout, and backbones the same nets returning
+C2-C5 (``features_only``, ``output_stride``, frozen BN / stages).
+
 Structure follows the Flax ImageNet example (conv and norm factories injected into the blocks with
 ``functools.partial``) and torchvision's ``resnet.py`` (``BasicBlock``/``Bottleneck``).
 
