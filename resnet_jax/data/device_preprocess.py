@@ -2,10 +2,10 @@
 
 The host pipeline (`augment.Preprocessor`) emits uint8 images; this module turns them into the
 model's float32 input: per-pixel mean / mean_std / scale normalisation, the AlexNet PCA lighting of
-the paper's ImageNet recipe, and CIFAR's pad + random crop + flip ('translate': no flip; the zero zero padding lives in
-normalised space, so it has to follow the normalisation). Doing this on the device keeps a
-quarter of the bytes in Grain's shared memory and the host-to-device copy, and takes the float
-work off the host cores.
+the paper's ImageNet recipe, and CIFAR's pad + random crop + flip ('translate': no flip; the zero
+padding lives in normalised space, so it has to follow the normalisation). Doing this on the
+device keeps a quarter of the bytes in Grain's shared memory and the host-to-device copy, and
+takes the float work off the host cores.
 
 Randomness comes from a JAX key (the step compiler passes one derived from the seed and the step),
 so an augmented batch is a function of (seed, step, host batch): deterministic, resumable, and the
