@@ -221,3 +221,14 @@ def test_opencv_decoder_gives_the_same_crop_as_pil():
       assert np.abs(ocv.astype(np.float32) - pil).mean() < 10.0, (kind, seed)
   with pytest.raises(ValueError, match='decoder'):
     augment.Preprocessor('imagenet', 64, 3, 'turbo')
+
+
+def test_translate_is_cifar_without_the_flip():
+  images = np.random.default_rng(1).integers(1, 256, (24, 16, 16, 1), dtype=np.uint8)
+  out = np.asarray(DevicePreprocess('translate', 16, identity_norm())(images, rng=jax.random.key(3)))
+  shifts = set()
+  for image, o in zip(images, out):
+    padded = np.pad(image.astype(np.float32), ((2, 2), (2, 2), (0, 0)))
+    windows = {padded[t:t + 16, l:l + 16].tobytes(): (t, l) for t in range(5) for l in range(5)}
+    shifts.add(windows[o.tobytes()])  # KeyError: flipped or not a window of the padded image
+  assert len(shifts) > 5
