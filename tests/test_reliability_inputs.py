@@ -250,8 +250,11 @@ class _PoisonedIterator:
   def __next__(self):
     batch = dict(next(self.inner))
     self.count += 1
+    # Hosts send uint8, which cannot hold NaN: every batch goes as float32 (the step then
+    # compiles for float32 input), the poisoned one all NaN.
+    batch['image'] = batch['image'].astype(np.float32)
     if self.count in self.poisoned:
-      batch['image'] = np.full_like(batch['image'], np.nan)
+      batch['image'][:] = np.nan
     return batch
 
   def get_state(self):
