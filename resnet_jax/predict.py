@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from resnet_jax import cli, runtime
+from resnet_jax.models import layout
 from resnet_jax.default_config import base_config
 from resnet_jax.workdir import CONFIG_FILE, as_path, read_run_config
 
@@ -174,6 +175,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.error(f'the checkpoint expects {in_channels}-channel input; predict handles RGB ImageNet-style '
                  'models (use python -m resnet_jax.evaluate for models trained on other data)')
   model = runtime.build_model(model_config(args), num_classes)
+  variables = layout.for_model(variables, model)  # converted weights are unrolled, runs may be scanned
   from resnet_jax.checkpointing import describe_mismatch  # pylint: disable=import-outside-toplevel
   expected = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False),
                             jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32))
