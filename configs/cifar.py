@@ -11,12 +11,22 @@ shortcut then defaults to B, projections where the width grows, as in that paper
 Examples: python -m resnet_jax.main --config=configs/cifar.py:depth=110 --workdir=/tmp/r110
           python -m resnet_jax.main --config=configs/cifar.py:depth=164,preact,block=bottleneck ...
 """
+
 from resnet_jax.default_config import base_config, parse_arg, set_cifar_model
 
 
 def get_config(arg: str | None = None):
-  args = parse_arg(arg, depth=20, plain=False, shortcut='', preact=False, val=0,
-                   dataset='cifar10', bn_group=64, block='basic')
+  args = parse_arg(
+    arg,
+    depth=20,
+    plain=False,
+    shortcut='',
+    preact=False,
+    val=0,
+    dataset='cifar10',
+    bn_group=64,
+    block='basic',
+  )
   c = base_config()
   set_cifar_model(c.model, args)
   c.model.bn_group_size = args.bn_group or None

@@ -9,12 +9,14 @@ Runs on a laptop CPU in a few minutes; no download. Config args (comma-separated
   steps=800    training steps at batch 64
 Example: python -m resnet_jax.main --config=configs/digits.py:depth=20,plain --workdir=/tmp/d
 """
+
 from resnet_jax.default_config import base_config, parse_arg, set_cifar_model
 
 
 def get_config(arg: str | None = None):
-  args = parse_arg(arg, depth=14, plain=False, shortcut='', steps=800, batch=64, preact=False,
-                   block='basic')
+  args = parse_arg(
+    arg, depth=14, plain=False, shortcut='', steps=800, batch=64, preact=False, block='basic'
+  )
   c = base_config()
   set_cifar_model(c.model, args)
   c.data.name = 'digits'

@@ -14,12 +14,22 @@ Examples:
   python scripts/sweep.py --config=configs/fashion_mnist.py:steps=8000 --workdir=/tmp/fm \\
       --depths=20,56 --variants=residual,plain
 """
+
 from resnet_jax.default_config import base_config, parse_arg, set_cifar_model
 
 
 def get_config(arg: str | None = None):
-  args = parse_arg(arg, depth=20, plain=False, shortcut='', preact=False, block='basic', val=0,
-                   bn_group=64, steps=64_000)
+  args = parse_arg(
+    arg,
+    depth=20,
+    plain=False,
+    shortcut='',
+    preact=False,
+    block='basic',
+    val=0,
+    bn_group=64,
+    steps=64_000,
+  )
   if args.steps <= 0:
     raise ValueError(f'steps must be positive, got {args.steps}')
   c = base_config()

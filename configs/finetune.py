@@ -18,13 +18,25 @@ update either: with frozen_bn, torchvision's FrozenBatchNorm2d), frozen_stages=-
 1..k get no gradient and no update, as detection fine-tuning does), output_stride=32 (16 / 8:
 dilated last stages).
 """
+
 from resnet_jax.default_config import base_config, parse_arg
 
 
 def get_config(arg: str | None = None):
-  args = parse_arg(arg, arch='resnet50', dataset='digits', steps=300, batch=64, lr=0.01,
-                   image_size=0, bf16=False, frozen_bn=False, frozen_affine=False, frozen_stages=-1,
-                   output_stride=32)
+  args = parse_arg(
+    arg,
+    arch='resnet50',
+    dataset='digits',
+    steps=300,
+    batch=64,
+    lr=0.01,
+    image_size=0,
+    bf16=False,
+    frozen_bn=False,
+    frozen_affine=False,
+    frozen_stages=-1,
+    output_stride=32,
+  )
   digits = args.dataset == 'digits'
   c = base_config()
   c.model.name = args.arch

@@ -10,12 +10,22 @@ crop, zero-init last BN, bfloat16, v1.5 blocks, 90 epochs.
 Config args: depth=50, plain, shortcut=A|B|C, recipe=paper|modern, stride_on=1x1|3x3,
 batch=256, bn_group=32 (0: whole global batch), dataset=imagenet2012.
 """
+
 from resnet_jax.default_config import IMAGENET_TRAIN_EXAMPLES, base_config, parse_arg
 
 
 def get_config(arg: str | None = None):
-  args = parse_arg(arg, depth=50, plain=False, shortcut='B', recipe='paper', stride_on='',
-                   batch=256, bn_group=32, dataset='imagenet2012')
+  args = parse_arg(
+    arg,
+    depth=50,
+    plain=False,
+    shortcut='B',
+    recipe='paper',
+    stride_on='',
+    batch=256,
+    bn_group=32,
+    dataset='imagenet2012',
+  )
   if args.recipe not in ('paper', 'modern'):
     raise ValueError(f'recipe must be paper or modern, got {args.recipe!r}')
   paper = args.recipe == 'paper'

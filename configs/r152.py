@@ -1,4 +1,5 @@
 """ResNet-152 on ImageNet: configs/imagenet.py with depth=152 (extra args are passed through)."""
+
 from resnet_jax.default_config import load_sibling_config
 
 

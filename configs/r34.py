@@ -1,4 +1,5 @@
 """ResNet-34 on ImageNet: configs/imagenet.py with depth=34 (extra args are passed through)."""
+
 from resnet_jax.default_config import load_sibling_config
 
 

@@ -1,4 +1,5 @@
 """ResNet-50 on ImageNet: configs/imagenet.py with depth=50 (extra args are passed through)."""
+
 from resnet_jax.default_config import load_sibling_config
 
 

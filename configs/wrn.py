@@ -8,6 +8,7 @@ runs; dropout=0 for the runs without). BN statistics over the whole batch of 128
 Config args: depth=28, k=10, dropout=0.3, dataset=cifar10|cifar100, val=0 (45k/5k split: 5000).
 Example: python -m resnet_jax.main --config=configs/wrn.py:depth=16,k=8 --workdir=/tmp/wrn16_8
 """
+
 from resnet_jax.default_config import base_config, parse_arg
 
 

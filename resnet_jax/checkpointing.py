@@ -15,6 +15,7 @@ Guarantees (see README, "Checkpoints and faults"):
   When checkpoints exist but none restores, the trainer refuses to start (it never silently
   starts over).
 """
+
 from __future__ import annotations
 
 import json
@@ -85,52 +86,88 @@ def describe_mismatch(expected: Any, found: Any, limit: int = 6) -> str:
   if unexpected:
     parts.append(f'unexpected {unexpected[:limit]}' + (' ...' if len(unexpected) > limit else ''))
   if reshaped:
-    parts.append('shape differs for ' + ', '.join(
-        f'{k} {got[k]} vs {exp[k]}' for k in reshaped[:limit]))
+    parts.append(
+      'shape differs for ' + ', '.join(f'{k} {got[k]} vs {exp[k]}' for k in reshaped[:limit])
+    )
   return '; '.join(parts)
 
 
-def _manager(directory: epath.Path, *, read_only: bool, max_to_keep: int = 3,
-             keep_best: bool = False, async_save: bool = True) -> ocp.CheckpointManager:
+def _manager(
+  directory: epath.Path,
+  *,
+  read_only: bool,
+  max_to_keep: int = 3,
+  keep_best: bool = False,
+  async_save: bool = True,
+) -> ocp.CheckpointManager:
   preservation = policies.LatestN(n=max_to_keep)
   if keep_best:
-    preservation = policies.AnyPreservationPolicy([
+    preservation = policies.AnyPreservationPolicy(
+      [
         preservation,
-        policies.BestN(get_metric_fn=lambda m: m['top1_error'], reverse=True, n=1,
-                       keep_checkpoints_without_metrics=False),
-    ])
+        policies.BestN(
+          get_metric_fn=lambda m: m['top1_error'],
+          reverse=True,
+          n=1,
+          keep_checkpoints_without_metrics=False,
+        ),
+      ]
+    )
   options = ocp.CheckpointManagerOptions(
-      preservation_policy=None if read_only else preservation,
-      enable_async_checkpointing=async_save and not read_only,
-      cleanup_tmp_directories=not read_only,  # a reader must not delete a live run's save
-      read_only=read_only, create=not read_only)
+    preservation_policy=None if read_only else preservation,
+    enable_async_checkpointing=async_save and not read_only,
+    cleanup_tmp_directories=not read_only,  # a reader must not delete a live run's save
+    read_only=read_only,
+    create=not read_only,
+  )
   return ocp.CheckpointManager(
-      directory, options=options,
-      item_handlers={'state': ocp.StandardCheckpointHandler(),
-                     'progress': ocp.JsonCheckpointHandler()})
+    directory,
+    options=options,
+    item_handlers={
+      'state': ocp.StandardCheckpointHandler(),
+      'progress': ocp.JsonCheckpointHandler(),
+    },
+  )
 
 
 class Checkpointer:
   """Saves and restores a run's checkpoints under `workdir/checkpoints` (the trainer's view)."""
 
-  def __init__(self, workdir: str | epath.Path, *, max_to_keep: int = 3, keep_best: bool = False,
-               async_save: bool = True):
+  def __init__(
+    self,
+    workdir: str | epath.Path,
+    *,
+    max_to_keep: int = 3,
+    keep_best: bool = False,
+    async_save: bool = True,
+  ):
     self.directory = as_path(workdir) / CHECKPOINT_DIR
-    self.manager = _manager(self.directory, read_only=False, max_to_keep=max_to_keep,
-                            keep_best=keep_best, async_save=async_save)
+    self.manager = _manager(
+      self.directory,
+      read_only=False,
+      max_to_keep=max_to_keep,
+      keep_best=keep_best,
+      async_save=async_save,
+    )
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def save(self, step: int, state: Any, progress: dict[str, Any],
-           metrics: dict[str, float] | None = None) -> None:
+  def save(
+    self, step: int, state: Any, progress: dict[str, Any], metrics: dict[str, float] | None = None
+  ) -> None:
     """Starts an (async) save of the state and its progress record at `step`."""
     if step in self.manager.all_steps():
       return
     progress = dict(progress, state_fingerprint=state_fingerprint(state))
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(progress)),
-        metrics=metrics, force=True)
+    self.manager.save(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(progress)
+      ),
+      metrics=metrics,
+      force=True,
+    )
 
   def restore(self, abstract_state: Any) -> Restored | None:
     """Restores the newest good checkpoint into the shardings of `abstract_state`.
@@ -142,9 +179,10 @@ class Checkpointer:
     if restored is None and bad:
       # Starting over here would silently throw the run away: leave everything as it is.
       raise NoReadableCheckpointError(
-          f'every checkpoint in {self.directory} is unreadable (steps '
-          f'{", ".join(map(str, bad))}; see the warnings above); nothing was changed. To start '
-          f'over deliberately, use a new --workdir or move {self.directory} away')
+        f'every checkpoint in {self.directory} is unreadable (steps '
+        f'{", ".join(map(str, bad))}; see the warnings above); nothing was changed. To start '
+        f'over deliberately, use a new --workdir or move {self.directory} away'
+      )
     self._set_aside(bad)
     return restored
 
@@ -185,8 +223,9 @@ def _read_progress(manager: ocp.CheckpointManager, directory: epath.Path, step: 
   return manager.restore(step, args=ocp.args.Composite(progress=ocp.args.JsonRestore()))['progress']
 
 
-def _restore_newest(manager: ocp.CheckpointManager, directory: epath.Path,
-                    abstract: Any) -> tuple[Restored | None, list[int]]:
+def _restore_newest(
+  manager: ocp.CheckpointManager, directory: epath.Path, abstract: Any
+) -> tuple[Restored | None, list[int]]:
   """(the newest checkpoint that restores and verifies, the newer steps that did not)."""
   _drop_closed_loop_noise()
   bad = []
@@ -196,25 +235,32 @@ def _restore_newest(manager: ocp.CheckpointManager, directory: epath.Path,
       if found is None:
         raise ValueError('no state metadata')
     except Exception as e:  # noqa: BLE001 -- any unreadable metadata means a damaged checkpoint
-      logger.warning('checkpoint %s/%d is unreadable (%s); trying the previous one',
-                     directory, step, _short(e))
+      logger.warning(
+        'checkpoint %s/%d is unreadable (%s); trying the previous one', directory, step, _short(e)
+      )
       bad.append(step)
       continue
     mismatch = describe_mismatch(abstract, found)
     if mismatch:
       raise CheckpointMismatchError(
-          f'{directory}/{step} holds a run of a different model/config: {mismatch}; '
-          'use another --workdir')
+        f'{directory}/{step} holds a run of a different model/config: {mismatch}; '
+        'use another --workdir'
+      )
     try:
       progress = _read_progress(manager, directory, step)
-      state = manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract)))['state']
+      state = manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+      )['state']
       expected = progress.get('state_fingerprint')
       if expected is not None and state_fingerprint(state) != expected:
         raise ValueError('content checksum mismatch: an array file was modified after saving')
     except Exception as e:  # noqa: BLE001 -- truncated/corrupt files: fall back, loudly
-      logger.warning('checkpoint %s/%d is corrupt or incomplete (%s); trying the previous one',
-                     directory, step, _short(e))
+      logger.warning(
+        'checkpoint %s/%d is corrupt or incomplete (%s); trying the previous one',
+        directory,
+        step,
+        _short(e),
+      )
       bad.append(step)
       continue
     return Restored(state, progress, step), bad
@@ -232,22 +278,33 @@ def restore_model_variables(workdir: str | epath.Path) -> tuple[dict[str, Any], 
     raise FileNotFoundError(f'no checkpoint in {directory}')
   _drop_closed_loop_noise()
   manager = ocp.CheckpointManager(
-      directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False,
-                                                      cleanup_tmp_directories=False),
-      item_handlers={'state': ocp.PyTreeCheckpointHandler()})
+    directory,
+    options=ocp.CheckpointManagerOptions(
+      read_only=True, create=False, cleanup_tmp_directories=False
+    ),
+    item_handlers={'state': ocp.PyTreeCheckpointHandler()},
+  )
   try:
     for step in sorted(manager.all_steps(), reverse=True):
       try:
         found = manager.item_metadata(step)['state']
         wanted = {k: found[k] for k in ('params', 'batch_stats') if k in found}
         abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), wanted)
-        restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(restore_type=np.ndarray),
-                                    abstract)
-        state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            item=abstract, restore_args=restore_args, partial_restore=True)))['state']
+        restore_args = jax.tree.map(
+          lambda _: ocp.ArrayRestoreArgs(restore_type=np.ndarray), abstract
+        )
+        state = manager.restore(
+          step,
+          args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(
+              item=abstract, restore_args=restore_args, partial_restore=True
+            )
+          ),
+        )['state']
       except Exception as e:  # noqa: BLE001 -- report and try the previous one; never move it
-        logger.warning('checkpoint %s/%d is unreadable (%s); trying the previous one',
-                       directory, step, _short(e))
+        logger.warning(
+          'checkpoint %s/%d is unreadable (%s); trying the previous one', directory, step, _short(e)
+        )
         continue
       return {'params': state['params'], 'batch_stats': state.get('batch_stats', {})}, step
   finally:

@@ -5,6 +5,7 @@
 - the model is named by `--arch` (summary also takes it as its first argument);
 - any bad input, usage errors included, is one `error:` line on stderr and exit status 1.
 """
+
 from __future__ import annotations
 
 import argparse

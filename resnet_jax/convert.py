@@ -16,6 +16,7 @@ The mapping is exact because our parameter names mirror torchvision's (see
 ``var``, and both use epsilon 1e-5, so eval-mode logits agree. torch is only needed to read a
 ``.pth`` file (the CLI); ``from_torchvision`` takes any mapping of array-likes.
 """
+
 from __future__ import annotations
 
 import os
@@ -34,11 +35,11 @@ from resnet_jax.models import create_model, layout, parse_name
 # Keys torchvision stores that carry no model state (BN's update counter).
 IGNORED_SUFFIXES = ('num_batches_tracked',)
 _LEAF_NAMES = {
-    ('params', 'kernel'): 'weight',  # conv and dense
-    ('params', 'bias'): 'bias',  # dense and BN
-    ('params', 'scale'): 'weight',  # BN
-    ('batch_stats', 'mean'): 'running_mean',
-    ('batch_stats', 'var'): 'running_var',
+  ('params', 'kernel'): 'weight',  # conv and dense
+  ('params', 'bias'): 'bias',  # dense and BN
+  ('params', 'scale'): 'weight',  # BN
+  ('batch_stats', 'mean'): 'running_mean',
+  ('batch_stats', 'var'): 'running_var',
 }
 
 
@@ -74,8 +75,9 @@ def _to_flax_layout(torch_value: np.ndarray, path: Sequence[str]) -> np.ndarray:
   return torch_value.T  # dense (out, in) -> (in, out)
 
 
-def from_torchvision(state_dict: Mapping[str, Any], name: str, *, scan: bool = False,
-                     features_only: bool = False) -> dict[str, Any]:
+def from_torchvision(
+  state_dict: Mapping[str, Any], name: str, *, scan: bool = False, features_only: bool = False
+) -> dict[str, Any]:
   """Convert a torchvision ResNet ``state_dict`` to ``{'params', 'batch_stats'}`` of ``create_model(name)``.
 
   ``name``: resnet18/34/50/101/152, resnext{50,101}_{G}x{W}d, wide_resnet{50,101}_{k} (grouped
@@ -91,8 +93,9 @@ def from_torchvision(state_dict: Mapping[str, Any], name: str, *, scan: bool = F
   """
   spec = parse_name(name)
   if spec.family != 'imagenet' or not spec.residual:
-    raise ValueError(f'torchvision has weights for ImageNet ResNets, ResNeXts and Wide ResNets '
-                     f'only, not {name!r}')
+    raise ValueError(
+      f'torchvision has weights for ImageNet ResNets, ResNeXts and Wide ResNets only, not {name!r}'
+    )
   sd = {k.removeprefix('module.'): v for k, v in state_dict.items()}
   if features_only:
     sd = {k: v for k, v in sd.items() if not k.startswith('fc.')}
@@ -102,8 +105,9 @@ def from_torchvision(state_dict: Mapping[str, Any], name: str, *, scan: bool = F
       raise ValueError('state_dict has no fc.weight: not a torchvision ResNet state_dict')
     model = create_model(name, num_classes=int(np.shape(sd['fc.weight'])[0]))
   abstract = jax.eval_shape(
-      lambda x: model.init(jax.random.key(0), x, train=False),
-      jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32))
+    lambda x: model.init(jax.random.key(0), x, train=False),
+    jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32),
+  )
 
   used, missing, reshaped = set(), [], []
 
@@ -202,17 +206,20 @@ def load_torch_state_dict(path: str) -> dict[str, Any]:
     raise SystemExit('reading .pth files needs torch: pip install -e ".[torch]"') from e
   version = str(getattr(torch, '__version__', '0'))
   if _version_tuple(version) < MIN_TORCH_VERSION:
-    raise ValueError(f'torch {version} is too old to load weight files safely (torch.load can '
-                     'run code from a crafted file before 2.6, CVE-2025-32434): '
-                     'pip install "torch>=2.6"')
+    raise ValueError(
+      f'torch {version} is too old to load weight files safely (torch.load can '
+      'run code from a crafted file before 2.6, CVE-2025-32434): '
+      'pip install "torch>=2.6"'
+    )
   try:
     state = torch.load(path, map_location='cpu', weights_only=True)
   except FileNotFoundError:
     raise ValueError(f'{path}: no such file') from None
   except Exception as e:  # noqa: BLE001 -- torch's UnpicklingError, RuntimeError, ...
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise ValueError(f'{path} could not be loaded as a weights-only state_dict '
-                     f'({type(e).__name__}: {first[:300]})') from None
+    raise ValueError(
+      f'{path} could not be loaded as a weights-only state_dict ({type(e).__name__}: {first[:300]})'
+    ) from None
   if isinstance(state, Mapping) and 'state_dict' in state and 'fc.weight' not in state:
     state = state['state_dict']
   if not isinstance(state, Mapping):
@@ -224,8 +231,9 @@ def check_out_dir(out: str) -> str:
   """The absolute `--out`; refuses an existing non-empty path (nothing may be overwritten)."""
   out = os.path.abspath(out)
   if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-    raise ValueError(f'--out {out} already exists and is not empty: choose a new directory '
-                     '(nothing was written)')
+    raise ValueError(
+      f'--out {out} already exists and is not empty: choose a new directory (nothing was written)'
+    )
   return out
 
 
@@ -247,13 +255,22 @@ def save_to_new_dir(out: str, variables: dict[str, Any]) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-  parser = cli.ArgumentParser(prog='python -m resnet_jax.convert',
-                                   description=__doc__.split('\n')[0])
-  parser.add_argument('--arch', required=True, help='resnet18 | resnet34 | resnet50 | resnet101 | resnet152')
-  parser.add_argument('--torchvision-weights', required=True, help='torchvision .pth state_dict file')
+  parser = cli.ArgumentParser(
+    prog='python -m resnet_jax.convert', description=__doc__.split('\n')[0]
+  )
+  parser.add_argument(
+    '--arch', required=True, help='resnet18 | resnet34 | resnet50 | resnet101 | resnet152'
+  )
+  parser.add_argument(
+    '--torchvision-weights', required=True, help='torchvision .pth state_dict file'
+  )
   parser.add_argument('--out', required=True, help='output checkpoint directory (new, or empty)')
-  parser.add_argument('--in-channels', type=int, default=3,
-                      help='adapt the stem to this many input channels (1: grayscale datasets)')
+  parser.add_argument(
+    '--in-channels',
+    type=int,
+    default=3,
+    help='adapt the stem to this many input channels (1: grayscale datasets)',
+  )
   args = parser.parse_args(argv)
 
   try:
@@ -267,9 +284,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     sys.exit(1)
   n = sum(np.size(x) for x in jax.tree.leaves(variables['params']))
   classes = variables['params']['fc']['kernel'].shape[1]
-  print(f'wrote {args.arch} ({n:,} parameters, {classes} classes) to {out}\n'
-        f'fine-tune: python -m resnet_jax.main --config=configs/finetune.py:arch={args.arch} '
-        f'--config.init_from={out} --workdir=...')
+  print(
+    f'wrote {args.arch} ({n:,} parameters, {classes} classes) to {out}\n'
+    f'fine-tune: python -m resnet_jax.main --config=configs/finetune.py:arch={args.arch} '
+    f'--config.init_from={out} --workdir=...'
+  )
 
 
 if __name__ == '__main__':

@@ -4,6 +4,7 @@ Experiment files in `configs/` start from `base_config()` and change what their 
 field that exists in one experiment exists in all of them and `--config.<key>=...` overrides behave
 the same everywhere (with `lock_config=True` a misspelled key is an error).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -22,14 +23,24 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.name = 'resnet20'
-  c.model.num_classes = ml_collections.FieldReference(None, field_type=int)  # None: from the dataset
+  c.model.num_classes = ml_collections.FieldReference(
+    None, field_type=int
+  )  # None: from the dataset
   c.model.residual = True
-  c.model.shortcut = ml_collections.FieldReference(None, field_type=str)  # None: A for CIFAR, B for ImageNet
-  c.model.stride_on = ml_collections.FieldReference(None, field_type=str)  # '1x1' (paper v1) | '3x3' (v1.5)
+  c.model.shortcut = ml_collections.FieldReference(
+    None, field_type=str
+  )  # None: A for CIFAR, B for ImageNet
+  c.model.stride_on = ml_collections.FieldReference(
+    None, field_type=str
+  )  # '1x1' (paper v1) | '3x3' (v1.5)
   c.model.preact = False
-  c.model.block = ml_collections.FieldReference(None, field_type=str)  # CIFAR: None/'basic' | 'bottleneck'
+  c.model.block = ml_collections.FieldReference(
+    None, field_type=str
+  )  # CIFAR: None/'basic' | 'bottleneck'
   c.model.zero_init_last_bn = False
-  c.model.bn_group_size = ml_collections.FieldReference(None, field_type=int)  # None: whole global batch
+  c.model.bn_group_size = ml_collections.FieldReference(
+    None, field_type=int
+  )  # None: whole global batch
   c.model.bn_momentum = 0.9
   c.model.bn_epsilon = 1e-5
   # Run the identical blocks of each stage as one scan over stacked parameters (compile time
@@ -57,7 +68,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.image_size = 32
   c.data.num_classes = 10  # only used by 'synthetic'
   c.data.num_train_examples = IMAGENET_TRAIN_EXAMPLES  # only used by 'synthetic' (an epoch)
-  c.data.num_eval_examples = 32  # only used by 'synthetic' (random data: eval only exercises the path)
+  c.data.num_eval_examples = (
+    32  # only used by 'synthetic' (random data: eval only exercises the path)
+  )
   c.data.channels = 3  # only used by 'synthetic'
   c.data.augment = 'none'  # 'none' | 'cifar' | 'imagenet' | 'inception'
   c.data.normalize = 'per_pixel_mean'  # 'per_pixel_mean' (paper) | 'mean_std' | 'scale'
@@ -84,7 +97,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.schedule.name = 'piecewise'  # 'piecewise' | 'cosine' | 'constant'
   c.schedule.base_lr = 0.1
   c.schedule.scale_with_batch = False  # lr = base_lr * batch_size / 256 (Goyal et al.)
-  c.schedule.boundaries = ml_collections.FieldReference(None, field_type=str)  # e.g. '32000,48000' (steps)
+  c.schedule.boundaries = ml_collections.FieldReference(
+    None, field_type=str
+  )  # e.g. '32000,48000' (steps)
   c.schedule.boundaries_epochs = ml_collections.FieldReference(None, field_type=str)  # e.g. '30,60'
   c.schedule.decay_factor = 0.1
   c.schedule.warmup_steps = 0
@@ -148,7 +163,7 @@ def set_cifar_model(model: ml_collections.ConfigDict, args: ml_collections.Confi
   from resnet_jax.models.names import IMAGENET_DEPTHS, default_shortcut, parse_name
 
   # 50 and 152 are 6n+2 too: the prefix keeps them CIFAR nets, not ImageNet ResNet-50/152.
-  model.name = f"{'cifar_' if args.depth in IMAGENET_DEPTHS else ''}resnet{args.depth}"
+  model.name = f'{"cifar_" if args.depth in IMAGENET_DEPTHS else ""}resnet{args.depth}'
   model.residual = not args.plain
   model.block = None if args.block == 'basic' else args.block
   model.shortcut = args.shortcut or default_shortcut(parse_name(model.name, model.block))

@@ -12,6 +12,7 @@ r18.py ... r152.py, finetune.py. Text after ':' selects a variant (see each file
 Rerunning the same command with the same --workdir resumes the run. Outputs in DIR:
 metrics.jsonl, tensorboard/, checkpoints/, config.json and, at the end, results.json.
 """
+
 from __future__ import annotations
 
 from resnet_jax.preemption import StopRequest
@@ -33,16 +34,25 @@ from ml_collections import config_flags
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and results.')
 config_flags.DEFINE_config_file(
-    'config', None, 'Experiment config file, e.g. configs/r50.py or configs/cifar.py:depth=56,plain.',
-    lock_config=True)
-flags.DEFINE_string('coordinator_address', None,
-                    'HOST:PORT of process 0, for multi-process runs (jax.distributed.initialize).')
+  'config',
+  None,
+  'Experiment config file, e.g. configs/r50.py or configs/cifar.py:depth=56,plain.',
+  lock_config=True,
+)
+flags.DEFINE_string(
+  'coordinator_address',
+  None,
+  'HOST:PORT of process 0, for multi-process runs (jax.distributed.initialize).',
+)
 flags.DEFINE_integer('num_processes', None, 'Number of processes of a multi-process run.')
-flags.DEFINE_integer('process_id', None, 'This process\'s index in [0, num_processes).')
-flags.DEFINE_bool('distributed', None,
-                  'Call jax.distributed.initialize() with no arguments (cluster auto-detection: '
-                  'SLURM, TPU pods, ...). Default: only when the coordinator flags are given or '
-                  'SLURM runs several tasks.')
+flags.DEFINE_integer('process_id', None, "This process's index in [0, num_processes).")
+flags.DEFINE_bool(
+  'distributed',
+  None,
+  'Call jax.distributed.initialize() with no arguments (cluster auto-detection: '
+  'SLURM, TPU pods, ...). Default: only when the coordinator flags are given or '
+  'SLURM runs several tasks.',
+)
 
 _ERRORS_SHOWN_AS_ONE_LINE = (ValueError, FileNotFoundError, PermissionError)
 
@@ -60,8 +70,11 @@ def initialize_distributed() -> None:
   # Cross-process collectives between CPU devices (tests, CPU clusters) go through gloo.
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   if explicit:
-    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
-                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+    jax.distributed.initialize(
+      coordinator_address=FLAGS.coordinator_address,
+      num_processes=FLAGS.num_processes,
+      process_id=FLAGS.process_id,
+    )
   else:
     jax.distributed.initialize()
 
@@ -86,30 +99,37 @@ def main(argv: list[str]) -> None:
     logging.getLogger(noisy).setLevel(logging.WARNING)
 
   import jax
+
   from resnet_jax import train
 
   initialize_distributed()
   if jax.process_index() == 0:
-    logging.info('JAX %s: %d processes, %d devices (%s)', jax.__version__, jax.process_count(),
-                 jax.device_count(), jax.devices()[0].platform)
+    logging.info(
+      'JAX %s: %d processes, %d devices (%s)',
+      jax.__version__,
+      jax.process_count(),
+      jax.device_count(),
+      jax.devices()[0].platform,
+    )
   try:
     results = train.train_and_evaluate(config, FLAGS.workdir, stop=_STOP.install())
-  except (_ERRORS_SHOWN_AS_ONE_LINE + (train.NonFiniteLossError,)) as e:
+  except _ERRORS_SHOWN_AS_ONE_LINE + (train.NonFiniteLossError,) as e:
     if os.environ.get('RESNET_JAX_TRACEBACK'):
       raise
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
   if results.get('stopped'):
     if jax.process_index() == 0:
-      where = ('before training started' if results['step'] is None
-               else f"at step {results['step']}")
+      where = 'before training started' if results['step'] is None else f'at step {results["step"]}'
       print(f'stopped {where} on request: rerun the same command to resume', file=sys.stderr)
     return
   if jax.process_index() == 0 and 'eval' in results:
     ev = results['eval']
-    print(f"done: step {results['step']}, {results['eval_split']} top-1 error "
-          f"{100 * ev['top1_error']:.2f}% ({ev['num_examples']} examples), results in "
-          f"{os.path.join(FLAGS.workdir, 'results.json')}")
+    print(
+      f'done: step {results["step"]}, {results["eval_split"]} top-1 error '
+      f'{100 * ev["top1_error"]:.2f}% ({ev["num_examples"]} examples), results in '
+      f'{os.path.join(FLAGS.workdir, "results.json")}'
+    )
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -144,7 +164,9 @@ def _one_line(e: Exception) -> str:
   if isinstance(e, AttributeError) and 'get_config' in text:
     return 'cannot load the --config file: it defines no get_config()'
   if isinstance(e, AttributeError) and lines:  # misspelled --config.key
-    return f"unknown config key {lines[0].strip(chr(39))!r}" + (f' ({lines[1]})' if len(lines) > 1 else '')
+    return f'unknown config key {lines[0].strip(chr(39))!r}' + (
+      f' ({lines[1]})' if len(lines) > 1 else ''
+    )
   last = lines[-1] if lines else repr(e)
   return last.split(': ', 1)[1] if last.startswith(('ValueError: ', 'KeyError: ')) else last
 

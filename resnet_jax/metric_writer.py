@@ -4,6 +4,7 @@ Only process 0 writes (every process computes the same global metrics). `metrics
 appended and flushed at each point so a crash loses nothing that was logged; on resume, points
 past the restored step are dropped first so the file reads like one uninterrupted run.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,6 +28,7 @@ class MetricWriter:
     self._tb = None
     if self.enabled:
       from tensorboardX import SummaryWriter  # imported lazily: only process 0 needs it
+
       self._tb = SummaryWriter(str(epath.Path(workdir) / 'tensorboard'))
 
   def truncate_after(self, step: int) -> None:
@@ -91,9 +93,13 @@ class Progress:
       return
     per_step = self._seconds / max(self._steps, 1)
     rate = steps * self.batch_size / max(seconds, 1e-9)
-    print(f'step {step}/{self.total} ({100 * step / self.total:.0f}%)  loss {loss:.4f}  '
-          f'top-1 error {100 * top1_error:.2f}%  {rate:,.0f} img/s  '
-          f'ETA {_hms(per_step * (self.total - step))}', file=sys.stderr, flush=True)
+    print(
+      f'step {step}/{self.total} ({100 * step / self.total:.0f}%)  loss {loss:.4f}  '
+      f'top-1 error {100 * top1_error:.2f}%  {rate:,.0f} img/s  '
+      f'ETA {_hms(per_step * (self.total - step))}',
+      file=sys.stderr,
+      flush=True,
+    )
 
 
 def _hms(seconds: float) -> str:
@@ -114,7 +120,13 @@ def environment() -> dict[str, Any]:
     except metadata.PackageNotFoundError:
       versions[package] = None
   device = jax.devices()[0]
-  return {'versions': versions, 'python': platform.python_version(),
-          'platform': device.platform, 'device_kind': device.device_kind,
-          'device_count': jax.device_count(), 'local_device_count': jax.local_device_count(),
-          'process_count': jax.process_count(), 'host': platform.node()}
+  return {
+    'versions': versions,
+    'python': platform.python_version(),
+    'platform': device.platform,
+    'device_kind': device.device_kind,
+    'device_count': jax.device_count(),
+    'local_device_count': jax.local_device_count(),
+    'process_count': jax.process_count(),
+    'host': platform.node(),
+  }

@@ -5,6 +5,7 @@ epochs 30 and 60) with an optional constant warm-up at 0.01 (ResNet-110); the mo
 linear warm-up into a cosine decay. Weight decay is the coupled L2 of the paper (added to the
 gradient before momentum), on every parameter or on conv/dense kernels only.
 """
+
 from __future__ import annotations
 
 import jax
@@ -26,8 +27,9 @@ def peak_learning_rate(config: ml_collections.ConfigDict) -> float:
   return lr
 
 
-def create_learning_rate_fn(config: ml_collections.ConfigDict, steps_per_epoch: int,
-                            total_steps: int) -> optax.Schedule:
+def create_learning_rate_fn(
+  config: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int
+) -> optax.Schedule:
   """The schedule named by `config.schedule.name`, as a function of the global step."""
   s = config.schedule
   peak = peak_learning_rate(config)
@@ -37,8 +39,7 @@ def create_learning_rate_fn(config: ml_collections.ConfigDict, steps_per_epoch: 
     boundaries += [int(round(e * steps_per_epoch)) for e in _parse_ints(s.boundaries_epochs)]
     if sorted(boundaries) != boundaries:
       raise ValueError(f'schedule boundaries must be increasing, got {boundaries}')
-    main = optax.piecewise_constant_schedule(
-        peak, {b: s.decay_factor for b in boundaries})
+    main = optax.piecewise_constant_schedule(peak, {b: s.decay_factor for b in boundaries})
   elif s.name == 'cosine':
     main = optax.cosine_decay_schedule(peak, decay_steps=max(total_steps - warmup, 1))
   elif s.name == 'constant':
@@ -65,19 +66,21 @@ def weight_decay_mask(params, which: str):
     return jax.tree.map(lambda _: True, params)
   if which == 'kernels':
     return jax.tree_util.tree_map_with_path(
-        lambda path, _: getattr(path[-1], 'key', None) == 'kernel', params)
+      lambda path, _: getattr(path[-1], 'key', None) == 'kernel', params
+    )
   raise ValueError(f"optimizer.weight_decay_mask must be 'all' or 'kernels', got {which!r}")
 
 
-def create_optimizer(config: ml_collections.ConfigDict,
-                     learning_rate_fn: optax.Schedule) -> optax.GradientTransformation:
+def create_optimizer(
+  config: ml_collections.ConfigDict, learning_rate_fn: optax.Schedule
+) -> optax.GradientTransformation:
   """SGD with momentum (optionally Nesterov) and coupled L2 weight decay."""
   o = config.optimizer
   which = o.weight_decay_mask
   if which not in ('all', 'kernels'):
     raise ValueError(f"optimizer.weight_decay_mask must be 'all' or 'kernels', got {which!r}")
   tx = optax.chain(
-      optax.add_decayed_weights(o.weight_decay, mask=lambda p: weight_decay_mask(p, which)),
-      optax.sgd(learning_rate_fn, momentum=o.momentum, nesterov=o.nesterov),
+    optax.add_decayed_weights(o.weight_decay, mask=lambda p: weight_decay_mask(p, which)),
+    optax.sgd(learning_rate_fn, momentum=o.momentum, nesterov=o.nesterov),
   )
   return backbone.freeze(tx, config.model)  # frozen stages / BN affine: no update at all

@@ -9,6 +9,7 @@ side to 256 (PIL bilinear, antialiased), centre-crop 224, scale to [0, 1], norma
 ImageNet mean/std. Class names come from torchvision's metadata when it is installed (read as a
 file, without importing torch), from ``--labels FILE`` (one name per line), or are ``class <i>``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,8 +24,8 @@ import numpy as np
 from PIL import Image
 
 from resnet_jax import cli, runtime
-from resnet_jax.models import layout
 from resnet_jax.default_config import base_config
+from resnet_jax.models import layout
 from resnet_jax.workdir import CONFIG_FILE, as_path, read_run_config
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
@@ -54,8 +55,10 @@ def open_image(path: str) -> Image.Image:
     raise ValueError(f'{path} is not an image PIL can read ({e})') from None
   w, h = image.size
   if w <= 0 or h <= 0 or w * h > MAX_IMAGE_PIXELS:
-    raise ValueError(f'{path} is {w}x{h} pixels, over the {MAX_IMAGE_PIXELS:,} this tool '
-                     'decodes (a decompression bomb or a huge scan): downscale it first')
+    raise ValueError(
+      f'{path} is {w}x{h} pixels, over the {MAX_IMAGE_PIXELS:,} this tool '
+      'decodes (a decompression bomb or a huge scan): downscale it first'
+    )
   try:
     image.load()
   except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
@@ -115,8 +118,12 @@ def class_names(num_classes: int, labels_file: Optional[str] = None) -> list[str
 def load_variables(args: argparse.Namespace) -> dict[str, Any]:
   if args.torchvision_weights:
     from resnet_jax import convert  # pylint: disable=import-outside-toplevel
-    return convert.from_torchvision(convert.load_torch_state_dict(args.torchvision_weights), args.arch)
+
+    return convert.from_torchvision(
+      convert.load_torch_state_dict(args.torchvision_weights), args.arch
+    )
   from resnet_jax import pretrained  # pylint: disable=import-outside-toplevel
+
   return pretrained.load_model_variables(args.checkpoint)
 
 
@@ -146,17 +153,26 @@ def top5(model, variables: dict[str, Any], images: np.ndarray) -> tuple[np.ndarr
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-  parser = cli.ArgumentParser(prog='python -m resnet_jax.predict', description=__doc__.split('\n')[0])
+  parser = cli.ArgumentParser(
+    prog='python -m resnet_jax.predict', description=__doc__.split('\n')[0]
+  )
   parser.add_argument('--arch', required=True, help='model name, e.g. resnet50')
   source = parser.add_mutually_exclusive_group(required=True)
   source.add_argument('--torchvision-weights', help='torchvision .pth state_dict (needs torch)')
   source.add_argument('--checkpoint', help='converted checkpoint directory or training workdir')
-  parser.add_argument('--shortcut', choices=['A', 'B', 'C'], help='for checkpoints of non-default models')
+  parser.add_argument(
+    '--shortcut', choices=['A', 'B', 'C'], help='for checkpoints of non-default models'
+  )
   parser.add_argument('--stride-on', choices=['1x1', '3x3'])
   parser.add_argument('--preact', action='store_true')
-  parser.add_argument('--block', choices=['basic', 'bottleneck'],
-                      help='CIFAR-family nets: the block kind (bottleneck: 9n+2 layers)')
-  parser.add_argument('--image-size', type=int, default=224, help='crop size (resize = size * 256 / 224)')
+  parser.add_argument(
+    '--block',
+    choices=['basic', 'bottleneck'],
+    help='CIFAR-family nets: the block kind (bottleneck: 9n+2 layers)',
+  )
+  parser.add_argument(
+    '--image-size', type=int, default=224, help='crop size (resize = size * 256 / 224)'
+  )
   parser.add_argument('--labels', help='text file with one class name per line')
   parser.add_argument('images', nargs='+', help='image files')
   args = parser.parse_args(argv)
@@ -172,13 +188,20 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   num_classes = kernel.shape[1]
   in_channels = variables['params']['conv1']['kernel'].shape[2]
   if in_channels != 3:
-    parser.error(f'the checkpoint expects {in_channels}-channel input; predict handles RGB ImageNet-style '
-                 'models (use python -m resnet_jax.evaluate for models trained on other data)')
+    parser.error(
+      f'the checkpoint expects {in_channels}-channel input; predict handles RGB ImageNet-style '
+      'models (use python -m resnet_jax.evaluate for models trained on other data)'
+    )
   model = runtime.build_model(model_config(args), num_classes)
-  variables = layout.for_model(variables, model)  # converted weights are unrolled, runs may be scanned
+  variables = layout.for_model(
+    variables, model
+  )  # converted weights are unrolled, runs may be scanned
   from resnet_jax.checkpointing import describe_mismatch  # pylint: disable=import-outside-toplevel
-  expected = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False),
-                            jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32))
+
+  expected = jax.eval_shape(
+    lambda x: model.init(jax.random.key(0), x, train=False),
+    jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32),
+  )
   mismatch = describe_mismatch(expected, variables)
   if mismatch:
     parser.error(f'the weights do not fit {args.arch} with these options: {mismatch}')

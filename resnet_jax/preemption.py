@@ -6,6 +6,7 @@ the last step lets the run stop (or finish) normally. A second Ctrl-C exits at o
 what is on disk then is what a kill -9 leaves (complete checkpoints only). This module imports
 nothing heavy, so `main` installs it before JAX starts.
 """
+
 from __future__ import annotations
 
 import os
@@ -34,12 +35,18 @@ class StopRequest:
     del frame
     if self.requested and signum == signal.SIGINT:
       # os.write: no buffered I/O inside a signal handler.
-      os.write(2, b'error: interrupted twice: exiting now; the newest finished checkpoint is '
-                  b'kept and a rerun resumes from it\n')
+      os.write(
+        2,
+        b'error: interrupted twice: exiting now; the newest finished checkpoint is '
+        b'kept and a rerun resumes from it\n',
+      )
       os._exit(130)  # pylint: disable=protected-access
     if not self.requested:
-      os.write(2, f'received signal {signum}: the run stops after saving a checkpoint (Ctrl-C '
-                  'again to exit at once)\n'.encode())
+      os.write(
+        2,
+        f'received signal {signum}: the run stops after saving a checkpoint (Ctrl-C '
+        'again to exit at once)\n'.encode(),
+      )
     self.requested, self.signum = True, signum
 
   def uninstall(self) -> None:
@@ -52,4 +59,3 @@ class StopRequest:
 
   def __exit__(self, *exc: Any) -> None:
     self.uninstall()
-

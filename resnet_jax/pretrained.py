@@ -4,6 +4,7 @@ A converted checkpoint (`python -m resnet_jax.convert --out DIR`) is an Orbax ch
 `{'params', 'batch_stats'}`; `init_from` also accepts another run's workdir, whose newest good
 checkpoint is read without modifying that workdir.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -35,9 +36,11 @@ def load_model_variables(path: str | epath.Path) -> dict[str, Any]:
   raise FileNotFoundError(f'{path} is neither a run workdir nor a converted checkpoint directory')
 
 
-def merge_pretrained(variables: dict[str, Any], pretrained: dict[str, Any],
-                     reinit_prefixes: tuple[str, ...] = ('params/fc', 'batch_stats/fc'),
-                     ) -> tuple[dict[str, Any], list[str]]:
+def merge_pretrained(
+  variables: dict[str, Any],
+  pretrained: dict[str, Any],
+  reinit_prefixes: tuple[str, ...] = ('params/fc', 'batch_stats/fc'),
+) -> tuple[dict[str, Any], list[str]]:
   """Copies pretrained weights into freshly initialised `variables`.
 
   Leaves under `reinit_prefixes` (the classifier head) keep their fresh values when their shape
@@ -58,7 +61,10 @@ def merge_pretrained(variables: dict[str, Any], pretrained: dict[str, Any],
   problems += [f'unused {k}' for k in given if k not in fresh]
   if problems:
     raise checkpointing.CheckpointMismatchError(
-        'init_from does not fit this model: ' + '; '.join(problems[:8]))
-  merged = {k: (fresh[k] if k in reinitialised
-                else np.asarray(given[k], dtype=np.asarray(fresh[k]).dtype)) for k in fresh}
+      'init_from does not fit this model: ' + '; '.join(problems[:8])
+    )
+  merged = {
+    k: (fresh[k] if k in reinitialised else np.asarray(given[k], dtype=np.asarray(fresh[k]).dtype))
+    for k in fresh
+  }
   return checkpointing.unflatten(merged), reinitialised

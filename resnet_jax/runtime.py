@@ -5,6 +5,7 @@ build their model here, from `config.model` (big_vision style: the fields of `co
 `create_model`'s keyword arguments). Trainers get the optimizer, schedule and train state
 (fresh, restored or initialised from pretrained weights); readers get model variables only.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -58,8 +59,13 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
   """Model, dataset description and mesh; a bad model name fails before any data is opened."""
   build_model(config, num_classes=config.model.num_classes or 1)
   info = data.get_dataset_info(config)
-  return Experiment(config, info, build_model(config, info.num_classes), create_mesh(),
-                    make_device_preprocess(config))
+  return Experiment(
+    config,
+    info,
+    build_model(config, info.num_classes),
+    create_mesh(),
+    make_device_preprocess(config),
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,8 +87,11 @@ class Training:
 def build_training(config: ml_collections.ConfigDict) -> Training:
   experiment = build_experiment(config)
   steps_per_epoch = math.ceil(experiment.dataset.num_train_examples / config.batch_size)
-  total_steps = (config.num_train_steps if config.num_train_steps > 0
-                 else int(math.ceil(config.num_epochs * steps_per_epoch)))
+  total_steps = (
+    config.num_train_steps
+    if config.num_train_steps > 0
+    else int(math.ceil(config.num_epochs * steps_per_epoch))
+  )
   lr_fn = optim.create_learning_rate_fn(config, steps_per_epoch, total_steps)
   tx = optim.create_optimizer(config, lr_fn)
   abstract = abstract_state(experiment.model, tx, experiment.dataset.image_shape, experiment.mesh)
@@ -99,8 +108,9 @@ class StartingPoint:
   wall_time_before_s: float  # time spent by earlier invocations of this run
 
 
-def _restore_any_layout(training: Training,
-                        checkpointer: checkpointing.Checkpointer) -> checkpointing.Restored | None:
+def _restore_any_layout(
+  training: Training, checkpointer: checkpointing.Checkpointer
+) -> checkpointing.Restored | None:
   """Restores the newest checkpoint whether it holds scanned or unrolled blocks.
 
   The layout is a detail of `config.model.scan`: a run may resume with the other setting. The
@@ -111,8 +121,9 @@ def _restore_any_layout(training: Training,
   except checkpointing.CheckpointMismatchError:
     model = training.experiment.model
     other = model.clone(scan=not model.scan)
-    saved_shape = abstract_state(other, training.optimizer, training.experiment.dataset.image_shape,
-                                 training.experiment.mesh)
+    saved_shape = abstract_state(
+      other, training.optimizer, training.experiment.dataset.image_shape, training.experiment.mesh
+    )
     if checkpointing.describe_mismatch(saved_shape, training.abstract_state) == '':
       raise  # both layouts are the same tree (one block per stage): a real mismatch
     try:
@@ -121,10 +132,16 @@ def _restore_any_layout(training: Training,
       restored = None
     if restored is None:
       raise
-  logger.info('converting checkpoint %d to the %s layout', restored.step, layout.model_layout(model))
+  logger.info(
+    'converting checkpoint %d to the %s layout', restored.step, layout.model_layout(model)
+  )
   state = restored.state
-  state = state.replace(apply_fn=model.apply, **{
-      k: layout.for_model(getattr(state, k), model) for k in ('params', 'batch_stats', 'opt_state')})
+  state = state.replace(
+    apply_fn=model.apply,
+    **{
+      k: layout.for_model(getattr(state, k), model) for k in ('params', 'batch_stats', 'opt_state')
+    },
+  )
   return restored._replace(state=jax.device_put(state, training.state_sharding))
 
 
@@ -133,20 +150,26 @@ def starting_point(training: Training, checkpointer: checkpointing.Checkpointer)
   restored = _restore_any_layout(training, checkpointer)
   if restored is not None:
     logger.info('resuming from %s/%d', checkpointer.directory, restored.step)
-    return StartingPoint(restored.state, restored.step, restored.progress['iterator'],
-                         float(restored.progress.get('wall_time_s', 0.0)))
+    return StartingPoint(
+      restored.state,
+      restored.step,
+      restored.progress['iterator'],
+      float(restored.progress.get('wall_time_s', 0.0)),
+    )
   experiment = training.experiment
   config, model, mesh = experiment.config, experiment.model, experiment.mesh
   variables = None
   if config.init_from:
     shape = (1,) + experiment.dataset.image_shape
-    fresh = jax.device_get(jax.jit(lambda r: model.init(r, jnp.zeros(shape), train=False))(
-        jax.random.key(config.seed)))
+    fresh = jax.device_get(
+      jax.jit(lambda r: model.init(r, jnp.zeros(shape), train=False))(jax.random.key(config.seed))
+    )
     weights = layout.for_model(pretrained.load_model_variables(config.init_from), model)
     variables, reinit = pretrained.merge_pretrained(fresh, weights)
     logger.info('initialised from %s (re-initialised: %s)', config.init_from, reinit or 'none')
-  state = init_state(model, training.optimizer, experiment.dataset.image_shape, config.seed,
-                     mesh, variables)
+  state = init_state(
+    model, training.optimizer, experiment.dataset.image_shape, config.seed, mesh, variables
+  )
   return StartingPoint(state, 0, None, 0.0)
 
 
@@ -159,8 +182,9 @@ class TrainedModel:
   step: int
 
 
-def load_trained_model(workdir: str | epath.PathLike,
-                       overrides: dict[str, Any] | None = None) -> TrainedModel:
+def load_trained_model(
+  workdir: str | epath.PathLike, overrides: dict[str, Any] | None = None
+) -> TrainedModel:
   """The model of the run in `workdir` with its newest good weights; never writes to `workdir`.
 
   `overrides` ({'eval_batch_size': 64, ...}, dotted keys allowed) change how it is evaluated,
@@ -179,5 +203,6 @@ def load_trained_model(workdir: str | epath.PathLike,
   mismatch = checkpointing.describe_mismatch(experiment.abstract_variables(), variables)
   if mismatch:
     raise checkpointing.CheckpointMismatchError(
-        f'{workdir}: the checkpoint does not fit the model its config.json describes: {mismatch}')
+      f'{workdir}: the checkpoint does not fit the model its config.json describes: {mismatch}'
+    )
   return TrainedModel(experiment, variables, step)

@@ -15,6 +15,7 @@ model is traced abstractly (``jax.eval_shape``, no FLOPs spent), and contributes
 pooling and additions are not multiply-accumulates and are not counted (the paper's convention).
 Parameter counts exclude BatchNorm running statistics (``batch_stats``).
 """
+
 from __future__ import annotations
 
 import json
@@ -32,12 +33,12 @@ from resnet_jax.models import create_model, parse_name
 
 def stage_of(top_level_name: str) -> str:
   """Group a top-level submodule name into its stage: 'stem', 'layer<k>' or 'head'."""
-  m = re.fullmatch(r"(layer\d+)_\d+", top_level_name)
+  m = re.fullmatch(r'(layer\d+)_\d+', top_level_name)
   if m:
     return m[1]
-  if top_level_name in ("conv1", "bn1"):
-    return "stem"
-  return "head"
+  if top_level_name in ('conv1', 'bn1'):
+    return 'stem'
+  return 'head'
 
 
 def count_params(params: Any) -> int:
@@ -51,14 +52,14 @@ def analyze(model: nn.Module, image_size: int, in_channels: int = 3) -> dict:
   A scanned model (``scan=True``) is counted as its unrolled twin: the same function and
   parameters, but a scan body is traced once, so per-call interception would miss its repeats.
   """
-  if getattr(model, "scan", False):
+  if getattr(model, 'scan', False):
     model = model.clone(scan=False)
   calls = []  # (module path, output shape, macs) for every submodule __call__, in call order
 
   def interceptor(next_fun, args, kwargs, context):
     out = next_fun(*args, **kwargs)
     module = context.module
-    if context.method_name != "__call__" or not module.path:
+    if context.method_name != '__call__' or not module.path:
       return out
     macs = 0
     if isinstance(module, nn.Conv):
@@ -71,23 +72,21 @@ def analyze(model: nn.Module, image_size: int, in_channels: int = 3) -> dict:
 
   x = jax.ShapeDtypeStruct((1, image_size, image_size, in_channels), jnp.float32)
   with nn.intercept_methods(interceptor):
-    variables = jax.eval_shape(
-      lambda x: model.init(jax.random.key(0), x, train=False), x
-    )
+    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
 
   stages: dict[str, dict] = {}
   for path, shape, macs in calls:
-    entry = stages.setdefault(stage_of(path[0]), {"output_shape": None, "params": 0, "macs": 0})
-    entry["macs"] += macs
+    entry = stages.setdefault(stage_of(path[0]), {'output_shape': None, 'params': 0, 'macs': 0})
+    entry['macs'] += macs
     if len(path) == 1:  # a direct child of the ResNet: its output is the stage output so far
-      entry["output_shape"] = list(shape)
-  for name, subtree in variables["params"].items():
-    stages[stage_of(name)]["params"] += count_params(subtree)
-  rows = [{"name": name, **entry} for name, entry in stages.items()]
+      entry['output_shape'] = list(shape)
+  for name, subtree in variables['params'].items():
+    stages[stage_of(name)]['params'] += count_params(subtree)
+  rows = [{'name': name, **entry} for name, entry in stages.items()]
   return {
-    "params": count_params(variables["params"]),
-    "macs": sum(r["macs"] for r in rows),
-    "stages": rows,
+    'params': count_params(variables['params']),
+    'macs': sum(r['macs'] for r in rows),
+    'stages': rows,
   }
 
 
@@ -96,44 +95,63 @@ def feature_maps(model: nn.Module, image_size: int, in_channels: int = 3) -> lis
   x = jax.ShapeDtypeStruct((1, image_size, image_size, in_channels), jnp.float32)
   variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
   out = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, x)
-  return [{"name": k, "shape": list(v.shape[1:]), "stride": image_size / v.shape[1]}
-          for k, v in out.items()]
+  return [
+    {'name': k, 'shape': list(v.shape[1:]), 'stride': image_size / v.shape[1]}
+    for k, v in out.items()
+  ]
 
 
 def format_table(summary: dict) -> str:
   """Plain-text table, one row per stage plus a total."""
-  lines = [f"{'stage':<8} {'output':>14} {'params':>14} {'MACs':>16}"]
-  for row in summary["stages"]:
-    shape = "x".join(str(d) for d in row["output_shape"])
-    lines.append(f"{row['name']:<8} {shape:>14} {row['params']:>14,} {row['macs']:>16,}")
-  lines.append(f"{'total':<8} {'':>14} {summary['params']:>14,} {summary['macs']:>16,}")
-  lines.append(f"({summary['macs'] / 1e9:.3f} G multiply-accumulates per image)")
-  for f in summary.get("features", []):
-    shape = "x".join(str(d) for d in f["shape"])
-    lines.append(f"feature {f['name']:<4} {shape:>14}  stride {f['stride']:g}")
-  return "\n".join(lines)
+  lines = [f'{"stage":<8} {"output":>14} {"params":>14} {"MACs":>16}']
+  for row in summary['stages']:
+    shape = 'x'.join(str(d) for d in row['output_shape'])
+    lines.append(f'{row["name"]:<8} {shape:>14} {row["params"]:>14,} {row["macs"]:>16,}')
+  lines.append(f'{"total":<8} {"":>14} {summary["params"]:>14,} {summary["macs"]:>16,}')
+  lines.append(f'({summary["macs"] / 1e9:.3f} G multiply-accumulates per image)')
+  for f in summary.get('features', []):
+    shape = 'x'.join(str(d) for d in f['shape'])
+    lines.append(f'feature {f["name"]:<4} {shape:>14}  stride {f["stride"]:g}')
+  return '\n'.join(lines)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-  parser = cli.ArgumentParser(prog="python -m resnet_jax.summary", description=__doc__.split("\n")[0])
-  parser.add_argument("name", nargs="?", help="model name, e.g. resnet50, resnet56, plain20")
-  parser.add_argument("--arch", help="the model name, as the other commands spell it")
-  parser.add_argument("--plain", action="store_true", help="the plain twin (no shortcuts)")
-  parser.add_argument("--shortcut", choices=["A", "B", "C"])
-  parser.add_argument("--stride-on", choices=["1x1", "3x3"])
-  parser.add_argument("--preact", action="store_true", help="pre-activation blocks (He et al. 2016)")
-  parser.add_argument("--block", choices=["basic", "bottleneck"],
-                      help="CIFAR block kind: bottleneck gives the 9n+2 nets (resnet164, resnet1001)")
-  parser.add_argument("--num-classes", type=int)
-  parser.add_argument("--image-size", type=int, help="default 224 (ImageNet names) or 32 (CIFAR)")
-  parser.add_argument("--features", action="store_true",
-                      help="the backbone (features_only): C2-C5 shapes and strides, no classifier")
-  parser.add_argument("--output-stride", type=int, default=32, choices=[32, 16, 8],
-                      help="16 / 8: dilate the last one / two stages instead of striding them")
-  parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+  parser = cli.ArgumentParser(
+    prog='python -m resnet_jax.summary', description=__doc__.split('\n')[0]
+  )
+  parser.add_argument('name', nargs='?', help='model name, e.g. resnet50, resnet56, plain20')
+  parser.add_argument('--arch', help='the model name, as the other commands spell it')
+  parser.add_argument('--plain', action='store_true', help='the plain twin (no shortcuts)')
+  parser.add_argument('--shortcut', choices=['A', 'B', 'C'])
+  parser.add_argument('--stride-on', choices=['1x1', '3x3'])
+  parser.add_argument(
+    '--preact', action='store_true', help='pre-activation blocks (He et al. 2016)'
+  )
+  parser.add_argument(
+    '--block',
+    choices=['basic', 'bottleneck'],
+    help='CIFAR block kind: bottleneck gives the 9n+2 nets (resnet164, resnet1001)',
+  )
+  parser.add_argument('--num-classes', type=int)
+  parser.add_argument('--image-size', type=int, help='default 224 (ImageNet names) or 32 (CIFAR)')
+  parser.add_argument(
+    '--features',
+    action='store_true',
+    help='the backbone (features_only): C2-C5 shapes and strides, no classifier',
+  )
+  parser.add_argument(
+    '--output-stride',
+    type=int,
+    default=32,
+    choices=[32, 16, 8],
+    help='16 / 8: dilate the last one / two stages instead of striding them',
+  )
+  parser.add_argument(
+    '--json', action='store_true', help='print one JSON object instead of a table'
+  )
   args = parser.parse_args(argv)
   if (args.name is None) == (args.arch is None):
-    parser.error("name the model once: python -m resnet_jax.summary NAME (or --arch NAME)")
+    parser.error('name the model once: python -m resnet_jax.summary NAME (or --arch NAME)')
   args.name = args.name or args.arch
 
   try:
@@ -151,32 +169,32 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     )
   except ValueError as e:
     parser.error(str(e))
-  image_size = args.image_size or (224 if spec.family == "imagenet" else 32)
+  image_size = args.image_size or (224 if spec.family == 'imagenet' else 32)
   summary = analyze(model, image_size)
   if args.features:
-    summary["features"] = feature_maps(model, image_size)
+    summary['features'] = feature_maps(model, image_size)
   header = {
-    "name": args.name,
-    "family": spec.family,
-    "residual": model.residual,
-    "shortcut": model.shortcut if model.residual else None,
-    "stride_on": model.stride_on if model.block_cls.expansion > 1 else None,  # bottlenecks only
-    "preact": model.block_cls.preact,
-    "block": spec.block,
-    "groups": model.groups,
-    "width_per_group": model.base_width,
-    "widths": list(model.widths),
-    "dropout_rate": model.dropout_rate,
-    "output_stride": model.output_stride,
-    "num_classes": None if model.features_only else model.num_classes,
-    "image_size": image_size,
+    'name': args.name,
+    'family': spec.family,
+    'residual': model.residual,
+    'shortcut': model.shortcut if model.residual else None,
+    'stride_on': model.stride_on if model.block_cls.expansion > 1 else None,  # bottlenecks only
+    'preact': model.block_cls.preact,
+    'block': spec.block,
+    'groups': model.groups,
+    'width_per_group': model.base_width,
+    'widths': list(model.widths),
+    'dropout_rate': model.dropout_rate,
+    'output_stride': model.output_stride,
+    'num_classes': None if model.features_only else model.num_classes,
+    'image_size': image_size,
   }
   if args.json:
     print(json.dumps({**header, **summary}))
   else:
-    print(", ".join(f"{k}={v}" for k, v in header.items()))
+    print(', '.join(f'{k}={v}' for k, v in header.items()))
     print(format_table(summary))
 
 
-if __name__ == "__main__":
+if __name__ == '__main__':
   main()

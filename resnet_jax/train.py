@@ -5,6 +5,7 @@ optimizer, the restored or fresh state), then loop over jit-compiled steps, logg
 and checkpointing at fixed steps. Device work is never synchronised except at those points. The
 input iterator and the metric writer can be passed in, so the loop is testable in-process.
 """
+
 from __future__ import annotations
 
 import collections
@@ -24,18 +25,38 @@ from jax.experimental import multihost_utils
 from resnet_jax import checkpointing, data, runtime
 from resnet_jax.evaluate import run_evaluation
 from resnet_jax.metric_writer import MetricWriter, Progress, environment
-from resnet_jax.train_step import (count_params, device_batch, jit_eval_step, jit_train_step,
-                                   model_variables, state_fingerprint)
 from resnet_jax.preemption import StopRequest
-from resnet_jax.workdir import (CONFIG_FILE, RESULTS_FILE, WorkdirLock, as_path, read_run_config,
-                               write_json)
+from resnet_jax.train_step import (
+  count_params,
+  device_batch,
+  jit_eval_step,
+  jit_train_step,
+  model_variables,
+  state_fingerprint,
+)
+from resnet_jax.workdir import (
+  CONFIG_FILE,
+  RESULTS_FILE,
+  WorkdirLock,
+  as_path,
+  read_run_config,
+  write_json,
+)
 
 logger = logging.getLogger(__name__)
 
 # Config fields that define the train state's structure: a workdir trained with other values
 # cannot be resumed with these (checked against the workdir's config.json).
-_SHAPE_FIELDS = ('model.name', 'model.residual', 'model.shortcut', 'model.stride_on',
-                 'model.preact', 'model.block', 'data.name', 'data.image_size')
+_SHAPE_FIELDS = (
+  'model.name',
+  'model.residual',
+  'model.shortcut',
+  'model.stride_on',
+  'model.preact',
+  'model.block',
+  'data.name',
+  'data.image_size',
+)
 
 
 class ConfigError(ValueError):
@@ -56,30 +77,41 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'batch_size must be positive, got {config.batch_size}')
   n_dev, n_proc = jax.device_count(), jax.process_count()
   if config.batch_size % n_dev:
-    raise ConfigError(f'batch_size {config.batch_size} is not divisible by the {n_dev} devices: '
-                      f'use a multiple of {n_dev} (per-device batch must be whole)')
+    raise ConfigError(
+      f'batch_size {config.batch_size} is not divisible by the {n_dev} devices: '
+      f'use a multiple of {n_dev} (per-device batch must be whole)'
+    )
   if config.batch_size % n_proc:
     raise ConfigError(f'batch_size {config.batch_size} is not divisible by {n_proc} processes')
   if config.dtype not in runtime.COMPUTE_DTYPES:
-    raise ConfigError(f"dtype must be one of {sorted(runtime.COMPUTE_DTYPES)}, got {config.dtype!r}")
+    raise ConfigError(
+      f'dtype must be one of {sorted(runtime.COMPUTE_DTYPES)}, got {config.dtype!r}'
+    )
   if config.on_nonfinite not in ('error', 'skip'):
     raise ConfigError(f"on_nonfinite must be 'error' or 'skip', got {config.on_nonfinite!r}")
   if config.num_train_steps <= 0 and config.num_epochs <= 0:
     raise ConfigError('set num_train_steps > 0 or num_epochs > 0')
-  at_least = {'log_every_steps': (config.log_every_steps, 1),
-              'max_to_keep': (config.max_to_keep, 1),
-              'eval_batch_size': (config.eval_batch_size, 1),
-              'schedule.base_lr': (config.schedule.base_lr, 0),
-              'schedule.warmup_steps': (config.schedule.warmup_steps, 0),
-              'schedule.warmup_lr': (config.schedule.warmup_lr, 0),
-              'optimizer.weight_decay': (config.optimizer.weight_decay, 0),
-              'data.num_workers': (config.data.num_workers, 0)}
+  at_least = {
+    'log_every_steps': (config.log_every_steps, 1),
+    'max_to_keep': (config.max_to_keep, 1),
+    'eval_batch_size': (config.eval_batch_size, 1),
+    'schedule.base_lr': (config.schedule.base_lr, 0),
+    'schedule.warmup_steps': (config.schedule.warmup_steps, 0),
+    'schedule.warmup_lr': (config.schedule.warmup_lr, 0),
+    'optimizer.weight_decay': (config.optimizer.weight_decay, 0),
+    'data.num_workers': (config.data.num_workers, 0),
+  }
   for key, (value, low) in at_least.items():
     if value is None or value < low:
       what = 'positive' if low == 1 else 'non-negative'
-      raise ConfigError(f'{key} must be {what}, got {value}' + (
+      raise ConfigError(
+        f'{key} must be {what}, got {value}'
+        + (
           ' (0 would keep no checkpoint at all, not even the final one)'
-          if key == 'max_to_keep' else ''))
+          if key == 'max_to_keep'
+          else ''
+        )
+      )
   if config.data.eval_crops not in (1, 10):
     raise ConfigError(f'data.eval_crops must be 1 or 10, got {config.data.eval_crops}')
   if not 0 <= config.label_smoothing < 1:
@@ -107,14 +139,16 @@ def validate_bn_groups(group: int | None, batch_size: int, n_devices: int) -> No
     return
   divisors = [d for d in range(1, per_device + 1) if per_device % d == 0 and d <= group]
   raise ConfigError(
-      f'model.bn_group_size={group} does not fit the per-device batch {per_device} '
-      f'(batch_size {batch_size} over {n_devices} devices): its groups would straddle devices. '
-      f'Use a divisor of {per_device} (e.g. {divisors[-1]}), a multiple of {per_device} that '
-      f'divides {batch_size}, or None (whole-batch statistics)')
+    f'model.bn_group_size={group} does not fit the per-device batch {per_device} '
+    f'(batch_size {batch_size} over {n_devices} devices): its groups would straddle devices. '
+    f'Use a divisor of {per_device} (e.g. {divisors[-1]}), a multiple of {per_device} that '
+    f'divides {batch_size}, or None (whole-batch statistics)'
+  )
 
 
-def _prepare_workdir(workdir: epath.Path, config: ml_collections.ConfigDict,
-                     lock: WorkdirLock | None = None) -> None:
+def _prepare_workdir(
+  workdir: epath.Path, config: ml_collections.ConfigDict, lock: WorkdirLock | None = None
+) -> None:
   """Creates the workdir, takes its `lock` (a second run stops here), proves it and its
   checkpoints/ writable, and refuses one holding a differently shaped run. Writes nothing that
   stays: config.json comes once the run is accepted."""
@@ -139,8 +173,10 @@ def _prepare_workdir(workdir: epath.Path, config: ml_collections.ConfigDict,
       section, key = field.split('.')
       before, now = old[section][key], config[section][key]
       if before != now:
-        raise ConfigError(f'workdir {workdir} holds a run with {field}={before!r}, this config has '
-                          f'{now!r}: use another --workdir')
+        raise ConfigError(
+          f'workdir {workdir} holds a run with {field}={before!r}, this config has '
+          f'{now!r}: use another --workdir'
+        )
 
 
 def _write_config(workdir: epath.Path, config: ml_collections.ConfigDict) -> None:
@@ -180,9 +216,14 @@ def _profile_window(spec: str) -> tuple[int, int] | None:
   return start, stop
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       train_iter: Any = None, writer: Any = None,
-                       stop: StopRequest | None = None) -> dict[str, Any]:
+def train_and_evaluate(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  train_iter: Any = None,
+  writer: Any = None,
+  stop: StopRequest | None = None,
+) -> dict[str, Any]:
   """Trains (or resumes) the run described by `config` in `workdir`; returns results.json's dict.
 
   `train_iter` (an iterator of local batches with `get_state`/`set_state`/`close`) and `writer`
@@ -205,19 +246,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       return {'step': None, 'stopped': True}
     _prepare_workdir(workdir, config, lock if jax.process_index() == 0 else None)
     training = runtime.build_training(config)
-    ckpt = checkpointing.Checkpointer(workdir, max_to_keep=config.max_to_keep,
-                                      keep_best=config.keep_best)
+    ckpt = checkpointing.Checkpointer(
+      workdir, max_to_keep=config.max_to_keep, keep_best=config.keep_best
+    )
     start = runtime.starting_point(training, ckpt)
     _write_config(workdir, config)  # only now: a refused run leaves the workdir as it was
     if train_iter is None:
       train_iter = data.create_train_iterator(
-          config, local_batch_size=config.batch_size // jax.process_count(),
-          process_index=jax.process_index(), process_count=jax.process_count(),
-          seed=config.seed)
+        config,
+        local_batch_size=config.batch_size // jax.process_count(),
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        seed=config.seed,
+      )
     # closing(): a failed or stopped run must not leave Grain workers and shared memory behind.
     with contextlib.closing(train_iter):
-      return _train(config, workdir, training, ckpt, start, train_iter, writer, stop, profile,
-                    invocation_start)
+      return _train(
+        config, workdir, training, ckpt, start, train_iter, writer, stop, profile, invocation_start
+      )
   except BaseException:
     if ckpt is not None:  # an error exit still finishes the saves it started, deliberately
       try:
@@ -234,8 +280,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     lock.release()
 
 
-def _train(config, workdir, training, ckpt, start, train_iter, writer, stop, profile,
-           invocation_start) -> dict[str, Any]:
+def _train(
+  config, workdir, training, ckpt, start, train_iter, writer, stop, profile, invocation_start
+) -> dict[str, Any]:
   """The loop of `train_and_evaluate`, once the run is accepted and its state restored."""
   experiment = training.experiment
   mesh, total_steps = experiment.mesh, training.total_steps
@@ -243,24 +290,50 @@ def _train(config, workdir, training, ckpt, start, train_iter, writer, stop, pro
   if start.iterator_state is not None:
     train_iter.set_state(start.iterator_state)
   writer = writer or MetricWriter(workdir)
-  train_step = jit_train_step(mesh, training.state_sharding, training.learning_rate_fn,
-                              label_smoothing=config.label_smoothing, seed=config.seed,
-                              preprocess=experiment.preprocess)
+  train_step = jit_train_step(
+    mesh,
+    training.state_sharding,
+    training.learning_rate_fn,
+    label_smoothing=config.label_smoothing,
+    seed=config.seed,
+    preprocess=experiment.preprocess,
+  )
   eval_step = jit_eval_step(mesh, experiment.model.apply, preprocess=experiment.preprocess)
   num_params = count_params(state.params)
-  logger.info('%s: %s parameters, %d steps (%d per epoch), %d devices, %d processes',
-              config.model.name, f'{num_params:,}', total_steps, training.steps_per_epoch,
-              jax.device_count(), jax.process_count())
+  logger.info(
+    '%s: %s parameters, %d steps (%d per epoch), %d devices, %d processes',
+    config.model.name,
+    f'{num_params:,}',
+    total_steps,
+    training.steps_per_epoch,
+    jax.device_count(),
+    jax.process_count(),
+  )
 
   def evaluate(at_step: int, record: bool = True) -> dict[str, Any]:
-    result = run_evaluation(eval_step, model_variables(state), config, mesh,
-                            split=config.data.eval_split, crops=config.data.eval_crops)
+    result = run_evaluation(
+      eval_step,
+      model_variables(state),
+      config,
+      mesh,
+      split=config.data.eval_split,
+      crops=config.data.eval_crops,
+    )
     if record:
-      writer.write(at_step, 'eval', {k: result[k] for k in ('loss', 'top1_error', 'top5_error',
-                                                             'num_examples')})
-    logger.info('eval at step %d on %s (%d examples): top-1 error %.2f%%, top-5 error %.2f%%, '
-                'loss %.4f', at_step, config.data.eval_split, result['num_examples'],
-                100 * result['top1_error'], 100 * result['top5_error'], result['loss'])
+      writer.write(
+        at_step,
+        'eval',
+        {k: result[k] for k in ('loss', 'top1_error', 'top5_error', 'num_examples')},
+      )
+    logger.info(
+      'eval at step %d on %s (%d examples): top-1 error %.2f%%, top-5 error %.2f%%, loss %.4f',
+      at_step,
+      config.data.eval_split,
+      result['num_examples'],
+      100 * result['top1_error'],
+      100 * result['top5_error'],
+      result['loss'],
+    )
     return result
 
   def stopped() -> dict[str, Any]:
@@ -274,8 +347,12 @@ def _train(config, workdir, training, ckpt, start, train_iter, writer, stop, pro
     writer.truncate_after(step)
     if step == 0:
       writer.write_text('config', config.to_json_best_effort(indent=2))
-    progress = Progress(total_steps, step, batch_size=config.batch_size,
-                        enabled=config.progress_bar and jax.process_index() == 0)
+    progress = Progress(
+      total_steps,
+      step,
+      batch_size=config.batch_size,
+      enabled=config.progress_bar and jax.process_index() == 0,
+    )
     eval_result = None
     first_step, skipped = step, 0
     batches = _device_batches(train_iter, mesh)
@@ -303,8 +380,9 @@ def _train(config, workdir, training, ckpt, start, train_iter, writer, stop, pro
         logger.info('wrote a profiler trace of steps %d-%d to %s', *profile, workdir / 'profile')
       at_end = step == total_steps
       do_eval = at_end or (config.eval_every_steps > 0 and step % config.eval_every_steps == 0)
-      do_ckpt = at_end or (config.checkpoint_every_steps > 0
-                           and step % config.checkpoint_every_steps == 0)
+      do_ckpt = at_end or (
+        config.checkpoint_every_steps > 0 and step % config.checkpoint_every_steps == 0
+      )
       do_log = do_eval or do_ckpt or step % config.log_every_steps == 0
       stopping = stop.requested if jax.process_count() == 1 else False
       if not (do_log or stopping):
@@ -318,9 +396,10 @@ def _train(config, workdir, training, ckpt, start, train_iter, writer, stop, pro
       skipped += skipped_now
       if at_end and skipped_now == len(window):  # ended stuck: not a result to report
         raise NonFiniteLossError(
-            f'the last {len(window)} steps (to step {step}) were all non-finite and skipped '
-            f'({skipped} of the {step - first_step} steps of this run): the run diverged, so no '
-            'final checkpoint or results were written. Lower the learning rate')
+          f'the last {len(window)} steps (to step {step}) were all non-finite and skipped '
+          f'({skipped} of the {step - first_step} steps of this run): the run diverged, so no '
+          'final checkpoint or results were written. Lower the learning rate'
+        )
       summary = {k: float(np.mean([m[k] for m in window])) for k in ('loss', 'top1_error')}
       summary['learning_rate'] = float(window[-1]['learning_rate'])
       summary['images_per_sec'] = len(window) * config.batch_size / max(train_s, 1e-9)
@@ -330,10 +409,15 @@ def _train(config, workdir, training, ckpt, start, train_iter, writer, stop, pro
       if do_eval:
         eval_result = evaluate(step)
       if do_ckpt or stopping:
-        ckpt.save(step, state, {'iterator': position,
-                                'wall_time_s': start.wall_time_before_s + time.time()
-                                - invocation_start},
-                  metrics={'top1_error': eval_result['top1_error']} if do_eval else None)
+        ckpt.save(
+          step,
+          state,
+          {
+            'iterator': position,
+            'wall_time_s': start.wall_time_before_s + time.time() - invocation_start,
+          },
+          metrics={'top1_error': eval_result['top1_error']} if do_eval else None,
+        )
       busy_s += time.time() - busy_start
       if stopping and not at_end:
         ckpt.wait()
@@ -343,14 +427,14 @@ def _train(config, workdir, training, ckpt, start, train_iter, writer, stop, pro
       eval_result = evaluate(step, record=False)
     ckpt.wait()
     results = {
-        'step': int(step),
-        'eval': {k: eval_result[k] for k in ('loss', 'top1_error', 'top5_error', 'num_examples')},
-        'eval_split': config.data.eval_split,
-        'params': num_params,
-        'state_fingerprint': state_fingerprint(state),
-        'wall_time_s': start.wall_time_before_s + time.time() - invocation_start,
-        'environment': environment(),
-        'config': json.loads(config.to_json_best_effort()),
+      'step': int(step),
+      'eval': {k: eval_result[k] for k in ('loss', 'top1_error', 'top5_error', 'num_examples')},
+      'eval_split': config.data.eval_split,
+      'params': num_params,
+      'state_fingerprint': state_fingerprint(state),
+      'wall_time_s': start.wall_time_before_s + time.time() - invocation_start,
+      'environment': environment(),
+      'config': json.loads(config.to_json_best_effort()),
     }
     if jax.process_index() == 0:
       write_json(workdir / RESULTS_FILE, results)
@@ -359,8 +443,7 @@ def _train(config, workdir, training, ckpt, start, train_iter, writer, stop, pro
     writer.close()
 
 
-def _check_finite(window: list[dict[str, Any]], mode: str,
-                  ckpt: checkpointing.Checkpointer) -> int:
+def _check_finite(window: list[dict[str, Any]], mode: str, ckpt: checkpointing.Checkpointer) -> int:
   """How many steps of `window` were skipped as non-finite; raises in mode 'error'."""
   bad = [m for m in window if int(m['nonfinite'])]
   if not bad:
@@ -369,11 +452,15 @@ def _check_finite(window: list[dict[str, Any]], mode: str,
   if mode == 'error':
     ckpt.wait()  # name a checkpoint only once it is complete on disk
     last_good = ckpt.latest_step()
-    saved = ('no checkpoint was saved yet' if last_good is None
-             else f'the last good checkpoint is step {last_good}')
+    saved = (
+      'no checkpoint was saved yet'
+      if last_good is None
+      else f'the last good checkpoint is step {last_good}'
+    )
     raise NonFiniteLossError(
-        f'non-finite loss, gradients or update at step {first + 1}; the update was not applied '
-        f'and {saved}. Lower the learning rate, or set '
-        '--config.on_nonfinite=skip to skip such steps')
+      f'non-finite loss, gradients or update at step {first + 1}; the update was not applied '
+      f'and {saved}. Lower the learning rate, or set '
+      '--config.on_nonfinite=skip to skip such steps'
+    )
   logger.warning('skipped %d non-finite update(s), first at step %d', len(bad), first + 1)
   return len(bad)

@@ -5,6 +5,7 @@ replicated state; XLA inserts the gradient all-reduce and the BatchNorm statisti
 Nothing here depends on the device count: the same global batch gives the same update on 1 device
 or 1,000.
 """
+
 from __future__ import annotations
 
 import functools
@@ -17,13 +18,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import struct
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 DATA_AXIS = 'data'
 
 
 class TrainState(struct.PyTreeNode):
   """Everything a resumed run needs besides the input position (there is no other randomness)."""
+
   step: jax.Array
   params: Any
   batch_stats: Any
@@ -34,9 +37,14 @@ class TrainState(struct.PyTreeNode):
   @classmethod
   def create(cls, *, apply_fn, variables, tx) -> 'TrainState':
     params = variables['params']
-    return cls(step=jnp.zeros((), jnp.int32), params=params,
-               batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params),
-               apply_fn=apply_fn, tx=tx)
+    return cls(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      batch_stats=variables.get('batch_stats', {}),
+      opt_state=tx.init(params),
+      apply_fn=apply_fn,
+      tx=tx,
+    )
 
 
 def create_mesh(devices=None) -> Mesh:
@@ -72,10 +80,15 @@ def _as_float(images: jax.Array, rng: jax.Array | None = None) -> jax.Array:
   return images.astype(jnp.float32)
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], *,
-               learning_rate_fn: Callable, label_smoothing: float = 0.0,
-               preprocess: Preprocess = _as_float, seed: int = 0,
-               ) -> tuple[TrainState, dict[str, jax.Array]]:
+def train_step(
+  state: TrainState,
+  batch: dict[str, jax.Array],
+  *,
+  learning_rate_fn: Callable,
+  label_smoothing: float = 0.0,
+  preprocess: Preprocess = _as_float,
+  seed: int = 0,
+) -> tuple[TrainState, dict[str, jax.Array]]:
   """One SGD step on the global batch.
 
   A step whose loss, gradients or new parameters/statistics are not finite is not applied (state
@@ -87,8 +100,12 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *,
 
   def loss_fn(params):
     logits, updates = state.apply_fn(
-        {'params': params, 'batch_stats': state.batch_stats}, images, train=True,
-        mutable=['batch_stats'], rngs={'dropout': jax.random.fold_in(step_key, 1)})
+      {'params': params, 'batch_stats': state.batch_stats},
+      images,
+      train=True,
+      mutable=['batch_stats'],
+      rngs={'dropout': jax.random.fold_in(step_key, 1)},
+    )
     loss = cross_entropy(logits, batch['label'], label_smoothing).mean()
     return loss, (logits, updates['batch_stats'])
 
@@ -96,33 +113,40 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *,
   updates, new_opt_state = state.tx.update(grads, state.opt_state, state.params)
   new_params = optax.apply_updates(state.params, updates)
 
-  finite = (jnp.isfinite(loss) & jnp.isfinite(_sum_of_squares(grads))
-            & jnp.isfinite(_sum_of_squares(new_params))
-            & jnp.isfinite(_sum_of_squares(new_batch_stats)))
+  finite = (
+    jnp.isfinite(loss)
+    & jnp.isfinite(_sum_of_squares(grads))
+    & jnp.isfinite(_sum_of_squares(new_params))
+    & jnp.isfinite(_sum_of_squares(new_batch_stats))
+  )
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
   new_state = state.replace(
-      step=state.step + 1,
-      params=keep(new_params, state.params),
-      batch_stats=keep(new_batch_stats, state.batch_stats),
-      opt_state=keep(new_opt_state, state.opt_state))
+    step=state.step + 1,
+    params=keep(new_params, state.params),
+    batch_stats=keep(new_batch_stats, state.batch_stats),
+    opt_state=keep(new_opt_state, state.opt_state),
+  )
   metrics = {
-      'loss': loss,
-      'top1_error': jnp.mean(jnp.argmax(logits, -1) != batch['label']),
-      'learning_rate': learning_rate_fn(state.step),
-      'nonfinite': jnp.logical_not(finite).astype(jnp.int32),
-      # The first non-finite step of a logging window is the min over the window of this value.
-      'nonfinite_step': jnp.where(finite, jnp.iinfo(jnp.int32).max, state.step),
+    'loss': loss,
+    'top1_error': jnp.mean(jnp.argmax(logits, -1) != batch['label']),
+    'learning_rate': learning_rate_fn(state.step),
+    'nonfinite': jnp.logical_not(finite).astype(jnp.int32),
+    # The first non-finite step of a logging window is the min over the window of this value.
+    'nonfinite_step': jnp.where(finite, jnp.iinfo(jnp.int32).max, state.step),
   }
   return new_state, metrics
 
 
 def _sum_of_squares(tree: Any) -> jax.Array:
-  return sum((jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)),
-             jnp.zeros((), jnp.float32))
+  return sum(
+    (jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)),
+    jnp.zeros((), jnp.float32),
+  )
 
 
-def eval_probabilities(apply_fn: Callable, variables: Any, images: jax.Array,
-                       preprocess: Preprocess = _as_float) -> jax.Array:
+def eval_probabilities(
+  apply_fn: Callable, variables: Any, images: jax.Array, preprocess: Preprocess = _as_float
+) -> jax.Array:
   """Softmax probabilities [B, classes]; with crops ([B, crops, H, W, C]) averaged over them."""
   images = preprocess(images, rng=None)
   if images.ndim == 5:
@@ -140,12 +164,21 @@ def metric_sums(probs: jax.Array, labels: jax.Array, mask: jax.Array) -> dict[st
   in_top5 = jnp.any(top5 == labels[:, None], axis=-1)
   top1_wrong = jnp.argmax(probs, -1) != labels
   m = mask.astype(jnp.float32)
-  return {'loss': jnp.sum(nll * m), 'top1_errors': jnp.sum(top1_wrong * m),
-          'top5_errors': jnp.sum(jnp.logical_not(in_top5) * m), 'count': jnp.sum(m)}
+  return {
+    'loss': jnp.sum(nll * m),
+    'top1_errors': jnp.sum(top1_wrong * m),
+    'top5_errors': jnp.sum(jnp.logical_not(in_top5) * m),
+    'count': jnp.sum(m),
+  }
 
 
-def eval_step(variables: Any, batch: dict[str, jax.Array], *, apply_fn: Callable,
-              preprocess: Preprocess = _as_float) -> dict[str, jax.Array]:
+def eval_step(
+  variables: Any,
+  batch: dict[str, jax.Array],
+  *,
+  apply_fn: Callable,
+  preprocess: Preprocess = _as_float,
+) -> dict[str, jax.Array]:
   """Metric sums of one eval batch; `image` is [B, H, W, C] or [B, crops, H, W, C].
 
   With crops the softmax probabilities are averaged over the crops, as in the paper's 10-crop
@@ -155,23 +188,39 @@ def eval_step(variables: Any, batch: dict[str, jax.Array], *, apply_fn: Callable
   return metric_sums(probs, batch['label'], batch['mask'])
 
 
-def jit_train_step(mesh: Mesh, state_sharding: Any, learning_rate_fn: Callable, *,
-                   label_smoothing: float = 0.0, preprocess: Preprocess = _as_float,
-                   seed: int = 0) -> Callable:
+def jit_train_step(
+  mesh: Mesh,
+  state_sharding: Any,
+  learning_rate_fn: Callable,
+  *,
+  label_smoothing: float = 0.0,
+  preprocess: Preprocess = _as_float,
+  seed: int = 0,
+) -> Callable:
   """`train_step` under jit: batch split on `data`, state replicated and donated."""
   return jax.jit(
-      functools.partial(train_step, learning_rate_fn=learning_rate_fn,
-                        label_smoothing=label_smoothing, preprocess=preprocess, seed=seed),
-      in_shardings=(state_sharding, batch_sharding(mesh)),
-      out_shardings=(state_sharding, replicated(mesh)), donate_argnums=(0,))
+    functools.partial(
+      train_step,
+      learning_rate_fn=learning_rate_fn,
+      label_smoothing=label_smoothing,
+      preprocess=preprocess,
+      seed=seed,
+    ),
+    in_shardings=(state_sharding, batch_sharding(mesh)),
+    out_shardings=(state_sharding, replicated(mesh)),
+    donate_argnums=(0,),
+  )
 
 
-def jit_eval_step(mesh: Mesh, apply_fn: Callable, *,
-                  preprocess: Preprocess = _as_float) -> Callable:
+def jit_eval_step(
+  mesh: Mesh, apply_fn: Callable, *, preprocess: Preprocess = _as_float
+) -> Callable:
   """`eval_step(variables, batch)` under jit: batch split on `data`, variables replicated."""
-  return jax.jit(functools.partial(eval_step, apply_fn=apply_fn, preprocess=preprocess),
-                 in_shardings=(replicated(mesh), batch_sharding(mesh)),
-                 out_shardings=replicated(mesh))
+  return jax.jit(
+    functools.partial(eval_step, apply_fn=apply_fn, preprocess=preprocess),
+    in_shardings=(replicated(mesh), batch_sharding(mesh)),
+    out_shardings=replicated(mesh),
+  )
 
 
 def model_variables(state: TrainState) -> dict[str, Any]:
@@ -185,14 +234,21 @@ def device_batch(local: dict[str, Any], mesh: Mesh, keys: tuple[str, ...]) -> di
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(local[k])) for k in keys}
 
 
-def _fresh_state(model: nn.Module, tx: optax.GradientTransformation,
-                 image_shape: tuple[int, ...], rng: jax.Array) -> TrainState:
+def _fresh_state(
+  model: nn.Module, tx: optax.GradientTransformation, image_shape: tuple[int, ...], rng: jax.Array
+) -> TrainState:
   variables = model.init(rng, jnp.zeros((1,) + tuple(image_shape), jnp.float32), train=False)
   return TrainState.create(apply_fn=model.apply, variables=variables, tx=tx)
 
 
-def init_state(model: nn.Module, tx: optax.GradientTransformation, image_shape: tuple[int, ...],
-               seed: int, mesh: Mesh, variables: Any = None) -> TrainState:
+def init_state(
+  model: nn.Module,
+  tx: optax.GradientTransformation,
+  image_shape: tuple[int, ...],
+  seed: int,
+  mesh: Mesh,
+  variables: Any = None,
+) -> TrainState:
   """Initialises (or wraps given `variables` into) a train state replicated over the mesh."""
   rep = replicated(mesh)
   if variables is None:
@@ -202,11 +258,13 @@ def init_state(model: nn.Module, tx: optax.GradientTransformation, image_shape: 
   return jax.device_put(state, rep)
 
 
-def abstract_state(model: nn.Module, tx: optax.GradientTransformation,
-                   image_shape: tuple[int, ...], mesh: Mesh) -> TrainState:
+def abstract_state(
+  model: nn.Module, tx: optax.GradientTransformation, image_shape: tuple[int, ...], mesh: Mesh
+) -> TrainState:
   """Shapes, dtypes and shardings of the train state, without allocating it (for restores)."""
-  shapes = jax.eval_shape(functools.partial(_fresh_state, model, tx, image_shape),
-                          jax.random.key(0))
+  shapes = jax.eval_shape(
+    functools.partial(_fresh_state, model, tx, image_shape), jax.random.key(0)
+  )
   rep = replicated(mesh)
   return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), shapes)
 

@@ -3,6 +3,7 @@
 Every workdir path goes through `etils.epath` (what Orbax uses), so `gs://bucket/run` stays a
 bucket path instead of becoming `./gs:/bucket/run`, and local paths are made absolute once, here.
 """
+
 from __future__ import annotations
 
 import json
@@ -57,8 +58,9 @@ def read_run_config(workdir: str | epath.PathLike) -> ml_collections.ConfigDict:
   try:
     saved = json.loads(path.read_text())
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise WorkdirError(f'{path} is not valid JSON ({e}); restore it from a backup or use '
-                       'another --workdir') from None
+    raise WorkdirError(
+      f'{path} is not valid JSON ({e}); restore it from a backup or use another --workdir'
+    ) from None
   if not isinstance(saved, dict):
     raise WorkdirError(f'{path} holds a {type(saved).__name__}, not a config object')
   return merge_onto_defaults(saved)
@@ -113,8 +115,10 @@ class WorkdirLock:
       f.seek(0)
       holder = f.read().strip() or 'another process'
       f.close()
-      raise WorkdirError(f'workdir {self.path.parent} is in use by a live run ({holder}): wait '
-                         'for it to finish or stop it, or use another --workdir') from None
+      raise WorkdirError(
+        f'workdir {self.path.parent} is in use by a live run ({holder}): wait '
+        'for it to finish or stop it, or use another --workdir'
+      ) from None
     f.seek(0)
     f.truncate()
     f.write(f'pid {os.getpid()} on host {socket.gethostname()}\n')

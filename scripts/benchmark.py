@@ -24,6 +24,7 @@ input pipeline is not part of the step; `scripts/benchmark_input.py` measures th
   a train step is counted as 3x forward (forward + two backward matmuls per conv), the usual MFU
   convention. `xla_flops_per_step` is XLA's own cost analysis of the compiled train step.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,16 +36,21 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
-import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from resnet_jax import default_config, optim, runtime, summary  # pylint: disable=wrong-import-position
 from resnet_jax.models import parse_name  # pylint: disable=wrong-import-position
 from resnet_jax.train_step import (  # pylint: disable=wrong-import-position
-    batch_sharding, create_mesh, init_state, jit_eval_step, jit_train_step, model_variables)
+  batch_sharding,
+  create_mesh,
+  init_state,
+  jit_eval_step,
+  jit_train_step,
+  model_variables,
+)
 
 
 def _loadavg() -> list[float]:
@@ -102,8 +108,11 @@ class JaxBench:
     self.train = train_step.lower(self.state, self.batch).compile()
     self.compile_s = time.perf_counter() - t
     t = time.perf_counter()
-    self.eval = (eval_step.lower(model_variables(self.state), self.eval_batch).compile()
-                 if args.inference else None)
+    self.eval = (
+      eval_step.lower(model_variables(self.state), self.eval_batch).compile()
+      if args.inference
+      else None
+    )
     self.eval_compile_s = time.perf_counter() - t if args.inference else None
     try:
       cost = self.train.cost_analysis()
@@ -136,6 +145,7 @@ class TorchBench:
 
   def __init__(self, args, images, labels, num_classes):
     import torch  # pylint: disable=g-import-not-at-top
+
     self.torch = torch
     spec = parse_name(args.model)
     self.model = _torch_resnet(torch, spec, num_classes)
@@ -192,13 +202,12 @@ def _torch_resnet(torch, spec, num_classes):
     return nn.BatchNorm2d(c, eps=1e-5, momentum=0.1)  # flax momentum 0.9 == torch 0.1
 
   class ShortcutA(nn.Module):
-
     def __init__(self, cin, cout, stride):
       super().__init__()
       self.stride, self.extra = stride, cout - cin
 
     def forward(self, x):
-      return F.pad(x[:, :, ::self.stride, ::self.stride], (0, 0, 0, 0, 0, self.extra))
+      return F.pad(x[:, :, :: self.stride, :: self.stride], (0, 0, 0, 0, 0, self.extra))
 
   def shortcut(kind, cin, cout, stride):
     if not residual:
@@ -251,10 +260,15 @@ def _torch_resnet(torch, spec, num_classes):
 
   if spec.family == 'imagenet':
     from resnet_jax.models.resnet import IMAGENET_DEPTHS, IMAGENET_WIDTHS  # pylint: disable=g-import-not-at-top
+
     kind, sizes = IMAGENET_DEPTHS[spec.depth]
     block, widths, sc = (Basic if kind == 'basic' else Bottleneck), IMAGENET_WIDTHS, 'B'
-    stem = [nn.Conv2d(3, 64, 7, 2, 3, bias=False), bn(64), nn.ReLU(inplace=True),
-            nn.MaxPool2d(3, 2, 1)]
+    stem = [
+      nn.Conv2d(3, 64, 7, 2, 3, bias=False),
+      bn(64),
+      nn.ReLU(inplace=True),
+      nn.MaxPool2d(3, 2, 1),
+    ]
   else:
     block, widths, sc = Basic, (16, 32, 64), 'A'
     sizes = ((spec.depth - 2) // 6,) * 3
@@ -295,27 +309,57 @@ def main(argv=None):
   p.add_argument('--num-classes', type=int, default=None)
   p.add_argument('--steps', type=int, default=20, help='timed train steps (per framework)')
   p.add_argument('--warmup', type=int, default=2, help='untimed steps after the first call')
-  p.add_argument('--block', type=int, default=0,
-                 help='steps per interleaved block with --compare-torch (default: steps // 4)')
+  p.add_argument(
+    '--block',
+    type=int,
+    default=0,
+    help='steps per interleaved block with --compare-torch (default: steps // 4)',
+  )
   p.add_argument('--dtype', choices=['float32', 'bfloat16'], default='float32')
-  p.add_argument('--block-kind', choices=['basic', 'bottleneck'], default=None,
-                 help='CIFAR block kind (bottleneck: resnet164, resnet1001)')
+  p.add_argument(
+    '--block-kind',
+    choices=['basic', 'bottleneck'],
+    default=None,
+    help='CIFAR block kind (bottleneck: resnet164, resnet1001)',
+  )
   p.add_argument('--preact', action='store_true', help='pre-activation blocks (He et al. 2016)')
-  p.add_argument('--scan', action=argparse.BooleanOptionalAction,
-                 default=default_config.base_config().model.scan,
-                 help='identical blocks as one scan (default: config.model.scan)')
-  p.add_argument('--remat', action=argparse.BooleanOptionalAction, default=False,
-                 help='rematerialise each block in the backward pass')
-  p.add_argument('--inference', action=argparse.BooleanOptionalAction, default=True,
-                 help='also time the eval step (default on)')
+  p.add_argument(
+    '--scan',
+    action=argparse.BooleanOptionalAction,
+    default=default_config.base_config().model.scan,
+    help='identical blocks as one scan (default: config.model.scan)',
+  )
+  p.add_argument(
+    '--remat',
+    action=argparse.BooleanOptionalAction,
+    default=False,
+    help='rematerialise each block in the backward pass',
+  )
+  p.add_argument(
+    '--inference',
+    action=argparse.BooleanOptionalAction,
+    default=True,
+    help='also time the eval step (default on)',
+  )
   p.add_argument('--compare-torch', action='store_true')
-  p.add_argument('--torch-channels-last', action='store_true',
-                 help='torch in channels_last memory format (default: the eager default, NCHW)')
-  p.add_argument('--torch-threads', type=int, default=0,
-                 help='torch intra-op threads (default: torch default = physical cores); for a '
-                 'single-thread comparison pair 1 with XLA_FLAGS=--xla_cpu_multi_thread_eigen=false')
-  p.add_argument('--peak-tflops', type=float, default=None,
-                 help='device peak (e.g. 989 for H100 SXM bf16 dense) to report model FLOP utilisation')
+  p.add_argument(
+    '--torch-channels-last',
+    action='store_true',
+    help='torch in channels_last memory format (default: the eager default, NCHW)',
+  )
+  p.add_argument(
+    '--torch-threads',
+    type=int,
+    default=0,
+    help='torch intra-op threads (default: torch default = physical cores); for a '
+    'single-thread comparison pair 1 with XLA_FLAGS=--xla_cpu_multi_thread_eigen=false',
+  )
+  p.add_argument(
+    '--peak-tflops',
+    type=float,
+    default=None,
+    help='device peak (e.g. 989 for H100 SXM bf16 dense) to report model FLOP utilisation',
+  )
   p.add_argument('--json', action='store_true', help='print one JSON object')
   args = p.parse_args(argv)
   try:
@@ -345,31 +389,31 @@ def main(argv=None):
   step_s = statistics.median(train_times[0])
   flops_image = 2 * macs
   result = {
-      'model': args.model,
-      'batch_size': args.batch_size,
-      'image_size': args.image_size,
-      'dtype': args.dtype,
-      'block': spec.block,
-      'preact': args.preact,
-      'scan': args.scan,
-      'remat': args.remat,
-      'platform': dev.platform,
-      'device_kind': dev.device_kind,
-      'devices': jax.device_count(),
-      'jax_version': jax.__version__,
-      'host_cpus': os.cpu_count(),
-      'python': platform.python_version(),
-      'compile_s': round(jb.compile_s, 3),
-      'first_step_s': round(jb.first_step_s, 4),
-      'steps_timed': len(train_times[0]),
-      'step_ms_median': round(1e3 * step_s, 3),
-      'step_ms_min': round(1e3 * min(train_times[0]), 3),
-      'images_per_sec': round(args.batch_size / step_s, 2),
-      'macs_per_image': int(macs),
-      'flops_per_image': int(flops_image),
-      'train_flops_per_image': int(3 * flops_image),
-      'achieved_tflops': round(3 * flops_image * args.batch_size / step_s / 1e12, 4),
-      'xla_flops_per_step': jb.xla_flops,
+    'model': args.model,
+    'batch_size': args.batch_size,
+    'image_size': args.image_size,
+    'dtype': args.dtype,
+    'block': spec.block,
+    'preact': args.preact,
+    'scan': args.scan,
+    'remat': args.remat,
+    'platform': dev.platform,
+    'device_kind': dev.device_kind,
+    'devices': jax.device_count(),
+    'jax_version': jax.__version__,
+    'host_cpus': os.cpu_count(),
+    'python': platform.python_version(),
+    'compile_s': round(jb.compile_s, 3),
+    'first_step_s': round(jb.first_step_s, 4),
+    'steps_timed': len(train_times[0]),
+    'step_ms_median': round(1e3 * step_s, 3),
+    'step_ms_min': round(1e3 * min(train_times[0]), 3),
+    'images_per_sec': round(args.batch_size / step_s, 2),
+    'macs_per_image': int(macs),
+    'flops_per_image': int(flops_image),
+    'train_flops_per_image': int(3 * flops_image),
+    'achieved_tflops': round(3 * flops_image * args.batch_size / step_s / 1e12, 4),
+    'xla_flops_per_step': jb.xla_flops,
   }
   if args.peak_tflops:
     result['peak_tflops'] = args.peak_tflops
@@ -382,11 +426,14 @@ def main(argv=None):
     result['torch_threads'] = tb.num_threads
     result['torch_channels_last'] = args.torch_channels_last
     result['torch_images_per_sec'] = round(_rate(args.batch_size, train_times[1]), 2)
-    result['ratio_jax_over_torch'] = round(result['images_per_sec'] / result['torch_images_per_sec'], 3)
+    result['ratio_jax_over_torch'] = round(
+      result['images_per_sec'] / result['torch_images_per_sec'], 3
+    )
     if eval_times is not None:
       result['torch_eval_images_per_sec'] = round(_rate(args.batch_size, eval_times[1]), 2)
       result['eval_ratio_jax_over_torch'] = round(
-          result['eval_images_per_sec'] / result['torch_eval_images_per_sec'], 3)
+        result['eval_images_per_sec'] / result['torch_eval_images_per_sec'], 3
+      )
   result['loadavg_start'] = load_start
   result['loadavg_end'] = _loadavg()
   result['xla_flags'] = os.environ.get('XLA_FLAGS', '')

@@ -31,8 +31,18 @@ from resnet_jax import train_step as ts  # pylint: disable=wrong-import-position
 from resnet_jax.models import create_model  # pylint: disable=wrong-import-position
 
 _COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all', 'collective-permute')
-_DTYPE_BYTES = {'f32': 4, 'bf16': 2, 'f16': 2, 's32': 4, 'u32': 4, 'pred': 1, 's8': 1, 'u8': 1,
-                'f64': 8, 's64': 8}
+_DTYPE_BYTES = {
+  'f32': 4,
+  'bf16': 2,
+  'f16': 2,
+  's32': 4,
+  'u32': 4,
+  'pred': 1,
+  's8': 1,
+  'u8': 1,
+  'f64': 8,
+  's64': 8,
+}
 
 
 def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
@@ -40,16 +50,20 @@ def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
   out = {k: {'count': 0, 'bytes': 0} for k in _COLLECTIVES}
   for line in hlo_text.splitlines():
     line = re.sub(r'/\*.*?\*/', '', line)
-    m = re.match(r'\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.*?)\s(all-reduce|all-gather|reduce-scatter|'
-                 r'all-to-all|collective-permute)(-start)?\(', line)
+    m = re.match(
+      r'\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.*?)\s(all-reduce|all-gather|reduce-scatter|'
+      r'all-to-all|collective-permute)(-start)?\(',
+      line,
+    )
     if not m:
       continue
     kind = m.group(2)
     out[kind]['count'] += 1
     for dtype, dims in re.findall(r'(\w+)\[([\d,]*)\]', m.group(1)):
       if dtype in _DTYPE_BYTES:
-        out[kind]['bytes'] += _DTYPE_BYTES[dtype] * int(np.prod([int(d) for d in dims.split(',')
-                                                                 if d] or [1]))
+        out[kind]['bytes'] += _DTYPE_BYTES[dtype] * int(
+          np.prod([int(d) for d in dims.split(',') if d] or [1])
+        )
   return out
 
 
@@ -58,15 +72,15 @@ def scopes(batch: int, devices: int) -> list[tuple[str, int | None]]:
   out = [('whole_batch', None), ('per_device', per)]
   if devices > 1 and batch % (2 * per) == 0:
     out.append(('two_devices', 2 * per))
-  straddle = next((g for g in range(per + 1, batch) if batch % g == 0 and g % per and per % g),
-                  None)
+  straddle = next(
+    (g for g in range(per + 1, batch) if batch % g == 0 and g % per and per % g), None
+  )
   if straddle:
     out.append(('straddling', straddle))
   return out
 
 
-def measure(model_name: str, batch: int, size: int, group: int | None, steps: int,
-            dtype) -> dict:
+def measure(model_name: str, batch: int, size: int, group: int | None, steps: int, dtype) -> dict:
   mesh = ts.create_mesh()
   model = create_model(model_name, num_classes=10, bn_group_size=group, dtype=dtype)
   config = default_config.base_config()
@@ -79,8 +93,10 @@ def measure(model_name: str, batch: int, size: int, group: int | None, steps: in
   p_train = ts.jit_train_step(mesh, jax.tree.map(lambda x: x.sharding, state), lr_fn)
   rng = np.random.default_rng(0)
   put = lambda v: jax.device_put(v, ts.batch_sharding(mesh))
-  batch_arrays = {'image': put(rng.standard_normal((batch,) + shape, dtype=np.float32)),
-                  'label': put(rng.integers(0, 10, batch).astype(np.int32))}
+  batch_arrays = {
+    'image': put(rng.standard_normal((batch,) + shape, dtype=np.float32)),
+    'label': put(rng.integers(0, 10, batch).astype(np.int32)),
+  }
   t = time.perf_counter()
   compiled = p_train.lower(state, batch_arrays).compile()
   compile_s = time.perf_counter() - t
@@ -93,9 +109,13 @@ def measure(model_name: str, batch: int, size: int, group: int | None, steps: in
     state, m = compiled(state, batch_arrays)
     jax.block_until_ready(m)
     times.append(time.perf_counter() - t)
-  return {'bn_group_size': group, 'step_ms_median': round(1e3 * float(np.median(times)), 2),
-          'images_per_sec': round(batch / float(np.median(times)), 2),
-          'compile_s': round(compile_s, 2), 'collectives': coll}
+  return {
+    'bn_group_size': group,
+    'step_ms_median': round(1e3 * float(np.median(times)), 2),
+    'images_per_sec': round(batch / float(np.median(times)), 2),
+    'compile_s': round(compile_s, 2),
+    'collectives': coll,
+  }
 
 
 def run(model_name: str, batch: int, size: int, steps: int, dtype: str = 'float32') -> dict:
@@ -106,9 +126,17 @@ def run(model_name: str, batch: int, size: int, steps: int, dtype: str = 'float3
   rows = []
   for name, group in scopes(batch, devices):
     rows.append({'scope': name, **measure(model_name, batch, size, group, steps, jdtype)})
-  return {'model': model_name, 'batch_size': batch, 'image_size': size, 'devices': devices,
-          'per_device_batch': batch // devices, 'platform': jax.devices()[0].platform,
-          'dtype': dtype, 'loadavg': [round(x, 2) for x in os.getloadavg()], 'results': rows}
+  return {
+    'model': model_name,
+    'batch_size': batch,
+    'image_size': size,
+    'devices': devices,
+    'per_device_batch': batch // devices,
+    'platform': jax.devices()[0].platform,
+    'dtype': dtype,
+    'loadavg': [round(x, 2) for x in os.getloadavg()],
+    'results': rows,
+  }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,13 +156,17 @@ def main(argv: list[str] | None = None) -> int:
   if args.json:
     print(json.dumps(report))
     return 0
-  print(f"{report['model']} batch {report['batch_size']} on {report['devices']} "
-        f"{report['platform']} devices ({report['per_device_batch']} per device)")
+  print(
+    f'{report["model"]} batch {report["batch_size"]} on {report["devices"]} '
+    f'{report["platform"]} devices ({report["per_device_batch"]} per device)'
+  )
   for r in report['results']:
     c = r['collectives']
-    print(f"{r['scope']:12s} g={str(r['bn_group_size']):5s} {r['step_ms_median']:9.1f} ms/step  "
-          f"all-reduce {c['all-reduce']['count']:4d} ({c['all-reduce']['bytes'] / 1e6:8.2f} MB)  "
-          f"all-gather {c['all-gather']['count']:4d} ({c['all-gather']['bytes'] / 1e6:8.2f} MB)")
+    print(
+      f'{r["scope"]:12s} g={str(r["bn_group_size"]):5s} {r["step_ms_median"]:9.1f} ms/step  '
+      f'all-reduce {c["all-reduce"]["count"]:4d} ({c["all-reduce"]["bytes"] / 1e6:8.2f} MB)  '
+      f'all-gather {c["all-gather"]["count"]:4d} ({c["all-gather"]["bytes"] / 1e6:8.2f} MB)'
+    )
   return 0
 
 

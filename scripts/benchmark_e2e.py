@@ -34,23 +34,38 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
 import ml_collections  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
-
 from benchmark_input import CpuClock  # pylint: disable=g-import-not-at-top,wrong-import-position
-from resnet_jax import default_config, optim  # pylint: disable=wrong-import-position
+
 import resnet_jax.data as data  # pylint: disable=wrong-import-position
-from resnet_jax.data import generated  # pylint: disable=wrong-import-position
-from resnet_jax.data import device_preprocess  # pylint: disable=wrong-import-position
-from resnet_jax.models import create_model  # pylint: disable=wrong-import-position
+from resnet_jax import default_config, optim  # pylint: disable=wrong-import-position
 from resnet_jax import train_step as ts  # pylint: disable=wrong-import-position
+from resnet_jax.data import (
+  device_preprocess,  # pylint: disable=wrong-import-position
+  generated,  # pylint: disable=wrong-import-position
+)
+from resnet_jax.models import create_model  # pylint: disable=wrong-import-position
 
 
 def data_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
   name = args.dataset or f'generated_jpegs/{args.generated}'
-  return ml_collections.ConfigDict({'data': dict(
-      name=name, data_dir=args.data_dir, train_split='train', eval_split='test', validation_size=0,
-      image_size=args.image_size, num_classes=10, augment=args.augment,
-      normalize='per_pixel_mean', num_workers=args.workers, prefetch=args.prefetch,
-      decoder=args.decoder)})
+  return ml_collections.ConfigDict(
+    {
+      'data': dict(
+        name=name,
+        data_dir=args.data_dir,
+        train_split='train',
+        eval_split='test',
+        validation_size=0,
+        image_size=args.image_size,
+        num_classes=10,
+        augment=args.augment,
+        normalize='per_pixel_mean',
+        num_workers=args.workers,
+        prefetch=args.prefetch,
+        decoder=args.decoder,
+      )
+    }
+  )
 
 
 def build_step(model, config, preprocess, mesh, image_shape, seed: int = 0):
@@ -81,10 +96,17 @@ def run(args: argparse.Namespace) -> dict:
   state, step = build_step(model, config, preprocess, mesh, info.image_shape)
   sharding = ts.batch_sharding(mesh)
   local = args.batch_size // jax.process_count()
-  it = data.create_train_iterator(cfg, local_batch_size=local, process_index=jax.process_index(),
-                                  process_count=jax.process_count(), seed=0)
-  put = lambda b: {k: jax.make_array_from_process_local_data(sharding, np.asarray(b[k]))
-                   for k in ('image', 'label')}
+  it = data.create_train_iterator(
+    cfg,
+    local_batch_size=local,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    seed=0,
+  )
+  put = lambda b: {
+    k: jax.make_array_from_process_local_data(sharding, np.asarray(b[k]))
+    for k in ('image', 'label')
+  }
   clock = CpuClock()
   try:
     first = put(next(it))
@@ -126,19 +148,31 @@ def run(args: argparse.Namespace) -> dict:
   step_only = args.step_only_steps * args.batch_size / (time.perf_counter() - t)
   e2e = args.steps * args.batch_size / wall
   return {
-      'model': args.model, 'batch_size': args.batch_size, 'image_size': args.image_size,
-      'dtype': args.dtype, 'dataset': cfg.data.name, 'augment': args.augment,
-      'decoder': args.decoder, 'workers': args.workers, 'steps': args.steps,
-      'images_per_sec': round(e2e, 2), 'step_only_images_per_sec': round(step_only, 2),
-      'e2e_over_step_only': round(e2e / step_only, 3),
-      'data_wait_fraction': round(wait_data / wall, 3),
-      'step_wait_fraction': round(wait_step / wall, 3),
-      'host_cores': round(cpu_all / wall, 2), 'main_cores': round(cpu_main / wall, 2),
-      'worker_cores': round((cpu_all - cpu_main) / wall, 2),
-      'cpu_includes_workers': clock.includes_workers, 'compile_s': round(compile_s, 2),
-      'wall_s': round(wall, 2), 'platform': jax.devices()[0].platform, 'devices': n,
-      'device_kind': jax.devices()[0].device_kind, 'cpu_count': os.cpu_count(),
-      'loadavg': [round(x, 2) for x in os.getloadavg()],
+    'model': args.model,
+    'batch_size': args.batch_size,
+    'image_size': args.image_size,
+    'dtype': args.dtype,
+    'dataset': cfg.data.name,
+    'augment': args.augment,
+    'decoder': args.decoder,
+    'workers': args.workers,
+    'steps': args.steps,
+    'images_per_sec': round(e2e, 2),
+    'step_only_images_per_sec': round(step_only, 2),
+    'e2e_over_step_only': round(e2e / step_only, 3),
+    'data_wait_fraction': round(wait_data / wall, 3),
+    'step_wait_fraction': round(wait_step / wall, 3),
+    'host_cores': round(cpu_all / wall, 2),
+    'main_cores': round(cpu_main / wall, 2),
+    'worker_cores': round((cpu_all - cpu_main) / wall, 2),
+    'cpu_includes_workers': clock.includes_workers,
+    'compile_s': round(compile_s, 2),
+    'wall_s': round(wall, 2),
+    'platform': jax.devices()[0].platform,
+    'devices': n,
+    'device_kind': jax.devices()[0].device_kind,
+    'cpu_count': os.cpu_count(),
+    'loadavg': [round(x, 2) for x in os.getloadavg()],
   }
 
 
@@ -148,8 +182,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
   p.add_argument('--batch-size', type=int, default=256)
   p.add_argument('--image-size', type=int, default=224)
   p.add_argument('--dtype', default='bfloat16', choices=('float32', 'bfloat16'))
-  p.add_argument('--augment', default='imagenet',
-                 choices=('none', 'cifar', 'imagenet', 'inception'))
+  p.add_argument(
+    '--augment', default='imagenet', choices=('none', 'cifar', 'imagenet', 'inception')
+  )
   p.add_argument('--decoder', default='pil', choices=('pil', 'opencv'))
   p.add_argument('--workers', type=int, default=os.cpu_count() or 1, help='Grain worker processes')
   p.add_argument('--prefetch', type=int, default=2)
@@ -157,10 +192,15 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
   p.add_argument('--warmup', type=int, default=10)
   p.add_argument('--step-only-steps', type=int, default=20)
   p.add_argument('--in-flight', type=int, default=2, help='steps queued on the device at most')
-  p.add_argument('--generated', default='imagenet', choices=('imagenet', 'cifar', 'tiny'),
-                 help='generated_jpegs config to use when no --dataset is given')
-  p.add_argument('--dataset', default=None,
-                 help='a prepared TFDS dataset instead (e.g. imagenet2012)')
+  p.add_argument(
+    '--generated',
+    default='imagenet',
+    choices=('imagenet', 'cifar', 'tiny'),
+    help='generated_jpegs config to use when no --dataset is given',
+  )
+  p.add_argument(
+    '--dataset', default=None, help='a prepared TFDS dataset instead (e.g. imagenet2012)'
+  )
   p.add_argument('--data_dir', default=None)
   p.add_argument('--smoke', action='store_true', help='tiny model, images and steps (CPU, CI)')
   p.add_argument('--json', action='store_true', help='print one JSON object as the last line')

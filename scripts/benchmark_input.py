@@ -36,44 +36,73 @@ sys.path.insert(0, os.path.join(_SCRIPTS, '..'))
 sys.path.insert(0, _SCRIPTS)
 # Grain worker processes unpickle the legacy preprocessor by module name: let them import it too.
 os.environ['PYTHONPATH'] = os.pathsep.join(
-    [_SCRIPTS, os.path.join(_SCRIPTS, '..')] + [p for p in [os.environ.get('PYTHONPATH')] if p])
+  [_SCRIPTS, os.path.join(_SCRIPTS, '..')] + [p for p in [os.environ.get('PYTHONPATH')] if p]
+)
 
 import ml_collections  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 import resnet_jax.data as data  # pylint: disable=g-import-not-at-top,wrong-import-position
-from resnet_jax.data import generated  # pylint: disable=g-import-not-at-top,wrong-import-position
-from resnet_jax.data import pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
+from resnet_jax.data import (
+  generated,  # pylint: disable=g-import-not-at-top,wrong-import-position
+  pipeline,  # pylint: disable=g-import-not-at-top,wrong-import-position
+)
 
 TARGET_IMAGES_PER_SEC = 7500  # one H100's ResNet-50 bf16 train step (the issue's goal)
 MIN_CPU_S = 0.05
 
 # name: (generated config, augment, image_size, batch size, smoke config)
 PIPELINES = {
-    'cifar_train': ('cifar', 'cifar', 32, 128, 'tiny'),
-    'imagenet_train': ('imagenet', 'imagenet', 224, 32, 'tiny'),
-    'inception_train': ('imagenet', 'inception', 224, 32, 'tiny'),
-    'imagenet_eval_10crop': ('imagenet', 'imagenet', 224, 8, 'tiny'),
+  'cifar_train': ('cifar', 'cifar', 32, 128, 'tiny'),
+  'imagenet_train': ('imagenet', 'imagenet', 224, 32, 'tiny'),
+  'inception_train': ('imagenet', 'inception', 224, 32, 'tiny'),
+  'imagenet_eval_10crop': ('imagenet', 'imagenet', 224, 8, 'tiny'),
 }
 
 
-def make_config(dataset: str, augment: str, image_size: int, data_dir: str | None, workers: int,
-                prefetch: int, decoder: str = 'pil') -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict({'data': dict(
-      name=dataset, data_dir=data_dir, train_split='train', eval_split='test',
-      validation_size=0, image_size=image_size, num_classes=10, augment=augment,
-      normalize='per_pixel_mean', num_workers=workers, prefetch=prefetch, decoder=decoder)})
+def make_config(
+  dataset: str,
+  augment: str,
+  image_size: int,
+  data_dir: str | None,
+  workers: int,
+  prefetch: int,
+  decoder: str = 'pil',
+) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(
+    {
+      'data': dict(
+        name=dataset,
+        data_dir=data_dir,
+        train_split='train',
+        eval_split='test',
+        validation_size=0,
+        image_size=image_size,
+        num_classes=10,
+        augment=augment,
+        normalize='per_pixel_mean',
+        num_workers=workers,
+        prefetch=prefetch,
+        decoder=decoder,
+      )
+    }
+  )
 
 
 def legacy_preprocessor(config: ml_collections.ConfigDict):
   """The old per-example path (float32 normalised + PCA on the host) with this data's statistics."""
   import legacy_augment  # pylint: disable=g-import-not-at-top
+
   host = pipeline.make_preprocessor(config)
   norm = pipeline.make_normalization(config)
   pre = legacy_augment.Preprocessor(
-      host.augment, host.image_size, host.channels,
-      legacy_augment.Normalizer(norm.normalizer.mean, norm.normalizer.std),
-      norm.pca_eigvals, norm.pca_eigvecs)
+    host.augment,
+    host.image_size,
+    host.channels,
+    legacy_augment.Normalizer(norm.normalizer.mean, norm.normalizer.std),
+    norm.pca_eigvals,
+    norm.pca_eigvecs,
+  )
   pre.output_dtype = np.float32  # the eval iterator pads with this dtype
   return pre
 
@@ -84,6 +113,7 @@ class CpuClock:
   def __init__(self):
     try:
       import psutil  # pylint: disable=g-import-not-at-top
+
       self._proc = psutil.Process()
     except ImportError:  # main process only; reported as cpu_includes_workers=false
       self._proc = None
@@ -109,23 +139,43 @@ class CpuClock:
     return sum(t - before.get(pid, 0.0) for pid, t in after.items())
 
 
-def measure(config: ml_collections.ConfigDict, batch_size: int, num_batches: int, warmup: int,
-            eval_crops: int | None, preprocessor=None) -> dict[str, float]:
+def measure(
+  config: ml_collections.ConfigDict,
+  batch_size: int,
+  num_batches: int,
+  warmup: int,
+  eval_crops: int | None,
+  preprocessor=None,
+) -> dict[str, float]:
   """Examples/s and CPU seconds over `num_batches` batches, after `warmup` batches plus as many as
   the prefetch buffers hold (so neither worker start-up nor batches computed ahead inflate it)."""
   buffered = int(config.data.prefetch) * (int(config.data.num_workers) + 1)
   warmup += buffered
   if eval_crops is None:
-    it = data.create_train_iterator(config, local_batch_size=batch_size, process_index=0,
-                                    process_count=1, seed=0, preprocessor=preprocessor)
+    it = data.create_train_iterator(
+      config,
+      local_batch_size=batch_size,
+      process_index=0,
+      process_count=1,
+      seed=0,
+      preprocessor=preprocessor,
+    )
   else:  # the train split is the larger one: one pass covers the timed batches without restarts
     num_train = data.get_dataset_info(config).num_train_examples
     available = data.num_eval_batches(num_train, batch_size, 1)
     warmup = max(0, min(warmup, available - num_batches))
     num_batches = min(num_batches, available - warmup)
-    it = iter(data.create_eval_iterator(config, split='train', local_batch_size=batch_size,
-                                        process_index=0, process_count=1, crops=eval_crops,
-                                        preprocessor=preprocessor))
+    it = iter(
+      data.create_eval_iterator(
+        config,
+        split='train',
+        local_batch_size=batch_size,
+        process_index=0,
+        process_count=1,
+        crops=eval_crops,
+        preprocessor=preprocessor,
+      )
+    )
   clock = CpuClock()
   try:
     for _ in range(warmup):
@@ -142,12 +192,17 @@ def measure(config: ml_collections.ConfigDict, batch_size: int, num_batches: int
   examples = num_batches * batch_size
   # The OS counts CPU time in 10 ms ticks: below ~50 ms a per-core rate is not measurable.
   per_core = examples / cpu if cpu >= MIN_CPU_S else None
-  return {'examples_per_sec': round(examples / wall, 1), 'cpu_s': round(cpu, 3),
-          'cores_used': round(cpu / wall, 2),
-          'examples_per_core_sec': None if per_core is None else round(per_core, 1),
-          'cores_per_7500_images_per_sec': (None if per_core is None
-                                            else round(TARGET_IMAGES_PER_SEC / per_core, 2)),
-          'bytes_per_example': nbytes // examples, 'cpu_includes_workers': clock.includes_workers}
+  return {
+    'examples_per_sec': round(examples / wall, 1),
+    'cpu_s': round(cpu, 3),
+    'cores_used': round(cpu / wall, 2),
+    'examples_per_core_sec': None if per_core is None else round(per_core, 1),
+    'cores_per_7500_images_per_sec': (
+      None if per_core is None else round(TARGET_IMAGES_PER_SEC / per_core, 2)
+    ),
+    'bytes_per_example': nbytes // examples,
+    'cpu_includes_workers': clock.includes_workers,
+  }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,30 +210,55 @@ def main(argv: list[str] | None = None) -> int:
 
   absl_flags.FLAGS.mark_as_parsed()  # Grain's worker processes read absl flags: use defaults
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--workers', default=None,
-                      help='comma-separated Grain worker counts (default 0,1,2; 0 with --smoke)')
-  parser.add_argument('--pipelines', default=','.join(PIPELINES),
-                      help=f'subset of {list(PIPELINES)}')
+  parser.add_argument(
+    '--workers',
+    default=None,
+    help='comma-separated Grain worker counts (default 0,1,2; 0 with --smoke)',
+  )
+  parser.add_argument(
+    '--pipelines', default=','.join(PIPELINES), help=f'subset of {list(PIPELINES)}'
+  )
   parser.add_argument('--batches', type=int, default=20, help='timed batches per measurement')
-  parser.add_argument('--warmup', type=int, default=3,
-                      help='untimed batches first (worker start-up)')
+  parser.add_argument(
+    '--warmup', type=int, default=3, help='untimed batches first (worker start-up)'
+  )
   parser.add_argument('--prefetch', type=int, default=2)
-  parser.add_argument('--rounds', type=int, default=1,
-                      help='repeat every (pipeline, impl, workers) measurement, interleaved')
-  parser.add_argument('--compare-old', action='store_true',
-                      help='also time the old float32-on-host pipeline on the same records')
-  parser.add_argument('--impls', default=None,
-                      help="'new', 'old' or 'new,old' (default new; new,old with --compare-old)")
-  parser.add_argument('--decoders', default='pil',
-                      help="JPEG decoders of the new pipeline's training crops: pil,opencv")
-  parser.add_argument('--dataset', default=None,
-                      help='a prepared TFDS dataset (e.g. imagenet2012) instead of generated JPEGs')
-  parser.add_argument('--data_dir', default=None,
-                      help='TFDS data dir (default: a temp dir for the generated datasets, '
-                      'TFDS\'s default with --dataset)')
+  parser.add_argument(
+    '--rounds',
+    type=int,
+    default=1,
+    help='repeat every (pipeline, impl, workers) measurement, interleaved',
+  )
+  parser.add_argument(
+    '--compare-old',
+    action='store_true',
+    help='also time the old float32-on-host pipeline on the same records',
+  )
+  parser.add_argument(
+    '--impls',
+    default=None,
+    help="'new', 'old' or 'new,old' (default new; new,old with --compare-old)",
+  )
+  parser.add_argument(
+    '--decoders',
+    default='pil',
+    help="JPEG decoders of the new pipeline's training crops: pil,opencv",
+  )
+  parser.add_argument(
+    '--dataset',
+    default=None,
+    help='a prepared TFDS dataset (e.g. imagenet2012) instead of generated JPEGs',
+  )
+  parser.add_argument(
+    '--data_dir',
+    default=None,
+    help='TFDS data dir (default: a temp dir for the generated datasets, '
+    "TFDS's default with --dataset)",
+  )
   parser.add_argument('--smoke', action='store_true', help='tiny images, 2 batches: checks it runs')
-  parser.add_argument('--json', action='store_true',
-                      help='print one JSON object instead of a table')
+  parser.add_argument(
+    '--json', action='store_true', help='print one JSON object instead of a table'
+  )
   args = parser.parse_args(argv)
 
   try:
@@ -198,9 +278,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.error(f'--decoders: choose from pil,opencv, got {args.decoders!r}')
   chosen = (args.impls or ('new,old' if args.compare_old else 'new')).split(',')
   if not chosen or set(chosen) - {'new', 'old'}:
-    parser.error(f"--impls: choose from new,old, got {args.impls!r}")
+    parser.error(f'--impls: choose from new,old, got {args.impls!r}')
   impls = ([('new', d) for d in decoders] if 'new' in chosen else []) + (
-      [('old', 'pil')] if 'old' in chosen else [])
+    [('old', 'pil')] if 'old' in chosen else []
+  )
   results = []
   for name in names:
     dataset, augment, size, batch_size, smoke_dataset = PIPELINES[name]
@@ -222,19 +303,35 @@ def main(argv: list[str] | None = None) -> int:
           except (data.DatasetNotFoundError, ValueError) as e:
             print(f'error: {e}', file=sys.stderr)
             return 1
-          results.append({'pipeline': name, 'impl': impl, 'decoder': decoder, 'workers': w,
-                          'batch_size': batch_size,
-                          'image_size': size, 'dataset': dataset_name, **r})
+          results.append(
+            {
+              'pipeline': name,
+              'impl': impl,
+              'decoder': decoder,
+              'workers': w,
+              'batch_size': batch_size,
+              'image_size': size,
+              'dataset': dataset_name,
+              **r,
+            }
+          )
           if not args.json:
             per_core, cores = r['examples_per_core_sec'], r['cores_per_7500_images_per_sec']
-            print(f"{name:22s} {impl:3s} {decoder:6s} workers={w:<3d} batch={batch_size:<4d} "
-                  f"{r['examples_per_sec']:9.1f} ex/s  {r['cores_used']:5.2f} cores  "
-                  f"{'-' if per_core is None else f'{per_core:.1f}':>8s} ex/s/core  "
-                  f"{'-' if cores is None else f'{cores:.1f}':>7s} cores/7500", flush=True)
+            print(
+              f'{name:22s} {impl:3s} {decoder:6s} workers={w:<3d} batch={batch_size:<4d} '
+              f'{r["examples_per_sec"]:9.1f} ex/s  {r["cores_used"]:5.2f} cores  '
+              f'{"-" if per_core is None else f"{per_core:.1f}":>8s} ex/s/core  '
+              f'{"-" if cores is None else f"{cores:.1f}":>7s} cores/7500',
+              flush=True,
+            )
   cpu = platform.processor() or 'cpu'
-  report = {'machine': f'{platform.machine()} {os.cpu_count()} CPUs ({cpu})',
-            'python': platform.python_version(), 'smoke': args.smoke,
-            'loadavg': list(os.getloadavg()), 'results': results}
+  report = {
+    'machine': f'{platform.machine()} {os.cpu_count()} CPUs ({cpu})',
+    'python': platform.python_version(),
+    'smoke': args.smoke,
+    'loadavg': list(os.getloadavg()),
+    'results': results,
+  }
   if args.json:
     print(json.dumps(report))
   return 0

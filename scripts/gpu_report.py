@@ -51,14 +51,18 @@ def apply_gpu_xla_flags(environ=os.environ) -> list[str]:
 
 _APPLIED_FLAGS = apply_gpu_xla_flags() if __name__ == '__main__' else []
 
+import gpu_report_lib as lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-import gpu_report_lib as lib  # pylint: disable=g-import-not-at-top,wrong-import-position
-
 # Dense peak TFLOP/s by device kind substring: (bf16, tf32). H100/H200 SXM datasheet figures.
-PEAKS = {'H200': (989.0, 494.0), 'H100': (989.0, 494.0), 'A100': (312.0, 156.0),
-         'L4': (121.0, 60.0), 'L40S': (362.0, 183.0)}
+PEAKS = {
+  'H200': (989.0, 494.0),
+  'H100': (989.0, 494.0),
+  'A100': (312.0, 156.0),
+  'L4': (121.0, 60.0),
+  'L40S': (362.0, 183.0),
+}
 
 
 def peak_tflops(device_kind: str, dtype: str) -> float | None:
@@ -75,17 +79,47 @@ def plan(tiny: bool) -> list[dict]:
   else:
     r50, cifar, size, batch, big = 'resnet50', ['resnet20', 'resnet110'], 224, 256, [512, 768, 1024]
   rows = [
-      {'name': f'{r50} train, modern recipe, bf16', 'recipe': 'modern', 'model': r50,
-       'batch': batch, 'size': size, 'kind': 'train', 'torch': 'imagenet', 'grow': big},
-      {'name': f'{r50} train, paper recipe, f32', 'recipe': 'paper', 'model': r50, 'batch': batch,
-       'size': size, 'kind': 'train', 'torch': 'imagenet'},
-      {'name': f'{r50} eval, bf16', 'recipe': 'modern', 'model': r50, 'batch': batch,
-       'size': size, 'kind': 'eval', 'torch': 'imagenet'},
+    {
+      'name': f'{r50} train, modern recipe, bf16',
+      'recipe': 'modern',
+      'model': r50,
+      'batch': batch,
+      'size': size,
+      'kind': 'train',
+      'torch': 'imagenet',
+      'grow': big,
+    },
+    {
+      'name': f'{r50} train, paper recipe, f32',
+      'recipe': 'paper',
+      'model': r50,
+      'batch': batch,
+      'size': size,
+      'kind': 'train',
+      'torch': 'imagenet',
+    },
+    {
+      'name': f'{r50} eval, bf16',
+      'recipe': 'modern',
+      'model': r50,
+      'batch': batch,
+      'size': size,
+      'kind': 'eval',
+      'torch': 'imagenet',
+    },
   ]
   for name in cifar:
-    rows.append({'name': f'{name} train (CIFAR), paper recipe, f32', 'recipe': 'cifar',
-                 'model': name, 'batch': 128 if not tiny else 8, 'size': 32 if not tiny else 8,
-                 'kind': 'train', 'torch': 'cifar'})
+    rows.append(
+      {
+        'name': f'{name} train (CIFAR), paper recipe, f32',
+        'recipe': 'cifar',
+        'model': name,
+        'batch': 128 if not tiny else 8,
+        'size': 32 if not tiny else 8,
+        'kind': 'train',
+        'torch': 'cifar',
+      }
+    )
   return rows
 
 
@@ -99,8 +133,14 @@ def run_row(row: dict, steps: int, deadline: float, torch_result: dict | None) -
     res['peak_tflops'] = peak
   if torch_result:
     res.update(torch_result)
-    best = max([v for k, v in res.items() if k.startswith('torch_') and k.endswith('images_per_sec')
-                and isinstance(v, (int, float))] or [0])
+    best = max(
+      [
+        v
+        for k, v in res.items()
+        if k.startswith('torch_') and k.endswith('images_per_sec') and isinstance(v, (int, float))
+      ]
+      or [0]
+    )
     if best:
       res['ratio_jax_over_best_torch'] = round(res['images_per_sec'] / best, 3)
   out.append(res)
@@ -110,10 +150,15 @@ def run_row(row: dict, steps: int, deadline: float, torch_result: dict | None) -
     try:
       big = lib.jax_row(dict(row, batch=b), steps)
     except Exception as e:  # pylint: disable=broad-except  # out of memory: the previous one fits
-      out.append({'name': f"{row['name']}, batch {b}", 'batch_size': b,
-                  'error': str(e).splitlines()[0][:200]})
+      out.append(
+        {
+          'name': f'{row["name"]}, batch {b}',
+          'batch_size': b,
+          'error': str(e).splitlines()[0][:200],
+        }
+      )
       break
-    big['name'] = f"{row['name']}, batch {b}"
+    big['name'] = f'{row["name"]}, batch {b}'
     if peak and big.get('tflops'):
       big['mfu'] = round(big['tflops'] / peak, 4)
     out.append(big)
@@ -121,33 +166,48 @@ def run_row(row: dict, steps: int, deadline: float, torch_result: dict | None) -
 
 
 def markdown(report: dict) -> str:
-  lines = [f"# GPU report ({report['date']})", '',
-           f"Device: {report['device_kind']} x{report['devices']} ({report['platform']}); "
-           f"jax {report['jax_version']}, torch {report.get('torch_version') or 'absent'}; "
-           f"{report['cpu_count']} CPU cores; "
-           f"XLA_FLAGS applied: {report['xla_flags_applied'] or 'none'}"
-           f"{' (tiny CPU mode)' if report['tiny'] else ''}.", '',
-           '| row | batch | JAX img/s | compile s | MFU | torch eager | torch compile | '
-           'JAX / best torch |', '|---|---|---|---|---|---|---|---|']
+  lines = [
+    f'# GPU report ({report["date"]})',
+    '',
+    f'Device: {report["device_kind"]} x{report["devices"]} ({report["platform"]}); '
+    f'jax {report["jax_version"]}, torch {report.get("torch_version") or "absent"}; '
+    f'{report["cpu_count"]} CPU cores; '
+    f'XLA_FLAGS applied: {report["xla_flags_applied"] or "none"}'
+    f'{" (tiny CPU mode)" if report["tiny"] else ""}.',
+    '',
+    '| row | batch | JAX img/s | compile s | MFU | torch eager | torch compile | '
+    'JAX / best torch |',
+    '|---|---|---|---|---|---|---|---|',
+  ]
   for r in report['rows']:
     if 'error' in r:
-      lines.append(f"| {r['name']} | {r['batch_size']} | did not run: {r['error']} | | | | | |")
+      lines.append(f'| {r["name"]} | {r["batch_size"]} | did not run: {r["error"]} | | | | | |')
       continue
     f = lambda k: '' if r.get(k) is None else (f'{r[k]:.3f}' if k == 'mfu' else f'{r[k]:,.1f}')
-    lines.append(f"| {r['name']} | {r['batch_size']} | {f('images_per_sec')} | {f('compile_s')} | "
-                 f"{f('mfu')} | {f('torch_eager_images_per_sec')} | "
-                 f"{f('torch_compile_images_per_sec')} | {f('ratio_jax_over_best_torch')} |")
+    lines.append(
+      f'| {r["name"]} | {r["batch_size"]} | {f("images_per_sec")} | {f("compile_s")} | '
+      f'{f("mfu")} | {f("torch_eager_images_per_sec")} | '
+      f'{f("torch_compile_images_per_sec")} | {f("ratio_jax_over_best_torch")} |'
+    )
   e = report.get('end_to_end')
   if e and 'error' not in e:
-    lines += ['', f"End to end ({e['model']}, batch {e['batch_size']}, {e['dtype']}, "
-              f"{e['workers']} "
-              f"Grain workers, {e['dataset']}): {e['images_per_sec']:,.1f} img/s vs step only "
-              f"{e['step_only_images_per_sec']:,.1f} ({e['e2e_over_step_only']:.2f}x); data wait "
-              f"{100 * e['data_wait_fraction']:.1f} % of wall time; host cores {e['host_cores']}."]
+    lines += [
+      '',
+      f'End to end ({e["model"]}, batch {e["batch_size"]}, {e["dtype"]}, '
+      f'{e["workers"]} '
+      f'Grain workers, {e["dataset"]}): {e["images_per_sec"]:,.1f} img/s vs step only '
+      f'{e["step_only_images_per_sec"]:,.1f} ({e["e2e_over_step_only"]:.2f}x); data wait '
+      f'{100 * e["data_wait_fraction"]:.1f} % of wall time; host cores {e["host_cores"]}.',
+    ]
   elif e:
-    lines += ['', f"End to end: did not run: {e['error']}"]
-  lines += ['', 'MFU = achieved (3 x forward FLOPs x img/s) / dense peak (bf16 rows: bf16 peak; '
-            'f32 rows: TF32 peak).', f"Command: `{report['command']}`", '']
+    lines += ['', f'End to end: did not run: {e["error"]}']
+  lines += [
+    '',
+    'MFU = achieved (3 x forward FLOPs x img/s) / dense peak (bf16 rows: bf16 peak; '
+    'f32 rows: TF32 peak).',
+    f'Command: `{report["command"]}`',
+    '',
+  ]
   return '\n'.join(lines)
 
 
@@ -187,20 +247,29 @@ def main(argv: list[str] | None = None) -> int:
   lib.release_torch_memory()
   platform_name = jax.devices()[0].platform
   if not tiny and platform_name == 'cpu':
-    print('error: an NVIDIA GPU is present but JAX runs on the CPU: install jax[cuda12] or '
-          'jax[cuda13] (or pass --tiny)', file=sys.stderr)
+    print(
+      'error: an NVIDIA GPU is present but JAX runs on the CPU: install jax[cuda12] or '
+      'jax[cuda13] (or pass --tiny)',
+      file=sys.stderr,
+    )
     return 1
   rows = []
   for row in plan(tiny):
     if time.time() > deadline:
-      rows.append({'name': row['name'], 'batch_size': row['batch'],
-                   'error': 'skipped: time budget'})
+      rows.append(
+        {'name': row['name'], 'batch_size': row['batch'], 'error': 'skipped: time budget'}
+      )
       continue
     try:
       rows.extend(run_row(row, steps, deadline, torch_results.get(row['name'])))
     except Exception as e:  # pylint: disable=broad-except  # one failed row must not lose the rest
-      rows.append({'name': row['name'], 'batch_size': row['batch'],
-                   'error': f'{type(e).__name__}: {str(e).splitlines()[0][:200]}'})
+      rows.append(
+        {
+          'name': row['name'],
+          'batch_size': row['batch'],
+          'error': f'{type(e).__name__}: {str(e).splitlines()[0][:200]}',
+        }
+      )
   e2e = None
   if not args.no_e2e:
     try:
@@ -209,17 +278,26 @@ def main(argv: list[str] | None = None) -> int:
       e2e = {'error': f'{type(e).__name__}: {str(e).splitlines()[0][:200]}'}
   dev = jax.devices()[0]
   report = {
-      'date': time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()), 'tiny': tiny,
-      'platform': platform_name, 'device_kind': dev.device_kind, 'devices': jax.device_count(),
-      'jax_version': jax.__version__, 'torch_version': lib.torch_version() if use_torch else None,
-      'cpu_count': os.cpu_count(), 'python': platform.python_version(),
-      'xla_flags_applied': _APPLIED_FLAGS, 'xla_flags': os.environ.get('XLA_FLAGS', ''),
-      'command': ' '.join(['python', 'scripts/gpu_report.py'] + list(argv or sys.argv[1:])),
-      'wall_s': round(time.time() - start, 1), 'rows': rows, 'end_to_end': e2e,
+    'date': time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()),
+    'tiny': tiny,
+    'platform': platform_name,
+    'device_kind': dev.device_kind,
+    'devices': jax.device_count(),
+    'jax_version': jax.__version__,
+    'torch_version': lib.torch_version() if use_torch else None,
+    'cpu_count': os.cpu_count(),
+    'python': platform.python_version(),
+    'xla_flags_applied': _APPLIED_FLAGS,
+    'xla_flags': os.environ.get('XLA_FLAGS', ''),
+    'command': ' '.join(['python', 'scripts/gpu_report.py'] + list(argv or sys.argv[1:])),
+    'wall_s': round(time.time() - start, 1),
+    'rows': rows,
+    'end_to_end': e2e,
   }
   with open(os.path.join(args.out, 'gpu_report.json'), 'w') as f:
-    json.dump(report, f, indent=1,
-              default=lambda o: o.item() if isinstance(o, np.generic) else str(o))
+    json.dump(
+      report, f, indent=1, default=lambda o: o.item() if isinstance(o, np.generic) else str(o)
+    )
   with open(os.path.join(args.out, 'gpu_report.md'), 'w') as f:
     f.write(markdown(report))
   print(markdown(report))

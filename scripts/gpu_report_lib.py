@@ -8,7 +8,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 _SCRIPTS = os.path.dirname(os.path.abspath(__file__))
@@ -16,13 +15,16 @@ _ROOT = os.path.join(_SCRIPTS, '..')
 
 from resnet_jax import optim, runtime, summary  # pylint: disable=wrong-import-position
 from resnet_jax import train_step as ts  # pylint: disable=wrong-import-position
-from resnet_jax.data import augment  # pylint: disable=wrong-import-position
-from resnet_jax.data import device_preprocess  # pylint: disable=wrong-import-position
+from resnet_jax.data import (
+  augment,  # pylint: disable=wrong-import-position
+  device_preprocess,  # pylint: disable=wrong-import-position
+)
 
 
 def _config_module(name: str):
-  spec = importlib.util.spec_from_file_location(f'_cfg_{name}', os.path.join(_ROOT, 'configs',
-                                                                             f'{name}.py'))
+  spec = importlib.util.spec_from_file_location(
+    f'_cfg_{name}', os.path.join(_ROOT, 'configs', f'{name}.py')
+  )
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
@@ -33,7 +35,7 @@ def recipe_config(row: dict):
   if row['recipe'] == 'cifar':
     c = _config_module('cifar').get_config('depth=20')
   else:
-    arg = f"depth=50,recipe={row['recipe']},batch={row['batch']}"
+    arg = f'depth=50,recipe={row["recipe"]},batch={row["batch"]}'
     c = _config_module('imagenet').get_config(arg)
   c.model.name = row['model']
   c.batch_size = row['batch']
@@ -44,8 +46,9 @@ def _preprocess(row: dict, size: int) -> device_preprocess.DevicePreprocess:
   """Device preprocessing with statistics of the right shapes (values do not change the cost)."""
   rng = np.random.default_rng(0)
   kind = 'cifar' if row['recipe'] == 'cifar' else 'imagenet'
-  norm = augment.Normalizer(rng.uniform(100, 150, (size, size, 3)).astype(np.float32),
-                            np.float32(60.0))
+  norm = augment.Normalizer(
+    rng.uniform(100, 150, (size, size, 3)).astype(np.float32), np.float32(60.0)
+  )
   vecs = np.linalg.qr(rng.standard_normal((3, 3)))[0].astype(np.float32)
   eigvals = np.array([0.2, 0.02, 0.005], np.float32)
   return device_preprocess.DevicePreprocess(kind, size, norm, eigvals, vecs)
@@ -79,11 +82,18 @@ def jax_row(row: dict, steps: int) -> dict:
   data = ts.batch_sharding(mesh)
   rng = np.random.default_rng(0)
   put = lambda v: jax.device_put(v, data)
-  batch = {'image': put(rng.integers(0, 256, (b, size, size, 3), dtype=np.uint8)),
-           'label': put(rng.integers(0, num_classes, b).astype(np.int32))}
+  batch = {
+    'image': put(rng.integers(0, 256, (b, size, size, 3), dtype=np.uint8)),
+    'label': put(rng.integers(0, num_classes, b).astype(np.int32)),
+  }
   if row['kind'] == 'train':
-    jitted = ts.jit_train_step(mesh, state_sharding, lr_fn, preprocess=pre,
-                               label_smoothing=float(config.get('label_smoothing', 0.0)))
+    jitted = ts.jit_train_step(
+      mesh,
+      state_sharding,
+      lr_fn,
+      preprocess=pre,
+      label_smoothing=float(config.get('label_smoothing', 0.0)),
+    )
   else:
     batch['mask'] = put(np.ones(b, bool))
     evaluate = ts.jit_eval_step(mesh, model.apply, preprocess=pre)
@@ -96,17 +106,28 @@ def jax_row(row: dict, steps: int) -> dict:
   flops = 2 * macs * (3 if row['kind'] == 'train' else 1)
   rate = b / per_step
   del state, batch, compiled
-  return {'model': row['model'], 'kind': row['kind'], 'recipe': row['recipe'], 'batch_size': b,
-          'image_size': size, 'dtype': config.dtype, 'images_per_sec': round(rate, 2),
-          'step_ms': round(1e3 * per_step, 3), 'compile_s': round(compile_s, 2),
-          'tflops': round(flops * rate / 1e12, 4), 'flops_per_image': flops,
-          'device_kind': jax.devices()[0].device_kind, 'devices': jax.device_count()}
+  return {
+    'model': row['model'],
+    'kind': row['kind'],
+    'recipe': row['recipe'],
+    'batch_size': b,
+    'image_size': size,
+    'dtype': config.dtype,
+    'images_per_sec': round(rate, 2),
+    'step_ms': round(1e3 * per_step, 3),
+    'compile_s': round(compile_s, 2),
+    'tflops': round(flops * rate / 1e12, 4),
+    'flops_per_image': flops,
+    'device_kind': jax.devices()[0].device_kind,
+    'devices': jax.device_count(),
+  }
 
 
 def release_torch_memory() -> None:
   """Returns PyTorch's cached GPU memory so that JAX can take it."""
   if torch_available() and 'torch' in sys.modules:
     import torch  # pylint: disable=g-import-not-at-top
+
     if torch.cuda.is_available():
       torch.cuda.synchronize()
       torch.cuda.empty_cache()
@@ -120,12 +141,14 @@ def torch_version() -> str | None:
   if not torch_available():
     return None
   import torch  # pylint: disable=g-import-not-at-top
+
   return torch.__version__
 
 
 def _torch_model(torch, row: dict, num_classes: int):
   """torchvision's model for ImageNet names when available, else the product benchmark's twin."""
   from resnet_jax.models import parse_name  # pylint: disable=g-import-not-at-top
+
   spec = parse_name(row['model'])
   if row['recipe'] != 'cifar' and importlib.util.find_spec('torchvision') is not None:
     try:
@@ -136,6 +159,7 @@ def _torch_model(torch, row: dict, num_classes: int):
       return getattr(torchvision.models, row['model'])(num_classes=num_classes)
   sys.path.insert(0, _SCRIPTS)
   import benchmark  # pylint: disable=g-import-not-at-top
+
   return benchmark._torch_resnet(torch, spec, num_classes)  # pylint: disable=protected-access
 
 
@@ -144,6 +168,7 @@ def torch_row(row: dict, steps: int) -> dict:
   (Nesterov and label smoothing as the recipe), bf16 autocast for bf16 recipes; eager and
   torch.compile (compile only on CUDA: on CPU it needs a C++ toolchain and minutes)."""
   import torch  # pylint: disable=g-import-not-at-top
+
   config = recipe_config(row)
   cuda = torch.cuda.is_available()
   dev = 'cuda' if cuda else 'cpu'
@@ -155,8 +180,13 @@ def torch_row(row: dict, steps: int) -> dict:
   out = {}
   for mode in ('eager', 'compile') if cuda else ('eager',):
     model = _torch_model(torch, row, num_classes).to(dev).to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4,
-                          nesterov=bool(config.optimizer.get('nesterov', False)))
+    opt = torch.optim.SGD(
+      model.parameters(),
+      lr=0.1,
+      momentum=0.9,
+      weight_decay=1e-4,
+      nesterov=bool(config.optimizer.get('nesterov', False)),
+    )
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=float(config.get('label_smoothing', 0.0)))
     run = torch.compile(model) if mode == 'compile' else model
 
@@ -183,7 +213,7 @@ def torch_row(row: dict, steps: int) -> dict:
       step()
     sync()
     out[f'torch_{mode}_images_per_sec'] = round(steps * b / (time.perf_counter() - t), 2)
-    del model, opt, run
+    model = opt = run = None  # free the GPU memory before the next mode
     if cuda:
       torch.cuda.empty_cache()
   return out
@@ -193,9 +223,22 @@ def end_to_end(tiny: bool) -> dict:
   """benchmark_e2e with this machine's cores as Grain workers (tiny: its smoke settings)."""
   sys.path.insert(0, _SCRIPTS)
   import benchmark_e2e  # pylint: disable=g-import-not-at-top
+
   if tiny:
     argv = ['--smoke']
   else:
-    argv = ['--model', 'resnet50', '--batch-size', '256', '--dtype', 'bfloat16', '--workers',
-            str(max(1, (os.cpu_count() or 2) - 1)), '--steps', '150', '--warmup', '15']
+    argv = [
+      '--model',
+      'resnet50',
+      '--batch-size',
+      '256',
+      '--dtype',
+      'bfloat16',
+      '--workers',
+      str(max(1, (os.cpu_count() or 2) - 1)),
+      '--steps',
+      '150',
+      '--warmup',
+      '15',
+    ]
   return benchmark_e2e.run(benchmark_e2e.parse(argv))

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-AUGMENTS = ("none", "cifar", "imagenet", "inception")
+AUGMENTS = ('none', 'cifar', 'imagenet', 'inception')
 EVAL_RESIZE_RATIO = 256 / 224  # eval resize of the shorter side relative to the crop (256 for 224)
 SCALE_AUG_RANGE = (256 / 224, 480 / 224)  # paper's [256, 480] for 224 crops
 PCA_ALPHA_STD = 0.1
@@ -39,7 +39,7 @@ class Normalizer:
   """(x - mean) / std; a per-pixel mean image is resized when eval runs at another scale."""
 
   mean: np.ndarray  # (H, W, C) per-pixel mean, or (C,) / () per channel
-  std: np.ndarray   # broadcastable to the image
+  std: np.ndarray  # broadcastable to the image
   _resized: dict[tuple[int, int], np.ndarray] = dataclasses.field(default_factory=dict, repr=False)
 
   def _mean_for(self, hw: tuple[int, int]) -> np.ndarray:
@@ -47,8 +47,16 @@ class Normalizer:
       return self.mean
     if hw not in self._resized:
       self._resized[hw] = np.stack(
-          [np.asarray(Image.fromarray(self.mean[..., c].astype(np.float32), mode="F").resize(
-              (hw[1], hw[0]), Image.BILINEAR)) for c in range(self.mean.shape[-1])], axis=-1)
+        [
+          np.asarray(
+            Image.fromarray(self.mean[..., c].astype(np.float32), mode='F').resize(
+              (hw[1], hw[0]), Image.BILINEAR
+            )
+          )
+          for c in range(self.mean.shape[-1])
+        ],
+        axis=-1,
+      )
     return self._resized[hw]
 
   def __call__(self, image: np.ndarray) -> np.ndarray:
@@ -60,7 +68,9 @@ class Normalizer:
 
 def open_image(image: Any, channels: int) -> Image.Image:
   """A lazily decoded PIL image from encoded bytes or a decoded uint8 array."""
-  if isinstance(image, (bytes, np.bytes_)) or (isinstance(image, np.ndarray) and image.dtype.kind in "SO"):
+  if isinstance(image, (bytes, np.bytes_)) or (
+    isinstance(image, np.ndarray) and image.dtype.kind in 'SO'
+  ):
     return Image.open(io.BytesIO(image.item() if isinstance(image, np.ndarray) else bytes(image)))
   array = np.asarray(image)
   return Image.fromarray(array[..., 0] if array.ndim == 3 and array.shape[-1] == 1 else array)
@@ -68,8 +78,8 @@ def open_image(image: Any, channels: int) -> Image.Image:
 
 def decode(img: Image.Image, channels: int, min_size: tuple[int, int] | None = None) -> Image.Image:
   """Decodes `img` (JPEG: at the smallest DCT scale still >= `min_size` (w, h)) in the right mode."""
-  mode = "L" if channels == 1 else "RGB"
-  if min_size is not None and img.format == "JPEG":
+  mode = 'L' if channels == 1 else 'RGB'
+  if min_size is not None and img.format == 'JPEG':
     img.draft(mode, (max(1, int(min_size[0])), max(1, int(min_size[1]))))
   return img.convert(mode) if img.mode != mode else img
 
@@ -84,21 +94,29 @@ def resize_shorter(img: Image.Image, short: int, channels: int) -> Image.Image:
   w, h = img.size
   factor = short / min(w, h)
   img = decode(img, channels, (math.ceil(w * factor), math.ceil(h * factor)))
-  new = (max(short, round(img.size[0] * short / min(img.size))), max(short, round(img.size[1] * short / min(img.size))))
+  new = (
+    max(short, round(img.size[0] * short / min(img.size))),
+    max(short, round(img.size[1] * short / min(img.size))),
+  )
   return img if img.size == new else img.resize(new, Image.BILINEAR)
 
 
 def center_crop(array: np.ndarray, size: int) -> np.ndarray:
   h, w = array.shape[:2]
   top, left = (h - size) // 2, (w - size) // 2
-  return array[top:top + size, left:left + size]
+  return array[top : top + size, left : left + size]
 
 
 def ten_crops(array: np.ndarray, size: int) -> np.ndarray:
   """[10, size, size, C]: 4 corners + centre, then the same five horizontally flipped (paper Tables 2-3)."""
   h, w = array.shape[:2]
-  five = [array[:size, :size], array[:size, w - size:], array[h - size:, :size],
-          array[h - size:, w - size:], center_crop(array, size)]
+  five = [
+    array[:size, :size],
+    array[:size, w - size :],
+    array[h - size :, :size],
+    array[h - size :, w - size :],
+    center_crop(array, size),
+  ]
   return np.stack(five + [c[:, ::-1] for c in five])
 
 
@@ -128,21 +146,26 @@ class Preprocessor:
 
   def __post_init__(self):
     if self.augment not in AUGMENTS:
-      raise ValueError(f"config.data.augment={self.augment!r} is not one of {AUGMENTS}")
+      raise ValueError(f'config.data.augment={self.augment!r} is not one of {AUGMENTS}')
 
   @property
   def pad(self) -> int:
-    return max(1, self.image_size // 8) if self.augment == "cifar" else 0
+    return max(1, self.image_size // 8) if self.augment == 'cifar' else 0
 
   @property
   def eval_resize(self) -> int:
-    small = self.augment in ("none", "cifar")
+    small = self.augment in ('none', 'cifar')
     return self.image_size if small else round(self.image_size * EVAL_RESIZE_RATIO)
 
   def base_uint8(self, image: Any, short: int | None = None) -> np.ndarray:
     """Shorter side resized to `short` (default: the eval resize), uint8 [H, W, C]: eval's starting point."""
     short = short or self.eval_resize
-    if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and min(image.shape[:2]) == short:
+    if (
+      isinstance(image, np.ndarray)
+      and image.dtype == np.uint8
+      and image.ndim == 3
+      and min(image.shape[:2]) == short
+    ):
       return image  # already decoded at the right size (CIFAR, digits): skip the PIL round trip
     img = open_image(image, self.channels)
     return to_array(resize_shorter(img, short, self.channels), self.channels)
@@ -158,18 +181,22 @@ class Preprocessor:
     fully-convolutional multi-scale testing input); otherwise S = image_size.
     """
     if crops not in (1, 2, 10):
-      raise ValueError(f"crops must be 1, 2 or 10, got {crops}")
+      raise ValueError(f'crops must be 1, 2 or 10, got {crops}')
     if scale is not None:
       if crops == 10:
-        raise ValueError("scale=... supports crops 1 or 2 (image and its flip)")
+        raise ValueError('scale=... supports crops 1 or 2 (image and its flip)')
       out = self.normalize(center_crop(self.base_uint8(image, int(scale)), int(scale)))
     elif self.pad:  # small images: normalise, zero-pad as in training, crop the padded image
-      out = np.pad(self.normalize(self.base_uint8(image)), ((self.pad,) * 2, (self.pad,) * 2, (0, 0)))
+      out = np.pad(
+        self.normalize(self.base_uint8(image)), ((self.pad,) * 2, (self.pad,) * 2, (0, 0))
+      )
       if crops != 10:
         out = center_crop(out, self.image_size)
     else:
       out = self.base_uint8(image)
-      out = self.normalize(ten_crops(out, self.image_size) if crops == 10 else center_crop(out, self.image_size))
+      out = self.normalize(
+        ten_crops(out, self.image_size) if crops == 10 else center_crop(out, self.image_size)
+      )
     if crops == 10:
       return ten_crops(out, self.image_size) if out.ndim == 3 else out
     if crops == 2:
@@ -179,19 +206,19 @@ class Preprocessor:
   def train(self, image: Any, rng: np.random.Generator) -> np.ndarray:
     """One randomly augmented, normalised float32 [image_size, image_size, C] training input."""
     size = self.image_size
-    if self.augment in ("none", "cifar"):
+    if self.augment in ('none', 'cifar'):
       out = self.normalize(self.eval_uint8(image))
-      if self.augment == "cifar":
+      if self.augment == 'cifar':
         p = self.pad
         out = np.pad(out, ((p, p), (p, p), (0, 0)))
         top, left = rng.integers(0, 2 * p + 1, size=2)
-        out = out[top:top + size, left:left + size]
+        out = out[top : top + size, left : left + size]
         if rng.random() < 0.5:
           out = out[:, ::-1]
       return np.ascontiguousarray(out)
     img = open_image(image, self.channels)
     w, h = img.size
-    if self.augment == "imagenet":
+    if self.augment == 'imagenet':
       # "resize the shorter side to s, then take a random size x size crop", done as: pick the crop in
       # the would-be resized image, map it back to the original, and resample only that region.
       lo, hi = (round(size * r) for r in SCALE_AUG_RANGE)
@@ -202,14 +229,21 @@ class Preprocessor:
     else:  # inception
       left, top, cw, ch = _random_resized_box(rng, w, h)
       factor = size / min(cw, ch)
-    img = decode(img, self.channels, (math.ceil(w * factor), math.ceil(h * factor)))  # reduced if possible
+    img = decode(
+      img, self.channels, (math.ceil(w * factor), math.ceil(h * factor))
+    )  # reduced if possible
     sx, sy = img.size[0] / w, img.size[1] / h
-    box = (left * sx, top * sy, min(img.size[0], (left + cw) * sx), min(img.size[1], (top + ch) * sy))
+    box = (
+      left * sx,
+      top * sy,
+      min(img.size[0], (left + cw) * sx),
+      min(img.size[1], (top + ch) * sy),
+    )
     array = to_array(img.resize((size, size), Image.BILINEAR, box=box), self.channels)
     if rng.random() < 0.5:
       array = array[:, ::-1]
     out = array.astype(np.float32)
-    if self.augment == "imagenet" and self.pca_eigvals is not None:
+    if self.augment == 'imagenet' and self.pca_eigvals is not None:
       alpha = rng.normal(0.0, PCA_ALPHA_STD, size=self.pca_eigvals.shape)
       out += (self.pca_eigvecs @ (alpha * self.pca_eigvals) * 255.0).astype(np.float32)
     return np.ascontiguousarray(self.normalize(out))

@@ -10,6 +10,7 @@ finished runs (results.json) are skipped and partial ones resume, so rerunning t
 continues a sweep. Then DIR/summary.json, DIR/summary.md and DIR/curves.png are written from
 whatever runs exist. Exit status 1 if any run failed (the others still ran and are reported).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,8 +20,8 @@ import sys
 _ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
 sys.path.insert(0, _ROOT)
 
-from resnet_jax.analysis import sweep, sweep_report  # noqa: E402  (after the path insert)
 from resnet_jax import cli  # noqa: E402
+from resnet_jax.analysis import sweep, sweep_report  # noqa: E402  (after the path insert)
 from resnet_jax.default_config import load_config_module  # noqa: E402
 
 
@@ -31,22 +32,37 @@ def load_registry():
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
   p = cli.ArgumentParser(prog='python scripts/sweep.py', description=__doc__)
-  p.add_argument('--config', help='base config, e.g. configs/cifar.py or configs/imagenet.py:recipe=paper')
+  p.add_argument(
+    '--config', help='base config, e.g. configs/cifar.py or configs/imagenet.py:recipe=paper'
+  )
   p.add_argument('--workdir', required=True, help='sweep directory (one sub-directory per run)')
   p.add_argument('--depths', help='comma-separated depths, e.g. 20,32,56')
   p.add_argument('--variants', help="comma-separated, among 'residual' and 'plain' (default both)")
   p.add_argument('--shortcuts', help='sweep shortcut options too, e.g. A,B,C (residual runs only)')
   p.add_argument('--seeds', help='sweep seeds too, e.g. 0,1,2 (tables show mean +- std)')
   p.add_argument('--experiment', help='fill the grid from configs/paper.py, e.g. table6')
-  p.add_argument('--parallel', type=int,
-                 help='runs at a time (default: one per --devices group, else 1: sequential)')
-  p.add_argument('--devices', help="device groups, one per parallel slot, exported as "
-                 "CUDA_VISIBLE_DEVICES: '0,1,2,3' (one GPU each) or '0+1,2+3' (two each)")
-  p.add_argument('--rerun-finished', action='store_true',
-                 help='relaunch finished runs too (e.g. after raising num_train_steps)')
+  p.add_argument(
+    '--parallel',
+    type=int,
+    help='runs at a time (default: one per --devices group, else 1: sequential)',
+  )
+  p.add_argument(
+    '--devices',
+    help='device groups, one per parallel slot, exported as '
+    "CUDA_VISIBLE_DEVICES: '0,1,2,3' (one GPU each) or '0+1,2+3' (two each)",
+  )
+  p.add_argument(
+    '--rerun-finished',
+    action='store_true',
+    help='relaunch finished runs too (e.g. after raising num_train_steps)',
+  )
   p.add_argument('--report-only', action='store_true', help='only (re)write the summary files')
-  p.add_argument('--train-window', type=int, default=5,
-                 help='final train error = mean of this many last train points')
+  p.add_argument(
+    '--train-window',
+    type=int,
+    default=5,
+    help='final train error = mean of this many last train points',
+  )
   args, rest = p.parse_known_args(argv)
   bad = [a for a in rest if not a.startswith('--config.')]
   if bad:
@@ -69,15 +85,23 @@ def main(argv: list[str]) -> int:
   args, overrides = parse_args(argv)
   failed: list[str] = []
   if not args.report_only:
-    runs = sweep.plan_runs([int(d) for d in sweep._csv(args.depths)],
-                           sweep._csv(args.variants or 'residual,plain'),
-                           sweep._csv(args.shortcuts) or None,
-                           [int(s) for s in sweep._csv(args.seeds)] or None)
+    runs = sweep.plan_runs(
+      [int(d) for d in sweep._csv(args.depths)],
+      sweep._csv(args.variants or 'residual,plain'),
+      sweep._csv(args.shortcuts) or None,
+      [int(s) for s in sweep._csv(args.seeds)] or None,
+    )
     devices = [g.replace('+', ',') for g in sweep._csv(args.devices)] or None
     parallel = args.parallel or (len(devices) if devices else 1)
-    status = sweep.run_sweep(runs, args.config, args.workdir, overrides,
-                             parallel=parallel, devices=devices,
-                             rerun_finished=args.rerun_finished)
+    status = sweep.run_sweep(
+      runs,
+      args.config,
+      args.workdir,
+      overrides,
+      parallel=parallel,
+      devices=devices,
+      rerun_finished=args.rerun_finished,
+    )
     failed = [name for name, rc in status.items() if rc != 0]
   paths = sweep_report.write_report(args.workdir, train_window=args.train_window)
   print(f'[sweep] wrote {", ".join(paths)}')

@@ -4,6 +4,7 @@ Only the number of examples is small: file names, member paths, pickle keys, bin
 headers are those of the files users download, so `prepare` and TFDS's builders read them as they
 read the real ones.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -16,8 +17,18 @@ import tarfile
 import numpy as np
 from PIL import Image
 
-CIFAR10_NAMES = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship',
-                 'truck']
+CIFAR10_NAMES = [
+  'airplane',
+  'automobile',
+  'bird',
+  'cat',
+  'deer',
+  'dog',
+  'frog',
+  'horse',
+  'ship',
+  'truck',
+]
 
 
 def _add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
@@ -39,14 +50,21 @@ def write_cifar10_python(path: str, per_batch: int = 4, test: int = 6) -> dict[s
   """cifar-10-python.tar.gz: cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}."""
   out = {}
   with tarfile.open(path, 'w:gz') as tar:
-    meta = {b'num_cases_per_batch': per_batch, b'label_names': [n.encode() for n in CIFAR10_NAMES],
-            b'num_vis': 3072}
+    meta = {
+      b'num_cases_per_batch': per_batch,
+      b'label_names': [n.encode() for n in CIFAR10_NAMES],
+      b'num_vis': 3072,
+    }
     _add(tar, 'cifar-10-batches-py/batches.meta', pickle.dumps(meta, protocol=2))
     for i, name in enumerate([f'data_batch_{k}' for k in range(1, 6)] + ['test_batch']):
       n = test if name == 'test_batch' else per_batch
       data, labels, _ = cifar_arrays(n, 10, seed=i)
-      batch = {b'batch_label': f'{name} of 6'.encode(), b'labels': [int(l) for l in labels],
-               b'data': data, b'filenames': [f'img_{i}_{j}.png'.encode() for j in range(n)]}
+      batch = {
+        b'batch_label': f'{name} of 6'.encode(),
+        b'labels': [int(l) for l in labels],
+        b'data': data,
+        b'filenames': [f'img_{i}_{j}.png'.encode() for j in range(n)],
+      }
       _add(tar, f'cifar-10-batches-py/{name}', pickle.dumps(batch, protocol=2))
       out[name] = (data, labels)
     _add(tar, 'cifar-10-batches-py/readme.html', b'<html></html>')
@@ -71,14 +89,20 @@ def write_cifar100_python(path: str, train: int = 200, test: int = 100) -> dict[
   """cifar-100-python.tar.gz: cifar-100-python/{train,test,meta} with fine and coarse labels."""
   out = {}
   with tarfile.open(path, 'w:gz') as tar:
-    meta = {b'fine_label_names': [f'fine{i}'.encode() for i in range(100)],
-            b'coarse_label_names': [f'coarse{i}'.encode() for i in range(20)]}
+    meta = {
+      b'fine_label_names': [f'fine{i}'.encode() for i in range(100)],
+      b'coarse_label_names': [f'coarse{i}'.encode() for i in range(20)],
+    }
     _add(tar, 'cifar-100-python/meta', pickle.dumps(meta, protocol=2))
     for i, (name, n) in enumerate((('train', train), ('test', test))):
       data, fine, coarse = cifar_arrays(n, 100, seed=10 + i)
-      batch = {b'filenames': [b'x.png'] * n, b'batch_label': name.encode(),
-               b'fine_labels': [int(l) for l in fine], b'coarse_labels': [int(l) for l in coarse],
-               b'data': data}
+      batch = {
+        b'filenames': [b'x.png'] * n,
+        b'batch_label': name.encode(),
+        b'fine_labels': [int(l) for l in fine],
+        b'coarse_labels': [int(l) for l in coarse],
+        b'data': data,
+      }
       _add(tar, f'cifar-100-python/{name}', pickle.dumps(batch, protocol=2))
       out[name] = (data, fine, coarse)
   return out
@@ -108,6 +132,7 @@ def _jpeg(rng: np.random.Generator, mode: str, size: tuple[int, int], fmt: str =
 def imagenet_validation_labels(n: int) -> list[str]:
   """Synsets of ILSVRC2012_val_00000001..n, from the labels file TFDS's builder ships and reads."""
   import tensorflow_datasets as tfds
+
   path = tfds.core.tfds_path('datasets/imagenet2012/validation_labels.txt')
   return path.read_text().split()[:n]
 

@@ -1,4 +1,5 @@
 """Runs `python -m resnet_jax.main` in a subprocess, as a user would (helpers for CLI tests)."""
+
 from __future__ import annotations
 
 import json
@@ -18,22 +19,52 @@ def env_with_devices(n: int) -> dict[str, str]:
   return env
 
 
-def main_args(workdir: str, config: str = 'configs/digits.py:depth=8', *overrides: str) -> list[str]:
-  return [sys.executable, '-m', 'resnet_jax.main', f'--config={os.path.join(ROOT, config)}',
-          f'--workdir={workdir}', '--config.progress_bar=false', *overrides]
+def main_args(
+  workdir: str, config: str = 'configs/digits.py:depth=8', *overrides: str
+) -> list[str]:
+  return [
+    sys.executable,
+    '-m',
+    'resnet_jax.main',
+    f'--config={os.path.join(ROOT, config)}',
+    f'--workdir={workdir}',
+    '--config.progress_bar=false',
+    *overrides,
+  ]
 
 
-def run_main(workdir: str, *overrides: str, config: str = 'configs/digits.py:depth=8',
-             devices: int = 4, timeout: float = 600) -> subprocess.CompletedProcess:
-  return subprocess.run(main_args(workdir, config, *overrides), cwd=ROOT, env=env_with_devices(devices),
-                        capture_output=True, text=True, timeout=timeout)
+def run_main(
+  workdir: str,
+  *overrides: str,
+  config: str = 'configs/digits.py:depth=8',
+  devices: int = 4,
+  timeout: float = 600,
+) -> subprocess.CompletedProcess:
+  return subprocess.run(
+    main_args(workdir, config, *overrides),
+    cwd=ROOT,
+    env=env_with_devices(devices),
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
 
 
-def start_main(workdir: str, *overrides: str, config: str = 'configs/digits.py:depth=8',
-               devices: int = 4, extra: tuple[str, ...] = ()) -> subprocess.Popen:
-  return subprocess.Popen(main_args(workdir, config, *overrides) + list(extra), cwd=ROOT,
-                          env=env_with_devices(devices), stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+def start_main(
+  workdir: str,
+  *overrides: str,
+  config: str = 'configs/digits.py:depth=8',
+  devices: int = 4,
+  extra: tuple[str, ...] = (),
+) -> subprocess.Popen:
+  return subprocess.Popen(
+    main_args(workdir, config, *overrides) + list(extra),
+    cwd=ROOT,
+    env=env_with_devices(devices),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
 
 
 def wait_for(predicate, timeout: float = 300, interval: float = 0.05) -> None:
@@ -60,6 +91,7 @@ def finished_checkpoints(workdir: str) -> list[int]:
 def data_config(**overrides):
   """The project's default config with digits data at 8x8; `overrides` set `config.data` fields."""
   from resnet_jax.default_config import base_config
+
   config = base_config()
   config.data.image_size = 8
   config.data.update(overrides)

@@ -4,6 +4,7 @@ present and sane), benchmark_input.py (old vs new pipelines), benchmark_e2e.py a
 One in-process run (one compile of the train and eval steps) keeps this fast; torch is compared
 only when it is installed (it is an optional extra).
 """
+
 import importlib.util
 import json
 import os
@@ -22,12 +23,39 @@ def test_benchmark_smoke_json(capsys):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   torch = _has_torch()
-  module.main(['--model', 'resnet8', '--batch-size', '8', '--image-size', '8', '--steps', '2',
-               '--warmup', '1', '--block', '1', '--json'] + (['--compare-torch'] if torch else []))
+  module.main(
+    [
+      '--model',
+      'resnet8',
+      '--batch-size',
+      '8',
+      '--image-size',
+      '8',
+      '--steps',
+      '2',
+      '--warmup',
+      '1',
+      '--block',
+      '1',
+      '--json',
+    ]
+    + (['--compare-torch'] if torch else [])
+  )
   r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-  for key in ('images_per_sec', 'compile_s', 'eval_images_per_sec', 'eval_compile_s',
-              'step_ms_median', 'macs_per_image', 'flops_per_image', 'achieved_tflops',
-              'devices', 'batch_size', 'image_size', 'steps_timed'):
+  for key in (
+    'images_per_sec',
+    'compile_s',
+    'eval_images_per_sec',
+    'eval_compile_s',
+    'step_ms_median',
+    'macs_per_image',
+    'flops_per_image',
+    'achieved_tflops',
+    'devices',
+    'batch_size',
+    'image_size',
+    'steps_timed',
+  ):
     assert r[key] > 0, (key, r[key])
   assert r['model'] == 'resnet8' and r['dtype'] == 'float32' and r['platform'] == 'cpu'
   assert r['devices'] == 4 and r['steps_timed'] == 2  # conftest simulates 4 CPU devices
@@ -49,16 +77,29 @@ def _script(name):
 
 def test_benchmark_input_smoke_old_and_new(capsys, tmp_path):
   module = _script('benchmark_input')
-  assert module.main(['--smoke', '--compare-old', '--pipelines', 'imagenet_train,cifar_train',
-                      '--data_dir', str(tmp_path), '--json']) == 0
+  assert (
+    module.main(
+      [
+        '--smoke',
+        '--compare-old',
+        '--pipelines',
+        'imagenet_train,cifar_train',
+        '--data_dir',
+        str(tmp_path),
+        '--json',
+      ]
+    )
+    == 0
+  )
   r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   rows = {(x['pipeline'], x['impl']): x for x in r['results']}
   assert set(rows) == {(p, i) for p in ('imagenet_train', 'cifar_train') for i in ('new', 'old')}
   for row in rows.values():
     assert row['workers'] == 0 and row['examples_per_sec'] > 0 and row['cpu_s'] >= 0
     per_core = row['examples_per_core_sec']  # None when the smoke run is below the OS's CPU tick
-    assert per_core is None or per_core * row['cores_per_7500_images_per_sec'] == \
-        pytest.approx(7500, rel=0.01)
+    assert per_core is None or per_core * row['cores_per_7500_images_per_sec'] == pytest.approx(
+      7500, rel=0.01
+    )
   # the new pipeline moves uint8: a quarter of the old float32 bytes per example
   for p in ('imagenet_train', 'cifar_train'):
     assert rows[(p, 'old')]['bytes_per_example'] == 4 * rows[(p, 'new')]['bytes_per_example']
@@ -66,8 +107,21 @@ def test_benchmark_input_smoke_old_and_new(capsys, tmp_path):
 
 def test_benchmark_input_bad_dataset_is_one_line(capsys, tmp_path):
   module = _script('benchmark_input')
-  assert module.main(['--dataset', 'no_such_dataset_xyz', '--data_dir', str(tmp_path),
-                      '--pipelines', 'cifar_train', '--workers', '0']) == 1
+  assert (
+    module.main(
+      [
+        '--dataset',
+        'no_such_dataset_xyz',
+        '--data_dir',
+        str(tmp_path),
+        '--pipelines',
+        'cifar_train',
+        '--workers',
+        '0',
+      ]
+    )
+    == 1
+  )
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith('error:')
 
@@ -83,11 +137,17 @@ def test_benchmark_e2e_smoke(capsys, tmp_path):
 
 def test_benchmark_bn_collectives_by_scope():
   module = _script('benchmark_bn')
-  assert module.scopes(12, 4) == [('whole_batch', None), ('per_device', 3), ('two_devices', 6),
-                                  ('straddling', 4)]
-  hlo = ('  %ar = (f32[3,3]{1,0}, /*index=1*/f32[4]{0}) all-reduce(%a, %b), replica_groups={}\n'
-         '  %ag = f32[8,2]{1,0} all-gather-start(%c), dimensions={0}\n'
-         '  ROOT %x = f32[2]{0} add(%d, %e)\n')
+  assert module.scopes(12, 4) == [
+    ('whole_batch', None),
+    ('per_device', 3),
+    ('two_devices', 6),
+    ('straddling', 4),
+  ]
+  hlo = (
+    '  %ar = (f32[3,3]{1,0}, /*index=1*/f32[4]{0}) all-reduce(%a, %b), replica_groups={}\n'
+    '  %ag = f32[8,2]{1,0} all-gather-start(%c), dimensions={0}\n'
+    '  ROOT %x = f32[2]{0} add(%d, %e)\n'
+  )
   c = module.collectives(hlo)
   assert c['all-reduce'] == {'count': 1, 'bytes': 4 * 13}
   assert c['all-gather'] == {'count': 1, 'bytes': 4 * 16}

@@ -4,6 +4,7 @@ Everything but the first test needs the optional `[torch]` extra and is skipped 
 torchvision's weights cannot be downloaded here, so models get random weights and randomised BN
 statistics (which is a stricter test than trained weights: every BN matters).
 """
+
 import importlib.util
 import os
 import subprocess
@@ -21,14 +22,20 @@ from resnet_jax.models import create_model, layout
 
 
 def test_core_package_does_not_import_torch():
-  code = ('import sys, resnet_jax.models, resnet_jax.summary, resnet_jax.convert, resnet_jax.predict; '
-          'assert "torch" not in sys.modules and "torchvision" not in sys.modules')
-  subprocess.run([sys.executable, '-c', code], check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+  code = (
+    'import sys, resnet_jax.models, resnet_jax.summary, resnet_jax.convert, resnet_jax.predict; '
+    'assert "torch" not in sys.modules and "torchvision" not in sys.modules'
+  )
+  subprocess.run(
+    [sys.executable, '-c', code], check=True, cwd=os.path.dirname(os.path.dirname(__file__))
+  )
 
 
 @pytest.fixture(scope='module')
 def torch():
-  return pytest.importorskip('torch', reason='torch is an optional extra: pip install -e ".[torch]"')
+  return pytest.importorskip(
+    'torch', reason='torch is an optional extra: pip install -e ".[torch]"'
+  )
 
 
 @pytest.fixture(scope='module')
@@ -45,6 +52,7 @@ def tv(torch):
     pytest.skip('torchvision is an optional extra: pip install -e ".[torch]"')
   try:
     from torchvision.models import resnet
+
     return resnet
   except (RuntimeError, OSError):
     for name in [m for m in sys.modules if m == 'torchvision' or m.startswith('torchvision.')]:
@@ -54,6 +62,7 @@ def tv(torch):
     package.__spec__ = spec
     sys.modules['torchvision'] = package
     from torchvision.models import resnet
+
     return resnet
 
 
@@ -76,13 +85,20 @@ def torch_logits(torch, model, x_nhwc):
     return model(torch.from_numpy(np.ascontiguousarray(x_nhwc.transpose(0, 3, 1, 2)))).numpy()
 
 
-@pytest.mark.parametrize('name,size', [
-    ('resnet18', 57), ('resnet34', 64), ('resnet50', 64), ('resnet101', 48),
-    ('resnext50_32x4d', 64), ('wide_resnet50_2', 64),
+@pytest.mark.parametrize(
+  'name,size',
+  [
+    ('resnet18', 57),
+    ('resnet34', 64),
+    ('resnet50', 64),
+    ('resnet101', 48),
+    ('resnext50_32x4d', 64),
+    ('wide_resnet50_2', 64),
     pytest.param('resnext101_32x8d', 64, marks=pytest.mark.slow),
     pytest.param('resnext101_64x4d', 64, marks=pytest.mark.slow),
     pytest.param('wide_resnet101_2', 64, marks=pytest.mark.slow),
-])
+  ],
+)
 def test_logits_match_torchvision(torch, tv, name, size):
   model = random_torchvision(torch, tv, name)
   x = np.random.default_rng(0).standard_normal((2, size, size, 3)).astype(np.float32)
@@ -97,7 +113,9 @@ def test_logits_match_torchvision(torch, tv, name, size):
 def test_torch_key_mapping():
   assert convert.torch_key('params', ['conv1', 'kernel']) == 'conv1.weight'
   assert convert.torch_key('params', ['bn1', 'scale']) == 'bn1.weight'
-  assert convert.torch_key('batch_stats', ['layer3_12', 'bn2', 'var']) == 'layer3.12.bn2.running_var'
+  assert (
+    convert.torch_key('batch_stats', ['layer3_12', 'bn2', 'var']) == 'layer3.12.bn2.running_var'
+  )
   down = ['layer2_0', 'downsample_conv', 'kernel']
   assert convert.torch_key('params', down) == 'layer2.0.downsample.0.weight'
   down = ['layer2_0', 'downsample_bn', 'mean']
@@ -110,11 +128,15 @@ def test_strict_key_accounting(torch, tv):
   variables = convert.from_torchvision({f'module.{k}': v for k, v in sd.items()}, 'resnet18')
   assert variables['params']['fc']['kernel'].shape == (512, 7)
   np.testing.assert_array_equal(variables['params']['fc']['kernel'], sd['fc.weight'].numpy().T)
-  np.testing.assert_array_equal(variables['batch_stats']['layer2_0']['downsample_bn']['var'],
-                                sd['layer2.0.downsample.1.running_var'].numpy())
+  np.testing.assert_array_equal(
+    variables['batch_stats']['layer2_0']['downsample_bn']['var'],
+    sd['layer2.0.downsample.1.running_var'].numpy(),
+  )
 
   missing = {k: v for k, v in sd.items() if k != 'layer1.1.bn2.running_mean'}
-  with pytest.raises(ValueError, match=r'missing torchvision keys \[\'layer1.1.bn2.running_mean\'\]'):
+  with pytest.raises(
+    ValueError, match=r'missing torchvision keys \[\'layer1.1.bn2.running_mean\'\]'
+  ):
     convert.from_torchvision(missing, 'resnet18')
   with pytest.raises(ValueError, match=r'unused torchvision keys \[\'extra.weight\'\]'):
     convert.from_torchvision({**sd, 'extra.weight': sd['fc.bias']}, 'resnet18')
@@ -129,7 +151,9 @@ def test_strict_key_accounting(torch, tv):
 
 
 def test_adapt_input_channels_for_grayscale(torch, tv):
-  variables = convert.from_torchvision(random_torchvision(torch, tv, 'resnet18').state_dict(), 'resnet18')
+  variables = convert.from_torchvision(
+    random_torchvision(torch, tv, 'resnet18').state_dict(), 'resnet18'
+  )
   gray = convert.adapt_input_channels(variables, 1)
   assert gray['params']['conv1']['kernel'].shape == (7, 7, 1, 64)
   x = np.random.default_rng(1).standard_normal((2, 40, 40, 1)).astype(np.float32)
@@ -144,10 +168,17 @@ def test_preprocessing_matches_torchvision_transforms(torch, tv):
   except Exception as e:  # pylint: disable=broad-except
     pytest.skip(f'torchvision.transforms unavailable: {e}')
   image = Image.fromarray(np.random.default_rng(2).integers(0, 256, (300, 451, 3), dtype=np.uint8))
-  reference = transforms.Compose([
-      transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(),
-      transforms.Normalize(mean=predict.IMAGENET_MEAN.tolist(), std=predict.IMAGENET_STD.tolist())])
-  np.testing.assert_allclose(predict.preprocess(image), reference(image).numpy().transpose(1, 2, 0), atol=1e-5)
+  reference = transforms.Compose(
+    [
+      transforms.Resize(256),
+      transforms.CenterCrop(224),
+      transforms.ToTensor(),
+      transforms.Normalize(mean=predict.IMAGENET_MEAN.tolist(), std=predict.IMAGENET_STD.tolist()),
+    ]
+  )
+  np.testing.assert_allclose(
+    predict.preprocess(image), reference(image).numpy().transpose(1, 2, 0), atol=1e-5
+  )
 
 
 def test_convert_cli_then_predict_prints_top5(torch, tv, tmp_path, capsys):
@@ -161,7 +192,9 @@ def test_convert_cli_then_predict_prints_top5(torch, tv, tmp_path, capsys):
   jax.tree.map(np.testing.assert_array_equal, restored, expected)
 
   image_path = tmp_path / 'image.png'
-  Image.fromarray(np.random.default_rng(4).integers(0, 256, (230, 310, 3), dtype=np.uint8)).save(image_path)
+  Image.fromarray(np.random.default_rng(4).integers(0, 256, (230, 310, 3), dtype=np.uint8)).save(
+    image_path
+  )
   predict.main(['--arch', 'resnet18', '--checkpoint', str(out), str(image_path)])
   lines = capsys.readouterr().out.splitlines()
   assert len(lines) == 5
@@ -181,7 +214,9 @@ def test_convert_cli_then_predict_prints_top5(torch, tv, tmp_path, capsys):
 
 
 @pytest.mark.parametrize('name', ['resnext50_32x4d', 'wide_resnet50_2'])
-def test_convert_and_predict_take_resnext_and_wide_resnet_weights(torch, tv, tmp_path, capsys, name):
+def test_convert_and_predict_take_resnext_and_wide_resnet_weights(
+  torch, tv, tmp_path, capsys, name
+):
   model = random_torchvision(torch, tv, name, seed=6)
   weights, out = tmp_path / f'{name}.pth', tmp_path / 'converted'
   torch.save(model.state_dict(), weights)
@@ -189,7 +224,9 @@ def test_convert_and_predict_take_resnext_and_wide_resnet_weights(torch, tv, tmp
   count = {'resnext50_32x4d': '25,028,904', 'wide_resnet50_2': '68,883,240'}[name]
   assert f'wrote {name} ({count} parameters, 1000 classes)' in capsys.readouterr().out
   image_path = tmp_path / 'image.png'
-  Image.fromarray(np.random.default_rng(7).integers(0, 256, (90, 120, 3), dtype=np.uint8)).save(image_path)
+  Image.fromarray(np.random.default_rng(7).integers(0, 256, (90, 120, 3), dtype=np.uint8)).save(
+    image_path
+  )
   predict.main(['--arch', name, '--checkpoint', str(out), '--image-size', '64', str(image_path)])
   lines = capsys.readouterr().out.splitlines()
   probs = [float(line.split()[0]) for line in lines]
@@ -207,13 +244,29 @@ def test_finetune_from_converted_checkpoint_on_digits(torch, tv, tmp_path):
   With lr=0 every restored weight must come out unchanged, proving it was loaded, not re-initialised.
   """
   from tests.runner import results, run_main
+
   weights, converted, workdir = tmp_path / 'r18.pth', tmp_path / 'converted', tmp_path / 'ft'
   torch.save(random_torchvision(torch, tv, 'resnet18', seed=5).state_dict(), weights)
-  convert.main(['--arch', 'resnet18', '--torchvision-weights', str(weights), '--out', str(converted),
-                '--in-channels', '1'])
-  proc = run_main(str(workdir), f'--config.init_from={converted}', '--config.schedule.base_lr=0.0',
-                  '--config.eval_every_steps=0', devices=1,
-                  config='configs/finetune.py:arch=resnet18,steps=2,batch=8,image_size=16')
+  convert.main(
+    [
+      '--arch',
+      'resnet18',
+      '--torchvision-weights',
+      str(weights),
+      '--out',
+      str(converted),
+      '--in-channels',
+      '1',
+    ]
+  )
+  proc = run_main(
+    str(workdir),
+    f'--config.init_from={converted}',
+    '--config.schedule.base_lr=0.0',
+    '--config.eval_every_steps=0',
+    devices=1,
+    config='configs/finetune.py:arch=resnet18,steps=2,batch=8,image_size=16',
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   res = results(str(workdir))
   assert res['step'] == 2 and res['eval']['num_examples'] == 360
@@ -234,12 +287,15 @@ def test_torchvision_round_trip_in_both_layouts_without_torch():
   variables = jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32), abstract)
   sd = convert.to_torchvision(variables)
   assert sd['layer1.1.conv2.weight'].shape == (64, 64, 3, 3) and 'fc.weight' in sd
-  np.testing.assert_array_equal(sd['layer4.1.bn1.running_var'],
-                                variables['batch_stats']['layer4_scan']['bn1']['var'][0])
+  np.testing.assert_array_equal(
+    sd['layer4.1.bn1.running_var'], variables['batch_stats']['layer4_scan']['bn1']['var'][0]
+  )
   scanned = convert.from_torchvision(sd, 'resnet18', scan=True)
   assert jax.tree.structure(scanned) == jax.tree.structure(jax.tree.map(np.asarray, variables))
   jax.tree.map(np.testing.assert_array_equal, scanned, variables)
   unrolled = convert.from_torchvision(sd, 'resnet18')
   assert 'layer4_1' in unrolled['params'] and 'layer4_scan' not in unrolled['params']
-  np.testing.assert_array_equal(unrolled['params']['layer2_1']['conv1']['kernel'],
-                                variables['params']['layer2_scan']['conv1']['kernel'][0])
+  np.testing.assert_array_equal(
+    unrolled['params']['layer2_1']['conv1']['kernel'],
+    variables['params']['layer2_scan']['conv1']['kernel'][0],
+  )

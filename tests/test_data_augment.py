@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from resnet_jax.data import augment
-from resnet_jax.data import stats
+from resnet_jax.data import augment, stats
 from resnet_jax.data.device_preprocess import DevicePreprocess
 
 _LEGACY = os.path.join(os.path.dirname(__file__), '..', 'scripts', 'legacy_augment.py')
@@ -34,7 +33,7 @@ def jpeg_bytes(w: int, h: int, seed: int = 0) -> bytes:
   rng = np.random.default_rng(seed)
   small = Image.fromarray(rng.integers(0, 256, (h // 8, w // 8, 3), dtype=np.uint8)).resize((w, h))
   buf = io.BytesIO()
-  small.save(buf, format="JPEG", quality=90)
+  small.save(buf, format='JPEG', quality=90)
   return buf.getvalue()
 
 
@@ -61,8 +60,12 @@ def test_cifar_train_is_a_shifted_window_of_the_zero_padded_image():
   drawn = set()
   for image, o in zip(images, out):
     padded = np.pad(image.astype(np.float32), ((4, 4), (4, 4), (0, 0)))
-    windows = {padded[t:t + 32, l:l + 32][:, ::f].tobytes(): (t, l, f)
-               for t in range(9) for l in range(9) for f in (1, -1)}
+    windows = {
+      padded[t : t + 32, l : l + 32][:, ::f].tobytes(): (t, l, f)
+      for t in range(9)
+      for l in range(9)
+      for f in (1, -1)
+    }
     drawn.add(windows[o.tobytes()])  # KeyError: not a window of the padded image
   assert len(drawn) > 5  # offsets and flips vary across the batch
   again = np.asarray(DevicePreprocess('cifar', 32, identity_norm())(images, rng=jax.random.key(1)))
@@ -77,8 +80,11 @@ def test_imagenet_scale_augmentation_and_pca_colour_shift():
   assert host.shape == (32, 32, 3) and host.dtype == np.uint8
   batch = np.stack([host] * 64)
   eigvals, eigvecs = np.array([0.0, 0.0, 0.1], np.float32), np.eye(3, dtype=np.float32)
-  out = np.asarray(DevicePreprocess('imagenet', 32, identity_norm(), eigvals, eigvecs)(
-      batch, rng=jax.random.key(0)))
+  out = np.asarray(
+    DevicePreprocess('imagenet', 32, identity_norm(), eigvals, eigvecs)(
+      batch, rng=jax.random.key(0)
+    )
+  )
   plain = DevicePreprocess('imagenet', 32, identity_norm())
   no_pca = np.asarray(plain(batch, rng=jax.random.key(0)))
   np.testing.assert_array_equal(no_pca, batch.astype(np.float32))
@@ -92,7 +98,9 @@ def test_imagenet_scale_augmentation_and_pca_colour_shift():
 def test_inception_crop_box_stays_inside_and_varies():
   rng = np.random.default_rng(0)
   boxes = [augment._random_resized_box(rng, 300, 200) for _ in range(50)]  # pylint: disable=protected-access
-  assert all(0 <= l and 0 <= t and l + w <= 300 and t + h <= 200 and w > 0 and h > 0 for l, t, w, h in boxes)
+  assert all(
+    0 <= l and 0 <= t and l + w <= 300 and t + h <= 200 and w > 0 and h > 0 for l, t, w, h in boxes
+  )
   assert len(set(boxes)) > 40
   out = augment.Preprocessor('inception', 48, 3).train(jpeg_bytes(300, 200), rng)
   assert out.shape == (48, 48, 3) and out.dtype == np.uint8
@@ -164,15 +172,17 @@ def test_host_uint8_plus_device_equals_the_old_host_float_path(kind, size, per_p
 def test_compute_stats_matches_numpy():
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (50, 4, 4, 3), dtype=np.uint8)
-  records = [{"image": x} for x in images]
+  records = [{'image': x} for x in images]
   s = stats.compute_stats(records, lambda x: x, max_examples=1000)
   x = images.astype(np.float64)
-  np.testing.assert_allclose(s["pixel_mean"], x.mean(0), rtol=1e-5)
-  np.testing.assert_allclose(s["channel_mean"], x.mean((0, 1, 2)), rtol=1e-5)
-  np.testing.assert_allclose(s["channel_std"], x.std((0, 1, 2)), rtol=1e-4)
+  np.testing.assert_allclose(s['pixel_mean'], x.mean(0), rtol=1e-5)
+  np.testing.assert_allclose(s['channel_mean'], x.mean((0, 1, 2)), rtol=1e-5)
+  np.testing.assert_allclose(s['channel_std'], x.std((0, 1, 2)), rtol=1e-4)
   cov = np.cov((x / 255).reshape(-1, 3).T, bias=True)
-  np.testing.assert_allclose(np.sort(s["pca_eigvals"]), np.linalg.eigvalsh(cov), rtol=1e-3, atol=1e-6)
-  assert int(stats.compute_stats(records, lambda x: x, max_examples=7)["num_examples"]) == 7
+  np.testing.assert_allclose(
+    np.sort(s['pca_eigvals']), np.linalg.eigvalsh(cov), rtol=1e-3, atol=1e-6
+  )
+  assert int(stats.compute_stats(records, lambda x: x, max_examples=7)['num_examples']) == 7
 
 
 def test_stats_cache_roundtrip(tmp_path):
@@ -180,20 +190,22 @@ def test_stats_cache_roundtrip(tmp_path):
 
   def compute():
     calls.append(1)
-    return {"pixel_mean": np.ones((2, 2, 1), np.float32)}
+    return {'pixel_mean': np.ones((2, 2, 1), np.float32)}
 
-  key = {"test": str(tmp_path)}
+  key = {'test': str(tmp_path)}
   first = stats.cached_stats(key, str(tmp_path), compute)
   stats._MEMORY.clear()  # pylint: disable=protected-access
   second = stats.cached_stats(key, str(tmp_path), compute)
-  assert len(calls) == 1 and list(tmp_path.glob("resnet_jax_stats_*.npz"))
-  np.testing.assert_array_equal(first["pixel_mean"], second["pixel_mean"])
+  assert len(calls) == 1 and list(tmp_path.glob('resnet_jax_stats_*.npz'))
+  np.testing.assert_array_equal(first['pixel_mean'], second['pixel_mean'])
 
 
 def test_imagenet_crop_matches_resize_then_crop():
   """The region-resample shortcut gives the paper's 'resize shorter side to s, random crop' geometry."""
   yy, xx = np.mgrid[0:90, 0:140]
-  image = np.stack([xx * 255 / 139, yy * 255 / 89, (xx + yy) * 255 / 228], -1).round().astype(np.uint8)
+  image = (
+    np.stack([xx * 255 / 139, yy * 255 / 89, (xx + yy) * 255 / 228], -1).round().astype(np.uint8)
+  )
   pre = augment.Preprocessor('imagenet', 32, 3)
   for seed in range(5):
     out = pre.train(image, np.random.default_rng(seed)).astype(np.float32)
@@ -202,7 +214,7 @@ def test_imagenet_crop_matches_resize_then_crop():
     resized = pre.base_uint8(image, int(rng.integers(lo, hi + 1))).astype(np.float32)
     top = int(rng.integers(0, resized.shape[0] - 32 + 1))
     left = int(rng.integers(0, resized.shape[1] - 32 + 1))
-    expected = resized[top:top + 32, left:left + 32]
+    expected = resized[top : top + 32, left : left + 32]
     if rng.random() < 0.5:
       expected = expected[:, ::-1]
     assert np.abs(out - expected).mean() < 2.0
@@ -225,10 +237,12 @@ def test_opencv_decoder_gives_the_same_crop_as_pil():
 
 def test_translate_is_cifar_without_the_flip():
   images = np.random.default_rng(1).integers(1, 256, (24, 16, 16, 1), dtype=np.uint8)
-  out = np.asarray(DevicePreprocess('translate', 16, identity_norm())(images, rng=jax.random.key(3)))
+  out = np.asarray(
+    DevicePreprocess('translate', 16, identity_norm())(images, rng=jax.random.key(3))
+  )
   shifts = set()
   for image, o in zip(images, out):
     padded = np.pad(image.astype(np.float32), ((2, 2), (2, 2), (0, 0)))
-    windows = {padded[t:t + 16, l:l + 16].tobytes(): (t, l) for t in range(5) for l in range(5)}
+    windows = {padded[t : t + 16, l : l + 16].tobytes(): (t, l) for t in range(5) for l in range(5)}
     shifts.add(windows[o.tobytes()])  # KeyError: flipped or not a window of the padded image
   assert len(shifts) > 5

@@ -7,8 +7,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 import resnet_jax.data as data
-from resnet_jax.data import generated
-from resnet_jax.data import sources
+from resnet_jax.data import generated, sources
 from resnet_jax.data.device_preprocess import make_device_preprocess
 from tests.runner import data_config
 
@@ -17,32 +16,42 @@ def make_config(**overrides) -> ml_collections.ConfigDict:
   return data_config(**overrides)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope='module')
 def jpeg_dir(tmp_path_factory):
-  root = str(tmp_path_factory.mktemp("jpeg_tfds"))
-  generated.prepare("tiny", root)
+  root = str(tmp_path_factory.mktemp('jpeg_tfds'))
+  generated.prepare('tiny', root)
   return root
 
 
 def test_cifar10_under_mock_data_trains_and_evaluates_exactly_once():
-  config = make_config(name="cifar10", image_size=32, augment="cifar", validation_size=30,
-                       eval_split="validation")
+  config = make_config(
+    name='cifar10', image_size=32, augment='cifar', validation_size=30, eval_split='validation'
+  )
   with tfds.testing.mock_data(num_examples=100, policy=tfds.testing.MockPolicy.USE_CODE):
     info = data.get_dataset_info(config)
-    assert info == data.DatasetInfo("cifar10", 10, (32, 32, 3), 70, 30, "validation")
-    it = data.create_train_iterator(config, local_batch_size=16, process_index=1, process_count=2, seed=0)
+    assert info == data.DatasetInfo('cifar10', 10, (32, 32, 3), 70, 30, 'validation')
+    it = data.create_train_iterator(
+      config, local_batch_size=16, process_index=1, process_count=2, seed=0
+    )
     batch = next(it)
-    assert batch["image"].shape == (16, 32, 32, 3) and batch["image"].dtype == np.uint8
-    assert batch["label"].dtype == np.int32 and batch["label"].max() < 10
-    normalised = make_device_preprocess(config)(batch["image"], rng=jax.random.key(0))  # on device
+    assert batch['image'].shape == (16, 32, 32, 3) and batch['image'].dtype == np.uint8
+    assert batch['label'].dtype == np.int32 and batch['label'].max() < 10
+    normalised = make_device_preprocess(config)(batch['image'], rng=jax.random.key(0))  # on device
     assert abs(float(normalised.mean())) < 0.5
     state = it.get_state()
     expected = next(it)
-    again = data.create_train_iterator(config, local_batch_size=16, process_index=1, process_count=2, seed=0)
+    again = data.create_train_iterator(
+      config, local_batch_size=16, process_index=1, process_count=2, seed=0
+    )
     again.set_state(state)
-    np.testing.assert_array_equal(next(again)["image"], expected["image"])
-    count = sum(int(b["mask"].sum()) for p in range(2) for b in data.create_eval_iterator(
-        config, split=None, local_batch_size=4, process_index=p, process_count=2, crops=10))
+    np.testing.assert_array_equal(next(again)['image'], expected['image'])
+    count = sum(
+      int(b['mask'].sum())
+      for p in range(2)
+      for b in data.create_eval_iterator(
+        config, split=None, local_batch_size=4, process_index=p, process_count=2, crops=10
+      )
+    )
     assert count == 30
 
 
@@ -52,76 +61,118 @@ def test_validation_split_is_carved_from_train():
   config = make_config(validation_size=100)
   info = data.get_dataset_info(config)
   assert info.num_train_examples == 1337
-  full = sources.open_split(make_config(), "train").records
-  validation = sources.open_split(config, "validation").records
-  assert [int(validation[i]["label"]) for i in range(100)] == [int(full[int(j)]["label"]) for j in held_out]
-  masks = [b["mask"] for b in data.create_eval_iterator(config, split="validation", local_batch_size=32,
-                                                         process_index=0, process_count=1)]
+  full = sources.open_split(make_config(), 'train').records
+  validation = sources.open_split(config, 'validation').records
+  assert [int(validation[i]['label']) for i in range(100)] == [
+    int(full[int(j)]['label']) for j in held_out
+  ]
+  masks = [
+    b['mask']
+    for b in data.create_eval_iterator(
+      config, split='validation', local_batch_size=32, process_index=0, process_count=1
+    )
+  ]
   assert sum(int(m.sum()) for m in masks) == 100
 
 
 def test_real_jpeg_dataset_uses_encoded_bytes_and_all_augmentations(jpeg_dir):
-  config = make_config(name="generated_jpegs/tiny", data_dir=jpeg_dir, image_size=24, augment="imagenet")
-  source = sources.open_split(config, "train")
-  assert source.encoded and isinstance(source.records[0]["image"], bytes)
+  config = make_config(
+    name='generated_jpegs/tiny', data_dir=jpeg_dir, image_size=24, augment='imagenet'
+  )
+  source = sources.open_split(config, 'train')
+  assert source.encoded and isinstance(source.records[0]['image'], bytes)
   assert source.native_shape == (None, None, 3)
-  assert data.get_dataset_info(config) == data.DatasetInfo("generated_jpegs/tiny", 5, (24, 24, 3), 24, 10, "test")
-  for augment, normalize in (("imagenet", "per_pixel_mean"), ("inception", "mean_std")):
+  assert data.get_dataset_info(config) == data.DatasetInfo(
+    'generated_jpegs/tiny', 5, (24, 24, 3), 24, 10, 'test'
+  )
+  for augment, normalize in (('imagenet', 'per_pixel_mean'), ('inception', 'mean_std')):
     config.data.augment, config.data.normalize = augment, normalize
-    batch = next(data.create_train_iterator(config, local_batch_size=6, process_index=0, process_count=1,
-                                            seed=0))
-    assert batch["image"].shape == (6, 24, 24, 3) and np.isfinite(batch["image"]).all()
-  for crops, scale, shape in ((1, None, (24, 24, 3)), (10, None, (10, 24, 24, 3)), (1, 40, (40, 40, 3))):
-    batches = list(data.create_eval_iterator(config, split="test", local_batch_size=4, process_index=0,
-                                             process_count=1, crops=crops, scale=scale))
-    assert len(batches) == 3 and batches[0]["image"].shape == (4, *shape)
-    assert sum(int(b["mask"].sum()) for b in batches) == 10
+    batch = next(
+      data.create_train_iterator(
+        config, local_batch_size=6, process_index=0, process_count=1, seed=0
+      )
+    )
+    assert batch['image'].shape == (6, 24, 24, 3) and np.isfinite(batch['image']).all()
+  for crops, scale, shape in (
+    (1, None, (24, 24, 3)),
+    (10, None, (10, 24, 24, 3)),
+    (1, 40, (40, 40, 3)),
+  ):
+    batches = list(
+      data.create_eval_iterator(
+        config,
+        split='test',
+        local_batch_size=4,
+        process_index=0,
+        process_count=1,
+        crops=crops,
+        scale=scale,
+      )
+    )
+    assert len(batches) == 3 and batches[0]['image'].shape == (4, *shape)
+    assert sum(int(b['mask'].sum()) for b in batches) == 10
 
 
-@pytest.mark.parametrize("name,expected", [
-    ("cifar10", "`python -m resnet_jax.data.prepare cifar10 --data_dir="),
-    ("fashion_mnist", "`python -m resnet_jax.data.prepare fashion_mnist --data_dir="),
-    ("imagenet2012", "`python -m resnet_jax.data.prepare imagenet2012 --manual_dir=DIR --data_dir="),
-    ("no_such_dataset_xyz", "unknown dataset"),
-])
+@pytest.mark.parametrize(
+  'name,expected',
+  [
+    ('cifar10', '`python -m resnet_jax.data.prepare cifar10 --data_dir='),
+    ('fashion_mnist', '`python -m resnet_jax.data.prepare fashion_mnist --data_dir='),
+    (
+      'imagenet2012',
+      '`python -m resnet_jax.data.prepare imagenet2012 --manual_dir=DIR --data_dir=',
+    ),
+    ('no_such_dataset_xyz', 'unknown dataset'),
+  ],
+)
 def test_missing_dataset_is_one_clear_line(tmp_path, name, expected):
   config = make_config(name=name, data_dir=str(tmp_path), image_size=32)
   with pytest.raises(data.DatasetNotFoundError) as excinfo:
     data.create_train_iterator(config, local_batch_size=4, process_index=0, process_count=1, seed=0)
   message = str(excinfo.value)
-  assert "\n" not in message and name in message and expected in message
-  assert "tfds build" not in message and "pip install resnet_jax" not in message
+  assert '\n' not in message and name in message and expected in message
+  assert 'tfds build' not in message and 'pip install resnet_jax' not in message
   assert isinstance(excinfo.value, ValueError)
 
 
-@pytest.mark.parametrize("split", ["test", "test[:50]"])
+@pytest.mark.parametrize('split', ['test', 'test[:50]'])
 def test_imagenet2012_test_split_is_refused_it_has_no_labels(tmp_path, split):
   # TFDS writes label -1 for every image of ILSVRC2012_img_test.tar: top-1 error would read 100%.
-  config = make_config(name="imagenet2012", data_dir=str(tmp_path), image_size=32)
+  config = make_config(name='imagenet2012', data_dir=str(tmp_path), image_size=32)
   with pytest.raises(data.DatasetNotFoundError, match="no labels.*'validation'") as excinfo:
-    data.create_eval_iterator(config, split=split, local_batch_size=4, process_index=0, process_count=1)
-  assert "\n" not in str(excinfo.value)
+    data.create_eval_iterator(
+      config, split=split, local_batch_size=4, process_index=0, process_count=1
+    )
+  assert '\n' not in str(excinfo.value)
 
 
 def test_missing_split_names_the_available_ones(jpeg_dir):
-  config = make_config(name="generated_jpegs/tiny", data_dir=jpeg_dir, image_size=24, augment="imagenet")
+  config = make_config(
+    name='generated_jpegs/tiny', data_dir=jpeg_dir, image_size=24, augment='imagenet'
+  )
   with pytest.raises(data.DatasetNotFoundError, match="no split 'dev'.*train"):
-    data.create_eval_iterator(config, split="dev", local_batch_size=4, process_index=0, process_count=1)
+    data.create_eval_iterator(
+      config, split='dev', local_batch_size=4, process_index=0, process_count=1
+    )
 
 
 def test_dataset_not_in_array_record_format_points_to_prepare_overwrite(tmp_path):
-  pytest.importorskip("tensorflow")  # TFDS writes TFRecord files with TensorFlow
+  pytest.importorskip('tensorflow')  # TFDS writes TFRecord files with TensorFlow
   from resnet_jax.data import offline
   from tests import official_archives
-  archive = str(tmp_path / "cifar-10-binary.tar.gz")
+
+  archive = str(tmp_path / 'cifar-10-binary.tar.gz')
   official_archives.write_cifar10_binary(archive, per_batch=2, test=2)
-  builder = tfds.builder("cifar10", data_dir=str(tmp_path))  # TFDS's default format: TFRecord
-  with offline.offline_download_manager(builder, {offline.CIFAR10_URL: archive}, report=lambda _: None):
+  builder = tfds.builder('cifar10', data_dir=str(tmp_path))  # TFDS's default format: TFRecord
+  with offline.offline_download_manager(
+    builder, {offline.CIFAR10_URL: archive}, report=lambda _: None
+  ):
     builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(extract_dir=str(tmp_path / "x")))
-  config = make_config(name="cifar10", data_dir=str(tmp_path))
-  with pytest.raises(data.DatasetNotFoundError, match="not in ArrayRecord") as excinfo:
-    sources.open_split(config, "train")
+      download_config=tfds.download.DownloadConfig(extract_dir=str(tmp_path / 'x'))
+    )
+  config = make_config(name='cifar10', data_dir=str(tmp_path))
+  with pytest.raises(data.DatasetNotFoundError, match='not in ArrayRecord') as excinfo:
+    sources.open_split(config, 'train')
   message = str(excinfo.value)
-  assert f"`python -m resnet_jax.data.prepare cifar10 --overwrite --data_dir={tmp_path}`" in message
-  assert "tfds build" not in message and "\n" not in message
+  assert f'`python -m resnet_jax.data.prepare cifar10 --overwrite --data_dir={tmp_path}`' in message
+  assert 'tfds build' not in message and '\n' not in message

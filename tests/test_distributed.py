@@ -3,6 +3,7 @@
 The 2-process run uses JAX's own multi-controller runtime (`jax.distributed.initialize`) with
 gloo collectives between CPU processes over localhost, exactly as a 2-node cluster would.
 """
+
 import socket
 
 import numpy as np
@@ -12,8 +13,13 @@ from tests.runner import results, run_main, start_main
 
 pytestmark = pytest.mark.slow
 
-RUN = ('--config.num_train_steps=24', '--config.batch_size=32', '--config.log_every_steps=8',
-       '--config.eval_every_steps=0', '--config.checkpoint_every_steps=0')
+RUN = (
+  '--config.num_train_steps=24',
+  '--config.batch_size=32',
+  '--config.log_every_steps=8',
+  '--config.eval_every_steps=0',
+  '--config.checkpoint_every_steps=0',
+)
 
 
 def _free_port() -> int:
@@ -36,15 +42,23 @@ def test_four_devices_match_one(single_device, tmp_path):
   four = results(str(tmp_path))
   assert four['eval']['num_examples'] == single_device['eval']['num_examples'] == 360
   np.testing.assert_allclose(four['eval']['loss'], single_device['eval']['loss'], rtol=1e-3)
-  assert abs(four['eval']['top1_error'] - single_device['eval']['top1_error']) <= 1.5 / 360  # at most one borderline example may flip
+  assert (
+    abs(four['eval']['top1_error'] - single_device['eval']['top1_error']) <= 1.5 / 360
+  )  # at most one borderline example may flip
 
 
 def test_two_processes_of_two_devices_match_one(single_device, tmp_path):
   workdir = str(tmp_path)
   address = f'localhost:{_free_port()}'
-  procs = [start_main(workdir, *RUN, devices=2,
-                      extra=(f'--coordinator_address={address}', '--num_processes=2',
-                             f'--process_id={i}')) for i in range(2)]
+  procs = [
+    start_main(
+      workdir,
+      *RUN,
+      devices=2,
+      extra=(f'--coordinator_address={address}', '--num_processes=2', f'--process_id={i}'),
+    )
+    for i in range(2)
+  ]
   outs = [p.communicate(timeout=600) for p in procs]
   for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
@@ -52,7 +66,9 @@ def test_two_processes_of_two_devices_match_one(single_device, tmp_path):
   two = results(workdir)  # written by process 0 only
   assert two['eval']['num_examples'] == 360
   np.testing.assert_allclose(two['eval']['loss'], single_device['eval']['loss'], rtol=1e-3)
-  assert abs(two['eval']['top1_error'] - single_device['eval']['top1_error']) <= 1.5 / 360  # at most one borderline example may flip
+  assert (
+    abs(two['eval']['top1_error'] - single_device['eval']['top1_error']) <= 1.5 / 360
+  )  # at most one borderline example may flip
 
 
 def test_batch_not_divisible_by_devices_is_refused(tmp_path):

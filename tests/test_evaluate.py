@@ -1,4 +1,5 @@
 """Evaluation (issue 4 / DESIGN "Evaluation"): every example exactly once, on any devices and batch."""
+
 import json
 import os
 import subprocess
@@ -25,8 +26,9 @@ def _digits_state(mesh):
   return model_variables(state), jit_eval_step(mesh, model.apply), model
 
 
-@pytest.mark.parametrize('num_devices,batch_size,crops', [
-    (1, 7, 1), (1, 50, 10), (4, 64, 1), (4, 1000, 1), (4, 50, 10)])
+@pytest.mark.parametrize(
+  'num_devices,batch_size,crops', [(1, 7, 1), (1, 50, 10), (4, 64, 1), (4, 1000, 1), (4, 50, 10)]
+)
 def test_every_example_counted_once(num_devices, batch_size, crops):
   config = load_sibling_config(CONFIGS, 'digits').get_config('depth=8')
   config.eval_batch_size = batch_size
@@ -54,7 +56,9 @@ def test_multiscale_averages_over_scales():
   config.eval_batch_size = 100
   mesh = create_mesh()
   variables, _, model = _digits_state(mesh)
-  result = run_multiscale_evaluation(model.apply, variables, config, mesh, scales=[8, 12], split='test')
+  result = run_multiscale_evaluation(
+    model.apply, variables, config, mesh, scales=[8, 12], split='test'
+  )
   assert result['num_examples'] == 360
 
 
@@ -79,8 +83,9 @@ def test_cifar_config_trains_and_evaluates_under_mock_data(tmp_path):
 @pytest.mark.slow
 def test_evaluate_cli_matches_the_training_run(tmp_path):
   workdir = str(tmp_path / 'run')
-  proc = run_main(workdir, '--config.num_train_steps=20', '--config.batch_size=32',
-                  '--config.log_every_steps=10')
+  proc = run_main(
+    workdir, '--config.num_train_steps=20', '--config.batch_size=32', '--config.log_every_steps=10'
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   config_path = os.path.join(workdir, 'config.json')  # as written before model.block existed
   with open(config_path) as f:
@@ -89,16 +94,34 @@ def test_evaluate_cli_matches_the_training_run(tmp_path):
   with open(config_path, 'w') as f:
     json.dump(config, f)
   cmd = [sys.executable, '-m', 'resnet_jax.evaluate', f'--workdir={workdir}']
-  out = subprocess.run(cmd + ['--batch_size=44'], cwd=ROOT, env=env_with_devices(4),
-                       capture_output=True, text=True, timeout=600)
+  out = subprocess.run(
+    cmd + ['--batch_size=44'],
+    cwd=ROOT,
+    env=env_with_devices(4),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   got = json.loads(out.stdout.strip().splitlines()[-1])
   assert got['num_examples'] == 360 and got['step'] == 20
   assert got['loss'] == pytest.approx(results(workdir)['eval']['loss'], rel=1e-4)
-  ten = subprocess.run(cmd + ['--crops=10'], cwd=ROOT, env=env_with_devices(4),
-                       capture_output=True, text=True, timeout=600)
+  ten = subprocess.run(
+    cmd + ['--crops=10'],
+    cwd=ROOT,
+    env=env_with_devices(4),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert ten.returncode == 0, ten.stderr[-3000:]
   assert json.loads(ten.stdout.strip().splitlines()[-1])['num_examples'] == 360
-  bad = subprocess.run(cmd[:-1] + [f'--workdir={tmp_path}/nothing'], cwd=ROOT,
-                       env=env_with_devices(4), capture_output=True, text=True, timeout=600)
+  bad = subprocess.run(
+    cmd[:-1] + [f'--workdir={tmp_path}/nothing'],
+    cwd=ROOT,
+    env=env_with_devices(4),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert bad.returncode == 1 and bad.stderr.strip().startswith('error:')

@@ -3,6 +3,7 @@
 Every scenario must end in exactly the state of one uninterrupted run (same state_fingerprint).
 Runs are tiny (ResNet-8 on digits, 4 simulated devices) but go through the real CLI.
 """
+
 import json
 import os
 import shutil
@@ -14,8 +15,13 @@ from tests.runner import finished_checkpoints, results, run_main, start_main, wa
 
 pytestmark = pytest.mark.slow
 
-RUN = ('--config.num_train_steps=160', '--config.checkpoint_every_steps=40',
-       '--config.eval_every_steps=80', '--config.log_every_steps=20', '--config.batch_size=32')
+RUN = (
+  '--config.num_train_steps=160',
+  '--config.checkpoint_every_steps=40',
+  '--config.eval_every_steps=80',
+  '--config.log_every_steps=20',
+  '--config.batch_size=32',
+)
 
 
 @pytest.fixture(scope='module')
@@ -73,7 +79,7 @@ def test_sigterm_saves_exits_0_and_rerun_matches(reference, tmp_path):
   assert stopped_at < 160, 'the run finished before the signal: test did not preempt'
   rerun = run_main(workdir, *RUN)
   assert rerun.returncode == 0, rerun.stderr[-3000:]
-  assert f'resuming from' in rerun.stderr
+  assert 'resuming from' in rerun.stderr
   assert results(workdir)['state_fingerprint'] == reference[1]
 
 
@@ -98,21 +104,32 @@ def test_truncated_newest_checkpoint_falls_back_to_previous(reference, tmp_path)
 
 
 def test_nonfinite_loss_stops_naming_the_step(tmp_path):
-  proc = run_main(str(tmp_path / 'nan'), '--config.num_train_steps=20', '--config.batch_size=32',
-                  '--config.log_every_steps=5', '--config.schedule.base_lr=1e12',
-                  '--config.schedule.warmup_steps=0')
+  proc = run_main(
+    str(tmp_path / 'nan'),
+    '--config.num_train_steps=20',
+    '--config.batch_size=32',
+    '--config.log_every_steps=5',
+    '--config.schedule.base_lr=1e12',
+    '--config.schedule.warmup_steps=0',
+  )
   assert proc.returncode == 1
   last = proc.stderr.strip().splitlines()[-1]
   assert last.startswith('error: non-finite loss') and 'at step' in last, last
-  assert "no checkpoint was saved yet" in last, last  # it fails at step 5, the first log point
+  assert 'no checkpoint was saved yet' in last, last  # it fails at step 5, the first log point
 
 
 def test_a_run_that_ends_skipping_every_step_does_not_report_success(tmp_path):
   """lr 1e12: the first update is finite, every later one is not (the run diverged)."""
   workdir = str(tmp_path / 'skip')
-  proc = run_main(workdir, '--config.num_train_steps=10', '--config.batch_size=32',
-                  '--config.log_every_steps=5', '--config.schedule.base_lr=1e12',
-                  '--config.schedule.warmup_steps=0', '--config.on_nonfinite=skip')
+  proc = run_main(
+    workdir,
+    '--config.num_train_steps=10',
+    '--config.batch_size=32',
+    '--config.log_every_steps=5',
+    '--config.schedule.base_lr=1e12',
+    '--config.schedule.warmup_steps=0',
+    '--config.on_nonfinite=skip',
+  )
   assert 'skipped' in proc.stderr
   _one_line_error(proc, 'last 5 steps (to step 10)', 'skipped', 'diverged')
   assert not os.path.exists(os.path.join(workdir, 'results.json'))
@@ -129,14 +146,17 @@ def _one_line_error(proc, *needles):
   return last
 
 
-@pytest.mark.parametrize('overrides,needles', [
+@pytest.mark.parametrize(
+  'overrides,needles',
+  [
     (('--config.model.name=resnet21',), ('resnet21', 'valid forms')),
     (('--config.model.name=resnet19',), ('resnet19',)),
     (('--config.batch_size=0',), ('batch_size', 'positive')),
     (('--config.batch_size=6',), ('batch_size 6', '4 devices')),
     (('--config.data.name=no_such_dataset',), ('no_such_dataset',)),
     (('--config.batch_sise=8',), ('batch_sise', 'batch_size')),
-])
+  ],
+)
 def test_bad_input_is_one_clear_line(tmp_path, overrides, needles):
   _one_line_error(run_main(str(tmp_path / 'w'), *overrides), *needles)
 
@@ -153,10 +173,16 @@ def test_unwritable_workdir(tmp_path):
 
 
 def test_init_from_another_run_loads_its_weights(reference, tmp_path):
-  proc = run_main(str(tmp_path / 'ft'), '--config.num_train_steps=2', '--config.batch_size=32',
-                  '--config.log_every_steps=1', f'--config.init_from={reference[0]}',
-                  '--config.schedule.base_lr=0.0', '--config.schedule.warmup_steps=0',
-                  '--config.optimizer.weight_decay=0.0')
+  proc = run_main(
+    str(tmp_path / 'ft'),
+    '--config.num_train_steps=2',
+    '--config.batch_size=32',
+    '--config.log_every_steps=1',
+    f'--config.init_from={reference[0]}',
+    '--config.schedule.base_lr=0.0',
+    '--config.schedule.warmup_steps=0',
+    '--config.optimizer.weight_decay=0.0',
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   # With lr 0 the weights are the reference's; only BN running stats move on 2 batches.
   ref_err = results(reference[0])['eval']['top1_error']
@@ -170,11 +196,21 @@ def test_failed_run_stops_its_data_workers(tmp_path):
 
   from resnet_jax import train
   from resnet_jax.default_config import load_sibling_config
-  config = load_sibling_config(os.path.join(os.path.dirname(__file__), '..', 'configs', 'x.py'),
-                               'digits').get_config('depth=8')
-  config.update_from_flattened_dict({
-      'num_train_steps': 10, 'batch_size': 32, 'log_every_steps': 5, 'data.num_workers': 2,
-      'schedule.base_lr': 1e12, 'schedule.warmup_steps': 0, 'progress_bar': False})
+
+  config = load_sibling_config(
+    os.path.join(os.path.dirname(__file__), '..', 'configs', 'x.py'), 'digits'
+  ).get_config('depth=8')
+  config.update_from_flattened_dict(
+    {
+      'num_train_steps': 10,
+      'batch_size': 32,
+      'log_every_steps': 5,
+      'data.num_workers': 2,
+      'schedule.base_lr': 1e12,
+      'schedule.warmup_steps': 0,
+      'progress_bar': False,
+    }
+  )
   with pytest.raises(train.NonFiniteLossError) as failure:
     train.train_and_evaluate(config, str(tmp_path))
   # The traceback keeps the run's frames alive (as a notebook's last traceback does), so the
@@ -187,8 +223,10 @@ def test_workdirs_from_before_model_block_resume_but_not_as_bottleneck(tmp_path)
   continue it, a bottleneck one (another architecture) may not."""
   from resnet_jax import train
   from resnet_jax.default_config import load_sibling_config
-  digits = load_sibling_config(os.path.join(os.path.dirname(__file__), '..', 'configs', 'x.py'),
-                               'digits')
+
+  digits = load_sibling_config(
+    os.path.join(os.path.dirname(__file__), '..', 'configs', 'x.py'), 'digits'
+  )
   old = json.loads(digits.get_config('depth=20').to_json())
   del old['model']['block']
   (tmp_path / 'config.json').write_text(json.dumps(old))

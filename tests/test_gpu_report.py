@@ -1,4 +1,5 @@
 """scripts/gpu_report.py in its tiny CPU mode: every row runs, both files are written and agree."""
+
 import importlib.util
 import json
 import os
@@ -32,8 +33,11 @@ def test_tiny_report_writes_markdown_and_json(tmp_path, capsys):
   assert e2e['images_per_sec'] > 0 and 0 <= e2e['data_wait_fraction'] <= 1
   assert e2e['host_cores'] > 0 and 'End to end' in md
   if report['torch_version']:  # every row but the larger-batch one has its torch twin
-    assert all(r['torch_eager_images_per_sec'] > 0 and r['ratio_jax_over_best_torch'] > 0
-               for r in report['rows'] if ', batch ' not in r['name']), report['rows']
+    assert all(
+      r['torch_eager_images_per_sec'] > 0 and r['ratio_jax_over_best_torch'] > 0
+      for r in report['rows']
+      if ', batch ' not in r['name']
+    ), report['rows']
 
 
 def test_gpu_flags_only_without_user_flags(monkeypatch):

@@ -1,4 +1,5 @@
 """Model family: exact parameter counts, options, ghost BatchNorm, sharding invariance, dtypes."""
+
 import functools
 
 import flax.linen as nn
@@ -6,7 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from resnet_jax.models import BatchNorm, create_model, parse_name, shortcut
 from resnet_jax.models.layers import conv_kernel_init
@@ -14,7 +16,7 @@ from resnet_jax.models.layers import conv_kernel_init
 
 def rng(seed=0):
   """XLA's RngBitGenerator key: compiles in a fraction of threefry's time on CPU."""
-  return jax.random.key(seed, impl="rbg")
+  return jax.random.key(seed, impl='rbg')
 
 
 def normal(shape, seed=0):
@@ -27,7 +29,7 @@ def abstract_variables(model, image_size):
 
 
 def n_params(variables):
-  return sum(int(np.prod(l.shape)) for l in jax.tree.leaves(variables["params"]))
+  return sum(int(np.prod(l.shape)) for l in jax.tree.leaves(variables['params']))
 
 
 @functools.cache
@@ -55,81 +57,83 @@ def run(model, variables, x, **kwargs):
 
 
 @pytest.mark.parametrize(
-  "name,expected",
+  'name,expected',
   [
-    ("resnet18", 11_689_512),
-    ("resnet34", 21_797_672),
-    ("resnet50", 25_557_032),
-    ("resnet101", 44_549_160),
-    ("resnet152", 60_192_808),
-    ("resnet20", 269_722),
-    ("resnet32", 464_154),
-    ("resnet44", 658_586),
-    ("resnet56", 853_018),
-    ("resnet110", 1_727_962),
-    ("resnet1202", 19_421_274),
+    ('resnet18', 11_689_512),
+    ('resnet34', 21_797_672),
+    ('resnet50', 25_557_032),
+    ('resnet101', 44_549_160),
+    ('resnet152', 60_192_808),
+    ('resnet20', 269_722),
+    ('resnet32', 464_154),
+    ('resnet44', 658_586),
+    ('resnet56', 853_018),
+    ('resnet110', 1_727_962),
+    ('resnet1202', 19_421_274),
   ],
 )
 def test_parameter_counts_match_torchvision_and_paper(name, expected):
-  size = 32 if parse_name(name).family == "cifar" else 224
+  size = 32 if parse_name(name).family == 'cifar' else 224
   assert n_params(abstract_variables(create_model(name), size)) == expected
   assert n_params(abstract_variables(create_model(name, scan=True), size)) == expected
 
 
-@pytest.mark.parametrize("name,size", [("resnet34", 224), ("resnet50", 224), ("resnet20", 32)])
+@pytest.mark.parametrize('name,size', [('resnet34', 224), ('resnet50', 224), ('resnet20', 32)])
 def test_plain_equals_option_a_and_c_gt_b_gt_a(name, size):
   count = lambda **kw: n_params(abstract_variables(create_model(name, **kw), size))
-  a, b, c = count(shortcut="A"), count(shortcut="B"), count(shortcut="C")
-  plain = n_params(abstract_variables(create_model(name.replace("resnet", "plain")), size))
-  assert plain == a == count(residual=False, shortcut="C")
+  a, b, c = count(shortcut='A'), count(shortcut='B'), count(shortcut='C')
+  plain = n_params(abstract_variables(create_model(name.replace('resnet', 'plain')), size))
+  assert plain == a == count(residual=False, shortcut='C')
   assert c > b > a
 
 
 def test_name_registry_and_defaults():
-  assert parse_name("resnet50").family == "imagenet"
-  assert parse_name("cifar_resnet50").family == "cifar"
-  assert parse_name("resnet8")[:4] == ("cifar", 8, True, "basic")
-  assert parse_name("plain1202")[:4] == ("cifar", 1202, False, "basic")
-  assert parse_name("resnet50")[:4] == ("imagenet", 50, True, "bottleneck")
-  m = create_model("plain34")
-  assert (m.residual, m.shortcut, m.stride_on, m.num_classes) == (False, "B", "3x3", 1000)
-  m = create_model("resnet110")
-  assert (m.residual, m.shortcut, m.num_classes, m.stage_sizes) == (True, "A", 10, (18, 18, 18))
-  v = abstract_variables(create_model("resnet18", num_classes=7), 64)
-  assert v["params"]["fc"]["kernel"].shape == (512, 7)
-  assert set(v) == {"params", "batch_stats"}
+  assert parse_name('resnet50').family == 'imagenet'
+  assert parse_name('cifar_resnet50').family == 'cifar'
+  assert parse_name('resnet8')[:4] == ('cifar', 8, True, 'basic')
+  assert parse_name('plain1202')[:4] == ('cifar', 1202, False, 'basic')
+  assert parse_name('resnet50')[:4] == ('imagenet', 50, True, 'bottleneck')
+  m = create_model('plain34')
+  assert (m.residual, m.shortcut, m.stride_on, m.num_classes) == (False, 'B', '3x3', 1000)
+  m = create_model('resnet110')
+  assert (m.residual, m.shortcut, m.num_classes, m.stage_sizes) == (True, 'A', 10, (18, 18, 18))
+  v = abstract_variables(create_model('resnet18', num_classes=7), 64)
+  assert v['params']['fc']['kernel'].shape == (512, 7)
+  assert set(v) == {'params', 'batch_stats'}
 
 
-@pytest.mark.parametrize("bad", ["resnet21", "resnet19", "resnet2", "resnet0", "resnet", "vgg16", "ResNet50"])
+@pytest.mark.parametrize(
+  'bad', ['resnet21', 'resnet19', 'resnet2', 'resnet0', 'resnet', 'vgg16', 'ResNet50']
+)
 def test_unknown_name_lists_valid_forms(bad):
-  with pytest.raises(ValueError, match=r"resnet\{6n\+2\}.*plain<N>") as e:
+  with pytest.raises(ValueError, match=r'resnet\{6n\+2\}.*plain<N>') as e:
     create_model(bad)
-  assert "resnet152" in str(e.value) and repr(bad) in str(e.value)
+  assert 'resnet152' in str(e.value) and repr(bad) in str(e.value)
 
 
 def test_invalid_options_raise():
-  for kw in [dict(shortcut="D"), dict(stride_on="2x2"), dict(bn_group_size=0)]:
+  for kw in [dict(shortcut='D'), dict(stride_on='2x2'), dict(bn_group_size=0)]:
     with pytest.raises(ValueError):
-      create_model("resnet20", **kw)
-  with pytest.raises(ValueError, match="plain"):
-    create_model("plain20", zero_init_last_bn=True)
+      create_model('resnet20', **kw)
+  with pytest.raises(ValueError, match='plain'):
+    create_model('plain20', zero_init_last_bn=True)
 
 
 def test_parameter_names_follow_torchvision_scheme():
-  v = abstract_variables(create_model("resnet50"), 64)
-  p, s = v["params"], v["batch_stats"]
-  assert set(p) == {"conv1", "bn1", "fc"} | {
-    f"layer{i}_{j}" for i, n in zip(range(1, 5), (3, 4, 6, 3)) for j in range(n)
+  v = abstract_variables(create_model('resnet50'), 64)
+  p, s = v['params'], v['batch_stats']
+  assert set(p) == {'conv1', 'bn1', 'fc'} | {
+    f'layer{i}_{j}' for i, n in zip(range(1, 5), (3, 4, 6, 3)) for j in range(n)
   }
-  block = {"conv1", "bn1", "conv2", "bn2", "conv3", "bn3"}
-  assert set(p["layer2_0"]) == block | {"downsample_conv", "downsample_bn"}
-  assert set(p["layer2_1"]) == block
-  assert p["layer2_0"]["conv2"]["kernel"].shape == (3, 3, 128, 128)
-  assert set(p["bn1"]) == {"scale", "bias"} and set(s["bn1"]) == {"mean", "var"}
+  block = {'conv1', 'bn1', 'conv2', 'bn2', 'conv3', 'bn3'}
+  assert set(p['layer2_0']) == block | {'downsample_conv', 'downsample_bn'}
+  assert set(p['layer2_1']) == block
+  assert p['layer2_0']['conv2']['kernel'].shape == (3, 3, 128, 128)
+  assert set(p['bn1']) == {'scale', 'bias'} and set(s['bn1']) == {'mean', 'var'}
   # Pre-activation: bare-conv projections and a final BN.
-  v = abstract_variables(create_model("resnet20", preact=True, shortcut="B"), 32)
-  assert "bn_final" in v["params"] and "bn1" not in v["params"]
-  assert set(v["params"]["layer2_0"]) == {"bn1", "conv1", "bn2", "conv2", "downsample_conv"}
+  v = abstract_variables(create_model('resnet20', preact=True, shortcut='B'), 32)
+  assert 'bn_final' in v['params'] and 'bn1' not in v['params']
+  assert set(v['params']['layer2_0']) == {'bn1', 'conv1', 'bn2', 'conv2', 'downsample_conv'}
 
 
 def _preact_cifar_bottleneck_params(depth, num_classes=10):
@@ -151,42 +155,48 @@ def _preact_cifar_bottleneck_params(depth, num_classes=10):
   return total + 2 * c + head, weights_only + head
 
 
-@pytest.mark.parametrize("depth,paper_millions", [(164, 1.7), (1001, 10.2)])
+@pytest.mark.parametrize('depth,paper_millions', [(164, 1.7), (1001, 10.2)])
 def test_preact_cifar_bottleneck_counts_match_architecture_and_paper(depth, paper_millions):
   """He et al. 2016, Table 3: ResNet-164 has 1.7M and ResNet-1001 10.2M parameters; the paper
   counts conv and dense weights (ours also has BN scale/bias, which it leaves out)."""
-  model = create_model(f"resnet{depth}", block="bottleneck", preact=True)
-  assert model.stage_sizes == ((depth - 2) // 9,) * 3 and model.shortcut == "B"
+  model = create_model(f'resnet{depth}', block='bottleneck', preact=True)
+  assert model.stage_sizes == ((depth - 2) // 9,) * 3 and model.shortcut == 'B'
   total, weights_only = _preact_cifar_bottleneck_params(depth)
   assert n_params(abstract_variables(model, 32)) == total
   assert round(weights_only / 1e6, 1) == paper_millions
 
 
 def test_cifar_bottleneck_names_and_errors():
-  assert parse_name("resnet1001", "bottleneck")[:4] == ("cifar", 1001, True, "bottleneck")
-  assert parse_name("resnet164")[:4] == ("cifar", 164, True, "basic")  # 6*27+2: the block is explicit
-  assert parse_name("plain164", "bottleneck").residual is False
+  assert parse_name('resnet1001', 'bottleneck')[:4] == ('cifar', 1001, True, 'bottleneck')
+  assert parse_name('resnet164')[:4] == (
+    'cifar',
+    164,
+    True,
+    'basic',
+  )  # 6*27+2: the block is explicit
+  assert parse_name('plain164', 'bottleneck').residual is False
   with pytest.raises(ValueError, match="block='bottleneck'"):
-    create_model("resnet1001")  # 9n+2 only: the error says what to pass
-  with pytest.raises(ValueError, match="contradicts"):
-    create_model("resnet50", block="basic")
-  for bad in [dict(name="resnet26", block="bottleneck"), dict(name="resnet20", block="wide")]:
-    with pytest.raises(ValueError, match="block"):
+    create_model('resnet1001')  # 9n+2 only: the error says what to pass
+  with pytest.raises(ValueError, match='contradicts'):
+    create_model('resnet50', block='basic')
+  for bad in [dict(name='resnet26', block='bottleneck'), dict(name='resnet20', block='wide')]:
+    with pytest.raises(ValueError, match='block'):
       create_model(**bad)
-  assert create_model("resnet11", block="bottleneck", shortcut="A").shortcut == "A"
+  assert create_model('resnet11', block='bottleneck', shortcut='A').shortcut == 'A'
 
 
-@pytest.mark.parametrize("preact,shortcut", [(True, "B"), (False, "A")])
+@pytest.mark.parametrize('preact,shortcut', [(True, 'B'), (False, 'A')])
 def test_tiny_cifar_bottleneck_forward(preact, shortcut):
   """One unit per stage (resnet11): 16 -> 64 -> 128 -> 256 channels, both shortcut kinds."""
-  model = create_model("resnet11", block="bottleneck", preact=preact, shortcut=shortcut)
+  model = create_model('resnet11', block='bottleneck', preact=preact, shortcut=shortcut)
   variables, x = init_tiny(model)
-  logits, state = run(model, variables, x, train=False, capture_intermediates=True,
-                      mutable=["intermediates"])
-  inter = state["intermediates"]
-  assert [inter[f"layer{s}_0"]["__call__"][0].shape[-1] for s in (1, 2, 3)] == [64, 128, 256]
+  logits, state = run(
+    model, variables, x, train=False, capture_intermediates=True, mutable=['intermediates']
+  )
+  inter = state['intermediates']
+  assert [inter[f'layer{s}_0']['__call__'][0].shape[-1] for s in (1, 2, 3)] == [64, 128, 256]
   assert logits.shape == (8, 10) and bool(jnp.all(jnp.isfinite(logits)))
-  assert ("downsample_conv" in variables["params"]["layer1_0"]) == (shortcut == "B")
+  assert ('downsample_conv' in variables['params']['layer1_0']) == (shortcut == 'B')
 
 
 def test_he_fan_out_init():
@@ -195,107 +205,117 @@ def test_he_fan_out_init():
 
 
 def test_tiny_forward_train_and_eval():
-  model = create_model("resnet8")
+  model = create_model('resnet8')
   variables, x = init_tiny(model)
-  logits, updates = run(model, variables, x, train=True, mutable=["batch_stats"])
+  logits, updates = run(model, variables, x, train=True, mutable=['batch_stats'])
   assert logits.shape == (8, 10) and logits.dtype == jnp.float32
   assert bool(jnp.all(jnp.isfinite(logits)))
-  old, new = variables["batch_stats"]["bn1"]["mean"], updates["batch_stats"]["bn1"]["mean"]
+  old, new = variables['batch_stats']['bn1']['mean'], updates['batch_stats']['bn1']['mean']
   assert not np.allclose(old, new)
   eval_logits = run(model, {**variables, **updates}, x, train=False)
   assert eval_logits.shape == (8, 10)
 
 
 def test_bfloat16_keeps_params_stats_and_logits_float32():
-  model = create_model("resnet8", preact=True, shortcut="B", dtype=jnp.bfloat16)
+  model = create_model('resnet8', preact=True, shortcut='B', dtype=jnp.bfloat16)
   variables, x = init_tiny(model)
   abstract = jax.eval_shape(lambda x: model.init(rng(), x, train=False), x)
   assert all(l.dtype == jnp.float32 for l in jax.tree.leaves(abstract))
-  logits, updates = run(model, variables, x, train=True, mutable=["batch_stats"])
+  logits, updates = run(model, variables, x, train=True, mutable=['batch_stats'])
   assert all(l.dtype == jnp.float32 for l in jax.tree.leaves(updates))
   assert logits.dtype == jnp.float32
   ref, _ = run(
-    create_model("resnet8", preact=True, shortcut="B"), variables, x, train=True, mutable=["batch_stats"]
+    create_model('resnet8', preact=True, shortcut='B'),
+    variables,
+    x,
+    train=True,
+    mutable=['batch_stats'],
   )
   np.testing.assert_allclose(logits, ref, atol=0.1 * float(jnp.abs(ref).max()) + 1e-2)
 
 
 def test_zero_init_last_bn_makes_blocks_identity():
-  model = create_model("resnet8", zero_init_last_bn=True)
+  model = create_model('resnet8', zero_init_last_bn=True)
   variables, x = init_tiny(model)
-  assert not np.any(variables["params"]["layer1_0"]["bn2"]["scale"])
-  _, inter = run(model, variables, x, train=False, capture_intermediates=True, mutable=["intermediates"])
-  inter = inter["intermediates"]
-  stem_out = jax.nn.relu(inter["bn1"]["__call__"][0])
-  np.testing.assert_allclose(inter["layer1_0"]["__call__"][0], stem_out, atol=1e-6)
+  assert not np.any(variables['params']['layer1_0']['bn2']['scale'])
+  _, inter = run(
+    model, variables, x, train=False, capture_intermediates=True, mutable=['intermediates']
+  )
+  inter = inter['intermediates']
+  stem_out = jax.nn.relu(inter['bn1']['__call__'][0])
+  np.testing.assert_allclose(inter['layer1_0']['__call__'][0], stem_out, atol=1e-6)
 
 
 def test_intermediates_expose_bn_output_before_relu_and_addition():
   """Fig. 7 analysis reads BN outputs after 3x3 convs; the block output is relu(bn2 + input)."""
-  model = create_model("resnet8")
+  model = create_model('resnet8')
   variables, x = init_tiny(model)
-  _, state = run(model, variables, x, train=False, capture_intermediates=True, mutable=["intermediates"])
-  inter = state["intermediates"]
-  block_in = jax.nn.relu(inter["bn1"]["__call__"][0])
-  bn2 = inter["layer1_0"]["bn2"]["__call__"][0]
+  _, state = run(
+    model, variables, x, train=False, capture_intermediates=True, mutable=['intermediates']
+  )
+  inter = state['intermediates']
+  block_in = jax.nn.relu(inter['bn1']['__call__'][0])
+  bn2 = inter['layer1_0']['bn2']['__call__'][0]
   assert bn2.shape == (8, 8, 8, 16) and float(bn2.min()) < 0  # pre-ReLU response
-  np.testing.assert_allclose(inter["layer1_0"]["__call__"][0], jax.nn.relu(bn2 + block_in), atol=1e-5)
+  np.testing.assert_allclose(
+    inter['layer1_0']['__call__'][0], jax.nn.relu(bn2 + block_in), atol=1e-5
+  )
 
 
 def _outputs(model):
   variables, x = init_tiny(model)
-  _, state = run(model, variables, x, train=False, capture_intermediates=True, mutable=["intermediates"])
-  inter = state["intermediates"]
-  return variables, lambda *path: functools.reduce(lambda d, k: d[k], path, inter)["__call__"][0]
+  _, state = run(
+    model, variables, x, train=False, capture_intermediates=True, mutable=['intermediates']
+  )
+  inter = state['intermediates']
+  return variables, lambda *path: functools.reduce(lambda d, k: d[k], path, inter)['__call__'][0]
 
 
 def test_preact_shortcuts_read_the_right_input():
   """First unit after the bare CIFAR stem shares its BN-ReLU with the shortcut; so does the
   option-A shortcut of a unit that changes shape (fb.resnet.torch 'both_preact', He et al. 2016)."""
-  _, out = _outputs(create_model("resnet8", preact=True))
+  _, out = _outputs(create_model('resnet8', preact=True))
   np.testing.assert_allclose(
-    out("layer1_0"), out("layer1_0", "conv2") + jax.nn.relu(out("layer1_0", "bn1")), atol=1e-5
+    out('layer1_0'), out('layer1_0', 'conv2') + jax.nn.relu(out('layer1_0', 'bn1')), atol=1e-5
   )
-  sub = jax.nn.relu(out("layer2_0", "bn1"))[:, ::2, ::2, :]
-  expected = out("layer2_0", "conv2") + jnp.pad(sub, ((0, 0), (0, 0), (0, 0), (0, 16)))
-  np.testing.assert_allclose(out("layer2_0"), expected, atol=1e-5)
-  assert out("fc").shape == (8, 10) and out("bn_final").shape[-1] == 64
+  sub = jax.nn.relu(out('layer2_0', 'bn1'))[:, ::2, ::2, :]
+  expected = out('layer2_0', 'conv2') + jnp.pad(sub, ((0, 0), (0, 0), (0, 0), (0, 16)))
+  np.testing.assert_allclose(out('layer2_0'), expected, atol=1e-5)
+  assert out('fc').shape == (8, 10) and out('bn_final').shape[-1] == 64
 
 
 def test_preact_identity_shortcut_of_a_shape_keeping_unit_reads_the_raw_sum():
-  _, out = _outputs(create_model("resnet14", preact=True))
-  np.testing.assert_allclose(
-    out("layer2_1"), out("layer2_1", "conv2") + out("layer2_0"), atol=1e-5
-  )
+  _, out = _outputs(create_model('resnet14', preact=True))
+  np.testing.assert_allclose(out('layer2_1'), out('layer2_1', 'conv2') + out('layer2_0'), atol=1e-5)
 
 
 def test_imagenet_preact_stem_is_the_first_units_preactivation():
   """conv-BN-ReLU-maxpool stem, then a first unit with no BN-ReLU of its own (fb.resnet.torch
   preresnet 'no_preact'): no BN-ReLU applied twice. Later units pre-activate themselves."""
-  model = create_model("resnet18", preact=True).clone(widths=(4, 4, 8, 8), stage_sizes=(2, 1, 1, 1))
+  model = create_model('resnet18', preact=True).clone(widths=(4, 4, 8, 8), stage_sizes=(2, 1, 1, 1))
   variables, out = _outputs(model)
-  p = variables["params"]
-  assert "bn1" in p and "bn1" not in p["layer1_0"] and "bn1" in p["layer1_1"]
-  stem = nn.max_pool(jax.nn.relu(out("bn1")), (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-  np.testing.assert_allclose(out("layer1_0"), out("layer1_0", "conv2") + stem, atol=1e-5)
-  full = abstract_variables(create_model("resnet50", preact=True), 64)["params"]
-  assert "bn1" not in full["layer1_0"] and set(full["layer1_0"]) >= {"conv1", "downsample_conv"}
+  p = variables['params']
+  assert 'bn1' in p and 'bn1' not in p['layer1_0'] and 'bn1' in p['layer1_1']
+  stem = nn.max_pool(jax.nn.relu(out('bn1')), (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+  np.testing.assert_allclose(out('layer1_0'), out('layer1_0', 'conv2') + stem, atol=1e-5)
+  full = abstract_variables(create_model('resnet50', preact=True), 64)['params']
+  assert 'bn1' not in full['layer1_0'] and set(full['layer1_0']) >= {'conv1', 'downsample_conv'}
 
 
 def test_cifar_bottleneck_strides_its_first_1x1_imagenet_keeps_3x3():
   """He et al. 2016's CIFAR bottleneck code strides the first 1x1 conv; ImageNet stays v1.5."""
-  model = create_model("resnet11", block="bottleneck")
-  assert model.stride_on == "1x1" and create_model("resnet50").stride_on == "3x3"
-  assert create_model("resnet11", block="bottleneck", stride_on="3x3").stride_on == "3x3"
+  model = create_model('resnet11', block='bottleneck')
+  assert model.stride_on == '1x1' and create_model('resnet50').stride_on == '3x3'
+  assert create_model('resnet11', block='bottleneck', stride_on='3x3').stride_on == '3x3'
   _, out = _outputs(model)
-  assert out("layer2_0", "conv1").shape[1:3] == (4, 4)  # 8x8 input halved by the 1x1
-  assert out("layer2_0", "conv2").shape[1:3] == (4, 4)
+  assert out('layer2_0', 'conv1').shape[1:3] == (4, 4)  # 8x8 input halved by the 1x1
+  assert out('layer2_0', 'conv2').shape[1:3] == (4, 4)
 
 
 def _bn_apply(x, group_size, variables=None):
   bn = BatchNorm(use_running_average=False, group_size=group_size, momentum=0.5)
   variables = variables or bn.init(rng(), x)
-  return run(bn, variables, x, mutable=["batch_stats"])
+  return run(bn, variables, x, mutable=['batch_stats'])
 
 
 def test_batchnorm_whole_batch_matches_reference():
@@ -304,8 +324,8 @@ def test_batchnorm_whole_batch_matches_reference():
   xn = np.asarray(x, np.float64)
   mean, var = xn.mean((0, 1, 2)), xn.var((0, 1, 2))
   np.testing.assert_allclose(y, (xn - mean) / np.sqrt(var + 1e-5), atol=1e-4)
-  np.testing.assert_allclose(upd["batch_stats"]["mean"], 0.5 * mean, rtol=1e-5)
-  np.testing.assert_allclose(upd["batch_stats"]["var"], 0.5 + 0.5 * var, rtol=1e-5)
+  np.testing.assert_allclose(upd['batch_stats']['mean'], 0.5 * mean, rtol=1e-5)
+  np.testing.assert_allclose(upd['batch_stats']['var'], 0.5 + 0.5 * var, rtol=1e-5)
 
 
 def test_ghost_batchnorm_normalises_each_group_separately():
@@ -315,58 +335,60 @@ def test_ghost_batchnorm_normalises_each_group_separately():
   for g in range(4):
     yg, ug = _bn_apply(x[2 * g : 2 * g + 2], None)
     np.testing.assert_allclose(y[2 * g : 2 * g + 2], yg, atol=1e-5)
-    means.append(ug["batch_stats"]["mean"])
-    variances.append(ug["batch_stats"]["var"])
-  np.testing.assert_allclose(upd["batch_stats"]["mean"], np.mean(means, 0), rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(upd["batch_stats"]["var"], np.mean(variances, 0), rtol=1e-5)
+    means.append(ug['batch_stats']['mean'])
+    variances.append(ug['batch_stats']['var'])
+  np.testing.assert_allclose(upd['batch_stats']['mean'], np.mean(means, 0), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(upd['batch_stats']['var'], np.mean(variances, 0), rtol=1e-5)
   whole, _ = _bn_apply(x, None)
   assert not np.allclose(y, whole, atol=1e-2)
 
 
 def test_ghost_batchnorm_rejects_indivisible_batch():
-  with pytest.raises(ValueError, match="group_size=4 must divide the batch size 6"):
+  with pytest.raises(ValueError, match='group_size=4 must divide the batch size 6'):
     _bn_apply(jnp.ones((6, 2, 2, 3)), 4)
   small, _ = _bn_apply(jnp.arange(24.0).reshape(2, 2, 2, 3), 4)  # smaller than a group: one group
   np.testing.assert_allclose(small, _bn_apply(jnp.arange(24.0).reshape(2, 2, 2, 3), None)[0])
-  model = create_model("resnet8", bn_group_size=3)
+  model = create_model('resnet8', bn_group_size=3)
   variables, x = init_tiny(model)
-  with pytest.raises(ValueError, match="group_size"):
-    run(model, variables, x, train=True, mutable=["batch_stats"])
+  with pytest.raises(ValueError, match='group_size'):
+    run(model, variables, x, train=True, mutable=['batch_stats'])
 
 
 def test_batchnorm_bfloat16_statistics_in_float32():
   x = (100.0 + normal((16, 4, 4, 3))).astype(jnp.bfloat16)
   bn = BatchNorm(use_running_average=False, dtype=jnp.bfloat16)
   variables = bn.init(rng(), x)
-  y, upd = run(bn, variables, x, mutable=["batch_stats"])
-  assert y.dtype == jnp.bfloat16 and upd["batch_stats"]["var"].dtype == jnp.float32
+  y, upd = run(bn, variables, x, mutable=['batch_stats'])
+  assert y.dtype == jnp.bfloat16 and upd['batch_stats']['var'].dtype == jnp.float32
   assert float(jnp.std(y.astype(jnp.float32))) == pytest.approx(1.0, abs=0.05)
 
 
 def test_shortcut_a_subsamples_and_zero_pads():
   x = normal((2, 4, 4, 3))
-  y = shortcut(x, 5, 2, kind="A", conv=None, norm=None)
+  y = shortcut(x, 5, 2, kind='A', conv=None, norm=None)
   np.testing.assert_array_equal(y[..., :3], x[:, ::2, ::2, :])
   assert y.shape == (2, 2, 2, 5) and not np.any(y[..., 3:])
-  assert shortcut(x, 3, 1, kind="A", conv=None, norm=None) is x
+  assert shortcut(x, 3, 1, kind='A', conv=None, norm=None) is x
 
 
-@pytest.mark.parametrize("group_size", [2, None])
+@pytest.mark.parametrize('group_size', [2, None])
 def test_sharding_over_four_devices_does_not_change_outputs(group_size):
   devices = jax.devices()
-  assert len(devices) == 4, "tests/conftest.py should simulate 4 CPU devices"
-  model = create_model("resnet8", bn_group_size=group_size, shortcut="B")
+  assert len(devices) == 4, 'tests/conftest.py should simulate 4 CPU devices'
+  model = create_model('resnet8', bn_group_size=group_size, shortcut='B')
   variables, x = init_tiny(model)
 
   @jax.jit
   def step(variables, x):
-    return run(model, variables, x, train=True, mutable=["batch_stats"])
+    return run(model, variables, x, train=True, mutable=['batch_stats'])
 
   ref_logits, ref_stats = step(variables, x)
-  mesh = Mesh(np.array(devices), ("data",))
-  xs = jax.device_put(x, NamedSharding(mesh, P("data")))
+  mesh = Mesh(np.array(devices), ('data',))
+  xs = jax.device_put(x, NamedSharding(mesh, P('data')))
   vs = jax.device_put(variables, NamedSharding(mesh, P()))
   logits, stats = step(vs, xs)
   assert len(xs.sharding.device_set) == 4 and len(logits.sharding.device_set) == 4
   np.testing.assert_allclose(logits, ref_logits, rtol=1e-5, atol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), stats, ref_stats)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), stats, ref_stats
+  )

@@ -1,4 +1,5 @@
 """The paper's learning-rate schedules and weight decay, checked at their boundaries."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,8 +20,14 @@ def test_cifar_schedule_paper_boundaries():
   c = _config('cifar', 'depth=56')
   lr = optim.create_learning_rate_fn(c, steps_per_epoch=391, total_steps=c.num_train_steps)
   assert c.num_train_steps == 64_000
-  for step, want in [(0, 0.1), (31_999, 0.1), (32_000, 0.01), (47_999, 0.01), (48_000, 0.001),
-                     (63_999, 0.001)]:
+  for step, want in [
+    (0, 0.1),
+    (31_999, 0.1),
+    (32_000, 0.01),
+    (47_999, 0.01),
+    (48_000, 0.001),
+    (63_999, 0.001),
+  ]:
     np.testing.assert_allclose(lr(step), want, rtol=1e-6, err_msg=f'step {step}')
 
 
@@ -64,7 +71,9 @@ def test_bad_schedule_name_is_an_error():
     optim.create_learning_rate_fn(c, 10, 100)
 
 
-@pytest.mark.parametrize('mask,decayed', [('all', {'kernel', 'scale', 'bias'}), ('kernels', {'kernel'})])
+@pytest.mark.parametrize(
+  'mask,decayed', [('all', {'kernel', 'scale', 'bias'}), ('kernels', {'kernel'})]
+)
 def test_weight_decay_mask(mask, decayed):
   """Coupled L2: with zero gradients, exactly the masked leaves move by -lr * wd * w."""
   c = _config('cifar')

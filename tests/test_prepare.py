@@ -3,6 +3,7 @@
 Every run is the command a user types (a subprocess) writing into a temporary data dir; nothing is
 downloaded (a builder asking for a URL the --from archives do not provide is an error).
 """
+
 import os
 import subprocess
 import sys
@@ -10,8 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from resnet_jax.data import offline
-from resnet_jax.data import prepare
+from resnet_jax.data import offline, prepare
 from resnet_jax.default_config import load_sibling_config
 from tests import official_archives
 from tests.runner import ROOT
@@ -20,8 +20,14 @@ FASHION_DEBIAN = '/usr/share/datasets/fashion-mnist'
 
 
 def run_prepare(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, '-m', 'resnet_jax.data.prepare', *args], cwd=ROOT,
-                        capture_output=True, text=True, timeout=600, env=env)
+  return subprocess.run(
+    [sys.executable, '-m', 'resnet_jax.data.prepare', *args],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    env=env,
+  )
 
 
 def assert_one_error_line(proc: subprocess.CompletedProcess, *fragments: str) -> str:
@@ -36,18 +42,24 @@ def assert_one_error_line(proc: subprocess.CompletedProcess, *fragments: str) ->
 
 def read_split(data_dir: str, name: str, split: str) -> list[dict]:
   import tensorflow_datasets as tfds
+
   source = tfds.builder(name, data_dir=data_dir).as_data_source(split)
   return sorted((source[i] for i in range(len(source))), key=lambda r: r['id'])
 
 
-@pytest.mark.parametrize('args,fragments', [
+@pytest.mark.parametrize(
+  'args,fragments',
+  [
     (('no_such_dataset_xyz',), ('unknown dataset',)),
     (('cifar10', '--from', '/nonexistent/cifar-10-python.tar.gz'), ('no such file',)),
-    (('imagenet2012', '--manual_dir', '/nonexistent'),
-     ('ILSVRC2012_img_train.tar', '--manual_dir')),
+    (
+      ('imagenet2012', '--manual_dir', '/nonexistent'),
+      ('ILSVRC2012_img_train.tar', '--manual_dir'),
+    ),
     (('cifar10', '--bogus'), ('unrecognized arguments',)),
     ((), ('NAME',)),
-])
+  ],
+)
 def test_bad_input_is_one_error_line(tmp_path, args, fragments):
   assert_one_error_line(run_prepare(*args, '--data_dir', str(tmp_path)), *fragments)
   assert not os.listdir(tmp_path)
@@ -81,9 +93,11 @@ def test_cifar10_binary_archive_prepares_exactly_its_images(tmp_path):
   proc = run_prepare('cifar10', '--from', archive, '--data_dir', str(tmp_path / 'tfds'))
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stdout.splitlines()[-1].strip() == (
-      'python -m resnet_jax.main --config=configs/cifar.py --workdir=runs/cifar10 '
-      f'--config.data.data_dir={tmp_path / "tfds"}')
+    'python -m resnet_jax.main --config=configs/cifar.py --workdir=runs/cifar10 '
+    f'--config.data.data_dir={tmp_path / "tfds"}'
+  )
   import tensorflow_datasets as tfds
+
   builder = tfds.builder('cifar10', data_dir=str(tmp_path / 'tfds'))
   assert builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD
   assert builder.info.features['label'].names == official_archives.CIFAR10_NAMES
@@ -93,14 +107,21 @@ def test_cifar10_binary_archive_prepares_exactly_its_images(tmp_path):
     data = np.concatenate([expected[b][0] for b in batches])
     data = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # CIFAR rows are R, G, B planes
     np.testing.assert_array_equal(np.stack([r['image'] for r in records]), data)
-    np.testing.assert_array_equal([r['label'] for r in records],
-                                  np.concatenate([expected[b][1] for b in batches]))
+    np.testing.assert_array_equal(
+      [r['label'] for r in records], np.concatenate([expected[b][1] for b in batches])
+    )
   again = run_prepare('cifar10', '--from', archive, '--data_dir', str(tmp_path / 'tfds'))
   assert again.returncode == 0 and 'already prepared' in again.stdout
   # --overwrite with a wrong archive stops before deleting what is prepared.
   (tmp_path / 'bogus.tar.gz').write_text('not an archive')
-  wrong = run_prepare('cifar10', '--from', str(tmp_path / 'bogus.tar.gz'), '--overwrite',
-                      '--data_dir', str(tmp_path / 'tfds'))
+  wrong = run_prepare(
+    'cifar10',
+    '--from',
+    str(tmp_path / 'bogus.tar.gz'),
+    '--overwrite',
+    '--data_dir',
+    str(tmp_path / 'tfds'),
+  )
   assert_one_error_line(wrong, 'not a readable tar archive')
   assert tfds.builder('cifar10', data_dir=str(tmp_path / 'tfds')).is_prepared()
 
@@ -113,14 +134,16 @@ def test_cifar100_python_archive_keeps_fine_and_coarse_labels_and_names(tmp_path
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert '--config=configs/cifar.py:dataset=cifar100' in proc.stdout
   import tensorflow_datasets as tfds
+
   info = tfds.builder('cifar100', data_dir=str(tmp_path / 'tfds')).info
   assert info.features['label'].names[:2] == ['fine0', 'fine1']
   assert info.features['coarse_label'].names[19] == 'coarse19'
   for split in ('train', 'test'):
     data, fine, coarse = expected[split]
     records = read_split(str(tmp_path / 'tfds'), 'cifar100', split)
-    np.testing.assert_array_equal(np.stack([r['image'] for r in records]),
-                                  data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+    np.testing.assert_array_equal(
+      np.stack([r['image'] for r in records]), data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    )
     np.testing.assert_array_equal([r['label'] for r in records], fine)
     np.testing.assert_array_equal([r['coarse_label'] for r in records], coarse)
 
@@ -153,8 +176,9 @@ def test_fashion_mnist_idx_files_are_checked_against_what_tfds_reads(tmp_path):
     offline.local_downloads('fashion_mnist', [str(tmp_path)], str(tmp_path))
 
 
-@pytest.mark.skipif(not os.path.isdir(FASHION_DEBIAN),
-                    reason='Debian dataset-fashion-mnist not installed')
+@pytest.mark.skipif(
+  not os.path.isdir(FASHION_DEBIAN), reason='Debian dataset-fashion-mnist not installed'
+)
 def test_debian_fashion_mnist_files_map_to_the_tfds_urls():
   files = offline.local_downloads('fashion_mnist', [FASHION_DEBIAN], '/nonexistent')
   assert sorted(files) == sorted(offline.FASHION_URL + f + '.gz' for f in offline.FASHION_FILES)
@@ -164,14 +188,16 @@ def test_debian_fashion_mnist_files_map_to_the_tfds_urls():
 
 def test_train_commands_name_the_recipe_and_data_dir():
   assert prepare.train_command('imagenet2012', 'imagenet2012', '/d') == (
-      'python -m resnet_jax.main --config=configs/r50.py --workdir=runs/r50 '
-      '--config.data.data_dir=/d')
+    'python -m resnet_jax.main --config=configs/r50.py --workdir=runs/r50 --config.data.data_dir=/d'
+  )
   assert prepare.train_command('fashion_mnist', 'fashion_mnist', None) == (
-      'python -m resnet_jax.main --config=configs/fashion_mnist.py --workdir=runs/fashion_mnist')
+    'python -m resnet_jax.main --config=configs/fashion_mnist.py --workdir=runs/fashion_mnist'
+  )
   command = prepare.train_command('imagenette', 'imagenette/320px-v2', None)
   assert '--config=configs/imagenet.py:depth=18,dataset=imagenette/320px-v2' in command
-  assert '--config=configs/cifar.py:dataset=mnist' in prepare.train_command('mnist', 'mnist', None,
-                                                                           (28, 28, 1))
+  assert '--config=configs/cifar.py:dataset=mnist' in prepare.train_command(
+    'mnist', 'mnist', None, (28, 28, 1)
+  )
   assert offline.imagenette_config(['/x/imagenette2-320.tgz']) == '320px-v2'
   for name in prepare.RECIPES:  # every printed config exists and loads
     config = prepare.train_command(name, name, None).split('--config=')[1].split()[0]
@@ -186,9 +212,17 @@ def test_fashion_mnist_config_is_the_paper_cifar_recipe_scaled_to_steps(depth, p
   c = module.get_config(f'depth={depth},steps=8000' + (',plain' if plain else ''))
   assert (c.model.name, c.model.residual, c.model.shortcut) == (f'resnet{depth}', not plain, 'A')
   assert (c.data.name, c.data.image_size, c.data.augment, c.data.eval_split) == (
-      'fashion_mnist', 28, 'cifar', 'test')
+    'fashion_mnist',
+    28,
+    'cifar',
+    'test',
+  )
   assert (c.batch_size, c.num_train_steps, c.schedule.base_lr, c.schedule.boundaries) == (
-      128, 8000, 0.1, '4000,6000')
+    128,
+    8000,
+    0.1,
+    '4000,6000',
+  )
   assert (c.optimizer.momentum, c.optimizer.weight_decay) == (0.9, 1e-4)
   full = module.get_config('preact,block=bottleneck,depth=164,val=5000')
   assert full.schedule.boundaries == '32000,48000' and full.schedule.warmup_steps == 400

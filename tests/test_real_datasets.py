@@ -4,7 +4,9 @@ Miniature ImageNet and CIFAR-10 archives in the exact official layouts are prepa
 command a user runs, through TFDS's own builders, then the paper recipes (`configs/r18.py` with
 10-crop evaluation of the validation split, `configs/cifar.py`) train a few steps with the CLI.
 """
+
 import io
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -33,9 +35,13 @@ def imagenet(tmp_path_factory):
   written = official_archives.write_imagenet(str(manual), num_val=NUM_VAL)
   proc = run_prepare('imagenet2012', '--manual_dir', str(manual), '--data_dir', str(root / 'tfds'))
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert proc.stdout.splitlines()[-1].strip().startswith(
-      'python -m resnet_jax.main --config=configs/r50.py --workdir=runs/r50 '
-      '--config.data.data_dir=')
+  assert (
+    proc.stdout.splitlines()[-1]
+    .strip()
+    .startswith(
+      'python -m resnet_jax.main --config=configs/r50.py --workdir=runs/r50 --config.data.data_dir='
+    )
+  )
   return str(root / 'tfds'), written
 
 
@@ -63,8 +69,9 @@ def test_imagenet2012_builder_output_matches_the_archives_and_the_recipes(imagen
   names = builder.info.features['label'].names
   val = builder.as_data_source('validation')
   by_file = {_text(val[i]['file_name']): names[val[i]['label']] for i in range(len(val))}
-  assert by_file == {f'ILSVRC2012_val_{i + 1:08d}.JPEG': synset
-                     for i, synset in enumerate(written['validation'])}
+  assert by_file == {
+    f'ILSVRC2012_val_{i + 1:08d}.JPEG': synset for i, synset in enumerate(written['validation'])
+  }
   train = builder.as_data_source('train')
   records = {_text(train[i]['file_name']): train[i] for i in range(len(train))}
   assert {f: names[r['label']] for f, r in records.items()} == dict(written['train'])
@@ -80,10 +87,17 @@ def test_imagenet2012_builder_output_matches_the_archives_and_the_recipes(imagen
 def test_r18_paper_recipe_trains_and_10_crop_evaluates_the_validation_split(imagenet, tmp_path):
   data_dir, _ = imagenet
   workdir = str(tmp_path / 'r18')
-  proc = run_main(workdir, f'--config.data.data_dir={data_dir}', '--config.batch_size=8',
-                  '--config.num_train_steps=2', '--config.eval_batch_size=4',
-                  '--config.data.num_workers=0', '--config.data.image_size=32',
-                  config='configs/r18.py', devices=1)
+  proc = run_main(
+    workdir,
+    f'--config.data.data_dir={data_dir}',
+    '--config.batch_size=8',
+    '--config.num_train_steps=2',
+    '--config.eval_batch_size=4',
+    '--config.data.num_workers=0',
+    '--config.data.image_size=32',
+    config='configs/r18.py',
+    devices=1,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   r = results(workdir)
   assert r['step'] == 2 and r['params'] == 11_689_512  # ResNet-18 with 1000 classes
@@ -91,22 +105,36 @@ def test_r18_paper_recipe_trains_and_10_crop_evaluates_the_validation_split(imag
   assert 0.0 <= r['eval']['top1_error'] <= 1.0 and np.isfinite(r['eval']['loss'])
   cfg = r['config']
   assert (cfg['data']['eval_split'], cfg['data']['eval_crops'], cfg['data']['augment']) == (
-      'validation', 10, 'imagenet')
+    'validation',
+    10,
+    'imagenet',
+  )
   model, schedule = cfg['model'], cfg['schedule']
   assert (model['name'], model['stride_on'], schedule['boundaries_epochs']) == (
-      'resnet18', '1x1', '30,60')
+    'resnet18',
+    '1x1',
+    '30,60',
+  )
 
 
 def test_cifar_paper_recipe_trains_on_the_prepared_python_archive(cifar10, tmp_path):
   data_dir, _ = cifar10
   workdir = str(tmp_path / 'cifar')
-  proc = run_main(workdir, f'--config.data.data_dir={data_dir}', '--config.batch_size=8',
-                  '--config.num_train_steps=3', '--config.eval_batch_size=8',
-                  '--config.data.num_workers=0',
-                  config='configs/cifar.py', devices=1)
+  proc = run_main(
+    workdir,
+    f'--config.data.data_dir={data_dir}',
+    '--config.batch_size=8',
+    '--config.num_train_steps=3',
+    '--config.eval_batch_size=8',
+    '--config.data.num_workers=0',
+    config='configs/cifar.py',
+    devices=1,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   r = results(workdir)
   assert r['step'] == 3 and r['eval']['num_examples'] == 12
   assert (r['config']['data']['name'], r['config']['data']['eval_split']) == ('cifar10', 'test')
   assert (r['config']['data']['augment'], r['config']['schedule']['boundaries']) == (
-      'cifar', '32000,48000')
+    'cifar',
+    '32000,48000',
+  )

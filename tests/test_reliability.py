@@ -3,6 +3,7 @@
 Through the real CLI where the defect showed there; runs are tiny (ResNet-8 on digits, 4
 simulated devices) and share one trained workdir, copied by the tests that damage it.
 """
+
 import json
 import os
 import re
@@ -14,16 +15,34 @@ import time
 
 import pytest
 
-from tests.runner import (ROOT, env_with_devices, finished_checkpoints, main_args, results,
-                          run_main, start_main, wait_for)
+from tests.runner import (
+  ROOT,
+  env_with_devices,
+  finished_checkpoints,
+  main_args,
+  results,
+  run_main,
+  start_main,
+  wait_for,
+)
 
 pytestmark = pytest.mark.slow
 
-RUN = ('--config.num_train_steps=40', '--config.checkpoint_every_steps=20',
-       '--config.eval_every_steps=40', '--config.log_every_steps=10', '--config.batch_size=32')
+RUN = (
+  '--config.num_train_steps=40',
+  '--config.checkpoint_every_steps=20',
+  '--config.eval_every_steps=40',
+  '--config.log_every_steps=10',
+  '--config.batch_size=32',
+)
 # A run long enough to be interrupted at leisure (it never gets near its end).
-LONG = ('--config.num_train_steps=5000', '--config.checkpoint_every_steps=10',
-        '--config.eval_every_steps=0', '--config.log_every_steps=10', '--config.batch_size=32')
+LONG = (
+  '--config.num_train_steps=5000',
+  '--config.checkpoint_every_steps=10',
+  '--config.eval_every_steps=0',
+  '--config.log_every_steps=10',
+  '--config.batch_size=32',
+)
 
 
 @pytest.fixture(scope='module')
@@ -68,8 +87,12 @@ def _snapshot(root):
 
 def _array_files(checkpoint_dir):
   """The data files of a checkpoint's `state` item (under its `d/` directories), largest last."""
-  found = [os.path.join(d, n) for d, _, files in os.walk(os.path.join(checkpoint_dir, 'state'))
-           for n in files if os.path.basename(d) == 'd']
+  found = [
+    os.path.join(d, n)
+    for d, _, files in os.walk(os.path.join(checkpoint_dir, 'state'))
+    for n in files
+    if os.path.basename(d) == 'd'
+  ]
   return sorted(found, key=os.path.getsize)
 
 
@@ -78,8 +101,10 @@ def _read_only_mount_works(tmp_path):
   probe.mkdir(exist_ok=True)
   cmd = f'mount --bind -o ro {probe} {probe} && ! touch {probe}/x 2>/dev/null'
   try:
-    return subprocess.run(['unshare', '-m', 'sh', '-c', cmd], capture_output=True,
-                          timeout=30).returncode == 0
+    return (
+      subprocess.run(['unshare', '-m', 'sh', '-c', cmd], capture_output=True, timeout=30).returncode
+      == 0
+    )
   except (OSError, subprocess.SubprocessError):
     return False
 
@@ -91,11 +116,18 @@ def _run_read_only(paths, args, tmp_path, timeout=300):
     pytest.skip('needs unshare -m and bind mounts (root in a Linux container)')
   mounts = ' && '.join(f'mount --bind -o ro {p} {p}' for p in paths)
   quoted = ' '.join("'" + a.replace("'", "'\\''") + "'" for a in args)
-  return subprocess.run(['unshare', '-m', 'sh', '-c', f'{mounts} && exec {quoted}'], cwd=ROOT,
-                        env=env_with_devices(4), capture_output=True, text=True, timeout=timeout)
+  return subprocess.run(
+    ['unshare', '-m', 'sh', '-c', f'{mounts} && exec {quoted}'],
+    cwd=ROOT,
+    env=env_with_devices(4),
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
 
 
 # ---- silent corruption (items 5, 6, 9) ----------------------------------------------------------
+
 
 def test_flipped_byte_in_an_array_file_falls_back_to_the_previous_checkpoint(trained, tmp_path):
   workdir = _copy(trained, tmp_path)
@@ -121,7 +153,8 @@ def test_every_checkpoint_unreadable_is_refused_not_restarted(trained, tmp_path)
   _one_line_error(proc, 'every checkpoint', 'unreadable', 'new --workdir')
   after = _snapshot(workdir)
   assert {k: v for k, v in after.items() if k != '.lock'} == {
-      k: v for k, v in before.items() if k != '.lock'}  # metrics.jsonl kept, nothing moved
+    k: v for k, v in before.items() if k != '.lock'
+  }  # metrics.jsonl kept, nothing moved
 
 
 def test_refused_resume_leaves_config_json_and_the_run_usable(trained, tmp_path):
@@ -131,10 +164,12 @@ def test_refused_resume_leaves_config_json_and_the_run_usable(trained, tmp_path)
   _one_line_error(proc, 'different model/config', 'fc')
   assert open(os.path.join(workdir, 'config.json')).read() == config_before
   from resnet_jax.evaluate import evaluate_workdir
+
   assert evaluate_workdir(workdir)['step'] == 40  # the untouched run still evaluates
 
 
 # ---- readers are read-only (item 4) -------------------------------------------------------------
+
 
 def test_reader_reports_a_corrupt_newest_checkpoint_without_moving_it(trained, tmp_path, caplog):
   workdir = _copy(trained, tmp_path)
@@ -143,6 +178,7 @@ def test_reader_reports_a_corrupt_newest_checkpoint_without_moving_it(trained, t
       f.truncate(os.path.getsize(path) // 3)
   before = _snapshot(workdir)
   from resnet_jax.evaluate import evaluate_workdir
+
   assert evaluate_workdir(workdir)['step'] == 20
   assert 'checkpoints/40 is unreadable' in caplog.text
   assert _snapshot(workdir) == before
@@ -151,12 +187,16 @@ def test_reader_reports_a_corrupt_newest_checkpoint_without_moving_it(trained, t
 def test_readers_work_on_a_read_only_workdir(trained, tmp_path):
   before = _snapshot(trained)
   out = tmp_path / 'fig7.png'
-  evaluate = _run_read_only([trained], [sys.executable, '-m', 'resnet_jax.evaluate',
-                                        f'--workdir={trained}'], tmp_path)
+  evaluate = _run_read_only(
+    [trained], [sys.executable, '-m', 'resnet_jax.evaluate', f'--workdir={trained}'], tmp_path
+  )
   assert evaluate.returncode == 0, evaluate.stderr[-3000:]
   assert json.loads(evaluate.stdout.strip().splitlines()[-1])['step'] == 40
-  fig7 = _run_read_only([trained], [sys.executable, '-m', 'resnet_jax.analysis.responses',
-                                    f'--workdir={trained}', f'--out={out}'], tmp_path)
+  fig7 = _run_read_only(
+    [trained],
+    [sys.executable, '-m', 'resnet_jax.analysis.responses', f'--workdir={trained}', f'--out={out}'],
+    tmp_path,
+  )
   assert fig7.returncode == 0, fig7.stderr[-3000:]
   assert out.exists()
   assert _snapshot(trained) == before
@@ -164,21 +204,30 @@ def test_readers_work_on_a_read_only_workdir(trained, tmp_path):
 
 # ---- non-finite updates (item 7; item 8 is in test_train_step.py and test_faults.py) ------
 
+
 def test_nonfinite_error_names_only_a_finished_restorable_checkpoint(tmp_path):
   workdir = str(tmp_path / 'diverge')
-  proc = run_main(workdir, '--config.num_train_steps=200', '--config.checkpoint_every_steps=5',
-                  '--config.log_every_steps=5', '--config.batch_size=32',
-                  '--config.schedule.name=constant', '--config.schedule.warmup_steps=0',
-                  '--config.schedule.base_lr=30')
+  proc = run_main(
+    workdir,
+    '--config.num_train_steps=200',
+    '--config.checkpoint_every_steps=5',
+    '--config.log_every_steps=5',
+    '--config.batch_size=32',
+    '--config.schedule.name=constant',
+    '--config.schedule.warmup_steps=0',
+    '--config.schedule.base_lr=30',
+  )
   last = _one_line_error(proc, 'non-finite', 'last good checkpoint is step')
   named = int(re.search(r'last good checkpoint is step (\d+)', last).group(1))
   assert named == max(finished_checkpoints(workdir))
   assert not [n for n in os.listdir(os.path.join(workdir, 'checkpoints')) if not n.isdigit()]
   from resnet_jax.checkpointing import restore_model_variables
+
   assert restore_model_variables(workdir)[1] == named
 
 
 # ---- one live run per workdir; readers beside it (items 3, 4, 10) -------------------------------
+
 
 def test_lock_live_reader_and_kill_9(tmp_path):
   workdir = str(tmp_path / 'live')
@@ -188,9 +237,14 @@ def test_lock_live_reader_and_kill_9(tmp_path):
     assert first.poll() is None, first.communicate()[1][-3000:]
     second = run_main(workdir, *LONG)
     _one_line_error(second, 'in use by a live run', f'pid {first.pid}', 'another --workdir')
-    reader = subprocess.run([sys.executable, '-m', 'resnet_jax.evaluate', f'--workdir={workdir}'],
-                            cwd=ROOT, env=env_with_devices(4), capture_output=True, text=True,
-                            timeout=300)
+    reader = subprocess.run(
+      [sys.executable, '-m', 'resnet_jax.evaluate', f'--workdir={workdir}'],
+      cwd=ROOT,
+      env=env_with_devices(4),
+      capture_output=True,
+      text=True,
+      timeout=300,
+    )
     assert reader.returncode == 0, reader.stderr[-3000:]
     assert first.poll() is None, 'the trainer died while being evaluated'
   finally:
@@ -204,6 +258,7 @@ def test_lock_live_reader_and_kill_9(tmp_path):
 
 
 # ---- signals at any moment (item 10), read-only checkpoints (item 11) ---------------------------
+
 
 @pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT])
 def test_signal_during_start_up_exits_0(tmp_path, sig):
@@ -238,7 +293,7 @@ def test_a_second_interrupt_exits_130_and_the_rerun_resumes(tmp_path):
   assert 'resuming from' in rerun.stderr
 
 
-_SIGNAL_AT_THE_END = r'''
+_SIGNAL_AT_THE_END = r"""
 import os, runpy, signal, sys
 from resnet_jax import checkpointing
 sent = []
@@ -253,15 +308,21 @@ def hook(name):
 hook('wait'); hook('close')
 sys.argv = sys.argv[1:]
 runpy.run_module('resnet_jax.main', run_name='__main__')
-'''
+"""
 
 
 def test_sigterm_while_the_final_save_finishes_exits_0_with_results(trained, tmp_path):
   """SIGTERM just after the last step, while the final async save is being finished."""
   workdir = str(tmp_path / 'end')
   args = main_args(workdir, 'configs/digits.py:depth=8', *RUN)
-  proc = subprocess.run([sys.executable, '-c', _SIGNAL_AT_THE_END] + args[2:], cwd=ROOT,
-                        env=env_with_devices(4), capture_output=True, text=True, timeout=600)
+  proc = subprocess.run(
+    [sys.executable, '-c', _SIGNAL_AT_THE_END] + args[2:],
+    cwd=ROOT,
+    env=env_with_devices(4),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert 'received signal 15' in proc.stderr
   assert finished_checkpoints(workdir) == [20, 40]
@@ -274,16 +335,22 @@ def test_read_only_checkpoints_fail_fast_with_one_line(trained, tmp_path):
   os.remove(os.path.join(workdir, 'metrics.jsonl'))
   checkpoints = os.path.join(workdir, 'checkpoints')
   start = time.time()
-  proc = _run_read_only([checkpoints], main_args(workdir, 'configs/digits.py:depth=8', *RUN[1:],
-                                                 '--config.num_train_steps=60'), tmp_path)
+  proc = _run_read_only(
+    [checkpoints],
+    main_args(workdir, 'configs/digits.py:depth=8', *RUN[1:], '--config.num_train_steps=60'),
+    tmp_path,
+  )
   assert time.time() - start < 120
   _one_line_error(proc, 'checkpoints is not writable')
 
 
 # ---- bad input through the CLI ------------------------------------------------------------------
 
-@pytest.mark.parametrize('override,needle', [('--config.log_every_steps=0', 'log_every_steps'),
-                                             ('--config.max_to_keep=0', 'max_to_keep')])
+
+@pytest.mark.parametrize(
+  'override,needle',
+  [('--config.log_every_steps=0', 'log_every_steps'), ('--config.max_to_keep=0', 'max_to_keep')],
+)
 def test_bad_values_are_refused_before_anything_is_written(tmp_path, override, needle):
   workdir = tmp_path / 'w'
   _one_line_error(run_main(str(workdir), override), needle)
@@ -293,10 +360,20 @@ def test_bad_values_are_refused_before_anything_is_written(tmp_path, override, n
 def test_config_file_errors_are_one_line(tmp_path):
   broken = tmp_path / 'broken.py'
   broken.write_text('def get_config(:\n')
-  for config, needle in ((str(tmp_path / 'missing.py'), 'No such file'),
-                         (str(broken), 'line 1')):
-    proc = subprocess.run([sys.executable, '-m', 'resnet_jax.main', f'--config={config}',
-                           f'--workdir={tmp_path / "w"}'], cwd=ROOT, env=env_with_devices(1),
-                          capture_output=True, text=True, timeout=300)
+  for config, needle in ((str(tmp_path / 'missing.py'), 'No such file'), (str(broken), 'line 1')):
+    proc = subprocess.run(
+      [
+        sys.executable,
+        '-m',
+        'resnet_jax.main',
+        f'--config={config}',
+        f'--workdir={tmp_path / "w"}',
+      ],
+      cwd=ROOT,
+      env=env_with_devices(1),
+      capture_output=True,
+      text=True,
+      timeout=300,
+    )
     _one_line_error(proc, 'cannot load', needle)
   assert not (tmp_path / 'w').exists()

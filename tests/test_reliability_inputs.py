@@ -1,5 +1,6 @@
 """Bad input is refused up front with one clear line (issue 13, in-process where the CLI adds
 nothing): config values, bn_group_size vs devices, convert --out, torch versions, predict images."""
+
 import os
 import struct
 import subprocess
@@ -23,7 +24,9 @@ def _digits(**overrides):
   return config
 
 
-@pytest.mark.parametrize('overrides,needle', [
+@pytest.mark.parametrize(
+  'overrides,needle',
+  [
     ({'log_every_steps': 0}, 'log_every_steps must be positive'),
     ({'max_to_keep': 0}, 'keep no checkpoint'),
     ({'max_to_keep': -1}, 'max_to_keep must be positive'),
@@ -36,7 +39,8 @@ def _digits(**overrides):
     ({'data.num_workers': -1}, 'num_workers'),
     ({'model.bn_group_size': 3}, 'straddle devices'),  # 8 per device
     ({'model.bn_group_size': 0}, 'bn_group_size must be positive'),
-])
+  ],
+)
 def test_validate_config_refuses(overrides, needle):
   with pytest.raises(train.ConfigError, match=needle):
     train.validate_config(_digits(**overrides))
@@ -68,10 +72,13 @@ def test_bad_config_writes_nothing(tmp_path):
   assert not workdir.exists()
 
 
-@pytest.mark.parametrize('content,needle', [
+@pytest.mark.parametrize(
+  'content,needle',
+  [
     ('{"model": ', 'not valid JSON'),
     ('[1, 2]', 'holds a list'),
-])
+  ],
+)
 def test_damaged_config_json_is_named(tmp_path, content, needle):
   (tmp_path / 'config.json').write_text(content)
   with pytest.raises(ValueError, match=needle) as e:
@@ -82,17 +89,29 @@ def test_damaged_config_json_is_named(tmp_path, content, needle):
 
 # ---- convert --out (item 1) and torch versions (security) ---------------------------------------
 
+
 def _convert_cli(*args):
-  return subprocess.run([sys.executable, '-m', 'resnet_jax.convert', *args], cwd=ROOT,
-                        capture_output=True, text=True, timeout=300)
+  return subprocess.run(
+    [sys.executable, '-m', 'resnet_jax.convert', *args],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
 
 
 def test_convert_refuses_existing_non_empty_out(tmp_path):
   precious = tmp_path / 'out' / 'precious.txt'
   precious.parent.mkdir()
   precious.write_text('keep me')
-  proc = _convert_cli('--arch', 'resnet18', '--torchvision-weights', str(tmp_path / 'w.pth'),
-                      '--out', str(precious.parent))
+  proc = _convert_cli(
+    '--arch',
+    'resnet18',
+    '--torchvision-weights',
+    str(tmp_path / 'w.pth'),
+    '--out',
+    str(precious.parent),
+  )
   assert proc.returncode == 1, proc.stderr
   assert 'Traceback' not in proc.stderr
   last = proc.stderr.strip().splitlines()[-1]
@@ -107,12 +126,15 @@ def test_convert_writes_through_a_temporary_sibling(tmp_path, monkeypatch):
   convert.save_to_new_dir(str(out), variables)
   assert sorted(os.listdir(tmp_path)) == ['converted']  # no temporary left behind
   from resnet_jax import pretrained
-  np.testing.assert_array_equal(pretrained.load_model_variables(str(out))['params']['w'],
-                                variables['params']['w'])
+
+  np.testing.assert_array_equal(
+    pretrained.load_model_variables(str(out))['params']['w'], variables['params']['w']
+  )
 
   def fail(path, variables):
     os.makedirs(path)
     raise OSError('disk full')
+
   monkeypatch.setattr(pretrained, 'save_model_variables', fail)
   with pytest.raises(OSError):
     convert.save_to_new_dir(str(tmp_path / 'other'), variables)
@@ -126,6 +148,7 @@ def _fake_torch(monkeypatch, version, calls):
   def load(path, **kwargs):
     calls.append(kwargs)
     return {'fc.weight': np.zeros((2, 2))}
+
   fake.load = load
   monkeypatch.setitem(sys.modules, 'torch', fake)
 
@@ -150,14 +173,28 @@ def test_recent_torch_loads_weights_only(monkeypatch, version, tmp_path):
 def test_old_torch_is_one_error_line_in_the_cli(tmp_path):
   fake = tmp_path / 'fake' / 'torch'
   fake.mkdir(parents=True)
-  (fake / '__init__.py').write_text("__version__ = '2.5.1'\n"
-                                    "def load(*a, **k):\n  raise AssertionError('loaded')\n")
+  (fake / '__init__.py').write_text(
+    "__version__ = '2.5.1'\ndef load(*a, **k):\n  raise AssertionError('loaded')\n"
+  )
   out = tmp_path / 'out'
   proc = subprocess.run(
-      [sys.executable, '-m', 'resnet_jax.convert', '--arch', 'resnet18',
-       '--torchvision-weights', str(tmp_path / 'w.pth'), '--out', str(out)],
-      cwd=ROOT, capture_output=True, text=True, timeout=300,
-      env={**os.environ, 'PYTHONPATH': f'{tmp_path / "fake"}{os.pathsep}{ROOT}'})
+    [
+      sys.executable,
+      '-m',
+      'resnet_jax.convert',
+      '--arch',
+      'resnet18',
+      '--torchvision-weights',
+      str(tmp_path / 'w.pth'),
+      '--out',
+      str(out),
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env={**os.environ, 'PYTHONPATH': f'{tmp_path / "fake"}{os.pathsep}{ROOT}'},
+  )
   assert proc.returncode == 1 and 'Traceback' not in proc.stderr, proc.stderr
   assert proc.stderr.strip().splitlines()[-1].startswith('error: torch 2.5.1 is too old')
   assert not out.exists()
@@ -180,13 +217,17 @@ def test_pickle_that_runs_code_is_refused_without_running(tmp_path, monkeypatch)
 
 # ---- predict: images it cannot or should not decode ---------------------------------------------
 
+
 def _png(path, width, height, idat=b''):
   """A PNG with the given header size; `idat` is whatever (possibly nothing) follows."""
+
   def chunk(kind, body):
     return struct.pack('>I', len(body)) + kind + body + struct.pack('>I', zlib.crc32(kind + body))
+
   header = struct.pack('>IIBBBBB', width, height, 8, 2, 0, 0, 0)
-  path.write_bytes(b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', header) + chunk(b'IDAT', idat)
-                   + chunk(b'IEND', b''))
+  path.write_bytes(
+    b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', header) + chunk(b'IDAT', idat) + chunk(b'IEND', b'')
+  )
   return str(path)
 
 
@@ -196,12 +237,16 @@ def test_bad_images_are_one_line_each(tmp_path, capsys):
   good = tmp_path / 'good.jpg'
   Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 400, 3), np.uint8)).save(good)
   truncated = tmp_path / 'truncated.jpg'
-  truncated.write_bytes(good.read_bytes()[:len(good.read_bytes()) // 2])
+  truncated.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
   bomb = _png(tmp_path / 'bomb.png', 100_000, 100_000, zlib.compress(b'\0' * 1000))
   big = _png(tmp_path / 'big.png', 10_000, 10_000, zlib.compress(b'\0' * 1000))
-  cases = {str(text): 'not an image', str(truncated): 'truncated', bomb: 'decompression bomb',
-           big: '10000x10000',
-           str(tmp_path / 'missing.png'): 'no such file'}
+  cases = {
+    str(text): 'not an image',
+    str(truncated): 'truncated',
+    bomb: 'decompression bomb',
+    big: '10000x10000',
+    str(tmp_path / 'missing.png'): 'no such file',
+  }
   for path, needle in cases.items():
     with pytest.raises(SystemExit) as e:
       predict.main(['--arch', 'resnet18', '--checkpoint', str(tmp_path / 'nowhere'), path])
@@ -214,12 +259,15 @@ def test_extreme_aspect_ratio_is_preprocessed_in_bounded_memory(tmp_path):
   """A 1x20000 PNG: the full eval resize would be 256 x 5,120,000 pixels (5.5 GB as floats)."""
   path = tmp_path / 'thin.png'
   Image.fromarray(np.random.default_rng(0).integers(0, 256, (1, 20000, 3), np.uint8)).save(path)
-  code = ('import resource, sys; from resnet_jax import predict; '
-          f'x = predict.preprocess(predict.open_image({str(path)!r})); '
-          'assert x.shape == (224, 224, 3), x.shape; '
-          'print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)')
-  proc = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True,
-                        timeout=120)
+  code = (
+    'import resource, sys; from resnet_jax import predict; '
+    f'x = predict.preprocess(predict.open_image({str(path)!r})); '
+    'assert x.shape == (224, 224, 3), x.shape; '
+    'print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)'
+  )
+  proc = subprocess.run(
+    [sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, timeout=120
+  )
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert int(proc.stdout.split()[-1]) < 1_000_000  # KiB: well under 1 GB
 
@@ -232,8 +280,12 @@ def test_preprocess_of_ordinary_images_is_unchanged():
     image = Image.fromarray(rng.integers(0, 256, (h, w, 3), np.uint8))
     nw, nh = (256, int(256 * h / w)) if w <= h else (int(256 * w / h), 256)
     left, top = int(round((nw - 224) / 2)), int(round((nh - 224) / 2))
-    ref = np.asarray(image.resize((nw, nh), Image.BILINEAR).crop(
-        (left, top, left + 224, top + 224)), np.float32) / 255
+    ref = (
+      np.asarray(
+        image.resize((nw, nh), Image.BILINEAR).crop((left, top, left + 224, top + 224)), np.float32
+      )
+      / 255
+    )
     ref = (ref - predict.IMAGENET_MEAN) / predict.IMAGENET_STD
     np.testing.assert_array_equal(predict.preprocess(image), ref)
 
@@ -269,9 +321,17 @@ class _PoisonedIterator:
 
 def test_skip_mode_still_succeeds_when_only_some_steps_are_skipped(tmp_path, caplog):
   from resnet_jax import data
-  config = _digits(num_train_steps=6, log_every_steps=3, checkpoint_every_steps=0,
-                   on_nonfinite='skip', progress_bar=False, eval_every_steps=0)
-  inner = data.create_train_iterator(config, local_batch_size=32, process_index=0,
-                                     process_count=1, seed=0)
+
+  config = _digits(
+    num_train_steps=6,
+    log_every_steps=3,
+    checkpoint_every_steps=0,
+    on_nonfinite='skip',
+    progress_bar=False,
+    eval_every_steps=0,
+  )
+  inner = data.create_train_iterator(
+    config, local_batch_size=32, process_index=0, process_count=1, seed=0
+  )
   result = train.train_and_evaluate(config, str(tmp_path), train_iter=_PoisonedIterator(inner, {2}))
   assert result['step'] == 6 and 'skipped 1 non-finite update' in caplog.text

@@ -1,5 +1,6 @@
 """Fig. 7 analysis: which layers are measured, and the plot (the restore path is covered end to end
 in tests/test_sweep.py on a real tiny run)."""
+
 from __future__ import annotations
 
 import jax
@@ -12,14 +13,19 @@ from resnet_jax.models import create_model
 
 def _param_shapes(name: str, size: int, **kw):
   model = create_model(name, **kw)
-  return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3))))['params']
+  return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3))))[
+    'params'
+  ]
 
 
-@pytest.mark.parametrize('name,size,expected', [
+@pytest.mark.parametrize(
+  'name,size,expected',
+  [
     ('resnet20', 32, 19),  # 3x3 stem + 18 block convs (option A: no projections)
     ('resnet18', 64, 16),  # 7x7 stem excluded; 8 basic blocks x 2
     ('resnet50', 64, 16),  # one 3x3 per bottleneck; 1x1 convs and projections excluded
-])
+  ],
+)
 def test_response_layers_are_the_bns_after_3x3_convs(name, size, expected):
   layers = responses.response_layers(_param_shapes(name, size))
   assert len(layers) == expected
@@ -31,15 +37,28 @@ def test_response_layers_are_the_bns_after_3x3_convs(name, size, expected):
 
 
 def test_response_layers_of_plain_twin_match_residual():
-  assert responses.response_layers(_param_shapes('resnet20', 32, shortcut='C')) == \
-      responses.response_layers(_param_shapes('resnet20', 32, residual=False))
+  assert responses.response_layers(
+    _param_shapes('resnet20', 32, shortcut='C')
+  ) == responses.response_layers(_param_shapes('resnet20', 32, residual=False))
 
 
 def test_plot_responses(tmp_path):
-  results = [{'label': 'plain-8', 'residual': False, 'depth': 8, 'dataset': 'digits',
-              'std': [1.0, 0.5, 0.7]},
-             {'label': 'ResNet-8', 'residual': True, 'depth': 8, 'dataset': 'digits',
-              'std': [0.4, 0.2, 0.3]}]
+  results = [
+    {
+      'label': 'plain-8',
+      'residual': False,
+      'depth': 8,
+      'dataset': 'digits',
+      'std': [1.0, 0.5, 0.7],
+    },
+    {
+      'label': 'ResNet-8',
+      'residual': True,
+      'depth': 8,
+      'dataset': 'digits',
+      'std': [0.4, 0.2, 0.3],
+    },
+  ]
   out = responses.plot_responses(results, str(tmp_path / 'r.png'))
   assert open(out, 'rb').read(4) == b'\x89PNG'
 
@@ -52,5 +71,6 @@ def test_preact_runs_are_refused(tmp_path):
 
 def test_response_layers_of_scanned_params_are_named_as_unrolled():
   """A scanned run's params (stacked layer{s}_scan) give one entry per layer, named as today."""
-  assert responses.response_layers(_param_shapes('resnet20', 32, scan=True)) == \
-      responses.response_layers(_param_shapes('resnet20', 32))
+  assert responses.response_layers(
+    _param_shapes('resnet20', 32, scan=True)
+  ) == responses.response_layers(_param_shapes('resnet20', 32))

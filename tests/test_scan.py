@@ -4,6 +4,7 @@ Models are shrunk (``clone`` with tiny widths and stage sizes 3/2/1: scans of le
 stage with no scan) so each compiles in about a second on a CPU. Parameters come from the unrolled
 init and are moved across with ``models.layout``, so both nets start from the same point.
 """
+
 import functools
 
 import flax
@@ -53,15 +54,19 @@ TX = optax.chain(optax.add_decayed_weights(1e-4), optax.sgd(0.1, momentum=0.9))
 @functools.cache
 def step_fn(model):
   """The train step's update (forward in train mode, cross-entropy, SGD momentum + decay)."""
+
   def step(params, batch_stats, opt_state, x, y):
     def loss_fn(p):
-      logits, upd = model.apply({'params': p, 'batch_stats': batch_stats}, x, train=True,
-                                mutable=['batch_stats'])
+      logits, upd = model.apply(
+        {'params': p, 'batch_stats': batch_stats}, x, train=True, mutable=['batch_stats']
+      )
       loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
       return loss, (logits, upd['batch_stats'])
+
     (loss, (logits, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     updates, opt_state = TX.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), stats, opt_state, logits, loss
+
   return jax.jit(step)
 
 
@@ -127,8 +132,12 @@ def test_layout_walks_through_pytree_nodes_like_a_train_state():
     params: dict
     opt_state: tuple
 
-  params = {'layer1_0': {'w': np.zeros(2)}, 'layer1_1': {'w': np.ones(2)},
-            'layer1_2': {'w': np.full(2, 2.0)}, 'fc': {'w': np.ones(3)}}
+  params = {
+    'layer1_0': {'w': np.zeros(2)},
+    'layer1_1': {'w': np.ones(2)},
+    'layer1_2': {'w': np.full(2, 2.0)},
+    'fc': {'w': np.ones(3)},
+  }
   state = State(np.int32(3), params, (optax.EmptyState(), optax.TraceState(trace=params)))
   scanned = layout.to_scanned(state, (3,))
   assert isinstance(scanned, State) and scanned.step == 3
@@ -173,14 +182,16 @@ def test_round_trip_is_identity_and_layout_helpers():
 def test_scanned_full_size_counts_and_compiled_program_size():
   """Full-size nets: same parameter count in both layouts; the scanned program does not grow
   with depth (HLO text of the forward pass)."""
+
   def count(model):
     x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
     v = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
     return sum(int(np.prod(l.shape)) for l in jax.tree.leaves(v['params']))
 
   assert count(create_model('resnet110', scan=True)) == 1_727_962
-  assert count(create_model('resnet164', block='bottleneck', preact=True, scan=True)) == \
-    count(create_model('resnet164', block='bottleneck', preact=True))
+  assert count(create_model('resnet164', block='bottleneck', preact=True, scan=True)) == count(
+    create_model('resnet164', block='bottleneck', preact=True)
+  )
 
   def hlo_size(name):
     model = create_model(name, scan=True)
@@ -191,11 +202,13 @@ def test_scanned_full_size_counts_and_compiled_program_size():
   assert hlo_size('resnet1202') < 1.05 * hlo_size('resnet20')
 
 
-@pytest.mark.parametrize('kernel,padding', [(3, ((1, 1), (1, 1))), (1, ((0, 0), (0, 0))),
-                                            (3, ((0, 2), (1, 0)))])
+@pytest.mark.parametrize(
+  'kernel,padding', [(3, ((1, 1), (1, 1))), (1, ((0, 0), (0, 0))), (3, ((0, 2), (1, 0)))]
+)
 def test_loop_friendly_conv_has_the_same_value_and_gradients(kernel, padding):
   """The custom-VJP conv used inside scans: same output and both gradients as lax's autodiff."""
   from resnet_jax.models.layers import loop_friendly_conv
+
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((2, 5, 6, 3)), jnp.float32)
   w = jnp.asarray(rng.standard_normal((kernel, kernel, 3, 4)), jnp.float32)
@@ -208,5 +221,6 @@ def test_loop_friendly_conv_has_the_same_value_and_gradients(kernel, padding):
   for a, b in zip(jax.grad(loss(ours), (0, 1))(x, w), jax.grad(loss(ref), (0, 1))(x, w)):
     np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
   strided = loop_friendly_conv(x, w, (2, 2), padding, dimension_numbers=dn)  # falls back
-  np.testing.assert_allclose(strided, jax.lax.conv_general_dilated(
-    x, w, (2, 2), padding, dimension_numbers=dn), atol=1e-5)
+  np.testing.assert_allclose(
+    strided, jax.lax.conv_general_dilated(x, w, (2, 2), padding, dimension_numbers=dn), atol=1e-5
+  )

@@ -3,6 +3,7 @@
 Most tests write synthetic run directories (config.json / metrics.jsonl / results.json) in
 tmp_path; one end-to-end test runs a real tiny digits sweep and the Fig. 7 analysis on it.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -18,32 +19,69 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _load_script():
-  spec = importlib.util.spec_from_file_location('sweep_script', os.path.join(ROOT, 'scripts', 'sweep.py'))
+  spec = importlib.util.spec_from_file_location(
+    'sweep_script', os.path.join(ROOT, 'scripts', 'sweep.py')
+  )
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
 
 
-def write_run(sweep_dir, name, *, depth, residual=True, dataset='cifar10', shortcut='A', seed=0,
-              train_errors=(0.5, 0.3, 0.2, 0.1), test_error=0.09, finished=True, params=1000,
-              **model_fields):
+def write_run(
+  sweep_dir,
+  name,
+  *,
+  depth,
+  residual=True,
+  dataset='cifar10',
+  shortcut='A',
+  seed=0,
+  train_errors=(0.5, 0.3, 0.2, 0.1),
+  test_error=0.09,
+  finished=True,
+  params=1000,
+  **model_fields,
+):
   """A synthetic run directory with the files train.py writes."""
   d = sweep_dir / name
   d.mkdir(parents=True)
-  config = {'seed': seed, 'model': {'name': f'resnet{depth}', 'residual': residual,
-                                    'shortcut': shortcut, 'preact': False, **model_fields},
-            'data': {'name': dataset, 'eval_crops': 1}}
+  config = {
+    'seed': seed,
+    'model': {
+      'name': f'resnet{depth}',
+      'residual': residual,
+      'shortcut': shortcut,
+      'preact': False,
+      **model_fields,
+    },
+    'data': {'name': dataset, 'eval_crops': 1},
+  }
   (d / 'config.json').write_text(json.dumps(config))
   lines = []
   for i, e in enumerate(train_errors):
     lines.append({'step': 10 * (i + 1), 'split': 'train', 'loss': 2 * e, 'top1_error': e})
-  lines.append({'step': 10 * len(train_errors), 'split': 'eval', 'loss': 1.0, 'top1_error': test_error,
-                'top5_error': 0.0, 'num_examples': 100})
+  lines.append(
+    {
+      'step': 10 * len(train_errors),
+      'split': 'eval',
+      'loss': 1.0,
+      'top1_error': test_error,
+      'top5_error': 0.0,
+      'num_examples': 100,
+    }
+  )
   (d / 'metrics.jsonl').write_text(''.join(json.dumps(l) + '\n' for l in lines) + '{"torn')
   if finished:
-    (d / 'results.json').write_text(json.dumps({
-        'step': 10 * len(train_errors), 'params': params, 'wall_time_s': 12.0,
-        'eval': {'loss': 1.0, 'top1_error': test_error, 'top5_error': 0.0, 'num_examples': 100}}))
+    (d / 'results.json').write_text(
+      json.dumps(
+        {
+          'step': 10 * len(train_errors),
+          'params': params,
+          'wall_time_s': 12.0,
+          'eval': {'loss': 1.0, 'top1_error': test_error, 'top5_error': 0.0, 'num_examples': 100},
+        }
+      )
+    )
   return d
 
 
@@ -60,10 +98,15 @@ def test_plan_runs_names_and_grid():
 
 def test_config_arg_replaces_swept_keys():
   spec = sweep.RunSpec('plain56', 56, 'plain', None, None)
-  assert spec.config_arg('configs/cifar.py:depth=20,val=5000,shortcut=B') == \
-      'configs/cifar.py:val=5000,shortcut=B,depth=56,plain'
+  assert (
+    spec.config_arg('configs/cifar.py:depth=20,val=5000,shortcut=B')
+    == 'configs/cifar.py:val=5000,shortcut=B,depth=56,plain'
+  )
   spec = sweep.RunSpec('residual34_C', 34, 'residual', 'C', 1)
-  assert spec.config_arg('configs/imagenet.py:plain,shortcut=A') == 'configs/imagenet.py:depth=34,shortcut=C'
+  assert (
+    spec.config_arg('configs/imagenet.py:plain,shortcut=A')
+    == 'configs/imagenet.py:depth=34,shortcut=C'
+  )
   cmd = sweep.run_command(spec, 'configs/imagenet.py', '/tmp/x', ['--config.batch_size=8'])
   assert cmd[-2:] == ['--config.seed=1', '--config.batch_size=8']
   assert '--workdir=/tmp/x/residual34_C' in cmd
@@ -79,8 +122,13 @@ def test_run_sweep_skips_finished_and_reports_failures(tmp_path, monkeypatch):
 
   monkeypatch.setattr(sweep, 'run_command', fake_command)
   messages = []
-  status = sweep.run_sweep(sweep.plan_runs([8], ['residual', 'plain']), 'configs/digits.py',
-                           str(tmp_path), parallel=2, echo=messages.append)
+  status = sweep.run_sweep(
+    sweep.plan_runs([8], ['residual', 'plain']),
+    'configs/digits.py',
+    str(tmp_path),
+    parallel=2,
+    echo=messages.append,
+  )
   assert launched == ['plain8']
   assert status == {'residual8': 0, 'plain8': 3}
   assert any('FAILED (exit 3)' in m for m in messages)
@@ -94,7 +142,12 @@ def test_aggregation_table_and_plot(tmp_path):
   (tmp_path / 'not_a_run').mkdir()
 
   records = sweep_report.collect_runs(str(tmp_path), train_window=2)
-  assert [r['run'] for r in records] == ['plain20_s0', 'plain56_s0', 'residual20_s0', 'residual20_s1']
+  assert [r['run'] for r in records] == [
+    'plain20_s0',
+    'plain56_s0',
+    'residual20_s0',
+    'residual20_s1',
+  ]
   plain20 = records[0]
   assert plain20['variant'] == 'plain' and plain20['shortcut'] is None
   assert plain20['train_top1_error'] == pytest.approx(0.4)  # mean of the last 2 train points
@@ -115,6 +168,7 @@ def test_aggregation_table_and_plot(tmp_path):
 
 def test_imagenet_paper_numbers_match_configuration():
   from resnet_jax.analysis.paper_numbers import paper_error
+
   assert paper_error('imagenet2012', 'residual', 34, 'C') == (24.19, 'Table 3')
   assert paper_error('imagenet2012', 'plain', 18, 'B') == (27.94, 'Table 2')
   assert paper_error('imagenet2012', 'residual', 18, 'B') is None  # Table 2 used option A
@@ -123,8 +177,11 @@ def test_imagenet_paper_numbers_match_configuration():
 
 def test_preact_runs_get_he_2016_numbers_and_their_own_rows(tmp_path):
   from resnet_jax.analysis.paper_numbers import paper_error
-  assert paper_error('cifar10', 'residual', 1001, 'B', True, 'bottleneck') == \
-      (4.92, 'He et al. 2016, Table 3')
+
+  assert paper_error('cifar10', 'residual', 1001, 'B', True, 'bottleneck') == (
+    4.92,
+    'He et al. 2016, Table 3',
+  )
   assert paper_error('cifar10', 'residual', 164, 'B', True, 'basic') is None  # not that net
   assert paper_error('cifar10', 'residual', 164, 'A', True, 'bottleneck') is None
   assert paper_error('cifar10', 'residual', 164, 'B', False, 'bottleneck') is None
@@ -134,25 +191,32 @@ def test_preact_runs_get_he_2016_numbers_and_their_own_rows(tmp_path):
   assert [r['block'] for r in records] == ['basic', 'bottleneck']
   assert [r['paper_top1_error_pct'] for r in records] == [None, 5.46]
   assert len(sweep_report.group_runs(records)) == 2
-  assert [sweep_report.label(r) for r in records] == \
-      ['ResNet-164 (pre-act)', 'ResNet-164 (pre-act, bottleneck)']
+  assert [sweep_report.label(r) for r in records] == [
+    'ResNet-164 (pre-act)',
+    'ResNet-164 (pre-act, bottleneck)',
+  ]
 
 
 def test_preact_bottleneck_experiment_builds_the_papers_net():
   """The registry entry's config string gives He et al. 2016's ResNet-164 (1.7M weights)."""
   import jax
   import jax.numpy as jnp
+
   from resnet_jax import runtime
   from resnet_jax.default_config import load_sibling_config
   from resnet_jax.train_step import count_params
+
   experiment = _load_script().load_registry().get('preact_bottleneck')
   assert experiment.depths == '164,1001' and experiment.variants == 'residual'
   path, _, arg = experiment.config.partition(':')
   assert path == 'configs/cifar.py'
   cifar = load_sibling_config(os.path.join(ROOT, path), 'cifar')
   config = cifar.get_config(f'{arg},depth=164')
-  assert (config.model.block, config.model.shortcut, config.schedule.warmup_steps) == \
-      ('bottleneck', 'B', 400)
+  assert (config.model.block, config.model.shortcut, config.schedule.warmup_steps) == (
+    'bottleneck',
+    'B',
+    400,
+  )
   model = runtime.build_model(config, num_classes=10)
   variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
   assert count_params(variables['params']) == 1_703_258
@@ -160,10 +224,15 @@ def test_preact_bottleneck_experiment_builds_the_papers_net():
 
 def test_experiment_registry_fills_the_grid():
   script = _load_script()
-  args, overrides = script.parse_args(['--experiment=table3_34', '--workdir=/tmp/x',
-                                       '--config.batch_size=64'])
-  assert (args.config, args.depths, args.variants, args.shortcuts) == \
-      ('configs/imagenet.py:recipe=paper', '34', 'residual', 'A,B,C')
+  args, overrides = script.parse_args(
+    ['--experiment=table3_34', '--workdir=/tmp/x', '--config.batch_size=64']
+  )
+  assert (args.config, args.depths, args.variants, args.shortcuts) == (
+    'configs/imagenet.py:recipe=paper',
+    '34',
+    'residual',
+    'A,B,C',
+  )
   assert overrides == ['--config.batch_size=64']
   with pytest.raises(SystemExit):
     script.parse_args(['--workdir=/tmp/x', '--config=configs/digits.py', '--depths=8', '--oops'])
@@ -173,11 +242,19 @@ def test_end_to_end_digits_sweep_and_responses(tmp_path, monkeypatch):
   """One command: 2 depths x {residual, plain} on digits, then the three outputs and Fig. 7."""
   monkeypatch.setenv('XLA_FLAGS', '')  # one CPU device per run: less to compile
   sweep_dir = tmp_path / 'sweep'
-  rc = _load_script().main([
-      f'--config={ROOT}/configs/digits.py', f'--workdir={sweep_dir}', '--depths=8,14',
-      '--variants=residual,plain', '--parallel=4', '--config.num_train_steps=3',
-      '--config.log_every_steps=1', '--config.eval_every_steps=0',
-      '--config.checkpoint_every_steps=0'])
+  rc = _load_script().main(
+    [
+      f'--config={ROOT}/configs/digits.py',
+      f'--workdir={sweep_dir}',
+      '--depths=8,14',
+      '--variants=residual,plain',
+      '--parallel=4',
+      '--config.num_train_steps=3',
+      '--config.log_every_steps=1',
+      '--config.eval_every_steps=0',
+      '--config.checkpoint_every_steps=0',
+    ]
+  )
   assert rc == 0
   for name in ('summary.json', 'summary.md', 'curves.png'):
     assert (sweep_dir / name).exists()
@@ -186,9 +263,19 @@ def test_end_to_end_digits_sweep_and_responses(tmp_path, monkeypatch):
   assert all(r['finished'] and r['steps'] == 3 for r in records)
 
   from resnet_jax.analysis import responses
+
   out = tmp_path / 'fig7.png'
-  assert responses.main([f'--workdir={sweep_dir / "plain8"}', f'--workdir={sweep_dir / "residual8"}',
-                         f'--out={out}', '--max_examples=100']) == 0
+  assert (
+    responses.main(
+      [
+        f'--workdir={sweep_dir / "plain8"}',
+        f'--workdir={sweep_dir / "residual8"}',
+        f'--out={out}',
+        '--max_examples=100',
+      ]
+    )
+    == 0
+  )
   values = json.loads((tmp_path / 'fig7.json').read_text())
   assert [v['label'] for v in values] == ['plain-8', 'ResNet-8']
   assert all(len(v['std']) == 7 and v['num_examples'] == 100 for v in values)  # stem + 6 convs

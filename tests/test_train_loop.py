@@ -1,4 +1,5 @@
 """The training loop in-process: injected data and writer, logging, profiling, finished reruns."""
+
 import json
 import os
 
@@ -20,8 +21,10 @@ class ArrayBatches:
   def __next__(self):
     rng = np.random.default_rng(self.step)
     self.step += 1
-    return {'image': rng.integers(0, 17, (self.batch_size, 8, 8, 1)).astype(np.float32),
-            'label': rng.integers(0, 10, self.batch_size).astype(np.int32)}
+    return {
+      'image': rng.integers(0, 17, (self.batch_size, 8, 8, 1)).astype(np.float32),
+      'label': rng.integers(0, 10, self.batch_size).astype(np.int32),
+    }
 
   def get_state(self):
     return {'step': self.step}
@@ -52,8 +55,14 @@ class ListWriter:
 
 def _config(steps=6):
   config = load_sibling_config(_CONFIGS, 'digits').get_config(f'depth=8,steps={steps},batch=16')
-  config.update_from_flattened_dict({'log_every_steps': 2, 'eval_every_steps': 4,
-                                     'checkpoint_every_steps': 4, 'progress_bar': False})
+  config.update_from_flattened_dict(
+    {
+      'log_every_steps': 2,
+      'eval_every_steps': 4,
+      'checkpoint_every_steps': 4,
+      'progress_bar': False,
+    }
+  )
   return config
 
 
@@ -72,8 +81,9 @@ def test_loop_runs_on_injected_batches_and_writer(tmp_path):
   # Rerunning the finished run evaluates again but records nothing new.
   again = ListWriter()
   again.records = list(writer.records)
-  rerun = train.train_and_evaluate(_config(), str(tmp_path), train_iter=ArrayBatches(16),
-                                   writer=again)
+  rerun = train.train_and_evaluate(
+    _config(), str(tmp_path), train_iter=ArrayBatches(16), writer=again
+  )
   assert again.records == writer.records
   assert rerun['state_fingerprint'] == result['state_fingerprint']
 
@@ -99,18 +109,28 @@ def test_a_run_resumes_across_the_scanned_and_unrolled_layouts(tmp_path):
   """config.model.scan is a detail: a checkpoint of one layout resumes in the other.
 
   (The same seed initialises the two layouts differently, so both runs start scanned.)"""
+
   def config(steps, scan):
     c = load_sibling_config(_CONFIGS, 'digits').get_config(f'depth=14,steps={steps},batch=16')
-    c.update_from_flattened_dict({'log_every_steps': 2, 'eval_every_steps': 0,
-                                  'checkpoint_every_steps': 2, 'progress_bar': False,
-                                  'model.scan': scan})
+    c.update_from_flattened_dict(
+      {
+        'log_every_steps': 2,
+        'eval_every_steps': 0,
+        'checkpoint_every_steps': 2,
+        'progress_bar': False,
+        'model.scan': scan,
+      }
+    )
     return c
 
-  straight = train.train_and_evaluate(config(4, True), str(tmp_path / 'a'),
-                                      train_iter=ArrayBatches(16), writer=ListWriter())
-  train.train_and_evaluate(config(2, True), str(tmp_path / 'b'), train_iter=ArrayBatches(16),
-                           writer=ListWriter())
-  resumed = train.train_and_evaluate(config(4, False), str(tmp_path / 'b'),
-                                     train_iter=ArrayBatches(16), writer=ListWriter())
+  straight = train.train_and_evaluate(
+    config(4, True), str(tmp_path / 'a'), train_iter=ArrayBatches(16), writer=ListWriter()
+  )
+  train.train_and_evaluate(
+    config(2, True), str(tmp_path / 'b'), train_iter=ArrayBatches(16), writer=ListWriter()
+  )
+  resumed = train.train_and_evaluate(
+    config(4, False), str(tmp_path / 'b'), train_iter=ArrayBatches(16), writer=ListWriter()
+  )
   assert resumed['step'] == 4
   assert resumed['eval']['loss'] == pytest.approx(straight['eval']['loss'], rel=1e-4)

@@ -1,14 +1,20 @@
 """Invariants of the sharded train/eval steps (4 simulated CPU devices, tiny net)."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pytest
 
 from resnet_jax.models import create_model
-from resnet_jax.train_step import (batch_sharding, create_mesh, init_state, jit_eval_step,
-                                   jit_train_step, model_variables, state_fingerprint)
-
+from resnet_jax.train_step import (
+  batch_sharding,
+  create_mesh,
+  init_state,
+  jit_eval_step,
+  jit_train_step,
+  model_variables,
+  state_fingerprint,
+)
 
 _CACHE = {}
 
@@ -22,12 +28,16 @@ def _setup(lr=0.05):
   state = init_state(model, tx, (8, 8, 1), seed=0, mesh=mesh)
   if 'steps' not in _CACHE:
     sharding = jax.tree.map(lambda x: x.sharding, state)
-    _CACHE['steps'] = (jit_train_step(mesh, sharding, optax.constant_schedule(lr)),
-                       jit_eval_step(mesh, _CACHE['model'].apply))
+    _CACHE['steps'] = (
+      jit_train_step(mesh, sharding, optax.constant_schedule(lr)),
+      jit_eval_step(mesh, _CACHE['model'].apply),
+    )
   train_step, eval_step = _CACHE['steps']
   rng = np.random.default_rng(0)
-  batch = {'image': rng.normal(size=(16, 8, 8, 1)).astype(np.float32),
-           'label': rng.integers(0, 4, size=16).astype(np.int32)}
+  batch = {
+    'image': rng.normal(size=(16, 8, 8, 1)).astype(np.float32),
+    'label': rng.integers(0, 4, size=16).astype(np.int32),
+  }
   put = lambda b: {k: jax.device_put(v, batch_sharding(mesh)) for k, v in b.items()}
   return state, train_step, eval_step, put, batch
 
@@ -101,8 +111,9 @@ def test_update_that_overflows_the_parameters_is_not_applied():
   _, _, _, put, batch = _setup()
   mesh = create_mesh()
   huge = init_state(_CACHE['model'], optax.sgd(1e39), (8, 8, 1), seed=0, mesh=mesh)
-  step = jit_train_step(mesh, jax.tree.map(lambda x: x.sharding, huge),
-                        optax.constant_schedule(1e39))
+  step = jit_train_step(
+    mesh, jax.tree.map(lambda x: x.sharding, huge), optax.constant_schedule(1e39)
+  )
   fp_params = state_fingerprint(huge.replace(step=jnp.zeros((), jnp.int32)))
   new_state, m = step(huge, put(batch))
   assert int(m['nonfinite']) == 1

@@ -13,6 +13,7 @@ have smaller ones still. Pre-activation nets have no BN directly after their con
 
 Writes the two-panel plot (by layer index, and sorted by magnitude) and FILE.json with the values.
 """
+
 from __future__ import annotations
 
 import json
@@ -62,8 +63,9 @@ def response_layers(params: dict[str, Any]) -> list[tuple[str, ...]]:
   return sorted(found, key=order)
 
 
-def layer_stds(workdir: str, *, split: str | None = None, max_examples: int = 0,
-               batch_size: int | None = None) -> dict[str, Any]:
+def layer_stds(
+  workdir: str, *, split: str | None = None, max_examples: int = 0, batch_size: int | None = None
+) -> dict[str, Any]:
   """Restores `workdir`'s newest weights and returns {'label', 'layers', 'std', ...} for its test images."""
   import jax
   import numpy as np
@@ -73,8 +75,10 @@ def layer_stds(workdir: str, *, split: str | None = None, max_examples: int = 0,
   from resnet_jax.workdir import read_run_config
 
   if read_run_config(workdir).model.preact:
-    raise ValueError(f'{workdir}: pre-activation nets have no BN right after each 3x3 conv; '
-                     'Fig. 7 is defined for the original (post-activation) blocks')
+    raise ValueError(
+      f'{workdir}: pre-activation nets have no BN right after each 3x3 conv; '
+      'Fig. 7 is defined for the original (post-activation) blocks'
+    )
   trained = runtime.load_trained_model(workdir)
   config = trained.experiment.config
   # Measured on the unrolled twin (same function): every layer is then its own module whose
@@ -89,9 +93,13 @@ def layer_stds(workdir: str, *, split: str | None = None, max_examples: int = 0,
   @jax.jit
   def forward(variables, images):
     images = trained.experiment.preprocess(images, rng=None)  # uint8 batches -> model input
-    _, state = model.apply(variables, images, train=False, mutable=['intermediates'],
-                           capture_intermediates=lambda mdl, method: (
-                               method == '__call__' and tuple(mdl.path) in wanted))
+    _, state = model.apply(
+      variables,
+      images,
+      train=False,
+      mutable=['intermediates'],
+      capture_intermediates=lambda mdl, method: method == '__call__' and tuple(mdl.path) in wanted,
+    )
     out = {}
     for path in targets:
       node = state['intermediates']
@@ -101,8 +109,9 @@ def layer_stds(workdir: str, *, split: str | None = None, max_examples: int = 0,
     return out
 
   batch = batch_size or int(config.eval_batch_size)
-  batches = data.create_eval_iterator(config, split=split, local_batch_size=batch,
-                                      process_index=0, process_count=1, crops=1)
+  batches = data.create_eval_iterator(
+    config, split=split, local_batch_size=batch, process_index=0, process_count=1, crops=1
+  )
   sums = {'/'.join(p): np.zeros(3) for p in targets}  # count, sum, sum of squares (float64)
   seen = 0
   for b in batches:
@@ -121,16 +130,23 @@ def layer_stds(workdir: str, *, split: str | None = None, max_examples: int = 0,
 
   spec = parse_name(config.model.name, config.model.block)
   residual, depth = bool(config.model.residual) and spec.residual, spec.depth
-  return {'workdir': os.path.abspath(workdir),
-          'label': f"{'ResNet' if residual else 'plain'}-{depth}",
-          'residual': residual, 'depth': depth, 'dataset': config.data.name,
-          'split': split or config.data.eval_split, 'num_examples': seen,
-          'layers': list(sums), 'std': stds}
+  return {
+    'workdir': os.path.abspath(workdir),
+    'label': f'{"ResNet" if residual else "plain"}-{depth}',
+    'residual': residual,
+    'depth': depth,
+    'dataset': config.data.name,
+    'split': split or config.data.eval_split,
+    'num_examples': seen,
+    'layers': list(sums),
+    'std': stds,
+  }
 
 
 def plot_responses(results: Sequence[dict[str, Any]], out_path: str) -> str:
   """Fig. 7's two panels: std by layer index (top) and sorted in descending order (bottom)."""
   import matplotlib
+
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
   import matplotlib.ticker
@@ -162,18 +178,23 @@ def plot_responses(results: Sequence[dict[str, Any]], out_path: str) -> str:
 def main(argv: list[str] | None = None) -> int:
   p = cli.ArgumentParser(prog='python -m resnet_jax.analysis.responses', description=__doc__)
   p.add_argument('--workdir', action='append', required=True, help='a run directory (repeatable)')
-  p.add_argument('--out', help='plot path (default: responses.png beside the workdirs, in their '
-                 'common parent: a run\'s own directory is never written); values go to NAME.json')
-  p.add_argument('--split', help='dataset split (default: the run\'s eval split)')
+  p.add_argument(
+    '--out',
+    help='plot path (default: responses.png beside the workdirs, in their '
+    "common parent: a run's own directory is never written); values go to NAME.json",
+  )
+  p.add_argument('--split', help="dataset split (default: the run's eval split)")
   p.add_argument('--max-examples', type=int, default=0, help='use at most this many (0: all)')
-  p.add_argument('--batch-size', type=int, help='default: the run\'s eval_batch_size')
+  p.add_argument('--batch-size', type=int, help="default: the run's eval_batch_size")
   args = p.parse_args(argv)
   workdirs = [os.path.abspath(w) for w in args.workdir]
   parent = os.path.commonpath([os.path.dirname(w) for w in workdirs])
   out = args.out or os.path.join(parent, 'responses.png')
   try:
-    results = [layer_stds(w, split=args.split, max_examples=args.max_examples,
-                          batch_size=args.batch_size) for w in workdirs]
+    results = [
+      layer_stds(w, split=args.split, max_examples=args.max_examples, batch_size=args.batch_size)
+      for w in workdirs
+    ]
   except (ValueError, FileNotFoundError) as e:
     cli.fail(e)
   plot_responses(results, out)
@@ -181,8 +202,10 @@ def main(argv: list[str] | None = None) -> int:
   with open(json_path, 'w') as f:
     json.dump(results, f, indent=2)
   for r in results:
-    print(f"{r['label']:>12}: {len(r['std'])} layers, mean std {sum(r['std']) / len(r['std']):.3f} "
-          f"({r['num_examples']} {r['split']} images)")
+    print(
+      f'{r["label"]:>12}: {len(r["std"])} layers, mean std {sum(r["std"]) / len(r["std"]):.3f} '
+      f'({r["num_examples"]} {r["split"]} images)'
+    )
   print(f'wrote {out} and {json_path}')
   return 0
 

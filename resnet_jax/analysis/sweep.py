@@ -6,6 +6,7 @@ compilation cache or device memory carried between models), its own device set v
 `DIR/<variant><depth>[_<shortcut>][_s<seed>]/`; a run with `results.json` is finished and skipped,
 any other run directory is resumed by `resnet_jax.main` from its newest checkpoint.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -48,9 +49,12 @@ def _csv(text: str | None, cast=str) -> list:
   return [cast(x.strip()) for x in (text or '').split(',') if x.strip()]
 
 
-def plan_runs(depths: Sequence[int], variants: Sequence[str],
-              shortcuts: Sequence[str] | None = None,
-              seeds: Sequence[int] | None = None) -> list[RunSpec]:
+def plan_runs(
+  depths: Sequence[int],
+  variants: Sequence[str],
+  shortcuts: Sequence[str] | None = None,
+  seeds: Sequence[int] | None = None,
+) -> list[RunSpec]:
   """The grid, in the order it runs (depth-major so a partial sweep has complete depth pairs).
 
   A plain net has no shortcuts, so it runs once per (depth, seed) whatever `shortcuts` lists.
@@ -61,13 +65,13 @@ def plan_runs(depths: Sequence[int], variants: Sequence[str],
       raise ValueError(f"variants must be 'residual' and/or 'plain', got {v!r}")
   for s in shortcuts or ():
     if s not in ('A', 'B', 'C'):
-      raise ValueError(f"shortcuts must be among A, B, C, got {s!r}")
+      raise ValueError(f'shortcuts must be among A, B, C, got {s!r}')
   runs = []
   for depth in depths:
     for variant in variants:
       options = [None] if variant == 'plain' or not shortcuts else list(shortcuts)
       for shortcut in options:
-        for seed in (list(seeds) if seeds else [None]):
+        for seed in list(seeds) if seeds else [None]:
           name = f'{variant}{depth}'
           if shortcut is not None:
             name += f'_{shortcut}'
@@ -81,11 +85,17 @@ def is_finished(run_dir: str) -> bool:
   return os.path.exists(os.path.join(run_dir, 'results.json'))
 
 
-def run_command(spec: RunSpec, base_config: str, sweep_dir: str,
-                overrides: Sequence[str]) -> list[str]:
+def run_command(
+  spec: RunSpec, base_config: str, sweep_dir: str, overrides: Sequence[str]
+) -> list[str]:
   """The `python -m resnet_jax.main ...` command line of one run."""
-  cmd = [sys.executable, '-m', 'resnet_jax.main', f'--config={spec.config_arg(base_config)}',
-         f'--workdir={os.path.join(sweep_dir, spec.name)}']
+  cmd = [
+    sys.executable,
+    '-m',
+    'resnet_jax.main',
+    f'--config={spec.config_arg(base_config)}',
+    f'--workdir={os.path.join(sweep_dir, spec.name)}',
+  ]
   if not any(o.startswith('--config.progress_bar') for o in overrides):
     cmd.append('--config.progress_bar=False')  # the log file is not a terminal
   if spec.seed is not None:
@@ -110,10 +120,17 @@ def _tail(path: str, n: int = 8) -> str:
     return ''
 
 
-def run_sweep(runs: Iterable[RunSpec], base_config: str, sweep_dir: str,
-              overrides: Sequence[str] = (), *, parallel: int = 1,
-              devices: Sequence[str] | None = None, rerun_finished: bool = False,
-              echo=functools.partial(print, flush=True)) -> dict[str, int]:
+def run_sweep(
+  runs: Iterable[RunSpec],
+  base_config: str,
+  sweep_dir: str,
+  overrides: Sequence[str] = (),
+  *,
+  parallel: int = 1,
+  devices: Sequence[str] | None = None,
+  rerun_finished: bool = False,
+  echo=functools.partial(print, flush=True),
+) -> dict[str, int]:
   """Runs every spec not yet finished, `parallel` at a time; returns {run name: exit status}.
 
   `devices[i]` (e.g. '0' or '0,1') is exported as CUDA_VISIBLE_DEVICES to the run in slot i, so
@@ -138,8 +155,19 @@ def run_sweep(runs: Iterable[RunSpec], base_config: str, sweep_dir: str,
   free_slots = list(range(parallel))
   total = len(pending)
   try:
-    _loop(pending, running, free_slots, base_config, sweep_dir, overrides, devices, env, status,
-          total, echo)
+    _loop(
+      pending,
+      running,
+      free_slots,
+      base_config,
+      sweep_dir,
+      overrides,
+      devices,
+      env,
+      status,
+      total,
+      echo,
+    )
   except KeyboardInterrupt:  # the runs got the same SIGINT: let them checkpoint and exit
     echo('[sweep] interrupted: waiting for running runs to save a checkpoint')
     for r in running:
@@ -148,8 +176,9 @@ def run_sweep(runs: Iterable[RunSpec], base_config: str, sweep_dir: str,
   return status
 
 
-def _loop(pending, running, free_slots, base_config, sweep_dir, overrides, devices, env, status,
-          total, echo) -> None:
+def _loop(
+  pending, running, free_slots, base_config, sweep_dir, overrides, devices, env, status, total, echo
+) -> None:
   while pending or running:
     while pending and free_slots:
       spec, slot = pending.pop(0), free_slots.pop(0)
@@ -163,8 +192,10 @@ def _loop(pending, running, free_slots, base_config, sweep_dir, overrides, devic
       log.write(f'$ {" ".join(cmd)}\n')
       log.flush()
       resumed = ' (resuming)' if os.path.isdir(os.path.join(run_dir, 'checkpoints')) else ''
-      echo(f'[sweep] {spec.name}: started{resumed} [{total - len(pending)}/{total}]'
-           + (f' on devices {devices[slot]}' if devices else ''))
+      echo(
+        f'[sweep] {spec.name}: started{resumed} [{total - len(pending)}/{total}]'
+        + (f' on devices {devices[slot]}' if devices else '')
+      )
       proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=run_env)
       running.append(_Running(spec, proc, slot, log, time.time()))
     time.sleep(0.2)
@@ -182,6 +213,7 @@ def _loop(pending, running, free_slots, base_config, sweep_dir, overrides, devic
         status[r.spec.name] = 1
         echo(f'[sweep] {r.spec.name}: stopped before the end after {took:.0f}s; rerun to resume')
       else:
-        echo(f'[sweep] {r.spec.name}: FAILED (exit {rc}) after {took:.0f}s; log {log_path}:\n'
-             + _tail(log_path))
-
+        echo(
+          f'[sweep] {r.spec.name}: FAILED (exit {rc}) after {took:.0f}s; log {log_path}:\n'
+          + _tail(log_path)
+        )

@@ -4,6 +4,7 @@ Everything is derived from the run directories themselves (config.json, metrics.
 results.json), not from the sweep's command line, so a report can be rebuilt at any time, for a
 sweep still running, or for run directories gathered from several machines.
 """
+
 from __future__ import annotations
 
 import json
@@ -62,28 +63,30 @@ def load_run(run_dir: str, train_window: int = 5) -> Record | None:
   variant = 'residual' if model['residual'] and spec.residual else 'plain'
   last = train[-train_window:] if train_window > 0 else train
   rec: Record = {
-      'run': os.path.basename(os.path.normpath(run_dir)),
-      'dataset': cfg['data']['name'],
-      'model': model['name'],
-      'depth': spec.depth,
-      'variant': variant,
-      'shortcut': model.get('shortcut') if variant == 'residual' else None,
-      'preact': bool(model.get('preact', False)),
-      'block': model.get('block') or 'basic',  # CIFAR: basic (6n+2) or bottleneck (9n+2)
-      'seed': cfg.get('seed'),
-      'finished': results is not None,
-      'steps': results['step'] if results else (train[-1]['step'] if train else 0),
-      'params': results['params'] if results else None,
-      'train_top1_error': _mean([m['top1_error'] for m in last]),
-      'train_loss': _mean([m['loss'] for m in last]),
-      'test_top1_error': (results['eval']['top1_error'] if results
-                          else (evals[-1]['top1_error'] if evals else None)),
-      'test_loss': results['eval']['loss'] if results else (evals[-1]['loss'] if evals else None),
-      'eval_crops': cfg['data'].get('eval_crops', 1),
-      'wall_time_s': results.get('wall_time_s') if results else None,
+    'run': os.path.basename(os.path.normpath(run_dir)),
+    'dataset': cfg['data']['name'],
+    'model': model['name'],
+    'depth': spec.depth,
+    'variant': variant,
+    'shortcut': model.get('shortcut') if variant == 'residual' else None,
+    'preact': bool(model.get('preact', False)),
+    'block': model.get('block') or 'basic',  # CIFAR: basic (6n+2) or bottleneck (9n+2)
+    'seed': cfg.get('seed'),
+    'finished': results is not None,
+    'steps': results['step'] if results else (train[-1]['step'] if train else 0),
+    'params': results['params'] if results else None,
+    'train_top1_error': _mean([m['top1_error'] for m in last]),
+    'train_loss': _mean([m['loss'] for m in last]),
+    'test_top1_error': (
+      results['eval']['top1_error'] if results else (evals[-1]['top1_error'] if evals else None)
+    ),
+    'test_loss': results['eval']['loss'] if results else (evals[-1]['loss'] if evals else None),
+    'eval_crops': cfg['data'].get('eval_crops', 1),
+    'wall_time_s': results.get('wall_time_s') if results else None,
   }
-  paper = paper_error(rec['dataset'], variant, rec['depth'], rec['shortcut'], rec['preact'],
-                      rec['block'])
+  paper = paper_error(
+    rec['dataset'], variant, rec['depth'], rec['shortcut'], rec['preact'], rec['block']
+  )
   rec['paper_top1_error_pct'], rec['paper_source'] = paper if paper else (None, None)
   return rec
 
@@ -93,8 +96,15 @@ def _mean(xs: Sequence[float]) -> float | None:
 
 
 def _sort_key(rec: Record) -> tuple:
-  return (rec['dataset'], rec['preact'], rec['block'], rec['variant'] != 'plain', rec['depth'],
-          rec['shortcut'] or '', rec['seed'] if rec['seed'] is not None else -1)
+  return (
+    rec['dataset'],
+    rec['preact'],
+    rec['block'],
+    rec['variant'] != 'plain',
+    rec['depth'],
+    rec['shortcut'] or '',
+    rec['seed'] if rec['seed'] is not None else -1,
+  )
 
 
 def collect_runs(sweep_dir: str, train_window: int = 5) -> list[Record]:
@@ -110,8 +120,14 @@ def collect_runs(sweep_dir: str, train_window: int = 5) -> list[Record]:
 
 
 def _group_key(rec: Record) -> tuple:
-  return (rec['dataset'], rec['preact'], rec['block'], rec['variant'], rec['depth'],
-          rec['shortcut'])
+  return (
+    rec['dataset'],
+    rec['preact'],
+    rec['block'],
+    rec['variant'],
+    rec['depth'],
+    rec['shortcut'],
+  )
 
 
 def group_runs(records: Sequence[Record]) -> list[list[Record]]:
@@ -124,10 +140,11 @@ def group_runs(records: Sequence[Record]) -> list[list[Record]]:
 
 def label(rec: Record) -> str:
   """'plain-20', 'ResNet-110 (pre-act)', 'ResNet-164 (pre-act, bottleneck)': the papers' names."""
-  text = f"{'ResNet' if rec['variant'] == 'residual' else 'plain'}-{rec['depth']}"
-  notes = [n for n, on in (('pre-act', rec['preact']), ('bottleneck', rec['block'] == 'bottleneck'))
-           if on]
-  return text + (f" ({', '.join(notes)})" if notes else '')
+  text = f'{"ResNet" if rec["variant"] == "residual" else "plain"}-{rec["depth"]}'
+  notes = [
+    n for n, on in (('pre-act', rec['preact']), ('bottleneck', rec['block'] == 'bottleneck')) if on
+  ]
+  return text + (f' ({", ".join(notes)})' if notes else '')
 
 
 def mean_std(values: Sequence[float | None], scale: float = 1.0, digits: int = 2) -> str:
@@ -147,13 +164,15 @@ def markdown_table(records: Sequence[Record], train_window: int = 5) -> str:
   datasets = sorted({r['dataset'] for r in records})
   crops = sorted({r['eval_crops'] for r in records})
   lines = [
-      f"Dataset: {', '.join(datasets)}. Errors in %; test error evaluated with "
-      f"{'/'.join(map(str, crops))} crop(s); final train error/loss = mean of the last "
-      f'{train_window} logged training points (train-mode BN, on the batches as trained). '
-      'Several seeds: mean ± sample std.', '',
-      '| model | shortcut | params | seeds | steps | train top-1 err | train loss '
-      '| test top-1 err | paper test err | wall time (s) |',
-      '|---|---|---:|---:|---:|---:|---:|---:|---:|---:|']
+    f'Dataset: {", ".join(datasets)}. Errors in %; test error evaluated with '
+    f'{"/".join(map(str, crops))} crop(s); final train error/loss = mean of the last '
+    f'{train_window} logged training points (train-mode BN, on the batches as trained). '
+    'Several seeds: mean ± sample std.',
+    '',
+    '| model | shortcut | params | seeds | steps | train top-1 err | train loss '
+    '| test top-1 err | paper test err | wall time (s) |',
+    '|---|---|---:|---:|---:|---:|---:|---:|---:|---:|',
+  ]
   unfinished = False
   for group in group_runs(records):
     first = group[0]
@@ -161,24 +180,32 @@ def markdown_table(records: Sequence[Record], train_window: int = 5) -> str:
     unfinished |= not done
     params = first['params']
     paper = first['paper_top1_error_pct']
-    lines.append('| ' + ' | '.join([
-        label(first) + ('' if done else ' *'),
-        first['shortcut'] or '—',
-        f'{params:,}' if params else '—',
-        str(len(group)),
-        '/'.join(sorted({str(r['steps']) for r in group})),
-        mean_std([r['train_top1_error'] for r in group], 100),
-        mean_std([r['train_loss'] for r in group], 1, 4),
-        mean_std([r['test_top1_error'] for r in group], 100),
-        f"{paper:.2f} ({first['paper_source']})" if paper is not None else '—',
-        mean_std([r['wall_time_s'] for r in group], 1, 0),
-    ]) + ' |')
+    lines.append(
+      '| '
+      + ' | '.join(
+        [
+          label(first) + ('' if done else ' *'),
+          first['shortcut'] or '—',
+          f'{params:,}' if params else '—',
+          str(len(group)),
+          '/'.join(sorted({str(r['steps']) for r in group})),
+          mean_std([r['train_top1_error'] for r in group], 100),
+          mean_std([r['train_loss'] for r in group], 1, 4),
+          mean_std([r['test_top1_error'] for r in group], 100),
+          f'{paper:.2f} ({first["paper_source"]})' if paper is not None else '—',
+          mean_std([r['wall_time_s'] for r in group], 1, 0),
+        ]
+      )
+      + ' |'
+    )
   if unfinished:
     lines += ['', '\\* not finished: newest logged numbers, not final ones.']
   return '\n'.join(lines) + '\n'
 
 
-def _mean_curve(group: Sequence[Record], curves: dict[str, list[Record]], key: str) -> tuple[list, list]:
+def _mean_curve(
+  group: Sequence[Record], curves: dict[str, list[Record]], key: str
+) -> tuple[list, list]:
   """Mean over the group's seeds at the steps every seed logged."""
   per_run = [{m['step']: m[key] for m in curves[r['run']] if m.get(key) is not None} for r in group]
   steps = sorted(set.intersection(*(set(c) for c in per_run))) if per_run else []
@@ -188,34 +215,48 @@ def _mean_curve(group: Sequence[Record], curves: dict[str, list[Record]], key: s
 def plot_curves(sweep_dir: str, records: Sequence[Record], out_path: str) -> str:
   """Training error / training loss / test error vs step: plain dashed, residual solid (Figs. 4, 6)."""
   import matplotlib
+
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
 
-  metrics = {r['run']: read_metrics(os.path.join(sweep_dir, r['run'], 'metrics.jsonl'))
-             for r in records}
+  metrics = {
+    r['run']: read_metrics(os.path.join(sweep_dir, r['run'], 'metrics.jsonl')) for r in records
+  }
   train = {k: [m for m in v if m.get('split') == 'train'] for k, v in metrics.items()}
   evals = {k: [m for m in v if m.get('split') == 'eval'] for k, v in metrics.items()}
   shortcuts_vary = len({r['shortcut'] for r in records if r['variant'] == 'residual'}) > 1
-  colour_keys = sorted({(r['depth'], r['shortcut'] if shortcuts_vary else None) for r in records},
-                       key=lambda k: (k[0], k[1] or ''))
+  colour_keys = sorted(
+    {(r['depth'], r['shortcut'] if shortcuts_vary else None) for r in records},
+    key=lambda k: (k[0], k[1] or ''),
+  )
   cmap = plt.get_cmap('tab10')
   colours = {k: cmap(i % 10) for i, k in enumerate(colour_keys)}
   fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
-  panels = [(axes[0], train, 'top1_error', 100, 'training top-1 error (%)'),
-            (axes[1], train, 'loss', 1, 'training loss (log scale)'),
-            (axes[2], evals, 'top1_error', 100, 'test top-1 error (%)')]
+  panels = [
+    (axes[0], train, 'top1_error', 100, 'training top-1 error (%)'),
+    (axes[1], train, 'loss', 1, 'training loss (log scale)'),
+    (axes[2], evals, 'top1_error', 100, 'test top-1 error (%)'),
+  ]
   tops = {id(ax): 0.0 for ax in axes}
   for group in group_runs(records):
     first = group[0]
     colour = colours[(first['depth'], first['shortcut'] if shortcuts_vary else None)]
-    name = label(first) + (f" {first['shortcut']}" if shortcuts_vary and first['shortcut'] else '')
+    name = label(first) + (f' {first["shortcut"]}' if shortcuts_vary and first['shortcut'] else '')
     style = '-' if first['variant'] == 'residual' else '--'
     for ax, curves, key, scale, _ in panels:
       steps, ys = _mean_curve(group, curves, key)
       if steps:
         ys = [y * scale for y in ys]
-        ax.plot(steps, ys, style, color=colour, lw=1.4,
-                marker='o' if curves is evals and len(steps) < 30 else None, ms=3, label=name)
+        ax.plot(
+          steps,
+          ys,
+          style,
+          color=colour,
+          lw=1.4,
+          marker='o' if curves is evals and len(steps) < 30 else None,
+          ms=3,
+          label=name,
+        )
         late = [y for s, y in zip(steps, ys) if s >= 0.1 * steps[-1]] or ys
         tops[id(ax)] = max(tops[id(ax)], max(late))
   for ax, _, _, _, title in panels:

@@ -10,16 +10,23 @@ Public API:
   DatasetNotFoundError (a ValueError with a one-line message: print it, no traceback)
 """
 
-from resnet_jax.data import digits as _digits  # registers the `digits` TFDS builder
-from resnet_jax.data.pipeline import DatasetInfo
-from resnet_jax.data.pipeline import create_eval_iterator
-from resnet_jax.data.pipeline import create_train_iterator
-from resnet_jax.data.pipeline import get_dataset_info
-from resnet_jax.data.pipeline import make_preprocessor
-from resnet_jax.data.pipeline import num_eval_batches
+from resnet_jax.data import digits as _digits  # noqa: F401  (registers the `digits` TFDS builder)
+from resnet_jax.data.pipeline import (
+  DatasetInfo,
+  create_eval_iterator,
+  create_train_iterator,
+  get_dataset_info,
+  make_preprocessor,
+  num_eval_batches,
+)
 from resnet_jax.data.sources import DatasetNotFoundError
 
 __all__ = [
-    "DatasetInfo", "DatasetNotFoundError", "create_eval_iterator", "create_train_iterator",
-    "get_dataset_info", "make_preprocessor", "num_eval_batches",
+  'DatasetInfo',
+  'DatasetNotFoundError',
+  'create_eval_iterator',
+  'create_train_iterator',
+  'get_dataset_info',
+  'make_preprocessor',
+  'num_eval_batches',
 ]

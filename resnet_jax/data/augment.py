@@ -41,7 +41,7 @@ class Normalizer:
   """(x - mean) / std in NumPy: the statistics the device applies, and the reference it is tested on."""
 
   mean: np.ndarray  # (H, W, C) per-pixel mean, or (C,) / () per channel
-  std: np.ndarray   # broadcastable to the image
+  std: np.ndarray  # broadcastable to the image
   _resized: dict[tuple[int, int], np.ndarray] = dataclasses.field(default_factory=dict, repr=False)
 
   def mean_for(self, hw: tuple[int, int]) -> np.ndarray:
@@ -50,8 +50,16 @@ class Normalizer:
       return self.mean
     if hw not in self._resized:
       self._resized[hw] = np.stack(
-          [np.asarray(Image.fromarray(self.mean[..., c].astype(np.float32), mode="F").resize(
-              (hw[1], hw[0]), Image.BILINEAR)) for c in range(self.mean.shape[-1])], axis=-1)
+        [
+          np.asarray(
+            Image.fromarray(self.mean[..., c].astype(np.float32), mode='F').resize(
+              (hw[1], hw[0]), Image.BILINEAR
+            )
+          )
+          for c in range(self.mean.shape[-1])
+        ],
+        axis=-1,
+      )
     return self._resized[hw]
 
   def __call__(self, image: np.ndarray) -> np.ndarray:
@@ -63,7 +71,9 @@ class Normalizer:
 
 def open_image(image: Any, channels: int) -> Image.Image:
   """A lazily decoded PIL image from encoded bytes or a decoded uint8 array."""
-  if isinstance(image, (bytes, np.bytes_)) or (isinstance(image, np.ndarray) and image.dtype.kind in "SO"):
+  if isinstance(image, (bytes, np.bytes_)) or (
+    isinstance(image, np.ndarray) and image.dtype.kind in 'SO'
+  ):
     return Image.open(io.BytesIO(image.item() if isinstance(image, np.ndarray) else bytes(image)))
   array = np.asarray(image)
   return Image.fromarray(array[..., 0] if array.ndim == 3 and array.shape[-1] == 1 else array)
@@ -71,8 +81,8 @@ def open_image(image: Any, channels: int) -> Image.Image:
 
 def decode(img: Image.Image, channels: int, min_size: tuple[int, int] | None = None) -> Image.Image:
   """Decodes `img` (JPEG: at the smallest DCT scale still >= `min_size` (w, h)) in the right mode."""
-  mode = "L" if channels == 1 else "RGB"
-  if min_size is not None and img.format == "JPEG":
+  mode = 'L' if channels == 1 else 'RGB'
+  if min_size is not None and img.format == 'JPEG':
     img.draft(mode, (max(1, int(min_size[0])), max(1, int(min_size[1]))))
   return img.convert(mode) if img.mode != mode else img
 
@@ -87,7 +97,10 @@ def resize_shorter(img: Image.Image, short: int, channels: int) -> Image.Image:
   w, h = img.size
   factor = short / min(w, h)
   img = decode(img, channels, (math.ceil(w * factor), math.ceil(h * factor)))
-  new = (max(short, round(img.size[0] * short / min(img.size))), max(short, round(img.size[1] * short / min(img.size))))
+  new = (
+    max(short, round(img.size[0] * short / min(img.size))),
+    max(short, round(img.size[1] * short / min(img.size))),
+  )
   return img if img.size == new else img.resize(new, Image.BILINEAR)
 
 
@@ -95,21 +108,36 @@ def _encoded(image: Any) -> bytes:
   return image.item() if isinstance(image, np.ndarray) else bytes(image)
 
 
-def _crop_opencv(data: bytes, channels: int, wh: tuple[int, int], factor: float,
-                 box: tuple[float, float, float, float], size: int) -> np.ndarray:
+def _crop_opencv(
+  data: bytes,
+  channels: int,
+  wh: tuple[int, int],
+  factor: float,
+  box: tuple[float, float, float, float],
+  size: int,
+) -> np.ndarray:
   """OpenCV's decode at 1/2, 1/4, 1/8 (when still >= `factor` x the image), crop of `box` (in
   original pixels, rounded outwards), resize to size x size (area filter when shrinking, as PIL's
   antialiased bilinear does, bilinear when growing). uint8 [size, size, channels] RGB."""
   import cv2  # pylint: disable=g-import-not-at-top
+
   cv2.setNumThreads(1)  # one Grain worker = one core
   w, h = wh
-  k = next((k for k in (8, 4, 2) if math.ceil(w / k) >= math.ceil(w * factor)
-            and math.ceil(h / k) >= math.ceil(h * factor)), 1)
+  k = next(
+    (
+      k
+      for k in (8, 4, 2)
+      if math.ceil(w / k) >= math.ceil(w * factor) and math.ceil(h / k) >= math.ceil(h * factor)
+    ),
+    1,
+  )
   grey = channels == 1
-  flag = {1: cv2.IMREAD_GRAYSCALE if grey else cv2.IMREAD_COLOR,
-          2: cv2.IMREAD_REDUCED_GRAYSCALE_2 if grey else cv2.IMREAD_REDUCED_COLOR_2,
-          4: cv2.IMREAD_REDUCED_GRAYSCALE_4 if grey else cv2.IMREAD_REDUCED_COLOR_4,
-          8: cv2.IMREAD_REDUCED_GRAYSCALE_8 if grey else cv2.IMREAD_REDUCED_COLOR_8}[k]
+  flag = {
+    1: cv2.IMREAD_GRAYSCALE if grey else cv2.IMREAD_COLOR,
+    2: cv2.IMREAD_REDUCED_GRAYSCALE_2 if grey else cv2.IMREAD_REDUCED_COLOR_2,
+    4: cv2.IMREAD_REDUCED_GRAYSCALE_4 if grey else cv2.IMREAD_REDUCED_COLOR_4,
+    8: cv2.IMREAD_REDUCED_GRAYSCALE_8 if grey else cv2.IMREAD_REDUCED_COLOR_8,
+  }[k]
   array = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
   sx, sy = array.shape[1] / w, array.shape[0] / h
   left, top, cw, ch = box
@@ -125,14 +153,19 @@ def _crop_opencv(data: bytes, channels: int, wh: tuple[int, int], factor: float,
 def center_crop(array: np.ndarray, size: int) -> np.ndarray:
   h, w = array.shape[:2]
   top, left = (h - size) // 2, (w - size) // 2
-  return array[top:top + size, left:left + size]
+  return array[top : top + size, left : left + size]
 
 
 def ten_crops(array: np.ndarray, size: int) -> np.ndarray:
   """[10, size, size, C]: 4 corners + centre, then the same five horizontally flipped (paper Tables 2-3)."""
   h, w = array.shape[:2]
-  five = [array[:size, :size], array[:size, w - size:], array[h - size:, :size],
-          array[h - size:, w - size:], center_crop(array, size)]
+  five = [
+    array[:size, :size],
+    array[:size, w - size :],
+    array[h - size :, :size],
+    array[h - size :, w - size :],
+    center_crop(array, size),
+  ]
   return np.stack(five + [c[:, ::-1] for c in five])
 
 
@@ -183,10 +216,11 @@ class Preprocessor:
       raise ValueError(f'config.data.decoder={self.decoder!r} is not one of {DECODERS}')
     if self.decoder == 'opencv':
       try:
-        import cv2  # pylint: disable=g-import-not-at-top,unused-import
+        import cv2  # noqa: F401  (only checks that OpenCV is installed)
       except ImportError as e:
-        raise ValueError("config.data.decoder='opencv' needs `pip install "
-                         "opencv-python-headless`") from e
+        raise ValueError(
+          "config.data.decoder='opencv' needs `pip install opencv-python-headless`"
+        ) from e
 
   @property
   def pad(self) -> int:
@@ -200,8 +234,12 @@ class Preprocessor:
   def base_uint8(self, image: Any, short: int | None = None) -> np.ndarray:
     """Shorter side resized to `short` (default: the eval resize), uint8 [H, W, C]: eval's start."""
     short = short or self.eval_resize
-    if (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3
-        and min(image.shape[:2]) == short):
+    if (
+      isinstance(image, np.ndarray)
+      and image.dtype == np.uint8
+      and image.ndim == 3
+      and min(image.shape[:2]) == short
+    ):
       return image  # already decoded at the right size (CIFAR, digits): skip the PIL round trip
     img = open_image(image, self.channels)
     return to_array(resize_shorter(img, short, self.channels), self.channels)
@@ -223,7 +261,9 @@ class Preprocessor:
       if crops == 10:
         raise ValueError('scale=... supports crops 1 or 2 (image and its flip)')
       return np.ascontiguousarray(eval_views(self.base_uint8(image, int(scale)), crops, int(scale)))
-    return np.ascontiguousarray(eval_views(self.base_uint8(image), crops, self.image_size, self.pad))
+    return np.ascontiguousarray(
+      eval_views(self.base_uint8(image), crops, self.image_size, self.pad)
+    )
 
   def train(self, image: Any, rng: np.random.Generator) -> np.ndarray:
     """One uint8 [image_size, image_size, C] training input (random geometry and flip applied).
@@ -248,12 +288,18 @@ class Preprocessor:
       left, top, cw, ch = _random_resized_box(rng, w, h)
       factor = size / min(cw, ch)
     if self.decoder == 'opencv' and img.format == 'JPEG':
-      array = _crop_opencv(_encoded(image), self.channels, (w, h), factor, (left, top, cw, ch), size)
+      array = _crop_opencv(
+        _encoded(image), self.channels, (w, h), factor, (left, top, cw, ch), size
+      )
     else:
       img = decode(img, self.channels, (math.ceil(w * factor), math.ceil(h * factor)))  # reduced
       sx, sy = img.size[0] / w, img.size[1] / h
-      box = (left * sx, top * sy, min(img.size[0], (left + cw) * sx),
-             min(img.size[1], (top + ch) * sy))
+      box = (
+        left * sx,
+        top * sy,
+        min(img.size[0], (left + cw) * sx),
+        min(img.size[1], (top + ch) * sy),
+      )
       array = to_array(img.resize((size, size), Image.BILINEAR, box=box), self.channels)
     if rng.random() < 0.5:
       array = array[:, ::-1]

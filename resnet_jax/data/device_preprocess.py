@@ -84,8 +84,9 @@ class DevicePreprocess:
     if self.pad and np.ndim(mean) == 3:  # views of the padded image: each its own mean, pad stays 0
       ones = np.ones(mean.shape[:2] + (c,), np.float32)
       valid = augment_lib.eval_views(ones, crops, size, self.pad)
-      mean = augment_lib.eval_views(np.broadcast_to(mean, mean.shape[:2] + (c,)), crops, size,
-                                    self.pad)
+      mean = augment_lib.eval_views(
+        np.broadcast_to(mean, mean.shape[:2] + (c,)), crops, size, self.pad
+      )
     else:
       valid = None
       if np.ndim(mean) == 3 and crops == 2:  # the host flipped the normalised centre view before
@@ -100,5 +101,6 @@ def make_device_preprocess(config: ml_collections.ConfigDict) -> DevicePreproces
   """The device half of the configured preprocessing, with the train split's cached statistics."""
   host = pipeline.make_preprocessor(config)
   norm = pipeline.make_normalization(config)
-  return DevicePreprocess(host.augment, host.image_size, norm.normalizer, norm.pca_eigvals,
-                          norm.pca_eigvecs)
+  return DevicePreprocess(
+    host.augment, host.image_size, norm.normalizer, norm.pca_eigvals, norm.pca_eigvecs
+  )

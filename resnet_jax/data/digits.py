@@ -9,9 +9,9 @@ from __future__ import annotations
 import contextlib
 import os
 
-from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 
 NUM_EXAMPLES = 1797
 TEST_EVERY = 5  # example i goes to `test` iff i % TEST_EVERY == 0 (360 test, 1,437 train)
@@ -23,15 +23,17 @@ def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
 
   data = load_digits()
   # sklearn stores 0..16 intensities (float); rescale so the images look like ordinary 8-bit images.
-  images = np.rint(np.asarray(data.images, np.float64) * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
+  images = (
+    np.rint(np.asarray(data.images, np.float64) * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
+  )
   return images[..., None], np.asarray(data.target, np.int64)
 
 
 class Digits(tfds.core.GeneratorBasedBuilder):
   """scikit-learn's 8x8 digits with a fixed train/test split (test = every 5th example)."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  VERSION = tfds.core.Version('1.0.0')
+  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
 
   @tfds.core.utils.classproperty
   @classmethod
@@ -42,38 +44,43 @@ class Digits(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
-        builder=self,
-        description="The 1,797 8x8 handwritten digits shipped with scikit-learn, 0-16 scaled to 0-255.",
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Tensor(shape=(8, 8, 1), dtype=np.uint8),
-            "label": tfds.features.ClassLabel(num_classes=10),
-        }),
-        supervised_keys=("image", "label"),
-        homepage="https://scikit-learn.org/stable/datasets/toy_dataset.html#digits-dataset",
+      builder=self,
+      description='The 1,797 8x8 handwritten digits shipped with scikit-learn, 0-16 scaled to 0-255.',
+      features=tfds.features.FeaturesDict(
+        {
+          'image': tfds.features.Tensor(shape=(8, 8, 1), dtype=np.uint8),
+          'label': tfds.features.ClassLabel(num_classes=10),
+        }
+      ),
+      supervised_keys=('image', 'label'),
+      homepage='https://scikit-learn.org/stable/datasets/toy_dataset.html#digits-dataset',
     )
 
   def _split_generators(self, dl_manager):  # pylint: disable=unused-argument
-    return {"train": self._generate_examples(test=False), "test": self._generate_examples(test=True)}
+    return {
+      'train': self._generate_examples(test=False),
+      'test': self._generate_examples(test=True),
+    }
 
   def _generate_examples(self, test: bool):
     images, labels = digits_arrays()
     for i in range(NUM_EXAMPLES):
       if (i % TEST_EVERY == 0) == test:
-        yield i, {"image": images[i], "label": int(labels[i])}
+        yield i, {'image': images[i], 'label': int(labels[i])}
 
 
 def prepare_digits(data_dir: str | None = None) -> tfds.core.DatasetBuilder:
   """Returns the digits builder, preparing it (ArrayRecord, no download) on first use."""
-  builder = tfds.builder("digits", data_dir=data_dir, file_format="array_record")
+  builder = tfds.builder('digits', data_dir=data_dir, file_format='array_record')
   if builder.is_prepared():
     return builder
   # Several processes (hosts sharing a filesystem, parallel test runs) may prepare at once: serialise.
   root = os.fspath(builder.data_dir_root)
   os.makedirs(root, exist_ok=True)
-  with _exclusive(os.path.join(root, ".digits.lock")):
-    builder = tfds.builder("digits", data_dir=data_dir, file_format="array_record")
+  with _exclusive(os.path.join(root, '.digits.lock')):
+    builder = tfds.builder('digits', data_dir=data_dir, file_format='array_record')
     if not builder.is_prepared():
-      builder.download_and_prepare(file_format="array_record")
+      builder.download_and_prepare(file_format='array_record')
   return builder
 
 
@@ -85,7 +92,7 @@ def _exclusive(path: str):
   except ImportError:
     yield
     return
-  with open(path, "w") as lock:
+  with open(path, 'w') as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)
     try:
       yield

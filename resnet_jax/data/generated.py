@@ -15,10 +15,10 @@ from __future__ import annotations
 import dataclasses
 import io
 
-from etils import epath
 import numpy as np
-from PIL import Image
 import tensorflow_datasets as tfds
+from etils import epath
+from PIL import Image
 
 
 @dataclasses.dataclass
@@ -37,6 +37,7 @@ def _photos() -> list[np.ndarray]:
   """scikit-learn's two sample photographs (427x640 RGB), loaded once per process."""
   if not _PHOTOS:
     from sklearn.datasets import load_sample_images  # pylint: disable=g-import-not-at-top
+
     _PHOTOS.extend(np.asarray(x, np.uint8) for x in load_sample_images().images)
   return _PHOTOS
 
@@ -52,7 +53,7 @@ def natural_image(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
   cw = int(min(pw, max(8, round(np.sqrt(area * aspect)))))
   ch = int(min(ph, max(8, round(np.sqrt(area / aspect)))))
   left, top = int(rng.integers(0, pw - cw + 1)), int(rng.integers(0, ph - ch + 1))
-  img = Image.fromarray(photo[top:top + ch, left:left + cw]).resize((w, h), Image.BICUBIC)
+  img = Image.fromarray(photo[top : top + ch, left : left + cw]).resize((w, h), Image.BICUBIC)
   out = np.asarray(img, np.float32) * rng.uniform(0.8, 1.2, size=3)
   if rng.random() < 0.5:
     out = out[:, ::-1]
@@ -65,9 +66,11 @@ class GeneratedJpegs(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version('2.0.0')
   RELEASE_NOTES = {'2.0.0': 'Crops of real photos instead of smooth random pictures.'}
   BUILDER_CONFIGS = [
-      GeneratedConfig(name="cifar", num_train=2048, num_test=256, min_side=32, max_side=32),
-      GeneratedConfig(name="imagenet", num_train=512, num_test=64, min_side=300, max_side=500),
-      GeneratedConfig(name="tiny", num_train=24, num_test=10, min_side=40, max_side=90, num_classes=5),
+    GeneratedConfig(name='cifar', num_train=2048, num_test=256, min_side=32, max_side=32),
+    GeneratedConfig(name='imagenet', num_train=512, num_test=64, min_side=300, max_side=500),
+    GeneratedConfig(
+      name='tiny', num_train=24, num_test=10, min_side=40, max_side=90, num_classes=5
+    ),
   ]
 
   @tfds.core.utils.classproperty
@@ -80,18 +83,23 @@ class GeneratedJpegs(tfds.core.GeneratorBasedBuilder):
     cfg = self.builder_config
     fixed = cfg.min_side if cfg.min_side == cfg.max_side else None
     return tfds.core.DatasetInfo(
-        builder=self,
-        description="Generated JPEGs for input-pipeline benchmarks and tests.",
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(fixed, fixed, 3), encoding_format="jpeg"),
-            "label": tfds.features.ClassLabel(num_classes=cfg.num_classes),
-        }),
-        supervised_keys=("image", "label"),
+      builder=self,
+      description='Generated JPEGs for input-pipeline benchmarks and tests.',
+      features=tfds.features.FeaturesDict(
+        {
+          'image': tfds.features.Image(shape=(fixed, fixed, 3), encoding_format='jpeg'),
+          'label': tfds.features.ClassLabel(num_classes=cfg.num_classes),
+        }
+      ),
+      supervised_keys=('image', 'label'),
     )
 
   def _split_generators(self, dl_manager):  # pylint: disable=unused-argument
     cfg = self.builder_config
-    return {"train": self._generate_examples(cfg.num_train, 0), "test": self._generate_examples(cfg.num_test, 1)}
+    return {
+      'train': self._generate_examples(cfg.num_train, 0),
+      'test': self._generate_examples(cfg.num_test, 1),
+    }
 
   def _generate_examples(self, num: int, split_seed: int):
     cfg = self.builder_config
@@ -99,13 +107,15 @@ class GeneratedJpegs(tfds.core.GeneratorBasedBuilder):
       rng = np.random.default_rng((split_seed, i))
       w, h = (int(v) for v in rng.integers(cfg.min_side, cfg.max_side + 1, size=2))
       buf = io.BytesIO()
-      Image.fromarray(natural_image(rng, w, h)).save(buf, format="JPEG", quality=90)
-      yield i, {"image": buf.getvalue(), "label": int(rng.integers(cfg.num_classes))}
+      Image.fromarray(natural_image(rng, w, h)).save(buf, format='JPEG', quality=90)
+      yield i, {'image': buf.getvalue(), 'label': int(rng.integers(cfg.num_classes))}
 
 
 def prepare(config_name: str, data_dir: str | None = None) -> tfds.core.DatasetBuilder:
   """Prepares `generated_jpegs/<config_name>` (ArrayRecord) if needed and returns its builder."""
-  builder = tfds.builder(f"generated_jpegs/{config_name}", data_dir=data_dir, file_format="array_record")
+  builder = tfds.builder(
+    f'generated_jpegs/{config_name}', data_dir=data_dir, file_format='array_record'
+  )
   if not builder.is_prepared():
-    builder.download_and_prepare(file_format="array_record")
+    builder.download_and_prepare(file_format='array_record')
   return builder

@@ -31,25 +31,43 @@ FASHION_URL = 'http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/'
 IMAGENETTE_URL = 'https://s3.amazonaws.com/fast-ai-imageclas/'
 # IDX file -> (magic number, number of items) that TFDS's (fashion_)mnist builder reads exactly.
 FASHION_FILES = {
-    'train-images-idx3-ubyte': (2051, 60_000), 'train-labels-idx1-ubyte': (2049, 60_000),
-    't10k-images-idx3-ubyte': (2051, 10_000), 't10k-labels-idx1-ubyte': (2049, 10_000),
+  'train-images-idx3-ubyte': (2051, 60_000),
+  'train-labels-idx1-ubyte': (2049, 60_000),
+  't10k-images-idx3-ubyte': (2051, 10_000),
+  't10k-labels-idx1-ubyte': (2049, 10_000),
 }
 # The CIFAR archives: python (pickle) member prefix -> binary layout written for TFDS.
 _CIFAR = {
-    'cifar10': dict(url=CIFAR10_URL, py='cifar-10-batches-py/', bin='cifar-10-batches-bin/',
-                    splits={f'data_batch_{i}': f'data_batch_{i}.bin' for i in range(1, 6)}
-                    | {'test_batch': 'test_batch.bin'},
-                    meta='batches.meta', names={'label_names': 'batches.meta.txt'},
-                    labels=(b'labels',)),
-    'cifar100': dict(url=CIFAR100_URL, py='cifar-100-python/', bin='cifar-100-binary/',
-                     splits={'train': 'train.bin', 'test': 'test.bin'}, meta='meta',
-                     names={'coarse_label_names': 'coarse_label_names.txt',
-                            'fine_label_names': 'fine_label_names.txt'},
-                     labels=(b'coarse_labels', b'fine_labels')),
+  'cifar10': dict(
+    url=CIFAR10_URL,
+    py='cifar-10-batches-py/',
+    bin='cifar-10-batches-bin/',
+    splits={f'data_batch_{i}': f'data_batch_{i}.bin' for i in range(1, 6)}
+    | {'test_batch': 'test_batch.bin'},
+    meta='batches.meta',
+    names={'label_names': 'batches.meta.txt'},
+    labels=(b'labels',),
+  ),
+  'cifar100': dict(
+    url=CIFAR100_URL,
+    py='cifar-100-python/',
+    bin='cifar-100-binary/',
+    splits={'train': 'train.bin', 'test': 'test.bin'},
+    meta='meta',
+    names={
+      'coarse_label_names': 'coarse_label_names.txt',
+      'fine_label_names': 'fine_label_names.txt',
+    },
+    labels=(b'coarse_labels', b'fine_labels'),
+  ),
 }
-_NUMPY_GLOBALS = {('numpy.core.multiarray', '_reconstruct'),
-                  ('numpy._core.multiarray', '_reconstruct'),
-                  ('numpy', 'ndarray'), ('numpy', 'dtype'), ('_codecs', 'encode')}
+_NUMPY_GLOBALS = {
+  ('numpy.core.multiarray', '_reconstruct'),
+  ('numpy._core.multiarray', '_reconstruct'),
+  ('numpy', 'ndarray'),
+  ('numpy', 'dtype'),
+  ('_codecs', 'encode'),
+}
 
 
 class _ArrayUnpickler(pickle.Unpickler):
@@ -57,8 +75,9 @@ class _ArrayUnpickler(pickle.Unpickler):
 
   def find_class(self, module: str, name: str) -> Any:
     if (module, name) not in _NUMPY_GLOBALS:
-      raise PrepareError(f'unexpected object {module}.{name} in a CIFAR pickle: '
-                         'not an official archive')
+      raise PrepareError(
+        f'unexpected object {module}.{name} in a CIFAR pickle: not an official archive'
+      )
     return super().find_class(module, name)
 
 
@@ -81,7 +100,7 @@ def _open_tar(path: str) -> tarfile.TarFile:
 def _cifar_python_to_binary(name: str, src: str, out_dir: str) -> str:
   """Rewrites a cifar-10/100-python archive as the -binary tar TFDS's builder reads; returns it."""
   spec = _CIFAR[name]
-  out = os.path.join(out_dir, os.path.basename(spec['url'])[:-len('.gz')])  # an uncompressed .tar
+  out = os.path.join(out_dir, os.path.basename(spec['url'])[: -len('.gz')])  # an uncompressed .tar
   with _open_tar(src) as tar, tarfile.open(out, 'w') as dst:
 
     def member(fname: str) -> bytes:
@@ -90,8 +109,9 @@ def _cifar_python_to_binary(name: str, src: str, out_dir: str) -> str:
       except KeyError:
         f = None
       if f is None:
-        raise PrepareError(f'{src} has no {spec["py"]}{fname}: '
-                           f'not the official {name} python archive')
+        raise PrepareError(
+          f'{src} has no {spec["py"]}{fname}: not the official {name} python archive'
+        )
       return f.read()
 
     def add(fname: str, payload: bytes) -> None:
@@ -110,8 +130,10 @@ def _cifar_python_to_binary(name: str, src: str, out_dir: str) -> str:
       data = np.asarray(batch.get(b'data'), dtype=np.uint8)
       labels = [np.asarray(batch.get(k, []), dtype=np.uint8) for k in spec['labels']]
       if data.ndim != 2 or data.shape[1] != 3072 or any(len(l) != len(data) for l in labels):
-        raise PrepareError(f'{src}:{py_name}: expected data [N, 3072] and {len(labels)} label '
-                           f'list(s) of N, got data {data.shape}')
+        raise PrepareError(
+          f'{src}:{py_name}: expected data [N, 3072] and {len(labels)} label '
+          f'list(s) of N, got data {data.shape}'
+        )
       add(bin_name, np.concatenate([l[:, None] for l in labels] + [data], axis=1).tobytes())
   return out
 
@@ -124,26 +146,31 @@ def _cifar_archive(name: str, src: str, out_dir: str) -> str:
   with _open_tar(src) as tar:
     names = set(tar.getnames())
   if any(n.startswith(spec['bin']) for n in names):
-    missing = [f for f in list(spec['splits'].values()) + list(spec['names'].values())
-               if spec['bin'] + f not in names]
+    missing = [
+      f
+      for f in list(spec['splits'].values()) + list(spec['names'].values())
+      if spec['bin'] + f not in names
+    ]
     if missing:
       raise PrepareError(f'{src} lacks {spec["bin"]}{missing[0]}: not the official {name} archive')
     return src
   if any(n.startswith(spec['py']) for n in names):
     print(f'converting {os.path.basename(src)} (python pickles) to the binary layout TFDS reads')
     return _cifar_python_to_binary(name, src, out_dir)
-  raise PrepareError(f'{src} holds neither {spec["py"]} nor {spec["bin"]}: '
-                     f'expected {_expected(name)}')
+  raise PrepareError(
+    f'{src} holds neither {spec["py"]} nor {spec["bin"]}: expected {_expected(name)}'
+  )
 
 
 def _expected(name: str) -> str:
-  return {'cifar10': 'cifar-10-python.tar.gz or cifar-10-binary.tar.gz',
-          'cifar100': 'cifar-100-python.tar.gz or cifar-100-binary.tar.gz',
-          'fashion_mnist': 'the four Fashion-MNIST IDX files (train-images-idx3-ubyte.gz, '
-                           'train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, '
-                           't10k-labels-idx1-ubyte.gz) or the directory holding them',
-          'imagenette': 'an imagenette2.tgz / imagenette2-320.tgz / imagenette2-160.tgz archive',
-          }[name]
+  return {
+    'cifar10': 'cifar-10-python.tar.gz or cifar-10-binary.tar.gz',
+    'cifar100': 'cifar-100-python.tar.gz or cifar-100-binary.tar.gz',
+    'fashion_mnist': 'the four Fashion-MNIST IDX files (train-images-idx3-ubyte.gz, '
+    'train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, '
+    't10k-labels-idx1-ubyte.gz) or the directory holding them',
+    'imagenette': 'an imagenette2.tgz / imagenette2-320.tgz / imagenette2-160.tgz archive',
+  }[name]
 
 
 def _idx_header(path: str) -> tuple[int, int]:
@@ -162,8 +189,9 @@ def _fashion_files(paths: Sequence[str]) -> dict[str, str]:
   for p in paths:
     candidates = [os.path.join(p, f) for f in sorted(os.listdir(p))] if os.path.isdir(p) else [p]
     if not os.path.exists(p):
-      raise PrepareError(f'--from {p}: no such file or directory '
-                         f'(expected {_expected("fashion_mnist")})')
+      raise PrepareError(
+        f'--from {p}: no such file or directory (expected {_expected("fashion_mnist")})'
+      )
     for c in candidates:
       base = os.path.basename(c)
       stem = base[:-3] if base.endswith('.gz') else base
@@ -171,14 +199,17 @@ def _fashion_files(paths: Sequence[str]) -> dict[str, str]:
         found[stem] = c
   missing = [f'{s}.gz' for s in FASHION_FILES if s not in found]
   if missing:
-    raise PrepareError(f'--from {", ".join(paths)}: {missing[0]} not found '
-                       f'(expected {_expected("fashion_mnist")})')
+    raise PrepareError(
+      f'--from {", ".join(paths)}: {missing[0]} not found (expected {_expected("fashion_mnist")})'
+    )
   for stem, (magic, count) in FASHION_FILES.items():
     got_magic, got_count = _idx_header(found[stem])
     if got_magic != magic or got_count != count:
-      raise PrepareError(f'{found[stem]}: IDX header says magic {got_magic}, {got_count} items; '
-                         f'TFDS\'s fashion_mnist builder reads the official file (magic {magic}, '
-                         f'{count} items)')
+      raise PrepareError(
+        f'{found[stem]}: IDX header says magic {got_magic}, {got_count} items; '
+        f"TFDS's fashion_mnist builder reads the official file (magic {magic}, "
+        f'{count} items)'
+      )
   return {FASHION_URL + stem + '.gz': path for stem, path in found.items()}
 
 
@@ -205,8 +236,10 @@ def local_downloads(name: str, paths: Sequence[str], out_dir: str) -> dict[str, 
     if len(paths) != 1 or not os.path.isfile(paths[0]):
       raise PrepareError(f'--from {", ".join(paths)}: expected one file, {_expected(name)}')
     return {IMAGENETTE_URL + os.path.basename(paths[0]): paths[0]}
-  raise PrepareError(f'{name}: --from is not supported (it takes cifar10, cifar100, fashion_mnist '
-                     'and imagenette archives; imagenet2012 reads its tars from --manual_dir)')
+  raise PrepareError(
+    f'{name}: --from is not supported (it takes cifar10, cifar100, fashion_mnist '
+    'and imagenette archives; imagenet2012 reads its tars from --manual_dir)'
+  )
 
 
 def _map_tree(fn: Callable[[Any], Any], tree: Any) -> Any:
@@ -218,8 +251,9 @@ def _map_tree(fn: Callable[[Any], Any], tree: Any) -> Any:
 
 
 @contextlib.contextmanager
-def offline_download_manager(builder: Any, url_map: dict[str, str],
-                             report: Callable[[str], None] = print) -> Iterator[None]:
+def offline_download_manager(
+  builder: Any, url_map: dict[str, str], report: Callable[[str], None] = print
+) -> Iterator[None]:
   """While active, `builder`'s download manager serves `url_map` and refuses any other URL.
 
   The files still go through TFDS's extractor (`dl_manager.extract`), and their checksums are
@@ -237,8 +271,9 @@ def offline_download_manager(builder: Any, url_map: dict[str, str],
     def local(url: Any) -> str:
       url = getattr(url, 'url', url)
       if url not in url_map:
-        raise PrepareError(f'{builder.name} wants {url}, '
-                           'which the --from archive(s) do not provide')
+        raise PrepareError(
+          f'{builder.name} wants {url}, which the --from archive(s) do not provide'
+        )
       path = url_map[url]
       expected = registered.get(url)
       if expected is not None:
@@ -246,8 +281,10 @@ def offline_download_manager(builder: Any, url_map: dict[str, str],
         if got == expected.checksum:
           report(f'{os.path.basename(path)}: sha256 matches the official download ({url})')
         else:
-          report(f'{os.path.basename(path)}: sha256 differs from the official download ({url}): a '
-                 'repackaged copy (e.g. Debian recompresses), or not the official file')
+          report(
+            f'{os.path.basename(path)}: sha256 differs from the official download ({url}): a '
+            'repackaged copy (e.g. Debian recompresses), or not the official file'
+          )
       return path
 
     manager.download = lambda urls: _map_tree(local, urls)

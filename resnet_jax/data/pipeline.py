@@ -14,16 +14,16 @@ import math
 import os
 from typing import Any
 
-from absl import flags
 import grain
 import ml_collections
 import numpy as np
+from absl import flags
 
 from resnet_jax.data import augment as augment_lib
 from resnet_jax.data import sources
 from resnet_jax.data import stats as stats_lib
 
-NORMALIZATIONS = ("per_pixel_mean", "mean_std", "scale")
+NORMALIZATIONS = ('per_pixel_mean', 'mean_std', 'scale')
 _SYNTHETIC_STATS_EXAMPLES = 256
 
 
@@ -44,7 +44,9 @@ def _image_size(config: ml_collections.ConfigDict, source: sources.SplitSource) 
   if size:
     return int(size)
   if source.native_shape[0] is None:
-    raise ValueError(f"config.data.image_size must be set for {config.data.name} (variable-size images)")
+    raise ValueError(
+      f'config.data.image_size must be set for {config.data.name} (variable-size images)'
+    )
   return int(source.native_shape[0])
 
 
@@ -54,26 +56,35 @@ def get_dataset_info(config: ml_collections.ConfigDict) -> DatasetInfo:
   eval_split = str(config.data.eval_split)
   evaluation = sources.open_split(config, eval_split)
   size = _image_size(config, train)
-  return DatasetInfo(str(config.data.name), train.num_classes, (size, size, train.native_shape[2]),
-                     len(train), len(evaluation), eval_split)
+  return DatasetInfo(
+    str(config.data.name),
+    train.num_classes,
+    (size, size, train.native_shape[2]),
+    len(train),
+    len(evaluation),
+    eval_split,
+  )
 
 
 def _normalizer(kind: str, stats: dict[str, np.ndarray]) -> augment_lib.Normalizer:
-  if kind == "per_pixel_mean":  # the paper; a scalar std keeps the input at unit scale
-    return augment_lib.Normalizer(stats["pixel_mean"], np.asarray(stats["pixel_std"], np.float32))
-  if kind == "mean_std":
-    return augment_lib.Normalizer(stats["channel_mean"], stats["channel_std"])
-  if kind == "scale":
+  if kind == 'per_pixel_mean':  # the paper; a scalar std keeps the input at unit scale
+    return augment_lib.Normalizer(stats['pixel_mean'], np.asarray(stats['pixel_std'], np.float32))
+  if kind == 'mean_std':
+    return augment_lib.Normalizer(stats['channel_mean'], stats['channel_std'])
+  if kind == 'scale':
     return augment_lib.Normalizer(np.zeros((), np.float32), np.asarray(255.0, np.float32))
-  raise ValueError(f"config.data.normalize={kind!r} is not one of {NORMALIZATIONS}")
+  raise ValueError(f'config.data.normalize={kind!r} is not one of {NORMALIZATIONS}')
 
 
 def make_preprocessor(config: ml_collections.ConfigDict) -> augment_lib.Preprocessor:
   """The configured host augmentation (geometry only: it emits uint8)."""
   train = sources.open_split(config, str(config.data.train_split))
-  return augment_lib.Preprocessor(str(config.data.augment),
-                                  _image_size(config, train), train.native_shape[2],
-                                  str(config.data.decoder))
+  return augment_lib.Preprocessor(
+    str(config.data.augment),
+    _image_size(config, train),
+    train.native_shape[2],
+    str(config.data.decoder),
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,15 +113,23 @@ def make_normalization(config: ml_collections.ConfigDict) -> Normalization:
     limit = _SYNTHETIC_STATS_EXAMPLES
   else:
     limit = stats_lib.MAX_EXAMPLES_SMALL if small else stats_lib.MAX_EXAMPLES_LARGE
-  key = {'v': 1, 'name': data.name, 'cache_dir': train.cache_dir, 'split': train_split,
-         'n': len(train), 'validation_size': int(data.validation_size or 0),
-         'size': base.image_size,
-         'resize': base.eval_resize, 'limit': limit,
-         'synthetic': ([data.channels, data.num_classes]
-                       if data.name == 'synthetic' else None)}
+  key = {
+    'v': 1,
+    'name': data.name,
+    'cache_dir': train.cache_dir,
+    'split': train_split,
+    'n': len(train),
+    'validation_size': int(data.validation_size or 0),
+    'size': base.image_size,
+    'resize': base.eval_resize,
+    'limit': limit,
+    'synthetic': ([data.channels, data.num_classes] if data.name == 'synthetic' else None),
+  }
   stats = stats_lib.cached_stats(
-      key, None if data.name == 'synthetic' else train.cache_dir,
-      lambda: stats_lib.compute_stats(train.records, base.eval_uint8, limit))
+    key,
+    None if data.name == 'synthetic' else train.cache_dir,
+    lambda: stats_lib.compute_stats(train.records, base.eval_uint8, limit),
+  )
   return Normalization(_normalizer(kind, stats), stats['pca_eigvals'], stats['pca_eigvecs'])
 
 
@@ -121,7 +140,7 @@ class _TrainTransform:
     self._pre = preprocessor
 
   def __call__(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
-    return {"image": self._pre.train(record["image"], rng), "label": np.int32(record["label"])}
+    return {'image': self._pre.train(record['image'], rng), 'label': np.int32(record['label'])}
 
 
 class _EvalExample:
@@ -136,12 +155,18 @@ class _EvalExample:
 
   def __call__(self, index: int) -> dict[str, np.ndarray]:
     if index >= len(self._records):
-      return {'image': np.zeros(self._pad_shape, self._dtype), 'label': np.int32(0),
-              'mask': np.bool_(False)}
+      return {
+        'image': np.zeros(self._pad_shape, self._dtype),
+        'label': np.int32(0),
+        'mask': np.bool_(False),
+      }
     record = self._records[index]
-    image = self._pre.eval(record["image"], crops=self._crops, scale=self._scale)
-    return {'image': np.ascontiguousarray(image, self._dtype),
-            'label': np.int32(record['label']), 'mask': np.bool_(True)}
+    image = self._pre.eval(record['image'], crops=self._crops, scale=self._scale)
+    return {
+      'image': np.ascontiguousarray(image, self._dtype),
+      'label': np.int32(record['label']),
+      'mask': np.bool_(True),
+    }
 
 
 def _finish(ds: grain.MapDataset, config: ml_collections.ConfigDict) -> grain.IterDataset:
@@ -152,17 +177,23 @@ def _finish(ds: grain.MapDataset, config: ml_collections.ConfigDict) -> grain.It
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=prefetch))
   if workers > 0:
     if not flags.FLAGS.is_parsed():
-      raise RuntimeError('data.num_workers > 0 needs absl flags parsed (Grain\'s worker processes '
-                         'read them): run under absl.app, or call '
-                         'absl.flags.FLAGS.mark_as_parsed() first to use the defaults')
-    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=prefetch))
+      raise RuntimeError(
+        "data.num_workers > 0 needs absl flags parsed (Grain's worker processes "
+        'read them): run under absl.app, or call '
+        'absl.flags.FLAGS.mark_as_parsed() first to use the defaults'
+      )
+    it = it.mp_prefetch(
+      grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=prefetch)
+    )
   return it
 
 
 def _check_sharding(local_batch_size: int, process_index: int, process_count: int) -> None:
   if local_batch_size < 1 or process_count < 1 or not 0 <= process_index < process_count:
-    raise ValueError(f"bad sharding: local_batch_size={local_batch_size}, "
-                     f"process_index={process_index}, process_count={process_count}")
+    raise ValueError(
+      f'bad sharding: local_batch_size={local_batch_size}, '
+      f'process_index={process_index}, process_count={process_count}'
+    )
 
 
 class TrainIterator(grain.DatasetIterator):
@@ -174,8 +205,13 @@ class TrainIterator(grain.DatasetIterator):
   process count with the same global batch size. Workers start lazily, at the first `next()`.
   """
 
-  def __init__(self, batches: grain.MapDataset, config: ml_collections.ConfigDict, seed: int,
-               global_batch_size: int):
+  def __init__(
+    self,
+    batches: grain.MapDataset,
+    config: ml_collections.ConfigDict,
+    seed: int,
+    global_batch_size: int,
+  ):
     super().__init__()
     self._batches, self._config = batches, config
     self._seed, self._global_batch_size = seed, global_batch_size
@@ -185,21 +221,23 @@ class TrainIterator(grain.DatasetIterator):
   def __next__(self) -> dict[str, np.ndarray]:
     self._assert_not_closed()
     if self._it is None:
-      self._it = iter(_finish(self._batches[self._step:], self._config))
+      self._it = iter(_finish(self._batches[self._step :], self._config))
     batch = next(self._it)
     self._step += 1
     return batch
 
   def get_state(self) -> dict[str, Any]:
-    return {"step": self._step, "seed": self._seed, "global_batch_size": self._global_batch_size}
+    return {'step': self._step, 'seed': self._seed, 'global_batch_size': self._global_batch_size}
 
   def set_state(self, state: dict[str, Any]) -> None:
-    for key in ("seed", "global_batch_size"):
-      if int(state[key]) != getattr(self, f"_{key}"):
-        raise ValueError(f"input pipeline state was saved with {key}={state[key]}, but this run uses "
-                         f"{getattr(self, f'_{key}')}: the resumed batches would differ")
+    for key in ('seed', 'global_batch_size'):
+      if int(state[key]) != getattr(self, f'_{key}'):
+        raise ValueError(
+          f'input pipeline state was saved with {key}={state[key]}, but this run uses '
+          f'{getattr(self, f"_{key}")}: the resumed batches would differ'
+        )
     self._stop()
-    self._step = int(state["step"])
+    self._step = int(state['step'])
 
   def _stop(self) -> None:
     if self._it is not None:
@@ -211,9 +249,15 @@ class TrainIterator(grain.DatasetIterator):
     super().close()
 
 
-def create_train_iterator(config: ml_collections.ConfigDict, *, local_batch_size: int, process_index: int,
-                          process_count: int, seed: int,
-                          preprocessor: Any = None) -> TrainIterator:
+def create_train_iterator(
+  config: ml_collections.ConfigDict,
+  *,
+  local_batch_size: int,
+  process_index: int,
+  process_count: int,
+  seed: int,
+  preprocessor: Any = None,
+) -> TrainIterator:
   """Infinite iterator of {'image': uint8 [b, H, W, C], 'label': int32 [b]} for this process.
 
   Normalise (and, in training, colour-augment) on the device with
@@ -240,9 +284,17 @@ def num_eval_batches(num_examples: int, local_batch_size: int, process_count: in
   return max(1, math.ceil(num_examples / (local_batch_size * process_count)))
 
 
-def create_eval_iterator(config: ml_collections.ConfigDict, *, split: str | None, local_batch_size: int,
-                         process_index: int, process_count: int, crops: int = 1,
-                         scale: int | None = None, preprocessor: Any = None) -> grain.IterDataset:
+def create_eval_iterator(
+  config: ml_collections.ConfigDict,
+  *,
+  split: str | None,
+  local_batch_size: int,
+  process_index: int,
+  process_count: int,
+  crops: int = 1,
+  scale: int | None = None,
+  preprocessor: Any = None,
+) -> grain.IterDataset:
   """Re-iterable batches covering every example of `split` (default eval_split) exactly once.
 
   Yields {'image': uint8 [b, H, W, C] (crops == 1) or [b, crops, H, W, C], 'label': int32 [b],

@@ -24,10 +24,12 @@ import tempfile
 from typing import Sequence
 
 from resnet_jax import cli
-from resnet_jax.data.offline import PrepareError
-from resnet_jax.data.offline import imagenette_config
-from resnet_jax.data.offline import local_downloads
-from resnet_jax.data.offline import offline_download_manager
+from resnet_jax.data.offline import (
+  PrepareError,
+  imagenette_config,
+  local_downloads,
+  offline_download_manager,
+)
 
 INSTALL_HINT = "pip install -e '.[tf]' (run in the resnet_jax checkout)"
 
@@ -41,26 +43,39 @@ class Recipe:
 
 
 RECIPES = {
-    'cifar10': Recipe('configs/cifar.py', 'runs/cifar10'),
-    'cifar100': Recipe('configs/cifar.py:dataset=cifar100', 'runs/cifar100'),
-    'fashion_mnist': Recipe('configs/fashion_mnist.py', 'runs/fashion_mnist'),
-    'imagenet2012': Recipe('configs/r50.py', 'runs/r50'),
-    'imagenette': Recipe('configs/imagenet.py:depth=18,dataset={tfds_name}', 'runs/imagenette'),
-    'digits': Recipe('configs/digits.py', 'runs/digits'),
+  'cifar10': Recipe('configs/cifar.py', 'runs/cifar10'),
+  'cifar100': Recipe('configs/cifar.py:dataset=cifar100', 'runs/cifar100'),
+  'fashion_mnist': Recipe('configs/fashion_mnist.py', 'runs/fashion_mnist'),
+  'imagenet2012': Recipe('configs/r50.py', 'runs/r50'),
+  'imagenette': Recipe('configs/imagenet.py:depth=18,dataset={tfds_name}', 'runs/imagenette'),
+  'digits': Recipe('configs/digits.py', 'runs/digits'),
 }
 IMAGENET_TARS = ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar')
 
 
 def _parser() -> cli.ArgumentParser:
-  p = cli.ArgumentParser(prog='python -m resnet_jax.data.prepare',
-              description='Prepare a dataset as TFDS ArrayRecord files (random access for Grain).')
+  p = cli.ArgumentParser(
+    prog='python -m resnet_jax.data.prepare',
+    description='Prepare a dataset as TFDS ArrayRecord files (random access for Grain).',
+  )
   p.add_argument('name', metavar='NAME', help=f'one of: {", ".join(RECIPES)}')
-  p.add_argument('--data-dir',
-                 help='TFDS data dir to write (default: TFDS_DATA_DIR or ~/tensorflow_datasets)')
-  p.add_argument('--manual-dir', help='imagenet2012: directory holding '
-                 + ' and '.join(IMAGENET_TARS) + ' (default DATA_DIR/downloads/manual)')
-  p.add_argument('--from', dest='sources', action='append', default=[], metavar='FILE_OR_DIR',
-                 help='official archive(s) already on disk, instead of downloading (repeatable)')
+  p.add_argument(
+    '--data-dir', help='TFDS data dir to write (default: TFDS_DATA_DIR or ~/tensorflow_datasets)'
+  )
+  p.add_argument(
+    '--manual-dir',
+    help='imagenet2012: directory holding '
+    + ' and '.join(IMAGENET_TARS)
+    + ' (default DATA_DIR/downloads/manual)',
+  )
+  p.add_argument(
+    '--from',
+    dest='sources',
+    action='append',
+    default=[],
+    metavar='FILE_OR_DIR',
+    help='official archive(s) already on disk, instead of downloading (repeatable)',
+  )
   p.add_argument('--overwrite', action='store_true', help='rebuild even if already prepared')
   return p
 
@@ -72,22 +87,28 @@ def _require_tensorflow(name: str) -> None:
     import importlib_resources  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
     import tensorflow  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
   except ImportError as e:
-    raise PrepareError(f'preparing {name} needs TensorFlow and importlib_resources ({e}): install '
-                       f'them with {INSTALL_HINT}') from e
+    raise PrepareError(
+      f'preparing {name} needs TensorFlow and importlib_resources ({e}): install '
+      f'them with {INSTALL_HINT}'
+    ) from e
 
 
 def _check_tfds_name(name: str, sources: Sequence[str]) -> None:
   """A name outside RECIPES must be a TFDS dataset, prepared online (no --from for it)."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
   try:
     tfds.builder_cls(name.split('/')[0].split(':')[0])
   except tfds.core.registered.DatasetNotFoundError as e:
-    raise PrepareError(f'unknown dataset {name!r}: not {", ".join(RECIPES)} nor a TFDS dataset '
-                       'name') from e
+    raise PrepareError(
+      f'unknown dataset {name!r}: not {", ".join(RECIPES)} nor a TFDS dataset name'
+    ) from e
   if sources:
-    raise PrepareError(f'--from is not supported for {name} (it takes the archives of '
-                       'cifar10, cifar100, fashion_mnist and imagenette); without it TFDS '
-                       'downloads the data')
+    raise PrepareError(
+      f'--from is not supported for {name} (it takes the archives of '
+      'cifar10, cifar100, fashion_mnist and imagenette); without it TFDS '
+      'downloads the data'
+    )
 
 
 def _generic_recipe(tfds_name: str, image_shape: tuple | None) -> Recipe:
@@ -95,16 +116,24 @@ def _generic_recipe(tfds_name: str, image_shape: tuple | None) -> Recipe:
   small = image_shape is not None and image_shape[0] is not None and image_shape[0] <= 64
   config = 'configs/cifar.py' if small else 'configs/imagenet.py:depth=18'
   arg = f'dataset={tfds_name}'
-  return Recipe(f'{config},{arg}' if ':' in config else f'{config}:{arg}',
-                f'runs/{tfds_name.replace("/", "_").replace(":", "_")}')
+  return Recipe(
+    f'{config},{arg}' if ':' in config else f'{config}:{arg}',
+    f'runs/{tfds_name.replace("/", "_").replace(":", "_")}',
+  )
 
 
-def train_command(name: str, tfds_name: str, data_dir: str | None,
-                  image_shape: tuple | None = None) -> str:
+def train_command(
+  name: str, tfds_name: str, data_dir: str | None, image_shape: tuple | None = None
+) -> str:
   """The exact command that trains the dataset's recipe on the prepared data."""
   recipe = RECIPES.get(name) or _generic_recipe(tfds_name, image_shape)
-  parts = ['python', '-m', 'resnet_jax.main',
-           '--config=' + recipe.config.format(tfds_name=tfds_name), '--workdir=' + recipe.workdir]
+  parts = [
+    'python',
+    '-m',
+    'resnet_jax.main',
+    '--config=' + recipe.config.format(tfds_name=tfds_name),
+    '--workdir=' + recipe.workdir,
+  ]
   if data_dir:
     parts.append('--config.data.data_dir=' + os.path.abspath(data_dir))
   return ' '.join(shlex.quote(p) for p in parts)
@@ -116,8 +145,10 @@ def _manual_dir(args: argparse.Namespace, data_root: str) -> str:
   manual = os.path.expanduser(manual) if manual else os.path.join(data_root, 'downloads', 'manual')
   for tar in IMAGENET_TARS:
     if not os.path.isfile(os.path.join(manual, tar)):
-      raise PrepareError(f'imagenet2012 needs {" and ".join(IMAGENET_TARS)} (from image-net.org)'
-                         f' in {manual} (pass --manual_dir DIR): {tar} is missing')
+      raise PrepareError(
+        f'imagenet2012 needs {" and ".join(IMAGENET_TARS)} (from image-net.org)'
+        f' in {manual} (pass --manual_dir DIR): {tar} is missing'
+      )
   return manual
 
 
@@ -137,6 +168,7 @@ def prepare(args: argparse.Namespace) -> tuple[str, tuple | None]:
     if args.sources or args.manual_dir:
       raise PrepareError('digits ships with scikit-learn: it takes no --from or --manual_dir')
     from resnet_jax.data import digits  # pylint: disable=g-import-not-at-top
+
     digits.prepare_digits(data_dir)
     return name, (8, 8, 1)
   if args.sources and name != 'imagenet2012':
@@ -156,9 +188,11 @@ def prepare(args: argparse.Namespace) -> tuple[str, tuple | None]:
   if builder.is_prepared() and not args.overwrite:
     file_format = builder.info.file_format
     if file_format != tfds.core.FileFormat.ARRAY_RECORD:
-      raise PrepareError(f'{tfds_name} in {builder.data_dir} is prepared as {file_format.value}, '
-                         'not ArrayRecord (needed for random access): add --overwrite to '
-                         'rebuild it')
+      raise PrepareError(
+        f'{tfds_name} in {builder.data_dir} is prepared as {file_format.value}, '
+        'not ArrayRecord (needed for random access): add --overwrite to '
+        'rebuild it'
+      )
     print(f'{tfds_name} is already prepared in {builder.data_dir} (--overwrite rebuilds it)')
     return tfds_name, _image_shape(builder)
   with tempfile.TemporaryDirectory(prefix='resnet_jax_prepare_') as tmp:
@@ -169,8 +203,10 @@ def prepare(args: argparse.Namespace) -> tuple[str, tuple | None]:
       shutil.rmtree(builder.data_dir)
       builder = tfds.builder(tfds_name, data_dir=data_dir)
     config = tfds.download.DownloadConfig(
-        manual_dir=manual_dir, extract_dir=os.path.join(tmp, 'extracted') if offline else None,
-        try_download_gcs=False)
+      manual_dir=manual_dir,
+      extract_dir=os.path.join(tmp, 'extracted') if offline else None,
+      try_download_gcs=False,
+    )
     print(f'preparing {tfds_name} into {builder.data_dir} (ArrayRecord)', flush=True)
     tfds.display_progress_bar(True)
     if offline:
@@ -197,8 +233,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if os.environ.get('RESNET_JAX_TRACEBACK'):
       raise
     message = ' '.join(str(e).split()) or type(e).__name__
-    print(f'error: preparing {args.name} failed: {type(e).__name__}: {message} '
-          '(RESNET_JAX_TRACEBACK=1 shows the traceback)', file=sys.stderr)
+    print(
+      f'error: preparing {args.name} failed: {type(e).__name__}: {message} '
+      '(RESNET_JAX_TRACEBACK=1 shows the traceback)',
+      file=sys.stderr,
+    )
     return 1
   print('train with:')
   print('  ' + train_command(args.name, tfds_name, args.data_dir, image_shape))

@@ -40,7 +40,9 @@ class SplitSource:
 class SyntheticRecords:
   """Uniform random uint8 images and labels, a pure function of (split seed, index): no storage."""
 
-  def __init__(self, num_examples: int, shape: tuple[int, int, int], num_classes: int, split_seed: int):
+  def __init__(
+    self, num_examples: int, shape: tuple[int, int, int], num_classes: int, split_seed: int
+  ):
     self._n, self._shape, self._classes, self._seed = num_examples, shape, num_classes, split_seed
 
   def __len__(self) -> int:
@@ -52,7 +54,7 @@ class SyntheticRecords:
       raise IndexError(index)
     rng = np.random.default_rng((self._seed, index))
     label = int(rng.integers(self._classes))
-    return {"image": rng.integers(0, 256, self._shape, dtype=np.uint8), "label": label}
+    return {'image': rng.integers(0, 256, self._shape, dtype=np.uint8), 'label': label}
 
 
 class _Subset:
@@ -79,7 +81,7 @@ class _Renamed:
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     record = self._records[index]
-    return {"image": record[self._image_key], "label": int(record[self._label_key])}
+    return {'image': record[self._image_key], 'label': int(record[self._label_key])}
 
 
 def _prepare_command(name: str, data_dir: str | None, *extra: str) -> str:
@@ -89,14 +91,18 @@ def _prepare_command(name: str, data_dir: str | None, *extra: str) -> str:
 
 
 def _not_prepared_message(name: str, data_dir: str | None) -> str:
-  where = data_dir or "the TFDS data dir (TFDS_DATA_DIR or ~/tensorflow_datasets)"
-  if name.split(":")[0].split("/")[0] == "imagenet2012":
-    return (f"dataset '{name}' is not prepared in {where}: download ILSVRC2012_img_train.tar and "
-            f"ILSVRC2012_img_val.tar from image-net.org into a directory DIR, then run "
-            f"`{_prepare_command(name, data_dir, '--manual_dir=DIR')}`")
-  return (f"dataset '{name}' is not prepared in {where}: prepare it once with "
-          f"`{_prepare_command(name, data_dir)}` (add --from ARCHIVE on an "
-          "offline machine), or point config.data.data_dir at the directory that holds it")
+  where = data_dir or 'the TFDS data dir (TFDS_DATA_DIR or ~/tensorflow_datasets)'
+  if name.split(':')[0].split('/')[0] == 'imagenet2012':
+    return (
+      f"dataset '{name}' is not prepared in {where}: download ILSVRC2012_img_train.tar and "
+      f'ILSVRC2012_img_val.tar from image-net.org into a directory DIR, then run '
+      f'`{_prepare_command(name, data_dir, "--manual_dir=DIR")}`'
+    )
+  return (
+    f"dataset '{name}' is not prepared in {where}: prepare it once with "
+    f'`{_prepare_command(name, data_dir)}` (add --from ARCHIVE on an '
+    'offline machine), or point config.data.data_dir at the directory that holds it'
+  )
 
 
 def _tfds_builder(name: str, data_dir: str | None):
@@ -104,38 +110,46 @@ def _tfds_builder(name: str, data_dir: str | None):
 
   from resnet_jax.data import digits  # pylint: disable=g-import-not-at-top
 
-  if name == "digits":
+  if name == 'digits':
     return digits.prepare_digits(data_dir)
   try:
     return tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError as e:
-    raise DatasetNotFoundError(f"unknown dataset '{name}': not 'digits', 'synthetic' or a TFDS dataset name") from e
+    raise DatasetNotFoundError(
+      f"unknown dataset '{name}': not 'digits', 'synthetic' or a TFDS dataset name"
+    ) from e
 
 
 def _tfds_split(name: str, data_dir: str | None, split: str) -> SplitSource:
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
-  if name.split(":")[0].split("/")[0] == "imagenet2012" and split.split("[")[0] == "test":
+  if name.split(':')[0].split('/')[0] == 'imagenet2012' and split.split('[')[0] == 'test':
     raise DatasetNotFoundError(
-        "imagenet2012's 'test' split has no labels (every label is -1): evaluate on 'validation', "
-        "as the paper's ImageNet results do")
+      "imagenet2012's 'test' split has no labels (every label is -1): evaluate on 'validation', "
+      "as the paper's ImageNet results do"
+    )
   builder = _tfds_builder(name, data_dir)
   features = builder.info.features
-  image_key, label_key = builder.info.supervised_keys or ("image", "label")
+  image_key, label_key = builder.info.supervised_keys or ('image', 'label')
   if not isinstance(image_key, str) or image_key not in features or label_key not in features:
-    raise DatasetNotFoundError(f"dataset '{name}' is not an image classification dataset (no image/label keys)")
+    raise DatasetNotFoundError(
+      f"dataset '{name}' is not an image classification dataset (no image/label keys)"
+    )
   image_feature = features[image_key]
   shape = tuple(image_feature.shape)
   if len(shape) != 3:
-    raise DatasetNotFoundError(f"dataset '{name}': image feature has shape {shape}, expected (H, W, C)")
+    raise DatasetNotFoundError(
+      f"dataset '{name}': image feature has shape {shape}, expected (H, W, C)"
+    )
   # Variable-size images (ImageNet-like) are kept encoded so the pipeline can decode at reduced size.
   skip = isinstance(image_feature, tfds.features.Image) and (shape[0] is None or shape[1] is None)
   try:
     records = builder.as_data_source(
-        split=split, decoders={image_key: tfds.decode.SkipDecoding()} if skip else None)
+      split=split, decoders={image_key: tfds.decode.SkipDecoding()} if skip else None
+    )
     if skip and len(records):
       records[0]  # pylint: disable=pointless-statement  -- surfaces an encoder that cannot run here
-                  # (tfds.testing.mock_data without TF): then read the images decoded
+      # (tfds.testing.mock_data without TF): then read the images decoded
   except ModuleNotFoundError:
     records, skip = builder.as_data_source(split=split), False
   except (ValueError, NotImplementedError, AssertionError, KeyError, FileNotFoundError) as e:
@@ -143,18 +157,25 @@ def _tfds_split(name: str, data_dir: str | None, split: str) -> SplitSource:
       raise DatasetNotFoundError(_not_prepared_message(name, data_dir)) from e
     if isinstance(e, NotImplementedError):
       raise DatasetNotFoundError(
-          f"dataset '{name}' in {builder.data_dir} is not in ArrayRecord format (needed for random "
-          f"access): rebuild it with `{_prepare_command(name, data_dir, '--overwrite')}`") from e
+        f"dataset '{name}' in {builder.data_dir} is not in ArrayRecord format (needed for random "
+        f'access): rebuild it with `{_prepare_command(name, data_dir, "--overwrite")}`'
+      ) from e
     raise DatasetNotFoundError(
-        f"dataset '{name}' has no split '{split}' (available: {', '.join(builder.info.splits)})") from e
-  return SplitSource(_Renamed(records, image_key, label_key), int(features[label_key].num_classes),
-                     (shape[0], shape[1], int(shape[2])), encoded=skip, cache_dir=os.fspath(builder.data_dir))
+      f"dataset '{name}' has no split '{split}' (available: {', '.join(builder.info.splits)})"
+    ) from e
+  return SplitSource(
+    _Renamed(records, image_key, label_key),
+    int(features[label_key].num_classes),
+    (shape[0], shape[1], int(shape[2])),
+    encoded=skip,
+    cache_dir=os.fspath(builder.data_dir),
+  )
 
 
 def holdout_indices(num_train: int, validation_size: int) -> tuple[np.ndarray, np.ndarray]:
   """(remaining train indices, held-out validation indices), fixed for a given split size."""
   if not 0 < validation_size < num_train:
-    raise ValueError(f"validation_size={validation_size} must be in (0, {num_train})")
+    raise ValueError(f'validation_size={validation_size} must be in (0, {num_train})')
   perm = np.random.default_rng(_HOLDOUT_SEED).permutation(num_train)
   return np.sort(perm[validation_size:]), np.sort(perm[:validation_size])
 
@@ -181,11 +202,13 @@ def open_split(config: ml_collections.ConfigDict, split: str) -> SplitSource:
   name = str(data.name)
   train_split = str(data.train_split)
   validation_size = int(data.validation_size or 0)
-  if name == "synthetic":
+  if name == 'synthetic':
     return _synthetic_split(config, split)
   data_dir = data.data_dir
-  if validation_size > 0 and split in ("validation", train_split):
+  if validation_size > 0 and split in ('validation', train_split):
     full = _tfds_split(name, data_dir, train_split)
     keep, held_out = holdout_indices(len(full), validation_size)
-    return dataclasses.replace(full, records=_Subset(full.records, keep if split == train_split else held_out))
+    return dataclasses.replace(
+      full, records=_Subset(full.records, keep if split == train_split else held_out)
+    )
   return _tfds_split(name, data_dir, split)

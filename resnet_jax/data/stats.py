@@ -22,15 +22,16 @@ MAX_EXAMPLES_LARGE = 10_000  # ImageNet-sized images: an evenly spaced sample is
 _MEMORY: dict[str, dict[str, np.ndarray]] = {}
 
 
-def compute_stats(records: Sequence[dict], to_uint8: Callable[[object], np.ndarray], max_examples: int
-                  ) -> dict[str, np.ndarray]:
+def compute_stats(
+  records: Sequence[dict], to_uint8: Callable[[object], np.ndarray], max_examples: int
+) -> dict[str, np.ndarray]:
   """Per-pixel mean, per-channel mean/std, scalar std around the per-pixel mean, RGB covariance."""
   n = len(records)
   idx = np.unique(np.linspace(0, n - 1, num=min(n, max_examples)).round().astype(np.int64))
   total = total_sq = None
   cross = None
   for i in idx:
-    x = to_uint8(records[int(i)]["image"]).astype(np.float64)
+    x = to_uint8(records[int(i)]['image']).astype(np.float64)
     if total is None:
       total, total_sq = np.zeros_like(x), np.zeros_like(x)
       cross = np.zeros((x.shape[-1],) * 2)
@@ -47,39 +48,40 @@ def compute_stats(records: Sequence[dict], to_uint8: Callable[[object], np.ndarr
   cov = cross / count - np.outer(m, m)
   eigvals, eigvecs = np.linalg.eigh(cov)
   return {
-      "pixel_mean": pixel_mean.astype(np.float32),
-      "pixel_std": np.float32(max(np.sqrt(pixel_var.mean()), 1e-3)),
-      "channel_mean": channel_mean.astype(np.float32),
-      "channel_std": np.maximum(np.sqrt(channel_var), 1e-3).astype(np.float32),
-      "pca_eigvals": np.maximum(eigvals, 0.0).astype(np.float32),
-      "pca_eigvecs": eigvecs.astype(np.float32),
-      "num_examples": np.int64(len(idx)),
+    'pixel_mean': pixel_mean.astype(np.float32),
+    'pixel_std': np.float32(max(np.sqrt(pixel_var.mean()), 1e-3)),
+    'channel_mean': channel_mean.astype(np.float32),
+    'channel_std': np.maximum(np.sqrt(channel_var), 1e-3).astype(np.float32),
+    'pca_eigvals': np.maximum(eigvals, 0.0).astype(np.float32),
+    'pca_eigvecs': eigvecs.astype(np.float32),
+    'num_examples': np.int64(len(idx)),
   }
 
 
-def cached_stats(key: dict, cache_dir: str | None, compute: Callable[[], dict[str, np.ndarray]]
-                 ) -> dict[str, np.ndarray]:
+def cached_stats(
+  key: dict, cache_dir: str | None, compute: Callable[[], dict[str, np.ndarray]]
+) -> dict[str, np.ndarray]:
   """`compute()` once per `key` (a JSON-able description of data + preprocessing); cached on disk."""
   digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
   if digest in _MEMORY:
     return _MEMORY[digest]
-  path = os.path.join(cache_dir, f"resnet_jax_stats_{digest}.npz") if cache_dir else None
+  path = os.path.join(cache_dir, f'resnet_jax_stats_{digest}.npz') if cache_dir else None
   stats = None
   if path and os.path.exists(path):
     try:
       with np.load(path) as f:
         stats = {k: f[k] for k in f.files}
     except (OSError, ValueError) as e:  # a truncated file from a killed run: recompute
-      logging.warning("ignoring unreadable stats cache %s: %s", path, e)
+      logging.warning('ignoring unreadable stats cache %s: %s', path, e)
   if stats is None:
     stats = compute()
     if path:
       try:  # atomic write: concurrent processes may compute the same stats
-        fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".npz.tmp")
-        with os.fdopen(fd, "wb") as f:
+        fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix='.npz.tmp')
+        with os.fdopen(fd, 'wb') as f:
           np.savez(f, **stats)
         os.replace(tmp, path)
       except OSError as e:  # read-only data dir: keep the in-memory copy only
-        logging.info("could not cache dataset statistics in %s: %s", cache_dir, e)
+        logging.info('could not cache dataset statistics in %s: %s', cache_dir, e)
   _MEMORY[digest] = stats
   return stats

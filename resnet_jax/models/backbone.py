@@ -6,6 +6,7 @@ their BatchNorm never updates its statistics. A zero gradient is not a frozen pa
 weight decay and momentum would still move it, so the optimizer must leave frozen leaves alone.
 ``frozen_mask`` says which they are; ``freeze`` wraps an optax transformation accordingly.
 """
+
 from __future__ import annotations
 
 import re
@@ -29,6 +30,7 @@ def _top_stage(name: str) -> int | None:
 def frozen_mask(params: Any, frozen_stages: int = -1, frozen_bn_affine: bool = False) -> Any:
   """A tree like ``params``: True where a leaf is frozen (stem/stages <= ``frozen_stages``, BN
   scale/bias everywhere with ``frozen_bn_affine``); either layout (unrolled or scanned)."""
+
   def frozen(path, _) -> bool:
     keys = [getattr(k, 'key', None) for k in path]
     stage = _top_stage(keys[0]) if keys else None
@@ -39,8 +41,9 @@ def frozen_mask(params: Any, frozen_stages: int = -1, frozen_bn_affine: bool = F
   return jax.tree_util.tree_map_with_path(frozen, params)
 
 
-def freeze(tx: optax.GradientTransformation,
-           model_config: Mapping[str, Any]) -> optax.GradientTransformation:
+def freeze(
+  tx: optax.GradientTransformation, model_config: Mapping[str, Any]
+) -> optax.GradientTransformation:
   """``tx`` with zero updates on the leaves ``frozen_mask`` marks; ``tx`` itself (same state,
   same numerics) when the model config freezes nothing (or predates these fields)."""
   stages = model_config.get('frozen_stages', -1)

@@ -4,6 +4,7 @@ Every block takes the same fields (``_Block``), so the ResNet builds any kind wi
 every block after the first of a stage is identical (stride 1, same width), which is what lets the
 ResNet run those as one ``nn.scan`` over stacked parameters (``ResNet.scan``).
 """
+
 from __future__ import annotations
 
 from typing import Any

@@ -10,6 +10,7 @@ Variables of :class:`BatchNorm` (names chosen to map 1:1 onto torch's ``BatchNor
 ``params/scale`` (torch ``weight``), ``params/bias`` (``bias``), ``batch_stats/mean``
 (``running_mean``), ``batch_stats/var`` (``running_var``); all float32 whatever the compute dtype.
 """
+
 from __future__ import annotations
 
 import functools
@@ -25,9 +26,9 @@ ModuleDef = Callable[..., nn.Module]
 # He et al. 2015 init N(0, 2 / fan): fan_out (k*k*out_channels) as torchvision and fb.resnet.torch
 # do; the paper's Caffe "msra" filler uses fan_in (k*k*in_channels). Equal wherever a conv keeps
 # its width; they differ only on the convs that change it.
-conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+conv_kernel_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 # torchvision's nn.Linear default weight init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-dense_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+dense_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
 
 
 _NHWC = ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))  # flax's NHWC / HWIO / NHWC, as lax spells it
@@ -53,16 +54,26 @@ def _canonical_conv_bwd(padding, res, dy):
   dx_pad = ((k_h - 1 - lo_h, k_h - 1 - hi_h), (k_w - 1 - lo_w, k_w - 1 - hi_w))
   dx = jax.lax.conv_general_dilated(dy, w_t, (1, 1), dx_pad, dimension_numbers=_DN)
   # d/dw: channels of x as the batch, examples as the features, dy as a (H, W, N, O) kernel.
-  dw = jax.lax.conv_general_dilated(x.transpose(3, 1, 2, 0), dy.transpose(1, 2, 0, 3), (1, 1),
-                                    padding, dimension_numbers=_DN)
+  dw = jax.lax.conv_general_dilated(
+    x.transpose(3, 1, 2, 0), dy.transpose(1, 2, 0, 3), (1, 1), padding, dimension_numbers=_DN
+  )
   return dx.astype(x.dtype), dw.transpose(1, 2, 0, 3).astype(w.dtype)
 
 
 _canonical_conv.defvjp(_canonical_conv_fwd, _canonical_conv_bwd)
 
 
-def loop_friendly_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-                       dimension_numbers=None, feature_group_count=1, precision=None):
+def loop_friendly_conv(
+  lhs,
+  rhs,
+  window_strides,
+  padding,
+  lhs_dilation=None,
+  rhs_dilation=None,
+  dimension_numbers=None,
+  feature_group_count=1,
+  precision=None,
+):
   """``lax.conv_general_dilated`` whose gradients are themselves canonical forward convolutions.
 
   Why: XLA:CPU rewrites the backward convolutions (weight gradient f01b_i01o->01bf, input
@@ -71,17 +82,28 @@ def loop_friendly_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs
   cousin). Stride-1, undilated, ungrouped NHWC convs (all a scanned block has) take this path;
   anything else falls back to ``lax.conv_general_dilated``.
   """
-  simple = (tuple(window_strides) == (1, 1) and feature_group_count == 1 and precision is None
-            and all(d in (None, 1) or tuple(d) == (1, 1) for d in (lhs_dilation, rhs_dilation))
-            and not isinstance(padding, str)
-            and dimension_numbers is not None
-            and tuple(map(tuple, jax.lax.conv_dimension_numbers(
-              lhs.shape, rhs.shape, dimension_numbers))) == _NHWC)
+  simple = (
+    tuple(window_strides) == (1, 1)
+    and feature_group_count == 1
+    and precision is None
+    and all(d in (None, 1) or tuple(d) == (1, 1) for d in (lhs_dilation, rhs_dilation))
+    and not isinstance(padding, str)
+    and dimension_numbers is not None
+    and tuple(map(tuple, jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)))
+    == _NHWC
+  )
   if not simple:
     return jax.lax.conv_general_dilated(
-      lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
-      dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
-      precision=precision)
+      lhs,
+      rhs,
+      window_strides,
+      padding,
+      lhs_dilation=lhs_dilation,
+      rhs_dilation=rhs_dilation,
+      dimension_numbers=dimension_numbers,
+      feature_group_count=feature_group_count,
+      precision=precision,
+    )
   return _canonical_conv(lhs, rhs, tuple(tuple(int(v) for v in p) for p in padding))
 
 
@@ -151,13 +173,13 @@ class BatchNorm(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, use_running_average: Optional[bool] = None) -> jax.Array:
     use_running_average = nn.merge_param(
-      "use_running_average", self.use_running_average, use_running_average
+      'use_running_average', self.use_running_average, use_running_average
     )
     features = x.shape[-1]
-    ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
-    ra_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
-    scale = self.param("scale", self.scale_init, (features,), jnp.float32)
-    bias = self.param("bias", self.bias_init, (features,), jnp.float32)
+    ra_mean = self.variable('batch_stats', 'mean', jnp.zeros, (features,), jnp.float32)
+    ra_var = self.variable('batch_stats', 'var', jnp.ones, (features,), jnp.float32)
+    scale = self.param('scale', self.scale_init, (features,), jnp.float32)
+    bias = self.param('bias', self.bias_init, (features,), jnp.float32)
     if self.frozen_affine:
       scale, bias = jax.lax.stop_gradient(scale), jax.lax.stop_gradient(bias)
 
@@ -171,8 +193,8 @@ class BatchNorm(nn.Module):
     group = batch if self.group_size is None else min(self.group_size, batch)
     if group <= 0 or batch % group:
       raise ValueError(
-        f"BatchNorm group_size={self.group_size} must divide the batch size {batch} "
-        "(ghost batch norm computes statistics over groups of exactly group_size examples)."
+        f'BatchNorm group_size={self.group_size} must divide the batch size {batch} '
+        '(ghost batch norm computes statistics over groups of exactly group_size examples).'
       )
     # (num_groups, group, ..., C): reduce over everything but the group and channel axes.
     xg = x.reshape((batch // group, group) + x.shape[1:])
@@ -221,17 +243,16 @@ def shortcut(
   """
   in_features = x.shape[-1]
   changes = changes_shape(x, out_features, strides)
-  if kind == "A":
+  if kind == 'A':
     if not changes:
       return x
     if in_features > out_features:
       raise ValueError("shortcut 'A' can only add channels, not remove them")
     y = x[:, ::strides, ::strides, :]
     return jnp.pad(y, ((0, 0), (0, 0), (0, 0), (0, out_features - in_features)))
-  if kind == "B" and not changes:
+  if kind == 'B' and not changes:
     return x
-  if kind not in ("B", "C"):
+  if kind not in ('B', 'C'):
     raise ValueError(f"unknown shortcut {kind!r}; expected 'A', 'B' or 'C'")  # names.SHORTCUTS
-  y = conv(out_features, 1, strides, name="downsample_conv")(x)
-  return y if norm is None else norm(name="downsample_bn")(y)
-
+  y = conv(out_features, 1, strides, name='downsample_conv')(x)
+  return y if norm is None else norm(name='downsample_bn')(y)

@@ -13,6 +13,7 @@ param-shaped dicts), or a whole train state (any registered pytree node is walke
 non-dict fields kept). Leaves may be numpy arrays, jax arrays or ``jax.ShapeDtypeStruct`` (abstract
 trees, e.g. a restore target); other leaves are left alone.
 """
+
 from __future__ import annotations
 
 import re
@@ -118,8 +119,9 @@ def _check_sizes(counts: dict[int, int], stage_sizes: Optional[Sequence[int]]) -
     return
   for s, n in counts.items():
     if s < 1 or s > len(stage_sizes) or n != stage_sizes[s - 1]:
-      raise ValueError(f'stage {s} has {n} blocks in the tree but the model has stage sizes '
-                       f'{tuple(stage_sizes)}')
+      raise ValueError(
+        f'stage {s} has {n} blocks in the tree but the model has stage sizes {tuple(stage_sizes)}'
+      )
 
 
 def to_scanned(tree: Any, stage_sizes: Optional[Sequence[int]] = None) -> Any:
@@ -129,6 +131,7 @@ def to_scanned(tree: Any, stage_sizes: Optional[Sequence[int]] = None) -> Any:
   already scanned is returned unchanged. ``stage_sizes`` (e.g. ``model.stage_sizes``), when
   given, is checked against the blocks found.
   """
+
   def fn(d: dict) -> dict:
     blocks: dict[int, dict[int, Any]] = {}
     for k, v in d.items():
@@ -163,6 +166,7 @@ def to_unrolled(tree: Any, stage_sizes: Optional[Sequence[int]] = None) -> Any:
 
   A tree already unrolled is returned unchanged; ``stage_sizes`` is checked when given.
   """
+
   def fn(d: dict) -> dict:
     if not any(isinstance(k, str) and _SCAN_RE.fullmatch(k) for k in d):
       if stage_sizes is not None:
@@ -199,6 +203,7 @@ def _unrolled_counts(d: Mapping) -> dict[int, int]:
 
 def _order(d: dict) -> dict:
   """Blocks in (stage, block) order right where the first one sat; other keys keep theirs."""
+
   def key(item):
     m = _BLOCK_RE.fullmatch(item[0]) if isinstance(item[0], str) else None
     return (int(m[1]), int(m[2])) if m else None

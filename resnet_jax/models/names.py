@@ -7,6 +7,7 @@ times wider, i.e. ``width_per_group = 64 k``). CIFAR family (3x3 stem, three sta
 ``resnet{6n+2}`` / ``resnet{9n+2}`` (bottleneck) and the Wide ResNets of Zagoruyko & Komodakis 2016,
 ``wrn{6n+4}_{k}`` (pre-activation basic blocks of widths 16k/32k/64k).
 """
+
 from __future__ import annotations
 
 import re
@@ -48,7 +49,9 @@ def default_shortcut(spec: ArchSpec) -> str:
   """The paper's shortcut for a net: A (parameter-free) for the CIFAR basic-block ResNets, B
   (projections where the shape changes) for everything else: ImageNet nets, CIFAR bottleneck nets
   (He et al. 2016 project where the width grows) and Wide ResNets."""
-  return 'A' if spec.family == 'cifar' and spec.block == 'basic' and spec.variant == 'resnet' else 'B'
+  return (
+    'A' if spec.family == 'cifar' and spec.block == 'basic' and spec.variant == 'resnet' else 'B'
+  )
 
 
 def check_shortcut(shortcut: str) -> str:
@@ -90,8 +93,10 @@ def cifar_stage_size(spec: ArchSpec) -> int:
 
 def _bottleneck_depth(name: str, depth: int) -> None:
   if IMAGENET_DEPTHS.get(depth, ('',))[0] != 'bottleneck':
-    raise ValueError(f'{name!r}: ResNeXt and Wide ResNets are bottleneck nets; depth must be one '
-                     f'of 50, 101, 152, got {depth}')
+    raise ValueError(
+      f'{name!r}: ResNeXt and Wide ResNets are bottleneck nets; depth must be one '
+      f'of 50, 101, 152, got {depth}'
+    )
 
 
 def _parse_family_name(name: str, block: Optional[str]) -> Optional[ArchSpec]:
@@ -104,15 +109,17 @@ def _parse_family_name(name: str, block: Optional[str]) -> Optional[ArchSpec]:
     if block not in (None, 'basic'):
       raise ValueError(f'{name} is a Wide ResNet of basic blocks; block={block!r} contradicts it')
     if depth < 10 or (depth - 4) % 6:
-      raise ValueError(f'{name!r}: a CIFAR Wide ResNet has depth 6n+4 (10, 16, 22, 28, 40, ...), '
-                       f'got {depth}')
+      raise ValueError(
+        f'{name!r}: a CIFAR Wide ResNet has depth 6n+4 (10, 16, 22, 28, 40, ...), got {depth}'
+      )
     return ArchSpec('cifar', depth, True, 'basic', 'wrn', widen=int(m['k']))
   if block not in (None, 'bottleneck'):
     raise ValueError(f'{name} is a bottleneck net; block={block!r} contradicts it')
   _bottleneck_depth(name, depth)
   if name.startswith('resnext'):
-    return ArchSpec('imagenet', depth, True, 'bottleneck', 'resnext', int(m['groups']),
-                    int(m['width']))
+    return ArchSpec(
+      'imagenet', depth, True, 'bottleneck', 'resnext', int(m['groups']), int(m['width'])
+    )
   return ArchSpec('imagenet', depth, True, 'bottleneck', 'wide_resnet', 1, 64 * int(m['k']))
 
 
@@ -135,13 +142,19 @@ def parse_name(name: str, block: Optional[str] = None) -> ArchSpec:
     if not m['cifar'] and depth in IMAGENET_DEPTHS:
       kind = IMAGENET_DEPTHS[depth][0]
       if block not in (None, kind):
-        raise ValueError(f'{name} is an ImageNet net with {kind} blocks; block={block!r} '
-                         f'contradicts it (use cifar_{name} for the CIFAR family)')
+        raise ValueError(
+          f'{name} is an ImageNet net with {kind} blocks; block={block!r} '
+          f'contradicts it (use cifar_{name} for the CIFAR family)'
+        )
       return ArchSpec('imagenet', depth, residual, kind)
     if cifar_depth_fits(depth, block or 'basic'):
       return ArchSpec('cifar', depth, residual, block or 'basic')
     if block is None and cifar_depth_fits(depth, 'bottleneck'):
-      raise ValueError(f'{name!r} is not a basic-block CIFAR depth (6n+2); it is a bottleneck '
-                       f"one (9n+2): pass block='bottleneck' (config: model.block)")
-  raise ValueError(f"unknown model name {name!r}{f' with block={block!r}' if block else ''}; "
-                   f'valid forms: {VALID_NAMES}')
+      raise ValueError(
+        f'{name!r} is not a basic-block CIFAR depth (6n+2); it is a bottleneck '
+        f"one (9n+2): pass block='bottleneck' (config: model.block)"
+      )
+  raise ValueError(
+    f'unknown model name {name!r}{f" with block={block!r}" if block else ""}; '
+    f'valid forms: {VALID_NAMES}'
+  )

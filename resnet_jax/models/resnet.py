@@ -32,6 +32,7 @@ With ``scan=True`` blocks 1.. of stage ``s`` live in one module ``layer{s}_scan`
 carry a leading axis (entry ``k`` is block ``k + 1``); ``resnet_jax.models.layout`` converts
 variable trees between that layout and the one above.
 """
+
 from __future__ import annotations
 
 import functools
@@ -52,7 +53,6 @@ from resnet_jax.models.names import (
   CIFAR_WIDTHS,
   IMAGENET_DEPTHS,
   IMAGENET_WIDTHS,
-  VALID_NAMES,
   ArchSpec,
   check_shortcut,
   cifar_stage_size,
@@ -152,7 +152,7 @@ class ResNet(nn.Module):
       if not preact:
         x = nn.relu(norm(name='bn1')(x))
     else:
-      raise ValueError(f'unknown stem {self.stem!r}; expected \'imagenet\' or \'cifar\'')
+      raise ValueError(f"unknown stem {self.stem!r}; expected 'imagenet' or 'cifar'")
     if frozen(0):
       x = jax.lax.stop_gradient(x)
 
@@ -160,21 +160,34 @@ class ResNet(nn.Module):
     features = {}
     for i, (num_blocks, width) in enumerate(zip(self.stage_sizes, self.widths)):
       stride, first_dilation, dilation = self.stage_geometry()[i]
-      common = dict(conv=conv, norm=self._norm(train, frozen(i + 1)), residual=self.residual,
-                    shortcut=self.shortcut, stride_on=self.stride_on,
-                    zero_init_last_bn=self.zero_init_last_bn, groups=self.groups,
-                    base_width=self.base_width, dropout_rate=self.dropout_rate,
-                    deterministic=not train or frozen(i + 1))
+      common = dict(
+        conv=conv,
+        norm=self._norm(train, frozen(i + 1)),
+        residual=self.residual,
+        shortcut=self.shortcut,
+        stride_on=self.stride_on,
+        zero_init_last_bn=self.zero_init_last_bn,
+        groups=self.groups,
+        base_width=self.base_width,
+        dropout_rate=self.dropout_rate,
+        deterministic=not train or frozen(i + 1),
+      )
       for j in range(1 if self.scan else num_blocks):
         extra = {}
         if preact and i == 0 and j == 0:  # the unit right after the stem: see _PreActBlock
-          extra = ({'shared_preact': True} if self.stem == 'cifar'
-                   else {'input_preactivated': True})
-        x = block_cls(width, strides=stride if j == 0 else 1, name=f'layer{i + 1}_{j}',
-                      dilation=first_dilation if j == 0 else dilation, **common, **extra)(x)
+          extra = {'shared_preact': True} if self.stem == 'cifar' else {'input_preactivated': True}
+        x = block_cls(
+          width,
+          strides=stride if j == 0 else 1,
+          name=f'layer{i + 1}_{j}',
+          dilation=first_dilation if j == 0 else dilation,
+          **common,
+          **extra,
+        )(x)
       if self.scan and num_blocks > 1:
-        x = self._scanned_blocks(width, num_blocks - 1, f'layer{i + 1}_scan',
-                                 dict(common, dilation=dilation))(x)
+        x = self._scanned_blocks(
+          width, num_blocks - 1, f'layer{i + 1}_scan', dict(common, dilation=dilation)
+        )(x)
       if frozen(i + 1):
         x = jax.lax.stop_gradient(x)
       features[f'C{i + 2}'] = x
@@ -194,8 +207,7 @@ class ResNet(nn.Module):
 
   def _scanned_blocks(self, width: int, length: int, name: str, common: dict):
     """``length`` identical stride-1 blocks as one scan: variables gain a leading axis."""
-    block_cls = (nn.remat(self.block_cls, prevent_cse=False) if self.remat
-                 else self.block_cls)
+    block_cls = nn.remat(self.block_cls, prevent_cse=False) if self.remat else self.block_cls
     common = dict(common, conv=functools.partial(layers.conv, dtype=self.dtype, loop_friendly=True))
     block = block_cls(width, strides=1, name=name, **common)
     body = nn.scan(
@@ -215,21 +227,26 @@ _BLOCKS = {
 }
 
 
-def _resolve_grouping(spec: ArchSpec, name: str, groups: Optional[int],
-                      width_per_group: Optional[int]) -> tuple[int, int]:
+def _resolve_grouping(
+  spec: ArchSpec, name: str, groups: Optional[int], width_per_group: Optional[int]
+) -> tuple[int, int]:
   """The bottleneck's (groups, width_per_group): the name's, unless given (and not contradicting)."""
   out = []
-  for given, own, field in ((groups, spec.groups, 'groups'),
-                            (width_per_group, spec.width_per_group, 'width_per_group')):
+  for given, own, field in (
+    (groups, spec.groups, 'groups'),
+    (width_per_group, spec.width_per_group, 'width_per_group'),
+  ):
     if given is not None and spec.variant in ('resnext', 'wide_resnet') and given != own:
       raise ValueError(f'{name} has {field}={own}; {field}={given} contradicts it')
     if given is not None and (not isinstance(given, int) or given < 1):
       raise ValueError(f'{field} must be a positive int, got {given!r}')
     out.append(own if given is None else given)
   if tuple(out) != (1, 64) and (spec.family, spec.block) != ('imagenet', 'bottleneck'):
-    raise ValueError(f'groups / width_per_group apply to ImageNet bottleneck nets (ResNet-50/101/152'
-                     f' -> ResNeXt, Wide ResNet) only, not {name} (torchvision refuses them in '
-                     f'basic blocks too)')
+    raise ValueError(
+      f'groups / width_per_group apply to ImageNet bottleneck nets (ResNet-50/101/152'
+      f' -> ResNeXt, Wide ResNet) only, not {name} (torchvision refuses them in '
+      f'basic blocks too)'
+    )
   return out[0], out[1]
 
 
@@ -297,8 +314,10 @@ def create_model(
   if output_stride not in (32, 16, 8):
     raise ValueError(f'output_stride must be 32, 16 or 8, got {output_stride!r}')
   if not imagenet and (output_stride != 32 or features_only):
-    raise ValueError(f'output_stride / features_only are for ImageNet-family backbones (C2-C5 at '
-                     f'strides 4-32), not the CIFAR net {name}')
+    raise ValueError(
+      f'output_stride / features_only are for ImageNet-family backbones (C2-C5 at '
+      f'strides 4-32), not the CIFAR net {name}'
+    )
 
   if imagenet:
     stage_sizes = IMAGENET_DEPTHS[spec.depth][1]
@@ -307,8 +326,10 @@ def create_model(
     stage_sizes = (cifar_stage_size(spec),) * 3
     widths, stem = tuple(w * spec.widen for w in CIFAR_WIDTHS), 'cifar'
   if not isinstance(frozen_stages, int) or not -1 <= frozen_stages <= len(stage_sizes):
-    raise ValueError(f'frozen_stages must be -1 (none), 0 (stem) .. {len(stage_sizes)} (stem and '
-                     f'every stage), got {frozen_stages!r}')
+    raise ValueError(
+      f'frozen_stages must be -1 (none), 0 (stem) .. {len(stage_sizes)} (stem and '
+      f'every stage), got {frozen_stages!r}'
+    )
   return ResNet(
     stage_sizes=stage_sizes,
     block_cls=_BLOCKS[spec.block, preact],
