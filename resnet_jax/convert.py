@@ -259,7 +259,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     prog='python -m resnet_jax.convert', description=__doc__.split('\n')[0]
   )
   parser.add_argument(
-    '--arch', required=True, help='resnet18 | resnet34 | resnet50 | resnet101 | resnet152'
+    '--arch',
+    required=True,
+    help='a torchvision net: resnet18/34/50/101/152, resnext50_32x4d, resnext101_32x8d, '
+    'resnext101_64x4d, wide_resnet50_2, wide_resnet101_2',
   )
   parser.add_argument(
     '--torchvision-weights', required=True, help='torchvision .pth state_dict file'

@@ -25,7 +25,7 @@ from PIL import Image
 
 from resnet_jax import cli, runtime
 from resnet_jax.default_config import base_config
-from resnet_jax.models import layout
+from resnet_jax.models import layout, parse_name
 from resnet_jax.workdir import CONFIG_FILE, as_path, read_run_config
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
@@ -138,7 +138,8 @@ def model_config(args: argparse.Namespace) -> Any:
   config.model.name = args.arch
   config.model.shortcut = args.shortcut
   config.model.stride_on = args.stride_on
-  config.model.preact = args.preact
+  # WRNs are pre-activation nets by definition; the flag selects it for the ResNets.
+  config.model.preact = args.preact or parse_name(args.arch, args.block).variant == 'wrn'
   config.model.block = args.block
   return config
 
