@@ -221,7 +221,7 @@ def test_failed_run_stops_its_data_workers(tmp_path):
 def test_workdirs_from_before_model_block_resume_but_not_as_bottleneck(tmp_path):
   """config.json written before `model.block` existed has no such key: a basic-block config may
   continue it, a bottleneck one (another architecture) may not."""
-  from resnet_jax import train
+  from resnet_jax import train, validation
   from resnet_jax.default_config import load_sibling_config
 
   digits = load_sibling_config(
@@ -231,5 +231,5 @@ def test_workdirs_from_before_model_block_resume_but_not_as_bottleneck(tmp_path)
   del old['model']['block']
   (tmp_path / 'config.json').write_text(json.dumps(old))
   train._prepare_workdir(tmp_path, digits.get_config('depth=20'))
-  with pytest.raises(train.ConfigError, match=r"model.block=None.*'bottleneck'"):
+  with pytest.raises(validation.ConfigError, match=r"model.block=None.*'bottleneck'"):
     train._prepare_workdir(tmp_path, digits.get_config('depth=20,block=bottleneck,shortcut=A'))

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from resnet_jax import convert, predict, train
+from resnet_jax import convert, predict, train, validation
 from resnet_jax.default_config import load_sibling_config
 from tests.runner import ROOT
 
@@ -42,32 +42,32 @@ def _digits(**overrides):
   ],
 )
 def test_validate_config_refuses(overrides, needle):
-  with pytest.raises(train.ConfigError, match=needle):
-    train.validate_config(_digits(**overrides))
+  with pytest.raises(validation.ConfigError, match=needle):
+    validation.validate_config(_digits(**overrides))
 
 
 @pytest.mark.parametrize('group', [None, 1, 2, 4, 8, 16, 32, 64])
 def test_bn_groups_that_do_not_straddle_devices_are_accepted(group):
   """Batch 32 on 4 devices (8 each): divisors of 8, whole devices (16, 32) and a group larger
   than the batch (one group, as models/layers.BatchNorm treats it) are all fine."""
-  train.validate_config(_digits(**{'model.bn_group_size': group}))
+  validation.validate_config(_digits(**{'model.bn_group_size': group}))
 
 
 def test_bn_group_rules():
-  ok = train.validate_bn_groups
+  ok = validation.validate_bn_groups
   ok(32, 256, 8)  # the paper: 32 per GPU
   ok(64, 256, 8)  # two whole devices
-  with pytest.raises(train.ConfigError, match='per-device batch 24'):
+  with pytest.raises(validation.ConfigError, match='per-device batch 24'):
     ok(32, 192, 8)  # issue 15's example: 24 per device, groups of 32 straddle
-  with pytest.raises(train.ConfigError, match='e.g. 4'):
+  with pytest.raises(validation.ConfigError, match='e.g. 4'):
     ok(6, 64, 8)  # neither divides 8 nor is a multiple of it
-  with pytest.raises(train.ConfigError):
+  with pytest.raises(validation.ConfigError):
     ok(24, 64, 2)  # 32 per device: 24 neither divides it nor is a multiple of it
 
 
 def test_bad_config_writes_nothing(tmp_path):
   workdir = tmp_path / 'never'
-  with pytest.raises(train.ConfigError):
+  with pytest.raises(validation.ConfigError):
     train.train_and_evaluate(_digits(max_to_keep=0), str(workdir))
   assert not workdir.exists()
 

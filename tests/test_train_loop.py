@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from resnet_jax import train
+from resnet_jax import train, validation
 from resnet_jax.default_config import load_sibling_config
 
 _CONFIGS = os.path.join(os.path.dirname(__file__), '..', 'configs', 'x.py')
@@ -100,7 +100,7 @@ def test_profile_steps_write_a_trace(tmp_path):
 def test_bad_profile_steps_are_refused_before_anything_is_written(tmp_path, spec):
   config = _config()
   config.profile_steps = spec
-  with pytest.raises(train.ConfigError, match='profile_steps'):
+  with pytest.raises(validation.ConfigError, match='profile_steps'):
     train.train_and_evaluate(config, str(tmp_path / 'run'))
   assert not (tmp_path / 'run').exists()
 

@@ -1,0 +1,108 @@
+"""Refusing a config before anything is written: values that cannot give a correct run.
+
+Everything here is checked by `train.train_and_evaluate` before it takes the workdir's lock or
+writes a file, so a bad value costs one `error:` line, not a failed run hours in.
+"""
+
+from __future__ import annotations
+
+import jax
+import ml_collections
+
+from resnet_jax import runtime
+
+
+class ConfigError(ValueError):
+  """A config or command-line value that cannot give a correct run."""
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Refuses, before anything is written, values that cannot give a correct run.
+
+  Everything that would otherwise fail hours in (at the first eval or log point) or silently
+  do the wrong thing (keep no checkpoint, learn backwards) is checked here.
+  """
+  if config.batch_size <= 0:
+    raise ConfigError(f'batch_size must be positive, got {config.batch_size}')
+  n_dev, n_proc = jax.device_count(), jax.process_count()
+  if config.batch_size % n_dev:
+    raise ConfigError(
+      f'batch_size {config.batch_size} is not divisible by the {n_dev} devices: '
+      f'use a multiple of {n_dev} (per-device batch must be whole)'
+    )
+  if config.batch_size % n_proc:
+    raise ConfigError(f'batch_size {config.batch_size} is not divisible by {n_proc} processes')
+  if config.dtype not in runtime.COMPUTE_DTYPES:
+    raise ConfigError(
+      f'dtype must be one of {sorted(runtime.COMPUTE_DTYPES)}, got {config.dtype!r}'
+    )
+  if config.on_nonfinite not in ('error', 'skip'):
+    raise ConfigError(f"on_nonfinite must be 'error' or 'skip', got {config.on_nonfinite!r}")
+  if config.num_train_steps <= 0 and config.num_epochs <= 0:
+    raise ConfigError('set num_train_steps > 0 or num_epochs > 0')
+  at_least = {
+    'log_every_steps': (config.log_every_steps, 1),
+    'max_to_keep': (config.max_to_keep, 1),
+    'eval_batch_size': (config.eval_batch_size, 1),
+    'schedule.base_lr': (config.schedule.base_lr, 0),
+    'schedule.warmup_steps': (config.schedule.warmup_steps, 0),
+    'schedule.warmup_lr': (config.schedule.warmup_lr, 0),
+    'optimizer.weight_decay': (config.optimizer.weight_decay, 0),
+    'data.num_workers': (config.data.num_workers, 0),
+  }
+  for key, (value, low) in at_least.items():
+    if value is None or value < low:
+      what = 'positive' if low == 1 else 'non-negative'
+      raise ConfigError(
+        f'{key} must be {what}, got {value}'
+        + (
+          ' (0 would keep no checkpoint at all, not even the final one)'
+          if key == 'max_to_keep'
+          else ''
+        )
+      )
+  if config.data.eval_crops not in (1, 10):
+    raise ConfigError(f'data.eval_crops must be 1 or 10, got {config.data.eval_crops}')
+  if not 0 <= config.label_smoothing < 1:
+    raise ConfigError(f'label_smoothing must be in [0, 1), got {config.label_smoothing}')
+  validate_bn_groups(config.model.bn_group_size, config.batch_size, n_dev)
+
+
+def validate_bn_groups(group: int | None, batch_size: int, n_devices: int) -> None:
+  """Ghost-BN groups must not straddle devices, unless they are made of whole devices.
+
+  A group that splits one device's examples with its neighbour's makes XLA all-gather the full
+  activations at every BatchNorm. Allowed: `group` divides the per-device batch (per-device
+  groups), or it is a multiple of it that divides the global batch (groups of whole devices).
+  A global batch smaller than one group is one group (models/layers.BatchNorm), so that is
+  allowed too.
+  """
+  if group is None or group >= batch_size:
+    if group is not None and group <= 0:
+      raise ConfigError(f'model.bn_group_size must be positive or None, got {group}')
+    return
+  if group <= 0:
+    raise ConfigError(f'model.bn_group_size must be positive or None, got {group}')
+  per_device = batch_size // n_devices
+  if per_device % group == 0 or (group % per_device == 0 and batch_size % group == 0):
+    return
+  divisors = [d for d in range(1, per_device + 1) if per_device % d == 0 and d <= group]
+  raise ConfigError(
+    f'model.bn_group_size={group} does not fit the per-device batch {per_device} '
+    f'(batch_size {batch_size} over {n_devices} devices): its groups would straddle devices. '
+    f'Use a divisor of {per_device} (e.g. {divisors[-1]}), a multiple of {per_device} that '
+    f'divides {batch_size}, or None (whole-batch statistics)'
+  )
+
+
+def profile_window(spec: str) -> tuple[int, int] | None:
+  """'START,STOP' (steps) -> the window to trace with jax.profiler, or None."""
+  if not spec:
+    return None
+  try:
+    start, stop = (int(x) for x in spec.split(','))
+  except ValueError:
+    raise ConfigError(f"profile_steps must be 'START,STOP' (e.g. '10,20'), got {spec!r}") from None
+  if not 0 <= start < stop:
+    raise ConfigError(f'profile_steps needs 0 <= START < STOP, got {spec!r}')
+  return start, stop
