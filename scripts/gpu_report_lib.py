@@ -158,9 +158,9 @@ def _torch_model(torch, row: dict, num_classes: int):
     if torchvision is not None and hasattr(torchvision.models, row['model']):
       return getattr(torchvision.models, row['model'])(num_classes=num_classes)
   sys.path.insert(0, _SCRIPTS)
-  import benchmark  # pylint: disable=g-import-not-at-top
+  import torch_twin  # pylint: disable=g-import-not-at-top
 
-  return benchmark._torch_resnet(torch, spec, num_classes)  # pylint: disable=protected-access
+  return torch_twin.torch_resnet(torch, spec, num_classes)
 
 
 def torch_row(row: dict, steps: int) -> dict:
