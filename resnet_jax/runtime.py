@@ -33,9 +33,12 @@ COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int | None = None) -> nn.Module:
-  """`create_model(**config.model)` with the compute dtype; `num_classes` fills an unset count."""
+  """`create_model(**config.model)` with the compute dtype; `num_classes` fills an unset count,
+  and an unset `scan` becomes the backend's faster layout (scanned on the CPU only)."""
   kwargs = config.model.to_dict()
   kwargs['num_classes'] = kwargs.get('num_classes') or num_classes
+  if kwargs.get('scan') is None:
+    kwargs['scan'] = jax.default_backend() == 'cpu'
   return create_model(**kwargs, dtype=COMPUTE_DTYPES[config.dtype])
 
 

@@ -11,13 +11,14 @@ end to end (`benchmark_e2e`: Grain workers on this machine's cores decoding natu
 transfer, step); and torchvision's resnet50 (channels_last, SGD momentum 0.9, weight decay 1e-4,
 bf16 autocast for the bf16 rows) eager and `torch.compile`. Without a GPU it runs a tiny version
 (resnet8 at 8x8, a few steps; torch only if installed) in well under a minute.
-Writes DIR/gpu_report.json and DIR/gpu_report.md. XLA's latency-hiding scheduler is switched on
-for GPUs unless the user set XLA_FLAGS (see `apply_gpu_xla_flags`).
+Writes DIR/gpu_report.json and DIR/gpu_report.md. XLA_FLAGS is left as the user set it (on one
+H100 the latency-hiding scheduler measured no faster; docs/performance.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import platform
@@ -30,26 +31,10 @@ _ROOT = os.path.join(_SCRIPTS, '..')
 sys.path.insert(0, _ROOT)
 sys.path.insert(0, _SCRIPTS)
 
-GPU_XLA_FLAGS = ('--xla_gpu_enable_latency_hiding_scheduler=true',)
-
 
 def nvidia_present() -> bool:
   return os.path.exists('/dev/nvidiactl') or shutil.which('nvidia-smi') is not None
 
-
-def apply_gpu_xla_flags(environ=os.environ) -> list[str]:
-  """Sets GPU_XLA_FLAGS in XLA_FLAGS when an NVIDIA GPU is present and the user set no XLA_FLAGS.
-
-  Must run before JAX initialises its backends. Returns the flags applied ([] when none)."""
-  if environ.get('XLA_FLAGS') is not None:
-    return []
-  if not nvidia_present():
-    return []
-  environ['XLA_FLAGS'] = ' '.join(GPU_XLA_FLAGS)
-  return list(GPU_XLA_FLAGS)
-
-
-_APPLIED_FLAGS = apply_gpu_xla_flags() if __name__ == '__main__' else []
 
 import gpu_report_lib as lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -72,6 +57,9 @@ def peak_tflops(device_kind: str, dtype: str) -> float | None:
   return None
 
 
+ROW_KEYS = ('modern', 'paper', 'eval', 'cifar')
+
+
 def plan(tiny: bool) -> list[dict]:
   """The measurement matrix: one dict per train/eval row."""
   if tiny:  # the same rows with one CIFAR net: the code paths, not the numbers
@@ -80,6 +68,7 @@ def plan(tiny: bool) -> list[dict]:
     r50, cifar, size, batch, big = 'resnet50', ['resnet20', 'resnet110'], 224, 256, [512, 768, 1024]
   rows = [
     {
+      'key': 'modern',
       'name': f'{r50} train, modern recipe, bf16',
       'recipe': 'modern',
       'model': r50,
@@ -90,6 +79,7 @@ def plan(tiny: bool) -> list[dict]:
       'grow': big,
     },
     {
+      'key': 'paper',
       'name': f'{r50} train, paper recipe, f32',
       'recipe': 'paper',
       'model': r50,
@@ -99,6 +89,7 @@ def plan(tiny: bool) -> list[dict]:
       'torch': 'imagenet',
     },
     {
+      'key': 'eval',
       'name': f'{r50} eval, bf16',
       'recipe': 'modern',
       'model': r50,
@@ -111,6 +102,7 @@ def plan(tiny: bool) -> list[dict]:
   for name in cifar:
     rows.append(
       {
+        'key': 'cifar',
         'name': f'{name} train (CIFAR), paper recipe, f32',
         'recipe': 'cifar',
         'model': name,
@@ -165,6 +157,60 @@ def run_row(row: dict, steps: int, deadline: float, torch_result: dict | None) -
   return out
 
 
+def parse_override(text: str) -> tuple[str, object]:
+  """'model.scan=false' -> ('model.scan', False): a Python literal, else the string."""
+  key, sep, value = text.partition('=')
+  if not sep or not key:
+    raise ValueError(f'--set wants KEY=VALUE, got {text!r}')
+  lowered = {'true': True, 'false': False, 'none': None}
+  if value.lower() in lowered:
+    return key, lowered[value.lower()]
+  try:
+    return key, ast.literal_eval(value)
+  except (ValueError, SyntaxError):
+    return key, value
+
+
+def log(start: float, message: str) -> None:
+  """Progress on stderr, so that a long GPU run can be followed."""
+  print(f'[{time.time() - start:7.1f} s] {message}', file=sys.stderr, flush=True)
+
+
+def merge_reports(paths: list[str], out: str) -> int:
+  """One report from partial runs of the same machine (the device tool's calls are 10 minutes)."""
+  parts = []
+  for path in paths:
+    try:
+      with open(path) as f:
+        parts.append(json.load(f))
+    except (OSError, ValueError) as e:
+      print(f'error: cannot read report {path}: {e}', file=sys.stderr)
+      return 1
+  kinds = {p['device_kind'] for p in parts}
+  if len(kinds) != 1:
+    print(f'error: the reports come from different devices: {sorted(kinds)}', file=sys.stderr)
+    return 1
+  report = dict(parts[0])
+  report['rows'] = [r for p in parts for r in p['rows']]
+  report['end_to_end'] = next((p['end_to_end'] for p in parts if p.get('end_to_end')), None)
+  report['wall_s'] = round(sum(p['wall_s'] for p in parts), 1)
+  report['command'] = ' ; '.join(p['command'] for p in parts)
+  report['parts'] = [{k: p[k] for k in ('date', 'xla_flags', 'wall_s', 'command')} for p in parts]
+  write_report(report, out)
+  return 0
+
+
+def write_report(report: dict, out: str) -> None:
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, 'gpu_report.json'), 'w') as f:
+    json.dump(
+      report, f, indent=1, default=lambda o: o.item() if isinstance(o, np.generic) else str(o)
+    )
+  with open(os.path.join(out, 'gpu_report.md'), 'w') as f:
+    f.write(markdown(report))
+  print(markdown(report))
+
+
 def markdown(report: dict) -> str:
   lines = [
     f'# GPU report ({report["date"]})',
@@ -172,8 +218,9 @@ def markdown(report: dict) -> str:
     f'Device: {report["device_kind"]} x{report["devices"]} ({report["platform"]}); '
     f'jax {report["jax_version"]}, torch {report.get("torch_version") or "absent"}; '
     f'{report["cpu_count"]} CPU cores; '
-    f'XLA_FLAGS applied: {report["xla_flags_applied"] or "none"}'
-    f'{" (tiny CPU mode)" if report["tiny"] else ""}.',
+    f'XLA_FLAGS: {report["xla_flags"] or "unset"}'
+    f'{" (tiny CPU mode)" if report["tiny"] else ""}'
+    f'{"; config overrides: " + str(report["overrides"]) if report.get("overrides") else ""}.',
     '',
     '| row | batch | JAX img/s | compile s | MFU | torch eager | torch compile | '
     'JAX / best torch |',
@@ -186,7 +233,7 @@ def markdown(report: dict) -> str:
     f = lambda k: '' if r.get(k) is None else (f'{r[k]:.3f}' if k == 'mfu' else f'{r[k]:,.1f}')
     lines.append(
       f'| {r["name"]} | {r["batch_size"]} | {f("images_per_sec")} | {f("compile_s")} | '
-      f'{f("mfu")} | {f("torch_eager_images_per_sec")} | '
+      f'{f("mfu")} | {f("torch_eager_images_per_sec") or r.get("torch_error", "")[:60]} | '
       f'{f("torch_compile_images_per_sec")} | {f("ratio_jax_over_best_torch")} |'
     )
   e = report.get('end_to_end')
@@ -205,7 +252,7 @@ def markdown(report: dict) -> str:
     '',
     'MFU = achieved (3 x forward FLOPs x img/s) / dense peak (bf16 rows: bf16 peak; '
     'f32 rows: TF32 peak).',
-    f'Command: `{report["command"]}`',
+    f'Command: `{report["command"]}` ({report["wall_s"]} s)',
     '',
   ]
   return '\n'.join(lines)
@@ -222,7 +269,36 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument('--budget-s', type=float, default=1150, help='skip optional rows after this')
   p.add_argument('--no-torch', action='store_true')
   p.add_argument('--no-e2e', action='store_true')
+  p.add_argument(
+    '--rows',
+    default=','.join(ROW_KEYS),
+    help=f'comma-separated subset of {",".join(ROW_KEYS)} (empty: none), to split the report '
+    'over several shorter runs',
+  )
+  p.add_argument('--no-grow', action='store_true', help='do not search for the largest batch')
+  p.add_argument(
+    '--set',
+    action='append',
+    default=[],
+    metavar='KEY=VALUE',
+    help='override a config value in every row, e.g. model.scan=false (an A/B of one setting)',
+  )
+  p.add_argument(
+    '--merge',
+    nargs='+',
+    metavar='JSON',
+    help='combine the gpu_report.json of several partial runs into one report in --out',
+  )
   args = p.parse_args(argv)
+  keys = [k for k in args.rows.split(',') if k]
+  if any(k not in ROW_KEYS for k in keys):
+    p.error(f'--rows: unknown row in {args.rows!r} (choose from {",".join(ROW_KEYS)})')
+  if args.merge:
+    return merge_reports(args.merge, args.out)
+  try:
+    overrides = dict(parse_override(o) for o in args.set)
+  except ValueError as e:
+    p.error(str(e))
   tiny = args.tiny or not nvidia_present()
   steps = args.steps or (2 if tiny else 30)
   if steps < 1:
@@ -232,18 +308,28 @@ def main(argv: list[str] | None = None) -> int:
   except OSError as e:
     print(f'error: cannot create --out {args.out}: {e.strerror}', file=sys.stderr)
     return 1
+  selected = [
+    dict(r, grow=[] if args.no_grow else r.get('grow', []), overrides=overrides) for r in plan(tiny)
+  ]
+  selected = [r for r in selected if r['key'] in keys]
+  try:
+    for row in selected:
+      lib.recipe_config(row)
+  except ValueError as e:
+    p.error(str(e))
   start = time.time()
   deadline = start + args.budget_s
   use_torch = not args.no_torch and lib.torch_available()
   # PyTorch first, before JAX initialises its backend and takes most of the GPU's memory; its
   # cache is emptied afterwards. One process, one device, one run.
   torch_results = {}
-  for row in plan(tiny) if use_torch else []:
+  for row in selected if use_torch else []:
     if row.get('torch'):
       try:
         torch_results[row['name']] = lib.torch_row(row, steps)
       except Exception as e:  # pylint: disable=broad-except
         torch_results[row['name']] = {'torch_error': f'{type(e).__name__}: {str(e)[:200]}'}
+      log(start, f'torch {row["name"]}: {torch_results[row["name"]]}')
   lib.release_torch_memory()
   platform_name = jax.devices()[0].platform
   if not tiny and platform_name == 'cpu':
@@ -254,12 +340,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     return 1
   rows = []
-  for row in plan(tiny):
+  for row in selected:
     if time.time() > deadline:
       rows.append(
         {'name': row['name'], 'batch_size': row['batch'], 'error': 'skipped: time budget'}
       )
       continue
+    done = len(rows)
     try:
       rows.extend(run_row(row, steps, deadline, torch_results.get(row['name'])))
     except Exception as e:  # pylint: disable=broad-except  # one failed row must not lose the rest
@@ -270,12 +357,15 @@ def main(argv: list[str] | None = None) -> int:
           'error': f'{type(e).__name__}: {str(e).splitlines()[0][:200]}',
         }
       )
+    for r in rows[done:]:  # every batch of a grown row: the log alone must hold the figures
+      log(start, f'jax {r["name"]}: {r}')
   e2e = None
   if not args.no_e2e:
     try:
       e2e = lib.end_to_end(tiny)
     except Exception as e:  # pylint: disable=broad-except
       e2e = {'error': f'{type(e).__name__}: {str(e).splitlines()[0][:200]}'}
+    log(start, f'end to end: {e2e}')
   dev = jax.devices()[0]
   report = {
     'date': time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()),
@@ -287,20 +377,14 @@ def main(argv: list[str] | None = None) -> int:
     'torch_version': lib.torch_version() if use_torch else None,
     'cpu_count': os.cpu_count(),
     'python': platform.python_version(),
-    'xla_flags_applied': _APPLIED_FLAGS,
     'xla_flags': os.environ.get('XLA_FLAGS', ''),
+    'overrides': overrides,
     'command': ' '.join(['python', 'scripts/gpu_report.py'] + list(argv or sys.argv[1:])),
     'wall_s': round(time.time() - start, 1),
     'rows': rows,
     'end_to_end': e2e,
   }
-  with open(os.path.join(args.out, 'gpu_report.json'), 'w') as f:
-    json.dump(
-      report, f, indent=1, default=lambda o: o.item() if isinstance(o, np.generic) else str(o)
-    )
-  with open(os.path.join(args.out, 'gpu_report.md'), 'w') as f:
-    f.write(markdown(report))
-  print(markdown(report))
+  write_report(report, args.out)
   return 0
 
 

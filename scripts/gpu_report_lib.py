@@ -31,7 +31,23 @@ def _config_module(name: str):
 
 
 def recipe_config(row: dict):
-  """The product's config of the row's recipe, with the row's model and batch."""
+  """The product's config of the row's recipe, with the row's model and batch, and the report's
+  `--set` overrides (`row['overrides']`: dotted key -> value)."""
+  c = _recipe_config(row)
+  for key, value in row.get('overrides', {}).items():
+    parent, _, leaf = key.rpartition('.')
+    node = c
+    for part in filter(None, parent.split('.')):
+      node = node.get(part)
+      if node is None:
+        break
+    if node is None or leaf not in node:
+      raise ValueError(f'--set: the config has no key {key!r}')
+    node[leaf] = value
+  return c
+
+
+def _recipe_config(row: dict):
   if row['recipe'] == 'cifar':
     c = _config_module('cifar').get_config('depth=20')
   else:

@@ -4,6 +4,8 @@ import importlib.util
 import json
 import os
 
+import pytest
+
 _SCRIPT = os.path.join(os.path.dirname(__file__), '..', 'scripts', 'gpu_report.py')
 
 
@@ -40,18 +42,51 @@ def test_tiny_report_writes_markdown_and_json(tmp_path, capsys):
     ), report['rows']
 
 
-def test_gpu_flags_only_without_user_flags(monkeypatch):
+def test_set_overrides_reach_the_config_and_unknown_keys_are_refused():
   module = _load()
-  env = {'XLA_FLAGS': '--xla_dump_to=/tmp/x'}
-  assert module.apply_gpu_xla_flags(env) == [] and env['XLA_FLAGS'] == '--xla_dump_to=/tmp/x'
-  monkeypatch.setattr(module.os.path, 'exists', lambda p: p == '/dev/nvidiactl')
-  env = {}
-  assert module.apply_gpu_xla_flags(env) == list(module.GPU_XLA_FLAGS)
-  assert 'latency_hiding_scheduler=true' in env['XLA_FLAGS']
-  monkeypatch.setattr(module.os.path, 'exists', lambda p: False)
-  monkeypatch.setattr(module.shutil, 'which', lambda name: None)
-  env = {}
-  assert module.apply_gpu_xla_flags(env) == [] and 'XLA_FLAGS' not in env
+  assert module.parse_override('model.scan=false') == ('model.scan', False)
+  assert module.parse_override('model.bn_group_size=32') == ('model.bn_group_size', 32)
+  assert module.parse_override('dtype=bfloat16') == ('dtype', 'bfloat16')
+  row = dict(module.plan(tiny=True)[0], overrides={'model.scan': False, 'dtype': 'float32'})
+  config = module.lib.recipe_config(row)
+  assert config.model.scan is False and config.dtype == 'float32'
+  with pytest.raises(ValueError, match='no key'):
+    module.lib.recipe_config(dict(row, overrides={'model.scn': True}))
+
+
+def test_partial_reports_merge_into_one(tmp_path):
+  module = _load()
+  base = {
+    'date': 'd',
+    'tiny': True,
+    'platform': 'cpu',
+    'device_kind': 'cpu',
+    'devices': 1,
+    'jax_version': '0',
+    'torch_version': None,
+    'cpu_count': 2,
+    'xla_flags': '',
+    'end_to_end': None,
+  }
+  part_rows = (
+    [{'name': 'a', 'batch_size': 8, 'error': 'x'}],
+    [{'name': 'b', 'batch_size': 8, 'error': 'y'}],
+  )
+  paths = []
+  for i, rows in enumerate(part_rows):
+    path = tmp_path / f'{i}.json'
+    path.write_text(json.dumps(dict(base, rows=rows, wall_s=1.5, command=f'part {i}')))
+    paths.append(str(path))
+  assert module.main(['--out', str(tmp_path / 'all'), '--merge', *paths]) == 0
+  merged = json.loads((tmp_path / 'all' / 'gpu_report.json').read_text())
+  assert [r['name'] for r in merged['rows']] == ['a', 'b'] and merged['wall_s'] == 3.0
+  (tmp_path / 'other.json').write_text(
+    json.dumps(dict(base, device_kind='gpu', rows=[], wall_s=1, command='c'))
+  )
+  assert (
+    module.main(['--out', str(tmp_path / 'x'), '--merge', paths[0], str(tmp_path / 'other.json')])
+    == 1
+  )
 
 
 def test_peak_lookup():

@@ -116,7 +116,7 @@ def conv(
   dtype: Dtype = jnp.float32,
   groups: int = 1,
   dilation: int = 1,
-  loop_friendly: bool = False,
+  loop_friendly: bool | None = False,
 ) -> nn.Conv:
   """A bias-free square convolution with explicit symmetric padding ``dilation * (kernel_size // 2)``.
 
@@ -127,8 +127,11 @@ def conv(
   ``padding='SAME'`` pads asymmetrically (0 before, 1 after) for even inputs with stride 2, which
   shifts every strided feature map by half a pixel relative to torch; explicit symmetric padding
   is what torchvision (and imported weights) expect. ``loop_friendly``: gradients through
-  ``loop_friendly_conv`` (for convs inside a scan; same values).
+  ``loop_friendly_conv`` (for convs inside a scan; same values); ``None``: only where the default
+  backend is the CPU (on a GPU, cuDNN's own backward convolutions are the fast ones).
   """
+  if loop_friendly is None:
+    loop_friendly = jax.default_backend() == 'cpu'
   pad = dilation * (kernel_size // 2)
   return nn.Conv(
     features,

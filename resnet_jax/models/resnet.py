@@ -208,7 +208,7 @@ class ResNet(nn.Module):
   def _scanned_blocks(self, width: int, length: int, name: str, common: dict):
     """``length`` identical stride-1 blocks as one scan: variables gain a leading axis."""
     block_cls = nn.remat(self.block_cls, prevent_cse=False) if self.remat else self.block_cls
-    common = dict(common, conv=functools.partial(layers.conv, dtype=self.dtype, loop_friendly=True))
+    common = dict(common, conv=functools.partial(layers.conv, dtype=self.dtype, loop_friendly=None))
     block = block_cls(width, strides=1, name=name, **common)
     body = nn.scan(
       lambda module, carry, _: (module(carry), None),
