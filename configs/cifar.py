@@ -12,7 +12,7 @@ Examples: python -m resnet_jax.main --config=configs/cifar.py:depth=110 --workdi
           python -m resnet_jax.main --config=configs/cifar.py:depth=164,preact,block=bottleneck ...
 """
 
-from resnet_jax.default_config import base_config, parse_arg, set_cifar_model
+from resnet_jax.default_config import base_config, parse_arg, set_cifar_model, set_cifar_recipe
 
 
 def get_config(arg: str | None = None):
@@ -29,24 +29,10 @@ def get_config(arg: str | None = None):
   )
   c = base_config()
   set_cifar_model(c.model, args)
-  c.model.bn_group_size = args.bn_group or None
   c.data.name = args.dataset
   c.data.num_classes = 100 if args.dataset == 'cifar100' else 10
   c.data.image_size = 32
-  c.data.augment = 'cifar'
-  c.data.normalize = 'per_pixel_mean'
-  c.data.validation_size = args.val
-  c.data.eval_split = 'validation' if args.val else 'test'
-  c.batch_size = 128
-  c.num_train_steps = 64_000
-  c.schedule.name = 'piecewise'
-  c.schedule.base_lr = 0.1
-  c.schedule.boundaries = '32000,48000'
-  if args.depth >= 110:
-    c.schedule.warmup_steps = 400
-    c.schedule.warmup = 'constant'
-    c.schedule.warmup_lr = 0.01
-  c.optimizer.weight_decay = 1e-4
+  set_cifar_recipe(c, args, steps=64_000)
   c.log_every_steps = 100
   c.eval_every_steps = 2000
   c.checkpoint_every_steps = 2000

@@ -15,7 +15,7 @@ Examples:
       --depths=20,56 --variants=residual,plain
 """
 
-from resnet_jax.default_config import base_config, parse_arg, set_cifar_model
+from resnet_jax.default_config import base_config, parse_arg, set_cifar_model, set_cifar_recipe
 
 
 def get_config(arg: str | None = None):
@@ -30,27 +30,11 @@ def get_config(arg: str | None = None):
     bn_group=64,
     steps=64_000,
   )
-  if args.steps <= 0:
-    raise ValueError(f'steps must be positive, got {args.steps}')
   c = base_config()
   set_cifar_model(c.model, args)
-  c.model.bn_group_size = args.bn_group or None
   c.data.name = 'fashion_mnist'
   c.data.image_size = 28
-  c.data.augment = 'cifar'
-  c.data.normalize = 'per_pixel_mean'
-  c.data.validation_size = args.val
-  c.data.eval_split = 'validation' if args.val else 'test'
-  c.batch_size = 128
-  c.num_train_steps = args.steps
-  c.schedule.name = 'piecewise'
-  c.schedule.base_lr = 0.1
-  c.schedule.boundaries = f'{args.steps // 2},{args.steps * 3 // 4}'
-  if args.depth >= 110:  # as configs/cifar.py: lr 0.01 for the first 400 iterations (scaled)
-    c.schedule.warmup_steps = max(1, 400 * args.steps // 64_000)
-    c.schedule.warmup = 'constant'
-    c.schedule.warmup_lr = 0.01
-  c.optimizer.weight_decay = 1e-4
+  set_cifar_recipe(c, args, steps=args.steps)
   c.log_every_steps = max(1, min(100, args.steps // 64))
   c.eval_every_steps = max(1, args.steps // 16)  # 16 points of the test-error curve
   c.checkpoint_every_steps = c.eval_every_steps

@@ -173,6 +173,35 @@ def set_cifar_model(model: ml_collections.ConfigDict, args: ml_collections.Confi
   model.preact = args.preact
 
 
+def set_cifar_recipe(
+  c: ml_collections.ConfigDict, args: ml_collections.ConfigDict, steps: int
+) -> None:
+  """He et al. 2015 Sec. 4.2's CIFAR training recipe, shared by cifar.py and fashion_mnist.py.
+
+  Batch 128, SGD momentum 0.9 (the base config's), weight decay 1e-4, lr 0.1 divided by 10 at 50 %
+  and 75 % of `steps` (the paper's 32k and 48k of 64k), depth >= 110 warms up at lr 0.01 for the
+  paper's 400 of 64k iterations (scaled); pad/crop/flip, per-pixel mean; ghost BN of
+  `args.bn_group` (0: whole batch); `args.val` training images held out as 'validation'.
+  """
+  if steps <= 0:
+    raise ValueError(f'steps must be positive, got {steps}')
+  c.model.bn_group_size = args.bn_group or None
+  c.data.augment = 'cifar'
+  c.data.normalize = 'per_pixel_mean'
+  c.data.validation_size = args.val
+  c.data.eval_split = 'validation' if args.val else 'test'
+  c.batch_size = 128
+  c.num_train_steps = steps
+  c.schedule.name = 'piecewise'
+  c.schedule.base_lr = 0.1
+  c.schedule.boundaries = f'{steps // 2},{steps * 3 // 4}'
+  if args.depth >= 110:
+    c.schedule.warmup_steps = max(1, 400 * steps // 64_000)
+    c.schedule.warmup = 'constant'
+    c.schedule.warmup_lr = 0.01
+  c.optimizer.weight_decay = 1e-4
+
+
 def load_config_module(path: str):
   """Imports a config file such as `configs/paper.py` (configs/ is a folder of files, not a package)."""
   import importlib.util
