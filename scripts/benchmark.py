@@ -183,7 +183,7 @@ def main(argv=None):
     '--scan',
     action=argparse.BooleanOptionalAction,
     default=default_config.base_config().model.scan,
-    help='identical blocks as one scan (default: config.model.scan)',
+    help='identical blocks as one scan (default: config.model.scan: scanned on the CPU only)',
   )
   p.add_argument(
     '--remat',
@@ -251,7 +251,7 @@ def main(argv=None):
     'dtype': args.dtype,
     'block': spec.block,
     'preact': args.preact,
-    'scan': args.scan,
+    'scan': jb.model.scan,
     'remat': args.remat,
     'platform': dev.platform,
     'device_kind': dev.device_kind,
