@@ -184,7 +184,7 @@ def whole_image_probabilities(
   if not scales or any(int(s) < 1 for s in scales):
     raise ValueError(f'scales must be positive image sizes, got {list(scales)}')
   p, n_proc = jax.process_index(), jax.process_count()
-  if global_batch % jax.device_count() or global_batch < 1:
+  if global_batch % mesh.devices.size or global_batch < 1:
     raise ValueError(f'global batch {global_batch} does not divide over the devices')
   if not len(records):
     raise ValueError('the split is empty')
@@ -232,7 +232,8 @@ def metric_totals(per_example: PerExample, mesh: Mesh, num_examples: int) -> dic
   """`metric_sums` over the examples of every process (one sharded jit: sums span the processes)."""
   n_proc = jax.process_count()
   rows = math.ceil(num_examples / n_proc)
-  rows = math.ceil(rows / jax.local_device_count()) * jax.local_device_count()
+  local = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+  rows = math.ceil(rows / local) * local
   probs = per_example.probs
   classes = probs.shape[-1] if probs is not None else 1
   padded = {
