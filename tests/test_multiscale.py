@@ -1,5 +1,10 @@
 """He et al. 2015 Table 4 testing (issue 14 §3): whole image, shape buckets, exact-once, scales."""
 
+import json
+import socket
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +14,7 @@ from resnet_jax import multiscale
 from resnet_jax.data import augment
 from resnet_jax.models import create_model
 from resnet_jax.train_step import create_mesh
-from tests.runner import data_config
+from tests.runner import ROOT, data_config, env_with_devices
 
 
 def test_whole_image_shape_keeps_orientation_and_moves_the_long_side_to_a_stride_multiple():
@@ -155,3 +160,64 @@ def test_bad_inputs_raise():
     multiscale.network_stride(object())
   assert multiscale.network_stride(create_model('resnet18')) == 32
   assert multiscale.network_stride(create_model('resnet18', output_stride=16)) == 16
+
+
+_TWO_PROCESS = r"""
+import json, sys
+import jax
+jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+jax.distributed.initialize(
+  coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+import jax.numpy as jnp, numpy as np
+from resnet_jax import multiscale
+from resnet_jax.data import augment
+from resnet_jax.models import create_model
+from resnet_jax.train_step import create_mesh
+from tests.runner import data_config
+from tests.test_multiscale import SHAPES, _records
+model = create_model('resnet8', num_classes=5)
+variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)), train=False)
+records = _records(SHAPES)
+per = multiscale.whole_image_probabilities(
+  model.apply, variables, records, augment.Preprocessor('none', 8, 3), create_mesh(),
+  data_config(), scales=[8, 16], stride=4, global_batch=4, crops=2)
+totals = jax.device_get(multiscale.metric_totals(per, create_mesh(), len(records)))
+print(json.dumps({'indices': per.indices.tolist(), 'probs': per.probs.tolist(),
+                  'count': float(totals['count']), 'loss': float(totals['loss'])}))
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_split_the_examples_and_sum_the_metrics():
+  """Two JAX processes (2 CPU devices each, gloo): each scores its own examples; sums span both."""
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    address = f'localhost:{s.getsockname()[1]}'
+  procs = [
+    subprocess.Popen(
+      [sys.executable, '-c', _TWO_PROCESS, address, str(i)],
+      cwd=ROOT,
+      env=env_with_devices(2),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
+  outs = [p.communicate(timeout=300) for p in procs]
+  assert all(p.returncode == 0 for p in procs), outs[0][1][-2000:] + outs[1][1][-2000:]
+  got = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+  assert got[0]['indices'] == list(range(0, len(SHAPES), 2))
+  assert got[1]['indices'] == list(range(1, len(SHAPES), 2))
+  assert got[0]['count'] == got[1]['count'] == len(SHAPES)
+  model = create_model('resnet8', num_classes=5)
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)), train=False)
+  records = _records(SHAPES)
+  expected = np.stack([_direct(model, variables, r['image'], [8, 16], True) for r in records])
+  probs = np.zeros_like(expected)
+  for g in got:
+    probs[g['indices']] = g['probs']
+  np.testing.assert_allclose(probs, expected, atol=2e-6)
+  labels = np.array([r['label'] for r in records])
+  loss = -np.log(expected[np.arange(len(records)), labels]).sum()
+  assert got[0]['loss'] == pytest.approx(loss, rel=1e-5) and got[1]['loss'] == got[0]['loss']
