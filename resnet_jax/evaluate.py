@@ -29,7 +29,7 @@ from resnet_jax.train_step import device_batch, jit_eval_step, replicated
 
 @contextlib.contextmanager
 def _eval_iterator(config, split, crops):
-  """The split's batches for this process, closed on exit so no Grain worker outlives a failed eval."""
+  """This process's batches of the split, closed on exit: no Grain worker outlives a failed eval."""
   n_dev, n_proc = jax.device_count(), jax.process_count()
   global_batch = math.ceil(config.eval_batch_size / n_dev) * n_dev
   it = iter(

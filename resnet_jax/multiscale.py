@@ -1,4 +1,4 @@
-"""He et al. 2015 Table 4 testing: the whole image, fully convolutional, softmax averaged over scales.
+"""He et al. 2015 Table 4 testing: the whole image, fully convolutional, averaged over scales.
 
 Sec. 3.4: the shorter side is resized to S in {224, 256, 384, 480, 640}, the whole S x L image goes
 through the net (global average pooling makes any size work), and the class scores are averaged

@@ -221,3 +221,43 @@ def test_two_processes_split_the_examples_and_sum_the_metrics():
   labels = np.array([r['label'] for r in records])
   loss = -np.log(expected[np.arange(len(records)), labels]).sum()
   assert got[0]['loss'] == pytest.approx(loss, rel=1e-5) and got[1]['loss'] == got[0]['loss']
+
+
+def test_varied_size_jpegs_through_the_configured_pipeline(tmp_path):
+  """Encoded JPEGs of many sizes (header-read sizes, per-pixel mean resized to every shape)."""
+  from resnet_jax.data import generated, sources
+  from resnet_jax.data.device_preprocess import make_device_preprocess
+  from resnet_jax.evaluate import run_multiscale_evaluation
+
+  generated.prepare('tiny', str(tmp_path))
+  config = data_config(
+    name='generated_jpegs/tiny', data_dir=str(tmp_path), image_size=24, augment='imagenet'
+  )
+  config.eval_batch_size = 8
+  model = create_model('resnet8', num_classes=5)
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 24, 24, 3)), train=False)
+  mesh = create_mesh()
+  result = run_multiscale_evaluation(
+    model.apply, variables, config, mesh, scales=[24, 32], stride=4, split='test'
+  )
+  assert result['num_examples'] == 10
+  source = sources.open_split(config, 'test')
+  assert source.encoded
+  normalizer = make_device_preprocess(config).normalizer
+  pre = augment.Preprocessor('imagenet', 24, 3)
+  per = multiscale.whole_image_probabilities(
+    model.apply, variables, source.records, pre, mesh, config,
+    scales=[24, 32], stride=4, global_batch=8, normalizer=normalizer,
+  )  # fmt: skip
+  shapes = set()
+  for i, probs in zip(per.indices, per.probs):
+    image = source.records[int(i)]['image']
+    h, w = augment.image_hw(image, 3)
+    direct = []
+    for s in (24, 32):
+      shape = augment.whole_image_shape(h, w, s, 4)
+      shapes.add(shape)
+      x = normalizer(pre.whole_image(image, shape))[None]
+      direct.append(np.asarray(jax.nn.softmax(model.apply(variables, x, train=False)))[0])
+    np.testing.assert_allclose(probs, np.mean(direct, axis=0), atol=2e-6)
+  assert len(shapes) > 4  # really varied: portrait, landscape, several lengths

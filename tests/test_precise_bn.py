@@ -1,4 +1,4 @@
-"""Precise BN (issue 14 §3): exact average of per-batch BN statistics; evaluate only reads the run."""
+"""Precise BN (issue 14 §3): the exact average of per-batch BN statistics; evaluate only reads."""
 
 import hashlib
 import os
