@@ -124,6 +124,17 @@ def test_evaluate_cli_matches_the_training_run(tmp_path):
   )
   assert ten.returncode == 0, ten.stderr[-3000:]
   assert json.loads(ten.stdout.strip().splitlines()[-1])['num_examples'] == 360
+  table4 = subprocess.run(
+    cmd + ['--scales=8,12', '--crops=2', '--precise-bn=2'],
+    cwd=ROOT,
+    env=env_with_devices(4),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert table4.returncode == 0, table4.stderr[-3000:]
+  got = json.loads(table4.stdout.strip().splitlines()[-1])
+  assert got['num_examples'] == 360 and got['scales'] == [8, 12] and got['precise_bn_batches'] == 2
   bad = subprocess.run(
     cmd[:-1] + [f'--workdir={tmp_path}/nothing'],
     cwd=ROOT,
