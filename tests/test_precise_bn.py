@@ -1,7 +1,11 @@
 """Precise BN (issue 14 §3): the exact average of per-batch BN statistics; evaluate only reads."""
 
 import hashlib
+import json
 import os
+import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +16,7 @@ from resnet_jax import evaluate, precise_bn, runtime, train
 from resnet_jax.default_config import load_sibling_config
 from resnet_jax.models import create_model
 from resnet_jax.train_step import create_mesh
-from tests.runner import ROOT
+from tests.runner import ROOT, env_with_devices
 
 
 @pytest.mark.parametrize('group,devices', [(None, 1), (2, 4)])
@@ -84,6 +88,29 @@ def test_evaluate_precise_bn_changes_the_statistics_in_memory_only(trained):
   old, new = model.variables['batch_stats']['bn1'], recomputed['batch_stats']['bn1']
   assert not np.allclose(old['mean'], new['mean'])
   assert _tree_digest(trained) == before  # byte-identical: nothing written, nothing touched
+
+
+def test_cli_with_grain_workers_table4_and_precise_bn(trained, tmp_path):
+  """ImageNet configs read with Grain worker processes: the CLI must run them (absl flags)."""
+  workdir = str(tmp_path / 'copy')
+  shutil.copytree(trained, workdir)
+  with open(os.path.join(workdir, 'config.json')) as f:
+    config = json.load(f)
+  config['data']['num_workers'] = 1
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    json.dump(config, f)
+  cmd = [sys.executable, '-m', 'resnet_jax.evaluate', f'--workdir={workdir}']
+  out = subprocess.run(
+    cmd + ['--precise-bn=1', '--scales=8,12'],
+    cwd=ROOT,
+    env=env_with_devices(2),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert out.returncode == 0, out.stderr[-3000:]
+  got = json.loads(out.stdout.strip().splitlines()[-1])
+  assert got['num_examples'] == 360 and got['precise_bn_batches'] == 1
 
 
 @pytest.mark.parametrize('bad', ['0', '-2', 'many', '1.5'])
