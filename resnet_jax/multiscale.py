@@ -18,7 +18,9 @@ the device, averaged with the image, as VGG's dense evaluation does).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import math
 from typing import Any, Callable, Sequence
 
@@ -33,6 +35,8 @@ from jax.sharding import PartitionSpec as P
 from resnet_jax.data import augment as augment_lib
 from resnet_jax.data.pipeline import _finish as prefetched
 from resnet_jax.train_step import batch_sharding, device_batch, metric_sums, replicated
+
+logger = logging.getLogger(__name__)
 
 _SIZE_CHUNK = 256  # examples per host batch of the size pass
 
@@ -118,7 +122,8 @@ def gather_sizes(
   local = np.full((rows, 3), -1, np.int64)
   if len(own):
     ds = grain.MapDataset.source(own).map(_SizeAndLabel(records, channels)).batch(_SIZE_CHUNK)
-    local[: len(own)] = np.concatenate(list(prefetched(ds, config)))
+    with contextlib.closing(iter(prefetched(ds, config))) as chunks:
+      local[: len(own)] = np.concatenate(list(chunks))
   if process_count > 1:
     every = np.asarray(multihost_utils.process_allgather(local))  # [P, rows, 3]
   else:
@@ -216,11 +221,17 @@ def whole_image_probabilities(
       np.add.at(hits, indices[keep] // n_proc, 1)
     pending.clear()
 
-  for indices, images in zip(batch_indices, prefetched(ds.batch(local_batch), config)):
-    out = probs_fn(variables, device_batch({'image': images}, mesh, ('image',))['image'])
-    flush()  # the previous batch's result, while this one computes
-    pending.append((indices, out))
-  flush()
+  for scale in scales:
+    mine = [b for b in buckets if b.scale == scale]
+    logger.info(
+      'scale %d: %d shapes, %d batches', scale, len(mine), sum(len(b.indices) for b in mine)
+    )
+  with contextlib.closing(iter(prefetched(ds.batch(local_batch), config))) as batches:
+    for indices, images in zip(batch_indices, batches):
+      out = probs_fn(variables, device_batch({'image': images}, mesh, ('image',))['image'])
+      flush()  # the previous batch's result, while this one computes
+      pending.append((indices, out))
+    flush()
   own = np.arange(p, len(records), n_proc)
   if not np.all(hits[: len(own)] == len(scales)) or np.any(hits[len(own) :]):
     raise RuntimeError('multi-scale plan error: an example was not seen once per scale')
