@@ -98,11 +98,13 @@ def run_multiscale_evaluation(
   `stride`: the net's total stride (`multiscale.network_stride(model)`); images are batched by
   shape, the longer side moved to a whole number of strides (see `resnet_jax.multiscale`).
   crops: 1, or 2 (the image and its horizontal flip). `preprocess`: the run's
-  `DevicePreprocess` (its normaliser is applied at each input shape).
+  `DevicePreprocess` (its normaliser is applied at each input shape; an object without a
+  `normalizer` leaves the pixel values as they are).
   """
   split = split or str(config.data.eval_split)
   source = sources.open_split(config, split)
   preprocess = preprocess or make_device_preprocess(config)
+  n_dev = mesh.devices.size
   per_example = multiscale.whole_image_probabilities(
     apply_fn,
     variables,
@@ -112,7 +114,7 @@ def run_multiscale_evaluation(
     config,
     scales=scales,
     stride=stride,
-    global_batch=math.ceil(config.eval_batch_size / jax.device_count()) * jax.device_count(),
+    global_batch=math.ceil(config.eval_batch_size / n_dev) * n_dev,
     normalizer=getattr(preprocess, 'normalizer', None),
     crops=crops,
   )
