@@ -4,57 +4,47 @@
 [--split=NAME] [--crops=1|10]` restores a run's newest checkpoint and prints one JSON object with
 `loss`, `top1_error`, `top5_error`, `num_examples`. The input pipeline pads the last batch and
 marks padding with `mask=False`; the eval step sums only masked-in examples, so nothing is dropped
-or counted twice.
+or counted twice. `--scales` is He et al. 2015 Table 4's whole-image multi-scale testing
+(`resnet_jax.multiscale`); `--precise-bn N` first recomputes the BN statistics over N training
+batches (`resnet_jax.precise_bn`), in memory only: the workdir is never written.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
-import functools
 import json
 import math
 from typing import Any, Callable, Sequence
 
 import jax
 import ml_collections
+from absl import flags
 from jax.sharding import Mesh
 
-from resnet_jax import cli, data, runtime
+from resnet_jax import cli, data, multiscale, precise_bn, runtime
+from resnet_jax.data import sources
 from resnet_jax.data.device_preprocess import make_device_preprocess
-from resnet_jax.train_step import (
-  batch_sharding,
-  device_batch,
-  eval_probabilities,
-  jit_eval_step,
-  metric_sums,
-  replicated,
-)
+from resnet_jax.train_step import device_batch, jit_eval_step, replicated
 
 
 @contextlib.contextmanager
-def _eval_iterators(config, split, crops, scales):
-  """One batch iterator per scale, closed on exit so no Grain worker outlives a failed eval."""
+def _eval_iterator(config, split, crops):
+  """This process's batches of the split, closed on exit: no Grain worker outlives a failed eval."""
   n_dev, n_proc = jax.device_count(), jax.process_count()
   global_batch = math.ceil(config.eval_batch_size / n_dev) * n_dev
-  with contextlib.ExitStack() as stack:
-    yield [
-      stack.enter_context(
-        contextlib.closing(
-          iter(
-            data.create_eval_iterator(
-              config,
-              split=split,
-              local_batch_size=global_batch // n_proc,
-              process_index=jax.process_index(),
-              process_count=n_proc,
-              crops=crops,
-              scale=scale,
-            )
-          )
-        )
-      )
-      for scale in scales
-    ]
+  it = iter(
+    data.create_eval_iterator(
+      config,
+      split=split,
+      local_batch_size=global_batch // n_proc,
+      process_index=jax.process_index(),
+      process_count=n_proc,
+      crops=crops,
+    )
+  )
+  with contextlib.closing(it):
+    yield it
 
 
 def _finish(totals: Any, split: str | None, config) -> dict[str, float]:
@@ -84,7 +74,7 @@ def run_evaluation(
   `eval_step(variables, batch)` is `train_step.jit_eval_step(...)`: it returns metric sums.
   """
   totals = None
-  with _eval_iterators(config, split, crops, [None]) as (batches,):
+  with _eval_iterator(config, split, crops) as batches:
     for local in batches:
       sums = eval_step(variables, device_batch(local, mesh, ('image', 'label', 'mask')))
       totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
@@ -98,30 +88,37 @@ def run_multiscale_evaluation(
   mesh: Mesh,
   *,
   scales: list[int],
+  stride: int,
   split: str | None = None,
   crops: int = 1,
-  preprocess: Callable | None = None,
+  preprocess: Any = None,
 ) -> dict[str, float]:
-  """The paper's fully-convolutional multi-scale testing: softmax averaged over scales.
+  """He et al. 2015 Table 4: the whole image at shorter side S, softmax averaged over `scales`.
 
-  Each scale resizes the shorter side to S and takes the centred S x S square (crops=2 adds its
-  flip); the iterators of all scales yield the same examples in the same order, so they are
-  walked in lockstep and each example's probabilities are averaged before scoring.
+  `stride`: the net's total stride (`multiscale.network_stride(model)`); images are batched by
+  shape, the longer side moved to a whole number of strides (see `resnet_jax.multiscale`).
+  crops: 1, or 2 (the image and its horizontal flip). `preprocess`: the run's
+  `DevicePreprocess` (its normaliser is applied at each input shape; an object without a
+  `normalizer` leaves the pixel values as they are).
   """
-  sharding = batch_sharding(mesh)
-  preprocess = preprocess or make_device_preprocess(config)  # uint8 batches -> model input
-  probs_fn = jax.jit(
-    functools.partial(eval_probabilities, apply_fn, preprocess=preprocess), out_shardings=sharding
+  split = split or str(config.data.eval_split)
+  source = sources.open_split(config, split)
+  preprocess = preprocess or make_device_preprocess(config)
+  n_dev = mesh.devices.size
+  per_example = multiscale.whole_image_probabilities(
+    apply_fn,
+    variables,
+    source.records,
+    data.make_preprocessor(config),
+    mesh,
+    config,
+    scales=scales,
+    stride=stride,
+    global_batch=math.ceil(config.eval_batch_size / n_dev) * n_dev,
+    normalizer=getattr(preprocess, 'normalizer', None),
+    crops=crops,
   )
-  sums_fn = jax.jit(metric_sums, out_shardings=replicated(mesh))
-  totals = None
-  with _eval_iterators(config, split, crops, scales) as per_scale_batches:
-    for per_scale in zip(*per_scale_batches):
-      batches = [device_batch(b, mesh, ('image', 'label', 'mask')) for b in per_scale]
-      probs = sum(probs_fn(variables, b['image']) for b in batches) / len(scales)
-      sums = sums_fn(probs, batches[0]['label'], batches[0]['mask'])
-      totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
-  return _finish(totals, split, config)
+  return _finish(multiscale.metric_totals(per_example, mesh, len(source)), split, config)
 
 
 def evaluate_workdir(
@@ -131,8 +128,13 @@ def evaluate_workdir(
   crops: int | None = None,
   batch_size: int | None = None,
   scales: list[int] | None = None,
+  precise_bn_batches: int | None = None,
 ) -> dict[str, Any]:
-  """Evaluates the newest good checkpoint of a training run, without writing to its workdir."""
+  """Evaluates the newest good checkpoint of a training run, without writing to its workdir.
+
+  `scales`: Table 4's whole-image multi-scale testing. `precise_bn_batches`: first recompute the
+  BN statistics over that many training batches (`resnet_jax.precise_bn`), in memory only.
+  """
   trained = runtime.load_trained_model(
     workdir, {'eval_batch_size': batch_size} if batch_size else None
   )
@@ -140,6 +142,8 @@ def evaluate_workdir(
   config, mesh = experiment.config, experiment.mesh
   split = split or config.data.eval_split
   variables = jax.device_put(trained.variables, replicated(mesh))
+  if precise_bn_batches is not None:
+    variables = precise_bn.precise_bn_for_experiment(experiment, variables, precise_bn_batches)
   if scales:
     result = run_multiscale_evaluation(
       experiment.model.apply,
@@ -147,6 +151,7 @@ def evaluate_workdir(
       config,
       mesh,
       scales=scales,
+      stride=multiscale.network_stride(experiment.model),
       split=split,
       crops=crops or 1,
       preprocess=experiment.preprocess,
@@ -159,7 +164,26 @@ def evaluate_workdir(
     )
   result['split'] = split
   result['step'] = int(trained.step)
+  if precise_bn_batches is not None:
+    result['precise_bn_batches'] = int(precise_bn_batches)
   return result
+
+
+def _positive_int(text: str) -> int:
+  try:
+    value = int(text)
+  except ValueError:
+    value = 0
+  if value < 1:
+    raise argparse.ArgumentTypeError(f'expected a positive integer, got {text!r}')
+  return value
+
+
+def _scales(text: str) -> list[int]:
+  parts = [x for x in text.split(',') if x.strip()]
+  if not parts or not all(x.strip().isdigit() and int(x) > 0 for x in parts):
+    raise argparse.ArgumentTypeError(f'expected positive sizes like 224,256,384, got {text!r}')
+  return [int(x) for x in parts]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -171,17 +195,27 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument(
     '--crops',
     type=int,
-    choices=[1, 10],
-    help="crops per image: 1, or 10 (the paper's 10-crop testing)",
+    choices=[1, 2, 10],
+    help="crops per image: 1, 2 (with its flip), or 10 (the paper's 10-crop testing); "
+    'with --scales 1 or 2',
   )
   parser.add_argument('--batch-size', type=int, help='global eval batch size')
   parser.add_argument(
     '--scales',
-    type=lambda text: [int(x) for x in text.split(',') if x],
-    help="multi-scale testing, e.g. 224,256,384,480,640 (the paper's ImageNet "
-    'setting): softmax averaged over the scales',
+    type=_scales,
+    help='He et al. 2015 Table 4 testing, e.g. 224,256,384,480,640: the whole image with its '
+    'shorter side at each scale, softmax averaged over the scales',
+  )
+  parser.add_argument(
+    '--precise-bn',
+    type=_positive_int,
+    metavar='N',
+    help='recompute the BN statistics as the average over N training batches first '
+    '(in memory only)',
   )
   args = parser.parse_args(argv)
+  if not flags.FLAGS.is_parsed():  # Grain's worker processes (data.num_workers > 0) read absl flags
+    flags.FLAGS.mark_as_parsed()
   try:
     result = evaluate_workdir(
       args.workdir,
@@ -189,6 +223,7 @@ def main(argv: Sequence[str] | None = None) -> None:
       crops=args.crops,
       batch_size=args.batch_size,
       scales=args.scales,
+      precise_bn_batches=args.precise_bn,
     )
   except (ValueError, FileNotFoundError, PermissionError) as e:  # one clear line, no traceback
     cli.fail(e)

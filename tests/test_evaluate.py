@@ -14,6 +14,7 @@ from resnet_jax import train
 from resnet_jax.default_config import load_sibling_config
 from resnet_jax.evaluate import run_evaluation, run_multiscale_evaluation
 from resnet_jax.models import create_model
+from resnet_jax.multiscale import network_stride
 from resnet_jax.train_step import create_mesh, init_state, jit_eval_step, model_variables
 from tests.runner import ROOT, env_with_devices, results, run_main
 
@@ -52,14 +53,21 @@ def test_result_does_not_depend_on_batch_or_devices():
 
 
 def test_multiscale_averages_over_scales():
+  """Table 4 testing through the configured pipeline: equals the mean of single-scale runs' probs."""
   config = load_sibling_config(CONFIGS, 'digits').get_config('depth=8')
   config.eval_batch_size = 100
   mesh = create_mesh()
   variables, _, model = _digits_state(mesh)
+  assert network_stride(model) == 4
   result = run_multiscale_evaluation(
-    model.apply, variables, config, mesh, scales=[8, 12], split='test'
+    model.apply, variables, config, mesh, scales=[8, 12], stride=4, split='test', crops=2
   )
   assert result['num_examples'] == 360
+  assert 0.0 <= result['top5_error'] <= result['top1_error'] <= 1.0
+  with pytest.raises(ValueError, match='crops 1 or 2'):
+    run_multiscale_evaluation(
+      model.apply, variables, config, mesh, scales=[8], stride=4, split='test', crops=10
+    )
 
 
 def test_cifar_config_trains_and_evaluates_under_mock_data(tmp_path):
@@ -116,6 +124,17 @@ def test_evaluate_cli_matches_the_training_run(tmp_path):
   )
   assert ten.returncode == 0, ten.stderr[-3000:]
   assert json.loads(ten.stdout.strip().splitlines()[-1])['num_examples'] == 360
+  table4 = subprocess.run(
+    cmd + ['--scales=8,12', '--crops=2', '--precise-bn=2'],
+    cwd=ROOT,
+    env=env_with_devices(4),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert table4.returncode == 0, table4.stderr[-3000:]
+  got = json.loads(table4.stdout.strip().splitlines()[-1])
+  assert got['num_examples'] == 360 and got['scales'] == [8, 12] and got['precise_bn_batches'] == 2
   bad = subprocess.run(
     cmd[:-1] + [f'--workdir={tmp_path}/nothing'],
     cwd=ROOT,

@@ -16,7 +16,8 @@ Modes (`config.data.augment`):
                train split's RGB covariance).
 - 'inception': random-resized crop (area 8%-100%, aspect 3/4-4/3) + flip.
 Eval ('imagenet'/'inception'): shorter side resized to image_size*256/224, then centre / 10 crops;
-`scale=S` gives the paper's fully-convolutional testing input: shorter side S, centre S x S.
+`scale=S` gives a centred S x S square at shorter side S. The paper's Table 4 testing uses the
+whole image instead (`whole_image_shape`, `Preprocessor.whole_image`, `resnet_jax.multiscale`).
 """
 
 from __future__ import annotations
@@ -150,6 +151,30 @@ def _crop_opencv(
   return out[..., None] if grey else out[..., ::-1]
 
 
+def image_hw(image: Any, channels: int) -> tuple[int, int]:
+  """(height, width) of a stored image; encoded bytes: read from the header, no decode."""
+  if isinstance(image, np.ndarray) and image.dtype.kind not in 'SO':
+    return int(image.shape[0]), int(image.shape[1])
+  w, h = open_image(image, channels).size
+  return int(h), int(w)
+
+
+def whole_image_shape(h: int, w: int, short: int, step: int) -> tuple[int, int]:
+  """(H, W) of an h x w image for whole-image testing at scale `short` (orientation kept).
+
+  The shorter side becomes `short`; the longer becomes `short` plus the multiple of `step` nearest
+  to `short * aspect - short` (ties round up), so images of similar aspect share one shape and
+  batch together. With `short` a multiple of `step` (the paper's scales and a stride-32 net) the
+  longer side is the stride multiple nearest to `short * aspect`: it is off by at most `step / 2`
+  pixels, and exact whenever `short * aspect` already is such a value. Square images stay square.
+  """
+  if min(h, w) < 1 or short < 1 or step < 1:
+    raise ValueError(f'bad whole-image geometry: {h}x{w} image, scale {short}, step {step}')
+  extra = short * max(h, w) / min(h, w) - short
+  long = short + step * math.floor(extra / step + 0.5)
+  return (short, long) if h <= w else (long, short)
+
+
 def center_crop(array: np.ndarray, size: int) -> np.ndarray:
   h, w = array.shape[:2]
   top, left = (h - size) // 2, (w - size) // 2
@@ -264,6 +289,19 @@ class Preprocessor:
     return np.ascontiguousarray(
       eval_views(self.base_uint8(image), crops, self.image_size, self.pad)
     )
+
+  def whole_image(self, image: Any, shape: tuple[int, int]) -> np.ndarray:
+    """The whole image resized to `shape` = (H, W), uint8 [H, W, C] (Table 4's test input).
+
+    JPEGs are decoded at the smallest DCT scale still at least `shape`, then resized (bilinear,
+    antialiased when shrinking, as every other eval resize here).
+    """
+    h, w = (int(v) for v in shape)
+    if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.shape[:2] == (h, w):
+      return image if image.ndim == 3 else image[..., None]
+    img = decode(open_image(image, self.channels), self.channels, (w, h))
+    img = img if img.size == (w, h) else img.resize((w, h), Image.BILINEAR)
+    return np.ascontiguousarray(to_array(img, self.channels))
 
   def train(self, image: Any, rng: np.random.Generator) -> np.ndarray:
     """One uint8 [image_size, image_size, C] training input (random geometry and flip applied).
