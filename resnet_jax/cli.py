@@ -31,6 +31,15 @@ class ArgumentParser(argparse.ArgumentParser):
       kwargs['dest'] = names[0].lstrip('-').replace('-', '_')
     return super().add_argument(*spellings, **kwargs)
 
+  def parse_args(self, *args: Any, **kwargs: Any) -> argparse.Namespace:
+    """Also marks absl's flags parsed (their defaults): Grain's worker processes read them, and an
+    argparse entry point with `data.num_workers > 0` would otherwise fail in the workers."""
+    from absl import flags  # pylint: disable=g-import-not-at-top
+
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
+    return super().parse_args(*args, **kwargs)
+
   def format_help(self) -> str:
     # The dashed spelling first: it is the documented one.
     for action in self._actions:

@@ -19,7 +19,6 @@ from typing import Any, Callable, Sequence
 
 import jax
 import ml_collections
-from absl import flags
 from jax.sharding import Mesh
 
 from resnet_jax import cli, data, multiscale, precise_bn, runtime
@@ -214,8 +213,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     '(in memory only)',
   )
   args = parser.parse_args(argv)
-  if not flags.FLAGS.is_parsed():  # Grain's worker processes (data.num_workers > 0) read absl flags
-    flags.FLAGS.mark_as_parsed()
   try:
     result = evaluate_workdir(
       args.workdir,
