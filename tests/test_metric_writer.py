@@ -61,7 +61,7 @@ def fake_gcs(tmp_path, monkeypatch):
 
   monkeypatch.setattr(tensorboardX, 'SummaryWriter', RecordingWriter)
   # With TensorFlow installed epath would pick tf.io.gfile for gs://, which mock_epath leaves.
-  monkeypatch.setattr(epath.gpath, '_is_tf_installed', lambda: False)
+  monkeypatch.setattr(epath.gpath, '_is_tf_installed', lambda: False, raising=False)
   with epath_testing.mock_epath(
     open=open_,
     exists=one,
@@ -123,6 +123,7 @@ def test_is_remote():
 
 
 def test_tensorboard_event_files_read_back(tmp_path):
+  pytest.importorskip('tensorboard', reason='the reader: pip install -e ".[tensorboard]"')
   from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
   writer = MetricWriter(str(tmp_path), enabled=True)
