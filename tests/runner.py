@@ -1,9 +1,11 @@
-"""Runs `python -m resnet_jax.main` in a subprocess, as a user would (helpers for CLI tests)."""
+"""Runs the CLIs (`resnet_jax.main`, `data.prepare`) in subprocesses, as a user would, and the
+assertions and workdir surgery that CLI tests share."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -129,8 +131,6 @@ def assert_ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 
 def copy_unfinished(workdir: str, dest: str) -> str:
   """A copy of a finished run without its results.json: rerunning it resumes from checkpoints."""
-  import shutil
-
   shutil.copytree(workdir, dest)
   os.remove(os.path.join(dest, 'results.json'))
   return dest
