@@ -3,6 +3,11 @@
 Only process 0 writes (every process computes the same global metrics). `metrics.jsonl` is
 appended and flushed at each point so a crash loses nothing that was logged; on resume, points
 past the restored step are dropped first so the file reads like one uninterrupted run.
+
+Object stores (gs://, s3://) cannot append: gcsfs silently turns mode 'a' into 'w' (each point
+would replace the file), TensorFlow's GCS file system re-uploads on close. On such a workdir the
+writer keeps the file's lines in memory and rewrites the whole object at each point, so the
+object always holds every point in the local file's format.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ class MetricWriter:
   def __init__(self, workdir: str | epath.Path, *, enabled: bool | None = None):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self.path = epath.Path(workdir) / 'metrics.jsonl'
+    self._remote = is_remote(workdir)
+    self._lines: list[str] | None = None  # remote only: the object's lines, read once
     self._tb = None
     if self.enabled:
       from tensorboardX import SummaryWriter  # imported lazily: only process 0 needs it
@@ -35,7 +42,7 @@ class MetricWriter:
     """Drops records logged after `step` (they belong to work lost in an interruption)."""
     if not self.enabled or not self.path.exists():
       return
-    lines = [l + '\n' for l in self.path.read_text().splitlines() if l.strip()]
+    lines = _read_lines(self.path)
     kept = []
     for line in lines:
       try:
@@ -45,14 +52,23 @@ class MetricWriter:
         continue
     if len(kept) != len(lines):
       write_atomic(self.path, ''.join(kept))
+    if self._remote:
+      self._lines = kept
 
   def write(self, step: int, split: str, values: dict[str, Any]) -> None:
     if not self.enabled:
       return
     record = {'step': int(step), 'split': split}
     record.update({k: _plain(v) for k, v in values.items()})
-    with self.path.open('a') as f:
-      f.write(json.dumps(record) + '\n')
+    line = json.dumps(record) + '\n'
+    if self._remote:
+      if self._lines is None:
+        self._lines = _read_lines(self.path)
+      self._lines.append(line)
+      self.path.write_text(''.join(self._lines))  # one object write: never a partial file
+    else:
+      with self.path.open('a') as f:
+        f.write(line)
     for k, v in record.items():
       if k not in ('step', 'split') and isinstance(v, (int, float)) and math.isfinite(v):
         self._tb.add_scalar(f'{split}/{k}', v, step)
@@ -66,6 +82,18 @@ class MetricWriter:
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+
+
+def is_remote(workdir: str | epath.PathLike) -> bool:
+  """True for object-store URIs (gs://, s3://, ...), where files cannot be appended to."""
+  text = str(workdir)
+  return '://' in text and not text.startswith('file://')
+
+
+def _read_lines(path: epath.Path) -> list[str]:
+  if not path.exists():
+    return []
+  return [l + '\n' for l in path.read_text().splitlines() if l.strip()]
 
 
 def _plain(v: Any) -> Any:

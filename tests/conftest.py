@@ -1,6 +1,10 @@
-"""Test setup: simulate 4 CPU devices (before JAX is imported) and keep everything offline."""
+"""Test setup: simulate 4 CPU devices (before JAX is imported), keep everything offline, share
+one XLA compilation cache, and the torch/torchvision fixtures of the `[torch]` tests."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=4')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
@@ -8,7 +12,79 @@ os.environ.setdefault(
   'TFDS_DATA_DIR', os.path.join(os.path.dirname(__file__), '..', '.pytest_cache', 'tfds')
 )
 
+# One XLA compilation cache per test session, shared by this process and every CLI run the
+# tests spawn (they inherit the environment): the same ResNet-8 train/eval steps are otherwise
+# compiled afresh by each of ~100 processes. A cache hit loads the executable XLA compiled, so
+# results are bit-identical; a fresh directory per session keeps each session independent.
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  _cache = tempfile.mkdtemp(prefix='resnet_jax_tests_xla_cache_')
+  atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = _cache
+  os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.2')
+
 # Grain's worker processes read absl flags; tests run outside absl.app, so use the defaults.
 from absl import flags  # noqa: E402
 
 flags.FLAGS.mark_as_parsed()
+
+import importlib.util  # noqa: E402
+import sys  # noqa: E402
+import types  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope='session')
+def torch():
+  """The optional `[torch]` extra; tests that take it are skipped without it."""
+  return pytest.importorskip(
+    'torch', reason='torch is an optional extra: pip install -e ".[torch]"'
+  )
+
+
+@pytest.fixture(scope='session')
+def tv(torch):
+  """``torchvision.models.resnet``.
+
+  The only torchvision wheels on PyPI for recent torch are CUDA builds whose compiled ops cannot
+  load without CUDA ("operator torchvision::nms does not exist"); the ResNet definitions are pure
+  Python, so then we import the subpackage without running ``torchvision/__init__`` (which registers
+  those ops). The model code used is torchvision's own either way.
+  """
+  spec = importlib.util.find_spec('torchvision')
+  if spec is None:
+    pytest.skip('torchvision is an optional extra: pip install -e ".[torch]"')
+  try:
+    from torchvision.models import resnet
+
+    return resnet
+  except (RuntimeError, OSError):
+    for name in [m for m in sys.modules if m == 'torchvision' or m.startswith('torchvision.')]:
+      del sys.modules[name]
+    package = types.ModuleType('torchvision')
+    package.__path__ = list(spec.submodule_search_locations)
+    package.__spec__ = spec
+    sys.modules['torchvision'] = package
+    from torchvision.models import resnet
+
+    return resnet
+
+
+@pytest.fixture(scope='session')
+def random_torchvision(torch, tv):
+  """`random_torchvision(name, seed=0, **kwargs)`: a torchvision model in eval mode with random
+  weights and randomised BN affine + statistics (stricter than trained weights: every BN counts)."""
+
+  def build(name, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    model = getattr(tv, name)(**kwargs).eval()
+    with torch.no_grad():
+      for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+          m.weight.uniform_(0.5, 1.5)
+          m.bias.normal_(0.0, 0.2)
+          m.running_mean.normal_(0.0, 0.2)
+          m.running_var.uniform_(0.5, 2.0)
+    return model
+
+  return build

@@ -1,9 +1,11 @@
-"""Runs `python -m resnet_jax.main` in a subprocess, as a user would (helpers for CLI tests)."""
+"""Runs the CLIs (`resnet_jax.main`, `data.prepare`) in subprocesses, as a user would, and the
+assertions and workdir surgery that CLI tests share."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -67,6 +69,18 @@ def start_main(
   )
 
 
+def run_prepare(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+  """`python -m resnet_jax.data.prepare ARGS` as a user runs it."""
+  return subprocess.run(
+    [sys.executable, '-m', 'resnet_jax.data.prepare', *args],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    env=env,
+  )
+
+
 def wait_for(predicate, timeout: float = 300, interval: float = 0.05) -> None:
   deadline = time.time() + timeout
   while not predicate():
@@ -96,3 +110,47 @@ def data_config(**overrides):
   config.data.image_size = 8
   config.data.update(overrides)
   return config
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
+  """The bad-input promise: exit status 1, no traceback, a last stderr line `error: ...` that
+  names every needle. Returns that line."""
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith('error: '), last
+  for needle in needles:
+    assert needle in last, last
+  return last
+
+
+def assert_ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc
+
+
+def copy_unfinished(workdir: str, dest: str) -> str:
+  """A copy of a finished run without its results.json: rerunning it resumes from checkpoints."""
+  shutil.copytree(workdir, dest)
+  os.remove(os.path.join(dest, 'results.json'))
+  return dest
+
+
+def state_files(checkpoint_dir: str, arrays_only: bool = False) -> list[str]:
+  """The files of a checkpoint's `state` item, largest last; `arrays_only`: the array data files
+  (under its `d/` directories) only."""
+  found = [
+    os.path.join(d, n)
+    for d, _, files in os.walk(os.path.join(checkpoint_dir, 'state'))
+    for n in files
+    if not arrays_only or os.path.basename(d) == 'd'
+  ]
+  return sorted(found, key=os.path.getsize)
+
+
+def truncate(paths: list[str], fraction: int = 3) -> None:
+  """Cuts each file to 1/fraction of its size (a torn write)."""
+  assert paths
+  for path in paths:
+    with open(path, 'r+b') as f:
+      f.truncate(os.path.getsize(path) // fraction)

@@ -13,7 +13,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from test_convert import random_torchvision, torch, tv  # noqa: F401  (fixtures)
 
 from resnet_jax import convert, optim, summary
 from resnet_jax.default_config import base_config
@@ -38,15 +37,17 @@ def abstract(model, size):
     ('resnext50_32x4d', 16),
   ],
 )
-def test_features_match_torchvision_intermediate_layer_getter(torch, tv, name, output_stride):
+def test_features_match_torchvision_intermediate_layer_getter(
+  torch, random_torchvision, name, output_stride
+):
   from torchvision.models._utils import IntermediateLayerGetter
 
   kwargs = {} if output_stride == 32 else {'replace_stride_with_dilation': DILATE[output_stride]}
-  reference = IntermediateLayerGetter(random_torchvision(torch, tv, name, **kwargs), RETURN_LAYERS)
+  reference = IntermediateLayerGetter(random_torchvision(name, **kwargs), RETURN_LAYERS)
   x = np.random.default_rng(0).standard_normal((2, 64, 64, 3)).astype(np.float32)
   with torch.no_grad():
     ref = reference(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))))
-  state_dict = random_torchvision(torch, tv, name, **kwargs).state_dict()
+  state_dict = random_torchvision(name, **kwargs).state_dict()
   variables = convert.from_torchvision(state_dict, name, features_only=True)
   assert 'fc' not in variables['params']
   model = create_model(name, features_only=True, output_stride=output_stride)
@@ -207,14 +208,16 @@ def test_summary_prints_feature_shapes_and_strides(capsys):
 
 
 @pytest.mark.slow
-def test_finetune_resnext_with_frozen_bn_and_stages_from_converted_weights(torch, tv, tmp_path):
+def test_finetune_resnext_with_frozen_bn_and_stages_from_converted_weights(
+  torch, random_torchvision, tmp_path
+):
   """configs/finetune.py on a converted ResNeXt: frozen stages and BN statistics come out as
   converted, the rest trains (weight decay and momentum included)."""
   from resnet_jax import checkpointing
   from tests.runner import results, run_main
 
   weights, converted, workdir = tmp_path / 'rx.pth', tmp_path / 'converted', tmp_path / 'ft'
-  torch.save(random_torchvision(torch, tv, 'resnext50_32x4d', seed=8).state_dict(), weights)
+  torch.save(random_torchvision('resnext50_32x4d', seed=8).state_dict(), weights)
   convert.main(
     [
       '--arch',
@@ -238,6 +241,7 @@ def test_finetune_resnext_with_frozen_bn_and_stages_from_converted_weights(torch
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert results(str(workdir))['step'] == 2
   final, _ = checkpointing.restore_model_variables(str(workdir))
+  final = layout.convert_layout(final, layout.UNROLLED)  # CPU runs default to scanned stages
   start = convert.adapt_input_channels(
     convert.from_torchvision(torch.load(weights), 'resnext50_32x4d'), 1
   )

@@ -5,11 +5,9 @@ torchvision's weights cannot be downloaded here, so models get random weights an
 statistics (which is a stricter test than trained weights: every BN matters).
 """
 
-import importlib.util
 import os
 import subprocess
 import sys
-import types
 
 import jax
 import jax.numpy as jnp
@@ -31,55 +29,6 @@ def test_core_package_does_not_import_torch():
   )
 
 
-@pytest.fixture(scope='module')
-def torch():
-  return pytest.importorskip(
-    'torch', reason='torch is an optional extra: pip install -e ".[torch]"'
-  )
-
-
-@pytest.fixture(scope='module')
-def tv(torch):
-  """``torchvision.models.resnet``.
-
-  The only torchvision wheels on PyPI for recent torch are CUDA builds whose compiled ops cannot
-  load without CUDA ("operator torchvision::nms does not exist"); the ResNet definitions are pure
-  Python, so then we import the subpackage without running ``torchvision/__init__`` (which registers
-  those ops). The model code used is torchvision's own either way.
-  """
-  spec = importlib.util.find_spec('torchvision')
-  if spec is None:
-    pytest.skip('torchvision is an optional extra: pip install -e ".[torch]"')
-  try:
-    from torchvision.models import resnet
-
-    return resnet
-  except (RuntimeError, OSError):
-    for name in [m for m in sys.modules if m == 'torchvision' or m.startswith('torchvision.')]:
-      del sys.modules[name]
-    package = types.ModuleType('torchvision')
-    package.__path__ = list(spec.submodule_search_locations)
-    package.__spec__ = spec
-    sys.modules['torchvision'] = package
-    from torchvision.models import resnet
-
-    return resnet
-
-
-def random_torchvision(torch, tv, name, seed=0, **kwargs):
-  """A torchvision ResNet in eval mode with random weights and randomised BN affine + statistics."""
-  torch.manual_seed(seed)
-  model = getattr(tv, name)(**kwargs).eval()
-  with torch.no_grad():
-    for m in model.modules():
-      if isinstance(m, torch.nn.BatchNorm2d):
-        m.weight.uniform_(0.5, 1.5)
-        m.bias.normal_(0.0, 0.2)
-        m.running_mean.normal_(0.0, 0.2)
-        m.running_var.uniform_(0.5, 2.0)
-  return model
-
-
 def torch_logits(torch, model, x_nhwc):
   with torch.no_grad():
     return model(torch.from_numpy(np.ascontiguousarray(x_nhwc.transpose(0, 3, 1, 2)))).numpy()
@@ -99,8 +48,8 @@ def torch_logits(torch, model, x_nhwc):
     pytest.param('wide_resnet101_2', 64, marks=pytest.mark.slow),
   ],
 )
-def test_logits_match_torchvision(torch, tv, name, size):
-  model = random_torchvision(torch, tv, name)
+def test_logits_match_torchvision(torch, random_torchvision, name, size):
+  model = random_torchvision(name)
   x = np.random.default_rng(0).standard_normal((2, size, size, 3)).astype(np.float32)
   variables = convert.from_torchvision(model.state_dict(), name)
   ours = np.asarray(create_model(name).apply(variables, jnp.asarray(x), train=False))
@@ -123,8 +72,8 @@ def test_torch_key_mapping():
   assert convert.torch_key('params', ['fc', 'bias']) == 'fc.bias'
 
 
-def test_strict_key_accounting(torch, tv):
-  sd = random_torchvision(torch, tv, 'resnet18', num_classes=7).state_dict()
+def test_strict_key_accounting(torch, random_torchvision):
+  sd = random_torchvision('resnet18', num_classes=7).state_dict()
   variables = convert.from_torchvision({f'module.{k}': v for k, v in sd.items()}, 'resnet18')
   assert variables['params']['fc']['kernel'].shape == (512, 7)
   np.testing.assert_array_equal(variables['params']['fc']['kernel'], sd['fc.weight'].numpy().T)
@@ -143,17 +92,15 @@ def test_strict_key_accounting(torch, tv):
   bad = dict(sd, **{'layer1.0.conv1.weight': torch.zeros(64, 64, 1, 1)})
   with pytest.raises(ValueError, match='shape mismatches.*layer1.0.conv1.weight'):
     convert.from_torchvision(bad, 'resnet18')
-  sd34 = random_torchvision(torch, tv, 'resnet34').state_dict()
+  sd34 = random_torchvision('resnet34').state_dict()
   with pytest.raises(ValueError, match=r'unused torchvision keys \[.*layer1\.2\.bn1\.bias'):
     convert.from_torchvision(sd34, 'resnet18')
   with pytest.raises(ValueError, match='ImageNet ResNets, ResNeXts and Wide ResNets only'):
     convert.from_torchvision(sd, 'resnet20')
 
 
-def test_adapt_input_channels_for_grayscale(torch, tv):
-  variables = convert.from_torchvision(
-    random_torchvision(torch, tv, 'resnet18').state_dict(), 'resnet18'
-  )
+def test_adapt_input_channels_for_grayscale(random_torchvision):
+  variables = convert.from_torchvision(random_torchvision('resnet18').state_dict(), 'resnet18')
   gray = convert.adapt_input_channels(variables, 1)
   assert gray['params']['conv1']['kernel'].shape == (7, 7, 1, 64)
   x = np.random.default_rng(1).standard_normal((2, 40, 40, 1)).astype(np.float32)
@@ -181,8 +128,8 @@ def test_preprocessing_matches_torchvision_transforms(torch, tv):
   )
 
 
-def test_convert_cli_then_predict_prints_top5(torch, tv, tmp_path, capsys):
-  model = random_torchvision(torch, tv, 'resnet18', seed=3)
+def test_convert_cli_then_predict_prints_top5(torch, random_torchvision, tmp_path, capsys):
+  model = random_torchvision('resnet18', seed=3)
   weights, out = tmp_path / 'r18.pth', tmp_path / 'converted'
   torch.save(model.state_dict(), weights)
   convert.main(['--arch', 'resnet18', '--torchvision-weights', str(weights), '--out', str(out)])
@@ -215,9 +162,9 @@ def test_convert_cli_then_predict_prints_top5(torch, tv, tmp_path, capsys):
 
 @pytest.mark.parametrize('name', ['resnext50_32x4d', 'wide_resnet50_2'])
 def test_convert_and_predict_take_resnext_and_wide_resnet_weights(
-  torch, tv, tmp_path, capsys, name
+  torch, random_torchvision, tmp_path, capsys, name
 ):
-  model = random_torchvision(torch, tv, name, seed=6)
+  model = random_torchvision(name, seed=6)
   weights, out = tmp_path / f'{name}.pth', tmp_path / 'converted'
   torch.save(model.state_dict(), weights)
   convert.main(['--arch', name, '--torchvision-weights', str(weights), '--out', str(out)])
@@ -238,7 +185,7 @@ def test_convert_and_predict_take_resnext_and_wide_resnet_weights(
 
 
 @pytest.mark.slow
-def test_finetune_from_converted_checkpoint_on_digits(torch, tv, tmp_path):
+def test_finetune_from_converted_checkpoint_on_digits(torch, random_torchvision, tmp_path):
   """A 1000-class converted ResNet-18 fine-tunes on digits with a fresh 10-class head.
 
   With lr=0 every restored weight must come out unchanged, proving it was loaded, not re-initialised.
@@ -246,7 +193,7 @@ def test_finetune_from_converted_checkpoint_on_digits(torch, tv, tmp_path):
   from tests.runner import results, run_main
 
   weights, converted, workdir = tmp_path / 'r18.pth', tmp_path / 'converted', tmp_path / 'ft'
-  torch.save(random_torchvision(torch, tv, 'resnet18', seed=5).state_dict(), weights)
+  torch.save(random_torchvision('resnet18', seed=5).state_dict(), weights)
   convert.main(
     [
       '--arch',

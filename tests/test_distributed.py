@@ -4,22 +4,47 @@ The 2-process run uses JAX's own multi-controller runtime (`jax.distributed.init
 gloo collectives between CPU processes over localhost, exactly as a 2-node cluster would.
 """
 
+import json
+import os
 import socket
 
 import numpy as np
 import pytest
 
-from tests.runner import results, run_main, start_main
+from tests.runner import assert_ok, assert_one_line_error, results, run_main, start_main
 
 pytestmark = pytest.mark.slow
 
 RUN = (
-  '--config.num_train_steps=24',
+  '--config.num_train_steps=12',
   '--config.batch_size=32',
-  '--config.log_every_steps=8',
+  '--config.log_every_steps=4',
   '--config.eval_every_steps=0',
   '--config.checkpoint_every_steps=0',
 )
+# Runs on 1 and 4 devices differ only in float32 summation order (gradients all-reduced across
+# devices vs summed on one): about 1e-7 relative per step, measured 6e-8 on the final eval loss
+# after 24 steps (2026-11-24). A sharding or data-order bug moves the loss by percents at the
+# first log point. 1e-4 leaves three orders of magnitude for the chaotic growth of rounding.
+RTOL = 1e-4
+
+
+def _train_losses(workdir: str) -> list[float]:
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [r['loss'] for r in map(json.loads, f) if r['split'] == 'train']
+
+
+def assert_same_run(workdir: str, reference: tuple[str, dict]) -> None:
+  """Same loss at every logged step and at the end, same examples, one flip of top-1 at most."""
+  ours = results(workdir)
+  ref_dir, ref = reference
+  assert ours['eval']['num_examples'] == ref['eval']['num_examples'] == 360
+  losses = _train_losses(workdir)
+  assert len(losses) == 3
+  np.testing.assert_allclose(losses, _train_losses(ref_dir), rtol=RTOL)
+  np.testing.assert_allclose(ours['eval']['loss'], ref['eval']['loss'], rtol=RTOL)
+  # at most one borderline example may flip
+  assert abs(ours['eval']['top1_error'] - ref['eval']['top1_error']) <= 1.5 / 360
 
 
 def _free_port() -> int:
@@ -31,20 +56,13 @@ def _free_port() -> int:
 @pytest.fixture(scope='module')
 def single_device(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('one_device'))
-  proc = run_main(workdir, *RUN, devices=1)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return results(workdir)
+  assert_ok(run_main(workdir, *RUN, devices=1))
+  return workdir, results(workdir)
 
 
 def test_four_devices_match_one(single_device, tmp_path):
-  proc = run_main(str(tmp_path), *RUN, devices=4)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  four = results(str(tmp_path))
-  assert four['eval']['num_examples'] == single_device['eval']['num_examples'] == 360
-  np.testing.assert_allclose(four['eval']['loss'], single_device['eval']['loss'], rtol=1e-3)
-  assert (
-    abs(four['eval']['top1_error'] - single_device['eval']['top1_error']) <= 1.5 / 360
-  )  # at most one borderline example may flip
+  assert_ok(run_main(str(tmp_path), *RUN, devices=4))
+  assert_same_run(str(tmp_path), single_device)
 
 
 def test_two_processes_of_two_devices_match_one(single_device, tmp_path):
@@ -63,16 +81,10 @@ def test_two_processes_of_two_devices_match_one(single_device, tmp_path):
   for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
   assert '2 processes, 4 devices' in outs[0][1]
-  two = results(workdir)  # written by process 0 only
-  assert two['eval']['num_examples'] == 360
-  np.testing.assert_allclose(two['eval']['loss'], single_device['eval']['loss'], rtol=1e-3)
-  assert (
-    abs(two['eval']['top1_error'] - single_device['eval']['top1_error']) <= 1.5 / 360
-  )  # at most one borderline example may flip
+  assert_same_run(workdir, single_device)  # results and metrics written by process 0 only
 
 
 def test_batch_not_divisible_by_devices_is_refused(tmp_path):
   proc = run_main(str(tmp_path), '--config.batch_size=30', devices=4)
-  assert proc.returncode == 1
-  last = proc.stderr.strip().splitlines()[-1]
+  last = assert_one_line_error(proc)
   assert last.startswith('error: batch_size 30 is not divisible by the 4 devices'), last

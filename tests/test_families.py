@@ -188,10 +188,10 @@ def test_train_step_passes_a_dropout_rng_per_step():
   batch = {'image': jnp.asarray(x), 'label': jnp.asarray([0, 1, 2, 0])}
   tx = optax.sgd(0.1)
 
-  def step(seed):
-    variables = model.init(jax.random.key(0), batch['image'], train=False)
-    state = TrainState.create(apply_fn=model.apply, variables=variables, tx=tx)
-    return train_step(state, batch, learning_rate_fn=lambda s: 0.1, seed=seed)
+  # One compile: init and the step under jit (eagerly, each op would compile on its own).
+  variables = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(batch['image'])
+  state = TrainState.create(apply_fn=model.apply, variables=variables, tx=tx)
+  step = jax.jit(lambda seed: train_step(state, batch, learning_rate_fn=lambda s: 0.1, seed=seed))
 
   (_, m0), (_, m0b), (_, m1) = step(0), step(0), step(1)
   assert float(m0['nonfinite']) == 0

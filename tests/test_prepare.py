@@ -6,7 +6,6 @@ downloaded (a builder asking for a URL the --from archives do not provide is an 
 
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,20 +13,9 @@ import pytest
 from resnet_jax.data import offline, prepare
 from resnet_jax.default_config import load_sibling_config
 from tests import official_archives
-from tests.runner import ROOT
+from tests.runner import ROOT, run_prepare
 
 FASHION_DEBIAN = '/usr/share/datasets/fashion-mnist'
-
-
-def run_prepare(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-  return subprocess.run(
-    [sys.executable, '-m', 'resnet_jax.data.prepare', *args],
-    cwd=ROOT,
-    capture_output=True,
-    text=True,
-    timeout=600,
-    env=env,
-  )
 
 
 def assert_one_error_line(proc: subprocess.CompletedProcess, *fragments: str) -> str:

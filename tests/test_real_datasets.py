@@ -13,8 +13,7 @@ from PIL import Image
 
 from resnet_jax.default_config import load_sibling_config
 from tests import official_archives
-from tests.runner import results, run_main
-from tests.test_prepare import run_prepare
+from tests.runner import assert_ok, results, run_main, run_prepare
 
 pytest.importorskip('tensorflow')
 import tensorflow_datasets as tfds  # noqa: E402  (after the skip: TFDS needs TF to prepare)
@@ -26,6 +25,29 @@ def _text(value) -> str:
   return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _prepare(root, name, *args):
+  """`prepare NAME ARGS --data_dir root/tfds` must succeed; returns its stdout and the data_dir."""
+  data_dir = str(root / 'tfds')
+  proc = assert_ok(run_prepare(name, *args, '--data_dir', data_dir))
+  return proc.stdout, data_dir
+
+
+def _train(workdir, data_dir, config, *overrides):
+  """A few steps of a paper recipe on prepared data, one device, through the CLI."""
+  assert_ok(
+    run_main(
+      workdir,
+      f'--config.data.data_dir={data_dir}',
+      '--config.batch_size=8',
+      '--config.data.num_workers=0',
+      *overrides,
+      config=config,
+      devices=1,
+    )
+  )
+  return results(workdir)
+
+
 @pytest.fixture(scope='module')
 def imagenet(tmp_path_factory):
   """(data_dir, what the archives hold): imagenet2012 prepared from the two manual-download tars."""
@@ -33,16 +55,15 @@ def imagenet(tmp_path_factory):
   manual = root / 'manual'
   manual.mkdir()
   written = official_archives.write_imagenet(str(manual), num_val=NUM_VAL)
-  proc = run_prepare('imagenet2012', '--manual_dir', str(manual), '--data_dir', str(root / 'tfds'))
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  stdout, data_dir = _prepare(root, 'imagenet2012', '--manual_dir', str(manual))
   assert (
-    proc.stdout.splitlines()[-1]
+    stdout.splitlines()[-1]
     .strip()
     .startswith(
       'python -m resnet_jax.main --config=configs/r50.py --workdir=runs/r50 --config.data.data_dir='
     )
   )
-  return str(root / 'tfds'), written
+  return data_dir, written
 
 
 @pytest.fixture(scope='module')
@@ -50,10 +71,9 @@ def cifar10(tmp_path_factory):
   root = tmp_path_factory.mktemp('cifar10')
   archive = str(root / 'cifar-10-python.tar.gz')
   written = official_archives.write_cifar10_python(archive, per_batch=8, test=12)
-  proc = run_prepare('cifar10', '--from', archive, '--data_dir', str(root / 'tfds'))
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert 'converting cifar-10-python.tar.gz' in proc.stdout
-  return str(root / 'tfds'), written
+  stdout, data_dir = _prepare(root, 'cifar10', '--from', archive)
+  assert 'converting cifar-10-python.tar.gz' in stdout
+  return data_dir, written
 
 
 def test_imagenet2012_builder_output_matches_the_archives_and_the_recipes(imagenet):
@@ -86,20 +106,14 @@ def test_imagenet2012_builder_output_matches_the_archives_and_the_recipes(imagen
 
 def test_r18_paper_recipe_trains_and_10_crop_evaluates_the_validation_split(imagenet, tmp_path):
   data_dir, _ = imagenet
-  workdir = str(tmp_path / 'r18')
-  proc = run_main(
-    workdir,
-    f'--config.data.data_dir={data_dir}',
-    '--config.batch_size=8',
+  r = _train(
+    str(tmp_path / 'r18'),
+    data_dir,
+    'configs/r18.py',
     '--config.num_train_steps=2',
     '--config.eval_batch_size=4',
-    '--config.data.num_workers=0',
     '--config.data.image_size=32',
-    config='configs/r18.py',
-    devices=1,
   )
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  r = results(workdir)
   assert r['step'] == 2 and r['params'] == 11_689_512  # ResNet-18 with 1000 classes
   assert r['eval']['num_examples'] == NUM_VAL  # every validation image once (padded + masked)
   assert 0.0 <= r['eval']['top1_error'] <= 1.0 and np.isfinite(r['eval']['loss'])
@@ -119,19 +133,13 @@ def test_r18_paper_recipe_trains_and_10_crop_evaluates_the_validation_split(imag
 
 def test_cifar_paper_recipe_trains_on_the_prepared_python_archive(cifar10, tmp_path):
   data_dir, _ = cifar10
-  workdir = str(tmp_path / 'cifar')
-  proc = run_main(
-    workdir,
-    f'--config.data.data_dir={data_dir}',
-    '--config.batch_size=8',
+  r = _train(
+    str(tmp_path / 'cifar'),
+    data_dir,
+    'configs/cifar.py',
     '--config.num_train_steps=3',
     '--config.eval_batch_size=8',
-    '--config.data.num_workers=0',
-    config='configs/cifar.py',
-    devices=1,
   )
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  r = results(workdir)
   assert r['step'] == 3 and r['eval']['num_examples'] == 12
   assert (r['config']['data']['name'], r['config']['data']['eval_split']) == ('cifar10', 'test')
   assert (r['config']['data']['augment'], r['config']['schedule']['boundaries']) == (

@@ -7,7 +7,6 @@ simulated devices) and share one trained workdir, copied by the tests that damag
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -17,12 +16,17 @@ import pytest
 
 from tests.runner import (
   ROOT,
+  assert_ok,
+  assert_one_line_error,
+  copy_unfinished,
   env_with_devices,
   finished_checkpoints,
   main_args,
   results,
   run_main,
   start_main,
+  state_files,
+  truncate,
   wait_for,
 )
 
@@ -49,27 +53,13 @@ LONG = (
 def trained(tmp_path_factory):
   """A finished run with checkpoints 20 and 40 (do not modify: copy it)."""
   workdir = str(tmp_path_factory.mktemp('trained') / 'run')
-  proc = run_main(workdir, *RUN)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert_ok(run_main(workdir, *RUN))
   assert finished_checkpoints(workdir) == [20, 40]
   return workdir
 
 
 def _copy(trained, tmp_path, name='copy'):
-  workdir = str(tmp_path / name)
-  shutil.copytree(trained, workdir)
-  os.remove(os.path.join(workdir, 'results.json'))
-  return workdir
-
-
-def _one_line_error(proc, *needles):
-  assert proc.returncode == 1, proc.stderr[-3000:]
-  assert 'Traceback' not in proc.stderr, proc.stderr[-3000:]
-  last = proc.stderr.strip().splitlines()[-1]
-  assert last.startswith('error: '), last
-  for needle in needles:
-    assert needle in last, last
-  return last
+  return copy_unfinished(trained, str(tmp_path / name))
 
 
 def _snapshot(root):
@@ -86,14 +76,7 @@ def _snapshot(root):
 
 
 def _array_files(checkpoint_dir):
-  """The data files of a checkpoint's `state` item (under its `d/` directories), largest last."""
-  found = [
-    os.path.join(d, n)
-    for d, _, files in os.walk(os.path.join(checkpoint_dir, 'state'))
-    for n in files
-    if os.path.basename(d) == 'd'
-  ]
-  return sorted(found, key=os.path.getsize)
+  return state_files(checkpoint_dir, arrays_only=True)
 
 
 def _read_only_mount_works(tmp_path):
@@ -135,8 +118,7 @@ def test_flipped_byte_in_an_array_file_falls_back_to_the_previous_checkpoint(tra
   data = bytearray(open(largest, 'rb').read())
   data[len(data) // 2] ^= 0x01  # still a valid compressed stream: only a value changes
   open(largest, 'wb').write(bytes(data))
-  rerun = run_main(workdir, *RUN)
-  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  rerun = assert_ok(run_main(workdir, *RUN))
   assert 'checkpoints/40' in rerun.stderr and 'checksum mismatch' in rerun.stderr
   assert 'resuming from' in rerun.stderr and 'checkpoints/20' in rerun.stderr
   assert results(workdir)['state_fingerprint'] == results(trained)['state_fingerprint']
@@ -145,12 +127,10 @@ def test_flipped_byte_in_an_array_file_falls_back_to_the_previous_checkpoint(tra
 def test_every_checkpoint_unreadable_is_refused_not_restarted(trained, tmp_path):
   workdir = _copy(trained, tmp_path)
   for step in (20, 40):
-    for path in _array_files(os.path.join(workdir, 'checkpoints', str(step))):
-      with open(path, 'r+b') as f:
-        f.truncate(os.path.getsize(path) // 3)
+    truncate(_array_files(os.path.join(workdir, 'checkpoints', str(step))))
   before = _snapshot(workdir)
   proc = run_main(workdir, *RUN)
-  _one_line_error(proc, 'every checkpoint', 'unreadable', 'new --workdir')
+  assert_one_line_error(proc, 'every checkpoint', 'unreadable', 'new --workdir')
   after = _snapshot(workdir)
   assert {k: v for k, v in after.items() if k != '.lock'} == {
     k: v for k, v in before.items() if k != '.lock'
@@ -161,7 +141,7 @@ def test_refused_resume_leaves_config_json_and_the_run_usable(trained, tmp_path)
   workdir = _copy(trained, tmp_path)
   config_before = open(os.path.join(workdir, 'config.json')).read()
   proc = run_main(workdir, *RUN, '--config.model.num_classes=12')
-  _one_line_error(proc, 'different model/config', 'fc')
+  assert_one_line_error(proc, 'different model/config', 'fc')
   assert open(os.path.join(workdir, 'config.json')).read() == config_before
   from resnet_jax.evaluate import evaluate_workdir
 
@@ -173,9 +153,7 @@ def test_refused_resume_leaves_config_json_and_the_run_usable(trained, tmp_path)
 
 def test_reader_reports_a_corrupt_newest_checkpoint_without_moving_it(trained, tmp_path, caplog):
   workdir = _copy(trained, tmp_path)
-  for path in _array_files(os.path.join(workdir, 'checkpoints', '40')):
-    with open(path, 'r+b') as f:
-      f.truncate(os.path.getsize(path) // 3)
+  truncate(_array_files(os.path.join(workdir, 'checkpoints', '40')))
   before = _snapshot(workdir)
   from resnet_jax.evaluate import evaluate_workdir
 
@@ -217,7 +195,7 @@ def test_nonfinite_error_names_only_a_finished_restorable_checkpoint(tmp_path):
     '--config.schedule.warmup_steps=0',
     '--config.schedule.base_lr=30',
   )
-  last = _one_line_error(proc, 'non-finite', 'last good checkpoint is step')
+  last = assert_one_line_error(proc, 'non-finite', 'last good checkpoint is step')
   named = int(re.search(r'last good checkpoint is step (\d+)', last).group(1))
   assert named == max(finished_checkpoints(workdir))
   assert not [n for n in os.listdir(os.path.join(workdir, 'checkpoints')) if not n.isdigit()]
@@ -236,7 +214,7 @@ def test_lock_live_reader_and_kill_9(tmp_path):
     wait_for(lambda: len(finished_checkpoints(workdir)) >= 2 or first.poll() is not None)
     assert first.poll() is None, first.communicate()[1][-3000:]
     second = run_main(workdir, *LONG)
-    _one_line_error(second, 'in use by a live run', f'pid {first.pid}', 'another --workdir')
+    assert_one_line_error(second, 'in use by a live run', f'pid {first.pid}', 'another --workdir')
     reader = subprocess.run(
       [sys.executable, '-m', 'resnet_jax.evaluate', f'--workdir={workdir}'],
       cwd=ROOT,
@@ -251,8 +229,7 @@ def test_lock_live_reader_and_kill_9(tmp_path):
     first.kill()  # kill -9: the lock must not outlive it
     first.wait()
   reached = max(finished_checkpoints(workdir))
-  final = run_main(workdir, *LONG[1:], f'--config.num_train_steps={reached + 10}')
-  assert final.returncode == 0, final.stderr[-3000:]
+  final = assert_ok(run_main(workdir, *LONG[1:], f'--config.num_train_steps={reached + 10}'))
   assert f'resuming from {os.path.realpath(workdir)}/checkpoints/{reached}' in final.stderr
   assert results(workdir)['step'] == reached + 10
 
@@ -288,8 +265,7 @@ def test_a_second_interrupt_exits_130_and_the_rerun_resumes(tmp_path):
   assert proc.returncode == 130, err[-3000:]
   assert 'Traceback' not in err and 'interrupted twice' in err
   reached = max(finished_checkpoints(workdir))
-  rerun = run_main(workdir, *LONG[1:], f'--config.num_train_steps={reached + 5}')
-  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  rerun = assert_ok(run_main(workdir, *LONG[1:], f'--config.num_train_steps={reached + 5}'))
   assert 'resuming from' in rerun.stderr
 
 
@@ -341,7 +317,7 @@ def test_read_only_checkpoints_fail_fast_with_one_line(trained, tmp_path):
     tmp_path,
   )
   assert time.time() - start < 120
-  _one_line_error(proc, 'checkpoints is not writable')
+  assert_one_line_error(proc, 'checkpoints is not writable')
 
 
 # ---- bad input through the CLI ------------------------------------------------------------------
@@ -353,7 +329,7 @@ def test_read_only_checkpoints_fail_fast_with_one_line(trained, tmp_path):
 )
 def test_bad_values_are_refused_before_anything_is_written(tmp_path, override, needle):
   workdir = tmp_path / 'w'
-  _one_line_error(run_main(str(workdir), override), needle)
+  assert_one_line_error(run_main(str(workdir), override), needle)
   assert not workdir.exists()
 
 
@@ -375,5 +351,5 @@ def test_config_file_errors_are_one_line(tmp_path):
       text=True,
       timeout=300,
     )
-    _one_line_error(proc, 'cannot load', needle)
+    assert_one_line_error(proc, 'cannot load', needle)
   assert not (tmp_path / 'w').exists()
