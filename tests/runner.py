@@ -124,6 +124,20 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> s
   return last
 
 
+def run_evaluate(workdir: str, *args: str, devices: int = 1) -> dict:
+  """`python -m resnet_jax.evaluate --workdir=DIR ARGS` as a user runs it; its JSON result."""
+  proc = subprocess.run(
+    [sys.executable, '-m', 'resnet_jax.evaluate', f'--workdir={workdir}', *args],
+    cwd=ROOT,
+    env=env_with_devices(devices),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def assert_ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
   assert proc.returncode == 0, proc.stderr[-3000:]
   return proc

@@ -16,7 +16,7 @@ from resnet_jax.evaluate import run_evaluation, run_multiscale_evaluation
 from resnet_jax.models import create_model
 from resnet_jax.multiscale import network_stride
 from resnet_jax.train_step import create_mesh, init_state, jit_eval_step, model_variables
-from tests.runner import ROOT, env_with_devices, results, run_main
+from tests.runner import ROOT, env_with_devices, results, run_evaluate, run_main
 
 CONFIGS = ROOT + '/configs/x.py'
 
@@ -101,42 +101,14 @@ def test_evaluate_cli_matches_the_training_run(tmp_path):
   del config['model']['block']
   with open(config_path, 'w') as f:
     json.dump(config, f)
-  cmd = [sys.executable, '-m', 'resnet_jax.evaluate', f'--workdir={workdir}']
-  out = subprocess.run(
-    cmd + ['--batch_size=44'],
-    cwd=ROOT,
-    env=env_with_devices(4),
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
-  assert out.returncode == 0, out.stderr[-3000:]
-  got = json.loads(out.stdout.strip().splitlines()[-1])
+  got = run_evaluate(workdir, '--batch_size=44', devices=4)
   assert got['num_examples'] == 360 and got['step'] == 20
   assert got['loss'] == pytest.approx(results(workdir)['eval']['loss'], rel=1e-4)
-  ten = subprocess.run(
-    cmd + ['--crops=10'],
-    cwd=ROOT,
-    env=env_with_devices(4),
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
-  assert ten.returncode == 0, ten.stderr[-3000:]
-  assert json.loads(ten.stdout.strip().splitlines()[-1])['num_examples'] == 360
-  table4 = subprocess.run(
-    cmd + ['--scales=8,12', '--crops=2', '--precise-bn=2'],
-    cwd=ROOT,
-    env=env_with_devices(4),
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
-  assert table4.returncode == 0, table4.stderr[-3000:]
-  got = json.loads(table4.stdout.strip().splitlines()[-1])
+  assert run_evaluate(workdir, '--crops=10', devices=4)['num_examples'] == 360
+  got = run_evaluate(workdir, '--scales=8,12', '--crops=2', '--precise-bn=2', devices=4)
   assert got['num_examples'] == 360 and got['scales'] == [8, 12] and got['precise_bn_batches'] == 2
   bad = subprocess.run(
-    cmd[:-1] + [f'--workdir={tmp_path}/nothing'],
+    [sys.executable, '-m', 'resnet_jax.evaluate', f'--workdir={tmp_path}/nothing'],
     cwd=ROOT,
     env=env_with_devices(4),
     capture_output=True,

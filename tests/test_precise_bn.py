@@ -4,8 +4,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +14,7 @@ from resnet_jax import evaluate, precise_bn, runtime, train
 from resnet_jax.default_config import load_sibling_config
 from resnet_jax.models import create_model
 from resnet_jax.train_step import create_mesh
-from tests.runner import ROOT, env_with_devices
+from tests.runner import ROOT, run_evaluate
 
 
 @pytest.mark.parametrize('group,devices', [(None, 1), (2, 4)])
@@ -99,17 +97,7 @@ def test_cli_with_grain_workers_table4_and_precise_bn(trained, tmp_path):
   config['data']['num_workers'] = 1
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
     json.dump(config, f)
-  cmd = [sys.executable, '-m', 'resnet_jax.evaluate', f'--workdir={workdir}']
-  out = subprocess.run(
-    cmd + ['--precise-bn=1', '--scales=8,12'],
-    cwd=ROOT,
-    env=env_with_devices(2),
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
-  assert out.returncode == 0, out.stderr[-3000:]
-  got = json.loads(out.stdout.strip().splitlines()[-1])
+  got = run_evaluate(workdir, '--precise-bn=1', '--scales=8,12', devices=2)
   assert got['num_examples'] == 360 and got['precise_bn_batches'] == 1
 
 
