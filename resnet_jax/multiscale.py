@@ -33,7 +33,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from resnet_jax.data import augment as augment_lib
-from resnet_jax.data.pipeline import _finish as prefetched
+from resnet_jax.data.pipeline import prefetched
 from resnet_jax.train_step import batch_sharding, device_batch, metric_sums, replicated
 
 logger = logging.getLogger(__name__)

@@ -169,7 +169,7 @@ class _EvalExample:
     }
 
 
-def _finish(ds: grain.MapDataset, config: ml_collections.ConfigDict) -> grain.IterDataset:
+def prefetched(ds: grain.MapDataset, config: ml_collections.ConfigDict) -> grain.IterDataset:
   """Threads (and worker processes, `config.data.num_workers`) that compute whole local batches ahead."""
   prefetch = max(1, int(config.data.prefetch or 1))
   workers = int(config.data.num_workers or 0)
@@ -221,7 +221,7 @@ class TrainIterator(grain.DatasetIterator):
   def __next__(self) -> dict[str, np.ndarray]:
     self._assert_not_closed()
     if self._it is None:
-      self._it = iter(_finish(self._batches[self._step :], self._config))
+      self._it = iter(prefetched(self._batches[self._step :], self._config))
     batch = next(self._it)
     self._step += 1
     return batch
@@ -311,4 +311,4 @@ def create_eval_iterator(
   ds = grain.MapDataset.range(batches * local_batch_size * process_count)
   ds = ds.map(_EvalExample(evaluation.records, preprocessor, crops, scale))
   ds = ds.batch(local_batch_size)[process_index::process_count]
-  return _finish(ds, config)
+  return prefetched(ds, config)
