@@ -32,13 +32,17 @@ sys.path.insert(0, _ROOT)
 sys.path.insert(0, _SCRIPTS)
 
 
-def nvidia_present() -> bool:
-  return os.path.exists('/dev/nvidiactl') or shutil.which('nvidia-smi') is not None
-
-
 import gpu_report_lib as lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+from etils import epath  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from resnet_jax import workdir  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def nvidia_present() -> bool:
+  return os.path.exists('/dev/nvidiactl') or shutil.which('nvidia-smi') is not None
+
 
 # Dense peak TFLOP/s by device kind substring: (bf16, tf32). H100/H200 SXM datasheet figures.
 PEAKS = {
@@ -200,20 +204,23 @@ def merge_reports(paths: list[str], out: str) -> int:
   return 0
 
 
-def write_report(report: dict, out: str) -> None:
+def write_report(report: dict, out: str, quiet: bool = False) -> None:
+  """gpu_report.json and gpu_report.md in `out`, each replaced atomically (a run cut off between
+  rows leaves the last complete pair)."""
   os.makedirs(out, exist_ok=True)
-  with open(os.path.join(out, 'gpu_report.json'), 'w') as f:
-    json.dump(
-      report, f, indent=1, default=lambda o: o.item() if isinstance(o, np.generic) else str(o)
-    )
-  with open(os.path.join(out, 'gpu_report.md'), 'w') as f:
-    f.write(markdown(report))
-  print(markdown(report))
+  text = json.dumps(
+    report, indent=1, default=lambda o: o.item() if isinstance(o, np.generic) else str(o)
+  )
+  workdir.write_atomic(epath.Path(out) / 'gpu_report.json', text)
+  workdir.write_atomic(epath.Path(out) / 'gpu_report.md', markdown(report))
+  if not quiet:
+    print(markdown(report))
 
 
 def markdown(report: dict) -> str:
   lines = [
-    f'# GPU report ({report["date"]})',
+    f'# GPU report ({report["date"]})'
+    f'{"" if report.get("complete", True) else " (partial: written after a row)"}',
     '',
     f'Device: {report["device_kind"]} x{report["devices"]} ({report["platform"]}); '
     f'jax {report["jax_version"]}, torch {report.get("torch_version") or "absent"}; '
@@ -340,6 +347,28 @@ def main(argv: list[str] | None = None) -> int:
     )
     return 1
   rows = []
+
+  def snapshot(rows: list[dict], e2e: dict | None, complete: bool) -> dict:
+    dev = jax.devices()[0]
+    return {
+      'date': time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()),
+      'complete': complete,  # False: written after a row, in case the run is cut off
+      'tiny': tiny,
+      'platform': platform_name,
+      'device_kind': dev.device_kind,
+      'devices': jax.device_count(),
+      'jax_version': jax.__version__,
+      'torch_version': lib.torch_version() if use_torch else None,
+      'cpu_count': os.cpu_count(),
+      'python': platform.python_version(),
+      'xla_flags': os.environ.get('XLA_FLAGS', ''),
+      'overrides': overrides,
+      'command': ' '.join(['python', 'scripts/gpu_report.py'] + list(argv or sys.argv[1:])),
+      'wall_s': round(time.time() - start, 1),
+      'rows': list(rows),
+      'end_to_end': e2e,
+    }
+
   for row in selected:
     if time.time() > deadline:
       rows.append(
@@ -359,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
       )
     for r in rows[done:]:  # every batch of a grown row: the log alone must hold the figures
       log(start, f'jax {r["name"]}: {r}')
+    write_report(snapshot(rows, None, complete=False), args.out, quiet=True)
   e2e = None
   if not args.no_e2e:
     try:
@@ -366,25 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # pylint: disable=broad-except
       e2e = {'error': f'{type(e).__name__}: {str(e).splitlines()[0][:200]}'}
     log(start, f'end to end: {e2e}')
-  dev = jax.devices()[0]
-  report = {
-    'date': time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()),
-    'tiny': tiny,
-    'platform': platform_name,
-    'device_kind': dev.device_kind,
-    'devices': jax.device_count(),
-    'jax_version': jax.__version__,
-    'torch_version': lib.torch_version() if use_torch else None,
-    'cpu_count': os.cpu_count(),
-    'python': platform.python_version(),
-    'xla_flags': os.environ.get('XLA_FLAGS', ''),
-    'overrides': overrides,
-    'command': ' '.join(['python', 'scripts/gpu_report.py'] + list(argv or sys.argv[1:])),
-    'wall_s': round(time.time() - start, 1),
-    'rows': rows,
-    'end_to_end': e2e,
-  }
-  write_report(report, args.out)
+  write_report(snapshot(rows, e2e, complete=True), args.out)
   return 0
 
 

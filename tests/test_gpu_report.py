@@ -23,6 +23,7 @@ def test_tiny_report_writes_markdown_and_json(tmp_path, capsys):
   report = json.loads((tmp_path / 'gpu_report.json').read_text())
   md = (tmp_path / 'gpu_report.md').read_text()
   assert report['tiny'] and report['platform'] == 'cpu' and report['devices'] == 4
+  assert report['complete']
   names = [r['name'] for r in report['rows']]
   assert len(names) == 5, names  # modern train, its larger batch, paper f32, eval, CIFAR
   for r in report['rows']:
@@ -87,6 +88,23 @@ def test_partial_reports_merge_into_one(tmp_path):
     module.main(['--out', str(tmp_path / 'x'), '--merge', paths[0], str(tmp_path / 'other.json')])
     == 1
   )
+
+
+def test_a_run_cut_off_after_its_rows_leaves_a_partial_report(tmp_path, monkeypatch, capsys):
+  """The device tool's calls end at a time limit: what was measured must already be on disk."""
+  module = _load()
+
+  def cut_off(tiny):
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(module.lib, 'end_to_end', cut_off)
+  with pytest.raises(KeyboardInterrupt):
+    module.main(['--out', str(tmp_path), '--tiny', '--rows', 'cifar', '--no-torch', '--no-grow'])
+  capsys.readouterr()
+  report = json.loads((tmp_path / 'gpu_report.json').read_text())
+  assert report['complete'] is False and [r['model'] for r in report['rows']] == ['resnet8']
+  assert report['rows'][0]['images_per_sec'] > 0
+  assert '(partial' in (tmp_path / 'gpu_report.md').read_text()
 
 
 def test_peak_lookup():
