@@ -88,3 +88,30 @@ def random_torchvision(torch, tv):
     return model
 
   return build
+
+
+@pytest.fixture
+def converted_random_weights(torch, random_torchvision, tmp_path):
+  """`converted_random_weights(name, seed)`: `random_torchvision(name, seed)` saved as a torch
+  state dict and put through `python -m resnet_jax.convert ... --in-channels 1` (digits are grey);
+  returns (the .pth path, the converted directory)."""
+  from resnet_jax import convert
+
+  def build(name: str, seed: int):
+    weights, converted = tmp_path / f'{name}.pth', tmp_path / 'converted'
+    torch.save(random_torchvision(name, seed=seed).state_dict(), weights)
+    convert.main(
+      [
+        '--arch',
+        name,
+        '--torchvision-weights',
+        str(weights),
+        '--out',
+        str(converted),
+        '--in-channels',
+        '1',
+      ]
+    )
+    return weights, converted
+
+  return build

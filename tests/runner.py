@@ -1,4 +1,4 @@
-"""Runs the CLIs (`resnet_jax.main`, `data.prepare`) in subprocesses, as a user would, and the
+"""Runs the CLIs (`resnet_jax.main`, `data.prepare`, `evaluate`, ...) in subprocesses, as a user would, and the
 assertions and workdir surgery that CLI tests share."""
 
 from __future__ import annotations
@@ -69,16 +69,23 @@ def start_main(
   )
 
 
-def run_prepare(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-  """`python -m resnet_jax.data.prepare ARGS` as a user runs it."""
+def run_cli(
+  module: str, *args: str, env: dict | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
+  """`python -m MODULE ARGS` from the repository root, as a user runs it (env: inherited if None)."""
   return subprocess.run(
-    [sys.executable, '-m', 'resnet_jax.data.prepare', *args],
+    [sys.executable, '-m', module, *args],
     cwd=ROOT,
     capture_output=True,
     text=True,
-    timeout=600,
+    timeout=timeout,
     env=env,
   )
+
+
+def run_prepare(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+  """`python -m resnet_jax.data.prepare ARGS` as a user runs it."""
+  return run_cli('resnet_jax.data.prepare', *args, env=env)
 
 
 def wait_for(predicate, timeout: float = 300, interval: float = 0.05) -> None:
@@ -126,13 +133,8 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> s
 
 def run_evaluate(workdir: str, *args: str, devices: int = 1) -> dict:
   """`python -m resnet_jax.evaluate --workdir=DIR ARGS` as a user runs it; its JSON result."""
-  proc = subprocess.run(
-    [sys.executable, '-m', 'resnet_jax.evaluate', f'--workdir={workdir}', *args],
-    cwd=ROOT,
-    env=env_with_devices(devices),
-    capture_output=True,
-    text=True,
-    timeout=600,
+  proc = run_cli(
+    'resnet_jax.evaluate', f'--workdir={workdir}', *args, env=env_with_devices(devices)
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
   return json.loads(proc.stdout.strip().splitlines()[-1])

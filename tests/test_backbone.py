@@ -209,27 +209,15 @@ def test_summary_prints_feature_shapes_and_strides(capsys):
 
 @pytest.mark.slow
 def test_finetune_resnext_with_frozen_bn_and_stages_from_converted_weights(
-  torch, random_torchvision, tmp_path
+  torch, converted_random_weights, tmp_path
 ):
   """configs/finetune.py on a converted ResNeXt: frozen stages and BN statistics come out as
   converted, the rest trains (weight decay and momentum included)."""
   from resnet_jax import checkpointing
   from tests.runner import results, run_main
 
-  weights, converted, workdir = tmp_path / 'rx.pth', tmp_path / 'converted', tmp_path / 'ft'
-  torch.save(random_torchvision('resnext50_32x4d', seed=8).state_dict(), weights)
-  convert.main(
-    [
-      '--arch',
-      'resnext50_32x4d',
-      '--torchvision-weights',
-      str(weights),
-      '--out',
-      str(converted),
-      '--in-channels',
-      '1',
-    ]
-  )
+  weights, converted = converted_random_weights('resnext50_32x4d', seed=8)
+  workdir = tmp_path / 'ft'
   proc = run_main(
     str(workdir),
     f'--config.init_from={converted}',

@@ -185,27 +185,15 @@ def test_convert_and_predict_take_resnext_and_wide_resnet_weights(
 
 
 @pytest.mark.slow
-def test_finetune_from_converted_checkpoint_on_digits(torch, random_torchvision, tmp_path):
+def test_finetune_from_converted_checkpoint_on_digits(converted_random_weights, tmp_path):
   """A 1000-class converted ResNet-18 fine-tunes on digits with a fresh 10-class head.
 
   With lr=0 every restored weight must come out unchanged, proving it was loaded, not re-initialised.
   """
   from tests.runner import results, run_main
 
-  weights, converted, workdir = tmp_path / 'r18.pth', tmp_path / 'converted', tmp_path / 'ft'
-  torch.save(random_torchvision('resnet18', seed=5).state_dict(), weights)
-  convert.main(
-    [
-      '--arch',
-      'resnet18',
-      '--torchvision-weights',
-      str(weights),
-      '--out',
-      str(converted),
-      '--in-channels',
-      '1',
-    ]
-  )
+  _, converted = converted_random_weights('resnet18', seed=5)
+  workdir = tmp_path / 'ft'
   proc = run_main(
     str(workdir),
     f'--config.init_from={converted}',

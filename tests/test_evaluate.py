@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import optax
@@ -16,7 +14,7 @@ from resnet_jax.evaluate import run_evaluation, run_multiscale_evaluation
 from resnet_jax.models import create_model
 from resnet_jax.multiscale import network_stride
 from resnet_jax.train_step import create_mesh, init_state, jit_eval_step, model_variables
-from tests.runner import ROOT, env_with_devices, results, run_evaluate, run_main
+from tests.runner import ROOT, env_with_devices, results, run_cli, run_evaluate, run_main
 
 CONFIGS = ROOT + '/configs/x.py'
 
@@ -107,12 +105,5 @@ def test_evaluate_cli_matches_the_training_run(tmp_path):
   assert run_evaluate(workdir, '--crops=10', devices=4)['num_examples'] == 360
   got = run_evaluate(workdir, '--scales=8,12', '--crops=2', '--precise-bn=2', devices=4)
   assert got['num_examples'] == 360 and got['scales'] == [8, 12] and got['precise_bn_batches'] == 2
-  bad = subprocess.run(
-    [sys.executable, '-m', 'resnet_jax.evaluate', f'--workdir={tmp_path}/nothing'],
-    cwd=ROOT,
-    env=env_with_devices(4),
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
+  bad = run_cli('resnet_jax.evaluate', f'--workdir={tmp_path}/nothing', env=env_with_devices(4))
   assert bad.returncode == 1 and bad.stderr.strip().startswith('error:')

@@ -23,6 +23,7 @@ from tests.runner import (
   finished_checkpoints,
   main_args,
   results,
+  run_cli,
   run_main,
   start_main,
   state_files,
@@ -215,13 +216,8 @@ def test_lock_live_reader_and_kill_9(tmp_path):
     assert first.poll() is None, first.communicate()[1][-3000:]
     second = run_main(workdir, *LONG)
     assert_one_line_error(second, 'in use by a live run', f'pid {first.pid}', 'another --workdir')
-    reader = subprocess.run(
-      [sys.executable, '-m', 'resnet_jax.evaluate', f'--workdir={workdir}'],
-      cwd=ROOT,
-      env=env_with_devices(4),
-      capture_output=True,
-      text=True,
-      timeout=300,
+    reader = run_cli(
+      'resnet_jax.evaluate', f'--workdir={workdir}', env=env_with_devices(4), timeout=300
     )
     assert reader.returncode == 0, reader.stderr[-3000:]
     assert first.poll() is None, 'the trainer died while being evaluated'
@@ -337,18 +333,11 @@ def test_config_file_errors_are_one_line(tmp_path):
   broken = tmp_path / 'broken.py'
   broken.write_text('def get_config(:\n')
   for config, needle in ((str(tmp_path / 'missing.py'), 'No such file'), (str(broken), 'line 1')):
-    proc = subprocess.run(
-      [
-        sys.executable,
-        '-m',
-        'resnet_jax.main',
-        f'--config={config}',
-        f'--workdir={tmp_path / "w"}',
-      ],
-      cwd=ROOT,
+    proc = run_cli(
+      'resnet_jax.main',
+      f'--config={config}',
+      f'--workdir={tmp_path / "w"}',
       env=env_with_devices(1),
-      capture_output=True,
-      text=True,
       timeout=300,
     )
     assert_one_line_error(proc, 'cannot load', needle)

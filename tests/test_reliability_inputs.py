@@ -14,7 +14,7 @@ from PIL import Image
 
 from resnet_jax import convert, predict, train, validation
 from resnet_jax.default_config import load_sibling_config
-from tests.runner import ROOT
+from tests.runner import ROOT, run_cli
 
 
 def _digits(**overrides):
@@ -90,14 +90,8 @@ def test_damaged_config_json_is_named(tmp_path, content, needle):
 # ---- convert --out (item 1) and torch versions (security) ---------------------------------------
 
 
-def _convert_cli(*args):
-  return subprocess.run(
-    [sys.executable, '-m', 'resnet_jax.convert', *args],
-    cwd=ROOT,
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
+def _convert_cli(*args, env=None):
+  return run_cli('resnet_jax.convert', *args, env=env, timeout=300)
 
 
 def test_convert_refuses_existing_non_empty_out(tmp_path):
@@ -177,22 +171,13 @@ def test_old_torch_is_one_error_line_in_the_cli(tmp_path):
     "__version__ = '2.5.1'\ndef load(*a, **k):\n  raise AssertionError('loaded')\n"
   )
   out = tmp_path / 'out'
-  proc = subprocess.run(
-    [
-      sys.executable,
-      '-m',
-      'resnet_jax.convert',
-      '--arch',
-      'resnet18',
-      '--torchvision-weights',
-      str(tmp_path / 'w.pth'),
-      '--out',
-      str(out),
-    ],
-    cwd=ROOT,
-    capture_output=True,
-    text=True,
-    timeout=300,
+  proc = _convert_cli(
+    '--arch',
+    'resnet18',
+    '--torchvision-weights',
+    str(tmp_path / 'w.pth'),
+    '--out',
+    str(out),
     env={**os.environ, 'PYTHONPATH': f'{tmp_path / "fake"}{os.pathsep}{ROOT}'},
   )
   assert proc.returncode == 1 and 'Traceback' not in proc.stderr, proc.stderr
