@@ -27,8 +27,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from resnet_jax import cli
-from resnet_jax.models import create_model, parse_name
+from resnet_jax import cli, default_config, runtime
+from resnet_jax.models import parse_name
 
 
 def stage_of(top_level_name: str) -> str:
@@ -156,8 +156,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
   try:
     spec = parse_name(args.name, args.block)
-    model = create_model(
-      args.name,
+    config = default_config.base_config()
+    config.model.update(
+      name=args.name,
       num_classes=args.num_classes,
       residual=not args.plain,
       shortcut=args.shortcut,
@@ -166,7 +167,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
       block=args.block,
       output_stride=args.output_stride,
       features_only=args.features,
+      scan=False,  # one module per block: the per-layer table names them
     )
+    model = runtime.build_model(config)
   except ValueError as e:
     parser.error(str(e))
   image_size = args.image_size or (224 if spec.family == 'imagenet' else 32)

@@ -23,12 +23,10 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
-import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from resnet_jax import default_config, optim  # pylint: disable=wrong-import-position
+from resnet_jax import default_config, runtime  # pylint: disable=wrong-import-position
 from resnet_jax import train_step as ts  # pylint: disable=wrong-import-position
-from resnet_jax.models import create_model  # pylint: disable=wrong-import-position
 
 _COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all', 'collective-permute')
 _DTYPE_BYTES = {
@@ -80,17 +78,19 @@ def scopes(batch: int, devices: int) -> list[tuple[str, int | None]]:
   return out
 
 
-def measure(model_name: str, batch: int, size: int, group: int | None, steps: int, dtype) -> dict:
-  mesh = ts.create_mesh()
-  model = create_model(model_name, num_classes=10, bn_group_size=group, dtype=dtype)
+def measure(
+  model_name: str, batch: int, size: int, group: int | None, steps: int, dtype: str
+) -> dict:
   config = default_config.base_config()
+  config.data.update(name='synthetic', image_size=size, num_classes=10)
+  config.model.update(name=model_name, bn_group_size=group)
+  config.dtype = dtype
   config.batch_size = batch
   config.schedule.name = 'constant'
-  lr_fn = optim.create_learning_rate_fn(config, steps_per_epoch=1000, total_steps=10**6)
-  tx = optim.create_optimizer(config, lr_fn)
-  shape = (size, size, 3)
-  state = ts.init_state(model, tx, shape, seed=0, mesh=mesh)
-  p_train = ts.jit_train_step(mesh, jax.tree.map(lambda x: x.sharding, state), lr_fn)
+  training = runtime.build_training(config)  # the model and optimizer that training uses
+  mesh, shape = training.experiment.mesh, training.experiment.dataset.image_shape
+  state = ts.init_state(training.experiment.model, training.optimizer, shape, seed=0, mesh=mesh)
+  train_step_fn = ts.jit_train_step(mesh, training.state_sharding, training.learning_rate_fn)
   rng = np.random.default_rng(0)
   put = lambda v: jax.device_put(v, ts.batch_sharding(mesh))
   batch_arrays = {
@@ -98,7 +98,7 @@ def measure(model_name: str, batch: int, size: int, group: int | None, steps: in
     'label': put(rng.integers(0, 10, batch).astype(np.int32)),
   }
   t = time.perf_counter()
-  compiled = p_train.lower(state, batch_arrays).compile()
+  compiled = train_step_fn.lower(state, batch_arrays).compile()
   compile_s = time.perf_counter() - t
   coll = collectives(compiled.as_text())
   state, m = compiled(state, batch_arrays)
@@ -122,10 +122,9 @@ def run(model_name: str, batch: int, size: int, steps: int, dtype: str = 'float3
   devices = jax.device_count()
   if batch % devices:
     raise ValueError(f'--batch-size {batch} must be a multiple of the {devices} devices')
-  jdtype = jnp.bfloat16 if dtype == 'bfloat16' else jnp.float32
   rows = []
   for name, group in scopes(batch, devices):
-    rows.append({'scope': name, **measure(model_name, batch, size, group, steps, jdtype)})
+    rows.append({'scope': name, **measure(model_name, batch, size, group, steps, dtype)})
   return {
     'model': model_name,
     'batch_size': batch,

@@ -31,73 +31,62 @@ sys.path.insert(0, os.path.join(_SCRIPTS, '..'))
 sys.path.insert(0, _SCRIPTS)
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
-import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
 import ml_collections  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmark_input import CpuClock  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 import resnet_jax.data as data  # pylint: disable=wrong-import-position
-from resnet_jax import default_config, optim  # pylint: disable=wrong-import-position
+from resnet_jax import default_config, runtime  # pylint: disable=wrong-import-position
 from resnet_jax import train_step as ts  # pylint: disable=wrong-import-position
-from resnet_jax.data import (
-  device_preprocess,  # pylint: disable=wrong-import-position
-  generated,  # pylint: disable=wrong-import-position
-)
-from resnet_jax.models import create_model  # pylint: disable=wrong-import-position
+from resnet_jax.data import generated  # pylint: disable=wrong-import-position
 
 
-def data_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
-  name = args.dataset or f'generated_jpegs/{args.generated}'
-  return ml_collections.ConfigDict(
-    {
-      'data': dict(
-        name=name,
-        data_dir=args.data_dir,
-        train_split='train',
-        eval_split='test',
-        validation_size=0,
-        image_size=args.image_size,
-        num_classes=10,
-        augment=args.augment,
-        normalize='per_pixel_mean',
-        num_workers=args.workers,
-        prefetch=args.prefetch,
-        decoder=args.decoder,
-      )
-    }
+def experiment_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
+  """The product's base config with this benchmark's data, model, dtype and batch size."""
+  config = default_config.base_config()
+  config.data.update(
+    name=args.dataset or f'generated_jpegs/{args.generated}',
+    data_dir=args.data_dir,
+    train_split='train',
+    eval_split='test',
+    image_size=args.image_size,
+    augment=args.augment,
+    normalize='per_pixel_mean',
+    num_workers=args.workers,
+    prefetch=args.prefetch,
+    decoder=args.decoder,
   )
-
-
-def build_step(model, config, preprocess, mesh, image_shape, seed: int = 0):
-  """The product's jitted train step (`train_step.jit_train_step`) with the device preprocessing."""
-  lr_fn = optim.create_learning_rate_fn(config, steps_per_epoch=1000, total_steps=10**6)
-  tx = optim.create_optimizer(config, lr_fn)
-  state = ts.init_state(model, tx, image_shape, seed=seed, mesh=mesh)
-  state_sharding = jax.tree.map(lambda x: x.sharding, state)
-  step = ts.jit_train_step(mesh, state_sharding, lr_fn, preprocess=preprocess, seed=seed)
-  return state, step
+  config.model.name = args.model
+  config.dtype = args.dtype
+  config.batch_size = args.batch_size
+  config.schedule.name = 'constant'
+  return config
 
 
 def run(args: argparse.Namespace) -> dict:
-  cfg = data_config(args)
+  config = experiment_config(args)
   if not args.dataset:
     generated.prepare(args.generated, args.data_dir)
-  mesh = ts.create_mesh()
   n = jax.device_count()
   if args.batch_size % n:
     raise ValueError(f'--batch-size {args.batch_size} must be a multiple of the {n} devices')
-  info = data.get_dataset_info(cfg)
-  dtype = jnp.bfloat16 if args.dtype == 'bfloat16' else jnp.float32
-  model = create_model(args.model, num_classes=max(info.num_classes, 2), dtype=dtype)
-  config = default_config.base_config()
-  config.batch_size = args.batch_size
-  config.schedule.name = 'constant'
-  preprocess = device_preprocess.make_device_preprocess(cfg)
-  state, step = build_step(model, config, preprocess, mesh, info.image_shape)
+  training = runtime.build_training(config)  # the model, optimizer and step that training uses
+  experiment = training.experiment
+  mesh = experiment.mesh
+  state = ts.init_state(
+    experiment.model, training.optimizer, experiment.dataset.image_shape, seed=0, mesh=mesh
+  )
+  step = ts.jit_train_step(
+    mesh,
+    training.state_sharding,
+    training.learning_rate_fn,
+    preprocess=experiment.preprocess,
+    seed=0,
+  )
   sharding = ts.batch_sharding(mesh)
   local = args.batch_size // jax.process_count()
   it = data.create_train_iterator(
-    cfg,
+    config,
     local_batch_size=local,
     process_index=jax.process_index(),
     process_count=jax.process_count(),
@@ -152,7 +141,8 @@ def run(args: argparse.Namespace) -> dict:
     'batch_size': args.batch_size,
     'image_size': args.image_size,
     'dtype': args.dtype,
-    'dataset': cfg.data.name,
+    'scan': bool(experiment.model.scan),
+    'dataset': config.data.name,
     'augment': args.augment,
     'decoder': args.decoder,
     'workers': args.workers,

@@ -151,7 +151,7 @@ def test_benchmark_bn_collectives_by_scope():
   c = module.collectives(hlo)
   assert c['all-reduce'] == {'count': 1, 'bytes': 4 * 13}
   assert c['all-gather'] == {'count': 1, 'bytes': 4 * 16}
-  per_device = module.measure('resnet8', 12, 8, 3, 1, module.jnp.float32)
-  straddling = module.measure('resnet8', 12, 8, 4, 1, module.jnp.float32)
+  per_device = module.measure('resnet8', 12, 8, 3, 1, 'float32')
+  straddling = module.measure('resnet8', 12, 8, 4, 1, 'float32')
   assert per_device['collectives']['all-gather']['count'] == 0
   assert straddling['collectives']['all-gather']['count'] > 0  # groups straddle devices
