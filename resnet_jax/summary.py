@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -29,6 +29,7 @@ import jax.numpy as jnp
 
 from resnet_jax import cli, default_config, runtime
 from resnet_jax.models import parse_name
+from resnet_jax.train_step import count_params
 
 
 def stage_of(top_level_name: str) -> str:
@@ -39,11 +40,6 @@ def stage_of(top_level_name: str) -> str:
   if top_level_name in ('conv1', 'bn1'):
     return 'stem'
   return 'head'
-
-
-def count_params(params: Any) -> int:
-  """Number of scalars in a params tree (works on arrays and on ShapeDtypeStructs)."""
-  return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params))
 
 
 def analyze(model: nn.Module, image_size: int, in_channels: int = 3) -> dict:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -282,4 +283,5 @@ def state_fingerprint(state: TrainState) -> str:
 
 
 def count_params(params: Any) -> int:
-  return int(sum(np.prod(p.shape) for p in jax.tree.leaves(params)))
+  """Number of scalars in a params tree (works on arrays and on ShapeDtypeStructs)."""
+  return int(sum(math.prod(p.shape) for p in jax.tree.leaves(params)))
