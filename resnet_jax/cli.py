@@ -1,8 +1,9 @@
-"""The command-line convention of every entry point (training's absl flags aside).
+"""The command-line convention of every entry point, scripts/ included (training's absl flags aside).
 
 - argparse, with multi-word flags spelled with dashes (`--batch-size`); the underscore spelling
   (`--batch_size`) is accepted too, so older commands keep working;
-- the model is named by `--arch` (summary also takes it as its first argument);
+- the model is named by `--arch` (summary also takes it as its first argument; the benchmarks
+  keep `--model` as an alias);
 - any bad input, usage errors included, is one `error:` line on stderr and exit status 1.
 """
 

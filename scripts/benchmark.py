@@ -43,7 +43,7 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 from torch_twin import TorchBench  # noqa: E402  (scripts/torch_twin.py, beside this file)
 
-from resnet_jax import default_config, optim, runtime, summary  # pylint: disable=wrong-import-position
+from resnet_jax import cli, default_config, optim, runtime, summary  # pylint: disable=wrong-import-position
 from resnet_jax.models import parse_name  # pylint: disable=wrong-import-position
 from resnet_jax.train_step import (  # pylint: disable=wrong-import-position
   batch_sharding,
@@ -158,8 +158,8 @@ def _rate(batch, times):
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  p.add_argument('--model', default='resnet20')
+  p = cli.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument('--arch', '--model', dest='model', default='resnet20', help='the model name')
   p.add_argument('--batch-size', type=int, default=128)
   p.add_argument('--image-size', type=int, default=None, help='default 224 (ImageNet) / 32 (CIFAR)')
   p.add_argument('--num-classes', type=int, default=None)

@@ -13,7 +13,6 @@ step time. Without accelerators, simulate devices:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -25,7 +24,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from resnet_jax import default_config, runtime  # pylint: disable=wrong-import-position
+from resnet_jax import cli, default_config, runtime  # pylint: disable=wrong-import-position
 from resnet_jax import train_step as ts  # pylint: disable=wrong-import-position
 
 _COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all', 'collective-permute')
@@ -139,8 +138,8 @@ def run(model_name: str, batch: int, size: int, steps: int, dtype: str = 'float3
 
 
 def main(argv: list[str] | None = None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument('--model', default='resnet20')
+  p = cli.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument('--arch', '--model', dest='model', default='resnet20', help='the model name')
   p.add_argument('--batch-size', type=int, default=192)
   p.add_argument('--image-size', type=int, default=32)
   p.add_argument('--steps', type=int, default=3)

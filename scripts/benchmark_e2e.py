@@ -36,7 +36,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmark_input import CpuClock  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 import resnet_jax.data as data  # pylint: disable=wrong-import-position
-from resnet_jax import default_config, runtime  # pylint: disable=wrong-import-position
+from resnet_jax import cli, default_config, runtime  # pylint: disable=wrong-import-position
 from resnet_jax import train_step as ts  # pylint: disable=wrong-import-position
 from resnet_jax.data import generated  # pylint: disable=wrong-import-position
 
@@ -167,8 +167,8 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument('--model', default='resnet50')
+  p = cli.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument('--arch', '--model', dest='model', default='resnet50', help='the model name')
   p.add_argument('--batch-size', type=int, default=256)
   p.add_argument('--image-size', type=int, default=224)
   p.add_argument('--dtype', default='bfloat16', choices=('float32', 'bfloat16'))

@@ -23,7 +23,6 @@ the host), measured on the same records in the same run.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -43,6 +42,7 @@ import ml_collections  # pylint: disable=g-import-not-at-top,wrong-import-positi
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 import resnet_jax.data as data  # pylint: disable=g-import-not-at-top,wrong-import-position
+from resnet_jax import cli  # pylint: disable=wrong-import-position
 from resnet_jax.data import (
   generated,  # pylint: disable=g-import-not-at-top,wrong-import-position
   pipeline,  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
   from absl import flags as absl_flags  # pylint: disable=import-outside-toplevel
 
   absl_flags.FLAGS.mark_as_parsed()  # Grain's worker processes read absl flags: use defaults
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument(
     '--workers',
     default=None,

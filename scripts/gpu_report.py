@@ -17,7 +17,6 @@ H100 the latency-hiding scheduler measured no faster; docs/performance.md).
 
 from __future__ import annotations
 
-import argparse
 import ast
 import json
 import os
@@ -37,7 +36,7 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 from etils import epath  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from resnet_jax import workdir  # pylint: disable=g-import-not-at-top,wrong-import-position
+from resnet_jax import cli, workdir  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def nvidia_present() -> bool:
@@ -269,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
   from absl import flags as absl_flags  # pylint: disable=import-outside-toplevel
 
   absl_flags.FLAGS.mark_as_parsed()  # Grain's worker processes read absl flags: use defaults
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p = cli.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument('--out', required=True, help='directory for gpu_report.md and gpu_report.json')
   p.add_argument('--tiny', action='store_true', help='tiny CPU version (the default without a GPU)')
   p.add_argument('--steps', type=int, default=None, help='timed steps per row (GPU 30, tiny 2)')
