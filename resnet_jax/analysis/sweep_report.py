@@ -14,6 +14,7 @@ import statistics
 from typing import Any, Sequence
 
 from resnet_jax.analysis.paper_numbers import paper_error
+from resnet_jax.workdir import CONFIG_FILE, read_run_config
 
 Record = dict[str, Any]
 
@@ -36,7 +37,7 @@ def _spec(model: dict[str, Any]):
   """What the run's model name means (models.names.parse_name; no regex of our own)."""
   from resnet_jax.models.names import parse_name  # pylint: disable=import-outside-toplevel
 
-  return parse_name(model['name'], model.get('block'))
+  return parse_name(model['name'], model['block'])
 
 
 def load_run(run_dir: str, train_window: int = 5) -> Record | None:
@@ -46,11 +47,9 @@ def load_run(run_dir: str, train_window: int = 5) -> Record | None:
   itself a mean over `log_every_steps` steps), which smooths the batch-to-batch noise the way the
   paper's curves do. Test error: results.json when finished, else the newest eval point.
   """
-  config_path = os.path.join(run_dir, 'config.json')
-  if not os.path.exists(config_path):
+  if not os.path.exists(os.path.join(run_dir, CONFIG_FILE)):
     return None
-  with open(config_path) as f:
-    cfg = json.load(f)
+  cfg = read_run_config(run_dir).to_dict()  # older runs: later fields take today's defaults
   metrics = read_metrics(os.path.join(run_dir, 'metrics.jsonl'))
   train = sorted((m for m in metrics if m.get('split') == 'train'), key=lambda m: m['step'])
   evals = sorted((m for m in metrics if m.get('split') == 'eval'), key=lambda m: m['step'])
@@ -68,10 +67,10 @@ def load_run(run_dir: str, train_window: int = 5) -> Record | None:
     'model': model['name'],
     'depth': spec.depth,
     'variant': variant,
-    'shortcut': model.get('shortcut') if variant == 'residual' else None,
-    'preact': bool(model.get('preact', False)),
-    'block': model.get('block') or 'basic',  # CIFAR: basic (6n+2) or bottleneck (9n+2)
-    'seed': cfg.get('seed'),
+    'shortcut': model['shortcut'] if variant == 'residual' else None,
+    'preact': bool(model['preact']),  # None: the name's own, pre-activation only for wrn*
+    'block': model['block'] or 'basic',  # CIFAR: basic (6n+2) or bottleneck (9n+2)
+    'seed': cfg['seed'],
     'finished': results is not None,
     'steps': results['step'] if results else (train[-1]['step'] if train else 0),
     'params': results['params'] if results else None,
@@ -81,7 +80,7 @@ def load_run(run_dir: str, train_window: int = 5) -> Record | None:
       results['eval']['top1_error'] if results else (evals[-1]['top1_error'] if evals else None)
     ),
     'test_loss': results['eval']['loss'] if results else (evals[-1]['loss'] if evals else None),
-    'eval_crops': cfg['data'].get('eval_crops', 1),
+    'eval_crops': cfg['data']['eval_crops'],
     'wall_time_s': results.get('wall_time_s') if results else None,
   }
   paper = paper_error(

@@ -45,9 +45,9 @@ def freeze(
   tx: optax.GradientTransformation, model_config: Mapping[str, Any]
 ) -> optax.GradientTransformation:
   """``tx`` with zero updates on the leaves ``frozen_mask`` marks; ``tx`` itself (same state,
-  same numerics) when the model config freezes nothing (or predates these fields)."""
-  stages = model_config.get('frozen_stages', -1)
-  affine = bool(model_config.get('frozen_bn_affine', False))
+  same numerics) when the model config freezes nothing."""
+  stages = model_config['frozen_stages']
+  affine = bool(model_config['frozen_bn_affine'])
   if stages is None or (stages < 0 and not affine):
     return tx
 
