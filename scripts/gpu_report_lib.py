@@ -108,7 +108,7 @@ def jax_row(row: dict, steps: int) -> dict:
       state_sharding,
       lr_fn,
       preprocess=pre,
-      label_smoothing=float(config.get('label_smoothing', 0.0)),
+      label_smoothing=float(config.label_smoothing),
     )
   else:
     batch['mask'] = put(np.ones(b, bool))
@@ -201,9 +201,9 @@ def torch_row(row: dict, steps: int) -> dict:
       lr=0.1,
       momentum=0.9,
       weight_decay=1e-4,
-      nesterov=bool(config.optimizer.get('nesterov', False)),
+      nesterov=bool(config.optimizer.nesterov),
     )
-    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=float(config.get('label_smoothing', 0.0)))
+    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=float(config.label_smoothing))
     run = torch.compile(model) if mode == 'compile' else model
 
     def step():
