@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import uuid
 from typing import Any
 
 import ml_collections
@@ -28,14 +29,23 @@ def as_path(workdir: str | epath.PathLike) -> epath.Path:
   return epath.Path(text).expanduser().resolve()
 
 
-def write_atomic(path: epath.Path, text: str) -> None:
-  """Writes `text` to a sibling temporary file, then renames it over `path`.
+def write_atomic(path: str | epath.PathLike, content: str | bytes) -> None:
+  """Writes `content` to a sibling temporary file, then renames it over `path`.
 
-  A reader (or a crash) sees either the old file or the new one, never half of one.
+  A reader (or a crash) sees either the old file or the new one, never half of one. The temporary
+  name is unique to the writer, so processes writing the same file at once cannot mix.
   """
-  tmp = path.parent / f'.{path.name}.tmp'
-  tmp.write_text(text)
-  tmp.replace(path)
+  path = epath.Path(path)
+  tmp = path.parent / f'.{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp'
+  try:
+    if isinstance(content, bytes):
+      tmp.write_bytes(content)
+    else:
+      tmp.write_text(content)
+    tmp.replace(path)
+  finally:
+    if tmp.exists():
+      tmp.unlink()
 
 
 def write_json(path: epath.Path, value: Any) -> None:

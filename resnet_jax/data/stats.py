@@ -9,13 +9,15 @@ an evenly spaced sample for large ones, and cached in memory and as `.npz` besid
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
-import tempfile
 from typing import Callable, Sequence
 
 import numpy as np
+
+from resnet_jax.workdir import write_atomic
 
 MAX_EXAMPLES_SMALL = 60_000  # CIFAR-sized sets: use every training image (the paper's exact mean)
 MAX_EXAMPLES_LARGE = 10_000  # ImageNet-sized images: an evenly spaced sample is plenty for a mean
@@ -76,11 +78,10 @@ def cached_stats(
   if stats is None:
     stats = compute()
     if path:
-      try:  # atomic write: concurrent processes may compute the same stats
-        fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix='.npz.tmp')
-        with os.fdopen(fd, 'wb') as f:
-          np.savez(f, **stats)
-        os.replace(tmp, path)
+      try:  # atomic: concurrent processes may compute the same stats
+        buffer = io.BytesIO()
+        np.savez(buffer, **stats)
+        write_atomic(path, buffer.getvalue())
       except OSError as e:  # read-only data dir: keep the in-memory copy only
         logging.info('could not cache dataset statistics in %s: %s', cache_dir, e)
   _MEMORY[digest] = stats
