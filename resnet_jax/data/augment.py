@@ -146,6 +146,8 @@ def _crop_opencv(
     8: cv2.IMREAD_REDUCED_GRAYSCALE_8 if grey else cv2.IMREAD_REDUCED_COLOR_8,
   }[k]
   array = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
+  if array is None:
+    raise ValueError(f'OpenCV could not decode a {len(data)}-byte JPEG ({w}x{h} in its header)')
   sx, sy = array.shape[1] / w, array.shape[0] / h
   left, top, cw, ch = box
   x0, y0 = int(left * sx), int(top * sy)
