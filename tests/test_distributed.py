@@ -60,28 +60,32 @@ def single_device(tmp_path_factory):
   return workdir, results(workdir)
 
 
-def test_four_devices_match_one(single_device, tmp_path):
-  assert_ok(run_main(str(tmp_path), *RUN, devices=4))
-  assert_same_run(str(tmp_path), single_device)
+class TestSameRunAsOneDevice:
+  """The tests that compare with the one-device run: one class, which pytest-xdist runs in one
+  worker (see `pytest_xdist_make_scheduler` in conftest.py), so the module fixture
+  `single_device` is built once."""
 
+  def test_four_devices_match_one(self, single_device, tmp_path):
+    assert_ok(run_main(str(tmp_path), *RUN, devices=4))
+    assert_same_run(str(tmp_path), single_device)
 
-def test_two_processes_of_two_devices_match_one(single_device, tmp_path):
-  workdir = str(tmp_path)
-  address = f'localhost:{_free_port()}'
-  procs = [
-    start_main(
-      workdir,
-      *RUN,
-      devices=2,
-      extra=(f'--coordinator_address={address}', '--num_processes=2', f'--process_id={i}'),
-    )
-    for i in range(2)
-  ]
-  outs = [p.communicate(timeout=600) for p in procs]
-  for p, (_, err) in zip(procs, outs):
-    assert p.returncode == 0, err[-3000:]
-  assert '2 processes, 4 devices' in outs[0][1]
-  assert_same_run(workdir, single_device)  # results and metrics written by process 0 only
+  def test_two_processes_of_two_devices_match_one(self, single_device, tmp_path):
+    workdir = str(tmp_path)
+    address = f'localhost:{_free_port()}'
+    procs = [
+      start_main(
+        workdir,
+        *RUN,
+        devices=2,
+        extra=(f'--coordinator_address={address}', '--num_processes=2', f'--process_id={i}'),
+      )
+      for i in range(2)
+    ]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+      assert p.returncode == 0, err[-3000:]
+    assert '2 processes, 4 devices' in outs[0][1]
+    assert_same_run(workdir, single_device)  # results and metrics written by process 0 only
 
 
 def test_batch_not_divisible_by_devices_is_refused(tmp_path):

@@ -238,6 +238,7 @@ def test_experiment_registry_fills_the_grid():
     script.parse_args(['--workdir=/tmp/x', '--config=configs/digits.py', '--depths=8', '--oops'])
 
 
+@pytest.mark.slow
 def test_end_to_end_digits_sweep_and_responses(tmp_path, monkeypatch):
   """One command: 2 depths x {residual, plain} on digits, then the three outputs and Fig. 7."""
   monkeypatch.setenv('XLA_FLAGS', '')  # one CPU device per run: less to compile
