@@ -197,7 +197,7 @@ def test_two_processes_split_the_examples_and_sum_the_metrics():
     subprocess.Popen(
       [sys.executable, '-c', _TWO_PROCESS, address, str(i)],
       cwd=ROOT,
-      env=env_with_devices(2),
+      env=env_with_devices(2, fast_compile=True),
       stdout=subprocess.PIPE,
       stderr=subprocess.PIPE,
       text=True,

@@ -101,7 +101,7 @@ class TestOnOneTrainedWorkdir:
     config['data']['num_workers'] = 1
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       json.dump(config, f)
-    got = run_evaluate(workdir, '--precise-bn=1', '--scales=8,12', devices=2)
+    got = run_evaluate(workdir, '--precise-bn=1', '--scales=8,12', devices=2, fast_compile=True)
     assert got['num_examples'] == 360 and got['precise_bn_batches'] == 1
 
 

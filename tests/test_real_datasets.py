@@ -43,6 +43,7 @@ def _train(workdir, data_dir, config, *overrides):
       *overrides,
       config=config,
       devices=1,
+      fast_compile=True,
     )
   )
   return results(workdir)
