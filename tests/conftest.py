@@ -6,11 +6,13 @@ import os
 import shutil
 import tempfile
 
-# In-process tests compile hundreds of small programs that each run a few times: LLVM's
-# optimisation of the generated code costs more than it saves there (same values, slower to run).
-# CLI runs get the default level back from tests/runner.py's env_with_devices.
+# In-process tests compile hundreds of small programs that each run a few times: XLA's fast
+# compilation (runner.FAST_COMPILE: same values, slower to run) halves their CPU time. CLI runs
+# get the default level back from tests/runner.py's env_with_devices unless they ask for it.
 os.environ.setdefault(
-  'XLA_FLAGS', '--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0'
+  'XLA_FLAGS',
+  '--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0'
+  ' --xla_cpu_use_fusion_emitters=false',
 )
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault(
