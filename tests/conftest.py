@@ -67,10 +67,16 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):
 
   class ClassScopeScheduling(LoadScopeScheduling):
     def _split_scope(self, nodeid: str) -> str:
-      path, _, rest = nodeid.partition('::')
-      return f'{path}::{rest.partition("::")[0]}' if '::' in rest else nodeid
+      return xdist_unit(nodeid)
 
   return ClassScopeScheduling(config, log)
+
+
+def xdist_unit(nodeid: str) -> str:
+  """The unit of work a test belongs to: its class (`path::Class`), else the test itself."""
+  path, _, rest = nodeid.partition('::')
+  name = rest.partition('[')[0]  # parameter ids may hold '::'
+  return f'{path}::{name.partition("::")[0]}' if '::' in name else nodeid
 
 
 @pytest.fixture(scope='session')
