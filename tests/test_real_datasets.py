@@ -5,18 +5,24 @@ command a user runs, through TFDS's own builders, then the paper recipes (`confi
 10-crop evaluation of the validation split, `configs/cifar.py`) train a few steps with the CLI.
 """
 
+import importlib.util
 import io
 
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 from PIL import Image
 
 from resnet_jax.default_config import load_sibling_config
 from tests import official_archives
 from tests.runner import assert_ok, results, run_main, run_prepare
 
-pytest.importorskip('tensorflow')
-import tensorflow_datasets as tfds  # noqa: E402  (after the skip: TFDS needs TF to prepare)
+# TFDS needs TensorFlow to prepare. Looked up, not imported: importing it at collection cost every
+# pytest-xdist worker about 3 s of CPU, and only one worker runs these tests.
+pytestmark = pytest.mark.skipif(
+  importlib.util.find_spec('tensorflow') is None,
+  reason='TensorFlow is the optional [tf] extra: pip install -e ".[tf]"',
+)
 
 NUM_VAL = 6
 
