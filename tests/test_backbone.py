@@ -223,6 +223,7 @@ def test_finetune_resnext_with_frozen_bn_and_stages_from_converted_weights(
     f'--config.init_from={converted}',
     '--config.eval_every_steps=0',
     devices=1,
+    fast_compile=True,
     config='configs/finetune.py:arch=resnext50_32x4d,steps=2,batch=8,'
     'image_size=16,frozen_bn,frozen_stages=2',
   )

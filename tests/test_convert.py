@@ -200,6 +200,7 @@ def test_finetune_from_converted_checkpoint_on_digits(converted_random_weights, 
     '--config.schedule.base_lr=0.0',
     '--config.eval_every_steps=0',
     devices=1,
+    fast_compile=True,
     config='configs/finetune.py:arch=resnet18,steps=2,batch=8,image_size=16',
   )
   assert proc.returncode == 0, proc.stderr[-3000:]

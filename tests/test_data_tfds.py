@@ -75,42 +75,56 @@ def test_validation_split_is_carved_from_train():
   assert sum(int(m.sum()) for m in masks) == 100
 
 
-def test_real_jpeg_dataset_uses_encoded_bytes_and_all_augmentations(jpeg_dir):
-  config = make_config(
-    name='generated_jpegs/tiny', data_dir=jpeg_dir, image_size=24, augment='imagenet'
-  )
-  source = sources.open_split(config, 'train')
-  assert source.encoded and isinstance(source.records[0]['image'], bytes)
-  assert source.native_shape == (None, None, 3)
-  assert data.get_dataset_info(config) == data.DatasetInfo(
-    'generated_jpegs/tiny', 5, (24, 24, 3), 24, 10, 'test'
-  )
-  for augment, normalize in (('imagenet', 'per_pixel_mean'), ('inception', 'mean_std')):
-    config.data.augment, config.data.normalize = augment, normalize
-    batch = next(
-      data.create_train_iterator(
-        config, local_batch_size=6, process_index=0, process_count=1, seed=0
-      )
+class TestGeneratedJpegDataset:
+  """The tests of the one generated JPEG dataset: one class, which pytest-xdist runs in one worker
+  (see `pytest_xdist_make_scheduler` in conftest.py), so the module fixture `jpeg_dir` is built
+  once."""
+
+  def test_real_jpeg_dataset_uses_encoded_bytes_and_all_augmentations(self, jpeg_dir):
+    config = make_config(
+      name='generated_jpegs/tiny', data_dir=jpeg_dir, image_size=24, augment='imagenet'
     )
-    assert batch['image'].shape == (6, 24, 24, 3) and np.isfinite(batch['image']).all()
-  for crops, scale, shape in (
-    (1, None, (24, 24, 3)),
-    (10, None, (10, 24, 24, 3)),
-    (1, 40, (40, 40, 3)),
-  ):
-    batches = list(
+    source = sources.open_split(config, 'train')
+    assert source.encoded and isinstance(source.records[0]['image'], bytes)
+    assert source.native_shape == (None, None, 3)
+    assert data.get_dataset_info(config) == data.DatasetInfo(
+      'generated_jpegs/tiny', 5, (24, 24, 3), 24, 10, 'test'
+    )
+    for augment, normalize in (('imagenet', 'per_pixel_mean'), ('inception', 'mean_std')):
+      config.data.augment, config.data.normalize = augment, normalize
+      batch = next(
+        data.create_train_iterator(
+          config, local_batch_size=6, process_index=0, process_count=1, seed=0
+        )
+      )
+      assert batch['image'].shape == (6, 24, 24, 3) and np.isfinite(batch['image']).all()
+    for crops, scale, shape in (
+      (1, None, (24, 24, 3)),
+      (10, None, (10, 24, 24, 3)),
+      (1, 40, (40, 40, 3)),
+    ):
+      batches = list(
+        data.create_eval_iterator(
+          config,
+          split='test',
+          local_batch_size=4,
+          process_index=0,
+          process_count=1,
+          crops=crops,
+          scale=scale,
+        )
+      )
+      assert len(batches) == 3 and batches[0]['image'].shape == (4, *shape)
+      assert sum(int(b['mask'].sum()) for b in batches) == 10
+
+  def test_missing_split_names_the_available_ones(self, jpeg_dir):
+    config = make_config(
+      name='generated_jpegs/tiny', data_dir=jpeg_dir, image_size=24, augment='imagenet'
+    )
+    with pytest.raises(data.DatasetNotFoundError, match="no split 'dev'.*train"):
       data.create_eval_iterator(
-        config,
-        split='test',
-        local_batch_size=4,
-        process_index=0,
-        process_count=1,
-        crops=crops,
-        scale=scale,
+        config, split='dev', local_batch_size=4, process_index=0, process_count=1
       )
-    )
-    assert len(batches) == 3 and batches[0]['image'].shape == (4, *shape)
-    assert sum(int(b['mask'].sum()) for b in batches) == 10
 
 
 @pytest.mark.parametrize(
@@ -144,16 +158,6 @@ def test_imagenet2012_test_split_is_refused_it_has_no_labels(tmp_path, split):
       config, split=split, local_batch_size=4, process_index=0, process_count=1
     )
   assert '\n' not in str(excinfo.value)
-
-
-def test_missing_split_names_the_available_ones(jpeg_dir):
-  config = make_config(
-    name='generated_jpegs/tiny', data_dir=jpeg_dir, image_size=24, augment='imagenet'
-  )
-  with pytest.raises(data.DatasetNotFoundError, match="no split 'dev'.*train"):
-    data.create_eval_iterator(
-      config, split='dev', local_batch_size=4, process_index=0, process_count=1
-    )
 
 
 def test_dataset_not_in_array_record_format_points_to_prepare_overwrite(tmp_path):

@@ -27,6 +27,7 @@ RUN = (
 # after 24 steps (2026-11-24). A sharding or data-order bug moves the loss by percents at the
 # first log point. 1e-4 leaves three orders of magnitude for the chaotic growth of rounding.
 RTOL = 1e-4
+# Every run here compiles its own programs (1, 4 and 2x2 devices), runs 12 steps: see FAST_COMPILE.
 
 
 def _train_losses(workdir: str) -> list[float]:
@@ -56,32 +57,37 @@ def _free_port() -> int:
 @pytest.fixture(scope='module')
 def single_device(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('one_device'))
-  assert_ok(run_main(workdir, *RUN, devices=1))
+  assert_ok(run_main(workdir, *RUN, devices=1, fast_compile=True))
   return workdir, results(workdir)
 
 
-def test_four_devices_match_one(single_device, tmp_path):
-  assert_ok(run_main(str(tmp_path), *RUN, devices=4))
-  assert_same_run(str(tmp_path), single_device)
+class TestSameRunAsOneDevice:
+  """The tests that compare with the one-device run: one class, which pytest-xdist runs in one
+  worker (see `pytest_xdist_make_scheduler` in conftest.py), so the module fixture
+  `single_device` is built once."""
 
+  def test_four_devices_match_one(self, single_device, tmp_path):
+    assert_ok(run_main(str(tmp_path), *RUN, devices=4, fast_compile=True))
+    assert_same_run(str(tmp_path), single_device)
 
-def test_two_processes_of_two_devices_match_one(single_device, tmp_path):
-  workdir = str(tmp_path)
-  address = f'localhost:{_free_port()}'
-  procs = [
-    start_main(
-      workdir,
-      *RUN,
-      devices=2,
-      extra=(f'--coordinator_address={address}', '--num_processes=2', f'--process_id={i}'),
-    )
-    for i in range(2)
-  ]
-  outs = [p.communicate(timeout=600) for p in procs]
-  for p, (_, err) in zip(procs, outs):
-    assert p.returncode == 0, err[-3000:]
-  assert '2 processes, 4 devices' in outs[0][1]
-  assert_same_run(workdir, single_device)  # results and metrics written by process 0 only
+  def test_two_processes_of_two_devices_match_one(self, single_device, tmp_path):
+    workdir = str(tmp_path)
+    address = f'localhost:{_free_port()}'
+    procs = [
+      start_main(
+        workdir,
+        *RUN,
+        devices=2,
+        fast_compile=True,
+        extra=(f'--coordinator_address={address}', '--num_processes=2', f'--process_id={i}'),
+      )
+      for i in range(2)
+    ]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+      assert p.returncode == 0, err[-3000:]
+    assert '2 processes, 4 devices' in outs[0][1]
+    assert_same_run(workdir, single_device)  # results and metrics written by process 0 only
 
 
 def test_batch_not_divisible_by_devices_is_refused(tmp_path):

@@ -99,11 +99,13 @@ def test_evaluate_cli_matches_the_training_run(tmp_path):
   del config['model']['block']
   with open(config_path, 'w') as f:
     json.dump(config, f)
-  got = run_evaluate(workdir, '--batch_size=44', devices=4)
+  got = run_evaluate(workdir, '--batch_size=44', devices=4, fast_compile=True)
   assert got['num_examples'] == 360 and got['step'] == 20
   assert got['loss'] == pytest.approx(results(workdir)['eval']['loss'], rel=1e-4)
-  assert run_evaluate(workdir, '--crops=10', devices=4)['num_examples'] == 360
-  got = run_evaluate(workdir, '--scales=8,12', '--crops=2', '--precise-bn=2', devices=4)
+  assert run_evaluate(workdir, '--crops=10', devices=4, fast_compile=True)['num_examples'] == 360
+  got = run_evaluate(
+    workdir, '--scales=8,12', '--crops=2', '--precise-bn=2', devices=4, fast_compile=True
+  )
   assert got['num_examples'] == 360 and got['scales'] == [8, 12] and got['precise_bn_batches'] == 2
   bad = run_cli('resnet_jax.evaluate', f'--workdir={tmp_path}/nothing', env=env_with_devices(4))
   assert bad.returncode == 1 and bad.stderr.strip().startswith('error:')

@@ -42,61 +42,86 @@ def reference(tmp_path_factory):
   return workdir, results(workdir)['state_fingerprint']
 
 
-def test_uninterrupted_run_writes_the_contract_outputs(reference):
-  workdir, _ = reference
-  r = results(workdir)
-  assert r['step'] == 160 and r['eval']['num_examples'] == 360
-  assert set(r) >= {'step', 'eval', 'params', 'state_fingerprint', 'wall_time_s', 'config'}
-  assert len(r['state_fingerprint']) == 64
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    records = [json.loads(l) for l in f]
-  train = [x for x in records if x['split'] == 'train']
-  assert [x['step'] for x in train] == list(range(20, 161, 20))
-  assert all({'loss', 'top1_error', 'learning_rate', 'images_per_sec'} <= set(x) for x in train)
-  assert [x['step'] for x in records if x['split'] == 'eval'] == [80, 160]
-  assert any(n.startswith('events') for n in os.listdir(os.path.join(workdir, 'tensorboard')))
-  assert finished_checkpoints(workdir) == [80, 120, 160]  # max_to_keep=3
+class TestFromOneReferenceRun:
+  """The tests that need the uninterrupted reference run: one class, which pytest-xdist runs in one
+  worker (see `pytest_xdist_make_scheduler` in conftest.py), so the module fixture `reference` is
+  built once."""
+
+  def test_uninterrupted_run_writes_the_contract_outputs(self, reference):
+    workdir, _ = reference
+    r = results(workdir)
+    assert r['step'] == 160 and r['eval']['num_examples'] == 360
+    assert set(r) >= {'step', 'eval', 'params', 'state_fingerprint', 'wall_time_s', 'config'}
+    assert len(r['state_fingerprint']) == 64
+    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+      records = [json.loads(l) for l in f]
+    train = [x for x in records if x['split'] == 'train']
+    assert [x['step'] for x in train] == list(range(20, 161, 20))
+    assert all({'loss', 'top1_error', 'learning_rate', 'images_per_sec'} <= set(x) for x in train)
+    assert [x['step'] for x in records if x['split'] == 'eval'] == [80, 160]
+    assert any(n.startswith('events') for n in os.listdir(os.path.join(workdir, 'tensorboard')))
+    assert finished_checkpoints(workdir) == [80, 120, 160]  # max_to_keep=3
+
+  def test_kill_9_mid_run_then_rerun_matches(self, reference, tmp_path):
+    workdir = str(tmp_path / 'killed')
+    proc = start_main(workdir, *RUN)
+    wait_for(lambda: finished_checkpoints(workdir) or proc.poll() is not None)
+    proc.kill()
+    proc.wait()
+    assert finished_checkpoints(workdir) and not os.path.exists(
+      os.path.join(workdir, 'results.json')
+    )
+    assert_ok(run_main(workdir, *RUN))
+    assert results(workdir)['state_fingerprint'] == reference[1]
+    assert _steps_logged(workdir) == list(range(20, 161, 20))  # no duplicated or lost points
+
+  def test_sigterm_saves_exits_0_and_rerun_matches(self, reference, tmp_path):
+    workdir = str(tmp_path / 'preempted')
+    proc = start_main(workdir, *RUN)
+    wait_for(lambda: finished_checkpoints(workdir) or proc.poll() is not None)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-3000:]
+    assert 'stopped at step' in err
+    stopped_at = max(finished_checkpoints(workdir))
+    assert stopped_at < 160, 'the run finished before the signal: test did not preempt'
+    rerun = assert_ok(run_main(workdir, *RUN))
+    assert 'resuming from' in rerun.stderr
+    assert results(workdir)['state_fingerprint'] == reference[1]
+
+  def test_truncated_newest_checkpoint_falls_back_to_previous(self, reference, tmp_path):
+    workdir = copy_unfinished(reference[0], str(tmp_path / 'corrupt'))
+    truncate(state_files(os.path.join(workdir, 'checkpoints', '160')))
+    rerun = assert_ok(run_main(workdir, *RUN))
+    assert 'checkpoints/160' in rerun.stderr and 'corrupt' in rerun.stderr
+    assert 'resuming from' in rerun.stderr and 'checkpoints/120' in rerun.stderr
+    assert results(workdir)['state_fingerprint'] == reference[1]
+
+  def test_workdir_of_another_model_is_refused(self, reference):
+    proc = run_main(reference[0], *RUN, config='configs/digits.py:depth=14')
+    assert_one_line_error(proc, 'resnet8', 'resnet14', 'another --workdir')
+
+  def test_init_from_another_run_loads_its_weights(self, reference, tmp_path):
+    assert_ok(
+      run_main(
+        str(tmp_path / 'ft'),
+        '--config.num_train_steps=2',
+        '--config.batch_size=32',
+        '--config.log_every_steps=1',
+        f'--config.init_from={reference[0]}',
+        '--config.schedule.base_lr=0.0',
+        '--config.schedule.warmup_steps=0',
+        '--config.optimizer.weight_decay=0.0',
+      )
+    )
+    # With lr 0 the weights are the reference's; only BN running stats move on 2 batches.
+    ref_err = results(reference[0])['eval']['top1_error']
+    assert results(str(tmp_path / 'ft'))['eval']['top1_error'] <= ref_err + 0.05
 
 
 def _steps_logged(workdir):
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     return [json.loads(l)['step'] for l in f if '"train"' in l]
-
-
-def test_kill_9_mid_run_then_rerun_matches(reference, tmp_path):
-  workdir = str(tmp_path / 'killed')
-  proc = start_main(workdir, *RUN)
-  wait_for(lambda: finished_checkpoints(workdir) or proc.poll() is not None)
-  proc.kill()
-  proc.wait()
-  assert finished_checkpoints(workdir) and not os.path.exists(os.path.join(workdir, 'results.json'))
-  assert_ok(run_main(workdir, *RUN))
-  assert results(workdir)['state_fingerprint'] == reference[1]
-  assert _steps_logged(workdir) == list(range(20, 161, 20))  # no duplicated or lost points
-
-
-def test_sigterm_saves_exits_0_and_rerun_matches(reference, tmp_path):
-  workdir = str(tmp_path / 'preempted')
-  proc = start_main(workdir, *RUN)
-  wait_for(lambda: finished_checkpoints(workdir) or proc.poll() is not None)
-  proc.send_signal(signal.SIGTERM)
-  _, err = proc.communicate(timeout=60)
-  assert proc.returncode == 0, err[-3000:]
-  assert 'stopped at step' in err
-  stopped_at = max(finished_checkpoints(workdir))
-  assert stopped_at < 160, 'the run finished before the signal: test did not preempt'
-  rerun = assert_ok(run_main(workdir, *RUN))
-  assert 'resuming from' in rerun.stderr
-  assert results(workdir)['state_fingerprint'] == reference[1]
-
-
-def test_truncated_newest_checkpoint_falls_back_to_previous(reference, tmp_path):
-  workdir = copy_unfinished(reference[0], str(tmp_path / 'corrupt'))
-  truncate(state_files(os.path.join(workdir, 'checkpoints', '160')))
-  rerun = assert_ok(run_main(workdir, *RUN))
-  assert 'checkpoints/160' in rerun.stderr and 'corrupt' in rerun.stderr
-  assert 'resuming from' in rerun.stderr and 'checkpoints/120' in rerun.stderr
-  assert results(workdir)['state_fingerprint'] == reference[1]
 
 
 def test_nonfinite_loss_stops_naming_the_step(tmp_path):
@@ -147,33 +172,10 @@ def test_bad_input_is_one_clear_line(tmp_path, overrides, needles):
   assert_one_line_error(run_main(str(tmp_path / 'w'), *overrides), *needles)
 
 
-def test_workdir_of_another_model_is_refused(reference):
-  proc = run_main(reference[0], *RUN, config='configs/digits.py:depth=14')
-  assert_one_line_error(proc, 'resnet8', 'resnet14', 'another --workdir')
-
-
 def test_unwritable_workdir(tmp_path):
   blocker = tmp_path / 'a_file'
   blocker.write_text('x')
   assert_one_line_error(run_main(str(blocker / 'run')), 'not writable')
-
-
-def test_init_from_another_run_loads_its_weights(reference, tmp_path):
-  assert_ok(
-    run_main(
-      str(tmp_path / 'ft'),
-      '--config.num_train_steps=2',
-      '--config.batch_size=32',
-      '--config.log_every_steps=1',
-      f'--config.init_from={reference[0]}',
-      '--config.schedule.base_lr=0.0',
-      '--config.schedule.warmup_steps=0',
-      '--config.optimizer.weight_decay=0.0',
-    )
-  )
-  # With lr 0 the weights are the reference's; only BN running stats move on 2 batches.
-  ref_err = results(reference[0])['eval']['top1_error']
-  assert results(str(tmp_path / 'ft'))['eval']['top1_error'] <= ref_err + 0.05
 
 
 def test_failed_run_stops_its_data_workers(tmp_path):

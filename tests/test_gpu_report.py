@@ -16,6 +16,7 @@ def _load():
   return module
 
 
+@pytest.mark.slow
 def test_tiny_report_writes_markdown_and_json(tmp_path, capsys):
   module = _load()
   assert module.main(['--out', str(tmp_path), '--tiny']) == 0

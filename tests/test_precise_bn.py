@@ -74,31 +74,35 @@ def trained(tmp_path_factory):
   return workdir
 
 
-def test_evaluate_precise_bn_changes_the_statistics_in_memory_only(trained):
-  before = _tree_digest(trained)
-  plain = evaluate.evaluate_workdir(trained)
-  precise = evaluate.evaluate_workdir(trained, precise_bn_batches=2)
-  assert precise['precise_bn_batches'] == 2 and 'precise_bn_batches' not in plain
-  assert precise['num_examples'] == plain['num_examples'] == 360
-  assert precise['loss'] != plain['loss']
-  model = runtime.load_trained_model(trained)
-  recomputed = precise_bn.precise_bn_for_experiment(model.experiment, model.variables, 2)
-  old, new = model.variables['batch_stats']['bn1'], recomputed['batch_stats']['bn1']
-  assert not np.allclose(old['mean'], new['mean'])
-  assert _tree_digest(trained) == before  # byte-identical: nothing written, nothing touched
+class TestOnOneTrainedWorkdir:
+  """The tests that read the one trained workdir: one class, which pytest-xdist runs in one worker
+  (see `pytest_xdist_make_scheduler` in conftest.py), so the module fixture `trained` is built
+  once."""
 
+  def test_evaluate_precise_bn_changes_the_statistics_in_memory_only(self, trained):
+    before = _tree_digest(trained)
+    plain = evaluate.evaluate_workdir(trained)
+    precise = evaluate.evaluate_workdir(trained, precise_bn_batches=2)
+    assert precise['precise_bn_batches'] == 2 and 'precise_bn_batches' not in plain
+    assert precise['num_examples'] == plain['num_examples'] == 360
+    assert precise['loss'] != plain['loss']
+    model = runtime.load_trained_model(trained)
+    recomputed = precise_bn.precise_bn_for_experiment(model.experiment, model.variables, 2)
+    old, new = model.variables['batch_stats']['bn1'], recomputed['batch_stats']['bn1']
+    assert not np.allclose(old['mean'], new['mean'])
+    assert _tree_digest(trained) == before  # byte-identical: nothing written, nothing touched
 
-def test_cli_with_grain_workers_table4_and_precise_bn(trained, tmp_path):
-  """ImageNet configs read with Grain worker processes: the CLI must run them (absl flags)."""
-  workdir = str(tmp_path / 'copy')
-  shutil.copytree(trained, workdir)
-  with open(os.path.join(workdir, 'config.json')) as f:
-    config = json.load(f)
-  config['data']['num_workers'] = 1
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    json.dump(config, f)
-  got = run_evaluate(workdir, '--precise-bn=1', '--scales=8,12', devices=2)
-  assert got['num_examples'] == 360 and got['precise_bn_batches'] == 1
+  def test_cli_with_grain_workers_table4_and_precise_bn(self, trained, tmp_path):
+    """ImageNet configs read with Grain worker processes: the CLI must run them (absl flags)."""
+    workdir = str(tmp_path / 'copy')
+    shutil.copytree(trained, workdir)
+    with open(os.path.join(workdir, 'config.json')) as f:
+      config = json.load(f)
+    config['data']['num_workers'] = 1
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      json.dump(config, f)
+    got = run_evaluate(workdir, '--precise-bn=1', '--scales=8,12', devices=2, fast_compile=True)
+    assert got['num_examples'] == 360 and got['precise_bn_batches'] == 1
 
 
 @pytest.mark.parametrize('bad', ['0', '-2', 'many', '1.5'])

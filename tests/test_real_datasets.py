@@ -5,18 +5,24 @@ command a user runs, through TFDS's own builders, then the paper recipes (`confi
 10-crop evaluation of the validation split, `configs/cifar.py`) train a few steps with the CLI.
 """
 
+import importlib.util
 import io
 
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 from PIL import Image
 
 from resnet_jax.default_config import load_sibling_config
 from tests import official_archives
 from tests.runner import assert_ok, results, run_main, run_prepare
 
-pytest.importorskip('tensorflow')
-import tensorflow_datasets as tfds  # noqa: E402  (after the skip: TFDS needs TF to prepare)
+# TFDS needs TensorFlow to prepare. Looked up, not imported: importing it at collection cost every
+# pytest-xdist worker about 3 s of CPU, and only one worker runs these tests.
+pytestmark = pytest.mark.skipif(
+  importlib.util.find_spec('tensorflow') is None,
+  reason='TensorFlow is the optional [tf] extra: pip install -e ".[tf]"',
+)
 
 NUM_VAL = 6
 
@@ -43,6 +49,7 @@ def _train(workdir, data_dir, config, *overrides):
       *overrides,
       config=config,
       devices=1,
+      fast_compile=True,
     )
   )
   return results(workdir)
@@ -76,61 +83,69 @@ def cifar10(tmp_path_factory):
   return data_dir, written
 
 
-def test_imagenet2012_builder_output_matches_the_archives_and_the_recipes(imagenet):
-  data_dir, written = imagenet
-  builder = tfds.builder('imagenet2012', data_dir=data_dir)
-  # The split names TFDS's builder creates from the two tars; every ImageNet recipe uses them.
-  assert set(builder.info.splits) == {'train', 'validation'}
-  for name in ('imagenet', 'r18', 'r34', 'r50', 'r101', 'r152'):
-    for recipe in ('paper', 'modern'):
-      config = load_sibling_config('configs/x.py', name).get_config(f'recipe={recipe}')
-      assert config.data.eval_split in builder.info.splits
-      assert config.data.train_split in builder.info.splits
-  names = builder.info.features['label'].names
-  val = builder.as_data_source('validation')
-  by_file = {_text(val[i]['file_name']): names[val[i]['label']] for i in range(len(val))}
-  assert by_file == {
-    f'ILSVRC2012_val_{i + 1:08d}.JPEG': synset for i, synset in enumerate(written['validation'])
-  }
-  train = builder.as_data_source('train')
-  records = {_text(train[i]['file_name']): train[i] for i in range(len(train))}
-  assert {f: names[r['label']] for f, r in records.items()} == dict(written['train'])
-  # TFDS's builder rewrites the known CMYK JPEG and the PNG named .JPEG as RGB JPEG (real data too).
-  encoded = builder.as_data_source('train', decoders={'image': tfds.decode.SkipDecoding()})
-  raw = {_text(encoded[i]['file_name']): encoded[i]['image'] for i in range(len(encoded))}
-  for fname in ('n01739381_1309.JPEG', 'n02105855_2933.JPEG'):
-    img = Image.open(io.BytesIO(raw[fname]))
-    assert (img.format, img.mode) == ('JPEG', 'RGB'), fname
-  assert any(Image.open(io.BytesIO(b)).mode == 'L' for b in raw.values())  # grayscale kept as is
+class TestPreparedImagenet:
+  """The tests of the one prepared miniature ImageNet: one class, which pytest-xdist runs in one
+  worker (see `pytest_xdist_make_scheduler` in conftest.py), so the module fixture `imagenet` is
+  built once."""
+
+  def test_imagenet2012_builder_output_matches_the_archives_and_the_recipes(self, imagenet):
+    data_dir, written = imagenet
+    builder = tfds.builder('imagenet2012', data_dir=data_dir)
+    # The split names TFDS's builder creates from the two tars; every ImageNet recipe uses them.
+    assert set(builder.info.splits) == {'train', 'validation'}
+    for name in ('imagenet', 'r18', 'r34', 'r50', 'r101', 'r152'):
+      for recipe in ('paper', 'modern'):
+        config = load_sibling_config('configs/x.py', name).get_config(f'recipe={recipe}')
+        assert config.data.eval_split in builder.info.splits
+        assert config.data.train_split in builder.info.splits
+    names = builder.info.features['label'].names
+    val = builder.as_data_source('validation')
+    by_file = {_text(val[i]['file_name']): names[val[i]['label']] for i in range(len(val))}
+    assert by_file == {
+      f'ILSVRC2012_val_{i + 1:08d}.JPEG': synset for i, synset in enumerate(written['validation'])
+    }
+    train = builder.as_data_source('train')
+    records = {_text(train[i]['file_name']): train[i] for i in range(len(train))}
+    assert {f: names[r['label']] for f, r in records.items()} == dict(written['train'])
+    # TFDS's builder rewrites the known CMYK JPEG and the PNG named .JPEG as RGB JPEG (real data too).
+    encoded = builder.as_data_source('train', decoders={'image': tfds.decode.SkipDecoding()})
+    raw = {_text(encoded[i]['file_name']): encoded[i]['image'] for i in range(len(encoded))}
+    for fname in ('n01739381_1309.JPEG', 'n02105855_2933.JPEG'):
+      img = Image.open(io.BytesIO(raw[fname]))
+      assert (img.format, img.mode) == ('JPEG', 'RGB'), fname
+    assert any(Image.open(io.BytesIO(b)).mode == 'L' for b in raw.values())  # grayscale kept as is
+
+  @pytest.mark.slow
+  def test_r18_paper_recipe_trains_and_10_crop_evaluates_the_validation_split(
+    self, imagenet, tmp_path
+  ):
+    data_dir, _ = imagenet
+    r = _train(
+      str(tmp_path / 'r18'),
+      data_dir,
+      'configs/r18.py',
+      '--config.num_train_steps=2',
+      '--config.eval_batch_size=4',
+      '--config.data.image_size=32',
+    )
+    assert r['step'] == 2 and r['params'] == 11_689_512  # ResNet-18 with 1000 classes
+    assert r['eval']['num_examples'] == NUM_VAL  # every validation image once (padded + masked)
+    assert 0.0 <= r['eval']['top1_error'] <= 1.0 and np.isfinite(r['eval']['loss'])
+    cfg = r['config']
+    assert (cfg['data']['eval_split'], cfg['data']['eval_crops'], cfg['data']['augment']) == (
+      'validation',
+      10,
+      'imagenet',
+    )
+    model, schedule = cfg['model'], cfg['schedule']
+    assert (model['name'], model['stride_on'], schedule['boundaries_epochs']) == (
+      'resnet18',
+      '1x1',
+      '30,60',
+    )
 
 
-def test_r18_paper_recipe_trains_and_10_crop_evaluates_the_validation_split(imagenet, tmp_path):
-  data_dir, _ = imagenet
-  r = _train(
-    str(tmp_path / 'r18'),
-    data_dir,
-    'configs/r18.py',
-    '--config.num_train_steps=2',
-    '--config.eval_batch_size=4',
-    '--config.data.image_size=32',
-  )
-  assert r['step'] == 2 and r['params'] == 11_689_512  # ResNet-18 with 1000 classes
-  assert r['eval']['num_examples'] == NUM_VAL  # every validation image once (padded + masked)
-  assert 0.0 <= r['eval']['top1_error'] <= 1.0 and np.isfinite(r['eval']['loss'])
-  cfg = r['config']
-  assert (cfg['data']['eval_split'], cfg['data']['eval_crops'], cfg['data']['augment']) == (
-    'validation',
-    10,
-    'imagenet',
-  )
-  model, schedule = cfg['model'], cfg['schedule']
-  assert (model['name'], model['stride_on'], schedule['boundaries_epochs']) == (
-    'resnet18',
-    '1x1',
-    '30,60',
-  )
-
-
+@pytest.mark.slow
 def test_cifar_paper_recipe_trains_on_the_prepared_python_archive(cifar10, tmp_path):
   data_dir, _ = cifar10
   r = _train(

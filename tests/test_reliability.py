@@ -110,75 +110,115 @@ def _run_read_only(paths, args, tmp_path, timeout=300):
   )
 
 
-# ---- silent corruption (items 5, 6, 9) ----------------------------------------------------------
+# ---- on the one trained workdir: silent corruption (items 5, 6, 9), readers (item 4), signals
+# at the end of a run (item 10), read-only checkpoints (item 11) ---------------------------------
 
 
-def test_flipped_byte_in_an_array_file_falls_back_to_the_previous_checkpoint(trained, tmp_path):
-  workdir = _copy(trained, tmp_path)
-  largest = _array_files(os.path.join(workdir, 'checkpoints', '40'))[-1]
-  data = bytearray(open(largest, 'rb').read())
-  data[len(data) // 2] ^= 0x01  # still a valid compressed stream: only a value changes
-  open(largest, 'wb').write(bytes(data))
-  rerun = assert_ok(run_main(workdir, *RUN))
-  assert 'checkpoints/40' in rerun.stderr and 'checksum mismatch' in rerun.stderr
-  assert 'resuming from' in rerun.stderr and 'checkpoints/20' in rerun.stderr
-  assert results(workdir)['state_fingerprint'] == results(trained)['state_fingerprint']
+class TestOnOneTrainedWorkdir:
+  """The tests that read or copy the one trained workdir: one class, which pytest-xdist runs in one
+  worker (see `pytest_xdist_make_scheduler` in conftest.py), so the module fixture `trained` is
+  built once."""
 
+  def test_flipped_byte_in_an_array_file_falls_back_to_the_previous_checkpoint(
+    self, trained, tmp_path
+  ):
+    workdir = _copy(trained, tmp_path)
+    largest = _array_files(os.path.join(workdir, 'checkpoints', '40'))[-1]
+    data = bytearray(open(largest, 'rb').read())
+    data[len(data) // 2] ^= 0x01  # still a valid compressed stream: only a value changes
+    open(largest, 'wb').write(bytes(data))
+    rerun = assert_ok(run_main(workdir, *RUN))
+    assert 'checkpoints/40' in rerun.stderr and 'checksum mismatch' in rerun.stderr
+    assert 'resuming from' in rerun.stderr and 'checkpoints/20' in rerun.stderr
+    assert results(workdir)['state_fingerprint'] == results(trained)['state_fingerprint']
 
-def test_every_checkpoint_unreadable_is_refused_not_restarted(trained, tmp_path):
-  workdir = _copy(trained, tmp_path)
-  for step in (20, 40):
-    truncate(_array_files(os.path.join(workdir, 'checkpoints', str(step))))
-  before = _snapshot(workdir)
-  proc = run_main(workdir, *RUN)
-  assert_one_line_error(proc, 'every checkpoint', 'unreadable', 'new --workdir')
-  after = _snapshot(workdir)
-  assert {k: v for k, v in after.items() if k != '.lock'} == {
-    k: v for k, v in before.items() if k != '.lock'
-  }  # metrics.jsonl kept, nothing moved
+  def test_every_checkpoint_unreadable_is_refused_not_restarted(self, trained, tmp_path):
+    workdir = _copy(trained, tmp_path)
+    for step in (20, 40):
+      truncate(_array_files(os.path.join(workdir, 'checkpoints', str(step))))
+    before = _snapshot(workdir)
+    proc = run_main(workdir, *RUN)
+    assert_one_line_error(proc, 'every checkpoint', 'unreadable', 'new --workdir')
+    after = _snapshot(workdir)
+    assert {k: v for k, v in after.items() if k != '.lock'} == {
+      k: v for k, v in before.items() if k != '.lock'
+    }  # metrics.jsonl kept, nothing moved
 
+  def test_refused_resume_leaves_config_json_and_the_run_usable(self, trained, tmp_path):
+    workdir = _copy(trained, tmp_path)
+    config_before = open(os.path.join(workdir, 'config.json')).read()
+    proc = run_main(workdir, *RUN, '--config.model.num_classes=12')
+    assert_one_line_error(proc, 'different model/config', 'fc')
+    assert open(os.path.join(workdir, 'config.json')).read() == config_before
+    from resnet_jax.evaluate import evaluate_workdir
 
-def test_refused_resume_leaves_config_json_and_the_run_usable(trained, tmp_path):
-  workdir = _copy(trained, tmp_path)
-  config_before = open(os.path.join(workdir, 'config.json')).read()
-  proc = run_main(workdir, *RUN, '--config.model.num_classes=12')
-  assert_one_line_error(proc, 'different model/config', 'fc')
-  assert open(os.path.join(workdir, 'config.json')).read() == config_before
-  from resnet_jax.evaluate import evaluate_workdir
+    assert evaluate_workdir(workdir)['step'] == 40  # the untouched run still evaluates
 
-  assert evaluate_workdir(workdir)['step'] == 40  # the untouched run still evaluates
+  def test_reader_reports_a_corrupt_newest_checkpoint_without_moving_it(
+    self, trained, tmp_path, caplog
+  ):
+    workdir = _copy(trained, tmp_path)
+    truncate(_array_files(os.path.join(workdir, 'checkpoints', '40')))
+    before = _snapshot(workdir)
+    from resnet_jax.evaluate import evaluate_workdir
 
+    assert evaluate_workdir(workdir)['step'] == 20
+    assert 'checkpoints/40 is unreadable' in caplog.text
+    assert _snapshot(workdir) == before
 
-# ---- readers are read-only (item 4) -------------------------------------------------------------
+  def test_readers_work_on_a_read_only_workdir(self, trained, tmp_path):
+    before = _snapshot(trained)
+    out = tmp_path / 'fig7.png'
+    evaluate = _run_read_only(
+      [trained], [sys.executable, '-m', 'resnet_jax.evaluate', f'--workdir={trained}'], tmp_path
+    )
+    assert evaluate.returncode == 0, evaluate.stderr[-3000:]
+    assert json.loads(evaluate.stdout.strip().splitlines()[-1])['step'] == 40
+    fig7 = _run_read_only(
+      [trained],
+      [
+        sys.executable,
+        '-m',
+        'resnet_jax.analysis.responses',
+        f'--workdir={trained}',
+        f'--out={out}',
+      ],
+      tmp_path,
+    )
+    assert fig7.returncode == 0, fig7.stderr[-3000:]
+    assert out.exists()
+    assert _snapshot(trained) == before
 
+  def test_sigterm_while_the_final_save_finishes_exits_0_with_results(self, trained, tmp_path):
+    """SIGTERM just after the last step, while the final async save is being finished."""
+    workdir = str(tmp_path / 'end')
+    args = main_args(workdir, 'configs/digits.py:depth=8', *RUN)
+    proc = subprocess.run(
+      [sys.executable, '-c', _SIGNAL_AT_THE_END] + args[2:],
+      cwd=ROOT,
+      env=env_with_devices(4),
+      capture_output=True,
+      text=True,
+      timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'received signal 15' in proc.stderr
+    assert finished_checkpoints(workdir) == [20, 40]
+    assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['20', '40']  # no tmp dir
+    assert results(workdir)['state_fingerprint'] == results(trained)['state_fingerprint']
 
-def test_reader_reports_a_corrupt_newest_checkpoint_without_moving_it(trained, tmp_path, caplog):
-  workdir = _copy(trained, tmp_path)
-  truncate(_array_files(os.path.join(workdir, 'checkpoints', '40')))
-  before = _snapshot(workdir)
-  from resnet_jax.evaluate import evaluate_workdir
-
-  assert evaluate_workdir(workdir)['step'] == 20
-  assert 'checkpoints/40 is unreadable' in caplog.text
-  assert _snapshot(workdir) == before
-
-
-def test_readers_work_on_a_read_only_workdir(trained, tmp_path):
-  before = _snapshot(trained)
-  out = tmp_path / 'fig7.png'
-  evaluate = _run_read_only(
-    [trained], [sys.executable, '-m', 'resnet_jax.evaluate', f'--workdir={trained}'], tmp_path
-  )
-  assert evaluate.returncode == 0, evaluate.stderr[-3000:]
-  assert json.loads(evaluate.stdout.strip().splitlines()[-1])['step'] == 40
-  fig7 = _run_read_only(
-    [trained],
-    [sys.executable, '-m', 'resnet_jax.analysis.responses', f'--workdir={trained}', f'--out={out}'],
-    tmp_path,
-  )
-  assert fig7.returncode == 0, fig7.stderr[-3000:]
-  assert out.exists()
-  assert _snapshot(trained) == before
+  def test_read_only_checkpoints_fail_fast_with_one_line(self, trained, tmp_path):
+    workdir = _copy(trained, tmp_path)
+    os.remove(os.path.join(workdir, 'metrics.jsonl'))
+    checkpoints = os.path.join(workdir, 'checkpoints')
+    start = time.time()
+    proc = _run_read_only(
+      [checkpoints],
+      main_args(workdir, 'configs/digits.py:depth=8', *RUN[1:], '--config.num_train_steps=60'),
+      tmp_path,
+    )
+    assert time.time() - start < 120
+    assert_one_line_error(proc, 'checkpoints is not writable')
 
 
 # ---- non-finite updates (item 7; item 8 is in test_train_step.py and test_faults.py) ------
@@ -230,7 +270,7 @@ def test_lock_live_reader_and_kill_9(tmp_path):
   assert results(workdir)['step'] == reached + 10
 
 
-# ---- signals at any moment (item 10), read-only checkpoints (item 11) ---------------------------
+# ---- signals at any moment (item 10) -----------------------------------------------------------
 
 
 @pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT])
@@ -281,39 +321,6 @@ hook('wait'); hook('close')
 sys.argv = sys.argv[1:]
 runpy.run_module('resnet_jax.main', run_name='__main__')
 """
-
-
-def test_sigterm_while_the_final_save_finishes_exits_0_with_results(trained, tmp_path):
-  """SIGTERM just after the last step, while the final async save is being finished."""
-  workdir = str(tmp_path / 'end')
-  args = main_args(workdir, 'configs/digits.py:depth=8', *RUN)
-  proc = subprocess.run(
-    [sys.executable, '-c', _SIGNAL_AT_THE_END] + args[2:],
-    cwd=ROOT,
-    env=env_with_devices(4),
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert 'received signal 15' in proc.stderr
-  assert finished_checkpoints(workdir) == [20, 40]
-  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['20', '40']  # no tmp dir
-  assert results(workdir)['state_fingerprint'] == results(trained)['state_fingerprint']
-
-
-def test_read_only_checkpoints_fail_fast_with_one_line(trained, tmp_path):
-  workdir = _copy(trained, tmp_path)
-  os.remove(os.path.join(workdir, 'metrics.jsonl'))
-  checkpoints = os.path.join(workdir, 'checkpoints')
-  start = time.time()
-  proc = _run_read_only(
-    [checkpoints],
-    main_args(workdir, 'configs/digits.py:depth=8', *RUN[1:], '--config.num_train_steps=60'),
-    tmp_path,
-  )
-  assert time.time() - start < 120
-  assert_one_line_error(proc, 'checkpoints is not writable')
 
 
 # ---- bad input through the CLI ------------------------------------------------------------------

@@ -14,6 +14,7 @@ import sys
 import pytest
 
 from resnet_jax.analysis import sweep, sweep_report
+from tests.runner import FAST_COMPILE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -238,9 +239,11 @@ def test_experiment_registry_fills_the_grid():
     script.parse_args(['--workdir=/tmp/x', '--config=configs/digits.py', '--depths=8', '--oops'])
 
 
+@pytest.mark.slow
 def test_end_to_end_digits_sweep_and_responses(tmp_path, monkeypatch):
   """One command: 2 depths x {residual, plain} on digits, then the three outputs and Fig. 7."""
-  monkeypatch.setenv('XLA_FLAGS', '')  # one CPU device per run: less to compile
+  # One CPU device per run (less to compile), XLA's fast compilation (4 models, 3 steps each).
+  monkeypatch.setenv('XLA_FLAGS', FAST_COMPILE)
   sweep_dir = tmp_path / 'sweep'
   rc = _load_script().main(
     [
