@@ -138,8 +138,9 @@ def _cifar_python_to_binary(name: str, src: str, out_dir: str) -> str:
   return out
 
 
-def _cifar_archive(name: str, src: str, out_dir: str) -> str:
-  """The binary archive for `name` from either official CIFAR archive (python or binary)."""
+def _cifar_archive(name: str, src: str, out_dir: str | None) -> str | None:
+  """The binary archive for `name` from either official CIFAR archive (python or binary);
+  `out_dir=None`: check the archive's layout only."""
   if not os.path.isfile(src):
     raise PrepareError(f'--from {src}: not a file (expected {_expected(name)})')
   spec = _CIFAR[name]
@@ -155,6 +156,8 @@ def _cifar_archive(name: str, src: str, out_dir: str) -> str:
       raise PrepareError(f'{src} lacks {spec["bin"]}{missing[0]}: not the official {name} archive')
     return src
   if any(n.startswith(spec['py']) for n in names):
+    if out_dir is None:
+      return None
     print(f'converting {os.path.basename(src)} (python pickles) to the binary layout TFDS reads')
     return _cifar_python_to_binary(name, src, out_dir)
   raise PrepareError(
@@ -224,12 +227,17 @@ def imagenette_config(paths: Sequence[str]) -> str | None:
   raise PrepareError(f'--from {paths[0]}: expected {_expected("imagenette")}')
 
 
-def local_downloads(name: str, paths: Sequence[str], out_dir: str) -> dict[str, str]:
-  """URL -> local file for the official archive(s) in `paths` (a converted copy under `out_dir`)."""
+def local_downloads(name: str, paths: Sequence[str], out_dir: str | None) -> dict[str, str] | None:
+  """URL -> local file for the official archive(s) in `paths` (a converted copy under `out_dir`).
+
+  With `out_dir=None` it only checks the archives (layout, headers) and converts nothing: the
+  check that runs before TensorFlow is imported, so a wrong archive fails in a second.
+  """
   if name in _CIFAR:
     if len(paths) != 1:
       raise PrepareError(f'{name}: --from takes one archive ({_expected(name)})')
-    return {_CIFAR[name]['url']: _cifar_archive(name, paths[0], out_dir)}
+    archive = _cifar_archive(name, paths[0], out_dir)
+    return None if archive is None else {_CIFAR[name]['url']: archive}
   if name == 'fashion_mnist':
     return _fashion_files(paths)
   if name == 'imagenette':

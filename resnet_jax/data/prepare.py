@@ -175,6 +175,9 @@ def prepare(args: argparse.Namespace) -> tuple[str, tuple | None]:
     missing = [s for s in args.sources if not os.path.exists(s)]
     if missing:
       raise PrepareError(f'--from {missing[0]}: no such file or directory')
+  offline = bool(args.sources) and name != 'imagenet2012'
+  if offline:
+    local_downloads(name, args.sources, None)  # a wrong archive fails before TensorFlow loads
   _require_tensorflow(name)
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
@@ -196,7 +199,6 @@ def prepare(args: argparse.Namespace) -> tuple[str, tuple | None]:
     print(f'{tfds_name} is already prepared in {builder.data_dir} (--overwrite rebuilds it)')
     return tfds_name, _image_shape(builder)
   with tempfile.TemporaryDirectory(prefix='resnet_jax_prepare_') as tmp:
-    offline = bool(args.sources) and name != 'imagenet2012'
     url_map = local_downloads(name, args.sources, tmp) if offline else {}  # checked before deleting
     if builder.is_prepared():  # --overwrite: a fresh builder can then write ArrayRecord
       print(f'--overwrite: removing {builder.data_dir}')
