@@ -175,9 +175,12 @@ def prepare(args: argparse.Namespace) -> tuple[str, tuple | None]:
     missing = [s for s in args.sources if not os.path.exists(s)]
     if missing:
       raise PrepareError(f'--from {missing[0]}: no such file or directory')
+  # Wrong archives or a wrong --manual_dir fail before TensorFlow loads (in a second, not five).
   offline = bool(args.sources) and name != 'imagenet2012'
   if offline:
-    local_downloads(name, args.sources, None)  # a wrong archive fails before TensorFlow loads
+    local_downloads(name, args.sources, None)
+  explicit_manual = args.manual_dir or (len(args.sources) == 1 and name == 'imagenet2012')
+  manual_dir = _manual_dir(args, '') if name == 'imagenet2012' and explicit_manual else None
   _require_tensorflow(name)
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
@@ -185,9 +188,6 @@ def prepare(args: argparse.Namespace) -> tuple[str, tuple | None]:
   if name == 'imagenette' and args.sources:
     tfds_name = f'imagenette/{imagenette_config(args.sources)}'
   builder = tfds.builder(tfds_name, data_dir=data_dir)
-  manual_dir = args.manual_dir
-  if name == 'imagenet2012':
-    manual_dir = _manual_dir(args, os.fspath(builder.data_dir_root))
   if builder.is_prepared() and not args.overwrite:
     file_format = builder.info.file_format
     if file_format != tfds.core.FileFormat.ARRAY_RECORD:
@@ -198,6 +198,9 @@ def prepare(args: argparse.Namespace) -> tuple[str, tuple | None]:
       )
     print(f'{tfds_name} is already prepared in {builder.data_dir} (--overwrite rebuilds it)')
     return tfds_name, _image_shape(builder)
+  if name == 'imagenet2012' and manual_dir is None:  # TFDS's default DATA_DIR/downloads/manual
+    manual_dir = _manual_dir(args, os.fspath(builder.data_dir_root))
+  manual_dir = manual_dir or args.manual_dir
   with tempfile.TemporaryDirectory(prefix='resnet_jax_prepare_') as tmp:
     url_map = local_downloads(name, args.sources, tmp) if offline else {}  # checked before deleting
     if builder.is_prepared():  # --overwrite: a fresh builder can then write ArrayRecord
