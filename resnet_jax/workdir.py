@@ -43,9 +43,10 @@ def write_atomic(path: str | epath.PathLike, content: str | bytes) -> None:
     else:
       tmp.write_text(content)
     tmp.replace(path)
-  finally:
+  except BaseException:  # only a failed write leaves a temporary file (no stat per good write)
     if tmp.exists():
       tmp.unlink()
+    raise
 
 
 def write_json(path: epath.Path, value: Any) -> None:

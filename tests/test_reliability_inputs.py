@@ -90,22 +90,21 @@ def test_damaged_config_json_is_named(tmp_path, content, needle):
 # ---- convert --out (item 1) and torch versions (security) ---------------------------------------
 
 
-def _convert_cli(*args, env=None):
-  return run_cli('resnet_jax.convert', *args, env=env, timeout=300)
+def _convert_resnet18(weights, out, env=None):
+  """`python -m resnet_jax.convert --arch resnet18 --torchvision-weights W --out OUT`."""
+  return run_cli(
+    'resnet_jax.convert',
+    *('--arch', 'resnet18', '--torchvision-weights', str(weights), '--out', str(out)),
+    env=env,
+    timeout=300,
+  )
 
 
 def test_convert_refuses_existing_non_empty_out(tmp_path):
   precious = tmp_path / 'out' / 'precious.txt'
   precious.parent.mkdir()
   precious.write_text('keep me')
-  proc = _convert_cli(
-    '--arch',
-    'resnet18',
-    '--torchvision-weights',
-    str(tmp_path / 'w.pth'),
-    '--out',
-    str(precious.parent),
-  )
+  proc = _convert_resnet18(tmp_path / 'w.pth', precious.parent)
   assert proc.returncode == 1, proc.stderr
   assert 'Traceback' not in proc.stderr
   last = proc.stderr.strip().splitlines()[-1]
@@ -171,13 +170,9 @@ def test_old_torch_is_one_error_line_in_the_cli(tmp_path):
     "__version__ = '2.5.1'\ndef load(*a, **k):\n  raise AssertionError('loaded')\n"
   )
   out = tmp_path / 'out'
-  proc = _convert_cli(
-    '--arch',
-    'resnet18',
-    '--torchvision-weights',
-    str(tmp_path / 'w.pth'),
-    '--out',
-    str(out),
+  proc = _convert_resnet18(
+    tmp_path / 'w.pth',
+    out,
     env={**os.environ, 'PYTHONPATH': f'{tmp_path / "fake"}{os.pathsep}{ROOT}'},
   )
   assert proc.returncode == 1 and 'Traceback' not in proc.stderr, proc.stderr

@@ -179,8 +179,8 @@ def prepare(args: argparse.Namespace) -> tuple[str, tuple | None]:
   offline = bool(args.sources) and name != 'imagenet2012'
   if offline:
     local_downloads(name, args.sources, None)
-  explicit_manual = args.manual_dir or (len(args.sources) == 1 and name == 'imagenet2012')
-  manual_dir = _manual_dir(args, '') if name == 'imagenet2012' and explicit_manual else None
+  explicit_manual = name == 'imagenet2012' and (args.manual_dir or len(args.sources) == 1)
+  manual_dir = _manual_dir(args, '') if explicit_manual else args.manual_dir
   _require_tensorflow(name)
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
@@ -198,9 +198,8 @@ def prepare(args: argparse.Namespace) -> tuple[str, tuple | None]:
       )
     print(f'{tfds_name} is already prepared in {builder.data_dir} (--overwrite rebuilds it)')
     return tfds_name, _image_shape(builder)
-  if name == 'imagenet2012' and manual_dir is None:  # TFDS's default DATA_DIR/downloads/manual
+  if name == 'imagenet2012' and not explicit_manual:  # TFDS's default DATA_DIR/downloads/manual
     manual_dir = _manual_dir(args, os.fspath(builder.data_dir_root))
-  manual_dir = manual_dir or args.manual_dir
   with tempfile.TemporaryDirectory(prefix='resnet_jax_prepare_') as tmp:
     url_map = local_downloads(name, args.sources, tmp) if offline else {}  # checked before deleting
     if builder.is_prepared():  # --overwrite: a fresh builder can then write ArrayRecord
