@@ -11,7 +11,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from resnet_jax.models import BatchNorm, create_model, parse_name, shortcut
-from resnet_jax.models.layers import conv_kernel_init
+from resnet_jax.models.layers import conv_kernel_init, space_to_depth_conv
 
 
 def rng(seed=0):
@@ -361,6 +361,51 @@ def test_batchnorm_bfloat16_statistics_in_float32():
   y, upd = run(bn, variables, x, mutable=['batch_stats'])
   assert y.dtype == jnp.bfloat16 and upd['batch_stats']['var'].dtype == jnp.float32
   assert float(jnp.std(y.astype(jnp.float32))) == pytest.approx(1.0, abs=0.05)
+
+
+@pytest.mark.parametrize(
+  'size,kernel,padding',
+  [
+    ((15, 15), 7, ((3, 3), (3, 3))),
+    ((9, 12), 7, ((3, 3), (3, 3))),
+    ((8, 7), 3, ((1, 1), (0, 2))),
+    ((9, 8), 4, ((1, 0), (1, 0))),
+  ],
+)
+def test_space_to_depth_stem_conv_is_the_strided_conv(size, kernel, padding):
+  """The stem's stride-2 conv on 2x2 blocks: the same output and both gradients as lax's conv,
+  for odd and even sides and asymmetric padding; a stride-1 conv falls back unchanged."""
+  x = normal((2, *size, 3))
+  w = normal((kernel, kernel, 3, 4), seed=1)
+  dn = ('NHWC', 'HWIO', 'NHWC')
+  ref = lambda x, w: jax.lax.conv_general_dilated(x, w, (2, 2), padding, dimension_numbers=dn)
+  ours = lambda x, w: space_to_depth_conv(x, w, (2, 2), padding, dimension_numbers=dn)
+  assert ours(x, w).shape == ref(x, w).shape
+  np.testing.assert_allclose(ours(x, w), ref(x, w), atol=1e-4)
+  side = (kernel + 1) // 2  # the kernel padded to even sides, in 2x2 blocks
+  assert f'{side},{side},12,4' in str(jax.make_jaxpr(ours)(x, w))
+  loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w)))
+  for a, b in zip(jax.grad(loss(ours), (0, 1))(x, w), jax.grad(loss(ref), (0, 1))(x, w)):
+    np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+  unstrided = space_to_depth_conv(x, w, (1, 1), padding, dimension_numbers=dn)
+  np.testing.assert_array_equal(
+    unstrided, jax.lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=dn)
+  )
+
+
+def test_imagenet_stem_uses_space_to_depth_off_the_cpu(monkeypatch):
+  """On a GPU/TPU the 7x7/2 stem runs as a 4x4 conv on 12 channels (3.5-4 % faster ResNet-50 step
+  on an H100); on the CPU, where it measured 2.2x slower, as the plain conv. Same parameters."""
+  from resnet_jax.models import layers
+
+  model = create_model('resnet18', num_classes=10)
+  x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+  variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
+  blocked = lambda: '4,4,12,64' in str(jax.make_jaxpr(model.apply)(variables, x))
+  assert not blocked()
+  monkeypatch.setattr(layers.jax, 'default_backend', lambda: 'gpu')
+  assert blocked()
+  assert jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x) == variables
 
 
 def test_shortcut_a_subsamples_and_zero_pads():

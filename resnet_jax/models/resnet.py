@@ -144,7 +144,7 @@ class ResNet(nn.Module):
     preact = self.block_cls.preact
     stem_width = self.stem_width or self.widths[0]
     if self.stem == 'imagenet':
-      x = conv(stem_width, 7, 2, name='conv1')(x)
+      x = conv(stem_width, 7, 2, name='conv1', space_to_depth=None)(x)
       x = nn.relu(norm(name='bn1')(x))
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     elif self.stem == 'cifar':
