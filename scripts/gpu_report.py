@@ -33,6 +33,7 @@ sys.path.insert(0, _SCRIPTS)
 
 import gpu_report_lib as lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import kernel_profile  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 from etils import epath  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -41,23 +42,6 @@ from resnet_jax import cli, workdir  # pylint: disable=g-import-not-at-top,wrong
 
 def nvidia_present() -> bool:
   return os.path.exists('/dev/nvidiactl') or shutil.which('nvidia-smi') is not None
-
-
-# Dense peak TFLOP/s by device kind substring: (bf16, tf32). H100/H200 SXM datasheet figures.
-PEAKS = {
-  'H200': (989.0, 494.0),
-  'H100': (989.0, 494.0),
-  'A100': (312.0, 156.0),
-  'L4': (121.0, 60.0),
-  'L40S': (362.0, 183.0),
-}
-
-
-def peak_tflops(device_kind: str, dtype: str) -> float | None:
-  for key, (bf16, tf32) in PEAKS.items():
-    if key.lower() in device_kind.lower():
-      return bf16 if dtype == 'bfloat16' else tf32
-  return None
 
 
 ROW_KEYS = ('modern', 'paper', 'eval', 'cifar')
@@ -118,11 +102,13 @@ def plan(tiny: bool) -> list[dict]:
   return rows
 
 
-def run_row(row: dict, steps: int, deadline: float, torch_result: dict | None) -> list[dict]:
+def run_row(
+  row: dict, steps: int, deadline: float, torch_result: dict | None, profile: bool = False
+) -> list[dict]:
   out = []
-  res = lib.jax_row(row, steps)
+  res = lib.jax_row(row, steps, profile)
   res['name'] = row['name']
-  peak = peak_tflops(res['device_kind'], res['dtype'])
+  peak = lib.peak_tflops(res['device_kind'], res['dtype'])
   if peak and res.get('tflops'):
     res['mfu'] = round(res['tflops'] / peak, 4)
     res['peak_tflops'] = peak
@@ -254,6 +240,7 @@ def markdown(report: dict) -> str:
     ]
   elif e:
     lines += ['', f'End to end: did not run: {e["error"]}']
+  lines += kernel_profile.markdown(report['rows'])
   lines += [
     '',
     'MFU = achieved (3 x forward FLOPs x img/s) / dense peak (bf16 rows: bf16 peak; '
@@ -282,6 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     'over several shorter runs',
   )
   p.add_argument('--no-grow', action='store_true', help='do not search for the largest batch')
+  p.add_argument(
+    '--profile', action='store_true', help="trace each row's first batch: device time by kernel"
+  )
   p.add_argument(
     '--set',
     action='append',
@@ -376,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
       continue
     done = len(rows)
     try:
-      rows.extend(run_row(row, steps, deadline, torch_results.get(row['name'])))
+      rows.extend(run_row(row, steps, deadline, torch_results.get(row['name']), args.profile))
     except Exception as e:  # pylint: disable=broad-except  # one failed row must not lose the rest
       rows.append(
         {

@@ -13,12 +13,30 @@ import numpy as np
 _SCRIPTS = os.path.dirname(os.path.abspath(__file__))
 _ROOT = os.path.join(_SCRIPTS, '..')
 
+import kernel_profile  # pylint: disable=wrong-import-position
+
 from resnet_jax import optim, runtime, summary  # pylint: disable=wrong-import-position
 from resnet_jax import train_step as ts  # pylint: disable=wrong-import-position
 from resnet_jax.data import (
   augment,  # pylint: disable=wrong-import-position
   device_preprocess,  # pylint: disable=wrong-import-position
 )
+
+# Dense peak TFLOP/s by device kind substring: (bf16, tf32). H100/H200 SXM datasheet figures.
+PEAKS = {
+  'H200': (989.0, 494.0),
+  'H100': (989.0, 494.0),
+  'A100': (312.0, 156.0),
+  'L4': (121.0, 60.0),
+  'L40S': (362.0, 183.0),
+}
+
+
+def peak_tflops(device_kind: str, dtype: str) -> float | None:
+  for key, (bf16, tf32) in PEAKS.items():
+    if key.lower() in device_kind.lower():
+      return bf16 if dtype == 'bfloat16' else tf32
+  return None
 
 
 def _config_module(name: str):
@@ -82,9 +100,10 @@ def _timed(fn, state, batch, steps: int):
   return state, (time.perf_counter() - t) / steps
 
 
-def jax_row(row: dict, steps: int) -> dict:
+def jax_row(row: dict, steps: int, profile: bool = False) -> dict:
   """Compile time and images/s of the product's train (or eval) step, uint8 input, device
-  preprocessing inside the jit, batch sharded over every device."""
+  preprocessing inside the jit, batch sharded over every device. `profile`: also trace 3 more
+  steps and add where their device time went (`kernel_profile.breakdown`) as `profile`."""
   config = recipe_config(row)
   num_classes = 10 if row['recipe'] == 'cifar' else 1000
   model = runtime.build_model(config, num_classes)
@@ -118,6 +137,7 @@ def jax_row(row: dict, steps: int) -> dict:
   compiled = jitted.lower(state, batch).compile()
   compile_s = time.perf_counter() - t
   state, per_step = _timed(compiled, state, batch, steps)
+  breakdown = kernel_profile.profiled(compiled, state, batch) if profile else None
   macs = summary.analyze(model, size)['macs']
   flops = 2 * macs * (3 if row['kind'] == 'train' else 1)
   rate = b / per_step
@@ -136,6 +156,7 @@ def jax_row(row: dict, steps: int) -> dict:
     'flops_per_image': flops,
     'device_kind': jax.devices()[0].device_kind,
     'devices': jax.device_count(),
+    **({'profile': breakdown} if profile else {}),
   }
 
 

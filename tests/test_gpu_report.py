@@ -110,6 +110,35 @@ def test_a_run_cut_off_after_its_rows_leaves_a_partial_report(tmp_path, monkeypa
 
 def test_peak_lookup():
   module = _load()
-  assert module.peak_tflops('NVIDIA H100 80GB HBM3', 'bfloat16') == 989.0
-  assert module.peak_tflops('NVIDIA H200', 'float32') == 494.0
-  assert module.peak_tflops('cpu', 'bfloat16') is None
+  assert module.lib.peak_tflops('NVIDIA H100 80GB HBM3', 'bfloat16') == 989.0
+  assert module.lib.peak_tflops('NVIDIA H200', 'float32') == 494.0
+  assert module.lib.peak_tflops('cpu', 'bfloat16') is None
+
+
+def test_profile_names_where_the_device_time_goes():
+  """`--profile`: kernel names from an H100 trace of the ResNet-50 step fall into the right
+  categories, and a traced tiny step's categories add up to its device time."""
+  module = _load()
+  category = module.kernel_profile.category
+  names = {
+    'sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x128x64': 'convolutions',
+    'void cutlass__5x_cudnn::Kernel<cutlass_tensorop_bf16_s16816fprop_optimized_bf16>': 'convolutions',
+    'nvjet_sm90_tst_256x128_64x4_1x2_h_bx_coopA_bias_TNT': 'matmuls',
+    'input_scatter_fusion': 'pooling',
+    'loop_reduce_window_fusion': 'pooling',
+    'input_reduce_fusion_108': 'reductions',
+    'loop_convert_fusion_3': 'elementwise',
+    'loop_select_fusion_1': 'elementwise',
+    'void nhwcAddPaddingKernel<__nv_bfloat16, __nv_bfloat16, float, true>': 'copies, memsets, padding',
+    'Memset 3': 'copies, memsets, padding',
+  }
+  assert {n: category(n) for n in names} == names
+  row = dict(module.plan(tiny=True)[-1], overrides={})  # the CIFAR row: resnet8 at 8x8
+  profile = module.lib.jax_row(row, steps=1, profile=True)['profile']
+  assert profile['kernels_per_step'] > 0 and profile['device_ms_per_step'] > 0
+  assert sum(profile['ms_per_step'].values()) == pytest.approx(
+    profile['device_ms_per_step'], abs=0.01
+  )
+  assert 'Device time per step' in '\n'.join(
+    module.kernel_profile.markdown([dict(row, name='r', batch_size=8, profile=profile)])
+  )
