@@ -78,7 +78,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.augment = 'none'  # 'none' | 'cifar' | 'imagenet' | 'inception'
   c.data.normalize = 'per_pixel_mean'  # 'per_pixel_mean' (paper) | 'mean_std' | 'scale'
   c.data.decoder = 'pil'  # JPEG decoder of the training crops: 'pil' | 'opencv' (if installed)
-  c.data.num_workers = 0  # grain worker processes (0 = decode in the training process)
+  # Grain worker processes: 0 decodes in the training process; -1 is one per core this process
+  # may use, less one for the training loop (pipeline.worker_count)
+  c.data.num_workers = 0
   c.data.prefetch = 2  # batches prepared ahead on the host
   c.data.eval_crops = 1  # 1 | 10 (the paper's 10-crop testing)
 

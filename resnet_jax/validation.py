@@ -48,7 +48,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     'schedule.warmup_steps': (config.schedule.warmup_steps, 0),
     'schedule.warmup_lr': (config.schedule.warmup_lr, 0),
     'optimizer.weight_decay': (config.optimizer.weight_decay, 0),
-    'data.num_workers': (config.data.num_workers, 0),
   }
   for key, (value, low) in at_least.items():
     if value is None or value < low:
@@ -61,6 +60,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
           else ''
         )
       )
+  if config.data.num_workers is None or config.data.num_workers < -1:
+    raise ConfigError(
+      f'data.num_workers must be >= 0, or -1 for one per core less one, got '
+      f'{config.data.num_workers}'
+    )
   if config.data.eval_crops not in (1, 10):
     raise ConfigError(f'data.eval_crops must be 1 or 10, got {config.data.eval_crops}')
   if not 0 <= config.label_smoothing < 1:

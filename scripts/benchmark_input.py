@@ -149,7 +149,7 @@ def measure(
 ) -> dict[str, float]:
   """Examples/s and CPU seconds over `num_batches` batches, after `warmup` batches plus as many as
   the prefetch buffers hold (so neither worker start-up nor batches computed ahead inflate it)."""
-  buffered = int(config.data.prefetch) * (int(config.data.num_workers) + 1)
+  buffered = int(config.data.prefetch) * (pipeline.worker_count(config.data.num_workers) + 1)
   warmup += buffered
   if eval_crops is None:
     it = data.create_train_iterator(

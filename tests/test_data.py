@@ -277,6 +277,19 @@ def test_worker_processes_give_the_same_batches_and_a_portable_state():
     np.testing.assert_array_equal(a['image'], b['image'])
 
 
+def test_auto_worker_count_is_one_per_usable_core_less_one(monkeypatch):
+  """`data.num_workers=-1` (the ImageNet configs): a worker per core this process may use, less
+  one for the training loop; explicit counts are kept (the test above: batches do not depend on
+  the count)."""
+  from resnet_jax.data import pipeline
+
+  monkeypatch.setattr(pipeline.os, 'sched_getaffinity', lambda pid: set(range(16)), raising=False)
+  assert pipeline.worker_count(-1) == 15
+  monkeypatch.setattr(pipeline.os, 'sched_getaffinity', lambda pid: {0}, raising=False)
+  assert pipeline.worker_count(-1) == 0
+  assert pipeline.worker_count(3) == 3 and pipeline.worker_count(0) == 0
+
+
 def test_state_restores_across_process_counts_and_rejects_another_seed():
   config = make_config(augment='cifar')
   single = data.create_train_iterator(

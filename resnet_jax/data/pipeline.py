@@ -169,10 +169,21 @@ class _EvalExample:
     }
 
 
+def worker_count(num_workers: int | None) -> int:
+  """`data.num_workers`, with -1 resolved on this host: one Grain worker per core this process may
+  use, less one for the training loop. Why: a fixed count starves a GPU on a big host and
+  oversubscribes a small one; the batches do not depend on the count, so resuming elsewhere is exact."""
+  n = int(num_workers or 0)
+  if n != -1:
+    return n
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+  return max(0, (cores or 1) - 1)
+
+
 def prefetched(ds: grain.MapDataset, config: ml_collections.ConfigDict) -> grain.IterDataset:
   """Threads (and worker processes, `config.data.num_workers`) that compute whole local batches ahead."""
   prefetch = max(1, int(config.data.prefetch or 1))
-  workers = int(config.data.num_workers or 0)
+  workers = worker_count(config.data.num_workers)
   threads = max(1, min(prefetch, os.cpu_count() or 1)) if workers == 0 else 1
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=prefetch))
   if workers > 0:
