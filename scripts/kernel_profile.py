@@ -15,7 +15,15 @@ PROFILED_STEPS = 3
 
 
 def profiled(fn, state, batch) -> dict:
-  """`breakdown` of PROFILED_STEPS calls of the compiled step `fn` (already warm)."""
+  """`breakdown` of PROFILED_STEPS calls of the compiled step `fn` (already warm), or `error`: a
+  profiler that cannot start (e.g. no CUPTI) must not cost the row its timing."""
+  try:
+    return _traced(fn, state, batch)
+  except Exception as e:  # pylint: disable=broad-except
+    return {'error': f'{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ""}'}
+
+
+def _traced(fn, state, batch) -> dict:
   with tempfile.TemporaryDirectory() as trace_dir:
     jax.profiler.start_trace(trace_dir)
     for _ in range(PROFILED_STEPS):
@@ -75,13 +83,13 @@ def breakdown(xplane_path: str, steps: int) -> dict:
 
 def markdown(rows: list[dict]) -> list[str]:
   """A table of the profiled rows' device time per step by kernel category."""
-  profiled = [r for r in rows if r.get('profile')]
+  profiled = [r for r in rows if r.get('profile') and 'error' not in r['profile']]
   if not profiled:
     return []
   cats = sorted({c for r in profiled for c in r['profile']['ms_per_step']})
   lines = [
     '',
-    'Device time per step (ms) by kernel category (`--profile`: 3 traced steps):',
+    f'Device time per step (ms) by kernel category (`--profile`: {PROFILED_STEPS} traced steps):',
     '',
     '| row | batch | ' + ' | '.join(cats) + ' | total | kernels | under 5 us (ms) |',
     '|---|---|' + '---|' * (len(cats) + 3),

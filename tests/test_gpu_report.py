@@ -142,3 +142,17 @@ def test_profile_names_where_the_device_time_goes():
   assert 'Device time per step' in '\n'.join(
     module.kernel_profile.markdown([dict(row, name='r', batch_size=8, profile=profile)])
   )
+
+
+def test_a_profiler_that_cannot_start_costs_the_row_nothing(monkeypatch):
+  module = _load()
+
+  def no_cupti(path):
+    raise RuntimeError('CUPTI not found\nmore')
+
+  monkeypatch.setattr(module.kernel_profile.jax.profiler, 'start_trace', no_cupti)
+  row = dict(module.plan(tiny=True)[-1], overrides={})
+  result = module.lib.jax_row(row, steps=1, profile=True)
+  assert result['images_per_sec'] > 0
+  assert result['profile'] == {'error': 'RuntimeError: CUPTI not found'}
+  assert module.kernel_profile.markdown([dict(result, name='r')]) == []
