@@ -63,17 +63,27 @@ def _canonical_conv_bwd(padding, res, dy):
 _canonical_conv.defvjp(_canonical_conv_fwd, _canonical_conv_bwd)
 
 
-def loop_friendly_conv(
-  lhs,
-  rhs,
-  window_strides,
-  padding,
-  lhs_dilation=None,
-  rhs_dilation=None,
-  dimension_numbers=None,
-  feature_group_count=1,
-  precision=None,
-):
+def _plain_nhwc(lhs, rhs, window_strides, padding, stride: tuple[int, int], options: dict) -> bool:
+  """Whether a ``lax.conv_general_dilated`` call (keyword ``options`` as flax passes them) is the
+  undilated, ungrouped NHWC/HWIO conv with explicit padding and `stride` that
+  `loop_friendly_conv` and `space_to_depth_conv` rewrite; anything else goes to lax as it is."""
+  known = ('lhs_dilation', 'rhs_dilation', 'dimension_numbers', 'feature_group_count', 'precision')
+  dn = options.get('dimension_numbers')
+  return (
+    tuple(window_strides) == stride
+    and options.get('feature_group_count', 1) == 1
+    and all(
+      d in (None, 1) or tuple(d) == (1, 1)
+      for d in (options.get('lhs_dilation'), options.get('rhs_dilation'))
+    )
+    and all(v is None for k, v in options.items() if k not in known)
+    and not isinstance(padding, str)
+    and dn is not None
+    and tuple(map(tuple, jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dn))) == _NHWC
+  )
+
+
+def loop_friendly_conv(lhs, rhs, window_strides, padding, **options):
   """``lax.conv_general_dilated`` whose gradients are themselves canonical forward convolutions.
 
   Why: XLA:CPU rewrites the backward convolutions (weight gradient f01b_i01o->01bf, input
@@ -82,42 +92,13 @@ def loop_friendly_conv(
   cousin). Stride-1, undilated, ungrouped NHWC convs (all a scanned block has) take this path;
   anything else falls back to ``lax.conv_general_dilated``.
   """
-  simple = (
-    tuple(window_strides) == (1, 1)
-    and feature_group_count == 1
-    and precision is None
-    and all(d in (None, 1) or tuple(d) == (1, 1) for d in (lhs_dilation, rhs_dilation))
-    and not isinstance(padding, str)
-    and dimension_numbers is not None
-    and tuple(map(tuple, jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)))
-    == _NHWC
-  )
-  if not simple:
-    return jax.lax.conv_general_dilated(
-      lhs,
-      rhs,
-      window_strides,
-      padding,
-      lhs_dilation=lhs_dilation,
-      rhs_dilation=rhs_dilation,
-      dimension_numbers=dimension_numbers,
-      feature_group_count=feature_group_count,
-      precision=precision,
-    )
+  plain = _plain_nhwc(lhs, rhs, window_strides, padding, (1, 1), options)
+  if options.get('precision') is not None or not plain:
+    return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, **options)
   return _canonical_conv(lhs, rhs, tuple(tuple(int(v) for v in p) for p in padding))
 
 
-def space_to_depth_conv(
-  lhs,
-  rhs,
-  window_strides,
-  padding,
-  lhs_dilation=None,
-  rhs_dilation=None,
-  dimension_numbers=None,
-  feature_group_count=1,
-  precision=None,
-):
+def space_to_depth_conv(lhs, rhs, window_strides, padding, **options):
   """A stride-2 NHWC convolution computed as a stride-1 one on 2x2 space-to-depth blocks.
 
   Why: the ImageNet stem (7x7/2 on 3 channels) is a poor fit for tensor cores, whose kernels pad
@@ -127,27 +108,8 @@ def space_to_depth_conv(
   checkpoints and torchvision weights are unchanged. Anything but a stride-2, undilated, ungrouped
   NHWC/HWIO conv with explicit padding falls back to ``lax.conv_general_dilated``.
   """
-  simple = (
-    tuple(window_strides) == (2, 2)
-    and feature_group_count == 1
-    and all(d in (None, 1) or tuple(d) == (1, 1) for d in (lhs_dilation, rhs_dilation))
-    and not isinstance(padding, str)
-    and dimension_numbers is not None
-    and tuple(map(tuple, jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)))
-    == _NHWC
-  )
-  if not simple:
-    return jax.lax.conv_general_dilated(
-      lhs,
-      rhs,
-      window_strides,
-      padding,
-      lhs_dilation=lhs_dilation,
-      rhs_dilation=rhs_dilation,
-      dimension_numbers=dimension_numbers,
-      feature_group_count=feature_group_count,
-      precision=precision,
-    )
+  if not _plain_nhwc(lhs, rhs, window_strides, padding, (2, 2), options):
+    return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, **options)
   k_h, k_w, c, o = rhs.shape
   ek_h, ek_w = k_h + k_h % 2, k_w + k_w % 2  # kernel padded to even sides (zero taps)
   pads = []
@@ -172,7 +134,7 @@ def space_to_depth_conv(
     .reshape(ek_h // 2, ek_w // 2, 4 * c, o)
   )
   return jax.lax.conv_general_dilated(
-    x, k, (1, 1), 'VALID', dimension_numbers=_DN, precision=precision
+    x, k, (1, 1), 'VALID', dimension_numbers=_DN, precision=options.get('precision')
   )
 
 
