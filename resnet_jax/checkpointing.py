@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from typing import Any, NamedTuple
@@ -227,7 +228,7 @@ def _restore_newest(
   manager: ocp.CheckpointManager, directory: epath.Path, abstract: Any
 ) -> tuple[Restored | None, list[int]]:
   """(the newest checkpoint that restores and verifies, the newer steps that did not)."""
-  _drop_closed_loop_noise()
+  _quiet_abandoned_reads(directory)
   bad = []
   for step in sorted(manager.all_steps(), reverse=True):
     try:
@@ -276,7 +277,7 @@ def restore_model_variables(workdir: str | epath.Path) -> tuple[dict[str, Any], 
   directory = as_path(workdir) / CHECKPOINT_DIR
   if not directory.is_dir():
     raise FileNotFoundError(f'no checkpoint in {directory}')
-  _drop_closed_loop_noise()
+  _quiet_abandoned_reads(directory)
   manager = ocp.CheckpointManager(
     directory,
     options=ocp.CheckpointManagerOptions(
@@ -312,11 +313,18 @@ def restore_model_variables(workdir: str | epath.Path) -> tuple[dict[str, Any], 
   raise FileNotFoundError(f'no readable checkpoint in {directory}')
 
 
-def _drop_closed_loop_noise() -> None:
-  """Silences the 'Event loop is closed' RuntimeErrors that tensorstore's late callbacks raise
-  (as unraisable exceptions, dozens of tracebacks) after Orbax abandons a failed read of a damaged
-  checkpoint. The failure itself is reported once, by the caller. Installed once per process;
-  every other unraisable exception still reaches the previous hook."""
+def _quiet_abandoned_reads(directory: epath.Path) -> None:
+  """Keeps the one warning per damaged checkpoint the only report of it.
+
+  When Orbax abandons a failed read, tensorstore's other reads of that checkpoint end later, on
+  their own: as 'Event loop is closed' unraisable exceptions, and, whenever the garbage collector
+  meets their asyncio tasks, as 'Task exception was never retrieved' tracebacks on the asyncio
+  logger (even after the run has printed its final `error:` line). Both are dropped for reads
+  under `directory`; every other unraisable exception and asyncio error still gets through.
+  Hooks are installed once per process."""
+  _ABANDONED_READ_DIRS.add(str(directory))
+  if '://' not in str(directory):  # tensorstore names local files by their absolute path
+    _ABANDONED_READ_DIRS.add(os.path.realpath(directory))
   previous = sys.unraisablehook
   if getattr(previous, '_resnet_jax_filter', False):
     return
@@ -329,6 +337,18 @@ def _drop_closed_loop_noise() -> None:
 
   hook._resnet_jax_filter = True  # type: ignore[attr-defined]
   sys.unraisablehook = hook
+  logging.getLogger('asyncio').addFilter(_drop_unretrieved_checkpoint_reads)
+
+
+_ABANDONED_READ_DIRS: set[str] = set()
+
+
+def _drop_unretrieved_checkpoint_reads(record: logging.LogRecord) -> bool:
+  exc = record.exc_info[1] if record.exc_info else None
+  if exc is None or 'exception was never retrieved' not in str(record.msg):
+    return True
+  text = str(exc)
+  return not any(directory in text for directory in _ABANDONED_READ_DIRS)
 
 
 def _short(e: Exception) -> str:
