@@ -313,6 +313,10 @@ def restore_model_variables(workdir: str | epath.Path) -> tuple[dict[str, Any], 
   raise FileNotFoundError(f'no readable checkpoint in {directory}')
 
 
+# Checkpoint directories a restore has read (as given, and resolved): the abandoned reads dropped.
+_ABANDONED_READ_DIRS: set[str] = set()
+
+
 def _quiet_abandoned_reads(directory: epath.Path) -> None:
   """Keeps the one warning per damaged checkpoint the only report of it.
 
@@ -338,9 +342,6 @@ def _quiet_abandoned_reads(directory: epath.Path) -> None:
   hook._resnet_jax_filter = True  # type: ignore[attr-defined]
   sys.unraisablehook = hook
   logging.getLogger('asyncio').addFilter(_drop_unretrieved_checkpoint_reads)
-
-
-_ABANDONED_READ_DIRS: set[str] = set()
 
 
 def _drop_unretrieved_checkpoint_reads(record: logging.LogRecord) -> bool:

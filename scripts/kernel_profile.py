@@ -83,10 +83,10 @@ def breakdown(xplane_path: str, steps: int) -> dict:
 
 def markdown(rows: list[dict]) -> list[str]:
   """A table of the profiled rows' device time per step by kernel category."""
-  profiled = [r for r in rows if r.get('profile') and 'error' not in r['profile']]
-  if not profiled:
+  traced = [r for r in rows if r.get('profile') and 'error' not in r['profile']]
+  if not traced:
     return []
-  cats = sorted({c for r in profiled for c in r['profile']['ms_per_step']})
+  cats = sorted({c for r in traced for c in r['profile']['ms_per_step']})
   lines = [
     '',
     f'Device time per step (ms) by kernel category (`--profile`: {PROFILED_STEPS} traced steps):',
@@ -94,7 +94,7 @@ def markdown(rows: list[dict]) -> list[str]:
     '| row | batch | ' + ' | '.join(cats) + ' | total | kernels | under 5 us (ms) |',
     '|---|---|' + '---|' * (len(cats) + 3),
   ]
-  for r in profiled:
+  for r in traced:
     p = r['profile']
     cells = [f'{p["ms_per_step"].get(c, 0):.2f}' for c in cats]
     lines.append(
