@@ -79,6 +79,19 @@ def xdist_unit(nodeid: str) -> str:
   return f'{path}::{name.partition("::")[0]}' if '::' in name else nodeid
 
 
+@pytest.fixture(scope='session', autouse=True)
+def _four_cpu_devices():
+  """Starts JAX's backend with the 4 devices above before any test runs.
+
+  The backend reads XLA_FLAGS once, when it starts: a test that changes XLA_FLAGS for the CLI
+  runs it spawns and then calls JAX in-process would otherwise start it with 1 device for
+  every test after it on that worker (test_sweep's Fig. 7 step did, depending on test order).
+  """
+  import jax
+
+  jax.devices()
+
+
 @pytest.fixture(scope='session')
 def torch():
   """The optional `[torch]` extra; tests that take it are skipped without it."""
