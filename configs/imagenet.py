@@ -8,7 +8,10 @@ recipe=modern: the now-standard ResNet-50 recipe (Goyal et al. / torchvision): l
 5-epoch linear warm-up + cosine, label smoothing 0.1, Nesterov, decay on kernels only, Inception
 crop, zero-init last BN, bfloat16, v1.5 blocks, 90 epochs.
 Config args: depth=50, plain, shortcut=A|B|C, recipe=paper|modern, stride_on=1x1|3x3,
-batch=256, bn_group=32 (0: whole global batch), dataset=imagenet2012.
+batch=256, bn_group=32 (0: whole global batch), dataset=imagenet2012, multiscale (also run
+Table 4's whole-image testing at 224-640 at the end).
+Evaluators (resnet_jax/evaluators.py): the paper recipe's main one is 10-crop validation (Tables
+2-3); `center_crop` adds the centre-crop validation error Fig. 4 plots during training.
 """
 
 from resnet_jax.default_config import IMAGENET_TRAIN_EXAMPLES, base_config, parse_arg
@@ -25,6 +28,7 @@ def get_config(arg: str | None = None):
     batch=256,
     bn_group=32,
     dataset='imagenet2012',
+    multiscale=False,
   )
   if args.recipe not in ('paper', 'modern'):
     raise ValueError(f'recipe must be paper or modern, got {args.recipe!r}')
@@ -67,4 +71,8 @@ def get_config(arg: str | None = None):
   c.log_every_steps = 100
   c.eval_every_steps = 5000
   c.checkpoint_every_steps = 5000
+  if paper:
+    c.evals.center_crop = dict(crops=1, batch_size=256)
+  if args.multiscale:  # Table 4: the shorter side at each scale; large images, small batches
+    c.evals.multiscale = dict(scales='224,256,384,480,640', batch_size=32, every_steps=0)
   return c

@@ -113,6 +113,9 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.log_every_steps = 50
   c.eval_every_steps = 500  # <=0: only at the end
+  # More evaluators beside the main one (data.eval_split every eval_every_steps), by name:
+  # e.g. c.evals.test = dict(split='test', crops=10, every_steps=0); see resnet_jax/evaluators.py
+  c.evals = ml_collections.ConfigDict()
   c.checkpoint_every_steps = 500
   c.max_to_keep = 3
   c.keep_best = False  # additionally keep the checkpoint with the lowest eval top-1 error
@@ -192,6 +195,8 @@ def set_cifar_recipe(
   c.data.normalize = 'per_pixel_mean'
   c.data.validation_size = args.val
   c.data.eval_split = 'validation' if args.val else 'test'
+  if args.val:  # model selection on the held-out images; the test error is still the figure
+    c.evals.test = dict(split='test')
   c.batch_size = 128
   c.num_train_steps = steps
   c.schedule.name = 'piecewise'

@@ -130,6 +130,11 @@ def main(argv: list[str]) -> None:
       f'{100 * ev["top1_error"]:.2f}% ({ev["num_examples"]} examples), results in '
       f'{os.path.join(FLAGS.workdir, "results.json")}'
     )
+    for name, ev in results.get('evals', {}).items():
+      print(
+        f'  {name}: {ev["split"]} top-1 error {100 * ev["top1_error"]:.2f}% '
+        f'({ev["num_examples"]} examples)'
+      )
 
 
 def parse_flags(argv: list[str]) -> list[str]:

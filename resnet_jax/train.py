@@ -22,14 +22,12 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-from resnet_jax import checkpointing, data, runtime
-from resnet_jax.evaluate import run_evaluation
+from resnet_jax import checkpointing, data, evaluators, runtime
 from resnet_jax.metric_writer import MetricWriter, Progress, environment
 from resnet_jax.preemption import StopRequest
 from resnet_jax.train_step import (
   count_params,
   device_batch,
-  jit_eval_step,
   jit_train_step,
   model_variables,
   state_fingerprint,
@@ -139,6 +137,7 @@ def train_and_evaluate(
   """
   invocation_start = time.time()
   validate_config(config)
+  evaluators.from_config(config)  # a bad evaluator is refused here, before anything is written
   profile = profile_window(config.profile_steps)
   workdir = as_path(workdir)
   runtime.build_model(config, num_classes=config.model.num_classes or 1)  # bad names fail first
@@ -203,7 +202,7 @@ def _train(
     seed=config.seed,
     preprocess=experiment.preprocess,
   )
-  eval_step = jit_eval_step(mesh, experiment.model.apply, preprocess=experiment.preprocess)
+  schedule, runner = evaluators.from_config(config), evaluators.EvalRunner(experiment)
   num_params = count_params(state.params)
   logger.info(
     '%s: %s parameters, %d steps (%d per epoch), %d devices, %d processes',
@@ -215,31 +214,13 @@ def _train(
     jax.process_count(),
   )
 
-  def evaluate(at_step: int, record: bool = True) -> dict[str, Any]:
-    result = run_evaluation(
-      eval_step,
-      model_variables(state),
-      config,
-      mesh,
-      split=config.data.eval_split,
-      crops=config.data.eval_crops,
-    )
-    if record:
-      writer.write(
-        at_step,
-        'eval',
-        {k: result[k] for k in ('loss', 'top1_error', 'top5_error', 'num_examples')},
-      )
-    logger.info(
-      'eval at step %d on %s (%d examples): top-1 error %.2f%%, top-5 error %.2f%%, loss %.4f',
-      at_step,
-      config.data.eval_split,
-      result['num_examples'],
-      100 * result['top1_error'],
-      100 * result['top5_error'],
-      result['loss'],
-    )
-    return result
+  def evaluate(due: list[evaluators.Evaluator], at_step: int, record: bool = True) -> None:
+    for evaluator in due:
+      result = runner.run(evaluator, model_variables(state))
+      if record:
+        writer.write(at_step, evaluator.name, {k: result[k] for k in evaluators.RESULT_KEYS})
+      evaluators.log_result(evaluator, at_step, result)
+      final[evaluator.name] = evaluator.summary(result)
 
   def stopped() -> dict[str, Any]:
     writer.close()
@@ -258,7 +239,7 @@ def _train(
       batch_size=config.batch_size,
       enabled=config.progress_bar and jax.process_index() == 0,
     )
-    eval_result = None
+    final: dict[str, dict[str, Any]] = {}  # each evaluator's newest result
     first_step, skipped = step, 0
     batches = _device_batches(train_iter, mesh)
     if step < total_steps:
@@ -284,7 +265,8 @@ def _train(
         jax.profiler.stop_trace()
         logger.info('wrote a profiler trace of steps %d-%d to %s', *profile, workdir / 'profile')
       at_end = step == total_steps
-      do_eval = at_end or (config.eval_every_steps > 0 and step % config.eval_every_steps == 0)
+      due = [e for e in schedule if e.due(step, at_end)]
+      do_eval = bool(due)
       do_ckpt = at_end or (
         config.checkpoint_every_steps > 0 and step % config.checkpoint_every_steps == 0
       )
@@ -312,7 +294,8 @@ def _train(
       progress.update(step, summary['loss'], summary['top1_error'], len(window), train_s)
       busy_start = time.time()
       if do_eval:
-        eval_result = evaluate(step)
+        final.clear()
+        evaluate(due, step)
       if do_ckpt or stopping:
         ckpt.save(
           step,
@@ -321,20 +304,24 @@ def _train(
             'iterator': position,
             'wall_time_s': start.wall_time_before_s + time.time() - invocation_start,
           },
-          metrics={'top1_error': eval_result['top1_error']} if do_eval else None,
+          metrics={'top1_error': final[evaluators.MAIN]['top1_error']}
+          if evaluators.MAIN in final
+          else None,
         )
       busy_s += time.time() - busy_start
       if stopping and not at_end:
         ckpt.wait()
         return stopped()
 
-    if eval_result is None:  # resumed at the very end: the run was already complete
-      eval_result = evaluate(step, record=False)
+    if not final:  # resumed at the very end: the run was already complete
+      evaluate(schedule, step, record=False)
     ckpt.wait()
+    main = final.pop(evaluators.MAIN)
     results = {
       'step': int(step),
-      'eval': {k: eval_result[k] for k in ('loss', 'top1_error', 'top5_error', 'num_examples')},
+      'eval': {k: main[k] for k in evaluators.RESULT_KEYS},
       'eval_split': config.data.eval_split,
+      **({'evals': final} if final else {}),
       'params': num_params,
       'state_fingerprint': state_fingerprint(state),
       'wall_time_s': start.wall_time_before_s + time.time() - invocation_start,

@@ -39,8 +39,11 @@ def _prepare(root, name, *args):
 
 
 def _train(workdir, data_dir, config, *overrides):
-  """A few steps of a paper recipe on prepared data, one device, through the CLI."""
-  assert_ok(
+  """A few steps of a paper recipe on prepared data, one device, through the CLI.
+
+  Returns results.json and the CLI's stdout.
+  """
+  proc = assert_ok(
     run_main(
       workdir,
       f'--config.data.data_dir={data_dir}',
@@ -52,7 +55,7 @@ def _train(workdir, data_dir, config, *overrides):
       fast_compile=True,
     )
   )
-  return results(workdir)
+  return results(workdir), proc.stdout
 
 
 @pytest.fixture(scope='module')
@@ -120,7 +123,7 @@ class TestPreparedImagenet:
     self, imagenet, tmp_path
   ):
     data_dir, _ = imagenet
-    r = _train(
+    r, _ = _train(
       str(tmp_path / 'r18'),
       data_dir,
       'configs/r18.py',
@@ -130,6 +133,9 @@ class TestPreparedImagenet:
     )
     assert r['step'] == 2 and r['params'] == 11_689_512  # ResNet-18 with 1000 classes
     assert r['eval']['num_examples'] == NUM_VAL  # every validation image once (padded + masked)
+    # Fig. 4's centre-crop validation error, beside the 10-crop figure of Tables 2-3.
+    center = r['evals']['center_crop']
+    assert (center['split'], center['crops'], center['num_examples']) == ('validation', 1, NUM_VAL)
     assert 0.0 <= r['eval']['top1_error'] <= 1.0 and np.isfinite(r['eval']['loss'])
     cfg = r['config']
     assert (cfg['data']['eval_split'], cfg['data']['eval_crops'], cfg['data']['augment']) == (
@@ -148,15 +154,21 @@ class TestPreparedImagenet:
 @pytest.mark.slow
 def test_cifar_paper_recipe_trains_on_the_prepared_python_archive(cifar10, tmp_path):
   data_dir, _ = cifar10
-  r = _train(
+  r, stdout = _train(
     str(tmp_path / 'cifar'),
     data_dir,
-    'configs/cifar.py',
+    'configs/cifar.py:val=8',
     '--config.num_train_steps=3',
     '--config.eval_batch_size=8',
   )
-  assert r['step'] == 3 and r['eval']['num_examples'] == 12
-  assert (r['config']['data']['name'], r['config']['data']['eval_split']) == ('cifar10', 'test')
+  # Model selection on 8 held-out training images; the test error is reported beside it.
+  assert r['step'] == 3 and r['eval']['num_examples'] == 8
+  assert (r['config']['data']['name'], r['config']['data']['eval_split']) == (
+    'cifar10',
+    'validation',
+  )
+  assert r['evals']['test']['num_examples'] == 12
+  assert f'  test: test top-1 error {100 * r["evals"]["test"]["top1_error"]:.2f}%' in stdout
   assert (r['config']['data']['augment'], r['config']['schedule']['boundaries']) == (
     'cifar',
     '32000,48000',

@@ -1,0 +1,190 @@
+"""The evaluators a training run runs, declared in its config (big_vision style).
+
+Every run has its main evaluator, `eval`: `data.eval_split` with `data.eval_crops` every
+`eval_every_steps` and at the end. It is the one `results.json`'s `eval`, the `done:` line and
+`keep_best` use. `config.evals` adds named ones, each with its own split, views and cadence,
+because one figure rarely answers every question of a run: He et al. 2015 plot centre-crop
+validation error during training (Fig. 4) but report 10-crop (Tables 2-3) and multi-scale
+(Table 4) numbers, and a run that holds out a validation split still wants its test error.
+
+    c.evals.center_crop = dict(crops=1)                     # every eval_every_steps
+    c.evals.test = dict(split='test', every_steps=0)        # only at the end
+    c.evals.multiscale = dict(scales='224,256,384,480,640', batch_size=32, every_steps=0)
+
+Fields (all optional): `split` (default `data.eval_split`), `crops` (1, 2 = centre and its
+flip, 10 = the paper's; with `scales` 1 or 2), `scales` (Table 4's whole-image testing at these
+shorter sides, `resnet_jax.multiscale`), `every_steps` (default `eval_every_steps`; <= 0: only at
+the end), `batch_size` (default `eval_batch_size`). Each one's records go to metrics.jsonl with
+`"split": NAME` and to TensorBoard under NAME/, and its final figures to `results.json`'s
+`evals`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import ml_collections
+
+from resnet_jax import multiscale, runtime
+from resnet_jax.evaluate import run_evaluation, run_multiscale_evaluation
+from resnet_jax.train_step import jit_eval_step
+from resnet_jax.validation import ConfigError
+
+logger = logging.getLogger(__name__)
+
+MAIN = 'eval'
+RESULT_KEYS = ('loss', 'top1_error', 'top5_error', 'num_examples')
+_FIELDS = ('split', 'crops', 'scales', 'every_steps', 'batch_size')
+_RESERVED = ('train', MAIN, 'config')
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluator:
+  """One evaluation of the run: what it measures (split, views) and when (every_steps)."""
+
+  name: str
+  split: str
+  crops: int
+  scales: tuple[int, ...]
+  every_steps: int  # <= 0: only at the end
+  batch_size: int
+
+  def due(self, step: int, at_end: bool) -> bool:
+    return at_end or (self.every_steps > 0 and step % self.every_steps == 0)
+
+  def describe(self) -> str:
+    views = f'{self.crops} crop{"s" if self.crops > 1 else ""}'
+    if self.scales:
+      views = f'scales {",".join(map(str, self.scales))}, {views}'
+    return f'{self.split}, {views}'
+
+  def summary(self, result: dict[str, Any]) -> dict[str, Any]:
+    """The figures results.json keeps, with what they were measured on."""
+    out = {k: result[k] for k in RESULT_KEYS}
+    out.update(split=self.split, crops=self.crops)
+    if self.scales:
+      out['scales'] = list(self.scales)
+    return out
+
+
+def from_config(config: ml_collections.ConfigDict) -> list[Evaluator]:
+  """The main evaluator, then `config.evals` in name order; a bad entry is a ConfigError."""
+  evaluators = [
+    Evaluator(
+      MAIN,
+      str(config.data.eval_split),
+      int(config.data.eval_crops),
+      (),
+      int(config.eval_every_steps),
+      int(config.eval_batch_size),
+    )
+  ]
+  for name in sorted(config.evals.keys()):
+    evaluators.append(_parse(name, config.evals[name], config))
+  return evaluators
+
+
+def _parse(name: str, spec: Any, config: ml_collections.ConfigDict) -> Evaluator:
+  where = f'evals.{name}'
+  if name in _RESERVED or not name.isidentifier():
+    raise ConfigError(f'{where}: the name must be an identifier other than {", ".join(_RESERVED)}')
+  if not isinstance(spec, (dict, ml_collections.ConfigDict)):
+    raise ConfigError(f'{where} must be a dict of {", ".join(_FIELDS)}, got {spec!r}')
+  spec = dict(spec.items())
+  unknown = sorted(set(spec) - set(_FIELDS))
+  if unknown:
+    raise ConfigError(
+      f'{where}: unknown field(s) {", ".join(unknown)}; valid: {", ".join(_FIELDS)}'
+    )
+  split = spec.get('split') or str(config.data.eval_split)
+  if not isinstance(split, str):
+    raise ConfigError(f'{where}.split must be a split name, got {split!r}')
+  scales = _scales(spec.get('scales') or '', where)
+  crops = _int(spec, 'crops', 1, where)
+  allowed = (1, 2) if scales else (1, 2, 10)
+  if crops not in allowed:
+    raise ConfigError(
+      f'{where}.crops must be {" or ".join(map(str, allowed))}'
+      f'{" with scales" if scales else ""}, got {crops}'
+    )
+  batch_size = _int(spec, 'batch_size', int(config.eval_batch_size), where)
+  if batch_size < 1:
+    raise ConfigError(f'{where}.batch_size must be positive, got {batch_size}')
+  every = _int(spec, 'every_steps', int(config.eval_every_steps), where)
+  return Evaluator(name, split, crops, scales, every, batch_size)
+
+
+def _int(spec: dict[str, Any], key: str, default: int, where: str) -> int:
+  value = spec.get(key, default)
+  if isinstance(value, bool) or not isinstance(value, int):
+    raise ConfigError(f'{where}.{key} must be an integer, got {value!r}')
+  return value
+
+
+def _scales(text: Any, where: str) -> tuple[int, ...]:
+  parts = [p.strip() for p in str(text).split(',') if p.strip()]
+  if not all(p.isdigit() and int(p) > 0 for p in parts):
+    raise ConfigError(f"{where}.scales must be positive sizes like '224,256,384', got {text!r}")
+  return tuple(int(p) for p in parts)
+
+
+class EvalRunner:
+  """Runs evaluators on the run's variables; the single-view eval step is compiled once."""
+
+  def __init__(self, experiment: runtime.Experiment):
+    self._experiment = experiment
+    self._eval_step = jit_eval_step(
+      experiment.mesh, experiment.model.apply, preprocess=experiment.preprocess
+    )
+    self._configs: dict[int, ml_collections.ConfigDict] = {}
+
+  def run(self, evaluator: Evaluator, variables: Any) -> dict[str, Any]:
+    """Mean loss and top-1/top-5 error of `variables` over the evaluator's whole split."""
+    experiment = self._experiment
+    config = self._config(evaluator.batch_size)
+    if evaluator.scales:
+      return run_multiscale_evaluation(
+        experiment.model.apply,
+        variables,
+        config,
+        experiment.mesh,
+        scales=list(evaluator.scales),
+        stride=multiscale.network_stride(experiment.model),
+        split=evaluator.split,
+        crops=evaluator.crops,
+        preprocess=experiment.preprocess,
+      )
+    return run_evaluation(
+      self._eval_step,
+      variables,
+      config,
+      experiment.mesh,
+      split=evaluator.split,
+      crops=evaluator.crops,
+    )
+
+  def _config(self, batch_size: int) -> ml_collections.ConfigDict:
+    """The run's config with this eval batch size (the pipelines read it from the config)."""
+    config = self._experiment.config
+    if batch_size == config.eval_batch_size:
+      return config
+    if batch_size not in self._configs:
+      copy = ml_collections.ConfigDict(config.to_dict())
+      copy.eval_batch_size = batch_size
+      self._configs[batch_size] = copy
+    return self._configs[batch_size]
+
+
+def log_result(evaluator: Evaluator, step: int, result: dict[str, Any]) -> None:
+  logger.info(
+    '%s at step %d on %s (%d examples): top-1 error %.2f%%, top-5 error %.2f%%, loss %.4f',
+    evaluator.name,
+    step,
+    evaluator.describe(),
+    result['num_examples'],
+    100 * result['top1_error'],
+    100 * result['top5_error'],
+    result['loss'],
+  )
