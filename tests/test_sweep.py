@@ -167,6 +167,43 @@ def test_aggregation_table_and_plot(tmp_path):
   assert (tmp_path / 'curves.png').read_bytes()[:4] == b'\x89PNG'
 
 
+def test_a_run_selecting_on_held_out_images_reports_its_test_error(tmp_path):
+  """cifar.py:val=N: the main eval is the held-out validation split; Table 6 is test error."""
+  d = write_run(tmp_path, 'residual20', depth=20, test_error=0.12)  # the validation figure
+  config = json.loads((d / 'config.json').read_text())
+  config['data'].update(eval_split='validation', validation_size=5000)
+  config['evals'] = {'test': {'split': 'test'}}
+  (d / 'config.json').write_text(json.dumps(config))
+  results = json.loads((d / 'results.json').read_text())
+  test = {'loss': 0.5, 'top1_error': 0.07, 'top5_error': 0.0, 'num_examples': 10000}
+  results['evals'] = {'test': {**test, 'split': 'test', 'crops': 1}}
+  (d / 'results.json').write_text(json.dumps(results))
+  with open(d / 'metrics.jsonl', 'a') as f:
+    f.write('\n' + json.dumps({'step': 40, 'split': 'test', **test}) + '\n')
+
+  (record,) = sweep_report.collect_runs(str(tmp_path))
+  assert (record['test_top1_error'], record['test_split'], record['curve']) == (
+    0.07,
+    'test',
+    'test',
+  )
+  assert '| 7.00 | 8.75 (Table 6) |' in sweep_report.markdown_table([record])
+  (d / 'results.json').unlink()  # unfinished: the newest logged test point
+  (record,) = sweep_report.collect_runs(str(tmp_path))
+  assert record['test_top1_error'] == 0.07 and not record['finished']
+
+
+def test_imagenet_curves_are_centre_crop_as_in_fig_4_while_the_table_is_10_crop():
+  from resnet_jax.default_config import load_sibling_config
+
+  config = load_sibling_config(os.path.join(ROOT, 'configs', 'x.py'), 'imagenet').get_config('')
+  table, curve = sweep_report.reported_evaluators(config)
+  assert (table.name, table.split, table.crops) == ('eval', 'validation', 10)
+  assert (curve.name, curve.split, curve.crops) == ('center_crop', 'validation', 1)
+  config = load_sibling_config(os.path.join(ROOT, 'configs', 'x.py'), 'cifar').get_config('')
+  assert [e.name for e in sweep_report.reported_evaluators(config)] == ['eval', 'eval']
+
+
 def test_imagenet_paper_numbers_match_configuration():
   from resnet_jax.analysis.paper_numbers import paper_error
 

@@ -40,23 +40,48 @@ def _spec(model: dict[str, Any]):
   return parse_name(model['name'], model['block'])
 
 
+def reported_evaluators(config) -> tuple[Any, Any]:
+  """(the evaluator whose error the table reports, the one whose curve is plotted).
+
+  The table reports the main evaluator, except that a run which selects on images held out of
+  the training set reports its evaluator on `test` where it has one: that is the figure the
+  paper's tables give. The curve is the same split with the fewest views, as the paper's
+  Fig. 4 plots centre-crop error during training while its tables report 10-crop.
+  """
+  from resnet_jax import evaluators  # pylint: disable=import-outside-toplevel
+
+  declared = evaluators.from_config(config)
+  table = declared[0]
+  on_test = [e for e in declared if e.split == 'test' and not e.scales]
+  if config.data.validation_size > 0 and table.split != 'test' and on_test:
+    table = on_test[0]
+  same_split = [e for e in declared if e.split == table.split and not e.scales]
+  return table, min(same_split, key=lambda e: (e.crops, e is not table))
+
+
 def load_run(run_dir: str, train_window: int = 5) -> Record | None:
   """One summary record for a run directory (None if it holds no run).
 
   `train_top1_error`/`train_loss`: mean of the last `train_window` logged train points (each is
   itself a mean over `log_every_steps` steps), which smooths the batch-to-batch noise the way the
-  paper's curves do. Test error: results.json when finished, else the newest eval point.
+  paper's curves do. Test error (of `reported_evaluators`): results.json when finished, else the
+  newest point that evaluator logged.
   """
   if not os.path.exists(os.path.join(run_dir, CONFIG_FILE)):
     return None
-  cfg = read_run_config(run_dir).to_dict()  # older runs: later fields take today's defaults
+  config = read_run_config(run_dir)  # older runs: later fields take today's defaults
+  cfg = config.to_dict()
+  table, curve = reported_evaluators(config)
   metrics = read_metrics(os.path.join(run_dir, 'metrics.jsonl'))
   train = sorted((m for m in metrics if m.get('split') == 'train'), key=lambda m: m['step'])
-  evals = sorted((m for m in metrics if m.get('split') == 'eval'), key=lambda m: m['step'])
+  evals = sorted((m for m in metrics if m.get('split') == table.name), key=lambda m: m['step'])
   results = None
   if os.path.exists(os.path.join(run_dir, 'results.json')):
     with open(os.path.join(run_dir, 'results.json')) as f:
       results = json.load(f)
+  final = None
+  if results:
+    final = results['eval'] if table.name == 'eval' else results.get('evals', {}).get(table.name)
   model = cfg['model']
   spec = _spec(model)
   variant = 'residual' if model['residual'] and spec.residual else 'plain'
@@ -77,10 +102,14 @@ def load_run(run_dir: str, train_window: int = 5) -> Record | None:
     'train_top1_error': _mean([m['top1_error'] for m in last]),
     'train_loss': _mean([m['loss'] for m in last]),
     'test_top1_error': (
-      results['eval']['top1_error'] if results else (evals[-1]['top1_error'] if evals else None)
+      final['top1_error'] if final else (evals[-1]['top1_error'] if evals else None)
     ),
-    'test_loss': results['eval']['loss'] if results else (evals[-1]['loss'] if evals else None),
-    'eval_crops': cfg['data']['eval_crops'],
+    'test_loss': final['loss'] if final else (evals[-1]['loss'] if evals else None),
+    'test_split': table.split,
+    'eval_crops': table.crops,
+    'curve': curve.name,  # the metrics.jsonl records of the test-error curve
+    'curve_split': curve.split,
+    'curve_crops': curve.crops,
     'wall_time_s': results.get('wall_time_s') if results else None,
   }
   paper = paper_error(
@@ -163,7 +192,8 @@ def markdown_table(records: Sequence[Record], train_window: int = 5) -> str:
   datasets = sorted({r['dataset'] for r in records})
   crops = sorted({r['eval_crops'] for r in records})
   lines = [
-    f'Dataset: {", ".join(datasets)}. Errors in %; test error evaluated with '
+    f'Dataset: {", ".join(datasets)}. Errors in %; test error: the '
+    f'{"/".join(sorted({r.get("test_split", "test") for r in records}))} split with '
     f'{"/".join(map(str, crops))} crop(s); final train error/loss = mean of the last '
     f'{train_window} logged training points (train-mode BN, on the batches as trained). '
     'Several seeds: mean ± sample std.',
@@ -222,7 +252,8 @@ def plot_curves(sweep_dir: str, records: Sequence[Record], out_path: str) -> str
     r['run']: read_metrics(os.path.join(sweep_dir, r['run'], 'metrics.jsonl')) for r in records
   }
   train = {k: [m for m in v if m.get('split') == 'train'] for k, v in metrics.items()}
-  evals = {k: [m for m in v if m.get('split') == 'eval'] for k, v in metrics.items()}
+  curve_of = {r['run']: r.get('curve', 'eval') for r in records}
+  evals = {k: [m for m in v if m.get('split') == curve_of[k]] for k, v in metrics.items()}
   shortcuts_vary = len({r['shortcut'] for r in records if r['variant'] == 'residual'}) > 1
   colour_keys = sorted(
     {(r['depth'], r['shortcut'] if shortcuts_vary else None) for r in records},
@@ -234,7 +265,7 @@ def plot_curves(sweep_dir: str, records: Sequence[Record], out_path: str) -> str
   panels = [
     (axes[0], train, 'top1_error', 100, 'training top-1 error (%)'),
     (axes[1], train, 'loss', 1, 'training loss (log scale)'),
-    (axes[2], evals, 'top1_error', 100, 'test top-1 error (%)'),
+    (axes[2], evals, 'top1_error', 100, _curve_title(records)),
   ]
   tops = {id(ax): 0.0 for ax in axes}
   for group in group_runs(records):
@@ -273,6 +304,14 @@ def plot_curves(sweep_dir: str, records: Sequence[Record], out_path: str) -> str
   fig.savefig(out_path, dpi=110)
   plt.close(fig)
   return out_path
+
+
+def _curve_title(records: Sequence[Record]) -> str:
+  """'test top-1 error (%)', or 'validation top-1 error (%), 1 crop', as the runs evaluated."""
+  splits = sorted({r.get('curve_split', 'test') for r in records})
+  crops = sorted({r.get('curve_crops', 1) for r in records})
+  views = f', {"/".join(map(str, crops))} crop{"s" if crops != [1] else ""}' if crops != [1] else ''
+  return f'{"/".join(splits)} top-1 error (%){views}'
 
 
 def write_report(sweep_dir: str, train_window: int = 5) -> list[str]:
