@@ -51,6 +51,17 @@ class ArgumentParser(argparse.ArgumentParser):
     fail(f'{message} (see {self.prog} --help)')
 
 
+def positive_int(text: str) -> int:
+  """argparse `type` of sizes and counts: 0 or a negative number is bad input, not a default."""
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f'expected a positive integer, got {text!r}') from None
+  if value < 1:
+    raise argparse.ArgumentTypeError(f'expected a positive integer, got {text!r}')
+  return value
+
+
 def fail(message: Any) -> NoReturn:
   """Bad input: one `error:` line, exit status 1."""
   print(f'error: {message}', file=sys.stderr)

@@ -96,8 +96,11 @@ def preprocess(image: Image.Image, image_size: int = 224, resize_size: int = 256
 def class_names(num_classes: int, labels_file: Optional[str] = None) -> list[str]:
   """Names for the model's classes (see module docstring for the sources, in order)."""
   if labels_file:
-    with open(labels_file) as f:
-      names = [line.strip() for line in f if line.strip()]
+    try:
+      with open(labels_file) as f:
+        names = [line.strip() for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+      raise ValueError(f'--labels {labels_file}: cannot read it ({e})') from None
     if len(names) != num_classes:
       raise ValueError(f'{labels_file} has {len(names)} names, the model has {num_classes} classes')
     return names
@@ -172,7 +175,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     help='CIFAR-family nets: the block kind (bottleneck: 9n+2 layers)',
   )
   parser.add_argument(
-    '--image-size', type=int, default=224, help='crop size (resize = size * 256 / 224)'
+    '--image-size', type=cli.positive_int, default=224, help='crop size (resize = size * 256 / 224)'
   )
   parser.add_argument('--labels', help='text file with one class name per line')
   parser.add_argument('images', nargs='+', help='image files')
@@ -185,6 +188,16 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   except (ValueError, FileNotFoundError) as e:  # one clear line, no traceback
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
+  try:
+    _classify(parser, args, batch, variables)
+  except (ValueError, FileNotFoundError) as e:  # e.g. --arch is not the run's model, --labels
+    cli.fail(e)
+
+
+def _classify(
+  parser: argparse.ArgumentParser, args: argparse.Namespace, batch: np.ndarray, variables: Any
+) -> None:
+  """Builds the model the weights belong to and prints each image's top 5."""
   kernel = variables['params']['fc']['kernel']
   num_classes = kernel.shape[1]
   in_channels = variables['params']['conv1']['kernel'].shape[2]

@@ -14,7 +14,7 @@ from PIL import Image
 
 from resnet_jax import convert, predict, train, validation
 from resnet_jax.default_config import load_sibling_config
-from tests.runner import ROOT, run_cli
+from tests.runner import ROOT, assert_one_line_error, env_with_devices, run_cli, run_main
 
 
 def _digits(**overrides):
@@ -233,6 +233,67 @@ def test_bad_images_are_one_line_each(tmp_path, capsys):
     assert e.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith('error: ') and needle in err[0], err
+
+
+def test_bad_labels_file_and_sizes_are_one_line(tmp_path, capsys):
+  """--labels that is missing, binary or of the wrong length, and a size that is not positive:
+  each was a traceback (or a PIL message about '-7x-5' images) after the weights were read."""
+  import jax
+
+  from resnet_jax import pretrained
+  from resnet_jax.models import create_model
+
+  model = create_model('resnet8', num_classes=10)
+  variables = model.init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32), train=False)
+  weights = tmp_path / 'weights'
+  pretrained.save_model_variables(weights, variables)
+  image = tmp_path / 'photo.png'
+  Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 50, 3), np.uint8)).save(image)
+  (tmp_path / 'three.txt').write_text('a\nb\nc\n')
+  base = ['--arch', 'resnet8', '--checkpoint', str(weights), '--image-size', '32']
+  cases = {
+    ('--labels', str(tmp_path / 'missing.txt')): 'missing.txt',
+    ('--labels', str(image)): 'cannot read it',
+    ('--labels', str(tmp_path / 'three.txt')): '3 names, the model has 10 classes',
+    ('--image-size', '0'): 'expected a positive integer',
+    ('--image-size', '-4'): 'expected a positive integer',
+  }
+  for extra, needle in cases.items():
+    with pytest.raises(SystemExit) as e:
+      predict.main(base + list(extra) + [str(image)])
+    assert e.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith('error: ') and needle in err[0], err
+  predict.main(base + [str(image)])  # and the good command prints the top 5
+  assert len(capsys.readouterr().out.strip().splitlines()) == 5
+
+
+@pytest.mark.slow
+def test_predict_on_a_run_of_another_model_is_one_line_and_quiet(tmp_path):
+  """--arch that is not the run's model was a traceback; Orbax's notices of the reader's
+  intended partial read ('Item "progress" ... could not be restored') preceded every answer."""
+  workdir = str(tmp_path / 'run')
+  proc = run_main(
+    workdir,
+    '--config.data.name=synthetic',
+    '--config.batch_size=8',
+    '--config.eval_batch_size=8',
+    '--config.num_train_steps=2',
+    config='configs/cifar.py:depth=8',
+    devices=1,
+    fast_compile=True,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  image = tmp_path / 'photo.jpg'
+  Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 50, 3), np.uint8)).save(image)
+  env = env_with_devices(1, fast_compile=True)
+  args = ['--checkpoint', workdir, '--image-size', '32', str(image)]
+  bad = run_cli('resnet_jax.predict', '--arch', 'resnet20', *args, env=env)
+  assert_one_line_error(bad, 'trained resnet8, not --arch resnet20')
+  assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+  good = run_cli('resnet_jax.predict', '--arch', 'resnet8', *args, env=env)
+  assert good.returncode == 0 and len(good.stdout.strip().splitlines()) == 5, good.stderr
+  assert good.stderr.strip() == '', good.stderr
 
 
 def test_extreme_aspect_ratio_is_preprocessed_in_bounded_memory(tmp_path):
