@@ -167,6 +167,23 @@ def test_aggregation_table_and_plot(tmp_path):
   assert (tmp_path / 'curves.png').read_bytes()[:4] == b'\x89PNG'
 
 
+def test_a_run_with_one_logged_point_is_visible_in_the_plot(tmp_path, monkeypatch):
+  """A short sweep (steps < log_every_steps) logs one train point per run: drawn as a line
+  alone it was invisible, and the training panels came out empty."""
+  import matplotlib.pyplot as plt
+
+  write_run(tmp_path, 'residual8', depth=8, train_errors=(0.5,))
+  write_run(tmp_path, 'plain8', depth=8, residual=False, train_errors=(0.6,))
+  figures = []
+  close = plt.close
+  monkeypatch.setattr(plt, 'close', lambda fig=None: (figures.append(fig), close(fig)))
+  sweep_report.write_report(str(tmp_path))
+  (fig,) = figures
+  for ax in fig.axes:
+    lines = ax.get_lines()
+    assert len(lines) == 2 and all(l.get_marker() not in (None, 'None', '') for l in lines)
+
+
 def test_imagenet_paper_numbers_match_configuration():
   from resnet_jax.analysis.paper_numbers import paper_error
 
