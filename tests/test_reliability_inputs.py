@@ -112,6 +112,26 @@ def test_convert_refuses_existing_non_empty_out(tmp_path):
   assert precious.read_text() == 'keep me' and os.listdir(precious.parent) == ['precious.txt']
 
 
+def test_convert_refuses_a_file_as_out_or_its_parent_and_bad_in_channels(tmp_path, capsys):
+  """A file as --out read 'already exists and is not empty'; a file as its parent, and
+  --in-channels 0, were tracebacks (after loading the weights); -1 an Orbax 'zero size' error."""
+  (tmp_path / 'afile').write_text('keep me')
+  weights = tmp_path / 'w.pth'  # never read: refused first
+  cases = {
+    ('--out', str(tmp_path / 'afile')): 'afile is a file: choose a new directory',
+    ('--out', str(tmp_path / 'afile' / 'sub')): 'afile is a file, not a directory',
+    ('--out', str(tmp_path / 'new'), '--in-channels', '0'): 'expected a positive integer',
+    ('--out', str(tmp_path / 'new'), '--in-channels', '-1'): 'expected a positive integer',
+  }
+  for extra, needle in cases.items():
+    with pytest.raises(SystemExit) as e:
+      convert.main(['--arch', 'resnet18', '--torchvision-weights', str(weights), *extra])
+    assert e.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith('error: ') and needle in err[0], err
+  assert sorted(os.listdir(tmp_path)) == ['afile'] and (tmp_path / 'afile').read_text() == 'keep me'
+
+
 def test_convert_writes_through_a_temporary_sibling(tmp_path, monkeypatch):
   variables = {'params': {'w': np.ones((2, 3), np.float32)}, 'batch_stats': {}}
   out = tmp_path / 'converted'
