@@ -14,7 +14,14 @@ from PIL import Image
 
 from resnet_jax import convert, predict, train, validation
 from resnet_jax.default_config import load_sibling_config
-from tests.runner import ROOT, assert_one_line_error, env_with_devices, run_cli, run_main
+from tests.runner import (
+  ROOT,
+  assert_one_line_error,
+  env_with_devices,
+  run_cli,
+  run_evaluate,
+  run_main,
+)
 
 
 def _digits(**overrides):
@@ -307,13 +314,59 @@ def test_predict_on_a_run_of_another_model_is_one_line_and_quiet(tmp_path):
   image = tmp_path / 'photo.jpg'
   Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 50, 3), np.uint8)).save(image)
   env = env_with_devices(1, fast_compile=True)
-  args = ['--checkpoint', workdir, '--image-size', '32', str(image)]
+  args = ['--checkpoint', workdir, str(image)]
   bad = run_cli('resnet_jax.predict', '--arch', 'resnet20', *args, env=env)
   assert_one_line_error(bad, 'trained resnet8, not --arch resnet20')
   assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
   good = run_cli('resnet_jax.predict', '--arch', 'resnet8', *args, env=env)
   assert good.returncode == 0 and len(good.stdout.strip().splitlines()) == 5, good.stderr
   assert good.stderr.strip() == '', good.stderr
+
+
+@pytest.mark.slow
+def test_predict_on_a_training_run_sees_what_its_evaluation_sees(tmp_path):
+  """A workdir's model gets the run's own input (size, channels, per-pixel mean), not the ImageNet
+  transform of converted weights: a digits run was refused ('expects 1-channel input') and a
+  3-channel run got 224-pixel crops normalised with ImageNet's statistics. Predicting every test
+  digit, saved as a PNG, now makes exactly the mistakes `evaluate` counts."""
+  from sklearn.datasets import load_digits
+
+  workdir = str(tmp_path / 'run')
+  proc = run_main(
+    workdir,
+    '--config.num_train_steps=30',
+    '--config.batch_size=32',
+    devices=1,
+    fast_compile=True,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  evaluated = run_evaluate(workdir, fast_compile=True)
+  digits = load_digits()
+  paths, labels = [], []
+  for i in range(0, len(digits.images), 5):  # the test split
+    path = tmp_path / f'{i}.png'
+    Image.fromarray(np.rint(digits.images[i] * 255 / 16).astype(np.uint8)).save(path)
+    paths.append(str(path))
+    labels.append(int(digits.target[i]))
+  env = env_with_devices(1, fast_compile=True)
+  out = run_cli('resnet_jax.predict', '--arch', 'resnet8', '--checkpoint', workdir, *paths, env=env)
+  assert out.returncode == 0, out.stderr[-3000:]
+  lines = out.stdout.splitlines()
+  top1 = [int(lines[k + 1].rsplit('(', 1)[1].rstrip(')')) for k in range(0, len(lines), 6)]
+  assert len(top1) == 360
+  wrong = sum(p != y for p, y in zip(top1, labels))
+  assert wrong == round(evaluated['top1_error'] * 360) and wrong < 300  # and above chance
+  size = run_cli(
+    'resnet_jax.predict',
+    '--arch',
+    'resnet8',
+    '--checkpoint',
+    workdir,
+    '--image-size',
+    '8',
+    paths[0],
+  )
+  assert_one_line_error(size, 'is a training run, whose own evaluation input is used')
 
 
 def test_extreme_aspect_ratio_is_preprocessed_in_bounded_memory(tmp_path):
