@@ -1,4 +1,4 @@
-"""Classify images with an ImageNet ResNet: top-5 classes and probabilities, one per line.
+"""Classify images with a ResNet (converted weights or a training run): top-5 classes, one per line.
 
     python -m resnet_jax.predict --arch resnet50 --torchvision-weights resnet50-11ad3fa6.pth cat.jpg
     python -m resnet_jax.predict --arch resnet50 --checkpoint DIR cat.jpg dog.png
