@@ -278,6 +278,29 @@ def restore_model_variables(workdir: str | epath.Path) -> tuple[dict[str, Any], 
   if not directory.is_dir():
     raise FileNotFoundError(f'no checkpoint in {directory}')
   _quiet_abandoned_reads(directory)
+  absl_logger = logging.getLogger('absl')
+  absl_logger.addFilter(_drop_expected_reader_notices)
+  try:
+    return _restore_newest_readable(directory)
+  finally:
+    absl_logger.removeFilter(_drop_expected_reader_notices)
+
+
+# What Orbax logs (as absl warnings) for every read-only restore of the model alone: they read as
+# failures ('could not be restored') to the user of evaluate / predict, yet are the intended read.
+_EXPECTED_READER_NOTICES = (
+  'CheckpointManagerOptions.read_only=True, setting save_interval_steps=0',
+  'Given directory is read only=',
+  'was found in the checkpoint, but could not be restored',
+)
+
+
+def _drop_expected_reader_notices(record: logging.LogRecord) -> bool:
+  message = record.getMessage()
+  return not any(notice in message for notice in _EXPECTED_READER_NOTICES)
+
+
+def _restore_newest_readable(directory: epath.Path) -> tuple[dict[str, Any], int]:
   manager = ocp.CheckpointManager(
     directory,
     options=ocp.CheckpointManagerOptions(

@@ -51,6 +51,26 @@ class ArgumentParser(argparse.ArgumentParser):
     fail(f'{message} (see {self.prog} --help)')
 
 
+def positive_int(text: str) -> int:
+  """argparse `type` of sizes and counts: 0 or a negative number is bad input, not a default."""
+  return _int_at_least(text, 1, 'a positive integer')
+
+
+def non_negative_int(text: str) -> int:
+  """argparse `type` of counts where 0 means 'no limit': a negative one is bad input."""
+  return _int_at_least(text, 0, 'an integer >= 0')
+
+
+def _int_at_least(text: str, low: int, what: str) -> int:
+  try:
+    value = int(text)
+  except ValueError:
+    value = low - 1
+  if value < low:
+    raise argparse.ArgumentTypeError(f'expected {what}, got {text!r}')
+  return value
+
+
 def fail(message: Any) -> NoReturn:
   """Bad input: one `error:` line, exit status 1."""
   print(f'error: {message}', file=sys.stderr)

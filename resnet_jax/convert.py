@@ -230,7 +230,14 @@ def load_torch_state_dict(path: str) -> dict[str, Any]:
 def check_out_dir(out: str) -> str:
   """The absolute `--out`; refuses an existing non-empty path (nothing may be overwritten)."""
   out = os.path.abspath(out)
-  if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise ValueError(f'--out {out} is a file: choose a new directory (nothing was written)')
+  ancestor = os.path.dirname(out)
+  while not os.path.exists(ancestor):
+    ancestor = os.path.dirname(ancestor)
+  if not os.path.isdir(ancestor):
+    raise ValueError(f'--out {out}: {ancestor} is a file, not a directory (nothing was written)')
+  if os.path.exists(out) and os.listdir(out):
     raise ValueError(
       f'--out {out} already exists and is not empty: choose a new directory (nothing was written)'
     )
@@ -270,7 +277,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   parser.add_argument('--out', required=True, help='output checkpoint directory (new, or empty)')
   parser.add_argument(
     '--in-channels',
-    type=int,
+    type=cli.positive_int,
     default=3,
     help='adapt the stem to this many input channels (1: grayscale datasets)',
   )
@@ -282,7 +289,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     variables = adapt_input_channels(variables, args.in_channels)
     check_out_dir(out)  # again: it may have appeared while converting
     save_to_new_dir(out, variables)
-  except ValueError as e:  # one clear line, no traceback
+  except (ValueError, OSError) as e:  # one clear line, no traceback (OSError: --out unwritable)
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
   n = sum(np.size(x) for x in jax.tree.leaves(variables['params']))

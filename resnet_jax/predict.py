@@ -1,22 +1,25 @@
-"""Classify images with an ImageNet ResNet: top-5 classes and probabilities, one per line.
+"""Classify images with a ResNet (converted weights or a training run): top-5 classes, one per line.
 
     python -m resnet_jax.predict --arch resnet50 --torchvision-weights resnet50-11ad3fa6.pth cat.jpg
     python -m resnet_jax.predict --arch resnet50 --checkpoint DIR cat.jpg dog.png
 
 ``--checkpoint`` takes a directory written by ``python -m resnet_jax.convert`` or a training workdir
-(its newest checkpoint). Preprocessing is torchvision's ImageNet eval transform: resize the shorter
-side to 256 (PIL bilinear, antialiased), centre-crop 224, scale to [0, 1], normalise with the
-ImageNet mean/std. Class names come from torchvision's metadata when it is installed (read as a
+(its newest checkpoint). Converted torchvision weights get torchvision's ImageNet eval transform:
+resize the shorter side to 256 (PIL bilinear, antialiased), centre-crop 224, scale to [0, 1],
+normalise with the ImageNet mean/std. A training workdir's model gets the run's own evaluation
+input instead (its image size, channels and normalisation statistics, e.g. the per-pixel mean of
+its training set, read from the prepared dataset): the model was trained on nothing else. Class names come from torchvision's metadata when it is installed (read as a
 file, without importing torch), from ``--labels FILE`` (one name per line), or are ``class <i>``.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import os
 import sys
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -93,11 +96,43 @@ def preprocess(image: Image.Image, image_size: int = 224, resize_size: int = 256
   return (x - IMAGENET_MEAN) / IMAGENET_STD
 
 
+def is_training_run(checkpoint: Optional[str]) -> bool:
+  """Whether `--checkpoint` is a training workdir (its config.json says how it saw its images)."""
+  return bool(checkpoint) and (as_path(checkpoint) / CONFIG_FILE).exists()
+
+
+def run_preprocess(workdir: str) -> Callable[[Image.Image], np.ndarray]:
+  """The image -> model input function of the run in `workdir`: its evaluation's single centre
+  crop (`augment.Preprocessor.eval`) and normalisation (`DevicePreprocess`), so a prediction sees
+  what the run's evaluation sees. Needs the run's dataset prepared (its cached statistics)."""
+  from resnet_jax.data import device_preprocess, pipeline  # pylint: disable=import-outside-toplevel
+
+  config = read_run_config(workdir)
+  try:
+    host = pipeline.make_preprocessor(config)
+    device = device_preprocess.make_device_preprocess(config)
+  except ValueError as e:
+    raise ValueError(
+      f'{workdir}: its evaluation preprocessing needs the statistics of its dataset '
+      f'{config.data.name!r}: {e}'
+    ) from None
+  mode = 'L' if host.channels == 1 else 'RGB'
+
+  def preprocess_for_run(image: Image.Image) -> np.ndarray:
+    uint8 = host.eval(np.asarray(image.convert(mode), np.uint8), crops=1)
+    return np.asarray(device(jnp.asarray(uint8[None]), rng=None))[0]
+
+  return preprocess_for_run
+
+
 def class_names(num_classes: int, labels_file: Optional[str] = None) -> list[str]:
   """Names for the model's classes (see module docstring for the sources, in order)."""
   if labels_file:
-    with open(labels_file) as f:
-      names = [line.strip() for line in f if line.strip()]
+    try:
+      with open(labels_file) as f:
+        names = [line.strip() for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+      raise ValueError(f'--labels {labels_file}: cannot read it ({e})') from None
     if len(names) != num_classes:
       raise ValueError(f'{labels_file} has {len(names)} names, the model has {num_classes} classes')
     return names
@@ -172,26 +207,48 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     help='CIFAR-family nets: the block kind (bottleneck: 9n+2 layers)',
   )
   parser.add_argument(
-    '--image-size', type=int, default=224, help='crop size (resize = size * 256 / 224)'
+    '--image-size',
+    type=cli.positive_int,
+    help="crop size (resize = size * 256 / 224); default 224, or a training run's own",
   )
   parser.add_argument('--labels', help='text file with one class name per line')
   parser.add_argument('images', nargs='+', help='image files')
   args = parser.parse_args(argv)
 
   try:
-    resize = int(round(args.image_size * 256 / 224))
-    batch = np.stack([preprocess(open_image(p), args.image_size, resize) for p in args.images])
+    if is_training_run(args.checkpoint):
+      if args.image_size is not None:
+        raise ValueError(
+          f'--image-size: {args.checkpoint} is a training run, whose own evaluation input is used'
+        )
+      prepare = run_preprocess(args.checkpoint)
+    else:
+      size = args.image_size or 224
+      prepare = functools.partial(
+        preprocess, image_size=size, resize_size=int(round(size * 256 / 224))
+      )
+    batch = np.stack([prepare(open_image(p)) for p in args.images])
     variables = load_variables(args)
   except (ValueError, FileNotFoundError) as e:  # one clear line, no traceback
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
+  try:
+    _classify(parser, args, batch, variables)
+  except (ValueError, FileNotFoundError) as e:  # e.g. --arch is not the run's model, --labels
+    cli.fail(e)
+
+
+def _classify(
+  parser: argparse.ArgumentParser, args: argparse.Namespace, batch: np.ndarray, variables: Any
+) -> None:
+  """Builds the model the weights belong to and prints each image's top 5."""
   kernel = variables['params']['fc']['kernel']
   num_classes = kernel.shape[1]
   in_channels = variables['params']['conv1']['kernel'].shape[2]
-  if in_channels != 3:
+  if in_channels != batch.shape[-1]:
     parser.error(
-      f'the checkpoint expects {in_channels}-channel input; predict handles RGB ImageNet-style '
-      'models (use python -m resnet_jax.evaluate for models trained on other data)'
+      f'the checkpoint expects {in_channels}-channel input; predict feeds converted weights RGB '
+      'images (pass the training workdir of a run on other data: its own input is used)'
     )
   model = runtime.build_model(model_config(args), num_classes)
   variables = layout.for_model(
@@ -201,7 +258,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
   expected = jax.eval_shape(
     lambda x: model.init(jax.random.key(0), x, train=False),
-    jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32),
+    jax.ShapeDtypeStruct((1, 64, 64, in_channels), jnp.float32),
   )
   mismatch = describe_mismatch(expected, variables)
   if mismatch:

@@ -128,8 +128,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     choices=['basic', 'bottleneck'],
     help='CIFAR block kind: bottleneck gives the 9n+2 nets (resnet164, resnet1001)',
   )
-  parser.add_argument('--num-classes', type=int)
-  parser.add_argument('--image-size', type=int, help='default 224 (ImageNet names) or 32 (CIFAR)')
+  parser.add_argument('--num-classes', type=cli.positive_int)
+  parser.add_argument(
+    '--image-size', type=cli.positive_int, help='default 224 (ImageNet names) or 32 (CIFAR)'
+  )
   parser.add_argument(
     '--features',
     action='store_true',

@@ -160,14 +160,20 @@ def _rate(batch, times):
 def main(argv=None):
   p = cli.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--arch', '--model', dest='model', default='resnet20', help='the model name')
-  p.add_argument('--batch-size', type=int, default=128)
-  p.add_argument('--image-size', type=int, default=None, help='default 224 (ImageNet) / 32 (CIFAR)')
-  p.add_argument('--num-classes', type=int, default=None)
-  p.add_argument('--steps', type=int, default=20, help='timed train steps (per framework)')
-  p.add_argument('--warmup', type=int, default=2, help='untimed steps after the first call')
+  p.add_argument('--batch-size', type=cli.positive_int, default=128)
+  p.add_argument(
+    '--image-size', type=cli.positive_int, default=None, help='default 224 (ImageNet) / 32 (CIFAR)'
+  )
+  p.add_argument('--num-classes', type=cli.positive_int, default=None)
+  p.add_argument(
+    '--steps', type=cli.positive_int, default=20, help='timed train steps (per framework)'
+  )
+  p.add_argument(
+    '--warmup', type=cli.non_negative_int, default=2, help='untimed steps after the first call'
+  )
   p.add_argument(
     '--block',
-    type=int,
+    type=cli.non_negative_int,
     default=0,
     help='steps per interleaved block with --compare-torch (default: steps // 4)',
   )
@@ -205,7 +211,7 @@ def main(argv=None):
   )
   p.add_argument(
     '--torch-threads',
-    type=int,
+    type=cli.non_negative_int,
     default=0,
     help='torch intra-op threads (default: torch default = physical cores); for a '
     'single-thread comparison pair 1 with XLA_FLAGS=--xla_cpu_multi_thread_eigen=false',

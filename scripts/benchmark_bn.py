@@ -140,9 +140,9 @@ def run(model_name: str, batch: int, size: int, steps: int, dtype: str = 'float3
 def main(argv: list[str] | None = None) -> int:
   p = cli.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument('--arch', '--model', dest='model', default='resnet20', help='the model name')
-  p.add_argument('--batch-size', type=int, default=192)
-  p.add_argument('--image-size', type=int, default=32)
-  p.add_argument('--steps', type=int, default=3)
+  p.add_argument('--batch-size', type=cli.positive_int, default=192)
+  p.add_argument('--image-size', type=cli.positive_int, default=32)
+  p.add_argument('--steps', type=cli.positive_int, default=3)
   p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
   p.add_argument('--json', action='store_true')
   args = p.parse_args(argv)

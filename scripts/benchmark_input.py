@@ -218,14 +218,16 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument(
     '--pipelines', default=','.join(PIPELINES), help=f'subset of {list(PIPELINES)}'
   )
-  parser.add_argument('--batches', type=int, default=20, help='timed batches per measurement')
   parser.add_argument(
-    '--warmup', type=int, default=3, help='untimed batches first (worker start-up)'
+    '--batches', type=cli.positive_int, default=20, help='timed batches per measurement'
+  )
+  parser.add_argument(
+    '--warmup', type=cli.non_negative_int, default=3, help='untimed batches first (worker start-up)'
   )
   parser.add_argument('--prefetch', type=int, default=2)
   parser.add_argument(
     '--rounds',
-    type=int,
+    type=cli.positive_int,
     default=1,
     help='repeat every (pipeline, impl, workers) measurement, interleaved',
   )

@@ -30,7 +30,7 @@ def load_registry():
   return load_config_module(os.path.join(_ROOT, 'configs', 'paper.py'))
 
 
-def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+def _parser() -> cli.ArgumentParser:
   p = cli.ArgumentParser(prog='python scripts/sweep.py', description=__doc__)
   p.add_argument(
     '--config', help='base config, e.g. configs/cifar.py or configs/imagenet.py:recipe=paper'
@@ -43,7 +43,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
   p.add_argument('--experiment', help='fill the grid from configs/paper.py, e.g. table6')
   p.add_argument(
     '--parallel',
-    type=int,
+    type=cli.positive_int,
     help='runs at a time (default: one per --devices group, else 1: sequential)',
   )
   p.add_argument(
@@ -59,17 +59,24 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
   p.add_argument('--report-only', action='store_true', help='only (re)write the summary files')
   p.add_argument(
     '--train-window',
-    type=int,
+    type=cli.positive_int,
     default=5,
     help='final train error = mean of this many last train points',
   )
+  return p
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+  p = _parser()
   args, rest = p.parse_known_args(argv)
   bad = [a for a in rest if not a.startswith('--config.')]
   if bad:
     p.error(f'unrecognised arguments: {" ".join(bad)} (only --config.key=value are passed on)')
   if args.experiment:
-    registry = load_registry()
-    exp = registry.get(args.experiment)
+    try:
+      exp = load_registry().get(args.experiment)
+    except ValueError as e:
+      p.error(str(e))
     args.config = args.config or exp.config
     args.depths = args.depths or exp.depths
     args.variants = args.variants or exp.variants
@@ -78,21 +85,60 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     rest = [o for o in exp.overrides if o.split('=', 1)[0] not in keys] + rest
   if not args.report_only and not (args.config and args.depths):
     p.error('--config and --depths are required (or --experiment)')
+  if os.path.exists(args.workdir) and not os.path.isdir(args.workdir):
+    p.error(f'--workdir {args.workdir} is a file, not a directory')
+  if args.report_only and not os.path.isdir(args.workdir):
+    p.error(f'--report-only: no sweep directory {args.workdir}')
   return args, rest
 
 
-def main(argv: list[str]) -> int:
-  args, overrides = parse_args(argv)
-  failed: list[str] = []
-  if not args.report_only:
+def _int_list(parser: argparse.ArgumentParser, flag: str, text: str | None, low: int) -> list[int]:
+  values = sweep._csv(text)
+  if not all(v.lstrip('-').isdigit() and int(v) >= low for v in values):
+    parser.error(f'{flag} takes comma-separated integers >= {low}, got {text!r}')
+  return [int(v) for v in values]
+
+
+def plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[sweep.RunSpec]:
+  """The grid, checked before anything runs or is written: each grid point's config must load
+  and name a model (a typo in --config, its args or --depths failed every run, one by one)."""
+  try:
     runs = sweep.plan_runs(
-      [int(d) for d in sweep._csv(args.depths)],
+      _int_list(parser, '--depths', args.depths, 1),
       sweep._csv(args.variants or 'residual,plain'),
       sweep._csv(args.shortcuts) or None,
-      [int(s) for s in sweep._csv(args.seeds)] or None,
+      _int_list(parser, '--seeds', args.seeds, 0) or None,
     )
+  except ValueError as e:
+    parser.error(str(e))
+  from resnet_jax.models import parse_name  # noqa: PLC0415  (JAX only once the flags are good)
+
+  path = args.config.partition(':')[0]
+  try:
+    module = load_config_module(path)
+  except Exception as e:  # noqa: BLE001 -- any failure of the user's config file: one line
+    parser.error(f'cannot load --config {path}: {type(e).__name__}: {e}')
+  if not hasattr(module, 'get_config'):
+    parser.error(f'--config {path} defines no get_config()')
+  for spec in runs:
+    arg = spec.config_arg(args.config)
+    try:
+      config = module.get_config(arg.partition(':')[2] or None)
+      parse_name(str(config.model.name), config.model.get('block'))
+    except Exception as e:  # noqa: BLE001 -- a bad config arg or depth
+      parser.error(f'{spec.name} ({arg}): {e}')
+  return runs
+
+
+def main(argv: list[str]) -> int:
+  parser, (args, overrides) = _parser(), parse_args(argv)
+  failed: list[str] = []
+  if not args.report_only:
+    runs = plan(parser, args)
     devices = [g.replace('+', ',') for g in sweep._csv(args.devices)] or None
     parallel = args.parallel or (len(devices) if devices else 1)
+    if devices and len(devices) < parallel:
+      parser.error(f'--devices lists {len(devices)} device groups for --parallel={parallel}')
     status = sweep.run_sweep(
       runs,
       args.config,

@@ -155,3 +155,27 @@ def test_benchmark_bn_collectives_by_scope():
   straddling = module.measure('resnet8', 12, 8, 4, 1, 'float32')
   assert per_device['collectives']['all-gather']['count'] == 0
   assert straddling['collectives']['all-gather']['count'] > 0  # groups straddle devices
+
+
+@pytest.mark.parametrize(
+  'script,args',
+  [
+    ('benchmark', ['--batch-size', '0']),  # a JAX traceback
+    ('benchmark', ['--batch-size', '-2']),  # 'negative dimensions are not allowed' traceback
+    ('benchmark', ['--steps', '0']),  # timed 1 step and reported it
+    ('benchmark', ['--image-size', '0']),
+    ('benchmark', ['--num-classes', '0']),
+    ('benchmark', ['--warmup', '-1']),
+    ('benchmark_bn', ['--batch-size', '0']),  # a ZeroDivisionError traceback
+    ('benchmark_bn', ['--steps', '0']),
+    ('benchmark_input', ['--batches', '0']),
+    ('benchmark_input', ['--rounds', '0']),
+  ],
+)
+def test_sizes_and_counts_out_of_range_are_one_line(script, args, capsys):
+  module = _script(script)
+  with pytest.raises(SystemExit) as e:
+    module.main([*args, '--json'])
+  assert e.value.code == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith('error: ') and 'expected' in err[0], err

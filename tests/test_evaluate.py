@@ -109,3 +109,23 @@ def test_evaluate_cli_matches_the_training_run(tmp_path):
   assert got['num_examples'] == 360 and got['scales'] == [8, 12] and got['precise_bn_batches'] == 2
   bad = run_cli('resnet_jax.evaluate', f'--workdir={tmp_path}/nothing', env=env_with_devices(4))
   assert bad.returncode == 1 and bad.stderr.strip().startswith('error:')
+
+
+@pytest.mark.slow
+def test_evaluate_reads_a_scanned_run_with_several_blocks_per_stage(tmp_path):
+  """The README's demo net (ResNet-14: two blocks a stage, scanned on the CPU) read back by
+  `evaluate`: the restored tree is already scanned (it failed with 'stage 1 has 1 blocks')."""
+  workdir = str(tmp_path / 'run')
+  proc = run_main(
+    workdir,
+    '--config.num_train_steps=2',
+    '--config.batch_size=16',
+    '--config.model.scan=true',
+    config='configs/digits.py:depth=14',
+    devices=1,
+    fast_compile=True,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  got = run_evaluate(workdir, fast_compile=True)
+  assert got['num_examples'] == 360 and got['step'] == 2
+  assert got['loss'] == pytest.approx(results(workdir)['eval']['loss'], rel=1e-4)

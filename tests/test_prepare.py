@@ -53,6 +53,18 @@ def test_bad_input_is_one_error_line(tmp_path, args, fragments):
   assert not os.listdir(tmp_path)
 
 
+@pytest.mark.parametrize('content', [b'not an archive', b''])
+def test_a_file_that_is_no_archive_is_one_line(tmp_path, content):
+  """tarfile's error lists every compression it tried on its own line: five lines of stderr."""
+  (tmp_path / 'cifar-10-python.tar.gz').write_bytes(content)
+  proc = run_prepare(
+    'cifar10', '--from', str(tmp_path / 'cifar-10-python.tar.gz'), '--data_dir', str(tmp_path / 'd')
+  )
+  assert_one_error_line(proc, 'not a readable tar archive (not a gzip, bzip2, xz or plain tar')
+  assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+  assert not (tmp_path / 'd').exists()
+
+
 def test_missing_tensorflow_says_how_to_install_it(tmp_path):
   # A `tensorflow` that fails to import, as in a venv without the [tf] extra.
   fake = tmp_path / 'no_tf' / 'tensorflow'

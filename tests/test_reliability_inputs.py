@@ -14,7 +14,14 @@ from PIL import Image
 
 from resnet_jax import convert, predict, train, validation
 from resnet_jax.default_config import load_sibling_config
-from tests.runner import ROOT, run_cli
+from tests.runner import (
+  ROOT,
+  assert_one_line_error,
+  env_with_devices,
+  run_cli,
+  run_evaluate,
+  run_main,
+)
 
 
 def _digits(**overrides):
@@ -110,6 +117,26 @@ def test_convert_refuses_existing_non_empty_out(tmp_path):
   last = proc.stderr.strip().splitlines()[-1]
   assert last.startswith('error: --out') and 'not empty' in last, last
   assert precious.read_text() == 'keep me' and os.listdir(precious.parent) == ['precious.txt']
+
+
+def test_convert_refuses_a_file_as_out_or_its_parent_and_bad_in_channels(tmp_path, capsys):
+  """A file as --out read 'already exists and is not empty'; a file as its parent, and
+  --in-channels 0, were tracebacks (after loading the weights); -1 an Orbax 'zero size' error."""
+  (tmp_path / 'afile').write_text('keep me')
+  weights = tmp_path / 'w.pth'  # never read: refused first
+  cases = {
+    ('--out', str(tmp_path / 'afile')): 'afile is a file: choose a new directory',
+    ('--out', str(tmp_path / 'afile' / 'sub')): 'afile is a file, not a directory',
+    ('--out', str(tmp_path / 'new'), '--in-channels', '0'): 'expected a positive integer',
+    ('--out', str(tmp_path / 'new'), '--in-channels', '-1'): 'expected a positive integer',
+  }
+  for extra, needle in cases.items():
+    with pytest.raises(SystemExit) as e:
+      convert.main(['--arch', 'resnet18', '--torchvision-weights', str(weights), *extra])
+    assert e.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith('error: ') and needle in err[0], err
+  assert sorted(os.listdir(tmp_path)) == ['afile'] and (tmp_path / 'afile').read_text() == 'keep me'
 
 
 def test_convert_writes_through_a_temporary_sibling(tmp_path, monkeypatch):
@@ -233,6 +260,113 @@ def test_bad_images_are_one_line_each(tmp_path, capsys):
     assert e.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith('error: ') and needle in err[0], err
+
+
+def test_bad_labels_file_and_sizes_are_one_line(tmp_path, capsys):
+  """--labels that is missing, binary or of the wrong length, and a size that is not positive:
+  each was a traceback (or a PIL message about '-7x-5' images) after the weights were read."""
+  import jax
+
+  from resnet_jax import pretrained
+  from resnet_jax.models import create_model
+
+  model = create_model('resnet8', num_classes=10)
+  variables = model.init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32), train=False)
+  weights = tmp_path / 'weights'
+  pretrained.save_model_variables(weights, variables)
+  image = tmp_path / 'photo.png'
+  Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 50, 3), np.uint8)).save(image)
+  (tmp_path / 'three.txt').write_text('a\nb\nc\n')
+  base = ['--arch', 'resnet8', '--checkpoint', str(weights), '--image-size', '32']
+  cases = {
+    ('--labels', str(tmp_path / 'missing.txt')): 'missing.txt',
+    ('--labels', str(image)): 'cannot read it',
+    ('--labels', str(tmp_path / 'three.txt')): '3 names, the model has 10 classes',
+    ('--image-size', '0'): 'expected a positive integer',
+    ('--image-size', '-4'): 'expected a positive integer',
+  }
+  for extra, needle in cases.items():
+    with pytest.raises(SystemExit) as e:
+      predict.main(base + list(extra) + [str(image)])
+    assert e.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith('error: ') and needle in err[0], err
+  predict.main(base + [str(image)])  # and the good command prints the top 5
+  assert len(capsys.readouterr().out.strip().splitlines()) == 5
+
+
+@pytest.mark.slow
+def test_predict_on_a_run_of_another_model_is_one_line_and_quiet(tmp_path):
+  """--arch that is not the run's model was a traceback; Orbax's notices of the reader's
+  intended partial read ('Item "progress" ... could not be restored') preceded every answer."""
+  workdir = str(tmp_path / 'run')
+  proc = run_main(
+    workdir,
+    '--config.data.name=synthetic',
+    '--config.batch_size=8',
+    '--config.eval_batch_size=8',
+    '--config.num_train_steps=2',
+    config='configs/cifar.py:depth=8',
+    devices=1,
+    fast_compile=True,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  image = tmp_path / 'photo.jpg'
+  Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 50, 3), np.uint8)).save(image)
+  env = env_with_devices(1, fast_compile=True)
+  args = ['--checkpoint', workdir, str(image)]
+  bad = run_cli('resnet_jax.predict', '--arch', 'resnet20', *args, env=env)
+  assert_one_line_error(bad, 'trained resnet8, not --arch resnet20')
+  assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+  good = run_cli('resnet_jax.predict', '--arch', 'resnet8', *args, env=env)
+  assert good.returncode == 0 and len(good.stdout.strip().splitlines()) == 5, good.stderr
+  assert good.stderr.strip() == '', good.stderr
+
+
+@pytest.mark.slow
+def test_predict_on_a_training_run_sees_what_its_evaluation_sees(tmp_path):
+  """A workdir's model gets the run's own input (size, channels, per-pixel mean), not the ImageNet
+  transform of converted weights: a digits run was refused ('expects 1-channel input') and a
+  3-channel run got 224-pixel crops normalised with ImageNet's statistics. Predicting every test
+  digit, saved as a PNG, now makes exactly the mistakes `evaluate` counts."""
+  from sklearn.datasets import load_digits
+
+  workdir = str(tmp_path / 'run')
+  proc = run_main(
+    workdir,
+    '--config.num_train_steps=30',
+    '--config.batch_size=32',
+    devices=1,
+    fast_compile=True,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  evaluated = run_evaluate(workdir, fast_compile=True)
+  digits = load_digits()
+  paths, labels = [], []
+  for i in range(0, len(digits.images), 5):  # the test split
+    path = tmp_path / f'{i}.png'
+    Image.fromarray(np.rint(digits.images[i] * 255 / 16).astype(np.uint8)).save(path)
+    paths.append(str(path))
+    labels.append(int(digits.target[i]))
+  env = env_with_devices(1, fast_compile=True)
+  out = run_cli('resnet_jax.predict', '--arch', 'resnet8', '--checkpoint', workdir, *paths, env=env)
+  assert out.returncode == 0, out.stderr[-3000:]
+  lines = out.stdout.splitlines()
+  top1 = [int(lines[k + 1].rsplit('(', 1)[1].rstrip(')')) for k in range(0, len(lines), 6)]
+  assert len(top1) == 360
+  wrong = sum(p != y for p, y in zip(top1, labels))
+  assert wrong == round(evaluated['top1_error'] * 360) and wrong < 300  # and above chance
+  size = run_cli(
+    'resnet_jax.predict',
+    '--arch',
+    'resnet8',
+    '--checkpoint',
+    workdir,
+    '--image-size',
+    '8',
+    paths[0],
+  )
+  assert_one_line_error(size, 'is a training run, whose own evaluation input is used')
 
 
 def test_extreme_aspect_ratio_is_preprocessed_in_bounded_memory(tmp_path):

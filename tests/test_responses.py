@@ -74,3 +74,24 @@ def test_response_layers_of_scanned_params_are_named_as_unrolled():
   assert responses.response_layers(
     _param_shapes('resnet20', 32, scan=True)
   ) == responses.response_layers(_param_shapes('resnet20', 32))
+
+
+@pytest.mark.parametrize(
+  'extra,needle',
+  [
+    (['--max-examples=-3'], 'expected an integer >= 0'),  # was a plot of 0 images, std nan, exit 0
+    (['--batch-size=0'], 'expected a positive integer'),  # was the run's default, silently
+    (['--batch-size=-2'], 'expected a positive integer'),  # was 'bad sharding: local_batch_size'
+    (['--out={tmp}/afile/r.png'], 'is not an existing directory'),  # was a traceback at the end
+    (['--out={tmp}/missing/r.png'], 'is not an existing directory'),
+    (['--out={tmp}'], 'is a directory'),
+  ],
+)
+def test_bad_flags_are_one_line_before_any_work(tmp_path, capsys, extra, needle):
+  (tmp_path / 'afile').write_text('')
+  run = tmp_path / 'run'  # never read: the flags are refused first
+  with pytest.raises(SystemExit) as e:
+    responses.main([f'--workdir={run}', *(x.format(tmp=tmp_path) for x in extra)])
+  assert e.value.code == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith('error: ') and needle in err[0], err

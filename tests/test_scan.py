@@ -183,6 +183,21 @@ def test_round_trip_is_identity_and_layout_helpers():
     layout.convert_layout(v, 'rolled')
 
 
+def test_scanned_tree_checked_against_stage_sizes_passes_through():
+  """What a reader restores from a scanned run is already scanned: converting it for the scanned
+  model with its stage sizes is the identity (it was refused: 'stage 1 has 1 blocks')."""
+  model = tiny('resnet20')
+  x, _ = batch(model)
+  scanned = layout.to_scanned(jax.device_get(init(model, x)), STAGES)
+  again = layout.to_scanned(scanned, STAGES)
+  assert jax.tree.structure(again) == jax.tree.structure(scanned)
+  jax.tree.map(np.testing.assert_array_equal, again, scanned)
+  got = layout.for_model(scanned, model.clone(scan=True))
+  assert got['params'].keys() == scanned['params'].keys()
+  with pytest.raises(ValueError, match='stage sizes'):
+    layout.to_scanned(scanned, (3, 3, 1))
+
+
 def test_scanned_full_size_counts_and_compiled_program_size():
   """Full-size nets: same parameter count in both layouts; the scanned program does not grow
   with depth (HLO text of the forward pass)."""

@@ -110,3 +110,16 @@ def test_scanned_model_summary_equals_unrolled():
   for kw in [dict(), dict(block='bottleneck', preact=True)]:
     name = 'resnet56' if not kw else 'resnet29'
     assert analyze(create_model(name, scan=True, **kw), 32) == analyze(create_model(name, **kw), 32)
+
+
+@pytest.mark.parametrize(
+  'args',
+  [['--image-size', '0'], ['--image-size', '-5'], ['--num-classes', '0'], ['--num-classes', '-1']],
+)
+def test_sizes_that_are_not_positive_are_refused(args, capsys):
+  """0 silently meant the default (224 / 1000 classes), -5 a 0.002 GMAC net, -1 a traceback."""
+  with pytest.raises(SystemExit) as e:
+    main(['resnet50', *args, '--json'])
+  assert e.value.code == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and 'expected a positive integer' in err[0], err

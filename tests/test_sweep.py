@@ -204,6 +204,23 @@ def test_imagenet_curves_are_centre_crop_as_in_fig_4_while_the_table_is_10_crop(
   assert [e.name for e in sweep_report.reported_evaluators(config)] == ['eval', 'eval']
 
 
+def test_a_run_with_one_logged_point_is_visible_in_the_plot(tmp_path, monkeypatch):
+  """A short sweep (steps < log_every_steps) logs one train point per run: drawn as a line
+  alone it was invisible, and the training panels came out empty."""
+  import matplotlib.pyplot as plt
+
+  write_run(tmp_path, 'residual8', depth=8, train_errors=(0.5,))
+  write_run(tmp_path, 'plain8', depth=8, residual=False, train_errors=(0.6,))
+  figures = []
+  close = plt.close
+  monkeypatch.setattr(plt, 'close', lambda fig=None: (figures.append(fig), close(fig)))
+  sweep_report.write_report(str(tmp_path))
+  (fig,) = figures
+  for ax in fig.axes:
+    lines = ax.get_lines()
+    assert len(lines) == 2 and all(l.get_marker() not in (None, 'None', '') for l in lines)
+
+
 def test_imagenet_paper_numbers_match_configuration():
   from resnet_jax.analysis.paper_numbers import paper_error
 
@@ -274,6 +291,41 @@ def test_experiment_registry_fills_the_grid():
   assert overrides == ['--config.batch_size=64']
   with pytest.raises(SystemExit):
     script.parse_args(['--workdir=/tmp/x', '--config=configs/digits.py', '--depths=8', '--oops'])
+
+
+def test_bad_grid_is_one_line_before_anything_runs_or_is_written(tmp_path, capsys):
+  """Bad depths/seeds/variants/experiment were tracebacks; a bad --config, config arg or depth
+  launched every run to fail alone (and still wrote summary files); a file as --workdir, and
+  --report-only on a missing directory (which it created), are refused too."""
+  script = _load_script()
+  (tmp_path / 'afile').write_text('')
+  (tmp_path / 'broken.py').write_text('x = (\n')
+  sweep_dir = tmp_path / 'sweep'
+  digits = f'{ROOT}/configs/digits.py'
+  cases = [
+    ([f'--config={digits}', '--depths=abc'], '--depths takes'),
+    ([f'--config={digits}', '--depths=-8'], '--depths takes'),
+    ([f'--config={digits}', '--depths=8', '--seeds=a'], '--seeds takes'),
+    ([f'--config={digits}', '--depths=8', '--variants=foo'], 'variants must be'),
+    ([f'--config={digits}', '--depths=15'], "unknown model name 'resnet15'"),
+    ([f'--config={digits}:depht=3', '--depths=8'], "unknown config argument 'depht'"),
+    ([f'--config={tmp_path}/missing.py', '--depths=8'], 'does not exist'),
+    ([f'--config={tmp_path}/broken.py', '--depths=8'], 'SyntaxError'),
+    ([f'--config={digits}', '--depths=8', '--parallel=0'], 'positive integer'),
+    ([f'--config={digits}', '--depths=8', '--parallel=2', '--devices=0'], '1 device groups'),
+    (['--experiment=nope'], "unknown experiment 'nope'"),
+    (['--report-only'], 'no sweep directory'),
+  ]
+  for extra, needle in cases:
+    with pytest.raises(SystemExit) as e:
+      script.main([f'--workdir={sweep_dir}', *extra])
+    assert e.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith('error: ') and needle in err[0], (extra, err)
+    assert not sweep_dir.exists(), extra
+  with pytest.raises(SystemExit):
+    script.main([f'--workdir={tmp_path}/afile', f'--config={digits}', '--depths=8'])
+  assert 'is a file' in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -184,12 +184,19 @@ def main(argv: list[str] | None = None) -> int:
     "common parent: a run's own directory is never written); values go to NAME.json",
   )
   p.add_argument('--split', help="dataset split (default: the run's eval split)")
-  p.add_argument('--max-examples', type=int, default=0, help='use at most this many (0: all)')
-  p.add_argument('--batch-size', type=int, help="default: the run's eval_batch_size")
+  p.add_argument(
+    '--max-examples', type=cli.non_negative_int, default=0, help='use at most this many (0: all)'
+  )
+  p.add_argument('--batch-size', type=cli.positive_int, help="default: the run's eval_batch_size")
   args = p.parse_args(argv)
   workdirs = [os.path.abspath(w) for w in args.workdir]
   parent = os.path.commonpath([os.path.dirname(w) for w in workdirs])
   out = args.out or os.path.join(parent, 'responses.png')
+  out_dir = os.path.dirname(os.path.abspath(out))  # checked before minutes of forward passes
+  if args.out and not os.path.isdir(out_dir):  # (the default's: the runs' parent, checked below)
+    p.error(f'--out {out}: {out_dir} is not an existing directory')
+  if os.path.isdir(out):
+    p.error(f'--out {out} is a directory; name the plot file')
   try:
     results = [
       layer_stds(w, split=args.split, max_examples=args.max_examples, batch_size=args.batch_size)

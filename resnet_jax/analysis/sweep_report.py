@@ -283,7 +283,8 @@ def plot_curves(sweep_dir: str, records: Sequence[Record], out_path: str) -> str
           style,
           color=colour,
           lw=1.4,
-          marker='o' if curves is evals and len(steps) < 30 else None,
+          # a lone point (a run shorter than log_every_steps) is invisible as a line
+          marker='o' if len(steps) == 1 or (curves is evals and len(steps) < 30) else None,
           ms=3,
           label=name,
         )

@@ -94,7 +94,10 @@ def _open_tar(path: str) -> tarfile.TarFile:
   try:
     return tarfile.open(path)
   except (tarfile.TarError, OSError) as e:
-    raise PrepareError(f'{path} is not a readable tar archive ({e})') from e
+    # tarfile's auto mode lists each compression it tried, one line each: one reason instead.
+    tried = 'could not be opened successfully' in str(e)
+    reason = 'not a gzip, bzip2, xz or plain tar file' if tried else ' '.join(str(e).split())
+    raise PrepareError(f'{path} is not a readable tar archive ({reason})') from e
 
 
 def _cifar_python_to_binary(name: str, src: str, out_dir: str) -> str:

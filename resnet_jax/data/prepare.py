@@ -229,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     tfds_name, image_shape = prepare(args)
   except PrepareError as e:
-    print(f'error: {e}', file=sys.stderr)
+    print(f'error: {" ".join(str(e).split())}', file=sys.stderr)  # one line, whatever it quotes
     return 1
   except Exception as e:  # pylint: disable=broad-except
     # TFDS raises many types (AssertionError for a missing manual file, NonMatchingChecksumError,

@@ -145,6 +145,11 @@ def to_scanned(tree: Any, stage_sizes: Optional[Sequence[int]] = None) -> Any:
       if sorted(bs) != list(range(len(bs))):
         raise ValueError(f'stage {s} has blocks {sorted(bs)}: not numbered 0..n-1')
       counts[s] = len(bs)
+      scan = d.get(f'layer{s}_scan')
+      if scan is not None:  # already scanned: layer{s}_0 + the stacked blocks 1..n-1
+        if len(bs) != 1:
+          raise ValueError(f'layer{s}_scan beside unrolled blocks {sorted(bs)}')
+        counts[s] += _scan_length(scan)
     _check_sizes(counts, stage_sizes)
     out = {}
     for k, v in d.items():
@@ -153,7 +158,7 @@ def to_scanned(tree: Any, stage_sizes: Optional[Sequence[int]] = None) -> Any:
         out[k] = v
       elif int(m[2]) == 0:
         out[k] = v
-        rest = [blocks[int(m[1])][b] for b in range(1, counts[int(m[1])])]
+        rest = [blocks[int(m[1])][b] for b in range(1, len(blocks[int(m[1])]))]
         if rest:
           out[f'layer{m[1]}_scan'] = _tree_stack(rest)
     return out
