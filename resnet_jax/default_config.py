@@ -87,7 +87,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.batch_size = 128  # global, over all devices and hosts
   c.eval_batch_size = 256
   c.num_epochs = 10.0
-  c.num_train_steps = -1  # >0 overrides num_epochs
+  c.num_train_steps = -1  # >0 overrides num_epochs; -1: train num_epochs
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.momentum = 0.9
@@ -152,10 +152,14 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
       if value.lower() not in ('true', 'false', '1', '0'):
         raise ValueError(f'config argument {key}={value!r}: expected true/false')
       out[key] = value.lower() in ('true', '1')
-    elif isinstance(default, int):
-      out[key] = int(value)
-    elif isinstance(default, float):
-      out[key] = float(value)
+    elif isinstance(default, (int, float)):
+      kind = type(default)
+      try:
+        out[key] = kind(value)
+      except ValueError:
+        raise ValueError(
+          f'config argument {key}={value!r}: expected {"an integer" if kind is int else "a number"}'
+        ) from None
     else:
       out[key] = value
   return out

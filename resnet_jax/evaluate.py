@@ -168,16 +168,6 @@ def evaluate_workdir(
   return result
 
 
-def _positive_int(text: str) -> int:
-  try:
-    value = int(text)
-  except ValueError:
-    value = 0
-  if value < 1:
-    raise argparse.ArgumentTypeError(f'expected a positive integer, got {text!r}')
-  return value
-
-
 def _scales(text: str) -> list[int]:
   parts = [x for x in text.split(',') if x.strip()]
   if not parts or not all(x.strip().isdigit() and int(x) > 0 for x in parts):
@@ -198,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     help="crops per image: 1, 2 (with its flip), or 10 (the paper's 10-crop testing); "
     'with --scales 1 or 2',
   )
-  parser.add_argument('--batch-size', type=int, help='global eval batch size')
+  parser.add_argument('--batch-size', type=cli.positive_int, help='global eval batch size')
   parser.add_argument(
     '--scales',
     type=_scales,
@@ -207,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   )
   parser.add_argument(
     '--precise-bn',
-    type=_positive_int,
+    type=cli.positive_int,
     metavar='N',
     help='recompute the BN statistics as the average over N training batches first '
     '(in memory only)',

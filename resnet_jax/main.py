@@ -81,9 +81,9 @@ def initialize_distributed() -> None:
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    _usage_error(f'unexpected arguments: {" ".join(argv[1:])}')
   if FLAGS.workdir is None:
-    raise app.UsageError('--workdir is required')
+    _usage_error('--workdir is required')
   try:
     config = FLAGS.config  # a file that failed to load is a proxy raising on first use
     if config is not None:
@@ -92,7 +92,7 @@ def main(argv: list[str]) -> None:
     print(f'error: {_config_load_error(e)}', file=sys.stderr)
     sys.exit(1)
   if config is None:
-    raise app.UsageError('--config is required (e.g. --config=configs/digits.py)')
+    _usage_error('--config is required')
   logging.getLogger('absl').setLevel(logging.INFO)
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s')
   for noisy in ('absl', 'orbax', 'jax._src', 'tensorflow_datasets'):
@@ -137,6 +137,15 @@ def main(argv: list[str]) -> None:
       )
 
 
+def _usage_error(message: str) -> None:
+  """One line, not absl's page of every flag: the usage is in the line itself."""
+  print(
+    f'error: {message} (usage: python -m resnet_jax.main --config=CONFIG[:ARGS] --workdir=DIR)',
+    file=sys.stderr,
+  )
+  sys.exit(1)
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing, with config errors (a misspelled --config.key, a bad config arg) as one line."""
   try:
@@ -164,7 +173,9 @@ def _config_load_error(e: BaseException) -> str:
 
 def _one_line(e: Exception) -> str:
   """The informative line of a config_flags error (they embed tracebacks and escaped quotes)."""
-  text = str(e).replace("\\'", "'").replace('\\n', '\n').strip('\'"')
+  text = str(e).replace("\\'", "'").replace('\\n', '\n').strip()
+  if len(text) > 1 and text[0] == text[-1] and text[0] in '\'"':  # repr() of the message
+    text = text[1:-1]
   lines = [l.strip() for l in text.splitlines() if l.strip()]
   if isinstance(e, AttributeError) and 'get_config' in text:
     return 'cannot load the --config file: it defines no get_config()'

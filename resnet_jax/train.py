@@ -68,6 +68,8 @@ def _prepare_workdir(
   """Creates the workdir, takes its `lock` (a second run stops here), proves it and its
   checkpoints/ writable, and refuses one holding a differently shaped run. Writes nothing that
   stays: config.json comes once the run is accepted."""
+  if workdir.exists() and not workdir.is_dir():
+    raise ConfigError(f'workdir {workdir} is a file, not a directory: use another --workdir')
   try:
     workdir.mkdir(parents=True, exist_ok=True)
     if lock is not None:
@@ -148,8 +150,9 @@ def train_and_evaluate(
   try:
     if stop.requested:  # a signal during start-up: stop before anything is written
       return {'step': None, 'stopped': True}
-    _prepare_workdir(workdir, config, lock if jax.process_index() == 0 else None)
+    # Before the workdir is made: a dataset that is unknown or not prepared leaves no trace.
     training = runtime.build_training(config)
+    _prepare_workdir(workdir, config, lock if jax.process_index() == 0 else None)
     ckpt = checkpointing.Checkpointer(
       workdir, max_to_keep=config.max_to_keep, keep_best=config.keep_best
     )
@@ -191,6 +194,9 @@ def _train(
   experiment = training.experiment
   mesh, total_steps = experiment.mesh, training.total_steps
   state, step = start.state, start.step
+  if step >= total_steps and (recorded := _recorded_results(workdir, step)) is not None:
+    logger.info('the run finished at step %d: its results are in %s', step, RESULTS_FILE)
+    return recorded  # a rerun of a finished run records nothing: no evaluation, no new files
   if start.iterator_state is not None:
     train_iter.set_state(start.iterator_state)
   writer = writer or MetricWriter(workdir)
@@ -313,7 +319,7 @@ def _train(
         ckpt.wait()
         return stopped()
 
-    if not final:  # resumed at the very end: the run was already complete
+    if not final:  # resumed at the very end, before its results.json was written
       evaluate(schedule, step, record=False)
     ckpt.wait()
     main = final.pop(evaluators.MAIN)
@@ -333,6 +339,15 @@ def _train(
     return results
   finally:
     writer.close()
+
+
+def _recorded_results(workdir: epath.Path, step: int) -> dict[str, Any] | None:
+  """results.json of the run finished at `step`, or None when it is missing or unreadable."""
+  try:
+    recorded = json.loads((workdir / RESULTS_FILE).read_text())
+  except (OSError, ValueError):
+    return None
+  return recorded if isinstance(recorded, dict) and recorded.get('step') == step else None
 
 
 def _check_finite(window: list[dict[str, Any]], mode: str, ckpt: checkpointing.Checkpointer) -> int:

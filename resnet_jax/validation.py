@@ -38,6 +38,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     )
   if config.on_nonfinite not in ('error', 'skip'):
     raise ConfigError(f"on_nonfinite must be 'error' or 'skip', got {config.on_nonfinite!r}")
+  if config.num_train_steps == 0 or config.num_train_steps < -1:
+    raise ConfigError(
+      f'num_train_steps must be positive, or -1 to train num_epochs; got {config.num_train_steps}'
+    )
   if config.num_train_steps <= 0 and config.num_epochs <= 0:
     raise ConfigError('set num_train_steps > 0 or num_epochs > 0')
   at_least = {

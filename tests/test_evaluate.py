@@ -8,7 +8,7 @@ import optax
 import pytest
 import tensorflow_datasets as tfds
 
-from resnet_jax import train
+from resnet_jax import evaluate, train
 from resnet_jax.default_config import load_sibling_config
 from resnet_jax.evaluate import run_evaluation, run_multiscale_evaluation
 from resnet_jax.models import create_model
@@ -129,3 +129,13 @@ def test_evaluate_reads_a_scanned_run_with_several_blocks_per_stage(tmp_path):
   got = run_evaluate(workdir, fast_compile=True)
   assert got['num_examples'] == 360 and got['step'] == 2
   assert got['loss'] == pytest.approx(results(workdir)['eval']['loss'], rel=1e-4)
+
+
+@pytest.mark.parametrize('bad', ['0', '-1', 'x'])
+def test_bad_batch_size_is_one_error_line(bad, tmp_path, capsys):
+  """0 used to mean the run's own eval batch size and -1 failed deep in JAX: both are bad input."""
+  with pytest.raises(SystemExit) as e:
+    evaluate.main(['--workdir', str(tmp_path), '--batch-size', bad])
+  assert e.value.code == 1
+  err = capsys.readouterr().err.strip()
+  assert err.startswith('error:') and len(err.splitlines()) == 1 and 'batch-size' in err

@@ -170,12 +170,15 @@ def test_a_run_that_ends_skipping_every_step_does_not_report_success(tmp_path):
 )
 def test_bad_input_is_one_clear_line(tmp_path, overrides, needles):
   assert_one_line_error(run_main(str(tmp_path / 'w'), *overrides), *needles)
+  assert not (tmp_path / 'w').exists()  # not even the lock file of a run that never started
 
 
 def test_unwritable_workdir(tmp_path):
   blocker = tmp_path / 'a_file'
   blocker.write_text('x')
   assert_one_line_error(run_main(str(blocker / 'run')), 'not writable')
+  assert_one_line_error(run_main(str(blocker)), 'is a file, not a directory')
+  assert blocker.read_text() == 'x'
 
 
 def test_failed_run_stops_its_data_workers(tmp_path):

@@ -382,3 +382,21 @@ def test_config_file_errors_are_one_line(tmp_path):
     )
     assert_one_line_error(proc, 'cannot load', needle)
   assert not (tmp_path / 'w').exists()
+
+
+@pytest.mark.parametrize(
+  'args,needles',
+  [
+    (('--config=configs/digits.py',), ('--workdir is required', 'usage:')),
+    (('--workdir=W',), ('--config is required', 'usage:')),
+    (('--config=configs/digits.py', '--workdir=W', 'extra'), ('unexpected arguments: extra',)),
+    (('--config=configs/digits.py', '--workdir=W', '--config.seed=abc'), ("'abc'", 'seed')),
+    (('--config=configs/digits.py:depth=abc', '--workdir=W'), ("depth='abc'", 'an integer')),
+    (('--config=configs/finetune.py:lr=x', '--workdir=W'), ("lr='x'", 'a number')),
+  ],
+)
+def test_command_line_mistakes_are_one_line_not_a_page_of_flags(tmp_path, args, needles):
+  args = [a.replace('=W', f'={tmp_path / "w"}') for a in args]
+  proc = run_cli('resnet_jax.main', *args, env=env_with_devices(1), timeout=300)
+  assert_one_line_error(proc, *needles)
+  assert not (tmp_path / 'w').exists()

@@ -46,6 +46,8 @@ def _digits(**overrides):
     ({'data.num_workers': -2}, 'num_workers must be >= 0, or -1'),
     ({'model.bn_group_size': 3}, 'straddle devices'),  # 8 per device
     ({'model.bn_group_size': 0}, 'bn_group_size must be positive'),
+    ({'num_train_steps': -5}, 'num_train_steps must be positive, or -1'),  # was: trained epochs
+    ({'num_train_steps': 0}, 'num_train_steps must be positive, or -1'),
   ],
 )
 def test_validate_config_refuses(overrides, needle):

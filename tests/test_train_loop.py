@@ -78,14 +78,32 @@ def test_loop_runs_on_injected_batches_and_writer(tmp_path):
   assert saved['environment']['platform'] == 'cpu' and saved['environment']['device_count'] == 4
   assert saved['environment']['versions']['jax']
 
-  # Rerunning the finished run evaluates again but records nothing new.
-  again = ListWriter()
+  # Rerunning the finished run returns its results and records nothing new.
+  again, recorded = ListWriter(), (tmp_path / 'results.json').read_bytes()
   again.records = list(writer.records)
   rerun = train.train_and_evaluate(
     _config(), str(tmp_path), train_iter=ArrayBatches(16), writer=again
   )
   assert again.records == writer.records
+  assert rerun == saved and (tmp_path / 'results.json').read_bytes() == recorded
+  # A run that finished its last checkpoint but not its results.json evaluates it and writes it.
+  (tmp_path / 'results.json').unlink()
+  rerun = train.train_and_evaluate(
+    _config(), str(tmp_path), train_iter=ArrayBatches(16), writer=again
+  )
+  assert again.records == writer.records
   assert rerun['state_fingerprint'] == result['state_fingerprint']
+  assert rerun['eval'] == result['eval'] and (tmp_path / 'results.json').exists()
+
+
+def test_a_rerun_of_a_finished_run_adds_no_tensorboard_file(tmp_path):
+  """Without an injected writer: the workdir's own MetricWriter is not even opened."""
+  train.train_and_evaluate(_config(steps=2), str(tmp_path), train_iter=ArrayBatches(16))
+  before = sorted(p.name for p in (tmp_path / 'tensorboard').iterdir())
+  metrics = (tmp_path / 'metrics.jsonl').read_bytes()
+  train.train_and_evaluate(_config(steps=2), str(tmp_path), train_iter=ArrayBatches(16))
+  assert sorted(p.name for p in (tmp_path / 'tensorboard').iterdir()) == before
+  assert (tmp_path / 'metrics.jsonl').read_bytes() == metrics
 
 
 def test_profile_steps_write_a_trace(tmp_path):
