@@ -131,11 +131,13 @@ def test_evaluate_reads_a_scanned_run_with_several_blocks_per_stage(tmp_path):
   assert got['loss'] == pytest.approx(results(workdir)['eval']['loss'], rel=1e-4)
 
 
-@pytest.mark.parametrize('bad', ['0', '-1', 'x'])
-def test_bad_batch_size_is_one_error_line(bad, tmp_path, capsys):
-  """0 used to mean the run's own eval batch size and -1 failed deep in JAX: both are bad input."""
+@pytest.mark.parametrize(
+  'flag,bad', [(f, b) for f in ('--batch-size', '--precise-bn') for b in ('0', '-2', 'x', '1.5')]
+)
+def test_bad_counts_are_one_error_line(flag, bad, tmp_path, capsys):
+  """--batch-size 0 meant the run's own eval batch size and -1 failed deep in JAX: bad input."""
   with pytest.raises(SystemExit) as e:
-    evaluate.main(['--workdir', str(tmp_path), '--batch-size', bad])
+    evaluate.main(['--workdir', str(tmp_path), flag, bad])
   assert e.value.code == 1
   err = capsys.readouterr().err.strip()
-  assert err.startswith('error:') and len(err.splitlines()) == 1 and 'batch-size' in err
+  assert err.startswith('error:') and len(err.splitlines()) == 1 and flag in err

@@ -103,12 +103,3 @@ class TestOnOneTrainedWorkdir:
       json.dump(config, f)
     got = run_evaluate(workdir, '--precise-bn=1', '--scales=8,12', devices=2, fast_compile=True)
     assert got['num_examples'] == 360 and got['precise_bn_batches'] == 1
-
-
-@pytest.mark.parametrize('bad', ['0', '-2', 'many', '1.5'])
-def test_bad_precise_bn_count_is_one_error_line(bad, tmp_path, capsys):
-  with pytest.raises(SystemExit) as e:
-    evaluate.main(['--workdir', str(tmp_path), '--precise-bn', bad])
-  assert e.value.code == 1
-  err = capsys.readouterr().err.strip()
-  assert err.startswith('error:') and len(err.splitlines()) == 1 and 'precise' in err
