@@ -93,6 +93,14 @@ def describe_mismatch(expected: Any, found: Any, limit: int = 6) -> str:
   return '; '.join(parts)
 
 
+def _top1_error(metrics: dict[str, float]) -> float:
+  return metrics['top1_error']
+
+
+def _drop_untracked_metric_notice(record: logging.LogRecord) -> bool:
+  return 'did not provide metrics' not in record.getMessage()
+
+
 def _manager(
   directory: epath.Path,
   *,
@@ -107,7 +115,7 @@ def _manager(
       [
         preservation,
         policies.BestN(
-          get_metric_fn=lambda m: m['top1_error'],
+          get_metric_fn=_top1_error,
           reverse=True,
           n=1,
           keep_checkpoints_without_metrics=False,
@@ -116,6 +124,11 @@ def _manager(
     )
   options = ocp.CheckpointManagerOptions(
     preservation_policy=None if read_only else preservation,
+    # Orbax writes a save's metrics to disk (and reads them back on a resume) only when it
+    # tracks a best_fn: without it a resumed run's checkpoints had no metrics, so BestN deleted
+    # the best one at the next save.
+    best_fn=_top1_error if keep_best and not read_only else None,
+    best_mode='min',
     enable_async_checkpointing=async_save and not read_only,
     cleanup_tmp_directories=not read_only,  # a reader must not delete a live run's save
     read_only=read_only,
@@ -161,14 +174,19 @@ class Checkpointer:
     if step in self.manager.all_steps():
       return
     progress = dict(progress, state_fingerprint=state_fingerprint(state))
-    self.manager.save(
-      step,
-      args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(progress)
-      ),
-      metrics=metrics,
-      force=True,
-    )
+    absl_logger = logging.getLogger('absl')
+    absl_logger.addFilter(_drop_untracked_metric_notice)  # a save between evals has no metric
+    try:
+      self.manager.save(
+        step,
+        args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(progress)
+        ),
+        metrics=metrics,
+        force=True,
+      )
+    finally:
+      absl_logger.removeFilter(_drop_untracked_metric_notice)
 
   def restore(self, abstract_state: Any) -> Restored | None:
     """Restores the newest good checkpoint into the shardings of `abstract_state`.

@@ -118,7 +118,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.evals = ml_collections.ConfigDict()
   c.checkpoint_every_steps = 500
   c.max_to_keep = 3
-  c.keep_best = False  # additionally keep the checkpoint with the lowest eval top-1 error
+  # Also save at every main evaluation and keep the checkpoint with the lowest eval top-1 error.
+  c.keep_best = False
   c.on_nonfinite = 'error'  # 'error': stop naming the step | 'skip': drop that update
   c.init_from = ''  # another run's workdir or a converted checkpoint: weights only
   c.progress_bar = True

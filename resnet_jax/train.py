@@ -273,8 +273,13 @@ def _train(
       at_end = step == total_steps
       due = [e for e in schedule if e.due(step, at_end)]
       do_eval = bool(due)
-      do_ckpt = at_end or (
-        config.checkpoint_every_steps > 0 and step % config.checkpoint_every_steps == 0
+      main_due = any(e.name == evaluators.MAIN for e in due)
+      # keep_best ranks checkpoints by the main evaluator's error: each evaluated state is saved
+      # (with its own error; a checkpoint between evaluations has none to be ranked by).
+      do_ckpt = (
+        at_end
+        or (config.checkpoint_every_steps > 0 and step % config.checkpoint_every_steps == 0)
+        or (config.keep_best and main_due)
       )
       do_log = do_eval or do_ckpt or step % config.log_every_steps == 0
       stopping = stop.requested if jax.process_count() == 1 else False
@@ -310,9 +315,7 @@ def _train(
             'iterator': position,
             'wall_time_s': start.wall_time_before_s + time.time() - invocation_start,
           },
-          metrics={'top1_error': final[evaluators.MAIN]['top1_error']}
-          if evaluators.MAIN in final
-          else None,
+          metrics={'top1_error': final[evaluators.MAIN]['top1_error']} if main_due else None,
         )
       busy_s += time.time() - busy_start
       if stopping and not at_end:
