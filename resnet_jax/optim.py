@@ -15,8 +15,41 @@ import optax
 from resnet_jax.models import backbone
 
 
-def _parse_ints(text: str | None) -> list[float]:
-  return [float(x) for x in text.split(',') if x.strip()] if text else []
+def _parse_numbers(text: str | None, key: str) -> list[float]:
+  try:
+    values = [float(x) for x in text.split(',') if x.strip()] if text else []
+  except ValueError:
+    raise ValueError(
+      f"schedule.{key} must be comma-separated numbers like '30,60', got {text!r}"
+    ) from None
+  if any(v < 0 for v in values):
+    raise ValueError(f'schedule.{key} must not be negative, got {text!r}')
+  return values
+
+
+def schedule_boundaries(config: ml_collections.ConfigDict, steps_per_epoch: int) -> list[int]:
+  """The piecewise schedule's decay steps, from `boundaries` (steps) or `boundaries_epochs`.
+
+  Only one of the two may be set: a config file's epochs plus a command line's steps would
+  otherwise be merged into one list of decays nobody asked for. Boundaries must increase
+  strictly: two equal ones would silently decay once, not twice.
+  """
+  s = config.schedule
+  steps = _parse_numbers(s.boundaries, 'boundaries')
+  epochs = _parse_numbers(s.boundaries_epochs, 'boundaries_epochs')
+  if steps and epochs:
+    raise ValueError(
+      f'set schedule.boundaries (steps, {s.boundaries!r}) or schedule.boundaries_epochs '
+      f"(epochs, {s.boundaries_epochs!r}), not both: set the other to ''"
+    )
+  key = 'boundaries' if steps else 'boundaries_epochs'
+  boundaries = [int(b) for b in steps] + [int(round(e * steps_per_epoch)) for e in epochs]
+  if any(b >= a for b, a in zip(boundaries, boundaries[1:])):
+    raise ValueError(
+      f'schedule.{key} must increase strictly, got {s[key]!r}'
+      + (f' (steps {boundaries} at {steps_per_epoch} steps an epoch)' if epochs else '')
+    )
+  return boundaries
 
 
 def peak_learning_rate(config: ml_collections.ConfigDict) -> float:
@@ -35,10 +68,7 @@ def create_learning_rate_fn(
   peak = peak_learning_rate(config)
   warmup = int(s.warmup_steps)
   if s.name == 'piecewise':
-    boundaries = [int(b) for b in _parse_ints(s.boundaries)]
-    boundaries += [int(round(e * steps_per_epoch)) for e in _parse_ints(s.boundaries_epochs)]
-    if sorted(boundaries) != boundaries:
-      raise ValueError(f'schedule boundaries must be increasing, got {boundaries}')
+    boundaries = schedule_boundaries(config, steps_per_epoch)
     main = optax.piecewise_constant_schedule(peak, {b: s.decay_factor for b in boundaries})
   elif s.name == 'cosine':
     main = optax.cosine_decay_schedule(peak, decay_steps=max(total_steps - warmup, 1))

@@ -87,3 +87,33 @@ def test_weight_decay_mask(mask, decayed):
     name = path[-1].key
     want = -0.1 * 1e-4 if name in decayed else 0.0
     np.testing.assert_allclose(u, want, rtol=1e-6, err_msg=name)
+
+
+def test_a_boundary_given_twice_is_refused_not_applied_once():
+  """'100' as steps and '1' epoch of 100 steps decayed once (optax keys boundaries by step)."""
+  c = _config('cifar')
+  c.schedule.boundaries, c.schedule.boundaries_epochs = '100', '1'
+  with pytest.raises(ValueError, match='not both'):
+    optim.create_learning_rate_fn(c, 100, 300)
+  c.schedule.boundaries, c.schedule.boundaries_epochs = '100,100', None
+  with pytest.raises(ValueError, match='schedule.boundaries must increase strictly'):
+    optim.create_learning_rate_fn(c, 100, 300)
+
+
+def test_boundaries_from_a_config_file_and_the_command_line_are_not_merged():
+  """configs/wrn.py's epochs plus --config.schedule.boundaries=1000,2000 gave five decays."""
+  c = _config('wrn')
+  c.schedule.boundaries = '1000,2000'
+  with pytest.raises(ValueError, match="set the other to ''"):
+    optim.create_learning_rate_fn(c, 391, 200 * 391)
+  c.schedule.boundaries_epochs = ''
+  lr = optim.create_learning_rate_fn(c, 391, 200 * 391)
+  assert [float(lr(s)) for s in (999, 1000, 2000, 30_000)] == pytest.approx([0.1, 0.02, 4e-3, 4e-3])
+
+
+@pytest.mark.parametrize('text', ['5o', '32k', '-5'])
+def test_a_malformed_boundary_names_its_field(text):
+  c = _config('cifar')
+  c.schedule.boundaries = text
+  with pytest.raises(ValueError, match='schedule.boundaries must'):
+    optim.create_learning_rate_fn(c, 100, 300)
