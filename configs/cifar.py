@@ -4,7 +4,7 @@ Recipe: batch 128, SGD momentum 0.9, weight decay 1e-4, lr 0.1 divided by 10 at 
 iterations, stop at 64k; 4-pixel pad + random 32x32 crop + flip, per-pixel mean subtraction;
 ResNet-110 and deeper warm up at lr 0.01 for 400 iterations. BN statistics over groups of 64
 (the paper's per-GPU batch on 2 GPUs), so results do not depend on the device count.
-Config args: depth=56, plain, shortcut=A|B|C, preact, val=5000 (the 45k/5k split),
+Config args: depth=20, plain, shortcut=A|B|C, preact, val=5000 (the 45k/5k split),
 dataset=cifar10|cifar100, bn_group=64 (0: whole global batch), block=basic|bottleneck.
 `block=bottleneck` gives the 9n+2-layer bottleneck nets of He et al. 2016 (ResNet-164/1001; the
 shortcut then defaults to B, projections where the width grows, as in that paper).

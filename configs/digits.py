@@ -6,7 +6,8 @@ Runs on a laptop CPU in a few minutes; no download. Config args (comma-separated
   shortcut=A   A | B | C (default B with block=bottleneck)
   preact       pre-activation blocks (He et al. 2016)
   block=basic  basic | bottleneck
-  steps=800    training steps at batch 64
+  steps=800    training steps
+  batch=64     global batch size
 Example: python -m resnet_jax.main --config=configs/digits.py:depth=20,plain --workdir=/tmp/d
 """
 

@@ -15,6 +15,7 @@ Evaluators (resnet_jax/evaluators.py): the paper recipe's main one is 10-crop va
 """
 
 from resnet_jax.default_config import IMAGENET_TRAIN_EXAMPLES, base_config, parse_arg
+from resnet_jax.models.names import IMAGENET_DEPTHS
 
 
 def get_config(arg: str | None = None):
@@ -32,6 +33,11 @@ def get_config(arg: str | None = None):
   )
   if args.recipe not in ('paper', 'modern'):
     raise ValueError(f'recipe must be paper or modern, got {args.recipe!r}')
+  if args.depth not in IMAGENET_DEPTHS:  # resnet20 would be a CIFAR net (3x3 stem, 16-64 wide)
+    raise ValueError(
+      f'depth must be one of {", ".join(map(str, IMAGENET_DEPTHS))} (the ImageNet ResNets), got '
+      f'{args.depth}; CIFAR-family depths are configs/cifar.py\'s'
+    )
   paper = args.recipe == 'paper'
   c = base_config()
   c.model.name = f'resnet{args.depth}'

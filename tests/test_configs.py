@@ -15,3 +15,11 @@ def test_imagenet_recipes_evaluate_on_the_validation_split(name, recipe):
   config = module.get_config(f'recipe={recipe}')
   assert config.data.name == 'imagenet2012'
   assert config.data.eval_split == 'validation'
+
+
+@pytest.mark.parametrize('depth', [8, 20, 56, 1202])
+def test_imagenet_config_refuses_a_cifar_depth(depth):
+  """imagenet.py:depth=20 built the CIFAR ResNet-20 (3x3 stem, widths 16-64) for ImageNet."""
+  module = load_sibling_config('configs/x.py', 'imagenet')
+  with pytest.raises(ValueError, match='depth must be one of 18, 34, 50, 101, 152'):
+    module.get_config(f'depth={depth}')
