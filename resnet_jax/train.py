@@ -25,6 +25,7 @@ from jax.experimental import multihost_utils
 from resnet_jax import checkpointing, data, evaluators, runtime
 from resnet_jax.metric_writer import MetricWriter, Progress, environment
 from resnet_jax.preemption import StopRequest
+from resnet_jax.profiling import StepTracer
 from resnet_jax.train_step import (
   count_params,
   device_batch,
@@ -233,6 +234,7 @@ def _train(
     logger.warning('stopped at step %d on request; rerun the same command to resume', step)
     return {'step': step, 'stopped': True}
 
+  tracer = None
   try:
     if stop.requested:  # during start-up: nothing was trained, nothing needs saving
       return stopped()
@@ -258,18 +260,15 @@ def _train(
       if stop.requested:
         return stopped()
     pending, busy_s, window_start = [], 0.0, time.time()
+    tracer = StepTracer(profile, workdir / 'profile')
     while step < total_steps:
       position, batch = pending_batch if pending_batch else next(batches)
       pending_batch = None
-      if profile and step == profile[0]:
-        jax.profiler.start_trace(str(workdir / 'profile'))
+      tracer.before(step)
       state, metrics = train_step(state, batch)
       pending.append(metrics)
       step += 1
-      if profile and step == profile[1]:
-        jax.block_until_ready(state)
-        jax.profiler.stop_trace()
-        logger.info('wrote a profiler trace of steps %d-%d to %s', *profile, workdir / 'profile')
+      tracer.after(step, state)
       at_end = step == total_steps
       due = [e for e in schedule if e.due(step, at_end)]
       do_eval = bool(due)
@@ -341,6 +340,8 @@ def _train(
       write_json(workdir / RESULTS_FILE, results)
     return results
   finally:
+    if tracer is not None:
+      tracer.stop(step, state)
     writer.close()
 
 

@@ -152,3 +152,32 @@ def test_a_run_resumes_across_the_scanned_and_unrolled_layouts(tmp_path):
   )
   assert resumed['step'] == 4
   assert resumed['eval']['loss'] == pytest.approx(straight['eval']['loss'], rel=1e-4)
+
+
+def test_a_profile_window_past_the_end_is_written_and_released(tmp_path):
+  """'2,10' in a 4-step run started a trace that was never stopped: nothing was written, and
+  every later trace in the process failed ('Profile has already been started')."""
+  config = _config(steps=4)
+  config.profile_steps = '2,10'
+  run = lambda name: train.train_and_evaluate(
+    config, str(tmp_path / name), train_iter=ArrayBatches(16), writer=ListWriter()
+  )
+  run('a')
+  assert list((tmp_path / 'a' / 'profile').rglob('*.xplane.pb'))
+  config.profile_steps = '1,3'
+  run('b')
+  assert list((tmp_path / 'b' / 'profile').rglob('*.xplane.pb'))
+
+
+def test_a_run_resumed_inside_its_profile_window_traces_the_rest(tmp_path):
+  """Resumed at step 2 of a '1,4' window, the run crashed at step 4 stopping a trace it never
+  started (RuntimeError: No profile started)."""
+  run = lambda config: train.train_and_evaluate(
+    config, str(tmp_path), train_iter=ArrayBatches(16), writer=ListWriter()
+  )
+  run(_config(steps=2))
+  config = _config(steps=6)
+  config.profile_steps = '1,4'
+  result = run(config)
+  assert result['step'] == 6
+  assert list((tmp_path / 'profile').rglob('*.xplane.pb'))
