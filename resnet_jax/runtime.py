@@ -62,6 +62,13 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
   """Model, dataset description and mesh; a bad model name fails before any data is opened."""
   build_model(config, num_classes=config.model.num_classes or 1)
   info = data.get_dataset_info(config)
+  classes = config.model.num_classes
+  if classes and classes < info.num_classes:  # one_hot of a larger label is all zeros: no loss
+    raise ValueError(
+      f'model.num_classes={classes} is smaller than the {info.num_classes} classes of '
+      f'{config.data.name}: its labels >= {classes} would train nothing and always count as '
+      'errors. Leave it unset (None) for the dataset\'s count'
+    )
   return Experiment(
     config,
     info,

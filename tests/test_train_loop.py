@@ -123,6 +123,19 @@ def test_bad_profile_steps_are_refused_before_anything_is_written(tmp_path, spec
   assert not (tmp_path / 'run').exists()
 
 
+@pytest.mark.parametrize(
+  'classes,match', [(-3, 'must be positive'), (5, 'smaller than the 10 classes of digits')]
+)
+def test_a_head_too_small_for_the_dataset_is_refused(tmp_path, classes, match):
+  """-3 was a TypeError traceback from inside JAX; 5 on the 10 digits trained silently with
+  all-zero targets for labels 5-9 (which then always counted as errors)."""
+  config = _config()
+  config.model.num_classes = classes
+  with pytest.raises(ValueError, match=match):
+    train.train_and_evaluate(config, str(tmp_path / 'run'), train_iter=ArrayBatches(16))
+  assert not (tmp_path / 'run').exists()
+
+
 def test_a_run_resumes_across_the_scanned_and_unrolled_layouts(tmp_path):
   """config.model.scan is a detail: a checkpoint of one layout resumes in the other.
 
