@@ -158,7 +158,6 @@ def train_and_evaluate(
       workdir, max_to_keep=config.max_to_keep, keep_best=config.keep_best
     )
     start = runtime.starting_point(training, ckpt)
-    _write_config(workdir, config)  # only now: a refused run leaves the workdir as it was
     if train_iter is None:
       train_iter = data.create_train_iterator(
         config,
@@ -169,6 +168,9 @@ def train_and_evaluate(
       )
     # closing(): a failed or stopped run must not leave Grain workers and shared memory behind.
     with contextlib.closing(train_iter):
+      if start.iterator_state is not None:  # the pipeline refuses another batch size or seed
+        train_iter.set_state(start.iterator_state)
+      _write_config(workdir, config)  # only now: a refused run leaves the workdir as it was
       return _train(
         config, workdir, training, ckpt, start, train_iter, writer, stop, profile, invocation_start
       )
@@ -198,8 +200,6 @@ def _train(
   if step >= total_steps and (recorded := _recorded_results(workdir, step)) is not None:
     logger.info('the run finished at step %d: its results are in %s', step, RESULTS_FILE)
     return recorded  # a rerun of a finished run records nothing: no evaluation, no new files
-  if start.iterator_state is not None:
-    train_iter.set_state(start.iterator_state)
   writer = writer or MetricWriter(workdir)
   train_step = jit_train_step(
     mesh,

@@ -194,3 +194,15 @@ def test_a_run_resumed_inside_its_profile_window_traces_the_rest(tmp_path):
   result = run(config)
   assert result['step'] == 6
   assert list((tmp_path / 'profile').rglob('*.xplane.pb'))
+
+
+def test_a_resume_the_input_pipeline_refuses_leaves_config_json_as_it_was(tmp_path):
+  """Resuming with another batch size is refused by the pipeline, but config.json had already
+  been rewritten to describe the refused run (batch 32, 4 steps) instead of the one on disk."""
+  train.train_and_evaluate(_config(steps=2), str(tmp_path), writer=ListWriter())  # real pipeline
+  before = (tmp_path / 'config.json').read_bytes()
+  config = _config(steps=4)
+  config.batch_size = 32
+  with pytest.raises(ValueError, match='global_batch_size=16'):
+    train.train_and_evaluate(config, str(tmp_path), writer=ListWriter())
+  assert (tmp_path / 'config.json').read_bytes() == before
