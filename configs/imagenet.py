@@ -1,7 +1,8 @@
 """He et al. 2015, Sec. 3.4 / 4.1: ImageNet ResNets and plain nets (Tables 2-3, Fig. 4).
 
 recipe=paper: batch 256, SGD momentum 0.9, weight decay 1e-4, lr 0.1 divided by 10 at epochs 30
-and 60 (the paper's plateaus), 60e4 iterations; scale augmentation [256, 480] + 224 crop + flip,
+and 60 (the paper's plateaus), 60e4 iterations (other batches: lr x batch/256 and as many epochs,
+60e4 x 256/batch iterations; change the batch with the batch= arg, which sets that length); scale augmentation [256, 480] + 224 crop + flip,
 per-pixel mean, PCA colour; BN statistics over groups of 32 (the paper's per-GPU batch); v1 blocks
 (stride on the 1x1) unless stride_on=3x3.
 recipe=modern: the now-standard ResNet-50 recipe (Goyal et al. / torchvision): lr 0.1 x batch/256,
@@ -14,7 +15,7 @@ Evaluators (resnet_jax/evaluators.py): the paper recipe's main one is 10-crop va
 2-3); `center_crop` adds the centre-crop validation error Fig. 4 plots during training.
 """
 
-from resnet_jax.default_config import IMAGENET_TRAIN_EXAMPLES, base_config, parse_arg
+from resnet_jax.default_config import base_config, parse_arg
 from resnet_jax.models.names import IMAGENET_DEPTHS
 
 
@@ -60,9 +61,10 @@ def get_config(arg: str | None = None):
   c.dtype = 'float32' if paper else 'bfloat16'
   c.optimizer.weight_decay = 1e-4
   if paper:
-    c.num_train_steps = 600_000 * 256 // args.batch
+    c.num_train_steps = 600_000 * 256 // args.batch  # from batch=, not --config.batch_size
     c.schedule.name = 'piecewise'
-    c.schedule.base_lr = 0.1 * args.batch / 256
+    c.schedule.base_lr = 0.1  # x batch_size / 256: also when --config.batch_size changes it
+    c.schedule.scale_with_batch = True
     c.schedule.boundaries_epochs = '30,60'
   else:
     c.num_epochs = 90.0
@@ -70,7 +72,7 @@ def get_config(arg: str | None = None):
     c.schedule.base_lr = 0.1
     c.schedule.scale_with_batch = True
     c.schedule.warmup = 'linear'
-    c.schedule.warmup_steps = 5 * IMAGENET_TRAIN_EXAMPLES // args.batch
+    c.schedule.warmup_epochs = 5.0  # in epochs: the same length at any batch_size
     c.label_smoothing = 0.1
     c.optimizer.nesterov = True
     c.optimizer.weight_decay_mask = 'kernels'

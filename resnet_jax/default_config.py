@@ -108,6 +108,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.schedule.boundaries_epochs = ml_collections.FieldReference(None, field_type=str)  # e.g. '30,60'
   c.schedule.decay_factor = 0.1
   c.schedule.warmup_steps = 0
+  # Warm-up length in epochs instead (it then follows batch_size); set one of the two.
+  c.schedule.warmup_epochs = 0.0
   c.schedule.warmup = 'constant'  # 'constant' (paper: lr 0.01 for ResNet-110) | 'linear'
   c.schedule.warmup_lr = 0.01  # used by constant warm-up
 

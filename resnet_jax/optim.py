@@ -67,6 +67,13 @@ def create_learning_rate_fn(
   s = config.schedule
   peak = peak_learning_rate(config)
   warmup = int(s.warmup_steps)
+  if s.warmup_epochs:
+    if warmup:
+      raise ValueError(
+        f'set schedule.warmup_steps ({warmup}) or schedule.warmup_epochs ({s.warmup_epochs}), '
+        'not both: set the other to 0'
+      )
+    warmup = int(round(s.warmup_epochs * steps_per_epoch))
   if s.name == 'piecewise':
     boundaries = schedule_boundaries(config, steps_per_epoch)
     main = optax.piecewise_constant_schedule(peak, {b: s.decay_factor for b in boundaries})

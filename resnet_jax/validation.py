@@ -50,6 +50,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     'eval_batch_size': (config.eval_batch_size, 1),
     'schedule.base_lr': (config.schedule.base_lr, 0),
     'schedule.warmup_steps': (config.schedule.warmup_steps, 0),
+    'schedule.warmup_epochs': (config.schedule.warmup_epochs, 0),
     'schedule.warmup_lr': (config.schedule.warmup_lr, 0),
     'optimizer.weight_decay': (config.optimizer.weight_decay, 0),
   }

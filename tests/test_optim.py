@@ -56,7 +56,7 @@ def test_modern_recipe_linear_warmup_cosine_and_batch_scaling():
   total = int(c.num_epochs * spe)
   lr = optim.create_learning_rate_fn(c, steps_per_epoch=spe, total_steps=total)
   peak = 0.1 * 1024 / 256
-  warm = c.schedule.warmup_steps
+  warm = 5 * spe  # warmup_epochs: 5 epochs at any batch size
   np.testing.assert_allclose(lr(0), 0.0, atol=1e-9)
   np.testing.assert_allclose(lr(warm // 2), peak * (warm // 2) / warm, rtol=1e-5)
   np.testing.assert_allclose(lr(warm), peak, rtol=1e-5)
@@ -117,3 +117,25 @@ def test_a_malformed_boundary_names_its_field(text):
   c.schedule.boundaries = text
   with pytest.raises(ValueError, match='schedule.boundaries must'):
     optim.create_learning_rate_fn(c, 100, 300)
+
+
+@pytest.mark.parametrize('recipe', ['paper', 'modern'])
+def test_imagenet_lr_and_warmup_follow_a_batch_size_override(recipe):
+  """--config.batch_size=1024 kept the lr of batch 256 (paper: 0.1, not 0.4) and the modern
+  recipe's warm-up of 25,022 steps (5 epochs at 256: 20 epochs at 1024)."""
+  c = _config('imagenet', f'recipe={recipe}')
+  c.batch_size = 1024
+  spe = 1252  # ceil(1,281,167 / 1024)
+  lr = optim.create_learning_rate_fn(c, steps_per_epoch=spe, total_steps=90 * spe)
+  if recipe == 'paper':
+    assert float(lr(0)) == pytest.approx(0.4)
+  else:
+    assert float(lr(5 * spe)) == pytest.approx(0.4, rel=1e-4)
+    assert float(lr(5 * spe // 2)) == pytest.approx(0.2, rel=1e-3)
+
+
+def test_warmup_in_steps_and_in_epochs_is_refused():
+  c = _config('imagenet', 'recipe=modern')
+  c.schedule.warmup_steps = 1000
+  with pytest.raises(ValueError, match='warmup_steps .* or schedule.warmup_epochs'):
+    optim.create_learning_rate_fn(c, 5005, 90 * 5005)
