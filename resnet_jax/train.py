@@ -54,6 +54,8 @@ _SHAPE_FIELDS = (
   'model.stride_on',
   'model.preact',
   'model.block',
+  'model.frozen_stages',  # which leaves the optimizer state covers
+  'model.frozen_bn_affine',
   'data.name',
   'data.image_size',
 )
@@ -94,7 +96,7 @@ def _prepare_workdir(
       if before != now:
         raise ConfigError(
           f'workdir {workdir} holds a run with {field}={before!r}, this config has '
-          f'{now!r}: use another --workdir'
+          f'{now!r}: use another --workdir (--config.init_from={workdir} starts from its weights)'
         )
 
 

@@ -206,3 +206,14 @@ def test_a_resume_the_input_pipeline_refuses_leaves_config_json_as_it_was(tmp_pa
   with pytest.raises(ValueError, match='global_batch_size=16'):
     train.train_and_evaluate(config, str(tmp_path), writer=ListWriter())
   assert (tmp_path / 'config.json').read_bytes() == before
+
+
+def test_resuming_with_other_frozen_stages_names_the_field(tmp_path):
+  """Unfreezing a fine-tuned run on resume changes the optimizer state's structure: it was
+  refused with a list of missing 'opt_state/inner_states/...' keys."""
+  config = _config(steps=2)
+  config.model.frozen_stages = 1
+  train.train_and_evaluate(config, str(tmp_path), train_iter=ArrayBatches(16), writer=ListWriter())
+  config = _config(steps=4)
+  with pytest.raises(validation.ConfigError, match='model.frozen_stages=1, this config has -1'):
+    train.train_and_evaluate(config, str(tmp_path), train_iter=ArrayBatches(16))
