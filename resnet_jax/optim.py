@@ -8,11 +8,15 @@ gradient before momentum), on every parameter or on conv/dense kernels only.
 
 from __future__ import annotations
 
+import logging
+
 import jax
 import ml_collections
 import optax
 
 from resnet_jax.models import backbone
+
+logger = logging.getLogger(__name__)
 
 
 def _parse_numbers(text: str | None, key: str) -> list[float]:
@@ -85,6 +89,13 @@ def create_learning_rate_fn(
     raise ValueError(f"schedule.name must be 'piecewise', 'cosine' or 'constant', got {s.name!r}")
   if warmup <= 0:
     return main
+  if warmup >= total_steps:
+    logger.warning(
+      'the %d-step warm-up is not shorter than the %d-step run: the learning rate never '
+      'leaves it (set schedule.warmup_steps, or warmup_epochs, below the run length)',
+      warmup,
+      total_steps,
+    )
   if s.warmup == 'constant':
     warm = optax.constant_schedule(s.warmup_lr)
   elif s.warmup == 'linear':

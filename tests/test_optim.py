@@ -139,3 +139,11 @@ def test_warmup_in_steps_and_in_epochs_is_refused():
   c.schedule.warmup_steps = 1000
   with pytest.raises(ValueError, match='warmup_steps .* or schedule.warmup_epochs'):
     optim.create_learning_rate_fn(c, 5005, 90 * 5005)
+
+
+def test_a_warmup_as_long_as_the_run_is_reported(caplog):
+  """configs/digits.py:steps=40 warms up for 50 steps: the cosine never started, silently."""
+  c = _config('digits', 'steps=40')
+  with caplog.at_level('WARNING'):
+    optim.create_learning_rate_fn(c, 23, c.num_train_steps)
+  assert '50-step warm-up is not shorter than the 40-step run' in caplog.text
