@@ -53,6 +53,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     'schedule.warmup_epochs': (config.schedule.warmup_epochs, 0),
     'schedule.warmup_lr': (config.schedule.warmup_lr, 0),
     'optimizer.weight_decay': (config.optimizer.weight_decay, 0),
+    # Negative: every update after a decay (or every momentum step) pushes uphill.
+    'schedule.decay_factor': (config.schedule.decay_factor, 0),
+    'optimizer.momentum': (config.optimizer.momentum, 0),
   }
   for key, (value, low) in at_least.items():
     if value is None or value < low:

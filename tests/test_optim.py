@@ -147,3 +147,14 @@ def test_a_warmup_as_long_as_the_run_is_reported(caplog):
   with caplog.at_level('WARNING'):
     optim.create_learning_rate_fn(c, 23, c.num_train_steps)
   assert '50-step warm-up is not shorter than the 40-step run' in caplog.text
+
+
+@pytest.mark.parametrize('key', ['schedule.decay_factor', 'optimizer.momentum'])
+def test_a_negative_decay_factor_or_momentum_is_refused(key):
+  """decay_factor=-0.1 trained with lr -0.01 after the first boundary: gradient ascent."""
+  from resnet_jax import validation
+
+  c = _config('cifar')
+  c.update_from_flattened_dict({key: -0.1})
+  with pytest.raises(validation.ConfigError, match=f'{key} must be non-negative'):
+    validation.validate_config(c)
