@@ -38,6 +38,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     )
   if config.on_nonfinite not in ('error', 'skip'):
     raise ConfigError(f"on_nonfinite must be 'error' or 'skip', got {config.on_nonfinite!r}")
+  if config.model.num_classes is not None and config.model.num_classes < 1:
+    raise ConfigError(
+      f'model.num_classes must be positive, or None for the dataset\'s, got '
+      f'{config.model.num_classes}'
+    )
   if config.num_train_steps == 0 or config.num_train_steps < -1:
     raise ConfigError(
       f'num_train_steps must be positive, or -1 to train num_epochs; got {config.num_train_steps}'
@@ -75,11 +80,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     )
   if config.data.eval_crops not in (1, 10):
     raise ConfigError(f'data.eval_crops must be 1 or 10, got {config.data.eval_crops}')
-  if config.model.num_classes is not None and config.model.num_classes < 1:
-    raise ConfigError(
-      f'model.num_classes must be positive, or None for the dataset\'s, got '
-      f'{config.model.num_classes}'
-    )
   if not 0 <= config.label_smoothing < 1:
     raise ConfigError(f'label_smoothing must be in [0, 1), got {config.label_smoothing}')
   validate_bn_groups(config.model.bn_group_size, config.batch_size, n_dev)
