@@ -121,11 +121,16 @@ def train_step(
     & jnp.isfinite(_sum_of_squares(new_batch_stats))
   )
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  # A skipped step keeps the optimizer's moments but still advances its step counts (optax's
+  # schedule `count`): the lr applied stays lr(state.step), the one the metrics report.
+  keep_opt = lambda new, old: jax.tree_util.tree_map_with_path(
+    lambda path, n, o: n if _is_count(path) else jnp.where(finite, n, o), new, old
+  )
   new_state = state.replace(
     step=state.step + 1,
     params=keep(new_params, state.params),
     batch_stats=keep(new_batch_stats, state.batch_stats),
-    opt_state=keep(new_opt_state, state.opt_state),
+    opt_state=keep_opt(new_opt_state, state.opt_state),
   )
   metrics = {
     'loss': loss,
@@ -136,6 +141,10 @@ def train_step(
     'nonfinite_step': jnp.where(finite, jnp.iinfo(jnp.int32).max, state.step),
   }
   return new_state, metrics
+
+
+def _is_count(path: tuple[Any, ...]) -> bool:
+  return bool(path) and getattr(path[-1], 'name', None) == 'count'
 
 
 def _sum_of_squares(tree: Any) -> jax.Array:

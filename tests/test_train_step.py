@@ -118,3 +118,21 @@ def test_update_that_overflows_the_parameters_is_not_applied():
   new_state, m = step(huge, put(batch))
   assert int(m['nonfinite']) == 1
   assert state_fingerprint(new_state.replace(step=jnp.zeros((), jnp.int32))) == fp_params
+
+
+
+def test_a_skipped_step_still_advances_the_schedule():
+  """The skipped step kept optax's schedule count, so every later update used the lr of one
+  step earlier than the learning_rate the metrics report (decays came late by the skips)."""
+  _, _, _, put, batch = _setup()
+  mesh = create_mesh()
+  schedule = optax.piecewise_constant_schedule(0.1, {1: 0.0})  # lr 0 from step 1 on
+  tx = optax.sgd(schedule, momentum=0.9)
+  state = init_state(_CACHE['model'], tx, (8, 8, 1), seed=0, mesh=mesh)
+  step = jit_train_step(mesh, jax.tree.map(lambda x: x.sharding, state), schedule)
+  state, m = step(state, put(dict(batch, image=np.full_like(batch['image'], np.nan))))
+  assert int(m['nonfinite']) == 1
+  before = state_fingerprint(state.params)
+  state, m = step(state, put(batch))  # step 1 reports lr 0: nothing may move
+  assert int(m['nonfinite']) == 0 and float(m['learning_rate']) == 0.0
+  assert state_fingerprint(state.params) == before
