@@ -437,3 +437,10 @@ def test_sharding_over_four_devices_does_not_change_outputs(group_size):
   jax.tree.map(
     lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), stats, ref_stats
   )
+
+
+@pytest.mark.parametrize('num_classes', [0, -3, 2.5])
+def test_a_head_without_classes_is_one_clear_error(num_classes):
+  """0 was a ZeroDivisionError and -3 a TypeError from inside the initialiser."""
+  with pytest.raises(ValueError, match='num_classes must be a positive int or None'):
+    create_model('resnet8', num_classes=num_classes)

@@ -36,6 +36,7 @@ variable trees between that layout and the one above.
 from __future__ import annotations
 
 import functools
+import numbers
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
@@ -304,6 +305,8 @@ def create_model(
     stride_on = '1x1' if not imagenet and spec.block == 'bottleneck' else '3x3'
   if stride_on not in ('1x1', '3x3'):
     raise ValueError(f"stride_on must be '1x1' or '3x3', got {stride_on!r}")
+  if num_classes is not None and (not isinstance(num_classes, numbers.Integral) or num_classes < 1):
+    raise ValueError(f'num_classes must be a positive int or None, got {num_classes!r}')
   if bn_group_size is not None and (not isinstance(bn_group_size, int) or bn_group_size < 1):
     raise ValueError(f'bn_group_size must be a positive int or None, got {bn_group_size!r}')
   if zero_init_last_bn and not residual:
