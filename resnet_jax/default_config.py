@@ -208,7 +208,8 @@ def set_cifar_recipe(
   c.num_train_steps = steps
   c.schedule.name = 'piecewise'
   c.schedule.base_lr = 0.1
-  c.schedule.boundaries = f'{steps // 2},{steps * 3 // 4}'
+  # A smoke run of a few steps gets the distinct positive ones (2 steps: '1', not '1,1').
+  c.schedule.boundaries = ','.join(map(str, sorted({steps // 2, steps * 3 // 4} - {0})))
   if args.depth >= 110:
     c.schedule.warmup_steps = max(1, 400 * steps // 64_000)
     c.schedule.warmup = 'constant'

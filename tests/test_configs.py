@@ -23,3 +23,14 @@ def test_imagenet_config_refuses_a_cifar_depth(depth):
   module = load_sibling_config('configs/x.py', 'imagenet')
   with pytest.raises(ValueError, match='depth must be one of 18, 34, 50, 101, 152'):
     module.get_config(f'depth={depth}')
+
+
+@pytest.mark.parametrize('steps,boundaries', [(1, ''), (2, '1'), (3, '1,2'), (8000, '4000,6000')])
+def test_the_cifar_recipe_scales_its_boundaries_to_any_length(steps, boundaries):
+  """fashion_mnist.py:steps=2 gave boundaries '1,1', which the schedule refuses (a decay given
+  twice); steps=1 gave '0,0'."""
+  from resnet_jax import optim
+
+  config = load_sibling_config('configs/x.py', 'fashion_mnist').get_config(f'steps={steps}')
+  assert config.schedule.boundaries == boundaries
+  optim.create_learning_rate_fn(config, 469, steps)
