@@ -37,7 +37,7 @@ def get_config(arg: str | None = None):
   if args.depth not in IMAGENET_DEPTHS:  # resnet20 would be a CIFAR net (3x3 stem, 16-64 wide)
     raise ValueError(
       f'depth must be one of {", ".join(map(str, IMAGENET_DEPTHS))} (the ImageNet ResNets), got '
-      f'{args.depth}; CIFAR-family depths are configs/cifar.py\'s'
+      f"{args.depth}; CIFAR-family depths are configs/cifar.py's"
     )
   paper = args.recipe == 'paper'
   c = base_config()

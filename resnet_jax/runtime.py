@@ -67,7 +67,7 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
     raise ValueError(
       f'model.num_classes={classes} is smaller than the {info.num_classes} classes of '
       f'{config.data.name}: its labels >= {classes} would train nothing and always count as '
-      'errors. Leave it unset (None) for the dataset\'s count'
+      "errors. Leave it unset (None) for the dataset's count"
     )
   return Experiment(
     config,

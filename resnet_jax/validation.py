@@ -40,7 +40,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"on_nonfinite must be 'error' or 'skip', got {config.on_nonfinite!r}")
   if config.model.num_classes is not None and config.model.num_classes < 1:
     raise ConfigError(
-      f'model.num_classes must be positive, or None for the dataset\'s, got '
+      f"model.num_classes must be positive, or None for the dataset's, got "
       f'{config.model.num_classes}'
     )
   if config.num_train_steps == 0 or config.num_train_steps < -1:

@@ -120,7 +120,6 @@ def test_update_that_overflows_the_parameters_is_not_applied():
   assert state_fingerprint(new_state.replace(step=jnp.zeros((), jnp.int32))) == fp_params
 
 
-
 def test_a_skipped_step_still_advances_the_schedule():
   """The skipped step kept optax's schedule count, so every later update used the lr of one
   step earlier than the learning_rate the metrics report (decays came late by the skips)."""
