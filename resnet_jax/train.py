@@ -155,6 +155,11 @@ def train_and_evaluate(
       return {'step': None, 'stopped': True}
     # Before the workdir is made: a dataset that is unknown or not prepared leaves no trace.
     training = runtime.build_training(config)
+    fresh = not (workdir / checkpointing.CHECKPOINT_DIR).exists()
+    if config.init_from and fresh and not as_path(config.init_from).is_dir():
+      raise ConfigError(
+        f'init_from {config.init_from} is not a directory (a run workdir or converted weights)'
+      )
     _prepare_workdir(workdir, config, lock if jax.process_index() == 0 else None)
     ckpt = checkpointing.Checkpointer(
       workdir, max_to_keep=config.max_to_keep, keep_best=config.keep_best

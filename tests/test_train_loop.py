@@ -217,3 +217,12 @@ def test_resuming_with_other_frozen_stages_names_the_field(tmp_path):
   config = _config(steps=4)
   with pytest.raises(validation.ConfigError, match='model.frozen_stages=1, this config has -1'):
     train.train_and_evaluate(config, str(tmp_path), train_iter=ArrayBatches(16))
+
+
+def test_a_missing_init_from_is_refused_before_the_workdir_is_made(tmp_path):
+  """It was found only after the workdir, its lock and checkpoints/ had been created."""
+  config = _config()
+  config.init_from = str(tmp_path / 'no_such_weights')
+  with pytest.raises(validation.ConfigError, match='init_from .* is not a directory'):
+    train.train_and_evaluate(config, str(tmp_path / 'run'), train_iter=ArrayBatches(16))
+  assert not (tmp_path / 'run').exists()
