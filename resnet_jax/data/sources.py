@@ -23,6 +23,11 @@ class DatasetNotFoundError(ValueError):
   """A dataset (or split) is unknown or not prepared; the message is one line saying what to do."""
 
 
+class DatasetDamagedError(DatasetNotFoundError):
+  """Prepared files that cannot be read (a deleted or truncated shard, broken metadata): without
+  this, ArrayRecord's RuntimeError surfaces as a traceback, possibly hours in from a worker."""
+
+
 @dataclasses.dataclass(frozen=True)
 class SplitSource:
   """One split: the records plus what the pipeline needs to know about them."""
@@ -71,16 +76,31 @@ class _Subset:
 
 
 class _Renamed:
-  """Maps a TFDS record to {'image', 'label'} (datasets differ in their supervised keys)."""
+  """Maps a TFDS record to {'image', 'label'} (datasets differ in their supervised keys); a record
+  that cannot be read is a `DatasetDamagedError` naming the directory and the fix."""
 
-  def __init__(self, records: Sequence[dict[str, Any]], image_key: str, label_key: str):
+  def __init__(
+    self,
+    records: Sequence[dict[str, Any]],
+    image_key: str,
+    label_key: str,
+    name: str,
+    directory: str,
+    data_dir: str | None,
+  ):
     self._records, self._image_key, self._label_key = records, image_key, label_key
+    self._name, self._directory, self._data_dir = name, directory, data_dir
 
   def __len__(self) -> int:
     return len(self._records)
 
   def __getitem__(self, index: int) -> dict[str, Any]:
-    record = self._records[index]
+    try:
+      record = self._records[index]
+    except (RuntimeError, OSError) as e:  # ArrayRecord/Riegeli: missing, truncated, corrupt
+      raise DatasetDamagedError(
+        _damaged_message(self._name, self._directory, self._data_dir, f'record {index}: {e}')
+      ) from e
     return {'image': record[self._image_key], 'label': int(record[self._label_key])}
 
 
@@ -105,18 +125,33 @@ def _not_prepared_message(name: str, data_dir: str | None) -> str:
   )
 
 
+def _damaged_message(name: str, directory: str, data_dir: str | None, reason: str) -> str:
+  reason = ' '.join(str(reason).split())[:300]
+  return (
+    f"dataset '{name}' in {directory} is damaged ({reason}): delete {directory} and prepare it "
+    f'again with `{_prepare_command(name, data_dir)}`'
+  )
+
+
 def _tfds_builder(name: str, data_dir: str | None):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from google.protobuf import json_format  # pylint: disable=g-import-not-at-top
 
   from resnet_jax.data import digits  # pylint: disable=g-import-not-at-top
 
-  if name == 'digits':
-    return digits.prepare_digits(data_dir)
   try:
+    if name == 'digits':
+      return digits.prepare_digits(data_dir)
     return tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError as e:
     raise DatasetNotFoundError(
       f"unknown dataset '{name}': not 'digits', 'synthetic' or a TFDS dataset name"
+    ) from e
+  except json_format.ParseError as e:  # TFDS reads dataset_info.json while making the builder
+    root = data_dir or os.environ.get('TFDS_DATA_DIR') or '~/tensorflow_datasets'
+    directory = os.path.join(root, *name.split(':')[0].split('/'))
+    raise DatasetDamagedError(
+      _damaged_message(name, directory, data_dir, f'dataset_info.json: {e}')
     ) from e
 
 
@@ -163,12 +198,17 @@ def _tfds_split(name: str, data_dir: str | None, split: str) -> SplitSource:
     raise DatasetNotFoundError(
       f"dataset '{name}' has no split '{split}' (available: {', '.join(builder.info.splits)})"
     ) from e
+  directory = os.fspath(builder.data_dir)
+  records = _Renamed(records, image_key, label_key, name, directory, data_dir)
+  if len(records):  # a deleted, truncated or emptied shard: found now, not hours in
+    records[0]  # pylint: disable=pointless-statement
+    records[len(records) - 1]  # pylint: disable=pointless-statement
   return SplitSource(
-    _Renamed(records, image_key, label_key),
+    records,
     int(features[label_key].num_classes),
     (shape[0], shape[1], int(shape[2])),
     encoded=skip,
-    cache_dir=os.fspath(builder.data_dir),
+    cache_dir=directory,
   )
 
 
