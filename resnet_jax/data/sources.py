@@ -247,6 +247,11 @@ def open_split(config: ml_collections.ConfigDict, split: str) -> SplitSource:
   data_dir = data.data_dir
   if validation_size > 0 and split in ('validation', train_split):
     full = _tfds_split(name, data_dir, train_split)
+    if validation_size >= len(full):
+      raise ValueError(
+        f'data.validation_size={validation_size} leaves no training examples: split '
+        f"'{train_split}' of {name} has {len(full)}"
+      )
     keep, held_out = holdout_indices(len(full), validation_size)
     return dataclasses.replace(
       full, records=_Subset(full.records, keep if split == train_split else held_out)

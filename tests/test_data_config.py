@@ -1,0 +1,62 @@
+"""`config.data` values that the pipeline silently reinterpreted or failed on with a message that
+names no config key are refused up front (validation.validate_data_sizes), before any file is
+written; the held-out split's size is checked against the dataset where it is known."""
+
+import os
+
+import pytest
+
+import resnet_jax.data as data
+from resnet_jax import train, validation
+from resnet_jax.default_config import load_sibling_config
+from tests.runner import ROOT, data_config
+
+_SYNTHETIC = {'data.name': 'synthetic', 'data.num_train_examples': 64}
+
+
+def _digits(**overrides):
+  digits = load_sibling_config(os.path.join(ROOT, 'configs', 'x.py'), 'digits')
+  config = digits.get_config('depth=8')
+  config.update_from_flattened_dict({'batch_size': 32, **overrides})
+  return config
+
+
+@pytest.mark.parametrize(
+  'overrides,needle',
+  [
+    ({'data.validation_size': -5}, 'data.validation_size must be non-negative'),  # was: ignored
+    ({'data.prefetch': -1}, 'data.prefetch must be non-negative'),  # was: silently 1
+    ({'data.image_size': -4}, "data.image_size must be non-negative (0: the dataset's own"),
+    ({**_SYNTHETIC, 'data.image_size': 0}, 'data.image_size must be positive'),  # LinAlgError
+    ({**_SYNTHETIC, 'data.channels': 0}, 'data.channels must be positive'),  # 'cannot reshape'
+    ({**_SYNTHETIC, 'data.num_classes': 0}, 'data.num_classes must be positive'),  # 'high <= 0'
+    ({**_SYNTHETIC, 'data.num_train_examples': -5}, 'data.num_train_examples must be non-neg'),
+    ({**_SYNTHETIC, 'data.num_eval_examples': -1}, 'data.num_eval_examples must be non-neg'),
+  ],
+)
+def test_bad_data_values_are_refused_before_anything_is_written(tmp_path, overrides, needle):
+  config = _digits(**overrides)
+  with pytest.raises(validation.ConfigError, match=needle.replace('(', r'\(')):
+    validation.validate_config(config)
+  with pytest.raises(validation.ConfigError):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert not (tmp_path / 'run').exists()
+
+
+@pytest.mark.parametrize(
+  'overrides',
+  [
+    {'data.image_size': 0, 'data.prefetch': 0, 'data.validation_size': 0},
+    {**_SYNTHETIC, 'data.image_size': 9, 'data.channels': 2, 'data.num_classes': 1},
+    {**_SYNTHETIC, 'data.num_train_examples': 0, 'data.num_eval_examples': 0},
+  ],
+)
+def test_boundary_data_values_are_accepted(overrides):
+  validation.validate_config(_digits(**overrides))
+
+
+def test_a_validation_split_as_large_as_the_train_split_names_the_key():
+  config = data_config(validation_size=1437, eval_split='validation')
+  with pytest.raises(ValueError, match=r"data.validation_size=1437 .* split 'train' of digits"):
+    data.get_dataset_info(config)
+  assert data.get_dataset_info(data_config(validation_size=1436)).num_train_examples == 1
