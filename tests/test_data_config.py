@@ -60,3 +60,10 @@ def test_a_validation_split_as_large_as_the_train_split_names_the_key():
   with pytest.raises(ValueError, match=r"data.validation_size=1437 .* split 'train' of digits"):
     data.get_dataset_info(config)
   assert data.get_dataset_info(data_config(validation_size=1436)).num_train_examples == 1
+
+
+def test_a_missing_validation_split_says_how_to_hold_one_out():
+  with pytest.raises(data.DatasetNotFoundError, match=r'available: train, test\), or set config'):
+    data.get_dataset_info(data_config(eval_split='validation'))
+  info = data.get_dataset_info(data_config(eval_split='validation', validation_size=100))
+  assert (info.num_train_examples, info.num_eval_examples) == (1337, 100)

@@ -195,8 +195,14 @@ def _tfds_split(name: str, data_dir: str | None, split: str) -> SplitSource:
         f"dataset '{name}' in {builder.data_dir} is not in ArrayRecord format (needed for random "
         f'access): rebuild it with `{_prepare_command(name, data_dir, "--overwrite")}`'
       ) from e
+    hint = (
+      ", or set config.data.validation_size=N to hold out N training examples as 'validation'"
+      if split == 'validation'
+      else ''
+    )
     raise DatasetNotFoundError(
       f"dataset '{name}' has no split '{split}' (available: {', '.join(builder.info.splits)})"
+      + hint
     ) from e
   directory = os.fspath(builder.data_dir)
   records = _Renamed(records, image_key, label_key, name, directory, data_dir)
