@@ -67,3 +67,11 @@ def test_a_missing_validation_split_says_how_to_hold_one_out():
     data.get_dataset_info(data_config(eval_split='validation'))
   info = data.get_dataset_info(data_config(eval_split='validation', validation_size=100))
   assert (info.num_train_examples, info.num_eval_examples) == (1337, 100)
+
+
+@pytest.mark.parametrize('split', ['test[360:]', 'test[:0]', 'test[:abc]'])
+def test_an_empty_or_malformed_slice_of_an_existing_split_is_named_as_such(split):
+  """Was "dataset 'digits' has no split 'test[360:]' (available: train, test)"."""
+  with pytest.raises(data.DatasetNotFoundError, match='selects no examples or is not a valid'):
+    data.get_dataset_info(data_config(eval_split=split))
+  assert data.get_dataset_info(data_config(eval_split='test[359:]')).num_eval_examples == 1

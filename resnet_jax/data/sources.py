@@ -195,6 +195,11 @@ def _tfds_split(name: str, data_dir: str | None, split: str) -> SplitSource:
         f"dataset '{name}' in {builder.data_dir} is not in ArrayRecord format (needed for random "
         f'access): rebuild it with `{_prepare_command(name, data_dir, "--overwrite")}`'
       ) from e
+    if split.split('[')[0] in builder.info.splits and '[' in split:  # 'test[360:]', 'test[:x]'
+      raise DatasetNotFoundError(
+        f"split '{split}' of dataset '{name}' selects no examples or is not a valid TFDS slice "
+        f"({' '.join(str(e).split())[:200]}; format: https://www.tensorflow.org/datasets/splits)"
+      ) from e
     hint = (
       ", or set config.data.validation_size=N to hold out N training examples as 'validation'"
       if split == 'validation'
