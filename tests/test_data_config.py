@@ -75,3 +75,13 @@ def test_an_empty_or_malformed_slice_of_an_existing_split_is_named_as_such(split
   with pytest.raises(data.DatasetNotFoundError, match='selects no examples or is not a valid'):
     data.get_dataset_info(data_config(eval_split=split))
   assert data.get_dataset_info(data_config(eval_split='test[359:]')).num_eval_examples == 1
+
+
+def test_a_misspelt_evaluator_split_is_refused_before_training(tmp_path):
+  """config.evals splits were first opened at their evaluation: an end-only evaluator with a
+  misspelt split failed after the whole run had trained."""
+  config = _digits(num_train_steps=2, progress_bar=False)
+  config.evals.extra = dict(split='tset', every_steps=0)
+  with pytest.raises(data.DatasetNotFoundError, match="no split 'tset'"):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert not (tmp_path / 'run').exists()
