@@ -228,3 +228,22 @@ def test_fashion_mnist_config_is_the_paper_cifar_recipe_scaled_to_steps(depth, p
   assert full.schedule.boundaries == '32000,48000' and full.schedule.warmup_steps == 400
   assert full.model.preact and full.model.block == 'bottleneck'
   assert full.data.eval_split == 'validation' and full.data.validation_size == 5000
+
+
+def test_digits_overwrite_rebuilds_a_damaged_copy(tmp_path, capsys):
+  """`prepare digits --overwrite` was silently ignored, so a damaged copy could not be rebuilt."""
+  import glob
+
+  from resnet_jax import data
+  from tests.runner import data_config
+
+  root = str(tmp_path)
+  assert prepare.main(['digits', '--data-dir', root]) == 0
+  (shard,) = glob.glob(os.path.join(root, 'digits', '1.0.0', 'digits-train.array_record-*'))
+  with open(shard, 'r+b') as f:
+    f.truncate(1000)
+  with open(os.path.join(root, 'digits', '1.0.0', 'dataset_info.json'), 'w') as f:
+    f.write('{')  # even a builder TFDS cannot construct
+  assert prepare.main(['digits', '--data-dir', root, '--overwrite']) == 0
+  assert f'removed {os.path.join(root, "digits", "1.0.0")}' in capsys.readouterr().out
+  assert data.get_dataset_info(data_config(data_dir=root)).num_train_examples == 1437

@@ -169,6 +169,8 @@ def prepare(args: argparse.Namespace) -> tuple[str, tuple | None]:
       raise PrepareError('digits ships with scikit-learn: it takes no --from or --manual_dir')
     from resnet_jax.data import digits  # pylint: disable=g-import-not-at-top
 
+    if args.overwrite and (removed := digits.remove_prepared(data_dir)):
+      print(f'--overwrite: removed {removed}')
     digits.prepare_digits(data_dir)
     return name, (8, 8, 1)
   if args.sources and name != 'imagenet2012':
