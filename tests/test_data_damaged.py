@@ -93,3 +93,30 @@ def test_a_damaged_record_found_while_training_is_one_clear_error():
   assert records[2]['label'] == 0
   with pytest.raises(sources.DatasetDamagedError, match=r'record 3: .*hash mismatch.*delete'):
     records[3]
+
+
+@pytest.mark.parametrize('keep_bytes', [0, 10, 200])
+def test_a_truncated_statistics_cache_is_recomputed(tmp_path, keep_bytes):
+  """The stats .npz beside the data, cut short (a partial copy of the data dir): NumPy raises
+  EOFError / zipfile.BadZipFile, which the cache let through as a traceback."""
+  import numpy as np
+
+  from resnet_jax.data import stats
+
+  calls = []
+
+  def compute():
+    calls.append(1)
+    return {'pixel_mean': np.full((4, 4, 1), len(calls), np.float32)}
+
+  key = {'test': 'truncated', 'dir': str(tmp_path)}
+  stats.cached_stats(key, str(tmp_path), compute)
+  (path,) = tmp_path.glob('resnet_jax_stats_*.npz')
+  with open(path, 'r+b') as f:
+    f.truncate(keep_bytes)
+  stats._MEMORY.clear()  # pylint: disable=protected-access
+  again = stats.cached_stats(key, str(tmp_path), compute)
+  assert len(calls) == 2 and float(again['pixel_mean'][0, 0, 0]) == 2.0
+  stats._MEMORY.clear()  # pylint: disable=protected-access
+  assert float(stats.cached_stats(key, str(tmp_path), compute)['pixel_mean'][0, 0, 0]) == 2.0
+  assert len(calls) == 2  # the rewritten cache is read back
