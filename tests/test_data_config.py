@@ -85,3 +85,19 @@ def test_a_misspelt_evaluator_split_is_refused_before_training(tmp_path):
   with pytest.raises(data.DatasetNotFoundError, match="no split 'tset'"):
     train.train_and_evaluate(config, str(tmp_path / 'run'))
   assert not (tmp_path / 'run').exists()
+
+
+@pytest.mark.parametrize(
+  'name,sub,needle',
+  [
+    ('digits', '', 'is a file, not a directory'),  # was: FileExistsError traceback
+    ('digits', 'sub', 'Not a directory'),  # was: NotADirectoryError traceback
+    ('mnist', '', 'is a file, not a directory'),  # was: "not prepared: prepare it into the file"
+  ],
+)
+def test_a_data_dir_that_is_a_file_is_one_clear_error(tmp_path, name, sub, needle):
+  blocker = tmp_path / 'file'
+  blocker.write_text('x')
+  data_dir = os.path.join(str(blocker), sub) if sub else str(blocker)
+  with pytest.raises(data.DatasetNotFoundError, match=needle):
+    data.get_dataset_info(data_config(name=name, data_dir=data_dir))

@@ -111,6 +111,8 @@ def _prepare_command(name: str, data_dir: str | None, *extra: str) -> str:
 
 
 def _not_prepared_message(name: str, data_dir: str | None) -> str:
+  if data_dir and os.path.exists(data_dir) and not os.path.isdir(data_dir):
+    return f'config.data.data_dir={data_dir} is a file, not a directory'
   where = data_dir or 'the TFDS data dir (TFDS_DATA_DIR or ~/tensorflow_datasets)'
   if name.split(':')[0].split('/')[0] == 'imagenet2012':
     return (
@@ -143,6 +145,15 @@ def _tfds_builder(name: str, data_dir: str | None):
     if name == 'digits':
       return digits.prepare_digits(data_dir)
     return tfds.builder(name, data_dir=data_dir)
+  except OSError as e:  # digits are prepared on first use: the directory must be writable
+    if name != 'digits':
+      raise
+    if data_dir and os.path.exists(data_dir) and not os.path.isdir(data_dir):
+      raise DatasetNotFoundError(_not_prepared_message(name, data_dir)) from e
+    raise DatasetNotFoundError(
+      f"cannot prepare 'digits' in {data_dir or 'the TFDS data dir'} ({e.strerror or e}: "
+      f'{e.filename}): point config.data.data_dir at a writable directory'
+    ) from e
   except tfds.core.registered.DatasetNotFoundError as e:
     raise DatasetNotFoundError(
       f"unknown dataset '{name}': not 'digits', 'synthetic' or a TFDS dataset name"
