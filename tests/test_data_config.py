@@ -101,3 +101,16 @@ def test_a_data_dir_that_is_a_file_is_one_clear_error(tmp_path, name, sub, needl
   data_dir = os.path.join(str(blocker), sub) if sub else str(blocker)
   with pytest.raises(data.DatasetNotFoundError, match=needle):
     data.get_dataset_info(data_config(name=name, data_dir=data_dir))
+
+
+def test_a_data_dir_with_a_tilde_is_the_one_prepare_wrote(tmp_path, monkeypatch):
+  """`prepare --data-dir '~/tfds'` expands the '~'; training read '~/tfds' literally (TFDS made a
+  directory named '~' in the cwd), so data prepared there was 'not prepared'."""
+  from resnet_jax.data import prepare
+
+  monkeypatch.setenv('HOME', str(tmp_path / 'home'))
+  monkeypatch.chdir(tmp_path)
+  assert prepare.main(['digits', '--data-dir', '~/tfds']) == 0
+  assert (tmp_path / 'home' / 'tfds' / 'digits' / '1.0.0' / 'dataset_info.json').exists()
+  info = data.get_dataset_info(data_config(data_dir='~/tfds'))
+  assert info.num_train_examples == 1437 and not (tmp_path / '~').exists()

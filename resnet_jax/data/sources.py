@@ -266,7 +266,8 @@ def open_split(config: ml_collections.ConfigDict, split: str) -> SplitSource:
   validation_size = int(data.validation_size or 0)
   if name == 'synthetic':
     return _synthetic_split(config, split)
-  data_dir = data.data_dir
+  # '~' as `prepare` reads it: TFDS itself would make a directory named '~' in the cwd
+  data_dir = os.path.expanduser(data.data_dir) if data.data_dir else None
   if validation_size > 0 and split in ('validation', train_split):
     full = _tfds_split(name, data_dir, train_split)
     if validation_size >= len(full):
