@@ -75,7 +75,7 @@ def base_config() -> ml_collections.ConfigDict:
     32  # only used by 'synthetic' (random data: eval only exercises the path)
   )
   c.data.channels = 3  # only used by 'synthetic'
-  c.data.augment = 'none'  # 'none' | 'cifar' | 'imagenet' | 'inception'
+  c.data.augment = 'none'  # 'none' | 'cifar' | 'translate' | 'imagenet' | 'inception'
   c.data.normalize = 'per_pixel_mean'  # 'per_pixel_mean' (paper) | 'mean_std' | 'scale'
   c.data.decoder = 'pil'  # JPEG decoder of the training crops: 'pil' | 'opencv' (if installed)
   # Grain worker processes: 0 decodes in the training process; -1 is one per core this process
