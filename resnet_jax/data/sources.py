@@ -166,6 +166,44 @@ def _tfds_builder(name: str, data_dir: str | None):
     ) from e
 
 
+def _image_and_label_keys(name: str, builder: Any) -> tuple[str, str]:
+  """The (image, label) feature names of a single-label image classification dataset.
+
+  Why checked here: anything else (a multi-label `Sequence` or `Tensor` label, float or
+  13-band images, RGBA) failed later with an AttributeError/TypeError traceback, or trained on
+  what `int(label)` made of it. Extra supervised keys (places365_small's filename) are ignored.
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  features = builder.info.features
+  keys = builder.info.supervised_keys or ('image', 'label')
+  image_key, label_key = (tuple(keys) + (None, None))[:2] if isinstance(keys, tuple) else (0, 0)
+  if not (isinstance(image_key, str) and isinstance(label_key, str)) or not (
+    image_key in features and label_key in features
+  ):
+    raise DatasetNotFoundError(
+      f"dataset '{name}' is not an image classification dataset (no image/label keys)"
+    )
+  label = features[label_key]
+  if not isinstance(label, tfds.features.ClassLabel):
+    raise DatasetNotFoundError(
+      f"dataset '{name}': its label '{label_key}' is a {type(label).__name__}, not a "
+      'ClassLabel (one class per image), which is what this project trains on'
+    )
+  image = features[image_key]
+  array = isinstance(image, (tfds.features.Image, tfds.features.Tensor))
+  shape = tuple(image.shape) if array else ()
+  if not array or len(shape) != 3 or shape[2] not in (1, 3) or image.np_dtype != np.uint8:
+    what = f'{type(image).__name__} {shape} of {np.dtype(image.np_dtype).name}' if array else (
+      type(image).__name__
+    )
+    raise DatasetNotFoundError(
+      f"dataset '{name}': its image '{image_key}' is a {what}, expected uint8 (H, W, C) "
+      'images with 1 or 3 channels'
+    )
+  return image_key, label_key
+
+
 def _tfds_split(name: str, data_dir: str | None, split: str) -> SplitSource:
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
@@ -176,17 +214,9 @@ def _tfds_split(name: str, data_dir: str | None, split: str) -> SplitSource:
     )
   builder = _tfds_builder(name, data_dir)
   features = builder.info.features
-  image_key, label_key = builder.info.supervised_keys or ('image', 'label')
-  if not isinstance(image_key, str) or image_key not in features or label_key not in features:
-    raise DatasetNotFoundError(
-      f"dataset '{name}' is not an image classification dataset (no image/label keys)"
-    )
+  image_key, label_key = _image_and_label_keys(name, builder)
   image_feature = features[image_key]
   shape = tuple(image_feature.shape)
-  if len(shape) != 3:
-    raise DatasetNotFoundError(
-      f"dataset '{name}': image feature has shape {shape}, expected (H, W, C)"
-    )
   # Variable-size images (ImageNet-like) are kept encoded so the pipeline can decode at reduced size.
   skip = isinstance(image_feature, tfds.features.Image) and (shape[0] is None or shape[1] is None)
   try:
