@@ -21,7 +21,9 @@ from tests.runner import data_config
   ],
 )
 def test_datasets_that_are_not_single_label_images_are_one_clear_line(tmp_path, name, needle):
-  with pytest.raises(data.DatasetNotFoundError, match=needle.replace('(', r'\(').replace(')', r'\)')):
+  with pytest.raises(
+    data.DatasetNotFoundError, match=needle.replace('(', r'\(').replace(')', r'\)')
+  ):
     data.get_dataset_info(data_config(name=name, data_dir=str(tmp_path)))
 
 

@@ -247,3 +247,16 @@ def test_digits_overwrite_rebuilds_a_damaged_copy(tmp_path, capsys):
   assert prepare.main(['digits', '--data-dir', root, '--overwrite']) == 0
   assert f'removed {os.path.join(root, "digits", "1.0.0")}' in capsys.readouterr().out
   assert data.get_dataset_info(data_config(data_dir=root)).num_train_examples == 1437
+
+
+def test_a_dataset_training_refuses_is_refused_before_download(tmp_path, capsys, monkeypatch):
+  """`prepare bigearthnet` (multi-label) downloaded ~66 GB that training then refused."""
+  import tensorflow_datasets as tfds
+
+  def no_download(*args, **kwargs):
+    raise AssertionError('download_and_prepare was called')
+
+  monkeypatch.setattr(tfds.core.DatasetBuilder, 'download_and_prepare', no_download)
+  assert prepare.main(['bigearthnet', '--data-dir', str(tmp_path)]) == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "label 'labels' is a Sequence, not a ClassLabel" in err[0], err

@@ -166,7 +166,7 @@ def _tfds_builder(name: str, data_dir: str | None):
     ) from e
 
 
-def _image_and_label_keys(name: str, builder: Any) -> tuple[str, str]:
+def image_and_label_keys(name: str, builder: Any) -> tuple[str, str]:
   """The (image, label) feature names of a single-label image classification dataset.
 
   Why checked here: anything else (a multi-label `Sequence` or `Tensor` label, float or
@@ -194,8 +194,10 @@ def _image_and_label_keys(name: str, builder: Any) -> tuple[str, str]:
   array = isinstance(image, (tfds.features.Image, tfds.features.Tensor))
   shape = tuple(image.shape) if array else ()
   if not array or len(shape) != 3 or shape[2] not in (1, 3) or image.np_dtype != np.uint8:
-    what = f'{type(image).__name__} {shape} of {np.dtype(image.np_dtype).name}' if array else (
-      type(image).__name__
+    what = (
+      f'{type(image).__name__} {shape} of {np.dtype(image.np_dtype).name}'
+      if array
+      else type(image).__name__
     )
     raise DatasetNotFoundError(
       f"dataset '{name}': its image '{image_key}' is a {what}, expected uint8 (H, W, C) "
@@ -214,7 +216,7 @@ def _tfds_split(name: str, data_dir: str | None, split: str) -> SplitSource:
     )
   builder = _tfds_builder(name, data_dir)
   features = builder.info.features
-  image_key, label_key = _image_and_label_keys(name, builder)
+  image_key, label_key = image_and_label_keys(name, builder)
   image_feature = features[image_key]
   shape = tuple(image_feature.shape)
   # Variable-size images (ImageNet-like) are kept encoded so the pipeline can decode at reduced size.
@@ -239,7 +241,7 @@ def _tfds_split(name: str, data_dir: str | None, split: str) -> SplitSource:
     if split.split('[')[0] in builder.info.splits and '[' in split:  # 'test[360:]', 'test[:x]'
       raise DatasetNotFoundError(
         f"split '{split}' of dataset '{name}' selects no examples or is not a valid TFDS slice "
-        f"({' '.join(str(e).split())[:200]}; format: https://www.tensorflow.org/datasets/splits)"
+        f'({" ".join(str(e).split())[:200]}; format: https://www.tensorflow.org/datasets/splits)'
       ) from e
     hint = (
       ", or set config.data.validation_size=N to hold out N training examples as 'validation'"
