@@ -250,7 +250,7 @@ def test_digits_overwrite_rebuilds_a_damaged_copy(tmp_path, capsys):
 
 
 def test_a_dataset_training_refuses_is_refused_before_download(tmp_path, capsys, monkeypatch):
-  """`prepare bigearthnet` (multi-label) downloaded ~66 GB that training then refused."""
+  """`prepare bigearthnet` (multi-label) went on to download what training then refused."""
   import tensorflow_datasets as tfds
 
   def no_download(*args, **kwargs):
