@@ -114,3 +114,10 @@ def test_a_data_dir_with_a_tilde_is_the_one_prepare_wrote(tmp_path, monkeypatch)
   assert (tmp_path / 'home' / 'tfds' / 'digits' / '1.0.0' / 'dataset_info.json').exists()
   info = data.get_dataset_info(data_config(data_dir='~/tfds'))
   assert info.num_train_examples == 1437 and not (tmp_path / '~').exists()
+
+
+def test_an_empty_data_dir_is_the_default_one_not_the_cwd(tmp_path, monkeypatch):
+  """`--config.data.data_dir=` (empty) prepared the digits into the current directory."""
+  monkeypatch.chdir(tmp_path)
+  assert data.get_dataset_info(data_config(data_dir='')).num_train_examples == 1437
+  assert not (tmp_path / 'digits').exists() and not (tmp_path / '.digits.lock').exists()
