@@ -68,20 +68,20 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.train_split = 'train'
   c.data.eval_split = 'test'
   c.data.validation_size = 0  # >0: hold out that many train examples as split 'validation'
-  c.data.image_size = 32
+  c.data.image_size = 32  # model input side; 0: the dataset's own (fixed-size images only)
   c.data.num_classes = 10  # only used by 'synthetic'
   c.data.num_train_examples = IMAGENET_TRAIN_EXAMPLES  # only used by 'synthetic' (an epoch)
   c.data.num_eval_examples = (
     32  # only used by 'synthetic' (random data: eval only exercises the path)
   )
   c.data.channels = 3  # only used by 'synthetic'
-  c.data.augment = 'none'  # 'none' | 'cifar' | 'imagenet' | 'inception'
+  c.data.augment = 'none'  # 'none' | 'cifar' | 'translate' | 'imagenet' | 'inception'
   c.data.normalize = 'per_pixel_mean'  # 'per_pixel_mean' (paper) | 'mean_std' | 'scale'
   c.data.decoder = 'pil'  # JPEG decoder of the training crops: 'pil' | 'opencv' (if installed)
   # Grain worker processes: 0 decodes in the training process; -1 is one per core this process
   # may use, less one for the training loop (pipeline.worker_count)
   c.data.num_workers = 0
-  c.data.prefetch = 2  # batches prepared ahead on the host
+  c.data.prefetch = 2  # batches prepared ahead on the host (0 acts as 1)
   c.data.eval_crops = 1  # 1 | 10 (the paper's 10-crop testing)
 
   c.batch_size = 128  # global, over all devices and hosts

@@ -80,9 +80,35 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     )
   if config.data.eval_crops not in (1, 10):
     raise ConfigError(f'data.eval_crops must be 1 or 10, got {config.data.eval_crops}')
+  validate_data_sizes(config.data)
   if not 0 <= config.label_smoothing < 1:
     raise ConfigError(f'label_smoothing must be in [0, 1), got {config.label_smoothing}')
   validate_bn_groups(config.model.bn_group_size, config.batch_size, n_dev)
+
+
+def validate_data_sizes(data: ml_collections.ConfigDict) -> None:
+  """Counts and sizes under `config.data` that the pipeline would silently reinterpret (a negative
+  validation_size or prefetch acted as 0 or 1) or fail on with a message naming no key (PIL's
+  'height and width must be > 0', NumPy's 'high <= 0' for a synthetic set of 0 classes)."""
+  at_least = {
+    'data.validation_size': (data.validation_size, 0, ' (0: no held-out split)'),
+    'data.image_size': (data.image_size, 0, " (0: the dataset's own size)"),
+    'data.prefetch': (data.prefetch, 0, ''),
+  }
+  if data.name == 'synthetic':  # these fields describe the random images themselves
+    at_least.update(
+      {
+        'data.image_size': (data.image_size, 1, ''),
+        'data.channels': (data.channels, 1, ''),
+        'data.num_classes': (data.num_classes, 1, ''),
+        'data.num_train_examples': (data.num_train_examples, 0, ' (0: an ImageNet-sized epoch)'),
+        'data.num_eval_examples': (data.num_eval_examples, 0, ' (0: 10,000)'),
+      }
+    )
+  for key, (value, low, note) in at_least.items():
+    if value is None or value < low:
+      what = 'positive' if low == 1 else 'non-negative'
+      raise ConfigError(f'{key} must be {what}{note}, got {value}')
 
 
 def validate_bn_groups(group: int | None, batch_size: int, n_devices: int) -> None:

@@ -228,3 +228,35 @@ def test_fashion_mnist_config_is_the_paper_cifar_recipe_scaled_to_steps(depth, p
   assert full.schedule.boundaries == '32000,48000' and full.schedule.warmup_steps == 400
   assert full.model.preact and full.model.block == 'bottleneck'
   assert full.data.eval_split == 'validation' and full.data.validation_size == 5000
+
+
+def test_digits_overwrite_rebuilds_a_damaged_copy(tmp_path, capsys):
+  """`prepare digits --overwrite` was silently ignored, so a damaged copy could not be rebuilt."""
+  import glob
+
+  from resnet_jax import data
+  from tests.runner import data_config
+
+  root = str(tmp_path)
+  assert prepare.main(['digits', '--data-dir', root]) == 0
+  (shard,) = glob.glob(os.path.join(root, 'digits', '1.0.0', 'digits-train.array_record-*'))
+  with open(shard, 'r+b') as f:
+    f.truncate(1000)
+  with open(os.path.join(root, 'digits', '1.0.0', 'dataset_info.json'), 'w') as f:
+    f.write('{')  # even a builder TFDS cannot construct
+  assert prepare.main(['digits', '--data-dir', root, '--overwrite']) == 0
+  assert f'removed {os.path.join(root, "digits", "1.0.0")}' in capsys.readouterr().out
+  assert data.get_dataset_info(data_config(data_dir=root)).num_train_examples == 1437
+
+
+def test_a_dataset_training_refuses_is_refused_before_download(tmp_path, capsys, monkeypatch):
+  """`prepare bigearthnet` (multi-label) went on to download what training then refused."""
+  import tensorflow_datasets as tfds
+
+  def no_download(*args, **kwargs):
+    raise AssertionError('download_and_prepare was called')
+
+  monkeypatch.setattr(tfds.core.DatasetBuilder, 'download_and_prepare', no_download)
+  assert prepare.main(['bigearthnet', '--data-dir', str(tmp_path)]) == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "label 'labels' is a Sequence, not a ClassLabel" in err[0], err

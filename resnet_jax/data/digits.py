@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -82,6 +83,17 @@ def prepare_digits(data_dir: str | None = None) -> tfds.core.DatasetBuilder:
     if not builder.is_prepared():
       builder.download_and_prepare(file_format='array_record')
   return builder
+
+
+def remove_prepared(data_dir: str | None = None) -> str | None:
+  """Deletes the prepared digits (`prepare digits --overwrite`), damaged or not; returns the
+  directory it removed. Computed, not asked of TFDS: a damaged dataset_info.json breaks the builder."""
+  root = os.path.expanduser(data_dir) if data_dir else tfds.core.constants.DATA_DIR
+  directory = os.path.join(root, 'digits', str(Digits.VERSION))
+  if not os.path.isdir(directory):
+    return None
+  shutil.rmtree(directory)
+  return directory
 
 
 @contextlib.contextmanager

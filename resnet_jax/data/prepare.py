@@ -111,6 +111,19 @@ def _check_tfds_name(name: str, sources: Sequence[str]) -> None:
     )
 
 
+def _check_trainable(name: str, data_dir: str | None) -> None:
+  """Refuses, before any download, a dataset that training would refuse (a multi-label or
+  non-class label, non-uint8 or multi-band images): `sources` holds the rule."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  from resnet_jax.data import sources  # pylint: disable=g-import-not-at-top
+
+  try:
+    sources.image_and_label_keys(name, tfds.builder(name, data_dir=data_dir))
+  except sources.DatasetNotFoundError as e:
+    raise PrepareError(f'{e}: not prepared') from e
+
+
 def _generic_recipe(tfds_name: str, image_shape: tuple | None) -> Recipe:
   """Another TFDS dataset: the CIFAR recipe for small fixed-size images, else the ImageNet one."""
   small = image_shape is not None and image_shape[0] is not None and image_shape[0] <= 64
@@ -164,11 +177,15 @@ def prepare(args: argparse.Namespace) -> tuple[str, tuple | None]:
   if name not in RECIPES:
     _check_tfds_name(name, args.sources)
   data_dir = os.path.abspath(os.path.expanduser(args.data_dir)) if args.data_dir else None
+  if name not in RECIPES:
+    _check_trainable(name, data_dir)
   if name == 'digits':
     if args.sources or args.manual_dir:
       raise PrepareError('digits ships with scikit-learn: it takes no --from or --manual_dir')
     from resnet_jax.data import digits  # pylint: disable=g-import-not-at-top
 
+    if args.overwrite and (removed := digits.remove_prepared(data_dir)):
+      print(f'--overwrite: removed {removed}')
     digits.prepare_digits(data_dir)
     return name, (8, 8, 1)
   if args.sources and name != 'imagenet2012':

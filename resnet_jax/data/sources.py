@@ -23,6 +23,11 @@ class DatasetNotFoundError(ValueError):
   """A dataset (or split) is unknown or not prepared; the message is one line saying what to do."""
 
 
+class DatasetDamagedError(DatasetNotFoundError):
+  """Prepared files that cannot be read (a deleted or truncated shard, broken metadata): without
+  this, ArrayRecord's RuntimeError surfaces as a traceback, possibly hours in from a worker."""
+
+
 @dataclasses.dataclass(frozen=True)
 class SplitSource:
   """One split: the records plus what the pipeline needs to know about them."""
@@ -71,16 +76,31 @@ class _Subset:
 
 
 class _Renamed:
-  """Maps a TFDS record to {'image', 'label'} (datasets differ in their supervised keys)."""
+  """Maps a TFDS record to {'image', 'label'} (datasets differ in their supervised keys); a record
+  that cannot be read is a `DatasetDamagedError` naming the directory and the fix."""
 
-  def __init__(self, records: Sequence[dict[str, Any]], image_key: str, label_key: str):
+  def __init__(
+    self,
+    records: Sequence[dict[str, Any]],
+    image_key: str,
+    label_key: str,
+    name: str,
+    directory: str,
+    data_dir: str | None,
+  ):
     self._records, self._image_key, self._label_key = records, image_key, label_key
+    self._name, self._directory, self._data_dir = name, directory, data_dir
 
   def __len__(self) -> int:
     return len(self._records)
 
   def __getitem__(self, index: int) -> dict[str, Any]:
-    record = self._records[index]
+    try:
+      record = self._records[index]
+    except (RuntimeError, OSError) as e:  # ArrayRecord/Riegeli: missing, truncated, corrupt
+      raise DatasetDamagedError(
+        _damaged_message(self._name, self._directory, self._data_dir, f'record {index}: {e}')
+      ) from e
     return {'image': record[self._image_key], 'label': int(record[self._label_key])}
 
 
@@ -91,6 +111,8 @@ def _prepare_command(name: str, data_dir: str | None, *extra: str) -> str:
 
 
 def _not_prepared_message(name: str, data_dir: str | None) -> str:
+  if data_dir and os.path.exists(data_dir) and not os.path.isdir(data_dir):
+    return f'config.data.data_dir={data_dir} is a file, not a directory'
   where = data_dir or 'the TFDS data dir (TFDS_DATA_DIR or ~/tensorflow_datasets)'
   if name.split(':')[0].split('/')[0] == 'imagenet2012':
     return (
@@ -105,19 +127,83 @@ def _not_prepared_message(name: str, data_dir: str | None) -> str:
   )
 
 
+def _damaged_message(name: str, directory: str, data_dir: str | None, reason: str) -> str:
+  reason = ' '.join(str(reason).split())[:300]
+  return (
+    f"dataset '{name}' in {directory} is damaged ({reason}): delete {directory} and prepare it "
+    f'again with `{_prepare_command(name, data_dir)}`'
+  )
+
+
 def _tfds_builder(name: str, data_dir: str | None):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from google.protobuf import json_format  # pylint: disable=g-import-not-at-top
 
   from resnet_jax.data import digits  # pylint: disable=g-import-not-at-top
 
-  if name == 'digits':
-    return digits.prepare_digits(data_dir)
   try:
+    if name == 'digits':
+      return digits.prepare_digits(data_dir)
     return tfds.builder(name, data_dir=data_dir)
+  except OSError as e:  # digits are prepared on first use: the directory must be writable
+    if name != 'digits':
+      raise
+    if data_dir and os.path.exists(data_dir) and not os.path.isdir(data_dir):
+      raise DatasetNotFoundError(_not_prepared_message(name, data_dir)) from e
+    raise DatasetNotFoundError(
+      f"cannot prepare 'digits' in {data_dir or 'the TFDS data dir'} ({e.strerror or e}: "
+      f'{e.filename}): point config.data.data_dir at a writable directory'
+    ) from e
   except tfds.core.registered.DatasetNotFoundError as e:
     raise DatasetNotFoundError(
       f"unknown dataset '{name}': not 'digits', 'synthetic' or a TFDS dataset name"
     ) from e
+  except json_format.ParseError as e:  # TFDS reads dataset_info.json while making the builder
+    root = data_dir or os.environ.get('TFDS_DATA_DIR') or '~/tensorflow_datasets'
+    directory = os.path.join(root, *name.split(':')[0].split('/'))
+    raise DatasetDamagedError(
+      _damaged_message(name, directory, data_dir, f'dataset_info.json: {e}')
+    ) from e
+
+
+def image_and_label_keys(name: str, builder: Any) -> tuple[str, str]:
+  """The (image, label) feature names of a single-label image classification dataset.
+
+  Why checked here: anything else (a multi-label `Sequence` or `Tensor` label, float or
+  13-band images, RGBA) failed later with an AttributeError/TypeError traceback, or trained on
+  what `int(label)` made of it. Extra supervised keys (places365_small's filename) are ignored.
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  features = builder.info.features
+  keys = builder.info.supervised_keys or ('image', 'label')
+  image_key, label_key = (tuple(keys) + (None, None))[:2] if isinstance(keys, tuple) else (0, 0)
+  if not (isinstance(image_key, str) and isinstance(label_key, str)) or not (
+    image_key in features and label_key in features
+  ):
+    raise DatasetNotFoundError(
+      f"dataset '{name}' is not an image classification dataset (no image/label keys)"
+    )
+  label = features[label_key]
+  if not isinstance(label, tfds.features.ClassLabel):
+    raise DatasetNotFoundError(
+      f"dataset '{name}': its label '{label_key}' is a {type(label).__name__}, not a "
+      'ClassLabel (one class per image), which is what this project trains on'
+    )
+  image = features[image_key]
+  array = isinstance(image, (tfds.features.Image, tfds.features.Tensor))
+  shape = tuple(image.shape) if array else ()
+  if not array or len(shape) != 3 or shape[2] not in (1, 3) or image.np_dtype != np.uint8:
+    what = (
+      f'{type(image).__name__} {shape} of {np.dtype(image.np_dtype).name}'
+      if array
+      else type(image).__name__
+    )
+    raise DatasetNotFoundError(
+      f"dataset '{name}': its image '{image_key}' is a {what}, expected uint8 (H, W, C) "
+      'images with 1 or 3 channels'
+    )
+  return image_key, label_key
 
 
 def _tfds_split(name: str, data_dir: str | None, split: str) -> SplitSource:
@@ -130,17 +216,9 @@ def _tfds_split(name: str, data_dir: str | None, split: str) -> SplitSource:
     )
   builder = _tfds_builder(name, data_dir)
   features = builder.info.features
-  image_key, label_key = builder.info.supervised_keys or ('image', 'label')
-  if not isinstance(image_key, str) or image_key not in features or label_key not in features:
-    raise DatasetNotFoundError(
-      f"dataset '{name}' is not an image classification dataset (no image/label keys)"
-    )
+  image_key, label_key = image_and_label_keys(name, builder)
   image_feature = features[image_key]
   shape = tuple(image_feature.shape)
-  if len(shape) != 3:
-    raise DatasetNotFoundError(
-      f"dataset '{name}': image feature has shape {shape}, expected (H, W, C)"
-    )
   # Variable-size images (ImageNet-like) are kept encoded so the pipeline can decode at reduced size.
   skip = isinstance(image_feature, tfds.features.Image) and (shape[0] is None or shape[1] is None)
   try:
@@ -160,15 +238,31 @@ def _tfds_split(name: str, data_dir: str | None, split: str) -> SplitSource:
         f"dataset '{name}' in {builder.data_dir} is not in ArrayRecord format (needed for random "
         f'access): rebuild it with `{_prepare_command(name, data_dir, "--overwrite")}`'
       ) from e
+    if split.split('[')[0] in builder.info.splits and '[' in split:  # 'test[360:]', 'test[:x]'
+      raise DatasetNotFoundError(
+        f"split '{split}' of dataset '{name}' selects no examples or is not a valid TFDS slice "
+        f'({" ".join(str(e).split())[:200]}; format: https://www.tensorflow.org/datasets/splits)'
+      ) from e
+    hint = (
+      ", or set config.data.validation_size=N to hold out N training examples as 'validation'"
+      if split == 'validation'
+      else ''
+    )
     raise DatasetNotFoundError(
       f"dataset '{name}' has no split '{split}' (available: {', '.join(builder.info.splits)})"
+      + hint
     ) from e
+  directory = os.fspath(builder.data_dir)
+  records = _Renamed(records, image_key, label_key, name, directory, data_dir)
+  if len(records):  # a deleted, truncated or emptied shard: found now, not hours in
+    records[0]  # pylint: disable=pointless-statement
+    records[len(records) - 1]  # pylint: disable=pointless-statement
   return SplitSource(
-    _Renamed(records, image_key, label_key),
+    records,
     int(features[label_key].num_classes),
     (shape[0], shape[1], int(shape[2])),
     encoded=skip,
-    cache_dir=os.fspath(builder.data_dir),
+    cache_dir=directory,
   )
 
 
@@ -204,9 +298,15 @@ def open_split(config: ml_collections.ConfigDict, split: str) -> SplitSource:
   validation_size = int(data.validation_size or 0)
   if name == 'synthetic':
     return _synthetic_split(config, split)
-  data_dir = data.data_dir
+  # '~' as `prepare` reads it: TFDS itself would make a directory named '~' in the cwd
+  data_dir = os.path.expanduser(data.data_dir) if data.data_dir else None
   if validation_size > 0 and split in ('validation', train_split):
     full = _tfds_split(name, data_dir, train_split)
+    if validation_size >= len(full):
+      raise ValueError(
+        f'data.validation_size={validation_size} leaves no training examples: split '
+        f"'{train_split}' of {name} has {len(full)}"
+      )
     keep, held_out = holdout_indices(len(full), validation_size)
     return dataclasses.replace(
       full, records=_Subset(full.records, keep if split == train_split else held_out)

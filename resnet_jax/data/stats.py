@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import os
+import zipfile
 from typing import Callable, Sequence
 
 import numpy as np
@@ -73,7 +74,7 @@ def cached_stats(
     try:
       with np.load(path) as f:
         stats = {k: f[k] for k in f.files}
-    except (OSError, ValueError) as e:  # a truncated file from a killed run: recompute
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # truncated: recompute
       logging.warning('ignoring unreadable stats cache %s: %s', path, e)
   if stats is None:
     stats = compute()
