@@ -1,4 +1,4 @@
-"""ResNet-101 on ImageNet: configs/imagenet.py with depth=101 (extra args are passed through)."""
+"""ResNet-101 on ImageNet: configs/imagenet.py with depth=101 (other args pass through)."""
 
 from resnet_jax.default_config import load_sibling_config
 

@@ -1,4 +1,4 @@
-"""ResNet-152 on ImageNet: configs/imagenet.py with depth=152 (extra args are passed through)."""
+"""ResNet-152 on ImageNet: configs/imagenet.py with depth=152 (other args pass through)."""
 
 from resnet_jax.default_config import load_sibling_config
 

@@ -1,4 +1,4 @@
-"""ResNet-18 on ImageNet: configs/imagenet.py with depth=18 (extra args are passed through)."""
+"""ResNet-18 on ImageNet: configs/imagenet.py with depth=18 (other args pass through)."""
 
 from resnet_jax.default_config import load_sibling_config
 

@@ -1,4 +1,4 @@
-"""ResNet-34 on ImageNet: configs/imagenet.py with depth=34 (extra args are passed through)."""
+"""ResNet-34 on ImageNet: configs/imagenet.py with depth=34 (other args pass through)."""
 
 from resnet_jax.default_config import load_sibling_config
 

@@ -1,4 +1,4 @@
-"""ResNet-50 on ImageNet: configs/imagenet.py with depth=50 (extra args are passed through)."""
+"""ResNet-50 on ImageNet: configs/imagenet.py with depth=50 (other args pass through)."""
 
 from resnet_jax.default_config import load_sibling_config
 

@@ -138,6 +138,7 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
   out = ml_collections.ConfigDict(dict(defaults))
   if not arg:
     return out
+  seen = set()
   for item in arg.split(','):
     item = item.strip()
     if not item:
@@ -146,6 +147,9 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
     key = key.strip()
     if key not in defaults:
       raise ValueError(f'unknown config argument {key!r}; valid: {", ".join(sorted(defaults))}')
+    if key in seen:  # which one wins would be a silent choice (r50.py:depth=101 is 'depth=50,...')
+      raise ValueError(f'config argument {key!r} is given twice in {arg.strip(",")!r}')
+    seen.add(key)
     default = defaults[key]
     if not sep:
       if not isinstance(default, bool):

@@ -34,3 +34,10 @@ def test_the_cifar_recipe_scales_its_boundaries_to_any_length(steps, boundaries)
   config = load_sibling_config('configs/x.py', 'fashion_mnist').get_config(f'steps={steps}')
   assert config.schedule.boundaries == boundaries
   optim.create_learning_rate_fn(config, 469, steps)
+
+
+@pytest.mark.parametrize('name,arg', [('r50', 'depth=101'), ('cifar', 'depth=20,depth=56')])
+def test_a_config_arg_given_twice_is_refused(name, arg):
+  """r50.py:depth=101 trained a ResNet-101 (its 'depth=50,depth=101': the last one won)."""
+  with pytest.raises(ValueError, match="'depth' is given twice"):
+    load_sibling_config('configs/x.py', name).get_config(arg)
