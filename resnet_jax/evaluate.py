@@ -128,15 +128,19 @@ def evaluate_workdir(
   batch_size: int | None = None,
   scales: list[int] | None = None,
   precise_bn_batches: int | None = None,
+  data_dir: str | None = None,
 ) -> dict[str, Any]:
   """Evaluates the newest good checkpoint of a training run, without writing to its workdir.
 
   `scales`: Table 4's whole-image multi-scale testing. `precise_bn_batches`: first recompute the
   BN statistics over that many training batches (`resnet_jax.precise_bn`), in memory only.
+  `data_dir`: where the dataset is now, when it is not where the run read it (moved, another
+  machine, a relative path from another directory).
   """
-  trained = runtime.load_trained_model(
-    workdir, {'eval_batch_size': batch_size} if batch_size else None
-  )
+  overrides = {'eval_batch_size': batch_size} if batch_size else {}
+  if data_dir is not None:
+    overrides['data.data_dir'] = data_dir
+  trained = runtime.load_trained_model(workdir, overrides)
   experiment = trained.experiment
   config, mesh = experiment.config, experiment.mesh
   split = split or config.data.eval_split
@@ -202,6 +206,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     help='recompute the BN statistics as the average over N training batches first '
     '(in memory only)',
   )
+  parser.add_argument(
+    '--data-dir',
+    help="the dataset's TFDS data_dir, when it is no longer where the run read it "
+    "(default: the run's config.data.data_dir)",
+  )
   args = parser.parse_args(argv)
   try:
     result = evaluate_workdir(
@@ -211,6 +220,7 @@ def main(argv: Sequence[str] | None = None) -> None:
       batch_size=args.batch_size,
       scales=args.scales,
       precise_bn_batches=args.precise_bn,
+      data_dir=args.data_dir,
     )
   except (ValueError, FileNotFoundError, PermissionError) as e:  # one clear line, no traceback
     cli.fail(e)

@@ -141,3 +141,16 @@ def test_bad_counts_are_one_error_line(flag, bad, tmp_path, capsys):
   assert e.value.code == 1
   err = capsys.readouterr().err.strip()
   assert err.startswith('error:') and len(err.splitlines()) == 1 and flag in err
+
+
+def test_evaluate_reads_a_moved_dataset_from_data_dir(tmp_path, capsys):
+  """config.json keeps the data_dir the run read; --data-dir points evaluate at where it is now."""
+  config = load_sibling_config(CONFIGS, 'digits').get_config('depth=8,steps=2,batch=16')
+  config.update_from_flattened_dict({'data.data_dir': str(tmp_path / 'a'), 'progress_bar': False})
+  trained = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  (tmp_path / 'a').rename(tmp_path / 'b')
+  evaluate.main(['--workdir', str(tmp_path / 'run'), '--data-dir', str(tmp_path / 'b')])
+  got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert got['num_examples'] == 360 and got['step'] == 2
+  assert got['loss'] == pytest.approx(trained['eval']['loss'], rel=1e-5)
+  assert not (tmp_path / 'a').exists()  # without the flag the digits would be prepared again there
