@@ -372,3 +372,42 @@ def test_end_to_end_digits_sweep_and_responses(tmp_path, monkeypatch):
   assert [v['label'] for v in values] == ['plain-8', 'ResNet-8']
   assert all(len(v['std']) == 7 and v['num_examples'] == 100 for v in values)  # stem + 6 convs
   assert out.read_bytes()[:4] == b'\x89PNG'
+
+
+def test_runs_of_several_datasets_are_told_apart_in_table_and_plot(tmp_path, monkeypatch):
+  write_run(tmp_path, 'residual20', depth=20)
+  write_run(tmp_path, 'residual20_svhn', depth=20, dataset='svhn')
+  table = sweep_report.markdown_table(sweep_report.collect_runs(str(tmp_path)))
+  assert '| ResNet-20 (cifar10) |' in table and '| ResNet-20 (svhn) |' in table, table
+  labels = []
+  import matplotlib.axes  # noqa: PLC0415
+
+  real_plot = matplotlib.axes.Axes.plot
+  monkeypatch.setattr(
+    matplotlib.axes.Axes,
+    'plot',
+    lambda self, *a, **k: labels.append((k['label'], k['color'])) or real_plot(self, *a, **k),
+  )
+  sweep_report.plot_curves(
+    str(tmp_path), sweep_report.collect_runs(str(tmp_path)), str(tmp_path / 'c.png')
+  )
+  names = {n for n, _ in labels}
+  assert names == {'ResNet-20 (cifar10)', 'ResNet-20 (svhn)'}, names
+  assert len({c for _, c in labels}) == 2  # not one colour for two datasets' curves
+
+
+def test_one_damaged_run_does_not_stop_the_report(tmp_path, capsys):
+  write_run(tmp_path, 'residual20', depth=20)
+  torn = write_run(tmp_path, 'residual32', depth=32)
+  (torn / 'results.json').write_text('{"step": 4')  # e.g. copied off a machine mid-transfer
+  bad = write_run(tmp_path, 'residual44', depth=44)
+  (bad / 'config.json').write_text('{')
+  paths = sweep_report.write_report(str(tmp_path))
+  records = json.loads(open(paths[0]).read())
+  assert [(r['run'], r['finished']) for r in records] == [
+    ('residual20', True),
+    ('residual32', False),  # newest logged numbers, marked unfinished; the sweep trains it again
+  ]
+  assert not sweep.is_finished(str(torn)) and sweep.is_finished(str(tmp_path / 'residual20'))
+  err = capsys.readouterr().err
+  assert 'skipped' in err and 'residual44' in err, err

@@ -17,6 +17,8 @@ import sys
 import time
 from typing import Iterable, Sequence
 
+from resnet_jax.analysis.sweep_report import read_results
+
 # Config-string keys that the sweep sets (removed from the user's base args; shortcut only if swept).
 _SWEPT_ARG_KEYS = ('depth', 'plain', 'shortcut')
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -82,7 +84,9 @@ def plan_runs(
 
 
 def is_finished(run_dir: str) -> bool:
-  return os.path.exists(os.path.join(run_dir, 'results.json'))
+  """Whether the run wrote a readable results.json (a damaged one is trained again, as the report
+  and train.py treat it as missing)."""
+  return read_results(os.path.join(run_dir, 'results.json')) is not None
 
 
 def run_command(

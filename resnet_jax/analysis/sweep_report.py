@@ -11,10 +11,11 @@ import json
 import math
 import os
 import statistics
+import sys
 from typing import Any, Sequence
 
 from resnet_jax.analysis.paper_numbers import paper_error
-from resnet_jax.workdir import CONFIG_FILE, read_run_config
+from resnet_jax.workdir import CONFIG_FILE, WorkdirError, read_run_config
 
 Record = dict[str, Any]
 
@@ -75,10 +76,7 @@ def load_run(run_dir: str, train_window: int = 5) -> Record | None:
   metrics = read_metrics(os.path.join(run_dir, 'metrics.jsonl'))
   train = sorted((m for m in metrics if m.get('split') == 'train'), key=lambda m: m['step'])
   evals = sorted((m for m in metrics if m.get('split') == table.name), key=lambda m: m['step'])
-  results = None
-  if os.path.exists(os.path.join(run_dir, 'results.json')):
-    with open(os.path.join(run_dir, 'results.json')) as f:
-      results = json.load(f)
+  results = read_results(os.path.join(run_dir, 'results.json'))
   final = None
   if results:
     final = results['eval'] if table.name == 'eval' else results.get('evals', {}).get(table.name)
@@ -119,6 +117,17 @@ def load_run(run_dir: str, train_window: int = 5) -> Record | None:
   return rec
 
 
+def read_results(path: str) -> Record | None:
+  """results.json, or None when it is missing or unreadable: such a run is not finished (train.py
+  reads it the same way and writes it again), and one damaged file must not stop the report."""
+  try:
+    with open(path) as f:
+      results = json.load(f)
+  except (OSError, ValueError):
+    return None
+  return results if isinstance(results, dict) and 'step' in results else None
+
+
 def _mean(xs: Sequence[float]) -> float | None:
   return float(sum(xs) / len(xs)) if xs else None
 
@@ -141,7 +150,11 @@ def collect_runs(sweep_dir: str, train_window: int = 5) -> list[Record]:
   for name in sorted(os.listdir(sweep_dir)) if os.path.isdir(sweep_dir) else []:
     path = os.path.join(sweep_dir, name)
     if os.path.isdir(path):
-      rec = load_run(path, train_window)
+      try:
+        rec = load_run(path, train_window)
+      except WorkdirError as e:  # an unreadable config.json: report the other runs
+        print(f'[sweep] skipped {path}: {e}', file=sys.stderr)
+        continue
       if rec is not None:
         records.append(rec)
   return sorted(records, key=_sort_key)
@@ -166,12 +179,17 @@ def group_runs(records: Sequence[Record]) -> list[list[Record]]:
   return list(groups.values())
 
 
-def label(rec: Record) -> str:
-  """'plain-20', 'ResNet-110 (pre-act)', 'ResNet-164 (pre-act, bottleneck)': the papers' names."""
+def label(rec: Record, with_dataset: bool = False) -> str:
+  """'plain-20', 'ResNet-110 (pre-act)', 'ResNet-164 (pre-act, bottleneck)': the papers' names.
+
+  `with_dataset` adds the dataset ('ResNet-20 (svhn)'), for a report over runs of several
+  datasets, whose rows and curves are otherwise told apart by nothing.
+  """
   text = f'{"ResNet" if rec["variant"] == "residual" else "plain"}-{rec["depth"]}'
   notes = [
     n for n, on in (('pre-act', rec['preact']), ('bottleneck', rec['block'] == 'bottleneck')) if on
   ]
+  notes += [rec['dataset']] if with_dataset else []
   return text + (f' ({", ".join(notes)})' if notes else '')
 
 
@@ -213,7 +231,7 @@ def markdown_table(records: Sequence[Record], train_window: int = 5) -> str:
       '| '
       + ' | '.join(
         [
-          label(first) + ('' if done else ' *'),
+          label(first, len(datasets) > 1) + ('' if done else ' *'),
           first['shortcut'] or '—',
           f'{params:,}' if params else '—',
           str(len(group)),
@@ -255,9 +273,11 @@ def plot_curves(sweep_dir: str, records: Sequence[Record], out_path: str) -> str
   curve_of = {r['run']: r.get('curve', 'eval') for r in records}
   evals = {k: [m for m in v if m.get('split') == curve_of[k]] for k, v in metrics.items()}
   shortcuts_vary = len({r['shortcut'] for r in records if r['variant'] == 'residual'}) > 1
+  several = len({r['dataset'] for r in records}) > 1
   colour_keys = sorted(
-    {(r['depth'], r['shortcut'] if shortcuts_vary else None) for r in records},
-    key=lambda k: (k[0], k[1] or ''),
+    {(r['dataset'] if several else '', r['depth'], r['shortcut'] if shortcuts_vary else None)
+     for r in records},
+    key=lambda k: (k[0], k[1], k[2] or ''),
   )
   cmap = plt.get_cmap('tab10')
   colours = {k: cmap(i % 10) for i, k in enumerate(colour_keys)}
@@ -270,8 +290,12 @@ def plot_curves(sweep_dir: str, records: Sequence[Record], out_path: str) -> str
   tops = {id(ax): 0.0 for ax in axes}
   for group in group_runs(records):
     first = group[0]
-    colour = colours[(first['depth'], first['shortcut'] if shortcuts_vary else None)]
-    name = label(first) + (f' {first["shortcut"]}' if shortcuts_vary and first['shortcut'] else '')
+    colour = colours[
+      (first['dataset'] if several else '', first['depth'],
+       first['shortcut'] if shortcuts_vary else None)
+    ]
+    name = label(first, several)
+    name += f' {first["shortcut"]}' if shortcuts_vary and first['shortcut'] else ''
     style = '-' if first['variant'] == 'residual' else '--'
     for ax, curves, key, scale, _ in panels:
       steps, ys = _mean_curve(group, curves, key)
