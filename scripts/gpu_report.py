@@ -165,6 +165,9 @@ def log(start: float, message: str) -> None:
   print(f'[{time.time() - start:7.1f} s] {message}', file=sys.stderr, flush=True)
 
 
+_MERGED_KEYS = ('date', 'device_kind', 'rows', 'wall_s', 'command', 'xla_flags')
+
+
 def merge_reports(paths: list[str], out: str) -> int:
   """One report from partial runs of the same machine (the device tool's calls are 10 minutes)."""
   parts = []
@@ -175,12 +178,17 @@ def merge_reports(paths: list[str], out: str) -> int:
     except (OSError, ValueError) as e:
       print(f'error: cannot read report {path}: {e}', file=sys.stderr)
       return 1
+    missing = [k for k in _MERGED_KEYS if not isinstance(parts[-1], dict) or k not in parts[-1]]
+    if missing:
+      print(f'error: {path} is not a gpu_report.json (no {", ".join(missing)})', file=sys.stderr)
+      return 1
   kinds = {p['device_kind'] for p in parts}
   if len(kinds) != 1:
     print(f'error: the reports come from different devices: {sorted(kinds)}', file=sys.stderr)
     return 1
   report = dict(parts[0])
   report['rows'] = [r for p in parts for r in p['rows']]
+  report['complete'] = all(p.get('complete', True) for p in parts)  # one part cut off: partial
   report['end_to_end'] = next((p['end_to_end'] for p in parts if p.get('end_to_end')), None)
   report['wall_s'] = round(sum(p['wall_s'] for p in parts), 1)
   report['command'] = ' ; '.join(p['command'] for p in parts)
@@ -258,7 +266,10 @@ def main(argv: list[str] | None = None) -> int:
   p = cli.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument('--out', required=True, help='directory for gpu_report.md and gpu_report.json')
   p.add_argument('--tiny', action='store_true', help='tiny CPU version (the default without a GPU)')
-  p.add_argument('--steps', type=int, default=None, help='timed steps per row (GPU 30, tiny 2)')
+  p.add_argument(
+    '--steps',
+    type=cli.positive_int,
+    default=None, help='timed steps per row (GPU 30, tiny 2)')
   p.add_argument('--budget-s', type=float, default=1150, help='skip optional rows after this')
   p.add_argument('--no-torch', action='store_true')
   p.add_argument('--no-e2e', action='store_true')
@@ -289,21 +300,19 @@ def main(argv: list[str] | None = None) -> int:
   keys = [k for k in args.rows.split(',') if k]
   if any(k not in ROW_KEYS for k in keys):
     p.error(f'--rows: unknown row in {args.rows!r} (choose from {",".join(ROW_KEYS)})')
-  if args.merge:
-    return merge_reports(args.merge, args.out)
   try:
     overrides = dict(parse_override(o) for o in args.set)
   except ValueError as e:
     p.error(str(e))
-  tiny = args.tiny or not nvidia_present()
-  steps = args.steps or (2 if tiny else 30)
-  if steps < 1:
-    p.error('--steps must be positive')
-  try:
+  try:  # before anything is measured (or merged): a bad --out must not lose the figures
     os.makedirs(args.out, exist_ok=True)
   except OSError as e:
     print(f'error: cannot create --out {args.out}: {e.strerror}', file=sys.stderr)
     return 1
+  if args.merge:
+    return merge_reports(args.merge, args.out)
+  tiny = args.tiny or not nvidia_present()
+  steps = args.steps or (2 if tiny else 30)
   selected = [
     dict(r, grow=[] if args.no_grow else r.get('grow', []), overrides=overrides) for r in plan(tiny)
   ]

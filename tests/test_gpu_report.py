@@ -91,6 +91,41 @@ def test_partial_reports_merge_into_one(tmp_path):
   )
 
 
+def test_merge_refuses_what_is_not_a_report_and_keeps_a_cut_off_part_partial(tmp_path, capsys):
+  module = _load()
+  base = {
+    'date': 'd',
+    'tiny': True,
+    'platform': 'cpu',
+    'device_kind': 'cpu',
+    'devices': 1,
+    'jax_version': '0',
+    'cpu_count': 2,
+    'xla_flags': '',
+    'end_to_end': None,
+    'wall_s': 1.0,
+    'command': 'c',
+  }
+  ok = tmp_path / 'ok.json'
+  ok.write_text(json.dumps(dict(base, complete=True, rows=[{'name': 'a', 'batch_size': 8, 'images_per_sec': 1}])))
+  cut = tmp_path / 'cut.json'
+  cut.write_text(json.dumps(dict(base, complete=False, rows=[])))
+  assert module.main(['--out', str(tmp_path / 'm'), '--merge', str(ok), str(cut)]) == 0
+  capsys.readouterr()
+  assert json.loads((tmp_path / 'm' / 'gpu_report.json').read_text())['complete'] is False
+  assert '(partial' in (tmp_path / 'm' / 'gpu_report.md').read_text()
+  for i, text in enumerate(('[]', '{"rows": []}')):  # valid JSON, not a report: one line
+    (tmp_path / f'bad{i}.json').write_text(text)
+    assert module.main(['--out', str(tmp_path / 'm'), '--merge', str(tmp_path / f'bad{i}.json')]) == 1
+    assert 'is not a gpu_report.json' in capsys.readouterr().err
+  (tmp_path / 'file').write_text('')  # --out names a file: refused, not a traceback
+  assert module.main(['--out', str(tmp_path / 'file'), '--merge', str(ok)]) == 1
+  assert capsys.readouterr().err.startswith('error: cannot create --out')
+  with pytest.raises(SystemExit):  # 0 steps was silently the default (2 or 30)
+    module.main(['--out', str(tmp_path / 'z'), '--steps', '0'])
+  assert 'positive' in capsys.readouterr().err and not (tmp_path / 'z').exists()
+
+
 def test_a_run_cut_off_after_its_rows_leaves_a_partial_report(tmp_path, monkeypatch, capsys):
   """The device tool's calls end at a time limit: what was measured must already be on disk."""
   module = _load()
