@@ -139,6 +139,23 @@ class CpuClock:
     return sum(t - before.get(pid, 0.0) for pid, t in after.items())
 
 
+def rates(examples: int, wall: float, cpu: float) -> dict[str, float | None]:
+  """Throughput and CPU figures of one timed window. The OS counts CPU time in 10 ms ticks: below
+  MIN_CPU_S neither a per-core rate nor the cores used is measurable (one tick over a 0.3 ms
+  window read as 39 cores on a 2-core machine), so both are None there."""
+  measurable = cpu >= MIN_CPU_S
+  per_core = examples / cpu if measurable else None
+  return {
+    'examples_per_sec': round(examples / wall, 1),
+    'cpu_s': round(cpu, 3),
+    'cores_used': round(cpu / wall, 2) if measurable else None,
+    'examples_per_core_sec': None if per_core is None else round(per_core, 1),
+    'cores_per_7500_images_per_sec': (
+      None if per_core is None else round(TARGET_IMAGES_PER_SEC / per_core, 2)
+    ),
+  }
+
+
 def measure(
   config: ml_collections.ConfigDict,
   batch_size: int,
@@ -190,16 +207,8 @@ def measure(
     if hasattr(it, 'close'):
       it.close()
   examples = num_batches * batch_size
-  # The OS counts CPU time in 10 ms ticks: below ~50 ms a per-core rate is not measurable.
-  per_core = examples / cpu if cpu >= MIN_CPU_S else None
   return {
-    'examples_per_sec': round(examples / wall, 1),
-    'cpu_s': round(cpu, 3),
-    'cores_used': round(cpu / wall, 2),
-    'examples_per_core_sec': None if per_core is None else round(per_core, 1),
-    'cores_per_7500_images_per_sec': (
-      None if per_core is None else round(TARGET_IMAGES_PER_SEC / per_core, 2)
-    ),
+    **rates(examples, wall, cpu),
     'bytes_per_example': nbytes // examples,
     'cpu_includes_workers': clock.includes_workers,
   }
@@ -319,9 +328,10 @@ def main(argv: list[str] | None = None) -> int:
           )
           if not args.json:
             per_core, cores = r['examples_per_core_sec'], r['cores_per_7500_images_per_sec']
+            used = r['cores_used']
             print(
               f'{name:22s} {impl:3s} {decoder:6s} workers={w:<3d} batch={batch_size:<4d} '
-              f'{r["examples_per_sec"]:9.1f} ex/s  {r["cores_used"]:5.2f} cores  '
+              f'{r["examples_per_sec"]:9.1f} ex/s  {"-" if used is None else f"{used:.2f}":>5s} cores  '
               f'{"-" if per_core is None else f"{per_core:.1f}":>8s} ex/s/core  '
               f'{"-" if cores is None else f"{cores:.1f}":>7s} cores/7500',
               flush=True,

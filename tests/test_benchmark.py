@@ -179,3 +179,14 @@ def test_sizes_and_counts_out_of_range_are_one_line(script, args, capsys):
   assert e.value.code == 1
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith('error: ') and 'expected' in err[0], err
+
+
+def test_benchmark_input_reports_no_core_count_below_the_cpu_clock_tick():
+  """One 10 ms CPU tick over a 0.26 ms window was printed as 38.99 cores on a 2-core machine."""
+  rates = _script('benchmark_input').rates
+  short = rates(64, 0.000256, 0.01)
+  assert short['examples_per_sec'] == 250000.0 and short['cpu_s'] == 0.01
+  assert short['cores_used'] is None and short['examples_per_core_sec'] is None
+  long = rates(640, 0.5, 0.8)
+  assert long['cores_used'] == 1.6 and long['examples_per_core_sec'] == 800.0
+  assert long['cores_per_7500_images_per_sec'] == 9.38
