@@ -190,3 +190,11 @@ def test_benchmark_input_reports_no_core_count_below_the_cpu_clock_tick():
   long = rates(640, 0.5, 0.8)
   assert long['cores_used'] == 1.6 and long['examples_per_core_sec'] == 800.0
   assert long['cores_per_7500_images_per_sec'] == 9.38
+
+
+@pytest.mark.parametrize('peak', ['-1', '0', 'nan', 'inf', 'x'])
+def test_benchmark_refuses_a_peak_that_makes_no_mfu(peak, capsys):
+  """--peak-tflops -1 printed mfu -0.0334 (and 0 was silently no MFU at all)."""
+  with pytest.raises(SystemExit) as e:
+    _script('benchmark').main(['--model', 'resnet8', '--peak-tflops', peak])
+  assert e.value.code != 0 and 'positive number' in capsys.readouterr().err
