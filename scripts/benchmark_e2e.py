@@ -103,8 +103,8 @@ def run(args: argparse.Namespace) -> dict:
     compiled = step.lower(state, first).compile()
     compile_s = time.perf_counter() - t
     for _ in range(args.warmup):  # worker start-up, runtime warm-up
-      state, metrics = compiled(state, put(next(it)))
-    jax.block_until_ready(metrics)
+      state, _ = compiled(state, put(next(it)))
+    jax.block_until_ready(state)  # (--warmup 0: no step has run yet)
     inflight = collections.deque()
     wait_data = wait_step = 0.0
     cpu0, start = clock.read(), time.perf_counter()
@@ -177,9 +177,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
   )
   p.add_argument('--decoder', default='pil', choices=('pil', 'opencv'))
   p.add_argument('--workers', type=int, default=os.cpu_count() or 1, help='Grain worker processes')
-  p.add_argument('--prefetch', type=int, default=2)
+  p.add_argument('--prefetch', type=cli.non_negative_int, default=2)
   p.add_argument('--steps', type=int, default=200)
-  p.add_argument('--warmup', type=int, default=10)
+  p.add_argument('--warmup', type=cli.non_negative_int, default=10)
   p.add_argument('--step-only-steps', type=int, default=20)
   p.add_argument('--in-flight', type=int, default=2, help='steps queued on the device at most')
   p.add_argument(

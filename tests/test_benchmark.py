@@ -135,6 +135,20 @@ def test_benchmark_e2e_smoke(capsys, tmp_path):
   assert r['devices'] == 4 and r['steps'] == 4
 
 
+def test_benchmark_e2e_without_warmup_runs_and_negative_counts_are_refused(capsys, tmp_path):
+  """--warmup 0 ended in UnboundLocalError ('metrics'); --warmup/--prefetch -1 were taken."""
+  module = _script('benchmark_e2e')
+  for flag in ('--warmup', '--prefetch'):
+    with pytest.raises(SystemExit):
+      module.parse([flag, '-1'])
+    assert 'error:' in capsys.readouterr().err
+  tiny = '--generated tiny --arch resnet8 --batch-size 8 --image-size 16 --dtype float32'
+  argv = [*tiny.split(), '--workers', '0', '--steps', '2', '--step-only-steps', '1']
+  assert module.main([*argv, '--warmup', '0', '--data_dir', str(tmp_path), '--json']) == 0
+  r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert r['steps'] == 2 and r['images_per_sec'] > 0
+
+
 def test_benchmark_bn_collectives_by_scope():
   module = _script('benchmark_bn')
   assert module.scopes(12, 4) == [
