@@ -107,7 +107,11 @@ def test_merge_refuses_what_is_not_a_report_and_keeps_a_cut_off_part_partial(tmp
     'command': 'c',
   }
   ok = tmp_path / 'ok.json'
-  ok.write_text(json.dumps(dict(base, complete=True, rows=[{'name': 'a', 'batch_size': 8, 'images_per_sec': 1}])))
+  ok.write_text(
+    json.dumps(
+      dict(base, complete=True, rows=[{'name': 'a', 'batch_size': 8, 'images_per_sec': 1}])
+    )
+  )
   cut = tmp_path / 'cut.json'
   cut.write_text(json.dumps(dict(base, complete=False, rows=[])))
   assert module.main(['--out', str(tmp_path / 'm'), '--merge', str(ok), str(cut)]) == 0
@@ -116,7 +120,9 @@ def test_merge_refuses_what_is_not_a_report_and_keeps_a_cut_off_part_partial(tmp
   assert '(partial' in (tmp_path / 'm' / 'gpu_report.md').read_text()
   for i, text in enumerate(('[]', '{"rows": []}')):  # valid JSON, not a report: one line
     (tmp_path / f'bad{i}.json').write_text(text)
-    assert module.main(['--out', str(tmp_path / 'm'), '--merge', str(tmp_path / f'bad{i}.json')]) == 1
+    assert (
+      module.main(['--out', str(tmp_path / 'm'), '--merge', str(tmp_path / f'bad{i}.json')]) == 1
+    )
     assert 'is not a gpu_report.json' in capsys.readouterr().err
   (tmp_path / 'file').write_text('')  # --out names a file: refused, not a traceback
   assert module.main(['--out', str(tmp_path / 'file'), '--merge', str(ok)]) == 1

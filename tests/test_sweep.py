@@ -411,3 +411,40 @@ def test_one_damaged_run_does_not_stop_the_report(tmp_path, capsys):
   assert not sweep.is_finished(str(torn)) and sweep.is_finished(str(tmp_path / 'residual20'))
   err = capsys.readouterr().err
   assert 'skipped' in err and 'residual44' in err, err
+
+
+def test_wide_resnets_of_two_widths_are_two_rows_with_their_paper_numbers(tmp_path):
+  """wrn16_4 and wrn16_8 were averaged as two 'seeds' of 'ResNet-16 (pre-act)', and WRN-28-10
+  never got Zagoruyko & Komodakis's number; a ResNeXt got the paper's ResNet-50 number."""
+  for name, depth, test_error, dropout in (
+    ('wrn16_4', 16, 0.09, 0.0),
+    ('wrn16_8', 16, 0.13, 0.0),
+    ('wrn28_10', 28, 0.05, 0.3),
+  ):
+    d = write_run(
+      tmp_path,
+      name,
+      depth=depth,
+      shortcut='B',
+      preact=True,
+      test_error=test_error,
+      dropout_rate=dropout,
+    )
+    cfg = json.loads((d / 'config.json').read_text())
+    cfg['model']['name'] = name
+    (d / 'config.json').write_text(json.dumps(cfg))
+  records = sweep_report.collect_runs(str(tmp_path))
+  rows = {
+    line.split(' | ')[0].lstrip('| '): line.split(' | ')
+    for line in sweep_report.markdown_table(records).splitlines()
+    if line.startswith('| ') and not line.startswith('| model')
+  }
+  assert set(rows) == {'WRN-16-4', 'WRN-16-8', 'WRN-28-10 (dropout 0.3)'}, rows
+  assert rows['WRN-16-4'][3] == '1' and rows['WRN-16-4'][7] == '9.00'  # one seed, its own error
+  assert rows['WRN-28-10 (dropout 0.3)'][8].startswith('3.89 (Zagoruyko')
+  d = write_run(tmp_path / 'x', 'x50', depth=50, shortcut='B', dataset='imagenet2012')
+  cfg = json.loads((d / 'config.json').read_text())
+  cfg['model']['name'] = 'resnext50_32x4d'
+  (d / 'config.json').write_text(json.dumps(cfg))
+  (rec,) = sweep_report.collect_runs(str(tmp_path / 'x'))
+  assert sweep_report.label(rec) == 'resnext50_32x4d' and rec['paper_top1_error_pct'] is None

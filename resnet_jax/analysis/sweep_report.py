@@ -14,7 +14,7 @@ import statistics
 import sys
 from typing import Any, Sequence
 
-from resnet_jax.analysis.paper_numbers import paper_error
+from resnet_jax.analysis.paper_numbers import paper_error, wrn_paper_error
 from resnet_jax.workdir import CONFIG_FILE, WorkdirError, read_run_config
 
 Record = dict[str, Any]
@@ -93,6 +93,9 @@ def load_run(run_dir: str, train_window: int = 5) -> Record | None:
     'shortcut': model['shortcut'] if variant == 'residual' else None,
     'preact': bool(model['preact']),  # None: the name's own, pre-activation only for wrn*
     'block': model['block'] or 'basic',  # CIFAR: basic (6n+2) or bottleneck (9n+2)
+    'arch': spec.variant,  # 'resnet', or 'wrn' / 'resnext' / 'wide_resnet': other nets, own rows
+    'widen': spec.widen if spec.variant == 'wrn' else None,
+    'dropout_rate': float(model.get('dropout_rate') or 0.0),
     'seed': cfg['seed'],
     'finished': results is not None,
     'steps': results['step'] if results else (train[-1]['step'] if train else 0),
@@ -110,9 +113,14 @@ def load_run(run_dir: str, train_window: int = 5) -> Record | None:
     'curve_crops': curve.crops,
     'wall_time_s': results.get('wall_time_s') if results else None,
   }
-  paper = paper_error(
-    rec['dataset'], variant, rec['depth'], rec['shortcut'], rec['preact'], rec['block']
-  )
+  if spec.variant == 'wrn':
+    paper = wrn_paper_error(rec['dataset'], rec['depth'], rec['widen'], rec['dropout_rate'])
+  elif spec.variant == 'resnet':
+    paper = paper_error(
+      rec['dataset'], variant, rec['depth'], rec['shortcut'], rec['preact'], rec['block']
+    )
+  else:  # a ResNeXt is not the paper's ResNet of its depth
+    paper = None
   rec['paper_top1_error_pct'], rec['paper_source'] = paper if paper else (None, None)
   return rec
 
@@ -135,10 +143,14 @@ def _mean(xs: Sequence[float]) -> float | None:
 def _sort_key(rec: Record) -> tuple:
   return (
     rec['dataset'],
+    rec.get('arch', 'resnet') != 'resnet',
     rec['preact'],
     rec['block'],
     rec['variant'] != 'plain',
     rec['depth'],
+    rec.get('widen') or 0,
+    rec['model'],
+    rec.get('dropout_rate', 0.0),
     rec['shortcut'] or '',
     rec['seed'] if rec['seed'] is not None else -1,
   )
@@ -161,8 +173,11 @@ def collect_runs(sweep_dir: str, train_window: int = 5) -> list[Record]:
 
 
 def _group_key(rec: Record) -> tuple:
+  """What a row is: runs of two widths (wrn16_4, wrn16_8) or dropouts are never 'seeds'."""
   return (
     rec['dataset'],
+    rec['model'],
+    rec.get('dropout_rate', 0.0),
     rec['preact'],
     rec['block'],
     rec['variant'],
@@ -185,10 +200,18 @@ def label(rec: Record, with_dataset: bool = False) -> str:
   `with_dataset` adds the dataset ('ResNet-20 (svhn)'), for a report over runs of several
   datasets, whose rows and curves are otherwise told apart by nothing.
   """
-  text = f'{"ResNet" if rec["variant"] == "residual" else "plain"}-{rec["depth"]}'
-  notes = [
-    n for n, on in (('pre-act', rec['preact']), ('bottleneck', rec['block'] == 'bottleneck')) if on
-  ]
+  arch = rec.get('arch', 'resnet')
+  if arch == 'wrn':  # always pre-activation: 'WRN-28-10 (dropout 0.3)', as Zagoruyko & Komodakis
+    text, notes = f'WRN-{rec["depth"]}-{rec["widen"]}', []
+  else:
+    text = rec['model'] if arch != 'resnet' else f'ResNet-{rec["depth"]}'
+    text = text if rec['variant'] == 'residual' else f'plain-{rec["depth"]}'
+    notes = [
+      n
+      for n, on in (('pre-act', rec['preact']), ('bottleneck', rec['block'] == 'bottleneck'))
+      if on
+    ]
+  notes += [f'dropout {rec["dropout_rate"]:g}'] if rec.get('dropout_rate') else []
   notes += [rec['dataset']] if with_dataset else []
   return text + (f' ({", ".join(notes)})' if notes else '')
 
@@ -275,9 +298,8 @@ def plot_curves(sweep_dir: str, records: Sequence[Record], out_path: str) -> str
   shortcuts_vary = len({r['shortcut'] for r in records if r['variant'] == 'residual'}) > 1
   several = len({r['dataset'] for r in records}) > 1
   colour_keys = sorted(
-    {(r['dataset'] if several else '', r['depth'], r['shortcut'] if shortcuts_vary else None)
-     for r in records},
-    key=lambda k: (k[0], k[1], k[2] or ''),
+    {_colour_key(r, several, shortcuts_vary) for r in records},
+    key=lambda k: (k[0], k[1], k[2], k[3] or ''),
   )
   cmap = plt.get_cmap('tab10')
   colours = {k: cmap(i % 10) for i, k in enumerate(colour_keys)}
@@ -290,10 +312,7 @@ def plot_curves(sweep_dir: str, records: Sequence[Record], out_path: str) -> str
   tops = {id(ax): 0.0 for ax in axes}
   for group in group_runs(records):
     first = group[0]
-    colour = colours[
-      (first['dataset'] if several else '', first['depth'],
-       first['shortcut'] if shortcuts_vary else None)
-    ]
+    colour = colours[_colour_key(first, several, shortcuts_vary)]
     name = label(first, several)
     name += f' {first["shortcut"]}' if shortcuts_vary and first['shortcut'] else ''
     style = '-' if first['variant'] == 'residual' else '--'
@@ -329,6 +348,13 @@ def plot_curves(sweep_dir: str, records: Sequence[Record], out_path: str) -> str
   fig.savefig(out_path, dpi=110)
   plt.close(fig)
   return out_path
+
+
+def _colour_key(rec: Record, several: bool, shortcuts_vary: bool) -> tuple:
+  """One colour per net (a plain net shares its residual twin's: dashed vs solid)."""
+  net = (rec['model'], rec.get('dropout_rate', 0.0))
+  shortcut = rec['shortcut'] if shortcuts_vary else None
+  return (rec['dataset'] if several else '', rec['depth'], net, shortcut)
 
 
 def _curve_title(records: Sequence[Record]) -> str:
