@@ -328,10 +328,10 @@ def main(argv: list[str] | None = None) -> int:
           )
           if not args.json:
             per_core, cores = r['examples_per_core_sec'], r['cores_per_7500_images_per_sec']
-            used = r['cores_used']
+            used = '-' if r['cores_used'] is None else f'{r["cores_used"]:.2f}'
             print(
               f'{name:22s} {impl:3s} {decoder:6s} workers={w:<3d} batch={batch_size:<4d} '
-              f'{r["examples_per_sec"]:9.1f} ex/s  {"-" if used is None else f"{used:.2f}":>5s} cores  '
+              f'{r["examples_per_sec"]:9.1f} ex/s  {used:>5s} cores  '
               f'{"-" if per_core is None else f"{per_core:.1f}":>8s} ex/s/core  '
               f'{"-" if cores is None else f"{cores:.1f}":>7s} cores/7500',
               flush=True,

@@ -267,9 +267,8 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument('--out', required=True, help='directory for gpu_report.md and gpu_report.json')
   p.add_argument('--tiny', action='store_true', help='tiny CPU version (the default without a GPU)')
   p.add_argument(
-    '--steps',
-    type=cli.positive_int,
-    default=None, help='timed steps per row (GPU 30, tiny 2)')
+    '--steps', type=cli.positive_int, default=None, help='timed steps per row (GPU 30, tiny 2)'
+  )
   p.add_argument('--budget-s', type=float, default=1150, help='skip optional rows after this')
   p.add_argument('--no-torch', action='store_true')
   p.add_argument('--no-e2e', action='store_true')
