@@ -85,6 +85,8 @@ def test_response_layers_of_scanned_params_are_named_as_unrolled():
     (['--out={tmp}/afile/r.png'], 'is not an existing directory'),  # was a traceback at the end
     (['--out={tmp}/missing/r.png'], 'is not an existing directory'),
     (['--out={tmp}'], 'is a directory'),
+    (['--out={tmp}/r.json'], 'not a plot format'),  # was a traceback after the forward passes
+    (['--out={tmp}/r.txt'], 'not a plot format'),
   ],
 )
 def test_bad_flags_are_one_line_before_any_work(tmp_path, capsys, extra, needle):
@@ -95,3 +97,14 @@ def test_bad_flags_are_one_line_before_any_work(tmp_path, capsys, extra, needle)
   assert e.value.code == 1
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith('error: ') and needle in err[0], err
+
+
+def test_an_out_without_extension_is_written_where_the_message_says(tmp_path, monkeypatch, capsys):
+  """--out=fig7 said 'wrote fig7' while matplotlib wrote fig7.png."""
+  fake = {'label': 'ResNet-8', 'residual': True, 'depth': 8, 'dataset': 'digits', 'split': 'test'}
+  fake.update(std=[0.4, 0.2], num_examples=10)
+  monkeypatch.setattr(responses, 'layer_stds', lambda workdir, **kwargs: dict(fake))
+  assert responses.main([f'--workdir={tmp_path / "run"}', f'--out={tmp_path / "fig7"}']) == 0
+  out = capsys.readouterr().out
+  assert f'wrote {tmp_path / "fig7.png"} and {tmp_path / "fig7.json"}' in out, out
+  assert (tmp_path / 'fig7.png').read_bytes()[:4] == b'\x89PNG' and not (tmp_path / 'fig7').exists()

@@ -175,12 +175,20 @@ def plot_responses(results: Sequence[dict[str, Any]], out_path: str) -> str:
   return out_path
 
 
+def plot_formats() -> set[str]:
+  """File extensions matplotlib can save a figure as (png, pdf, svg, ...)."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=import-outside-toplevel
+
+  return set(FigureCanvasAgg.get_supported_filetypes())
+
+
 def main(argv: list[str] | None = None) -> int:
   p = cli.ArgumentParser(prog='python -m resnet_jax.analysis.responses', description=__doc__)
   p.add_argument('--workdir', action='append', required=True, help='a run directory (repeatable)')
   p.add_argument(
     '--out',
-    help='plot path (default: responses.png beside the workdirs, in their '
+    help='plot path, .png/.pdf/.svg/... (no extension: .png; default: responses.png beside the '
+    'workdirs, in their '
     "common parent: a run's own directory is never written); values go to NAME.json",
   )
   p.add_argument('--split', help="dataset split (default: the run's eval split)")
@@ -197,6 +205,12 @@ def main(argv: list[str] | None = None) -> int:
     p.error(f'--out {out}: {out_dir} is not an existing directory')
   if os.path.isdir(out):
     p.error(f'--out {out} is a directory; name the plot file')
+  ext = os.path.splitext(out)[1][1:].lower()
+  formats = plot_formats()
+  if not ext:  # matplotlib would write OUT.png while we named OUT
+    out, ext = out + '.png', 'png'
+  if ext not in formats:  # found by matplotlib only after the forward passes
+    p.error(f'--out {out}: not a plot format matplotlib writes ({", ".join(sorted(formats))})')
   try:
     results = [
       layer_stds(w, split=args.split, max_examples=args.max_examples, batch_size=args.batch_size)
