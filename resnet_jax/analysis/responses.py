@@ -177,7 +177,7 @@ def plot_responses(results: Sequence[dict[str, Any]], out_path: str) -> str:
 
 def plot_formats() -> set[str]:
   """File extensions matplotlib can save a figure as (png, pdf, svg, ...)."""
-  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=import-outside-toplevel
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
 
   return set(FigureCanvasAgg.get_supported_filetypes())
 
