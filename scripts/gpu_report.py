@@ -211,12 +211,16 @@ def write_report(report: dict, out: str, quiet: bool = False) -> None:
 
 
 def markdown(report: dict) -> str:
+  torch_error = report.get('torch_error')
+  torch = report.get('torch_version') or (
+    f'unusable ({torch_error})' if torch_error and torch_error != 'not installed' else 'absent'
+  )
   lines = [
     f'# GPU report ({report["date"]})'
     f'{"" if report.get("complete", True) else " (partial: written after a row)"}',
     '',
     f'Device: {report["device_kind"]} x{report["devices"]} ({report["platform"]}); '
-    f'jax {report["jax_version"]}, torch {report.get("torch_version") or "absent"}; '
+    f'jax {report["jax_version"]}, torch {torch}; '
     f'{report["cpu_count"]} CPU cores; '
     f'XLA_FLAGS: {report["xla_flags"] or "unset"}'
     f'{" (tiny CPU mode)" if report["tiny"] else ""}'
@@ -356,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
       'devices': jax.device_count(),
       'jax_version': jax.__version__,
       'torch_version': lib.torch_version() if use_torch else None,
+      'torch_error': None if args.no_torch else lib.torch_import_error(),
       'cpu_count': os.cpu_count(),
       'python': platform.python_version(),
       'xla_flags': os.environ.get('XLA_FLAGS', ''),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import sys
@@ -170,8 +171,21 @@ def release_torch_memory() -> None:
       torch.cuda.empty_cache()
 
 
+@functools.cache
+def torch_import_error() -> str | None:
+  """None when PyTorch imports, else why not. Tried, not looked up: a torch that is installed but
+  does not load (built for another CUDA) failed the whole report after its JAX rows."""
+  if importlib.util.find_spec('torch') is None:
+    return 'not installed'
+  try:
+    import torch  # noqa: F401  # pylint: disable=g-import-not-at-top,unused-import
+  except Exception as e:  # pylint: disable=broad-except  # ImportError, OSError of a CUDA library
+    return f'{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ""}'
+  return None
+
+
 def torch_available() -> bool:
-  return importlib.util.find_spec('torch') is not None
+  return torch_import_error() is None
 
 
 def torch_version() -> str | None:

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import sys
 
 import pytest
 
@@ -197,3 +198,25 @@ def test_a_profiler_that_cannot_start_costs_the_row_nothing(monkeypatch):
   assert result['images_per_sec'] > 0
   assert result['profile'] == {'error': 'RuntimeError: CUPTI not found'}
   assert module.kernel_profile.markdown([dict(result, name='r')]) == []
+
+
+def test_a_torch_that_does_not_load_leaves_the_jax_rows(tmp_path, monkeypatch, capsys):
+  """A torch found on the path whose import fails (a CUDA library missing) failed the whole report
+  after its JAX rows, writing nothing; now the rows are written and the table says why."""
+  fake = tmp_path / 'site' / 'torch'
+  fake.mkdir(parents=True)
+  (fake / '__init__.py').write_text("raise ImportError('libcudnn.so.9: cannot open shared object')")
+  monkeypatch.syspath_prepend(str(tmp_path / 'site'))
+  monkeypatch.delitem(sys.modules, 'torch', raising=False)
+  module = _load()
+  module.lib.torch_import_error.cache_clear()
+  try:
+    argv = ['--out', str(tmp_path / 'r'), '--tiny', '--rows', 'cifar', '--no-e2e', '--no-grow']
+    assert module.main(argv) == 0
+  finally:
+    module.lib.torch_import_error.cache_clear()
+  capsys.readouterr()
+  report = json.loads((tmp_path / 'r' / 'gpu_report.json').read_text())
+  assert report['torch_version'] is None and 'libcudnn' in report['torch_error']
+  assert report['rows'][0]['images_per_sec'] > 0
+  assert 'torch unusable (ImportError: libcudnn' in (tmp_path / 'r' / 'gpu_report.md').read_text()
