@@ -400,6 +400,7 @@ def test_one_damaged_run_does_not_stop_the_report(tmp_path, capsys):
   write_run(tmp_path, 'residual20', depth=20)
   torn = write_run(tmp_path, 'residual32', depth=32)
   (torn / 'results.json').write_text('{"step": 4')  # e.g. copied off a machine mid-transfer
+  (write_run(tmp_path, 'residual56', depth=56) / 'results.json').write_text('{"step": 4}')
   bad = write_run(tmp_path, 'residual44', depth=44)
   (bad / 'config.json').write_text('{')
   paths = sweep_report.write_report(str(tmp_path))
@@ -407,6 +408,7 @@ def test_one_damaged_run_does_not_stop_the_report(tmp_path, capsys):
   assert [(r['run'], r['finished']) for r in records] == [
     ('residual20', True),
     ('residual32', False),  # newest logged numbers, marked unfinished; the sweep trains it again
+    ('residual56', False),  # a results.json without its 'eval' figures: the same
   ]
   assert not sweep.is_finished(str(torn)) and sweep.is_finished(str(tmp_path / 'residual20'))
   err = capsys.readouterr().err

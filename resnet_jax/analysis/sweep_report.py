@@ -99,7 +99,7 @@ def load_run(run_dir: str, train_window: int = 5) -> Record | None:
     'seed': cfg['seed'],
     'finished': results is not None,
     'steps': results['step'] if results else (train[-1]['step'] if train else 0),
-    'params': results['params'] if results else None,
+    'params': results.get('params') if results else None,
     'train_top1_error': _mean([m['top1_error'] for m in last]),
     'train_loss': _mean([m['loss'] for m in last]),
     'test_top1_error': (
@@ -133,7 +133,7 @@ def read_results(path: str) -> Record | None:
       results = json.load(f)
   except (OSError, ValueError):
     return None
-  return results if isinstance(results, dict) and 'step' in results else None
+  return results if isinstance(results, dict) and {'step', 'eval'} <= results.keys() else None
 
 
 def _mean(xs: Sequence[float]) -> float | None:
