@@ -23,6 +23,7 @@ sys.path.insert(0, _ROOT)
 from resnet_jax import cli  # noqa: E402
 from resnet_jax.analysis import sweep, sweep_report  # noqa: E402  (after the path insert)
 from resnet_jax.default_config import load_config_module  # noqa: E402
+from resnet_jax.workdir import CONFIG_FILE  # noqa: E402
 
 
 def load_registry():
@@ -89,6 +90,11 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.error(f'--workdir {args.workdir} is a file, not a directory')
   if args.report_only and not os.path.isdir(args.workdir):
     p.error(f'--report-only: no sweep directory {args.workdir}')
+  if os.path.exists(os.path.join(args.workdir, CONFIG_FILE)):  # its summary would say 'no runs'
+    p.error(
+      f'--workdir {args.workdir} is a training run, not a sweep directory (one run per '
+      'sub-directory): give its parent'
+    )
   return args, rest
 
 

@@ -326,6 +326,12 @@ def test_bad_grid_is_one_line_before_anything_runs_or_is_written(tmp_path, capsy
   with pytest.raises(SystemExit):
     script.main([f'--workdir={tmp_path}/afile', f'--config={digits}', '--depths=8'])
   assert 'is a file' in capsys.readouterr().err
+  run = write_run(tmp_path, 'residual20', depth=20)  # one run given for its sweep: was a
+  for extra in (['--report-only'], [f'--config={digits}', '--depths=8']):  # 'no runs' report
+    with pytest.raises(SystemExit):  # written into the run, or runs nested inside it
+      script.main([f'--workdir={run}', *extra])
+    assert 'is a training run, not a sweep directory' in capsys.readouterr().err
+  assert sorted(os.listdir(run)) == ['config.json', 'metrics.jsonl', 'results.json']
 
 
 @pytest.mark.slow
