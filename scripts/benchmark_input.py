@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument(
     '--workers',
     default=None,
-    help='comma-separated Grain worker counts (default 0,1,2; 0 with --smoke)',
+    help='comma-separated Grain worker counts (default 0,1,2; 0 with --smoke; -1: one per core)',
   )
   parser.add_argument(
     '--pipelines', default=','.join(PIPELINES), help=f'subset of {list(PIPELINES)}'
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument(
     '--warmup', type=cli.non_negative_int, default=3, help='untimed batches first (worker start-up)'
   )
-  parser.add_argument('--prefetch', type=int, default=2)
+  parser.add_argument('--prefetch', type=cli.non_negative_int, default=2)
   parser.add_argument(
     '--rounds',
     type=cli.positive_int,
@@ -275,7 +275,9 @@ def main(argv: list[str] | None = None) -> int:
   try:
     workers = [int(w) for w in (args.workers or ('0' if args.smoke else '0,1,2')).split(',') if w]
   except ValueError:
-    parser.error(f'--workers must be comma-separated integers, got {args.workers!r}')
+    workers = []
+  if not workers or min(workers) < -1:  # -1: one per core, as config.data.num_workers
+    parser.error(f'--workers takes comma-separated integers >= -1, got {args.workers!r}')
   names = [n for n in args.pipelines.split(',') if n]
   unknown = set(names) - set(PIPELINES)
   if unknown:

@@ -212,3 +212,13 @@ def test_benchmark_refuses_a_peak_that_makes_no_mfu(peak, capsys):
   with pytest.raises(SystemExit) as e:
     _script('benchmark').main(['--model', 'resnet8', '--peak-tflops', peak])
   assert e.value.code != 0 and 'positive number' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('flag', ['--workers=-2', '--workers=,', '--workers=a', '--prefetch=-1'])
+def test_benchmark_input_bad_counts_are_one_line(flag, capsys):
+  """--workers=-2 ran and was reported as 'workers=-2', --workers=, printed no rows and exit 0,
+  --prefetch=-1 was taken."""
+  with pytest.raises(SystemExit) as e:
+    _script('benchmark_input').main(['--smoke', '--pipelines', 'cifar_train', flag])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert e.value.code != 0 and len(err) == 1 and err[0].startswith('error:'), err
