@@ -54,7 +54,9 @@ flags.DEFINE_bool(
   'SLURM runs several tasks.',
 )
 
-_ERRORS_SHOWN_AS_ONE_LINE = (ValueError, FileNotFoundError, PermissionError)
+# OSError: a disk that fills up or turns read-only mid-run, a workdir entry of the wrong kind
+# (tensorboard/ a file): the error names the path, and the checkpoints saved so far stay usable.
+_ERRORS_SHOWN_AS_ONE_LINE = (ValueError, OSError)
 
 
 def initialize_distributed() -> None:
@@ -69,14 +71,26 @@ def initialize_distributed() -> None:
     return
   # Cross-process collectives between CPU devices (tests, CPU clusters) go through gloo.
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  if explicit:
-    jax.distributed.initialize(
-      coordinator_address=FLAGS.coordinator_address,
-      num_processes=FLAGS.num_processes,
-      process_id=FLAGS.process_id,
+  try:
+    if explicit:
+      jax.distributed.initialize(
+        coordinator_address=FLAGS.coordinator_address,
+        num_processes=FLAGS.num_processes,
+        process_id=FLAGS.process_id,
+      )
+    else:
+      jax.distributed.initialize()
+  except (ValueError, RuntimeError) as e:  # bad flags; the coordinator or a peer never came
+    if os.environ.get('RESNET_JAX_TRACEBACK'):
+      raise
+    reason = next((l.strip() for l in str(e).splitlines() if l.strip()), type(e).__name__)
+    print(
+      f'error: cannot start the multi-process run: {reason} (give --coordinator_address='
+      'HOST:PORT, --num_processes=N and --process_id=I, or none of them on a cluster JAX '
+      'detects)',
+      file=sys.stderr,
     )
-  else:
-    jax.distributed.initialize()
+    sys.exit(1)
 
 
 def main(argv: list[str]) -> None:
