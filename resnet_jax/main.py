@@ -83,9 +83,8 @@ def initialize_distributed() -> None:
   except (ValueError, RuntimeError) as e:  # bad flags; the coordinator or a peer never came
     if os.environ.get('RESNET_JAX_TRACEBACK'):
       raise
-    reason = next((l.strip() for l in str(e).splitlines() if l.strip()), type(e).__name__)
     print(
-      f'error: cannot start the multi-process run: {reason} (give --coordinator_address='
+      f'error: cannot start the multi-process run: {_first_line(e)} (give --coordinator_address='
       'HOST:PORT, --num_processes=N and --process_id=I, or none of them on a cluster JAX '
       'detects)',
       file=sys.stderr,
@@ -132,6 +131,17 @@ def main(argv: list[str]) -> None:
       raise
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
+  except jax.errors.JaxRuntimeError as e:
+    if jax.process_count() == 1 or not _is_peer_timeout(e):
+      raise
+    if os.environ.get('RESNET_JAX_TRACEBACK'):
+      raise
+    print(
+      f'error: process {jax.process_index()} of {jax.process_count()}: the other processes did '
+      f'not join ({_first_line(e)}); one of them probably failed: see its output',
+      file=sys.stderr,
+    )
+    sys.exit(1)
   if results.get('stopped'):
     if jax.process_index() == 0:
       where = 'before training started' if results['step'] is None else f'at step {results["step"]}'
@@ -149,6 +159,17 @@ def main(argv: list[str]) -> None:
         f'  {name}: {ev["split"]} top-1 error {100 * ev["top1_error"]:.2f}% '
         f'({ev["num_examples"]} examples)'
       )
+
+
+def _is_peer_timeout(e: Exception) -> bool:
+  """A cross-process collective or rendezvous that gave up waiting for another process (which
+  has typically exited with its own error, e.g. a bad flag or a missing file on its host)."""
+  text = str(e)
+  return any(s in text for s in ('DEADLINE_EXCEEDED', 'CoordinationServiceError', 'UNAVAILABLE'))
+
+
+def _first_line(e: Exception) -> str:
+  return next((l.strip() for l in str(e).splitlines() if l.strip()), type(e).__name__)[:300]
 
 
 def _usage_error(message: str) -> None:
