@@ -1,14 +1,18 @@
 """Workdirs and launches that go wrong outside the config: distributed flags, a workdir entry of
 the wrong kind, init_from sources. Each ends in one `error:` line, never a traceback."""
 
+import os
 import re
 import socket
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from resnet_jax import pretrained
-from tests.runner import assert_one_line_error, run_main, start_main
+from resnet_jax import pretrained, runtime, train
+from resnet_jax.default_config import load_sibling_config
+from tests.runner import ROOT, assert_one_line_error, run_main, start_main
 
 TINY = ('--config.num_train_steps=2', '--config.batch_size=16', '--config.eval_every_steps=0')
 
@@ -87,3 +91,22 @@ def _free_port() -> int:
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
     return s.getsockname()[1]
+
+
+def test_init_from_weights_of_another_depth_names_init_from(tmp_path):
+  """ResNet-8 weights into a ResNet-14 run failed with 'stage 1 has 1 blocks in the tree but the
+  model has stage sizes (2, 2, 2)': nothing said that init_from was the problem."""
+  small = runtime.build_model(_digits_config(8), num_classes=10)
+  variables = jax.device_get(small.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), train=False))
+  pretrained.save_model_variables(tmp_path / 'r8', variables)
+  config = _digits_config(14)
+  config.init_from = str(tmp_path / 'r8')
+  with pytest.raises(ValueError, match=r'init_from .*r8 does not fit this model: stage 1 has 1'):
+    train.train_and_evaluate(config, str(tmp_path / 'ft'))
+
+
+def _digits_config(depth: int):
+  digits = load_sibling_config(os.path.join(ROOT, 'configs', 'x.py'), 'digits')
+  config = digits.get_config(f'depth={depth}')
+  config.update_from_flattened_dict({'batch_size': 16, 'num_train_steps': 2})
+  return config
