@@ -126,21 +126,27 @@ def main(argv: list[str]) -> None:
     )
   try:
     results = train.train_and_evaluate(config, FLAGS.workdir, stop=_STOP.install())
-  except _ERRORS_SHOWN_AS_ONE_LINE + (train.NonFiniteLossError,) as e:
-    if os.environ.get('RESNET_JAX_TRACEBACK'):
+  except _ERRORS_SHOWN_AS_ONE_LINE + (train.NonFiniteLossError, jax.errors.JaxRuntimeError) as e:
+    # A peer's failure reaches a multi-process run as a JaxRuntimeError, or wrapped by Orbax in
+    # a ValueError when it happens during a save.
+    peer = jax.process_count() > 1 and _is_peer_failure(e)
+    if (isinstance(e, jax.errors.JaxRuntimeError) and not peer) or os.environ.get(
+      'RESNET_JAX_TRACEBACK'
+    ):
       raise
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(1)
-  except jax.errors.JaxRuntimeError as e:
-    if jax.process_count() == 1 or not _is_peer_timeout(e):
-      raise
-    if os.environ.get('RESNET_JAX_TRACEBACK'):
-      raise
-    print(
-      f'error: process {jax.process_index()} of {jax.process_count()}: the other processes did '
-      f'not join ({_first_line(e)}); one of them probably failed: see its output',
-      file=sys.stderr,
-    )
+    message = str(e)
+    if peer:
+      message = (
+        f'process {jax.process_index()} of {jax.process_count()}: another process did not '
+        f'take part ({_first_line(e)}); it probably failed or was killed: see its output'
+      )
+    print(f'error: {message}', file=sys.stderr, flush=True)
+    if peer and _peer_is_gone(e):
+      # Its end of JAX's shutdown barrier never comes: a normal exit waited for the heartbeat
+      # timeout (~100 s) and then aborted with a fatal C++ stack trace (exit 134). Saves and the
+      # input pipeline were closed by train_and_evaluate; metrics are flushed at each point.
+      sys.stdout.flush()
+      os._exit(1)  # pylint: disable=protected-access
     sys.exit(1)
   if results.get('stopped'):
     if jax.process_index() == 0:
@@ -161,11 +167,24 @@ def main(argv: list[str]) -> None:
       )
 
 
-def _is_peer_timeout(e: Exception) -> bool:
-  """A cross-process collective or rendezvous that gave up waiting for another process (which
-  has typically exited with its own error, e.g. a bad flag or a missing file on its host)."""
-  text = str(e)
-  return any(s in text for s in ('DEADLINE_EXCEEDED', 'CoordinationServiceError', 'UNAVAILABLE'))
+# A cross-process step that failed because of another process: gloo's collectives (CPU) and
+# JAX's coordination service. Seen: a timeout waiting for a process that failed at start-up
+# ('Gloo context initialization failed: DEADLINE_EXCEEDED ... CoordinationServiceError'), a
+# read error from one killed mid-run ('Gloo AllGather failed: ... Connection reset by peer').
+# NCCL (GPU) failures are not recognised here: they keep their traceback.
+_PEER_COLLECTIVES = ('Gloo', 'CoordinationServiceError')
+_PEER_GONE = ('Connection reset by peer', 'Connection closed by peer')
+
+
+def _is_peer_failure(e: Exception) -> bool:
+  """A cross-process collective or rendezvous that failed because of another process (which has
+  typically exited with its own error, e.g. a bad flag or a missing file on its host)."""
+  return any(s in str(e) for s in _PEER_COLLECTIVES)
+
+
+def _peer_is_gone(e: Exception) -> bool:
+  """The other process's connection closed: it exited or was killed (not waiting at exit)."""
+  return _is_peer_failure(e) and any(s in str(e) for s in _PEER_GONE)
 
 
 def _first_line(e: Exception) -> str:
