@@ -224,6 +224,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
   except (ValueError, FileNotFoundError, PermissionError) as e:  # one clear line, no traceback
     cli.fail(e)
+  except jax.errors.JaxRuntimeError as e:
+    if 'RESOURCE_EXHAUSTED' not in str(e):
+      raise
+    # e.g. --scales 3000: the whole image at that size does not fit, which is the user's choice
+    first = next((l.strip() for l in str(e).splitlines() if l.strip()), '')[:200]
+    cli.fail(f'out of device memory ({first}): use a smaller --batch-size or smaller --scales')
   if jax.process_index() == 0:
     print(json.dumps(result))
 

@@ -54,7 +54,9 @@ flags.DEFINE_bool(
   'SLURM runs several tasks.',
 )
 
-_ERRORS_SHOWN_AS_ONE_LINE = (ValueError, FileNotFoundError, PermissionError)
+# OSError: a disk that fills up or turns read-only mid-run, a workdir entry of the wrong kind
+# (tensorboard/ a file): the error names the path, and the checkpoints saved so far stay usable.
+_ERRORS_SHOWN_AS_ONE_LINE = (ValueError, OSError)
 
 
 def initialize_distributed() -> None:
@@ -69,14 +71,25 @@ def initialize_distributed() -> None:
     return
   # Cross-process collectives between CPU devices (tests, CPU clusters) go through gloo.
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  if explicit:
-    jax.distributed.initialize(
-      coordinator_address=FLAGS.coordinator_address,
-      num_processes=FLAGS.num_processes,
-      process_id=FLAGS.process_id,
+  try:
+    if explicit:
+      jax.distributed.initialize(
+        coordinator_address=FLAGS.coordinator_address,
+        num_processes=FLAGS.num_processes,
+        process_id=FLAGS.process_id,
+      )
+    else:
+      jax.distributed.initialize()
+  except (ValueError, RuntimeError) as e:  # bad flags; the coordinator or a peer never came
+    if os.environ.get('RESNET_JAX_TRACEBACK'):
+      raise
+    print(
+      f'error: cannot start the multi-process run: {_first_line(e)} (give --coordinator_address='
+      'HOST:PORT, --num_processes=N and --process_id=I, or none of them on a cluster JAX '
+      'detects)',
+      file=sys.stderr,
     )
-  else:
-    jax.distributed.initialize()
+    sys.exit(1)
 
 
 def main(argv: list[str]) -> None:
@@ -113,10 +126,27 @@ def main(argv: list[str]) -> None:
     )
   try:
     results = train.train_and_evaluate(config, FLAGS.workdir, stop=_STOP.install())
-  except _ERRORS_SHOWN_AS_ONE_LINE + (train.NonFiniteLossError,) as e:
-    if os.environ.get('RESNET_JAX_TRACEBACK'):
+  except _ERRORS_SHOWN_AS_ONE_LINE + (train.NonFiniteLossError, jax.errors.JaxRuntimeError) as e:
+    # A peer's failure reaches a multi-process run as a JaxRuntimeError, or wrapped by Orbax in
+    # a ValueError when it happens during a save.
+    peer = jax.process_count() > 1 and _is_peer_failure(e)
+    if (isinstance(e, jax.errors.JaxRuntimeError) and not peer) or os.environ.get(
+      'RESNET_JAX_TRACEBACK'
+    ):
       raise
-    print(f'error: {e}', file=sys.stderr)
+    message = str(e)
+    if peer:
+      message = (
+        f'process {jax.process_index()} of {jax.process_count()}: another process did not '
+        f'take part ({_first_line(e)}); it probably failed or was killed: see its output'
+      )
+    print(f'error: {message}', file=sys.stderr, flush=True)
+    if peer and _peer_is_gone(e):
+      # Its end of JAX's shutdown barrier never comes: a normal exit waited for the heartbeat
+      # timeout (~100 s) and then aborted with a fatal C++ stack trace (exit 134). Saves and the
+      # input pipeline were closed by train_and_evaluate; metrics are flushed at each point.
+      sys.stdout.flush()
+      os._exit(1)  # pylint: disable=protected-access
     sys.exit(1)
   if results.get('stopped'):
     if jax.process_index() == 0:
@@ -135,6 +165,30 @@ def main(argv: list[str]) -> None:
         f'  {name}: {ev["split"]} top-1 error {100 * ev["top1_error"]:.2f}% '
         f'({ev["num_examples"]} examples)'
       )
+
+
+# A cross-process step that failed because of another process: gloo's collectives (CPU) and
+# JAX's coordination service. Seen: a timeout waiting for a process that failed at start-up
+# ('Gloo context initialization failed: DEADLINE_EXCEEDED ... CoordinationServiceError'), a
+# read error from one killed mid-run ('Gloo AllGather failed: ... Connection reset by peer').
+# NCCL (GPU) failures are not recognised here: they keep their traceback.
+_PEER_COLLECTIVES = ('Gloo', 'CoordinationServiceError')
+_PEER_GONE = ('Connection reset by peer', 'Connection closed by peer')
+
+
+def _is_peer_failure(e: Exception) -> bool:
+  """A cross-process collective or rendezvous that failed because of another process (which has
+  typically exited with its own error, e.g. a bad flag or a missing file on its host)."""
+  return any(s in str(e) for s in _PEER_COLLECTIVES)
+
+
+def _peer_is_gone(e: Exception) -> bool:
+  """The other process's connection closed: it exited or was killed (not waiting at exit)."""
+  return _is_peer_failure(e) and any(s in str(e) for s in _PEER_GONE)
+
+
+def _first_line(e: Exception) -> str:
+  return next((l.strip() for l in str(e).splitlines() if l.strip()), type(e).__name__)[:300]
 
 
 def _usage_error(message: str) -> None:

@@ -48,8 +48,8 @@ class MetricWriter:
       try:
         if json.loads(line)['step'] <= step:
           kept.append(line)
-      except (json.JSONDecodeError, KeyError):  # a line torn by a crash mid-write
-        continue
+      except (json.JSONDecodeError, KeyError, TypeError):  # torn by a crash mid-write, or a
+        continue  # hand edit that is no record ('[]', '"step": "4"'): not a point of this run
     if len(kept) != len(lines):
       write_atomic(self.path, ''.join(kept))
     if self._remote:

@@ -17,6 +17,8 @@ from etils import epath
 from resnet_jax import checkpointing
 from resnet_jax.workdir import as_path
 
+_ORBAX_METADATA = '_METADATA'  # in every checkpoint `save_model_variables` writes
+
 
 def save_model_variables(path: str | epath.Path, variables: dict[str, Any]) -> None:
   """Writes {'params', 'batch_stats'} as an Orbax checkpoint at `path` (which must not exist)."""
@@ -30,10 +32,18 @@ def load_model_variables(path: str | epath.Path) -> dict[str, Any]:
   path = as_path(path)
   if (path / checkpointing.CHECKPOINT_DIR).is_dir():
     return checkpointing.restore_model_variables(path)[0]
-  if path.is_dir():
+  if (path / _ORBAX_METADATA).is_file():
     state = ocp.StandardCheckpointer().restore(path)
     return {'params': state['params'], 'batch_stats': state.get('batch_stats', {})}
-  raise FileNotFoundError(f'{path} is neither a run workdir nor a converted checkpoint directory')
+  hint = ''
+  if path.name == checkpointing.CHECKPOINT_DIR or path.parent.name == checkpointing.CHECKPOINT_DIR:
+    # checkpoints/ or checkpoints/<step>/: Orbax's own error named a missing _METADATA file.
+    run = path.parent if path.name == checkpointing.CHECKPOINT_DIR else path.parent.parent
+    hint = f' (give the run workdir {run}: its newest good checkpoint is read)'
+  raise FileNotFoundError(
+    f'{path} is neither a run workdir (with {checkpointing.CHECKPOINT_DIR}/) nor converted '
+    f'weights (python -m resnet_jax.convert --out DIR){hint}'
+  )
 
 
 def merge_pretrained(

@@ -177,7 +177,15 @@ def starting_point(training: Training, checkpointer: checkpointing.Checkpointer)
     fresh = jax.device_get(
       jax.jit(lambda r: model.init(r, jnp.zeros(shape), train=False))(jax.random.key(config.seed))
     )
-    weights = layout.for_model(pretrained.load_model_variables(config.init_from), model)
+    given = pretrained.load_model_variables(config.init_from)
+    try:
+      weights = layout.for_model(given, model)
+    except checkpointing.CheckpointMismatchError:
+      raise
+    except ValueError as e:  # another depth: without this the error did not say init_from
+      raise checkpointing.CheckpointMismatchError(
+        f'init_from {config.init_from} does not fit this model: {e}'
+      ) from None
     variables, reinit = pretrained.merge_pretrained(fresh, weights)
     logger.info('initialised from %s (re-initialised: %s)', config.init_from, reinit or 'none')
   state = init_state(

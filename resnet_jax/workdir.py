@@ -74,7 +74,13 @@ def read_run_config(workdir: str | epath.PathLike) -> ml_collections.ConfigDict:
     ) from None
   if not isinstance(saved, dict):
     raise WorkdirError(f'{path} holds a {type(saved).__name__}, not a config object')
-  return merge_onto_defaults(saved)
+  try:
+    return merge_onto_defaults(saved)
+  except (TypeError, ValueError) as e:  # a hand edit: '"batch_size": "16"', '"model": "resnet8"'
+    reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+    raise WorkdirError(
+      f'{path} has a value of the wrong type ({reason}); fix it or restore the file from a backup'
+    ) from None
 
 
 def merge_onto_defaults(saved: dict[str, Any]) -> ml_collections.ConfigDict:

@@ -154,3 +154,28 @@ def test_evaluate_reads_a_moved_dataset_from_data_dir(tmp_path, capsys):
   assert got['num_examples'] == 360 and got['step'] == 2
   assert got['loss'] == pytest.approx(trained['eval']['loss'], rel=1e-5)
   assert not (tmp_path / 'a').exists()  # without the flag the digits would be prepared again there
+
+
+def test_out_of_device_memory_is_one_line_other_runtime_errors_are_not_hidden(
+  tmp_path, capsys, monkeypatch
+):
+  """`--scales 3000` on digits (a 3000 x 3000 whole image) ended in a JaxRuntimeError traceback
+  'RESOURCE_EXHAUSTED: Out of memory allocating 725760001280 bytes' (2026-11-24). Raised here
+  without the allocation: really attempting it costs ~30 s of a shared machine."""
+  def raising(message):
+    def evaluate_workdir(*args, **kwargs):
+      raise jax.errors.JaxRuntimeError(message)
+
+    return evaluate_workdir
+
+  oom = 'RESOURCE_EXHAUSTED: Out of memory allocating 725760001280 bytes.'
+  monkeypatch.setattr(evaluate, 'evaluate_workdir', raising(oom))
+  with pytest.raises(SystemExit) as e:
+    evaluate.main(['--workdir', str(tmp_path), '--scales', '3000'])
+  assert e.value.code == 1
+  err = capsys.readouterr().err.strip()
+  hint = 'use a smaller --batch-size or smaller --scales'
+  assert err == f'error: out of device memory ({oom}): {hint}'
+  monkeypatch.setattr(evaluate, 'evaluate_workdir', raising('INTERNAL: a bug'))
+  with pytest.raises(jax.errors.JaxRuntimeError, match='a bug'):  # a bug keeps its traceback
+    evaluate.main(['--workdir', str(tmp_path)])

@@ -140,3 +140,17 @@ def test_tensorboard_event_files_read_back(tmp_path):
   assert [e.step for e in events.Scalars('train/top1_error')] == [5]  # NaN is not plotted
   assert [(e.step, e.value) for e in events.Scalars('eval/top5_error')] == [(10, 0.125)]
   assert 'config' in ''.join(events.Tags()['tensors'])
+
+
+def test_resume_drops_torn_and_malformed_lines_and_keeps_the_rest(tmp_path):
+  """A line torn by a crash was dropped, but one that parses to no record ('[1]', a hand-edited
+  '"step": "4"') was a TypeError traceback at every resume."""
+  good = [json.dumps({'step': s, 'split': 'train', 'loss': 1.0}) + '\n' for s in (10, 20, 30)]
+  bad = ['[1]\n', '{"step": "4", "split": "train"}\n', '{"split": "eval"}\n', '\x00\x00\n']
+  (tmp_path / 'metrics.jsonl').write_text(good[0] + ''.join(bad) + good[1] + good[2][:-9])
+  w = MetricWriter(str(tmp_path), enabled=True)
+  w.truncate_after(20)
+  w.write(30, 'train', {'loss': 0.5})
+  w.close()
+  lines = (tmp_path / 'metrics.jsonl').read_text().splitlines()
+  assert [json.loads(l)['step'] for l in lines] == [10, 20, 30]

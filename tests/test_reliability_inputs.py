@@ -86,6 +86,10 @@ def test_bad_config_writes_nothing(tmp_path):
   [
     ('{"model": ', 'not valid JSON'),
     ('[1, 2]', 'holds a list'),
+    # hand edits of the wrong type were a TypeError traceback from ml_collections
+    ('{"batch_size": "16"}', "wrong type .*'batch_size'"),
+    ('{"model": "resnet8"}', "wrong type .*'model'"),
+    ('{"schedule": {"base_lr": "x"}}', 'wrong type .*x'),
   ],
 )
 def test_damaged_config_json_is_named(tmp_path, content, needle):
