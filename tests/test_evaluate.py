@@ -162,6 +162,7 @@ def test_out_of_device_memory_is_one_line_other_runtime_errors_are_not_hidden(
   """`--scales 3000` on digits (a 3000 x 3000 whole image) ended in a JaxRuntimeError traceback
   'RESOURCE_EXHAUSTED: Out of memory allocating 725760001280 bytes' (2026-11-24). Raised here
   without the allocation: really attempting it costs ~30 s of a shared machine."""
+
   def raising(message):
     def evaluate_workdir(*args, **kwargs):
       raise jax.errors.JaxRuntimeError(message)

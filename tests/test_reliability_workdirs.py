@@ -115,7 +115,7 @@ def _digits_config(depth: int):
 # What process 0 reported, verbatim up to the addresses (2 CPU processes, 2026-11-24).
 _PEER_FAILED_AT_START_UP = (
   'UNKNOWN: Gloo context initialization failed: DEADLINE_EXCEEDED: GetKeyValue() timed out with '
-  "key: cpu:gloo/0,2048/1 and duration: 29.99999995s [type.googleapis.com/tensorflow."
+  'key: cpu:gloo/0,2048/1 and duration: 29.99999995s [type.googleapis.com/tensorflow.'
   "CoordinationServiceError='']"
 )
 _PEER_KILLED_MID_RUN = (
