@@ -122,6 +122,16 @@ def finished_checkpoints(workdir: str) -> list[int]:
   return sorted(int(n) for n in os.listdir(d) if n.isdigit())
 
 
+def digits_config(**overrides):
+  """configs/digits.py's ResNet-8 at batch 32; `overrides` are flattened keys ('data.prefetch')."""
+  from resnet_jax.default_config import load_sibling_config
+
+  digits = load_sibling_config(os.path.join(ROOT, 'configs', 'x.py'), 'digits')
+  config = digits.get_config('depth=8')
+  config.update_from_flattened_dict({'batch_size': 32, **overrides})
+  return config
+
+
 def data_config(**overrides):
   """The project's default config with digits data at 8x8; `overrides` set `config.data` fields."""
   from resnet_jax.default_config import base_config

@@ -8,17 +8,9 @@ import pytest
 
 import resnet_jax.data as data
 from resnet_jax import train, validation
-from resnet_jax.default_config import load_sibling_config
-from tests.runner import ROOT, data_config
+from tests.runner import data_config, digits_config
 
 _SYNTHETIC = {'data.name': 'synthetic', 'data.num_train_examples': 64}
-
-
-def _digits(**overrides):
-  digits = load_sibling_config(os.path.join(ROOT, 'configs', 'x.py'), 'digits')
-  config = digits.get_config('depth=8')
-  config.update_from_flattened_dict({'batch_size': 32, **overrides})
-  return config
 
 
 @pytest.mark.parametrize(
@@ -35,7 +27,7 @@ def _digits(**overrides):
   ],
 )
 def test_bad_data_values_are_refused_before_anything_is_written(tmp_path, overrides, needle):
-  config = _digits(**overrides)
+  config = digits_config(**overrides)
   with pytest.raises(validation.ConfigError, match=needle.replace('(', r'\(')):
     validation.validate_config(config)
   with pytest.raises(validation.ConfigError):
@@ -52,7 +44,7 @@ def test_bad_data_values_are_refused_before_anything_is_written(tmp_path, overri
   ],
 )
 def test_boundary_data_values_are_accepted(overrides):
-  validation.validate_config(_digits(**overrides))
+  validation.validate_config(digits_config(**overrides))
 
 
 def test_a_validation_split_as_large_as_the_train_split_names_the_key():
@@ -80,7 +72,7 @@ def test_an_empty_or_malformed_slice_of_an_existing_split_is_named_as_such(split
 def test_a_misspelt_evaluator_split_is_refused_before_training(tmp_path):
   """config.evals splits were first opened at their evaluation: an end-only evaluator with a
   misspelt split failed after the whole run had trained."""
-  config = _digits(num_train_steps=2, progress_bar=False)
+  config = digits_config(num_train_steps=2, progress_bar=False)
   config.evals.extra = dict(split='tset', every_steps=0)
   with pytest.raises(data.DatasetNotFoundError, match="no split 'tset'"):
     train.train_and_evaluate(config, str(tmp_path / 'run'))

@@ -57,20 +57,23 @@ def test_set_overrides_reach_the_config_and_unknown_keys_are_refused():
     module.lib.recipe_config(dict(row, overrides={'model.scn': True}))
 
 
+# The header fields of a gpu_report.json part, for the --merge tests.
+_REPORT_HEAD = {
+  'date': 'd',
+  'tiny': True,
+  'platform': 'cpu',
+  'device_kind': 'cpu',
+  'devices': 1,
+  'jax_version': '0',
+  'cpu_count': 2,
+  'xla_flags': '',
+  'end_to_end': None,
+}
+
+
 def test_partial_reports_merge_into_one(tmp_path):
   module = _load()
-  base = {
-    'date': 'd',
-    'tiny': True,
-    'platform': 'cpu',
-    'device_kind': 'cpu',
-    'devices': 1,
-    'jax_version': '0',
-    'torch_version': None,
-    'cpu_count': 2,
-    'xla_flags': '',
-    'end_to_end': None,
-  }
+  base = dict(_REPORT_HEAD, torch_version=None)
   part_rows = (
     [{'name': 'a', 'batch_size': 8, 'error': 'x'}],
     [{'name': 'b', 'batch_size': 8, 'error': 'y'}],
@@ -94,19 +97,7 @@ def test_partial_reports_merge_into_one(tmp_path):
 
 def test_merge_refuses_what_is_not_a_report_and_keeps_a_cut_off_part_partial(tmp_path, capsys):
   module = _load()
-  base = {
-    'date': 'd',
-    'tiny': True,
-    'platform': 'cpu',
-    'device_kind': 'cpu',
-    'devices': 1,
-    'jax_version': '0',
-    'cpu_count': 2,
-    'xla_flags': '',
-    'end_to_end': None,
-    'wall_s': 1.0,
-    'command': 'c',
-  }
+  base = dict(_REPORT_HEAD, wall_s=1.0, command='c')
   ok = tmp_path / 'ok.json'
   ok.write_text(
     json.dumps(

@@ -13,22 +13,15 @@ import pytest
 from PIL import Image
 
 from resnet_jax import convert, predict, train, validation
-from resnet_jax.default_config import load_sibling_config
 from tests.runner import (
   ROOT,
   assert_one_line_error,
+  digits_config,
   env_with_devices,
   run_cli,
   run_evaluate,
   run_main,
 )
-
-
-def _digits(**overrides):
-  digits = load_sibling_config(os.path.join(ROOT, 'configs', 'x.py'), 'digits')
-  config = digits.get_config('depth=8')
-  config.update_from_flattened_dict({'batch_size': 32, **overrides})
-  return config
 
 
 @pytest.mark.parametrize(
@@ -52,14 +45,14 @@ def _digits(**overrides):
 )
 def test_validate_config_refuses(overrides, needle):
   with pytest.raises(validation.ConfigError, match=needle):
-    validation.validate_config(_digits(**overrides))
+    validation.validate_config(digits_config(**overrides))
 
 
 @pytest.mark.parametrize('group', [None, 1, 2, 4, 8, 16, 32, 64])
 def test_bn_groups_that_do_not_straddle_devices_are_accepted(group):
   """Batch 32 on 4 devices (8 each): divisors of 8, whole devices (16, 32) and a group larger
   than the batch (one group, as models/layers.BatchNorm treats it) are all fine."""
-  validation.validate_config(_digits(**{'model.bn_group_size': group}))
+  validation.validate_config(digits_config(**{'model.bn_group_size': group}))
 
 
 def test_bn_group_rules():
@@ -77,7 +70,7 @@ def test_bn_group_rules():
 def test_bad_config_writes_nothing(tmp_path):
   workdir = tmp_path / 'never'
   with pytest.raises(validation.ConfigError):
-    train.train_and_evaluate(_digits(max_to_keep=0), str(workdir))
+    train.train_and_evaluate(digits_config(max_to_keep=0), str(workdir))
   assert not workdir.exists()
 
 
@@ -95,7 +88,7 @@ def test_bad_config_writes_nothing(tmp_path):
 def test_damaged_config_json_is_named(tmp_path, content, needle):
   (tmp_path / 'config.json').write_text(content)
   with pytest.raises(ValueError, match=needle) as e:
-    train.train_and_evaluate(_digits(num_train_steps=2), str(tmp_path))
+    train.train_and_evaluate(digits_config(num_train_steps=2), str(tmp_path))
   assert 'config.json' in str(e.value)
   assert (tmp_path / 'config.json').read_text() == content  # untouched
 
@@ -443,7 +436,7 @@ class _PoisonedIterator:
 def test_skip_mode_still_succeeds_when_only_some_steps_are_skipped(tmp_path, caplog):
   from resnet_jax import data
 
-  config = _digits(
+  config = digits_config(
     num_train_steps=6,
     log_every_steps=3,
     checkpoint_every_steps=0,
