@@ -6,6 +6,8 @@ writes a file, so a bad value costs one `error:` line, not a failed run hours in
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import ml_collections
 
@@ -49,30 +51,25 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     )
   if config.num_train_steps <= 0 and config.num_epochs <= 0:
     raise ConfigError('set num_train_steps > 0 or num_epochs > 0')
-  at_least = {
-    'log_every_steps': (config.log_every_steps, 1),
-    'max_to_keep': (config.max_to_keep, 1),
-    'eval_batch_size': (config.eval_batch_size, 1),
-    'schedule.base_lr': (config.schedule.base_lr, 0),
-    'schedule.warmup_steps': (config.schedule.warmup_steps, 0),
-    'schedule.warmup_epochs': (config.schedule.warmup_epochs, 0),
-    'schedule.warmup_lr': (config.schedule.warmup_lr, 0),
-    'optimizer.weight_decay': (config.optimizer.weight_decay, 0),
-    # Negative: every update after a decay (or every momentum step) pushes uphill.
-    'schedule.decay_factor': (config.schedule.decay_factor, 0),
-    'optimizer.momentum': (config.optimizer.momentum, 0),
-  }
-  for key, (value, low) in at_least.items():
-    if value is None or value < low:
-      what = 'positive' if low == 1 else 'non-negative'
-      raise ConfigError(
-        f'{key} must be {what}, got {value}'
-        + (
-          ' (0 would keep no checkpoint at all, not even the final one)'
-          if key == 'max_to_keep'
-          else ''
-        )
-      )
+  _require_at_least(
+    {
+      'log_every_steps': (config.log_every_steps, 1, ''),
+      'max_to_keep': (
+        config.max_to_keep,
+        1,
+        ' (0 would keep no checkpoint at all, not even the final one)',
+      ),
+      'eval_batch_size': (config.eval_batch_size, 1, ''),
+      'schedule.base_lr': (config.schedule.base_lr, 0, ''),
+      'schedule.warmup_steps': (config.schedule.warmup_steps, 0, ''),
+      'schedule.warmup_epochs': (config.schedule.warmup_epochs, 0, ''),
+      'schedule.warmup_lr': (config.schedule.warmup_lr, 0, ''),
+      'optimizer.weight_decay': (config.optimizer.weight_decay, 0, ''),
+      # Negative: every update after a decay (or every momentum step) pushes uphill.
+      'schedule.decay_factor': (config.schedule.decay_factor, 0, ''),
+      'optimizer.momentum': (config.optimizer.momentum, 0, ''),
+    }
+  )
   if config.data.num_workers is None or config.data.num_workers < -1:
     raise ConfigError(
       f'data.num_workers must be >= 0, or -1 for one per core less one, got '
@@ -105,7 +102,12 @@ def validate_data_sizes(data: ml_collections.ConfigDict) -> None:
         'data.num_eval_examples': (data.num_eval_examples, 0, ' (0: 10,000)'),
       }
     )
-  for key, (value, low, note) in at_least.items():
+  _require_at_least(at_least)
+
+
+def _require_at_least(bounds: dict[str, tuple[Any, int, str]]) -> None:
+  """`{key: (value, 0 or 1, note)}`: each value at least its bound, or one error naming the key."""
+  for key, (value, low, note) in bounds.items():
     if value is None or value < low:
       what = 'positive' if low == 1 else 'non-negative'
       raise ConfigError(f'{key} must be {what}{note}, got {value}')
