@@ -96,9 +96,6 @@ class Training:
 
 def build_training(config: ml_collections.ConfigDict) -> Training:
   experiment = build_experiment(config)
-  for spec in (config.get('evals') or {}).values():  # `evaluators` parses the rest of each spec
-    if spec.get('split'):  # a misspelt split fails now, not at its first evaluation (at the end)
-      data.sources.open_split(config, str(spec.get('split')))
   steps_per_epoch = math.ceil(experiment.dataset.num_train_examples / config.batch_size)
   total_steps = (
     config.num_train_steps

@@ -142,10 +142,9 @@ def train_and_evaluate(
   """
   invocation_start = time.time()
   validate_config(config)
-  evaluators.from_config(config)  # a bad evaluator is refused here, before anything is written
+  schedule = evaluators.from_config(config)  # a bad evaluator is refused before anything is written
   profile = profile_window(config.profile_steps)
   workdir = as_path(workdir)
-  runtime.build_model(config, num_classes=config.model.num_classes or 1)  # bad names fail first
   own_stop = stop is None
   stop = stop or StopRequest().install()
   lock = WorkdirLock(workdir)
@@ -153,8 +152,12 @@ def train_and_evaluate(
   try:
     if stop.requested:  # a signal during start-up: stop before anything is written
       return {'step': None, 'stopped': True}
-    # Before the workdir is made: a dataset that is unknown or not prepared leaves no trace.
+    # Before the workdir is made: a model name that is wrong, or a dataset that is unknown or not
+    # prepared, leaves no trace. build_training opens the train and main eval splits; the other
+    # evaluators' splits are opened here, so a misspelt one fails now, not at the run's end.
     training = runtime.build_training(config)
+    for evaluator in schedule[1:]:
+      data.sources.open_split(config, evaluator.split)
     fresh = not (workdir / checkpointing.CHECKPOINT_DIR).exists()
     if config.init_from and fresh and not as_path(config.init_from).is_dir():
       raise ConfigError(
