@@ -71,6 +71,11 @@ def _int_at_least(text: str, low: int, what: str) -> int:
   return value
 
 
+def first_line(e: BaseException, limit: int = 300) -> str:
+  """The first non-empty line of an error (JAX's and gloo's run to pages), at most `limit` chars."""
+  return next((l.strip() for l in str(e).splitlines() if l.strip()), type(e).__name__)[:limit]
+
+
 def fail(message: Any) -> NoReturn:
   """Bad input: one `error:` line, exit status 1."""
   print(f'error: {message}', file=sys.stderr)

@@ -228,8 +228,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     if 'RESOURCE_EXHAUSTED' not in str(e):
       raise
     # e.g. --scales 3000: the whole image at that size does not fit, which is the user's choice
-    first = next((l.strip() for l in str(e).splitlines() if l.strip()), '')[:200]
-    cli.fail(f'out of device memory ({first}): use a smaller --batch-size or smaller --scales')
+    cli.fail(
+      f'out of device memory ({cli.first_line(e, 200)}): use a smaller --batch-size or smaller '
+      '--scales'
+    )
   if jax.process_index() == 0:
     print(json.dumps(result))
 

@@ -31,6 +31,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from resnet_jax import cli
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and results.')
 config_flags.DEFINE_config_file(
@@ -84,7 +86,7 @@ def initialize_distributed() -> None:
     if os.environ.get('RESNET_JAX_TRACEBACK'):
       raise
     print(
-      f'error: cannot start the multi-process run: {_first_line(e)} (give --coordinator_address='
+      f'error: cannot start the multi-process run: {cli.first_line(e)} (give --coordinator_address='
       'HOST:PORT, --num_processes=N and --process_id=I, or none of them on a cluster JAX '
       'detects)',
       file=sys.stderr,
@@ -138,7 +140,7 @@ def main(argv: list[str]) -> None:
     if peer:
       message = (
         f'process {jax.process_index()} of {jax.process_count()}: another process did not '
-        f'take part ({_first_line(e)}); it probably failed or was killed: see its output'
+        f'take part ({cli.first_line(e)}); it probably failed or was killed: see its output'
       )
     print(f'error: {message}', file=sys.stderr, flush=True)
     if peer and _peer_is_gone(e):
@@ -185,10 +187,6 @@ def _is_peer_failure(e: Exception) -> bool:
 def _peer_is_gone(e: Exception) -> bool:
   """The other process's connection closed: it exited or was killed (not waiting at exit)."""
   return _is_peer_failure(e) and any(s in str(e) for s in _PEER_GONE)
-
-
-def _first_line(e: Exception) -> str:
-  return next((l.strip() for l in str(e).splitlines() if l.strip()), type(e).__name__)[:300]
 
 
 def _usage_error(message: str) -> None:

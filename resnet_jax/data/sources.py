@@ -110,8 +110,12 @@ def _prepare_command(name: str, data_dir: str | None, *extra: str) -> str:
   return f'python -m resnet_jax.data.prepare {name.split("/")[0].split(":")[0]}{flags}'
 
 
+def _is_a_file(data_dir: str | None) -> bool:
+  return bool(data_dir) and os.path.exists(data_dir) and not os.path.isdir(data_dir)
+
+
 def _not_prepared_message(name: str, data_dir: str | None) -> str:
-  if data_dir and os.path.exists(data_dir) and not os.path.isdir(data_dir):
+  if _is_a_file(data_dir):
     return f'config.data.data_dir={data_dir} is a file, not a directory'
   where = data_dir or 'the TFDS data dir (TFDS_DATA_DIR or ~/tensorflow_datasets)'
   if name.split(':')[0].split('/')[0] == 'imagenet2012':
@@ -148,7 +152,7 @@ def _tfds_builder(name: str, data_dir: str | None):
   except OSError as e:  # digits are prepared on first use: the directory must be writable
     if name != 'digits':
       raise
-    if data_dir and os.path.exists(data_dir) and not os.path.isdir(data_dir):
+    if _is_a_file(data_dir):
       raise DatasetNotFoundError(_not_prepared_message(name, data_dir)) from e
     raise DatasetNotFoundError(
       f"cannot prepare 'digits' in {data_dir or 'the TFDS data dir'} ({e.strerror or e}: "
