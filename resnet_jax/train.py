@@ -39,6 +39,7 @@ from resnet_jax.workdir import (
   RESULTS_FILE,
   WorkdirLock,
   as_path,
+  read_results,
   read_run_config,
   write_json,
 )
@@ -207,7 +208,8 @@ def _train(
   experiment = training.experiment
   mesh, total_steps = experiment.mesh, training.total_steps
   state, step = start.state, start.step
-  if step >= total_steps and (recorded := _recorded_results(workdir, step)) is not None:
+  recorded = read_results(workdir) if step >= total_steps else None
+  if recorded is not None and recorded['step'] == step:
     logger.info('the run finished at step %d: its results are in %s', step, RESULTS_FILE)
     return recorded  # a rerun of a finished run records nothing: no evaluation, no new files
   writer = writer or MetricWriter(workdir)
@@ -353,15 +355,6 @@ def _train(
     if tracer is not None:
       tracer.stop(step, state)
     writer.close()
-
-
-def _recorded_results(workdir: epath.Path, step: int) -> dict[str, Any] | None:
-  """results.json of the run finished at `step`, or None when it is missing or unreadable."""
-  try:
-    recorded = json.loads((workdir / RESULTS_FILE).read_text())
-  except (OSError, ValueError):
-    return None
-  return recorded if isinstance(recorded, dict) and recorded.get('step') == step else None
 
 
 def _check_finite(window: list[dict[str, Any]], mode: str, ckpt: checkpointing.Checkpointer) -> int:

@@ -15,6 +15,7 @@ from typing import Any
 import ml_collections
 from etils import epath
 
+from resnet_jax import cli
 from resnet_jax.default_config import base_config
 
 CONFIG_FILE = 'config.json'
@@ -57,6 +58,17 @@ class WorkdirError(ValueError):
   """A workdir that cannot be used as asked (not a run, damaged config.json, ...)."""
 
 
+def read_results(workdir: str | epath.PathLike) -> dict[str, Any] | None:
+  """The run's results.json, or None when it is missing or unreadable (no dict with `step` and
+  `eval`): such a run is not finished. Training evaluates and writes it again, the sweep trains the
+  run again, and its report counts it unfinished instead of stopping at one damaged file."""
+  try:
+    results = json.loads((as_path(workdir) / RESULTS_FILE).read_text())
+  except (OSError, ValueError):
+    return None
+  return results if isinstance(results, dict) and {'step', 'eval'} <= results.keys() else None
+
+
 def read_run_config(workdir: str | epath.PathLike) -> ml_collections.ConfigDict:
   """The config a run in `workdir` was started with, on top of today's defaults.
 
@@ -77,9 +89,9 @@ def read_run_config(workdir: str | epath.PathLike) -> ml_collections.ConfigDict:
   try:
     return merge_onto_defaults(saved)
   except (TypeError, ValueError) as e:  # a hand edit: '"batch_size": "16"', '"model": "resnet8"'
-    reason = str(e).splitlines()[0] if str(e) else type(e).__name__
     raise WorkdirError(
-      f'{path} has a value of the wrong type ({reason}); fix it or restore the file from a backup'
+      f'{path} has a value of the wrong type ({cli.first_line(e)}); fix it or restore the file '
+      'from a backup'
     ) from None
 
 

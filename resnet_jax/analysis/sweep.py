@@ -17,7 +17,7 @@ import sys
 import time
 from typing import Iterable, Sequence
 
-from resnet_jax.analysis.sweep_report import read_results
+from resnet_jax.workdir import read_results
 
 # Config-string keys that the sweep sets (removed from the user's base args; shortcut only if swept).
 _SWEPT_ARG_KEYS = ('depth', 'plain', 'shortcut')
@@ -86,7 +86,7 @@ def plan_runs(
 def is_finished(run_dir: str) -> bool:
   """Whether the run wrote a readable results.json (a damaged one is trained again, as the report
   and train.py treat it as missing)."""
-  return read_results(os.path.join(run_dir, 'results.json')) is not None
+  return read_results(run_dir) is not None
 
 
 def run_command(

@@ -15,7 +15,7 @@ import sys
 from typing import Any, Sequence
 
 from resnet_jax.analysis.paper_numbers import paper_error, wrn_paper_error
-from resnet_jax.workdir import CONFIG_FILE, WorkdirError, read_run_config
+from resnet_jax.workdir import CONFIG_FILE, WorkdirError, read_results, read_run_config
 
 Record = dict[str, Any]
 
@@ -76,7 +76,7 @@ def load_run(run_dir: str, train_window: int = 5) -> Record | None:
   metrics = read_metrics(os.path.join(run_dir, 'metrics.jsonl'))
   train = sorted((m for m in metrics if m.get('split') == 'train'), key=lambda m: m['step'])
   evals = sorted((m for m in metrics if m.get('split') == table.name), key=lambda m: m['step'])
-  results = read_results(os.path.join(run_dir, 'results.json'))
+  results = read_results(run_dir)
   final = None
   if results:
     final = results['eval'] if table.name == 'eval' else results.get('evals', {}).get(table.name)
@@ -123,17 +123,6 @@ def load_run(run_dir: str, train_window: int = 5) -> Record | None:
     paper = None
   rec['paper_top1_error_pct'], rec['paper_source'] = paper if paper else (None, None)
   return rec
-
-
-def read_results(path: str) -> Record | None:
-  """results.json, or None when it is missing or unreadable: such a run is not finished (train.py
-  reads it the same way and writes it again), and one damaged file must not stop the report."""
-  try:
-    with open(path) as f:
-      results = json.load(f)
-  except (OSError, ValueError):
-    return None
-  return results if isinstance(results, dict) and {'step', 'eval'} <= results.keys() else None
 
 
 def _mean(xs: Sequence[float]) -> float | None:
