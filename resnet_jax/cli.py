@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from typing import Any, NoReturn
 
@@ -59,6 +60,17 @@ def positive_int(text: str) -> int:
 def non_negative_int(text: str) -> int:
   """argparse `type` of counts where 0 means 'no limit': a negative one is bad input."""
   return _int_at_least(text, 0, 'an integer >= 0')
+
+
+def positive_float(text: str) -> float:
+  """argparse `type` of rates such as a peak TFLOP/s: 0, a negative, nan or inf is bad input."""
+  try:
+    value = float(text)
+  except ValueError:
+    value = math.nan
+  if not value > 0 or math.isinf(value):
+    raise argparse.ArgumentTypeError(f'expected a positive number, got {text!r}')
+  return value
 
 
 def _int_at_least(text: str, low: int, what: str) -> int:

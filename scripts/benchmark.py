@@ -157,17 +157,6 @@ def _rate(batch, times):
   return batch / statistics.median(times)
 
 
-def _positive_float(text: str) -> float:
-  """argparse `type` of --peak-tflops: 0 or less (or nan) made a negative or infinite MFU."""
-  try:
-    value = float(text)
-  except ValueError:
-    value = math.nan
-  if not value > 0 or math.isinf(value):
-    raise argparse.ArgumentTypeError(f'expected a positive number, got {text!r}')
-  return value
-
-
 def main(argv=None):
   p = cli.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--arch', '--model', dest='model', default='resnet20', help='the model name')
@@ -229,7 +218,7 @@ def main(argv=None):
   )
   p.add_argument(
     '--peak-tflops',
-    type=_positive_float,
+    type=cli.positive_float,
     default=None,
     help='device peak (e.g. 989 for H100 SXM bf16 dense) to report model FLOP utilisation',
   )
