@@ -1,10 +1,10 @@
 """He et al. 2015, Sec. 3.4 / 4.1: ImageNet ResNets and plain nets (Tables 2-3, Fig. 4).
 
 recipe=paper: batch 256, SGD momentum 0.9, weight decay 1e-4, lr 0.1 divided by 10 at epochs 30
-and 60 (the paper's plateaus), 60e4 iterations (other batches: lr x batch/256 and as many epochs,
-60e4 x 256/batch iterations; change the batch with the batch= arg, which sets that length); scale augmentation [256, 480] + 224 crop + flip,
-per-pixel mean, PCA colour; BN statistics over groups of 32 (the paper's per-GPU batch); v1 blocks
-(stride on the 1x1) unless stride_on=3x3.
+and 60 (the paper's plateaus), 60e4 iterations (other batches, from batch= or
+--config.batch_size: lr x batch/256 and as many epochs, 60e4 x 256/batch iterations); scale
+augmentation [256, 480] + 224 crop + flip, per-pixel mean, PCA colour; BN statistics over groups
+of 32 (the paper's per-GPU batch); v1 blocks (stride on the 1x1) unless stride_on=3x3.
 recipe=modern: the now-standard ResNet-50 recipe (Goyal et al. / torchvision): lr 0.1 x batch/256,
 5-epoch linear warm-up + cosine, label smoothing 0.1, Nesterov, decay on kernels only, Inception
 crop, zero-init last BN, bfloat16, v1.5 blocks, 90 epochs.
@@ -61,7 +61,8 @@ def get_config(arg: str | None = None):
   c.dtype = 'float32' if paper else 'bfloat16'
   c.optimizer.weight_decay = 1e-4
   if paper:
-    c.num_train_steps = 600_000 * 256 // args.batch  # from batch=, not --config.batch_size
+    # A reference, so --config.batch_size (applied after get_config) sets the length too.
+    c.num_train_steps = 600_000 * 256 // c.get_ref('batch_size')
     c.schedule.name = 'piecewise'
     c.schedule.base_lr = 0.1  # x batch_size / 256: also when --config.batch_size changes it
     c.schedule.scale_with_batch = True

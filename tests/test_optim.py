@@ -1,5 +1,7 @@
 """The paper's learning-rate schedules and weight decay, checked at their boundaries."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -158,3 +160,21 @@ def test_a_negative_decay_factor_or_momentum_is_refused(key):
   c.update_from_flattened_dict({key: -0.1})
   with pytest.raises(validation.ConfigError, match=f'{key} must be non-negative'):
     validation.validate_config(c)
+
+
+def test_the_paper_recipe_keeps_its_epochs_when_the_command_line_changes_the_batch():
+  """60e4 iterations at batch 256 are 30e4 at 512: --config.batch_size (applied after get_config,
+  by ml_collections' config flag) used to keep 60e4, twice the paper's epochs."""
+  from absl import flags
+  from ml_collections import config_flags
+
+  argv = ['prog', '--config=' + CONFIGS.replace('x.py', 'imagenet.py'), '--config.batch_size=512']
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', flag_values=flag_values, sys_argv=argv)
+  flag_values(argv)
+  config = flag_values.config
+  assert (config.batch_size, config.num_train_steps) == (512, 300_000)
+  assert json.loads(config.to_json())['num_train_steps'] == 300_000  # config.json's value
+  config.num_train_steps = 10  # a user's own length still wins
+  config.batch_size = 1024
+  assert config.num_train_steps == 10
