@@ -5,7 +5,9 @@ iterations, stop at 64k; 4-pixel pad + random 32x32 crop + flip, per-pixel mean 
 ResNet-110 and deeper warm up at lr 0.01 for 400 iterations. BN statistics over groups of 64
 (the paper's per-GPU batch on 2 GPUs), so results do not depend on the device count.
 Config args: depth=20, plain, shortcut=A|B|C, preact, val=5000 (the 45k/5k split),
-dataset=cifar10|cifar100, bn_group=64 (0: whole global batch), block=basic|bottleneck.
+dataset=cifar10|cifar100, bn_group=64 (0: whole global batch), block=basic|bottleneck,
+steps=64000 (a shorter or longer run with the same schedule shape: decays at 50 % and 75 %,
+ResNet-110's warm-up 400/64k of it; --config.num_train_steps alone moves neither).
 `block=bottleneck` gives the 9n+2-layer bottleneck nets of He et al. 2016 (ResNet-164/1001; the
 shortcut then defaults to B, projections where the width grows, as in that paper).
 Examples: python -m resnet_jax.main --config=configs/cifar.py:depth=110 --workdir=/tmp/r110
@@ -26,14 +28,15 @@ def get_config(arg: str | None = None):
     dataset='cifar10',
     bn_group=64,
     block='basic',
+    steps=64_000,
   )
   c = base_config()
   set_cifar_model(c.model, args)
   c.data.name = args.dataset
   c.data.num_classes = 100 if args.dataset == 'cifar100' else 10
   c.data.image_size = 32
-  set_cifar_recipe(c, args, steps=64_000)
-  c.log_every_steps = 100
-  c.eval_every_steps = 2000
-  c.checkpoint_every_steps = 2000
+  set_cifar_recipe(c, args, steps=args.steps)
+  c.log_every_steps = max(1, min(100, args.steps // 64))
+  c.eval_every_steps = max(1, args.steps // 32)  # the paper's 64k: every 2,000 steps
+  c.checkpoint_every_steps = c.eval_every_steps
   return c

@@ -80,6 +80,14 @@ def create_learning_rate_fn(
     warmup = int(round(s.warmup_epochs * steps_per_epoch))
   if s.name == 'piecewise':
     boundaries = schedule_boundaries(config, steps_per_epoch)
+    if boundaries and boundaries[-1] >= total_steps:
+      logger.warning(
+        'schedule boundaries %s are not all inside the %d-step run: the learning rate never '
+        'decays there (a shorter num_train_steps does not move them; set schedule.boundaries '
+        "too, or the config's steps= arg where it has one)",
+        ','.join(map(str, boundaries)),
+        total_steps,
+      )
     main = optax.piecewise_constant_schedule(peak, {b: s.decay_factor for b in boundaries})
   elif s.name == 'cosine':
     main = optax.cosine_decay_schedule(peak, decay_steps=max(total_steps - warmup, 1))

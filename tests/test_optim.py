@@ -178,3 +178,30 @@ def test_the_paper_recipe_keeps_its_epochs_when_the_command_line_changes_the_bat
   config.num_train_steps = 10  # a user's own length still wins
   config.batch_size = 1024
   assert config.num_train_steps == 10
+
+
+def test_a_decay_past_the_end_of_a_shortened_run_is_reported(caplog):
+  """cifar.py with --config.num_train_steps=8000 kept the paper's decays at 32k and 48k: the lr
+  stayed at 0.1 for the whole run, silently."""
+  c = _config('cifar')
+  with caplog.at_level('WARNING'):
+    optim.create_learning_rate_fn(c, 391, 64_000)
+  assert 'boundaries' not in caplog.text
+  with caplog.at_level('WARNING'):
+    optim.create_learning_rate_fn(c, 391, 8_000)
+  assert 'boundaries 32000,48000 are not all inside the 8000-step run' in caplog.text
+
+
+def test_the_cifar_recipe_scales_its_schedule_with_the_steps_arg():
+  """Sec. 4.2 at another length: decays at 50 % and 75 %, ResNet-110's warm-up 400/64k of it."""
+  c = _config('cifar', 'depth=110,steps=8000')
+  assert (c.num_train_steps, c.schedule.boundaries, c.schedule.warmup_steps) == (
+    8000,
+    '4000,6000',
+    50,
+  )
+  assert c.eval_every_steps == 250
+  lr = optim.create_learning_rate_fn(c, 391, c.num_train_steps)
+  assert [float(lr(s)) for s in (49, 50, 3999, 4000, 6000)] == pytest.approx(
+    [0.01, 0.1, 0.1, 0.01, 0.001]
+  )
