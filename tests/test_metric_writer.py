@@ -7,6 +7,8 @@ checks the writer offline.
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 from etils import epath
@@ -154,3 +156,24 @@ def test_resume_drops_torn_and_malformed_lines_and_keeps_the_rest(tmp_path):
   w.close()
   lines = (tmp_path / 'metrics.jsonl').read_text().splitlines()
   assert [json.loads(l)['step'] for l in lines] == [10, 20, 30]
+
+
+def test_the_tensorboard_writer_does_not_import_pytorch(tmp_path):
+  """tensorboardX imports torch when it is installed (GPU machines: 1.3 s and hundreds of MB on
+  every start) only to accept torch tensors, which the writer never passes."""
+  fake = tmp_path / 'site' / 'torch'
+  fake.mkdir(parents=True)
+  (fake / '__init__.py').write_text('class Tensor:\n  pass\n')  # an installed torch, cheaply
+  code = (
+    'import sys\n'
+    'from resnet_jax.metric_writer import MetricWriter\n'
+    f'w = MetricWriter({str(tmp_path / "run")!r}, enabled=True)\n'
+    "w.write(1, 'train', {'loss': 1.0})\n"
+    "print('torch' in sys.modules)\n"
+  )
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path / 'site'), os.getcwd()]))
+  out = subprocess.run(
+    [sys.executable, '-c', code], env=env, capture_output=True, text=True, check=True
+  )
+  assert out.stdout.split() == ['False']
+  assert list((tmp_path / 'run' / 'tensorboard').iterdir())  # the events were written
