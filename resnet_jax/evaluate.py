@@ -28,7 +28,7 @@ from resnet_jax.train_step import device_batch, jit_eval_step, replicated
 
 
 @contextlib.contextmanager
-def _eval_iterator(config, split, crops):
+def _eval_iterator(config, split, crops, preprocessor=None):
   """This process's batches of the split, closed on exit: no Grain worker outlives a failed eval."""
   n_dev, n_proc = jax.device_count(), jax.process_count()
   global_batch = math.ceil(config.eval_batch_size / n_dev) * n_dev
@@ -40,6 +40,7 @@ def _eval_iterator(config, split, crops):
       process_index=jax.process_index(),
       process_count=n_proc,
       crops=crops,
+      preprocessor=preprocessor,
     )
   )
   with contextlib.closing(it):
@@ -67,13 +68,15 @@ def run_evaluation(
   *,
   split: str | None = None,
   crops: int = 1,
+  preprocessor: Any = None,
 ) -> dict[str, float]:
   """Mean loss and top-1/top-5 error over the whole split (crops: 1 or 10).
 
   `eval_step(variables, batch)` is `train_step.jit_eval_step(...)`: it returns metric sums.
+  `preprocessor`: the host's geometry (default: `config.data`'s).
   """
   totals = None
-  with _eval_iterator(config, split, crops) as batches:
+  with _eval_iterator(config, split, crops, preprocessor) as batches:
     for local in batches:
       sums = eval_step(variables, device_batch(local, mesh, ('image', 'label', 'mask')))
       totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
@@ -91,6 +94,7 @@ def run_multiscale_evaluation(
   split: str | None = None,
   crops: int = 1,
   preprocess: Any = None,
+  preprocessor: Any = None,
 ) -> dict[str, float]:
   """He et al. 2015 Table 4: the whole image at shorter side S, softmax averaged over `scales`.
 
@@ -98,7 +102,8 @@ def run_multiscale_evaluation(
   shape, the longer side moved to a whole number of strides (see `resnet_jax.multiscale`).
   crops: 1, or 2 (the image and its horizontal flip). `preprocess`: the run's
   `DevicePreprocess` (its normaliser is applied at each input shape; an object without a
-  `normalizer` leaves the pixel values as they are).
+  `normalizer` leaves the pixel values as they are). `preprocessor`: the host's geometry
+  (default: `config.data`'s).
   """
   split = split or str(config.data.eval_split)
   source = sources.open_split(config, split)
@@ -108,7 +113,7 @@ def run_multiscale_evaluation(
     apply_fn,
     variables,
     source.records,
-    data.make_preprocessor(config),
+    preprocessor or data.make_preprocessor(config),
     mesh,
     config,
     scales=scales,
@@ -129,13 +134,16 @@ def evaluate_workdir(
   scales: list[int] | None = None,
   precise_bn_batches: int | None = None,
   data_dir: str | None = None,
+  dataset: str | None = None,
 ) -> dict[str, Any]:
   """Evaluates the newest good checkpoint of a training run, without writing to its workdir.
 
   `scales`: Table 4's whole-image multi-scale testing. `precise_bn_batches`: first recompute the
   BN statistics over that many training batches (`resnet_jax.precise_bn`), in memory only.
   `data_dir`: where the dataset is now, when it is not where the run read it (moved, another
-  machine, a relative path from another directory).
+  machine, a relative path from another directory). `dataset`: another TFDS dataset with the
+  run's label space (CIFAR-10.1's `cifar10_1` for a CIFAR-10 run, `imagenet_v2` for ImageNet),
+  read through the run's own evaluation preprocessing and normalisation.
   """
   overrides = {'eval_batch_size': batch_size} if batch_size else {}
   if data_dir is not None:
@@ -143,7 +151,11 @@ def evaluate_workdir(
   trained = runtime.load_trained_model(workdir, overrides)
   experiment = trained.experiment
   config, mesh = experiment.config, experiment.mesh
-  split = split or config.data.eval_split
+  preprocessor, eval_config = None, config
+  if dataset is not None and dataset != config.data.name:
+    preprocessor = data.make_preprocessor(config)  # the run's geometry, on the other images
+    eval_config = on_other_dataset(experiment, dataset, split)
+  split = split or eval_config.data.eval_split
   variables = jax.device_put(trained.variables, replicated(mesh))
   if precise_bn_batches is not None:
     variables = precise_bn.precise_bn_for_experiment(experiment, variables, precise_bn_batches)
@@ -151,25 +163,62 @@ def evaluate_workdir(
     result = run_multiscale_evaluation(
       experiment.model.apply,
       variables,
-      config,
+      eval_config,
       mesh,
       scales=scales,
       stride=multiscale.network_stride(experiment.model),
       split=split,
       crops=crops or 1,
       preprocess=experiment.preprocess,
+      preprocessor=preprocessor,
     )
     result['scales'] = scales
   else:
     eval_step = jit_eval_step(mesh, experiment.model.apply, preprocess=experiment.preprocess)
     result = run_evaluation(
-      eval_step, variables, config, mesh, split=split, crops=crops or config.data.eval_crops
+      eval_step,
+      variables,
+      eval_config,
+      mesh,
+      split=split,
+      crops=crops or config.data.eval_crops,
+      preprocessor=preprocessor,
     )
+  if eval_config is not config:
+    result['dataset'] = str(eval_config.data.name)
   result['split'] = split
   result['step'] = int(trained.step)
   if precise_bn_batches is not None:
     result['precise_bn_batches'] = int(precise_bn_batches)
   return result
+
+
+def on_other_dataset(
+  experiment: runtime.Experiment, name: str, split: str | None
+) -> ml_collections.ConfigDict:
+  """The run's config reading `split` (default 'test') of dataset `name`, its labels checked.
+
+  A test set built to match another (CIFAR-10.1, ImageNet-V2) measures how the run generalises;
+  one with other classes or channels would give a number that means nothing, so it is refused.
+  """
+  config = experiment.config.copy_and_resolve_references()
+  config.data.name = name
+  config.data.validation_size = 0  # the run's held-out images are carved from its own dataset
+  config.data.eval_split = split or 'test'  # the one split CIFAR-10.1, ImageNet-V2/-A/-R have
+  source = sources.open_split(config, config.data.eval_split)
+  run = experiment.dataset
+  if source.num_classes != run.num_classes:
+    raise ValueError(
+      f'{name} has {source.num_classes} classes and the run was trained on {run.name}, which has '
+      f'{run.num_classes}: --dataset needs the same label space (e.g. cifar10_1 for cifar10, '
+      'imagenet_v2 for imagenet2012)'
+    )
+  if source.native_shape[2] != run.image_shape[2]:
+    raise ValueError(
+      f'{name} has {source.native_shape[2]}-channel images and the run was trained on '
+      f'{run.image_shape[2]}-channel ones ({run.name})'
+    )
+  return config
 
 
 def _scales(text: str) -> list[int]:
@@ -211,6 +260,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     help="the dataset's TFDS data_dir, when it is no longer where the run read it "
     "(default: the run's config.data.data_dir)",
   )
+  parser.add_argument(
+    '--dataset',
+    help="another TFDS dataset with the run's classes, e.g. cifar10_1 (CIFAR-10.1) or "
+    "imagenet_v2, read with the run's evaluation preprocessing; --split defaults to 'test'",
+  )
   args = parser.parse_args(argv)
   try:
     result = evaluate_workdir(
@@ -221,6 +275,7 @@ def main(argv: Sequence[str] | None = None) -> None:
       scales=args.scales,
       precise_bn_batches=args.precise_bn,
       data_dir=args.data_dir,
+      dataset=args.dataset,
     )
   except (ValueError, FileNotFoundError, PermissionError) as e:  # one clear line, no traceback
     cli.fail(e)

@@ -86,6 +86,31 @@ def test_cifar_config_trains_and_evaluates_under_mock_data(tmp_path):
   assert result['params'] == sum(x.size for x in jax.tree.leaves(shapes['params']))
 
 
+def test_a_cifar10_run_is_evaluated_on_cifar10_1_and_refused_on_other_label_spaces(tmp_path):
+  """CIFAR-10.1 (Recht et al. 2018) is a new test set for CIFAR-10's classifiers: --dataset reads
+  it through the run's own eval preprocessing; datasets with other classes or channels are
+  refused, not scored (mnist has CIFAR-10's 10 classes, but grey images)."""
+  config = load_sibling_config(CONFIGS, 'cifar').get_config('depth=8,bn_group=8,steps=1')
+  config.batch_size = 8
+  config.progress_bar = False
+  config.data.data_dir = str(tmp_path / 'tfds')
+  run = str(tmp_path / 'run')
+  with tfds.testing.mock_data(num_examples=24, policy=tfds.testing.MockPolicy.USE_CODE):
+    train.train_and_evaluate(config, run)
+    got = evaluate.evaluate_workdir(run, dataset='cifar10_1', crops=2)
+    assert (got['dataset'], got['split'], got['num_examples'], got['step']) == (
+      'cifar10_1',
+      'test',
+      24,
+      1,
+    )
+    assert 'dataset' not in evaluate.evaluate_workdir(run)  # the run's own test split
+    with pytest.raises(ValueError, match='cifar100 has 100 classes .* cifar10, which has 10'):
+      evaluate.evaluate_workdir(run, dataset='cifar100')
+    with pytest.raises(ValueError, match='mnist has 1-channel images'):
+      evaluate.evaluate_workdir(run, dataset='mnist')
+
+
 @pytest.mark.slow
 def test_evaluate_cli_matches_the_training_run(tmp_path):
   workdir = str(tmp_path / 'run')
