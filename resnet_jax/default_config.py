@@ -85,6 +85,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.eval_crops = 1  # 1 | 10 (the paper's 10-crop testing)
 
   c.batch_size = 128  # global, over all devices and hosts
+  # >1: each step's gradient over that many micro-batches in turn (activation memory / N), the
+  # same update as one pass when ghost-BN groups fit the micro-batches (validation.py checks)
+  c.grad_accum_steps = 1
   c.eval_batch_size = 256
   c.num_epochs = 10.0
   c.num_train_steps = -1  # >0 overrides num_epochs; -1: train num_epochs

@@ -220,6 +220,7 @@ def _train(
     label_smoothing=config.label_smoothing,
     seed=config.seed,
     preprocess=experiment.preprocess,
+    accum_steps=config.grad_accum_steps,
   )
   schedule, runner = evaluators.from_config(config), evaluators.EvalRunner(experiment)
   num_params = count_params(state.params)

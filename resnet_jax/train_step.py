@@ -89,28 +89,42 @@ def train_step(
   label_smoothing: float = 0.0,
   preprocess: Preprocess = _as_float,
   seed: int = 0,
+  accum_steps: int = 1,
+  num_shards: int = 1,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One SGD step on the global batch.
 
   A step whose loss, gradients or new parameters/statistics are not finite is not applied (state
   unchanged except `step`); it is reported in the metrics so the host can stop with an error
-  naming it or skip it.
+  naming it or skip it. `accum_steps > 1` computes the same update over that many micro-batches,
+  one at a time (see `_accumulated`); `num_shards` is the mesh's data-axis size.
   """
   step_key = jax.random.fold_in(jax.random.key(seed), state.step)
+  # The whole batch is preprocessed at once, so its random lighting is the same for any accum_steps.
   images = preprocess(batch['image'], rng=step_key)
 
-  def loss_fn(params):
+  def loss_fn(params, images, labels, dropout_key):
     logits, updates = state.apply_fn(
       {'params': params, 'batch_stats': state.batch_stats},
       images,
       train=True,
       mutable=['batch_stats'],
-      rngs={'dropout': jax.random.fold_in(step_key, 1)},
+      rngs={'dropout': dropout_key},
     )
-    loss = cross_entropy(logits, batch['label'], label_smoothing).mean()
-    return loss, (logits, updates['batch_stats'])
+    loss = cross_entropy(logits, labels, label_smoothing).mean()
+    errors = jnp.mean(jnp.argmax(logits, -1) != labels)
+    return loss, (errors, updates['batch_stats'])
 
-  (loss, (logits, new_batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  dropout_key = jax.random.fold_in(step_key, 1)
+  if accum_steps == 1:
+    (loss, (top1_error, new_batch_stats)), grads = grad_fn(
+      state.params, images, batch['label'], dropout_key
+    )
+  else:
+    loss, top1_error, new_batch_stats, grads = _accumulated(
+      grad_fn, state, images, batch['label'], dropout_key, accum_steps, num_shards
+    )
   updates, new_opt_state = state.tx.update(grads, state.opt_state, state.params)
   new_params = optax.apply_updates(state.params, updates)
 
@@ -134,13 +148,42 @@ def train_step(
   )
   metrics = {
     'loss': loss,
-    'top1_error': jnp.mean(jnp.argmax(logits, -1) != batch['label']),
+    'top1_error': top1_error,
     'learning_rate': learning_rate_fn(state.step),
     'nonfinite': jnp.logical_not(finite).astype(jnp.int32),
     # The first non-finite step of a logging window is the min over the window of this value.
     'nonfinite_step': jnp.where(finite, jnp.iinfo(jnp.int32).max, state.step),
   }
   return new_state, metrics
+
+
+def _accumulated(grad_fn, state, images, labels, dropout_key, accum_steps, num_shards):
+  """Loss, top-1 error, BN statistics and gradients of the batch, one micro-batch at a time.
+
+  Each micro-batch is a mean over the same number of examples and starts from the same running
+  statistics, so the means of their losses, gradients and updated statistics (an affine function
+  of the batch statistics) are the full batch's, when BN groups lie inside micro-batches (checked
+  by `validation.validate_grad_accum`). Micro-batch j is the j-th slice of every device's share:
+  no example moves between devices. Only dropout masks differ from the one-pass step.
+  """
+
+  def split(x):  # [B, ...] -> [accum_steps, B / accum_steps, ...]
+    m = x.shape[0] // (num_shards * accum_steps)
+    x = x.reshape((num_shards, accum_steps, m) + x.shape[1:])
+    return jnp.swapaxes(x, 0, 1).reshape((accum_steps, num_shards * m) + x.shape[3:])
+
+  def body(carry, micro):
+    images, labels, j = micro
+    (loss, (errors, stats)), grads = grad_fn(
+      state.params, images, labels, jax.random.fold_in(dropout_key, j)
+    )
+    return jax.tree.map(jnp.add, carry, (loss, errors, stats, grads)), None
+
+  zeros = lambda tree: jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), tree)
+  carry = (jnp.zeros(()), jnp.zeros(()), zeros(state.batch_stats), zeros(state.params))
+  xs = (split(images), split(labels), jnp.arange(accum_steps))
+  sums, _ = jax.lax.scan(body, carry, xs)
+  return jax.tree.map(lambda x: x / accum_steps, sums)
 
 
 def _is_count(path: tuple[Any, ...]) -> bool:
@@ -206,6 +249,7 @@ def jit_train_step(
   label_smoothing: float = 0.0,
   preprocess: Preprocess = _as_float,
   seed: int = 0,
+  accum_steps: int = 1,
 ) -> Callable:
   """`train_step` under jit: batch split on `data`, state replicated and donated."""
   return jax.jit(
@@ -215,6 +259,8 @@ def jit_train_step(
       label_smoothing=label_smoothing,
       preprocess=preprocess,
       seed=seed,
+      accum_steps=accum_steps,
+      num_shards=mesh.shape[DATA_AXIS],
     ),
     in_shardings=(state_sharding, batch_sharding(mesh)),
     out_shardings=(state_sharding, replicated(mesh)),

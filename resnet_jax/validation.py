@@ -81,6 +81,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if not 0 <= config.label_smoothing < 1:
     raise ConfigError(f'label_smoothing must be in [0, 1), got {config.label_smoothing}')
   validate_bn_groups(config.model.bn_group_size, config.batch_size, n_dev)
+  validate_grad_accum(config.grad_accum_steps, config.model.bn_group_size, config.batch_size, n_dev)
 
 
 def validate_data_sizes(data: ml_collections.ConfigDict) -> None:
@@ -138,6 +139,36 @@ def validate_bn_groups(group: int | None, batch_size: int, n_devices: int) -> No
     f'Use a divisor of {per_device} (e.g. {divisors[-1]}), a multiple of {per_device} that '
     f'divides {batch_size}, or None (whole-batch statistics)'
   )
+
+
+def validate_grad_accum(steps: int, group: int | None, batch_size: int, n_devices: int) -> None:
+  """Gradient accumulation must give the one-pass update: every ghost-BN group inside one
+  micro-batch (train_step._accumulated takes the same slice of every device's share). Whole-batch
+  statistics (group None) would silently become per-micro-batch statistics, so they are refused.
+  """
+  if steps is None or steps < 1:
+    raise ConfigError(f'grad_accum_steps must be positive, got {steps}')
+  if steps == 1:
+    return
+  per_device = batch_size // n_devices
+  if per_device % steps:
+    raise ConfigError(
+      f'grad_accum_steps={steps} does not divide the per-device batch {per_device} '
+      f'(batch_size {batch_size} over {n_devices} devices)'
+    )
+  micro = per_device // steps
+  if group is None or micro % group:
+    what = (
+      'whole-batch BN statistics would become per-micro-batch ones'
+      if group is None
+      else f'model.bn_group_size={group} does not divide them: BN statistics would differ from '
+      'one pass'
+    )
+    raise ConfigError(
+      f'grad_accum_steps={steps} makes micro-batches of {micro} examples per device, and '
+      f'{what}. Set model.bn_group_size to a divisor of {micro} (the paper: 32 on ImageNet, '
+      '64 on CIFAR)'
+    )
 
 
 def profile_window(spec: str) -> tuple[int, int] | None:

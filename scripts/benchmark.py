@@ -43,7 +43,14 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 from torch_twin import TorchBench  # noqa: E402  (scripts/torch_twin.py, beside this file)
 
-from resnet_jax import cli, default_config, optim, runtime, summary  # pylint: disable=wrong-import-position
+from resnet_jax import (  # pylint: disable=wrong-import-position
+  cli,
+  default_config,
+  optim,
+  runtime,
+  summary,
+  validation,
+)
 from resnet_jax.models import parse_name  # pylint: disable=wrong-import-position
 from resnet_jax.train_step import (  # pylint: disable=wrong-import-position
   batch_sharding,
@@ -70,6 +77,8 @@ def _config(args):
   c.model.preact = args.preact
   c.model.scan = args.scan
   c.model.remat = args.remat
+  c.model.bn_group_size = args.bn_group
+  c.grad_accum_steps = args.grad_accum_steps
   c.dtype = args.dtype
   c.batch_size = args.batch_size
   c.schedule.name = 'constant'
@@ -96,7 +105,7 @@ class JaxBench:
     shape = (args.image_size, args.image_size, 3)
     self.state = init_state(self.model, tx, shape, seed=0, mesh=self.mesh)
     state_sharding = jax.tree.map(lambda x: x.sharding, self.state)
-    train_step = jit_train_step(self.mesh, state_sharding, lr_fn)
+    train_step = jit_train_step(self.mesh, state_sharding, lr_fn, accum_steps=args.grad_accum_steps)
     eval_step = jit_eval_step(self.mesh, self.model.apply)
     rng = np.random.default_rng(0)
     images = rng.standard_normal((args.batch_size,) + shape, dtype=np.float32)
@@ -122,7 +131,12 @@ class JaxBench:
       self.xla_flops = float(cost.get('flops', 0.0)) or None
     except Exception:  # pylint: disable=broad-except
       self.xla_flops = None
-    self.first_step_s = self.train_steps(1)[0]  # runtime warm-up of the freshly compiled program
+    try:  # XLA's buffer assignment: the activations' and gradients' memory
+      self.temp_bytes = int(self.train.memory_analysis().temp_size_in_bytes)
+    except Exception:  # pylint: disable=broad-except  -- a backend without the analysis
+      self.temp_bytes = None
+    if not args.compile_only:
+      self.first_step_s = self.train_steps(1)[0]  # runtime warm-up of the fresh program
 
   def train_steps(self, k: int) -> list[float]:
     times = []
@@ -155,6 +169,35 @@ def _interleaved(benches, method, rounds, block, warmup):
 
 def _rate(batch, times):
   return batch / statistics.median(times)
+
+
+def _description(args, spec, jb: JaxBench, macs: int) -> dict:
+  """What was compiled, where, and XLA's figures for it (the part of the JSON without timings)."""
+  dev = jax.devices()[0]
+  return {
+    'model': args.model,
+    'batch_size': args.batch_size,
+    'image_size': args.image_size,
+    'dtype': args.dtype,
+    'block': spec.block,
+    'preact': args.preact,
+    'scan': jb.model.scan,
+    'remat': args.remat,
+    'bn_group_size': args.bn_group,
+    'grad_accum_steps': args.grad_accum_steps,
+    'platform': dev.platform,
+    'device_kind': dev.device_kind,
+    'devices': jax.device_count(),
+    'jax_version': jax.__version__,
+    'host_cpus': os.cpu_count(),
+    'python': platform.python_version(),
+    'compile_s': round(jb.compile_s, 3),
+    'macs_per_image': int(macs),
+    'flops_per_image': int(2 * macs),
+    'train_flops_per_image': int(6 * macs),
+    'xla_flops_per_step': jb.xla_flops,
+    'train_temp_bytes': jb.temp_bytes,
+  }
 
 
 def main(argv=None):
@@ -203,6 +246,23 @@ def main(argv=None):
     default=True,
     help='also time the eval step (default on)',
   )
+  p.add_argument(
+    '--bn-group',
+    type=cli.positive_int,
+    default=None,
+    help='ghost-BN group size (default: whole-batch statistics)',
+  )
+  p.add_argument(
+    '--grad-accum-steps',
+    type=cli.positive_int,
+    default=1,
+    help='micro-batches per step (config.grad_accum_steps; needs --bn-group dividing them)',
+  )
+  p.add_argument(
+    '--compile-only',
+    action='store_true',
+    help='compile and report compile time, XLA flops and temporary memory; run no step',
+  )
   p.add_argument('--compare-torch', action='store_true')
   p.add_argument(
     '--torch-channels-last',
@@ -230,11 +290,26 @@ def main(argv=None):
     p.error(str(e))
   if args.compare_torch and (args.preact or (spec.family == 'cifar' and spec.block != 'basic')):
     p.error('--compare-torch builds post-activation basic-block CIFAR and ImageNet nets only')
+  if args.compare_torch and (args.grad_accum_steps > 1 or args.bn_group or args.compile_only):
+    p.error('--compare-torch times one-pass whole-batch-BN steps of both frameworks only')
+  try:
+    validation.validate_bn_groups(args.bn_group, args.batch_size, jax.device_count())
+    validation.validate_grad_accum(
+      args.grad_accum_steps, args.bn_group, args.batch_size, jax.device_count()
+    )
+  except validation.ConfigError as e:
+    p.error(str(e))
   args.image_size = args.image_size or (224 if spec.family == 'imagenet' else 32)
 
   load_start = _loadavg()
   jb = JaxBench(args)
   macs = summary.analyze(jb.model, args.image_size)['macs']
+  if args.compile_only:
+    result = _description(args, spec, jb, macs)
+    print(
+      json.dumps(result) if args.json else '\n'.join(f'{k:>28}: {v}' for k, v in result.items())
+    )
+    return
   benches = [jb]
   tb = None
   if args.compare_torch:
@@ -247,36 +322,19 @@ def main(argv=None):
   if args.inference:
     eval_times = _interleaved(benches, 'eval_steps', rounds, block, args.warmup)
 
-  dev = jax.devices()[0]
   step_s = statistics.median(train_times[0])
   flops_image = 2 * macs
-  result = {
-    'model': args.model,
-    'batch_size': args.batch_size,
-    'image_size': args.image_size,
-    'dtype': args.dtype,
-    'block': spec.block,
-    'preact': args.preact,
-    'scan': jb.model.scan,
-    'remat': args.remat,
-    'platform': dev.platform,
-    'device_kind': dev.device_kind,
-    'devices': jax.device_count(),
-    'jax_version': jax.__version__,
-    'host_cpus': os.cpu_count(),
-    'python': platform.python_version(),
-    'compile_s': round(jb.compile_s, 3),
-    'first_step_s': round(jb.first_step_s, 4),
-    'steps_timed': len(train_times[0]),
-    'step_ms_median': round(1e3 * step_s, 3),
-    'step_ms_min': round(1e3 * min(train_times[0]), 3),
-    'images_per_sec': round(args.batch_size / step_s, 2),
-    'macs_per_image': int(macs),
-    'flops_per_image': int(flops_image),
-    'train_flops_per_image': int(3 * flops_image),
-    'achieved_tflops': round(3 * flops_image * args.batch_size / step_s / 1e12, 4),
-    'xla_flops_per_step': jb.xla_flops,
-  }
+  result = _description(args, spec, jb, macs)
+  result.update(
+    {
+      'first_step_s': round(jb.first_step_s, 4),
+      'steps_timed': len(train_times[0]),
+      'step_ms_median': round(1e3 * step_s, 3),
+      'step_ms_min': round(1e3 * min(train_times[0]), 3),
+      'images_per_sec': round(args.batch_size / step_s, 2),
+      'achieved_tflops': round(3 * flops_image * args.batch_size / step_s / 1e12, 4),
+    }
+  )
   if args.peak_tflops:
     result['peak_tflops'] = args.peak_tflops
     result['mfu'] = round(result['achieved_tflops'] / args.peak_tflops, 4)
