@@ -81,7 +81,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if not 0 <= config.label_smoothing < 1:
     raise ConfigError(f'label_smoothing must be in [0, 1), got {config.label_smoothing}')
   validate_bn_groups(config.model.bn_group_size, config.batch_size, n_dev)
-  validate_grad_accum(config.grad_accum_steps, config.model.bn_group_size, config.batch_size, n_dev)
+  validate_grad_accum(
+    config.grad_accum_steps,
+    config.model.bn_group_size,
+    config.batch_size,
+    n_dev,
+    frozen_bn=bool(config.model.frozen_bn),
+  )
 
 
 def validate_data_sizes(data: ml_collections.ConfigDict) -> None:
@@ -141,10 +147,13 @@ def validate_bn_groups(group: int | None, batch_size: int, n_devices: int) -> No
   )
 
 
-def validate_grad_accum(steps: int, group: int | None, batch_size: int, n_devices: int) -> None:
+def validate_grad_accum(
+  steps: int, group: int | None, batch_size: int, n_devices: int, *, frozen_bn: bool = False
+) -> None:
   """Gradient accumulation must give the one-pass update: every ghost-BN group inside one
   micro-batch (train_step._accumulated takes the same slice of every device's share). Whole-batch
   statistics (group None) would silently become per-micro-batch statistics, so they are refused.
+  `frozen_bn` (running statistics in training, as in fine-tuning) uses no batch statistics.
   """
   if steps is None or steps < 1:
     raise ConfigError(f'grad_accum_steps must be positive, got {steps}')
@@ -157,7 +166,7 @@ def validate_grad_accum(steps: int, group: int | None, batch_size: int, n_device
       f'(batch_size {batch_size} over {n_devices} devices)'
     )
   micro = per_device // steps
-  if group is None or micro % group:
+  if not frozen_bn and (group is None or micro % group):
     what = (
       'whole-batch BN statistics would become per-micro-batch ones'
       if group is None

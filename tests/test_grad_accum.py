@@ -67,6 +67,7 @@ def test_accumulation_that_would_change_the_update_is_refused(steps, group, mess
   with pytest.raises(ConfigError, match=message):
     validate_grad_accum(steps, group, batch_size=64, n_devices=4)
   validate_grad_accum(2, 8, batch_size=64, n_devices=4)  # 8 per device: one group per micro
+  validate_grad_accum(2, None, batch_size=64, n_devices=4, frozen_bn=True)  # no batch statistics
 
 
 def test_a_run_with_accumulation_trains_as_the_run_without(tmp_path, monkeypatch):
