@@ -22,7 +22,11 @@ input pipeline is not part of the step; `scripts/benchmark_input.py` measures th
   equally; the JSON reports the ratio of medians. torch is only imported under that flag.
 - FLOPs: `flops_per_image` = 2 x multiply-accumulates of one forward pass (`resnet_jax.summary`);
   a train step is counted as 3x forward (forward + two backward matmuls per conv), the usual MFU
-  convention. `xla_flops_per_step` is XLA's own cost analysis of the compiled train step.
+  convention. `xla_flops_per_step` is XLA's own cost analysis of the compiled train step, and
+  `train_temp_bytes` its memory analysis (the activations' and gradients' buffers).
+- `--bn-group G --grad-accum-steps N`: ghost BN and gradient accumulation as in training;
+  `--compile-only` reports the compile-time figures without running a step (e.g. how much memory
+  accumulation saves, docs/performance.md).
 """
 
 from __future__ import annotations
