@@ -41,3 +41,15 @@ def test_paper_registry_refuses_an_unknown_experiment_in_one_line(capsys):
   assert len(captured.err.splitlines()) == 1
   assert paper.main(['table6']) == 0
   assert '--depths=20,32,44,56,110' in capsys.readouterr().out
+
+
+def test_prepare_help_says_any_tfds_name_is_taken():
+  """`prepare --help` said NAME is 'one of: cifar10, ..., digits' while any other TFDS name is
+  prepared too (README: 'or any other TFDS name')."""
+  from resnet_jax.data import prepare
+
+  help_text = ' '.join(prepare._parser().format_help().split())
+  assert 'one of:' not in help_text
+  assert 'cifar10, cifar100, fashion_mnist, imagenet2012, imagenette, digits, or any other' in (
+    help_text
+  )
