@@ -301,10 +301,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 def finetune_hint(arch: str, out: str, in_channels: int) -> str:
   """The command that fine-tunes these weights. finetune.py's default dataset, digits, is
   grayscale: RGB weights need another dataset there (they stopped with a stem-shape error)."""
-  if in_channels == 1:
-    dataset, note = '', '  (digits, the default; dataset=NAME for another grayscale dataset)'
-  else:
-    dataset, note = ',dataset=NAME', (
+  dataset = '' if in_channels == 1 else ',dataset=NAME'
+  note = '  (digits, the default; dataset=NAME for another grayscale dataset)'
+  if in_channels != 1:
+    note = (
       f'  (NAME: a prepared TFDS dataset of {in_channels}-channel images; for digits, the '
       'default, convert with --in-channels 1)'
     )
