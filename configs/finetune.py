@@ -2,9 +2,11 @@
 
 First convert the weights (see README, "Pretrained weights"), then point `init_from` at them:
   python -m resnet_jax.convert --arch resnet18 --torchvision-weights resnet18-f37072fd.pth \
-      --out /tmp/r18_tv [--in-channels 1 for grayscale data such as digits]
+      --out /tmp/r18_tv --in-channels 1
   python -m resnet_jax.main --config=configs/finetune.py:arch=resnet18 \
       --config.init_from=/tmp/r18_tv --workdir=/tmp/ft
+(`--in-channels 1`: digits, the default dataset, is grayscale; for an RGB dataset leave it out and
+add `dataset=NAME` to the config args.)
 Every weight is restored except the classifier head when the number of classes differs (it is
 re-initialised). Recipe: SGD momentum 0.9 (Nesterov), lr 0.01 (10x smaller than training from
 scratch), linear warm-up over 5% of the steps + cosine, weight decay 1e-4 on kernels only, standard

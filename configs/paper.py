@@ -118,8 +118,19 @@ def get(name: str) -> Experiment:
   return EXPERIMENTS[name]
 
 
-if __name__ == '__main__':
-  for key in sys.argv[1:] or list(EXPERIMENTS):
-    e = get(key)
+def main(argv: list[str]) -> int:
+  """`python configs/paper.py [NAME ...]`: print the commands; an unknown NAME is one `error:`
+  line and exit 1 (it was a traceback), before anything is printed."""
+  try:
+    experiments = [(key, get(key)) for key in argv or list(EXPERIMENTS)]
+  except ValueError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 1
+  for key, e in experiments:
     print(f'# {key}: {e.paper}' + (f'\n# {e.note}' if e.note else ''))
     print(e.command(f'runs/{key}') + '\n')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main(sys.argv[1:]))

@@ -294,10 +294,23 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     sys.exit(1)
   n = sum(np.size(x) for x in jax.tree.leaves(variables['params']))
   classes = variables['params']['fc']['kernel'].shape[1]
-  print(
-    f'wrote {args.arch} ({n:,} parameters, {classes} classes) to {out}\n'
-    f'fine-tune: python -m resnet_jax.main --config=configs/finetune.py:arch={args.arch} '
-    f'--config.init_from={out} --workdir=...'
+  print(f'wrote {args.arch} ({n:,} parameters, {classes} classes) to {out}')
+  print(finetune_hint(args.arch, out, args.in_channels))
+
+
+def finetune_hint(arch: str, out: str, in_channels: int) -> str:
+  """The command that fine-tunes these weights. finetune.py's default dataset, digits, is
+  grayscale: RGB weights need another dataset there (they stopped with a stem-shape error)."""
+  dataset = '' if in_channels == 1 else ',dataset=NAME'
+  note = '  (digits, the default; dataset=NAME for another grayscale dataset)'
+  if in_channels != 1:
+    note = (
+      f'  (NAME: a prepared TFDS dataset of {in_channels}-channel images; for digits, the '
+      'default, convert with --in-channels 1)'
+    )
+  return (
+    f'fine-tune: python -m resnet_jax.main --config=configs/finetune.py:arch={arch}{dataset} '
+    f'--config.init_from={out} --workdir=...{note}'
   )
 
 

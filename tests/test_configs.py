@@ -1,5 +1,8 @@
 """The experiment configs: what each recipe evaluates on and trains with."""
 
+import os
+import re
+
 import pytest
 
 from resnet_jax.default_config import load_sibling_config
@@ -41,3 +44,34 @@ def test_a_config_arg_given_twice_is_refused(name, arg):
   """r50.py:depth=101 trained a ResNet-101 (its 'depth=50,depth=101': the last one won)."""
   with pytest.raises(ValueError, match="'depth' is given twice"):
     load_sibling_config('configs/x.py', name).get_config(arg)
+
+
+_ARG_CONFIGS = ['digits', 'cifar', 'fashion_mnist', 'imagenet', 'wrn', 'finetune']
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _accepted_args(name: str) -> set[str]:
+  """The config args get_config takes: parse_arg's refusal of an unknown one lists them."""
+  with pytest.raises(ValueError, match='valid: ') as refused:
+    load_sibling_config('configs/x.py', name).get_config('no_such_arg')
+  return set(str(refused.value).split('valid: ')[1].split(', '))
+
+
+@pytest.mark.parametrize('name', _ARG_CONFIGS)
+def test_the_readme_lists_exactly_the_args_each_config_takes(name):
+  """README's config list left out imagenet.py's `dataset` and the whole of fashion_mnist.py,
+  wrn.py and finetune.py's args."""
+  with open(os.path.join(_ROOT, 'README.md'), encoding='utf-8') as f:
+    readme = f.read()
+  entry = re.search(rf'^  - `{name}\.py`: (.*?)(?=^  - |^\n)', readme, re.M | re.S)
+  assert entry, f'README lists no configs/{name}.py'
+  listed = re.findall(r'`(\w+)(?:=[^`]*)?`', entry.group(1).split('Args:', 1)[-1])
+  assert set(listed) == _accepted_args(name)
+
+
+@pytest.mark.parametrize('name', _ARG_CONFIGS)
+def test_each_config_docstring_documents_every_arg_it_takes(name):
+  doc = load_sibling_config('configs/x.py', name).__doc__
+  section = doc.split('onfig args', 1)[1]
+  missing = [a for a in _accepted_args(name) if not re.search(rf'\b{a}\b', section)]
+  assert not missing, f'configs/{name}.py docstring does not document {missing}'

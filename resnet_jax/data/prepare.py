@@ -58,7 +58,9 @@ def _parser() -> cli.ArgumentParser:
     prog='python -m resnet_jax.data.prepare',
     description='Prepare a dataset as TFDS ArrayRecord files (random access for Grain).',
   )
-  p.add_argument('name', metavar='NAME', help=f'one of: {", ".join(RECIPES)}')
+  p.add_argument(
+    'name', metavar='NAME', help=f'{", ".join(RECIPES)}, or any other TFDS dataset name'
+  )
   p.add_argument(
     '--data-dir', help='TFDS data dir to write (default: TFDS_DATA_DIR or ~/tensorflow_datasets)'
   )
