@@ -94,3 +94,20 @@ def test_batch_not_divisible_by_devices_is_refused(tmp_path):
   proc = run_main(str(tmp_path), '--config.batch_size=30', devices=4)
   last = assert_one_line_error(proc)
   assert last.startswith('error: batch_size 30 is not divisible by the 4 devices'), last
+
+
+def test_a_process_that_never_joins_is_one_line_after_initialization_timeout(tmp_path):
+  """Process 1 of 2 never starts. JAX's own timeout (300 s by default) ended process 0 with a
+  fatal C++ stack trace (exit 134); --initialization_timeout shortens the wait and the run ends in
+  one line."""
+  proc = run_main(
+    str(tmp_path / 'run'),
+    *RUN,
+    f'--coordinator_address=localhost:{_free_port()}',
+    '--num_processes=2',
+    '--process_id=0',
+    '--initialization_timeout=3',
+    devices=1,
+    timeout=60,
+  )
+  assert_one_line_error(proc, 'not every process joined within 3 s', 'process 0 of 2')
