@@ -224,9 +224,13 @@ def main(argv: list[str]) -> None:
 # JAX's coordination service. Seen: a timeout waiting for a process that failed at start-up
 # ('Gloo context initialization failed: DEADLINE_EXCEEDED ... CoordinationServiceError'), a
 # read error from one killed mid-run ('Gloo AllGather failed: ... Connection reset by peer').
-# NCCL (GPU) failures are not recognised here: they keep their traceback.
-_PEER_COLLECTIVES = ('Gloo', 'CoordinationServiceError')
-_PEER_GONE = ('Connection reset by peer', 'Connection closed by peer')
+# NCCL (GPU): only its remote-error text (ncclRemoteError), as XLA raised it when a peer died:
+# 'NCCL operation async_err failed: remote process exited or there was a network error'
+# (https://github.com/jax-ml/jax/issues/19307). NCCL's other failures ('unhandled system error',
+# 'unhandled cuda error': set-up and driver faults in jax-ml/jax#22747, #17399) keep their traceback.
+_NCCL_REMOTE_ERROR = 'remote process exited or there was a network error'
+_PEER_COLLECTIVES = ('Gloo', 'CoordinationServiceError', _NCCL_REMOTE_ERROR)
+_PEER_GONE = ('Connection reset by peer', 'Connection closed by peer', _NCCL_REMOTE_ERROR)
 
 
 def _is_peer_failure(e: Exception) -> bool:
