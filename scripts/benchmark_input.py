@@ -203,6 +203,13 @@ def measure(
     available = data.num_eval_batches(num_train, batch_size, 1)
     warmup = max(0, min(warmup, available - num_batches))
     num_batches = min(num_batches, available - warmup)
+    least = min_timed_batches(config.data.prefetch, config.data.num_workers)
+    if num_batches < least:  # a small split (generated or --smoke): say so beside the figure
+      print(
+        f'note: the split gives {num_batches} timed batches with {config.data.num_workers} '
+        f'workers, fewer than {least}: batches computed before the window may inflate this row',
+        file=sys.stderr,
+      )
     it = iter(
       data.create_eval_iterator(
         config,
@@ -230,6 +237,7 @@ def measure(
   examples = num_batches * batch_size
   return {
     **rates(examples, wall, cpu),
+    'timed_batches': num_batches,
     'bytes_per_example': nbytes // examples,
     'cpu_includes_workers': clock.includes_workers,
   }
@@ -366,13 +374,13 @@ def main(argv: list[str] | None = None) -> int:
             }
           )
           if not args.json:
-            per_core, cores = r['examples_per_core_sec'], r['cores_per_7500_images_per_sec']
+            per_core, need = r['examples_per_core_sec'], r['cores_per_7500_images_per_sec']
             used = '-' if r['cores_used'] is None else f'{r["cores_used"]:.2f}'
             print(
               f'{name:22s} {impl:3s} {decoder:6s} workers={w:<3d} batch={batch_size:<4d} '
               f'{r["examples_per_sec"]:9.1f} ex/s  {used:>5s} cores  '
               f'{"-" if per_core is None else f"{per_core:.1f}":>8s} ex/s/core  '
-              f'{"-" if cores is None else f"{cores:.1f}":>7s} cores/7500',
+              f'{"-" if need is None else f"{need:.1f}":>7s} cores/7500',
               flush=True,
             )
   cpu = platform.processor() or 'cpu'
