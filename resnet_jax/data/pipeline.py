@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import grain
@@ -201,7 +202,17 @@ def prefetched(ds: grain.MapDataset, config: ml_collections.ConfigDict) -> grain
   return it
 
 
-def _unlink_now(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def _leaves(tree: Any) -> Iterator[Any]:
+  if isinstance(tree, dict):
+    tree = tree.values()
+  elif not isinstance(tree, (list, tuple)):
+    yield tree
+    return
+  for item in tree:
+    yield from _leaves(item)
+
+
+def _unlink_now(batch: Any) -> Any:
   """Unlinks the shared memory behind a batch from Grain's worker processes as soon as it arrives.
 
   Why: Grain unlinks a segment when its array is garbage collected, on a thread multiprocessing
@@ -210,7 +221,7 @@ def _unlink_now(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   appear to be N leaked shared_memory objects' after the run's last line. Unlinking removes only
   the name: the array's mapping stays valid until the array is freed, as with any unlinked file.
   """
-  for leaf in batch.values():
+  for leaf in _leaves(batch):  # a dict of arrays, or the arrays of multiscale's size pass
     shm = getattr(leaf, 'shm', None)
     if shm is not None and getattr(leaf, '_unlink_on_del', False):
       leaf._unlink_on_del = False  # pylint: disable=protected-access  # its __del__ only closes
@@ -237,7 +248,7 @@ class _SharedMemoryReleased(grain.IterDataset):
 
 
 class _SharedMemoryReleasedIterator(grain.DatasetIterator):
-  def __next__(self) -> dict[str, np.ndarray]:
+  def __next__(self) -> Any:
     return _unlink_now(next(self._parent))
 
   def get_state(self) -> dict[str, Any]:
