@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import sys
 import time
 from typing import Any, NamedTuple
 
@@ -32,6 +30,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 
+from resnet_jax import orbax_logs
 from resnet_jax.train_step import state_fingerprint
 from resnet_jax.workdir import as_path
 
@@ -97,10 +96,6 @@ def _top1_error(metrics: dict[str, float]) -> float:
   return metrics['top1_error']
 
 
-def _drop_untracked_metric_notice(record: logging.LogRecord) -> bool:
-  return 'did not provide metrics' not in record.getMessage()
-
-
 def _manager(
   directory: epath.Path,
   *,
@@ -163,6 +158,8 @@ class Checkpointer:
       keep_best=keep_best,
       async_save=async_save,
     )
+    # Orbax's own tracebacks of a failed save: the failure is raised to us, reported as one line.
+    self._save_errors = orbax_logs.SaveErrors()
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -174,19 +171,21 @@ class Checkpointer:
     if step in self.manager.all_steps():
       return
     progress = dict(progress, state_fingerprint=state_fingerprint(state))
-    absl_logger = logging.getLogger('absl')
-    absl_logger.addFilter(_drop_untracked_metric_notice)  # a save between evals has no metric
+    self._save_errors.install()  # until close(): the save goes on in the background
+    absl_logger = logging.getLogger(orbax_logs.ABSL)
+    absl_logger.addFilter(orbax_logs.drop_untracked_metric_notice)
     try:
-      self.manager.save(
-        step,
-        args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(progress)
-        ),
-        metrics=metrics,
-        force=True,
-      )
+      with self._save_errors.reporting():  # raises an earlier save's failure
+        self.manager.save(
+          step,
+          args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(progress)
+          ),
+          metrics=metrics,
+          force=True,
+        )
     finally:
-      absl_logger.removeFilter(_drop_untracked_metric_notice)
+      absl_logger.removeFilter(orbax_logs.drop_untracked_metric_notice)
 
   def restore(self, abstract_state: Any) -> Restored | None:
     """Restores the newest good checkpoint into the shardings of `abstract_state`.
@@ -222,14 +221,19 @@ class Checkpointer:
     self.manager.reload()
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    with self._save_errors.reporting():
+      self.manager.wait_until_finished()
 
   def close(self) -> None:
     """Finishes in-flight saves, then releases the manager (also on error exits)."""
     try:
-      self.manager.wait_until_finished()
+      with self._save_errors.reporting():
+        self.manager.wait_until_finished()
     finally:
-      self.manager.close()
+      try:
+        self.manager.close()
+      finally:
+        self._save_errors.release()
 
 
 def _read_progress(manager: ocp.CheckpointManager, directory: epath.Path, step: int) -> dict:
@@ -246,7 +250,7 @@ def _restore_newest(
   manager: ocp.CheckpointManager, directory: epath.Path, abstract: Any
 ) -> tuple[Restored | None, list[int]]:
   """(the newest checkpoint that restores and verifies, the newer steps that did not)."""
-  _quiet_abandoned_reads(directory)
+  orbax_logs.quiet_abandoned_reads(directory)
   bad = []
   for step in sorted(manager.all_steps(), reverse=True):
     try:
@@ -295,27 +299,13 @@ def restore_model_variables(workdir: str | epath.Path) -> tuple[dict[str, Any], 
   directory = as_path(workdir) / CHECKPOINT_DIR
   if not directory.is_dir():
     raise FileNotFoundError(f'no checkpoint in {directory}')
-  _quiet_abandoned_reads(directory)
+  orbax_logs.quiet_abandoned_reads(directory)
   absl_logger = logging.getLogger('absl')
-  absl_logger.addFilter(_drop_expected_reader_notices)
+  absl_logger.addFilter(orbax_logs.drop_expected_reader_notices)
   try:
     return _restore_newest_readable(directory)
   finally:
-    absl_logger.removeFilter(_drop_expected_reader_notices)
-
-
-# What Orbax logs (as absl warnings) for every read-only restore of the model alone: they read as
-# failures ('could not be restored') to the user of evaluate / predict, yet are the intended read.
-_EXPECTED_READER_NOTICES = (
-  'CheckpointManagerOptions.read_only=True, setting save_interval_steps=0',
-  'Given directory is read only=',
-  'was found in the checkpoint, but could not be restored',
-)
-
-
-def _drop_expected_reader_notices(record: logging.LogRecord) -> bool:
-  message = record.getMessage()
-  return not any(notice in message for notice in _EXPECTED_READER_NOTICES)
+    absl_logger.removeFilter(orbax_logs.drop_expected_reader_notices)
 
 
 def _restore_newest_readable(directory: epath.Path) -> tuple[dict[str, Any], int]:
@@ -352,45 +342,6 @@ def _restore_newest_readable(directory: epath.Path) -> tuple[dict[str, Any], int
   finally:
     manager.close()
   raise FileNotFoundError(f'no readable checkpoint in {directory}')
-
-
-# Checkpoint directories a restore has read (as given, and resolved): the abandoned reads dropped.
-_ABANDONED_READ_DIRS: set[str] = set()
-
-
-def _quiet_abandoned_reads(directory: epath.Path) -> None:
-  """Keeps the one warning per damaged checkpoint the only report of it.
-
-  When Orbax abandons a failed read, tensorstore's other reads of that checkpoint end later, on
-  their own: as 'Event loop is closed' unraisable exceptions, and, whenever the garbage collector
-  meets their asyncio tasks, as 'Task exception was never retrieved' tracebacks on the asyncio
-  logger (even after the run has printed its final `error:` line). Both are dropped for reads
-  under `directory`; every other unraisable exception and asyncio error still gets through.
-  Hooks are installed once per process."""
-  _ABANDONED_READ_DIRS.add(str(directory))
-  if '://' not in str(directory):  # tensorstore names local files by their absolute path
-    _ABANDONED_READ_DIRS.add(os.path.realpath(directory))
-  previous = sys.unraisablehook
-  if getattr(previous, '_resnet_jax_filter', False):
-    return
-
-  def hook(unraisable: Any) -> None:
-    exc = unraisable.exc_value
-    if isinstance(exc, RuntimeError) and str(exc) == 'Event loop is closed':
-      return
-    previous(unraisable)
-
-  hook._resnet_jax_filter = True  # type: ignore[attr-defined]
-  sys.unraisablehook = hook
-  logging.getLogger('asyncio').addFilter(_drop_unretrieved_checkpoint_reads)
-
-
-def _drop_unretrieved_checkpoint_reads(record: logging.LogRecord) -> bool:
-  exc = record.exc_info[1] if record.exc_info else None
-  if exc is None or 'exception was never retrieved' not in str(record.msg):
-    return True
-  text = str(exc)
-  return not any(directory in text for directory in _ABANDONED_READ_DIRS)
 
 
 def _short(e: Exception) -> str:

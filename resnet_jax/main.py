@@ -24,9 +24,11 @@ if __name__ == '__main__':
   _STOP.install()
 
 # pylint: disable=wrong-import-position
+import inspect
 import logging
 import os
 import sys
+import threading
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -48,6 +50,13 @@ flags.DEFINE_string(
 )
 flags.DEFINE_integer('num_processes', None, 'Number of processes of a multi-process run.')
 flags.DEFINE_integer('process_id', None, "This process's index in [0, num_processes).")
+flags.DEFINE_integer(
+  'initialization_timeout',
+  None,
+  'Seconds a multi-process run waits for all its processes to join before giving up with one '
+  "line (jax.distributed.initialize's initialization_timeout; default JAX's, 300).",
+  lower_bound=1,
+)
 flags.DEFINE_bool(
   'distributed',
   None,
@@ -73,15 +82,25 @@ def initialize_distributed() -> None:
     return
   # Cross-process collectives between CPU devices (tests, CPU clusters) go through gloo.
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  timeout = FLAGS.initialization_timeout or _jax_initialization_timeout()
+  # When a process never joins, JAX's own timeout aborts this one from C++ (a fatal stack trace,
+  # exit 134), with no exception to turn into one line: the watchdog ends it first, with one.
+  watchdog = None
+  if not os.environ.get('RESNET_JAX_TRACEBACK'):
+    watchdog = threading.Timer(timeout, _never_joined, args=(timeout,))
+    watchdog.daemon = True
+    watchdog.start()
+  options = {'initialization_timeout': timeout + (_JAX_BACKSTOP_S if watchdog else 0)}
   try:
     if explicit:
       jax.distributed.initialize(
         coordinator_address=FLAGS.coordinator_address,
         num_processes=FLAGS.num_processes,
         process_id=FLAGS.process_id,
+        **options,
       )
     else:
-      jax.distributed.initialize()
+      jax.distributed.initialize(**options)
   except (ValueError, RuntimeError) as e:  # bad flags; the coordinator or a peer never came
     if os.environ.get('RESNET_JAX_TRACEBACK'):
       raise
@@ -92,6 +111,38 @@ def initialize_distributed() -> None:
       file=sys.stderr,
     )
     sys.exit(1)
+  finally:
+    if watchdog is not None:
+      watchdog.cancel()
+
+
+_JAX_BACKSTOP_S = 30  # JAX's own timeout, after the watchdog's: only if the watchdog never ran
+
+
+def _jax_initialization_timeout() -> int:
+  """JAX's default wait for every process to join (300 s in JAX 0.10)."""
+  import jax
+
+  parameter = inspect.signature(jax.distributed.initialize).parameters['initialization_timeout']
+  return int(parameter.default)
+
+
+def _never_joined(timeout: int) -> None:
+  """The watchdog's end of a run whose processes did not all join within `timeout` seconds."""
+  who = (
+    f'process {FLAGS.process_id} of {FLAGS.num_processes}'
+    if FLAGS.num_processes
+    else 'this process'
+  )
+  print(
+    f'error: cannot start the multi-process run: not every process joined within {timeout} s '
+    f'({who}; start them all with the same --coordinator_address and --num_processes, or give '
+    'them longer with --initialization_timeout=SECONDS)',
+    file=sys.stderr,
+    flush=True,
+  )
+  sys.stdout.flush()
+  os._exit(1)  # pylint: disable=protected-access  # the main thread is blocked inside JAX
 
 
 def main(argv: list[str]) -> None:
@@ -173,9 +224,13 @@ def main(argv: list[str]) -> None:
 # JAX's coordination service. Seen: a timeout waiting for a process that failed at start-up
 # ('Gloo context initialization failed: DEADLINE_EXCEEDED ... CoordinationServiceError'), a
 # read error from one killed mid-run ('Gloo AllGather failed: ... Connection reset by peer').
-# NCCL (GPU) failures are not recognised here: they keep their traceback.
-_PEER_COLLECTIVES = ('Gloo', 'CoordinationServiceError')
-_PEER_GONE = ('Connection reset by peer', 'Connection closed by peer')
+# NCCL (GPU): only its remote-error text (ncclRemoteError), as XLA raised it when a peer died:
+# 'NCCL operation async_err failed: remote process exited or there was a network error'
+# (https://github.com/jax-ml/jax/issues/19307). NCCL's other failures ('unhandled system error',
+# 'unhandled cuda error': set-up and driver faults in jax-ml/jax#22747, #17399) keep their traceback.
+_NCCL_REMOTE_ERROR = 'remote process exited or there was a network error'
+_PEER_COLLECTIVES = ('Gloo', 'CoordinationServiceError', _NCCL_REMOTE_ERROR)
+_PEER_GONE = ('Connection reset by peer', 'Connection closed by peer', _NCCL_REMOTE_ERROR)
 
 
 def _is_peer_failure(e: Exception) -> bool:

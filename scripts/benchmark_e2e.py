@@ -10,7 +10,8 @@ preprocessing (normalisation, PCA lighting) inside the jit, for `--steps` steps.
 - `data_wait_fraction`: the share of wall time the loop was blocked waiting for the next host batch
   (`next()` on the iterator + the transfer call) while at most `--in-flight` steps were queued;
 - `host_cores`: CPU seconds of the main process plus the Grain workers per wall second
-  (`main_cores`, `worker_cores` apart; on a CPU backend the main process also runs the step).
+  (`main_cores`, `worker_cores` apart; on a CPU backend the main process also runs the step);
+  None where the CPU time is too short to measure (benchmark_input's `cores` rule).
 
   python scripts/benchmark_e2e.py --model resnet50 --batch-size 256 --dtype bfloat16 --workers 16
   python scripts/benchmark_e2e.py --smoke --json        # tiny, CPU (CI)
@@ -33,7 +34,7 @@ sys.path.insert(0, _SCRIPTS)
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import ml_collections  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
-from benchmark_input import CpuClock  # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmark_input import CpuClock, cores  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 import resnet_jax.data as data  # pylint: disable=wrong-import-position
 from resnet_jax import cli, default_config, runtime  # pylint: disable=wrong-import-position
@@ -152,9 +153,9 @@ def run(args: argparse.Namespace) -> dict:
     'e2e_over_step_only': round(e2e / step_only, 3),
     'data_wait_fraction': round(wait_data / wall, 3),
     'step_wait_fraction': round(wait_step / wall, 3),
-    'host_cores': round(cpu_all / wall, 2),
-    'main_cores': round(cpu_main / wall, 2),
-    'worker_cores': round((cpu_all - cpu_main) / wall, 2),
+    'host_cores': cores(cpu_all, wall),  # None below the OS's CPU tick, as benchmark_input's
+    'main_cores': cores(cpu_main, wall),
+    'worker_cores': cores(cpu_all - cpu_main, wall),
     'cpu_includes_workers': clock.includes_workers,
     'compile_s': round(compile_s, 2),
     'wall_s': round(wall, 2),

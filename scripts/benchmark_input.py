@@ -139,21 +139,41 @@ class CpuClock:
     return sum(t - before.get(pid, 0.0) for pid, t in after.items())
 
 
+def cores(cpu: float, wall: float) -> float | None:
+  """CPU seconds per wall second, or None where `cpu` is too short to measure. The OS counts CPU
+  time in 10 ms ticks: below MIN_CPU_S one tick more or less is a large share (one tick over a
+  0.3 ms window read as 39 cores on a 2-core machine). benchmark_e2e uses this rule too."""
+  return round(cpu / wall, 2) if cpu >= MIN_CPU_S else None
+
+
 def rates(examples: int, wall: float, cpu: float) -> dict[str, float | None]:
-  """Throughput and CPU figures of one timed window. The OS counts CPU time in 10 ms ticks: below
-  MIN_CPU_S neither a per-core rate nor the cores used is measurable (one tick over a 0.3 ms
-  window read as 39 cores on a 2-core machine), so both are None there."""
-  measurable = cpu >= MIN_CPU_S
-  per_core = examples / cpu if measurable else None
+  """Throughput and CPU figures of one timed window; the CPU figures are None where `cores` is."""
+  used = cores(cpu, wall)
+  per_core = examples / cpu if used is not None else None
   return {
     'examples_per_sec': round(examples / wall, 1),
     'cpu_s': round(cpu, 3),
-    'cores_used': round(cpu / wall, 2) if measurable else None,
+    'cores_used': used,
     'examples_per_core_sec': None if per_core is None else round(per_core, 1),
     'cores_per_7500_images_per_sec': (
       None if per_core is None else round(TARGET_IMAGES_PER_SEC / per_core, 2)
     ),
   }
+
+
+def buffered_batches(prefetch: int, num_workers: int) -> int:
+  """How many batches the pipeline can hold computed ahead of its consumer: without workers the
+  read threads' buffer; with workers, per worker, its read buffer, its queue to the main process
+  and the main process's buffer for it (Grain's mp_prefetch), `prefetch` batches each."""
+  prefetch, workers = max(1, int(prefetch or 1)), pipeline.worker_count(num_workers)
+  return prefetch if workers == 0 else 3 * prefetch * workers
+
+
+def min_timed_batches(prefetch: int, num_workers: int) -> int:
+  """Timed batches needed for a figure: twice what the buffers hold. A window that ends before
+  the buffers empty times batches computed before it (`--batches 2` once read 249,537
+  examples/s); at twice their size, at most half the timed batches can be such."""
+  return 2 * buffered_batches(prefetch, num_workers)
 
 
 def measure(
@@ -165,8 +185,9 @@ def measure(
   preprocessor=None,
 ) -> dict[str, float]:
   """Examples/s and CPU seconds over `num_batches` batches, after `warmup` batches plus as many as
-  the prefetch buffers hold (so neither worker start-up nor batches computed ahead inflate it)."""
-  buffered = int(config.data.prefetch) * (pipeline.worker_count(config.data.num_workers) + 1)
+  the prefetch buffers hold (worker start-up is not timed). `num_batches` must be at least
+  `min_timed_batches`: batches computed ahead, before the window, are a bounded share of it."""
+  buffered = buffered_batches(config.data.prefetch, config.data.num_workers)
   warmup += buffered
   if eval_crops is None:
     it = data.create_train_iterator(
@@ -182,6 +203,13 @@ def measure(
     available = data.num_eval_batches(num_train, batch_size, 1)
     warmup = max(0, min(warmup, available - num_batches))
     num_batches = min(num_batches, available - warmup)
+    least = min_timed_batches(config.data.prefetch, config.data.num_workers)
+    if num_batches < least:  # a small split (generated or --smoke): say so beside the figure
+      print(
+        f'note: the split gives {num_batches} timed batches with {config.data.num_workers} '
+        f'workers, fewer than {least}: batches computed before the window may inflate this row',
+        file=sys.stderr,
+      )
     it = iter(
       data.create_eval_iterator(
         config,
@@ -209,6 +237,7 @@ def measure(
   examples = num_batches * batch_size
   return {
     **rates(examples, wall, cpu),
+    'timed_batches': num_batches,
     'bytes_per_example': nbytes // examples,
     'cpu_includes_workers': clock.includes_workers,
   }
@@ -228,7 +257,11 @@ def main(argv: list[str] | None = None) -> int:
     '--pipelines', default=','.join(PIPELINES), help=f'subset of {list(PIPELINES)}'
   )
   parser.add_argument(
-    '--batches', type=cli.positive_int, default=20, help='timed batches per measurement'
+    '--batches',
+    type=cli.positive_int,
+    default=None,
+    help='timed batches per measurement (default: 20, or twice what the prefetch buffers hold '
+    'if more; fewer than that is refused)',
   )
   parser.add_argument(
     '--warmup', type=cli.non_negative_int, default=3, help='untimed batches first (worker start-up)'
@@ -266,7 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     help='TFDS data dir (default: a temp dir for the generated datasets, '
     "TFDS's default with --dataset)",
   )
-  parser.add_argument('--smoke', action='store_true', help='tiny images, 2 batches: checks it runs')
+  parser.add_argument(
+    '--smoke', action='store_true', help='tiny images, few batches: checks it runs'
+  )
   parser.add_argument(
     '--json', action='store_true', help='print one JSON object instead of a table'
   )
@@ -285,7 +320,17 @@ def main(argv: list[str] | None = None) -> int:
   data_dir = args.data_dir
   if data_dir is None and not args.dataset:
     data_dir = os.path.join(tempfile.gettempdir(), 'resnet_jax_bench_tfds')
-  batches, warmup = (2, 1) if args.smoke else (args.batches, args.warmup)
+  least = max(min_timed_batches(args.prefetch, w) for w in workers)
+  if args.batches is not None and args.batches < least:
+    parser.error(
+      f'--batches {args.batches} is too few to time: the prefetch buffers hold up to '
+      f'{least // 2} batches computed ahead (--prefetch {args.prefetch}, --workers '
+      f'{max(workers, key=pipeline.worker_count)}); give at least {least}'
+    )
+  if args.smoke:
+    batches, warmup = least, 1
+  else:
+    batches, warmup = args.batches or max(20, least), args.warmup
   decoders = [d for d in args.decoders.split(',') if d]
   if set(decoders) - {'pil', 'opencv'}:
     parser.error(f'--decoders: choose from pil,opencv, got {args.decoders!r}')
@@ -329,13 +374,13 @@ def main(argv: list[str] | None = None) -> int:
             }
           )
           if not args.json:
-            per_core, cores = r['examples_per_core_sec'], r['cores_per_7500_images_per_sec']
+            per_core, need = r['examples_per_core_sec'], r['cores_per_7500_images_per_sec']
             used = '-' if r['cores_used'] is None else f'{r["cores_used"]:.2f}'
             print(
               f'{name:22s} {impl:3s} {decoder:6s} workers={w:<3d} batch={batch_size:<4d} '
               f'{r["examples_per_sec"]:9.1f} ex/s  {used:>5s} cores  '
               f'{"-" if per_core is None else f"{per_core:.1f}":>8s} ex/s/core  '
-              f'{"-" if cores is None else f"{cores:.1f}":>7s} cores/7500',
+              f'{"-" if need is None else f"{need:.1f}":>7s} cores/7500',
               flush=True,
             )
   cpu = platform.processor() or 'cpu'

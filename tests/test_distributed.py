@@ -94,3 +94,42 @@ def test_batch_not_divisible_by_devices_is_refused(tmp_path):
   proc = run_main(str(tmp_path), '--config.batch_size=30', devices=4)
   last = assert_one_line_error(proc)
   assert last.startswith('error: batch_size 30 is not divisible by the 4 devices'), last
+
+
+def test_a_process_that_never_joins_is_one_line_after_initialization_timeout(tmp_path):
+  """Process 1 of 2 never starts. JAX's own timeout (300 s by default) ended process 0 with a
+  fatal C++ stack trace (exit 134); --initialization_timeout shortens the wait and the run ends in
+  one line."""
+  proc = run_main(
+    str(tmp_path / 'run'),
+    *RUN,
+    f'--coordinator_address=localhost:{_free_port()}',
+    '--num_processes=2',
+    '--process_id=0',
+    '--initialization_timeout=3',
+    devices=1,
+    timeout=60,
+  )
+  assert_one_line_error(proc, 'not every process joined within 3 s', 'process 0 of 2')
+
+
+# As XLA raised them on GPUs (jax-ml/jax#19307: a peer died; #22747: a set-up fault), verbatim
+# but for the paths.
+_NCCL_PEER_DIED = (
+  'INTERNAL: external/xla/xla/service/gpu/nccl_utils.cc:216: NCCL operation async_err failed: '
+  'remote process exited or there was a network error'
+)
+_NCCL_SET_UP_FAULT = (
+  "INTERNAL: Failed to execute XLA Runtime executable: run time error: custom call 'xla.gpu."
+  "all_reduce' failed: external/xla/xla/service/gpu/nccl_utils.cc:305: NCCL operation "
+  'ncclCommInitRank(&comm, nranks, id, rank) failed: unhandled system error (run with '
+  'NCCL_DEBUG=INFO for details).'
+)
+
+
+def test_an_nccl_peer_that_died_is_a_peer_failure_and_a_set_up_fault_is_not():
+  """NCCL's errors kept their traceback: only gloo's and the coordination service's were known."""
+  from resnet_jax import main  # pylint: disable=import-outside-toplevel
+
+  assert main._is_peer_failure(_NCCL_PEER_DIED) and main._peer_is_gone(_NCCL_PEER_DIED)
+  assert not main._is_peer_failure(_NCCL_SET_UP_FAULT)

@@ -225,3 +225,24 @@ def test_workdirs_from_before_model_block_resume_but_not_as_bottleneck(tmp_path)
   train._prepare_workdir(tmp_path, digits.get_config('depth=20'))
   with pytest.raises(validation.ConfigError, match=r"model.block=None.*'bottleneck'"):
     train._prepare_workdir(tmp_path, digits.get_config('depth=20,block=bottleneck,shortcut=A'))
+
+
+@pytest.mark.parametrize('failing', [False, True], ids=['finished', 'failed'])
+def test_data_workers_leave_no_shared_memory_behind(tmp_path, failing):
+  """Grain's worker processes hand batches over in shared memory; one not unlinked by exit made
+  Python's resource_tracker warn 'There appear to be N leaked shared_memory objects' after the
+  run's last line (after the `error:` line of a failed run)."""
+  steps = ('--config.num_train_steps=3', '--config.log_every_steps=1') if failing else ()
+  diverge = ('--config.schedule.base_lr=1e12', '--config.schedule.warmup_steps=0')
+  proc = run_main(
+    str(tmp_path / 'run'),
+    '--config.num_train_steps=2',
+    '--config.batch_size=32',
+    '--config.data.num_workers=2',
+    *(steps + diverge if failing else ()),
+  )
+  assert 'leaked shared_memory' not in proc.stderr, proc.stderr[-2000:]
+  if failing:
+    assert_one_line_error(proc, 'non-finite loss')
+  else:
+    assert_ok(proc)

@@ -12,12 +12,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import grain
 import ml_collections
 import numpy as np
 from absl import flags
+from grain._src.python.ipc import shared_memory_array
 
 from resnet_jax.data import augment as augment_lib
 from resnet_jax.data import sources
@@ -196,7 +198,70 @@ def prefetched(ds: grain.MapDataset, config: ml_collections.ConfigDict) -> grain
     it = it.mp_prefetch(
       grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=prefetch)
     )
+    it = _SharedMemoryReleased(it)
   return it
+
+
+def _leaves(tree: Any) -> Iterator[Any]:
+  if isinstance(tree, dict):
+    tree = tree.values()
+  elif not isinstance(tree, (list, tuple)):
+    yield tree
+    return
+  for item in tree:
+    yield from _leaves(item)
+
+
+def _unlink_now(batch: Any) -> Any:
+  """Unlinks the shared memory behind a batch from Grain's worker processes as soon as it arrives.
+
+  Why: Grain unlinks a segment when its array is garbage collected, on a thread multiprocessing
+  stops at exit; a batch still referenced then (the last one, or one a failed run's traceback
+  holds) or still queued for deletion is left to Python's resource_tracker, which warns 'There
+  appear to be N leaked shared_memory objects' after the run's last line. Unlinking removes only
+  the name: the array's mapping stays valid until the array is freed, as with any unlinked file.
+  """
+  for leaf in _leaves(batch):  # a dict of arrays, or the arrays of multiscale's size pass
+    shm = getattr(leaf, 'shm', None)
+    if shm is not None and getattr(leaf, '_unlink_on_del', False):
+      leaf._unlink_on_del = False  # pylint: disable=protected-access  # its __del__ only closes
+      shm.unlink()
+  return batch
+
+
+def _finish_pending_unlinks() -> None:
+  """Waits for Grain's deletion thread to unlink the batches dropped from its buffers at close.
+
+  Its pool has one thread (process_prefetch's `enable_async_del(1)`) taking tasks in order, so
+  once a no-op submitted now has run, every deletion queued before it has run too.
+  """
+  pool = getattr(shared_memory_array.SharedMemoryArray, '_del_thread_pool', None)
+  if pool is not None:
+    pool.apply(int)
+
+
+class _SharedMemoryReleased(grain.IterDataset):
+  """`mp_prefetch`'s batches with their shared memory unlinked on arrival and at close."""
+
+  def __iter__(self) -> grain.DatasetIterator:
+    return _SharedMemoryReleasedIterator(self._parent.__iter__())
+
+
+class _SharedMemoryReleasedIterator(grain.DatasetIterator):
+  def __next__(self) -> Any:
+    return _unlink_now(next(self._parent))
+
+  def get_state(self) -> dict[str, Any]:
+    return self._parent.get_state()
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._parent.set_state(state)
+
+  def close(self) -> None:
+    if self._closed:
+      return
+    super().close()  # stops the workers; the batches in the buffers go to the deletion thread
+    _finish_pending_unlinks()
 
 
 def _check_sharding(local_batch_size: int, process_index: int, process_count: int) -> None:
