@@ -248,7 +248,8 @@ def markdown(report: dict) -> str:
       f'{e["workers"]} Grain workers, {e.get("decoder", "pil")} decoder, '
       f'{e["dataset"]}): {e["images_per_sec"]:,.1f} img/s vs step only '
       f'{e["step_only_images_per_sec"]:,.1f} ({e["e2e_over_step_only"]:.2f}x); data wait '
-      f'{100 * e["data_wait_fraction"]:.1f} % of wall time; host cores {e["host_cores"]}.',
+      f'{100 * e["data_wait_fraction"]:.1f} % of wall time; host cores '
+      + (f'{e["host_cores"]}.' if e['host_cores'] is not None else 'not measurable (too short).'),
     ]
   elif e:
     lines += ['', f'End to end: did not run: {e["error"]}']
