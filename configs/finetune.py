@@ -16,9 +16,9 @@ Config args: arch=resnet50 (resnet18/34/50/101/152, resnext50_32x4d, resnext101_
 resnext101_64x4d, wide_resnet50_2, wide_resnet101_2), dataset=digits (or any TFDS name),
 steps=300, batch=64, lr=0.01, image_size=0 (0: 32 for digits, else 224), bf16,
 frozen_bn (BatchNorm keeps the pretrained statistics), frozen_affine (BN scale/bias get no
-update either: with frozen_bn, torchvision's FrozenBatchNorm2d), frozen_stages=-1 (k >= 0: the stem and stages
-1..k get no gradient and no update, as detection fine-tuning does), output_stride=32 (16 / 8:
-dilated last stages).
+update either: with frozen_bn, torchvision's FrozenBatchNorm2d), frozen_stages=-1 (k >= 0: the
+stem and stages 1..k get no gradient and no update, as detection fine-tuning does),
+output_stride=32 (16 / 8: dilated last stages).
 """
 
 from resnet_jax.default_config import base_config, parse_arg

@@ -1,4 +1,4 @@
-"""The command-line convention of every entry point, scripts/ included (training's absl flags aside).
+"""The command-line convention of every entry point, scripts/ included (not training's absl flags).
 
 - argparse, with multi-word flags spelled with dashes (`--batch-size`); the underscore spelling
   (`--batch_size`) is accepted too, so older commands keep working;

@@ -1,6 +1,7 @@
 """Import torchvision ResNet / ResNeXt / Wide ResNet weights: ``from_torchvision`` and a CLI.
 
-    python -m resnet_jax.convert --arch resnet50 --torchvision-weights resnet50-11ad3fa6.pth --out DIR
+    python -m resnet_jax.convert --arch resnet50 \
+        --torchvision-weights resnet50-11ad3fa6.pth --out DIR
 
 writes an Orbax checkpoint of ``{'params', 'batch_stats'}`` that ``--config.init_from=DIR`` (and
 ``python -m resnet_jax.predict --checkpoint DIR``) accept. torchvision's weight files are listed in
@@ -78,7 +79,7 @@ def _to_flax_layout(torch_value: np.ndarray, path: Sequence[str]) -> np.ndarray:
 def from_torchvision(
   state_dict: Mapping[str, Any], name: str, *, scan: bool = False, features_only: bool = False
 ) -> dict[str, Any]:
-  """Convert a torchvision ResNet ``state_dict`` to ``{'params', 'batch_stats'}`` of ``create_model(name)``.
+  """A torchvision ResNet ``state_dict`` as ``create_model(name)``'s ``{'params', 'batch_stats'}``.
 
   ``name``: resnet18/34/50/101/152, resnext{50,101}_{G}x{W}d, wide_resnet{50,101}_{k} (grouped
   3x3 kernels map like any other: OIHW with I = in / groups -> HWIO). The number of classes is

@@ -225,7 +225,7 @@ def set_cifar_recipe(
 
 
 def load_config_module(path: str):
-  """Imports a config file such as `configs/paper.py` (configs/ is a folder of files, not a package)."""
+  """Imports a config file such as `configs/paper.py` (configs/ is a folder, not a package)."""
   import importlib.util
   import os
   import sys

@@ -227,7 +227,8 @@ def main(argv: list[str]) -> None:
 # NCCL (GPU): only its remote-error text (ncclRemoteError), as XLA raised it when a peer died:
 # 'NCCL operation async_err failed: remote process exited or there was a network error'
 # (https://github.com/jax-ml/jax/issues/19307). NCCL's other failures ('unhandled system error',
-# 'unhandled cuda error': set-up and driver faults in jax-ml/jax#22747, #17399) keep their traceback.
+# 'unhandled cuda error': set-up and driver faults in jax-ml/jax#22747, #17399) keep their
+# traceback.
 _NCCL_REMOTE_ERROR = 'remote process exited or there was a network error'
 _PEER_COLLECTIVES = ('Gloo', 'CoordinationServiceError', _NCCL_REMOTE_ERROR)
 _PEER_GONE = ('Connection reset by peer', 'Connection closed by peer', _NCCL_REMOTE_ERROR)
@@ -254,7 +255,7 @@ def _usage_error(message: str) -> None:
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing, with config errors (a misspelled --config.key, a bad config arg) as one line."""
+  """absl flag parsing; config errors (a misspelled --config.key, a bad config arg) in one line."""
   try:
     return FLAGS(argv)
   except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as e:

@@ -8,8 +8,9 @@
 resize the shorter side to 256 (PIL bilinear, antialiased), centre-crop 224, scale to [0, 1],
 normalise with the ImageNet mean/std. A training workdir's model gets the run's own evaluation
 input instead (its image size, channels and normalisation statistics, e.g. the per-pixel mean of
-its training set, read from the prepared dataset): the model was trained on nothing else. Class names come from torchvision's metadata when it is installed (read as a
-file, without importing torch), from ``--labels FILE`` (one name per line), or are ``class <i>``.
+its training set, read from the prepared dataset): the model was trained on nothing else. Class
+names come from torchvision's metadata when it is installed (read as a file, without importing
+torch), from ``--labels FILE`` (one name per line), or are ``class <i>``.
 """
 
 from __future__ import annotations

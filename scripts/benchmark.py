@@ -16,8 +16,8 @@ input pipeline is not part of the step; `scripts/benchmark_input.py` measures th
   executable, each step ended by `jax.block_until_ready`, after `--warmup` untimed steps.
 - `images_per_sec` is batch / median step time. Inference (`eval_images_per_sec`) times the real
   `eval_step` (forward with running statistics + metric sums).
-- `--compare-torch` builds the same architecture in plain `torch.nn` (no torchvision needed) and times
-  it in eager mode with the same batch, optimizer and BN momentum. JAX and torch are run in
+- `--compare-torch` builds the same architecture in plain `torch.nn` (no torchvision needed) and
+  times it in eager mode with the same batch, optimizer and BN momentum. JAX and torch are run in
   alternating blocks of `--block` steps in this one process, so load from other processes hits both
   equally; the JSON reports the ratio of medians. torch is only imported under that flag.
 - FLOPs: `flops_per_image` = 2 x multiply-accumulates of one forward pass (`resnet_jax.summary`);

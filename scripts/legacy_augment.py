@@ -2,7 +2,7 @@
 # Kept unchanged so scripts/benchmark_input.py can time the old per-example path side by side with
 # the new uint8 one on the same JPEGs, and tests can check that the new host + device split
 # reproduces it. Do not edit it, and do not import it from product code.
-"""Per-example preprocessing: the paper's CIFAR and ImageNet augmentations, Inception-style crops, eval crops.
+"""Per-example preprocessing: the paper's CIFAR/ImageNet augmentations, Inception and eval crops.
 
 Pure NumPy + PIL (no TF, picklable) so Grain worker processes can run it. Encoded JPEGs are decoded
 at reduced size with PIL's `draft` (DCT scaling by 1/2, 1/4, 1/8) whenever the output still has at
@@ -10,9 +10,11 @@ least the resolution the crop needs: this is the cheap part of "decode-and-crop"
 
 Modes (`config.data.augment`):
 - 'none':      resize (if needed) to image_size; eval the same.
-- 'cifar':     paper: per-pixel-mean-normalise, pad `image_size // 8` (4 for 32) zeros, random crop, flip.
-- 'imagenet':  paper: shorter side uniform in [256, 480] * image_size/224, random crop, flip, PCA colour
-               (AlexNet lighting, alpha ~ N(0, 0.1), eigen-decomposition of the train split's RGB covariance).
+- 'cifar':     paper: per-pixel-mean-normalise, pad `image_size // 8` (4 for 32) zeros, random
+               crop, flip.
+- 'imagenet':  paper: shorter side uniform in [256, 480] * image_size/224, random crop, flip, PCA
+               colour (AlexNet lighting, alpha ~ N(0, 0.1), eigen-decomposition of the train
+               split's RGB covariance).
 - 'inception': random-resized crop (area 8%-100%, aspect 3/4-4/3) + flip.
 Eval ('imagenet'/'inception'): shorter side resized to image_size*256/224, then centre / 10 crops;
 `scale=S` gives the paper's fully-convolutional testing input: shorter side S, centre S x S.
@@ -77,7 +79,7 @@ def open_image(image: Any, channels: int) -> Image.Image:
 
 
 def decode(img: Image.Image, channels: int, min_size: tuple[int, int] | None = None) -> Image.Image:
-  """Decodes `img` (JPEG: at the smallest DCT scale still >= `min_size` (w, h)) in the right mode."""
+  """Decodes `img` in the right mode (JPEG: at the smallest DCT scale still >= `min_size`)."""
   mode = 'L' if channels == 1 else 'RGB'
   if min_size is not None and img.format == 'JPEG':
     img.draft(mode, (max(1, int(min_size[0])), max(1, int(min_size[1]))))
@@ -108,7 +110,7 @@ def center_crop(array: np.ndarray, size: int) -> np.ndarray:
 
 
 def ten_crops(array: np.ndarray, size: int) -> np.ndarray:
-  """[10, size, size, C]: 4 corners + centre, then the same five horizontally flipped (paper Tables 2-3)."""
+  """[10, size, size, C]: 4 corners + centre, then the five flipped (the paper's Tables 2-3)."""
   h, w = array.shape[:2]
   five = [
     array[:size, :size],
@@ -121,7 +123,7 @@ def ten_crops(array: np.ndarray, size: int) -> np.ndarray:
 
 
 def _random_resized_box(rng: np.random.Generator, w: int, h: int) -> tuple[int, int, int, int]:
-  """Inception-style crop box (left, top, width, height): 8%-100% of the area, aspect in [3/4, 4/3]."""
+  """Inception crop box (left, top, width, height): 8%-100% of the area, aspect in [3/4, 4/3]."""
   area = w * h
   for _ in range(10):
     target = area * rng.uniform(0.08, 1.0)
@@ -158,7 +160,7 @@ class Preprocessor:
     return self.image_size if small else round(self.image_size * EVAL_RESIZE_RATIO)
 
   def base_uint8(self, image: Any, short: int | None = None) -> np.ndarray:
-    """Shorter side resized to `short` (default: the eval resize), uint8 [H, W, C]: eval's starting point."""
+    """Shorter side resized to `short` (default: the eval resize), uint8 [H, W, C]."""
     short = short or self.eval_resize
     if (
       isinstance(image, np.ndarray)
@@ -171,11 +173,11 @@ class Preprocessor:
     return to_array(resize_shorter(img, short, self.channels), self.channels)
 
   def eval_uint8(self, image: Any) -> np.ndarray:
-    """The single centre crop before normalisation (also what the dataset statistics are computed on)."""
+    """The single centre crop before normalisation (what the dataset statistics are computed on)."""
     return center_crop(self.base_uint8(image), self.image_size)
 
   def eval(self, image: Any, crops: int = 1, scale: int | None = None) -> np.ndarray:
-    """float32 [S, S, C] (crops == 1) or [crops, S, S, C]; crops: 1 centre, 2 centre + flip, 10 paper.
+    """float32 [S, S, C] (crops == 1) or [crops, S, S, C]; crops: 1 centre, 2 with flip, 10 paper.
 
     With `scale`, S = scale: the shorter side resized to `scale` and the centred square kept (the
     fully-convolutional multi-scale testing input); otherwise S = image_size.
@@ -219,8 +221,8 @@ class Preprocessor:
     img = open_image(image, self.channels)
     w, h = img.size
     if self.augment == 'imagenet':
-      # "resize the shorter side to s, then take a random size x size crop", done as: pick the crop in
-      # the would-be resized image, map it back to the original, and resample only that region.
+      # "resize the shorter side to s, then take a random size x size crop", done as: pick the crop
+      # in the would-be resized image, map it back to the original, and resample only that region.
       lo, hi = (round(size * r) for r in SCALE_AUG_RANGE)
       factor = int(rng.integers(lo, hi + 1)) / min(w, h)
       top = int(rng.integers(0, max(size, round(h * factor)) - size + 1))

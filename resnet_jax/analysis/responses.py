@@ -66,7 +66,7 @@ def response_layers(params: dict[str, Any]) -> list[tuple[str, ...]]:
 def layer_stds(
   workdir: str, *, split: str | None = None, max_examples: int = 0, batch_size: int | None = None
 ) -> dict[str, Any]:
-  """Restores `workdir`'s newest weights and returns {'label', 'layers', 'std', ...} for its test images."""
+  """`workdir`'s newest weights' {'label', 'layers', 'std', ...} on its test images."""
   import jax
   import numpy as np
 

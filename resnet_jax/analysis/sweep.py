@@ -19,7 +19,7 @@ from typing import Iterable, Sequence
 
 from resnet_jax.workdir import read_results
 
-# Config-string keys that the sweep sets (removed from the user's base args; shortcut only if swept).
+# Config-string keys the sweep sets (removed from the user's base args; shortcut only if swept).
 _SWEPT_ARG_KEYS = ('depth', 'plain', 'shortcut')
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -35,7 +35,7 @@ class RunSpec:
   seed: int | None  # None: the config's default
 
   def config_arg(self, base_config: str) -> str:
-    """`configs/X.py:a=1,depth=N[,plain][,shortcut=S]`: the user's args with the swept ones replaced."""
+    """`configs/X.py:a=1,depth=N[,plain][,shortcut=S]`: the user's args, the swept ones replaced."""
     path, _, args = base_config.partition(':')
     swept = _SWEPT_ARG_KEYS if self.shortcut is not None else ('depth', 'plain')
     kept = [a for a in args.split(',') if a.strip() and a.split('=', 1)[0].strip() not in swept]

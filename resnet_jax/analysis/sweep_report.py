@@ -272,7 +272,7 @@ def _mean_curve(
 
 
 def plot_curves(sweep_dir: str, records: Sequence[Record], out_path: str) -> str:
-  """Training error / training loss / test error vs step: plain dashed, residual solid (Figs. 4, 6)."""
+  """Training error, loss and test error vs step: plain dashed, residual solid (Figs. 4, 6)."""
   import matplotlib
 
   matplotlib.use('Agg')

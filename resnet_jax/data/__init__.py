@@ -5,7 +5,8 @@ Importing this package registers the embedded `digits` TFDS dataset.
 Public API:
   DatasetInfo, get_dataset_info(config)
   create_train_iterator(config, *, local_batch_size, process_index, process_count, seed)
-  create_eval_iterator(config, *, split, local_batch_size, process_index, process_count, crops=1, scale=None)
+  create_eval_iterator(config, *, split, local_batch_size, process_index, process_count,
+                       crops=1, scale=None)
   num_eval_batches(num_examples, local_batch_size, process_count)
   DatasetNotFoundError (a ValueError with a one-line message: print it, no traceback)
 """

@@ -1,4 +1,4 @@
-"""Per-example host preprocessing: the paper's CIFAR and ImageNet geometry, Inception crops, eval crops.
+"""Per-example host preprocessing: the paper's CIFAR/ImageNet geometry, Inception and eval crops.
 
 Pure NumPy + PIL (no TF, no JAX, picklable) so Grain worker processes can run it. The host emits
 **uint8** images; normalisation, PCA lighting and CIFAR's pad/crop/flip run inside the jitted step
@@ -39,7 +39,7 @@ DECODERS = ('pil', 'opencv')
 
 @dataclasses.dataclass
 class Normalizer:
-  """(x - mean) / std in NumPy: the statistics the device applies, and the reference it is tested on."""
+  """(x - mean) / std in NumPy: the statistics the device applies, and its tests' reference."""
 
   mean: np.ndarray  # (H, W, C) per-pixel mean, or (C,) / () per channel
   std: np.ndarray  # broadcastable to the image
@@ -81,7 +81,7 @@ def open_image(image: Any, channels: int) -> Image.Image:
 
 
 def decode(img: Image.Image, channels: int, min_size: tuple[int, int] | None = None) -> Image.Image:
-  """Decodes `img` (JPEG: at the smallest DCT scale still >= `min_size` (w, h)) in the right mode."""
+  """Decodes `img` in the right mode (JPEG: at the smallest DCT scale still >= `min_size`)."""
   mode = 'L' if channels == 1 else 'RGB'
   if min_size is not None and img.format == 'JPEG':
     img.draft(mode, (max(1, int(min_size[0])), max(1, int(min_size[1]))))
@@ -193,7 +193,7 @@ def center_crop(array: np.ndarray, size: int) -> np.ndarray:
 
 
 def ten_crops(array: np.ndarray, size: int) -> np.ndarray:
-  """[10, size, size, C]: 4 corners + centre, then the same five horizontally flipped (paper Tables 2-3)."""
+  """[10, size, size, C]: 4 corners + centre, then the five flipped (the paper's Tables 2-3)."""
   h, w = array.shape[:2]
   five = [
     array[:size, :size],
@@ -206,7 +206,7 @@ def ten_crops(array: np.ndarray, size: int) -> np.ndarray:
 
 
 def _random_resized_box(rng: np.random.Generator, w: int, h: int) -> tuple[int, int, int, int]:
-  """Inception-style crop box (left, top, width, height): 8%-100% of the area, aspect in [3/4, 4/3]."""
+  """Inception crop box (left, top, width, height): 8%-100% of the area, aspect in [3/4, 4/3]."""
   area = w * h
   for _ in range(10):
     target = area * rng.uniform(0.08, 1.0)

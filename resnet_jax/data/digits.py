@@ -46,7 +46,9 @@ class Digits(tfds.core.GeneratorBasedBuilder):
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
       builder=self,
-      description='The 1,797 8x8 handwritten digits shipped with scikit-learn, 0-16 scaled to 0-255.',
+      description=(
+        'The 1,797 8x8 handwritten digits shipped with scikit-learn, 0-16 scaled to 0-255.'
+      ),
       features=tfds.features.FeaturesDict(
         {
           'image': tfds.features.Tensor(shape=(8, 8, 1), dtype=np.uint8),
@@ -75,7 +77,7 @@ def prepare_digits(data_dir: str | None = None) -> tfds.core.DatasetBuilder:
   builder = tfds.builder('digits', data_dir=data_dir, file_format='array_record')
   if builder.is_prepared():
     return builder
-  # Several processes (hosts sharing a filesystem, parallel test runs) may prepare at once: serialise.
+  # Several processes (hosts sharing a filesystem, parallel tests) may prepare at once: serialise.
   root = os.fspath(builder.data_dir_root)
   os.makedirs(root, exist_ok=True)
   with _exclusive(os.path.join(root, '.digits.lock')):
@@ -87,7 +89,8 @@ def prepare_digits(data_dir: str | None = None) -> tfds.core.DatasetBuilder:
 
 def remove_prepared(data_dir: str | None = None) -> str | None:
   """Deletes the prepared digits (`prepare digits --overwrite`), damaged or not; returns the
-  directory it removed. Computed, not asked of TFDS: a damaged dataset_info.json breaks the builder."""
+  directory it removed. Computed, not asked of TFDS: a damaged dataset_info.json breaks the
+  builder."""
   root = os.path.expanduser(data_dir) if data_dir else tfds.core.constants.DATA_DIR
   directory = os.path.join(root, 'digits', str(Digits.VERSION))
   if not os.path.isdir(directory):

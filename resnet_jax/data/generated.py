@@ -5,7 +5,8 @@ decode) without any download or TensorFlow: images are JPEG-encoded with PIL and
 `Image` feature as bytes. Every image is a random crop (random box, scale, flip and a mild colour
 gain) of the two photographs scikit-learn ships (`load_sample_images`: china.jpg, flower.jpg), so
 the JPEGs carry natural-image detail and decode as slowly as photos do (smooth generated images
-decode faster and would flatter the input pipeline). Importing this module registers the builder (not imported by default).
+decode faster and would flatter the input pipeline). Importing this module registers the builder
+(not imported by default).
 Configs: `cifar` (32x32, like CIFAR-10), `imagenet` (ImageNet-like sizes, ~400x350 on average),
 `tiny` (a few small variable-size images for tests).
 """

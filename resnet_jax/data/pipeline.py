@@ -53,7 +53,7 @@ def _image_size(config: ml_collections.ConfigDict, source: sources.SplitSource) 
 
 
 def get_dataset_info(config: ml_collections.ConfigDict) -> DatasetInfo:
-  """Sizes, classes and model input shape; prepares `digits` on first use, raises DatasetNotFoundError."""
+  """Sizes, classes and model input shape (prepares `digits` on first use; DatasetNotFoundError)."""
   train = sources.open_split(config, str(config.data.train_split))
   eval_split = str(config.data.eval_split)
   evaluation = sources.open_split(config, eval_split)
@@ -136,7 +136,7 @@ def make_normalization(config: ml_collections.ConfigDict) -> Normalization:
 
 
 class _TrainTransform:
-  """grain random_map: record -> {'image': uint8 HWC, 'label': int32}; rng is per (seed, position)."""
+  """grain random_map: record -> {'image': uint8 HWC, 'label': int32}; rng per (seed, position)."""
 
   def __init__(self, preprocessor: Any):
     self._pre = preprocessor
@@ -174,7 +174,8 @@ class _EvalExample:
 def worker_count(num_workers: int | None) -> int:
   """`data.num_workers`, with -1 resolved on this host: one Grain worker per core this process may
   use, less one for the training loop. Why: a fixed count starves a GPU on a big host and
-  oversubscribes a small one; the batches do not depend on the count, so resuming elsewhere is exact."""
+  oversubscribes a small one; the batches do not depend on the count, so resuming elsewhere is
+  exact."""
   n = int(num_workers or 0)
   if n != -1:
     return n
@@ -183,7 +184,7 @@ def worker_count(num_workers: int | None) -> int:
 
 
 def prefetched(ds: grain.MapDataset, config: ml_collections.ConfigDict) -> grain.IterDataset:
-  """Threads (and worker processes, `config.data.num_workers`) that compute whole local batches ahead."""
+  """Threads (and `config.data.num_workers` processes) that compute whole local batches ahead."""
   prefetch = max(1, int(config.data.prefetch or 1))
   workers = worker_count(config.data.num_workers)
   threads = max(1, min(prefetch, os.cpu_count() or 1)) if workers == 0 else 1
@@ -276,9 +277,10 @@ class TrainIterator(grain.DatasetIterator):
   """This process's infinite stream of local batches; the state is the global step (JSON-able).
 
   Grain's own state records per-worker positions, so restoring it with another worker count would
-  silently yield different batches. Here the batches form a random-access `MapDataset`, so resuming
-  at step k simply starts a fresh Grain pipeline on `batches[k:]`: exact for any worker count and any
-  process count with the same global batch size. Workers start lazily, at the first `next()`.
+  silently yield different batches. Here the batches form a random-access `MapDataset`, so
+  resuming at step k simply starts a fresh Grain pipeline on `batches[k:]`: exact for any worker
+  count and any process count with the same global batch size. Workers start lazily, at the first
+  `next()`.
   """
 
   def __init__(
@@ -340,10 +342,11 @@ def create_train_iterator(
   `resnet_jax.data.device_preprocess.make_device_preprocess(config)`. `preprocessor` replaces the
   configured host preprocessing (an object with `.train(image, rng)`; benchmarks use it).
 
-  Epoch e is the train split shuffled by (seed, e) (Grain's index shuffle); augmentation randomness is a
-  function of (seed, position in the global stream), so batches do not depend on process or worker
-  count. Save `it.get_state()` (a small JSON-able dict) in the checkpoint and `it.set_state(state)` on a
-  fresh iterator to resume at exactly the next batch, even with another worker or process count.
+  Epoch e is the train split shuffled by (seed, e) (Grain's index shuffle); augmentation
+  randomness is a function of (seed, position in the global stream), so batches do not depend on
+  process or worker count. Save `it.get_state()` (a small JSON-able dict) in the checkpoint and
+  `it.set_state(state)` on a fresh iterator to resume at exactly the next batch, even with another
+  worker or process count.
   """
   _check_sharding(local_batch_size, process_index, process_count)
   train = sources.open_split(config, str(config.data.train_split))
@@ -377,7 +380,8 @@ def create_eval_iterator(
   'mask': bool [b]}; positions past the end of the split are zero images with mask False, and every
   process yields `num_eval_batches(...)` batches. crops: 1 (centre), 2 (centre + flip), 10 (paper).
   `scale=S`: the paper's fully-convolutional multi-scale testing input (shorter side S, centred
-  S x S, so H = W = S); average the softmax over S in {224, 256, 384, 480, 640} for the paper's number.
+  S x S, so H = W = S); average the softmax over S in {224, 256, 384, 480, 640} for the paper's
+  number.
   """
   _check_sharding(local_batch_size, process_index, process_count)
   split = split or str(config.data.eval_split)

@@ -1,8 +1,8 @@
-"""Random-access sources for one split: TFDS ArrayRecord data, the embedded digits, synthetic images.
+"""Random-access sources for one split: TFDS ArrayRecord data, the embedded digits, synthetic ones.
 
 Every source is a picklable sequence (`len`, `[i]`) of `{'image': uint8 array or encoded bytes,
-'label': int}` so Grain can read it in worker processes. Splits named `validation` can be carved from
-the training split (`config.data.validation_size`, the paper's 45k/5k CIFAR split).
+'label': int}` so Grain can read it in worker processes. Splits named `validation` can be carved
+from the training split (`config.data.validation_size`, the paper's 45k/5k CIFAR split).
 """
 
 from __future__ import annotations
@@ -223,7 +223,7 @@ def _tfds_split(name: str, data_dir: str | None, split: str) -> SplitSource:
   image_key, label_key = image_and_label_keys(name, builder)
   image_feature = features[image_key]
   shape = tuple(image_feature.shape)
-  # Variable-size images (ImageNet-like) are kept encoded so the pipeline can decode at reduced size.
+  # Variable-size images (ImageNet-like) stay encoded: the pipeline decodes them at reduced size.
   skip = isinstance(image_feature, tfds.features.Image) and (shape[0] is None or shape[1] is None)
   try:
     records = builder.as_data_source(

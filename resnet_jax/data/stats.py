@@ -1,9 +1,10 @@
 """Training-set statistics for normalisation and PCA colour augmentation, computed once and cached.
 
-The paper subtracts the per-pixel mean of the training images; 'mean_std' needs per-channel mean/std;
-the AlexNet colour augmentation needs the eigen-decomposition of the RGB covariance. All are computed
-from the (eval-preprocessed, single centre crop) training split: every example for small datasets,
-an evenly spaced sample for large ones, and cached in memory and as `.npz` beside the TFDS data.
+The paper subtracts the per-pixel mean of the training images; 'mean_std' needs per-channel
+mean/std; the AlexNet colour augmentation needs the eigen-decomposition of the RGB covariance. All
+are computed from the (eval-preprocessed, single centre crop) training split: every example for
+small datasets, an evenly spaced sample for large ones, and cached in memory and as `.npz` beside
+the TFDS data.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def compute_stats(
 def cached_stats(
   key: dict, cache_dir: str | None, compute: Callable[[], dict[str, np.ndarray]]
 ) -> dict[str, np.ndarray]:
-  """`compute()` once per `key` (a JSON-able description of data + preprocessing); cached on disk."""
+  """`compute()` once per `key` (JSON-able: the data and its preprocessing); cached on disk."""
   digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
   if digest in _MEMORY:
     return _MEMORY[digest]

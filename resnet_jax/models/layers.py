@@ -150,7 +150,7 @@ def conv(
   loop_friendly: bool | None = False,
   space_to_depth: bool | None = False,
 ) -> nn.Conv:
-  """A bias-free square convolution with explicit symmetric padding ``dilation * (kernel_size // 2)``.
+  """A bias-free square convolution, symmetric padding ``dilation * (kernel_size // 2)``.
 
   ``groups``: grouped convolution (ResNeXt; torch ``groups``, flax ``feature_group_count``: the
   kernel is HW x (in / groups) x out). ``dilation``: atrous convolution (a backbone's output stride

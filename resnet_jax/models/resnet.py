@@ -23,10 +23,10 @@ flax path (``params`` / ``batch_stats``)      torchvision key
 ``bn_final/...`` (pre-activation nets only)   (no torchvision counterpart)
 ==========================================  ===============================================
 
-Stages are numbered from 1 (``layer1``..``layer4`` on ImageNet, ``layer1``..``layer3`` on CIFAR) and
-blocks from 0, exactly as in torchvision. For the Fig. 7 analysis (responses of the BN layers that
-follow 3x3 convs), ``capture_intermediates=True`` records each BatchNorm's ``__call__`` output, which
-is the normalised response *before* the ReLU and before the shortcut addition.
+Stages are numbered from 1 (``layer1``..``layer4`` on ImageNet, ``layer1``..``layer3`` on CIFAR)
+and blocks from 0, exactly as in torchvision. For the Fig. 7 analysis (responses of the BN layers
+that follow 3x3 convs), ``capture_intermediates=True`` records each BatchNorm's ``__call__``
+output, which is the normalised response *before* the ReLU and before the shortcut addition.
 
 With ``scan=True`` blocks 1.. of stage ``s`` live in one module ``layer{s}_scan`` whose variables
 carry a leading axis (entry ``k`` is block ``k + 1``); ``resnet_jax.models.layout`` converts
@@ -231,7 +231,7 @@ _BLOCKS = {
 def _resolve_grouping(
   spec: ArchSpec, name: str, groups: Optional[int], width_per_group: Optional[int]
 ) -> tuple[int, int]:
-  """The bottleneck's (groups, width_per_group): the name's, unless given (and not contradicting)."""
+  """The bottleneck's (groups, width_per_group): the name's, unless given (not contradicting)."""
   out = []
   for given, own, field in (
     (groups, spec.groups, 'groups'),
