@@ -19,7 +19,11 @@ import grain
 import ml_collections
 import numpy as np
 from absl import flags
-from grain._src.python.ipc import shared_memory_array
+
+try:  # private: only used to release shared memory early (see _unlink_now); optional
+  from grain._src.python.ipc import shared_memory_array
+except ImportError:  # another Grain layout: Grain's own (later) release applies
+  shared_memory_array = None
 
 from resnet_jax.data import augment as augment_lib
 from resnet_jax.data import sources
@@ -236,7 +240,8 @@ def _finish_pending_unlinks() -> None:
   Its pool has one thread (process_prefetch's `enable_async_del(1)`) taking tasks in order, so
   once a no-op submitted now has run, every deletion queued before it has run too.
   """
-  pool = getattr(shared_memory_array.SharedMemoryArray, '_del_thread_pool', None)
+  array_class = getattr(shared_memory_array, 'SharedMemoryArray', None)
+  pool = getattr(array_class, '_del_thread_pool', None)
   if pool is not None:
     pool.apply(int)
 
