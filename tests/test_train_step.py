@@ -135,3 +135,33 @@ def test_a_skipped_step_still_advances_the_schedule():
   state, m = step(state, put(batch))  # step 1 reports lr 0: nothing may move
   assert int(m['nonfinite']) == 0 and float(m['learning_rate']) == 0.0
   assert state_fingerprint(state.params) == before
+
+
+def test_label_smoothing_mixes_the_one_hot_target_with_the_uniform_one():
+  """Szegedy et al. 2016: target (1 - a) * one_hot + a / K, so the loss is (1 - a) times the
+  plain cross-entropy plus a times the mean over the K classes of -log p; the train step's loss
+  is that loss of the batch (the step reports the loss it differentiates)."""
+  from resnet_jax.train_step import cross_entropy
+
+  logits = jnp.asarray(np.random.default_rng(1).normal(size=(5, 4)), jnp.float32)
+  labels = jnp.asarray([0, 3, 1, 1, 2])
+  logp = np.asarray(jax.nn.log_softmax(logits))
+  plain, uniform = -logp[np.arange(5), labels], -logp.mean(-1)
+  np.testing.assert_allclose(cross_entropy(logits, labels), plain, rtol=1e-6)
+  np.testing.assert_allclose(
+    cross_entropy(logits, labels, 0.2), 0.8 * plain + 0.2 * uniform, rtol=1e-5
+  )
+  state, _, _, put, batch = _setup()
+  mesh = create_mesh()
+  step = jit_train_step(
+    mesh,
+    jax.tree.map(lambda x: x.sharding, state),
+    optax.constant_schedule(0.05),
+    label_smoothing=0.2,
+  )
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  out, _ = state.apply_fn(variables, batch['image'], train=True, mutable=['batch_stats'])
+  want = float(cross_entropy(out, batch['label'], 0.2).mean())
+  _, m = step(state, put(batch))
+  np.testing.assert_allclose(float(m['loss']), want, rtol=1e-4)
+  assert abs(want - float(cross_entropy(out, batch['label']).mean())) > 1e-3
