@@ -289,6 +289,17 @@ def test_preact_identity_shortcut_of_a_shape_keeping_unit_reads_the_raw_sum():
   np.testing.assert_allclose(out('layer2_1'), out('layer2_1', 'conv2') + out('layer2_0'), atol=1e-5)
 
 
+def test_preact_projection_of_a_shape_keeping_unit_reads_the_preactivated_input():
+  """Option C projects on every unit; a projection (like any shortcut of a unit that changes
+  shape) reads the unit's BN-ReLU'd input, not the raw sum (fb.resnet.torch 'both_preact')."""
+  variables, out = _outputs(create_model('resnet14', preact=True, shortcut='C'))
+  kernel = variables['params']['layer2_1']['downsample_conv']['kernel'][0, 0]
+  pre = jax.nn.relu(out('layer2_1', 'bn1'))
+  np.testing.assert_allclose(
+    out('layer2_1'), out('layer2_1', 'conv2') + jnp.einsum('nhwc,co->nhwo', pre, kernel), atol=1e-5
+  )
+
+
 def test_imagenet_preact_stem_is_the_first_units_preactivation():
   """conv-BN-ReLU-maxpool stem, then a first unit with no BN-ReLU of its own (fb.resnet.torch
   preresnet 'no_preact'): no BN-ReLU applied twice. Later units pre-activate themselves."""
