@@ -300,6 +300,15 @@ def test_preact_projection_of_a_shape_keeping_unit_reads_the_preactivated_input(
   )
 
 
+def test_preact_net_ends_with_bn_relu_before_the_pool():
+  """He et al. 2016, Sec. 4.1: the last unit's sum is not activated, so the net adds a final
+  BN + ReLU; the classifier sees the global average of that ReLU'd response."""
+  variables, out = _outputs(create_model('resnet8', preact=True))
+  fc = variables['params']['fc']
+  pooled = jnp.mean(jax.nn.relu(out('bn_final')), axis=(1, 2))
+  np.testing.assert_allclose(out('fc'), pooled @ fc['kernel'] + fc['bias'], atol=1e-5)
+
+
 def test_imagenet_preact_stem_is_the_first_units_preactivation():
   """conv-BN-ReLU-maxpool stem, then a first unit with no BN-ReLU of its own (fb.resnet.torch
   preresnet 'no_preact'): no BN-ReLU applied twice. Later units pre-activate themselves."""
