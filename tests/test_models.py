@@ -332,20 +332,22 @@ def test_cifar_bottleneck_strides_its_first_1x1_imagenet_keeps_3x3():
   assert out('layer2_0', 'conv2').shape[1:3] == (4, 4)
 
 
-def _bn_apply(x, group_size, variables=None):
-  bn = BatchNorm(use_running_average=False, group_size=group_size, momentum=0.5)
+def _bn_apply(x, group_size, variables=None, momentum=0.5):
+  bn = BatchNorm(use_running_average=False, group_size=group_size, momentum=momentum)
   variables = variables or bn.init(rng(), x)
   return run(bn, variables, x, mutable=['batch_stats'])
 
 
 def test_batchnorm_whole_batch_matches_reference():
+  """Normalised with the biased batch variance; running statistics move by (1 - momentum):
+  new = momentum * old + (1 - momentum) * batch (momentum 0.9: the old value keeps 90 %)."""
   x = 3.0 + 2.0 * normal((6, 4, 4, 5))
-  y, upd = _bn_apply(x, None)
+  y, upd = _bn_apply(x, None, momentum=0.9)
   xn = np.asarray(x, np.float64)
   mean, var = xn.mean((0, 1, 2)), xn.var((0, 1, 2))
   np.testing.assert_allclose(y, (xn - mean) / np.sqrt(var + 1e-5), atol=1e-4)
-  np.testing.assert_allclose(upd['batch_stats']['mean'], 0.5 * mean, rtol=1e-5)
-  np.testing.assert_allclose(upd['batch_stats']['var'], 0.5 + 0.5 * var, rtol=1e-5)
+  np.testing.assert_allclose(upd['batch_stats']['mean'], 0.1 * mean, rtol=1e-5)
+  np.testing.assert_allclose(upd['batch_stats']['var'], 0.9 + 0.1 * var, rtol=1e-5)
 
 
 def test_ghost_batchnorm_normalises_each_group_separately():
