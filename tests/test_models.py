@@ -466,3 +466,20 @@ def test_a_head_without_classes_is_one_clear_error(num_classes):
   """0 was a ZeroDivisionError and -3 a TypeError from inside the initialiser."""
   with pytest.raises(ValueError, match='num_classes must be a positive int or None'):
     create_model('resnet8', num_classes=num_classes)
+
+
+def test_bn_momentum_and_epsilon_reach_the_models_batchnorms():
+  """`config.model.bn_momentum` / `bn_epsilon` (create_model's) are the BN layers' own: with the
+  initial statistics (mean 0, var 1) eval normalises by sqrt(1 + eps), and a training step moves
+  the running mean by (1 - momentum) of the batch mean."""
+  model = create_model('resnet8', bn_epsilon=3.0, bn_momentum=0.25)
+  variables, x = init_tiny(model)
+  _, inter = run(
+    model, variables, x, train=False, capture_intermediates=True, mutable=['intermediates']
+  )
+  conv = inter['intermediates']['conv1']['__call__'][0]
+  np.testing.assert_allclose(inter['intermediates']['bn1']['__call__'][0], conv / 2.0, atol=1e-5)
+  _, upd = run(model, variables, x, train=True, mutable=['batch_stats'])
+  np.testing.assert_allclose(
+    upd['batch_stats']['bn1']['mean'], 0.75 * np.mean(conv, axis=(0, 1, 2)), rtol=1e-4, atol=1e-6
+  )
