@@ -483,3 +483,16 @@ def test_bn_momentum_and_epsilon_reach_the_models_batchnorms():
   np.testing.assert_allclose(
     upd['batch_stats']['bn1']['mean'], 0.75 * np.mean(conv, axis=(0, 1, 2)), rtol=1e-4, atol=1e-6
   )
+
+
+@pytest.mark.parametrize(
+  'name, preact', [('resnet50', False), ('resnet50', True), ('resnet18', True)]
+)
+def test_zero_init_last_bn_zeroes_every_residual_branch(name, preact):
+  """Goyal et al. 2017: the BN that ends each residual branch starts with scale 0 (bottleneck:
+  bn3; pre-activation: the BN before the last conv), so every shape-keeping unit starts as the
+  identity (post-activation: relu of its already non-negative input)."""
+  model = create_model(name, zero_init_last_bn=True, preact=preact)
+  model = model.clone(widths=(4, 4, 8, 8), stage_sizes=(2, 1, 1, 1))
+  _, out = _outputs(model)
+  np.testing.assert_allclose(out('layer1_1'), out('layer1_0'), atol=1e-6)
