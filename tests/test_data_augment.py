@@ -246,3 +246,27 @@ def test_translate_is_cifar_without_the_flip():
     windows = {padded[t : t + 16, l : l + 16].tobytes(): (t, l) for t in range(5) for l in range(5)}
     shifts.add(windows[o.tobytes()])  # KeyError: flipped or not a window of the padded image
   assert len(shifts) > 5
+
+
+def test_cifar_crop_draws_every_offset_of_the_padding_and_flips_half_the_images():
+  """Paper: pad p pixels, crop uniformly among all (2p + 1)^2 windows, flip with probability 1/2.
+  Over 400 draws every offset 0..2p appears on both axes and the flip rate is near 0.5."""
+  images = np.random.default_rng(2).integers(1, 256, (400, 8, 8, 1), dtype=np.uint8)
+  pre = DevicePreprocess('cifar', 8, identity_norm())
+  assert pre.pad == 1
+  out = np.asarray(pre(images, rng=jax.random.key(4)))
+  tops, lefts, flips = [], [], []
+  for image, o in zip(images, out):
+    padded = np.pad(image.astype(np.float32), ((1, 1), (1, 1), (0, 0)))
+    windows = {
+      padded[t : t + 8, l : l + 8][:, ::f].tobytes(): (t, l, f)
+      for t in range(3)
+      for l in range(3)
+      for f in (1, -1)
+    }
+    t, l, f = windows[o.tobytes()]
+    tops.append(t), lefts.append(l), flips.append(f == -1)
+  assert set(tops) == set(lefts) == {0, 1, 2}
+  assert 0.4 < np.mean(flips) < 0.6
+  for axis in (tops, lefts):  # uniform: each offset about a third of the draws
+    assert all(0.25 < np.mean(np.equal(axis, k)) < 0.42 for k in range(3))

@@ -165,3 +165,33 @@ def test_label_smoothing_mixes_the_one_hot_target_with_the_uniform_one():
   _, m = step(state, put(batch))
   np.testing.assert_allclose(float(m['loss']), want, rtol=1e-4)
   assert abs(want - float(cross_entropy(out, batch['label']).mean())) > 1e-3
+
+
+def test_the_augmentation_key_is_a_function_of_seed_and_step():
+  """The device augmentation of a batch depends on (seed, step) only: the same pair gives the
+  same input (a resumed run sees what the uninterrupted one saw), another step or seed another
+  draw (the crops and flips change from step to step)."""
+  import flax.linen as nn
+
+  from resnet_jax.train_step import TrainState, train_step
+
+  class Tiny(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+      return nn.Dense(3)(x.reshape(x.shape[0], -1))
+
+  model = Tiny()
+  batch = {'image': jnp.zeros((4, 2, 2, 1)), 'label': jnp.asarray([0, 1, 2, 0])}
+  variables = model.init(jax.random.key(0), batch['image'])
+  noisy = lambda images, rng: images + jax.random.normal(rng, images.shape)
+
+  def loss(step, seed):
+    state = TrainState.create(apply_fn=model.apply, variables=variables, tx=optax.sgd(0.1))
+    state = state.replace(step=jnp.asarray(step, jnp.int32))
+    _, m = train_step(
+      state, batch, learning_rate_fn=optax.constant_schedule(0.1), preprocess=noisy, seed=seed
+    )
+    return float(m['loss'])
+
+  assert loss(3, 0) == loss(3, 0)
+  assert len({loss(0, 0), loss(1, 0), loss(2, 0), loss(0, 1)}) == 4
