@@ -195,3 +195,19 @@ def test_the_augmentation_key_is_a_function_of_seed_and_step():
 
   assert loss(3, 0) == loss(3, 0)
   assert len({loss(0, 0), loss(1, 0), loss(2, 0), loss(0, 1)}) == 4
+
+
+def test_multi_crop_evaluation_averages_the_softmax_of_every_crop():
+  """Paper Tables 2-3 (10-crop testing): an example's score is the mean over its crops of the
+  softmax probabilities (not of the logits, nor one crop's)."""
+  from resnet_jax.train_step import eval_probabilities, metric_sums
+
+  w = jnp.asarray(np.random.default_rng(0).normal(size=(12, 5)), jnp.float32)
+  apply_fn = lambda v, x, train=False: 3.0 * x.reshape(x.shape[0], -1) @ v
+  images = jnp.asarray(np.random.default_rng(1).normal(size=(2, 10, 2, 2, 3)), jnp.float32)
+  per_crop = jax.nn.softmax(apply_fn(w, images.reshape(20, 2, 2, 3))).reshape(2, 10, 5)
+  probs = eval_probabilities(apply_fn, w, images)
+  np.testing.assert_allclose(probs, per_crop.mean(axis=1), rtol=1e-5, atol=1e-7)
+  sums = metric_sums(probs, jnp.asarray([0, 4]), jnp.asarray([True, True]))
+  want = -np.log(np.asarray(per_crop.mean(axis=1))[[0, 1], [0, 4]]).sum()
+  np.testing.assert_allclose(sums['loss'], want, rtol=1e-5)
