@@ -496,3 +496,25 @@ def test_zero_init_last_bn_zeroes_every_residual_branch(name, preact):
   model = model.clone(widths=(4, 4, 8, 8), stage_sizes=(2, 1, 1, 1))
   _, out = _outputs(model)
   np.testing.assert_allclose(out('layer1_1'), out('layer1_0'), atol=1e-6)
+
+
+@pytest.mark.parametrize('kernel, dilation', [(3, 1), (7, 1), (1, 1), (3, 2)])
+def test_convs_pad_symmetrically_like_torch(kernel, dilation):
+  """Every conv pads dilation * (k // 2) on both sides (torch's padding=k // 2), never 'SAME',
+  which pads 0 before and 1 after on an even input at stride 2 and shifts the feature map by
+  half a pixel against torchvision's weights. Checked at stride 2 on an even side."""
+  from resnet_jax.models import layers
+
+  x = normal((2, 8, 8, 3))
+  conv = layers.conv(4, kernel, 2, name='c', dilation=dilation)
+  variables = conv.init(rng(), x)
+  pad = dilation * (kernel // 2)
+  want = jax.lax.conv_general_dilated(
+    x,
+    variables['params']['kernel'],
+    (2, 2),
+    ((pad, pad), (pad, pad)),
+    rhs_dilation=(dilation, dilation),
+    dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+  )
+  np.testing.assert_allclose(conv.apply(variables, x), want, atol=1e-5)
