@@ -211,3 +211,39 @@ def test_multi_crop_evaluation_averages_the_softmax_of_every_crop():
   sums = metric_sums(probs, jnp.asarray([0, 4]), jnp.asarray([True, True]))
   want = -np.log(np.asarray(per_crop.mean(axis=1))[[0, 1], [0, 4]]).sum()
   np.testing.assert_allclose(sums['loss'], want, rtol=1e-5)
+
+
+def test_top5_counts_a_label_ranked_fifth_as_right_and_sixth_as_wrong():
+  """top-5 error: the label is not among the 5 most probable classes; masked rows count for
+  nothing in any sum."""
+  from resnet_jax.train_step import metric_sums
+
+  probs = jnp.asarray(np.tile(np.linspace(0.2, 0.02, 8) / 0.88, (4, 1)), jnp.float32)
+  labels = jnp.asarray([0, 4, 5, 7])  # ranks 1, 5, 6, 8
+  sums = metric_sums(probs, labels, jnp.asarray([True, True, True, False]))
+  assert float(sums['count']) == 3
+  assert float(sums['top1_errors']) == 2 and float(sums['top5_errors']) == 1
+  np.testing.assert_allclose(sums['loss'], -np.log(np.asarray(probs)[0, [0, 4, 5]]).sum(), 1e-5)
+
+
+def test_a_step_with_finite_loss_but_non_finite_gradients_is_not_applied():
+  """A finite loss is not enough: sqrt at 0 has a finite value and an infinite slope, and that
+  update is not applied (the parameters keep their values, the step is reported)."""
+  import flax.linen as nn
+
+  from resnet_jax.train_step import TrainState, train_step
+
+  class Kink(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+      w = self.param('w', nn.initializers.zeros, (3,))
+      return x.reshape(x.shape[0], -1)[:, :3] + jnp.sqrt(w)
+
+  model = Kink()
+  batch = {'image': jnp.ones((2, 2, 2, 1)), 'label': jnp.asarray([0, 1])}
+  state = TrainState.create(
+    apply_fn=model.apply, variables=model.init(jax.random.key(0), batch['image']), tx=optax.sgd(0.1)
+  )
+  new, m = train_step(state, batch, learning_rate_fn=optax.constant_schedule(0.1))
+  assert np.isfinite(float(m['loss'])) and int(m['nonfinite']) == 1
+  np.testing.assert_array_equal(new.params['w'], state.params['w'])
