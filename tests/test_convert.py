@@ -99,12 +99,18 @@ def test_strict_key_accounting(torch, random_torchvision):
     convert.from_torchvision(sd, 'resnet20')
 
 
-def test_adapt_input_channels_for_grayscale(random_torchvision):
-  variables = convert.from_torchvision(random_torchvision('resnet18').state_dict(), 'resnet18')
+def test_adapt_input_channels_for_grayscale():
+  """A grey image through the adapted stem gives the logits the RGB model gives to that image
+  replicated over three channels (the RGB kernels are summed). No torch needed: random weights."""
+  model = create_model('resnet18')
+  abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 40, 40, 3))))
+  rng = np.random.default_rng(0)
+  variables = jax.tree.map(
+    lambda s: rng.uniform(0.5, 1.5, s.shape).astype(np.float32) * 0.1, abstract
+  )
   gray = convert.adapt_input_channels(variables, 1)
   assert gray['params']['conv1']['kernel'].shape == (7, 7, 1, 64)
   x = np.random.default_rng(1).standard_normal((2, 40, 40, 1)).astype(np.float32)
-  model = create_model('resnet18')
   rgb_logits = model.apply(variables, np.repeat(x, 3, axis=-1), train=False)
   np.testing.assert_allclose(model.apply(gray, x, train=False), rgb_logits, rtol=1e-4, atol=1e-4)
 
@@ -223,6 +229,13 @@ def test_torchvision_round_trip_in_both_layouts_without_torch():
   variables = jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32), abstract)
   sd = convert.to_torchvision(variables)
   assert sd['layer1.1.conv2.weight'].shape == (64, 64, 3, 3) and 'fc.weight' in sd
+  # torch's layouts: conv weight[out, in, kh, kw] is flax's kernel[kh, kw, in, out] (a kh/kw swap
+  # would survive the round trip below; only this and the torch parity tests see it, and those
+  # need torch), Linear weight[out, in] is the dense kernel[in, out].
+  kernel = variables['params']['conv1']['kernel']
+  for o, i, kh, kw in [(0, 0, 0, 1), (5, 2, 6, 3), (63, 1, 2, 5)]:
+    assert sd['conv1.weight'][o, i, kh, kw] == kernel[kh, kw, i, o]
+  assert sd['fc.weight'][6, 100] == variables['params']['fc']['kernel'][100, 6]
   np.testing.assert_array_equal(
     sd['layer4.1.bn1.running_var'], variables['batch_stats']['layer4_scan']['bn1']['var'][0]
   )

@@ -90,6 +90,28 @@ def test_train_batches_shape_normalisation_and_determinism():
   assert 0.5 < epoch.std() < 2.0
 
 
+def test_each_normalisation_standardises_the_train_split_as_it_says():
+  """data.normalize: 'per_pixel_mean' (paper) subtracts each pixel's train mean and divides by
+  one scalar std (the train split then has zero mean at every pixel, unit mean variance);
+  'mean_std' uses per-channel mean and std (zero mean, unit std per channel, pixels not
+  centred one by one); 'scale' is x / 255."""
+  raw, _ = digits_lib.digits_arrays()
+  train = raw[np.arange(len(raw)) % 5 != 0]
+  assert len(train) == 1437
+  for kind in ('per_pixel_mean', 'mean_std', 'scale'):
+    x = np.asarray(make_device_preprocess(make_config(normalize=kind))(train, rng=None), np.float64)
+    if kind == 'scale':
+      np.testing.assert_allclose(x, train / 255.0, rtol=1e-6)
+      continue
+    pixel_mean = x.mean(axis=0)
+    if kind == 'per_pixel_mean':
+      assert np.abs(pixel_mean).max() < 1e-3
+      assert abs(x.var(axis=0).mean() - 1.0) < 1e-3
+    else:
+      assert np.abs(pixel_mean).max() > 0.5  # the border pixels stay off-centre
+      assert abs(x.mean()) < 1e-3 and abs(x.std() - 1.0) < 1e-3
+
+
 def test_each_epoch_is_a_new_permutation_of_the_train_split():
   config = make_config(normalize='scale')
   it = data.create_train_iterator(

@@ -79,7 +79,12 @@ def test_imagenet_scale_augmentation_and_pca_colour_shift():
   host = augment.Preprocessor('imagenet', 32, 3).train(raw, np.random.default_rng(1))
   assert host.shape == (32, 32, 3) and host.dtype == np.uint8
   batch = np.stack([host] * 64)
-  eigvals, eigvecs = np.array([0.0, 0.0, 0.1], np.float32), np.eye(3, dtype=np.float32)
+  # Eigenvectors are the columns (numpy.linalg.eigh's convention); an asymmetric basis, so a
+  # transposed matrix would shift along a row instead. Only the third has a non-zero eigenvalue.
+  v = np.array([2.0, 3.0, 6.0]) / 7.0
+  u = np.array([3.0, -2.0, 0.0]) / np.sqrt(13.0)
+  eigvecs = np.stack([u, np.cross(v, u), v], axis=1).astype(np.float32)
+  eigvals = np.array([0.0, 0.0, 0.1], np.float32)
   out = np.asarray(
     DevicePreprocess('imagenet', 32, identity_norm(), eigvals, eigvecs)(
       batch, rng=jax.random.key(0)
@@ -89,9 +94,12 @@ def test_imagenet_scale_augmentation_and_pca_colour_shift():
   no_pca = np.asarray(plain(batch, rng=jax.random.key(0)))
   np.testing.assert_array_equal(no_pca, batch.astype(np.float32))
   shift = out - no_pca  # one RGB offset along the eigenvectors per example, same at every pixel
-  assert np.allclose(shift[..., :2], 0, atol=1e-4)
-  assert np.allclose(shift[..., 2], shift[:, :1, :1, 2], atol=1e-3)
-  alpha = shift[:, 0, 0, 2] / (0.1 * 255.0)  # alpha ~ N(0, 0.1), drawn per example
+  alpha = shift[:, 0, 0, 2] / (0.1 * 255.0 * v[2])  # alpha ~ N(0, 0.1), drawn per example
+  np.testing.assert_allclose(
+    shift,
+    np.broadcast_to((alpha[:, None] * 0.1 * 255.0 * v)[:, None, None], shift.shape),
+    atol=2e-3,
+  )
   assert len(set(np.round(alpha, 5))) == 64 and 0.05 < alpha.std() < 0.2
 
 
@@ -246,3 +254,27 @@ def test_translate_is_cifar_without_the_flip():
     windows = {padded[t : t + 16, l : l + 16].tobytes(): (t, l) for t in range(5) for l in range(5)}
     shifts.add(windows[o.tobytes()])  # KeyError: flipped or not a window of the padded image
   assert len(shifts) > 5
+
+
+def test_cifar_crop_draws_every_offset_of_the_padding_and_flips_half_the_images():
+  """Paper: pad p pixels, crop uniformly among all (2p + 1)^2 windows, flip with probability 1/2.
+  Over 400 draws every offset 0..2p appears on both axes and the flip rate is near 0.5."""
+  images = np.random.default_rng(2).integers(1, 256, (400, 8, 8, 1), dtype=np.uint8)
+  pre = DevicePreprocess('cifar', 8, identity_norm())
+  assert pre.pad == 1
+  out = np.asarray(pre(images, rng=jax.random.key(4)))
+  tops, lefts, flips = [], [], []
+  for image, o in zip(images, out):
+    padded = np.pad(image.astype(np.float32), ((1, 1), (1, 1), (0, 0)))
+    windows = {
+      padded[t : t + 8, l : l + 8][:, ::f].tobytes(): (t, l, f)
+      for t in range(3)
+      for l in range(3)
+      for f in (1, -1)
+    }
+    t, l, f = windows[o.tobytes()]
+    tops.append(t), lefts.append(l), flips.append(f == -1)
+  assert set(tops) == set(lefts) == {0, 1, 2}
+  assert 0.4 < np.mean(flips) < 0.6
+  for axis in (tops, lefts):  # uniform: each offset about a third of the draws
+    assert all(0.25 < np.mean(np.equal(axis, k)) < 0.42 for k in range(3))

@@ -127,7 +127,9 @@ def test_evaluate_cli_matches_the_training_run(tmp_path):
   got = run_evaluate(workdir, '--batch_size=44', devices=4, fast_compile=True)
   assert got['num_examples'] == 360 and got['step'] == 20
   assert got['loss'] == pytest.approx(results(workdir)['eval']['loss'], rel=1e-4)
-  assert run_evaluate(workdir, '--crops=10', devices=4, fast_compile=True)['num_examples'] == 360
+  ten = run_evaluate(workdir, '--crops=10', devices=4, fast_compile=True)
+  # --crops=10 is the paper's 10-crop testing, not the run's 1-crop eval under another name
+  assert ten['num_examples'] == 360 and ten['loss'] != pytest.approx(got['loss'], rel=1e-3)
   got = run_evaluate(
     workdir, '--scales=8,12', '--crops=2', '--precise-bn=2', devices=4, fast_compile=True
   )

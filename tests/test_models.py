@@ -289,6 +289,26 @@ def test_preact_identity_shortcut_of_a_shape_keeping_unit_reads_the_raw_sum():
   np.testing.assert_allclose(out('layer2_1'), out('layer2_1', 'conv2') + out('layer2_0'), atol=1e-5)
 
 
+def test_preact_projection_of_a_shape_keeping_unit_reads_the_preactivated_input():
+  """Option C projects on every unit; a projection (like any shortcut of a unit that changes
+  shape) reads the unit's BN-ReLU'd input, not the raw sum (fb.resnet.torch 'both_preact')."""
+  variables, out = _outputs(create_model('resnet14', preact=True, shortcut='C'))
+  kernel = variables['params']['layer2_1']['downsample_conv']['kernel'][0, 0]
+  pre = jax.nn.relu(out('layer2_1', 'bn1'))
+  np.testing.assert_allclose(
+    out('layer2_1'), out('layer2_1', 'conv2') + jnp.einsum('nhwc,co->nhwo', pre, kernel), atol=1e-5
+  )
+
+
+def test_preact_net_ends_with_bn_relu_before_the_pool():
+  """He et al. 2016, Sec. 4.1: the last unit's sum is not activated, so the net adds a final
+  BN + ReLU; the classifier sees the global average of that ReLU'd response."""
+  variables, out = _outputs(create_model('resnet8', preact=True))
+  fc = variables['params']['fc']
+  pooled = jnp.mean(jax.nn.relu(out('bn_final')), axis=(1, 2))
+  np.testing.assert_allclose(out('fc'), pooled @ fc['kernel'] + fc['bias'], atol=1e-5)
+
+
 def test_imagenet_preact_stem_is_the_first_units_preactivation():
   """conv-BN-ReLU-maxpool stem, then a first unit with no BN-ReLU of its own (fb.resnet.torch
   preresnet 'no_preact'): no BN-ReLU applied twice. Later units pre-activate themselves."""
@@ -312,20 +332,22 @@ def test_cifar_bottleneck_strides_its_first_1x1_imagenet_keeps_3x3():
   assert out('layer2_0', 'conv2').shape[1:3] == (4, 4)
 
 
-def _bn_apply(x, group_size, variables=None):
-  bn = BatchNorm(use_running_average=False, group_size=group_size, momentum=0.5)
+def _bn_apply(x, group_size, variables=None, momentum=0.5):
+  bn = BatchNorm(use_running_average=False, group_size=group_size, momentum=momentum)
   variables = variables or bn.init(rng(), x)
   return run(bn, variables, x, mutable=['batch_stats'])
 
 
 def test_batchnorm_whole_batch_matches_reference():
+  """Normalised with the biased batch variance; running statistics move by (1 - momentum):
+  new = momentum * old + (1 - momentum) * batch (momentum 0.9: the old value keeps 90 %)."""
   x = 3.0 + 2.0 * normal((6, 4, 4, 5))
-  y, upd = _bn_apply(x, None)
+  y, upd = _bn_apply(x, None, momentum=0.9)
   xn = np.asarray(x, np.float64)
   mean, var = xn.mean((0, 1, 2)), xn.var((0, 1, 2))
   np.testing.assert_allclose(y, (xn - mean) / np.sqrt(var + 1e-5), atol=1e-4)
-  np.testing.assert_allclose(upd['batch_stats']['mean'], 0.5 * mean, rtol=1e-5)
-  np.testing.assert_allclose(upd['batch_stats']['var'], 0.5 + 0.5 * var, rtol=1e-5)
+  np.testing.assert_allclose(upd['batch_stats']['mean'], 0.1 * mean, rtol=1e-5)
+  np.testing.assert_allclose(upd['batch_stats']['var'], 0.9 + 0.1 * var, rtol=1e-5)
 
 
 def test_ghost_batchnorm_normalises_each_group_separately():
@@ -444,3 +466,55 @@ def test_a_head_without_classes_is_one_clear_error(num_classes):
   """0 was a ZeroDivisionError and -3 a TypeError from inside the initialiser."""
   with pytest.raises(ValueError, match='num_classes must be a positive int or None'):
     create_model('resnet8', num_classes=num_classes)
+
+
+def test_bn_momentum_and_epsilon_reach_the_models_batchnorms():
+  """`config.model.bn_momentum` / `bn_epsilon` (create_model's) are the BN layers' own: with the
+  initial statistics (mean 0, var 1) eval normalises by sqrt(1 + eps), and a training step moves
+  the running mean by (1 - momentum) of the batch mean."""
+  model = create_model('resnet8', bn_epsilon=3.0, bn_momentum=0.25)
+  variables, x = init_tiny(model)
+  _, inter = run(
+    model, variables, x, train=False, capture_intermediates=True, mutable=['intermediates']
+  )
+  conv = inter['intermediates']['conv1']['__call__'][0]
+  np.testing.assert_allclose(inter['intermediates']['bn1']['__call__'][0], conv / 2.0, atol=1e-5)
+  _, upd = run(model, variables, x, train=True, mutable=['batch_stats'])
+  np.testing.assert_allclose(
+    upd['batch_stats']['bn1']['mean'], 0.75 * np.mean(conv, axis=(0, 1, 2)), rtol=1e-4, atol=1e-6
+  )
+
+
+@pytest.mark.parametrize(
+  'name, preact', [('resnet50', False), ('resnet50', True), ('resnet18', True)]
+)
+def test_zero_init_last_bn_zeroes_every_residual_branch(name, preact):
+  """Goyal et al. 2017: the BN that ends each residual branch starts with scale 0 (bottleneck:
+  bn3; pre-activation: the BN before the last conv), so every shape-keeping unit starts as the
+  identity (post-activation: relu of its already non-negative input)."""
+  model = create_model(name, zero_init_last_bn=True, preact=preact)
+  model = model.clone(widths=(4, 4, 8, 8), stage_sizes=(2, 1, 1, 1))
+  _, out = _outputs(model)
+  np.testing.assert_allclose(out('layer1_1'), out('layer1_0'), atol=1e-6)
+
+
+@pytest.mark.parametrize('kernel, dilation', [(3, 1), (7, 1), (1, 1), (3, 2)])
+def test_convs_pad_symmetrically_like_torch(kernel, dilation):
+  """Every conv pads dilation * (k // 2) on both sides (torch's padding=k // 2), never 'SAME',
+  which pads 0 before and 1 after on an even input at stride 2 and shifts the feature map by
+  half a pixel against torchvision's weights. Checked at stride 2 on an even side."""
+  from resnet_jax.models import layers
+
+  x = normal((2, 8, 8, 3))
+  conv = layers.conv(4, kernel, 2, name='c', dilation=dilation)
+  variables = conv.init(rng(), x)
+  pad = dilation * (kernel // 2)
+  want = jax.lax.conv_general_dilated(
+    x,
+    variables['params']['kernel'],
+    (2, 2),
+    ((pad, pad), (pad, pad)),
+    rhs_dilation=(dilation, dilation),
+    dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+  )
+  np.testing.assert_allclose(conv.apply(variables, x), want, atol=1e-5)

@@ -91,6 +91,25 @@ def test_weight_decay_mask(mask, decayed):
     np.testing.assert_allclose(u, want, rtol=1e-6, err_msg=name)
 
 
+@pytest.mark.parametrize('nesterov', [False, True])
+def test_sgd_heavy_ball_momentum_and_nesterov(nesterov):
+  """SGD with momentum mu (buffer b = g + mu * b): the step is -lr * b, or with Nesterov
+  (config.optimizer.nesterov, the modern and fine-tuning recipes) -lr * (g + mu * b)."""
+  c = _config('cifar')
+  c.optimizer.weight_decay, c.optimizer.nesterov = 0.0, nesterov
+  params = {'conv': {'kernel': jnp.ones(2)}}
+  tx = optim.create_optimizer(c, optax.constant_schedule(0.1))
+  grads = jax.tree.map(jnp.ones_like, params)
+  state, steps = tx.init(params), []
+  for _ in range(2):
+    updates, state = tx.update(grads, state, params)
+    steps.append(float(updates['conv']['kernel'][0]))
+  mu = c.optimizer.momentum
+  assert mu == 0.9
+  want = [1 + mu, 1 + mu * (1 + mu)] if nesterov else [1.0, 1 + mu]
+  np.testing.assert_allclose(steps, [-0.1 * w for w in want], rtol=1e-6)
+
+
 def test_a_boundary_given_twice_is_refused_not_applied_once():
   """'100' as steps and '1' epoch of 100 steps decayed once (optax keys boundaries by step)."""
   c = _config('cifar')

@@ -32,3 +32,30 @@ def test_he_2016_cifar_medians_are_still_served():
     24.33,
     'He et al. 2016, Table 3',
   )
+
+
+def test_table6_and_tables2_3_top1_numbers_are_the_papers():
+  """DESIGN.md's 'Paper numbers to test against', served by configuration: CIFAR-10 Table 6
+  (option A residual nets only) and ImageNet 10-crop top-1 of Tables 2-3."""
+  table6 = {20: 8.75, 32: 7.51, 44: 7.17, 56: 6.97, 110: 6.43, 1202: 7.93}
+  for depth, err in table6.items():
+    assert pn.paper_error('cifar10', 'residual', depth, 'A') == (err, 'Table 6')
+    assert pn.paper_error('cifar10', 'residual', depth, None) == (err, 'Table 6')  # A: default
+    assert pn.paper_error('cifar10', 'residual', depth, 'B') is None
+    assert pn.paper_error('cifar10', 'plain', depth, None) is None  # plain nets: Fig. 6 only
+    assert pn.paper_error('cifar100', 'residual', depth, 'A') is None
+  imagenet = {
+    ('plain', 18, None): 27.94,
+    ('plain', 34, None): 28.54,
+    ('residual', 18, 'A'): 27.88,
+    ('residual', 34, 'A'): 25.03,
+    ('residual', 34, 'B'): 24.52,
+    ('residual', 34, 'C'): 24.19,
+    ('residual', 50, 'B'): 22.85,
+    ('residual', 101, 'B'): 21.75,
+    ('residual', 152, 'B'): 21.43,
+  }
+  for (variant, depth, shortcut), err in imagenet.items():
+    got = pn.paper_error('imagenet2012', variant, depth, shortcut)
+    assert got is not None and got[0] == err, (variant, depth, shortcut)
+  assert pn.paper_error('imagenet2012', 'residual', 50, 'A') is None  # Table 3: 50+ use B
