@@ -208,6 +208,26 @@ def test_stats_cache_roundtrip(tmp_path):
   np.testing.assert_array_equal(first['pixel_mean'], second['pixel_mean'])
 
 
+def test_cached_statistics_are_recomputed_after_compute_stats_changes(tmp_path, monkeypatch):
+  """The cache beside a dataset outlives code changes; its key carries compute_stats' source, so
+  a changed computation cannot be hidden by statistics cached before it."""
+  from resnet_jax.data import pipeline
+  from resnet_jax.default_config import load_sibling_config
+  from tests.runner import ROOT
+
+  config = load_sibling_config(ROOT + '/configs/x.py', 'digits').get_config('depth=8')
+  config.data.data_dir = str(tmp_path)
+  calls = []
+  compute = stats.compute_stats
+  assert stats.VERSION.endswith(stats._source_digest(compute))  # pylint: disable=protected-access
+  monkeypatch.setattr(stats, 'compute_stats', lambda *a, **k: calls.append(1) or compute(*a, **k))
+  for version in (stats.VERSION, stats.VERSION, 'another computation'):
+    monkeypatch.setattr(stats, 'VERSION', version)
+    stats._MEMORY.clear()  # pylint: disable=protected-access  -- read the disk cache
+    pipeline.make_normalization(config)
+  assert len(calls) == 2
+
+
 def test_imagenet_crop_matches_resize_then_crop():
   """The region-resample shortcut gives the paper's 'resize shorter side to s, random crop' geometry."""
   yy, xx = np.mgrid[0:90, 0:140]

@@ -120,7 +120,7 @@ def make_normalization(config: ml_collections.ConfigDict) -> Normalization:
   else:
     limit = stats_lib.MAX_EXAMPLES_SMALL if small else stats_lib.MAX_EXAMPLES_LARGE
   key = {
-    'v': 1,
+    'v': stats_lib.VERSION,
     'name': data.name,
     'cache_dir': train.cache_dir,
     'split': train_split,

@@ -10,6 +10,7 @@ the TFDS data.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import io
 import json
 import logging
@@ -60,6 +61,18 @@ def compute_stats(
     'pca_eigvecs': eigvecs.astype(np.float32),
     'num_examples': np.int64(len(idx)),
   }
+
+
+def _source_digest(function: Callable) -> str:
+  try:
+    return hashlib.sha256(inspect.getsource(function).encode()).hexdigest()[:12]
+  except (OSError, TypeError):  # no source at hand (a frozen install): the version alone
+    return ''
+
+
+# Part of every cache key: a change to compute_stats makes the statistics cached beside the
+# datasets (kept across runs and sessions) stale, and a new key recomputes them.
+VERSION = f'1.{_source_digest(compute_stats)}'
 
 
 def cached_stats(
