@@ -1,5 +1,5 @@
-"""Runs the CLIs (`resnet_jax.main`, `data.prepare`, `evaluate`, ...) in subprocesses, as a user would, and the
-assertions and workdir surgery that CLI tests share."""
+"""Runs the CLIs (`resnet_jax.main`, `data.prepare`, `evaluate`, ...) in subprocesses, as a user
+would, and the assertions and workdir surgery that CLI tests share."""
 
 from __future__ import annotations
 
@@ -85,7 +85,7 @@ def start_main(
 def run_cli(
   module: str, *args: str, env: dict | None = None, timeout: float = 600
 ) -> subprocess.CompletedProcess:
-  """`python -m MODULE ARGS` from the repository root, as a user runs it (env: inherited if None)."""
+  """`python -m MODULE ARGS` from the repository root, as a user runs it (env None: inherited)."""
   return subprocess.run(
     [sys.executable, '-m', module, *args],
     cwd=ROOT,

@@ -1,4 +1,4 @@
-"""torchvision weight import: logit parity, strict key accounting, the convert/predict CLIs, fine-tuning.
+"""torchvision weight import: logit parity, strict key accounting, convert/predict, fine-tuning.
 
 Everything but the first test needs the optional `[torch]` extra and is skipped without it.
 torchvision's weights cannot be downloaded here, so models get random weights and randomised BN
@@ -194,7 +194,7 @@ def test_convert_and_predict_take_resnext_and_wide_resnet_weights(
 def test_finetune_from_converted_checkpoint_on_digits(converted_random_weights, tmp_path):
   """A 1000-class converted ResNet-18 fine-tunes on digits with a fresh 10-class head.
 
-  With lr=0 every restored weight must come out unchanged, proving it was loaded, not re-initialised.
+  With lr=0 every restored weight must come out unchanged: it was loaded, not re-initialised.
   """
   from tests.runner import results, run_main
 

@@ -1,4 +1,4 @@
-"""The digits dataset and the train/eval pipeline contracts (sharding, determinism, resume, exact-once eval)."""
+"""The digits dataset and the pipeline contracts: sharding, determinism, resume, exact-once eval."""
 
 import json
 

@@ -229,7 +229,7 @@ def test_cached_statistics_are_recomputed_after_compute_stats_changes(tmp_path, 
 
 
 def test_imagenet_crop_matches_resize_then_crop():
-  """The region-resample shortcut gives the paper's 'resize shorter side to s, random crop' geometry."""
+  """The region-resample shortcut gives the paper's 'resize shorter side to s, random crop'."""
   yy, xx = np.mgrid[0:90, 0:140]
   image = (
     np.stack([xx * 255 / 139, yy * 255 / 89, (xx + yy) * 255 / 228], -1).round().astype(np.uint8)

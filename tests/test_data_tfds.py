@@ -1,4 +1,4 @@
-"""TFDS datasets: mocked CIFAR-10, real on-disk JPEGs (SkipDecoding + PIL), held-out splits, clear errors."""
+"""TFDS datasets: mocked CIFAR-10, on-disk JPEGs (SkipDecoding), held-out splits, clear errors."""
 
 import jax
 import ml_collections

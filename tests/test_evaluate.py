@@ -1,4 +1,4 @@
-"""Evaluation (issue 4 / DESIGN "Evaluation"): every example exactly once, on any devices and batch."""
+"""Evaluation (issue 4, DESIGN "Evaluation"): every example exactly once, any devices and batch."""
 
 import json
 import os
@@ -51,7 +51,7 @@ def test_result_does_not_depend_on_batch_or_devices():
 
 
 def test_multiscale_averages_over_scales():
-  """Table 4 testing through the configured pipeline: equals the mean of single-scale runs' probs."""
+  """Table 4 testing through the configured pipeline: the mean of single-scale runs' probs."""
   config = load_sibling_config(CONFIGS, 'digits').get_config('depth=8')
   config.eval_batch_size = 100
   mesh = create_mesh()

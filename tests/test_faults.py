@@ -1,4 +1,4 @@
-"""Checkpoints and faults (issue 5): a crash costs minutes, never the run, never silently changes it.
+"""Checkpoints and faults (issue 5): a crash costs minutes, never the run, never changes it.
 
 Every scenario must end in exactly the state of one uninterrupted run (same state_fingerprint).
 Runs are tiny (ResNet-8 on digits, 4 simulated devices) but go through the real CLI.

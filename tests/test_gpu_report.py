@@ -154,15 +154,21 @@ def test_profile_names_where_the_device_time_goes():
   module = _load()
   category = module.kernel_profile.category
   names = {
-    'sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x128x64': 'convolutions',
-    'void cutlass__5x_cudnn::Kernel<cutlass_tensorop_bf16_s16816fprop_optimized_bf16>': 'convolutions',
+    'sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x128x64': (
+      'convolutions'
+    ),
+    'void cutlass__5x_cudnn::Kernel<cutlass_tensorop_bf16_s16816fprop_optimized_bf16>': (
+      'convolutions'
+    ),
     'nvjet_sm90_tst_256x128_64x4_1x2_h_bx_coopA_bias_TNT': 'matmuls',
     'input_scatter_fusion': 'pooling',
     'loop_reduce_window_fusion': 'pooling',
     'input_reduce_fusion_108': 'reductions',
     'loop_convert_fusion_3': 'elementwise',
     'loop_select_fusion_1': 'elementwise',
-    'void nhwcAddPaddingKernel<__nv_bfloat16, __nv_bfloat16, float, true>': 'copies, memsets, padding',
+    'void nhwcAddPaddingKernel<__nv_bfloat16, __nv_bfloat16, float, true>': (
+      'copies, memsets, padding'
+    ),
     'Memset 3': 'copies, memsets, padding',
   }
   assert {n: category(n) for n in names} == names

@@ -1,4 +1,5 @@
-"""Commands the README and docs/results.md print or tell the user to run, as a new user meets them."""
+"""Commands the README and docs/results.md print or tell the user to run, as a new user meets
+them."""
 
 import re
 

@@ -110,7 +110,8 @@ class TestPreparedImagenet:
     train = builder.as_data_source('train')
     records = {_text(train[i]['file_name']): train[i] for i in range(len(train))}
     assert {f: names[r['label']] for f, r in records.items()} == dict(written['train'])
-    # TFDS's builder rewrites the known CMYK JPEG and the PNG named .JPEG as RGB JPEG (real data too).
+    # TFDS's builder rewrites the known CMYK JPEG and the PNG named .JPEG as RGB JPEG (real data
+    # too).
     encoded = builder.as_data_source('train', decoders={'image': tfds.decode.SkipDecoding()})
     raw = {_text(encoded[i]['file_name']): encoded[i]['image'] for i in range(len(encoded))}
     for fname in ('n01739381_1309.JPEG', 'n02105855_2933.JPEG'):
