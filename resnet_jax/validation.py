@@ -155,8 +155,7 @@ def validate_grad_accum(
   statistics (group None) would silently become per-micro-batch statistics, so they are refused.
   `frozen_bn` (running statistics in training, as in fine-tuning) uses no batch statistics.
   """
-  if steps is None or steps < 1:
-    raise ConfigError(f'grad_accum_steps must be positive, got {steps}')
+  _require_at_least({'grad_accum_steps': (steps, 1, '')})
   if steps == 1:
     return
   per_device = batch_size // n_devices
