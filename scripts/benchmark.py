@@ -204,6 +204,11 @@ def _description(args, spec, jb: JaxBench, macs: int) -> dict:
   }
 
 
+def _print(result: dict, as_json: bool) -> None:
+  """One JSON object, or a `key: value` line each."""
+  print(json.dumps(result) if as_json else '\n'.join(f'{k:>28}: {v}' for k, v in result.items()))
+
+
 def main(argv=None):
   p = cli.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--arch', '--model', dest='model', default='resnet20', help='the model name')
@@ -309,10 +314,7 @@ def main(argv=None):
   jb = JaxBench(args)
   macs = summary.analyze(jb.model, args.image_size)['macs']
   if args.compile_only:
-    result = _description(args, spec, jb, macs)
-    print(
-      json.dumps(result) if args.json else '\n'.join(f'{k:>28}: {v}' for k, v in result.items())
-    )
+    _print(_description(args, spec, jb, macs), args.json)
     return
   benches = [jb]
   tb = None
@@ -362,11 +364,7 @@ def main(argv=None):
   result['loadavg_end'] = _loadavg()
   result['xla_flags'] = os.environ.get('XLA_FLAGS', '')
 
-  if args.json:
-    print(json.dumps(result))
-  else:
-    for k, v in result.items():
-      print(f'{k:>28}: {v}')
+  _print(result, args.json)
 
 
 if __name__ == '__main__':
