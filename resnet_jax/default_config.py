@@ -78,6 +78,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.augment = 'none'  # 'none' | 'cifar' | 'translate' | 'imagenet' | 'inception'
   c.data.normalize = 'per_pixel_mean'  # 'per_pixel_mean' (paper) | 'mean_std' | 'scale'
   c.data.decoder = 'pil'  # JPEG decoder of the training crops: 'pil' | 'opencv' (if installed)
+  # 'trivial_wide': TrivialAugment Wide on each training image after its crop and flip, as
+  # torchvision's new recipe does (resnet_jax/data/auto_augment.py); 'none': the paper's
+  c.data.auto_augment = 'none'
   # Grain worker processes: 0 decodes in the training process; -1 is one per core this process
   # may use, less one for the training loop (pipeline.worker_count)
   c.data.num_workers = 0

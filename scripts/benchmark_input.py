@@ -42,11 +42,9 @@ import ml_collections  # pylint: disable=g-import-not-at-top,wrong-import-positi
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 import resnet_jax.data as data  # pylint: disable=g-import-not-at-top,wrong-import-position
-from resnet_jax import cli  # pylint: disable=wrong-import-position
-from resnet_jax.data import (
-  generated,  # pylint: disable=g-import-not-at-top,wrong-import-position
-  pipeline,  # pylint: disable=g-import-not-at-top,wrong-import-position
-)
+from resnet_jax import cli, default_config  # pylint: disable=wrong-import-position
+from resnet_jax.data import auto_augment as auto_augment_lib  # pylint: disable=wrong-import-position
+from resnet_jax.data import generated, pipeline  # pylint: disable=wrong-import-position
 
 TARGET_IMAGES_PER_SEC = 7500  # one H100's ResNet-50 bf16 train step (the issue's goal)
 MIN_CPU_S = 0.05
@@ -68,25 +66,24 @@ def make_config(
   workers: int,
   prefetch: int,
   decoder: str = 'pil',
+  auto_augment: str = 'none',
 ) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(
-    {
-      'data': dict(
-        name=dataset,
-        data_dir=data_dir,
-        train_split='train',
-        eval_split='test',
-        validation_size=0,
-        image_size=image_size,
-        num_classes=10,
-        augment=augment,
-        normalize='per_pixel_mean',
-        num_workers=workers,
-        prefetch=prefetch,
-        decoder=decoder,
-      )
-    }
+  """The product's base config with this measurement's data fields."""
+  config = default_config.base_config()
+  config.data.update(
+    name=dataset,
+    data_dir=data_dir,
+    train_split='train',
+    eval_split='test',
+    image_size=image_size,
+    augment=augment,
+    normalize='per_pixel_mean',
+    num_workers=workers,
+    prefetch=prefetch,
+    decoder=decoder,
+    auto_augment=auto_augment,
   )
+  return config
 
 
 def legacy_preprocessor(config: ml_collections.ConfigDict):
@@ -289,6 +286,13 @@ def main(argv: list[str] | None = None) -> int:
     help="JPEG decoders of the new pipeline's training crops: pil,opencv",
   )
   parser.add_argument(
+    '--auto-augment',
+    '--auto_augment',
+    default='none',
+    choices=auto_augment_lib.AUTO_AUGMENTS,
+    help="config.data.auto_augment of the new pipeline's training crops",
+  )
+  parser.add_argument(
     '--dataset',
     default=None,
     help='a prepared TFDS dataset (e.g. imagenet2012) instead of generated JPEGs',
@@ -354,7 +358,9 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(max(1, args.rounds)):
       for w in workers:
         for impl, decoder in impls:
-          config = make_config(dataset_name, augment, size, data_dir, w, args.prefetch, decoder)
+          config = make_config(
+            dataset_name, augment, size, data_dir, w, args.prefetch, decoder, args.auto_augment
+          )
           try:
             pre = legacy_preprocessor(config) if impl == 'old' else None
             r = measure(config, batch_size, batches, warmup, crops, pre)
@@ -366,6 +372,7 @@ def main(argv: list[str] | None = None) -> int:
               'pipeline': name,
               'impl': impl,
               'decoder': decoder,
+              'auto_augment': args.auto_augment if impl == 'new' else 'none',
               'workers': w,
               'batch_size': batch_size,
               'image_size': size,

@@ -30,6 +30,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from resnet_jax.data import auto_augment
+
 AUGMENTS = ('none', 'cifar', 'translate', 'imagenet', 'inception')
 EVAL_RESIZE_RATIO = 256 / 224  # eval resize of the shorter side relative to the crop (256 for 224)
 SCALE_AUG_RANGE = (256 / 224, 480 / 224)  # paper's [256, 480] for 224 crops
@@ -246,10 +248,16 @@ class Preprocessor:
   # Training crops of JPEGs: 'pil' (draft + antialiased bilinear) or 'opencv' (IMREAD_REDUCED_* +
   # bilinear; 1.6x PIL's per-core rate, `pip install 'resnet_jax[opencv]'`)
   decoder: str = 'pil'
+  # After the geometry, on the training images only: 'trivial_wide' (torchvision's new recipe)
+  auto_augment: str = 'none'
 
   def __post_init__(self):
     if self.augment not in AUGMENTS:
       raise ValueError(f'config.data.augment={self.augment!r} is not one of {AUGMENTS}')
+    if self.auto_augment not in auto_augment.AUTO_AUGMENTS:
+      raise ValueError(
+        f'config.data.auto_augment={self.auto_augment!r} is not one of {auto_augment.AUTO_AUGMENTS}'
+      )
     if self.decoder not in DECODERS:
       raise ValueError(f'config.data.decoder={self.decoder!r} is not one of {DECODERS}')
     if self.decoder == 'opencv':
@@ -317,11 +325,15 @@ class Preprocessor:
     return np.ascontiguousarray(to_array(img, self.channels))
 
   def train(self, image: Any, rng: np.random.Generator) -> np.ndarray:
-    """One uint8 [image_size, image_size, C] training input (random geometry and flip applied).
+    """One uint8 [image_size, image_size, C] training input (random geometry and flip applied,
+    then `auto_augment`, whose draws follow the geometry's in `rng`).
 
     'none' and 'cifar' return the un-augmented image: CIFAR's pad/crop/flip need the normalised
     image (the padding is zero after normalisation), so the device does them.
     """
+    return auto_augment.augment_array(self._train_geometry(image, rng), self.auto_augment, rng)
+
+  def _train_geometry(self, image: Any, rng: np.random.Generator) -> np.ndarray:
     size = self.image_size
     if self.augment in ('none', 'cifar', 'translate'):
       return np.ascontiguousarray(self.eval_uint8(image))

@@ -90,6 +90,7 @@ def make_preprocessor(config: ml_collections.ConfigDict) -> augment_lib.Preproce
     _image_size(config, train),
     train.native_shape[2],
     str(config.data.decoder),
+    str(config.data.auto_augment),
   )
 
 
