@@ -81,6 +81,11 @@ def base_config() -> ml_collections.ConfigDict:
   # 'trivial_wide': TrivialAugment Wide on each training image after its crop and flip, as
   # torchvision's new recipe does (resnet_jax/data/auto_augment.py); 'none': the paper's
   c.data.auto_augment = 'none'
+  # Testing at another resolution than training (FixRes; torchvision's new recipe: train 176, test
+  # 224 cut from 232): the eval crop and the shorter side it is cut from. 0: image_size and
+  # image_size x 256/224. ImageNet augment modes only.
+  c.data.eval_image_size = 0
+  c.data.eval_resize = 0
   # Grain worker processes: 0 decodes in the training process; -1 is one per core this process
   # may use, less one for the training loop (pipeline.worker_count)
   c.data.num_workers = 0

@@ -98,6 +98,8 @@ def validate_data_sizes(data: ml_collections.ConfigDict) -> None:
     'data.validation_size': (data.validation_size, 0, ' (0: no held-out split)'),
     'data.image_size': (data.image_size, 0, " (0: the dataset's own size)"),
     'data.prefetch': (data.prefetch, 0, ''),
+    'data.eval_image_size': (data.eval_image_size, 0, ' (0: data.image_size)'),
+    'data.eval_resize': (data.eval_resize, 0, ' (0: the eval size x 256/224)'),
   }
   if data.name == 'synthetic':  # these fields describe the random images themselves
     at_least.update(

@@ -298,3 +298,21 @@ def test_cifar_crop_draws_every_offset_of_the_padding_and_flips_half_the_images(
   assert 0.4 < np.mean(flips) < 0.6
   for axis in (tops, lefts):  # uniform: each offset about a third of the draws
     assert all(0.25 < np.mean(np.equal(axis, k)) < 0.42 for k in range(3))
+
+
+def test_eval_resolution_defaults_to_training_and_can_differ_from_it():
+  raw = jpeg_bytes(320, 240)
+  same = augment.Preprocessor('inception', 64, 3)
+  assert (same.eval_image_size, same.eval_resize) == (64, round(64 * 256 / 224))
+  np.testing.assert_array_equal(same.eval(raw), same.eval_uint8(raw))  # as before the fields
+  fixres = augment.Preprocessor('inception', 48, 3, eval_size=64, eval_resize_size=70)
+  want = augment.center_crop(fixres.base_uint8(raw, 70), 64)
+  np.testing.assert_array_equal(fixres.eval(raw), want)
+  assert fixres.eval(raw, crops=10).shape == (10, 64, 64, 3)
+  assert fixres.train(raw, np.random.default_rng(0)).shape == (48, 48, 3)
+  assert fixres.eval_uint8(raw).shape == (48, 48, 3)  # the statistics keep the training size
+  assert augment.Preprocessor('imagenet', 48, 3, eval_size=64).eval_resize == 73  # 64 x 256/224
+  with pytest.raises(ValueError, match='crop-based'):
+    augment.Preprocessor('cifar', 32, 3, eval_size=40)
+  with pytest.raises(ValueError, match='smaller than the eval crop'):
+    augment.Preprocessor('inception', 48, 3, eval_size=64, eval_resize_size=60)

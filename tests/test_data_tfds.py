@@ -7,6 +7,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 import resnet_jax.data as data
+from resnet_jax.data import augment as augment_lib
 from resnet_jax.data import generated, sources
 from resnet_jax.data.device_preprocess import make_device_preprocess
 from tests.runner import data_config
@@ -116,6 +117,47 @@ class TestGeneratedJpegDataset:
       )
       assert len(batches) == 3 and batches[0]['image'].shape == (4, *shape)
       assert sum(int(b['mask'].sum()) for b in batches) == 10
+
+  def test_a_run_trained_at_one_resolution_is_tested_at_another(self, jpeg_dir, tmp_path):
+    """FixRes / torchvision's new recipe: train crops at image_size, eval crops at
+    eval_image_size cut from the shorter side resized to eval_resize; the statistics and the
+    training input keep the training size, and the fully convolutional net takes both."""
+    from resnet_jax import evaluate, train
+
+    config = make_config(
+      name='generated_jpegs/tiny',
+      data_dir=jpeg_dir,
+      image_size=16,
+      augment='inception',
+      normalize='per_pixel_mean',
+      eval_image_size=24,
+      eval_resize=28,
+    )
+    config.model.name, config.batch_size, config.eval_batch_size = 'resnet8', 8, 4
+    config.num_train_steps, config.progress_bar = 2, False
+    train_batch = next(
+      data.create_train_iterator(
+        config, local_batch_size=4, process_index=0, process_count=1, seed=0
+      )
+    )
+    assert train_batch['image'].shape == (4, 16, 16, 3)
+    for crops, shape in ((1, (24, 24, 3)), (10, (10, 24, 24, 3))):
+      first = next(
+        iter(
+          data.create_eval_iterator(
+            config, split='test', local_batch_size=4, process_index=0, process_count=1, crops=crops
+          )
+        )
+      )
+      assert first['image'].shape == (4, *shape)
+    record = sources.open_split(config, 'test').records[0]
+    pre = data.make_preprocessor(config)
+    expected = augment_lib.center_crop(pre.base_uint8(record['image'], 28), 24)
+    np.testing.assert_array_equal(first['image'][0, 4], expected)  # the 10 crops' centre view
+    result = train.train_and_evaluate(config, str(tmp_path / 'run'))
+    assert result['eval']['num_examples'] == 10 and np.isfinite(result['eval']['loss'])
+    again = evaluate.evaluate_workdir(str(tmp_path / 'run'))
+    assert again['top1_error'] == result['eval']['top1_error']
 
   def test_missing_split_names_the_available_ones(self, jpeg_dir):
     config = make_config(

@@ -250,6 +250,11 @@ class Preprocessor:
   decoder: str = 'pil'
   # After the geometry, on the training images only: 'trivial_wide' (torchvision's new recipe)
   auto_augment: str = 'none'
+  # Testing at another resolution than training (FixRes, Touvron et al. 2019; torchvision's new
+  # recipe trains at 176 and tests at 224 after a resize to 232): the eval crop's side and the
+  # shorter side it is cut from; 0: image_size and image_size x 256/224 (ImageNet modes only)
+  eval_size: int = 0
+  eval_resize_size: int = 0
 
   def __post_init__(self):
     if self.augment not in AUGMENTS:
@@ -257,6 +262,16 @@ class Preprocessor:
     if self.auto_augment not in auto_augment.AUTO_AUGMENTS:
       raise ValueError(
         f'config.data.auto_augment={self.auto_augment!r} is not one of {auto_augment.AUTO_AUGMENTS}'
+      )
+    if (self.eval_size or self.eval_resize_size) and self.augment not in ('imagenet', 'inception'):
+      raise ValueError(
+        'config.data.eval_image_size / eval_resize set another test resolution, which needs the '
+        f"crop-based augment 'imagenet' or 'inception', not {self.augment!r}"
+      )
+    if self.eval_resize_size and self.eval_resize_size < self.eval_image_size:
+      raise ValueError(
+        f'config.data.eval_resize={self.eval_resize_size} is smaller than the eval crop '
+        f'{self.eval_image_size} it is cut from'
       )
     if self.decoder not in DECODERS:
       raise ValueError(f'config.data.decoder={self.decoder!r} is not one of {DECODERS}')
@@ -273,13 +288,24 @@ class Preprocessor:
     return max(1, self.image_size // 8) if self.augment in ('cifar', 'translate') else 0
 
   @property
-  def eval_resize(self) -> int:
+  def centre_resize(self) -> int:
+    """The shorter side that `eval_uint8`'s training-size centre crop is cut from."""
     small = self.augment in ('none', 'cifar', 'translate')
     return self.image_size if small else round(self.image_size * EVAL_RESIZE_RATIO)
 
+  @property
+  def eval_image_size(self) -> int:
+    return self.eval_size or self.image_size
+
+  @property
+  def eval_resize(self) -> int:
+    if self.eval_resize_size:
+      return self.eval_resize_size
+    return round(self.eval_size * EVAL_RESIZE_RATIO) if self.eval_size else self.centre_resize
+
   def base_uint8(self, image: Any, short: int | None = None) -> np.ndarray:
-    """Shorter side resized to `short` (default: the eval resize), uint8 [H, W, C]: eval's start."""
-    short = short or self.eval_resize
+    """Shorter side resized to `short` (default: `centre_resize`), uint8 [H, W, C]."""
+    short = short or self.centre_resize
     if (
       isinstance(image, np.ndarray)
       and image.dtype == np.uint8
@@ -291,14 +317,16 @@ class Preprocessor:
     return to_array(resize_shorter(img, short, self.channels), self.channels)
 
   def eval_uint8(self, image: Any) -> np.ndarray:
-    """The single centre crop (also what the dataset statistics are computed on)."""
+    """The centre crop at the training size (what the dataset statistics are computed on; the
+    evaluation input too unless `eval_size` / `eval_resize_size` say otherwise)."""
     return center_crop(self.base_uint8(image), self.image_size)
 
   def eval(self, image: Any, crops: int = 1, scale: int | None = None) -> np.ndarray:
     """uint8 [S, S, C] (crops == 1) or [crops, S, S, C]; crops: 1 centre, 2 centre + flip, 10 paper.
 
     With `scale`, S = scale: the shorter side resized to `scale` and the centred square kept (the
-    fully-convolutional multi-scale testing input); otherwise S = image_size. Normalise on the
+    fully-convolutional multi-scale testing input); otherwise S = eval_image_size, cut from the
+    shorter side resized to `eval_resize`. Normalise on the
     device with `DevicePreprocess` (eval: `rng=None`), which knows each view's geometry.
     """
     if crops not in (1, 2, 10):
@@ -308,7 +336,7 @@ class Preprocessor:
         raise ValueError('scale=... supports crops 1 or 2 (image and its flip)')
       return np.ascontiguousarray(eval_views(self.base_uint8(image, int(scale)), crops, int(scale)))
     return np.ascontiguousarray(
-      eval_views(self.base_uint8(image), crops, self.image_size, self.pad)
+      eval_views(self.base_uint8(image, self.eval_resize), crops, self.eval_image_size, self.pad)
     )
 
   def whole_image(self, image: Any, shape: tuple[int, int]) -> np.ndarray:

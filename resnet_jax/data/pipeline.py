@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Iterator
 from typing import Any
 
 import grain
@@ -20,13 +19,8 @@ import ml_collections
 import numpy as np
 from absl import flags
 
-try:  # private: only used to release shared memory early (see _unlink_now); optional
-  from grain._src.python.ipc import shared_memory_array
-except ImportError:  # another Grain layout: Grain's own (later) release applies
-  shared_memory_array = None
-
 from resnet_jax.data import augment as augment_lib
-from resnet_jax.data import sources
+from resnet_jax.data import shared_memory, sources
 from resnet_jax.data import stats as stats_lib
 
 NORMALIZATIONS = ('per_pixel_mean', 'mean_std', 'scale')
@@ -91,6 +85,8 @@ def make_preprocessor(config: ml_collections.ConfigDict) -> augment_lib.Preproce
     train.native_shape[2],
     str(config.data.decoder),
     str(config.data.auto_augment),
+    int(config.data.eval_image_size or 0),
+    int(config.data.eval_resize or 0),
   )
 
 
@@ -128,7 +124,7 @@ def make_normalization(config: ml_collections.ConfigDict) -> Normalization:
     'n': len(train),
     'validation_size': int(data.validation_size or 0),
     'size': base.image_size,
-    'resize': base.eval_resize,
+    'resize': base.centre_resize,
     'limit': limit,
     'synthetic': ([data.channels, data.num_classes] if data.name == 'synthetic' else None),
   }
@@ -156,7 +152,10 @@ class _EvalExample:
   def __init__(self, records, preprocessor: Any, crops: int, scale: int | None):
     self._records, self._pre, self._crops, self._scale = records, preprocessor, crops, scale
     self._dtype = getattr(preprocessor, 'output_dtype', np.uint8)
-    size = int(scale) if scale else preprocessor.image_size
+    # the frozen pre-uint8 preprocessor of scripts/benchmark_input.py has one size for both
+    size = (
+      int(scale) if scale else getattr(preprocessor, 'eval_image_size', preprocessor.image_size)
+    )
     shape = (size, size, preprocessor.channels)
     self._pad_shape = shape if crops == 1 else (crops, *shape)
 
@@ -204,71 +203,8 @@ def prefetched(ds: grain.MapDataset, config: ml_collections.ConfigDict) -> grain
     it = it.mp_prefetch(
       grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=prefetch)
     )
-    it = _SharedMemoryReleased(it)
+    it = shared_memory.Released(it)
   return it
-
-
-def _leaves(tree: Any) -> Iterator[Any]:
-  if isinstance(tree, dict):
-    tree = tree.values()
-  elif not isinstance(tree, (list, tuple)):
-    yield tree
-    return
-  for item in tree:
-    yield from _leaves(item)
-
-
-def _unlink_now(batch: Any) -> Any:
-  """Unlinks the shared memory behind a batch from Grain's worker processes as soon as it arrives.
-
-  Why: Grain unlinks a segment when its array is garbage collected, on a thread multiprocessing
-  stops at exit; a batch still referenced then (the last one, or one a failed run's traceback
-  holds) or still queued for deletion is left to Python's resource_tracker, which warns 'There
-  appear to be N leaked shared_memory objects' after the run's last line. Unlinking removes only
-  the name: the array's mapping stays valid until the array is freed, as with any unlinked file.
-  """
-  for leaf in _leaves(batch):  # a dict of arrays, or the arrays of multiscale's size pass
-    shm = getattr(leaf, 'shm', None)
-    if shm is not None and getattr(leaf, '_unlink_on_del', False):
-      leaf._unlink_on_del = False  # pylint: disable=protected-access  # its __del__ only closes
-      shm.unlink()
-  return batch
-
-
-def _finish_pending_unlinks() -> None:
-  """Waits for Grain's deletion thread to unlink the batches dropped from its buffers at close.
-
-  Its pool has one thread (process_prefetch's `enable_async_del(1)`) taking tasks in order, so
-  once a no-op submitted now has run, every deletion queued before it has run too.
-  """
-  array_class = getattr(shared_memory_array, 'SharedMemoryArray', None)
-  pool = getattr(array_class, '_del_thread_pool', None)
-  if pool is not None:
-    pool.apply(int)
-
-
-class _SharedMemoryReleased(grain.IterDataset):
-  """`mp_prefetch`'s batches with their shared memory unlinked on arrival and at close."""
-
-  def __iter__(self) -> grain.DatasetIterator:
-    return _SharedMemoryReleasedIterator(self._parent.__iter__())
-
-
-class _SharedMemoryReleasedIterator(grain.DatasetIterator):
-  def __next__(self) -> Any:
-    return _unlink_now(next(self._parent))
-
-  def get_state(self) -> dict[str, Any]:
-    return self._parent.get_state()
-
-  def set_state(self, state: dict[str, Any]) -> None:
-    self._parent.set_state(state)
-
-  def close(self) -> None:
-    if self._closed:
-      return
-    super().close()  # stops the workers; the batches in the buffers go to the deletion thread
-    _finish_pending_unlinks()
 
 
 def _check_sharding(local_batch_size: int, process_index: int, process_count: int) -> None:
