@@ -1,18 +1,22 @@
 """TrivialAugment Wide (torchvision's new recipe): its operations, draws and place in the pipeline.
 
-The operations are checked pixel for pixel against torchvision's own `_apply_op` where torch is
-installed; the rest of the spec (the draw, the magnitudes, the geometry of a translation, the
-determinism per example) is checked without it.
+The operations are checked pixel for pixel against torchvision's own `_apply_op`: live where torch
+is installed, and everywhere against the digests of its outputs recorded in tests/fixtures; the
+rest of the spec (the draw, the magnitudes, the geometry of a translation and a shear, the
+determinism per example) needs no torch.
 """
 
 import collections
 import importlib
+import json
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from resnet_jax.data import augment, auto_augment, pipeline
+from tests.fixtures.make_trivial_augment_golden import OUT as GOLDEN
+from tests.fixtures.make_trivial_augment_golden import digest, golden_input
 from tests.runner import data_config
 
 
@@ -141,6 +145,18 @@ def test_config_field_reaches_the_pipeline():
   config = data_config(auto_augment='trivial_wide')
   assert pipeline.make_preprocessor(config).auto_augment == 'trivial_wide'
   assert pipeline.make_preprocessor(data_config()).auto_augment == 'none'
+
+
+def test_operations_match_torchvisions_recorded_outputs():
+  """Without torch: the SHA-256 of torchvision's own outputs, recorded by
+  tests/fixtures/make_trivial_augment_golden.py, for every operation at three magnitudes (and
+  their negatives), on an RGB and a grey image."""
+  with open(GOLDEN, encoding='utf-8') as f:
+    cases = json.load(f)['cases']
+  assert {c['op'] for c in cases} == set(auto_augment.OPERATIONS) and len(cases) > 100
+  for c in cases:
+    got = auto_augment.apply_operation(golden_input(c['mode']), c['op'], c['magnitude'])
+    assert digest(got) == c['sha256'], c
 
 
 def test_operations_match_torchvision_pixel_for_pixel(tv):

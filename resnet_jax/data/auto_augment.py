@@ -5,9 +5,9 @@ every training crop after the random-resized crop and the flip: one of 14 operat
 uniformly, at one of 31 magnitudes chosen uniformly, negated with probability 1/2 for the signed
 operations; geometric ones resample with nearest neighbour and fill with black. Every operation
 here is the PIL call torchvision's PIL backend makes, with the same parameters, so the same image
-and draws give the same pixels (``tests/test_auto_augment.py`` checks this against torchvision
-where it is installed). The draws come from the example's own ``np.random.Generator``, so runs
-stay deterministic per example and resume exactly.
+and draws give the same pixels (``tests/test_auto_augment.py`` checks this against torchvision,
+live where it is installed and against its recorded outputs everywhere). The draws come from the
+example's own ``np.random.Generator``, so runs stay deterministic per example and resume exactly.
 """
 
 from __future__ import annotations
