@@ -104,8 +104,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.momentum = 0.9
   c.optimizer.nesterov = False
   c.optimizer.weight_decay = 1e-4
-  # Which parameters are decayed: 'all' (the paper's Caffe L2 on every weight, BN included) or
-  # 'kernels' (conv/dense kernels only: the modern choice).
+  # Which parameters are decayed: 'all' (the paper's Caffe L2 on every weight, BN included),
+  # 'kernels' (conv/dense kernels only: the modern choice) or 'not_norm' (all but BN's scale and
+  # bias: torchvision's new recipe, norm_weight_decay=0).
   c.optimizer.weight_decay_mask = 'all'
   c.label_smoothing = 0.0
 

@@ -116,15 +116,27 @@ def create_learning_rate_fn(
   return optax.join_schedules([warm, main], [warmup])
 
 
+WEIGHT_DECAY_MASKS = ('all', 'kernels', 'not_norm')
+
+
 def weight_decay_mask(params, which: str):
-  """Which leaves are decayed: 'all' (paper) or 'kernels' (conv/dense weights, not BN/bias)."""
-  if which == 'all':
-    return jax.tree.map(lambda _: True, params)
-  if which == 'kernels':
-    return jax.tree_util.tree_map_with_path(
-      lambda path, _: getattr(path[-1], 'key', None) == 'kernel', params
+  """Which leaves are decayed: 'all' (the paper's Caffe L2), 'kernels' (conv/dense weights: the
+  modern recipe) or 'not_norm' (everything but BatchNorm's scale and bias: torchvision's
+  `--norm-weight-decay 0`, whose new recipe decays the classifier's bias too). A BatchNorm is the
+  module whose parameters are `scale` and `bias`; a dense layer's `bias` sits beside a `kernel`."""
+  if which not in WEIGHT_DECAY_MASKS:
+    raise ValueError(
+      f'optimizer.weight_decay_mask must be one of {WEIGHT_DECAY_MASKS}, got {which!r}'
     )
-  raise ValueError(f"optimizer.weight_decay_mask must be 'all' or 'kernels', got {which!r}")
+  names = lambda path: tuple(getattr(k, 'key', k) for k in path)
+  paths = {names(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+  def decayed(path: tuple[str, ...]) -> bool:
+    if which == 'all' or path[-1] == 'kernel':
+      return True
+    return which == 'not_norm' and path[:-1] + ('kernel',) in paths  # a dense layer's bias
+
+  return jax.tree_util.tree_map_with_path(lambda p, _: decayed(names(p)), params)
 
 
 def create_optimizer(
@@ -133,8 +145,7 @@ def create_optimizer(
   """SGD with momentum (optionally Nesterov) and coupled L2 weight decay."""
   o = config.optimizer
   which = o.weight_decay_mask
-  if which not in ('all', 'kernels'):
-    raise ValueError(f"optimizer.weight_decay_mask must be 'all' or 'kernels', got {which!r}")
+  weight_decay_mask({}, which)  # an unknown mask is refused here, not at the first update
   tx = optax.chain(
     optax.add_decayed_weights(o.weight_decay, mask=lambda p: weight_decay_mask(p, which)),
     optax.sgd(learning_rate_fn, momentum=o.momentum, nesterov=o.nesterov),

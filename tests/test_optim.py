@@ -74,21 +74,38 @@ def test_bad_schedule_name_is_an_error():
 
 
 @pytest.mark.parametrize(
-  'mask,decayed', [('all', {'kernel', 'scale', 'bias'}), ('kernels', {'kernel'})]
+  'mask,decayed',
+  [
+    ('all', {'conv/kernel', 'bn/scale', 'bn/bias', 'fc/kernel', 'fc/bias'}),
+    ('kernels', {'conv/kernel', 'fc/kernel'}),
+    ('not_norm', {'conv/kernel', 'fc/kernel', 'fc/bias'}),  # torchvision's norm_weight_decay=0
+  ],
 )
 def test_weight_decay_mask(mask, decayed):
   """Coupled L2: with zero gradients, exactly the masked leaves move by -lr * wd * w."""
   c = _config('cifar')
   c.optimizer.weight_decay_mask = mask
   c.optimizer.momentum = 0.0
-  params = {'conv': {'kernel': jnp.ones((3, 3))}, 'bn': {'scale': jnp.ones(3), 'bias': jnp.ones(3)}}
+  params = {
+    'conv': {'kernel': jnp.ones((3, 3))},
+    'bn': {'scale': jnp.ones(3), 'bias': jnp.ones(3)},
+    'fc': {'kernel': jnp.ones((3, 2)), 'bias': jnp.ones(2)},
+  }
   tx = optim.create_optimizer(c, optax.constant_schedule(0.1))
   updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
   flat = jax.tree_util.tree_flatten_with_path(updates)[0]
+  assert len(flat) == 5
   for path, u in flat:
-    name = path[-1].key
+    name = '/'.join(k.key for k in path)
     want = -0.1 * 1e-4 if name in decayed else 0.0
     np.testing.assert_allclose(u, want, rtol=1e-6, err_msg=name)
+
+
+def test_an_unknown_weight_decay_mask_is_refused_when_the_optimizer_is_built():
+  c = _config('cifar')
+  c.optimizer.weight_decay_mask = 'no_bias'
+  with pytest.raises(ValueError, match="weight_decay_mask must be one of.*'not_norm'"):
+    optim.create_optimizer(c, optax.constant_schedule(0.1))
 
 
 @pytest.mark.parametrize('nesterov', [False, True])
