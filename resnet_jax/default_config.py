@@ -86,6 +86,9 @@ def base_config() -> ml_collections.ConfigDict:
   # image_size x 256/224. ImageNet augment modes only.
   c.data.eval_image_size = 0
   c.data.eval_resize = 0
+  # Random erasing (Zhong et al. 2017) of one rectangle per training image with this probability,
+  # on the device after normalisation (torchvision's new recipe: 0.1)
+  c.data.random_erasing = 0.0
   # Grain worker processes: 0 decodes in the training process; -1 is one per core this process
   # may use, less one for the training loop (pipeline.worker_count)
   c.data.num_workers = 0

@@ -80,6 +80,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   validate_data_sizes(config.data)
   if not 0 <= config.label_smoothing < 1:
     raise ConfigError(f'label_smoothing must be in [0, 1), got {config.label_smoothing}')
+  if not 0 <= config.data.random_erasing <= 1:
+    raise ConfigError(f'data.random_erasing must be in [0, 1], got {config.data.random_erasing}')
   validate_bn_groups(config.model.bn_group_size, config.batch_size, n_dev)
   validate_grad_accum(
     config.grad_accum_steps,

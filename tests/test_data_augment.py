@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from resnet_jax.data import augment, stats
-from resnet_jax.data.device_preprocess import DevicePreprocess
+from resnet_jax.data.device_preprocess import DevicePreprocess, make_device_preprocess
+from tests.runner import data_config
 
 _LEGACY = os.path.join(os.path.dirname(__file__), '..', 'scripts', 'legacy_augment.py')
 
@@ -316,3 +317,31 @@ def test_eval_resolution_defaults_to_training_and_can_differ_from_it():
     augment.Preprocessor('cifar', 32, 3, eval_size=40)
   with pytest.raises(ValueError, match='smaller than the eval crop'):
     augment.Preprocessor('inception', 48, 3, eval_size=64, eval_resize_size=60)
+
+
+def test_random_erasing_blanks_one_rectangle_of_torchvisions_size_in_a_fraction_p():
+  """torchvision's RandomErasing(p): one rectangle per erased image, area 2-33 % of the image,
+  aspect 0.3-3.3, set to 0 (the mean after normalisation); p of the images; off by default."""
+  images = np.full((2000, 16, 24, 3), 200, np.uint8)
+  norm = augment.Normalizer(np.zeros((), np.float32), np.ones((), np.float32))
+  out = np.asarray(
+    DevicePreprocess('none', 16, norm, erase_prob=0.25)(images, rng=jax.random.key(0))
+  )
+  erased = (out == 0).all(axis=-1)
+  hit = erased.any(axis=(1, 2))
+  assert 0.21 < hit.mean() < 0.29
+  for mask in erased[hit][:200]:
+    rows, cols = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
+    h, w = rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1
+    assert mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1].all() and mask.sum() == h * w
+    assert 0.02 * 0.7 <= h * w / (16 * 24) <= 0.33 * 1.3 and 0.3 / 2 <= h / w <= 3.3 * 2
+  np.testing.assert_array_equal(out[~hit], 200.0)
+  again = DevicePreprocess('none', 16, norm, erase_prob=0.25)(images, rng=jax.random.key(0))
+  np.testing.assert_array_equal(np.asarray(again), out)
+  plain = DevicePreprocess('cifar', 16, norm)(images[:8], rng=jax.random.key(3))
+  with_erasing_off = DevicePreprocess('cifar', 16, norm, erase_prob=0.0)(
+    images[:8], rng=jax.random.key(3)
+  )
+  np.testing.assert_array_equal(np.asarray(plain), np.asarray(with_erasing_off))
+  config = data_config(random_erasing=0.1)
+  assert make_device_preprocess(config).erase_prob == 0.1

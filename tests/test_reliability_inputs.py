@@ -36,6 +36,8 @@ from tests.runner import (
     ({'optimizer.weight_decay': -1e-4}, 'weight_decay must be non-negative'),
     ({'schedule.warmup_steps': -5}, 'warmup_steps'),
     ({'label_smoothing': 1.0}, 'label_smoothing'),
+    ({'data.random_erasing': 1.5}, r'data.random_erasing must be in \[0, 1\]'),
+    ({'data.eval_image_size': -224}, 'eval_image_size must be non-negative'),
     ({'data.num_workers': -2}, 'num_workers must be >= 0, or -1'),
     ({'model.bn_group_size': 3}, 'straddle devices'),  # 8 per device
     ({'model.bn_group_size': 0}, 'bn_group_size must be positive'),

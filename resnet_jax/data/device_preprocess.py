@@ -2,10 +2,10 @@
 
 The host pipeline (`augment.Preprocessor`) emits uint8 images; this module turns them into the
 model's float32 input: per-pixel mean / mean_std / scale normalisation, the AlexNet PCA lighting of
-the paper's ImageNet recipe, and CIFAR's pad + random crop + flip ('translate': no flip; the zero
-padding lives in normalised space, so it has to follow the normalisation). Doing this on the
-device keeps a quarter of the bytes in Grain's shared memory and the host-to-device copy, and
-takes the float work off the host cores.
+the paper's ImageNet recipe, CIFAR's pad + random crop + flip ('translate': no flip; the zero
+padding lives in normalised space, so it has to follow the normalisation) and random erasing.
+Doing this on the device keeps a quarter of the bytes in Grain's shared memory and the
+host-to-device copy, and takes the float work off the host cores.
 
 Randomness comes from a JAX key (the step compiler passes one derived from the seed and the step),
 so an augmented batch is a function of (seed, step, host batch): deterministic, resumable, and the
@@ -41,6 +41,7 @@ class DevicePreprocess:
   normalizer: augment_lib.Normalizer
   pca_eigvals: np.ndarray | None = None
   pca_eigvecs: np.ndarray | None = None
+  erase_prob: float = 0.0  # random erasing's probability per training image (data.random_erasing)
 
   @property
   def pad(self) -> int:
@@ -75,6 +76,8 @@ class DevicePreprocess:
     if self.augment == 'cifar':
       flip = jax.random.bernoulli(flip_key, 0.5, (b,))
       x = jnp.where(flip[:, None, None, None], x[:, :, ::-1], x)
+    if self.erase_prob > 0:  # its own stream: the keys above stay what they were without it
+      x = random_erasing(x, jax.random.fold_in(rng, _ERASE_STREAM), self.erase_prob)
     return x
 
   def _eval(self, images: jax.Array) -> jax.Array:
@@ -97,10 +100,55 @@ class DevicePreprocess:
     return x if valid is None else x * valid
 
 
+_ERASE_STREAM = 0xE5A5E
+ERASE_SCALE = (0.02, 0.33)  # torchvision's RandomErasing defaults: the erased area's fraction
+ERASE_RATIO = (0.3, 3.3)  # and its aspect ratio (height / width)
+_ERASE_ATTEMPTS = 10
+
+
+def random_erasing(x: jax.Array, key: jax.Array, prob: float) -> jax.Array:
+  """torchvision's ``RandomErasing(p=prob)`` (Zhong et al. 2017) on normalised images [b, H, W, C].
+
+  With probability `prob` an image gets one rectangle set to 0 (the mean, as torchvision's
+  `value=0` after `Normalize`): area a uniform fraction of `ERASE_SCALE`, log-aspect uniform in
+  `ERASE_RATIO`, the first of 10 draws that fits inside the image (none fits: not erased), then a
+  uniform position. Per image, so no example moves between devices.
+  """
+  b, h, w, _ = x.shape
+  k_apply, k_scale, k_ratio, k_top, k_left = jax.random.split(key, 5)
+  scale = jax.random.uniform(
+    k_scale, (b, _ERASE_ATTEMPTS), minval=ERASE_SCALE[0], maxval=ERASE_SCALE[1]
+  )
+  log_ratio = jax.random.uniform(
+    k_ratio, (b, _ERASE_ATTEMPTS), minval=np.log(ERASE_RATIO[0]), maxval=np.log(ERASE_RATIO[1])
+  )
+  area, ratio = h * w * scale, jnp.exp(log_ratio)
+  eh = jnp.round(jnp.sqrt(area * ratio)).astype(jnp.int32)
+  ew = jnp.round(jnp.sqrt(area / ratio)).astype(jnp.int32)
+  fits = (eh < h) & (ew < w)
+  first = jnp.argmax(fits, axis=1)  # the first attempt that fits (0 when none does: masked below)
+  eh = jnp.take_along_axis(eh, first[:, None], axis=1)[:, 0]
+  ew = jnp.take_along_axis(ew, first[:, None], axis=1)[:, 0]
+  top = jnp.floor(jax.random.uniform(k_top, (b,)) * (h - eh + 1)).astype(jnp.int32)
+  left = jnp.floor(jax.random.uniform(k_left, (b,)) * (w - ew + 1)).astype(jnp.int32)
+  erase = jax.random.bernoulli(k_apply, prob, (b,)) & fits.any(axis=1)
+  rows = jnp.arange(h)[None, :]
+  cols = jnp.arange(w)[None, :]
+  in_rows = (rows >= top[:, None]) & (rows < (top + eh)[:, None])
+  in_cols = (cols >= left[:, None]) & (cols < (left + ew)[:, None])
+  inside = in_rows[:, :, None] & in_cols[:, None, :] & erase[:, None, None]
+  return jnp.where(inside[..., None], 0.0, x)
+
+
 def make_device_preprocess(config: ml_collections.ConfigDict) -> DevicePreprocess:
   """The device half of the configured preprocessing, with the train split's cached statistics."""
   host = pipeline.make_preprocessor(config)
   norm = pipeline.make_normalization(config)
   return DevicePreprocess(
-    host.augment, host.image_size, norm.normalizer, norm.pca_eigvals, norm.pca_eigvecs
+    host.augment,
+    host.image_size,
+    norm.normalizer,
+    norm.pca_eigvals,
+    norm.pca_eigvecs,
+    float(config.data.random_erasing),
   )
