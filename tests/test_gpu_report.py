@@ -152,7 +152,7 @@ def test_profile_names_where_the_device_time_goes():
   """`--profile`: kernel names from an H100 trace of the ResNet-50 step fall into the right
   categories, and a traced tiny step's categories add up to its device time."""
   module = _load()
-  category = module.kernel_profile.category
+  category = module.lib.kernel_profile.category
   names = {
     'sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x128x64': (
       'convolutions'
@@ -179,7 +179,7 @@ def test_profile_names_where_the_device_time_goes():
     profile['device_ms_per_step'], abs=0.01
   )
   assert 'Device time per step' in '\n'.join(
-    module.kernel_profile.markdown([dict(row, name='r', batch_size=8, profile=profile)])
+    module.lib.kernel_profile.markdown([dict(row, name='r', batch_size=8, profile=profile)])
   )
 
 
@@ -189,12 +189,12 @@ def test_a_profiler_that_cannot_start_costs_the_row_nothing(monkeypatch):
   def no_cupti(path):
     raise RuntimeError('CUPTI not found\nmore')
 
-  monkeypatch.setattr(module.kernel_profile.jax.profiler, 'start_trace', no_cupti)
+  monkeypatch.setattr(module.lib.kernel_profile.jax.profiler, 'start_trace', no_cupti)
   row = dict(module.plan(tiny=True)[-1], overrides={})
   result = module.lib.jax_row(row, steps=1, profile=True)
   assert result['images_per_sec'] > 0
   assert result['profile'] == {'error': 'RuntimeError: CUPTI not found'}
-  assert module.kernel_profile.markdown([dict(result, name='r')]) == []
+  assert module.lib.kernel_profile.markdown([dict(result, name='r')]) == []
 
 
 def test_a_torch_that_does_not_load_leaves_the_jax_rows(tmp_path, monkeypatch, capsys):
