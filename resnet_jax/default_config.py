@@ -89,6 +89,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Random erasing (Zhong et al. 2017) of one rectangle per training image with this probability,
   # on the device after normalisation (torchvision's new recipe: 0.1)
   c.data.random_erasing = 0.0
+  # Repeated augmentation: each global batch holds batch / N images, each N times with its own
+  # augmentation (Hoffer et al. 2019; torchvision's new recipe: 4). 1: off
+  c.data.repeated_augmentations = 1
   # Grain worker processes: 0 decodes in the training process; -1 is one per core this process
   # may use, less one for the training loop (pipeline.worker_count)
   c.data.num_workers = 0

@@ -152,6 +152,34 @@ def test_processes_split_the_global_batch(augment):
       )
 
 
+def test_repeated_augmentation_repeats_each_image_across_the_batch_with_its_own_augmentation():
+  """data.repeated_augmentations=4 (torchvision's ra_reps): a global batch of 12 holds 3 images of
+  the stream, each 4 times at a stride of 3 (so on 4 devices every copy is on another device);
+  the copies are augmented independently; processes still split the global batch."""
+
+  def batches(config, local, p=0, n=1, steps=2):
+    it = data.create_train_iterator(
+      config, local_batch_size=local, process_index=p, process_count=n, seed=3
+    )
+    return take(it, steps)
+
+  stream = batches(make_config(augment='none'), 6, steps=1)[0]  # the first 6 of the stream
+  repeated = batches(make_config(augment='none', repeated_augmentations=4), 12)
+  for t, batch in enumerate(repeated):
+    for q in range(12):
+      np.testing.assert_array_equal(batch['image'][q], stream['image'][3 * t + q % 3])
+      assert batch['label'][q] == stream['label'][3 * t + q % 3]
+  config = make_config(augment='inception', repeated_augmentations=4)
+  single = batches(config, 12)
+  images = single[0]['image']
+  assert all(not np.array_equal(images[j], images[j + 3]) for j in range(3))  # own crops
+  shards = [batches(config, 4, p, 3) for p in range(3)]
+  for step in range(2):
+    np.testing.assert_array_equal(
+      np.concatenate([s[step]['image'] for s in shards]), single[step]['image']
+    )
+
+
 def test_resume_from_state_gives_the_same_batches():
   config = make_config(augment='cifar')
   it = data.create_train_iterator(

@@ -269,6 +269,27 @@ class TrainIterator(grain.DatasetIterator):
     super().close()
 
 
+class _RepeatedAugmentation(grain.MapDataset):
+  """Repeated augmentation (Hoffer et al. 2019; torchvision's `--ra-sampler --ra-reps`): each
+  global batch of `batch` holds `batch / reps` examples of the stream, each `reps` times at a
+  stride of `batch / reps`, so the copies land on different devices as torchvision's sampler puts
+  them on different GPUs; each copy is augmented by its own position's randomness. An epoch still
+  counts `len(train)` examples, of which `1 / reps` are distinct (as torchvision's)."""
+
+  def __init__(self, parent: grain.MapDataset, batch: int, reps: int):
+    super().__init__(parent)
+    self._batch, self._unique = batch, batch // reps
+
+  def __len__(self) -> int:
+    return len(self._parent)
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    step, offset = divmod(index, self._batch)
+    return self._parent[step * self._unique + offset % self._unique]
+
+
 def create_train_iterator(
   config: ml_collections.ConfigDict,
   *,
@@ -295,6 +316,9 @@ def create_train_iterator(
   preprocessor = preprocessor or make_preprocessor(config)
   seed = int(seed) % 2**32
   ds = grain.MapDataset.source(train.records).shuffle(seed=seed).repeat()
+  reps = int(config.data.repeated_augmentations or 1)
+  if reps > 1:
+    ds = _RepeatedAugmentation(ds, local_batch_size * process_count, reps)
   ds = ds.random_map(_TrainTransform(preprocessor), seed=(seed + 0x5EED) % 2**32)
   ds = ds.batch(local_batch_size, drop_remainder=True)[process_index::process_count]
   return TrainIterator(ds, config, seed, local_batch_size * process_count)
