@@ -295,3 +295,5 @@ def load(path: str) -> Any:
     raise CheckpointError(f'{path}: {e}') from None
   except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as e:
     raise CheckpointError(f'{path}: a damaged zip archive ({e})') from None
+  except OSError as e:  # a directory, no permission, an I/O error
+    raise CheckpointError(f'{path}: cannot read it ({e.strerror or e})') from None
