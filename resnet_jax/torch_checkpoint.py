@@ -100,7 +100,7 @@ def _rebuild_tensor_v2(
     strides=[s * storage.itemsize for s in stride],
     writeable=False,
   )
-  return np.array(view)  # an own, contiguous copy
+  return np.array(view, order='C')  # an own, contiguous copy
 
 
 def _rebuild_parameter(
