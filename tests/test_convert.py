@@ -104,6 +104,23 @@ def test_convert_cli_reads_a_real_pth_without_torch(tmp_path):
   assert_logits_close(ours, np.asarray(tiny['logits'], np.float32))
 
 
+def test_predict_reads_a_real_pth_directly(tmp_path, capsys):
+  """`predict --torchvision-weights W.pth` (torch-free reader) classifies like the converted
+  checkpoint of the same file."""
+  image = tmp_path / 'image.png'
+  Image.fromarray(np.random.default_rng(9).integers(0, 256, (80, 90, 3), dtype=np.uint8)).save(
+    image
+  )
+  out = tmp_path / 'converted'
+  convert.main(['--arch', 'resnet18', '--torchvision-weights', TINY_RESNET18, '--out', str(out)])
+  capsys.readouterr()
+  args = ['--arch', 'resnet18', '--image-size', '64', str(image)]
+  predict.main(['--torchvision-weights', TINY_RESNET18, *args])
+  direct = capsys.readouterr().out.splitlines()
+  predict.main(['--checkpoint', str(out), *args])
+  assert direct == capsys.readouterr().out.splitlines() and len(direct) == 5
+
+
 def test_convert_cli_reads_safetensors_in_timm_layout(tmp_path, capsys):
   """A `.safetensors` state_dict with torchvision's keys (what timm's v1.5 ResNets ship, with
   `num_batches_tracked` too), read by content whatever its name; weights kept in bfloat16 are
