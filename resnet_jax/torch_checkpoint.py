@@ -119,11 +119,27 @@ def _ordered_dict(*args: Any) -> collections.OrderedDict:
   return collections.OrderedDict(*args[:1])
 
 
+class _Sealed:
+  """A resolved global: calls ``fn`` and has nothing pickle's BUILD could set (no ``__dict__``,
+  no settable attribute), so a crafted file cannot change, say, a function's ``__defaults__``."""
+
+  __slots__ = ('_fn',)
+
+  def __init__(self, fn: Callable[..., Any]):
+    object.__setattr__(self, '_fn', fn)
+
+  def __setattr__(self, name: str, value: Any) -> None:
+    raise AttributeError(f'{name}: read-only')
+
+  def __call__(self, *args: Any) -> Any:
+    return self._fn(*args)
+
+
 ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
-  ('collections', 'OrderedDict'): _ordered_dict,
-  ('torch._utils', '_rebuild_tensor_v2'): _rebuild_tensor_v2,
-  ('torch._utils', '_rebuild_parameter'): _rebuild_parameter,
-  ('torch._utils', '_rebuild_parameter_with_state'): _rebuild_parameter,
+  ('collections', 'OrderedDict'): _Sealed(_ordered_dict),
+  ('torch._utils', '_rebuild_tensor_v2'): _Sealed(_rebuild_tensor_v2),
+  ('torch._utils', '_rebuild_parameter'): _Sealed(_rebuild_parameter),
+  ('torch._utils', '_rebuild_parameter_with_state'): _Sealed(_rebuild_parameter),
   **{('torch', name): StorageType(name, dtype) for name, dtype in STORAGE_DTYPES.items()},
 }
 
@@ -242,6 +258,8 @@ def _load_legacy(data: bytes) -> Any:
 
   def persistent_load(pid: Any) -> np.ndarray:
     dtype, key, numel, view = _parse_storage_id(pid)
+    if key not in storages and numel * dtype.itemsize > len(data):
+      raise CheckpointError(f'storage {key} of {numel} elements is larger than the file')
     root = storages.setdefault(key, np.zeros(numel, dtype))
     if root.dtype != dtype or root.size != numel:
       raise CheckpointError(f'storage {key} is read as two dtypes or sizes')

@@ -57,7 +57,10 @@ def _str(s):
 
 
 def _int(i):
-  return b'J' + struct.pack('<i', i)
+  if -(2**31) <= i < 2**31:
+    return b'J' + struct.pack('<i', i)
+  raw = i.to_bytes(16, 'little', signed=True)
+  return b'\x8a' + bytes([len(raw)]) + raw  # LONG1
 
 
 def _tuple(items):
@@ -68,9 +71,13 @@ def _global(module, name):
   return b'c' + f'{module}\n{name}\n'.encode()
 
 
-def _tensor(key, numel, offset, size, stride, storage='FloatStorage'):
-  """`_rebuild_tensor_v2(('storage', torch.<storage>, key, 'cpu', numel), offset, size, ...)`."""
-  pid = _tuple([_str('storage'), _global('torch', storage), _str(key), _str('cpu'), _int(numel)])
+def _tensor(key, numel, offset, size, stride, storage='FloatStorage', view=None):
+  """`_rebuild_tensor_v2(('storage', torch.<storage>, key, 'cpu', numel), offset, size, ...)`;
+  `view=(view_key, offset, length)` adds the legacy format's sixth, view, field."""
+  fields = [_str('storage'), _global('torch', storage), _str(key), _str('cpu'), _int(numel)]
+  if view is not None:
+    fields.append(_tuple([_str(view[0]), _int(view[1]), _int(view[2])]))
+  pid = _tuple(fields)
   args = [
     pid + b'Q',
     _int(offset),
@@ -104,6 +111,52 @@ def test_a_hand_made_file_reads_like_torch_would(tmp_path):
     tmp_path / 'ok.pth', _state_pickle({'w': _tensor('0', 10, 1, (3, 2), (1, 3))}), {'0': data}
   )
   np.testing.assert_array_equal(torch_checkpoint.load(path)['w'], [[1, 4], [2, 5], [3, 6]])
+
+
+def _legacy(obj_pickle, storages):
+  """The pre-1.6 stream: magic, protocol 1001, sys_info, the object, its storage keys, then each
+  storage as an int64 element count and its little-endian bytes."""
+  head = [0x1950A86A20F9469CFC6C, 1001, {'protocol_version': 1001, 'little_endian': True}]
+  out = b''.join(pickle.dumps(h, protocol=2) for h in head) + obj_pickle
+  out += pickle.dumps(list(storages), protocol=2)
+  for array in storages.values():
+    out += struct.pack('<q', array.size) + array.astype(array.dtype.newbyteorder('<')).tobytes()
+  return out
+
+
+def test_a_legacy_stream_with_storage_views_reads_like_torch(tmp_path):
+  """Two tensors on one storage, one through a storage view (torch < 0.4 wrote those), int64."""
+  root = np.arange(12, dtype=np.int64) - 5
+  pkl = _state_pickle(
+    {
+      'full': _tensor('k0', 12, 2, (2, 3), (3, 1), storage='LongStorage'),
+      'view': _tensor('k0', 12, 1, (2,), (2,), storage='LongStorage', view=('v', 4, 6)),
+    }
+  )
+  path = tmp_path / 'legacy.pth'
+  path.write_bytes(_legacy(pkl, {'k0': root}))
+  state = torch_checkpoint.load(str(path))
+  np.testing.assert_array_equal(state['full'], [[-3, -2, -1], [0, 1, 2]])
+  np.testing.assert_array_equal(state['view'], [0, 2])  # root[4:10][1::2][:2]
+  assert state['full'].dtype == np.int64
+
+  path.write_bytes(_legacy(pkl, {'k0': root})[:-8])
+  with pytest.raises(ValueError, match='storage k0 is truncated'):
+    torch_checkpoint.load(str(path))
+  huge = _state_pickle({'w': _tensor('k0', 10**12, 0, (1,), (1,))})
+  path.write_bytes(_legacy(huge, {'k0': np.zeros(1, np.float32)}))
+  with pytest.raises(ValueError, match='larger than the file'):
+    torch_checkpoint.load(str(path))
+
+
+def test_build_cannot_change_the_readers_own_functions(tmp_path):
+  """pickle's BUILD on a resolved global (e.g. setting a function's __defaults__) is refused."""
+  state = b'(N}' + _str('__defaults__') + _tuple([_int(1)]) + b'stb'  # BUILD (None, {...})
+  pkl = _state_pickle({'w': _global('torch._utils', '_rebuild_tensor_v2') + state})
+  with pytest.raises(ValueError, match='damaged'):
+    torch_checkpoint.load(_zip(tmp_path / 'build.pth', pkl, {}))
+  fn = torch_checkpoint.ALLOWED_GLOBALS['torch._utils', '_rebuild_tensor_v2']
+  assert not hasattr(fn, '__dict__')
 
 
 class _RunsCode:
