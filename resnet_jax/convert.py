@@ -14,8 +14,13 @@ The mapping is exact because our parameter names mirror torchvision's (see
 ``fc.weight`` -> ``fc/kernel`` (transposed), BN ``weight``/``bias`` -> ``scale``/``bias`` and
 ``running_mean``/``running_var`` -> ``batch_stats`` ``mean``/``var``. torch normalises with
 ``running_var`` as stored (its unbiased-update convention only affects training), exactly like our
-``var``, and both use epsilon 1e-5, so eval-mode logits agree. torch is only needed to read a
-``.pth`` file (the CLI); ``from_torchvision`` takes any mapping of array-likes.
+``var``, and both use epsilon 1e-5, so eval-mode logits agree.
+
+torch is not needed: ``--torchvision-weights`` reads ``.pth`` files with
+``resnet_jax.torch_checkpoint`` (a restricted unpickler that builds numpy arrays and refuses
+anything else) and ``.safetensors`` files (e.g. timm's ``resnet50.a1_in1k`` / ``resnet50.tv_in1k``
+``model.safetensors``: timm's v1.5 ResNets use torchvision's key names) with ``safetensors``.
+``from_torchvision`` takes any mapping of array-likes.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from resnet_jax import cli
+from resnet_jax import cli, torch_checkpoint
 from resnet_jax.models import create_model, layout, parse_name
 
 # Keys torchvision stores that carry no model state (BN's update counter).
@@ -178,49 +183,54 @@ def adapt_input_channels(variables: dict[str, Any], in_channels: int) -> dict[st
   return {**variables, 'params': params}
 
 
-# torch.load(weights_only=True) could still be made to run code before 2.6.0 (CVE-2025-32434).
-MIN_TORCH_VERSION = (2, 6)
+SAFETENSORS_MAX_HEADER = 100_000_000  # safetensors' own limit on the JSON header
 
 
-def _version_tuple(version: str) -> tuple[int, ...]:
-  """'2.6.0+cpu' -> (2, 6, 0); a part that is not a number ends the tuple."""
-  parts = []
-  for part in version.split('+')[0].split('.'):
-    digits = ''.join(c for c in part if c.isdigit()) if part[:1].isdigit() else ''
-    if not digits:
-      break
-    parts.append(int(digits))
-    if not part.isdigit():
-      break
-  return tuple(parts)
+def is_safetensors(path: str) -> bool:
+  """Whether ``path`` starts like a safetensors file: a little-endian u64 header length, then
+  the JSON header's ``{``. Sniffed from the bytes, so the file's name does not matter."""
+  try:
+    with open(path, 'rb') as f:
+      head = f.read(9)
+  except OSError:
+    return False
+  if len(head) < 9 or head[8:9] != b'{':
+    return False
+  return 2 <= int.from_bytes(head[:8], 'little') <= SAFETENSORS_MAX_HEADER
+
+
+def _load_safetensors(path: str) -> dict[str, Any]:
+  import ml_dtypes  # noqa: F401  # pylint: disable=import-outside-toplevel,unused-import
+  from safetensors import SafetensorError  # pylint: disable=import-outside-toplevel
+  from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
+
+  # ml_dtypes (imported above) registers numpy's 'bfloat16', which BF16 tensors need.
+  try:
+    return load_file(path)
+  except (SafetensorError, TypeError, KeyError, ValueError, OSError) as e:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise ValueError(
+      f'{path} could not be read as a safetensors file ({type(e).__name__}: {first[:300]})'
+    ) from None
 
 
 def load_torch_state_dict(path: str) -> dict[str, Any]:
-  """Read a ``.pth`` state_dict with torch (imported here only: torch is an optional extra).
+  """A PyTorch state_dict file as ``{name: numpy array}``, without torch.
 
-  Only with ``weights_only=True`` and torch >= 2.6: older releases let a crafted file run code
-  even then, so they are refused (ValueError) before the file is opened.
+  ``.pth``/``.pt`` files written by ``torch.save`` (the zip format of torch >= 1.6 and the older
+  stream format) go through ``torch_checkpoint.load``, whose unpickler builds tensors and nothing
+  else: a file that would run code is refused unread. safetensors files (timm's and the Hugging
+  Face hub's ``model.safetensors``) go through ``safetensors.numpy``. A checkpoint dict with the
+  weights under ``state_dict`` (and no ``fc.weight`` of its own) is unwrapped.
   """
+  if not os.path.exists(path):
+    raise ValueError(f'{path}: no such file')
+  if is_safetensors(path):
+    return _load_safetensors(path)
   try:
-    import torch  # pylint: disable=import-outside-toplevel
-  except ImportError as e:
-    raise SystemExit('reading .pth files needs torch: pip install -e ".[torch]"') from e
-  version = str(getattr(torch, '__version__', '0'))
-  if _version_tuple(version) < MIN_TORCH_VERSION:
-    raise ValueError(
-      f'torch {version} is too old to load weight files safely (torch.load can '
-      'run code from a crafted file before 2.6, CVE-2025-32434): '
-      'pip install "torch>=2.6"'
-    )
-  try:
-    state = torch.load(path, map_location='cpu', weights_only=True)
-  except FileNotFoundError:
-    raise ValueError(f'{path}: no such file') from None
-  except Exception as e:  # noqa: BLE001 -- torch's UnpicklingError, RuntimeError, ...
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise ValueError(
-      f'{path} could not be loaded as a weights-only state_dict ({type(e).__name__}: {first[:300]})'
-    ) from None
+    state = torch_checkpoint.load(path)
+  except torch_checkpoint.CheckpointError as e:  # '{path}: why', one line
+    raise ValueError(str(e)) from None
   if isinstance(state, Mapping) and 'state_dict' in state and 'fc.weight' not in state:
     state = state['state_dict']
   if not isinstance(state, Mapping):
@@ -273,7 +283,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     'resnext101_64x4d, wide_resnet50_2, wide_resnet101_2',
   )
   parser.add_argument(
-    '--torchvision-weights', required=True, help='torchvision .pth state_dict file'
+    '--torchvision-weights',
+    required=True,
+    help='torchvision .pth state_dict file, or a .safetensors file with the same keys '
+    "(timm's v1.5 ResNets); torch is not needed",
   )
   parser.add_argument('--out', required=True, help='output checkpoint directory (new, or empty)')
   parser.add_argument(

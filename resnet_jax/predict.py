@@ -195,7 +195,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   )
   parser.add_argument('--arch', required=True, help='model name, e.g. resnet50')
   source = parser.add_mutually_exclusive_group(required=True)
-  source.add_argument('--torchvision-weights', help='torchvision .pth state_dict (needs torch)')
+  source.add_argument(
+    '--torchvision-weights',
+    help='torchvision .pth or .safetensors state_dict (read without torch; see convert)',
+  )
   source.add_argument('--checkpoint', help='converted checkpoint directory or training workdir')
   parser.add_argument(
     '--shortcut', choices=['A', 'B', 'C'], help='for checkpoints of non-default models'

@@ -1,8 +1,11 @@
 """torchvision weight import: logit parity, strict key accounting, convert/predict, fine-tuning.
 
-Everything but the first test needs the optional `[torch]` extra and is skipped without it.
-torchvision's weights cannot be downloaded here, so models get random weights and randomised BN
-statistics (which is a stricter test than trained weights: every BN matters).
+Two kinds of parity test. The golden ones run everywhere, CI included (no torch): they rebuild
+with numpy the weights `tests/fixtures/make_torch_golden.py` gave torchvision and compare our
+logits with the ones torchvision computed, and convert the committed real `.pth` file. The others
+take the `torch` fixture (the optional `[torch]` extra) and are skipped without it. torchvision's
+weights cannot be downloaded here, so models get random weights and randomised BN statistics
+(which is a stricter test than trained weights: every BN matters).
 """
 
 import os
@@ -17,16 +20,151 @@ from PIL import Image
 
 from resnet_jax import convert, predict, pretrained
 from resnet_jax.models import create_model, layout
+from tests.fixtures import golden_weights
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_RESNET18 = os.path.join(golden_weights.FIXTURES, 'tiny_resnet18.pth')
 
 
 def test_core_package_does_not_import_torch():
   code = (
     'import sys, resnet_jax.models, resnet_jax.summary, resnet_jax.convert, resnet_jax.predict; '
+    f'resnet_jax.convert.load_torch_state_dict({TINY_RESNET18!r}); '
     'assert "torch" not in sys.modules and "torchvision" not in sys.modules'
   )
-  subprocess.run(
-    [sys.executable, '-c', code], check=True, cwd=os.path.dirname(os.path.dirname(__file__))
+  subprocess.run([sys.executable, '-c', code], check=True, cwd=ROOT)
+
+
+def assert_logits_close(ours, ref):
+  """The parity tolerance of every torchvision comparison here."""
+  assert ours.dtype == np.float32 and ours.shape == ref.shape
+  assert np.linalg.norm(ours - ref) / np.linalg.norm(ref) < 1e-4
+  assert np.abs(ours - ref).max() / np.abs(ref).max() < 1e-4
+
+
+GOLDEN = golden_weights.load_golden()
+
+
+def golden_state_dict(name):
+  entry = GOLDEN['archs'][name]
+  return golden_weights.numpy_state_dict(entry['keys'], entry['seed'])
+
+
+def golden_logits(name, variables):
+  entry = GOLDEN['archs'][name]
+  x = golden_weights.golden_input(entry['input_seed'], GOLDEN['input_shape'])
+  return np.asarray(
+    create_model(name, num_classes=GOLDEN['num_classes']).apply(
+      variables, jnp.asarray(x), train=False
+    )
   )
+
+
+@pytest.mark.parametrize('name', list(GOLDEN['archs']))
+def test_logits_match_torchvision_golden_without_torch(name):
+  """torchvision's logits, recorded by make_torch_golden.py, for weights rebuilt with numpy
+  from torchvision's own key list: the key mapping, every layout transpose and the model."""
+  variables = convert.from_torchvision(golden_state_dict(name), name)
+  assert_logits_close(
+    golden_logits(name, variables), np.asarray(GOLDEN['archs'][name]['logits'], np.float32)
+  )
+
+
+def _no_torch_env(tmp_path):
+  """An environment whose `import torch` fails: proves a command never imports it."""
+  fake = tmp_path / 'no_torch' / 'torch'
+  fake.mkdir(parents=True)
+  (fake / '__init__.py').write_text("raise ImportError('torch must not be imported')\n")
+  return {**os.environ, 'PYTHONPATH': f'{tmp_path / "no_torch"}{os.pathsep}{ROOT}'}
+
+
+def test_convert_cli_reads_a_real_pth_without_torch(tmp_path):
+  """`convert` on the committed torch.save file of a torchvision resnet18 (every tensor a strided
+  view of a small storage), with torch unimportable; the converted model gives torchvision's
+  logits."""
+  out = tmp_path / 'converted'
+  cmd = [
+    sys.executable,
+    '-m',
+    'resnet_jax.convert',
+    '--arch',
+    'resnet18',
+    '--torchvision-weights',
+    TINY_RESNET18,
+    '--out',
+    str(out),
+  ]
+  proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=_no_torch_env(tmp_path))
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert 'wrote resnet18 (11,181,642 parameters, 10 classes)' in proc.stdout
+  variables = pretrained.load_model_variables(str(out))
+  tiny = GOLDEN['tiny_resnet18']
+  x = golden_weights.golden_input(tiny['input_seed'], GOLDEN['input_shape'])
+  ours = np.asarray(create_model('resnet18', num_classes=10).apply(variables, x, train=False))
+  assert_logits_close(ours, np.asarray(tiny['logits'], np.float32))
+
+
+def test_predict_reads_a_real_pth_directly(tmp_path, capsys):
+  """`predict --torchvision-weights W.pth` (torch-free reader) classifies like the converted
+  checkpoint of the same file."""
+  image = tmp_path / 'image.png'
+  Image.fromarray(np.random.default_rng(9).integers(0, 256, (80, 90, 3), dtype=np.uint8)).save(
+    image
+  )
+  out = tmp_path / 'converted'
+  convert.main(['--arch', 'resnet18', '--torchvision-weights', TINY_RESNET18, '--out', str(out)])
+  capsys.readouterr()
+  args = ['--arch', 'resnet18', '--image-size', '64', str(image)]
+  predict.main(['--torchvision-weights', TINY_RESNET18, *args])
+  direct = capsys.readouterr().out.splitlines()
+  predict.main(['--checkpoint', str(out), *args])
+  assert direct == capsys.readouterr().out.splitlines() and len(direct) == 5
+
+
+def test_convert_cli_reads_safetensors_in_timm_layout(tmp_path, capsys):
+  """A `.safetensors` state_dict with torchvision's keys (what timm's v1.5 ResNets ship, with
+  `num_batches_tracked` too), read by content whatever its name; weights kept in bfloat16 are
+  widened exactly."""
+  from safetensors.numpy import save_file
+
+  sd = golden_state_dict('resnet18')
+  sd['bn1.num_batches_tracked'] = np.array(10, np.int64)
+  weights, out = tmp_path / 'model.safetensors', tmp_path / 'converted'
+  save_file(sd, str(weights))
+  convert.main(['--arch', 'resnet18', '--torchvision-weights', str(weights), '--out', str(out)])
+  assert 'wrote resnet18 (11,181,642 parameters, 10 classes)' in capsys.readouterr().out
+  variables = pretrained.load_model_variables(str(out))
+  assert_logits_close(
+    golden_logits('resnet18', variables),
+    np.asarray(GOLDEN['archs']['resnet18']['logits'], np.float32),
+  )
+
+  import ml_dtypes
+
+  renamed = tmp_path / 'weights.bin'  # not named .safetensors: sniffed from its header
+  save_file({'fc.weight': sd['fc.weight'].astype(ml_dtypes.bfloat16)}, str(renamed))
+  loaded = convert.load_torch_state_dict(str(renamed))['fc.weight']
+  assert loaded.dtype == ml_dtypes.bfloat16
+  np.testing.assert_array_equal(
+    convert._to_numpy(loaded), sd['fc.weight'].astype(ml_dtypes.bfloat16).astype(np.float32)
+  )
+
+
+def test_timm_resnet_d_keys_are_refused_by_name():
+  """timm's resnet50d-style nets (deep stem conv1.0/.3/.6, avg-pool downsample .1/.2) are not
+  torchvision's layout: the strict key accounting names what does not fit."""
+  sd = golden_state_dict('resnet18')
+  deep = {
+    k.replace('conv1.weight', 'conv1.0.weight', 1)
+    if k == 'conv1.weight'
+    else k.replace('downsample.1.', 'downsample.2.').replace('downsample.0.', 'downsample.1.'): v
+    for k, v in sd.items()
+  }
+  with pytest.raises(ValueError) as e:
+    convert.from_torchvision(deep, 'resnet18')
+  message = str(e.value)
+  assert "missing torchvision keys ['conv1.weight', 'layer2.0.downsample.0.weight'" in message
+  assert "unused torchvision keys ['conv1.0.weight'" in message and '\n' not in message
 
 
 def torch_logits(torch, model, x_nhwc):
@@ -54,9 +192,8 @@ def test_logits_match_torchvision(torch, random_torchvision, name, size):
   variables = convert.from_torchvision(model.state_dict(), name)
   ours = np.asarray(create_model(name).apply(variables, jnp.asarray(x), train=False))
   ref = torch_logits(torch, model, x)
-  assert ours.dtype == np.float32 and ours.shape == ref.shape == (2, 1000)
-  assert np.linalg.norm(ours - ref) / np.linalg.norm(ref) < 1e-4
-  assert np.abs(ours - ref).max() / np.abs(ref).max() < 1e-4
+  assert ref.shape == (2, 1000)
+  assert_logits_close(ours, ref)
 
 
 def test_torch_key_mapping():

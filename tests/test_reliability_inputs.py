@@ -163,50 +163,19 @@ def test_convert_writes_through_a_temporary_sibling(tmp_path, monkeypatch):
   assert sorted(os.listdir(tmp_path)) == ['converted']  # neither a partial --out nor a temporary
 
 
-def _fake_torch(monkeypatch, version, calls):
+def test_torch_is_never_used_to_read_weights(monkeypatch):
+  """Weights are read by resnet_jax.torch_checkpoint, not torch.load: an installed torch, even one
+  too old to load safely (< 2.6, CVE-2025-32434), is never called."""
   fake = types.ModuleType('torch')
-  fake.__version__ = version
+  fake.__version__ = '2.5.1'
 
-  def load(path, **kwargs):
-    calls.append(kwargs)
-    return {'fc.weight': np.zeros((2, 2))}
+  def load(*args, **kwargs):
+    raise AssertionError('torch.load was called')
 
   fake.load = load
   monkeypatch.setitem(sys.modules, 'torch', fake)
-
-
-@pytest.mark.parametrize('version', ['2.2.0', '2.5.1+cu121', '1.13.1'])
-def test_old_torch_is_refused_before_loading(monkeypatch, version, tmp_path):
-  calls = []
-  _fake_torch(monkeypatch, version, calls)
-  with pytest.raises(ValueError, match='too old.*CVE-2025-32434'):
-    convert.load_torch_state_dict(str(tmp_path / 'w.pth'))
-  assert calls == []
-
-
-@pytest.mark.parametrize('version', ['2.6.0', '2.9.1+cpu', '2.10.0.dev20251001'])
-def test_recent_torch_loads_weights_only(monkeypatch, version, tmp_path):
-  calls = []
-  _fake_torch(monkeypatch, version, calls)
-  assert set(convert.load_torch_state_dict(str(tmp_path / 'w.pth'))) == {'fc.weight'}
-  assert calls and calls[0]['weights_only'] is True
-
-
-def test_old_torch_is_one_error_line_in_the_cli(tmp_path):
-  fake = tmp_path / 'fake' / 'torch'
-  fake.mkdir(parents=True)
-  (fake / '__init__.py').write_text(
-    "__version__ = '2.5.1'\ndef load(*a, **k):\n  raise AssertionError('loaded')\n"
-  )
-  out = tmp_path / 'out'
-  proc = _convert_resnet18(
-    tmp_path / 'w.pth',
-    out,
-    env={**os.environ, 'PYTHONPATH': f'{tmp_path / "fake"}{os.pathsep}{ROOT}'},
-  )
-  assert proc.returncode == 1 and 'Traceback' not in proc.stderr, proc.stderr
-  assert proc.stderr.strip().splitlines()[-1].startswith('error: torch 2.5.1 is too old')
-  assert not out.exists()
+  weights = os.path.join(ROOT, 'tests', 'fixtures', 'tiny_resnet18.pth')
+  assert convert.load_torch_state_dict(weights)['fc.weight'].shape == (10, 512)
 
 
 class _RunsCode:

@@ -1,0 +1,261 @@
+"""resnet_jax.torch_checkpoint: torch.save files read without torch, and never run.
+
+The committed fixtures were written by torch itself (`tests/fixtures/make_torch_golden.py`); the
+hand-made pickles below are what a crafted or damaged file would hold, built opcode by opcode
+so that no torch is needed to make them.
+"""
+
+import io
+import os
+import pickle
+import struct
+import tarfile
+import zipfile
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from resnet_jax import convert, torch_checkpoint
+from tests.fixtures import golden_weights
+
+FIXTURES = golden_weights.FIXTURES
+EXPECTED = np.load(os.path.join(FIXTURES, 'tensors_expected.npz'))
+DTYPES = golden_weights.load_golden()['tensor_dtypes']
+
+
+@pytest.mark.parametrize(
+  'name', ['tensors.pth', 'tensors_legacy.pth', 'tensors_big.pth', 'tensors.safetensors']
+)
+def test_every_tensor_of_a_torch_written_file_is_read_exactly(name):
+  """float32/16, bfloat16, int64, bool; a transposed view sharing a storage, a slice at a storage
+  offset, a stride-0 expansion, 0-d, empty, a Parameter; zip, legacy, big-endian, safetensors."""
+  state = convert.load_torch_state_dict(os.path.join(FIXTURES, name))
+  if name.endswith('.pth'):
+    assert list(state) == list(EXPECTED.files)  # the state_dict's order is kept
+  assert set(state) == set(EXPECTED.files)
+  for key in EXPECTED.files:
+    value = state[key]
+    dtype = np.dtype(ml_dtypes.bfloat16) if DTYPES[key] == 'bfloat16' else np.dtype(DTYPES[key])
+    assert value.dtype == dtype and value.shape == EXPECTED[key].shape, key
+    np.testing.assert_array_equal(np.asarray(value).astype(EXPECTED[key].dtype), EXPECTED[key])
+  assert state['i64'][3] == -(2**62) and state['transposed'][4, 2] == state['f32'][2, 4]
+
+
+def test_pth_state_dict_keeps_its_metadata_and_is_plain_numpy():
+  state = torch_checkpoint.load(os.path.join(FIXTURES, 'tiny_resnet18.pth'))
+  assert state._metadata['bn1'] == {'version': 2}  # torch's BN version record, via BUILD
+  assert all(type(v) is np.ndarray and v.flags.c_contiguous for v in state.values())
+  assert state['conv1.weight'].shape == (64, 3, 7, 7)
+
+
+# ---- hand-made pickles: protocol 2 opcodes -------------------------------------------------
+
+
+def _str(s):
+  return b'X' + struct.pack('<I', len(s.encode())) + s.encode()
+
+
+def _int(i):
+  if -(2**31) <= i < 2**31:
+    return b'J' + struct.pack('<i', i)
+  raw = i.to_bytes(16, 'little', signed=True)
+  return b'\x8a' + bytes([len(raw)]) + raw  # LONG1
+
+
+def _tuple(items):
+  return b'(' + b''.join(items) + b't'
+
+
+def _global(module, name):
+  return b'c' + f'{module}\n{name}\n'.encode()
+
+
+def _tensor(key, numel, offset, size, stride, storage='FloatStorage', view=None):
+  """`_rebuild_tensor_v2(('storage', torch.<storage>, key, 'cpu', numel), offset, size, ...)`;
+  `view=(view_key, offset, length)` adds the legacy format's sixth, view, field."""
+  fields = [_str('storage'), _global('torch', storage), _str(key), _str('cpu'), _int(numel)]
+  if view is not None:
+    fields.append(_tuple([_str(view[0]), _int(view[1]), _int(view[2])]))
+  pid = _tuple(fields)
+  args = [
+    pid + b'Q',
+    _int(offset),
+    _tuple(_int(n) for n in size),
+    _tuple(_int(s) for s in stride),
+    b'\x89',  # False
+    _global('collections', 'OrderedDict') + b')R',
+  ]
+  return _global('torch._utils', '_rebuild_tensor_v2') + _tuple(args) + b'R'
+
+
+def _state_pickle(items):
+  body = b''.join(_str(k) + v + b's' for k, v in items.items())
+  return b'\x80\x02' + _global('collections', 'OrderedDict') + b')R' + body + b'.'
+
+
+def _zip(path, pkl, storages, extra=()):
+  with zipfile.ZipFile(path, 'w') as z:
+    z.writestr('archive/data.pkl', pkl)
+    for key, data in storages.items():
+      z.writestr(f'archive/data/{key}', data)
+    for name in extra:
+      z.writestr(name, b'')
+  return str(path)
+
+
+def test_a_hand_made_file_reads_like_torch_would(tmp_path):
+  """Guards the helpers below: a valid hand-made file reads, stride and offset honoured."""
+  data = np.arange(10, dtype=np.float32).tobytes()
+  path = _zip(
+    tmp_path / 'ok.pth', _state_pickle({'w': _tensor('0', 10, 1, (3, 2), (1, 3))}), {'0': data}
+  )
+  np.testing.assert_array_equal(torch_checkpoint.load(path)['w'], [[1, 4], [2, 5], [3, 6]])
+
+
+def _legacy(obj_pickle, storages):
+  """The pre-1.6 stream: magic, protocol 1001, sys_info, the object, its storage keys, then each
+  storage as an int64 element count and its little-endian bytes."""
+  head = [0x1950A86A20F9469CFC6C, 1001, {'protocol_version': 1001, 'little_endian': True}]
+  out = b''.join(pickle.dumps(h, protocol=2) for h in head) + obj_pickle
+  out += pickle.dumps(list(storages), protocol=2)
+  for array in storages.values():
+    out += struct.pack('<q', array.size) + array.astype(array.dtype.newbyteorder('<')).tobytes()
+  return out
+
+
+def test_a_legacy_stream_with_storage_views_reads_like_torch(tmp_path):
+  """Two tensors on one storage, one through a storage view (torch < 0.4 wrote those), int64."""
+  root = np.arange(12, dtype=np.int64) - 5
+  pkl = _state_pickle(
+    {
+      'full': _tensor('k0', 12, 2, (2, 3), (3, 1), storage='LongStorage'),
+      'view': _tensor('k0', 12, 1, (2,), (2,), storage='LongStorage', view=('v', 4, 6)),
+    }
+  )
+  path = tmp_path / 'legacy.pth'
+  path.write_bytes(_legacy(pkl, {'k0': root}))
+  state = torch_checkpoint.load(str(path))
+  np.testing.assert_array_equal(state['full'], [[-3, -2, -1], [0, 1, 2]])
+  np.testing.assert_array_equal(state['view'], [0, 2])  # root[4:10][1::2][:2]
+  assert state['full'].dtype == np.int64
+
+  path.write_bytes(_legacy(pkl, {'k0': root})[:-8])
+  with pytest.raises(ValueError, match='storage k0 is truncated'):
+    torch_checkpoint.load(str(path))
+  huge = _state_pickle({'w': _tensor('k0', 10**12, 0, (1,), (1,))})
+  path.write_bytes(_legacy(huge, {'k0': np.zeros(1, np.float32)}))
+  with pytest.raises(ValueError, match='larger than the file'):
+    torch_checkpoint.load(str(path))
+
+
+def test_build_cannot_change_the_readers_own_functions(tmp_path):
+  """pickle's BUILD on a resolved global (e.g. setting a function's __defaults__) is refused."""
+  state = b'(N}' + _str('__defaults__') + _tuple([_int(1)]) + b'stb'  # BUILD (None, {...})
+  pkl = _state_pickle({'w': _global('torch._utils', '_rebuild_tensor_v2') + state})
+  with pytest.raises(ValueError, match='damaged'):
+    torch_checkpoint.load(_zip(tmp_path / 'build.pth', pkl, {}))
+  fn = torch_checkpoint.ALLOWED_GLOBALS['torch._utils', '_rebuild_tensor_v2']
+  assert not hasattr(fn, '__dict__')
+
+
+class _RunsCode:
+  def __reduce__(self):
+    return (os.system, ('touch PWNED',))
+
+
+@pytest.mark.parametrize('layout', ['zip', 'legacy', 'inside_a_tensor'])
+def test_a_pickle_that_would_run_code_is_refused_unrun(tmp_path, monkeypatch, layout):
+  monkeypatch.chdir(tmp_path)
+  evil = pickle.dumps({'fc.weight': _RunsCode()}, protocol=2)
+  path = tmp_path / 'evil.pth'
+  if layout == 'zip':
+    _zip(path, evil, {})
+  elif layout == 'legacy':
+    path.write_bytes(evil)
+  else:  # the call hidden where a tensor's storage would be
+    body = _global('posix', 'system') + _tuple([_str('touch PWNED')]) + b'R'
+    _zip(path, _state_pickle({'w': body}), {})
+  with pytest.raises(ValueError) as e:
+    convert.load_torch_state_dict(str(path))
+  message = str(e.value)
+  assert message.startswith(f'{path}: it references ')
+  assert 'system, which a weights-only state_dict never needs' in message
+  assert '\n' not in message and not (tmp_path / 'PWNED').exists()
+
+
+def test_other_globals_and_modules_are_refused(tmp_path):
+  for module, name in [
+    ('builtins', 'eval'),
+    ('torch.nn.modules.conv', 'Conv2d'),
+    ('numpy', 'load'),
+  ]:
+    pkl = _state_pickle({'w': _global(module, name) + b')R'})
+    with pytest.raises(ValueError, match=f'references {module}.{name}'):
+      torch_checkpoint.load(_zip(tmp_path / f'{name}.pth', pkl, {}))
+
+
+@pytest.mark.parametrize(
+  'offset,size,stride,needle',
+  [
+    (0, (3, 4), (4, 1), 'reads past its storage of 10 elements'),
+    (8, (3,), (1,), 'reads past its storage'),
+    (0, (2, 2), (1,), 'bad tensor geometry'),
+    (-1, (2,), (1,), 'bad tensor geometry'),
+  ],
+)
+def test_a_tensor_outside_its_storage_is_refused(tmp_path, offset, size, stride, needle):
+  path = _zip(
+    tmp_path / 'w.pth',
+    _state_pickle({'w': _tensor('0', 10, offset, size, stride)}),
+    {'0': bytes(40)},
+  )
+  with pytest.raises(ValueError, match=needle):
+    torch_checkpoint.load(path)
+
+
+def test_damaged_and_foreign_files_are_one_line_each(tmp_path):
+  def fails(path, needle):
+    with pytest.raises(ValueError) as e:
+      convert.load_torch_state_dict(str(path))
+    assert needle in str(e.value) and '\n' not in str(e.value), str(e.value)
+
+  pkl = _state_pickle({'w': _tensor('0', 10, 0, (10,), (1,))})
+  fails(_zip(tmp_path / 'short.pth', pkl, {'0': bytes(39)}), 'has 39 bytes, 40 expected')
+  fails(_zip(tmp_path / 'nostorage.pth', pkl, {}), 'storage record archive/data/0 is missing')
+  fails(_zip(tmp_path / 'ts.pt', pkl, {'0': bytes(40)}, ['archive/code/m.py']), 'TorchScript')
+  bad_type = _state_pickle({'w': _tensor('0', 10, 0, (10,), (1,), storage='QInt8Storage')})
+  fails(_zip(tmp_path / 'q.pth', bad_type, {'0': bytes(40)}), 'references torch.QInt8Storage')
+  cut = tmp_path / 'cut.pth'
+  cut.write_bytes(pkl[:30])
+  fails(cut, 'damaged')
+  text = tmp_path / 'notes.pth'
+  text.write_text('not weights')
+  fails(text, 'not a torch.save file')
+  fails(tmp_path / 'missing.pth', 'no such file')
+  fails(tmp_path, 'cannot read it')
+  with tarfile.open(tmp_path / 'old.pth', 'w') as tar:
+    info = tarfile.TarInfo('sys_info')
+    tar.addfile(info, io.BytesIO(b''))
+  fails(tmp_path / 'old.pth', 'a tar archive (torch < 0.4')
+  plain = tmp_path / 'plain.pth'
+  plain.write_bytes(pickle.dumps({'a': 1}, protocol=2))
+  fails(plain, "a pickle without torch's magic number")
+  fails(_zip(tmp_path / 'list.pth', b'\x80\x02]q\x00.', {}), 'holds a list, not a state_dict')
+  header = b'{"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}'
+  broken = tmp_path / 'broken.safetensors'
+  broken.write_bytes(struct.pack('<Q', len(header)) + header + bytes(8))
+  fails(broken, 'could not be read as a safetensors file')
+
+
+def test_convert_cli_refuses_a_crafted_file_in_one_line(tmp_path, capsys, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  path = tmp_path / 'evil.pth'
+  path.write_bytes(pickle.dumps({'fc.weight': _RunsCode()}, protocol=2))
+  with pytest.raises(SystemExit) as e:
+    convert.main(
+      ['--arch', 'resnet18', '--torchvision-weights', str(path), '--out', str(tmp_path / 'o')]
+    )
+  err = capsys.readouterr().err.strip().splitlines()
+  assert e.value.code == 1 and len(err) == 1 and err[0].startswith(f'error: {path}: it references')
+  assert not (tmp_path / 'PWNED').exists() and not (tmp_path / 'o').exists()
