@@ -268,7 +268,8 @@ def test_batch_mode_drops_a_block_for_the_whole_batch():
   model = tiny(drop_path_mode='batch', rate=0.6)
   x = images(4)
   variables = model.init(jax.random.key(0), x)
-  draws = jax.jit(jax.vmap(lambda k: jnp.stack([kept for _, kept in sown(model, variables, x, k)[1]])))
+  masks = lambda key: jnp.stack([kept for _, kept in sown(model, variables, x, key)[1]])
+  draws = jax.jit(jax.vmap(masks))
   kept = np.asarray(draws(jnp.arange(800)))  # (keys, blocks, examples)
   assert np.all(kept == kept[:, :, :1])
   for l in range(1, 7):
