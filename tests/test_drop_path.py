@@ -252,9 +252,7 @@ def test_scanned_and_unrolled_nets_evaluate_alike_and_remat_draws_the_same_masks
   x = images(8)
   v = unrolled.init(jax.random.key(0), x)
   vs = layout.to_scanned(v, unrolled.stage_sizes)
-  np.testing.assert_allclose(
-    scanned.apply(vs, x), unrolled.apply(v, x), rtol=1e-5, atol=1e-5
-  )
+  np.testing.assert_allclose(scanned.apply(vs, x), unrolled.apply(v, x), rtol=1e-5, atol=1e-5)
   for model, variables in ((unrolled, v), (scanned, vs)):
     logits, blocks = sown(model, variables, x)
     rematted, remat_blocks = sown(model.clone(remat=True), variables, x)
