@@ -7,11 +7,14 @@ ResNet-110 and deeper warm up at lr 0.01 for 400 iterations. BN statistics over 
 Config args: depth=20, plain, shortcut=A|B|C, preact, val=5000 (the 45k/5k split),
 dataset=cifar10|cifar100, bn_group=64 (0: whole global batch), block=basic|bottleneck,
 steps=64000 (a shorter or longer run with the same schedule shape: decays at 50 % and 75 %,
-ResNet-110's warm-up 400/64k of it; --config.num_train_steps alone moves neither).
+ResNet-110's warm-up 400/64k of it; --config.num_train_steps alone moves neither),
+drop_path=0 (stochastic depth, Huang et al. 2016: the drop rate of the last block, 0.5 in the
+paper (p_L = 0.5); block l of L drops with l / L of it, per example; model.drop_path_rate).
 `block=bottleneck` gives the 9n+2-layer bottleneck nets of He et al. 2016 (ResNet-164/1001; the
 shortcut then defaults to B, projections where the width grows, as in that paper).
 Examples: python -m resnet_jax.main --config=configs/cifar.py:depth=110 --workdir=/tmp/r110
           python -m resnet_jax.main --config=configs/cifar.py:depth=164,preact,block=bottleneck ...
+          python -m resnet_jax.main --config=configs/cifar.py:depth=110,drop_path=0.5 ...
 """
 
 from resnet_jax.default_config import base_config, parse_arg, set_cifar_model, set_cifar_recipe
@@ -29,9 +32,11 @@ def get_config(arg: str | None = None):
     bn_group=64,
     block='basic',
     steps=64_000,
+    drop_path=0.0,
   )
   c = base_config()
   set_cifar_model(c.model, args)
+  c.model.drop_path_rate = args.drop_path
   c.data.name = args.dataset
   c.data.num_classes = 100 if args.dataset == 'cifar100' else 10
   c.data.image_size = 32

@@ -55,6 +55,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.groups = ml_collections.FieldReference(None, field_type=int)
   c.model.width_per_group = ml_collections.FieldReference(None, field_type=int)
   c.model.dropout_rate = 0.0
+  # Stochastic depth (Huang et al. 2016): block l of L drops its residual branch in training
+  # with probability l / L * drop_path_rate (0.5: the paper's p_L); 'row' per example | 'batch'.
+  c.model.drop_path_rate = 0.0
+  c.model.drop_path_mode = 'row'
   # Fine-tuning a backbone: output stride 16 / 8 by dilation, BatchNorm with frozen statistics
   # (and scale/bias), stem + stages 1..k frozen (-1: none; optimizer leaves them untouched).
   c.model.output_stride = 32

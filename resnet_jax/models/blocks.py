@@ -7,12 +7,12 @@ ResNet run those as one ``nn.scan`` over stacked parameters (``ResNet.scan``).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
 
-from resnet_jax.models import layers
+from resnet_jax.models import drop_path, layers
 
 ModuleDef = Any
 
@@ -45,6 +45,7 @@ class _Block(nn.Module):
   dilation: int = 1  # of the 3x3 convs: a backbone's output stride 16 / 8 (see ResNet)
   dropout_rate: float = 0.0  # between the convs (Wide ResNets, Zagoruyko & Komodakis 2016)
   deterministic: bool = True  # no dropout (evaluation); False needs a 'dropout' rng
+  drop_path_mode: str = 'row'  # stochastic depth per example | per batch (models.drop_path)
   expansion = 1  # output channels per unit of `features`
   preact = False
 
@@ -53,6 +54,14 @@ class _Block(nn.Module):
     if self.dropout_rate <= 0 or self.deterministic:
       return y
     return nn.Dropout(self.dropout_rate, deterministic=False, name='dropout')(y)
+
+  def _drop_path(self, branch: jax.Array, rate: Optional[drop_path.Rate]) -> jax.Array:
+    """The residual branch under stochastic depth (``models.drop_path``): ``rate`` is this
+    block's drop probability (a call argument, so a scan can give each block its own), None
+    when off; evaluation (``deterministic``) never drops."""
+    if rate is None or self.deterministic:
+      return branch
+    return drop_path.drop_path(self, branch, rate, self.drop_path_mode)
 
   @property
   def inner_width(self) -> int:
@@ -92,14 +101,14 @@ class BasicBlock(_Block):
   """
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, drop_rate: Optional[drop_path.Rate] = None) -> jax.Array:
     d = self.dilation
     y = self.conv(self.features, 3, self.strides, name='conv1', dilation=d)(x)
     y = self._dropout(nn.relu(self.norm(name='bn1')(y)))
     y = self.conv(self.features, 3, name='conv2', dilation=d)(y)
     y = self.norm(name='bn2', scale_init=_last_bn_init(self.zero_init_last_bn))(y)
     if self.residual:
-      y = y + layers.shortcut(
+      y = self._drop_path(y, drop_rate) + layers.shortcut(
         x, self.features, self.strides, kind=self.shortcut, conv=self.conv, norm=self.norm
       )
     return nn.relu(y)
@@ -111,7 +120,7 @@ class Bottleneck(_Block):
   expansion = 4
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, drop_rate: Optional[drop_path.Rate] = None) -> jax.Array:
     s1, s3 = (self.strides, 1) if self.stride_on == '1x1' else (1, self.strides)
     out, width = self.features * self.expansion, self.inner_width
     y = self.conv(width, 1, s1, name='conv1')(x)
@@ -121,7 +130,7 @@ class Bottleneck(_Block):
     y = self.conv(out, 1, name='conv3')(y)
     y = self.norm(name='bn3', scale_init=_last_bn_init(self.zero_init_last_bn))(y)
     if self.residual:
-      y = y + layers.shortcut(
+      y = self._drop_path(y, drop_rate) + layers.shortcut(
         x, out, self.strides, kind=self.shortcut, conv=self.conv, norm=self.norm
       )
     return nn.relu(y)
@@ -137,7 +146,7 @@ class PreActBasicBlock(_PreActBlock):
   """
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, drop_rate: Optional[drop_path.Rate] = None) -> jax.Array:
     pre, src = self._preactivate(x)
     d = self.dilation
     y = self.conv(self.features, 3, self.strides, name='conv1', dilation=d)(pre)
@@ -145,7 +154,7 @@ class PreActBasicBlock(_PreActBlock):
     y = self.conv(self.features, 3, name='conv2', dilation=d)(self._dropout(y))
     if not self.residual:
       return y
-    return y + layers.shortcut(
+    return self._drop_path(y, drop_rate) + layers.shortcut(
       src, self.features, self.strides, kind=self.shortcut, conv=self.conv, norm=None
     )
 
@@ -156,7 +165,7 @@ class PreActBottleneck(_PreActBlock):
   expansion = 4
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, drop_rate: Optional[drop_path.Rate] = None) -> jax.Array:
     s1, s3 = (self.strides, 1) if self.stride_on == '1x1' else (1, self.strides)
     out, width = self.features * self.expansion, self.inner_width
     pre, src = self._preactivate(x)
@@ -167,6 +176,6 @@ class PreActBottleneck(_PreActBlock):
     y = self.conv(out, 1, name='conv3')(self._dropout(y))
     if not self.residual:
       return y
-    return y + layers.shortcut(
+    return self._drop_path(y, drop_rate) + layers.shortcut(
       src, out, self.strides, kind=self.shortcut, conv=self.conv, norm=None
     )

@@ -43,7 +43,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from resnet_jax.models import layers
+from resnet_jax.models import drop_path, layers
 from resnet_jax.models.blocks import (
   BasicBlock,
   Bottleneck,
@@ -78,6 +78,12 @@ class ResNet(nn.Module):
   compiled program holds two blocks per stage whatever the depth. ``remat=True`` recomputes each
   block's activations in the backward pass (``nn.remat``) instead of keeping them.
 
+  ``drop_path_rate`` > 0: stochastic depth (Huang et al. 2016; see ``models.drop_path``) in
+  training, block l of L dropped with probability l / L * drop_path_rate, per example
+  (``drop_path_mode='row'``) or per batch (``'batch'``); no variables, so the same parameters and
+  checkpoints; evaluation is the plain forward. The rate reaches each block as a call argument
+  (a scanned stage scans over its blocks' rates).
+
   Backbone use (see ``models.backbone``): ``features_only`` returns ``{'C2'..'C5'}`` (ImageNet
   stages, strides 4/8/16/32; a pre-activation net's C5 is after ``bn_final`` + ReLU) instead of
   logits, with no ``fc``; ``output_stride`` 16 / 8 replaces the stride of the last one / two
@@ -106,6 +112,8 @@ class ResNet(nn.Module):
   groups: int = 1
   base_width: int = 64
   dropout_rate: float = 0.0
+  drop_path_rate: float = 0.0
+  drop_path_mode: str = 'row'
   output_stride: int = 32
   features_only: bool = False
   frozen_bn: bool = False
@@ -159,6 +167,10 @@ class ResNet(nn.Module):
 
     block_cls = nn.remat(self.block_cls) if self.remat else self.block_cls
     features = {}
+    # Each block's drop-path rate, per stage (None: off, as in evaluation: no rng needed).
+    rates = drop_path.block_rates(self.stage_sizes, self.drop_path_rate)
+    if not (train and self.drop_path_rate > 0):
+      rates = [[None] * n for n in self.stage_sizes]
     for i, (num_blocks, width) in enumerate(zip(self.stage_sizes, self.widths)):
       stride, first_dilation, dilation = self.stage_geometry()[i]
       common = dict(
@@ -172,6 +184,7 @@ class ResNet(nn.Module):
         base_width=self.base_width,
         dropout_rate=self.dropout_rate,
         deterministic=not train or frozen(i + 1),
+        drop_path_mode=self.drop_path_mode,
       )
       for j in range(1 if self.scan else num_blocks):
         extra = {}
@@ -184,10 +197,10 @@ class ResNet(nn.Module):
           dilation=first_dilation if j == 0 else dilation,
           **common,
           **extra,
-        )(x)
+        )(x, rates[i][j])
       if self.scan and num_blocks > 1:
         x = self._scanned_blocks(
-          width, num_blocks - 1, f'layer{i + 1}_scan', dict(common, dilation=dilation)
+          width, f'layer{i + 1}_scan', dict(common, dilation=dilation), rates[i][1:]
         )(x)
       if frozen(i + 1):
         x = jax.lax.stop_gradient(x)
@@ -206,18 +219,22 @@ class ResNet(nn.Module):
       name='fc',
     )(x)
 
-  def _scanned_blocks(self, width: int, length: int, name: str, common: dict):
-    """``length`` identical stride-1 blocks as one scan: variables gain a leading axis."""
+  def _scanned_blocks(self, width: int, name: str, common: dict, rates: list):
+    """``len(rates)`` identical stride-1 blocks as one scan: variables gain a leading axis.
+
+    ``rates``: the blocks' drop-path rates (all None: off), scanned over with the variables.
+    """
     block_cls = nn.remat(self.block_cls, prevent_cse=False) if self.remat else self.block_cls
     common = dict(common, conv=functools.partial(layers.conv, dtype=self.dtype, loop_friendly=None))
     block = block_cls(width, strides=1, name=name, **common)
+    xs = None if rates[0] is None else jnp.asarray(rates, jnp.float32)
     body = nn.scan(
-      lambda module, carry, _: (module(carry), None),
-      variable_axes={'params': 0, 'batch_stats': 0, 'intermediates': 0},
+      lambda module, carry, rate: (module(carry, rate), None),
+      variable_axes={'params': 0, 'batch_stats': 0, 'intermediates': 0, drop_path.COLLECTION: 0},
       split_rngs={'params': True, 'dropout': True},
-      length=length,
+      length=len(rates),
     )
-    return lambda x: body(block, x, None)[0]
+    return lambda x: body(block, x, xs)[0]
 
 
 _BLOCKS = {
@@ -270,6 +287,8 @@ def create_model(
   groups: Optional[int] = None,
   width_per_group: Optional[int] = None,
   dropout_rate: float = 0.0,
+  drop_path_rate: float = 0.0,
+  drop_path_mode: str = 'row',
   output_stride: int = 32,
   features_only: bool = False,
   frozen_bn: bool = False,
@@ -292,8 +311,14 @@ def create_model(
   ResNet into a ResNeXt / Wide ResNet. ``dropout_rate``: dropout between a block's convs when
   ``train=True`` (then ``apply`` needs ``rngs={'dropout': key}``); 0 by default for every name,
   WRN included: the rate is a recipe choice (``configs/wrn.py`` uses the paper's 0.3), and a
-  net without it needs no rng. Backbone fields (``output_stride``, ``features_only``,
-  ``frozen_bn``, ``frozen_bn_affine``, ``frozen_stages``): see ``ResNet``.
+  net without it needs no rng. ``drop_path_rate``: stochastic depth (Huang et al. 2016,
+  ``models.drop_path``): in training block l of L (over all stages) drops its residual branch
+  with probability l / L * drop_path_rate (the paper's p_l = 1 - l / L (1 - p_L), so the rate is
+  1 - p_L, 0.5 in the paper), per example (``drop_path_mode='row'``) or per batch (``'batch'``),
+  scaling survivors by 1 / p_l; needs ``rngs={'dropout': key}`` in training; refused for plain
+  nets (their block is all branch). 0 (default): exactly the net without it. Backbone fields
+  (``output_stride``, ``features_only``, ``frozen_bn``, ``frozen_bn_affine``,
+  ``frozen_stages``): see ``ResNet``.
   """
   spec = parse_name(name, block)
   residual = residual and spec.residual
@@ -314,6 +339,13 @@ def create_model(
   groups, width_per_group = _resolve_grouping(spec, name, groups, width_per_group)
   if not 0.0 <= dropout_rate < 1.0:
     raise ValueError(f'dropout_rate must be in [0, 1), got {dropout_rate!r}')
+  drop_path.check(drop_path_rate, drop_path_mode)
+  if drop_path_rate > 0 and not residual:
+    raise ValueError(
+      f'drop_path_rate={drop_path_rate} needs residual blocks: a plain net ({name}, '
+      'residual=False) has no shortcut, its block is all branch, and dropping it would zero '
+      'the signal'
+    )
   if output_stride not in (32, 16, 8):
     raise ValueError(f'output_stride must be 32, 16 or 8, got {output_stride!r}')
   if not imagenet and (output_stride != 32 or features_only):
@@ -352,6 +384,8 @@ def create_model(
     groups=groups,
     base_width=width_per_group,
     dropout_rate=float(dropout_rate),
+    drop_path_rate=float(drop_path_rate),
+    drop_path_mode=drop_path_mode,
     output_stride=output_stride,
     features_only=bool(features_only),
     frozen_bn=bool(frozen_bn),
