@@ -336,7 +336,7 @@ def _restore_newest_readable(
           if 'ema' not in found:
             raise NoEmaError(
               f'{directory}/{step} holds no EMA weights (the run trained with ema_decay=0): '
-              "evaluate its model weights (--weights model), or train with --config.ema_decay"
+              'evaluate its model weights (--weights model), or train with --config.ema_decay'
             )
           wanted = {'ema': {k: found['ema'][k] for k in ('params', 'batch_stats')}}
         else:

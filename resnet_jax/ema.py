@@ -78,17 +78,21 @@ def from_config(config: ml_collections.ConfigDict, steps_per_epoch: int) -> Ema 
 
 
 def enabled(config: ml_collections.ConfigDict) -> bool:
+  """Whether the run's state carries an EMA (and so its checkpoints)."""
   return bool(config.ema_decay)
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
+  """Refuses EMA values that cannot give a correct run, before anything is written."""
   if not 0 <= config.ema_decay < 1:
     raise ConfigError(f'ema_decay must be in [0, 1) (0: no EMA), got {config.ema_decay}')
   if config.ema_every_steps < 1:
     raise ConfigError(f'ema_every_steps must be >= 1, got {config.ema_every_steps}')
 
 
-def check_resume(old: ml_collections.ConfigDict, config: ml_collections.ConfigDict, workdir) -> None:
+def check_resume(
+  old: ml_collections.ConfigDict, config: ml_collections.ConfigDict, workdir: Any
+) -> None:
   """A run's state has an `ema` or not: switching EMA on or off cannot resume it."""
   before, now = enabled(old), enabled(config)
   if before != now:
@@ -97,5 +101,3 @@ def check_resume(old: ml_collections.ConfigDict, config: ml_collections.ConfigDi
       f'{config.ema_decay!r}: EMA {"on" if before else "off"} there, {"on" if now else "off"} '
       f'here; use another --workdir (--config.init_from={workdir} starts from its weights)'
     )
-
-

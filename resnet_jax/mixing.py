@@ -139,7 +139,7 @@ def validate(config: ml_collections.ConfigDict, n_devices: int) -> None:
   per_micro = config.batch_size // max(n_devices, 1) // max(config.grad_accum_steps, 1)
   if per_micro % 2:
     raise ConfigError(
-      f'data.mixup_alpha/cutmix_alpha pair adjacent examples inside each device\'s share: the '
+      f"data.mixup_alpha/cutmix_alpha pair adjacent examples inside each device's share: the "
       f'{per_micro} examples per device{" and micro-batch" if config.grad_accum_steps > 1 else ""}'
       f' (batch_size {config.batch_size} / {n_devices} devices'
       f'{f" / {config.grad_accum_steps} grad_accum_steps" if config.grad_accum_steps > 1 else ""})'

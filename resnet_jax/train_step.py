@@ -178,9 +178,7 @@ def train_step(
     opt_state=keep_opt(new_opt_state, state.opt_state),
   )
   if ema is not None:
-    new_state = new_state.replace(
-      ema=ema.update(state.step, model_variables(new_state), state.ema)
-    )
+    new_state = new_state.replace(ema=ema.update(state.step, model_variables(new_state), state.ema))
   metrics = {
     'loss': loss,
     'top1_error': top1_error,

@@ -81,8 +81,9 @@ def test_the_train_step_averages_params_and_bn_statistics_in_float32():
   jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7), got, want)
   assert all(x.dtype == np.float32 for x in jax.tree.leaves(got))
   assert state.ema['params']['conv1']['kernel'].sharding == state.params['conv1']['kernel'].sharding
-  assert state_fingerprint(state) != state_fingerprint(state.replace(ema=jax.tree.map(
-    lambda x: x + 1, state.ema)))  # the fingerprint covers the average
+  assert state_fingerprint(state) != state_fingerprint(
+    state.replace(ema=jax.tree.map(lambda x: x + 1, state.ema))
+  )  # the fingerprint covers the average
 
 
 def _run(tmp_path, name, steps=4, fail_after=None, **overrides):
@@ -91,7 +92,9 @@ def _run(tmp_path, name, steps=4, fail_after=None, **overrides):
     {'checkpoint_every_steps': 2, 'eval_every_steps': 2, **overrides}
   )
   batches = ArrayBatches(16) if fail_after is None else _Failing(16, fail_after)
-  return train.train_and_evaluate(config, str(tmp_path / name), train_iter=batches, writer=ListWriter())
+  return train.train_and_evaluate(
+    config, str(tmp_path / name), train_iter=batches, writer=ListWriter()
+  )
 
 
 class _Failing(ArrayBatches):
