@@ -12,6 +12,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from resnet_jax import checkpointing, ema, evaluate, evaluators, pretrained, train
+from resnet_jax.default_config import load_sibling_config
 from resnet_jax.models import create_model
 from resnet_jax.train_step import (
   EmaTrainState,
@@ -23,7 +24,7 @@ from resnet_jax.train_step import (
   state_fingerprint,
 )
 from resnet_jax.validation import ConfigError
-from tests.test_train_loop import ArrayBatches, ListWriter, _config
+from tests.test_train_loop import _CONFIGS, ArrayBatches, ListWriter, _config
 
 
 def _tree(value):
@@ -233,3 +234,32 @@ def test_bad_ema_values_are_refused(key, value, message):
   config[key] = value
   with pytest.raises(ConfigError, match=message):
     ema.validate(config)
+
+
+def test_a_run_with_ema_resumes_across_the_scanned_and_unrolled_layouts(tmp_path):
+  """The average is converted with the weights (runtime._restore_any_layout)."""
+
+  def run(name, scan, fail_after=None):
+    config = load_sibling_config(_CONFIGS, 'digits').get_config('depth=14,steps=4,batch=16')
+    config.update_from_flattened_dict(
+      {
+        'log_every_steps': 2,
+        'eval_every_steps': 0,
+        'checkpoint_every_steps': 2,
+        'progress_bar': False,
+        'model.scan': scan,
+        'ema_decay': 0.5,
+        'schedule.warmup_steps': 0,
+      }
+    )
+    batches = ArrayBatches(16) if fail_after is None else _Failing(16, fail_after)
+    return train.train_and_evaluate(
+      config, str(tmp_path / name), train_iter=batches, writer=ListWriter()
+    )
+
+  straight = run('a', True)
+  with pytest.raises(RuntimeError, match='pipeline broke'):
+    run('b', True, fail_after=3)
+  resumed = run('b', False)
+  assert resumed['eval_ema']['loss'] == pytest.approx(straight['eval_ema']['loss'], rel=1e-4)
+  assert resumed['eval_ema'] != resumed['eval']
