@@ -44,3 +44,17 @@ def test_the_other_recipes_mix_nothing_and_keep_no_ema(recipe):
   assert c.batch_size == 256
   assert mixing.from_config(c, 1000) is None and ema.from_config(c, 100) is None
   assert c.model.zero_init_last_bn == (recipe == 'modern')
+
+
+def test_the_recipe_benchmark_times_the_four_variants(capsys):
+  """scripts/benchmark_recipe.py (docs/performance.md's figure) on a tiny input."""
+  import json
+
+  from tests.test_benchmark import _script
+
+  bench = _script('benchmark_recipe')
+  bench.main(['--batch-size=8', '--image-size=8', '--steps=1', '--rounds=1', '--json'])
+  result = json.loads(capsys.readouterr().out.splitlines()[-1])
+  assert set(result['ms_per_step']) == {'plain', 'mixing', 'ema', 'both'}
+  assert result['ratio_to_plain']['plain'] == 1.0
+  assert all(v > 0 for v in result['ms_per_step'].values())
