@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> None:
       jax.block_until_ready((state, metrics))
       times.append((time.perf_counter() - t0) / args.steps * 1e3)
       run[1] = state
-  ms = {k: None if args.compile_only else round(statistics.median(v[2]), 2) for k, v in runs.items()}
+  median = lambda times: None if args.compile_only else round(statistics.median(times), 2)
+  ms = {k: median(v[2]) for k, v in runs.items()}
   result = {
     'arch': args.arch,
     'batch_size': args.batch_size,
