@@ -19,7 +19,9 @@ torchvision derives its per-update decay from `--model-ema-decay 0.99998` as
 in every checkpoint (and so in `state_fingerprint`), and restored with the run. A run without EMA
 has exactly the train state it had before this module existed: its old checkpoints resume.
 
-Optax's `incremental_update` is the update (`step_size * new + (1 - step_size) * old`).
+Optax's `incremental_update` is the update (`step_size * new + (1 - step_size) * old`). It is
+computed at every step and a select keeps the old average between updates (under 1 % of a
+ResNet-50 step's memory traffic: docs/performance.md).
 """
 
 from __future__ import annotations
