@@ -290,12 +290,18 @@ def _restore_newest(
   return None, bad
 
 
-def restore_model_variables(workdir: str | epath.Path) -> tuple[dict[str, Any], int]:
+def restore_model_variables(
+  workdir: str | epath.Path, weights: str = 'model'
+) -> tuple[dict[str, Any], int]:
   """({'params', 'batch_stats'}, step) of a run's newest readable checkpoint, read-only.
 
   For readers (evaluate, predict, Fig. 7, init_from): nothing in the workdir is created, cleaned
-  or moved, so a live run is never disturbed, and a read-only workdir works.
+  or moved, so a live run is never disturbed, and a read-only workdir works. `weights`: 'model'
+  (the trained weights: what init_from and predict take) or 'ema' (their average, saved by a run
+  with `ema_decay` > 0; a run without one is a ValueError).
   """
+  if weights not in ('model', 'ema'):
+    raise ValueError(f"weights must be 'model' or 'ema', got {weights!r}")
   directory = as_path(workdir) / CHECKPOINT_DIR
   if not directory.is_dir():
     raise FileNotFoundError(f'no checkpoint in {directory}')
@@ -303,12 +309,18 @@ def restore_model_variables(workdir: str | epath.Path) -> tuple[dict[str, Any], 
   absl_logger = logging.getLogger('absl')
   absl_logger.addFilter(orbax_logs.drop_expected_reader_notices)
   try:
-    return _restore_newest_readable(directory)
+    return _restore_newest_readable(directory, weights)
   finally:
     absl_logger.removeFilter(orbax_logs.drop_expected_reader_notices)
 
 
-def _restore_newest_readable(directory: epath.Path) -> tuple[dict[str, Any], int]:
+class NoEmaError(ValueError):
+  """`weights='ema'` of a run that kept no average of its weights."""
+
+
+def _restore_newest_readable(
+  directory: epath.Path, weights: str = 'model'
+) -> tuple[dict[str, Any], int]:
   manager = ocp.CheckpointManager(
     directory,
     options=ocp.CheckpointManagerOptions(
@@ -320,7 +332,15 @@ def _restore_newest_readable(directory: epath.Path) -> tuple[dict[str, Any], int
     for step in sorted(manager.all_steps(), reverse=True):
       try:
         found = manager.item_metadata(step)['state']
-        wanted = {k: found[k] for k in ('params', 'batch_stats') if k in found}
+        if weights == 'ema':
+          if 'ema' not in found:
+            raise NoEmaError(
+              f'{directory}/{step} holds no EMA weights (the run trained with ema_decay=0): '
+              'evaluate its model weights (--weights model), or train with --config.ema_decay'
+            )
+          wanted = {'ema': {k: found['ema'][k] for k in ('params', 'batch_stats')}}
+        else:
+          wanted = {k: found[k] for k in ('params', 'batch_stats') if k in found}
         abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), wanted)
         restore_args = jax.tree.map(
           lambda _: ocp.ArrayRestoreArgs(restore_type=np.ndarray), abstract
@@ -333,6 +353,9 @@ def _restore_newest_readable(directory: epath.Path) -> tuple[dict[str, Any], int
             )
           ),
         )['state']
+        state = state['ema'] if weights == 'ema' else state
+      except NoEmaError:
+        raise
       except Exception as e:  # noqa: BLE001 -- report and try the previous one; never move it
         logger.warning(
           'checkpoint %s/%d is unreadable (%s); trying the previous one', directory, step, _short(e)

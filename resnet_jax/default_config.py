@@ -101,6 +101,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.num_workers = 0
   c.data.prefetch = 2  # batches prepared ahead on the host (0 acts as 1)
   c.data.eval_crops = 1  # 1 | 10 (the paper's 10-crop testing)
+  # Mixup (Zhang et al. 2018) / CutMix (Yun et al. 2019) of each training batch inside the jitted
+  # step, as torchvision's reference trainer does (resnet_jax/mixing.py): lambda ~ Beta(alpha,
+  # alpha), 0 turns one off (both 0: no mixing); a batch is mixed with probability mix_prob,
+  # by CutMix with probability mix_switch_prob when both are on (torchvision: 1.0 and 0.5).
+  c.data.mixup_alpha = 0.0
+  c.data.cutmix_alpha = 0.0
+  c.data.mix_prob = 1.0
+  c.data.mix_switch_prob = 0.5
 
   c.batch_size = 128  # global, over all devices and hosts
   # >1: each step's gradient over that many micro-batches in turn (activation memory / N), the
@@ -119,6 +127,11 @@ def base_config() -> ml_collections.ConfigDict:
   # bias: torchvision's new recipe, norm_weight_decay=0).
   c.optimizer.weight_decay_mask = 'all'
   c.label_smoothing = 0.0
+  # An exponential moving average of the weights and BN statistics (resnet_jax/ema.py), updated
+  # every ema_every_steps steps with this decay per update (0: none); copies the weights during
+  # the lr warm-up. Evaluated beside the model ('eval_ema' in metrics.jsonl and results.json).
+  c.ema_decay = 0.0
+  c.ema_every_steps = 1
 
   c.schedule = ml_collections.ConfigDict()
   c.schedule.name = 'piecewise'  # 'piecewise' | 'cosine' | 'constant'

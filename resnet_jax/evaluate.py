@@ -6,7 +6,8 @@
 marks padding with `mask=False`; the eval step sums only masked-in examples, so nothing is dropped
 or counted twice. `--scales` is He et al. 2015 Table 4's whole-image multi-scale testing
 (`resnet_jax.multiscale`); `--precise-bn N` first recomputes the BN statistics over N training
-batches (`resnet_jax.precise_bn`), in memory only: the workdir is never written.
+batches (`resnet_jax.precise_bn`), in memory only: the workdir is never written. `--weights ema`
+evaluates the run's average of its weights (`resnet_jax.ema`) instead of the weights themselves.
 """
 
 from __future__ import annotations
@@ -135,6 +136,7 @@ def evaluate_workdir(
   precise_bn_batches: int | None = None,
   data_dir: str | None = None,
   dataset: str | None = None,
+  weights: str = 'model',
 ) -> dict[str, Any]:
   """Evaluates the newest good checkpoint of a training run, without writing to its workdir.
 
@@ -143,12 +145,13 @@ def evaluate_workdir(
   `data_dir`: where the dataset is now, when it is not where the run read it (moved, another
   machine, a relative path from another directory). `dataset`: another TFDS dataset with the
   run's label space (CIFAR-10.1's `cifar10_1` for a CIFAR-10 run, `imagenet_v2` for ImageNet),
-  read through the run's own evaluation preprocessing and normalisation.
+  read through the run's own evaluation preprocessing and normalisation. `weights`: 'model' or
+  'ema' (the average a run with `ema_decay` > 0 kept; the JSON then says `"weights": "ema"`).
   """
   overrides = {'eval_batch_size': batch_size} if batch_size else {}
   if data_dir is not None:
     overrides['data.data_dir'] = data_dir
-  trained = runtime.load_trained_model(workdir, overrides)
+  trained = runtime.load_trained_model(workdir, overrides, weights=weights)
   experiment = trained.experiment
   config, mesh = experiment.config, experiment.mesh
   preprocessor, eval_config = None, config
@@ -188,6 +191,8 @@ def evaluate_workdir(
     result['dataset'] = str(eval_config.data.name)
   result['split'] = split
   result['step'] = int(trained.step)
+  if weights != 'model':
+    result['weights'] = weights
   if precise_bn_batches is not None:
     result['precise_bn_batches'] = int(precise_bn_batches)
   return result
@@ -265,6 +270,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     help="another TFDS dataset with the run's classes, e.g. cifar10_1 (CIFAR-10.1) or "
     "imagenet_v2, read with the run's evaluation preprocessing; --split defaults to 'test'",
   )
+  parser.add_argument(
+    '--weights',
+    choices=['model', 'ema'],
+    default='model',
+    help="the run's weights (model, the default) or their exponential moving average (ema, "
+    'kept by a run trained with --config.ema_decay > 0)',
+  )
   args = parser.parse_args(argv)
   try:
     result = evaluate_workdir(
@@ -276,6 +288,7 @@ def main(argv: Sequence[str] | None = None) -> None:
       precise_bn_batches=args.precise_bn,
       data_dir=args.data_dir,
       dataset=args.dataset,
+      weights=args.weights,
     )
   except (ValueError, FileNotFoundError, PermissionError) as e:  # one clear line, no traceback
     cli.fail(e)

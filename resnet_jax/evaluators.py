@@ -17,6 +17,11 @@ shorter sides, `resnet_jax.multiscale`), `every_steps` (default `eval_every_step
 the end), `batch_size` (default `eval_batch_size`). Each one's records go to metrics.jsonl with
 `"split": NAME` and to TensorBoard under NAME/, and its final figures to `results.json`'s
 `evals`.
+
+With `ema_decay` > 0 every evaluator also measures the average of the weights (`resnet_jax.ema`):
+its records go to metrics.jsonl as `"split": "NAME_ema"` (the main one's: `eval_ema`) beside the
+model's, which keep their meaning, and its final figures to results.json's `eval_ema` (the main
+one) and `evals.NAME_ema`. Names ending in `_ema` are therefore reserved.
 """
 
 from __future__ import annotations
@@ -28,8 +33,9 @@ from typing import Any
 import ml_collections
 
 from resnet_jax import multiscale, runtime
+from resnet_jax.ema import SUFFIX as EMA_SUFFIX
 from resnet_jax.evaluate import run_evaluation, run_multiscale_evaluation
-from resnet_jax.train_step import jit_eval_step
+from resnet_jax.train_step import jit_eval_step, model_variables
 from resnet_jax.validation import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -88,8 +94,11 @@ def from_config(config: ml_collections.ConfigDict) -> list[Evaluator]:
 
 def _parse(name: str, spec: Any, config: ml_collections.ConfigDict) -> Evaluator:
   where = f'evals.{name}'
-  if name in _RESERVED or not name.isidentifier():
-    raise ConfigError(f'{where}: the name must be an identifier other than {", ".join(_RESERVED)}')
+  if name in _RESERVED or not name.isidentifier() or name.endswith(EMA_SUFFIX):
+    raise ConfigError(
+      f'{where}: the name must be an identifier other than {", ".join(_RESERVED)}, not ending '
+      f'in {EMA_SUFFIX} (the EMA figures are named so)'
+    )
   if not isinstance(spec, (dict, ml_collections.ConfigDict)):
     raise ConfigError(f'{where} must be a dict of {", ".join(_FIELDS)}, got {spec!r}')
   spec = dict(spec.items())
@@ -177,10 +186,20 @@ class EvalRunner:
     return self._configs[batch_size]
 
 
-def log_result(evaluator: Evaluator, step: int, result: dict[str, Any]) -> None:
+def weights_of(state: Any, name: str) -> list[tuple[str, Any]]:
+  """[(record name, variables)] an evaluator measures: the model's, then the EMA's if kept."""
+  out = [(name, model_variables(state))]
+  if hasattr(state, 'ema'):
+    out.append((name + EMA_SUFFIX, state.ema))
+  return out
+
+
+def log_result(
+  evaluator: Evaluator, step: int, result: dict[str, Any], name: str | None = None
+) -> None:
   logger.info(
     '%s at step %d on %s (%d examples): top-1 error %.2f%%, top-5 error %.2f%%, loss %.4f',
-    evaluator.name,
+    name or evaluator.name,
     step,
     evaluator.describe(),
     result['num_examples'],

@@ -104,7 +104,10 @@ def build_training(config: ml_collections.ConfigDict) -> Training:
   )
   lr_fn = optim.create_learning_rate_fn(config, steps_per_epoch, total_steps)
   tx = optim.create_optimizer(config, lr_fn)
-  abstract = abstract_state(experiment.model, tx, experiment.dataset.image_shape, experiment.mesh)
+  ema = bool(config.ema_decay)  # the state carries the weights' average (resnet_jax.ema)
+  abstract = abstract_state(
+    experiment.model, tx, experiment.dataset.image_shape, experiment.mesh, ema=ema
+  )
   return Training(experiment, steps_per_epoch, total_steps, lr_fn, tx, abstract)
 
 
@@ -132,7 +135,11 @@ def _restore_any_layout(
     model = training.experiment.model
     other = model.clone(scan=not model.scan)
     saved_shape = abstract_state(
-      other, training.optimizer, training.experiment.dataset.image_shape, training.experiment.mesh
+      other,
+      training.optimizer,
+      training.experiment.dataset.image_shape,
+      training.experiment.mesh,
+      ema=hasattr(training.abstract_state, 'ema'),
     )
     if checkpointing.describe_mismatch(saved_shape, training.abstract_state) == '':
       raise  # both layouts are the same tree (one block per stage): a real mismatch
@@ -149,7 +156,9 @@ def _restore_any_layout(
   state = state.replace(
     apply_fn=model.apply,
     **{
-      k: layout.for_model(getattr(state, k), model) for k in ('params', 'batch_stats', 'opt_state')
+      k: layout.for_model(getattr(state, k), model)
+      for k in ('params', 'batch_stats', 'opt_state', 'ema')
+      if hasattr(state, k)
     },
   )
   return restored._replace(state=jax.device_put(state, training.state_sharding))
@@ -186,7 +195,13 @@ def starting_point(training: Training, checkpointer: checkpointing.Checkpointer)
     variables, reinit = pretrained.merge_pretrained(fresh, weights)
     logger.info('initialised from %s (re-initialised: %s)', config.init_from, reinit or 'none')
   state = init_state(
-    model, training.optimizer, experiment.dataset.image_shape, config.seed, mesh, variables
+    model,
+    training.optimizer,
+    experiment.dataset.image_shape,
+    config.seed,
+    mesh,
+    variables,
+    ema=bool(config.ema_decay),
   )
   return StartingPoint(state, 0, None, 0.0)
 
@@ -201,12 +216,12 @@ class TrainedModel:
 
 
 def load_trained_model(
-  workdir: str | epath.PathLike, overrides: dict[str, Any] | None = None
+  workdir: str | epath.PathLike, overrides: dict[str, Any] | None = None, weights: str = 'model'
 ) -> TrainedModel:
   """The model of the run in `workdir` with its newest good weights; never writes to `workdir`.
 
   `overrides` ({'eval_batch_size': 64, ...}, dotted keys allowed) change how it is evaluated,
-  not what was trained.
+  not what was trained. `weights`: 'model', or 'ema' (the run's average of its weights).
   """
   config = read_run_config(workdir)
   for key, value in (overrides or {}).items():
@@ -216,7 +231,7 @@ def load_trained_model(
       section = section[p]
     section[leaf] = value
   experiment = build_experiment(config)
-  variables, step = checkpointing.restore_model_variables(workdir)
+  variables, step = checkpointing.restore_model_variables(workdir, weights=weights)
   variables = layout.for_model(variables, experiment.model)
   mismatch = checkpointing.describe_mismatch(experiment.abstract_variables(), variables)
   if mismatch:

@@ -22,7 +22,7 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-from resnet_jax import checkpointing, data, evaluators, runtime
+from resnet_jax import checkpointing, data, ema, evaluators, mixing, runtime
 from resnet_jax.metric_writer import MetricWriter, Progress, environment
 from resnet_jax.preemption import StopRequest
 from resnet_jax.profiling import StepTracer
@@ -30,7 +30,6 @@ from resnet_jax.train_step import (
   count_params,
   device_batch,
   jit_train_step,
-  model_variables,
   state_fingerprint,
 )
 from resnet_jax.validation import ConfigError, profile_window, validate_config
@@ -91,6 +90,7 @@ def _prepare_workdir(
       raise ConfigError(f'{directory} is not writable: {e.strerror or e}') from None
   if (workdir / CONFIG_FILE).exists():
     old = read_run_config(workdir)
+    ema.check_resume(old, config, workdir)
     for field in _SHAPE_FIELDS:
       section, key = field.split('.')
       before, now = old[section][key], config[section][key]
@@ -143,6 +143,8 @@ def train_and_evaluate(
   """
   invocation_start = time.time()
   validate_config(config)
+  mixing.validate(config, jax.device_count())
+  ema.validate(config)
   schedule = evaluators.from_config(config)  # a bad evaluator is refused before anything is written
   profile = profile_window(config.profile_steps)
   workdir = as_path(workdir)
@@ -221,6 +223,8 @@ def _train(
     seed=config.seed,
     preprocess=experiment.preprocess,
     accum_steps=config.grad_accum_steps,
+    mixing=mixing.from_config(config, config.model.num_classes or experiment.dataset.num_classes),
+    ema=ema.from_config(config, training.steps_per_epoch),
   )
   schedule, runner = evaluators.from_config(config), evaluators.EvalRunner(experiment)
   num_params = count_params(state.params)
@@ -235,12 +239,13 @@ def _train(
   )
 
   def evaluate(due: list[evaluators.Evaluator], at_step: int, record: bool = True) -> None:
-    for evaluator in due:
-      result = runner.run(evaluator, model_variables(state))
-      if record:
-        writer.write(at_step, evaluator.name, {k: result[k] for k in evaluators.RESULT_KEYS})
-      evaluators.log_result(evaluator, at_step, result)
-      final[evaluator.name] = evaluator.summary(result)
+    for evaluator in due:  # with EMA, each also on the average, recorded as NAME_ema
+      for name, variables in evaluators.weights_of(state, evaluator.name):
+        result = runner.run(evaluator, variables)
+        if record:
+          writer.write(at_step, name, {k: result[k] for k in evaluators.RESULT_KEYS})
+        evaluators.log_result(evaluator, at_step, result, name)
+        final[name] = evaluator.summary(result)
 
   def stopped() -> dict[str, Any]:
     writer.close()
@@ -338,9 +343,11 @@ def _train(
       evaluate(schedule, step, record=False)
     ckpt.wait()
     main = final.pop(evaluators.MAIN)
+    main_ema = final.pop(evaluators.MAIN + ema.SUFFIX, None)
     results = {
       'step': int(step),
       'eval': {k: main[k] for k in evaluators.RESULT_KEYS},
+      **({'eval_ema': {k: main_ema[k] for k in evaluators.RESULT_KEYS}} if main_ema else {}),
       'eval_split': config.data.eval_split,
       **({'evals': final} if final else {}),
       'params': num_params,

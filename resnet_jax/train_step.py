@@ -48,6 +48,24 @@ class TrainState(struct.PyTreeNode):
     )
 
 
+class EmaTrainState(TrainState):
+  """A `TrainState` that also carries `ema`, the float32 average of {'params', 'batch_stats'}
+  (`resnet_jax.ema`); a run without EMA keeps the plain `TrainState`, so its checkpoints are
+  those of before."""
+
+  ema: Any
+
+  @classmethod
+  def create(cls, *, apply_fn, variables, tx) -> 'EmaTrainState':
+    base = TrainState.create(apply_fn=apply_fn, variables=variables, tx=tx)
+    as_f32 = lambda x: jnp.asarray(x, jnp.float32)
+    ema = jax.tree.map(as_f32, {'params': base.params, 'batch_stats': base.batch_stats})
+    return cls(**{f: getattr(base, f) for f in _FIELDS}, ema=ema)
+
+
+_FIELDS = ('step', 'params', 'batch_stats', 'opt_state', 'apply_fn', 'tx')
+
+
 def create_mesh(devices=None) -> Mesh:
   """A 1-D mesh over every device of every process: data parallelism."""
   devices = np.asarray(jax.devices() if devices is None else devices)
@@ -63,9 +81,13 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
-  """Per-example softmax cross-entropy, optionally against smoothed one-hot targets."""
+  """Per-example softmax cross-entropy, optionally against smoothed one-hot targets.
+
+  `labels` [B] are class indices; [B, classes] are probability targets (Mixup/CutMix), smoothed
+  the same way, as torch's `CrossEntropyLoss(label_smoothing=...)` smooths them.
+  """
   num_classes = logits.shape[-1]
-  targets = jax.nn.one_hot(labels, num_classes)
+  targets = labels if labels.ndim == logits.ndim else jax.nn.one_hot(labels, num_classes)
   if label_smoothing:
     targets = optax.smooth_labels(targets, label_smoothing)
   return optax.softmax_cross_entropy(logits, targets)
@@ -91,17 +113,24 @@ def train_step(
   seed: int = 0,
   accum_steps: int = 1,
   num_shards: int = 1,
+  mixing: Callable | None = None,
+  ema: Any = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One SGD step on the global batch.
 
   A step whose loss, gradients or new parameters/statistics are not finite is not applied (state
   unchanged except `step`); it is reported in the metrics so the host can stop with an error
   naming it or skip it. `accum_steps > 1` computes the same update over that many micro-batches,
-  one at a time (see `_accumulated`); `num_shards` is the mesh's data-axis size.
+  one at a time (see `_accumulated`); `num_shards` is the mesh's data-axis size. `mixing`
+  (`mixing.Mixing`) turns the normalised batch and its labels into mixed images and soft targets;
+  `ema` (`ema.Ema`, with an `EmaTrainState`) updates the weights' average after the step.
   """
   step_key = jax.random.fold_in(jax.random.key(seed), state.step)
   # The whole batch is preprocessed at once, so its random lighting is the same for any accum_steps.
   images = preprocess(batch['image'], rng=step_key)
+  labels = batch['label']
+  if mixing is not None:  # pairs stay inside each device's share and micro-batch: no data moves
+    images, labels = mixing(images, labels, jax.random.fold_in(step_key, 2))
 
   def loss_fn(params, images, labels, dropout_key):
     logits, updates = state.apply_fn(
@@ -112,18 +141,20 @@ def train_step(
       rngs={'dropout': dropout_key},
     )
     loss = cross_entropy(logits, labels, label_smoothing).mean()
-    errors = jnp.mean(jnp.argmax(logits, -1) != labels)
+    # Soft targets: the error is against the dominant label (torchvision's train accuracy).
+    hard = jnp.argmax(labels, -1) if labels.ndim == 2 else labels
+    errors = jnp.mean(jnp.argmax(logits, -1) != hard)
     return loss, (errors, updates['batch_stats'])
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   dropout_key = jax.random.fold_in(step_key, 1)
   if accum_steps == 1:
     (loss, (top1_error, new_batch_stats)), grads = grad_fn(
-      state.params, images, batch['label'], dropout_key
+      state.params, images, labels, dropout_key
     )
   else:
     loss, top1_error, new_batch_stats, grads = _accumulated(
-      grad_fn, state, images, batch['label'], dropout_key, accum_steps, num_shards
+      grad_fn, state, images, labels, dropout_key, accum_steps, num_shards
     )
   updates, new_opt_state = state.tx.update(grads, state.opt_state, state.params)
   new_params = optax.apply_updates(state.params, updates)
@@ -146,6 +177,8 @@ def train_step(
     batch_stats=keep(new_batch_stats, state.batch_stats),
     opt_state=keep_opt(new_opt_state, state.opt_state),
   )
+  if ema is not None:
+    new_state = new_state.replace(ema=ema.update(state.step, model_variables(new_state), state.ema))
   metrics = {
     'loss': loss,
     'top1_error': top1_error,
@@ -250,6 +283,8 @@ def jit_train_step(
   preprocess: Preprocess = _as_float,
   seed: int = 0,
   accum_steps: int = 1,
+  mixing: Callable | None = None,
+  ema: Any = None,
 ) -> Callable:
   """`train_step` under jit: batch split on `data`, state replicated and donated."""
   return jax.jit(
@@ -261,6 +296,8 @@ def jit_train_step(
       seed=seed,
       accum_steps=accum_steps,
       num_shards=mesh.shape[DATA_AXIS],
+      mixing=mixing,
+      ema=ema,
     ),
     in_shardings=(state_sharding, batch_sharding(mesh)),
     out_shardings=(state_sharding, replicated(mesh)),
@@ -290,11 +327,19 @@ def device_batch(local: dict[str, Any], mesh: Mesh, keys: tuple[str, ...]) -> di
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(local[k])) for k in keys}
 
 
+def _state_class(ema: bool) -> type[TrainState]:
+  return EmaTrainState if ema else TrainState
+
+
 def _fresh_state(
-  model: nn.Module, tx: optax.GradientTransformation, image_shape: tuple[int, ...], rng: jax.Array
+  model: nn.Module,
+  tx: optax.GradientTransformation,
+  image_shape: tuple[int, ...],
+  rng: jax.Array,
+  ema: bool = False,
 ) -> TrainState:
   variables = model.init(rng, jnp.zeros((1,) + tuple(image_shape), jnp.float32), train=False)
-  return TrainState.create(apply_fn=model.apply, variables=variables, tx=tx)
+  return _state_class(ema).create(apply_fn=model.apply, variables=variables, tx=tx)
 
 
 def init_state(
@@ -304,22 +349,28 @@ def init_state(
   seed: int,
   mesh: Mesh,
   variables: Any = None,
+  ema: bool = False,
 ) -> TrainState:
-  """Initialises (or wraps given `variables` into) a train state replicated over the mesh."""
+  """Initialises (or wraps given `variables` into) a train state replicated over the mesh;
+  `ema`: an `EmaTrainState`, its average starting at the initial weights."""
   rep = replicated(mesh)
   if variables is None:
-    make = functools.partial(_fresh_state, model, tx, image_shape)
+    make = functools.partial(_fresh_state, model, tx, image_shape, ema=ema)
     return jax.jit(make, out_shardings=rep)(jax.random.key(seed))
-  state = TrainState.create(apply_fn=model.apply, variables=variables, tx=tx)
+  state = _state_class(ema).create(apply_fn=model.apply, variables=variables, tx=tx)
   return jax.device_put(state, rep)
 
 
 def abstract_state(
-  model: nn.Module, tx: optax.GradientTransformation, image_shape: tuple[int, ...], mesh: Mesh
+  model: nn.Module,
+  tx: optax.GradientTransformation,
+  image_shape: tuple[int, ...],
+  mesh: Mesh,
+  ema: bool = False,
 ) -> TrainState:
   """Shapes, dtypes and shardings of the train state, without allocating it (for restores)."""
   shapes = jax.eval_shape(
-    functools.partial(_fresh_state, model, tx, image_shape), jax.random.key(0)
+    functools.partial(_fresh_state, model, tx, image_shape, ema=ema), jax.random.key(0)
   )
   rep = replicated(mesh)
   return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), shapes)
