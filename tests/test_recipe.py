@@ -18,7 +18,11 @@ def test_torchvision_recipe_values():
   assert c.num_epochs == 600 and c.label_smoothing == 0.1
   assert (c.data.mixup_alpha, c.data.cutmix_alpha, c.data.mix_prob) == (0.2, 1.0, 1.0)
   assert c.data.mix_switch_prob == 0.5  # torchvision's RandomChoice of the two
-  assert c.optimizer.weight_decay == 2e-5 and c.optimizer.weight_decay_mask == 'kernels'
+  assert c.optimizer.weight_decay == 2e-5 and c.optimizer.weight_decay_mask == 'not_norm'
+  d = c.data  # --train-crop-size 176 --val-resize-size 232 --auto-augment ta_wide ...
+  assert (d.image_size, d.eval_image_size, d.eval_resize) == (176, 224, 232)
+  assert (d.augment, d.auto_augment, d.random_erasing) == ('inception', 'trivial_wide', 0.1)
+  assert d.repeated_augmentations == 4
   assert c.optimizer.momentum == 0.9 and not c.optimizer.nesterov
   assert not c.model.zero_init_last_bn and c.model.stride_on == '3x3'
   # train.py: alpha = min(1, (1 - 0.99998) * world_size * batch_per_gpu * ema_steps / epochs)
