@@ -45,17 +45,8 @@ def test_the_fourteen_operations_and_their_magnitudes():
   ]
   mags = {name: m for name, (_, m, _) in auto_augment.OPERATIONS.items()}
   signed = {name for name, (_, _, s) in auto_augment.OPERATIONS.items() if s}
-  assert signed == {
-    'ShearX',
-    'ShearY',
-    'TranslateX',
-    'TranslateY',
-    'Rotate',
-    'Brightness',
-    'Color',
-    'Contrast',
-    'Sharpness',
-  }
+  unsigned = {'Identity', 'Posterize', 'Solarize', 'AutoContrast', 'Equalize'}
+  assert signed == set(auto_augment.OPERATIONS) - unsigned
   for name, top in [('ShearX', 0.99), ('TranslateX', 32.0), ('Rotate', 135.0), ('Color', 0.99)]:
     np.testing.assert_allclose(mags[name], np.linspace(0.0, top, 31), rtol=1e-6)
   assert mags['Posterize'][0] == 8 and mags['Posterize'][-1] == 2
