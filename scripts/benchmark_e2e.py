@@ -39,7 +39,7 @@ from benchmark_input import CpuClock, cores  # pylint: disable=g-import-not-at-t
 import resnet_jax.data as data  # pylint: disable=wrong-import-position
 from resnet_jax import cli, default_config, runtime  # pylint: disable=wrong-import-position
 from resnet_jax import train_step as ts  # pylint: disable=wrong-import-position
-from resnet_jax.data import generated  # pylint: disable=wrong-import-position
+from resnet_jax.data import auto_augment, generated  # pylint: disable=wrong-import-position
 
 
 def experiment_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
@@ -56,6 +56,7 @@ def experiment_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
     num_workers=args.workers,
     prefetch=args.prefetch,
     decoder=args.decoder,
+    auto_augment=args.auto_augment,
   )
   config.model.name = args.model
   config.dtype = args.dtype
@@ -146,6 +147,7 @@ def run(args: argparse.Namespace) -> dict:
     'dataset': config.data.name,
     'augment': args.augment,
     'decoder': args.decoder,
+    'auto_augment': args.auto_augment,
     'workers': args.workers,
     'steps': args.steps,
     'images_per_sec': round(e2e, 2),
@@ -177,6 +179,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     '--augment', default='imagenet', choices=('none', 'cifar', 'imagenet', 'inception')
   )
   p.add_argument('--decoder', default='pil', choices=('pil', 'opencv'))
+  p.add_argument(
+    '--auto-augment', default='none', choices=auto_augment.AUTO_AUGMENTS, help='TrivialAugment'
+  )
   p.add_argument('--workers', type=int, default=os.cpu_count() or 1, help='Grain worker processes')
   p.add_argument('--prefetch', type=cli.non_negative_int, default=2)
   p.add_argument('--steps', type=int, default=200)
