@@ -34,7 +34,7 @@ sys.path.insert(0, _SCRIPTS)
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import ml_collections  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
-from benchmark_input import CpuClock, cores  # pylint: disable=g-import-not-at-top,wrong-import-position
+from host_cpu import CpuClock, cores  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 import resnet_jax.data as data  # pylint: disable=wrong-import-position
 from resnet_jax import cli, default_config, runtime  # pylint: disable=wrong-import-position
