@@ -159,6 +159,21 @@ def test_build_cannot_change_the_readers_own_functions(tmp_path):
   assert not hasattr(fn, '__dict__')
 
 
+def test_build_cannot_swap_the_function_an_allowed_global_calls(tmp_path):
+  """BUILD's slot state on a resolved global (its own `_fn` slot) is refused: the table of
+  allowed globals is shared by every later load in the process."""
+  fn = torch_checkpoint.ALLOWED_GLOBALS['torch._utils', '_rebuild_tensor_v2']
+  before = fn._fn
+  state = b'(N}' + _str('_fn') + _global('collections', 'OrderedDict') + b'stb'
+  pkl = _state_pickle({'w': _global('torch._utils', '_rebuild_tensor_v2') + state})
+  try:
+    with pytest.raises(ValueError, match='damaged'):
+      torch_checkpoint.load(_zip(tmp_path / 'swap.pth', pkl, {}))
+    assert fn._fn is before
+  finally:
+    object.__setattr__(fn, '_fn', before)
+
+
 class _RunsCode:
   def __reduce__(self):
     return (os.system, ('touch PWNED',))
