@@ -47,10 +47,13 @@ def test_the_fourteen_operations_and_their_magnitudes():
   signed = {name for name, (_, _, s) in auto_augment.OPERATIONS.items() if s}
   unsigned = {'Identity', 'Posterize', 'Solarize', 'AutoContrast', 'Equalize'}
   assert signed == set(auto_augment.OPERATIONS) - unsigned
-  for name, top in [('ShearX', 0.99), ('TranslateX', 32.0), ('Rotate', 135.0), ('Color', 0.99)]:
+  tops = {'ShearX': 0.99, 'ShearY': 0.99, 'TranslateX': 32.0, 'TranslateY': 32.0}
+  tops.update(Rotate=135.0, Brightness=0.99, Color=0.99, Contrast=0.99, Sharpness=0.99)
+  for name, top in tops.items():
     np.testing.assert_allclose(mags[name], np.linspace(0.0, top, 31), rtol=1e-6)
-  assert mags['Posterize'][0] == 8 and mags['Posterize'][-1] == 2
-  assert list(mags['Posterize']) == sorted(mags['Posterize'], reverse=True)
+  # torchvision: 8 - (arange(31) / ((31 - 1) / 6)).round(), i.e. 8 - round(i / 5)
+  bits = [8] * 3 + [v for v in (7, 6, 5, 4, 3) for _ in range(5)] + [2] * 3
+  assert list(mags['Posterize']) == bits
   np.testing.assert_allclose(mags['Solarize'], np.linspace(255.0, 0.0, 31))
   assert mags['TranslateX'][15] == 16.0  # a whole pixel count stays whole (int() truncates)
   assert mags['Identity'] is None and mags['Equalize'] is None

@@ -118,6 +118,30 @@ def test_both_on_choose_cutmix_with_the_switch_probability():
   assert 70 < cut < 130
 
 
+def test_cutmix_box_centre_is_uniform_over_every_pixel():
+  """lam 0.9 on 8x8: half sides int(0.5 * sqrt(0.1) * 8) = 1, so the box's last row / column
+  is its centre's (clipped at 7): all 8 rows and columns occur, about equally often."""
+  keys = jax.random.split(jax.random.key(0), 800)
+  masks = np.asarray(jax.vmap(lambda k: mixing.cutmix_box(k, jnp.float32(0.9), 8, 8)[0])(keys))
+  last_row = 7 - np.argmax(masks.any(2)[:, ::-1], axis=1)
+  last_col = 7 - np.argmax(masks.any(1)[:, ::-1], axis=1)
+  for last in (last_row, last_col):
+    counts = np.bincount(last, minlength=8)
+    assert stats.chisquare(counts).pvalue > 0.001, counts
+
+
+@pytest.mark.parametrize('switch_prob', [0.0, 1.0])
+def test_switch_prob_is_the_probability_of_cutmix(switch_prob):
+  """mix_switch_prob 0: always Mixup (every pixel blended); 1: always CutMix (pixels copied)."""
+  images, labels = _batch()
+  mix = jax.jit(mixing.Mixing(_K, mixup_alpha=1.0, cutmix_alpha=1.0, switch_prob=switch_prob))
+  x = np.asarray(images)
+  for seed in range(8):
+    mixed = np.asarray(mix(images, labels, jax.random.key(seed))[0])
+    copied = np.all(mixed == x, -1) | np.all(mixed == x[np.arange(_B) ^ 1], -1)
+    assert bool(copied.all()) == (switch_prob == 1.0)
+
+
 def test_mix_prob_zero_leaves_the_batch_and_one_hot_targets():
   images, labels = _batch()
   mixed, targets = mixing.Mixing(_K, mixup_alpha=1.0, cutmix_alpha=1.0, prob=0.0)(
