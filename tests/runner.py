@@ -196,3 +196,41 @@ def truncate(paths: list[str], fraction: int = 3) -> None:
   for path in paths:
     with open(path, 'r+b') as f:
       f.truncate(os.path.getsize(path) // fraction)
+
+
+def one_train_step(
+  *,
+  accum_steps: int = 1,
+  num_devices: int = 1,
+  size: int = 8,
+  compiled_text: bool = False,
+  step_kwargs: dict | None = None,
+  **model_kwargs,
+):
+  """One momentum-SGD step (lr 0.1, momentum 0.9) of a ghost-BN (groups of 2), 4-class resnet8
+  on a fixed batch of 16 random [size, size, 1] images, on the first `num_devices` devices: the
+  harness the train-step tests compare variants on. Returns (new state, metrics, the compiled
+  step's HLO text when `compiled_text`, else None); `step_kwargs` go to `jit_train_step`."""
+  import jax
+  import numpy as np
+  import optax
+
+  from resnet_jax.models import create_model
+  from resnet_jax.train_step import batch_sharding, create_mesh, init_state, jit_train_step
+
+  mesh = create_mesh(jax.devices()[:num_devices])
+  model = create_model('resnet8', num_classes=4, bn_group_size=2, **model_kwargs)
+  state = init_state(model, optax.sgd(0.1, momentum=0.9), (size, size, 1), seed=0, mesh=mesh)
+  sharding = jax.tree.map(lambda x: x.sharding, state)
+  step = jit_train_step(
+    mesh, sharding, optax.constant_schedule(0.1), accum_steps=accum_steps, **(step_kwargs or {})
+  )
+  rng = np.random.default_rng(0)
+  batch = {
+    'image': rng.normal(size=(16, size, size, 1)).astype(np.float32),
+    'label': rng.integers(0, 4, size=16).astype(np.int32),
+  }
+  batch = {k: jax.device_put(v, batch_sharding(mesh)) for k, v in batch.items()}
+  hlo = step.lower(state, batch).compile().as_text() if compiled_text else None
+  state, metrics = step(state, batch)
+  return state, metrics, hlo

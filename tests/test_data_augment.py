@@ -1,5 +1,6 @@
 """Per-example augmentations, eval crops, reduced-size JPEG decoding and dataset statistics."""
 
+import collections
 import importlib.util
 import io
 import os
@@ -330,11 +331,20 @@ def test_random_erasing_blanks_one_rectangle_of_torchvisions_size_in_a_fraction_
   erased = (out == 0).all(axis=-1)
   hit = erased.any(axis=(1, 2))
   assert 0.21 < hit.mean() < 0.29
+  edges, tops = set(), collections.defaultdict(set)
   for mask in erased[hit][:200]:
     rows, cols = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
     h, w = rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1
     assert mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1].all() and mask.sum() == h * w
     assert 0.02 * 0.7 <= h * w / (16 * 24) <= 0.33 * 1.3 and 0.3 / 2 <= h / w <= 3.3 * 2
+    assert h < 16 and w < 24  # torchvision retries a box as tall or wide as the image
+    edges |= {('top', rows[0] == 0), ('bottom', rows[-1] == 15)}
+    edges |= {('left', cols[0] == 0), ('right', cols[-1] == 23)}
+    tops[h, w].add((rows[0], cols[0]))
+  # each image draws its own position: boxes of one size do not all sit in one place
+  assert max(len(places) for places in tops.values()) > 1
+  # the position is uniform over every place the box fits: it reaches each border
+  assert {e for e, touches in edges if touches} == {'top', 'bottom', 'left', 'right'}
   np.testing.assert_array_equal(out[~hit], 200.0)
   again = DevicePreprocess('none', 16, norm, erase_prob=0.25)(images, rng=jax.random.key(0))
   np.testing.assert_array_equal(np.asarray(again), out)

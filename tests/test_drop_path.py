@@ -14,14 +14,12 @@ import shutil
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from resnet_jax import train
 from resnet_jax.models import create_model, drop_path, layers, layout
 from resnet_jax.models.blocks import BasicBlock, Bottleneck, PreActBasicBlock, PreActBottleneck
-from resnet_jax.train_step import batch_sharding, create_mesh, init_state, jit_train_step
-from tests.runner import assert_one_line_error, digits_config, run_main
+from tests.runner import assert_one_line_error, digits_config, one_train_step, run_main
 
 STAGES = (3, 2, 1)  # L = 6 blocks: a scan of 2 and of 1, and a stage with no scan
 
@@ -303,19 +301,7 @@ def test_the_cli_refuses_drop_path_on_a_plain_net_in_one_line(tmp_path):
 
 
 def _one_step(rate, accum_steps):
-  mesh = create_mesh(jax.devices()[:1])
-  model = create_model('resnet8', num_classes=4, bn_group_size=2, drop_path_rate=rate)
-  tx = optax.sgd(0.1, momentum=0.9)
-  state = init_state(model, tx, (4, 4, 1), seed=0, mesh=mesh)
-  sharding = jax.tree.map(lambda a: a.sharding, state)
-  step = jit_train_step(mesh, sharding, optax.constant_schedule(0.1), accum_steps=accum_steps)
-  rng = np.random.default_rng(0)
-  batch = {
-    'image': rng.normal(size=(16, 4, 4, 1)).astype(np.float32),
-    'label': rng.integers(0, 4, size=16).astype(np.int32),
-  }
-  batch = {k: jax.device_put(v, batch_sharding(mesh)) for k, v in batch.items()}
-  state, metrics = step(state, batch)
+  state, metrics, _ = one_train_step(accum_steps=accum_steps, size=4, drop_path_rate=rate)
   return jax.device_get(state.params), float(metrics['loss'])
 
 

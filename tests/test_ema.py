@@ -42,17 +42,18 @@ def _run_updates(rule, values):
 
 def test_updates_every_n_steps_with_the_decay_after_copying_first():
   """torchvision's AveragedModel: the first update copies (n_averaged == 0), then
-  ema = decay * ema + (1 - decay) * model at each update; nothing moves in between."""
-  got = _run_updates(ema.Ema(decay=0.5, every_steps=3), [1.0, 2, 3, 4, 5, 6, 7])
-  want = [1.0, 1.0, 1.0, 0.5 * 1 + 0.5 * 4, 2.5, 2.5, 0.5 * 2.5 + 0.5 * 7]
+  ema = decay * ema + (1 - decay) * model at each update; nothing moves in between. (A decay
+  other than 1/2, so that decay and 1 - decay cannot be swapped unseen.)"""
+  got = _run_updates(ema.Ema(decay=0.75, every_steps=3), [1.0, 2, 3, 4, 5, 6, 7])
+  want = [1.0, 1.0, 1.0, 0.75 * 1 + 0.25 * 4, 1.75, 1.75, 0.75 * 1.75 + 0.25 * 7]
   np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
 def test_updates_during_the_warmup_copy_the_weights():
   """torchvision resets n_averaged after each update of the lr warm-up: those updates and the
   first one after the warm-up copy the model."""
-  got = _run_updates(ema.Ema(decay=0.5, every_steps=2, warmup_steps=3), [1.0, 2, 3, 4, 5, 6, 7])
-  want = [1.0, 1.0, 3.0, 3.0, 5.0, 5.0, 0.5 * 5 + 0.5 * 7]  # step 4 < 3 + 2 still copies
+  got = _run_updates(ema.Ema(decay=0.75, every_steps=2, warmup_steps=3), [1.0, 2, 3, 4, 5, 6, 7])
+  want = [1.0, 1.0, 3.0, 3.0, 5.0, 5.0, 0.75 * 5 + 0.25 * 7]  # step 4 < 3 + 2 still copies
   np.testing.assert_allclose(got, want, rtol=1e-6)
 
 

@@ -9,15 +9,13 @@ import json
 
 import jax
 import numpy as np
-import optax
 import pytest
 
 from resnet_jax import train
 from resnet_jax.default_config import load_sibling_config
-from resnet_jax.models import create_model
-from resnet_jax.train_step import batch_sharding, create_mesh, init_state, jit_train_step
+from resnet_jax.train_step import jit_train_step
 from resnet_jax.validation import ConfigError, validate_grad_accum
-from tests.runner import ROOT
+from tests.runner import ROOT, one_train_step
 from tests.test_benchmark import _script
 
 _BATCH = 16
@@ -25,20 +23,9 @@ _BATCH = 16
 
 def _step(accum_steps: int, num_devices: int):
   """One momentum-SGD step of a ghost-BN (groups of 2) resnet8 on a fixed batch of 16."""
-  mesh = create_mesh(jax.devices()[:num_devices])
-  model = create_model('resnet8', num_classes=4, bn_group_size=2)
-  tx = optax.sgd(0.1, momentum=0.9)
-  state = init_state(model, tx, (8, 8, 1), seed=0, mesh=mesh)
-  sharding = jax.tree.map(lambda x: x.sharding, state)
-  step = jit_train_step(mesh, sharding, optax.constant_schedule(0.1), accum_steps=accum_steps)
-  rng = np.random.default_rng(0)
-  batch = {
-    'image': rng.normal(size=(_BATCH, 8, 8, 1)).astype(np.float32),
-    'label': rng.integers(0, 4, size=_BATCH).astype(np.int32),
-  }
-  batch = {k: jax.device_put(v, batch_sharding(mesh)) for k, v in batch.items()}
-  hlo = step.lower(state, batch).compile().as_text()
-  state, metrics = step(state, batch)
+  state, metrics, hlo = one_train_step(
+    accum_steps=accum_steps, num_devices=num_devices, compiled_text=True
+  )
   return jax.device_get((state.params, state.batch_stats, state.opt_state)), metrics, hlo
 
 

@@ -10,22 +10,17 @@ step of before.
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from scipy import stats
 
 from resnet_jax import mixing
 from resnet_jax.default_config import base_config
-from resnet_jax.models import create_model
 from resnet_jax.train_step import (
-  batch_sharding,
-  create_mesh,
   cross_entropy,
-  init_state,
-  jit_train_step,
   state_fingerprint,
 )
 from resnet_jax.validation import ConfigError
+from tests.runner import one_train_step
 
 _B, _K = 16, 4
 
@@ -167,23 +162,12 @@ def test_soft_targets_are_smoothed_as_torch_smooths_them():
 def _step(num_devices, mix, accum_steps=1, seed=1):
   """One step of a resnet8 on a fixed batch of 16 with the given mixing (the step's key from
   `seed`: seed 0's first CutMix box is empty on these 8x8 images)."""
-  mesh = create_mesh(jax.devices()[:num_devices])
-  model = create_model('resnet8', num_classes=_K, bn_group_size=2)
-  tx = optax.sgd(0.1, momentum=0.9)
-  state = init_state(model, tx, (8, 8, 1), seed=0, mesh=mesh)
-  sharding = jax.tree.map(lambda x: x.sharding, state)
-  step = jit_train_step(
-    mesh, sharding, optax.constant_schedule(0.1), mixing=mix, accum_steps=accum_steps, seed=seed
+  return one_train_step(
+    num_devices=num_devices,
+    accum_steps=accum_steps,
+    compiled_text=True,
+    step_kwargs={'mixing': mix, 'seed': seed},
   )
-  rng = np.random.default_rng(0)
-  batch = {
-    'image': rng.normal(size=(_B, 8, 8, 1)).astype(np.float32),
-    'label': rng.integers(0, _K, size=_B).astype(np.int32),
-  }
-  batch = {k: jax.device_put(v, batch_sharding(mesh)) for k, v in batch.items()}
-  hlo = step.lower(state, batch).compile().as_text()
-  state, metrics = step(state, batch)
-  return state, metrics, hlo
 
 
 _BOTH = mixing.Mixing(_K, mixup_alpha=0.2, cutmix_alpha=1.0)
