@@ -113,6 +113,21 @@ def test_a_hand_made_file_reads_like_torch_would(tmp_path):
   np.testing.assert_array_equal(torch_checkpoint.load(path)['w'], [[1, 4], [2, 5], [3, 6]])
 
 
+def test_a_checkpoint_dict_is_unwrapped_to_its_state_dict(tmp_path):
+  """{'state_dict': ..., 'epoch': ...} (a training checkpoint) gives its weights; a state_dict
+  that has fc.weight is taken as it is even with a key named state_dict."""
+  data = np.arange(6, dtype=np.float32).tobytes()
+  inner = _global('collections', 'OrderedDict') + b')R' + _str('w')
+  inner += _tensor('0', 6, 0, (3, 2), (2, 1)) + b's'
+  outer = _state_pickle({'state_dict': inner, 'epoch': _int(3)})
+  state = convert.load_torch_state_dict(_zip(tmp_path / 'ckpt.pth', outer, {'0': data}))
+  assert list(state) == ['w']
+  np.testing.assert_array_equal(state['w'], [[0, 1], [2, 3], [4, 5]])
+  both = _state_pickle({'fc.weight': _tensor('0', 6, 0, (6,), (1,)), 'state_dict': _int(1)})
+  state = convert.load_torch_state_dict(_zip(tmp_path / 'both.pth', both, {'0': data}))
+  assert list(state) == ['fc.weight', 'state_dict']
+
+
 def _legacy(obj_pickle, storages):
   """The pre-1.6 stream: magic, protocol 1001, sys_info, the object, its storage keys, then each
   storage as an int64 element count and its little-endian bytes."""
