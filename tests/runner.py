@@ -203,13 +203,15 @@ def one_train_step(
   accum_steps: int = 1,
   num_devices: int = 1,
   size: int = 8,
+  start_step: int = 0,
   compiled_text: bool = False,
   step_kwargs: dict | None = None,
   **model_kwargs,
 ):
   """One momentum-SGD step (lr 0.1, momentum 0.9) of a ghost-BN (groups of 2), 4-class resnet8
   on a fixed batch of 16 random [size, size, 1] images, on the first `num_devices` devices: the
-  harness the train-step tests compare variants on. Returns (new state, metrics, the compiled
+  harness the train-step tests compare variants on; the state says it is at `start_step` (the
+  step's keys fold it in). Returns (new state, metrics, the compiled
   step's HLO text when `compiled_text`, else None); `step_kwargs` go to `jit_train_step`."""
   import jax
   import numpy as np
@@ -221,6 +223,8 @@ def one_train_step(
   mesh = create_mesh(jax.devices()[:num_devices])
   model = create_model('resnet8', num_classes=4, bn_group_size=2, **model_kwargs)
   state = init_state(model, optax.sgd(0.1, momentum=0.9), (size, size, 1), seed=0, mesh=mesh)
+  step0 = np.asarray(start_step, state.step.dtype)
+  state = state.replace(step=jax.device_put(step0, state.step.sharding))
   sharding = jax.tree.map(lambda x: x.sharding, state)
   step = jit_train_step(
     mesh, sharding, optax.constant_schedule(0.1), accum_steps=accum_steps, **(step_kwargs or {})

@@ -211,6 +211,18 @@ def test_mixing_changes_the_step_and_off_is_the_step_of_before():
   assert mixing.from_config(config, _K) == mixing.Mixing(_K, 0.0, 1.0, 0.5, 0.5)
 
 
+def test_each_step_draws_its_own_mixing():
+  """The draws come from the step's key, a function of the step number: the same weights and
+  batch at step 0 and step 1 mix differently (and the plain step does not depend on it)."""
+  mix = mixing.Mixing(_K, mixup_alpha=1.0)
+  losses = {}
+  for m, start in ((mix, 0), (mix, 1), (None, 0), (None, 1)):
+    metrics = one_train_step(num_devices=1, start_step=start, step_kwargs={'mixing': m})[1]
+    losses[m is None, start] = float(metrics['loss'])
+  assert losses[False, 0] != losses[False, 1]
+  assert losses[True, 0] == losses[True, 1]
+
+
 @pytest.mark.parametrize(
   'overrides,message',
   [
