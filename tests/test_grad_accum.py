@@ -87,3 +87,24 @@ def test_accumulation_divides_the_step_memory_by_its_micro_batches(capsys):
     )
     temp[accum] = json.loads(capsys.readouterr().out)['train_temp_bytes']
   assert temp[4] < 0.4 * temp[1]
+
+
+def test_each_micro_batch_gets_its_own_dropout_key():
+  """Micro-batch j's dropout / drop-path masks come from the step's key folded with j: no two
+  micro-batches share masks. A stand-in gradient function returns a draw from its key as loss."""
+  from types import SimpleNamespace
+
+  import jax.numpy as jnp
+
+  from resnet_jax.train_step import _accumulated
+
+  def grad_fn(params, images, labels, key):
+    return (jax.random.uniform(key), (jnp.zeros(()), {})), params
+
+  state = SimpleNamespace(params={'w': jnp.zeros(2)}, batch_stats={})
+  key = jax.random.key(7)
+  images, labels = jnp.zeros((8, 2, 2, 1)), jnp.zeros(8, jnp.int32)
+  loss = _accumulated(grad_fn, state, images, labels, key, 4, 1)[0]
+  draws = [float(jax.random.uniform(jax.random.fold_in(key, j))) for j in range(4)]
+  assert len(set(draws)) == 4
+  assert float(loss) == pytest.approx(np.mean(draws), rel=1e-6)
