@@ -303,6 +303,11 @@ def load(path: str) -> Any:
           'a tar archive (torch < 0.4 wrote these): load it with torch.load and re-save its '
           'state_dict with a current torch.save'
         )
+      if head.startswith(b'PK\x03\x04'):  # a zip's first entry, but no central directory
+        raise CheckpointError(
+          'a truncated or damaged zip archive (its end, the central directory, is missing): '
+          'an interrupted download or copy? fetch the file again'
+        )
       if not head.startswith(b'\x80'):
         raise CheckpointError('not a torch.save file (neither a zip archive nor a pickle)')
       f.seek(0)

@@ -1,0 +1,38 @@
+"""What a researcher walking this session's features hit (the walk of 2026-11-25), one test each."""
+
+import os
+
+import pytest
+
+from resnet_jax import convert, torch_checkpoint
+
+FIXTURES = os.path.join(os.path.dirname(__file__), 'fixtures')
+TINY_RESNET18 = os.path.join(FIXTURES, 'tiny_resnet18.pth')
+
+
+def test_a_truncated_zip_pth_is_named_as_truncated_not_as_another_format(tmp_path):
+  """An interrupted download of a current .pth keeps the zip's first entries but loses its
+  central directory: it was refused as 'not a torch.save file (neither a zip archive nor a
+  pickle)', which sends the user looking for the wrong cause."""
+  with open(TINY_RESNET18, 'rb') as f:
+    data = f.read()
+  path = tmp_path / 'resnet18.pth'
+  path.write_bytes(data[: len(data) // 2])
+  with pytest.raises(torch_checkpoint.CheckpointError, match='truncated or damaged zip') as e:
+    torch_checkpoint.load(str(path))
+  assert str(e.value).startswith(str(path))
+  assert 'not a torch.save file' not in str(e.value)
+
+
+def test_convert_of_a_truncated_pth_is_one_error_line(tmp_path, capsys):
+  with open(TINY_RESNET18, 'rb') as f:
+    data = f.read()
+  path = tmp_path / 'resnet18.pth'
+  path.write_bytes(data[:40_000])
+  with pytest.raises(SystemExit) as e:
+    convert.main(['--arch', 'resnet18', '--torchvision-weights', str(path), '--out',
+                  str(tmp_path / 'out')])
+  assert e.value.code not in (0, None)
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith('error: ') and 'truncated or damaged zip' in err[0], err
+  assert not (tmp_path / 'out').exists()
