@@ -34,5 +34,26 @@ def test_convert_of_a_truncated_pth_is_one_error_line(tmp_path, capsys):
                   str(tmp_path / 'out')])
   assert e.value.code not in (0, None)
   err = capsys.readouterr().err.strip().splitlines()
-  assert len(err) == 1 and err[0].startswith('error: ') and 'truncated or damaged zip' in err[0], err
+  assert len(err) == 1 and err[0].startswith('error: '), err
+  assert 'truncated or damaged zip' in err[0], err
   assert not (tmp_path / 'out').exists()
+
+
+def test_a_wrong_arch_is_a_short_line_that_names_the_files_blocks():
+  """A resnet18 file converted with --arch resnet50 listed all 165 missing keys and 24 shape
+  mismatches in one error line of about 10 KB, and never said the file is a resnet18."""
+  sd = torch_checkpoint.load(TINY_RESNET18)
+  with pytest.raises(ValueError) as e:
+    convert.from_torchvision(sd, 'resnet50')
+  message = str(e.value)
+  assert len(message) < 2_000, len(message)
+  assert '(165 in all)' in message and '(24 in all)' in message
+  assert 'the file has basic blocks 2,2,2,2 per stage, resnet50 has bottleneck 3,4,6,3' in message
+  # A file of the right blocks with one foreign key: named in full, no block hint.
+  stem = {('conv1.0.weight' if k == 'conv1.weight' else k): v for k, v in sd.items()}
+  with pytest.raises(ValueError) as e:
+    convert.from_torchvision(stem, 'resnet18')
+  assert str(e.value) == (
+    "state_dict does not fit resnet18: missing torchvision keys ['conv1.weight']; "
+    "unused torchvision keys ['conv1.0.weight']"
+  )
