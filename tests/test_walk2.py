@@ -57,3 +57,26 @@ def test_a_wrong_arch_is_a_short_line_that_names_the_files_blocks():
     "state_dict does not fit resnet18: missing torchvision keys ['conv1.weight']; "
     "unused torchvision keys ['conv1.0.weight']"
   )
+
+
+@pytest.mark.parametrize(
+  'content,needle',
+  [
+    (
+      b'version https://git-lfs.github.com/spec/v1\noid sha256:ab12\nsize 102540417\n',
+      'a Git LFS pointer, not the weights',
+    ),
+    (b'<!DOCTYPE html><html><body>Sign in</body></html>', 'an HTML or XML page'),
+    (b'garbage', 'nor a safetensors file'),
+  ],
+)
+def test_a_model_safetensors_that_is_not_weights_says_what_it_is(tmp_path, content, needle):
+  """A `model.safetensors` cloned without git-lfs (a 130-byte pointer) or a download that
+  returned a web page was refused as 'not a torch.save file (neither a zip archive nor a
+  pickle)': wrong for a file named .safetensors, and silent about the usual cause."""
+  path = tmp_path / 'model.safetensors'
+  path.write_bytes(content)
+  with pytest.raises(ValueError) as e:
+    convert.load_torch_state_dict(str(path))
+  message = str(e.value)
+  assert message.startswith(str(path)) and needle in message and '\n' not in message, message
