@@ -80,3 +80,30 @@ def test_a_model_safetensors_that_is_not_weights_says_what_it_is(tmp_path, conte
     convert.load_torch_state_dict(str(path))
   message = str(e.value)
   assert message.startswith(str(path)) and needle in message and '\n' not in message, message
+
+
+def _imagenet_config(arg):
+  import importlib.util  # pylint: disable=import-outside-toplevel
+
+  path = os.path.join(os.path.dirname(__file__), '..', 'configs', 'imagenet.py')
+  spec = importlib.util.spec_from_file_location('walk2_imagenet_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+@pytest.mark.parametrize(
+  'arg,group',
+  [
+    ('', 32),
+    ('bn_group=0', None),
+    ('recipe=modern', None),
+    ('recipe=torchvision', None),
+    ('recipe=torchvision,bn_group=32', 32),
+    ('recipe=modern,bn_group=16', 16),
+  ],
+)
+def test_imagenet_bn_group_arg_works_with_every_recipe(arg, group):
+  """imagenet.py's docstring lists `bn_group` among its args, but with recipe=modern or
+  torchvision it was silently dropped (bn_group_size None: whole-batch statistics)."""
+  assert _imagenet_config(arg).model.bn_group_size == group
