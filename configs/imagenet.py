@@ -30,9 +30,10 @@ Differences left: our warm-up and cosine move every step from 0 (torchvision's e
 (torchvision's sampler across the GPUs' batches); never trained here at scale, so its 80.86 % is
 not reproduced, only its ingredients.
 Config args: depth=50, plain, shortcut=A|B|C, recipe=paper|modern|torchvision,
-stride_on=1x1|3x3, batch (default: 1024 for recipe=torchvision, else 256), bn_group=32 (0: whole
-global batch), dataset=imagenet2012, multiscale (also run Table 4's whole-image testing at
-224-640 at the end).
+stride_on=1x1|3x3, batch (default: 1024 for recipe=torchvision, else 256), bn_group (BN statistics
+over groups of that many examples; default 32 for recipe=paper, the whole global batch for the
+others; 0: the whole global batch), dataset=imagenet2012, multiscale (also run Table 4's
+whole-image testing at 224-640 at the end).
 Evaluators (resnet_jax/evaluators.py): the paper recipe's main one is 10-crop validation (Tables
 2-3); `center_crop` adds the centre-crop validation error Fig. 4 plots during training.
 """
@@ -50,7 +51,7 @@ def get_config(arg: str | None = None):
     recipe='paper',
     stride_on='',
     batch=0,
-    bn_group=32,
+    bn_group=-1,  # -1: the recipe's (32 for paper, else whole batch)
     dataset='imagenet2012',
     multiscale=False,
   )
@@ -68,7 +69,8 @@ def get_config(arg: str | None = None):
   c.model.residual = not args.plain
   c.model.shortcut = args.shortcut
   c.model.stride_on = args.stride_on or ('1x1' if paper else '3x3')
-  c.model.bn_group_size = (args.bn_group or None) if paper else None
+  bn_group = args.bn_group if args.bn_group >= 0 else (32 if paper else 0)
+  c.model.bn_group_size = bn_group or None
   c.model.zero_init_last_bn = args.recipe == 'modern' and not args.plain
   c.data.name = args.dataset
   # TFDS's imagenet2012 has train and validation only; its test split (if built) has no labels.

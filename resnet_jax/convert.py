@@ -81,6 +81,37 @@ def _to_flax_layout(torch_value: np.ndarray, path: Sequence[str]) -> np.ndarray:
   return torch_value.T  # dense (out, in) -> (in, out)
 
 
+_SHOWN = 8  # items of each list an error names: a wrong --arch gave one line of ~10 KB
+
+
+def _first(items: list[str]) -> str:
+  """The first few items of a list in an error message, and how many there are in all."""
+  if len(items) <= _SHOWN:
+    return str(items)
+  return str(items[:_SHOWN])[:-1] + f', ... ({len(items)} in all)]'
+
+
+def _structure(keys: Any) -> tuple[str, tuple[int, ...]]:
+  """Block kind and blocks per stage of a torchvision state_dict's keys (layerS.B.*)."""
+  blocks = tuple(
+    1 + max((int(k.split('.')[1]) for k in keys if k.startswith(f'layer{s}.')), default=-1)
+    for s in (1, 2, 3, 4)
+  )
+  return ('bottleneck' if 'layer1.0.conv3.weight' in keys else 'basic'), blocks
+
+
+def _blocks_hint(sd: Mapping[str, Any], expected: set[str], name: str) -> str:
+  """When the file's blocks are not `name`'s, says so: a wrong --arch then shows itself."""
+  (kind, blocks), (want_kind, want) = _structure(sd), _structure(expected)
+  if (kind, blocks) == (want_kind, want) or not all(blocks):
+    return ''
+  per_stage = ','.join(map(str, blocks))
+  return (
+    f' (the file has {kind} blocks {per_stage} per stage, {name} has {want_kind} '
+    f'{",".join(map(str, want))}: is --arch right?)'
+  )
+
+
 def from_torchvision(
   state_dict: Mapping[str, Any], name: str, *, scan: bool = False, features_only: bool = False
 ) -> dict[str, Any]:
@@ -133,13 +164,16 @@ def from_torchvision(
   unused = sorted(k for k in sd if k not in used and not k.endswith(IGNORED_SUFFIXES))
   problems = []
   if missing:
-    problems.append(f'missing torchvision keys {sorted(missing)}')
+    problems.append(f'missing torchvision keys {_first(sorted(missing))}')
   if unused:
-    problems.append(f'unused torchvision keys {unused}')
+    problems.append(f'unused torchvision keys {_first(unused)}')
   if reshaped:
-    problems.append(f'shape mismatches {reshaped}')
+    problems.append(f'shape mismatches {_first(reshaped)}')
   if problems:
-    raise ValueError(f'state_dict does not fit {name}: ' + '; '.join(problems))
+    raise ValueError(
+      f'state_dict does not fit {name}: ' + '; '.join(problems)
+      + _blocks_hint(sd, used | set(missing), name)
+    )
   variables = {'params': variables['params'], 'batch_stats': variables['batch_stats']}
   return layout.to_scanned(variables, model.stage_sizes) if scan else variables
 

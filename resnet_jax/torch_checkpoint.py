@@ -303,8 +303,22 @@ def load(path: str) -> Any:
           'a tar archive (torch < 0.4 wrote these): load it with torch.load and re-save its '
           'state_dict with a current torch.save'
         )
+      if head.startswith(b'PK\x03\x04'):  # a zip's first entry, but no central directory
+        raise CheckpointError(
+          'a truncated or damaged zip archive (its end, the central directory, is missing): '
+          'an interrupted download or copy? fetch the file again'
+        )
+      if head.startswith(b'version https://git-lfs'):
+        raise CheckpointError(
+          'a Git LFS pointer, not the weights: fetch the file itself (git lfs pull, or the '
+          "hub's download link)"
+        )
+      if head.lstrip()[:1] == b'<':
+        raise CheckpointError('an HTML or XML page, not weights: did a download return a web page?')
       if not head.startswith(b'\x80'):
-        raise CheckpointError('not a torch.save file (neither a zip archive nor a pickle)')
+        raise CheckpointError(
+          'not a torch.save file (neither a zip archive nor a pickle), nor a safetensors file'
+        )
       f.seek(0)
       return _load_legacy(f.read())
   except FileNotFoundError:
