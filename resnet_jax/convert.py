@@ -171,7 +171,8 @@ def from_torchvision(
     problems.append(f'shape mismatches {_first(reshaped)}')
   if problems:
     raise ValueError(
-      f'state_dict does not fit {name}: ' + '; '.join(problems)
+      f'state_dict does not fit {name}: '
+      + '; '.join(problems)
       + _blocks_hint(sd, used | set(missing), name)
     )
   variables = {'params': variables['params'], 'batch_stats': variables['batch_stats']}

@@ -30,8 +30,9 @@ def test_convert_of_a_truncated_pth_is_one_error_line(tmp_path, capsys):
   path = tmp_path / 'resnet18.pth'
   path.write_bytes(data[:40_000])
   with pytest.raises(SystemExit) as e:
-    convert.main(['--arch', 'resnet18', '--torchvision-weights', str(path), '--out',
-                  str(tmp_path / 'out')])
+    convert.main(
+      ['--arch', 'resnet18', '--torchvision-weights', str(path), '--out', str(tmp_path / 'out')]
+    )
   assert e.value.code not in (0, None)
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith('error: '), err
