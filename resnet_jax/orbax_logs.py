@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 import threading
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -76,6 +77,11 @@ class SaveErrors(logging.Filter):
     except Exception:
       with self._lock:
         self._held.clear()
+      # The failed save's abandoned writes (tensorstore's `write_fragment` coroutines) are
+      # collected at exit with "coroutine ... was never awaited" after the run's `error:` line.
+      warnings.filterwarnings(
+        'ignore', message=r"coroutine '.*' was never awaited", category=RuntimeWarning
+      )
       raise
 
   def release(self) -> None:
