@@ -249,28 +249,39 @@ def _load_safetensors(path: str) -> dict[str, Any]:
     ) from None
 
 
-def load_torch_state_dict(path: str) -> dict[str, Any]:
-  """A PyTorch state_dict file as ``{name: numpy array}``, without torch.
+def load_weight_sets(path: str) -> dict[str, dict[str, Any]]:
+  """The weights in a PyTorch file, without torch: ``{'model': state_dict}``, plus ``'ema'``
+  for a training checkpoint that keeps an EMA of them (``torch_checkpoint.weight_sets``).
 
   ``.pth``/``.pt`` files written by ``torch.save`` (the zip format of torch >= 1.6 and the older
   stream format) go through ``torch_checkpoint.load``, whose unpickler builds tensors and nothing
   else: a file that would run code is refused unread. safetensors files (timm's and the Hugging
-  Face hub's ``model.safetensors``) go through ``safetensors.numpy``. A checkpoint dict with the
-  weights under ``state_dict`` (and no ``fc.weight`` of its own) is unwrapped.
+  Face hub's ``model.safetensors``) go through ``safetensors.numpy``.
   """
   if not os.path.exists(path):
     raise ValueError(f'{path}: no such file')
   if is_safetensors(path):
-    return _load_safetensors(path)
+    return {'model': _load_safetensors(path)}
   try:
-    state = torch_checkpoint.load(path)
+    return torch_checkpoint.weight_sets(torch_checkpoint.load(path))
   except torch_checkpoint.CheckpointError as e:  # '{path}: why', one line
-    raise ValueError(str(e)) from None
-  if isinstance(state, Mapping) and 'state_dict' in state and 'fc.weight' not in state:
-    state = state['state_dict']
-  if not isinstance(state, Mapping):
-    raise ValueError(f'{path} holds a {type(state).__name__}, not a state_dict')
-  return dict(state)
+    raise ValueError(str(e) if str(e).startswith(f'{path}: ') else f'{path}: {e}') from None
+
+
+def load_torch_state_dict(path: str, weights: str = 'model') -> dict[str, Any]:
+  """A PyTorch weights file as ``{name: numpy array}``: its state_dict, or of a training
+  checkpoint the model's weights (``weights='model'``) or their EMA (``'ema'``)."""
+  return pick_weights(load_weight_sets(path), weights, path)
+
+
+def pick_weights(sets: dict[str, dict[str, Any]], weights: str, path: str) -> dict[str, Any]:
+  """``sets[weights]`` of ``load_weight_sets(path)``, or the error that says there is none."""
+  if weights not in sets:
+    raise ValueError(
+      f"{path} holds no EMA weights (only a training checkpoint of torchvision's reference "
+      "trainer, 'model_ema', or timm's, 'state_dict_ema', does): leave --weights out"
+    )
+  return sets[weights]
 
 
 def check_out_dir(out: str) -> str:
@@ -325,6 +336,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   )
   parser.add_argument('--out', required=True, help='output checkpoint directory (new, or empty)')
   parser.add_argument(
+    '--weights',
+    choices=('model', 'ema'),
+    default='model',
+    help="of a training checkpoint (torchvision's reference trainer, timm's train.py): the "
+    "model's weights (default) or their exponential moving average (model_ema/state_dict_ema)",
+  )
+  parser.add_argument(
     '--in-channels',
     type=cli.positive_int,
     default=3,
@@ -334,7 +352,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
   try:
     out = check_out_dir(args.out)  # before anything slow: a mistyped --out costs nothing
-    variables = from_torchvision(load_torch_state_dict(args.torchvision_weights), args.arch)
+    sets = load_weight_sets(args.torchvision_weights)
+    state_dict = pick_weights(sets, args.weights, args.torchvision_weights)
+    variables = from_torchvision(state_dict, args.arch)
     variables = adapt_input_channels(variables, args.in_channels)
     check_out_dir(out)  # again: it may have appeared while converting
     save_to_new_dir(out, variables)
@@ -343,7 +363,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     sys.exit(1)
   n = sum(np.size(x) for x in jax.tree.leaves(variables['params']))
   classes = variables['params']['fc']['kernel'].shape[1]
-  print(f'wrote {args.arch} ({n:,} parameters, {classes} classes) to {out}')
+  source = ' (the EMA weights)' if args.weights == 'ema' else ''
+  print(f'wrote {args.arch}{source} ({n:,} parameters, {classes} classes) to {out}')
+  if 'ema' in sets and args.weights == 'model':
+    print('note: the file also holds an EMA of the weights; --weights ema converts those')
   print(finetune_hint(args.arch, out, args.in_channels))
 
 

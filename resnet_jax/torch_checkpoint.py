@@ -29,7 +29,7 @@ import pickle
 import struct
 import sys
 import zipfile
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
 import ml_dtypes
 import numpy as np
@@ -48,6 +48,9 @@ STORAGE_DTYPES = {
   'BoolStorage': np.dtype(np.bool_),
   'UntypedStorage': np.dtype(np.uint8),
 }
+# A tensor may hold more elements than its storage only by repeating it (stride 0, `expand`):
+# allowed up to this many more, so a crafted file cannot make the reader allocate without bound.
+MAX_REPEATED_ELEMENTS = 2**24
 LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C  # torch/serialization.py's MAGIC_NUMBER
 LEGACY_PROTOCOL_VERSION = 1001
 TORCHSCRIPT_HINT = (
@@ -88,6 +91,12 @@ def _rebuild_tensor_v2(
     )
   if 0 in size:
     return np.zeros(size, storage.dtype)
+  numel = int(np.prod(size, dtype=object))
+  if numel > storage.size + MAX_REPEATED_ELEMENTS:
+    raise CheckpointError(
+      f'a tensor of size {size}, stride {stride} repeats its storage of {storage.size} elements '
+      f'into {numel * storage.itemsize / 2**20:,.0f} MiB (stride 0): weights never do; refused'
+    )
   last = storage_offset + sum((n - 1) * s for n, s in zip(size, stride))
   if last >= storage.size:
     raise CheckpointError(
@@ -111,6 +120,27 @@ def _rebuild_parameter(
   if not isinstance(data, np.ndarray):
     raise CheckpointError(f'a parameter wraps {type(data).__name__}, not a tensor')
   return data
+
+
+class _Frozen(type):
+  """The metaclass of the placeholder classes below: pickle's BUILD cannot set a class's
+  attributes, so a crafted file cannot change the placeholder that later loads use."""
+
+  def __setattr__(cls, name: str, value: Any) -> None:
+    raise AttributeError(f'{name}: read-only')
+
+
+class Namespace(metaclass=_Frozen):
+  """What ``argparse.Namespace`` unpickles to: a training checkpoint's ``args`` (torchvision's
+  reference trainer and timm's ``train.py`` save them beside the weights). Its values are kept
+  as a dict; nothing of argparse is imported or called."""
+
+  __slots__ = ('values',)
+
+  def __setstate__(self, state: Any) -> None:
+    if not isinstance(state, dict):
+      raise CheckpointError(f'argparse.Namespace with state {type(state).__name__}')
+    object.__setattr__(self, 'values', dict(state))
 
 
 def _ordered_dict(*args: Any) -> collections.OrderedDict:
@@ -140,6 +170,7 @@ ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
   ('torch._utils', '_rebuild_tensor_v2'): _Sealed(_rebuild_tensor_v2),
   ('torch._utils', '_rebuild_parameter'): _Sealed(_rebuild_parameter),
   ('torch._utils', '_rebuild_parameter_with_state'): _Sealed(_rebuild_parameter),
+  ('argparse', 'Namespace'): Namespace,
   **{('torch', name): StorageType(name, dtype) for name, dtype in STORAGE_DTYPES.items()},
 }
 
@@ -329,3 +360,51 @@ def load(path: str) -> Any:
     raise CheckpointError(f'{path}: a damaged zip archive ({e})') from None
   except OSError as e:  # a directory, no permission, an I/O error
     raise CheckpointError(f'{path}: cannot read it ({e.strerror or e})') from None
+
+
+# Where training scripts keep the weights inside their checkpoint dicts: (model, EMA) keys.
+# torchvision's references/classification/train.py saves {'model', 'model_ema', 'optimizer',
+# 'lr_scheduler', 'epoch', 'args'}, its EMA an AveragedModel's state_dict ('n_averaged' and
+# the keys prefixed 'module.'); timm's train.py {'state_dict', 'state_dict_ema', 'optimizer',
+# 'epoch', 'arch', 'args', ...}; many others {'state_dict', ...}.
+TRAINING_CHECKPOINT_KEYS = (('model', 'model_ema'), ('state_dict', 'state_dict_ema'))
+
+
+def _is_state_dict(obj: Any) -> bool:
+  """A name -> tensor mapping (a training checkpoint holds its tensors one level down)."""
+  return isinstance(obj, Mapping) and any(isinstance(v, np.ndarray) for v in obj.values())
+
+
+def _averaged_model_weights(state: Mapping) -> dict:
+  """An ``AveragedModel``'s state_dict as the averaged model's own: without its update counter
+  ``n_averaged`` and the ``module.`` prefix (only when every other key has it)."""
+  keys = [k for k in state if k != 'n_averaged']
+  if keys and all(isinstance(k, str) and k.startswith('module.') for k in keys):
+    return {k.removeprefix('module.'): state[k] for k in keys}
+  return {k: state[k] for k in keys}
+
+
+def weight_sets(obj: Any) -> dict[str, dict]:
+  """The weights a loaded ``.pth`` holds: ``{'model': state_dict}``, plus ``'ema'`` when it is a
+  training checkpoint that also keeps the weights' moving average.
+
+  A state_dict is its own weights. A training checkpoint of torchvision's reference trainer or
+  timm's ``train.py`` (``TRAINING_CHECKPOINT_KEYS``) gives the one under ``model`` /
+  ``state_dict``; the optimizer, scheduler and arguments beside it are read (never run) and
+  dropped. Raises ``CheckpointError`` for anything else.
+  """
+  if _is_state_dict(obj):
+    return {'model': dict(obj)}
+  if isinstance(obj, Mapping):
+    for model_key, ema_key in TRAINING_CHECKPOINT_KEYS:
+      if _is_state_dict(obj.get(model_key)):
+        sets = {'model': dict(obj[model_key])}
+        if _is_state_dict(obj.get(ema_key)):
+          sets['ema'] = _averaged_model_weights(obj[ema_key])
+        return sets
+    keys = ', '.join(repr(k) for k in list(obj)[:12])
+    raise CheckpointError(
+      f'a dict of {keys} without tensors: neither a state_dict nor a training checkpoint with '
+      "its weights under 'model' (torchvision's reference trainer) or 'state_dict' (timm)"
+    )
+  raise CheckpointError(f'it holds a {type(obj).__name__}, not a state_dict')

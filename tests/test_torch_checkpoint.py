@@ -5,6 +5,7 @@ hand-made pickles below are what a crafted or damaged file would hold, built opc
 so that no torch is needed to make them.
 """
 
+import collections
 import io
 import os
 import pickle
@@ -12,11 +13,12 @@ import struct
 import tarfile
 import zipfile
 
+import jax
 import ml_dtypes
 import numpy as np
 import pytest
 
-from resnet_jax import convert, torch_checkpoint
+from resnet_jax import convert, pretrained, torch_checkpoint
 from tests.fixtures import golden_weights
 
 FIXTURES = golden_weights.FIXTURES
@@ -289,3 +291,123 @@ def test_convert_cli_refuses_a_crafted_file_in_one_line(tmp_path, capsys, monkey
   err = capsys.readouterr().err.strip().splitlines()
   assert e.value.code == 1 and len(err) == 1 and err[0].startswith(f'error: {path}: it references')
   assert not (tmp_path / 'PWNED').exists() and not (tmp_path / 'o').exists()
+
+
+# Training checkpoints: the weights as training scripts save them (fixtures written by torch,
+# tests/fixtures/make_training_checkpoints.py), the rest of the checkpoint read and dropped.
+
+
+def test_a_torchvision_reference_trainer_checkpoint_gives_its_model_and_its_ema():
+  """{'model', 'model_ema' (AveragedModel: n_averaged, 'module.' keys), 'optimizer',
+  'lr_scheduler', 'epoch', 'args' (an argparse.Namespace)}: 'model' is the plain state_dict;
+  'ema' the averaged model's own keys and values (the fixture's EMA is the model x 0.5)."""
+  sets = convert.load_weight_sets(os.path.join(FIXTURES, 'tiny_resnet18_train.pth'))
+  plain = convert.load_torch_state_dict(os.path.join(FIXTURES, 'tiny_resnet18.pth'))
+  assert set(sets) == {'model', 'ema'}
+  assert list(sets['model']) == list(plain) == list(sets['ema'])  # no n_averaged, no 'module.'
+  for key, value in plain.items():
+    np.testing.assert_array_equal(sets['model'][key], value)
+    half = value * np.float32(0.5) if value.dtype == np.float32 else value
+    np.testing.assert_array_equal(sets['ema'][key], half)
+  assert sets['model']['bn1.running_var'].dtype == np.float32
+
+
+def test_a_timm_train_checkpoint_gives_state_dict_and_state_dict_ema():
+  path = os.path.join(FIXTURES, 'timm_train.pth')
+  sets = convert.load_weight_sets(path)
+  assert (
+    list(sets['model'])
+    == list(sets['ema'])
+    == [
+      'conv1.weight',
+      'bn1.weight',
+      'fc.weight',
+      'bn1.num_batches_tracked',
+    ]
+  )
+  np.testing.assert_array_equal(sets['ema']['conv1.weight'], sets['model']['conv1.weight'] / 2)
+  assert sets['model']['bn1.num_batches_tracked'] == 40
+  assert convert.load_torch_state_dict(path, 'ema') is not None
+  np.testing.assert_array_equal(
+    convert.load_torch_state_dict(path)['fc.weight'], sets['model']['fc.weight']
+  )
+
+
+def test_the_arguments_of_a_training_run_are_read_as_values_never_run(tmp_path):
+  """argparse.Namespace becomes a plain holder of its values: argparse is never called, and a
+  crafted BUILD cannot change the holder class that later loads use."""
+  obj = torch_checkpoint.load(os.path.join(FIXTURES, 'tiny_resnet18_train.pth'))
+  args = obj['args']
+  assert isinstance(args, torch_checkpoint.Namespace)
+  assert args.values['model_ema_decay'] == 0.99998 and args.values['auto_augment'] == 'ta_wide'
+  assert obj['epoch'] == 11 and obj['lr_scheduler']['_milestones'] == [5]
+  build = b'(N}' + _str('__setstate__') + _global('collections', 'OrderedDict') + b'stb'
+  pkl = _state_pickle({'w': _global('argparse', 'Namespace') + build})
+  with pytest.raises(ValueError, match='damaged'):
+    torch_checkpoint.load(_zip(tmp_path / 'build.pth', pkl, {}))
+  assert torch_checkpoint.Namespace.__setstate__ is not collections.OrderedDict
+  with pytest.raises(AttributeError, match='read-only'):
+    torch_checkpoint.Namespace.__setstate__ = collections.OrderedDict
+  assert torch_checkpoint.ALLOWED_GLOBALS['argparse', 'Namespace'] is torch_checkpoint.Namespace
+
+
+def test_convert_takes_the_ema_weights_of_a_training_checkpoint_on_request(tmp_path, capsys):
+  """`convert --weights ema` converts the average (torchvision's published V2 weights are the
+  EMA of such a run); without it the model's weights, with a note that an EMA is there too."""
+  train = os.path.join(FIXTURES, 'tiny_resnet18_train.pth')
+  args = ['--arch', 'resnet18', '--torchvision-weights', train, '--out']
+  convert.main([*args, str(tmp_path / 'model')])
+  out = capsys.readouterr().out
+  assert 'wrote resnet18 (11,181,642 parameters, 10 classes)' in out
+  assert 'note: the file also holds an EMA of the weights; --weights ema' in out
+  convert.main([*args, str(tmp_path / 'ema'), '--weights', 'ema'])
+  assert 'wrote resnet18 (the EMA weights) (11,181,642' in capsys.readouterr().out
+  model = pretrained.load_model_variables(str(tmp_path / 'model'))
+  ema = pretrained.load_model_variables(str(tmp_path / 'ema'))
+  plain = convert.from_torchvision(
+    convert.load_torch_state_dict(os.path.join(FIXTURES, 'tiny_resnet18.pth')), 'resnet18'
+  )
+  for got, want, half in zip(
+    jax.tree.leaves(model), jax.tree.leaves(plain), jax.tree.leaves(ema), strict=True
+  ):
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(half, np.asarray(want) * np.float32(0.5))
+
+
+def test_ema_weights_asked_of_a_file_without_them_is_one_line(tmp_path, capsys):
+  weights = os.path.join(FIXTURES, 'tiny_resnet18.pth')
+  with pytest.raises(SystemExit) as e:
+    convert.main(
+      ['--arch', 'resnet18', '--torchvision-weights', weights, '--out', str(tmp_path / 'o')]
+      + ['--weights', 'ema']
+    )
+  err = capsys.readouterr().err.strip().splitlines()
+  assert e.value.code == 1 and len(err) == 1
+  assert err[0].startswith(f'error: {weights} holds no EMA weights')
+  assert not (tmp_path / 'o').exists()
+
+
+def test_a_dict_without_weights_is_named_by_its_keys(tmp_path):
+  pkl = _state_pickle(
+    {'epoch': _int(3), 'optimizer': _global('collections', 'OrderedDict') + b')R'}
+  )
+  path = _zip(tmp_path / 'opt.pth', pkl, {})
+  with pytest.raises(ValueError) as e:
+    convert.load_torch_state_dict(path)
+  assert str(e.value).startswith(f"{path}: a dict of 'epoch', 'optimizer' without tensors")
+
+
+def test_a_tensor_may_not_repeat_its_storage_into_unbounded_memory(tmp_path):
+  """A stride-0 tensor (torch's `expand`) reads fine (the fixtures hold one), but one that
+  would repeat a 1-element storage into terabytes is refused before any memory is taken."""
+  limit = torch_checkpoint.MAX_REPEATED_ELEMENTS
+  ok = _state_pickle({'w': _tensor('0', 1, 0, (limit + 1,), (0,))})
+  assert torch_checkpoint.load(_zip(tmp_path / 'ok.pth', ok, {'0': bytes(4)}))['w'].shape == (
+    limit + 1,
+  )
+  huge = _state_pickle({'w': _tensor('0', 1, 0, (10**6, 10**6), (0, 0))})
+  with pytest.raises(ValueError, match=r'repeats its storage of 1 elements into 3,814,697 MiB'):
+    torch_checkpoint.load(_zip(tmp_path / 'huge.pth', huge, {'0': bytes(4)}))
+  over = _state_pickle({'w': _tensor('0', 1, 0, (limit + 2,), (0,))})
+  with pytest.raises(ValueError, match='stride 0'):
+    torch_checkpoint.load(_zip(tmp_path / 'over.pth', over, {'0': bytes(4)}))
