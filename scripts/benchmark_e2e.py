@@ -180,7 +180,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
   )
   p.add_argument('--decoder', default='pil', choices=('pil', 'opencv'))
   p.add_argument(
-    '--auto-augment', default='none', choices=auto_augment.AUTO_AUGMENTS, help='TrivialAugment'
+    '--auto-augment',
+    default='none',
+    type=auto_augment.cli_type,
+    help='config.data.auto_augment: trivial_wide, rand_augment, autoaugment_imagenet, ...',
   )
   p.add_argument('--workers', type=int, default=os.cpu_count() or 1, help='Grain worker processes')
   p.add_argument('--prefetch', type=cli.non_negative_int, default=2)

@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     '--auto-augment',
     '--auto_augment',
     default='none',
-    choices=auto_augment_lib.AUTO_AUGMENTS,
+    type=auto_augment_lib.cli_type,
     help="config.data.auto_augment of the new pipeline's training crops",
   )
   parser.add_argument(

@@ -259,10 +259,7 @@ class Preprocessor:
   def __post_init__(self):
     if self.augment not in AUGMENTS:
       raise ValueError(f'config.data.augment={self.augment!r} is not one of {AUGMENTS}')
-    if self.auto_augment not in auto_augment.AUTO_AUGMENTS:
-      raise ValueError(
-        f'config.data.auto_augment={self.auto_augment!r} is not one of {auto_augment.AUTO_AUGMENTS}'
-      )
+    auto_augment.parse(self.auto_augment)  # a ValueError names the accepted forms
     if (self.eval_size or self.eval_resize_size) and self.augment not in ('imagenet', 'inception'):
       raise ValueError(
         'config.data.eval_image_size / eval_resize set another test resolution, which needs the '
