@@ -8,6 +8,8 @@ or counted twice. `--scales` is He et al. 2015 Table 4's whole-image multi-scale
 (`resnet_jax.multiscale`); `--precise-bn N` first recomputes the BN statistics over N training
 batches (`resnet_jax.precise_bn`), in memory only: the workdir is never written. `--weights ema`
 evaluates the run's average of its weights (`resnet_jax.ema`) instead of the weights themselves.
+On a dataset with label sets (`--dataset=imagenet2012_real`: ReaL, Beyer et al. 2020) the JSON
+also has `real_top1_error` over the images that have a ReaL label, and `real_num_examples`.
 """
 
 from __future__ import annotations
@@ -19,13 +21,21 @@ import math
 from typing import Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh
 
 from resnet_jax import cli, data, multiscale, precise_bn, runtime
 from resnet_jax.data import sources
 from resnet_jax.data.device_preprocess import make_device_preprocess
-from resnet_jax.train_step import device_batch, jit_eval_step, replicated
+from resnet_jax.train_step import (
+  batch_sharding,
+  device_batch,
+  eval_probabilities,
+  jit_eval_step,
+  metric_sums,
+  replicated,
+)
 
 
 @contextlib.contextmanager
@@ -48,17 +58,45 @@ def _eval_iterator(config, split, crops, preprocessor=None):
     yield it
 
 
+def label_set_sums(probs: jax.Array, label_set: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
+  """ReaL accuracy's sums (Beyer et al. 2020): the top-1 prediction is right when it is any of
+  the image's labels in `label_set` (bool [B, classes]); images with an empty set (ReaL's
+  annotators kept no label) and padding (mask False) are left out."""
+  counted = jnp.any(label_set, axis=-1) & mask
+  top1 = jnp.argmax(probs, axis=-1)
+  right = jnp.take_along_axis(label_set, top1[:, None], axis=-1)[:, 0] & counted
+  return {'set_count': jnp.sum(counted), 'set_top1_right': jnp.sum(right)}
+
+
+def jit_label_set_eval_step(mesh: Mesh, apply_fn: Callable, *, preprocess: Any) -> Callable:
+  """`jit_eval_step`'s sums plus `label_set_sums`, for batches that carry 'label_set'."""
+
+  def step(variables: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    probs = eval_probabilities(apply_fn, variables, batch['image'], preprocess)
+    sums = metric_sums(probs, batch['label'], batch['mask'])
+    return {**sums, **label_set_sums(probs, batch['label_set'], batch['mask'])}
+
+  return jax.jit(
+    step, in_shardings=(replicated(mesh), batch_sharding(mesh)), out_shardings=replicated(mesh)
+  )
+
+
 def _finish(totals: Any, split: str | None, config) -> dict[str, float]:
   if totals is None:
     raise ValueError(f'split {split!r} of {config.data.name} is empty')
   totals = jax.device_get(totals)
   count = float(totals['count'])
-  return {
+  result = {
     'loss': float(totals['loss']) / count,
     'top1_error': float(totals['top1_errors']) / count,
     'top5_error': float(totals['top5_errors']) / count,
     'num_examples': int(round(count)),
   }
+  if 'set_count' in totals:
+    counted = int(totals['set_count'])
+    result['real_top1_error'] = 1.0 - int(totals['set_top1_right']) / max(counted, 1)
+    result['real_num_examples'] = counted
+  return result
 
 
 def run_evaluation(
@@ -79,7 +117,8 @@ def run_evaluation(
   totals = None
   with _eval_iterator(config, split, crops, preprocessor) as batches:
     for local in batches:
-      sums = eval_step(variables, device_batch(local, mesh, ('image', 'label', 'mask')))
+      keys = ('image', 'label', 'mask') + (('label_set',) if 'label_set' in local else ())
+      sums = eval_step(variables, device_batch(local, mesh, keys))
       totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
   return _finish(totals, split, config)
 
@@ -162,6 +201,12 @@ def evaluate_workdir(
   variables = jax.device_put(trained.variables, replicated(mesh))
   if precise_bn_batches is not None:
     variables = precise_bn.precise_bn_for_experiment(experiment, variables, precise_bn_batches)
+  label_sets = sources.open_split(eval_config, split).label_sets
+  if scales and label_sets:
+    raise ValueError(
+      f'--scales is not supported on {eval_config.data.name} (its ReaL label sets are counted by '
+      'the 1/2/10-crop evaluation only): leave --scales out'
+    )
   if scales:
     result = run_multiscale_evaluation(
       experiment.model.apply,
@@ -177,7 +222,8 @@ def evaluate_workdir(
     )
     result['scales'] = scales
   else:
-    eval_step = jit_eval_step(mesh, experiment.model.apply, preprocess=experiment.preprocess)
+    make_step = jit_label_set_eval_step if label_sets else jit_eval_step
+    eval_step = make_step(mesh, experiment.model.apply, preprocess=experiment.preprocess)
     result = run_evaluation(
       eval_step,
       variables,
@@ -209,7 +255,9 @@ def on_other_dataset(
   config = experiment.config.copy_and_resolve_references()
   config.data.name = name
   config.data.validation_size = 0  # the run's held-out images are carved from its own dataset
-  config.data.eval_split = split or 'test'  # the one split CIFAR-10.1, ImageNet-V2/-A/-R have
+  # the one split CIFAR-10.1, ImageNet-V2/-A/-R have; ReaL's is ImageNet's 'validation'
+  default = 'validation' if name.split(':')[0] in sources.LABEL_SETS else 'test'
+  config.data.eval_split = split or default
   source = sources.open_split(config, config.data.eval_split)
   run = experiment.dataset
   if source.num_classes != run.num_classes:
@@ -267,8 +315,9 @@ def main(argv: Sequence[str] | None = None) -> None:
   )
   parser.add_argument(
     '--dataset',
-    help="another TFDS dataset with the run's classes, e.g. cifar10_1 (CIFAR-10.1) or "
-    "imagenet_v2, read with the run's evaluation preprocessing; --split defaults to 'test'",
+    help="another TFDS dataset with the run's classes, e.g. cifar10_1 (CIFAR-10.1), "
+    "imagenet_v2, or imagenet2012_real (adds ReaL's error), read with the run's evaluation "
+    "preprocessing; --split defaults to 'test' ('validation' for imagenet2012_real)",
   )
   parser.add_argument(
     '--weights',

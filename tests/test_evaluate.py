@@ -207,3 +207,27 @@ def test_out_of_device_memory_is_one_line_other_runtime_errors_are_not_hidden(
   monkeypatch.setattr(evaluate, 'evaluate_workdir', raising('INTERNAL: a bug'))
   with pytest.raises(jax.errors.JaxRuntimeError, match='a bug'):  # a bug keeps its traceback
     evaluate.main(['--workdir', str(tmp_path)])
+
+
+def test_real_accuracy_counts_a_prediction_in_the_label_set_and_skips_empty_sets():
+  """ReaL (Beyer et al. 2020): top-1 is right when it is any of the image's reassessed labels;
+  images whose set is empty, and padding, are not counted."""
+  import numpy as np
+
+  probs = np.array(
+    [
+      [0.1, 0.7, 0.2],  # predicts 1, set {1, 2}: right
+      [0.6, 0.3, 0.1],  # predicts 0, set {2}: wrong
+      [0.2, 0.2, 0.6],  # predicts 2, empty set: not counted
+      [0.1, 0.1, 0.8],  # predicts 2, set {2}, but padding: not counted
+      [0.5, 0.4, 0.1],  # predicts 0, set {0, 1, 2}: right
+    ],
+    np.float32,
+  )
+  sets = np.array([[0, 1, 1], [0, 0, 1], [0, 0, 0], [0, 0, 1], [1, 1, 1]], bool)
+  mask = np.array([True, True, True, False, True])
+  sums = jax.device_get(evaluate.label_set_sums(probs, sets, mask))
+  assert (int(sums['set_count']), int(sums['set_top1_right'])) == (3, 2)
+  totals = {'loss': 1.0, 'top1_errors': 1.0, 'top5_errors': 0.0, 'count': 4.0, **sums}
+  result = evaluate._finish(totals, 'validation', None)
+  assert result['real_num_examples'] == 3 and result['real_top1_error'] == pytest.approx(1 / 3)

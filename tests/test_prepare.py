@@ -45,6 +45,11 @@ def read_split(data_dir: str, name: str, split: str) -> list[dict]:
       ('ILSVRC2012_img_train.tar', '--manual_dir'),
     ),
     (('cifar10', '--bogus'), ('unrecognized arguments',)),
+    (
+      ('imagenet2012_real', '--manual_dir', '/nonexistent'),
+      ('imagenet2012_real needs ILSVRC2012_img_val.tar', '--manual_dir'),
+    ),
+    (('imagenet2012_real', '--from', '/nonexistent/real.json'), ('no such file',)),
     ((), ('NAME',)),
   ],
 )
@@ -260,3 +265,34 @@ def test_a_dataset_training_refuses_is_refused_before_download(tmp_path, capsys,
   assert prepare.main(['bigearthnet', '--data-dir', str(tmp_path)]) == 1
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and "label 'labels' is a Sequence, not a ClassLabel" in err[0], err
+
+
+@pytest.mark.parametrize(
+  'content,needle',
+  [
+    ('{"a": 1}', 'not a list of label lists'),
+    ('[[1, 2], [1000]]', 'not a list of label lists (class indices 0-999'),
+    ('[[1], "x"]', 'not a list of label lists'),
+    ('[[1], [2]', 'not JSON'),
+  ],
+)
+def test_a_real_json_that_is_not_real_labels_is_one_line_before_tensorflow(
+  tmp_path, content, needle
+):
+  """ReaL's labels file is checked before TensorFlow loads and before anything is written."""
+  (tmp_path / 'real.json').write_text(content)
+  data_dir = tmp_path / 'tfds'
+  proc = run_prepare(
+    'imagenet2012_real', '--from', str(tmp_path / 'real.json'), '--data_dir', str(data_dir)
+  )
+  assert_one_error_line(proc, needle, "ReaL's real.json")
+  assert not data_dir.exists()
+
+
+def test_test_sets_end_with_the_evaluate_command():
+  assert prepare.evaluate_command('imagenet2012_real', '/d') == (
+    'python -m resnet_jax.evaluate --workdir=runs/r50 --dataset=imagenet2012_real --data-dir=/d'
+  )
+  assert prepare.evaluate_command('cifar10_1', None) == (
+    'python -m resnet_jax.evaluate --workdir=runs/cifar10 --dataset=cifar10_1'
+  )

@@ -7,6 +7,8 @@ command a user runs, through TFDS's own builders, then the paper recipes (`confi
 
 import importlib.util
 import io
+import os
+import pathlib
 
 import numpy as np
 import pytest
@@ -15,7 +17,7 @@ from PIL import Image
 
 from resnet_jax.default_config import load_sibling_config
 from tests import official_archives
-from tests.runner import assert_ok, results, run_main, run_prepare
+from tests.runner import assert_ok, results, run_evaluate, run_main, run_prepare
 
 # TFDS needs TensorFlow to prepare. Looked up, not imported: importing it at collection cost every
 # pytest-xdist worker about 3 s of CPU, and only one worker runs these tests.
@@ -150,6 +152,100 @@ class TestPreparedImagenet:
       '1x1',
       '30,60',
     )
+
+  @pytest.mark.slow
+  def test_real_labels_prepare_offline_and_evaluate_a_run_with_reals_rule(self, imagenet, tmp_path):
+    """imagenet2012_real from the same ILSVRC2012_img_val.tar and a real.json (`--from`, no
+    download); `evaluate --dataset=imagenet2012_real` on an ImageNet run gives the validation
+    error on the original labels and ReaL's error, which this test recomputes from the run's own
+    predictions: right when the top-1 class is in the image's set, empty sets left out."""
+    import json
+
+    import jax
+
+    from resnet_jax import data, runtime
+    from resnet_jax.train_step import eval_probabilities
+
+    data_dir, written = imagenet
+    names = tfds.builder('imagenet2012', data_dir=data_dir).info.features['label'].names
+    original = [names.index(synset) for synset in written['validation']]
+    # one set per validation image, in file order: its own label (+ another), none, every class
+    sets = [[original[0]], [original[1], (original[1] + 1) % 1000], [], list(range(1000))]
+    sets += [[(original[4] + 7) % 1000], [original[5]]]
+    real_json = tmp_path / 'real.json'
+    real_json.write_text(json.dumps(sets))
+    manual = os.path.join(os.path.dirname(data_dir), 'manual')
+    stdout, _ = _prepare(
+      pathlib.Path(os.path.dirname(data_dir)),
+      'imagenet2012_real',
+      '--manual_dir',
+      manual,
+      '--from',
+      str(real_json),
+    )
+    assert 'real.json: sha256 differs from the official download' in stdout
+    assert stdout.splitlines()[-1].strip() == (
+      'python -m resnet_jax.evaluate --workdir=runs/r50 --dataset=imagenet2012_real '
+      f'--data-dir={data_dir}'
+    )
+    builder = tfds.builder('imagenet2012_real', data_dir=data_dir)
+    val = builder.as_data_source('validation')
+    by_file = {_text(val[i]['file_name']): i for i in range(len(val))}
+    for k, labels in enumerate(sets):
+      record = val[by_file[f'ILSVRC2012_val_{k + 1:08d}.JPEG']]
+      assert sorted(int(c) for c in record['real_label']) == sorted(labels)
+      assert record['original_label'] == original[k]
+
+    workdir = str(tmp_path / 'run')
+    _train(
+      workdir,
+      data_dir,
+      'configs/imagenet.py:depth=18',
+      '--config.num_train_steps=1',
+      '--config.eval_batch_size=4',
+      '--config.data.image_size=32',
+      '--config.model.name=resnet8',
+      '--config.model.shortcut=A',
+    )
+    got = run_evaluate(workdir, '--dataset=imagenet2012_real', '--crops=1', fast_compile=True)
+    mine = run_evaluate(workdir, '--crops=1', fast_compile=True)
+    assert (got['dataset'], got['split'], got['num_examples']) == (
+      'imagenet2012_real',
+      'validation',
+      NUM_VAL,
+    )
+    assert got['top1_error'] == pytest.approx(mine['top1_error'])  # the original labels
+    assert got['loss'] == pytest.approx(mine['loss'], rel=1e-5)
+
+    trained = runtime.load_trained_model(workdir, {'data.data_dir': data_dir})
+    config = trained.experiment.config
+    batch = next(
+      iter(
+        data.create_eval_iterator(
+          config,
+          split='validation',
+          local_batch_size=NUM_VAL,
+          process_index=0,
+          process_count=1,
+        )
+      )
+    )
+    probs = eval_probabilities(
+      trained.experiment.model.apply,
+      jax.device_put(trained.variables),
+      batch['image'],
+      trained.experiment.preprocess,
+    )
+    imagenet_val = tfds.builder('imagenet2012', data_dir=data_dir).as_data_source('validation')
+    files = [_text(imagenet_val[i]['file_name']) for i in range(NUM_VAL)]
+    top1 = np.argmax(np.asarray(probs), axis=-1)
+    right, counted = 0, 0
+    for f, prediction in zip(files, top1):
+      labels = sets[int(f.split('_')[-1].split('.')[0]) - 1]
+      counted += bool(labels)
+      right += int(prediction) in labels
+    assert got['real_num_examples'] == counted == 5
+    assert got['real_top1_error'] == pytest.approx(1 - right / counted)
 
 
 @pytest.mark.slow

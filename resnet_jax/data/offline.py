@@ -29,6 +29,9 @@ CIFAR10_URL = 'https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz'
 CIFAR100_URL = 'https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz'
 FASHION_URL = 'http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/'
 IMAGENETTE_URL = 'https://s3.amazonaws.com/fast-ai-imageclas/'
+REAL_LABELS_URL = (
+  'https://raw.githubusercontent.com/google-research/reassessed-imagenet/master/real.json'
+)
 # IDX file -> (magic number, number of items) that TFDS's (fashion_)mnist builder reads exactly.
 FASHION_FILES = {
   'train-images-idx3-ubyte': (2051, 60_000),
@@ -176,7 +179,31 @@ def _expected(name: str) -> str:
     'train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, '
     't10k-labels-idx1-ubyte.gz) or the directory holding them',
     'imagenette': 'an imagenette2.tgz / imagenette2-320.tgz / imagenette2-160.tgz archive',
+    'imagenet2012_real': "ReaL's real.json (github.com/google-research/reassessed-imagenet), "
+    'with ILSVRC2012_img_val.tar in --manual_dir',
   }[name]
+
+
+def _check_real_labels(path: str) -> None:
+  """real.json: one list of ImageNet class indices (0-999) per validation image, in file order."""
+  import json  # pylint: disable=import-outside-toplevel
+
+  try:
+    with open(path, encoding='utf-8') as f:
+      labels = json.load(f)
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise PrepareError(f'--from {path}: not JSON ({e}): expected {_expected("imagenet2012_real")}')
+  bad = not isinstance(labels, list) or not labels
+  if not bad:
+    bad = not all(
+      isinstance(entry, list) and all(type(c) is int and 0 <= c < 1000 for c in entry)  # noqa: E721
+      for entry in labels
+    )
+  if bad:
+    raise PrepareError(
+      f'--from {path}: not a list of label lists (class indices 0-999, one list per validation '
+      f'image): expected {_expected("imagenet2012_real")}'
+    )
 
 
 def _idx_header(path: str) -> tuple[int, int]:
@@ -247,9 +274,15 @@ def local_downloads(name: str, paths: Sequence[str], out_dir: str | None) -> dic
     if len(paths) != 1 or not os.path.isfile(paths[0]):
       raise PrepareError(f'--from {", ".join(paths)}: expected one file, {_expected(name)}')
     return {IMAGENETTE_URL + os.path.basename(paths[0]): paths[0]}
+  if name == 'imagenet2012_real':
+    if len(paths) != 1 or not os.path.isfile(paths[0]):
+      raise PrepareError(f'--from {", ".join(paths)}: expected one file, {_expected(name)}')
+    _check_real_labels(paths[0])
+    return {REAL_LABELS_URL: paths[0]}
   raise PrepareError(
     f'{name}: --from is not supported (it takes cifar10, cifar100, fashion_mnist '
-    'and imagenette archives; imagenet2012 reads its tars from --manual_dir)'
+    "and imagenette archives and imagenet2012_real's real.json; imagenet2012 reads its tars "
+    'from --manual_dir)'
   )
 
 

@@ -147,10 +147,16 @@ class _TrainTransform:
 
 
 class _EvalExample:
-  """grain map over padded positions: real examples below `len(records)`, masked zeros beyond."""
+  """grain map over padded positions: real examples below `len(records)`, masked zeros beyond.
 
-  def __init__(self, records, preprocessor: Any, crops: int, scale: int | None):
+  `num_classes` (datasets with label sets only): each example's set as a multi-hot 'label_set'.
+  """
+
+  def __init__(
+    self, records, preprocessor: Any, crops: int, scale: int | None, num_classes: int = 0
+  ):
     self._records, self._pre, self._crops, self._scale = records, preprocessor, crops, scale
+    self._num_classes = num_classes
     self._dtype = getattr(preprocessor, 'output_dtype', np.uint8)
     # the frozen pre-uint8 preprocessor of scripts/benchmark_input.py has one size for both
     size = (
@@ -161,18 +167,24 @@ class _EvalExample:
 
   def __call__(self, index: int) -> dict[str, np.ndarray]:
     if index >= len(self._records):
-      return {
+      example = {
         'image': np.zeros(self._pad_shape, self._dtype),
         'label': np.int32(0),
         'mask': np.bool_(False),
       }
-    record = self._records[index]
-    image = self._pre.eval(record['image'], crops=self._crops, scale=self._scale)
-    return {
-      'image': np.ascontiguousarray(image, self._dtype),
-      'label': np.int32(record['label']),
-      'mask': np.bool_(True),
-    }
+      record = {'label_set': ()}
+    else:
+      record = self._records[index]
+      image = self._pre.eval(record['image'], crops=self._crops, scale=self._scale)
+      example = {
+        'image': np.ascontiguousarray(image, self._dtype),
+        'label': np.int32(record['label']),
+        'mask': np.bool_(True),
+      }
+    if self._num_classes:
+      example['label_set'] = np.zeros(self._num_classes, np.bool_)
+      example['label_set'][np.asarray(record['label_set'], np.int64)] = True
+    return example
 
 
 def worker_count(num_workers: int | None) -> int:
@@ -343,7 +355,8 @@ def create_eval_iterator(
   """Re-iterable batches covering every example of `split` (default eval_split) exactly once.
 
   Yields {'image': uint8 [b, H, W, C] (crops == 1) or [b, crops, H, W, C], 'label': int32 [b],
-  'mask': bool [b]}; positions past the end of the split are zero images with mask False, and every
+  'mask': bool [b]} (and for a dataset with label sets, such as ReaL, 'label_set': bool
+  [b, classes]); positions past the end of the split are zero images with mask False, and every
   process yields `num_eval_batches(...)` batches. crops: 1 (centre), 2 (centre + flip), 10 (paper).
   `scale=S`: the paper's fully-convolutional multi-scale testing input (shorter side S, centred
   S x S, so H = W = S); average the softmax over S in {224, 256, 384, 480, 640} for the paper's
@@ -355,6 +368,7 @@ def create_eval_iterator(
   preprocessor = preprocessor or make_preprocessor(config)
   batches = num_eval_batches(len(evaluation), local_batch_size, process_count)
   ds = grain.MapDataset.range(batches * local_batch_size * process_count)
-  ds = ds.map(_EvalExample(evaluation.records, preprocessor, crops, scale))
+  sets = evaluation.num_classes if evaluation.label_sets else 0
+  ds = ds.map(_EvalExample(evaluation.records, preprocessor, crops, scale, sets))
   ds = ds.batch(local_batch_size)[process_index::process_count]
   return prefetched(ds, config)

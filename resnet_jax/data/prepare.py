@@ -4,11 +4,13 @@
 
 Online, TFDS downloads the data. Offline, `--from` takes the official archives a user already has
 (cifar-10-python.tar.gz or cifar-10-binary.tar.gz, cifar-100-python.tar.gz or -binary, the four
-Fashion-MNIST IDX .gz files or their directory, an imagenette2*.tgz), and imagenet2012 reads
-ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar from `--manual_dir` (default
-DATA_DIR/downloads/manual, TFDS's own layout). Either way the data goes through TFDS's own builder,
-so the result is exactly what `tfds` produces (splits, features, label names). Any other TFDS image
-classification dataset can be prepared online by name. This wraps the TFDS Python API (TFDS's
+Fashion-MNIST IDX .gz files or their directory, an imagenette2*.tgz, ReaL's real.json), and
+imagenet2012 reads ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar from `--manual_dir`
+(default DATA_DIR/downloads/manual, TFDS's own layout; imagenet2012_real the second only).
+Either way the data goes through TFDS's own builder, so the result is exactly what `tfds`
+produces (splits, features, label names). Any other TFDS image classification dataset can be
+prepared online by name. Test sets (imagenet2012_real, imagenet_v2, cifar10_1) end with the
+`evaluate` command instead of a training one. This wraps the TFDS Python API (TFDS's
 command-line tool needs apache_beam, which the `[tf]` extra does not install).
 """
 
@@ -51,6 +53,15 @@ RECIPES = {
   'digits': Recipe('configs/digits.py', 'runs/digits'),
 }
 IMAGENET_TARS = ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar')
+# Test sets with the classes of a training dataset: prepared to evaluate a run on, not to train.
+# name -> the run it evaluates (the default workdir of that dataset's recipe).
+EVALUATION_SETS = {
+  'imagenet2012_real': 'runs/r50',  # ReaL labels of ImageNet's validation images
+  'imagenet_v2': 'runs/r50',
+  'cifar10_1': 'runs/cifar10',
+}
+# What each ImageNet-based builder reads from its manual directory.
+MANUAL_TARS = {'imagenet2012': IMAGENET_TARS, 'imagenet2012_real': ('ILSVRC2012_img_val.tar',)}
 
 
 def _parser() -> cli.ArgumentParser:
@@ -105,11 +116,11 @@ def _check_tfds_name(name: str, sources: Sequence[str]) -> None:
     raise PrepareError(
       f'unknown dataset {name!r}: not {", ".join(RECIPES)} nor a TFDS dataset name'
     ) from e
-  if sources:
+  if sources and name != 'imagenet2012_real':
     raise PrepareError(
       f'--from is not supported for {name} (it takes the archives of '
-      'cifar10, cifar100, fashion_mnist and imagenette); without it TFDS '
-      'downloads the data'
+      "cifar10, cifar100, fashion_mnist and imagenette, and imagenet2012_real's real.json); "
+      'without it TFDS downloads the data'
     )
 
 
@@ -154,14 +165,27 @@ def train_command(
   return ' '.join(shlex.quote(p) for p in parts)
 
 
+def evaluate_command(name: str, data_dir: str | None) -> str:
+  """The command that evaluates a run (its recipe's default workdir) on the prepared test set."""
+  parts = ['python', '-m', 'resnet_jax.evaluate', f'--workdir={EVALUATION_SETS[name]}']
+  parts.append(f'--dataset={name}')
+  if data_dir:
+    parts.append('--data-dir=' + os.path.abspath(data_dir))
+  return ' '.join(shlex.quote(p) for p in parts)
+
+
 def _manual_dir(args: argparse.Namespace, data_root: str) -> str:
-  """Where the ImageNet tars are: --manual_dir (or a single --from DIR), else TFDS's default."""
-  manual = args.manual_dir or (args.sources[0] if len(args.sources) == 1 else None)
+  """Where the ImageNet tars are: --manual_dir (for imagenet2012 also a single --from DIR), else
+  TFDS's default."""
+  manual = args.manual_dir
+  if not manual and args.name == 'imagenet2012' and len(args.sources) == 1:
+    manual = args.sources[0]
   manual = os.path.expanduser(manual) if manual else os.path.join(data_root, 'downloads', 'manual')
-  for tar in IMAGENET_TARS:
+  tars = MANUAL_TARS[args.name]
+  for tar in tars:
     if not os.path.isfile(os.path.join(manual, tar)):
       raise PrepareError(
-        f'imagenet2012 needs {" and ".join(IMAGENET_TARS)} (from image-net.org)'
+        f'{args.name} needs {" and ".join(tars)} (from image-net.org)'
         f' in {manual} (pass --manual_dir DIR): {tar} is missing'
       )
   return manual
@@ -198,7 +222,9 @@ def prepare(args: argparse.Namespace) -> tuple[str, tuple | None]:
   offline = bool(args.sources) and name != 'imagenet2012'
   if offline:
     local_downloads(name, args.sources, None)
-  explicit_manual = name == 'imagenet2012' and (args.manual_dir or len(args.sources) == 1)
+  explicit_manual = name in MANUAL_TARS and (
+    args.manual_dir or (name == 'imagenet2012' and len(args.sources) == 1)
+  )
   manual_dir = _manual_dir(args, '') if explicit_manual else args.manual_dir
   _require_tensorflow(name)
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
@@ -217,7 +243,7 @@ def prepare(args: argparse.Namespace) -> tuple[str, tuple | None]:
       )
     print(f'{tfds_name} is already prepared in {builder.data_dir} (--overwrite rebuilds it)')
     return tfds_name, _image_shape(builder)
-  if name == 'imagenet2012' and not explicit_manual:  # TFDS's default DATA_DIR/downloads/manual
+  if name in MANUAL_TARS and not explicit_manual:  # TFDS's default DATA_DIR/downloads/manual
     manual_dir = _manual_dir(args, os.fspath(builder.data_dir_root))
   with tempfile.TemporaryDirectory(prefix='resnet_jax_prepare_') as tmp:
     url_map = local_downloads(name, args.sources, tmp) if offline else {}  # checked before deleting
@@ -262,8 +288,12 @@ def main(argv: Sequence[str] | None = None) -> int:
       file=sys.stderr,
     )
     return 1
-  print('train with:')
-  print('  ' + train_command(args.name, tfds_name, args.data_dir, image_shape))
+  if args.name in EVALUATION_SETS:
+    print('evaluate a run trained on its classes with:')
+    print('  ' + evaluate_command(args.name, args.data_dir))
+  else:
+    print('train with:')
+    print('  ' + train_command(args.name, tfds_name, args.data_dir, image_shape))
   return 0
 
 

@@ -37,9 +37,22 @@ class SplitSource:
   native_shape: tuple[int | None, int | None, int]  # H, W may be None (variable-size images)
   encoded: bool  # True when `image` is encoded bytes (JPEG/PNG) to be decoded by the pipeline
   cache_dir: str | None = None  # where derived data (normalisation statistics) may be cached
+  # Records also hold 'label_set': every label judged right for the image (ReaL, below)
+  label_sets: bool = False
 
   def __len__(self) -> int:
     return len(self.records)
+
+
+# Datasets whose images carry a set of right labels beside their one label: name -> (the single
+# label, the set). ReaL (Beyer et al. 2020, "Are we done with ImageNet?") re-annotated ImageNet's
+# 50,000 validation images; an image may have several right labels, or none (then it is left out
+# of ReaL accuracy).
+LABEL_SETS = {'imagenet2012_real': ('original_label', 'real_label')}
+
+
+def _base_name(name: str) -> str:
+  return name.split(':')[0].split('/')[0]
 
 
 class SyntheticRecords:
@@ -87,9 +100,11 @@ class _Renamed:
     name: str,
     directory: str,
     data_dir: str | None,
+    label_set_key: str | None = None,
   ):
     self._records, self._image_key, self._label_key = records, image_key, label_key
     self._name, self._directory, self._data_dir = name, directory, data_dir
+    self._label_set_key = label_set_key
 
   def __len__(self) -> int:
     return len(self._records)
@@ -101,7 +116,10 @@ class _Renamed:
       raise DatasetDamagedError(
         _damaged_message(self._name, self._directory, self._data_dir, f'record {index}: {e}')
       ) from e
-    return {'image': record[self._image_key], 'label': int(record[self._label_key])}
+    example = {'image': record[self._image_key], 'label': int(record[self._label_key])}
+    if self._label_set_key is not None:
+      example['label_set'] = np.asarray(record[self._label_set_key], np.int32).reshape(-1)
+    return example
 
 
 def _prepare_command(name: str, data_dir: str | None, *extra: str) -> str:
@@ -181,6 +199,8 @@ def image_and_label_keys(name: str, builder: Any) -> tuple[str, str]:
 
   features = builder.info.features
   keys = builder.info.supervised_keys or ('image', 'label')
+  if _base_name(name) in LABEL_SETS:  # its supervised label is the set: train/test on the one
+    keys = ('image', LABEL_SETS[_base_name(name)][0])
   image_key, label_key = (tuple(keys) + (None, None))[:2] if isinstance(keys, tuple) else (0, 0)
   if not (isinstance(image_key, str) and isinstance(label_key, str)) or not (
     image_key in features and label_key in features
@@ -213,7 +233,7 @@ def image_and_label_keys(name: str, builder: Any) -> tuple[str, str]:
 def _tfds_split(name: str, data_dir: str | None, split: str) -> SplitSource:
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
-  if name.split(':')[0].split('/')[0] == 'imagenet2012' and split.split('[')[0] == 'test':
+  if _base_name(name) == 'imagenet2012' and split.split('[')[0] == 'test':
     raise DatasetNotFoundError(
       "imagenet2012's 'test' split has no labels (every label is -1): evaluate on 'validation', "
       "as the paper's ImageNet results do"
@@ -257,7 +277,8 @@ def _tfds_split(name: str, data_dir: str | None, split: str) -> SplitSource:
       + hint
     ) from e
   directory = os.fspath(builder.data_dir)
-  records = _Renamed(records, image_key, label_key, name, directory, data_dir)
+  label_set_key = LABEL_SETS.get(_base_name(name), (None, None))[1]
+  records = _Renamed(records, image_key, label_key, name, directory, data_dir, label_set_key)
   if len(records):  # a deleted, truncated or emptied shard: found now, not hours in
     records[0]  # pylint: disable=pointless-statement
     records[len(records) - 1]  # pylint: disable=pointless-statement
@@ -267,6 +288,7 @@ def _tfds_split(name: str, data_dir: str | None, split: str) -> SplitSource:
     (shape[0], shape[1], int(shape[2])),
     encoded=skip,
     cache_dir=directory,
+    label_sets=label_set_key is not None,
   )
 
 
