@@ -244,6 +244,12 @@ def evaluate_workdir(
   return result
 
 
+def default_split(name: str) -> str:
+  """The split of test set `name` to evaluate: the one split CIFAR-10.1 and ImageNet-V2/-A/-R
+  have, 'test'; ReaL's, ImageNet's 'validation'."""
+  return 'validation' if name.split(':')[0] in sources.LABEL_SETS else 'test'
+
+
 def on_other_dataset(
   experiment: runtime.Experiment, name: str, split: str | None
 ) -> ml_collections.ConfigDict:
@@ -255,9 +261,7 @@ def on_other_dataset(
   config = experiment.config.copy_and_resolve_references()
   config.data.name = name
   config.data.validation_size = 0  # the run's held-out images are carved from its own dataset
-  # the one split CIFAR-10.1, ImageNet-V2/-A/-R have; ReaL's is ImageNet's 'validation'
-  default = 'validation' if name.split(':')[0] in sources.LABEL_SETS else 'test'
-  config.data.eval_split = split or default
+  config.data.eval_split = split or default_split(name)
   source = sources.open_split(config, config.data.eval_split)
   run = experiment.dataset
   if source.num_classes != run.num_classes:

@@ -10,13 +10,17 @@ validation error during training (Fig. 4) but report 10-crop (Tables 2-3) and mu
     c.evals.center_crop = dict(crops=1)                     # every eval_every_steps
     c.evals.test = dict(split='test', every_steps=0)        # only at the end
     c.evals.multiscale = dict(scales='224,256,384,480,640', batch_size=32, every_steps=0)
+    c.evals.v2 = dict(dataset='imagenet_v2', every_steps=0)  # another test set, same classes
+    c.evals.real = dict(dataset='imagenet2012_real', every_steps=0)  # + ReaL's error
 
 Fields (all optional): `split` (default `data.eval_split`), `crops` (1, 2 = centre and its
 flip, 10 = the paper's; with `scales` 1 or 2), `scales` (Table 4's whole-image testing at these
 shorter sides, `resnet_jax.multiscale`), `every_steps` (default `eval_every_steps`; <= 0: only at
-the end), `batch_size` (default `eval_batch_size`). Each one's records go to metrics.jsonl with
-`"split": NAME` and to TensorBoard under NAME/, and its final figures to `results.json`'s
-`evals`.
+the end), `batch_size` (default `eval_batch_size`), `dataset` (another prepared TFDS test set
+with the run's classes and channels, read through the run's own evaluation preprocessing, as
+`evaluate --dataset` reads it: CIFAR-10.1, ImageNet-V2, ReaL; its split defaults to 'test',
+ReaL's to 'validation'). Each one's records go to metrics.jsonl with `"split": NAME` and to
+TensorBoard under NAME/, and its final figures to `results.json`'s `evals`.
 
 With `ema_decay` > 0 every evaluator also measures the average of the weights (`resnet_jax.ema`):
 its records go to metrics.jsonl as `"split": "NAME_ema"` (the main one's: `eval_ema`) beside the
@@ -32,9 +36,15 @@ from typing import Any
 
 import ml_collections
 
-from resnet_jax import multiscale, runtime
+from resnet_jax import data, multiscale, runtime
 from resnet_jax.ema import SUFFIX as EMA_SUFFIX
-from resnet_jax.evaluate import run_evaluation, run_multiscale_evaluation
+from resnet_jax.evaluate import (
+  default_split,
+  jit_label_set_eval_step,
+  on_other_dataset,
+  run_evaluation,
+  run_multiscale_evaluation,
+)
 from resnet_jax.train_step import jit_eval_step, model_variables
 from resnet_jax.validation import ConfigError
 
@@ -42,7 +52,8 @@ logger = logging.getLogger(__name__)
 
 MAIN = 'eval'
 RESULT_KEYS = ('loss', 'top1_error', 'top5_error', 'num_examples')
-_FIELDS = ('split', 'crops', 'scales', 'every_steps', 'batch_size')
+LABEL_SET_KEYS = ('real_top1_error', 'real_num_examples')  # datasets with label sets (ReaL)
+_FIELDS = ('split', 'crops', 'scales', 'every_steps', 'batch_size', 'dataset')
 _RESERVED = ('train', MAIN, 'config')
 
 
@@ -56,6 +67,7 @@ class Evaluator:
   scales: tuple[int, ...]
   every_steps: int  # <= 0: only at the end
   batch_size: int
+  dataset: str | None = None  # None: the run's own
 
   def due(self, step: int, at_end: bool) -> bool:
     return at_end or (self.every_steps > 0 and step % self.every_steps == 0)
@@ -64,15 +76,22 @@ class Evaluator:
     views = f'{self.crops} crop{"s" if self.crops > 1 else ""}'
     if self.scales:
       views = f'scales {",".join(map(str, self.scales))}, {views}'
-    return f'{self.split}, {views}'
+    return f'{self.dataset + " " if self.dataset else ""}{self.split}, {views}'
 
   def summary(self, result: dict[str, Any]) -> dict[str, Any]:
     """The figures results.json keeps, with what they were measured on."""
-    out = {k: result[k] for k in RESULT_KEYS}
+    out = record_of(result)
     out.update(split=self.split, crops=self.crops)
     if self.scales:
       out['scales'] = list(self.scales)
+    if self.dataset:
+      out['dataset'] = self.dataset
     return out
+
+
+def record_of(result: dict[str, Any]) -> dict[str, Any]:
+  """The figures of one evaluation that metrics.jsonl and results.json record."""
+  return {k: result[k] for k in RESULT_KEYS + LABEL_SET_KEYS if k in result}
 
 
 def from_config(config: ml_collections.ConfigDict) -> list[Evaluator]:
@@ -107,7 +126,12 @@ def _parse(name: str, spec: Any, config: ml_collections.ConfigDict) -> Evaluator
     raise ConfigError(
       f'{where}: unknown field(s) {", ".join(unknown)}; valid: {", ".join(_FIELDS)}'
     )
-  split = spec.get('split') or str(config.data.eval_split)
+  dataset = spec.get('dataset') or None
+  if dataset is not None and not isinstance(dataset, str):
+    raise ConfigError(f'{where}.dataset must be a TFDS dataset name, got {dataset!r}')
+  if dataset == str(config.data.name):
+    dataset = None  # the run's own: its split default and config
+  split = spec.get('split') or (default_split(dataset) if dataset else str(config.data.eval_split))
   if not isinstance(split, str):
     raise ConfigError(f'{where}.split must be a split name, got {split!r}')
   scales = _scales(spec.get('scales') or '', where)
@@ -122,7 +146,7 @@ def _parse(name: str, spec: Any, config: ml_collections.ConfigDict) -> Evaluator
   if batch_size < 1:
     raise ConfigError(f'{where}.batch_size must be positive, got {batch_size}')
   every = _int(spec, 'every_steps', int(config.eval_every_steps), where)
-  return Evaluator(name, split, crops, scales, every, batch_size)
+  return Evaluator(name, split, crops, scales, every, batch_size, dataset)
 
 
 def _int(spec: dict[str, Any], key: str, default: int, where: str) -> int:
@@ -139,20 +163,48 @@ def _scales(text: Any, where: str) -> tuple[int, ...]:
   return tuple(int(p) for p in parts)
 
 
+def check_sources(schedule: list[Evaluator], experiment: runtime.Experiment) -> None:
+  """Opens every extra evaluator's split (another dataset's: its classes and channels checked
+  too), so a misspelt or unprepared one fails before the run starts, not at its end."""
+  for evaluator in schedule[1:]:
+    if evaluator.dataset is None:
+      data.sources.open_split(experiment.config, evaluator.split)
+      continue
+    config = on_other_dataset(experiment, evaluator.dataset, evaluator.split)
+    if evaluator.scales and data.sources.open_split(config, evaluator.split).label_sets:
+      raise ConfigError(
+        f'evals.{evaluator.name}: scales are not supported on {evaluator.dataset} (its label '
+        'sets are counted by the 1/2/10-crop evaluation only)'
+      )
+
+
 class EvalRunner:
-  """Runs evaluators on the run's variables; the single-view eval step is compiled once."""
+  """Runs evaluators on the run's variables; the single-view eval steps are compiled once."""
 
   def __init__(self, experiment: runtime.Experiment):
     self._experiment = experiment
     self._eval_step = jit_eval_step(
       experiment.mesh, experiment.model.apply, preprocess=experiment.preprocess
     )
-    self._configs: dict[int, ml_collections.ConfigDict] = {}
+    self._label_set_step = None  # built for the first dataset with label sets (ReaL)
+    self._configs: dict[tuple[int, str | None, str], ml_collections.ConfigDict] = {}
+    self._preprocessor = None  # the run's host geometry, for another dataset's images
 
   def run(self, evaluator: Evaluator, variables: Any) -> dict[str, Any]:
     """Mean loss and top-1/top-5 error of `variables` over the evaluator's whole split."""
     experiment = self._experiment
-    config = self._config(evaluator.batch_size)
+    config = self._config(evaluator.batch_size, evaluator.dataset, evaluator.split)
+    preprocessor, step = None, self._eval_step
+    if evaluator.dataset is not None:
+      if self._preprocessor is None:
+        self._preprocessor = data.make_preprocessor(experiment.config)
+      preprocessor = self._preprocessor
+      if data.sources.open_split(config, evaluator.split).label_sets:
+        if self._label_set_step is None:
+          self._label_set_step = jit_label_set_eval_step(
+            experiment.mesh, experiment.model.apply, preprocess=experiment.preprocess
+          )
+        step = self._label_set_step
     if evaluator.scales:
       return run_multiscale_evaluation(
         experiment.model.apply,
@@ -164,26 +216,34 @@ class EvalRunner:
         split=evaluator.split,
         crops=evaluator.crops,
         preprocess=experiment.preprocess,
+        preprocessor=preprocessor,
       )
     return run_evaluation(
-      self._eval_step,
+      step,
       variables,
       config,
       experiment.mesh,
       split=evaluator.split,
       crops=evaluator.crops,
+      preprocessor=preprocessor,
     )
 
-  def _config(self, batch_size: int) -> ml_collections.ConfigDict:
-    """The run's config with this eval batch size (the pipelines read it from the config)."""
+  def _config(self, batch_size: int, dataset: str | None, split: str) -> ml_collections.ConfigDict:
+    """The run's config with this eval batch size (the pipelines read it from the config),
+    reading `dataset` (another test set) when given."""
     config = self._experiment.config
-    if batch_size == config.eval_batch_size:
+    if batch_size == config.eval_batch_size and dataset is None:
       return config
-    if batch_size not in self._configs:
-      copy = ml_collections.ConfigDict(config.to_dict())
+    key = (batch_size, dataset, split)
+    if key not in self._configs:
+      copy = (
+        on_other_dataset(self._experiment, dataset, split)
+        if dataset is not None
+        else ml_collections.ConfigDict(config.to_dict())
+      )
       copy.eval_batch_size = batch_size
-      self._configs[batch_size] = copy
-    return self._configs[batch_size]
+      self._configs[key] = copy
+    return self._configs[key]
 
 
 def weights_of(state: Any, name: str) -> list[tuple[str, Any]]:

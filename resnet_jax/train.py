@@ -159,8 +159,7 @@ def train_and_evaluate(
     # prepared, leaves no trace. build_training opens the train and main eval splits; the other
     # evaluators' splits are opened here, so a misspelt one fails now, not at the run's end.
     training = runtime.build_training(config)
-    for evaluator in schedule[1:]:
-      data.sources.open_split(config, evaluator.split)
+    evaluators.check_sources(schedule, training.experiment)
     fresh = not (workdir / checkpointing.CHECKPOINT_DIR).exists()
     if config.init_from and fresh and not as_path(config.init_from).is_dir():
       raise ConfigError(
@@ -243,7 +242,7 @@ def _train(
       for name, variables in evaluators.weights_of(state, evaluator.name):
         result = runner.run(evaluator, variables)
         if record:
-          writer.write(at_step, name, {k: result[k] for k in evaluators.RESULT_KEYS})
+          writer.write(at_step, name, evaluators.record_of(result))
         evaluators.log_result(evaluator, at_step, result, name)
         final[name] = evaluator.summary(result)
 

@@ -125,3 +125,73 @@ def test_the_paper_configs_declare_the_evaluations_the_paper_reports():
   held_out = {e.name: e for e in evaluators.from_config(cifar.get_config('val=5000'))}
   assert held_out['eval'].split == 'validation' and held_out['test'].split == 'test'
   assert {e.name for e in evaluators.from_config(cifar.get_config(''))} == {'eval'}
+
+
+def test_an_evaluator_on_another_test_set_equals_evaluate_dataset(tmp_path):
+  """`dataset=cifar10_1`: CIFAR-10.1 through the run's own evaluation preprocessing, at the end
+  of the run, recorded under its name with the dataset it read; the same figures as
+  `evaluate --dataset=cifar10_1` of the final checkpoint."""
+  import tensorflow_datasets as tfds
+
+  config = load_sibling_config(_CONFIGS, 'cifar').get_config('depth=8,bn_group=8,steps=1')
+  config.batch_size = 8
+  config.progress_bar = False
+  config.data.data_dir = str(tmp_path / 'tfds')
+  config.evals.c101 = {'dataset': 'cifar10_1', 'every_steps': 0, 'crops': 2}
+  run = str(tmp_path / 'run')
+  with tfds.testing.mock_data(num_examples=24, policy=tfds.testing.MockPolicy.USE_CODE):
+    result = train.train_and_evaluate(config, run)
+    alone = evaluate_workdir(run, dataset='cifar10_1', crops=2)
+  got = result['evals']['c101']
+  assert (got['dataset'], got['split'], got['crops'], got['num_examples']) == (
+    'cifar10_1',
+    'test',
+    2,
+    24,
+  )
+  assert got['top1_error'] == alone['top1_error']
+  assert got['loss'] == pytest.approx(alone['loss'], rel=1e-5)
+  assert 'dataset' not in result['eval']  # the main evaluator still reads the run's own data
+
+
+@pytest.mark.parametrize(
+  'spec,match',
+  [
+    ({'dataset': 'cifar100'}, 'cifar100 has 100 classes'),
+    ({'dataset': 'mnist'}, 'mnist has 1-channel images'),
+    ({'dataset': 7}, r'evals\.bad\.dataset must be a TFDS dataset name'),
+  ],
+)
+def test_an_evaluator_on_a_test_set_of_other_classes_is_refused_before_the_run(
+  tmp_path, spec, match
+):
+  import tensorflow_datasets as tfds
+
+  config = load_sibling_config(_CONFIGS, 'cifar').get_config('depth=8,bn_group=8,steps=1')
+  config.batch_size = 8
+  config.data.data_dir = str(tmp_path / 'tfds')
+  config.evals.bad = spec
+  with tfds.testing.mock_data(num_examples=8, policy=tfds.testing.MockPolicy.USE_CODE):
+    with pytest.raises(ValueError, match=match):
+      train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert not (tmp_path / 'run').exists()
+
+
+def test_label_set_figures_are_recorded_with_the_rest():
+  """A dataset with label sets (ReaL) adds its two figures to metrics.jsonl and results.json."""
+  result = {'loss': 1.0, 'top1_error': 0.5, 'top5_error': 0.1, 'num_examples': 6}
+  result.update(real_top1_error=0.25, real_num_examples=4, extra='not recorded')
+  evaluator = evaluators.Evaluator('real', 'validation', 1, (), 0, 8, 'imagenet2012_real')
+  summary = evaluator.summary(result)
+  assert summary['real_top1_error'] == 0.25 and summary['real_num_examples'] == 4
+  assert summary['dataset'] == 'imagenet2012_real' and 'extra' not in summary
+  assert evaluator.describe() == 'imagenet2012_real validation, 1 crop'
+
+
+def test_a_test_sets_split_defaults_to_its_one_split():
+  config = _config({'v2': {'dataset': 'imagenet_v2'}, 'real': {'dataset': 'imagenet2012_real'}})
+  by_name = {e.name: e for e in evaluators.from_config(config)}
+  assert (by_name['v2'].dataset, by_name['v2'].split) == ('imagenet_v2', 'test')
+  assert (by_name['real'].dataset, by_name['real'].split) == ('imagenet2012_real', 'validation')
+  own = evaluators.from_config(_config({'own': {'dataset': 'digits'}}))[1]
+  assert (own.dataset, own.split) == (None, 'test')  # the run's own dataset: its eval split
