@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from resnet_jax import cli, torch_checkpoint
+from resnet_jax import cli, torch_checkpoint, torch_weights
 from resnet_jax.models import create_model, layout, parse_name
 
 # Keys torchvision stores that carry no model state (BN's update counter).
@@ -251,7 +251,7 @@ def _load_safetensors(path: str) -> dict[str, Any]:
 
 def load_weight_sets(path: str) -> dict[str, dict[str, Any]]:
   """The weights in a PyTorch file, without torch: ``{'model': state_dict}``, plus ``'ema'``
-  for a training checkpoint that keeps an EMA of them (``torch_checkpoint.weight_sets``).
+  for a training checkpoint that keeps an EMA of them (``torch_weights.weight_sets``).
 
   ``.pth``/``.pt`` files written by ``torch.save`` (the zip format of torch >= 1.6 and the older
   stream format) go through ``torch_checkpoint.load``, whose unpickler builds tensors and nothing
@@ -263,7 +263,7 @@ def load_weight_sets(path: str) -> dict[str, dict[str, Any]]:
   if is_safetensors(path):
     return {'model': _load_safetensors(path)}
   try:
-    return torch_checkpoint.weight_sets(torch_checkpoint.load(path))
+    return torch_weights.weight_sets(torch_checkpoint.load(path))
   except torch_checkpoint.CheckpointError as e:  # '{path}: why', one line
     raise ValueError(str(e) if str(e).startswith(f'{path}: ') else f'{path}: {e}') from None
 
