@@ -22,6 +22,7 @@ from resnet_jax.models import backbone, create_model, layers, layout, parse_name
 from resnet_jax.train_step import count_params
 from tests.fixtures import golden_weights
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 with open(os.path.join(golden_weights.FIXTURES, 'timm_golden.json')) as f:
   GOLDEN = json.load(f)
 
@@ -223,6 +224,25 @@ def test_config_fields_reach_the_model():
   config.model.update(name='resnet18', num_classes=4)
   assert (config.model.stem, config.model.avg_down) == (None, None)
   assert runtime.build_model(config).stem == 'imagenet'
+
+
+def test_imagenet_config_tweaks_are_cumulative_b_c_d():
+  """He et al. 2019's Table 5 stacks them: B (stride on the 3x3), C (+ deep stem), D (+ pool)."""
+  imagenet = default_config.load_sibling_config(os.path.join(ROOT, 'configs', 'x.py'), 'imagenet')
+  assert imagenet.get_config('').model.stride_on == '1x1'  # the paper recipe's v1
+  for tweaks, name in (('b', 'resnet50'), ('c', 'resnet50c'), ('d', 'resnet50d')):
+    model = runtime.build_model(imagenet.get_config(f'tweaks={tweaks}'))
+    assert (model.stride_on, model.stem == 'deep', model.avg_down) == (
+      '3x3',
+      tweaks in 'cd',
+      tweaks == 'd',
+    )
+    assert imagenet.get_config(f'tweaks={tweaks}').model.name == name
+  assert imagenet.get_config('depth=18,tweaks=d').model.name == 'resnet18d'
+  with pytest.raises(ValueError, match='stride_on=1x1 contradicts'):
+    imagenet.get_config('tweaks=c,stride_on=1x1')
+  with pytest.raises(ValueError, match='tweaks must be b, c or d'):
+    imagenet.get_config('tweaks=e')
 
 
 def test_bad_config_value_is_one_error_line(tmp_path):
