@@ -254,6 +254,27 @@ def test_bad_config_value_is_one_error_line(tmp_path):
   runner.assert_one_line_error(proc, "stem='deep'", 'resnet8')
 
 
+def test_a_workdir_holding_another_stem_or_shortcut_is_refused(tmp_path):
+  """Resuming with another stem (other variables) or avg_down (same variables, another function)
+  would continue a different net: refused like another shortcut option."""
+  from etils import epath
+
+  from resnet_jax import train
+  from resnet_jax.workdir import CONFIG_FILE
+
+  config = default_config.base_config()
+  config.model.update(name='resnet18', stem='deep')
+  workdir = epath.Path(tmp_path)
+  (workdir / CONFIG_FILE).write_text(config.to_json_best_effort())
+  train._prepare_workdir(workdir, config)  # the same config resumes
+  for field, value in (('stem', '7x7'), ('avg_down', True)):
+    other = default_config.base_config()
+    other.model.update(name='resnet18', stem='deep')
+    other.model[field] = value
+    with pytest.raises(train.ConfigError, match=f'holds a run with model.{field}='):
+      train._prepare_workdir(workdir, other)
+
+
 # ------------------------------------------------------------------ layouts, backbone, training
 
 
