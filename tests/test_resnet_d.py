@@ -16,8 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
-from resnet_jax import convert, default_config, pretrained, runtime, summary
+from resnet_jax import convert, default_config, predict, pretrained, runtime, summary
 from resnet_jax.models import backbone, create_model, layers, layout, parse_name
 from resnet_jax.train_step import count_params
 from tests.fixtures import golden_weights
@@ -405,6 +406,15 @@ def test_convert_cli_writes_a_checkpoint_of_timms_safetensors(tmp_path, capsys):
   model = create_model('resnet18d', num_classes=GOLDEN['num_classes'])
   logits = model.apply(variables, jnp.asarray(golden_input('resnet18d')))
   assert rel_err(logits, GOLDEN['archs']['resnet18d']['logits']) < 1e-4
+  # predict reads the file directly (the same mapping) and classifies like the checkpoint
+  image = tmp_path / 'image.png'
+  pixels = np.random.default_rng(9).integers(0, 256, (70, 90, 3), dtype=np.uint8)
+  Image.fromarray(pixels).save(image)
+  args = ['--arch', 'resnet18d', '--image-size', '64', str(image)]
+  predict.main(['--torchvision-weights', path, *args])
+  direct = capsys.readouterr().out.splitlines()
+  predict.main(['--checkpoint', str(tmp_path / 'c'), *args])
+  assert direct == capsys.readouterr().out.splitlines() and len(direct) == 5
   with pytest.raises(SystemExit) as info:
     convert.main(
       ['--arch', 'resnet18', '--torchvision-weights', path, '--out', str(tmp_path / 'd')]
