@@ -105,7 +105,8 @@ def _blocks_hint(sd: Mapping[str, Any], expected: set[str], name: str) -> str:
 
 def _tweaks_hint(sd: Mapping[str, Any], model: Any, name: str) -> str:
   """When the file's stem or shortcuts are not `name`'s (timm's c / d nets), says so."""
-  deep, avg = 'conv1.0.weight' in sd, any(k.endswith('downsample.2.weight') for k in sd)
+  deep = all(f'conv1.{i}.weight' in sd for i in (0, 3, 6))  # timm's three stem convs
+  avg = any(k.endswith('downsample.2.weight') for k in sd)
   if (deep, avg) == (model.stem == 'deep', model.avg_down):
     return ''
   kind = lambda deep, avg: (
