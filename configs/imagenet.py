@@ -33,7 +33,9 @@ Config args: depth=50, plain, shortcut=A|B|C, recipe=paper|modern|torchvision,
 stride_on=1x1|3x3, batch (default: 1024 for recipe=torchvision, else 256), bn_group (BN statistics
 over groups of that many examples; default 32 for recipe=paper, the whole global batch for the
 others; 0: the whole global batch), dataset=imagenet2012, multiscale (also run Table 4's
-whole-image testing at 224-640 at the end).
+whole-image testing at 224-640 at the end), tweaks=b|c|d (He et al. 2019's "Bag of Tricks"
+ResNet-B/C/D, Sec. 4.1, cumulative as in its Table 5: b is stride_on=3x3, c adds the deep 3x3
+stem (model resnet{depth}c), d also the avg-pool shortcuts (resnet{depth}d, timm's resnet50d)).
 Evaluators (resnet_jax/evaluators.py): the paper recipe's main one is 10-crop validation (Tables
 2-3); `center_crop` adds the centre-crop validation error Fig. 4 plots during training.
 """
@@ -54,7 +56,15 @@ def get_config(arg: str | None = None):
     bn_group=-1,  # -1: the recipe's (32 for paper, else whole batch)
     dataset='imagenet2012',
     multiscale=False,
+    tweaks='',
   )
+  if args.tweaks not in ('', 'b', 'c', 'd'):
+    raise ValueError(f'tweaks must be b, c or d (ResNet-B/C/D), got {args.tweaks!r}')
+  if args.tweaks and args.stride_on == '1x1':
+    raise ValueError(
+      f'tweaks={args.tweaks} includes ResNet-B, the stride on the 3x3 conv; stride_on=1x1 '
+      'contradicts it'
+    )
   if args.recipe not in ('paper', 'modern', 'torchvision'):
     raise ValueError(f'recipe must be paper, modern or torchvision, got {args.recipe!r}')
   if args.depth not in IMAGENET_DEPTHS:  # resnet20 would be a CIFAR net (3x3 stem, 16-64 wide)
@@ -65,10 +75,10 @@ def get_config(arg: str | None = None):
   paper = args.recipe == 'paper'
   torchvision = args.recipe == 'torchvision'
   c = base_config()
-  c.model.name = f'resnet{args.depth}'
+  c.model.name = f'resnet{args.depth}{args.tweaks if args.tweaks in ("c", "d") else ""}'
   c.model.residual = not args.plain
   c.model.shortcut = args.shortcut
-  c.model.stride_on = args.stride_on or ('1x1' if paper else '3x3')
+  c.model.stride_on = args.stride_on or ('1x1' if paper and not args.tweaks else '3x3')
   bn_group = args.bn_group if args.bn_group >= 0 else (32 if paper else 0)
   c.model.bn_group_size = bn_group or None
   c.model.zero_init_last_bn = args.recipe == 'modern' and not args.plain

@@ -1,4 +1,4 @@
-"""Import torchvision ResNet / ResNeXt / Wide ResNet weights: ``from_torchvision`` and a CLI.
+"""Import torchvision / timm ResNet / ResNeXt / Wide ResNet weights: ``from_torchvision``, a CLI.
 
     python -m resnet_jax.convert --arch resnet50 \
         --torchvision-weights resnet50-11ad3fa6.pth --out DIR
@@ -8,13 +8,9 @@ writes an Orbax checkpoint of ``{'params', 'batch_stats'}`` that ``--config.init
 ``torchvision.models.ResNet50_Weights`` etc.; download one (e.g. from
 https://download.pytorch.org/models/resnet50-11ad3fa6.pth) on a machine with internet access.
 
-The mapping is exact because our parameter names mirror torchvision's (see
-``resnet_jax.models.resnet``): ``layer{s}.{b}.conv{k}.weight`` -> ``layer{s}_{b}/conv{k}/kernel``
-(OIHW -> HWIO), ``downsample.0``/``downsample.1`` -> ``downsample_conv``/``downsample_bn``,
-``fc.weight`` -> ``fc/kernel`` (transposed), BN ``weight``/``bias`` -> ``scale``/``bias`` and
-``running_mean``/``running_var`` -> ``batch_stats`` ``mean``/``var``. torch normalises with
-``running_var`` as stored (its unbiased-update convention only affects training), exactly like our
-``var``, and both use epsilon 1e-5, so eval-mode logits agree.
+The key mapping (``from_torchvision``, ``to_torchvision``, ``torch_key``) lives in
+``resnet_jax.torch_keys``: torchvision's names, and timm's deep stems and avg-pool shortcuts
+(``--arch resnet50d`` etc., He et al. 2019's ResNet-C/D).
 
 torch is not needed: ``--torchvision-weights`` reads ``.pth`` files with
 ``resnet_jax.torch_checkpoint`` (a restricted unpickler that builds numpy arrays and refuses
@@ -29,173 +25,20 @@ import os
 import shutil
 import sys
 import tempfile
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from resnet_jax import cli, torch_checkpoint, torch_weights
-from resnet_jax.models import create_model, layout, parse_name
-
-# Keys torchvision stores that carry no model state (BN's update counter).
-IGNORED_SUFFIXES = ('num_batches_tracked',)
-_LEAF_NAMES = {
-  ('params', 'kernel'): 'weight',  # conv and dense
-  ('params', 'bias'): 'bias',  # dense and BN
-  ('params', 'scale'): 'weight',  # BN
-  ('batch_stats', 'mean'): 'running_mean',
-  ('batch_stats', 'var'): 'running_var',
-}
-
-
-def torch_key(collection: str, path: Sequence[str]) -> str:
-  """The torchvision ``state_dict`` key of the flax variable ``collection/path``."""
-  *modules, leaf = path
-  parts = []
-  for m in modules:
-    if m.startswith('layer') and '_' in m:  # layer2_3 -> layer2.3
-      parts.extend(m.split('_', 1))
-    elif m == 'downsample_conv':
-      parts.extend(['downsample', '0'])
-    elif m == 'downsample_bn':
-      parts.extend(['downsample', '1'])
-    else:
-      parts.append(m)
-  parts.append(_LEAF_NAMES[collection, leaf])
-  return '.'.join(parts)
-
-
-def _to_numpy(value: Any) -> np.ndarray:
-  """torch tensors (without importing torch), numpy arrays, jax arrays -> float32 numpy."""
-  if hasattr(value, 'detach'):
-    value = value.detach().cpu().float().numpy()
-  return np.asarray(value, dtype=np.float32)
-
-
-def _to_flax_layout(torch_value: np.ndarray, path: Sequence[str]) -> np.ndarray:
-  if path[-1] != 'kernel':
-    return torch_value
-  if torch_value.ndim == 4:  # conv OIHW -> HWIO
-    return torch_value.transpose(2, 3, 1, 0)
-  return torch_value.T  # dense (out, in) -> (in, out)
-
-
-_SHOWN = 8  # items of each list an error names: a wrong --arch gave one line of ~10 KB
-
-
-def _first(items: list[str]) -> str:
-  """The first few items of a list in an error message, and how many there are in all."""
-  if len(items) <= _SHOWN:
-    return str(items)
-  return str(items[:_SHOWN])[:-1] + f', ... ({len(items)} in all)]'
-
-
-def _structure(keys: Any) -> tuple[str, tuple[int, ...]]:
-  """Block kind and blocks per stage of a torchvision state_dict's keys (layerS.B.*)."""
-  blocks = tuple(
-    1 + max((int(k.split('.')[1]) for k in keys if k.startswith(f'layer{s}.')), default=-1)
-    for s in (1, 2, 3, 4)
-  )
-  return ('bottleneck' if 'layer1.0.conv3.weight' in keys else 'basic'), blocks
-
-
-def _blocks_hint(sd: Mapping[str, Any], expected: set[str], name: str) -> str:
-  """When the file's blocks are not `name`'s, says so: a wrong --arch then shows itself."""
-  (kind, blocks), (want_kind, want) = _structure(sd), _structure(expected)
-  if (kind, blocks) == (want_kind, want) or not all(blocks):
-    return ''
-  per_stage = ','.join(map(str, blocks))
-  return (
-    f' (the file has {kind} blocks {per_stage} per stage, {name} has {want_kind} '
-    f'{",".join(map(str, want))}: is --arch right?)'
-  )
-
-
-def from_torchvision(
-  state_dict: Mapping[str, Any], name: str, *, scan: bool = False, features_only: bool = False
-) -> dict[str, Any]:
-  """A torchvision ResNet ``state_dict`` as ``create_model(name)``'s ``{'params', 'batch_stats'}``.
-
-  ``name``: resnet18/34/50/101/152, resnext{50,101}_{G}x{W}d, wide_resnet{50,101}_{k} (grouped
-  3x3 kernels map like any other: OIHW with I = in / groups -> HWIO). The number of classes is
-  read from ``fc.weight``. The keys map onto the unrolled layout; ``scan=True`` returns the
-  variables of ``create_model(name, scan=True)`` instead (stacked blocks,
-  ``models.layout.to_scanned``). ``features_only=True``: the variables of the backbone
-  (``create_model(name, features_only=True)``, any ``output_stride``: dilation adds no
-  parameters): ``fc.*`` is not needed and is dropped if present. Key accounting is strict: a
-  variable with no torchvision key, a torchvision key that no variable uses (other than
-  ``num_batches_tracked``), or a shape mismatch is a ``ValueError`` naming them. A ``module.``
-  prefix (DataParallel) is stripped.
-  """
-  spec = parse_name(name)
-  if spec.family != 'imagenet' or not spec.residual:
-    raise ValueError(
-      f'torchvision has weights for ImageNet ResNets, ResNeXts and Wide ResNets only, not {name!r}'
-    )
-  sd = {k.removeprefix('module.'): v for k, v in state_dict.items()}
-  if features_only:
-    sd = {k: v for k, v in sd.items() if not k.startswith('fc.')}
-    model = create_model(name, num_classes=1, features_only=True)
-  else:
-    if 'fc.weight' not in sd:
-      raise ValueError('state_dict has no fc.weight: not a torchvision ResNet state_dict')
-    model = create_model(name, num_classes=int(np.shape(sd['fc.weight'])[0]))
-  abstract = jax.eval_shape(
-    lambda x: model.init(jax.random.key(0), x, train=False),
-    jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32),
-  )
-
-  used, missing, reshaped = set(), [], []
-
-  def convert(keypath, leaf):
-    names = [k.key for k in keypath]
-    key = torch_key(names[0], names[1:])
-    if key not in sd:
-      missing.append(key)
-      return None
-    used.add(key)
-    value = _to_flax_layout(_to_numpy(sd[key]), names)
-    if value.shape != leaf.shape:
-      reshaped.append(f'{key} {tuple(np.shape(sd[key]))} -> {"/".join(names)} {leaf.shape}')
-    return value
-
-  variables = jax.tree_util.tree_map_with_path(convert, abstract)
-  unused = sorted(k for k in sd if k not in used and not k.endswith(IGNORED_SUFFIXES))
-  problems = []
-  if missing:
-    problems.append(f'missing torchvision keys {_first(sorted(missing))}')
-  if unused:
-    problems.append(f'unused torchvision keys {_first(unused)}')
-  if reshaped:
-    problems.append(f'shape mismatches {_first(reshaped)}')
-  if problems:
-    raise ValueError(
-      f'state_dict does not fit {name}: '
-      + '; '.join(problems)
-      + _blocks_hint(sd, used | set(missing), name)
-    )
-  variables = {'params': variables['params'], 'batch_stats': variables['batch_stats']}
-  return layout.to_scanned(variables, model.stage_sizes) if scan else variables
-
-
-def to_torchvision(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
-  """The torchvision ``state_dict`` (numpy arrays) of a ResNet's variables, either layout.
-
-  The inverse of ``from_torchvision`` (``num_batches_tracked`` is not written): export weights
-  trained here to torch, or check a round trip.
-  """
-  unrolled = layout.to_unrolled(dict(variables))
-  out = {}
-  for collection in ('params', 'batch_stats'):
-    flat = jax.tree_util.tree_flatten_with_path(unrolled[collection])[0]
-    for keypath, leaf in flat:
-      names = [k.key for k in keypath]
-      value = np.asarray(leaf, np.float32)
-      if names[-1] == 'kernel':
-        value = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
-      out[torch_key(collection, names)] = value
-  return out
+from resnet_jax.models.stems import input_conv_name
+from resnet_jax.torch_keys import (  # noqa: F401  (re-exported: convert's API)
+  IGNORED_SUFFIXES,
+  _to_numpy,
+  from_torchvision,
+  to_torchvision,
+  torch_key,
+)
 
 
 def adapt_input_channels(variables: dict[str, Any], in_channels: int) -> dict[str, Any]:
@@ -206,7 +49,8 @@ def adapt_input_channels(variables: dict[str, Any], in_channels: int) -> dict[st
   and rescaled by 3 / in_channels to keep the response's magnitude.
   """
   params = dict(variables['params'])
-  kernel = np.asarray(params['conv1']['kernel'])
+  stem = input_conv_name(params)  # conv1, or a deep stem's stem_conv1
+  kernel = np.asarray(params[stem]['kernel'])
   rgb = kernel.shape[2]
   if in_channels == rgb:
     return variables
@@ -214,7 +58,7 @@ def adapt_input_channels(variables: dict[str, Any], in_channels: int) -> dict[st
     new = kernel.sum(axis=2, keepdims=True)
   else:
     new = kernel[:, :, np.arange(in_channels) % rgb, :] * (rgb / in_channels)
-  params['conv1'] = {**params['conv1'], 'kernel': new.astype(kernel.dtype)}
+  params[stem] = {**params[stem], 'kernel': new.astype(kernel.dtype)}
   return {**variables, 'params': params}
 
 
@@ -326,13 +170,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     '--arch',
     required=True,
     help='a torchvision net: resnet18/34/50/101/152, resnext50_32x4d, resnext101_32x8d, '
-    'resnext101_64x4d, wide_resnet50_2, wide_resnet101_2',
+    "resnext101_64x4d, wide_resnet50_2, wide_resnet101_2; or timm's Bag of Tricks nets "
+    'resnet{18,34,50,101,152}d, resnet{50,101,152}c, resnext50d_32x4d',
   )
   parser.add_argument(
     '--torchvision-weights',
     required=True,
     help='torchvision .pth state_dict file, or a .safetensors file with the same keys '
-    "(timm's v1.5 ResNets); torch is not needed",
+    "(timm's ResNets, e.g. model.safetensors of timm/resnet50d.a1_in1k); torch is not needed",
   )
   parser.add_argument('--out', required=True, help='output checkpoint directory (new, or empty)')
   parser.add_argument(

@@ -65,6 +65,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.frozen_bn = False
   c.model.frozen_bn_affine = False
   c.model.frozen_stages = -1
+  # Bag of Tricks (He et al. 2019, Sec. 4.1): stem 'deep' = ResNet-C's three 3x3 convs ('7x7': the
+  # paper's), avg_down = ResNet-D's avg-pool projection shortcuts. None: the name's own
+  # (resnet50c: deep stem; resnet50d: both; every other name: neither).
+  c.model.stem = ml_collections.FieldReference(None, field_type=str)
+  c.model.avg_down = ml_collections.FieldReference(None, field_type=bool)
 
   c.data = ml_collections.ConfigDict()
   c.data.name = 'digits'  # 'digits' | 'synthetic' | any TFDS image-classification name

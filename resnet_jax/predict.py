@@ -30,6 +30,7 @@ from PIL import Image
 from resnet_jax import cli, runtime
 from resnet_jax.default_config import base_config
 from resnet_jax.models import layout, parse_name
+from resnet_jax.models.stems import input_conv_name
 from resnet_jax.workdir import CONFIG_FILE, as_path, read_run_config
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
@@ -248,7 +249,7 @@ def _classify(
   """Builds the model the weights belong to and prints each image's top 5."""
   kernel = variables['params']['fc']['kernel']
   num_classes = kernel.shape[1]
-  in_channels = variables['params']['conv1']['kernel'].shape[2]
+  in_channels = variables['params'][input_conv_name(variables['params'])]['kernel'].shape[2]
   if in_channels != batch.shape[-1]:
     parser.error(
       f'the checkpoint expects {in_channels}-channel input; predict feeds converted weights RGB '

@@ -1,8 +1,8 @@
 """Model summary: parameters, multiply-accumulates and output shape per stage.
 
   python -m resnet_jax.summary resnet50 [--plain] [--shortcut A|B|C] [--stride-on 1x1|3x3]
-    [--num-classes N] [--image-size N] [--preact] [--block basic|bottleneck] [--json]
-    [--features [--output-stride 32|16|8]]
+    [--stem 7x7|deep] [--avg-down] [--num-classes N] [--image-size N] [--preact]
+    [--block basic|bottleneck] [--json] [--features [--output-stride 32|16|8]]
 
 Any name of ``models.VALID_NAMES`` (ResNets, ResNeXts, Wide ResNets). ``--features`` summarises the
 backbone (``features_only=True``: no classifier) and lists its C2-C5 feature maps with their
@@ -29,6 +29,8 @@ import jax.numpy as jnp
 
 from resnet_jax import cli, default_config, runtime
 from resnet_jax.models import parse_name
+from resnet_jax.models.names import STEM_KINDS
+from resnet_jax.models.stems import STEM_MODULES
 from resnet_jax.train_step import count_params
 
 
@@ -37,7 +39,7 @@ def stage_of(top_level_name: str) -> str:
   m = re.fullmatch(r'(layer\d+)_\d+', top_level_name)
   if m:
     return m[1]
-  if top_level_name in ('conv1', 'bn1'):
+  if top_level_name in STEM_MODULES:
     return 'stem'
   return 'head'
 
@@ -121,6 +123,17 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   parser.add_argument('--shortcut', choices=['A', 'B', 'C'])
   parser.add_argument('--stride-on', choices=['1x1', '3x3'])
   parser.add_argument(
+    '--stem',
+    choices=list(STEM_KINDS),
+    help="deep: ResNet-C's three 3x3 convs (He et al. 2019); default: the name's own",
+  )
+  parser.add_argument(
+    '--avg-down',
+    action='store_true',
+    default=None,
+    help="ResNet-D's avg-pool projection shortcuts; default: the name's own (resnet50d)",
+  )
+  parser.add_argument(
     '--preact', action='store_true', help='pre-activation blocks (He et al. 2016)'
   )
   parser.add_argument(
@@ -161,6 +174,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
       residual=not args.plain,
       shortcut=args.shortcut,
       stride_on=args.stride_on,
+      stem=args.stem,
+      avg_down=args.avg_down,
       preact=True if args.preact else None,  # None: the name's own (pre-activation for wrn*)
       block=args.block,
       output_stride=args.output_stride,
@@ -181,6 +196,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     'shortcut': model.shortcut if model.residual else None,
     'stride_on': model.stride_on if model.block_cls.expansion > 1 else None,  # bottlenecks only
     'preact': model.block_cls.preact,
+    'stem': {'imagenet': '7x7', 'deep': 'deep'}.get(model.stem, model.stem),
+    'avg_down': model.avg_down,
     'block': spec.block,
     'groups': model.groups,
     'width_per_group': model.base_width,

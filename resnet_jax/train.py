@@ -54,6 +54,8 @@ _SHAPE_FIELDS = (
   'model.stride_on',
   'model.preact',
   'model.block',
+  'model.stem',  # ResNet-C / ResNet-D (models.stems, layers.avg_pool_down)
+  'model.avg_down',
   'model.frozen_stages',  # which leaves the optimizer state covers
   'model.frozen_bn_affine',
   'data.name',

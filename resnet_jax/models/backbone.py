@@ -15,13 +15,15 @@ from typing import Any, Mapping
 import jax
 import optax
 
-_BN_RE = re.compile(r'bn\d*|bn_final|downsample_bn')
+from resnet_jax.models.stems import STEM_MODULES
+
+_BN_RE = re.compile(r'bn\d*|bn_final|downsample_bn|stem_bn\d+')
 _STAGE_RE = re.compile(r'layer(\d+)_(?:\d+|scan)')
 
 
 def _top_stage(name: str) -> int | None:
   """0 for the stem, k for ``layer{k}_*``, None for the head (never frozen by stage)."""
-  if name in ('conv1', 'bn1'):
+  if name in STEM_MODULES:
     return 0
   m = _STAGE_RE.fullmatch(name)
   return int(m[1]) if m else None

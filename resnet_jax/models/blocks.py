@@ -46,6 +46,8 @@ class _Block(nn.Module):
   dropout_rate: float = 0.0  # between the convs (Wide ResNets, Zagoruyko & Komodakis 2016)
   deterministic: bool = True  # no dropout (evaluation); False needs a 'dropout' rng
   drop_path_mode: str = 'row'  # stochastic depth per example | per batch (models.drop_path)
+  avg_down: bool = False  # ResNet-D projections: average pool, then a stride-1 1x1 conv
+  stage_dilation: int = 1  # the stage's dilation (block 0's ``dilation`` is the previous one's)
   expansion = 1  # output channels per unit of `features`
   preact = False
 
@@ -62,6 +64,18 @@ class _Block(nn.Module):
     if rate is None or self.deterministic:
       return branch
     return drop_path.drop_path(self, branch, rate, self.drop_path_mode)
+
+  def _shortcut(self, x: jax.Array, out: int, norm: Optional[ModuleDef]) -> jax.Array:
+    return layers.shortcut(
+      x,
+      out,
+      self.strides,
+      kind=self.shortcut,
+      conv=self.conv,
+      norm=norm,
+      avg_down=self.avg_down,
+      dilated=self.stage_dilation > 1,
+    )
 
   @property
   def inner_width(self) -> int:
@@ -108,9 +122,7 @@ class BasicBlock(_Block):
     y = self.conv(self.features, 3, name='conv2', dilation=d)(y)
     y = self.norm(name='bn2', scale_init=_last_bn_init(self.zero_init_last_bn))(y)
     if self.residual:
-      y = self._drop_path(y, drop_rate) + layers.shortcut(
-        x, self.features, self.strides, kind=self.shortcut, conv=self.conv, norm=self.norm
-      )
+      y = self._drop_path(y, drop_rate) + self._shortcut(x, self.features, self.norm)
     return nn.relu(y)
 
 
@@ -130,9 +142,7 @@ class Bottleneck(_Block):
     y = self.conv(out, 1, name='conv3')(y)
     y = self.norm(name='bn3', scale_init=_last_bn_init(self.zero_init_last_bn))(y)
     if self.residual:
-      y = self._drop_path(y, drop_rate) + layers.shortcut(
-        x, out, self.strides, kind=self.shortcut, conv=self.conv, norm=self.norm
-      )
+      y = self._drop_path(y, drop_rate) + self._shortcut(x, out, self.norm)
     return nn.relu(y)
 
 
@@ -154,9 +164,7 @@ class PreActBasicBlock(_PreActBlock):
     y = self.conv(self.features, 3, name='conv2', dilation=d)(self._dropout(y))
     if not self.residual:
       return y
-    return self._drop_path(y, drop_rate) + layers.shortcut(
-      src, self.features, self.strides, kind=self.shortcut, conv=self.conv, norm=None
-    )
+    return self._drop_path(y, drop_rate) + self._shortcut(src, self.features, None)
 
 
 class PreActBottleneck(_PreActBlock):
@@ -176,6 +184,4 @@ class PreActBottleneck(_PreActBlock):
     y = self.conv(out, 1, name='conv3')(self._dropout(y))
     if not self.residual:
       return y
-    return self._drop_path(y, drop_rate) + layers.shortcut(
-      src, out, self.strides, kind=self.shortcut, conv=self.conv, norm=None
-    )
+    return self._drop_path(y, drop_rate) + self._shortcut(src, out, None)

@@ -275,6 +275,8 @@ def shortcut(
   kind: str,
   conv: ModuleDef,
   norm: Optional[ModuleDef],
+  avg_down: bool = False,
+  dilated: bool = False,
 ) -> jax.Array:
   """The paper's shortcut options for a block mapping ``x`` to ``out_features`` channels.
 
@@ -282,6 +284,8 @@ def shortcut(
    (parameter-free). B: identity, projection (1x1 conv + BN) only where the shape changes.
   C: projection on every block. ``norm=None`` gives a bare conv projection (pre-activation blocks,
   whose next block normalises the sum anyway). Submodules: ``downsample_conv``, ``downsample_bn``.
+  ``avg_down``: a projection pools first (``avg_pool_down``; ``dilated``: the block is in a stage
+  dilated for output stride 16 / 8) and its conv has stride 1 (ResNet-D, He et al. 2019).
   """
   in_features = x.shape[-1]
   changes = changes_shape(x, out_features, strides)
@@ -296,5 +300,24 @@ def shortcut(
     return x
   if kind not in ('B', 'C'):
     raise ValueError(f"unknown shortcut {kind!r}; expected 'A', 'B' or 'C'")  # names.SHORTCUTS
+  if avg_down:
+    x, strides = avg_pool_down(x, strides, dilated), 1
   y = conv(out_features, 1, strides, name='downsample_conv')(x)
   return y if norm is None else norm(name='downsample_bn')(y)
+
+
+def avg_pool_down(x: jax.Array, strides: int, dilated: bool = False) -> jax.Array:
+  """ResNet-D's pool before a projection's 1x1 conv, as timm's ``downsample_avg`` does it.
+
+  Stride 2: 2x2 average pool with stride 2, ``ceil_mode=True``: an odd side's last window holds
+  one row / column and averages only it (``count_include_pad=False``). Stride 1: nothing, except
+  in a dilated stage (output stride 16 / 8), where timm pools 2x2 with stride 1 after padding one
+  zero row and column at the bottom / right (its ``AvgPool2dSame``: the zeros count, divisor 4).
+  """
+  if strides == 1:
+    if not dilated:
+      return x
+    x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
+    return nn.avg_pool(x, (2, 2), strides=(1, 1), padding='VALID')
+  pad = ((0, x.shape[1] % strides), (0, x.shape[2] % strides))
+  return nn.avg_pool(x, (2, 2), strides=(strides, strides), padding=pad, count_include_pad=False)

@@ -3,9 +3,11 @@
 ImageNet family (7x7 stem, four stages): ``resnet18/34/50/101/152`` (He et al. 2015),
 ``resnext{50,101,152}_{G}x{W}d`` (Xie et al. 2017: G groups of W channels in the first stage's 3x3
 conv) and ``wide_resnet{50,101,152}_{k}`` (torchvision's Wide ResNets: bottlenecks whose 3x3 is k
-times wider, i.e. ``width_per_group = 64 k``). CIFAR family (3x3 stem, three stages):
-``resnet{6n+2}`` / ``resnet{9n+2}`` (bottleneck) and the Wide ResNets of Zagoruyko & Komodakis 2016,
-``wrn{6n+4}_{k}`` (pre-activation basic blocks of widths 16k/32k/64k).
+times wider, i.e. ``width_per_group = 64 k``); the suffixes ``c`` / ``d`` (``resnet50d``,
+``resnext50d_32x4d``) are He et al. 2019's ResNet-C / ResNet-D, as timm names them. CIFAR family
+(3x3 stem, three stages): ``resnet{6n+2}`` / ``resnet{9n+2}`` (bottleneck) and the Wide ResNets
+of Zagoruyko & Komodakis 2016, ``wrn{6n+4}_{k}`` (pre-activation basic blocks of widths
+16k/32k/64k).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class ArchSpec(NamedTuple):
   ``family``: 'imagenet' | 'cifar'; ``block``: 'basic' | 'bottleneck'; ``variant``: 'resnet',
   'resnext', 'wide_resnet' (torchvision's) or 'wrn' (CIFAR Wide ResNet, ``widen`` = k);
   ``groups``/``width_per_group``: torchvision's bottleneck fields (1 / 64 for a ResNet).
+  ``tweak``: He et al. 2019's ResNet-C ('c') or ResNet-D ('d'), timm's ``resnet50c``/``resnet50d``.
   """
 
   family: str
@@ -40,9 +43,11 @@ class ArchSpec(NamedTuple):
   groups: int = 1
   width_per_group: int = 64
   widen: int = 1
+  tweak: str = ''  # '' | 'c' (deep stem) | 'd' (deep stem, avg-pool shortcuts): timm's suffixes
 
 
 SHORTCUTS = ('A', 'B', 'C')
+STEM_KINDS = ('7x7', 'deep')  # create_model's stem: He et al. 2015's, ResNet-C's (He et al. 2019)
 
 
 def default_shortcut(spec: ArchSpec) -> str:
@@ -63,13 +68,20 @@ def check_shortcut(shortcut: str) -> str:
 # CIFAR depth = 2 + this x blocks per stage: 3 stages of 2 (basic) or 3 (bottleneck) layers a block.
 _CIFAR_LAYERS_PER_STAGE_BLOCK = {'basic': 6, 'bottleneck': 9}
 BLOCK_KINDS = tuple(_CIFAR_LAYERS_PER_STAGE_BLOCK)
-_NAME_RE = re.compile(r'(?P<cifar>cifar_)?(?P<kind>resnet|plain)(?P<depth>[1-9]\d*)')
-_RESNEXT_RE = re.compile(r'resnext(?P<depth>[1-9]\d*)_(?P<groups>[1-9]\d*)x(?P<width>[1-9]\d*)d')
+_NAME_RE = re.compile(
+  r'(?P<cifar>cifar_)?(?P<kind>resnet|plain)(?P<depth>[1-9]\d*)(?P<tweak>[cd])?'
+)
+_RESNEXT_RE = re.compile(
+  r'resnext(?P<depth>[1-9]\d*)(?P<tweak>d)?_(?P<groups>[1-9]\d*)x(?P<width>[1-9]\d*)d'
+)
 _WIDE_RE = re.compile(r'wide_resnet(?P<depth>[1-9]\d*)_(?P<k>[1-9]\d*)')
 _WRN_RE = re.compile(r'wrn(?P<depth>[1-9]\d*)_(?P<k>[1-9]\d*)')
 VALID_NAMES = (
   'resnet18, resnet34, resnet50, resnet101, resnet152 (ImageNet); '
-  'resnext{50,101,152}_{G}x{W}d, e.g. resnext50_32x4d, resnext101_32x8d, resnext101_64x4d; '
+  'their Bag of Tricks variants resnet{18,34,50,101,152}c (deep stem) and '
+  'resnet{18,34,50,101,152}d (deep stem, avg-pool shortcuts), as timm names them; '
+  'resnext{50,101,152}_{G}x{W}d, e.g. resnext50_32x4d, resnext101_32x8d, resnext101_64x4d '
+  '(resnext50d_32x4d: with the d tweaks); '
   'wide_resnet{50,101,152}_{k}, e.g. wide_resnet50_2, wide_resnet101_2; '
   'resnet{6n+2} for n >= 1, e.g. resnet8, resnet20, resnet56, resnet110, resnet1202 (CIFAR); '
   "with block='bottleneck', resnet{9n+2} CIFAR bottleneck nets, e.g. resnet164, resnet1001; "
@@ -118,7 +130,14 @@ def _parse_family_name(name: str, block: Optional[str]) -> Optional[ArchSpec]:
   _bottleneck_depth(name, depth)
   if name.startswith('resnext'):
     return ArchSpec(
-      'imagenet', depth, True, 'bottleneck', 'resnext', int(m['groups']), int(m['width'])
+      'imagenet',
+      depth,
+      True,
+      'bottleneck',
+      'resnext',
+      int(m['groups']),
+      int(m['width']),
+      tweak=m['tweak'] or '',
     )
   return ArchSpec('imagenet', depth, True, 'bottleneck', 'wide_resnet', 1, 64 * int(m['k']))
 
@@ -139,6 +158,12 @@ def parse_name(name: str, block: Optional[str] = None) -> ArchSpec:
   if m is not None:
     depth = int(m['depth'])
     residual = m['kind'] == 'resnet'
+    tweak = m['tweak'] or ''
+    if tweak and (m['cifar'] or not residual or depth not in IMAGENET_DEPTHS):
+      raise ValueError(
+        f'{name!r}: the c / d suffixes (ResNet-C / ResNet-D, He et al. 2019) name ImageNet '
+        f'ResNets: resnet{{18,34,50,101,152}}{tweak}'
+      )
     if not m['cifar'] and depth in IMAGENET_DEPTHS:
       kind = IMAGENET_DEPTHS[depth][0]
       if block not in (None, kind):
@@ -146,7 +171,7 @@ def parse_name(name: str, block: Optional[str] = None) -> ArchSpec:
           f'{name} is an ImageNet net with {kind} blocks; block={block!r} '
           f'contradicts it (use cifar_{name} for the CIFAR family)'
         )
-      return ArchSpec('imagenet', depth, residual, kind)
+      return ArchSpec('imagenet', depth, residual, kind, tweak=tweak)
     if cifar_depth_fits(depth, block or 'basic'):
       return ArchSpec('cifar', depth, residual, block or 'basic')
     if block is None and cifar_depth_fits(depth, 'bottleneck'):
@@ -158,3 +183,61 @@ def parse_name(name: str, block: Optional[str] = None) -> ArchSpec:
     f'unknown model name {name!r}{f" with block={block!r}" if block else ""}; '
     f'valid forms: {VALID_NAMES}'
   )
+
+
+def resolve_grouping(
+  spec: ArchSpec, name: str, groups: Optional[int], width_per_group: Optional[int]
+) -> tuple[int, int]:
+  """The bottleneck's (groups, width_per_group): the name's, unless given (not contradicting)."""
+  out = []
+  for given, own, field in (
+    (groups, spec.groups, 'groups'),
+    (width_per_group, spec.width_per_group, 'width_per_group'),
+  ):
+    if given is not None and spec.variant in ('resnext', 'wide_resnet') and given != own:
+      raise ValueError(f'{name} has {field}={own}; {field}={given} contradicts it')
+    if given is not None and (not isinstance(given, int) or given < 1):
+      raise ValueError(f'{field} must be a positive int, got {given!r}')
+    out.append(own if given is None else given)
+  if tuple(out) != (1, 64) and (spec.family, spec.block) != ('imagenet', 'bottleneck'):
+    raise ValueError(
+      f'groups / width_per_group apply to ImageNet bottleneck nets (ResNet-50/101/152'
+      f' -> ResNeXt, Wide ResNet) only, not {name} (torchvision refuses them in '
+      f'basic blocks too)'
+    )
+  return out[0], out[1]
+
+
+def resolve_tweaks(
+  spec: ArchSpec,
+  name: str,
+  stem: Optional[str],
+  avg_down: Optional[bool],
+  residual: bool,
+  shortcut: str,
+) -> tuple[bool, bool]:
+  """(deep stem, avg_down): the name's tweaks (``c``: deep stem, ``d``: both), unless given."""
+  own_deep, own_avg = spec.tweak in ('c', 'd'), spec.tweak == 'd'
+  if stem is not None and stem not in STEM_KINDS:
+    raise ValueError(f'stem must be one of {", ".join(STEM_KINDS)} or None, got {stem!r}')
+  if avg_down is not None and not isinstance(avg_down, bool):
+    raise ValueError(f'avg_down must be true, false or None, got {avg_down!r}')
+  deep = own_deep if stem is None else stem == 'deep'
+  avg = own_avg if avg_down is None else avg_down
+  if spec.tweak and (deep, avg) != (own_deep, own_avg):
+    raise ValueError(
+      f'{name} has stem={"deep" if own_deep else "7x7"!r}, avg_down={own_avg}; '
+      f'stem={stem!r}, avg_down={avg_down!r} contradicts it (use resnet{spec.depth} and set them)'
+    )
+  if spec.family != 'imagenet' and (deep or avg):
+    raise ValueError(
+      f"stem='deep' and avg_down (ResNet-C/D, He et al. 2019) replace the ImageNet stem's 7x7 "
+      f'conv and the stride-2 projections of the ImageNet nets; the CIFAR net {name} has a 3x3 '
+      'stem and is not one of them'
+    )
+  if avg and not (residual and shortcut in ('B', 'C')):
+    raise ValueError(
+      f'avg_down moves the stride of projection shortcuts to an average pool; {name} with '
+      f'{"residual=False" if not residual else f"shortcut={shortcut!r}"} has no projections'
+    )
+  return deep, avg

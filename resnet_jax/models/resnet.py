@@ -21,6 +21,7 @@ flax path (``params`` / ``batch_stats``)      torchvision key
 ``layer{s}_{b}/downsample_bn/...``            ``layer{s}.{b}.downsample.1.*``
 ``fc/{kernel,bias}``                          ``fc.{weight,bias}``
 ``bn_final/...`` (pre-activation nets only)   (no torchvision counterpart)
+``stem_conv{k}``, ``stem_bn{k}`` (deep stem)  timm's ``conv1.{0,1,3,4,6}`` (``models.stems``)
 ==========================================  ===============================================
 
 Stages are numbered from 1 (``layer1``..``layer4`` on ImageNet, ``layer1``..``layer3`` on CIFAR)
@@ -43,7 +44,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from resnet_jax.models import drop_path, layers
+from resnet_jax.models import drop_path, layers, stems
 from resnet_jax.models.blocks import (
   BasicBlock,
   Bottleneck,
@@ -54,11 +55,12 @@ from resnet_jax.models.names import (
   CIFAR_WIDTHS,
   IMAGENET_DEPTHS,
   IMAGENET_WIDTHS,
-  ArchSpec,
   check_shortcut,
   cifar_stage_size,
   default_shortcut,
   parse_name,
+  resolve_grouping,
+  resolve_tweaks,
 )
 
 ModuleDef = Any
@@ -67,8 +69,10 @@ ModuleDef = Any
 class ResNet(nn.Module):
   """Stem, stages of blocks (first block of every stage but the first downsamples), pool, dense.
 
-  ``stem='imagenet'``: 7x7/2 conv + BN + ReLU + 3x3/2 max-pool; ``stem='cifar'``: 3x3 conv + BN +
-  ReLU (pre-activation CIFAR nets keep only the conv: the first block's BN-ReLU follows it).
+  ``stem='imagenet'``: 7x7/2 conv + BN + ReLU + 3x3/2 max-pool; ``'deep'``: ResNet-C's three 3x3
+  convs instead of the 7x7 (``models.stems``); ``stem='cifar'``: 3x3 conv + BN + ReLU
+  (pre-activation CIFAR nets keep only the conv: the first block's BN-ReLU follows it).
+  ``avg_down``: ResNet-D's projection shortcuts (``layers.shortcut``).
   Pre-activation nets end with ``bn_final`` + ReLU before pooling (He et al. 2016, Sec. 4.1); on
   the ImageNet stem the first unit takes the stem's BN-ReLU as its pre-activation (fb.resnet.torch
   'no_preact'), so no BN-ReLU is applied twice.
@@ -120,6 +124,7 @@ class ResNet(nn.Module):
   frozen_bn_affine: bool = False
   frozen_stages: int = -1
   stem_width: Optional[int] = None  # None: widths[0]; Wide ResNets keep a 16-channel stem
+  avg_down: bool = False  # ResNet-D: projection shortcuts average-pool instead of striding
 
   def _norm(self, train: bool, frozen: bool):
     return functools.partial(
@@ -152,16 +157,7 @@ class ResNet(nn.Module):
     norm = self._norm(train, frozen(0))
     preact = self.block_cls.preact
     stem_width = self.stem_width or self.widths[0]
-    if self.stem == 'imagenet':
-      x = conv(stem_width, 7, 2, name='conv1', space_to_depth=None)(x)
-      x = nn.relu(norm(name='bn1')(x))
-      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-    elif self.stem == 'cifar':
-      x = conv(stem_width, 3, name='conv1')(x)
-      if not preact:
-        x = nn.relu(norm(name='bn1')(x))
-    else:
-      raise ValueError(f"unknown stem {self.stem!r}; expected 'imagenet' or 'cifar'")
+    x = stems.apply_stem(self.stem, x, stem_width, conv=conv, norm=norm, preact=preact)
     if frozen(0):
       x = jax.lax.stop_gradient(x)
 
@@ -185,6 +181,8 @@ class ResNet(nn.Module):
         dropout_rate=self.dropout_rate,
         deterministic=not train or frozen(i + 1),
         drop_path_mode=self.drop_path_mode,
+        avg_down=self.avg_down,
+        stage_dilation=dilation,
       )
       for j in range(1 if self.scan else num_blocks):
         extra = {}
@@ -245,29 +243,6 @@ _BLOCKS = {
 }
 
 
-def _resolve_grouping(
-  spec: ArchSpec, name: str, groups: Optional[int], width_per_group: Optional[int]
-) -> tuple[int, int]:
-  """The bottleneck's (groups, width_per_group): the name's, unless given (not contradicting)."""
-  out = []
-  for given, own, field in (
-    (groups, spec.groups, 'groups'),
-    (width_per_group, spec.width_per_group, 'width_per_group'),
-  ):
-    if given is not None and spec.variant in ('resnext', 'wide_resnet') and given != own:
-      raise ValueError(f'{name} has {field}={own}; {field}={given} contradicts it')
-    if given is not None and (not isinstance(given, int) or given < 1):
-      raise ValueError(f'{field} must be a positive int, got {given!r}')
-    out.append(own if given is None else given)
-  if tuple(out) != (1, 64) and (spec.family, spec.block) != ('imagenet', 'bottleneck'):
-    raise ValueError(
-      f'groups / width_per_group apply to ImageNet bottleneck nets (ResNet-50/101/152'
-      f' -> ResNeXt, Wide ResNet) only, not {name} (torchvision refuses them in '
-      f'basic blocks too)'
-    )
-  return out[0], out[1]
-
-
 def create_model(
   name: str,
   *,
@@ -294,6 +269,8 @@ def create_model(
   frozen_bn: bool = False,
   frozen_bn_affine: bool = False,
   frozen_stages: int = -1,
+  stem: Optional[str] = None,
+  avg_down: Optional[bool] = None,
 ) -> ResNet:
   """Build a ResNet, ResNeXt or Wide ResNet by name (see ``VALID_NAMES``) with the paper's options.
 
@@ -319,6 +296,12 @@ def create_model(
   nets (their block is all branch). 0 (default): exactly the net without it. Backbone fields
   (``output_stride``, ``features_only``, ``frozen_bn``, ``frozen_bn_affine``,
   ``frozen_stages``): see ``ResNet``.
+
+  Bag of Tricks (He et al. 2019, Sec. 4.1; timm's names): ``stem='deep'`` is ResNet-C's three
+  3x3 convs (32-32-64) for the 7x7 one (``'7x7'``: the paper's), ``avg_down=True`` ResNet-D's
+  shortcuts (a 2x2 average pool does a projection's downsampling; its 1x1 conv has stride 1).
+  None: the name's own (``resnet50c``: deep stem; ``resnet50d``: both; other names: neither).
+  ResNet-B is ``stride_on='3x3'``, the ImageNet default.
   """
   spec = parse_name(name, block)
   residual = residual and spec.residual
@@ -336,7 +319,8 @@ def create_model(
     raise ValueError(f'bn_group_size must be a positive int or None, got {bn_group_size!r}')
   if zero_init_last_bn and not residual:
     raise ValueError('zero_init_last_bn=True would make every block of a plain net output zero')
-  groups, width_per_group = _resolve_grouping(spec, name, groups, width_per_group)
+  groups, width_per_group = resolve_grouping(spec, name, groups, width_per_group)
+  deep_stem, avg_down = resolve_tweaks(spec, name, stem, avg_down, residual, shortcut)
   if not 0.0 <= dropout_rate < 1.0:
     raise ValueError(f'dropout_rate must be in [0, 1), got {dropout_rate!r}')
   drop_path.check(drop_path_rate, drop_path_mode)
@@ -356,7 +340,7 @@ def create_model(
 
   if imagenet:
     stage_sizes = IMAGENET_DEPTHS[spec.depth][1]
-    widths, stem = IMAGENET_WIDTHS, 'imagenet'
+    widths, stem = IMAGENET_WIDTHS, 'deep' if deep_stem else 'imagenet'
   else:
     stage_sizes = (cifar_stage_size(spec),) * 3
     widths, stem = tuple(w * spec.widen for w in CIFAR_WIDTHS), 'cifar'
@@ -392,4 +376,5 @@ def create_model(
     frozen_bn_affine=bool(frozen_bn_affine),
     frozen_stages=frozen_stages,
     stem_width=CIFAR_WIDTHS[0] if wrn else None,
+    avg_down=avg_down,
   )

@@ -1,0 +1,209 @@
+"""torchvision / timm ``state_dict`` keys <-> our variables: ``from_torchvision`` and back.
+
+The mapping is exact because our parameter names mirror torchvision's (see
+``resnet_jax.models.resnet``): ``layer{s}.{b}.conv{k}.weight`` -> ``layer{s}_{b}/conv{k}/kernel``
+(OIHW -> HWIO), ``downsample.0``/``downsample.1`` -> ``downsample_conv``/``downsample_bn``,
+``fc.weight`` -> ``fc/kernel`` (transposed), BN ``weight``/``bias`` -> ``scale``/``bias`` and
+``running_mean``/``running_var`` -> ``batch_stats`` ``mean``/``var``. torch normalises with
+``running_var`` as stored (its unbiased-update convention only affects training), exactly like our
+``var``, and both use epsilon 1e-5, so eval-mode logits agree.
+
+timm's Bag of Tricks nets (``resnet50c``/``resnet50d``, ...) add two things: the deep stem
+``conv1.{0,1,3,4,6}`` (``models.stems``: ``stem_conv{k}``/``stem_bn{k}``) and, with ``avg_down``,
+an ``nn.Sequential`` downsample whose index 0 is the parameter-free pool, so its conv and BN sit at
+``downsample.1``/``downsample.2``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from resnet_jax.models import create_model, layout, parse_name
+from resnet_jax.models.stems import DEEP_STEM_TORCH_INDEX
+
+# Keys torchvision stores that carry no model state (BN's update counter).
+IGNORED_SUFFIXES = ('num_batches_tracked',)
+_LEAF_NAMES = {
+  ('params', 'kernel'): 'weight',  # conv and dense
+  ('params', 'bias'): 'bias',  # dense and BN
+  ('params', 'scale'): 'weight',  # BN
+  ('batch_stats', 'mean'): 'running_mean',
+  ('batch_stats', 'var'): 'running_var',
+}
+
+
+def torch_key(collection: str, path: Sequence[str], avg_down: bool = False) -> str:
+  """The torchvision (timm) ``state_dict`` key of the flax variable ``collection/path``.
+
+  ``avg_down``: the net's projections pool first (timm's ``downsample_avg``: the pool is the
+  Sequential's entry 0, so the conv and BN are entries 1 and 2).
+  """
+  *modules, leaf = path
+  parts = []
+  for m in modules:
+    if m.startswith('layer') and '_' in m:  # layer2_3 -> layer2.3
+      parts.extend(m.split('_', 1))
+    elif m in ('downsample_conv', 'downsample_bn'):
+      parts.extend(['downsample', str(int(avg_down) + (m == 'downsample_bn'))])
+    elif m in DEEP_STEM_TORCH_INDEX:  # stem_conv2 -> conv1.3
+      parts.extend(['conv1', str(DEEP_STEM_TORCH_INDEX[m])])
+    else:
+      parts.append(m)
+  parts.append(_LEAF_NAMES[collection, leaf])
+  return '.'.join(parts)
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+  """torch tensors (without importing torch), numpy arrays, jax arrays -> float32 numpy."""
+  if hasattr(value, 'detach'):
+    value = value.detach().cpu().float().numpy()
+  return np.asarray(value, dtype=np.float32)
+
+
+def _to_flax_layout(torch_value: np.ndarray, path: Sequence[str]) -> np.ndarray:
+  if path[-1] != 'kernel':
+    return torch_value
+  if torch_value.ndim == 4:  # conv OIHW -> HWIO
+    return torch_value.transpose(2, 3, 1, 0)
+  return torch_value.T  # dense (out, in) -> (in, out)
+
+
+_SHOWN = 8  # items of each list an error names: a wrong --arch gave one line of ~10 KB
+
+
+def _first(items: list[str]) -> str:
+  """The first few items of a list in an error message, and how many there are in all."""
+  if len(items) <= _SHOWN:
+    return str(items)
+  return str(items[:_SHOWN])[:-1] + f', ... ({len(items)} in all)]'
+
+
+def _structure(keys: Any) -> tuple[str, tuple[int, ...]]:
+  """Block kind and blocks per stage of a torchvision state_dict's keys (layerS.B.*)."""
+  blocks = tuple(
+    1 + max((int(k.split('.')[1]) for k in keys if k.startswith(f'layer{s}.')), default=-1)
+    for s in (1, 2, 3, 4)
+  )
+  return ('bottleneck' if 'layer1.0.conv3.weight' in keys else 'basic'), blocks
+
+
+def _blocks_hint(sd: Mapping[str, Any], expected: set[str], name: str) -> str:
+  """When the file's blocks are not `name`'s, says so: a wrong --arch then shows itself."""
+  (kind, blocks), (want_kind, want) = _structure(sd), _structure(expected)
+  if (kind, blocks) == (want_kind, want) or not all(blocks):
+    return ''
+  per_stage = ','.join(map(str, blocks))
+  return (
+    f' (the file has {kind} blocks {per_stage} per stage, {name} has {want_kind} '
+    f'{",".join(map(str, want))}: is --arch right?)'
+  )
+
+
+def _tweaks_hint(sd: Mapping[str, Any], model: Any, name: str) -> str:
+  """When the file's stem or shortcuts are not `name`'s (timm's c / d nets), says so."""
+  deep = all(f'conv1.{i}.weight' in sd for i in (0, 3, 6))  # timm's three stem convs
+  avg = any(k.endswith('downsample.2.weight') for k in sd)
+  if (deep, avg) == (model.stem == 'deep', model.avg_down):
+    return ''
+  kind = lambda deep, avg: (
+    f'a {"deep (3x3 x3)" if deep else "7x7"} stem and {"avg-pool" if avg else "strided"} '
+    'projection shortcuts'
+  )
+  return (
+    f' (the file has {kind(deep, avg)}, {name} has {kind(model.stem == "deep", model.avg_down)}:'
+    " is --arch right? timm's resnet50c has the deep stem, resnet50d both)"
+  )
+
+
+def from_torchvision(
+  state_dict: Mapping[str, Any], name: str, *, scan: bool = False, features_only: bool = False
+) -> dict[str, Any]:
+  """A torchvision ResNet ``state_dict`` as ``create_model(name)``'s ``{'params', 'batch_stats'}``.
+
+  ``name``: resnet18/34/50/101/152, resnext{50,101}_{G}x{W}d, wide_resnet{50,101}_{k} (grouped
+  3x3 kernels map like any other: OIHW with I = in / groups -> HWIO), and timm's
+  resnet{18,34,50,101,152}d, resnet{50,101,152}c and resnext50d_32x4d (deep stem, avg-pool
+  shortcuts: see the module's docstring). The number of classes is
+  read from ``fc.weight``. The keys map onto the unrolled layout; ``scan=True`` returns the
+  variables of ``create_model(name, scan=True)`` instead (stacked blocks,
+  ``models.layout.to_scanned``). ``features_only=True``: the variables of the backbone
+  (``create_model(name, features_only=True)``, any ``output_stride``: dilation adds no
+  parameters): ``fc.*`` is not needed and is dropped if present. Key accounting is strict: a
+  variable with no torchvision key, a torchvision key that no variable uses (other than
+  ``num_batches_tracked``), or a shape mismatch is a ``ValueError`` naming them. A ``module.``
+  prefix (DataParallel) is stripped.
+  """
+  spec = parse_name(name)
+  if spec.family != 'imagenet' or not spec.residual:
+    raise ValueError(
+      f'torchvision and timm have weights for ImageNet ResNets, ResNeXts and Wide ResNets only, '
+      f'not {name!r}'
+    )
+  sd = {k.removeprefix('module.'): v for k, v in state_dict.items()}
+  if features_only:
+    sd = {k: v for k, v in sd.items() if not k.startswith('fc.')}
+    model = create_model(name, num_classes=1, features_only=True)
+  else:
+    if 'fc.weight' not in sd:
+      raise ValueError('state_dict has no fc.weight: not a torchvision ResNet state_dict')
+    model = create_model(name, num_classes=int(np.shape(sd['fc.weight'])[0]))
+  abstract = jax.eval_shape(
+    lambda x: model.init(jax.random.key(0), x, train=False),
+    jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32),
+  )
+
+  used, missing, reshaped = set(), [], []
+
+  def convert(keypath, leaf):
+    names = [k.key for k in keypath]
+    key = torch_key(names[0], names[1:], model.avg_down)
+    if key not in sd:
+      missing.append(key)
+      return None
+    used.add(key)
+    value = _to_flax_layout(_to_numpy(sd[key]), names)
+    if value.shape != leaf.shape:
+      reshaped.append(f'{key} {tuple(np.shape(sd[key]))} -> {"/".join(names)} {leaf.shape}')
+    return value
+
+  variables = jax.tree_util.tree_map_with_path(convert, abstract)
+  unused = sorted(k for k in sd if k not in used and not k.endswith(IGNORED_SUFFIXES))
+  problems = []
+  if missing:
+    problems.append(f'missing torchvision keys {_first(sorted(missing))}')
+  if unused:
+    problems.append(f'unused torchvision keys {_first(unused)}')
+  if reshaped:
+    problems.append(f'shape mismatches {_first(reshaped)}')
+  if problems:
+    raise ValueError(
+      f'state_dict does not fit {name}: '
+      + '; '.join(problems)
+      + (_blocks_hint(sd, used | set(missing), name) or _tweaks_hint(sd, model, name))
+    )
+  variables = {'params': variables['params'], 'batch_stats': variables['batch_stats']}
+  return layout.to_scanned(variables, model.stage_sizes) if scan else variables
+
+
+def to_torchvision(variables: Mapping[str, Any], avg_down: bool = False) -> dict[str, np.ndarray]:
+  """The torchvision ``state_dict`` (numpy arrays) of a ResNet's variables, either layout.
+
+  The inverse of ``from_torchvision`` (``num_batches_tracked`` is not written): export weights
+  trained here to torch, or check a round trip. ``avg_down``: the model's (``ResNet.avg_down``),
+  which the variables do not show (timm's ``downsample.1/.2`` keys instead of ``.0/.1``).
+  """
+  unrolled = layout.to_unrolled(dict(variables))
+  out = {}
+  for collection in ('params', 'batch_stats'):
+    flat = jax.tree_util.tree_flatten_with_path(unrolled[collection])[0]
+    for keypath, leaf in flat:
+      names = [k.key for k in keypath]
+      value = np.asarray(leaf, np.float32)
+      if names[-1] == 'kernel':
+        value = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
+      out[torch_key(collection, names, avg_down)] = value
+  return out
