@@ -463,6 +463,10 @@ def timm(torch):
     ('resnet34d', {}, 35),
     ('resnet50c', {}, 33),
     ('resnext50d_32x4d', {'output_stride': 8}, 33),
+    # basic blocks dilated (torchvision refuses them): the first block of a dilated stage keeps
+    # the previous dilation in its first conv only, as timm's BasicBlock does
+    ('resnet34', {'output_stride': 8}, 35),
+    ('resnet18d', {'output_stride': 16}, 33),
   ],
 )
 def test_live_timm_parity(timm, torch, name, kwargs, size):

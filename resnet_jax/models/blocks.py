@@ -110,8 +110,9 @@ class _PreActBlock(_Block):
 class BasicBlock(_Block):
   """Two 3x3 convs, each followed by BN; ReLU after the first and after the shortcut addition.
 
-  ``dilation`` dilates both 3x3 convs (torchvision refuses dilation in basic blocks; this is the
-  DeepLab-style generalisation, so resnet18/34 backbones also reach output stride 16 / 8).
+  Dilated (a backbone at output stride 16 / 8; torchvision refuses dilation in basic blocks),
+  the first conv has ``dilation`` (the previous stage's in a stage's first block) and the second
+  the stage's, as timm's ``BasicBlock`` does, so resnet18/34 backbones match timm's.
   """
 
   @nn.compact
@@ -119,7 +120,7 @@ class BasicBlock(_Block):
     d = self.dilation
     y = self.conv(self.features, 3, self.strides, name='conv1', dilation=d)(x)
     y = self._dropout(nn.relu(self.norm(name='bn1')(y)))
-    y = self.conv(self.features, 3, name='conv2', dilation=d)(y)
+    y = self.conv(self.features, 3, name='conv2', dilation=max(d, self.stage_dilation))(y)
     y = self.norm(name='bn2', scale_init=_last_bn_init(self.zero_init_last_bn))(y)
     if self.residual:
       y = self._drop_path(y, drop_rate) + self._shortcut(x, self.features, self.norm)
@@ -158,10 +159,12 @@ class PreActBasicBlock(_PreActBlock):
   @nn.compact
   def __call__(self, x: jax.Array, drop_rate: Optional[drop_path.Rate] = None) -> jax.Array:
     pre, src = self._preactivate(x)
-    d = self.dilation
+    d = self.dilation  # the second conv has the stage's, as in BasicBlock
     y = self.conv(self.features, 3, self.strides, name='conv1', dilation=d)(pre)
     y = nn.relu(self.norm(name='bn2', scale_init=_last_bn_init(self.zero_init_last_bn))(y))
-    y = self.conv(self.features, 3, name='conv2', dilation=d)(self._dropout(y))
+    y = self.conv(self.features, 3, name='conv2', dilation=max(d, self.stage_dilation))(
+      self._dropout(y)
+    )
     if not self.residual:
       return y
     return self._drop_path(y, drop_rate) + self._shortcut(src, self.features, None)
