@@ -154,7 +154,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.ema_every_steps = 1
 
   c.schedule = ml_collections.ConfigDict()
-  c.schedule.name = 'piecewise'  # 'piecewise' | 'cosine' | 'constant'
+  c.schedule.name = 'piecewise'  # 'piecewise' | 'cosine' | 'polynomial' | 'constant'
   c.schedule.base_lr = 0.1
   c.schedule.scale_with_batch = False  # lr = base_lr * batch_size / 256 (Goyal et al.)
   c.schedule.boundaries = ml_collections.FieldReference(
@@ -167,6 +167,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.schedule.warmup_epochs = 0.0
   c.schedule.warmup = 'constant'  # 'constant' (paper: lr 0.01 for ResNet-110) | 'linear'
   c.schedule.warmup_lr = 0.01  # used by constant warm-up
+  # 'polynomial' only: lr = (peak - end_lr) x (1 - t / T)^power + end_lr after the warm-up, T the
+  # steps left after it (None: end_lr 0, power 2, MLPerf's LARS schedule)
+  c.schedule.end_lr = ml_collections.FieldReference(None, field_type=float)
+  c.schedule.power = ml_collections.FieldReference(None, field_type=float)
 
   c.log_every_steps = 50
   c.eval_every_steps = 500  # <=0: only at the end

@@ -94,8 +94,17 @@ def create_learning_rate_fn(
     main = optax.cosine_decay_schedule(peak, decay_steps=max(total_steps - warmup, 1))
   elif s.name == 'constant':
     main = optax.constant_schedule(peak)
+  elif s.name == 'polynomial':  # You et al. 2017's "poly" rule, MLPerf's LARS schedule
+    main = optax.polynomial_schedule(
+      init_value=peak,
+      end_value=s.get('end_lr') or 0.0,
+      power=2.0 if s.get('power') is None else s.power,
+      transition_steps=max(total_steps - warmup, 1),
+    )
   else:
-    raise ValueError(f"schedule.name must be 'piecewise', 'cosine' or 'constant', got {s.name!r}")
+    raise ValueError(
+      f"schedule.name must be 'piecewise', 'cosine', 'polynomial' or 'constant', got {s.name!r}"
+    )
   if warmup <= 0:
     return main
   if warmup >= total_steps:

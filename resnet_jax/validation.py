@@ -89,6 +89,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if not 0 <= config.data.random_erasing <= 1:
     raise ConfigError(f'data.random_erasing must be in [0, 1], got {config.data.random_erasing}')
   validate_optimizer(config.optimizer)
+  validate_polynomial(config.schedule)
   validate_loss(config)
   validate_bn_groups(config.model.bn_group_size, config.batch_size, n_dev)
   validate_grad_accum(
@@ -131,6 +132,21 @@ def validate_optimizer(o: ml_collections.ConfigDict) -> None:
   coefficient = o.get('trust_coefficient')
   if coefficient is not None and coefficient <= 0:
     raise ConfigError(f'optimizer.trust_coefficient must be positive, got {coefficient}')
+
+
+def validate_polynomial(s: ml_collections.ConfigDict) -> None:
+  """`schedule.end_lr` and `power` shape the polynomial schedule only; both non-negative."""
+  for key in ('end_lr', 'power'):
+    value = s.get(key)
+    if value is None:
+      continue
+    if s.name != 'polynomial':
+      raise ConfigError(
+        f'schedule.{key} is set but schedule.name={s.name!r} ignores it: set '
+        "schedule.name='polynomial'"
+      )
+    if value < 0:
+      raise ConfigError(f'schedule.{key} must be non-negative, got {value}')
 
 
 def validate_loss(config: ml_collections.ConfigDict) -> None:

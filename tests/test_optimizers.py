@@ -324,3 +324,38 @@ def test_a_resumed_lamb_run_ends_in_the_state_of_an_uninterrupted_one(tmp_path):
   assert _run(tmp_path, 'sgd')['state_fingerprint'] != straight['state_fingerprint']
   with pytest.raises(validation.ConfigError, match="optimizer.name='lamb', this config has 'sgd'"):
     _run(tmp_path, 'crashed')
+
+
+def test_the_mlperf_lars_recipe_and_its_polynomial_schedule():
+  """configs/imagenet.py:recipe=lars: MLPerf's TF2 reference at batch 4096 (README_tensorflow2.md,
+  lars_util.py): LARS eta 0.001, wd 2e-4 on kernels only, momentum 0.9, label smoothing 0.1, 42
+  epochs; lr 10 x step / warm-up for 5 epochs, then (10 - 1e-4)(1 - t/T)^2 + 1e-4."""
+  from resnet_jax.default_config import load_sibling_config
+
+  c = load_sibling_config('configs/x.py', 'imagenet').get_config('recipe=lars')
+  validation.validate_optimizer(c.optimizer)
+  validation.validate_polynomial(c.schedule)
+  assert (c.batch_size, c.num_epochs, c.label_smoothing, c.dtype) == (4096, 42, 0.1, 'float32')
+  o = c.optimizer
+  assert (o.name, o.trust_coefficient, o.eps, o.momentum, o.nesterov) == ('lars', 1e-3, 0, 0.9, 0)
+  assert (o.weight_decay, o.weight_decay_mask) == (2e-4, 'kernels')
+  spe = 313  # ceil(1,281,167 / 4096): the reference's --steps_per_loop
+  total, warm = 42 * spe, 5 * spe
+  lr = optim.create_learning_rate_fn(c, spe, total)
+  poly = lambda s: (10 - 1e-4) * (1 - (s - warm) / (total - warm)) ** 2 + 1e-4
+  for step, want in [(0, 0.0), (warm // 2, 10 * (warm // 2) / warm), (warm, 10.0)] + [
+    (s, poly(s)) for s in (warm + 1000, total - 100, total)
+  ]:
+    np.testing.assert_allclose(lr(step), want, rtol=1e-5, atol=1e-7, err_msg=f'step {step}')
+
+
+@pytest.mark.parametrize(
+  'overrides,needle',
+  [
+    ({'schedule.end_lr': 1e-4}, "schedule.end_lr is set but schedule.name='cosine' ignores it"),
+    ({'schedule.name': 'polynomial', 'schedule.power': -1.0}, 'schedule.power must be non-neg'),
+  ],
+)
+def test_polynomial_fields_are_checked(overrides, needle):
+  with pytest.raises(validation.ConfigError, match=needle):
+    validation.validate_config(digits_config(**overrides))
