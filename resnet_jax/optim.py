@@ -208,11 +208,14 @@ def _adaptive(
   name: str, o: ml_collections.ConfigDict, learning_rate_fn: optax.Schedule, decay_mask
 ) -> optax.GradientTransformation:
   """LARS, LAMB or AdamW with decoupled weight decay: the decay is not part of the loss's
-  gradient, so no moment sees it. AdamW (Loshchilov & Hutter 2019) and LAMB (You et al. 2019)
-  add wd * w to Adam's bias-corrected step m / (sqrt(v) + eps), after the moments; LARS (You et
-  al. 2017) adds it to the gradient inside its layer-wise rescaling, before momentum, as its
-  Algorithm 1 and MLPerf do. The step is then multiplied by the lr, as torch's AdamW and timm's
-  optimizers do (lr * wd * w per step: their weight_decay values carry over)."""
+  gradient, so no Adam moment sees it. AdamW (Loshchilov & Hutter 2019) and LAMB (You et al.
+  2019, Alg. 2) add wd * w to Adam's bias-corrected step m / (sqrt(v) + eps), after the moments
+  (LAMB: before its trust ratio, as in the paper and timm's Lamb with its default
+  decoupled_decay=False); LARS (You et al. 2017, Alg. 1) has no moments to keep it out of: it
+  adds wd * w to the gradient inside its layer-wise rescaling, before momentum, as MLPerf does.
+  The step is then multiplied by the lr, as torch's AdamW and timm's optimizers do (lr * wd * w
+  per step: their weight_decay values carry over). timm's Lamb also clips the global gradient
+  norm to 1 by default; this one does not."""
   wd = o.weight_decay
   if name == 'adamw':
     return optax.adamw(
