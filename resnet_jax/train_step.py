@@ -106,7 +106,7 @@ def train_step(
   ema: Any = None,
   loss: Loss | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One SGD step on the global batch.
+  """One optimizer step on the global batch.
 
   A step whose loss, gradients or new parameters/statistics are not finite is not applied (state
   unchanged except `step`); it is reported in the metrics so the host can stop with an error
