@@ -359,3 +359,31 @@ def test_the_mlperf_lars_recipe_and_its_polynomial_schedule():
 def test_polynomial_fields_are_checked(overrides, needle):
   with pytest.raises(validation.ConfigError, match=needle):
     validation.validate_config(digits_config(**overrides))
+
+
+@pytest.mark.parametrize('name', ['lars', 'lamb'])
+def test_gradient_accumulation_gives_the_one_pass_update(name):
+  """grad_accum_steps=2 with ghost-BN groups inside the micro-batches: the same parameters and
+  optimizer state as one pass (the optimizer sees the same mean gradient)."""
+  from resnet_jax.models import create_model
+  from resnet_jax.train_step import batch_sharding, create_mesh, init_state, jit_train_step
+
+  fields = {'lars': {'trust_coefficient': ETA}, 'lamb': {'eps': 1e-3}}[name]
+  tx = optim.create_optimizer(_config(name, 'kernels', **fields), optax.constant_schedule(0.1))
+  mesh = create_mesh(jax.devices()[:1])
+  model = create_model('resnet8', num_classes=4, bn_group_size=2)
+  rng = np.random.default_rng(0)
+  batch = {
+    'image': rng.normal(size=(16, 8, 8, 1)).astype(np.float32),
+    'label': rng.integers(0, 4, 16).astype(np.int32),
+  }
+  batch = {k: jax.device_put(v, batch_sharding(mesh)) for k, v in batch.items()}
+  out = []
+  for accum in (1, 2):
+    state = init_state(model, tx, (8, 8, 1), seed=0, mesh=mesh)
+    step = jit_train_step(
+      mesh, jax.tree.map(lambda x: x.sharding, state), lambda s: 0.1, accum_steps=accum
+    )
+    state, _ = step(state, batch)
+    out.append(jax.device_get((state.params, state.opt_state)))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6), *out)
