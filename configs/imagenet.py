@@ -29,7 +29,20 @@ Differences left: our warm-up and cosine move every step from 0 (torchvision's e
 0.01 x lr); repeated augmentation spreads an image's copies across one global batch
 (torchvision's sampler across the GPUs' batches); never trained here at scale, so its 80.86 % is
 not reproduced, only its ingredients.
-Config args: depth=50, plain, shortcut=A|B|C, recipe=paper|modern|torchvision,
+recipe=lars: MLPerf's reference ResNet-50 at batch 4096 with LARS (You et al. 2017). Source:
+mlcommons/training image_classification/README_tensorflow2.md (the TPU-v3-64 command:
+--optimizer=LARS --batch_size=4096 --base_learning_rate=10.0 --lr_schedule=polynomial
+--warmup_epochs=5 --train_epochs=42 --weight_decay=0.0002 --momentum=0.9 --label_smoothing=0.1
+--lars_epsilon=0 --dtype=fp32), tensorflow2/lars_util.py (end_learning_rate 0.0001, polynomial
+power 2.0 after a linear warm-up from 0), lars_optimizer.py (eeta 0.001) and common.py (no LARS
+scaling and no decay for 'batch_normalization', 'bias', 'bn' variables: weight_decay_mask
+'kernels'; the trust ratio skips them too, resnet_jax/optim.py). We set those values, with the
+Inception crop + flip, 256/224 centre-crop evaluation and v1.5 blocks of recipe=modern.
+Differences left: the reference's polynomial decays over the post-warm-up steps + 1 (ours ends
+exactly at end_lr); its LARS turns epsilon 0 into Keras's 1e-7; its BN statistics are per
+replica and its normalisation subtracts the mean only (ours: recipe=modern's whole-batch BN and
+mean/std); the lr stays 10.0 at other batches below 16384, as in lars_util.py; not trained here.
+Config args: depth=50, plain, shortcut=A|B|C, recipe=paper|modern|torchvision|lars,
 stride_on=1x1|3x3, batch (default: 1024 for recipe=torchvision, else 256), bn_group (BN statistics
 over groups of that many examples; default 32 for recipe=paper, the whole global batch for the
 others; 0: the whole global batch), dataset=imagenet2012, multiscale (also run Table 4's
@@ -65,8 +78,8 @@ def get_config(arg: str | None = None):
       f'tweaks={args.tweaks} includes ResNet-B, the stride on the 3x3 conv; stride_on=1x1 '
       'contradicts it'
     )
-  if args.recipe not in ('paper', 'modern', 'torchvision'):
-    raise ValueError(f'recipe must be paper, modern or torchvision, got {args.recipe!r}')
+  if args.recipe not in ('paper', 'modern', 'torchvision', 'lars'):
+    raise ValueError(f'recipe must be paper, modern, torchvision or lars, got {args.recipe!r}')
   if args.depth not in IMAGENET_DEPTHS:  # resnet20 would be a CIFAR net (3x3 stem, 16-64 wide)
     raise ValueError(
       f'depth must be one of {", ".join(map(str, IMAGENET_DEPTHS))} (the ImageNet ResNets), got '
@@ -129,6 +142,21 @@ def get_config(arg: str | None = None):
     c.ema_every_steps = 32
     # torchvision's train.py: alpha = (1 - 0.99998) * batch * ema_steps / epochs per update.
     c.ema_decay = 1.0 - (1.0 - 0.99998) * 32 / c.get_ref('num_epochs') * c.get_ref('batch_size')
+  if args.recipe == 'lars':  # MLPerf's TF2 reference, batch 4096 (docstring)
+    c.batch_size = args.batch or 4096
+    c.dtype = 'float32'  # --dtype=fp32
+    c.num_epochs = 42.0
+    c.optimizer.name = 'lars'
+    c.optimizer.nesterov = False
+    c.optimizer.weight_decay = 2e-4
+    c.optimizer.weight_decay_mask = 'kernels'  # skip_list: batch_normalization, bias, bn
+    c.optimizer.trust_coefficient = 1e-3  # eeta
+    c.optimizer.eps = 0.0
+    c.schedule.name = 'polynomial'
+    c.schedule.base_lr = 10.0
+    c.schedule.scale_with_batch = False
+    c.schedule.end_lr = 1e-4
+    c.schedule.power = 2.0
   c.log_every_steps = 100
   c.eval_every_steps = 5000
   c.checkpoint_every_steps = 5000

@@ -126,13 +126,33 @@ def base_config() -> ml_collections.ConfigDict:
   c.num_train_steps = -1  # >0 overrides num_epochs; -1: train num_epochs
 
   c.optimizer = ml_collections.ConfigDict()
-  c.optimizer.momentum = 0.9
+  # 'sgd' (momentum, coupled L2: the paper's) | 'lars' (You et al. 2017: MLPerf's large-batch
+  # ResNet-50) | 'lamb' (You et al. 2019: timm's "ResNet strikes back") | 'adamw' (Loshchilov &
+  # Hutter); the last three decay the weights decoupled from the gradient (resnet_jax/optim.py).
+  c.optimizer.name = 'sgd'
+  c.optimizer.momentum = 0.9  # sgd and lars
   c.optimizer.nesterov = False
   c.optimizer.weight_decay = 1e-4
   # Which parameters are decayed: 'all' (the paper's Caffe L2 on every weight, BN included),
   # 'kernels' (conv/dense kernels only: the modern choice) or 'not_norm' (all but BN's scale and
   # bias: torchvision's new recipe, norm_weight_decay=0).
   c.optimizer.weight_decay_mask = 'all'
+  # Only for the optimizers that read them (None: that optimizer's default): Adam's moment decay
+  # rates b1, b2 (lamb, adamw: 0.9, 0.999); eps (lamb 1e-6, adamw 1e-8 beside sqrt(v); lars 0 in
+  # its trust ratio's denominator); LARS's trust coefficient eta (0.001). Setting one that the
+  # chosen optimizer ignores is an error.
+  c.optimizer.b1 = ml_collections.FieldReference(None, field_type=float)
+  c.optimizer.b2 = ml_collections.FieldReference(None, field_type=float)
+  c.optimizer.eps = ml_collections.FieldReference(None, field_type=float)
+  c.optimizer.trust_coefficient = ml_collections.FieldReference(None, field_type=float)
+  # The training loss: 'softmax_xent' (softmax cross-entropy) | 'sigmoid_bce' (one sigmoid per
+  # class against the smoothed/mixed one-hot targets: timm's BinaryCrossEntropy, "ResNet strikes
+  # back"), averaged over classes and batch unless bce_sum_classes (timm's --bce-sum); with
+  # bce_target_threshold, targets above it become 1 and the rest 0 (timm's --bce-target-thresh).
+  # Evaluation's loss stays the softmax cross-entropy (resnet_jax/losses.py).
+  c.loss = 'softmax_xent'
+  c.bce_target_threshold = ml_collections.FieldReference(None, field_type=float)
+  c.bce_sum_classes = False
   c.label_smoothing = 0.0
   # An exponential moving average of the weights and BN statistics (resnet_jax/ema.py), updated
   # every ema_every_steps steps with this decay per update (0: none); copies the weights during
@@ -141,7 +161,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.ema_every_steps = 1
 
   c.schedule = ml_collections.ConfigDict()
-  c.schedule.name = 'piecewise'  # 'piecewise' | 'cosine' | 'constant'
+  c.schedule.name = 'piecewise'  # 'piecewise' | 'cosine' | 'polynomial' | 'constant'
   c.schedule.base_lr = 0.1
   c.schedule.scale_with_batch = False  # lr = base_lr * batch_size / 256 (Goyal et al.)
   c.schedule.boundaries = ml_collections.FieldReference(
@@ -154,6 +174,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.schedule.warmup_epochs = 0.0
   c.schedule.warmup = 'constant'  # 'constant' (paper: lr 0.01 for ResNet-110) | 'linear'
   c.schedule.warmup_lr = 0.01  # used by constant warm-up
+  # 'polynomial' only: lr = (peak - end_lr) x (1 - t / T)^power + end_lr after the warm-up, T the
+  # steps left after it (None: end_lr 0, power 2, MLPerf's LARS schedule)
+  c.schedule.end_lr = ml_collections.FieldReference(None, field_type=float)
+  c.schedule.power = ml_collections.FieldReference(None, field_type=float)
 
   c.log_every_steps = 50
   c.eval_every_steps = 500  # <=0: only at the end

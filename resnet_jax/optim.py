@@ -1,9 +1,9 @@
-"""Learning-rate schedules and the SGD optimizer, built from optax pieces.
+"""Learning-rate schedules and the optimizers (SGD, LARS, LAMB, AdamW), built from optax pieces.
 
 The paper's schedules are piecewise constant (CIFAR: 0.1, /10 at 32k and 48k; ImageNet: /10 at
 epochs 30 and 60) with an optional constant warm-up at 0.01 (ResNet-110); the modern recipe is a
-linear warm-up into a cosine decay. Weight decay is the coupled L2 of the paper (added to the
-gradient before momentum), on every parameter or on conv/dense kernels only.
+linear warm-up into a cosine decay. SGD's weight decay is the coupled L2 of the paper (added to
+the gradient before momentum); the large-batch and adaptive optimizers are in `optimizers.py`.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -93,8 +94,17 @@ def create_learning_rate_fn(
     main = optax.cosine_decay_schedule(peak, decay_steps=max(total_steps - warmup, 1))
   elif s.name == 'constant':
     main = optax.constant_schedule(peak)
+  elif s.name == 'polynomial':  # You et al. 2017's "poly" rule, MLPerf's LARS schedule
+    main = optax.polynomial_schedule(
+      init_value=peak,
+      end_value=s.get('end_lr') or 0.0,
+      power=2.0 if s.get('power') is None else s.power,
+      transition_steps=max(total_steps - warmup, 1),
+    )
   else:
-    raise ValueError(f"schedule.name must be 'piecewise', 'cosine' or 'constant', got {s.name!r}")
+    raise ValueError(
+      f"schedule.name must be 'piecewise', 'cosine', 'polynomial' or 'constant', got {s.name!r}"
+    )
   if warmup <= 0:
     return main
   if warmup >= total_steps:
@@ -139,15 +149,120 @@ def weight_decay_mask(params, which: str):
   return jax.tree_util.tree_map_with_path(lambda p, _: decayed(names(p)), params)
 
 
+OPTIMIZERS = ('sgd', 'lars', 'lamb', 'adamw')
+
+# The fields each optimizer reads besides weight_decay and weight_decay_mask, with the values a
+# None field stands for (LARS: You et al. 2017 and MLPerf's eta 0.001; LAMB: You et al. 2019 and
+# timm's eps 1e-6; AdamW: Loshchilov & Hutter, torch's eps 1e-8). momentum and nesterov keep the
+# SGD defaults (0.9, False) that LARS shares.
+OPTIMIZER_FIELDS = {
+  'sgd': {'momentum': None, 'nesterov': None},
+  'lars': {'momentum': None, 'nesterov': None, 'trust_coefficient': 1e-3, 'eps': 0.0},
+  'lamb': {'b1': 0.9, 'b2': 0.999, 'eps': 1e-6},
+  'adamw': {'b1': 0.9, 'b2': 0.999, 'eps': 1e-8},
+}
+
+
+def trust_ratio_mask(params):
+  """The leaves LARS and LAMB scale by their trust ratio: conv and dense kernels. BatchNorm's
+  scale and bias and the classifier's bias take the plain (lr x) update, as in MLPerf's LARS
+  (which excludes 'batch_normalization' and 'bias') and timm's Lars/Lamb (no trust ratio where
+  its default parameter groups put no weight decay: every 1-d parameter)."""
+  return weight_decay_mask(params, 'kernels')
+
+
+def _field(o: ml_collections.ConfigDict, name: str, key: str):
+  value = o.get(key)
+  return OPTIMIZER_FIELDS[name][key] if value is None else value
+
+
+def scale_by_lars(
+  weight_decay: float, decay_mask, trust_coefficient: float, eps: float
+) -> optax.GradientTransformation:
+  """LARS's layer-wise step direction (You et al. 2017, Algorithm 1): for a trust-ratio leaf w
+  with gradient g, eta * |w| / (|g| + wd * |w| + eps) * (g + wd * w), the ratio 1 where |w| or |g|
+  is 0 (MLPerf's and timm's rule; optax.lars divides by |g + wd * w| instead); other leaves
+  g + wd * w. wd is 0 on the leaves `decay_mask` leaves out. Stateless."""
+
+  def update_fn(updates, state, params):
+    if params is None:
+      raise ValueError('LARS needs the params: tx.update(grads, state, params)')
+    decayed, trusted = decay_mask(params), trust_ratio_mask(params)
+
+    def one(g, w, decay, trust):
+      wd = weight_decay if decay else 0.0
+      direction = g + wd * w
+      if not trust:
+        return direction
+      w_norm, g_norm = jnp.linalg.norm(w), jnp.linalg.norm(g)
+      ratio = trust_coefficient * w_norm / (g_norm + wd * w_norm + eps)
+      ratio = jnp.where((w_norm > 0) & (g_norm > 0), ratio, 1.0)
+      return ratio.astype(g.dtype) * direction
+
+    return jax.tree.map(one, updates, params, decayed, trusted), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
+def _adaptive(
+  name: str, o: ml_collections.ConfigDict, learning_rate_fn: optax.Schedule, decay_mask
+) -> optax.GradientTransformation:
+  """LARS, LAMB or AdamW with decoupled weight decay: the decay is not part of the loss's
+  gradient, so no Adam moment sees it. AdamW (Loshchilov & Hutter 2019) and LAMB (You et al.
+  2019, Alg. 2) add wd * w to Adam's bias-corrected step m / (sqrt(v) + eps), after the moments
+  (LAMB: before its trust ratio, as in the paper and timm's Lamb with its default
+  decoupled_decay=False); LARS (You et al. 2017, Alg. 1) has no moments to keep it out of: it
+  adds wd * w to the gradient inside its layer-wise rescaling, before momentum, as MLPerf does.
+  The step is then multiplied by the lr, as torch's AdamW and timm's optimizers do (lr * wd * w
+  per step: their weight_decay values carry over). timm's Lamb also clips the global gradient
+  norm to 1 by default; this one does not."""
+  wd = o.weight_decay
+  if name == 'adamw':
+    return optax.adamw(
+      learning_rate_fn,
+      b1=_field(o, name, 'b1'),
+      b2=_field(o, name, 'b2'),
+      eps=_field(o, name, 'eps'),
+      weight_decay=wd,
+      mask=decay_mask,
+    )
+  if name == 'lamb':  # trust ratio |w| / |r + wd * w| on the kernels (optax's, = the paper's)
+    return optax.chain(
+      optax.scale_by_adam(
+        b1=_field(o, name, 'b1'), b2=_field(o, name, 'b2'), eps=_field(o, name, 'eps')
+      ),
+      optax.add_decayed_weights(wd, mask=decay_mask),
+      optax.masked(optax.scale_by_trust_ratio(), trust_ratio_mask),
+      optax.scale_by_learning_rate(learning_rate_fn),
+    )
+  return optax.chain(  # lars: the momentum buffer accumulates lr-scaled steps (Algorithm 1)
+    scale_by_lars(wd, decay_mask, _field(o, name, 'trust_coefficient'), _field(o, name, 'eps')),
+    optax.scale_by_learning_rate(learning_rate_fn),
+    optax.trace(decay=o.momentum, nesterov=o.nesterov),
+  )
+
+
 def create_optimizer(
   config: ml_collections.ConfigDict, learning_rate_fn: optax.Schedule
 ) -> optax.GradientTransformation:
-  """SGD with momentum (optionally Nesterov) and coupled L2 weight decay."""
+  """The optimizer `config.optimizer.name` names; frozen stages get no update at all.
+
+  'sgd' (the default): momentum (optionally Nesterov) with coupled L2 weight decay, the state
+  tree of before (old checkpoints resume). 'lars', 'lamb', 'adamw': `_adaptive`, decoupled decay.
+  `optimizer.weight_decay_mask` selects the decayed leaves for every optimizer.
+  """
   o = config.optimizer
   which = o.weight_decay_mask
   weight_decay_mask({}, which)  # an unknown mask is refused here, not at the first update
-  tx = optax.chain(
-    optax.add_decayed_weights(o.weight_decay, mask=lambda p: weight_decay_mask(p, which)),
-    optax.sgd(learning_rate_fn, momentum=o.momentum, nesterov=o.nesterov),
-  )
+  name = o.get('name', 'sgd')
+  if name not in OPTIMIZERS:
+    raise ValueError(f'optimizer.name must be one of {OPTIMIZERS}, got {name!r}')
+  decay_mask = lambda p: weight_decay_mask(p, which)
+  if name == 'sgd':
+    tx = optax.chain(
+      optax.add_decayed_weights(o.weight_decay, mask=decay_mask),
+      optax.sgd(learning_rate_fn, momentum=o.momentum, nesterov=o.nesterov),
+    )
+  else:
+    tx = _adaptive(name, o, learning_rate_fn, decay_mask)
   return backbone.freeze(tx, config.model)  # frozen stages / BN affine: no update at all

@@ -22,7 +22,7 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-from resnet_jax import checkpointing, data, ema, evaluators, mixing, runtime
+from resnet_jax import checkpointing, data, ema, evaluators, losses, mixing, runtime
 from resnet_jax.metric_writer import MetricWriter, Progress, environment
 from resnet_jax.preemption import StopRequest
 from resnet_jax.profiling import StepTracer
@@ -58,6 +58,7 @@ _SHAPE_FIELDS = (
   'model.avg_down',
   'model.frozen_stages',  # which leaves the optimizer state covers
   'model.frozen_bn_affine',
+  'optimizer.name',  # the optimizer state's tree
   'data.name',
   'data.image_size',
 )
@@ -220,7 +221,7 @@ def _train(
     mesh,
     training.state_sharding,
     training.learning_rate_fn,
-    label_smoothing=config.label_smoothing,
+    loss=losses.from_config(config),
     seed=config.seed,
     preprocess=experiment.preprocess,
     accum_steps=config.grad_accum_steps,

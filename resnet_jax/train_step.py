@@ -22,6 +22,8 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from resnet_jax.losses import Loss, cross_entropy  # noqa: F401  (cross_entropy: re-exported)
+
 DATA_AXIS = 'data'
 
 
@@ -80,19 +82,6 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
-  """Per-example softmax cross-entropy, optionally against smoothed one-hot targets.
-
-  `labels` [B] are class indices; [B, classes] are probability targets (Mixup/CutMix), smoothed
-  the same way, as torch's `CrossEntropyLoss(label_smoothing=...)` smooths them.
-  """
-  num_classes = logits.shape[-1]
-  targets = labels if labels.ndim == logits.ndim else jax.nn.one_hot(labels, num_classes)
-  if label_smoothing:
-    targets = optax.smooth_labels(targets, label_smoothing)
-  return optax.softmax_cross_entropy(logits, targets)
-
-
 # Applied to batch['image'] first thing inside the jitted steps: (images, rng) -> model input.
 # rng is a per-step key in training and None in evaluation.
 Preprocess = Callable[..., jax.Array]
@@ -115,8 +104,9 @@ def train_step(
   num_shards: int = 1,
   mixing: Callable | None = None,
   ema: Any = None,
+  loss: Loss | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One SGD step on the global batch.
+  """One optimizer step on the global batch.
 
   A step whose loss, gradients or new parameters/statistics are not finite is not applied (state
   unchanged except `step`); it is reported in the metrics so the host can stop with an error
@@ -124,7 +114,13 @@ def train_step(
   one at a time (see `_accumulated`); `num_shards` is the mesh's data-axis size. `mixing`
   (`mixing.Mixing`) turns the normalised batch and its labels into mixed images and soft targets;
   `ema` (`ema.Ema`, with an `EmaTrainState`) updates the weights' average after the step.
+  `loss` (`losses.Loss`, which carries its own smoothing) is the batch loss to minimise; None:
+  softmax cross-entropy with `label_smoothing`.
   """
+  if loss is None:
+    loss = Loss('softmax_xent', label_smoothing)
+  elif label_smoothing:
+    raise ValueError('pass label_smoothing inside `loss` (losses.Loss), not beside it')
   step_key = jax.random.fold_in(jax.random.key(seed), state.step)
   # The whole batch is preprocessed at once, so its random lighting is the same for any accum_steps.
   images = preprocess(batch['image'], rng=step_key)
@@ -140,36 +136,36 @@ def train_step(
       mutable=['batch_stats'],
       rngs={'dropout': dropout_key},
     )
-    loss = cross_entropy(logits, labels, label_smoothing).mean()
     # Soft targets: the error is against the dominant label (torchvision's train accuracy).
     hard = jnp.argmax(labels, -1) if labels.ndim == 2 else labels
     errors = jnp.mean(jnp.argmax(logits, -1) != hard)
-    return loss, (errors, updates['batch_stats'])
+    return loss(logits, labels), (errors, updates['batch_stats'])
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   dropout_key = jax.random.fold_in(step_key, 1)
   if accum_steps == 1:
-    (loss, (top1_error, new_batch_stats)), grads = grad_fn(
+    (batch_loss, (top1_error, new_batch_stats)), grads = grad_fn(
       state.params, images, labels, dropout_key
     )
   else:
-    loss, top1_error, new_batch_stats, grads = _accumulated(
+    batch_loss, top1_error, new_batch_stats, grads = _accumulated(
       grad_fn, state, images, labels, dropout_key, accum_steps, num_shards
     )
   updates, new_opt_state = state.tx.update(grads, state.opt_state, state.params)
   new_params = optax.apply_updates(state.params, updates)
 
   finite = (
-    jnp.isfinite(loss)
+    jnp.isfinite(batch_loss)
     & jnp.isfinite(_sum_of_squares(grads))
     & jnp.isfinite(_sum_of_squares(new_params))
     & jnp.isfinite(_sum_of_squares(new_batch_stats))
   )
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-  # A skipped step keeps the optimizer's moments but still advances its step counts (optax's
-  # schedule `count`): the lr applied stays lr(state.step), the one the metrics report.
-  keep_opt = lambda new, old: jax.tree_util.tree_map_with_path(
-    lambda path, n, o: n if _is_count(path) else jnp.where(finite, n, o), new, old
+  # A skipped step keeps the optimizer's moments but still advances its schedule's count: the lr
+  # applied stays lr(state.step), the one the metrics report. Adam's own count (its bias
+  # correction, LAMB/AdamW) stays with its moments, as when torch skips optimizer.step().
+  keep_opt = lambda new, old: jax.tree.map(
+    lambda n, o: n if _is_schedule(n) else keep(n, o), new, old, is_leaf=_is_schedule
   )
   new_state = state.replace(
     step=state.step + 1,
@@ -180,7 +176,7 @@ def train_step(
   if ema is not None:
     new_state = new_state.replace(ema=ema.update(state.step, model_variables(new_state), state.ema))
   metrics = {
-    'loss': loss,
+    'loss': batch_loss,
     'top1_error': top1_error,
     'learning_rate': learning_rate_fn(state.step),
     'nonfinite': jnp.logical_not(finite).astype(jnp.int32),
@@ -219,8 +215,8 @@ def _accumulated(grad_fn, state, images, labels, dropout_key, accum_steps, num_s
   return jax.tree.map(lambda x: x / accum_steps, sums)
 
 
-def _is_count(path: tuple[Any, ...]) -> bool:
-  return bool(path) and getattr(path[-1], 'name', None) == 'count'
+def _is_schedule(node: Any) -> bool:
+  return isinstance(node, optax.ScaleByScheduleState)
 
 
 def _sum_of_squares(tree: Any) -> jax.Array:
@@ -285,6 +281,7 @@ def jit_train_step(
   accum_steps: int = 1,
   mixing: Callable | None = None,
   ema: Any = None,
+  loss: Loss | None = None,
 ) -> Callable:
   """`train_step` under jit: batch split on `data`, state replicated and donated."""
   return jax.jit(
@@ -298,6 +295,7 @@ def jit_train_step(
       num_shards=mesh.shape[DATA_AXIS],
       mixing=mixing,
       ema=ema,
+      loss=loss,
     ),
     in_shardings=(state_sharding, batch_sharding(mesh)),
     out_shardings=(state_sharding, replicated(mesh)),

@@ -11,7 +11,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from resnet_jax import runtime
+from resnet_jax import losses, optim, runtime
 
 
 class ConfigError(ValueError):
@@ -88,6 +88,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     )
   if not 0 <= config.data.random_erasing <= 1:
     raise ConfigError(f'data.random_erasing must be in [0, 1], got {config.data.random_erasing}')
+  validate_optimizer(config.optimizer)
+  validate_polynomial(config.schedule)
+  validate_loss(config)
   validate_bn_groups(config.model.bn_group_size, config.batch_size, n_dev)
   validate_grad_accum(
     config.grad_accum_steps,
@@ -96,6 +99,69 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     n_dev,
     frozen_bn=bool(config.model.frozen_bn),
   )
+
+
+def validate_optimizer(o: ml_collections.ConfigDict) -> None:
+  """`optimizer.name` is known, its fields are in range, and no field it ignores was set (a b1
+  given to SGD, a momentum given to AdamW would otherwise be silently dropped)."""
+  name = o.get('name', 'sgd')
+  if name not in optim.OPTIMIZERS:
+    raise ConfigError(f'optimizer.name must be one of {", ".join(optim.OPTIMIZERS)}, got {name!r}')
+  used = optim.OPTIMIZER_FIELDS[name]
+  ignored = [
+    k for k in ('b1', 'b2', 'eps', 'trust_coefficient') if k not in used and o.get(k) is not None
+  ]
+  if 'momentum' not in used and o.momentum != 0.9:  # the default SGD and LARS share
+    ignored.append('momentum')
+  if 'nesterov' not in used and o.nesterov:
+    ignored.append('nesterov')
+  if ignored:
+    reads = ', '.join(sorted(used)) or 'none of these'
+    raise ConfigError(
+      f'optimizer.{ignored[0]} is set but optimizer.name={name!r} ignores it (it reads {reads}): '
+      'unset it or choose the optimizer that uses it'
+    )
+  for key in ('b1', 'b2'):
+    value = o.get(key)
+    if value is not None and not 0 <= value < 1:
+      raise ConfigError(f'optimizer.{key} must be in [0, 1), got {value}')
+  eps = o.get('eps')
+  if eps is not None and (eps < 0 or (eps == 0 and name != 'lars')):
+    what = 'non-negative' if name == 'lars' else "positive (Adam's step divides by sqrt(v) + eps)"
+    raise ConfigError(f'optimizer.eps must be {what}, got {eps}')
+  coefficient = o.get('trust_coefficient')
+  if coefficient is not None and coefficient <= 0:
+    raise ConfigError(f'optimizer.trust_coefficient must be positive, got {coefficient}')
+
+
+def validate_polynomial(s: ml_collections.ConfigDict) -> None:
+  """`schedule.end_lr` and `power` shape the polynomial schedule only; both non-negative."""
+  for key in ('end_lr', 'power'):
+    value = s.get(key)
+    if value is None:
+      continue
+    if s.name != 'polynomial':
+      raise ConfigError(
+        f'schedule.{key} is set but schedule.name={s.name!r} ignores it: set '
+        "schedule.name='polynomial'"
+      )
+    if value < 0:
+      raise ConfigError(f'schedule.{key} must be non-negative, got {value}')
+
+
+def validate_loss(config: ml_collections.ConfigDict) -> None:
+  """`loss` is known and the BCE options are set only for it, the threshold in [0, 1) (at 1 or
+  above every target would be 0)."""
+  name = config.get('loss', 'softmax_xent')
+  if name not in losses.LOSSES:
+    raise ConfigError(f'loss must be one of {", ".join(losses.LOSSES)}, got {name!r}')
+  threshold = config.get('bce_target_threshold')
+  if name != 'sigmoid_bce':
+    for key, unset in (('bce_target_threshold', None), ('bce_sum_classes', False)):
+      if config.get(key, unset) != unset:
+        raise ConfigError(f"{key} is set but loss={name!r} ignores it: set loss='sigmoid_bce'")
+  if threshold is not None and not 0 <= threshold < 1:
+    raise ConfigError(f'bce_target_threshold must be in [0, 1), got {threshold}')
 
 
 def validate_data_sizes(data: ml_collections.ConfigDict) -> None:
