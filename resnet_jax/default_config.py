@@ -145,6 +145,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.b2 = ml_collections.FieldReference(None, field_type=float)
   c.optimizer.eps = ml_collections.FieldReference(None, field_type=float)
   c.optimizer.trust_coefficient = ml_collections.FieldReference(None, field_type=float)
+  # > 0: the gradient is rescaled to this global L2 norm when larger, before any optimizer (timm's
+  # --clip-grad, big_vision's grad_clip_norm; timm's Lamb clips at 1.0 by default). 0: off.
+  c.optimizer.clip_grad_norm = 0.0
   # The training loss: 'softmax_xent' (softmax cross-entropy) | 'sigmoid_bce' (one sigmoid per
   # class against the smoothed/mixed one-hot targets: timm's BinaryCrossEntropy, "ResNet strikes
   # back"), averaged over classes and batch unless bce_sum_classes (timm's --bce-sum); with

@@ -215,7 +215,7 @@ def _adaptive(
   adds wd * w to the gradient inside its layer-wise rescaling, before momentum, as MLPerf does.
   The step is then multiplied by the lr, as torch's AdamW and timm's optimizers do (lr * wd * w
   per step: their weight_decay values carry over). timm's Lamb also clips the global gradient
-  norm to 1 by default; this one does not."""
+  norm to 1 by default; this one only with `optimizer.clip_grad_norm=1.0`."""
   wd = o.weight_decay
   if name == 'adamw':
     return optax.adamw(
@@ -242,6 +242,26 @@ def _adaptive(
   )
 
 
+def clip_by_global_norm(
+  tx: optax.GradientTransformation, max_norm: float
+) -> optax.GradientTransformation:
+  """``tx`` fed gradients rescaled to a global L2 norm of at most ``max_norm`` (timm's
+  ``--clip-grad``, big_vision's ``grad_clip_norm``; torch's ``clip_grad_norm_``). A wrapper, not
+  a link of the chain: the optimizer state keeps its tree, so a run resumes with clipping switched
+  on or off, and old checkpoints restore."""
+
+  def update(updates, state, params=None):
+    norm = jnp.sqrt(
+      sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(updates))
+    )
+    # torch's rule: scale = max_norm / (norm + 1e-6), applied only when below 1
+    scale = jnp.minimum(1.0, max_norm / (norm + 1e-6))
+    updates = jax.tree.map(lambda g: (g * scale).astype(g.dtype), updates)
+    return tx.update(updates, state, params)
+
+  return optax.GradientTransformation(tx.init, update)
+
+
 def create_optimizer(
   config: ml_collections.ConfigDict, learning_rate_fn: optax.Schedule
 ) -> optax.GradientTransformation:
@@ -249,7 +269,8 @@ def create_optimizer(
 
   'sgd' (the default): momentum (optionally Nesterov) with coupled L2 weight decay, the state
   tree of before (old checkpoints resume). 'lars', 'lamb', 'adamw': `_adaptive`, decoupled decay.
-  `optimizer.weight_decay_mask` selects the decayed leaves for every optimizer.
+  `optimizer.weight_decay_mask` selects the decayed leaves for every optimizer;
+  `optimizer.clip_grad_norm` > 0 clips the gradient's global norm first (`clip_by_global_norm`).
   """
   o = config.optimizer
   which = o.weight_decay_mask
@@ -265,4 +286,6 @@ def create_optimizer(
     )
   else:
     tx = _adaptive(name, o, learning_rate_fn, decay_mask)
+  if o.get('clip_grad_norm', 0.0):  # over the trained leaves only: freeze() routes the rest away
+    tx = clip_by_global_norm(tx, float(o.clip_grad_norm))
   return backbone.freeze(tx, config.model)  # frozen stages / BN affine: no update at all

@@ -68,6 +68,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       # Negative: every update after a decay (or every momentum step) pushes uphill.
       'schedule.decay_factor': (config.schedule.decay_factor, 0, ''),
       'optimizer.momentum': (config.optimizer.momentum, 0, ''),
+      'optimizer.clip_grad_norm': (config.optimizer.clip_grad_norm, 0, ' (0 switches it off)'),
     }
   )
   if config.data.num_workers is None or config.data.num_workers < -1:
