@@ -1,12 +1,17 @@
 """Defects found walking this session's features as a researcher would (optimizers, schedules,
 training-checkpoint import, ReaL): each test failed on the code before its fix."""
 
+import importlib.util
+import io
+import json
 import math
+import tarfile
 
 import pytest
 
 from resnet_jax import validation
-from tests.runner import digits_config
+from resnet_jax.data import offline
+from tests.runner import assert_one_line_error, digits_config, run_prepare
 
 
 @pytest.mark.parametrize('bad', [math.nan, math.inf])
@@ -27,3 +32,50 @@ def test_nan_and_inf_optimizer_and_schedule_fields_are_refused(overrides, needle
   field = needle.split(' must')[0]
   with pytest.raises(validation.ConfigError, match=needle.replace('(', r'\(')):
     validation.validate_config(digits_config(**overrides, **{field: bad}))
+
+
+def _val_tar(path, n):
+  """An ILSVRC2012_img_val.tar's layout: n flat ILSVRC2012_val_0000000k.JPEG members."""
+  with tarfile.open(path, 'w') as tar:
+    for k in range(1, n + 1):
+      info = tarfile.TarInfo(f'ILSVRC2012_val_{k:08d}.JPEG')
+      info.size = 3
+      tar.addfile(info, io.BytesIO(b'jpg'))
+  return str(path)
+
+
+@pytest.mark.parametrize('lists', [2, 4])
+def test_real_json_must_have_one_label_list_per_validation_image(tmp_path, lists):
+  """TFDS's imagenet2012_real builder looks each image's set up by its index in real.json: a
+  shorter file failed mid-build with `KeyError: 'ILSVRC2012_val_00000003.JPEG'` (and left
+  directories behind), a longer one was taken silently. Both are now named before the build."""
+  val = _val_tar(tmp_path / 'ILSVRC2012_img_val.tar', 3)
+  real = tmp_path / 'real.json'
+  real.write_text(json.dumps([[1]] * lists))
+  with pytest.raises(offline.PrepareError, match=f'has {lists} label lists but .* holds 3 valid'):
+    offline.check_real_labels_cover(str(real), val)
+  real.write_text(json.dumps([[1], [], [2, 3]]))
+  offline.check_real_labels_cover(str(real), val)  # one list per image: accepted
+
+
+@pytest.mark.skipif(
+  importlib.util.find_spec('tensorflow') is None, reason='prepare needs the [tf] extra'
+)
+def test_prepare_real_with_a_short_real_json_is_one_line_and_writes_nothing(tmp_path):
+  manual = tmp_path / 'manual'
+  manual.mkdir()
+  _val_tar(manual / 'ILSVRC2012_img_val.tar', 3)
+  real = tmp_path / 'real.json'
+  real.write_text(json.dumps([[1], [2]]))
+  data_dir = tmp_path / 'tfds'
+  proc = run_prepare(
+    'imagenet2012_real',
+    '--manual_dir',
+    str(manual),
+    '--from',
+    str(real),
+    '--data_dir',
+    str(data_dir),
+  )
+  assert_one_line_error(proc, 'has 2 label lists but', 'holds 3 validation images')
+  assert not data_dir.exists()
