@@ -79,3 +79,21 @@ def test_prepare_real_with_a_short_real_json_is_one_line_and_writes_nothing(tmp_
   )
   assert_one_line_error(proc, 'has 2 label lists but', 'holds 3 validation images')
   assert not data_dir.exists()
+
+
+def test_an_unprepared_real_dataset_names_the_val_tar_and_manual_dir(tmp_path):
+  """`c.evals.real = dict(dataset='imagenet2012_real')` or `evaluate --dataset=imagenet2012_real`
+  before preparing it: the hint was `prepare imagenet2012_real (add --from ARCHIVE ...)`, which
+  fails without the validation tar; it now says where the tar goes and that --from takes
+  real.json."""
+  from resnet_jax import data
+  from tests.runner import data_config
+
+  config = data_config(name='imagenet2012_real', data_dir=str(tmp_path), image_size=32)
+  with pytest.raises(data.DatasetNotFoundError) as e:
+    data.sources.open_split(config, 'validation')
+  message = str(e.value)
+  assert '\n' not in message
+  assert 'ILSVRC2012_img_val.tar' in message
+  assert f'prepare imagenet2012_real --manual_dir=DIR --data_dir={tmp_path}`' in message
+  assert '--from real.json' in message and 'ARCHIVE' not in message
