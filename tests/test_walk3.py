@@ -97,3 +97,20 @@ def test_an_unprepared_real_dataset_names_the_val_tar_and_manual_dir(tmp_path):
   assert 'ILSVRC2012_img_val.tar' in message
   assert f'prepare imagenet2012_real --manual_dir=DIR --data_dir={tmp_path}`' in message
   assert '--from real.json' in message and 'ARCHIVE' not in message
+
+
+def test_a_deep_stem_missing_one_conv_is_not_called_a_7x7_stem():
+  """timm's resnet18d weights without `conv1.3.weight`: the error named that key but added
+  "the file has a 7x7 stem", though the file has no 7x7 conv (`conv1.weight`) at all."""
+  from resnet_jax import convert
+  from tests.test_resnet_d import golden_state_dict
+
+  state_dict = golden_state_dict('resnet18d')
+  del state_dict['conv1.3.weight']
+  with pytest.raises(ValueError) as e:
+    convert.from_torchvision(state_dict, 'resnet18d')
+  assert "missing torchvision keys ['conv1.3.weight']" in str(e.value)
+  assert '7x7' not in str(e.value)
+  # The hint stays where the file's stem is whole: resnet18d's weights given --arch resnet18.
+  with pytest.raises(ValueError, match=r'the file has a deep \(3x3 x3\) stem'):
+    convert.from_torchvision(golden_state_dict('resnet18d'), 'resnet18')
