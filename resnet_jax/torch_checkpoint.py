@@ -24,6 +24,7 @@ offset, size and stride (views and non-contiguous tensors) and the file's byte o
 from __future__ import annotations
 
 import collections
+import contextvars
 import io
 import pickle
 import struct
@@ -49,8 +50,13 @@ STORAGE_DTYPES = {
   'UntypedStorage': np.dtype(np.uint8),
 }
 # A tensor may hold more elements than its storage only by repeating it (stride 0, `expand`):
-# allowed up to this many more, so a crafted file cannot make the reader allocate without bound.
+# allowed up to this many more, so a crafted file cannot make the reader allocate without bound;
+# and up to MAX_REPEATED_PER_FILE more in all the tensors of one file together (many expands of
+# one small storage, each under the first limit, add up).
 MAX_REPEATED_ELEMENTS = 2**24
+MAX_REPEATED_PER_FILE = 2**27  # 512 MiB of float32
+# What is left of MAX_REPEATED_ELEMENTS in the pickle being read (``_pickle_at`` sets it).
+_repeat_budget: contextvars.ContextVar[list[int]] = contextvars.ContextVar('_repeat_budget')
 LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C  # torch/serialization.py's MAGIC_NUMBER
 LEGACY_PROTOCOL_VERSION = 1001
 TORCHSCRIPT_HINT = (
@@ -96,6 +102,13 @@ def _rebuild_tensor_v2(
     raise CheckpointError(
       f'a tensor of size {size}, stride {stride} repeats its storage of {storage.size} elements '
       f'into {numel * storage.itemsize / 2**20:,.0f} MiB (stride 0): weights never do; refused'
+    )
+  budget = _repeat_budget.get([MAX_REPEATED_PER_FILE])
+  budget[0] -= max(numel - storage.size, 0)
+  if budget[0] < 0:
+    raise CheckpointError(
+      f'its tensors repeat their storages (stride 0) into more than {MAX_REPEATED_PER_FILE:,} '
+      'extra elements in all: weights never do; refused'
     )
   last = storage_offset + sum((n - 1) * s for n, s in zip(size, stride))
   if last >= storage.size:
@@ -266,12 +279,15 @@ def _no_persistent(pid: Any) -> Any:
 
 def _pickle_at(stream: io.BytesIO, persistent_load: Callable[[Any], Any]) -> Any:
   """Unpickles the object that starts at ``stream``'s position and moves past it."""
+  token = _repeat_budget.set([MAX_REPEATED_PER_FILE])  # one budget for all its tensors
   try:
     return _RestrictedUnpickler(stream, persistent_load).load()
   except CheckpointError:
     raise
   except Exception as e:  # noqa: BLE001
     raise CheckpointError(f'its pickle is damaged ({type(e).__name__}: {e})') from None
+  finally:
+    _repeat_budget.reset(token)
 
 
 def _load_legacy(data: bytes) -> Any:

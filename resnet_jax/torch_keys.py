@@ -109,6 +109,8 @@ def _tweaks_hint(sd: Mapping[str, Any], model: Any, name: str) -> str:
   avg = any(k.endswith('downsample.2.weight') for k in sd)
   if (deep, avg) == (model.stem == 'deep', model.avg_down):
     return ''
+  if not deep and 'conv1.weight' not in sd:  # neither stem whole (a damaged file): no guess
+    return ''
   kind = lambda deep, avg: (
     f'a {"deep (3x3 x3)" if deep else "7x7"} stem and {"avg-pool" if avg else "strided"} '
     'projection shortcuts'

@@ -6,6 +6,7 @@ writes a file, so a bad value costs one `error:` line, not a failed run hours in
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -127,12 +128,13 @@ def validate_optimizer(o: ml_collections.ConfigDict) -> None:
     if value is not None and not 0 <= value < 1:
       raise ConfigError(f'optimizer.{key} must be in [0, 1), got {value}')
   eps = o.get('eps')
-  if eps is not None and (eps < 0 or (eps == 0 and name != 'lars')):
+  if eps is not None and (not eps >= 0 or (eps == 0 and name != 'lars') or eps == math.inf):
     what = 'non-negative' if name == 'lars' else "positive (Adam's step divides by sqrt(v) + eps)"
+    what += ' and finite'
     raise ConfigError(f'optimizer.eps must be {what}, got {eps}')
   coefficient = o.get('trust_coefficient')
-  if coefficient is not None and coefficient <= 0:
-    raise ConfigError(f'optimizer.trust_coefficient must be positive, got {coefficient}')
+  if coefficient is not None and not 0 < coefficient < math.inf:
+    raise ConfigError(f'optimizer.trust_coefficient must be positive and finite, got {coefficient}')
 
 
 def validate_polynomial(s: ml_collections.ConfigDict) -> None:
@@ -146,8 +148,8 @@ def validate_polynomial(s: ml_collections.ConfigDict) -> None:
         f'schedule.{key} is set but schedule.name={s.name!r} ignores it: set '
         "schedule.name='polynomial'"
       )
-    if value < 0:
-      raise ConfigError(f'schedule.{key} must be non-negative, got {value}')
+    if not 0 <= value < math.inf:
+      raise ConfigError(f'schedule.{key} must be non-negative and finite, got {value}')
 
 
 def validate_loss(config: ml_collections.ConfigDict) -> None:

@@ -411,3 +411,18 @@ def test_a_tensor_may_not_repeat_its_storage_into_unbounded_memory(tmp_path):
   over = _state_pickle({'w': _tensor('0', 1, 0, (limit + 2,), (0,))})
   with pytest.raises(ValueError, match='stride 0'):
     torch_checkpoint.load(_zip(tmp_path / 'over.pth', over, {'0': bytes(4)}))
+
+
+def test_the_repeat_limit_holds_for_the_whole_file_too(tmp_path, monkeypatch):
+  """Many expands of one small storage add up: 12 tensors just under the per-tensor limit made a
+  2 KB file take 768 MiB, and 1,000 would take 64 GiB. A file's tensors together may repeat
+  their storages into at most MAX_REPEATED_PER_FILE extra elements (lowered here to 10)."""
+  monkeypatch.setattr(torch_checkpoint, 'MAX_REPEATED_PER_FILE', 10)
+  five = _tensor('0', 1, 0, (6,), (0,))  # 5 extra elements each
+  two = _state_pickle({'a': five, 'b': five})  # 10 in all: reads
+  assert len(torch_checkpoint.load(_zip(tmp_path / 'two.pth', two, {'0': bytes(4)}))) == 2
+  three = _state_pickle({'a': five, 'b': five, 'c': _tensor('0', 1, 0, (2,), (0,))})
+  with pytest.raises(ValueError, match='into more than 10 extra elements in all'):
+    torch_checkpoint.load(_zip(tmp_path / 'three.pth', three, {'0': bytes(4)}))
+  # The count is per file: another file reads with the whole allowance again.
+  assert len(torch_checkpoint.load(_zip(tmp_path / 'again.pth', two, {'0': bytes(4)}))) == 2

@@ -206,6 +206,25 @@ def _check_real_labels(path: str) -> None:
     )
 
 
+def check_real_labels_cover(path: str, val_tar: str) -> None:
+  """real.json has one label list per image of ``val_tar``: TFDS's builder looks each image up by
+  its index, so a shorter file failed mid-build with a bare KeyError, a longer one went unseen."""
+  import json  # pylint: disable=import-outside-toplevel
+
+  with open(path, encoding='utf-8') as f:  # read and checked by _check_real_labels already
+    count = len(json.load(f))
+  try:
+    with tarfile.open(val_tar) as tar:
+      images = sum(1 for member in tar if member.isfile())
+  except (OSError, tarfile.TarError) as e:
+    raise PrepareError(f'{val_tar} is not a readable tar archive ({e})') from None
+  if count != images:
+    raise PrepareError(
+      f'--from {path} has {count:,} label lists but {val_tar} holds {images:,} validation '
+      f'images: expected one list per image ({_expected("imagenet2012_real")})'
+    )
+
+
 def _idx_header(path: str) -> tuple[int, int]:
   opener: Callable[..., Any] = gzip.open if path.endswith('.gz') else open
   try:

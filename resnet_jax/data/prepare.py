@@ -28,6 +28,7 @@ from typing import Sequence
 from resnet_jax import cli
 from resnet_jax.data.offline import (
   PrepareError,
+  check_real_labels_cover,
   imagenette_config,
   local_downloads,
   offline_download_manager,
@@ -245,6 +246,8 @@ def prepare(args: argparse.Namespace) -> tuple[str, tuple | None]:
     return tfds_name, _image_shape(builder)
   if name in MANUAL_TARS and not explicit_manual:  # TFDS's default DATA_DIR/downloads/manual
     manual_dir = _manual_dir(args, os.fspath(builder.data_dir_root))
+  if name == 'imagenet2012_real' and args.sources:
+    check_real_labels_cover(args.sources[0], os.path.join(manual_dir, MANUAL_TARS[name][0]))
   with tempfile.TemporaryDirectory(prefix='resnet_jax_prepare_') as tmp:
     url_map = local_downloads(name, args.sources, tmp) if offline else {}  # checked before deleting
     if builder.is_prepared():  # --overwrite: a fresh builder can then write ArrayRecord

@@ -142,6 +142,13 @@ def _not_prepared_message(name: str, data_dir: str | None) -> str:
       f'ILSVRC2012_img_val.tar from image-net.org into a directory DIR, then run '
       f'`{_prepare_command(name, data_dir, "--manual_dir=DIR")}`'
     )
+  if name.split(':')[0].split('/')[0] == 'imagenet2012_real':  # the val tar + ReaL's labels
+    return (
+      f"dataset '{name}' is not prepared in {where}: download ILSVRC2012_img_val.tar from "
+      f'image-net.org into a directory DIR, then run '
+      f'`{_prepare_command(name, data_dir, "--manual_dir=DIR")}` (add --from real.json on an '
+      'offline machine)'
+    )
   return (
     f"dataset '{name}' is not prepared in {where}: prepare it once with "
     f'`{_prepare_command(name, data_dir)}` (add --from ARCHIVE on an '
