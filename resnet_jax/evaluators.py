@@ -267,3 +267,10 @@ def log_result(
     100 * result['top5_error'],
     result['loss'],
   )
+  if 'real_top1_error' in result:
+    logger.info(
+      '%s: ReaL top-1 error %.2f%% (%d examples with a ReaL label)',
+      name or evaluator.name,
+      100 * result['real_top1_error'],
+      result['real_num_examples'],
+    )

@@ -214,9 +214,15 @@ def main(argv: list[str]) -> None:
       f'{os.path.join(FLAGS.workdir, "results.json")}'
     )
     for name, ev in results.get('evals', {}).items():
+      where = f'{ev["dataset"]} {ev["split"]}' if ev.get('dataset') else ev['split']
+      real = (
+        f', ReaL top-1 error {100 * ev["real_top1_error"]:.2f}% ({ev["real_num_examples"]})'
+        if 'real_top1_error' in ev
+        else ''
+      )
       print(
-        f'  {name}: {ev["split"]} top-1 error {100 * ev["top1_error"]:.2f}% '
-        f'({ev["num_examples"]} examples)'
+        f'  {name}: {where} top-1 error {100 * ev["top1_error"]:.2f}% '
+        f'({ev["num_examples"]} examples){real}'
       )
 
 

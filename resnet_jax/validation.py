@@ -123,6 +123,8 @@ def validate_optimizer(o: ml_collections.ConfigDict) -> None:
       f'optimizer.{ignored[0]} is set but optimizer.name={name!r} ignores it (it reads {reads}): '
       'unset it or choose the optimizer that uses it'
     )
+  if not 0 <= o.momentum < 1:  # at 1 the buffer never forgets a gradient; above, it grows
+    raise ConfigError(f'optimizer.momentum must be in [0, 1), got {o.momentum}')
   for key in ('b1', 'b2'):
     value = o.get(key)
     if value is not None and not 0 <= value < 1:

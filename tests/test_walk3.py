@@ -114,3 +114,25 @@ def test_a_deep_stem_missing_one_conv_is_not_called_a_7x7_stem():
   # The hint stays where the file's stem is whole: resnet18d's weights given --arch resnet18.
   with pytest.raises(ValueError, match=r'the file has a deep \(3x3 x3\) stem'):
     convert.from_torchvision(golden_state_dict('resnet18d'), 'resnet18')
+
+
+# Left by the walkthrough, fixed by the lead.
+
+
+@pytest.mark.parametrize('momentum', [1.0, 1.5, float('nan')])
+def test_momentum_of_one_or_more_is_refused(momentum):
+  from resnet_jax import validation
+  from resnet_jax.default_config import base_config
+
+  config = base_config()
+  config.optimizer.momentum = momentum
+  with pytest.raises(validation.ConfigError, match=r'optimizer.momentum must be in \[0, 1\)'):
+    validation.validate_config(config)
+
+
+def test_rand_augment_refuses_more_operations_than_there_are():
+  from resnet_jax.data import auto_augment
+
+  assert auto_augment.parse('rand_augment_n14_m9').num_ops == 14
+  with pytest.raises(ValueError, match='N of 1-14 operations'):
+    auto_augment.parse('rand_augment_n100000_m9')

@@ -35,6 +35,9 @@ AUTO_AUGMENTS = (
   'autoaugment_cifar10',
 )
 NUM_BINS = 31
+# RandAugment's papers use 1-3 operations; more than the 14 there are only burns host time (a
+# typo such as n100 would stall the input pipeline).
+MAX_RAND_AUGMENT_OPS = 14
 
 
 def _black(img: Image.Image) -> int | tuple[int, ...]:
@@ -214,11 +217,11 @@ def parse(text: str) -> Policy:
   ):
     return Policy(text)
   match = re.fullmatch(r'rand_augment_n(\d+)_m(\d+)', text)
-  if match and int(match[1]) >= 1 and int(match[2]) < NUM_BINS:
+  if match and 1 <= int(match[1]) <= MAX_RAND_AUGMENT_OPS and int(match[2]) < NUM_BINS:
     return Policy('rand_augment', int(match[1]), int(match[2]))
   raise ValueError(
     f'config.data.auto_augment={text!r} is not one of {", ".join(AUTO_AUGMENTS)} '
-    f'(N >= 1 operations, magnitude M of 0-{NUM_BINS - 1})'
+    f'(N of 1-{MAX_RAND_AUGMENT_OPS} operations, magnitude M of 0-{NUM_BINS - 1})'
   )
 
 
