@@ -1,0 +1,132 @@
+"""Rules of this session's code that the mutation audit (a one-line change to each, one at a
+time) found no test for: each test below fails on that change and passes on the code."""
+
+import numpy as np
+import pytest
+
+from resnet_jax import losses, optim
+from resnet_jax.default_config import base_config
+
+
+def test_bce_threshold_is_strictly_greater_as_timms():
+  """timm's BinaryCrossEntropy binarises with `target.gt(threshold)`: a target exactly at the
+  threshold is a negative."""
+  targets = np.array([[0.5, 0.5, 0.0]], np.float32)
+  logits = np.array([[-4.0, -4.0, -4.0]], np.float32)
+  got = losses.binary_cross_entropy(logits, targets, target_threshold=0.5, sum_classes=True)
+  want = 3 * np.log1p(np.exp(-4.0))  # all three are negatives, each confidently right
+  np.testing.assert_allclose(got, [want], rtol=1e-5)
+
+
+def test_an_unknown_loss_name_is_refused_by_the_loss_itself():
+  with pytest.raises(ValueError, match='loss must be one of'):
+    losses.Loss(name='cross_entropy')
+
+
+def test_the_polynomial_schedule_defaults_to_power_2_and_end_lr_0():
+  """MLPerf's LARS rule: with schedule.power and end_lr unset, lr = peak (1 - t/T)^2 -> 0."""
+  c = base_config()
+  c.schedule.name = 'polynomial'
+  c.schedule.base_lr = 1.0
+  c.schedule.scale_with_batch = False
+  c.schedule.warmup_epochs = 0
+  c.schedule.warmup_steps = 10
+  c.schedule.warmup = 'linear'
+  lr = optim.create_learning_rate_fn(c, 10, 110)
+  for step, want in [(5, 0.5), (10, 1.0), (35, 0.75**2), (60, 0.25), (110, 0.0)]:
+    np.testing.assert_allclose(lr(step), want, rtol=1e-6, atol=1e-7, err_msg=f'step {step}')
+
+
+def test_an_averaged_models_prefix_is_dropped_only_when_every_key_has_it():
+  """AveragedModel keys are all 'module.'-prefixed; a mapping where only some are keeps its keys
+  as they are (stripping a few would make keys the model does not have)."""
+  from resnet_jax import torch_weights
+
+  w = np.ones(2, np.float32)
+  sets = torch_weights.weight_sets(
+    {'model': {'a': w}, 'model_ema': {'module.a': w, 'b': w, 'n_averaged': np.int64(3)}}
+  )
+  assert list(sets['ema']) == ['module.a', 'b']
+  sets = torch_weights.weight_sets(
+    {'model': {'a': w}, 'model_ema': {'module.a': w, 'n_averaged': w}}
+  )
+  assert list(sets['ema']) == ['a']
+
+
+def test_a_repeated_tensor_may_exceed_its_storage_by_the_cap_not_by_a_multiple(tmp_path):
+  """The stride-0 cap is an absolute count of extra elements, whatever the storage's size: a
+  4-element storage may not be repeated into 4 x the cap."""
+  from resnet_jax import torch_checkpoint
+  from tests.test_torch_checkpoint import _state_pickle, _tensor, _zip
+
+  limit = torch_checkpoint.MAX_REPEATED_ELEMENTS
+  over = _state_pickle({'w': _tensor('0', 4, 0, (4, limit // 4 + 2), (1, 0))})
+  with pytest.raises(ValueError, match='stride 0'):
+    torch_checkpoint.load(_zip(tmp_path / 'over.pth', over, {'0': bytes(16)}))
+
+
+def _updates(name, grads, fields=None, wd=0.0, params=None, leaf=('conv', 'kernel')):
+  """The updates `create_optimizer` gives for a sequence of gradients on a tiny conv + BN tree."""
+  import jax.numpy as jnp
+
+  c = base_config()
+  c.optimizer.name = name
+  c.optimizer.weight_decay = wd
+  c.optimizer.weight_decay_mask = 'kernels'
+  c.optimizer.update(fields or {})
+  tx = optim.create_optimizer(c, lambda step: 0.1)
+  if params is None:
+    params = {'conv': {'kernel': jnp.full((2, 2), 0.5)}, 'bn': {'scale': jnp.ones(2)}}
+  state, out = tx.init(params), []
+  for g in grads:
+    g = {'conv': {'kernel': jnp.asarray(g[0])}, 'bn': {'scale': jnp.asarray(g[1])}}
+    u, state = tx.update(g, state, params)
+    out.append(np.asarray(u[leaf[0]][leaf[1]]))
+  return out
+
+
+GRADS = [
+  (np.array([[1e-3, -2e-3], [3e-4, 1e-3]], np.float32), np.array([1e-3, 2e-3], np.float32)),
+  (np.array([[-1e-3, 5e-4], [2e-3, -1e-4]], np.float32), np.array([-1e-3, 3e-3], np.float32)),
+  (np.array([[4e-4, 1e-3], [-3e-3, 2e-3]], np.float32), np.array([2e-3, -1e-3], np.float32)),
+]
+
+
+@pytest.mark.parametrize(
+  'name,defaults',
+  [
+    ('lars', {'trust_coefficient': 1e-3, 'eps': 0.0}),  # You et al. 2017, MLPerf's eeta
+    ('lamb', {'b1': 0.9, 'b2': 0.999, 'eps': 1e-6}),  # You et al. 2019, timm's Lamb
+    ('adamw', {'b1': 0.9, 'b2': 0.999, 'eps': 1e-8}),  # torch.optim.AdamW
+  ],
+)
+def test_unset_optimizer_fields_are_the_papers_defaults(name, defaults):
+  """An optimizer field left None stands for its paper's / torch's default value: three updates
+  equal those with the value written out (small gradients, so eps shows; three, so b2 does)."""
+  unset = _updates(name, GRADS, wd=0.1)
+  explicit = _updates(name, GRADS, defaults, wd=0.1)
+  for got, want in zip(unset, explicit):
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=0)
+
+
+def test_lars_trust_ratio_is_1_where_the_gradient_or_the_weight_is_zero():
+  """MLPerf's and timm's LARS: a kernel with |g| = 0 (decay only) or |w| = 0 takes the plain
+  lr x (g + wd w) step, no trust ratio."""
+  import jax.numpy as jnp
+
+  zero_g = [(np.zeros((2, 2), np.float32), np.ones(2, np.float32))]
+  (u,) = _updates('lars', zero_g, wd=0.1)
+  np.testing.assert_allclose(u, -0.1 * 0.1 * np.full((2, 2), 0.5), rtol=1e-6)
+  params = {'conv': {'kernel': jnp.zeros((2, 2))}, 'bn': {'scale': jnp.ones(2)}}
+  (u,) = _updates('lars', GRADS[:1], wd=0.1, params=params)
+  np.testing.assert_allclose(u, -0.1 * GRADS[0][0], rtol=1e-6)
+
+
+def test_lars_takes_nesterov_momentum_when_asked():
+  """optimizer.nesterov is read by LARS as by SGD (torch's SGD rule on the lr-scaled step d:
+  v = m v + d, update -(d + m v)); on BN's scale (no trust ratio, no decay) d = lr g."""
+  got = _updates('lars', GRADS, {'nesterov': True}, wd=0.1, leaf=('bn', 'scale'))
+  v = np.zeros(2)
+  for (_, g), u in zip(GRADS, got):
+    v = 0.9 * v + 0.1 * g
+    np.testing.assert_allclose(u, -(0.1 * g + 0.9 * v), rtol=1e-5)
