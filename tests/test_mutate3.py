@@ -53,18 +53,6 @@ def test_an_averaged_models_prefix_is_dropped_only_when_every_key_has_it():
   assert list(sets['ema']) == ['a']
 
 
-def test_a_repeated_tensor_may_exceed_its_storage_by_the_cap_not_by_a_multiple(tmp_path):
-  """The stride-0 cap is an absolute count of extra elements, whatever the storage's size: a
-  4-element storage may not be repeated into 4 x the cap."""
-  from resnet_jax import torch_checkpoint
-  from tests.test_torch_checkpoint import _state_pickle, _tensor, _zip
-
-  limit = torch_checkpoint.MAX_REPEATED_ELEMENTS
-  over = _state_pickle({'w': _tensor('0', 4, 0, (4, limit // 4 + 2), (1, 0))})
-  with pytest.raises(ValueError, match='stride 0'):
-    torch_checkpoint.load(_zip(tmp_path / 'over.pth', over, {'0': bytes(16)}))
-
-
 def _updates(name, grads, fields=None, wd=0.0, params=None, leaf=('conv', 'kernel')):
   """The updates `create_optimizer` gives for a sequence of gradients on a tiny conv + BN tree."""
   import jax.numpy as jnp
@@ -130,3 +118,63 @@ def test_lars_takes_nesterov_momentum_when_asked():
   for (_, g), u in zip(GRADS, got):
     v = 0.9 * v + 0.1 * g
     np.testing.assert_allclose(u, -(0.1 * g + 0.9 * v), rtol=1e-5)
+
+
+def test_a_namespace_whose_state_is_not_a_dict_is_refused(tmp_path):
+  """A training checkpoint's `args` unpickle to their values (a dict); any other state is a
+  damaged or crafted file, named as such, not a Namespace holding whatever it was given."""
+  from resnet_jax import torch_checkpoint
+  from tests.test_torch_checkpoint import _global, _state_pickle, _zip
+
+  pkl = _state_pickle({'args': _global('argparse', 'Namespace') + b')\x81]b'})
+  with pytest.raises(ValueError, match='argparse.Namespace with state list'):
+    torch_checkpoint.load(_zip(tmp_path / 'args.pth', pkl, {}))
+
+
+def test_converting_the_ema_prints_no_note_about_the_ema(tmp_path, capsys):
+  """The note that a file also holds an EMA is for a conversion of the model's weights only."""
+  import os
+
+  from resnet_jax import convert
+  from tests.fixtures import golden_weights
+
+  train = os.path.join(golden_weights.FIXTURES, 'tiny_resnet18_train.pth')
+  convert.main(
+    ['--arch', 'resnet18', '--torchvision-weights', train, '--out', str(tmp_path / 'ema')]
+    + ['--weights', 'ema']
+  )
+  out = capsys.readouterr().out
+  assert 'wrote resnet18 (the EMA weights)' in out and 'note:' not in out
+
+
+def test_the_evaluate_command_names_a_relative_data_dir_absolutely(tmp_path, monkeypatch):
+  """`prepare` prints a command to copy: a relative --data_dir is written as the absolute path
+  it names, so the command works from any directory."""
+  from resnet_jax.data import prepare
+
+  monkeypatch.chdir(tmp_path)
+  assert prepare.evaluate_command('imagenet_v2', 'tfds').endswith(f'--data-dir={tmp_path}/tfds')
+
+
+class _FixedDraws:
+  """An rng whose draws are given: `integers` returns `ints` (sliced to `size`), `random` `us`."""
+
+  def __init__(self, ints, us):
+    self.ints, self.us = ints, us
+
+  def integers(self, high, size=None):
+    return self.ints[0] if size is None else np.asarray(self.ints[:size])
+
+  def random(self, size):
+    return np.asarray(self.us[:size])
+
+
+def test_autoaugment_applies_a_step_whose_draw_equals_its_probability():
+  """torchvision's AutoAugment applies an operation when its uniform draw is <= p: the imagenet
+  policy's first sub-policy (Posterize 0.4 bin 8, Rotate 0.6 bin 9) at draws (0.4, 0.6)."""
+  from resnet_jax.data import auto_augment
+
+  policy = auto_augment.parse('autoaugment_imagenet')
+  ops = auto_augment.policy_draws(policy, _FixedDraws([0, 1, 1], [0.4, 0.6]), (32, 32))
+  assert [name for name, _ in ops] == ['Posterize', 'Rotate']
+  assert ops[1][1] == pytest.approx(30.0)  # bin 9 of 10 is the top, sign draw 1: not negated
