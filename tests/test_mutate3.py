@@ -178,3 +178,121 @@ def test_autoaugment_applies_a_step_whose_draw_equals_its_probability():
   ops = auto_augment.policy_draws(policy, _FixedDraws([0, 1, 1], [0.4, 0.6]), (32, 32))
   assert [name for name, _ in ops] == ['Posterize', 'Rotate']
   assert ops[1][1] == pytest.approx(30.0)  # bin 9 of 10 is the top, sign draw 1: not negated
+
+
+def test_a_bad_auto_augment_flag_names_the_accepted_forms(capsys):
+  """`cli_type` (the benchmark scripts' --auto-augment): argparse's one usage line says what is
+  accepted, not only 'invalid value'."""
+  import argparse
+
+  from resnet_jax.data import auto_augment
+
+  parser = argparse.ArgumentParser(prog='bench')
+  parser.add_argument('--auto-augment', type=auto_augment.cli_type)
+  assert parser.parse_args(['--auto-augment', 'rand_augment_n3_m5']).auto_augment == (
+    'rand_augment_n3_m5'
+  )
+  with pytest.raises(SystemExit) as e:
+    parser.parse_args(['--auto-augment', 'rand_augment_n0_m9'])
+  err = capsys.readouterr().err.strip().splitlines()[-1]
+  assert e.value.code == 2
+  assert err.startswith("bench: error: argument --auto-augment: 'rand_augment_n0_m9' is not one of")
+  assert '(N >= 1 operations, magnitude M of 0-30)' in err
+
+
+def test_scales_on_a_dataset_with_label_sets_are_refused(monkeypatch):
+  """ReaL's label sets are counted by the 1/2/10-crop evaluation only: `--scales` there is
+  refused with the reason, before any evaluation (the run and dataset are stand-ins here)."""
+  import types
+
+  from resnet_jax import evaluate, runtime
+  from tests.runner import digits_config
+
+  experiment = types.SimpleNamespace(config=digits_config(), mesh=None)
+  trained = types.SimpleNamespace(experiment=experiment, variables={})
+  monkeypatch.setattr(runtime, 'load_trained_model', lambda *a, **k: trained)
+  monkeypatch.setattr(evaluate, 'replicated', lambda mesh: None)
+  monkeypatch.setattr(
+    evaluate.sources, 'open_split', lambda *a, **k: types.SimpleNamespace(label_sets=True)
+  )
+  with pytest.raises(ValueError, match='--scales is not supported on digits'):
+    evaluate.evaluate_workdir('run', scales=[8])
+
+
+def test_batches_with_label_sets_reach_the_label_set_step(monkeypatch):
+  """run_evaluation passes a batch's 'label_set' on to the step (ReaL's sets): digits with every
+  class in each image's set gives ReaL error 0 over all 360 test images."""
+  import contextlib
+
+  import jax
+
+  from resnet_jax import evaluate
+  from resnet_jax.default_config import load_sibling_config
+  from resnet_jax.train_step import create_mesh
+  from tests.test_evaluate import CONFIGS, _digits_state
+
+  config = load_sibling_config(CONFIGS, 'digits').get_config('depth=8')
+  config.eval_batch_size = 128
+  mesh = create_mesh(jax.devices()[:1])
+  variables, _, model = _digits_state(mesh)
+  real_iterator = evaluate._eval_iterator
+
+  @contextlib.contextmanager
+  def with_sets(*args, **kwargs):
+    with real_iterator(*args, **kwargs) as batches:
+      yield ({**b, 'label_set': np.ones((len(b['label']), 10), bool)} for b in batches)
+
+  monkeypatch.setattr(evaluate, '_eval_iterator', with_sets)
+  as_float = lambda images, rng: images.astype(np.float32)
+  step = evaluate.jit_label_set_eval_step(mesh, model.apply, preprocess=as_float)
+  result = evaluate.run_evaluation(step, variables, config, mesh, split='test')
+  assert (result['real_num_examples'], result['real_top1_error']) == (360, 0.0)
+
+
+def test_a_dataset_with_label_sets_is_evaluated_with_the_label_set_step(monkeypatch):
+  """evaluate_workdir picks `jit_label_set_eval_step` where the split has label sets (stand-ins
+  for the run and the dataset; the step itself is tested above)."""
+  import types
+
+  from resnet_jax import evaluate, runtime
+  from tests.runner import digits_config
+
+  experiment = types.SimpleNamespace(
+    config=digits_config(), mesh=None, model=types.SimpleNamespace(apply=None), preprocess=None
+  )
+  trained = types.SimpleNamespace(experiment=experiment, variables={}, step=1)
+  monkeypatch.setattr(runtime, 'load_trained_model', lambda *a, **k: trained)
+  monkeypatch.setattr(evaluate, 'replicated', lambda mesh: None)
+  for label_sets, want in ((True, 'label_set_step'), (False, 'eval_step')):
+    monkeypatch.setattr(
+      evaluate.sources,
+      'open_split',
+      lambda *a, s=label_sets, **k: types.SimpleNamespace(label_sets=s),
+    )
+    monkeypatch.setattr(evaluate, 'jit_label_set_eval_step', lambda *a, **k: 'label_set_step')
+    monkeypatch.setattr(evaluate, 'jit_eval_step', lambda *a, **k: 'eval_step')
+    used = []
+    monkeypatch.setattr(evaluate, 'run_evaluation', lambda step, *a, **k: used.append(step) or {})
+    evaluate.evaluate_workdir('run')
+    assert used == [want]
+
+
+def test_an_evaluator_with_scales_on_a_dataset_with_label_sets_is_refused_before_the_run(
+  monkeypatch,
+):
+  """`evals.NAME.scales` on ReaL is refused by `check_sources`, before training (stand-ins for
+  the prepared dataset)."""
+  import dataclasses
+  import types
+
+  from resnet_jax import data, evaluators, validation
+
+  monkeypatch.setattr(evaluators, 'on_other_dataset', lambda experiment, d, s: 'its config')
+  monkeypatch.setattr(
+    data.sources, 'open_split', lambda *a, **k: types.SimpleNamespace(label_sets=True)
+  )
+  main = evaluators.Evaluator('eval', 'test', 1, (), 0, 8)
+  real = evaluators.Evaluator('real', 'validation', 1, (8,), 0, 8, 'imagenet2012_real')
+  with pytest.raises(validation.ConfigError, match='evals.real: scales are not supported'):
+    evaluators.check_sources([main, real], experiment=None)
+  evaluators.check_sources([main, dataclasses.replace(real, scales=())], experiment=None)
