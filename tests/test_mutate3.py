@@ -296,3 +296,76 @@ def test_an_evaluator_with_scales_on_a_dataset_with_label_sets_is_refused_before
   with pytest.raises(validation.ConfigError, match='evals.real: scales are not supported'):
     evaluators.check_sources([main, real], experiment=None)
   evaluators.check_sources([main, dataclasses.replace(real, scales=())], experiment=None)
+
+
+def test_an_evaluator_on_a_dataset_with_label_sets_uses_the_label_set_step(monkeypatch):
+  """EvalRunner evaluates a ReaL-like dataset with `jit_label_set_eval_step` (built once), any
+  other with the plain step (stand-ins for the run and the datasets)."""
+  import types
+
+  import ml_collections
+
+  from resnet_jax import data, evaluators
+  from tests.runner import digits_config
+
+  built = []
+  monkeypatch.setattr(evaluators, 'jit_eval_step', lambda *a, **k: 'eval_step')
+  monkeypatch.setattr(
+    evaluators, 'jit_label_set_eval_step', lambda *a, **k: built.append(1) or 'label_set_step'
+  )
+  monkeypatch.setattr(data, 'make_preprocessor', lambda config: 'preprocessor')
+  other = lambda e, dataset, s: ml_collections.ConfigDict(
+    {'dataset': dataset, 'eval_batch_size': 8}
+  )
+  monkeypatch.setattr(evaluators, 'on_other_dataset', other)
+  monkeypatch.setattr(
+    data.sources,
+    'open_split',
+    lambda config, s: types.SimpleNamespace(label_sets=config.dataset == 'imagenet2012_real'),
+  )
+  used = []
+  monkeypatch.setattr(evaluators, 'run_evaluation', lambda step, *a, **k: used.append(step))
+  experiment = types.SimpleNamespace(
+    config=digits_config(), mesh=None, model=types.SimpleNamespace(apply=None), preprocess=None
+  )
+  runner = evaluators.EvalRunner(experiment)
+  real = evaluators.Evaluator('real', 'validation', 1, (), 0, 8, 'imagenet2012_real')
+  v2 = evaluators.Evaluator('v2', 'test', 1, (), 0, 8, 'imagenet_v2')
+  for evaluator in (real, v2, real):
+    runner.run(evaluator, variables={})
+  assert used == ['label_set_step', 'eval_step', 'label_set_step'] and built == [1]
+
+
+def test_real_records_and_eval_batches_carry_the_label_sets(tmp_path):
+  """imagenet2012_real (mock records of TFDS's own builder): the label is `original_label`, and
+  each record's ReaL set reaches the eval batch as a multi-hot 'label_set' [b, 1000]."""
+  import tensorflow_datasets as tfds
+
+  from resnet_jax import data
+  from resnet_jax.data import sources
+  from resnet_jax.default_config import load_sibling_config
+  from tests.runner import ROOT
+
+  config = load_sibling_config(ROOT + '/configs/x.py', 'imagenet').get_config('depth=18')
+  config.data.name = 'imagenet2012_real'
+  config.data.data_dir = str(tmp_path / 'tfds')
+  config.data.image_size = 32
+  config.data.num_workers = 0
+  with tfds.testing.mock_data(num_examples=4, policy=tfds.testing.MockPolicy.USE_CODE):
+    source = sources.open_split(config, 'validation')
+    assert source.label_sets and source.num_classes == 1000
+    raw = tfds.data_source('imagenet2012_real', split='validation', data_dir=config.data.data_dir)
+    records = [source.records[i] for i in range(4)]
+    for record, want in zip(records, raw):
+      assert record['label'] == want['original_label']
+      np.testing.assert_array_equal(record['label_set'], want['real_label'])
+    batch = next(
+      iter(
+        data.create_eval_iterator(
+          config, split='validation', local_batch_size=4, process_index=0, process_count=1
+        )
+      )
+    )
+  assert batch['label_set'].shape == (4, 1000) and batch['label_set'].dtype == bool
+  got = sorted(tuple(np.flatnonzero(s)) for s in batch['label_set'])
+  assert got == sorted(tuple(sorted(set(r['label_set'].tolist()))) for r in records)
