@@ -369,3 +369,21 @@ def test_real_records_and_eval_batches_carry_the_label_sets(tmp_path):
   assert batch['label_set'].shape == (4, 1000) and batch['label_set'].dtype == bool
   got = sorted(tuple(np.flatnonzero(s)) for s in batch['label_set'])
   assert got == sorted(tuple(sorted(set(r['label_set'].tolist()))) for r in records)
+
+
+@pytest.mark.parametrize('content', ['[]', '[1, 2]', '[[1], [true]]', '[[1], [2.0]]'])
+def test_real_json_needs_one_list_of_int_classes_per_image(tmp_path, content):
+  """ReaL's real.json: a non-empty list holding one list of int class indices per image (an
+  empty file, bare ints, booleans or floats are not ReaL labels)."""
+  from resnet_jax.data import offline
+
+  path = tmp_path / 'real.json'
+  path.write_text(content)
+  with pytest.raises(offline.PrepareError, match='not a list of label lists'):
+    offline.local_downloads('imagenet2012_real', [str(path)], None)
+  path.write_text('[[0, 999], [], [5]]')
+  assert offline.local_downloads('imagenet2012_real', [str(path)], None) == {
+    offline.REAL_LABELS_URL: str(path)
+  }
+  with pytest.raises(offline.PrepareError, match='expected one file'):
+    offline.local_downloads('imagenet2012_real', [str(path), str(path)], None)
