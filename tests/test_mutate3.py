@@ -387,3 +387,18 @@ def test_real_json_needs_one_list_of_int_classes_per_image(tmp_path, content):
   }
   with pytest.raises(offline.PrepareError, match='expected one file'):
     offline.local_downloads('imagenet2012_real', [str(path), str(path)], None)
+
+
+def test_real_json_from_is_not_taken_for_the_manual_dir(tmp_path):
+  """imagenet2012_real's --from is real.json; the val tar is looked for in --manual_dir or
+  TFDS's default DATA_DIR/downloads/manual (only imagenet2012 takes a --from DIR of tars)."""
+  from tests.runner import assert_one_line_error, run_prepare
+
+  (tmp_path / 'real.json').write_text('[[1], [2]]')
+  data_dir = tmp_path / 'tfds'
+  proc = run_prepare(
+    'imagenet2012_real', '--from', str(tmp_path / 'real.json'), '--data_dir', str(data_dir)
+  )
+  assert_one_line_error(
+    proc, f'needs ILSVRC2012_img_val.tar (from image-net.org) in {data_dir}/downloads/manual'
+  )
