@@ -402,3 +402,21 @@ def test_real_json_from_is_not_taken_for_the_manual_dir(tmp_path):
   assert_one_line_error(
     proc, f'needs ILSVRC2012_img_val.tar (from image-net.org) in {data_dir}/downloads/manual'
   )
+
+
+def test_a_prepared_test_set_ends_with_its_evaluate_command_not_a_train_one(
+  monkeypatch, capsys, tmp_path
+):
+  """CIFAR-10.1, ImageNet-V2 and ReaL are test sets: `prepare` ends with how to evaluate a run on
+  them (the preparation itself is a stand-in here); a training dataset ends with `train with:`."""
+  from resnet_jax.data import prepare
+
+  monkeypatch.setattr(prepare, 'prepare', lambda args: (args.name, (32, 32, 3)))
+  assert prepare.main(['cifar10_1', '--data_dir', str(tmp_path)]) == 0
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert lines[-2:] == [
+    'evaluate a run trained on its classes with:',
+    '  ' + prepare.evaluate_command('cifar10_1', str(tmp_path)),
+  ]
+  assert prepare.main(['cifar10', '--data_dir', str(tmp_path)]) == 0
+  assert 'train with:' in capsys.readouterr().out
