@@ -420,3 +420,19 @@ def test_a_prepared_test_set_ends_with_its_evaluate_command_not_a_train_one(
   ]
   assert prepare.main(['cifar10', '--data_dir', str(tmp_path)]) == 0
   assert 'train with:' in capsys.readouterr().out
+
+
+def test_summary_json_names_the_stem_as_create_model_spells_it_and_takes_avg_down(capsys):
+  """`summary --json`: the paper's stem is '7x7' (create_model's `stem=`), and `--avg-down` is
+  ResNet-D's shortcuts on any projection net (avg_down adds no parameters: the flag shows in the
+  JSON, not in the count)."""
+  import json
+
+  from resnet_jax import summary
+
+  summary.main(['resnet18', '--json'])
+  out = json.loads(capsys.readouterr().out)
+  assert (out['stem'], out['avg_down']) == ('7x7', False)
+  summary.main(['resnet18', '--avg-down', '--json'])
+  out = json.loads(capsys.readouterr().out)
+  assert (out['stem'], out['avg_down']) == ('7x7', True)
