@@ -197,7 +197,7 @@ def test_a_bad_auto_augment_flag_names_the_accepted_forms(capsys):
   err = capsys.readouterr().err.strip().splitlines()[-1]
   assert e.value.code == 2
   assert err.startswith("bench: error: argument --auto-augment: 'rand_augment_n0_m9' is not one of")
-  assert '(N >= 1 operations, magnitude M of 0-30)' in err
+  assert '(N of 1-14 operations, magnitude M of 0-30)' in err
 
 
 def test_scales_on_a_dataset_with_label_sets_are_refused(monkeypatch):
