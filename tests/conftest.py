@@ -129,13 +129,11 @@ def tv(torch):
 
 
 @pytest.fixture(scope='session')
-def random_torchvision(torch, tv):
-  """`random_torchvision(name, seed=0, **kwargs)`: a torchvision model in eval mode with random
-  weights and randomised BN affine + statistics (stricter than trained weights: every BN counts)."""
+def randomise_bn(torch):
+  """`randomise_bn(model)`: every BatchNorm's affine and statistics drawn at random (stricter than
+  trained weights: every BN counts, a mixed-up mean/var shows)."""
 
-  def build(name, seed=0, **kwargs):
-    torch.manual_seed(seed)
-    model = getattr(tv, name)(**kwargs).eval()
+  def randomise(model):
     with torch.no_grad():
       for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
@@ -144,6 +142,18 @@ def random_torchvision(torch, tv):
           m.running_mean.normal_(0.0, 0.2)
           m.running_var.uniform_(0.5, 2.0)
     return model
+
+  return randomise
+
+
+@pytest.fixture(scope='session')
+def random_torchvision(torch, tv, randomise_bn):
+  """`random_torchvision(name, seed=0, **kwargs)`: a torchvision model in eval mode with random
+  weights and randomised BN (`randomise_bn`)."""
+
+  def build(name, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    return randomise_bn(getattr(tv, name)(**kwargs).eval())
 
   return build
 

@@ -469,16 +469,9 @@ def timm(torch):
     ('resnet18d', {'output_stride': 16}, 33),
   ],
 )
-def test_live_timm_parity(timm, torch, name, kwargs, size):
+def test_live_timm_parity(timm, torch, randomise_bn, name, kwargs, size):
   torch.manual_seed(0)
-  model = timm.create_model(name, num_classes=7, **kwargs).eval()
-  with torch.no_grad():
-    for m in model.modules():
-      if isinstance(m, torch.nn.BatchNorm2d):
-        m.weight.uniform_(0.5, 1.5)
-        m.bias.normal_(0.0, 0.2)
-        m.running_mean.normal_(0.0, 0.2)
-        m.running_var.uniform_(0.5, 2.0)
+  model = randomise_bn(timm.create_model(name, num_classes=7, **kwargs).eval())
   x = np.random.default_rng(5).normal(size=(2, size, size, 3)).astype(np.float32)
   with torch.no_grad():
     ref = model(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
