@@ -177,8 +177,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.schedule.warmup_epochs = 0.0
   c.schedule.warmup = 'constant'  # 'constant' (paper: lr 0.01 for ResNet-110) | 'linear'
   c.schedule.warmup_lr = 0.01  # used by constant warm-up
-  # 'polynomial' only: lr = (peak - end_lr) x (1 - t / T)^power + end_lr after the warm-up, T the
-  # steps left after it (None: end_lr 0, power 2, MLPerf's LARS schedule)
+  c.schedule.warmup_init_lr = 0.0  # linear warm-up starts here (timm's --warmup-lr)
+  # 'polynomial': lr = (peak - end_lr) x (1 - t / T)^power + end_lr after the warm-up, T the steps
+  # left after it (None: end_lr 0, power 2, MLPerf's LARS schedule); 'cosine' ends at end_lr too
+  # (timm's --min-lr). end_lr is at most the peak lr.
   c.schedule.end_lr = ml_collections.FieldReference(None, field_type=float)
   c.schedule.power = ml_collections.FieldReference(None, field_type=float)
 

@@ -90,8 +90,11 @@ def create_learning_rate_fn(
         total_steps,
       )
     main = optax.piecewise_constant_schedule(peak, {b: s.decay_factor for b in boundaries})
-  elif s.name == 'cosine':
-    main = optax.cosine_decay_schedule(peak, decay_steps=max(total_steps - warmup, 1))
+  elif s.name == 'cosine':  # down to end_lr (timm's --min-lr; None: 0)
+    end = s.get('end_lr') or 0.0
+    main = optax.cosine_decay_schedule(
+      peak, decay_steps=max(total_steps - warmup, 1), alpha=end / peak if peak else 0.0
+    )
   elif s.name == 'constant':
     main = optax.constant_schedule(peak)
   elif s.name == 'polynomial':  # You et al. 2017's "poly" rule, MLPerf's LARS schedule
@@ -117,7 +120,8 @@ def create_learning_rate_fn(
   if s.warmup == 'constant':
     warm = optax.constant_schedule(s.warmup_lr)
   elif s.warmup == 'linear':
-    warm = optax.linear_schedule(0.0, peak, warmup)
+    # From warmup_init_lr (timm's --warmup-lr; default 0) to the peak.
+    warm = optax.linear_schedule(s.get('warmup_init_lr', 0.0), peak, warmup)
   else:
     raise ValueError(f"schedule.warmup must be 'constant' or 'linear', got {s.warmup!r}")
   if s.name == 'piecewise':

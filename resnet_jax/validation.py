@@ -91,7 +91,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if not 0 <= config.data.random_erasing <= 1:
     raise ConfigError(f'data.random_erasing must be in [0, 1], got {config.data.random_erasing}')
   validate_optimizer(config.optimizer)
-  validate_polynomial(config.schedule)
+  validate_schedule_shape(config)
   validate_loss(config)
   validate_bn_groups(config.model.bn_group_size, config.batch_size, n_dev)
   validate_grad_accum(
@@ -139,19 +139,37 @@ def validate_optimizer(o: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'optimizer.trust_coefficient must be positive and finite, got {coefficient}')
 
 
-def validate_polynomial(s: ml_collections.ConfigDict) -> None:
-  """`schedule.end_lr` and `power` shape the polynomial schedule only; both non-negative."""
-  for key in ('end_lr', 'power'):
+def validate_schedule_shape(config: ml_collections.ConfigDict) -> None:
+  """`schedule.end_lr` (polynomial and cosine) and `power` (polynomial) are read only by those
+  schedules, non-negative, and end_lr is at most the peak lr (above it the "decay" would climb);
+  `warmup_init_lr` starts a linear warm-up only and lies in [0, peak]."""
+  s = config.schedule
+  readers = {'end_lr': ('polynomial', 'cosine'), 'power': ('polynomial',)}
+  for key, names in readers.items():
     value = s.get(key)
     if value is None:
       continue
-    if s.name != 'polynomial':
+    if s.name not in names:
       raise ConfigError(
-        f'schedule.{key} is set but schedule.name={s.name!r} ignores it: set '
-        "schedule.name='polynomial'"
+        f'schedule.{key} is set but schedule.name={s.name!r} ignores it: set schedule.name to '
+        + ' or '.join(repr(n) for n in names)
       )
     if not 0 <= value < math.inf:
       raise ConfigError(f'schedule.{key} must be non-negative and finite, got {value}')
+  peak = optim.peak_learning_rate(config)
+  if s.get('end_lr') is not None and s.end_lr > peak:
+    raise ConfigError(f'schedule.end_lr={s.end_lr} is above the peak learning rate {peak:g}')
+  start = s.get('warmup_init_lr', 0.0)
+  if start:
+    if s.warmup != 'linear':
+      raise ConfigError(
+        f'schedule.warmup_init_lr is set but schedule.warmup={s.warmup!r} ignores it: set '
+        "schedule.warmup='linear' (a constant warm-up runs at schedule.warmup_lr)"
+      )
+    if not 0 <= start <= peak:
+      raise ConfigError(
+        f'schedule.warmup_init_lr must be in [0, the peak learning rate {peak:g}], got {start}'
+      )
 
 
 def validate_loss(config: ml_collections.ConfigDict) -> None:

@@ -66,6 +66,22 @@ def test_modern_recipe_linear_warmup_cosine_and_batch_scaling():
   assert float(lr(warm + (total - warm) // 2)) == pytest.approx(peak / 2, rel=1e-3)
 
 
+def test_linear_warmup_from_warmup_init_lr_and_cosine_down_to_end_lr():
+  """timm's cosine recipe: a linear warm-up from --warmup-lr and a cosine that ends at --min-lr,
+  lr(t) = end + (peak - end) (1 + cos(pi t' / T')) / 2 over the steps after the warm-up."""
+  c = _config('imagenet', 'depth=50,recipe=modern')
+  c.schedule.warmup_init_lr = 1e-4
+  c.schedule.end_lr = 1e-6
+  spe, total = 100, 4000
+  lr = optim.create_learning_rate_fn(c, steps_per_epoch=spe, total_steps=total)
+  peak, warm = 0.1, 500
+  cosine = lambda t: 1e-6 + (peak - 1e-6) * (1 + np.cos(np.pi * (t - warm) / (total - warm))) / 2
+  for step, want in [(0, 1e-4), (250, 1e-4 + (peak - 1e-4) / 2), (warm, peak)] + [
+    (t, cosine(t)) for t in (1000, 2250, 3999, total)
+  ]:
+    np.testing.assert_allclose(lr(step), want, rtol=1e-5, atol=1e-9, err_msg=f'step {step}')
+
+
 def test_bad_schedule_name_is_an_error():
   c = _config('cifar')
   c.schedule.name = 'exponential'

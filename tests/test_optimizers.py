@@ -334,7 +334,7 @@ def test_the_mlperf_lars_recipe_and_its_polynomial_schedule():
 
   c = load_sibling_config('configs/x.py', 'imagenet').get_config('recipe=lars')
   validation.validate_optimizer(c.optimizer)
-  validation.validate_polynomial(c.schedule)
+  validation.validate_schedule_shape(c)
   assert (c.batch_size, c.num_epochs, c.label_smoothing, c.dtype) == (4096, 42, 0.1, 'float32')
   o = c.optimizer
   assert (o.name, o.trust_coefficient, o.eps, o.momentum, o.nesterov) == ('lars', 1e-3, 0, 0.9, 0)
@@ -352,11 +352,21 @@ def test_the_mlperf_lars_recipe_and_its_polynomial_schedule():
 @pytest.mark.parametrize(
   'overrides,needle',
   [
-    ({'schedule.end_lr': 1e-4}, "schedule.end_lr is set but schedule.name='cosine' ignores it"),
+    ({'schedule.name': 'constant', 'schedule.end_lr': 1e-4}, "name='constant' ignores it"),
+    ({'schedule.name': 'cosine', 'schedule.power': 1.0}, "name='cosine' ignores it"),
     ({'schedule.name': 'polynomial', 'schedule.power': -1.0}, 'schedule.power must be non-neg'),
+    ({'schedule.name': 'cosine', 'schedule.end_lr': 0.2}, 'end_lr=0.2 is above the peak'),
+    (
+      {'schedule.warmup': 'constant', 'schedule.warmup_init_lr': 1e-3},
+      "schedule.warmup='constant' ignores it",
+    ),
+    (
+      {'schedule.warmup': 'linear', 'schedule.warmup_init_lr': 0.5},
+      r'warmup_init_lr must be in \[0, the peak learning rate 0.1\]',
+    ),
   ],
 )
-def test_polynomial_fields_are_checked(overrides, needle):
+def test_schedule_shape_fields_are_checked(overrides, needle):
   with pytest.raises(validation.ConfigError, match=needle):
     validation.validate_config(digits_config(**overrides))
 
