@@ -57,8 +57,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dropout_rate = 0.0
   # Stochastic depth (Huang et al. 2016): block l of L drops its residual branch in training
   # with probability l / L * drop_path_rate (0.5: the paper's p_L); 'row' per example | 'batch'.
+  # drop_path_rule 'timm': (l - 1) / (L - 1) * drop_path_rate instead (timm's ResNet, RSB's).
   c.model.drop_path_rate = 0.0
   c.model.drop_path_mode = 'row'
+  c.model.drop_path_rule = 'huang'
   # Fine-tuning a backbone: output stride 16 / 8 by dilation, BatchNorm with frozen statistics
   # (and scale/bias), stem + stages 1..k frozen (-1: none; optimizer leaves them untouched).
   c.model.output_stride = 32

@@ -68,6 +68,40 @@ def test_survival_probabilities_follow_the_linear_decay_rule():
   assert drop_path.block_rates((2, 1), 0.0) == [[0.0, 0.0], [0.0]]
 
 
+def test_timm_rule_never_drops_the_first_block_and_drops_the_last_at_the_rate():
+  """timm's ResNet: block_dpr = drop_path_rate * net_block_idx / (net_num_blocks - 1)."""
+  rates = drop_path.block_rates((3, 4, 6, 3), 0.05, 'timm')  # ResNet-50: L = 16
+  flat = [r for stage in rates for r in stage]
+  assert flat == pytest.approx([i / 15 * 0.05 for i in range(16)])
+  assert flat[0] == 0.0 and flat[-1] == pytest.approx(0.05)
+  assert drop_path.block_rates((1,), 0.3, 'timm') == [[0.0]]
+
+
+@pytest.mark.parametrize('scan', [False, True])
+def test_the_timm_rule_reaches_every_block(scan):
+  model = tiny(scan=scan, drop_path_rule='timm')
+  x = images(8)
+  _, blocks = sown(model, model.init(jax.random.key(0), x), x)
+  assert [float(rate) for rate, _ in blocks] == pytest.approx([l / 5 * 0.5 for l in range(6)])
+
+
+def test_timm_rule_matches_timm_resnet50_live():
+  """The rate of every block of timm's own resnet50(drop_path_rate=0.05) (live where timm is)."""
+  from tests.fixtures.make_torch_golden import importable_torchvision
+
+  pytest.importorskip('torch')
+  importable_torchvision()
+  timm = pytest.importorskip('timm')
+  net = timm.create_model('resnet50', drop_path_rate=0.05)
+  theirs = [
+    0.0 if block.drop_path is None else block.drop_path.drop_prob
+    for stage in (net.layer1, net.layer2, net.layer3, net.layer4)
+    for block in stage
+  ]
+  ours = [r for stage in drop_path.block_rates((3, 4, 6, 3), 0.05, 'timm') for r in stage]
+  assert ours == pytest.approx(theirs, abs=1e-12)
+
+
 @pytest.mark.parametrize('scan,remat', [(False, False), (True, False), (True, True)])
 def test_every_block_uses_its_rate_scanned_or_unrolled(scan, remat):
   """The rate reaches each block as a call argument; a scan hands its blocks theirs in turn."""
@@ -284,6 +318,7 @@ def test_batch_mode_drops_a_block_for_the_whole_batch():
     (dict(name='resnet20', drop_path_rate=1.0), r'in \[0, 1\)'),
     (dict(name='resnet20', drop_path_rate=-0.1), r'in \[0, 1\)'),
     (dict(name='resnet20', drop_path_rate=0.1, drop_path_mode='col'), "'row' or 'batch'"),
+    (dict(name='resnet20', drop_path_rate=0.1, drop_path_rule='linear'), "'huang' or 'timm'"),
   ],
 )
 def test_bad_drop_path_settings_are_refused(kwargs, match):

@@ -9,8 +9,10 @@ with depth (the paper's "linear decay" of the survival probability):
   p_l = 1 - l / L (1 - p_L),  l = 1 .. L,   i.e.   rate_l = 1 - p_l = l / L * drop_path_rate
 
 with L the number of blocks of the whole net (all stages) and ``drop_path_rate = 1 - p_L`` the
-rate of the last block (the paper's p_L = 0.5 is ``drop_path_rate=0.5``). Unlike timm's
-``linspace(0, rate, L)``, the first block's rate is rate / L, not 0.
+rate of the last block (the paper's p_L = 0.5 is ``drop_path_rate=0.5``): the first block's rate
+is rate / L. ``rule='timm'`` is timm's ResNet instead, ``rate_l = (l - 1) / (L - 1) * rate``
+(``drop_path_rate * net_block_idx / (net_num_blocks - 1)``): the first block is never dropped, the
+last one still at ``rate`` ("ResNet strikes back" trains with it, so its recipes here use it).
 
 Huang et al. drop a block for the whole mini-batch and scale the branch by p_l at test time.
 Here (``mode='row'``, timm's ``drop_path`` / torchvision's ``StochasticDepth(mode='row')``) each
@@ -33,6 +35,7 @@ import jax
 import jax.numpy as jnp
 
 MODES = ('row', 'batch')
+RULES = ('huang', 'timm')  # block l of L: l / L x rate | (l - 1) / (L - 1) x rate
 # Where each block records its rate and per-example keep mask (train mode, drop path on) when
 # the caller makes it mutable: ``apply(..., mutable=['batch_stats', COLLECTION])``.
 COLLECTION = 'drop_path'
@@ -40,25 +43,30 @@ COLLECTION = 'drop_path'
 Rate = Union[float, jax.Array]
 
 
-def block_rates(stage_sizes: Sequence[int], rate: float) -> list[list[float]]:
-  """Drop probability of every block, per stage: block l of L (from 1) gets l / L * rate.
-
-  This is Huang et al.'s linear decay, p_l = 1 - l / L (1 - p_L), with ``rate`` = 1 - p_L.
-  """
+def block_rates(stage_sizes: Sequence[int], rate: float, rule: str = 'huang') -> list[list[float]]:
+  """Drop probability of every block, per stage: block l of L (from 1) gets l / L * rate
+  (``'huang'``: Huang et al.'s linear decay, p_l = 1 - l / L (1 - p_L), with ``rate`` = 1 - p_L)
+  or (l - 1) / (L - 1) * rate (``'timm'``: timm's ResNet, the first block never dropped)."""
   total = sum(stage_sizes)
+  if rule == 'timm':
+    position = lambda l: l / (total - 1) if total > 1 else 0.0  # l counted from 0
+  else:
+    position = lambda l: (l + 1) / total
   out, l = [], 0
   for n in stage_sizes:
-    out.append([(l + j + 1) / total * rate for j in range(n)])
+    out.append([position(l + j) * rate for j in range(n)])
     l += n
   return out
 
 
-def check(rate: float, mode: str) -> None:
-  """Refuses a rate outside [0, 1) (a last block that never survives) or an unknown mode."""
+def check(rate: float, mode: str, rule: str = 'huang') -> None:
+  """Refuses a rate outside [0, 1) (a last block that never survives), an unknown mode or rule."""
   if not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
     raise ValueError(f'drop_path_rate must be in [0, 1), got {rate!r}')
   if mode not in MODES:
     raise ValueError(f"drop_path_mode must be 'row' or 'batch', got {mode!r}")
+  if rule not in RULES:
+    raise ValueError(f"drop_path_rule must be 'huang' or 'timm', got {rule!r}")
 
 
 def drop_path(module: nn.Module, branch: jax.Array, rate: Optional[Rate], mode: str) -> jax.Array:

@@ -118,6 +118,7 @@ class ResNet(nn.Module):
   dropout_rate: float = 0.0
   drop_path_rate: float = 0.0
   drop_path_mode: str = 'row'
+  drop_path_rule: str = 'huang'
   output_stride: int = 32
   features_only: bool = False
   frozen_bn: bool = False
@@ -164,7 +165,7 @@ class ResNet(nn.Module):
     block_cls = nn.remat(self.block_cls) if self.remat else self.block_cls
     features = {}
     # Each block's drop-path rate, per stage (None: off, as in evaluation: no rng needed).
-    rates = drop_path.block_rates(self.stage_sizes, self.drop_path_rate)
+    rates = drop_path.block_rates(self.stage_sizes, self.drop_path_rate, self.drop_path_rule)
     if not (train and self.drop_path_rate > 0):
       rates = [[None] * n for n in self.stage_sizes]
     for i, (num_blocks, width) in enumerate(zip(self.stage_sizes, self.widths)):
@@ -264,6 +265,7 @@ def create_model(
   dropout_rate: float = 0.0,
   drop_path_rate: float = 0.0,
   drop_path_mode: str = 'row',
+  drop_path_rule: str = 'huang',
   output_stride: int = 32,
   features_only: bool = False,
   frozen_bn: bool = False,
@@ -291,7 +293,8 @@ def create_model(
   net without it needs no rng. ``drop_path_rate``: stochastic depth (Huang et al. 2016,
   ``models.drop_path``): in training block l of L (over all stages) drops its residual branch
   with probability l / L * drop_path_rate (the paper's p_l = 1 - l / L (1 - p_L), so the rate is
-  1 - p_L, 0.5 in the paper), per example (``drop_path_mode='row'``) or per batch (``'batch'``),
+  1 - p_L, 0.5 in the paper; ``drop_path_rule='timm'``: (l - 1) / (L - 1) * drop_path_rate, as
+  timm's ResNet), per example (``drop_path_mode='row'``) or per batch (``'batch'``),
   scaling survivors by 1 / p_l; needs ``rngs={'dropout': key}`` in training; refused for plain
   nets (their block is all branch). 0 (default): exactly the net without it. Backbone fields
   (``output_stride``, ``features_only``, ``frozen_bn``, ``frozen_bn_affine``,
@@ -323,7 +326,7 @@ def create_model(
   deep_stem, avg_down = resolve_tweaks(spec, name, stem, avg_down, residual, shortcut)
   if not 0.0 <= dropout_rate < 1.0:
     raise ValueError(f'dropout_rate must be in [0, 1), got {dropout_rate!r}')
-  drop_path.check(drop_path_rate, drop_path_mode)
+  drop_path.check(drop_path_rate, drop_path_mode, drop_path_rule)
   if drop_path_rate > 0 and not residual:
     raise ValueError(
       f'drop_path_rate={drop_path_rate} needs residual blocks: a plain net ({name}, '
@@ -370,6 +373,7 @@ def create_model(
     dropout_rate=float(dropout_rate),
     drop_path_rate=float(drop_path_rate),
     drop_path_mode=drop_path_mode,
+    drop_path_rule=drop_path_rule,
     output_stride=output_stride,
     features_only=bool(features_only),
     frozen_bn=bool(frozen_bn),
