@@ -83,10 +83,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if not 0 <= config.label_smoothing < 1:
     raise ConfigError(f'label_smoothing must be in [0, 1), got {config.label_smoothing}')
   reps = config.data.repeated_augmentations
-  if reps is None or reps < 1 or config.batch_size % reps:
+  if reps is None or not 1 <= reps <= config.batch_size:
     raise ConfigError(
-      f'data.repeated_augmentations must be a positive divisor of batch_size '
-      f'{config.batch_size}, got {reps}'
+      f'data.repeated_augmentations must be in [1, batch_size {config.batch_size}], got {reps}'
     )
   if not 0 <= config.data.random_erasing <= 1:
     raise ConfigError(f'data.random_erasing must be in [0, 1], got {config.data.random_erasing}')

@@ -180,6 +180,32 @@ def test_repeated_augmentation_repeats_each_image_across_the_batch_with_its_own_
     )
 
 
+def test_repeats_that_do_not_divide_the_batch_give_the_last_images_one_copy_fewer():
+  """timm's RSB repeats 3 times in batches of 2048: here 3 in a batch of 8 holds ceil(8/3) = 3
+  images of the stream, the first two 3 times and the third twice, and the next batch goes on
+  with the stream's fourth image."""
+  stream = take(
+    data.create_train_iterator(
+      make_config(augment='none'), local_batch_size=6, process_index=0, process_count=1, seed=3
+    ),
+    1,
+  )[0]
+  repeated = take(
+    data.create_train_iterator(
+      make_config(augment='none', repeated_augmentations=3),
+      local_batch_size=8,
+      process_index=0,
+      process_count=1,
+      seed=3,
+    ),
+    2,
+  )
+  for t, batch in enumerate(repeated):
+    for q in range(8):
+      np.testing.assert_array_equal(batch['image'][q], stream['image'][3 * t + q % 3])
+  assert [q % 3 for q in range(8)].count(2) == 2
+
+
 def test_resume_from_state_gives_the_same_batches():
   config = make_config(augment='cifar')
   it = data.create_train_iterator(

@@ -37,7 +37,11 @@ from tests.runner import (
     ({'schedule.warmup_steps': -5}, 'warmup_steps'),
     ({'label_smoothing': 1.0}, 'label_smoothing'),
     ({'data.random_erasing': 1.5}, r'data.random_erasing must be in \[0, 1\]'),
-    ({'data.repeated_augmentations': 3}, 'positive divisor of batch_size 32'),
+    (
+      {'data.repeated_augmentations': 33},
+      r'repeated_augmentations must be in \[1, batch_size 32\]',
+    ),
+    ({'data.repeated_augmentations': 0}, r'repeated_augmentations must be in \[1, batch_size 32\]'),
     ({'data.eval_image_size': -224}, 'eval_image_size must be non-negative'),
     ({'data.num_workers': -2}, 'num_workers must be >= 0, or -1'),
     ({'model.bn_group_size': 3}, 'straddle devices'),  # 8 per device

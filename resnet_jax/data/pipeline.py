@@ -283,14 +283,16 @@ class TrainIterator(grain.DatasetIterator):
 
 class _RepeatedAugmentation(grain.MapDataset):
   """Repeated augmentation (Hoffer et al. 2019; torchvision's `--ra-sampler --ra-reps`): each
-  global batch of `batch` holds `batch / reps` examples of the stream, each `reps` times at a
-  stride of `batch / reps`, so the copies land on different devices as torchvision's sampler puts
-  them on different GPUs; each copy is augmented by its own position's randomness. An epoch still
-  counts `len(train)` examples, of which `1 / reps` are distinct (as torchvision's)."""
+  global batch of `batch` holds u = ceil(batch / reps) examples of the stream, each `reps` times at
+  a stride of u, so the copies land on different devices as torchvision's sampler puts them on
+  different GPUs; each copy is augmented by its own position's randomness. When reps does not
+  divide the batch (timm's RSB: 3 copies in batches of 2048), the last examples of a batch get
+  one copy fewer. An epoch still counts `len(train)` examples, of which about `1 / reps` are
+  distinct (as torchvision's and timm's samplers)."""
 
   def __init__(self, parent: grain.MapDataset, batch: int, reps: int):
     super().__init__(parent)
-    self._batch, self._unique = batch, batch // reps
+    self._batch, self._unique = batch, -(-batch // reps)
 
   def __len__(self) -> int:
     return len(self._parent)
