@@ -24,7 +24,14 @@ from resnet_jax.train_step import (
   state_fingerprint,
 )
 from resnet_jax.validation import ConfigError
-from tests.test_train_loop import _CONFIGS, ArrayBatches, ListWriter, _config
+from tests.test_train_loop import (
+  _CONFIGS,
+  ArrayBatches,
+  FailingBatches,
+  ListWriter,
+  _config,
+  run_loop,
+)
 
 
 def _tree(value):
@@ -88,30 +95,6 @@ def test_the_train_step_averages_params_and_bn_statistics_in_float32():
   )  # the fingerprint covers the average
 
 
-def _run(tmp_path, name, steps=4, fail_after=None, **overrides):
-  config = _config(steps)
-  config.update_from_flattened_dict(
-    {'checkpoint_every_steps': 2, 'eval_every_steps': 2, **overrides}
-  )
-  batches = ArrayBatches(16) if fail_after is None else _Failing(16, fail_after)
-  return train.train_and_evaluate(
-    config, str(tmp_path / name), train_iter=batches, writer=ListWriter()
-  )
-
-
-class _Failing(ArrayBatches):
-  """Breaks off the run (as a crash would) when batch `at` is asked for."""
-
-  def __init__(self, batch_size, at):
-    super().__init__(batch_size)
-    self.at = at
-
-  def __next__(self):
-    if self.step == self.at:
-      raise RuntimeError('the input pipeline broke')
-    return super().__next__()
-
-
 _RECIPE = {
   'data.mixup_alpha': 0.2,
   'data.cutmix_alpha': 1.0,
@@ -124,14 +107,14 @@ _RECIPE = {
 
 @pytest.mark.parametrize('overrides', [_RECIPE, {'data.cutmix_alpha': 1.0}], ids=['recipe', 'cut'])
 def test_a_resumed_run_with_mixing_and_ema_ends_in_the_same_state(tmp_path, overrides):
-  straight = _run(tmp_path, 'straight', **overrides)
+  straight = run_loop(tmp_path, 'straight', **overrides)
   with pytest.raises(RuntimeError, match='pipeline broke'):
-    _run(tmp_path, 'crashed', fail_after=3, **overrides)  # after its checkpoint of step 2
+    run_loop(tmp_path, 'crashed', fail_after=3, **overrides)  # after its checkpoint of step 2
   assert checkpointing.Checkpointer(tmp_path / 'crashed').latest_step() == 2
-  resumed = _run(tmp_path, 'crashed', **overrides)
+  resumed = run_loop(tmp_path, 'crashed', **overrides)
   assert resumed['state_fingerprint'] == straight['state_fingerprint']
   assert resumed.get('eval_ema') == straight.get('eval_ema')
-  plain = _run(tmp_path, 'plain')
+  plain = run_loop(tmp_path, 'plain')
   assert plain['state_fingerprint'] != straight['state_fingerprint']
 
 
@@ -140,8 +123,8 @@ def ema_run(tmp_path_factory):
   """A 4-step digits run with EMA (decay 0.5, every step, no warm-up) and one without."""
   tmp = tmp_path_factory.mktemp('ema')
   overrides = {'ema_decay': 0.5, 'schedule.warmup_steps': 0, 'evals.test': dict(every_steps=0)}
-  with_ema = _run(tmp, 'ema', **overrides)
-  without = _run(tmp, 'plain', **{'schedule.warmup_steps': 0})
+  with_ema = run_loop(tmp, 'ema', **overrides)
+  without = run_loop(tmp, 'plain', **{'schedule.warmup_steps': 0})
   return tmp / 'ema', with_ema, tmp / 'plain', without
 
 
@@ -189,9 +172,9 @@ class TestOneEmaRun:
   def test_switching_ema_on_or_off_does_not_resume(self, ema_run):
     workdir, _, plain, _ = ema_run
     with pytest.raises(ConfigError, match='ema_decay=0.5, this config has 0.0'):
-      _run(workdir.parent, 'ema', steps=6, **{'schedule.warmup_steps': 0})
+      run_loop(workdir.parent, 'ema', steps=6, **{'schedule.warmup_steps': 0})
     with pytest.raises(ConfigError, match='ema_decay=0.0, this config has 0.5'):
-      _run(plain.parent, 'plain', steps=6, **{'ema_decay': 0.5, 'schedule.warmup_steps': 0})
+      run_loop(plain.parent, 'plain', steps=6, **{'ema_decay': 0.5, 'schedule.warmup_steps': 0})
 
 
 def checkpoint_keys(workdir) -> set:
@@ -210,12 +193,12 @@ def checkpoint_keys(workdir) -> set:
 def test_a_run_without_ema_keeps_the_state_and_checkpoints_of_before(tmp_path):
   """Old checkpoints hold exactly {step, params, batch_stats, opt_state}: a run without EMA
   restores into that same tree (an `ema: None` field would not: Orbax refuses the missing key)."""
-  result = _run(tmp_path, 'plain', steps=2)
+  result = run_loop(tmp_path, 'plain', steps=2)
   assert checkpoint_keys(tmp_path / 'plain') == {'step', 'params', 'batch_stats', 'opt_state'}
   mesh = create_mesh()
   state = init_state(create_model('resnet8', num_classes=4), optax.sgd(0.1), (8, 8, 1), 0, mesh)
   assert type(state) is TrainState
-  resumed = _run(tmp_path, 'plain', steps=2)  # finished: restored, nothing recomputed
+  resumed = run_loop(tmp_path, 'plain', steps=2)  # finished: restored, nothing recomputed
   assert resumed['state_fingerprint'] == result['state_fingerprint']
 
 
@@ -253,7 +236,7 @@ def test_a_run_with_ema_resumes_across_the_scanned_and_unrolled_layouts(tmp_path
         'schedule.warmup_steps': 0,
       }
     )
-    batches = ArrayBatches(16) if fail_after is None else _Failing(16, fail_after)
+    batches = ArrayBatches(16) if fail_after is None else FailingBatches(16, fail_after)
     return train.train_and_evaluate(
       config, str(tmp_path / name), train_iter=batches, writer=ListWriter()
     )

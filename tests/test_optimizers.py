@@ -296,19 +296,9 @@ def test_a_skipped_step_keeps_adams_moments_and_bias_correction_count():
 
 
 def _run(tmp_path, name, steps=4, fail_after=None, **overrides):
-  from resnet_jax import train
-  from tests.test_ema import _Failing
-  from tests.test_train_loop import ArrayBatches, ListWriter
-  from tests.test_train_loop import _config as loop_config
+  from tests.test_train_loop import run_loop
 
-  config = loop_config(steps)
-  config.update_from_flattened_dict(
-    {'checkpoint_every_steps': 2, 'eval_every_steps': 4, **overrides}
-  )
-  batches = ArrayBatches(16) if fail_after is None else _Failing(16, fail_after)
-  return train.train_and_evaluate(
-    config, str(tmp_path / name), train_iter=batches, writer=ListWriter()
-  )
+  return run_loop(tmp_path, name, steps, fail_after, **{'eval_every_steps': 4, **overrides})
 
 
 def test_a_resumed_lamb_run_ends_in_the_state_of_an_uninterrupted_one(tmp_path):

@@ -66,6 +66,33 @@ def _config(steps=6):
   return config
 
 
+class FailingBatches(ArrayBatches):
+  """Breaks off the run (as a crash would) when batch `at` is asked for."""
+
+  def __init__(self, batch_size, at):
+    super().__init__(batch_size)
+    self.at = at
+
+  def __next__(self):
+    if self.step == self.at:
+      raise RuntimeError('the input pipeline broke')
+    return super().__next__()
+
+
+def run_loop(tmp_path, name, steps=4, fail_after=None, **overrides):
+  """A digits ResNet-8 run of `steps` on ArrayBatches in tmp_path/name, checkpointed and
+  evaluated every 2 steps (`overrides`: flattened config keys), that breaks off at batch
+  `fail_after` when given; returns train_and_evaluate's results."""
+  config = _config(steps)
+  config.update_from_flattened_dict(
+    {'checkpoint_every_steps': 2, 'eval_every_steps': 2, **overrides}
+  )
+  batches = ArrayBatches(16) if fail_after is None else FailingBatches(16, fail_after)
+  return train.train_and_evaluate(
+    config, str(tmp_path / name), train_iter=batches, writer=ListWriter()
+  )
+
+
 def test_loop_runs_on_injected_batches_and_writer(tmp_path):
   batches, writer = ArrayBatches(16), ListWriter()
   result = train.train_and_evaluate(_config(), str(tmp_path), train_iter=batches, writer=writer)
