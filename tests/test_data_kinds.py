@@ -35,3 +35,17 @@ def test_single_label_image_datasets_get_to_the_prepare_hint(tmp_path, name):
   read, and the set beside it for evaluation.)"""
   with pytest.raises(data.DatasetNotFoundError, match='is not prepared in'):
     data.get_dataset_info(data_config(name=name, data_dir=str(tmp_path)))
+
+
+@pytest.mark.parametrize(
+  'name,offline',
+  [('cifar10', True), ('imagenette/320px', True), ('imagenet_v2', False), ('eurosat/rgb', False)],
+)
+def test_the_prepare_hint_offers_from_only_where_prepare_takes_archives(tmp_path, name, offline):
+  """`--from ARCHIVE` converts the official archives of a few datasets; for the others (e.g.
+  imagenet_v2, any TFDS name) the hint says TFDS downloads them instead of offering a flag that
+  `prepare` would refuse."""
+  with pytest.raises(data.DatasetNotFoundError) as e:
+    data.get_dataset_info(data_config(name=name, data_dir=str(tmp_path)))
+  assert ('--from ARCHIVE' in str(e.value)) == offline
+  assert ('TFDS downloads it' in str(e.value)) != offline

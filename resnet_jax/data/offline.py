@@ -171,6 +171,11 @@ def _cifar_archive(name: str, src: str, out_dir: str | None) -> str | None:
   )
 
 
+# The datasets whose official archives `prepare --from` converts offline (imagenet2012_real takes
+# ReaL's real.json beside the val tar; imagenet2012 its tars from --manual_dir).
+FROM_ARCHIVES = ('cifar10', 'cifar100', 'fashion_mnist', 'imagenette')
+
+
 def _expected(name: str) -> str:
   return {
     'cifar10': 'cifar-10-python.tar.gz or cifar-10-binary.tar.gz',
@@ -299,9 +304,8 @@ def local_downloads(name: str, paths: Sequence[str], out_dir: str | None) -> dic
     _check_real_labels(paths[0])
     return {REAL_LABELS_URL: paths[0]}
   raise PrepareError(
-    f'{name}: --from is not supported (it takes cifar10, cifar100, fashion_mnist '
-    "and imagenette archives and imagenet2012_real's real.json; imagenet2012 reads its tars "
-    'from --manual_dir)'
+    f'{name}: --from is not supported (it takes {", ".join(FROM_ARCHIVES)} archives and '
+    "imagenet2012_real's real.json; imagenet2012 reads its tars from --manual_dir)"
   )
 
 

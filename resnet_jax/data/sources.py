@@ -14,6 +14,8 @@ from typing import Any, Sequence
 import ml_collections
 import numpy as np
 
+from resnet_jax.data import offline as offline_archives
+
 SYNTHETIC_NUM_TRAIN = 1_281_167  # ImageNet-sized epoch by default, for input/step benchmarks.
 SYNTHETIC_NUM_EVAL = 10_000
 _HOLDOUT_SEED = 0  # fixed: the held-out examples must not change with the training seed.
@@ -149,10 +151,15 @@ def _not_prepared_message(name: str, data_dir: str | None) -> str:
       f'`{_prepare_command(name, data_dir, "--manual_dir=DIR")}` (add --from real.json on an '
       'offline machine)'
     )
+  offline = (
+    ' (add --from ARCHIVE on an offline machine)'
+    if name.split(':')[0].split('/')[0] in offline_archives.FROM_ARCHIVES
+    else ' (TFDS downloads it: online)'
+  )
   return (
     f"dataset '{name}' is not prepared in {where}: prepare it once with "
-    f'`{_prepare_command(name, data_dir)}` (add --from ARCHIVE on an '
-    'offline machine), or point config.data.data_dir at the directory that holds it'
+    f'`{_prepare_command(name, data_dir)}`{offline}, or point config.data.data_dir at the '
+    'directory that holds it'
   )
 
 
