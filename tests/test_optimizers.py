@@ -115,6 +115,44 @@ def test_three_updates_follow_the_papers_rule(name, mask):
       np.testing.assert_allclose(have[k], want[k], rtol=2e-5, atol=1e-6, err_msg=f'step {t} {k}')
 
 
+def test_lamb_with_clipping_at_1_follows_timm_lamb_live():
+  """timm's own `Lamb` (the optimizer of "ResNet strikes back"; max_grad_norm=1.0 by default)
+  with timm's two parameter groups (decay on kernels; none, and so no trust ratio, on BatchNorm
+  and biases) against ours with `clip_grad_norm=1.0`, weight_decay_mask='kernels': the same
+  parameters after four steps whose gradients' global norm is above 1 (live where timm is)."""
+  torch = pytest.importorskip('torch')
+  from tests.fixtures.make_torch_golden import importable_torchvision
+
+  importable_torchvision()
+  timm_optim = pytest.importorskip('timm.optim')
+  rng = np.random.default_rng(1)
+  params = {k: rng.normal(size=s).astype(np.float32) for k, s in SHAPES.items()}
+  grads = [
+    {k: 3 * rng.normal(size=s).astype(np.float32) for k, s in SHAPES.items()} for _ in range(4)
+  ]
+  theirs = {k: torch.nn.Parameter(torch.from_numpy(v.copy())) for k, v in params.items()}
+  groups = [
+    {'params': [theirs[k] for k in SHAPES if k in TRUSTED], 'weight_decay': WD},
+    {'params': [theirs[k] for k in SHAPES if k not in TRUSTED], 'weight_decay': 0.0},
+  ]
+  opt = timm_optim.Lamb(groups, lr=lr(0), betas=(B1, B2), eps=EPS)
+  for t, g in enumerate(grads):
+    for k, value in g.items():
+      theirs[k].grad = torch.from_numpy(value.copy())
+    for group in opt.param_groups:
+      group['lr'] = lr(t)
+    opt.step()
+  config = _config('lamb', 'kernels', b1=B1, b2=B2, eps=EPS, clip_grad_norm=1.0)
+  tx = optim.create_optimizer(config, lr)
+  p = _tree(params)
+  state = tx.init(p)
+  for g in grads:
+    updates, state = tx.update(_tree(g), state, p)
+    p = optax.apply_updates(p, updates)
+  for k, have in _flat(p).items():
+    np.testing.assert_allclose(have, theirs[k].detach().numpy(), rtol=1e-5, atol=1e-6, err_msg=k)
+
+
 @pytest.mark.parametrize('name', ['lars', 'lamb'])
 def test_the_trust_ratio_skips_batchnorm_and_biases(name):
   """With no decay, a BN scale/bias or a bias moves by the plain step; a kernel's step is
