@@ -72,6 +72,8 @@ def base_config() -> ml_collections.ConfigDict:
   # (resnet50c: deep stem; resnet50d: both; every other name: neither).
   c.model.stem = ml_collections.FieldReference(None, field_type=str)
   c.model.avg_down = ml_collections.FieldReference(None, field_type=bool)
+  # 'se': squeeze-and-excitation blocks (Hu et al. 2018; timm's seresnet*); None: the name's own.
+  c.model.attention = ml_collections.FieldReference(None, field_type=str)
 
   c.data = ml_collections.ConfigDict()
   c.data.name = 'digits'  # 'digits' | 'synthetic' | any TFDS image-classification name

@@ -11,7 +11,8 @@ The mapping is exact because our parameter names mirror torchvision's (see
 timm's Bag of Tricks nets (``resnet50c``/``resnet50d``, ...) add two things: the deep stem
 ``conv1.{0,1,3,4,6}`` (``models.stems``: ``stem_conv{k}``/``stem_bn{k}``) and, with ``avg_down``,
 an ``nn.Sequential`` downsample whose index 0 is the parameter-free pool, so its conv and BN sit at
-``downsample.1``/``downsample.2``.
+``downsample.1``/``downsample.2``. Its SE-ResNets (``seresnet50``, ...) add ``se.fc1``/``se.fc2``
+to each block: 1x1 convs with biases, mapped like any conv (``models.attention``).
 """
 
 from __future__ import annotations
@@ -103,6 +104,19 @@ def _blocks_hint(sd: Mapping[str, Any], expected: set[str], name: str) -> str:
   )
 
 
+def _attention_hint(sd: Mapping[str, Any], model: Any, name: str) -> str:
+  """When the file has squeeze-and-excitation blocks and `name` not, or the reverse, says so."""
+  se = any('.se.fc1.' in k for k in sd)
+  if se == (model.attention == 'se'):
+    return ''
+  if se:
+    return (
+      f' (the file has squeeze-and-excitation blocks (se.fc1/fc2), {name} has not: is --arch '
+      f'se{name}?)'
+    )
+  return f' ({name} has squeeze-and-excitation blocks, the file has none: is --arch right?)'
+
+
 def _tweaks_hint(sd: Mapping[str, Any], model: Any, name: str) -> str:
   """When the file's stem or shortcuts are not `name`'s (timm's c / d nets), says so."""
   deep = all(f'conv1.{i}.weight' in sd for i in (0, 3, 6))  # timm's three stem convs
@@ -185,7 +199,11 @@ def from_torchvision(
     raise ValueError(
       f'state_dict does not fit {name}: '
       + '; '.join(problems)
-      + (_blocks_hint(sd, used | set(missing), name) or _tweaks_hint(sd, model, name))
+      + (
+        _blocks_hint(sd, used | set(missing), name)
+        or _attention_hint(sd, model, name)
+        or _tweaks_hint(sd, model, name)
+      )
     )
   variables = {'params': variables['params'], 'batch_stats': variables['batch_stats']}
   return layout.to_scanned(variables, model.stage_sizes) if scan else variables

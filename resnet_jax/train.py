@@ -56,6 +56,7 @@ _SHAPE_FIELDS = (
   'model.block',
   'model.stem',  # ResNet-C / ResNet-D (models.stems, layers.avg_pool_down)
   'model.avg_down',
+  'model.attention',  # squeeze-and-excitation parameters (models.attention)
   'model.frozen_stages',  # which leaves the optimizer state covers
   'model.frozen_bn_affine',
   'optimizer.name',  # the optimizer state's tree

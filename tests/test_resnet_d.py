@@ -467,6 +467,9 @@ def timm(torch):
     # the previous dilation in its first conv only, as timm's BasicBlock does
     ('resnet34', {'output_stride': 8}, 35),
     ('resnet18d', {'output_stride': 16}, 33),
+    # squeeze-and-excitation (timm's SEModule: 1x1 convs with biases, C/16 rounded to 8s)
+    ('seresnet34', {}, 35),
+    ('seresnext50_32x4d', {'output_stride': 16}, 33),
   ],
 )
 def test_live_timm_parity(timm, torch, randomise_bn, name, kwargs, size):

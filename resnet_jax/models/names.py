@@ -44,6 +44,7 @@ class ArchSpec(NamedTuple):
   width_per_group: int = 64
   widen: int = 1
   tweak: str = ''  # '' | 'c' (deep stem) | 'd' (deep stem, avg-pool shortcuts): timm's suffixes
+  attention: str = 'none'  # 'se': the se prefix, squeeze-and-excitation blocks (Hu et al. 2018)
 
 
 SHORTCUTS = ('A', 'B', 'C')
@@ -69,10 +70,10 @@ def check_shortcut(shortcut: str) -> str:
 _CIFAR_LAYERS_PER_STAGE_BLOCK = {'basic': 6, 'bottleneck': 9}
 BLOCK_KINDS = tuple(_CIFAR_LAYERS_PER_STAGE_BLOCK)
 _NAME_RE = re.compile(
-  r'(?P<cifar>cifar_)?(?P<kind>resnet|plain)(?P<depth>[1-9]\d*)(?P<tweak>[cd])?'
+  r'(?P<cifar>cifar_)?(?P<se>se)?(?P<kind>resnet|plain)(?P<depth>[1-9]\d*)(?P<tweak>[cd])?'
 )
 _RESNEXT_RE = re.compile(
-  r'resnext(?P<depth>[1-9]\d*)(?P<tweak>d)?_(?P<groups>[1-9]\d*)x(?P<width>[1-9]\d*)d'
+  r'(?P<se>se)?resnext(?P<depth>[1-9]\d*)(?P<tweak>d)?_(?P<groups>[1-9]\d*)x(?P<width>[1-9]\d*)d'
 )
 _WIDE_RE = re.compile(r'wide_resnet(?P<depth>[1-9]\d*)_(?P<k>[1-9]\d*)')
 _WRN_RE = re.compile(r'wrn(?P<depth>[1-9]\d*)_(?P<k>[1-9]\d*)')
@@ -82,6 +83,8 @@ VALID_NAMES = (
   'resnet{18,34,50,101,152}d (deep stem, avg-pool shortcuts), as timm names them; '
   'resnext{50,101,152}_{G}x{W}d, e.g. resnext50_32x4d, resnext101_32x8d, resnext101_64x4d '
   '(resnext50d_32x4d: with the d tweaks); '
+  "prefix se for squeeze-and-excitation blocks (timm's names: seresnet50, seresnet152d, "
+  'seresnext50_32x4d; seresnet110 on CIFAR); '
   'wide_resnet{50,101,152}_{k}, e.g. wide_resnet50_2, wide_resnet101_2; '
   'resnet{6n+2} for n >= 1, e.g. resnet8, resnet20, resnet56, resnet110, resnet1202 (CIFAR); '
   "with block='bottleneck', resnet{9n+2} CIFAR bottleneck nets, e.g. resnet164, resnet1001; "
@@ -128,7 +131,7 @@ def _parse_family_name(name: str, block: Optional[str]) -> Optional[ArchSpec]:
   if block not in (None, 'bottleneck'):
     raise ValueError(f'{name} is a bottleneck net; block={block!r} contradicts it')
   _bottleneck_depth(name, depth)
-  if name.startswith('resnext'):
+  if m.re is _RESNEXT_RE:
     return ArchSpec(
       'imagenet',
       depth,
@@ -138,6 +141,7 @@ def _parse_family_name(name: str, block: Optional[str]) -> Optional[ArchSpec]:
       int(m['groups']),
       int(m['width']),
       tweak=m['tweak'] or '',
+      attention='se' if m['se'] else 'none',
     )
   return ArchSpec('imagenet', depth, True, 'bottleneck', 'wide_resnet', 1, 64 * int(m['k']))
 
@@ -159,6 +163,12 @@ def parse_name(name: str, block: Optional[str] = None) -> ArchSpec:
     depth = int(m['depth'])
     residual = m['kind'] == 'resnet'
     tweak = m['tweak'] or ''
+    se = 'se' if m['se'] else 'none'
+    if m['se'] and not residual:
+      raise ValueError(
+        f'{name!r}: the se prefix names squeeze-and-excitation ResNets (seresnet50); for a plain '
+        "net with SE blocks use plain<N> with attention='se'"
+      )
     if tweak and (m['cifar'] or not residual or depth not in IMAGENET_DEPTHS):
       raise ValueError(
         f'{name!r}: the c / d suffixes (ResNet-C / ResNet-D, He et al. 2019) name ImageNet '
@@ -171,9 +181,9 @@ def parse_name(name: str, block: Optional[str] = None) -> ArchSpec:
           f'{name} is an ImageNet net with {kind} blocks; block={block!r} '
           f'contradicts it (use cifar_{name} for the CIFAR family)'
         )
-      return ArchSpec('imagenet', depth, residual, kind, tweak=tweak)
+      return ArchSpec('imagenet', depth, residual, kind, tweak=tweak, attention=se)
     if cifar_depth_fits(depth, block or 'basic'):
-      return ArchSpec('cifar', depth, residual, block or 'basic')
+      return ArchSpec('cifar', depth, residual, block or 'basic', attention=se)
     if block is None and cifar_depth_fits(depth, 'bottleneck'):
       raise ValueError(
         f'{name!r} is not a basic-block CIFAR depth (6n+2); it is a bottleneck '

@@ -44,6 +44,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from resnet_jax.models import attention as attention_lib
 from resnet_jax.models import drop_path, layers, stems
 from resnet_jax.models.blocks import (
   BasicBlock,
@@ -126,6 +127,7 @@ class ResNet(nn.Module):
   frozen_stages: int = -1
   stem_width: Optional[int] = None  # None: widths[0]; Wide ResNets keep a 16-channel stem
   avg_down: bool = False  # ResNet-D: projection shortcuts average-pool instead of striding
+  attention: str = 'none'  # 'se': squeeze-and-excitation blocks (models.attention)
 
   def _norm(self, train: bool, frozen: bool):
     return functools.partial(
@@ -184,6 +186,7 @@ class ResNet(nn.Module):
         drop_path_mode=self.drop_path_mode,
         avg_down=self.avg_down,
         stage_dilation=dilation,
+        attention=self.attention,
       )
       for j in range(1 if self.scan else num_blocks):
         extra = {}
@@ -273,6 +276,7 @@ def create_model(
   frozen_stages: int = -1,
   stem: Optional[str] = None,
   avg_down: Optional[bool] = None,
+  attention: Optional[str] = None,
 ) -> ResNet:
   """Build a ResNet, ResNeXt or Wide ResNet by name (see ``VALID_NAMES``) with the paper's options.
 
@@ -304,7 +308,8 @@ def create_model(
   3x3 convs (32-32-64) for the 7x7 one (``'7x7'``: the paper's), ``avg_down=True`` ResNet-D's
   shortcuts (a 2x2 average pool does a projection's downsampling; its 1x1 conv has stride 1).
   None: the name's own (``resnet50c``: deep stem; ``resnet50d``: both; other names: neither).
-  ResNet-B is ``stride_on='3x3'``, the ImageNet default.
+  ResNet-B is ``stride_on='3x3'``, the ImageNet default. ``attention='se'``: squeeze-and-excitation
+  blocks (Hu et al. 2018, ``models.attention``); None: the name's own (``seresnet50``: 'se').
   """
   spec = parse_name(name, block)
   residual = residual and spec.residual
@@ -324,6 +329,7 @@ def create_model(
     raise ValueError('zero_init_last_bn=True would make every block of a plain net output zero')
   groups, width_per_group = resolve_grouping(spec, name, groups, width_per_group)
   deep_stem, avg_down = resolve_tweaks(spec, name, stem, avg_down, residual, shortcut)
+  attention = attention_lib.resolve(spec.attention, name, attention)
   if not 0.0 <= dropout_rate < 1.0:
     raise ValueError(f'dropout_rate must be in [0, 1), got {dropout_rate!r}')
   drop_path.check(drop_path_rate, drop_path_mode, drop_path_rule)
@@ -381,4 +387,5 @@ def create_model(
     frozen_stages=frozen_stages,
     stem_width=CIFAR_WIDTHS[0] if wrn else None,
     avg_down=avg_down,
+    attention=attention,
   )
