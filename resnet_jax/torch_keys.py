@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from resnet_jax.models import create_model, layout, parse_name
-from resnet_jax.models.stems import DEEP_STEM_TORCH_INDEX
+from resnet_jax.models.stems import DEEP_STEM_TORCH_INDEX, STEM_POOL_TORCH_INDEX
 
 # Keys torchvision stores that carry no model state (BN's update counter).
 IGNORED_SUFFIXES = ('num_batches_tracked',)
@@ -52,6 +52,8 @@ def torch_key(collection: str, path: Sequence[str], avg_down: bool = False) -> s
       parts.extend(['downsample', str(int(avg_down) + (m == 'downsample_bn'))])
     elif m in DEEP_STEM_TORCH_INDEX:  # stem_conv2 -> conv1.3
       parts.extend(['conv1', str(DEEP_STEM_TORCH_INDEX[m])])
+    elif m in STEM_POOL_TORCH_INDEX:  # ResNet-RS: stem_pool_bn -> maxpool.1
+      parts.extend(['maxpool', str(STEM_POOL_TORCH_INDEX[m])])
     else:
       parts.append(m)
   parts.append(_LEAF_NAMES[collection, leaf])

@@ -470,6 +470,8 @@ def timm(torch):
     # squeeze-and-excitation (timm's SEModule: 1x1 convs with biases, C/16 rounded to 8s)
     ('seresnet34', {}, 35),
     ('seresnext50_32x4d', {'output_stride': 16}, 33),
+    # ResNet-RS: deep stem whose max-pool is a 3x3/2 conv, SE at ratio 1/4, ResNet-D shortcuts
+    ('resnetrs50', {}, 35),
   ],
 )
 def test_live_timm_parity(timm, torch, randomise_bn, name, kwargs, size):

@@ -27,14 +27,17 @@ SE_RATIO = 16  # the paper's reduction ratio r
 SE_DIVISOR = 8  # timm's rd_divisor
 
 
-def se_channels(channels: int) -> int:
-  """The SE bottleneck's width for `channels` (timm's make_divisible(C / 16, 8, round_limit=0))."""
-  v = channels / SE_RATIO
+def se_channels(channels: int, reduction: int = SE_RATIO) -> int:
+  """The SE bottleneck's width for `channels` (timm's make_divisible(C / r, 8, round_limit=0));
+  ResNet-RS reduces by r = 4."""
+  v = channels / reduction
   return max(SE_DIVISOR, int(v + SE_DIVISOR / 2) // SE_DIVISOR * SE_DIVISOR)
 
 
 class SqueezeExcite(nn.Module):
   """y * sigmoid(fc2(relu(fc1(mean over H, W of y)))), in y's dtype (the mean in float32)."""
+
+  reduction: int = SE_RATIO
 
   @nn.compact
   def __call__(self, y: jax.Array) -> jax.Array:
@@ -52,13 +55,13 @@ class SqueezeExcite(nn.Module):
         name=name,
       )
 
-    s = nn.relu(fc(se_channels(channels), 'fc1')(s))
+    s = nn.relu(fc(se_channels(channels, self.reduction), 'fc1')(s))
     return y * nn.sigmoid(fc(channels, 'fc2')(s))
 
 
-def attend(kind: str, y: jax.Array) -> jax.Array:
+def attend(kind: str, y: jax.Array, reduction: int = SE_RATIO) -> jax.Array:
   """The branch output `y` after the block's attention (`kind` 'none': unchanged)."""
-  return SqueezeExcite(name='se')(y) if kind == 'se' else y
+  return SqueezeExcite(reduction, name='se')(y) if kind == 'se' else y
 
 
 def resolve(own: str, name: str, attention: Optional[str]) -> str:

@@ -50,6 +50,7 @@ class _Block(nn.Module):
   stage_dilation: int = 1  # the stage's dilation (block 0's ``dilation`` is the previous one's)
   # 'se': squeeze-and-excitation of the branch's output before the addition (models.attention)
   attention: str = 'none'
+  se_reduction: int = 16  # SE's ratio r (ResNet-RS: 4)
   expansion = 1  # output channels per unit of `features`
   preact = False
 
@@ -124,7 +125,7 @@ class BasicBlock(_Block):
     y = self._dropout(nn.relu(self.norm(name='bn1')(y)))
     y = self.conv(self.features, 3, name='conv2', dilation=max(d, self.stage_dilation))(y)
     y = self.norm(name='bn2', scale_init=_last_bn_init(self.zero_init_last_bn))(y)
-    y = attention.attend(self.attention, y)
+    y = attention.attend(self.attention, y, self.se_reduction)
     if self.residual:
       y = self._drop_path(y, drop_rate) + self._shortcut(x, self.features, self.norm)
     return nn.relu(y)
@@ -145,7 +146,7 @@ class Bottleneck(_Block):
     y = self._dropout(nn.relu(self.norm(name='bn2')(y)))
     y = self.conv(out, 1, name='conv3')(y)
     y = self.norm(name='bn3', scale_init=_last_bn_init(self.zero_init_last_bn))(y)
-    y = attention.attend(self.attention, y)
+    y = attention.attend(self.attention, y, self.se_reduction)
     if self.residual:
       y = self._drop_path(y, drop_rate) + self._shortcut(x, out, self.norm)
     return nn.relu(y)
@@ -169,7 +170,7 @@ class PreActBasicBlock(_PreActBlock):
     y = self.conv(self.features, 3, name='conv2', dilation=max(d, self.stage_dilation))(
       self._dropout(y)
     )
-    y = attention.attend(self.attention, y)
+    y = attention.attend(self.attention, y, self.se_reduction)
     if not self.residual:
       return y
     return self._drop_path(y, drop_rate) + self._shortcut(src, self.features, None)
@@ -189,7 +190,9 @@ class PreActBottleneck(_PreActBlock):
     y = nn.relu(self.norm(name='bn2')(y))
     y = self.conv(width, 3, s3, name='conv2', groups=self.groups, dilation=self.dilation)(y)
     y = nn.relu(self.norm(name='bn3', scale_init=_last_bn_init(self.zero_init_last_bn))(y))
-    y = attention.attend(self.attention, self.conv(out, 1, name='conv3')(self._dropout(y)))
+    y = attention.attend(
+      self.attention, self.conv(out, 1, name='conv3')(self._dropout(y)), self.se_reduction
+    )
     if not self.residual:
       return y
     return self._drop_path(y, drop_rate) + self._shortcut(src, out, None)

@@ -22,6 +22,18 @@ IMAGENET_DEPTHS = {  # depth -> (block kind, blocks per stage), paper Table 1.
   101: ('bottleneck', (3, 4, 23, 3)),
   152: ('bottleneck', (3, 8, 36, 3)),
 }
+# ResNet-RS (Bello et al. 2021, "Revisiting ResNets", Table 7; timm's resnetrs*): depth ->
+# bottleneck blocks per stage; ResNet-D's stem and shortcuts, SE (ratio 1/4) and the stem's
+# max-pool replaced by a 3x3/2 conv.
+RS_DEPTHS = {
+  50: (3, 4, 6, 3),
+  101: (3, 4, 23, 3),
+  152: (3, 8, 36, 3),
+  200: (3, 24, 36, 3),
+  270: (4, 29, 53, 4),
+  350: (4, 36, 72, 4),
+  420: (4, 44, 87, 4),
+}
 IMAGENET_WIDTHS = (64, 128, 256, 512)
 CIFAR_WIDTHS = (16, 32, 64)
 
@@ -30,7 +42,8 @@ class ArchSpec(NamedTuple):
   """What a model name means.
 
   ``family``: 'imagenet' | 'cifar'; ``block``: 'basic' | 'bottleneck'; ``variant``: 'resnet',
-  'resnext', 'wide_resnet' (torchvision's) or 'wrn' (CIFAR Wide ResNet, ``widen`` = k);
+  'resnext', 'wide_resnet' (torchvision's), 'resnetrs' (ResNet-RS) or 'wrn' (CIFAR Wide ResNet,
+  ``widen`` = k);
   ``groups``/``width_per_group``: torchvision's bottleneck fields (1 / 64 for a ResNet).
   ``tweak``: He et al. 2019's ResNet-C ('c') or ResNet-D ('d'), timm's ``resnet50c``/``resnet50d``.
   """
@@ -77,12 +90,14 @@ _RESNEXT_RE = re.compile(
 )
 _WIDE_RE = re.compile(r'wide_resnet(?P<depth>[1-9]\d*)_(?P<k>[1-9]\d*)')
 _WRN_RE = re.compile(r'wrn(?P<depth>[1-9]\d*)_(?P<k>[1-9]\d*)')
+_RS_RE = re.compile(r'resnetrs(?P<depth>[1-9]\d*)')
 VALID_NAMES = (
   'resnet18, resnet34, resnet50, resnet101, resnet152 (ImageNet); '
   'their Bag of Tricks variants resnet{18,34,50,101,152}c (deep stem) and '
   'resnet{18,34,50,101,152}d (deep stem, avg-pool shortcuts), as timm names them; '
   'resnext{50,101,152}_{G}x{W}d, e.g. resnext50_32x4d, resnext101_32x8d, resnext101_64x4d '
   '(resnext50d_32x4d: with the d tweaks); '
+  'resnetrs{50,101,152,200,270,350,420} (ResNet-RS, Bello et al. 2021); '
   "prefix se for squeeze-and-excitation blocks (timm's names: seresnet50, seresnet152d, "
   'seresnext50_32x4d; seresnet110 on CIFAR); '
   'wide_resnet{50,101,152}_{k}, e.g. wide_resnet50_2, wide_resnet101_2; '
@@ -92,6 +107,15 @@ VALID_NAMES = (
   'plain<N> for any resnet depth (residual=False twin); '
   'prefix cifar_ (e.g. cifar_resnet50) forces the CIFAR family where depths collide'
 )
+
+
+def stage_sizes(spec: ArchSpec) -> tuple[int, ...]:
+  """Blocks per stage of a parsed name."""
+  if spec.variant == 'resnetrs':
+    return RS_DEPTHS[spec.depth]
+  if spec.family == 'imagenet':
+    return IMAGENET_DEPTHS[spec.depth][1]
+  return (cifar_stage_size(spec),) * 3
 
 
 def cifar_depth_fits(depth: int, block: str) -> bool:
@@ -158,6 +182,15 @@ def parse_name(name: str, block: Optional[str] = None) -> ArchSpec:
   family = _parse_family_name(name, block)
   if family is not None:
     return family
+  rs = _RS_RE.fullmatch(name)
+  if rs is not None:
+    if int(rs['depth']) not in RS_DEPTHS or block not in (None, 'bottleneck'):
+      raise ValueError(
+        f'{name!r}: ResNet-RS nets are resnetrs{{{",".join(map(str, RS_DEPTHS))}}}, bottleneck nets'
+      )
+    return ArchSpec(
+      'imagenet', int(rs['depth']), True, 'bottleneck', 'resnetrs', tweak='d', attention='se'
+    )
   m = _NAME_RE.fullmatch(name)
   if m is not None:
     depth = int(m['depth'])

@@ -54,14 +54,13 @@ from resnet_jax.models.blocks import (
 )
 from resnet_jax.models.names import (
   CIFAR_WIDTHS,
-  IMAGENET_DEPTHS,
   IMAGENET_WIDTHS,
   check_shortcut,
-  cifar_stage_size,
   default_shortcut,
   parse_name,
   resolve_grouping,
   resolve_tweaks,
+  stage_sizes,
 )
 
 ModuleDef = Any
@@ -128,6 +127,7 @@ class ResNet(nn.Module):
   stem_width: Optional[int] = None  # None: widths[0]; Wide ResNets keep a 16-channel stem
   avg_down: bool = False  # ResNet-D: projection shortcuts average-pool instead of striding
   attention: str = 'none'  # 'se': squeeze-and-excitation blocks (models.attention)
+  se_reduction: int = 16  # SE's ratio r (ResNet-RS: 4)
 
   def _norm(self, train: bool, frozen: bool):
     return functools.partial(
@@ -187,6 +187,7 @@ class ResNet(nn.Module):
         avg_down=self.avg_down,
         stage_dilation=dilation,
         attention=self.attention,
+        se_reduction=self.se_reduction,
       )
       for j in range(1 if self.scan else num_blocks):
         extra = {}
@@ -347,19 +348,19 @@ def create_model(
       f'strides 4-32), not the CIFAR net {name}'
     )
 
+  sizes = stage_sizes(spec)
   if imagenet:
-    stage_sizes = IMAGENET_DEPTHS[spec.depth][1]
     widths, stem = IMAGENET_WIDTHS, 'deep' if deep_stem else 'imagenet'
+    stem = 'deep_conv_pool' if spec.variant == 'resnetrs' else stem
   else:
-    stage_sizes = (cifar_stage_size(spec),) * 3
     widths, stem = tuple(w * spec.widen for w in CIFAR_WIDTHS), 'cifar'
-  if not isinstance(frozen_stages, int) or not -1 <= frozen_stages <= len(stage_sizes):
+  if not isinstance(frozen_stages, int) or not -1 <= frozen_stages <= len(sizes):
     raise ValueError(
-      f'frozen_stages must be -1 (none), 0 (stem) .. {len(stage_sizes)} (stem and '
+      f'frozen_stages must be -1 (none), 0 (stem) .. {len(sizes)} (stem and '
       f'every stage), got {frozen_stages!r}'
     )
   return ResNet(
-    stage_sizes=stage_sizes,
+    stage_sizes=sizes,
     block_cls=_BLOCKS[spec.block, preact],
     num_classes=num_classes if num_classes is not None else (1000 if imagenet else 10),
     widths=widths,
@@ -388,4 +389,5 @@ def create_model(
     stem_width=CIFAR_WIDTHS[0] if wrn else None,
     avg_down=avg_down,
     attention=attention,
+    se_reduction=4 if spec.variant == 'resnetrs' else attention_lib.SE_RATIO,
   )

@@ -8,15 +8,16 @@ a 64-wide first stage), each followed by BN and ReLU, then the same 3x3/2 max-po
 
 Variables (and the timm keys ``convert`` maps them to):
 
-==================================  ==============================================
-flax                                timm ``state_dict``
-==================================  ==============================================
-``conv1`` (7x7 and CIFAR stems)     ``conv1.weight``
-``stem_conv1``, ``stem_bn1``        ``conv1.0.weight``, ``conv1.1.*``
-``stem_conv2``, ``stem_bn2``        ``conv1.3.weight``, ``conv1.4.*``
-``stem_conv3``                      ``conv1.6.weight``
-``bn1`` (every post-act stem)       ``bn1.*``
-==================================  ==============================================
+======================================  ==========================================
+flax                                    timm ``state_dict``
+======================================  ==========================================
+``conv1`` (7x7 and CIFAR stems)         ``conv1.weight``
+``stem_conv1``, ``stem_bn1``            ``conv1.0.weight``, ``conv1.1.*``
+``stem_conv2``, ``stem_bn2``            ``conv1.3.weight``, ``conv1.4.*``
+``stem_conv3``                          ``conv1.6.weight``
+``bn1`` (every post-act stem)           ``bn1.*``
+``stem_pool_conv``, ``stem_pool_bn``    ``maxpool.0.weight``, ``maxpool.1.*`` (ResNet-RS)
+======================================  ==========================================
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ import flax.linen as nn
 import jax
 
 ModuleDef = Any
-STEMS = ('imagenet', 'deep', 'cifar')  # ResNet.stem; create_model spells the first two 7x7/deep
+# ResNet.stem; create_model spells the first two 7x7/deep; 'deep_conv_pool' is ResNet-RS's deep
+# stem whose max-pool is a 3x3/2 conv + BN + ReLU (timm's replace_stem_pool: ``maxpool.0/.1``)
+STEMS = ('imagenet', 'deep', 'cifar', 'deep_conv_pool')
 # The deep stem's modules in the order of timm's nn.Sequential ``conv1``, with their indices there.
 DEEP_STEM_TORCH_INDEX = {
   'stem_conv1': 0,
@@ -36,7 +39,8 @@ DEEP_STEM_TORCH_INDEX = {
   'stem_bn2': 4,
   'stem_conv3': 6,
 }
-STEM_MODULES = ('conv1', 'bn1', *DEEP_STEM_TORCH_INDEX)
+STEM_POOL_TORCH_INDEX = {'stem_pool_conv': 0, 'stem_pool_bn': 1}  # in timm's ``maxpool``
+STEM_MODULES = ('conv1', 'bn1', *DEEP_STEM_TORCH_INDEX, *STEM_POOL_TORCH_INDEX)
 
 
 def apply_stem(
@@ -49,7 +53,7 @@ def apply_stem(
   """
   if kind == 'imagenet':
     x = conv(width, 7, 2, name='conv1', space_to_depth=None)(x)
-  elif kind == 'deep':
+  elif kind in ('deep', 'deep_conv_pool'):
     inner = width // 2
     x = conv(inner, 3, 2, name='stem_conv1')(x)
     x = nn.relu(norm(name='stem_bn1')(x))
@@ -62,6 +66,8 @@ def apply_stem(
   else:
     raise ValueError(f'unknown stem {kind!r}; expected one of {STEMS}')
   x = nn.relu(norm(name='bn1')(x))
+  if kind == 'deep_conv_pool':
+    return nn.relu(norm(name='stem_pool_bn')(conv(width, 3, 2, name='stem_pool_conv')(x)))
   return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
 
