@@ -173,7 +173,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     "resnext101_64x4d, wide_resnet50_2, wide_resnet101_2; or timm's Bag of Tricks nets "
     "resnet{18,34,50,101,152}d, resnet{50,101,152}c, resnext50d_32x4d; timm's SE nets "
     'seresnet{18,34,50,101,152}, seresnet152d, seresnext{50,101}_32x4d, seresnext101_32x8d, '
-    'seresnext101d_32x8d'; ResNet-RS resnetrs{50,101,152,200,270,350,420}',
+    'seresnext101d_32x8d; ResNet-RS resnetrs{50,101,152,200,270,350,420}',
   )
   parser.add_argument(
     '--torchvision-weights',
