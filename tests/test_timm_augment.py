@@ -16,6 +16,7 @@ from PIL import Image
 
 from resnet_jax.data import augment, auto_augment, timm_augment
 from tests.fixtures import make_timm_rand_augment_golden as golden
+from tests.runner import assert_one_line_error, run_main
 
 with open(golden.OUT, encoding='utf-8') as f:
   RECORDS = json.load(f)
@@ -83,6 +84,7 @@ def test_timms_strings_parse_with_timms_defaults():
   p = auto_augment.parse('rand-n3-m9-p0.7-mmax12-inc0-mstd101')
   assert (p.magnitude, p.num_ops, p.magnitude_max, p.increasing, p.prob) == (9, 3, 12, False, 0.7)
   assert p.magnitude_std == float('inf')  # timm: mstd > 100 samples uniformly in [0, m]
+  assert auto_augment.parse('rand-m9-mstd100').magnitude_std == 100.0  # a (wide) Gaussian
   assert auto_augment.parse('rand-m12-mmax15').magnitude == 12
   # the torchvision forms keep their meaning
   assert auto_augment.parse('rand_augment') == auto_augment.Policy('rand_augment', 2, 9)
@@ -115,6 +117,12 @@ def test_bad_timm_strings_are_refused_in_one_line(bad, why):
   with pytest.raises(argparse.ArgumentTypeError, match=why.replace('[', r'\[')):
     auto_augment.cli_type(bad)  # the benchmark scripts' --auto-augment
   assert auto_augment.cli_type(RSB) == RSB
+
+
+def test_the_training_cli_refuses_a_bad_string_in_one_line(tmp_path):
+  proc = run_main(str(tmp_path / 'run'), '--config.data.auto_augment=rand-m11-mstd0.5')
+  assert_one_line_error(proc, "auto_augment='rand-m11-mstd0.5'", 'above mmax10', 'rand-m{M}')
+  assert not (tmp_path / 'run').exists()
 
 
 def test_a_wrong_name_lists_timms_form_among_the_accepted():

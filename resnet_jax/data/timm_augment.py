@@ -258,13 +258,9 @@ def draws(
     rule, signed, geometric, _ = OPERATIONS[name]
     neg = bool(signed and rng.random() > 0.5)
     arg = None if rule is None else rule(level, neg)
-    resample = None
-    if geometric:
-      resample = (
-        ('bilinear', 'bicubic')[int(rng.integers(2))]
-        if interpolation == 'random'
-        else (interpolation)
-      )
+    resample = interpolation if geometric else None
+    if resample == 'random':
+      resample = ('bilinear', 'bicubic')[int(rng.integers(2))]
     out.append(Draw(name, arg, resample))
   return out
 
