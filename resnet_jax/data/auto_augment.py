@@ -14,6 +14,8 @@ RandAugment (Cubuk et al. 2020: ``num_ops`` operations in a row, each uniform ov
 one ``magnitude`` of 31 bins; torchvision's reference trainer's ``--auto-augment ra``) and
 AutoAugment's learned policies (Cubuk et al. 2019: one of 25 sub-policies of two operations, each
 applied with its probability at its magnitude of 10 bins; ``imagenet`` and ``cifar10``).
+timm's own RandAugment (``rand-m7-mstd0.5-inc1``, other operations and rules) is timm_augment.py;
+``parse`` and ``augment_array`` here dispatch to it.
 """
 
 from __future__ import annotations
