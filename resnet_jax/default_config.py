@@ -94,7 +94,9 @@ def base_config() -> ml_collections.ConfigDict:
   # 'trivial_wide': TrivialAugment Wide on each training image after its crop and flip, as
   # torchvision's new recipe does (resnet_jax/data/auto_augment.py); 'rand_augment' (2 operations
   # at magnitude 9 of 31) or 'rand_augment_n{N}_m{M}'; 'autoaugment_imagenet' or
-  # 'autoaugment_cifar10' (AutoAugment's learned policies), all as torchvision's; 'none': paper's
+  # 'autoaugment_cifar10' (AutoAugment's learned policies), all as torchvision's; timm's
+  # RandAugment strings, 'rand-m7-mstd0.5-inc1' (the "ResNet strikes back" recipe's; -n, -mstd,
+  # -mmax, -inc, -p as timm parses them; resnet_jax/data/timm_augment.py); 'none': paper's
   c.data.auto_augment = 'none'
   # Testing at another resolution than training (FixRes; torchvision's new recipe: train 176, test
   # 224 cut from 232): the eval crop and the shorter side it is cut from. 0: image_size and

@@ -183,7 +183,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     '--auto-augment',
     default='none',
     type=auto_augment.cli_type,
-    help='config.data.auto_augment: trivial_wide, rand_augment, autoaugment_imagenet, ...',
+    help='config.data.auto_augment: trivial_wide, rand_augment, autoaugment_imagenet, '
+    'rand-m7-mstd0.5-inc1 (timm), ...',
   )
   p.add_argument('--workers', type=int, default=os.cpu_count() or 1, help='Grain worker processes')
   p.add_argument('--prefetch', type=cli.non_negative_int, default=2)

@@ -14,6 +14,8 @@ RandAugment (Cubuk et al. 2020: ``num_ops`` operations in a row, each uniform ov
 one ``magnitude`` of 31 bins; torchvision's reference trainer's ``--auto-augment ra``) and
 AutoAugment's learned policies (Cubuk et al. 2019: one of 25 sub-policies of two operations, each
 applied with its probability at its magnitude of 10 bins; ``imagenet`` and ``cifar10``).
+timm's own RandAugment (``rand-m7-mstd0.5-inc1``, other operations and rules) is timm_augment.py;
+``parse`` and ``augment_array`` here dispatch to it.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from typing import Callable, NamedTuple
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
+from resnet_jax.data import timm_augment
+
 AUTO_AUGMENTS = (
   'none',
   'trivial_wide',
@@ -33,6 +37,7 @@ AUTO_AUGMENTS = (
   'rand_augment_n{N}_m{M}',  # N operations at magnitude M (0-30)
   'autoaugment_imagenet',
   'autoaugment_cifar10',
+  timm_augment.FORM,  # timm's RandAugment (timm_augment.py), e.g. rand-m7-mstd0.5-inc1
 )
 NUM_BINS = 31
 # RandAugment's papers use 1-3 operations; more than the 14 there are only burns host time (a
@@ -210,8 +215,11 @@ class Policy(NamedTuple):
 
 
 @functools.lru_cache(maxsize=None)
-def parse(text: str) -> Policy:
-  """``config.data.auto_augment`` as a ``Policy``; a ValueError names the accepted forms."""
+def parse(text: str) -> Policy | timm_augment.TimmRandAugment:
+  """``config.data.auto_augment`` as a ``Policy`` (timm's ``rand-...`` strings: a
+  ``timm_augment.TimmRandAugment``); a ValueError names the accepted forms."""
+  if text == 'rand' or text.startswith('rand-'):
+    return timm_augment.parse(text)
   if text in ('none', 'trivial_wide', 'rand_augment') or (
     text.startswith('autoaugment_') and text.removeprefix('autoaugment_') in AUTOAUGMENT_POLICIES
   ):
@@ -289,11 +297,17 @@ def trivial_augment_wide(img: Image.Image, rng: np.random.Generator) -> Image.Im
   return apply_operation(img, *draw(rng))
 
 
-def augment_array(array: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
-  """`kind` (a ``config.data.auto_augment``, see ``parse``) applied to a uint8 [H, W, C] image."""
+def augment_array(
+  array: np.ndarray, kind: str, rng: np.random.Generator, interpolation: str = 'random'
+) -> np.ndarray:
+  """`kind` (a ``config.data.auto_augment``, see ``parse``) applied to a uint8 [H, W, C] image.
+  `interpolation` is the resampling of timm's RandAugment ('random', 'bilinear', 'bicubic'; see
+  timm_augment.py); torchvision's operations always resample with nearest neighbour."""
   policy = parse(kind)
   if policy.kind == 'none':
     return array
+  if isinstance(policy, timm_augment.TimmRandAugment):
+    return timm_augment.augment_array(array, policy, rng, interpolation)
   grey = array.shape[-1] == 1
   img = Image.fromarray(array[..., 0] if grey else array)
   for name, magnitude in policy_draws(policy, rng, img.size):
