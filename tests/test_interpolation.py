@@ -234,6 +234,13 @@ def test_the_default_is_the_pipelines_own_bilinear_geometry():
   assert pre.geometry == 'pil' and pre.eval_resize == round(32 * 256 / 224) == 37
   img = Image.fromarray(array).resize((51, 37), Image.BILINEAR)
   np.testing.assert_array_equal(pre.eval(array), views.center_crop(np.asarray(img), 32))
+  # training crops: PIL's `box` resample of the drawn box, as before these fields existed
+  (left, top, cw, ch), _, flip = golden.train_draws(np.random.default_rng(2), 81, 59, 'bilinear')
+  crop = Image.fromarray(array).resize(
+    (32, 32), Image.BILINEAR, box=(left, top, left + cw, top + ch)
+  )
+  crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else crop
+  np.testing.assert_array_equal(pre.train(array, np.random.default_rng(2)), np.asarray(crop))
   timm_like = augment.Preprocessor('inception', 32, 3, eval_crop_pct=32 / 37)
   assert timm_like.geometry == 'torchvision' and timm_like.eval_resize == 37
   assert not np.array_equal(timm_like.eval(array), pre.eval(array))
@@ -259,6 +266,13 @@ def test_opencv_bicubic_crops_stay_as_close_to_pils_as_bilinear_ones():
       ]
     )
   assert mean['bicubic'] < 2 * mean['bilinear'] + 1, mean
+  cubic, linear = (
+    augment.Preprocessor('inception', 64, 3, 'opencv', interpolation=k).train(
+      raws[0], np.random.default_rng(0)
+    )
+    for k in ('bicubic', 'bilinear')
+  )
+  assert not np.array_equal(cubic, linear)  # OpenCV resamples with the filter asked for
 
 
 # --- config -------------------------------------------------------------------------------------
@@ -359,3 +373,15 @@ def test_predict_refuses_bad_flags_in_one_line(flags, needle):
     'resnet_jax.predict', '--arch', 'resnet18', '--torchvision-weights', 'none.pth', *flags, 'x.png'
   )
   assert_one_line_error(proc, needle)
+
+
+def test_predict_on_a_training_run_refuses_the_input_flags(tmp_path, capsys):
+  """A training run's own evaluation input is used, so the flags that would change it are bad
+  input (as --image-size), refused before any weight is read."""
+  (tmp_path / 'config.json').write_text('{}')
+  for flag, value in (('--interpolation', 'bicubic'), ('--crop-pct', '0.9')):
+    with pytest.raises(SystemExit) as exit_info:
+      predict.main(['--arch', 'resnet18', '--checkpoint', str(tmp_path), flag, value, 'x.png'])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f'error: {flag}: ') and 'training run' in err[0]

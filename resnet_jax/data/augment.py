@@ -18,6 +18,9 @@ Modes (`config.data.augment`):
 Eval ('imagenet'/'inception'): shorter side resized to image_size*256/224, then centre / 10 crops;
 `scale=S` gives a centred S x S square at shorter side S. The paper's Table 4 testing uses the
 whole image instead (`whole_image_shape`, `Preprocessor.whole_image`, `resnet_jax.multiscale`).
+`interpolation` / `eval_crop_pct` (config.data) give timm's filters and eval resize instead.
+Decoding, resizing and the eval views live in `views` (re-exported here), OpenCV's training crop
+in `opencv_crop`.
 """
 
 from __future__ import annotations
