@@ -195,9 +195,9 @@ def validate_data_sizes(data: ml_collections.ConfigDict) -> None:
 
 
 def validate_interpolation(data: ml_collections.ConfigDict) -> None:
-  """`data.interpolation` is known (and has a filter OpenCV can match), and `data.eval_crop_pct`
-  is timm's crop_pct, in (0, 1] (0: off), not set beside `data.eval_resize` (both set the eval
-  resize); both are read by the ImageNet crop modes only."""
+  """`data.interpolation` is known, and `data.eval_crop_pct` is timm's crop_pct, in (0, 1] (0:
+  off), not set beside `data.eval_resize` (both set the eval resize); both are read by the
+  ImageNet crop modes only, so elsewhere they would be silently ignored."""
   from resnet_jax.data import views  # pylint: disable=import-outside-toplevel
 
   interpolation = data.get('interpolation', 'bilinear')
