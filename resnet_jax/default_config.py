@@ -103,6 +103,14 @@ def base_config() -> ml_collections.ConfigDict:
   # image_size x 256/224. ImageNet augment modes only.
   c.data.eval_image_size = 0
   c.data.eval_resize = 0
+  # The resampling filter of the training crops ('imagenet'/'inception') and of every eval resize:
+  # 'bilinear' (the pipeline's own, unchanged) | 'bicubic' | 'random' (bilinear or bicubic per
+  # training image, timm's default --train-interpolation; evaluation then bicubic, as timm's). Not
+  # 'bilinear' also takes torchvision's resize/crop rounding (pixel-equal to timm's transforms).
+  c.data.interpolation = 'bilinear'
+  # timm's crop_pct: evaluate on the eval crop cut from the shorter side resized to
+  # floor(crop / crop_pct) (RSB's resnet50.a1_in1k: 0.95, bicubic). 0: data.eval_resize's rule
+  c.data.eval_crop_pct = 0.0
   # Random erasing (Zhong et al. 2017) of one rectangle per training image with this probability,
   # on the device after normalisation (torchvision's new recipe: 0.1)
   c.data.random_erasing = 0.0

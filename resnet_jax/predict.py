@@ -8,7 +8,11 @@
 resize the shorter side to 256 (PIL bilinear, antialiased), centre-crop 224, scale to [0, 1],
 normalise with the ImageNet mean/std. A training workdir's model gets the run's own evaluation
 input instead (its image size, channels and normalisation statistics, e.g. the per-pixel mean of
-its training set, read from the prepared dataset): the model was trained on nothing else. Class
+its training set, read from the prepared dataset): the model was trained on nothing else.
+Converted timm weights want timm's eval input instead: ``--interpolation bicubic --crop-pct 0.95``
+(the "ResNet strikes back" resnet50.a1_in1k's pretrained config) resizes the shorter side to
+floor(224 / 0.95) = 235 with PIL's bicubic, then centre-crops 224, as timm's
+``transforms_imagenet_eval`` does. Class
 names come from torchvision's metadata when it is installed (read as a file, without importing
 torch), from ``--labels FILE`` (one name per line), or are ``class <i>``.
 """
@@ -18,6 +22,7 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib.util
+import math
 import os
 import sys
 from typing import Any, Callable, Optional, Sequence
@@ -71,8 +76,15 @@ def open_image(path: str) -> Image.Image:
   return image
 
 
-def preprocess(image: Image.Image, image_size: int = 224, resize_size: int = 256) -> np.ndarray:
-  """torchvision ``Resize(resize_size) + CenterCrop(image_size) + ToTensor + Normalize``, as HWC.
+def preprocess(
+  image: Image.Image,
+  image_size: int = 224,
+  resize_size: int = 256,
+  resample: int = Image.BILINEAR,
+) -> np.ndarray:
+  """torchvision ``Resize(resize_size) + CenterCrop(image_size) + ToTensor + Normalize``, as HWC
+  (`resample`: the PIL filter of the resize; timm's eval transform with bicubic and crop_pct is
+  this with `resize_size` = floor(image_size / crop_pct)).
 
   When the resized image would exceed `MAX_RESIZED_PIXELS` (an extreme aspect ratio such as
   1 x 20000 becomes 256 x 5,120,000), only the centre crop is resampled, with PIL ``resize``'s
@@ -89,11 +101,11 @@ def preprocess(image: Image.Image, image_size: int = 224, resize_size: int = 256
   left = int(round((new_w - image_size) / 2.0))
   crop = (left, top, left + image_size, top + image_size)
   if new_w * new_h <= MAX_RESIZED_PIXELS:  # torchvision's exact order: resize, then crop
-    image = image.resize((new_w, new_h), Image.BILINEAR).crop(crop)
+    image = image.resize((new_w, new_h), resample).crop(crop)
   else:
     sx, sy = w / new_w, h / new_h  # resized -> source coordinates
     box = (crop[0] * sx, crop[1] * sy, crop[2] * sx, crop[3] * sy)
-    image = image.resize((image_size, image_size), Image.BILINEAR, box=box)
+    image = image.resize((image_size, image_size), resample, box=box)
   x = np.asarray(image, np.float32) / 255.0
   return (x - IMAGENET_MEAN) / IMAGENET_STD
 
@@ -190,7 +202,18 @@ def top5(model, variables: dict[str, Any], images: np.ndarray) -> tuple[np.ndarr
   return idx, np.take_along_axis(probs, idx, axis=-1)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
+def crop_pct(text: str) -> float:
+  """argparse `type` of --crop-pct: timm's crop_pct, in (0, 1]."""
+  try:
+    value = float(text)
+  except ValueError:
+    value = math.nan
+  if not 0 < value <= 1:
+    raise argparse.ArgumentTypeError(f"expected timm's crop_pct in (0, 1], got {text!r}")
+  return value
+
+
+def build_parser() -> argparse.ArgumentParser:
   parser = cli.ArgumentParser(
     prog='python -m resnet_jax.predict', description=__doc__.split('\n')[0]
   )
@@ -216,21 +239,50 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     type=cli.positive_int,
     help="crop size (resize = size * 256 / 224); default 224, or a training run's own",
   )
+  parser.add_argument(
+    '--interpolation',
+    choices=['bilinear', 'bicubic'],
+    help="the resize's filter (default bilinear, torchvision's; timm's RSB weights: bicubic)",
+  )
+  parser.add_argument(
+    '--crop-pct',
+    type=crop_pct,
+    help="timm's crop_pct: resize the shorter side to floor(size / crop_pct) (RSB: 0.95)",
+  )
   parser.add_argument('--labels', help='text file with one class name per line')
   parser.add_argument('images', nargs='+', help='image files')
+  return parser
+
+
+def eval_geometry(args: argparse.Namespace) -> tuple[int, int, int]:
+  """(crop, resize, PIL filter) of converted weights' input, from the flags: torchvision's
+  `Resize(size x 256/224)` bilinear by default, timm's `floor(size / crop_pct)` with --crop-pct."""
+  size = args.image_size or 224
+  if args.crop_pct:
+    resize = math.floor(size / args.crop_pct)
+  else:
+    resize = int(round(size * 256 / 224))
+  filters = {'bilinear': Image.BILINEAR, 'bicubic': Image.BICUBIC}
+  return size, resize, filters[args.interpolation or 'bilinear']
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+  parser = build_parser()
   args = parser.parse_args(argv)
 
   try:
     if is_training_run(args.checkpoint):
-      if args.image_size is not None:
-        raise ValueError(
-          f'--image-size: {args.checkpoint} is a training run, whose own evaluation input is used'
-        )
+      for flag in ('image_size', 'interpolation', 'crop_pct'):
+        if getattr(args, flag) is not None:
+          raise ValueError(
+            f'--{flag.replace("_", "-")}: {args.checkpoint} is a training run, whose own '
+            'evaluation input is used'
+          )
       prepare = run_preprocess(args.checkpoint)
     else:
-      size = args.image_size or 224
+      size, resize, resample = eval_geometry(args)
       prepare = functools.partial(
-        preprocess, image_size=size, resize_size=int(round(size * 256 / 224))
+        preprocess, image_size=size, resize_size=resize, resample=resample
       )
     batch = np.stack([prepare(open_image(p)) for p in args.images])
     variables = load_variables(args)

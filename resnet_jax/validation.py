@@ -80,6 +80,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.data.eval_crops not in (1, 10):
     raise ConfigError(f'data.eval_crops must be 1 or 10, got {config.data.eval_crops}')
   validate_data_sizes(config.data)
+  validate_interpolation(config.data)
   if not 0 <= config.label_smoothing < 1:
     raise ConfigError(f'label_smoothing must be in [0, 1), got {config.label_smoothing}')
   reps = config.data.repeated_augmentations
@@ -208,6 +209,32 @@ def validate_data_sizes(data: ml_collections.ConfigDict) -> None:
       }
     )
   _require_at_least(at_least)
+
+
+def validate_interpolation(data: ml_collections.ConfigDict) -> None:
+  """`data.interpolation` is known, and `data.eval_crop_pct` is timm's crop_pct, in (0, 1] (0:
+  off), not set beside `data.eval_resize` (both set the eval resize); both are read by the
+  ImageNet crop modes only, so elsewhere they would be silently ignored."""
+  from resnet_jax.data import views  # pylint: disable=import-outside-toplevel
+
+  interpolation = data.get('interpolation', 'bilinear')
+  pct = data.get('eval_crop_pct', 0.0)
+  if interpolation not in views.INTERPOLATIONS:
+    raise ConfigError(
+      f'data.interpolation must be one of {", ".join(views.INTERPOLATIONS)}, got {interpolation!r}'
+    )
+  if pct is None or not 0 <= pct <= 1:
+    raise ConfigError(f"data.eval_crop_pct must be in (0, 1] (timm's crop_pct; 0: off), got {pct}")
+  if pct and data.eval_resize:
+    raise ConfigError(
+      f'data.eval_crop_pct={pct} and data.eval_resize={data.eval_resize} both set the eval '
+      'resize: set one of them'
+    )
+  if (interpolation != 'bilinear' or pct) and data.augment not in ('imagenet', 'inception'):
+    raise ConfigError(
+      f"data.interpolation / data.eval_crop_pct apply to the crop-based augment 'imagenet' or "
+      f"'inception', not {data.augment!r}"
+    )
 
 
 def _require_at_least(bounds: dict[str, tuple[Any, int, str]]) -> None:

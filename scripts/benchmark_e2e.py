@@ -39,7 +39,7 @@ from host_cpu import CpuClock, cores  # pylint: disable=g-import-not-at-top,wron
 import resnet_jax.data as data  # pylint: disable=wrong-import-position
 from resnet_jax import cli, default_config, runtime  # pylint: disable=wrong-import-position
 from resnet_jax import train_step as ts  # pylint: disable=wrong-import-position
-from resnet_jax.data import auto_augment, generated  # pylint: disable=wrong-import-position
+from resnet_jax.data import auto_augment, generated, views  # pylint: disable=wrong-import-position
 
 
 def experiment_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
@@ -57,6 +57,7 @@ def experiment_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
     prefetch=args.prefetch,
     decoder=args.decoder,
     auto_augment=args.auto_augment,
+    interpolation=args.interpolation,
   )
   config.model.name = args.model
   config.dtype = args.dtype
@@ -148,6 +149,7 @@ def run(args: argparse.Namespace) -> dict:
     'augment': args.augment,
     'decoder': args.decoder,
     'auto_augment': args.auto_augment,
+    'interpolation': args.interpolation,
     'workers': args.workers,
     'steps': args.steps,
     'images_per_sec': round(e2e, 2),
@@ -185,6 +187,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     type=auto_augment.cli_type,
     help='config.data.auto_augment: trivial_wide, rand_augment, autoaugment_imagenet, '
     'rand-m7-mstd0.5-inc1 (timm), ...',
+  )
+  p.add_argument(
+    '--interpolation',
+    default='bilinear',
+    choices=views.INTERPOLATIONS,
+    help="config.data.interpolation of the training crops (timm's RSB recipe: random)",
   )
   p.add_argument('--workers', type=int, default=os.cpu_count() or 1, help='Grain worker processes')
   p.add_argument('--prefetch', type=cli.non_negative_int, default=2)

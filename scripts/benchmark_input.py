@@ -46,6 +46,7 @@ import resnet_jax.data as data  # pylint: disable=g-import-not-at-top,wrong-impo
 from resnet_jax import cli, default_config  # pylint: disable=wrong-import-position
 from resnet_jax.data import auto_augment as auto_augment_lib  # pylint: disable=wrong-import-position
 from resnet_jax.data import generated, pipeline  # pylint: disable=wrong-import-position
+from resnet_jax.data import views as augment_views  # pylint: disable=wrong-import-position
 
 # name: (generated config, augment, image_size, batch size, smoke config)
 PIPELINES = {
@@ -65,6 +66,7 @@ def make_config(
   prefetch: int,
   decoder: str = 'pil',
   auto_augment: str = 'none',
+  interpolation: str = 'bilinear',
 ) -> ml_collections.ConfigDict:
   """The product's base config with this measurement's data fields."""
   config = default_config.base_config()
@@ -80,6 +82,7 @@ def make_config(
     prefetch=prefetch,
     decoder=decoder,
     auto_augment=auto_augment,
+    interpolation=interpolation,
   )
   return config
 
@@ -237,6 +240,12 @@ def main(argv: list[str] | None = None) -> int:
     help="config.data.auto_augment of the new pipeline's training crops",
   )
   parser.add_argument(
+    '--interpolations',
+    default='bilinear',
+    help='config.data.interpolation values of the new pipeline, each its own row: '
+    'bilinear,bicubic,random',
+  )
+  parser.add_argument(
     '--dataset',
     default=None,
     help='a prepared TFDS dataset (e.g. imagenet2012) instead of generated JPEGs',
@@ -282,11 +291,17 @@ def main(argv: list[str] | None = None) -> int:
   decoders = [d for d in args.decoders.split(',') if d]
   if set(decoders) - {'pil', 'opencv'}:
     parser.error(f'--decoders: choose from pil,opencv, got {args.decoders!r}')
+  interpolations = [i for i in args.interpolations.split(',') if i]
+  if not interpolations or set(interpolations) - set(augment_views.INTERPOLATIONS):
+    parser.error(
+      f'--interpolations: choose from {",".join(augment_views.INTERPOLATIONS)}, '
+      f'got {args.interpolations!r}'
+    )
   chosen = (args.impls or ('new,old' if args.compare_old else 'new')).split(',')
   if not chosen or set(chosen) - {'new', 'old'}:
     parser.error(f'--impls: choose from new,old, got {args.impls!r}')
-  impls = ([('new', d) for d in decoders] if 'new' in chosen else []) + (
-    [('old', 'pil')] if 'old' in chosen else []
+  impls = ([('new', d, i) for d in decoders for i in interpolations] if 'new' in chosen else []) + (
+    [('old', 'pil', 'bilinear')] if 'old' in chosen else []
   )
   results = []
   for name in names:
@@ -301,9 +316,17 @@ def main(argv: list[str] | None = None) -> int:
     crops = 10 if name.endswith('10crop') else None
     for _ in range(max(1, args.rounds)):
       for w in workers:
-        for impl, decoder in impls:
+        for impl, decoder, interpolation in impls:
           config = make_config(
-            dataset_name, augment, size, data_dir, w, args.prefetch, decoder, args.auto_augment
+            dataset_name,
+            augment,
+            size,
+            data_dir,
+            w,
+            args.prefetch,
+            decoder,
+            args.auto_augment,
+            interpolation,
           )
           try:
             pre = legacy_preprocessor(config) if impl == 'old' else None
@@ -316,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
               'pipeline': name,
               'impl': impl,
               'decoder': decoder,
+              'interpolation': interpolation,
               'auto_augment': args.auto_augment if impl == 'new' else 'none',
               'workers': w,
               'batch_size': batch_size,
@@ -328,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
             per_core, need = r['examples_per_core_sec'], r['cores_per_7500_images_per_sec']
             used = '-' if r['cores_used'] is None else f'{r["cores_used"]:.2f}'
             print(
-              f'{name:22s} {impl:3s} {decoder:6s} workers={w:<3d} batch={batch_size:<4d} '
+              f'{name:22s} {impl:3s} {decoder:6s} {interpolation:8s} workers={w:<3d} '
+              f'batch={batch_size:<4d} '
               f'{r["examples_per_sec"]:9.1f} ex/s  {used:>5s} cores  '
               f'{"-" if per_core is None else f"{per_core:.1f}":>8s} ex/s/core  '
               f'{"-" if need is None else f"{need:.1f}":>7s} cores/7500',

@@ -18,12 +18,14 @@ Modes (`config.data.augment`):
 Eval ('imagenet'/'inception'): shorter side resized to image_size*256/224, then centre / 10 crops;
 `scale=S` gives a centred S x S square at shorter side S. The paper's Table 4 testing uses the
 whole image instead (`whole_image_shape`, `Preprocessor.whole_image`, `resnet_jax.multiscale`).
+`interpolation` / `eval_crop_pct` (config.data) give timm's filters and eval resize instead.
+Decoding, resizing and the eval views live in `views` (re-exported here), OpenCV's training crop
+in `opencv_crop`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import io
 import math
 from typing import Any
 
@@ -31,6 +33,25 @@ import numpy as np
 from PIL import Image
 
 from resnet_jax.data import auto_augment
+from resnet_jax.data.opencv_crop import crop_opencv
+from resnet_jax.data.views import (  # noqa: F401  (public names importable from here too)
+  GEOMETRIES,
+  INTERPOLATIONS,
+  PIL_FILTERS,
+  RANDOM_CHOICES,
+  RANDOM_EVAL,
+  center_crop,
+  crop_pct_resize,
+  decode,
+  eval_filter,
+  eval_views,
+  image_hw,
+  open_image,
+  resize_shorter,
+  ten_crops,
+  to_array,
+  whole_image_shape,
+)
 
 AUGMENTS = ('none', 'cifar', 'translate', 'imagenet', 'inception')
 EVAL_RESIZE_RATIO = 256 / 224  # eval resize of the shorter side relative to the crop (256 for 224)
@@ -72,141 +93,6 @@ class Normalizer:
     return x
 
 
-def open_image(image: Any, channels: int) -> Image.Image:
-  """A lazily decoded PIL image from encoded bytes or a decoded uint8 array."""
-  if isinstance(image, (bytes, np.bytes_)) or (
-    isinstance(image, np.ndarray) and image.dtype.kind in 'SO'
-  ):
-    return Image.open(io.BytesIO(image.item() if isinstance(image, np.ndarray) else bytes(image)))
-  array = np.asarray(image)
-  return Image.fromarray(array[..., 0] if array.ndim == 3 and array.shape[-1] == 1 else array)
-
-
-def decode(img: Image.Image, channels: int, min_size: tuple[int, int] | None = None) -> Image.Image:
-  """Decodes `img` in the right mode (JPEG: at the smallest DCT scale still >= `min_size`)."""
-  mode = 'L' if channels == 1 else 'RGB'
-  if min_size is not None and img.format == 'JPEG':
-    img.draft(mode, (max(1, int(min_size[0])), max(1, int(min_size[1]))))
-  return img.convert(mode) if img.mode != mode else img
-
-
-def to_array(img: Image.Image, channels: int) -> np.ndarray:
-  array = np.asarray(img, dtype=np.uint8)
-  return array[..., None] if channels == 1 else array
-
-
-def resize_shorter(img: Image.Image, short: int, channels: int) -> Image.Image:
-  """Decodes (reduced where possible) and resizes so that the shorter side is `short`."""
-  w, h = img.size
-  factor = short / min(w, h)
-  img = decode(img, channels, (math.ceil(w * factor), math.ceil(h * factor)))
-  new = (
-    max(short, round(img.size[0] * short / min(img.size))),
-    max(short, round(img.size[1] * short / min(img.size))),
-  )
-  return img if img.size == new else img.resize(new, Image.BILINEAR)
-
-
-def _encoded(image: Any) -> bytes:
-  return image.item() if isinstance(image, np.ndarray) else bytes(image)
-
-
-def _crop_opencv(
-  data: bytes,
-  channels: int,
-  wh: tuple[int, int],
-  factor: float,
-  box: tuple[float, float, float, float],
-  size: int,
-  flip: bool,
-) -> np.ndarray:
-  """OpenCV's decode at 1/2, 1/4, 1/8 (when still >= `factor` x the image), crop of `box` (in
-  original pixels, rounded outwards), bilinear resize to size x size, mirrored when `flip`.
-
-  uint8 [size, size, channels] RGB. The DCT-domain reduction already low-passes, so what remains
-  is a shrink by less than 2x (or a growth), done with plain bilinear interpolation as the
-  TensorFlow reference ImageNet pipelines do (`decode_and_crop_jpeg` + `resize_bilinear`):
-  OpenCV's area filter cost 6x as much (0.33 against 0.06 ms per 224x224 crop).
-  """
-  import cv2  # pylint: disable=g-import-not-at-top
-
-  cv2.setNumThreads(1)  # one Grain worker = one core
-  w, h = wh
-  k = next(
-    (
-      k
-      for k in (8, 4, 2)
-      if math.ceil(w / k) >= math.ceil(w * factor) and math.ceil(h / k) >= math.ceil(h * factor)
-    ),
-    1,
-  )
-  grey = channels == 1
-  flag = {
-    1: cv2.IMREAD_GRAYSCALE if grey else cv2.IMREAD_COLOR,
-    2: cv2.IMREAD_REDUCED_GRAYSCALE_2 if grey else cv2.IMREAD_REDUCED_COLOR_2,
-    4: cv2.IMREAD_REDUCED_GRAYSCALE_4 if grey else cv2.IMREAD_REDUCED_COLOR_4,
-    8: cv2.IMREAD_REDUCED_GRAYSCALE_8 if grey else cv2.IMREAD_REDUCED_COLOR_8,
-  }[k]
-  array = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
-  if array is None:
-    raise ValueError(f'OpenCV could not decode a {len(data)}-byte JPEG ({w}x{h} in its header)')
-  sx, sy = array.shape[1] / w, array.shape[0] / h
-  left, top, cw, ch = box
-  x0, y0 = int(left * sx), int(top * sy)
-  x1 = max(x0 + 1, min(array.shape[1], math.ceil((left + cw) * sx)))
-  y1 = max(y0 + 1, min(array.shape[0], math.ceil((top + ch) * sy)))
-  crop = array[y0:y1, x0:x1]
-  out = cv2.resize(crop, (size, size), interpolation=cv2.INTER_LINEAR)
-  if not grey:
-    out = cv2.cvtColor(out, cv2.COLOR_BGR2RGB)
-  if flip:
-    out = cv2.flip(out, 1)  # a strided NumPy copy of the mirror costs 7x as much
-  return out[..., None] if grey else out
-
-
-def image_hw(image: Any, channels: int) -> tuple[int, int]:
-  """(height, width) of a stored image; encoded bytes: read from the header, no decode."""
-  if isinstance(image, np.ndarray) and image.dtype.kind not in 'SO':
-    return int(image.shape[0]), int(image.shape[1])
-  w, h = open_image(image, channels).size
-  return int(h), int(w)
-
-
-def whole_image_shape(h: int, w: int, short: int, step: int) -> tuple[int, int]:
-  """(H, W) of an h x w image for whole-image testing at scale `short` (orientation kept).
-
-  The shorter side becomes `short`; the longer becomes `short` plus the multiple of `step` nearest
-  to `short * aspect - short` (ties round up), so images of similar aspect share one shape and
-  batch together. With `short` a multiple of `step` (the paper's scales and a stride-32 net) the
-  longer side is the stride multiple nearest to `short * aspect`: it is off by at most `step / 2`
-  pixels, and exact whenever `short * aspect` already is such a value. Square images stay square.
-  """
-  if min(h, w) < 1 or short < 1 or step < 1:
-    raise ValueError(f'bad whole-image geometry: {h}x{w} image, scale {short}, step {step}')
-  extra = short * max(h, w) / min(h, w) - short
-  long = short + step * math.floor(extra / step + 0.5)
-  return (short, long) if h <= w else (long, short)
-
-
-def center_crop(array: np.ndarray, size: int) -> np.ndarray:
-  h, w = array.shape[:2]
-  top, left = (h - size) // 2, (w - size) // 2
-  return array[top : top + size, left : left + size]
-
-
-def ten_crops(array: np.ndarray, size: int) -> np.ndarray:
-  """[10, size, size, C]: 4 corners + centre, then the five flipped (the paper's Tables 2-3)."""
-  h, w = array.shape[:2]
-  five = [
-    array[:size, :size],
-    array[:size, w - size :],
-    array[h - size :, :size],
-    array[h - size :, w - size :],
-    center_crop(array, size),
-  ]
-  return np.stack(five + [c[:, ::-1] for c in five])
-
-
 def _random_resized_box(rng: np.random.Generator, w: int, h: int) -> tuple[int, int, int, int]:
   """Inception crop box (left, top, width, height): 8%-100% of the area, aspect in [3/4, 4/3]."""
   area = w * h
@@ -220,22 +106,23 @@ def _random_resized_box(rng: np.random.Generator, w: int, h: int) -> tuple[int, 
   return (w - side) // 2, (h - side) // 2, side, side
 
 
-def eval_views(array: np.ndarray, crops: int, size: int, pad: int = 0) -> np.ndarray:
-  """The eval views of one [H, W, C] array: [size, size, C] (crops 1) or [crops, size, size, C].
+def _encoded(image: Any) -> bytes:
+  return image.item() if isinstance(image, np.ndarray) else bytes(image)
 
-  `pad` > 0 (small images): zero-pad first, as in training, and cut the views from the padded
-  array. crops: 1 centre, 2 centre + its flip, 10 the paper's corners + centre and their flips.
-  The device applies the same function to the mean image and to ones, so each view is normalised
-  with exactly the mean pixels it covers and padding stays zero after normalisation.
+
+def resized_crop(
+  img: Image.Image, box: tuple[float, float, float, float], size: int, resample: int, cut: bool
+) -> Image.Image:
+  """`box` = (left, top, right, bottom) of `img` resampled to size x size.
+
+  `cut` with a whole-pixel box: cut the box out first, then resize, as torchvision's
+  `F.resized_crop` does on PIL images (pixel for pixel equal). Otherwise PIL's `box` argument,
+  whose filter also reads the pixels just outside the box (the pipeline's historical bilinear
+  crop: up to ~9 levels from torchvision's at the crop's border, ~0.1 on average).
   """
-  if crops not in (1, 2, 10):
-    raise ValueError(f'crops must be 1, 2 or 10, got {crops}')
-  if pad:
-    array = np.pad(array, ((pad, pad), (pad, pad), (0, 0)))
-  if crops == 10:
-    return ten_crops(array, size)
-  centre = center_crop(array, size)
-  return np.stack([centre, centre[:, ::-1]]) if crops == 2 else centre
+  if cut and all(float(v).is_integer() for v in box):
+    return img.crop(tuple(int(v) for v in box)).resize((size, size), resample)
+  return img.resize((size, size), resample, box=box)
 
 
 @dataclasses.dataclass
@@ -255,14 +142,38 @@ class Preprocessor:
   # shorter side it is cut from; 0: image_size and image_size x 256/224 (ImageNet modes only)
   eval_size: int = 0
   eval_resize_size: int = 0
+  # The resampling filter (views.INTERPOLATIONS) of the training crops ('random': bilinear or
+  # bicubic per image, as timm's RandomResizedCropAndInterpolation) and of every eval resize
+  # ('random' evaluates with views.RANDOM_EVAL). Anything but 'bilinear' also follows
+  # torchvision's geometry exactly (views module docstring), as timm's transforms do.
+  interpolation: str = 'bilinear'
+  # timm's crop_pct: the eval crop is cut from the shorter side resized to floor(crop / crop_pct)
+  # with torchvision's geometry; 0: eval_resize_size's rule
+  eval_crop_pct: float = 0.0
 
   def __post_init__(self):
     if self.augment not in AUGMENTS:
       raise ValueError(f'config.data.augment={self.augment!r} is not one of {AUGMENTS}')
     auto_augment.parse(self.auto_augment)  # a ValueError names the accepted forms
-    if (self.eval_size or self.eval_resize_size) and self.augment not in ('imagenet', 'inception'):
+    imagenet = self.augment in ('imagenet', 'inception')
+    if (self.eval_size or self.eval_resize_size) and not imagenet:
       raise ValueError(
         'config.data.eval_image_size / eval_resize set another test resolution, which needs the '
+        f"crop-based augment 'imagenet' or 'inception', not {self.augment!r}"
+      )
+    if self.interpolation not in INTERPOLATIONS:
+      raise ValueError(
+        f'config.data.interpolation={self.interpolation!r} is not one of {INTERPOLATIONS}'
+      )
+    if not 0 <= self.eval_crop_pct <= 1:
+      raise ValueError(f'config.data.eval_crop_pct must be in (0, 1], got {self.eval_crop_pct}')
+    if self.eval_crop_pct and self.eval_resize_size:
+      raise ValueError(
+        'config.data.eval_crop_pct and config.data.eval_resize both set the eval resize: set one'
+      )
+    if (self.interpolation != 'bilinear' or self.eval_crop_pct) and not imagenet:
+      raise ValueError(
+        'config.data.interpolation / eval_crop_pct resample the crops and eval resizes of the '
         f"crop-based augment 'imagenet' or 'inception', not {self.augment!r}"
       )
     if self.eval_resize_size and self.eval_resize_size < self.eval_image_size:
@@ -285,6 +196,12 @@ class Preprocessor:
     return max(1, self.image_size // 8) if self.augment in ('cifar', 'translate') else 0
 
   @property
+  def geometry(self) -> str:
+    """The eval geometry (views.GEOMETRIES): torchvision's for any timm-style setting."""
+    timm = self.interpolation != 'bilinear' or self.eval_crop_pct
+    return 'torchvision' if timm else 'pil'
+
+  @property
   def centre_resize(self) -> int:
     """The shorter side that `eval_uint8`'s training-size centre crop is cut from."""
     small = self.augment in ('none', 'cifar', 'translate')
@@ -298,10 +215,18 @@ class Preprocessor:
   def eval_resize(self) -> int:
     if self.eval_resize_size:
       return self.eval_resize_size
+    if self.eval_crop_pct:
+      return crop_pct_resize(self.eval_image_size, self.eval_crop_pct)
     return round(self.eval_size * EVAL_RESIZE_RATIO) if self.eval_size else self.centre_resize
 
-  def base_uint8(self, image: Any, short: int | None = None) -> np.ndarray:
-    """Shorter side resized to `short` (default: `centre_resize`), uint8 [H, W, C]."""
+  def base_uint8(
+    self, image: Any, short: int | None = None, resample: int | None = None
+  ) -> np.ndarray:
+    """Shorter side resized to `short` (default: `centre_resize`), uint8 [H, W, C].
+
+    `resample` None: bilinear in the pipeline's geometry (the statistics' input); otherwise that
+    PIL filter in `self.geometry`.
+    """
     short = short or self.centre_resize
     if (
       isinstance(image, np.ndarray)
@@ -311,11 +236,15 @@ class Preprocessor:
     ):
       return image  # already decoded at the right size (CIFAR, digits): skip the PIL round trip
     img = open_image(image, self.channels)
-    return to_array(resize_shorter(img, short, self.channels), self.channels)
+    if resample is None:
+      return to_array(resize_shorter(img, short, self.channels), self.channels)
+    img = resize_shorter(img, short, self.channels, resample, self.geometry)
+    return to_array(img, self.channels)
 
   def eval_uint8(self, image: Any) -> np.ndarray:
-    """The centre crop at the training size (what the dataset statistics are computed on; the
-    evaluation input too unless `eval_size` / `eval_resize_size` say otherwise)."""
+    """The centre crop at the training size, bilinear in the pipeline's geometry whatever
+    `interpolation` says: what the dataset statistics are computed on (so they and their cache
+    do not depend on the filter), and the training input of the small-image modes."""
     return center_crop(self.base_uint8(image), self.image_size)
 
   def eval(self, image: Any, crops: int = 1, scale: int | None = None) -> np.ndarray:
@@ -328,25 +257,26 @@ class Preprocessor:
     """
     if crops not in (1, 2, 10):
       raise ValueError(f'crops must be 1, 2 or 10, got {crops}')
+    resample, geometry = eval_filter(self.interpolation), self.geometry
     if scale is not None:
       if crops == 10:
         raise ValueError('scale=... supports crops 1 or 2 (image and its flip)')
-      return np.ascontiguousarray(eval_views(self.base_uint8(image, int(scale)), crops, int(scale)))
-    return np.ascontiguousarray(
-      eval_views(self.base_uint8(image, self.eval_resize), crops, self.eval_image_size, self.pad)
-    )
+      base = self.base_uint8(image, int(scale), resample)
+      return np.ascontiguousarray(eval_views(base, crops, int(scale), geometry=geometry))
+    base = self.base_uint8(image, self.eval_resize, resample)
+    return np.ascontiguousarray(eval_views(base, crops, self.eval_image_size, self.pad, geometry))
 
   def whole_image(self, image: Any, shape: tuple[int, int]) -> np.ndarray:
     """The whole image resized to `shape` = (H, W), uint8 [H, W, C] (Table 4's test input).
 
-    JPEGs are decoded at the smallest DCT scale still at least `shape`, then resized (bilinear,
-    antialiased when shrinking, as every other eval resize here).
+    JPEGs are decoded at the smallest DCT scale still at least `shape`, then resized (with the
+    eval filter, antialiased when shrinking, as every other eval resize here).
     """
     h, w = (int(v) for v in shape)
     if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.shape[:2] == (h, w):
       return image if image.ndim == 3 else image[..., None]
     img = decode(open_image(image, self.channels), self.channels, (w, h))
-    img = img if img.size == (w, h) else img.resize((w, h), Image.BILINEAR)
+    img = img if img.size == (w, h) else img.resize((w, h), eval_filter(self.interpolation))
     return np.ascontiguousarray(to_array(img, self.channels))
 
   def train(self, image: Any, rng: np.random.Generator) -> np.ndarray:
@@ -375,10 +305,20 @@ class Preprocessor:
     else:  # inception
       left, top, cw, ch = _random_resized_box(rng, w, h)
       factor = size / min(cw, ch)
+    interpolation = self.interpolation
+    if interpolation == 'random':  # after the box, before the flip: timm's order of draws
+      interpolation = RANDOM_CHOICES[int(rng.integers(0, len(RANDOM_CHOICES)))]
     flip = bool(rng.random() < 0.5)
     if self.decoder == 'opencv' and img.format == 'JPEG':
-      return _crop_opencv(
-        _encoded(image), self.channels, (w, h), factor, (left, top, cw, ch), size, flip
+      return crop_opencv(
+        _encoded(image),
+        self.channels,
+        (w, h),
+        factor,
+        (left, top, cw, ch),
+        size,
+        flip,
+        interpolation,
       )
     img = decode(img, self.channels, (math.ceil(w * factor), math.ceil(h * factor)))  # reduced
     sx, sy = img.size[0] / w, img.size[1] / h
@@ -388,7 +328,8 @@ class Preprocessor:
       min(img.size[0], (left + cw) * sx),
       min(img.size[1], (top + ch) * sy),
     )
-    img = img.resize((size, size), Image.BILINEAR, box=box)
+    cut = self.interpolation != 'bilinear'  # torchvision's crop-then-resize (timm parity)
+    img = resized_crop(img, box, size, PIL_FILTERS[interpolation], cut)
     if flip:
       img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)  # 7x cheaper than a NumPy mirror copy
     return np.ascontiguousarray(to_array(img, self.channels))

@@ -87,6 +87,9 @@ def make_preprocessor(config: ml_collections.ConfigDict) -> augment_lib.Preproce
     str(config.data.auto_augment),
     int(config.data.eval_image_size or 0),
     int(config.data.eval_resize or 0),
+    # read with defaults: configs and saved runs from before these fields lack them
+    str(config.data.get('interpolation', 'bilinear')),
+    float(config.data.get('eval_crop_pct', 0.0) or 0.0),
   )
 
 
