@@ -253,16 +253,19 @@ def test_same_rng_same_image_and_grey_images_keep_their_channel_axis():
     assert sum(not np.array_equal(o, image) for o in outs) >= 4
 
 
-def test_preprocessor_applies_it_after_the_geometry_of_training_images_only():
+@pytest.mark.parametrize('interpolation', ['bilinear', 'bicubic', 'random'])
+def test_preprocessor_applies_it_after_the_geometry_of_training_images_only(interpolation):
+  """After the crop and flip, with the training interpolation (timm's create_transform hands a
+  fixed one to the operations; 'random' lets each operation draw its filter)."""
   raw = np.asarray(INPUTS['flower'].resize((64, 64)))
-  plain = augment.Preprocessor('inception', 32, 3)
-  rsb = augment.Preprocessor('inception', 32, 3, auto_augment=RSB)
+  plain = augment.Preprocessor('inception', 32, 3, interpolation=interpolation)
+  rsb = augment.Preprocessor('inception', 32, 3, auto_augment=RSB, interpolation=interpolation)
   for seed in range(6):
     geometry = plain.train(raw, np.random.default_rng(seed))
     expected_rng = np.random.default_rng(seed)  # one generator: the geometry, then the ops
     plain.train(raw, expected_rng)
     img = Image.fromarray(geometry)
-    for draw in timm_augment.draws(auto_augment.parse(RSB), expected_rng):
+    for draw in timm_augment.draws(auto_augment.parse(RSB), expected_rng, interpolation):
       img = timm_augment.apply(img, draw)
     np.testing.assert_array_equal(rsb.train(raw, np.random.default_rng(seed)), np.asarray(img))
   np.testing.assert_array_equal(rsb.eval(raw), plain.eval(raw))

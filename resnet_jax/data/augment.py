@@ -286,7 +286,9 @@ class Preprocessor:
     'none' and 'cifar' return the un-augmented image: CIFAR's pad/crop/flip need the normalised
     image (the padding is zero after normalisation), so the device does them.
     """
-    return auto_augment.augment_array(self._train_geometry(image, rng), self.auto_augment, rng)
+    # timm's RandAugment resamples with the training interpolation ('random': per operation)
+    geometry = self._train_geometry(image, rng)
+    return auto_augment.augment_array(geometry, self.auto_augment, rng, self.interpolation)
 
   def _train_geometry(self, image: Any, rng: np.random.Generator) -> np.ndarray:
     size = self.image_size
