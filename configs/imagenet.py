@@ -42,19 +42,52 @@ Differences left: the reference's polynomial decays over the post-warm-up steps 
 exactly at end_lr); its LARS turns epsilon 0 into Keras's 1e-7; its BN statistics are per
 replica and its normalisation subtracts the mean only (ours: recipe=modern's whole-batch BN and
 mean/std); the lr stays 10.0 at other batches below 16384, as in lars_util.py; not trained here.
-Config args: depth=50, plain, shortcut=A|B|C, recipe=paper|modern|torchvision|lars,
-stride_on=1x1|3x3, batch (default: 1024 for recipe=torchvision, else 256), bn_group (BN statistics
-over groups of that many examples; default 32 for recipe=paper, the whole global batch for the
-others; 0: the whole global batch), dataset=imagenet2012, multiscale (also run Table 4's
-whole-image testing at 224-640 at the end), tweaks=b|c|d (He et al. 2019's "Bag of Tricks"
-ResNet-B/C/D, Sec. 4.1, cumulative as in its Table 5: b is stride_on=3x3, c adds the deep 3x3
-stem (model resnet{depth}c), d also the avg-pool shortcuts (resnet{depth}d, timm's resnet50d)).
+recipe=rsb_a1|rsb_a2|rsb_a3: the three procedures of "ResNet strikes back" (Wightman, Touvron &
+Jegou 2021, arXiv 2110.00476, Table 1; timm's resnet50.a1_in1k, a2_in1k, a3_in1k weights: 80.4,
+79.8 and 78.1 % top-1). Table 1: batch 2048, LAMB, cosine, 5 warm-up epochs, BCE loss, no label
+smoothing, Mixup/CutMix, RandAugment at magnitude 7 (6 for A3) with std 0.5, no EMA, no random
+erasing, test crop ratio 0.95 at 224, mixed precision; A1: 600 epochs, lr 5e-3, weight decay 0.01,
+stochastic depth 0.05, repeated augmentation x3, Mixup 0.2; A2: 300 epochs, lr 5e-3, weight decay
+0.02, stochastic depth 0.05, repeated augmentation x3, Mixup 0.1; A3: 100 epochs at 160 px (tested
+at 224), lr 8e-3, weight decay 0.02, Mixup 0.1, no stochastic depth or repeats. timm's published A2
+command (train.py --aa rand-m7-mstd0.5-inc1 --mixup .1 --cutmix 1.0 --aug-repeats 3 --crop-pct 0.95
+--drop-path .05 --smoothing 0.0 --bce-loss --bce-target-thresh 0.2 --opt lamb --weight-decay .02
+--sched cosine --epochs 300 --lr 5e-3 --warmup-lr 1e-4 -b 256 on 8 GPUs) gives the BCE target
+threshold 0.2 and the warm-up's start 1e-4; timm's train.py of that release (git fbf59c04,
+2021-10-04) the rest: --min-lr 1e-6, --train-interpolation random (bilinear or bicubic per image,
+and per RandAugment operation), evaluation with bicubic resizes (its resolve_data_config's
+default), CutMix/Mixup switch 0.5 per batch, and its Lamb's default gradient clipping at global
+norm 1.0; timm's ResNet zero-initialises each block's last BN and spreads stochastic depth as
+(l-1)/(L-1) x rate (model.drop_path_rule='timm'); LAMB does not decay or adapt BN and biases
+(timm's filter_bias_and_bn: 'kernels'). The lr follows the batch linearly (5e-3 at 2048).
+Differences left: timm's schedule steps once per epoch and its cosine spans all epochs from epoch 0
+(ours: every step, after the warm-up), and its train.py then ran 10 cool-down epochs at the minimum
+lr by default; its BN statistics are per GPU (ours: the global batch; bn_group=256 for per-256
+groups); Mixup pairs the batch with its reverse (ours, torchvision's: with its roll); not trained
+here at scale, so the paper's accuracies are not reproduced, only its ingredients.
+Config args: depth=50, plain, shortcut=A|B|C, recipe=paper|modern|torchvision|lars|rsb_a1|
+rsb_a2|rsb_a3, stride_on=1x1|3x3, batch (default: 1024 for recipe=torchvision, 4096 for lars, 2048
+for rsb_*, else 256), bn_group (BN statistics over groups of that many examples; default 32 for
+recipe=paper, the whole global batch for the others; 0: the whole global batch),
+dataset=imagenet2012, multiscale (also run Table 4's whole-image testing at 224-640 at the end),
+tweaks=b|c|d (He et al. 2019's "Bag of Tricks" ResNet-B/C/D, Sec. 4.1, cumulative as in its Table
+5: b is stride_on=3x3, c adds the deep 3x3 stem (model resnet{depth}c), d also the avg-pool
+shortcuts (resnet{depth}d, timm's resnet50d)).
 Evaluators (resnet_jax/evaluators.py): the paper recipe's main one is 10-crop validation (Tables
 2-3); `center_crop` adds the centre-crop validation error Fig. 4 plots during training.
 """
 
 from resnet_jax.default_config import base_config, parse_arg
 from resnet_jax.models.names import IMAGENET_DEPTHS
+
+RECIPES = ('paper', 'modern', 'torchvision', 'lars', 'rsb_a1', 'rsb_a2', 'rsb_a3')
+# "ResNet strikes back", Table 1: (epochs, train size, lr at 2048, weight decay, drop path, repeats,
+# Mixup alpha, RandAugment magnitude)
+RSB_PROCEDURES = {
+  'rsb_a1': (600, 224, 5e-3, 0.01, 0.05, 3, 0.2, 7),
+  'rsb_a2': (300, 224, 5e-3, 0.02, 0.05, 3, 0.1, 7),
+  'rsb_a3': (100, 160, 8e-3, 0.02, 0.0, 1, 0.1, 6),
+}
 
 
 def get_config(arg: str | None = None):
@@ -78,8 +111,8 @@ def get_config(arg: str | None = None):
       f'tweaks={args.tweaks} includes ResNet-B, the stride on the 3x3 conv; stride_on=1x1 '
       'contradicts it'
     )
-  if args.recipe not in ('paper', 'modern', 'torchvision', 'lars'):
-    raise ValueError(f'recipe must be paper, modern, torchvision or lars, got {args.recipe!r}')
+  if args.recipe not in RECIPES:
+    raise ValueError(f'recipe must be one of {", ".join(RECIPES)}, got {args.recipe!r}')
   if args.depth not in IMAGENET_DEPTHS:  # resnet20 would be a CIFAR net (3x3 stem, 16-64 wide)
     raise ValueError(
       f'depth must be one of {", ".join(map(str, IMAGENET_DEPTHS))} (the ImageNet ResNets), got '
@@ -157,6 +190,32 @@ def get_config(arg: str | None = None):
     c.schedule.scale_with_batch = False
     c.schedule.end_lr = 1e-4
     c.schedule.power = 2.0
+  if args.recipe in RSB_PROCEDURES:  # "ResNet strikes back" (docstring)
+    epochs, size, lr, decay, drop, reps, mixup, magnitude = RSB_PROCEDURES[args.recipe]
+    c.batch_size = args.batch or 2048
+    c.num_epochs = float(epochs)
+    c.model.zero_init_last_bn = not args.plain
+    c.model.drop_path_rate = 0.0 if args.plain else drop
+    c.model.drop_path_rule = 'timm'
+    c.optimizer.name = 'lamb'
+    c.optimizer.nesterov = False
+    c.optimizer.weight_decay = decay
+    c.optimizer.weight_decay_mask = 'kernels'
+    c.optimizer.clip_grad_norm = 1.0  # timm's Lamb(max_grad_norm=1.0)
+    c.schedule.base_lr = lr * 256 / 2048  # x batch / 256
+    c.schedule.warmup_init_lr = 1e-4
+    c.schedule.end_lr = 1e-6
+    c.label_smoothing = 0.0
+    c.loss = 'sigmoid_bce'
+    c.bce_target_threshold = 0.2
+    c.data.mixup_alpha = mixup
+    c.data.cutmix_alpha = 1.0
+    c.data.repeated_augmentations = reps
+    c.data.image_size = size
+    c.data.eval_image_size = 224
+    c.data.eval_crop_pct = 0.95  # the 224 crop of the image resized to floor(224 / 0.95) = 235
+    c.data.interpolation = 'random'  # train: bilinear or bicubic per image; eval: bicubic
+    c.data.auto_augment = f'rand-m{magnitude}-mstd0.5-inc1'
   c.log_every_steps = 100
   c.eval_every_steps = 5000
   c.checkpoint_every_steps = 5000

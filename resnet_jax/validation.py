@@ -142,7 +142,7 @@ def validate_optimizer(o: ml_collections.ConfigDict) -> None:
 def validate_schedule_shape(config: ml_collections.ConfigDict) -> None:
   """`schedule.end_lr` (polynomial and cosine) and `power` (polynomial) are read only by those
   schedules, non-negative, and end_lr is at most the peak lr (above it the "decay" would climb);
-  `warmup_init_lr` starts a linear warm-up only and lies in [0, peak]."""
+  `warmup_init_lr` starts a linear warm-up only, non-negative."""
   s = config.schedule
   readers = {'end_lr': ('polynomial', 'cosine'), 'power': ('polynomial',)}
   for key, names in readers.items():
@@ -166,10 +166,8 @@ def validate_schedule_shape(config: ml_collections.ConfigDict) -> None:
         f'schedule.warmup_init_lr is set but schedule.warmup={s.warmup!r} ignores it: set '
         "schedule.warmup='linear' (a constant warm-up runs at schedule.warmup_lr)"
       )
-    if not 0 <= start <= peak:
-      raise ConfigError(
-        f'schedule.warmup_init_lr must be in [0, the peak learning rate {peak:g}], got {start}'
-      )
+    if not 0 <= start < math.inf:  # above the peak it ramps down: timm allows that too
+      raise ConfigError(f'schedule.warmup_init_lr must be non-negative and finite, got {start}')
 
 
 def validate_loss(config: ml_collections.ConfigDict) -> None:

@@ -389,8 +389,8 @@ def test_the_mlperf_lars_recipe_and_its_polynomial_schedule():
       "schedule.warmup='constant' ignores it",
     ),
     (
-      {'schedule.warmup': 'linear', 'schedule.warmup_init_lr': 0.5},
-      r'warmup_init_lr must be in \[0, the peak learning rate 0.1\]',
+      {'schedule.warmup': 'linear', 'schedule.warmup_init_lr': -0.5},
+      'warmup_init_lr must be non-negative and finite',
     ),
   ],
 )

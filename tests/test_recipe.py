@@ -1,9 +1,12 @@
-"""configs/imagenet.py:recipe=torchvision: torchvision's new-recipe hyper-parameters that we have
-(references/classification/README.md, ResNet section; train.py's EMA decay adjustment)."""
+"""configs/imagenet.py's recipes from other code bases: recipe=torchvision, torchvision's new-recipe
+hyper-parameters that we have (references/classification/README.md, ResNet section; train.py's
+EMA decay adjustment), and recipe=rsb_a1|a2|a3, "ResNet strikes back" (arXiv 2110.00476, Table
+1, and timm's train.py of that release)."""
 
 import pytest
 
-from resnet_jax import ema, mixing, optim
+from resnet_jax import ema, mixing, optim, validation
+from resnet_jax.data import auto_augment, pipeline
 from resnet_jax.default_config import load_sibling_config
 
 
@@ -48,6 +51,67 @@ def test_the_other_recipes_mix_nothing_and_keep_no_ema(recipe):
   assert c.batch_size == 256
   assert mixing.from_config(c, 1000) is None and ema.from_config(c, 100) is None
   assert c.model.zero_init_last_bn == (recipe == 'modern')
+
+
+@pytest.mark.parametrize(
+  'recipe,epochs,size,lr,decay,drop,reps,mixup,magnitude',
+  [
+    ('rsb_a1', 600, 224, 5e-3, 0.01, 0.05, 3, 0.2, 7),
+    ('rsb_a2', 300, 224, 5e-3, 0.02, 0.05, 3, 0.1, 7),
+    ('rsb_a3', 100, 160, 8e-3, 0.02, 0.0, 1, 0.1, 6),
+  ],
+)
+def test_resnet_strikes_back_procedures(
+  recipe, epochs, size, lr, decay, drop, reps, mixup, magnitude
+):
+  """Table 1 of the paper, column by column, with timm's train.py defaults of its release."""
+  c = _imagenet(f'recipe={recipe}')
+  assert c.batch_size == 2048 and optim.peak_learning_rate(c) == pytest.approx(lr)
+  assert c.num_epochs == epochs and c.data.image_size == size
+  o = c.optimizer
+  assert (o.name, o.weight_decay, o.weight_decay_mask, o.clip_grad_norm) == (
+    'lamb',
+    decay,
+    'kernels',
+    1.0,
+  )
+  s = c.schedule
+  assert (s.name, s.warmup, s.warmup_epochs, s.warmup_init_lr, s.end_lr) == (
+    'cosine',
+    'linear',
+    5.0,
+    1e-4,
+    1e-6,
+  )
+  assert (c.loss, c.bce_target_threshold, c.label_smoothing) == ('sigmoid_bce', 0.2, 0.0)
+  assert (c.model.drop_path_rate, c.model.drop_path_rule) == (drop, 'timm')
+  assert c.model.zero_init_last_bn and c.model.stride_on == '3x3' and c.model.name == 'resnet50'
+  d = c.data
+  assert (d.mixup_alpha, d.cutmix_alpha, d.mix_prob, d.mix_switch_prob) == (mixup, 1.0, 1.0, 0.5)
+  assert d.repeated_augmentations == reps and d.random_erasing == 0.0
+  assert d.auto_augment == f'rand-m{magnitude}-mstd0.5-inc1'
+  assert (d.augment, d.eval_image_size, d.eval_crop_pct, d.interpolation) == (
+    'inception',
+    224,
+    0.95,
+    'random',
+  )
+  c.data.name = 'synthetic'  # (random images: the preprocessing is what is checked)
+  preprocessor = pipeline.make_preprocessor(c)  # timm's RandAugment string and eval resize
+  assert auto_augment.parse(d.auto_augment).magnitude == magnitude
+  assert (preprocessor.eval_image_size, preprocessor.eval_resize) == (224, 235)
+  assert c.ema_decay == 0.0 and c.dtype == 'bfloat16'
+  validation.validate_config(c)  # every value is one the product accepts
+
+
+def test_rsb_learning_rate_follows_the_batch_and_plain_nets_get_no_drop_path():
+  c = _imagenet('recipe=rsb_a2,batch=256')
+  assert optim.peak_learning_rate(c) == pytest.approx(5e-3 / 8)
+  c = _imagenet('recipe=rsb_a1,depth=101,tweaks=d')
+  assert c.model.name == 'resnet101d' and c.model.drop_path_rate == 0.05
+  c = _imagenet('recipe=rsb_a1,plain')
+  assert c.model.drop_path_rate == 0.0 and not c.model.zero_init_last_bn
+  validation.validate_config(c)
 
 
 def test_the_recipe_benchmark_times_the_four_variants(capsys):
