@@ -114,23 +114,24 @@ def test_classes_and_files_follow_torchvision_image_folder(tree):
     assert source.records[19]['image'] == f.read()  # the file's bytes, decoded by the pipeline
 
 
+def _tfds_imagenet_wnids() -> list[str]:
+  """The class names TFDS's imagenet2012 builder gives its labels 0-999, from the file it reads."""
+  import tensorflow_datasets as tfds
+  from tensorflow_datasets.datasets.imagenet2012 import imagenet_common
+
+  path = tfds.core.tfds_path(imagenet_common._LABELS_FNAME)  # pylint: disable=protected-access
+  return path.read_text().split()
+
+
 def test_imagenet_class_order_is_tfds_imagenet2012s():
   """Sorted WordNet ids are TFDS imagenet2012's label order (and torchvision's/timm's weights'):
   a tree of ImageNet's 1,000 class folders gets the labels a prepared imagenet2012 has."""
-  import tensorflow_datasets as tfds
-
-  path = os.path.join(os.path.dirname(tfds.__file__), 'datasets', 'imagenet2012', 'labels.txt')
-  with open(path) as f:
-    wnids = f.read().split()
+  wnids = _tfds_imagenet_wnids()
   assert len(wnids) == 1000 and wnids == sorted(wnids) and wnids[0] == 'n01440764'
 
 
 def test_imagenet_wnid_folders_get_tfds_labels(tmp_path):
-  import tensorflow_datasets as tfds
-
-  path = os.path.join(os.path.dirname(tfds.__file__), 'datasets', 'imagenet2012', 'labels.txt')
-  with open(path) as f:
-    wnids = f.read().split()
+  wnids = _tfds_imagenet_wnids()
   photo = _photos()[0]
   for wnid in reversed(wnids):  # created last to first: the order on disk must not matter
     os.makedirs(os.path.join(tmp_path, 'train', wnid))
@@ -344,3 +345,20 @@ def test_a_symlink_loop_is_listed_once(tree):
   os.symlink(os.path.join(tree, 'train', 'n01'), os.path.join(tree, 'train', 'n01', 'again'))
   source = sources.open_split(folder_config(tree), 'train')
   assert len(source) == 20 and not any('again' in p for p in _paths(source, tree))
+
+
+def test_same_samples_and_labels_as_torchvisions_image_folder(tree, tv):  # pylint: disable=unused-argument
+  """torchvision's own `ImageFolder` (the `tv` fixture makes torchvision importable) lists the
+  same files in the same order with the same labels; for another split, labels are its
+  `class_to_idx` of the train split, looked up by folder name."""
+  from torchvision.datasets.folder import ImageFolder
+
+  theirs = ImageFolder(os.path.join(tree, 'train'))
+  ours = sources.open_split(folder_config(tree), 'train')
+  assert [ours.records.path(i) for i in range(len(ours))] == [p for p, _ in theirs.samples]
+  assert [ours.records[i]['label'] for i in range(len(ours))] == theirs.targets
+  val = ImageFolder(os.path.join(tree, 'val'))
+  ours_val = sources.open_split(folder_config(tree), 'val')
+  expected = [theirs.class_to_idx[os.path.basename(os.path.dirname(p))] for p, _ in val.samples]
+  assert [ours_val.records[i]['label'] for i in range(len(ours_val))] == expected
+  assert ours_val.records.path(0) == val.samples[0][0]
