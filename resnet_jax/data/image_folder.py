@@ -177,7 +177,8 @@ class FolderRecords:
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
       reason = ' '.join(str(e).split())[:200] or type(e).__name__
       raise sources.DatasetDamagedError(
-        f'image file {path} cannot be read as an image ({reason}): replace or remove it'
+        f'image file {path} cannot be read as an image ({reason}): replace it with a good copy '
+        '(removing it changes the file list: a resumed run then sees other batches)'
       ) from e
     return {'image': data, 'label': int(self._labels[index])}
 
