@@ -31,7 +31,7 @@ from resnet_jax.workdir import write_atomic
 NAME = 'image_folder'
 # torchvision.datasets.folder.IMG_EXTENSIONS, compared case-insensitively as torchvision does.
 IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
-_INDEX_VERSION = 1
+_INDEX_VERSION = 2
 _MEMORY: dict[str, dict[str, np.ndarray]] = {}  # split dir -> index, revalidated on every open
 
 
@@ -96,7 +96,7 @@ def scan(split_dir: str) -> dict[str, np.ndarray]:
       names += [f if prefix == '.' else os.path.join(prefix, f) for f in files]
     labels += [label] * (len(names) - before)
   encoded = [n.encode('utf-8', 'surrogateescape') for n in names]
-  return {
+  index = {
     'version': np.int64(_INDEX_VERSION),
     'classes': np.asarray(classes, dtype=str),
     'blob': np.frombuffer(b''.join(encoded), np.uint8),
@@ -105,6 +105,8 @@ def scan(split_dir: str) -> dict[str, np.ndarray]:
     'dirs': np.asarray([os.path.relpath(d, split_dir) for d in dirs], dtype=str),
     'mtimes': np.asarray(mtimes, np.int64),
   }
+  files = _digest(*(index[k] for k in ('classes', 'blob', 'ends', 'labels')))
+  return {**index, 'files': np.asarray(files)}
 
 
 def _still_valid(index: dict[str, np.ndarray], split_dir: str) -> bool:
@@ -266,8 +268,8 @@ def open_split(
       raise _not_found(
         f"split '{split}' of image folder {root} has class directories the train split "
         f"'{train_split}' does not ({', '.join(unknown[:5])}{', ...' if len(unknown) > 5 else ''}"
-        f'; {len(unknown)} in all): classes are matched by name, so each must be one of '
-        f"'{train_split}''s"
+        f'; {len(unknown)} in all): classes are matched by name, so each must also be a class '
+        f"directory of '{train_split}'"
       )
     labels = np.asarray([position[c] for c in classes], np.int32)[index['labels']]
   records = FolderRecords(split_dir, classes, index, labels)
@@ -285,7 +287,7 @@ def _stats_dir(root: str, train_split: str) -> str | None:
   path and its file list (so a changed tree gets new statistics); None if it cannot be made."""
   real = os.path.realpath(os.path.join(root, train_split))
   index = _MEMORY.get(real) or _cached_scan(real)
-  key = _digest(real, index['classes'], index['blob'], index['ends'], index['labels'])
+  key = _digest(real, index['files'])
   directory = os.path.join(cache_root(), NAME, f'stats-{key}')
   try:
     os.makedirs(directory, exist_ok=True)
