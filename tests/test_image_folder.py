@@ -362,3 +362,30 @@ def test_same_samples_and_labels_as_torchvisions_image_folder(tree, tv):  # pyli
   expected = [theirs.class_to_idx[os.path.basename(os.path.dirname(p))] for p, _ in val.samples]
   assert [ours_val.records[i]['label'] for i in range(len(ours_val))] == expected
   assert ours_val.records.path(0) == val.samples[0][0]
+
+
+def test_benchmark_input_measures_a_tree(tmp_path, capsys):
+  """`scripts/benchmark_input.py --write-tree DIR` writes its generated JPEGs as a tree, byte for
+  byte, and `--dataset image_folder --data_dir DIR` times the train and 10-crop pipelines on it
+  (the tree has no 'test' split: the eval pipeline reads train, as on TFDS data)."""
+  import importlib.util
+  import json
+
+  path = os.path.join(os.path.dirname(__file__), '..', 'scripts', 'benchmark_input.py')
+  spec = importlib.util.spec_from_file_location('benchmark_input_script', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  root = str(tmp_path / 'tree')
+  assert module.write_tree(root, str(tmp_path / 'tfds'), 'tiny') == 34  # 24 train + 10 test
+  tfds_config = module.make_config(
+    'generated_jpegs/tiny', 'imagenet', 32, str(tmp_path / 'tfds'), 0, 1
+  )
+  records = sources.open_split(tfds_config, 'train').records
+  tfds_images = sorted(bytes(records[i]['image']) for i in range(len(records)))
+  tree = sources.open_split(folder_config(root), 'train').records
+  assert sorted(tree[i]['image'] for i in range(len(tree))) == tfds_images
+  args = ['--dataset', 'image_folder', '--data_dir', root, '--smoke', '--json']
+  assert module.main(args + ['--pipelines', 'imagenet_train,imagenet_eval_10crop']) == 0
+  rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])['results']
+  assert [r['pipeline'] for r in rows] == ['imagenet_train', 'imagenet_eval_10crop']
+  assert all(r['dataset'] == 'image_folder' and r['examples_per_sec'] > 0 for r in rows)
