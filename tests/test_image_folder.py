@@ -334,10 +334,14 @@ def test_a_few_training_steps_and_evaluate(tree, tmp_path):
   config = folder_config(tree)
   config.model.name, config.batch_size, config.eval_batch_size = 'resnet8', 4, 4
   config.num_train_steps, config.progress_bar = 3, False
+  config.evals.train_images = dict(split='train', crops=2, every_steps=0)  # an extra evaluator
   result = train.train_and_evaluate(config, str(tmp_path / 'run'))
   assert result['eval']['num_examples'] == 4 and np.isfinite(result['eval']['loss'])
+  assert result['evals']['train_images']['num_examples'] == 20
   again = evaluate.evaluate_workdir(str(tmp_path / 'run'))
   assert again['top1_error'] == result['eval']['top1_error'] and again['num_examples'] == 4
+  precise = evaluate.evaluate_workdir(str(tmp_path / 'run'), precise_bn_batches=2)
+  assert precise['num_examples'] == 4 and precise['precise_bn_batches'] == 2
 
 
 def test_a_symlink_loop_is_listed_once(tree):
