@@ -200,6 +200,10 @@ def test_empty_class_directory_is_named(tree):
   _expect_not_found(folder_config(tree), 'train', os.path.join(tree, 'train', 'n05'), 'no image')
 
 
+def test_a_misspelt_name_points_to_image_folder(tree):
+  _expect_not_found(folder_config(tree, name='imagefolder'), 'train', "'image_folder' (a tree")
+
+
 def test_a_class_only_in_the_eval_split_is_refused(tree):
   _save(os.path.join(tree, 'val', 'n99', 'x.jpg'), _photos()[0], 'JPEG')
   _expect_not_found(folder_config(tree), 'val', 'n99', "train split 'train' does not")

@@ -193,7 +193,8 @@ def _tfds_builder(name: str, data_dir: str | None):
     ) from e
   except tfds.core.registered.DatasetNotFoundError as e:
     raise DatasetNotFoundError(
-      f"unknown dataset '{name}': not 'digits', 'synthetic' or a TFDS dataset name"
+      f"unknown dataset '{name}': not 'digits', 'synthetic', 'image_folder' (a tree "
+      'ROOT/<split>/<class>/<image> at data.data_dir) or a TFDS dataset name'
     ) from e
   except json_format.ParseError as e:  # TFDS reads dataset_info.json while making the builder
     root = data_dir or os.environ.get('TFDS_DATA_DIR') or '~/tensorflow_datasets'
