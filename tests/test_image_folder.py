@@ -221,11 +221,20 @@ def test_a_missing_split_is_one_error_line_from_the_cli(tree, tmp_path):
   assert_one_line_error(proc, "no split 'validation'", '--config.data.eval_split=val')
 
 
-@pytest.mark.parametrize('damage', ['truncate', 'empty', 'html', 'delete'])
-def test_a_file_that_cannot_be_read_mid_run_names_the_file(tree, damage):
+@pytest.mark.parametrize(
+  'name,damage',
+  [
+    ('n02/img1.jpg', 'truncate'),
+    ('n02/img1.jpg', 'empty'),
+    ('n02/img1.jpg', 'html'),
+    ('n02/img1.jpg', 'delete'),
+    ('n10/sub/deep.png', 'truncate'),
+  ],
+)
+def test_a_file_that_cannot_be_read_mid_run_names_the_file(tree, name, damage):
   source = sources.open_split(folder_config(tree), 'train')
-  path = os.path.join(tree, 'train', 'n02', 'img1.jpg')
-  index = _paths(source, os.path.join(tree, 'train')).index('n02/img1.jpg')
+  path = os.path.join(tree, 'train', name)
+  index = _paths(source, os.path.join(tree, 'train')).index(name)
   if damage == 'delete':
     os.remove(path)
   else:
