@@ -382,17 +382,32 @@ def test_same_samples_and_labels_as_torchvisions_image_folder(tree, tv):  # pyli
   assert ours_val.records.path(0) == val.samples[0][0]
 
 
+def _script(name: str):
+  import importlib.util
+
+  path = os.path.join(os.path.dirname(__file__), '..', 'scripts', f'{name}.py')
+  spec = importlib.util.spec_from_file_location(f'{name}_script', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_benchmark_e2e_runs_on_a_tree_with_a_val_split(tree, capsys):
+  import json
+
+  args = ['--smoke', '--dataset', 'image_folder', '--data_dir', tree, '--json']
+  assert _script('benchmark_e2e').main(args + ['--eval-split', 'val']) == 0
+  result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert result['dataset'] == 'image_folder' and result['images_per_sec'] > 0
+
+
 def test_benchmark_input_measures_a_tree(tmp_path, capsys):
   """`scripts/benchmark_input.py --write-tree DIR` writes its generated JPEGs as a tree, byte for
   byte, and `--dataset image_folder --data_dir DIR` times the train and 10-crop pipelines on it
   (both read the train split, so a tree of train only will do)."""
-  import importlib.util
   import json
 
-  path = os.path.join(os.path.dirname(__file__), '..', 'scripts', 'benchmark_input.py')
-  spec = importlib.util.spec_from_file_location('benchmark_input_script', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = _script('benchmark_input')
   root = str(tmp_path / 'tree')
   assert module.write_tree(root, str(tmp_path / 'tfds'), 'tiny') == 34  # 24 train + 10 test
   tfds_config = module.make_config(
