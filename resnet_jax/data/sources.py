@@ -345,12 +345,12 @@ def open_split(config: ml_collections.ConfigDict, split: str) -> SplitSource:
   if name == 'image_folder':  # an extracted tree, ROOT/<split>/<class>/<image>
     from resnet_jax.data import image_folder  # pylint: disable=import-outside-toplevel
 
-    def read(split: str) -> SplitSource:
-      return image_folder.open_split(data_dir, split, train_split)
+    def read(which: str) -> SplitSource:
+      return image_folder.open_split(data_dir, which, train_split)
   else:
 
-    def read(split: str) -> SplitSource:
-      return _tfds_split(name, data_dir, split)
+    def read(which: str) -> SplitSource:
+      return _tfds_split(name, data_dir, which)
 
   if validation_size > 0 and split in ('validation', train_split):
     full = read(train_split)
