@@ -76,7 +76,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.attention = ml_collections.FieldReference(None, field_type=str)
 
   c.data = ml_collections.ConfigDict()
-  c.data.name = 'digits'  # 'digits' | 'synthetic' | any TFDS image-classification name
+  # 'digits' | 'synthetic' | 'image_folder' (data_dir=ROOT/<split>/<class>/<image>) | a TFDS name
+  c.data.name = 'digits'
   c.data.data_dir = ml_collections.FieldReference(None, field_type=str)
   c.data.train_split = 'train'
   c.data.eval_split = 'test'

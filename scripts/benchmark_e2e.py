@@ -49,7 +49,7 @@ def experiment_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
     name=args.dataset or f'generated_jpegs/{args.generated}',
     data_dir=args.data_dir,
     train_split='train',
-    eval_split='test',
+    eval_split=args.eval_split,
     image_size=args.image_size,
     augment=args.augment,
     normalize='per_pixel_mean',
@@ -210,6 +210,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     '--dataset', default=None, help='a prepared TFDS dataset instead (e.g. imagenet2012)'
   )
   p.add_argument('--data_dir', default=None)
+  p.add_argument(
+    '--eval-split',
+    '--eval_split',
+    default='test',
+    help="the dataset's evaluation split, which it must have though this times training only "
+    "(an image_folder tree ROOT/<split>/...: e.g. 'val')",
+  )
   p.add_argument('--smoke', action='store_true', help='tiny model, images and steps (CPU, CI)')
   p.add_argument('--json', action='store_true', help='print one JSON object as the last line')
   args = p.parse_args(argv)

@@ -11,6 +11,9 @@ or, with `--dataset NAME --data_dir DIR`, the same pipelines on a prepared TFDS 
   python scripts/benchmark_input.py --dataset imagenet2012 --data_dir ~/tensorflow_datasets \\
       --pipelines imagenet_train,imagenet_eval_10crop
   python scripts/benchmark_input.py --smoke             # a few tiny batches (CI)
+  python scripts/benchmark_input.py --dataset image_folder --data_dir ROOT   # ROOT/train/<class>/
+  python scripts/benchmark_input.py --write-tree DIR    # the generated ImageNet-like JPEGs as a
+      # tree DIR/<split>/<class>/<i>.jpg (the same bytes), to time image_folder against ArrayRecord
 
 Every row reports examples/s and the host CPU seconds the pipeline burned (main process + Grain
 workers, from the OS's accounting), hence `examples_per_core_sec` and
@@ -45,7 +48,7 @@ from host_cpu import CpuClock, rates  # pylint: disable=g-import-not-at-top,wron
 import resnet_jax.data as data  # pylint: disable=g-import-not-at-top,wrong-import-position
 from resnet_jax import cli, default_config  # pylint: disable=wrong-import-position
 from resnet_jax.data import auto_augment as auto_augment_lib  # pylint: disable=wrong-import-position
-from resnet_jax.data import generated, pipeline  # pylint: disable=wrong-import-position
+from resnet_jax.data import generated, pipeline, sources  # pylint: disable=wrong-import-position
 from resnet_jax.data import views as augment_views  # pylint: disable=wrong-import-position
 
 # name: (generated config, augment, image_size, batch size, smoke config)
@@ -105,6 +108,23 @@ def legacy_preprocessor(config: ml_collections.ConfigDict):
   return pre
 
 
+def write_tree(root: str, data_dir: str, config_name: str = 'imagenet') -> int:
+  """Writes the generated dataset's JPEG bytes as an image-folder tree; returns the image count."""
+  generated.prepare(config_name, data_dir)
+  config = make_config(f'generated_jpegs/{config_name}', 'imagenet', 224, data_dir, 0, 1)
+  count = 0
+  for split in ('train', 'test'):
+    records = sources.open_split(config, split).records
+    for i in range(len(records)):
+      record = records[i]
+      directory = os.path.join(root, split, f'class_{int(record["label"]):03d}')
+      os.makedirs(directory, exist_ok=True)
+      with open(os.path.join(directory, f'{i:07d}.jpg'), 'wb') as f:
+        f.write(bytes(record['image']))
+      count += 1
+  return count
+
+
 def buffered_batches(prefetch: int, num_workers: int) -> int:
   """How many batches the pipeline can hold computed ahead of its consumer: without workers the
   read threads' buffer; with workers, per worker, its read buffer, its queue to the main process
@@ -143,7 +163,7 @@ def measure(
       preprocessor=preprocessor,
     )
   else:  # the train split is the larger one: one pass covers the timed batches without restarts
-    num_train = data.get_dataset_info(config).num_train_examples
+    num_train = len(sources.open_split(config, 'train'))  # an image tree may have no 'test'
     available = data.num_eval_batches(num_train, batch_size, 1)
     warmup = max(0, min(warmup, available - num_batches))
     num_batches = min(num_batches, available - warmup)
@@ -257,6 +277,13 @@ def main(argv: list[str] | None = None) -> int:
     "TFDS's default with --dataset)",
   )
   parser.add_argument(
+    '--write-tree',
+    '--write_tree',
+    default=None,
+    help='write the generated ImageNet-like JPEGs as DIR/<split>/<class>/<i>.jpg and exit '
+    '(then time them with --dataset image_folder --data_dir DIR)',
+  )
+  parser.add_argument(
     '--smoke', action='store_true', help='tiny images, few batches: checks it runs'
   )
   parser.add_argument(
@@ -277,6 +304,10 @@ def main(argv: list[str] | None = None) -> int:
   data_dir = args.data_dir
   if data_dir is None and not args.dataset:
     data_dir = os.path.join(tempfile.gettempdir(), 'resnet_jax_bench_tfds')
+  if args.write_tree:
+    count = write_tree(args.write_tree, data_dir or tempfile.gettempdir())
+    print(f'wrote {count} images under {args.write_tree}')
+    return 0
   least = max(min_timed_batches(args.prefetch, w) for w in workers)
   if args.batches is not None and args.batches < least:
     parser.error(

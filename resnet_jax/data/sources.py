@@ -1,4 +1,5 @@
-"""Random-access sources for one split: TFDS ArrayRecord data, the embedded digits, synthetic ones.
+"""Random-access sources for one split: TFDS ArrayRecord data, the embedded digits, synthetic ones,
+an image-folder tree (`image_folder.py`).
 
 Every source is a picklable sequence (`len`, `[i]`) of `{'image': uint8 array or encoded bytes,
 'label': int}` so Grain can read it in worker processes. Splits named `validation` can be carved
@@ -192,7 +193,8 @@ def _tfds_builder(name: str, data_dir: str | None):
     ) from e
   except tfds.core.registered.DatasetNotFoundError as e:
     raise DatasetNotFoundError(
-      f"unknown dataset '{name}': not 'digits', 'synthetic' or a TFDS dataset name"
+      f"unknown dataset '{name}': not 'digits', 'synthetic', 'image_folder' (a tree "
+      'ROOT/<split>/<class>/<image> at data.data_dir) or a TFDS dataset name'
     ) from e
   except json_format.ParseError as e:  # TFDS reads dataset_info.json while making the builder
     root = data_dir or os.environ.get('TFDS_DATA_DIR') or '~/tensorflow_datasets'
@@ -340,8 +342,18 @@ def open_split(config: ml_collections.ConfigDict, split: str) -> SplitSource:
     return _synthetic_split(config, split)
   # '~' as `prepare` reads it: TFDS itself would make a directory named '~' in the cwd
   data_dir = os.path.expanduser(data.data_dir) if data.data_dir else None
+  if name == 'image_folder':  # an extracted tree, ROOT/<split>/<class>/<image>
+    from resnet_jax.data import image_folder  # pylint: disable=import-outside-toplevel
+
+    def read(which: str) -> SplitSource:
+      return image_folder.open_split(data_dir, which, train_split)
+  else:
+
+    def read(which: str) -> SplitSource:
+      return _tfds_split(name, data_dir, which)
+
   if validation_size > 0 and split in ('validation', train_split):
-    full = _tfds_split(name, data_dir, train_split)
+    full = read(train_split)
     if validation_size >= len(full):
       raise ValueError(
         f'data.validation_size={validation_size} leaves no training examples: split '
@@ -351,4 +363,4 @@ def open_split(config: ml_collections.ConfigDict, split: str) -> SplitSource:
     return dataclasses.replace(
       full, records=_Subset(full.records, keep if split == train_split else held_out)
     )
-  return _tfds_split(name, data_dir, split)
+  return read(split)

@@ -1,0 +1,297 @@
+"""`data.name='image_folder'`: an extracted tree ROOT/<split>/<class>/**/<image>, read in place.
+
+The layout torchvision's `ImageFolder` reads (and how clusters keep ImageNet): classes are the
+sorted names of the train split's subdirectories (`ImageFolder.find_classes`; for ImageNet the
+sorted WordNet ids, TFDS imagenet2012's and torchvision's/timm's class order), images are the files
+with torchvision's image extensions found under each class directory (recursively, symlinks
+followed, sorted). Another split's class directories are mapped to the train split's by name.
+
+The tree is only read. Its file index and the dataset statistics are cached in a user cache
+directory (`$RESNET_JAX_CACHE_DIR`, else `$XDG_CACHE_HOME/resnet_jax`, else
+`~/.cache/resnet_jax`) keyed by the tree's real path and file list: listing 1.28M files on a
+network file system takes minutes, and the tree may be read-only. The index is used again while
+the modification times of every directory it listed are unchanged (adding, removing or renaming
+a file changes its directory's).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from resnet_jax.data import sources
+from resnet_jax.workdir import write_atomic
+
+NAME = 'image_folder'
+# torchvision.datasets.folder.IMG_EXTENSIONS, compared case-insensitively as torchvision does.
+IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
+_INDEX_VERSION = 2
+_MEMORY: dict[str, dict[str, np.ndarray]] = {}  # split dir -> index, revalidated on every open
+
+
+def cache_root() -> str:
+  """Where derived data of image trees goes (never into the tree itself)."""
+  explicit = os.environ.get('RESNET_JAX_CACHE_DIR')
+  if explicit:
+    return os.path.expanduser(explicit)
+  base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+  return os.path.join(base, 'resnet_jax')
+
+
+def _digest(*parts: Any) -> str:
+  h = hashlib.sha256()
+  for part in parts:
+    h.update(part.tobytes() if isinstance(part, np.ndarray) else str(part).encode())
+    h.update(b'\0')
+  return h.hexdigest()[:16]
+
+
+def _subdirectories(directory: str) -> list[str]:
+  """Sorted names of the subdirectories (symlinks to directories count), as `find_classes`."""
+  return sorted(e.name for e in os.scandir(directory) if e.is_dir())
+
+
+def _walk(class_dir: str) -> tuple[list[tuple[str, list[str]]], list[str], list[int]]:
+  """([(dir, sorted image names)] sorted by dir, every dir listed, its mtime before listing)."""
+  found, dirs, mtimes, seen = [], [], [], set()
+  stack = [class_dir]
+  while stack:
+    directory = stack.pop()
+    st = os.stat(directory)
+    if (st.st_dev, st.st_ino) in seen:  # a symlink loop: torchvision's os.walk would not end
+      continue
+    seen.add((st.st_dev, st.st_ino))
+    dirs.append(directory)
+    mtimes.append(st.st_mtime_ns)
+    names = []
+    with os.scandir(directory) as entries:
+      for entry in entries:
+        if entry.is_dir():
+          stack.append(entry.path)
+        elif entry.name.lower().endswith(IMG_EXTENSIONS):
+          names.append(entry.name)
+    found.append((directory, sorted(names)))
+  return sorted(found), dirs, mtimes
+
+
+def scan(split_dir: str) -> dict[str, np.ndarray]:
+  """The index of one split: its classes, every image (class, path under the class directory)
+  in torchvision's order, and each directory listed with its modification time."""
+  classes = _subdirectories(split_dir)
+  names, labels, dirs, mtimes = [], [], [split_dir], [os.stat(split_dir).st_mtime_ns]
+  for label, name in enumerate(classes):
+    class_dir = os.path.join(split_dir, name)
+    found, class_dirs, class_mtimes = _walk(class_dir)
+    dirs += class_dirs
+    mtimes += class_mtimes
+    before = len(names)
+    for directory, files in found:
+      prefix = os.path.relpath(directory, class_dir)
+      names += [f if prefix == '.' else os.path.join(prefix, f) for f in files]
+    labels += [label] * (len(names) - before)
+  encoded = [n.encode('utf-8', 'surrogateescape') for n in names]
+  index = {
+    'version': np.int64(_INDEX_VERSION),
+    'classes': np.asarray(classes, dtype=str),
+    'blob': np.frombuffer(b''.join(encoded), np.uint8),
+    'ends': np.cumsum([len(e) for e in encoded], dtype=np.int64),
+    'labels': np.asarray(labels, np.int32),
+    'dirs': np.asarray([os.path.relpath(d, split_dir) for d in dirs], dtype=str),
+    'mtimes': np.asarray(mtimes, np.int64),
+  }
+  files = _digest(*(index[k] for k in ('classes', 'blob', 'ends', 'labels')))
+  return {**index, 'files': np.asarray(files)}
+
+
+def _still_valid(index: dict[str, np.ndarray], split_dir: str) -> bool:
+  if int(index.get('version', -1)) != _INDEX_VERSION:
+    return False
+  try:
+    now = [os.stat(os.path.join(split_dir, str(d))).st_mtime_ns for d in index['dirs']]
+  except OSError:
+    return False
+  return np.array_equal(np.asarray(now, np.int64), index['mtimes'])
+
+
+def _cached_scan(split_dir: str) -> dict[str, np.ndarray]:
+  """`scan(split_dir)`, from memory or the user cache while no listed directory changed."""
+  real = os.path.realpath(split_dir)
+  path = os.path.join(cache_root(), NAME, f'index-{_digest(real)}.npz')
+  index = _MEMORY.get(real)
+  if index is None and os.path.exists(path):
+    try:
+      with np.load(path) as f:
+        index = {k: f[k] for k in f.files}
+    except (OSError, ValueError, EOFError) as e:  # truncated, or another version: scan again
+      logging.warning('ignoring unreadable image folder index %s: %s', path, e)
+  if index is not None and _still_valid(index, real):
+    _MEMORY[real] = index
+    return index
+  index = scan(real)
+  _MEMORY[real] = index
+  try:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    buffer = io.BytesIO()
+    np.savez(buffer, **index)
+    write_atomic(path, buffer.getvalue())
+  except OSError as e:  # an unwritable cache: scan again next time
+    logging.info('could not cache the image folder index in %s: %s', path, e)
+  return index
+
+
+class FolderRecords:
+  """Random access to `{'image': the file's bytes, 'label': int}` of one split.
+
+  Picklable and small (Grain sends it to every worker): the paths are one byte array with end
+  offsets, not a list of strings. A file that cannot be read, or whose bytes are not a whole
+  image, is a `DatasetDamagedError` naming it.
+  """
+
+  def __init__(self, split_dir: str, classes: list[str], index: dict[str, np.ndarray], labels):
+    self._split_dir, self._classes = split_dir, list(classes)
+    self._blob, self._ends = index['blob'], index['ends']
+    self._labels = np.asarray(labels, np.int32)  # the train split's class of each image
+    self._dirs = np.asarray(index['labels'], np.int32)  # its class directory here
+
+  def __len__(self) -> int:
+    return len(self._ends)
+
+  def path(self, index: int) -> str:
+    start = int(self._ends[index - 1]) if index > 0 else 0
+    name = self._blob[start : int(self._ends[index])].tobytes().decode('utf-8', 'surrogateescape')
+    return os.path.join(self._split_dir, self._classes[int(self._dirs[index])], name)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    index = int(index)
+    if not 0 <= index < len(self):
+      raise IndexError(index)
+    path = self.path(index)
+    try:
+      with open(path, 'rb') as f:
+        data = f.read()
+      _check_whole_image(data)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+      reason = ' '.join(str(e).split())[:200] or type(e).__name__
+      raise sources.DatasetDamagedError(
+        f'image file {path} cannot be read as an image ({reason}): replace it with a good copy '
+        '(removing it changes the file list: a resumed run then sees other batches)'
+      ) from e
+    return {'image': data, 'label': int(self._labels[index])}
+
+
+def _check_whole_image(data: bytes) -> None:
+  """Raises what decoding would raise later, for the damage a cheap look can see: no image at
+  all (an empty file, an HTML error page) or a truncated one (an interrupted copy). A JPEG not
+  ending in its EOI marker, or a PNG not in IEND, is decoded once here (trailing bytes after a
+  whole image decode; a cut one raises); anything else only pays for its header."""
+  img = Image.open(io.BytesIO(data))
+  tail = data[-32:].rstrip(b'\0')
+  if (img.format == 'JPEG' and not tail.endswith(b'\xff\xd9')) or (
+    img.format == 'PNG' and b'IEND' not in tail
+  ):
+    img.load()
+
+
+def _not_found(message: str) -> sources.DatasetNotFoundError:
+  return sources.DatasetNotFoundError(message)
+
+
+def _split_dir(root: str, split: str, hint_flag: str, train_split: str) -> str:
+  directory = os.path.join(root, split)
+  if os.path.isdir(directory):
+    return directory
+  existing = _subdirectories(root)
+  if not existing:
+    raise _not_found(
+      f"image folder {root} has no split '{split}' and no subdirectories at all: it must hold "
+      f'one directory per split, ROOT/{split}/<class>/<image>'
+    )
+  others = [s for s in existing if s not in (split, train_split)] or existing
+  example = f' (e.g. {hint_flag}={others[0]})' if others else ''
+  raise _not_found(
+    f"image folder {root} has no split '{split}' (its subdirectories: {', '.join(existing)}): "
+    f'name one of them as the split{example}'
+  )
+
+
+def _check_classes(index: dict[str, np.ndarray], split_dir: str, split: str, root: str) -> None:
+  classes = [str(c) for c in index['classes']]
+  if not classes:
+    raise _not_found(
+      f"split '{split}' of image folder {root} has no class directories: images go in "
+      f'{split_dir}/<class>/<image>'
+    )
+  counts = np.bincount(index['labels'], minlength=len(classes))
+  empty = [os.path.join(split_dir, c) for c, n in zip(classes, counts) if n == 0]
+  if empty:
+    more = f' and {len(empty) - 1} more' if len(empty) > 1 else ''
+    raise _not_found(
+      f'class directory {empty[0]}{more} has no image files ({", ".join(IMG_EXTENSIONS)}, any '
+      'case): add its images or remove it'
+    )
+
+
+def open_split(
+  data_dir: str | None, split: str, train_split: str, hint_flag: str = '--config.data.eval_split'
+) -> sources.SplitSource:
+  """One split of the tree at `data_dir`, labelled by the train split's classes."""
+  if not data_dir:
+    raise _not_found(
+      "data.name='image_folder' reads the tree at config.data.data_dir (ROOT/<split>/<class>/"
+      '<image>): set --config.data.data_dir=ROOT'
+    )
+  root = os.path.abspath(os.path.expanduser(data_dir))
+  if not os.path.isdir(root):
+    what = 'is not a directory' if os.path.exists(root) else 'does not exist'
+    raise _not_found(
+      f'config.data.data_dir={data_dir} {what}: image_folder reads ROOT/<split>/<class>/<image>'
+    )
+  is_train = split == train_split
+  train_dir = _split_dir(root, train_split, '--config.data.train_split', train_split)
+  split_dir = train_dir if is_train else _split_dir(root, split, hint_flag, train_split)
+  train_classes = _subdirectories(train_dir)
+  index = _cached_scan(split_dir)
+  _check_classes(index, split_dir, split, root)
+  classes = [str(c) for c in index['classes']]
+  if is_train:
+    labels = index['labels']
+  else:
+    position = {name: i for i, name in enumerate(train_classes)}
+    unknown = [c for c in classes if c not in position]
+    if unknown:
+      raise _not_found(
+        f"split '{split}' of image folder {root} has class directories the train split "
+        f"'{train_split}' does not ({', '.join(unknown[:5])}{', ...' if len(unknown) > 5 else ''}"
+        f'; {len(unknown)} in all): classes are matched by name, so each must also be a class '
+        f"directory of '{train_split}'"
+      )
+    labels = np.asarray([position[c] for c in classes], np.int32)[index['labels']]
+  records = FolderRecords(split_dir, classes, index, labels)
+  return sources.SplitSource(
+    records,
+    len(train_classes),
+    (None, None, 3),  # decoded to RGB, as torchvision's loader does (greyscale, CMYK, RGBA)
+    encoded=True,
+    cache_dir=_stats_dir(root, train_split),
+  )
+
+
+def _stats_dir(root: str, train_split: str) -> str | None:
+  """A cache directory for the statistics of this tree's train split, keyed by the tree's real
+  path and its file list (so a changed tree gets new statistics); None if it cannot be made."""
+  real = os.path.realpath(os.path.join(root, train_split))
+  index = _MEMORY.get(real) or _cached_scan(real)
+  key = _digest(real, index['files'])
+  directory = os.path.join(cache_root(), NAME, f'stats-{key}')
+  try:
+    os.makedirs(directory, exist_ok=True)
+  except OSError as e:
+    logging.info('could not make a statistics cache directory %s: %s', directory, e)
+    return None
+  return directory
