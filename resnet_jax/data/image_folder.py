@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from resnet_jax.data import sources
+from resnet_jax.data.split import DatasetDamagedError, DatasetNotFoundError, SplitSource
 from resnet_jax.workdir import write_atomic
 
 NAME = 'image_folder'
@@ -178,7 +178,7 @@ class FolderRecords:
       _check_whole_image(data)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
       reason = ' '.join(str(e).split())[:200] or type(e).__name__
-      raise sources.DatasetDamagedError(
+      raise DatasetDamagedError(
         f'image file {path} cannot be read as an image ({reason}): replace it with a good copy '
         '(removing it changes the file list: a resumed run then sees other batches)'
       ) from e
@@ -198,8 +198,8 @@ def _check_whole_image(data: bytes) -> None:
     img.load()
 
 
-def _not_found(message: str) -> sources.DatasetNotFoundError:
-  return sources.DatasetNotFoundError(message)
+def _not_found(message: str) -> DatasetNotFoundError:
+  return DatasetNotFoundError(message)
 
 
 def _split_dir(root: str, split: str, hint_flag: str, train_split: str) -> str:
@@ -239,7 +239,7 @@ def _check_classes(index: dict[str, np.ndarray], split_dir: str, split: str, roo
 
 def open_split(
   data_dir: str | None, split: str, train_split: str, hint_flag: str = '--config.data.eval_split'
-) -> sources.SplitSource:
+) -> SplitSource:
   """One split of the tree at `data_dir`, labelled by the train split's classes."""
   if not data_dir:
     raise _not_found(
@@ -273,7 +273,7 @@ def open_split(
       )
     labels = np.asarray([position[c] for c in classes], np.int32)[index['labels']]
   records = FolderRecords(split_dir, classes, index, labels)
-  return sources.SplitSource(
+  return SplitSource(
     records,
     len(train_classes),
     (None, None, 3),  # decoded to RGB, as torchvision's loader does (greyscale, CMYK, RGBA)

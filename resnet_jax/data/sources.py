@@ -15,36 +15,13 @@ from typing import Any, Sequence
 import ml_collections
 import numpy as np
 
+from resnet_jax.data import image_folder
 from resnet_jax.data import offline as offline_archives
+from resnet_jax.data.split import DatasetDamagedError, DatasetNotFoundError, SplitSource
 
 SYNTHETIC_NUM_TRAIN = 1_281_167  # ImageNet-sized epoch by default, for input/step benchmarks.
 SYNTHETIC_NUM_EVAL = 10_000
 _HOLDOUT_SEED = 0  # fixed: the held-out examples must not change with the training seed.
-
-
-class DatasetNotFoundError(ValueError):
-  """A dataset (or split) is unknown or not prepared; the message is one line saying what to do."""
-
-
-class DatasetDamagedError(DatasetNotFoundError):
-  """Prepared files that cannot be read (a deleted or truncated shard, broken metadata): without
-  this, ArrayRecord's RuntimeError surfaces as a traceback, possibly hours in from a worker."""
-
-
-@dataclasses.dataclass(frozen=True)
-class SplitSource:
-  """One split: the records plus what the pipeline needs to know about them."""
-
-  records: Sequence[dict[str, Any]]
-  num_classes: int
-  native_shape: tuple[int | None, int | None, int]  # H, W may be None (variable-size images)
-  encoded: bool  # True when `image` is encoded bytes (JPEG/PNG) to be decoded by the pipeline
-  cache_dir: str | None = None  # where derived data (normalisation statistics) may be cached
-  # Records also hold 'label_set': every label judged right for the image (ReaL, below)
-  label_sets: bool = False
-
-  def __len__(self) -> int:
-    return len(self.records)
 
 
 # Datasets whose images carry a set of right labels beside their one label: name -> (the single
@@ -343,7 +320,6 @@ def open_split(config: ml_collections.ConfigDict, split: str) -> SplitSource:
   # '~' as `prepare` reads it: TFDS itself would make a directory named '~' in the cwd
   data_dir = os.path.expanduser(data.data_dir) if data.data_dir else None
   if name == 'image_folder':  # an extracted tree, ROOT/<split>/<class>/<image>
-    from resnet_jax.data import image_folder  # pylint: disable=import-outside-toplevel
 
     def read(which: str) -> SplitSource:
       return image_folder.open_split(data_dir, which, train_split)
