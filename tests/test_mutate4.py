@@ -4,12 +4,15 @@ code."""
 
 import argparse
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
 
-from resnet_jax import optim, predict, validation
+from resnet_jax import models, optim, predict, summary, validation
 from resnet_jax.data import augment, auto_augment, timm_augment, views
+from resnet_jax.models import backbone
 from tests.fixtures import make_interpolation_golden as golden
 from tests.runner import digits_config
 
@@ -103,3 +106,32 @@ def test_an_end_lr_equal_to_the_peak_is_accepted_and_flat():
   config.schedule.warmup_epochs, config.schedule.warmup_steps = 0, 0
   lr = optim.create_learning_rate_fn(config, steps_per_epoch=10, total_steps=100)
   np.testing.assert_allclose([lr(s) for s in (0, 50, 100)], peak, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------- ResNet-RS names (A9)
+
+
+def test_resnet_rs_names_refuse_basic_blocks():
+  """ResNet-RS nets are bottleneck nets (Bello et al. 2021, Table 7): block='basic' contradicts
+  the name; block='bottleneck' (or None) is the name's own."""
+  with pytest.raises(ValueError, match='ResNet-RS nets are .* bottleneck nets'):
+    models.parse_name('resnetrs50', block='basic')
+  assert models.parse_name('resnetrs50', block='bottleneck') == models.parse_name('resnetrs50')
+
+
+def test_resnet_rs_stem_pool_is_part_of_the_stem_and_its_bn_a_bn():
+  """ResNet-RS's strided conv + BN in place of the max-pool (stem_pool_conv / stem_pool_bn) belong
+  to the stem: frozen_stages=0 freezes them, the summary counts them in the stem, and
+  frozen_bn_affine freezes that BN's scale and bias as every other BN's (a source fix: the BN name
+  pattern lacked stem_pool_bn, so it trained under frozen_bn_affine)."""
+  model = models.create_model('resnetrs50', num_classes=3)
+  x = jnp.zeros((1, 64, 64, 3))
+  params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, train=False))['params']
+  stem = backbone.frozen_mask(params, frozen_stages=0)
+  assert all(jax.tree_util.tree_leaves(stem['stem_pool_conv']))
+  assert all(jax.tree_util.tree_leaves(stem['stem_pool_bn']))
+  assert not any(jax.tree_util.tree_leaves(stem['layer1_0']))
+  affine = backbone.frozen_mask(params, frozen_bn_affine=True)
+  assert affine['stem_pool_bn'] == {'scale': True, 'bias': True}
+  assert not any(jax.tree_util.tree_leaves(affine['stem_pool_conv']))
+  assert [summary.stage_of(n) for n in ('stem_pool_conv', 'stem_pool_bn')] == ['stem', 'stem']
