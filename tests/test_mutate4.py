@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from resnet_jax import models, optim, predict, summary, validation
-from resnet_jax.data import augment, auto_augment, timm_augment, views
+from resnet_jax.data import augment, auto_augment, offline, timm_augment, views
 from resnet_jax.models import backbone
 from tests.fixtures import make_interpolation_golden as golden
 from tests.runner import digits_config
@@ -135,3 +135,17 @@ def test_resnet_rs_stem_pool_is_part_of_the_stem_and_its_bn_a_bn():
   assert affine['stem_pool_bn'] == {'scale': True, 'bias': True}
   assert not any(jax.tree_util.tree_leaves(affine['stem_pool_conv']))
   assert [summary.stage_of(n) for n in ('stem_pool_conv', 'stem_pool_bn')] == ['stem', 'stem']
+
+
+# -------------------------------------------------------------- prepare --from's refusal (O2)
+
+
+def test_from_on_another_dataset_names_every_dataset_it_takes():
+  """The refusal lists FROM_ARCHIVES (the list the not-prepared hint also reads), so the two
+  cannot disagree."""
+  with pytest.raises(offline.PrepareError) as info:
+    offline.local_downloads('mnist', ['mnist.tar.gz'], None)
+  message = str(info.value)
+  assert message.startswith('mnist: --from is not supported')
+  assert f'it takes {", ".join(offline.FROM_ARCHIVES)} archives' in message
+  assert offline.FROM_ARCHIVES == ('cifar10', 'cifar100', 'fashion_mnist', 'imagenette')
