@@ -17,7 +17,7 @@ import optax
 
 from resnet_jax.models.stems import STEM_MODULES
 
-_BN_RE = re.compile(r'bn\d*|bn_final|downsample_bn|stem_bn\d+')
+_BN_RE = re.compile(r'bn\d*|bn_final|downsample_bn|stem_bn\d+|stem_pool_bn')
 _STAGE_RE = re.compile(r'layer(\d+)_(?:\d+|scan)')
 
 
