@@ -171,7 +171,7 @@ def validate_schedule_shape(config: ml_collections.ConfigDict) -> None:
     if not (s.warmup_steps or s.warmup_epochs):  # no warm-up to start: it would be ignored
       raise ConfigError(
         'schedule.warmup_init_lr is set but the run has no warm-up (schedule.warmup_steps and '
-        'schedule.warmup_epochs are 0): set one of them'
+        'schedule.warmup_epochs are 0): set one of them, or schedule.warmup_init_lr=0'
       )
 
 
