@@ -63,7 +63,8 @@ norm 1.0; timm's ResNet zero-initialises each block's last BN and spreads stocha
 Differences left: timm's schedule steps once per epoch and its cosine spans all epochs from epoch 0
 (ours: every step, after the warm-up), and its train.py then ran 10 cool-down epochs at the minimum
 lr by default; its BN statistics are per GPU (ours: the global batch; bn_group=256 for per-256
-groups); Mixup pairs the batch with its reverse (ours, torchvision's: with its roll); not trained
+groups); timm's Mixup pairs the batch with its reverse (ours: adjacent pairs i, i ^ 1 swapped,
+resnet_jax/mixing.py); not trained
 here at scale, so the paper's accuracies are not reproduced, only its ingredients.
 Config args: depth=50, plain, shortcut=A|B|C, recipe=paper|modern|torchvision|lars|rsb_a1|
 rsb_a2|rsb_a3, stride_on=1x1|3x3, batch (default: 1024 for recipe=torchvision, 4096 for lars, 2048

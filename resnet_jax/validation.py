@@ -142,7 +142,7 @@ def validate_optimizer(o: ml_collections.ConfigDict) -> None:
 def validate_schedule_shape(config: ml_collections.ConfigDict) -> None:
   """`schedule.end_lr` (polynomial and cosine) and `power` (polynomial) are read only by those
   schedules, non-negative, and end_lr is at most the peak lr (above it the "decay" would climb);
-  `warmup_init_lr` starts a linear warm-up only, non-negative."""
+  `warmup_init_lr` starts a linear warm-up of some steps only, non-negative."""
   s = config.schedule
   readers = {'end_lr': ('polynomial', 'cosine'), 'power': ('polynomial',)}
   for key, names in readers.items():
@@ -168,6 +168,11 @@ def validate_schedule_shape(config: ml_collections.ConfigDict) -> None:
       )
     if not 0 <= start < math.inf:  # above the peak it ramps down: timm allows that too
       raise ConfigError(f'schedule.warmup_init_lr must be non-negative and finite, got {start}')
+    if not (s.warmup_steps or s.warmup_epochs):  # no warm-up to start: it would be ignored
+      raise ConfigError(
+        'schedule.warmup_init_lr is set but the run has no warm-up (schedule.warmup_steps and '
+        'schedule.warmup_epochs are 0): set one of them, or schedule.warmup_init_lr=0'
+      )
 
 
 def validate_loss(config: ml_collections.ConfigDict) -> None:
