@@ -198,6 +198,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     'preact': model.block_cls.preact,
     'stem': {'imagenet': '7x7', 'deep': 'deep'}.get(model.stem, model.stem),
     'avg_down': model.avg_down,
+    'attention': model.attention,  # 'se': squeeze-and-excitation blocks, at 1/se_reduction
+    'se_reduction': model.se_reduction if model.attention == 'se' else None,
     'block': spec.block,
     'groups': model.groups,
     'width_per_group': model.base_width,

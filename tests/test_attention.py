@@ -147,4 +147,13 @@ def test_summary_counts_the_se_parameters(capsys):
   import json
 
   summary.main(['seresnet50', '--json'])
-  assert json.loads(capsys.readouterr().out)['params'] == 28_088_024  # timm's, 1000 classes
+  out = json.loads(capsys.readouterr().out)
+  assert out['params'] == 28_088_024  # timm's, 1000 classes
+  assert (out['attention'], out['se_reduction']) == ('se', 16)
+  summary.main(['resnetrs50', '--json'])
+  assert json.loads(capsys.readouterr().out)['se_reduction'] == 4
+  summary.main(['resnet50', '--json'])
+  assert (lambda o: (o['attention'], o['se_reduction']))(json.loads(capsys.readouterr().out)) == (
+    'none',
+    None,
+  )
