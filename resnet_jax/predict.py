@@ -33,6 +33,7 @@ import numpy as np
 from PIL import Image
 
 from resnet_jax import cli, runtime
+from resnet_jax.data import views
 from resnet_jax.default_config import base_config
 from resnet_jax.models import layout, parse_name
 from resnet_jax.models.stems import input_conv_name
@@ -92,9 +93,7 @@ def preprocess(
   """
   image = image.convert('RGB')
   w, h = image.size
-  short, long = (w, h) if w <= h else (h, w)
-  new_short, new_long = resize_size, int(resize_size * long / short)
-  new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+  new_w, new_h = views.shorter_side_size(w, h, resize_size)
   if new_w < image_size or new_h < image_size:
     raise ValueError(f'--image-size {image_size} is larger than the resized image {new_w}x{new_h}')
   top = int(round((new_h - image_size) / 2.0))
@@ -259,11 +258,10 @@ def eval_geometry(args: argparse.Namespace) -> tuple[int, int, int]:
   `Resize(size x 256/224)` bilinear by default, timm's `floor(size / crop_pct)` with --crop-pct."""
   size = args.image_size or 224
   if args.crop_pct:
-    resize = math.floor(size / args.crop_pct)
+    resize = views.crop_pct_resize(size, args.crop_pct)
   else:
     resize = int(round(size * 256 / 224))
-  filters = {'bilinear': Image.BILINEAR, 'bicubic': Image.BICUBIC}
-  return size, resize, filters[args.interpolation or 'bilinear']
+  return size, resize, views.PIL_FILTERS[args.interpolation or 'bilinear']
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
