@@ -32,13 +32,14 @@ from typing import Callable, NamedTuple
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
+from resnet_jax.data import views
+
 FORM = 'rand-m{M}[-n{N}][-mstd{S}][-mmax{X}][-inc{0|1}][-p{P}]'
 LEVEL_DENOM = 10.0  # timm's magnitude scale: M of 10 is the strongest of the default range
 MAX_OPS = 14  # as auto_augment.MAX_RAND_AUGMENT_OPS caps torchvision's form
 FILL_RGB = (124, 116, 104)  # round(255 x (0.485, 0.456, 0.406)), timm's img_mean
 FILL_GREY = 117  # PIL's luma of FILL_RGB: (124 x 299 + 116 x 587 + 104 x 114) / 1000, rounded
-INTERPOLATIONS = ('random', 'bilinear', 'bicubic')
-_RESAMPLE = {'bilinear': Image.BILINEAR, 'bicubic': Image.BICUBIC}
+INTERPOLATIONS = views.INTERPOLATIONS  # the training crops' config.data.interpolation
 
 
 class TimmRandAugment(NamedTuple):
@@ -260,7 +261,7 @@ def draws(
     arg = None if rule is None else rule(level, neg)
     resample = interpolation if geometric else None
     if resample == 'random':
-      resample = ('bilinear', 'bicubic')[int(rng.integers(2))]
+      resample = views.RANDOM_CHOICES[int(rng.integers(len(views.RANDOM_CHOICES)))]
     out.append(Draw(name, arg, resample))
   return out
 
@@ -268,7 +269,7 @@ def draws(
 def apply(img: Image.Image, draw: Draw) -> Image.Image:
   """One drawn operation on a PIL image ('L' or 'RGB'), with timm's fill."""
   fill = FILL_GREY if img.mode == 'L' else FILL_RGB
-  resample = _RESAMPLE.get(draw.resample)
+  resample = views.PIL_FILTERS.get(draw.resample)
   return OPERATIONS[draw.name][3](img, draw.arg, fill, resample)
 
 
