@@ -13,6 +13,12 @@ timm's Bag of Tricks nets (``resnet50c``/``resnet50d``, ...) add two things: the
 an ``nn.Sequential`` downsample whose index 0 is the parameter-free pool, so its conv and BN sit at
 ``downsample.1``/``downsample.2``. Its SE-ResNets (``seresnet50``, ...) add ``se.fc1``/``se.fc2``
 to each block: 1x1 convs with biases, mapped like any conv (``models.attention``).
+
+timm's Big Transfer nets (``resnetv2_50x1_bit`` ...: ``ResNetV2``) have their own names
+(``bit_torch_key``): ``stem.conv``, ``stages.{s-1}.blocks.{b}.{conv,norm}{k}``,
+``...downsample.conv``, ``norm`` (the final GroupNorm) and ``head.fc``, a 1x1 conv whose
+(out, in, 1, 1) weight is our Dense kernel transposed. GroupNorm keeps no running statistics and
+a standardised conv stores its raw weight, so every tensor is a parameter and a transpose away.
 """
 
 from __future__ import annotations
@@ -60,6 +66,30 @@ def torch_key(collection: str, path: Sequence[str], avg_down: bool = False) -> s
   return '.'.join(parts)
 
 
+_BIT_MODULES = {'conv1': 'stem.conv', 'bn_final': 'norm', 'fc': 'head.fc'}
+BIT_HEAD_KEY = 'head.fc.weight'
+
+
+def bit_torch_key(collection: str, path: Sequence[str]) -> str:
+  """timm's ``ResNetV2`` (BiT) ``state_dict`` key of the flax variable ``collection/path``."""
+  *modules, leaf = path
+  parts = []
+  for i, m in enumerate(modules):
+    if i == 0 and m in _BIT_MODULES:  # the net's own conv1, bn_final, fc (not a block's conv1)
+      parts.append(_BIT_MODULES[m])
+    elif m.startswith('layer') and '_' in m:  # layer2_3 -> stages.1.blocks.3
+      stage, block = m.removeprefix('layer').split('_', 1)
+      parts.extend(['stages', str(int(stage) - 1), 'blocks', block])
+    elif m == 'downsample_conv':
+      parts.extend(['downsample', 'conv'])
+    elif m.startswith('bn') and m[2:].isdigit():  # bn1 -> norm1
+      parts.append('norm' + m[2:])
+    else:
+      parts.append(m)
+  parts.append(_LEAF_NAMES[collection, leaf])
+  return '.'.join(parts)
+
+
 def _to_numpy(value: Any) -> np.ndarray:
   """torch tensors (without importing torch), numpy arrays, jax arrays -> float32 numpy."""
   if hasattr(value, 'detach'):
@@ -70,6 +100,8 @@ def _to_numpy(value: Any) -> np.ndarray:
 def _to_flax_layout(torch_value: np.ndarray, path: Sequence[str]) -> np.ndarray:
   if path[-1] != 'kernel':
     return torch_value
+  if torch_value.ndim == 4 and path[-2] == 'fc':  # timm's 1x1 conv head (BiT) -> dense
+    return torch_value.reshape(torch_value.shape[:2]).T
   if torch_value.ndim == 4:  # conv OIHW -> HWIO
     return torch_value.transpose(2, 3, 1, 0)
   return torch_value.T  # dense (out, in) -> (in, out)
@@ -148,12 +180,13 @@ def from_torchvision(
   shortcuts: see the module's docstring). The number of classes is
   read from ``fc.weight``. The keys map onto the unrolled layout; ``scan=True`` returns the
   variables of ``create_model(name, scan=True)`` instead (stacked blocks,
-  ``models.layout.to_scanned``). ``features_only=True``: the variables of the backbone
-  (``create_model(name, features_only=True)``, any ``output_stride``: dilation adds no
-  parameters): ``fc.*`` is not needed and is dropped if present. Key accounting is strict: a
-  variable with no torchvision key, a torchvision key that no variable uses (other than
-  ``num_batches_tracked``), or a shape mismatch is a ``ValueError`` naming them. A ``module.``
-  prefix (DataParallel) is stripped.
+  ``models.layout.to_scanned``). timm's BiT nets ``resnetv2_{50,101,152}x{1,2,3,4}_bit`` map
+  by ``bit_torch_key`` and give ``{'params'}`` only (GroupNorm). ``features_only=True``: the
+  variables of the backbone (``create_model(name, features_only=True)``, any
+  ``output_stride``: dilation adds no parameters): ``fc.*`` is not needed and is dropped if
+  present. Key accounting is strict: a variable with no torchvision key, a torchvision key that
+  no variable uses (other than ``num_batches_tracked``), or a shape mismatch is a
+  ``ValueError`` naming them. A ``module.`` prefix (DataParallel) is stripped.
   """
   spec = parse_name(name)
   if spec.family != 'imagenet' or not spec.residual:
@@ -162,13 +195,16 @@ def from_torchvision(
       f'not {name!r}'
     )
   sd = {k.removeprefix('module.'): v for k, v in state_dict.items()}
+  bit = spec.variant == 'bit'
+  head = BIT_HEAD_KEY if bit else 'fc.weight'
+  key_of = (lambda c, p, _: bit_torch_key(c, p)) if bit else torch_key
   if features_only:
-    sd = {k: v for k, v in sd.items() if not k.startswith('fc.')}
+    sd = {k: v for k, v in sd.items() if not k.startswith(head.removesuffix('weight'))}
     model = create_model(name, num_classes=1, features_only=True)
   else:
-    if 'fc.weight' not in sd:
-      raise ValueError('state_dict has no fc.weight: not a torchvision ResNet state_dict')
-    model = create_model(name, num_classes=int(np.shape(sd['fc.weight'])[0]))
+    if head not in sd:
+      raise ValueError(f'state_dict has no {head}: not a {_family(bit)} state_dict{_bit_hint(sd)}')
+    model = create_model(name, num_classes=int(np.shape(sd[head])[0]))
   abstract = jax.eval_shape(
     lambda x: model.init(jax.random.key(0), x, train=False),
     jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32),
@@ -178,7 +214,7 @@ def from_torchvision(
 
   def convert(keypath, leaf):
     names = [k.key for k in keypath]
-    key = torch_key(names[0], names[1:], model.avg_down)
+    key = key_of(names[0], names[1:], model.avg_down)
     if key not in sd:
       missing.append(key)
       return None
@@ -202,30 +238,50 @@ def from_torchvision(
       f'state_dict does not fit {name}: '
       + '; '.join(problems)
       + (
-        _blocks_hint(sd, used | set(missing), name)
+        _bit_hint(sd, bit)
+        or _blocks_hint(sd, used | set(missing), name)
         or _attention_hint(sd, model, name)
         or _tweaks_hint(sd, model, name)
       )
     )
-  variables = {'params': variables['params'], 'batch_stats': variables['batch_stats']}
+  variables = {k: variables[k] for k in ('params', 'batch_stats') if k in variables}
   return layout.to_scanned(variables, model.stage_sizes) if scan else variables
 
 
-def to_torchvision(variables: Mapping[str, Any], avg_down: bool = False) -> dict[str, np.ndarray]:
+def _family(bit: bool) -> str:
+  return 'timm ResNetV2 (BiT)' if bit else 'torchvision ResNet'
+
+
+def _bit_hint(sd: Mapping[str, Any], bit: bool = False) -> str:
+  """When the file is timm's BiT (ResNetV2) and the arch not, or the reverse, says so."""
+  if ('stem.conv.weight' in sd) == bit or not ('stem.conv.weight' in sd or 'conv1.weight' in sd):
+    return ''
+  if bit:
+    return ' (the file has torchvision-style keys (conv1, layer1...): is --arch right?)'
+  return " (the file is timm's ResNetV2 / BiT (stem.conv, stages...): is --arch resnetv2_50x1_bit?)"
+
+
+def to_torchvision(
+  variables: Mapping[str, Any], avg_down: bool = False, *, bit: bool = False
+) -> dict[str, np.ndarray]:
   """The torchvision ``state_dict`` (numpy arrays) of a ResNet's variables, either layout.
 
   The inverse of ``from_torchvision`` (``num_batches_tracked`` is not written): export weights
   trained here to torch, or check a round trip. ``avg_down``: the model's (``ResNet.avg_down``),
   which the variables do not show (timm's ``downsample.1/.2`` keys instead of ``.0/.1``).
+  ``bit``: a BiT net's variables, written with timm's ``ResNetV2`` keys (``bit_torch_key``).
   """
   unrolled = layout.to_unrolled(dict(variables))
   out = {}
   for collection in ('params', 'batch_stats'):
-    flat = jax.tree_util.tree_flatten_with_path(unrolled[collection])[0]
+    flat = jax.tree_util.tree_flatten_with_path(unrolled.get(collection, {}))[0]
     for keypath, leaf in flat:
       names = [k.key for k in keypath]
       value = np.asarray(leaf, np.float32)
       if names[-1] == 'kernel':
         value = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
-      out[torch_key(collection, names, avg_down)] = value
+        if bit and names[0] == 'fc':  # timm's 1x1 conv head
+          value = value[:, :, None, None]
+      key = bit_torch_key(collection, names) if bit else torch_key(collection, names, avg_down)
+      out[key] = value
   return out

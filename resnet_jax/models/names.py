@@ -7,7 +7,9 @@ times wider, i.e. ``width_per_group = 64 k``); the suffixes ``c`` / ``d`` (``res
 ``resnext50d_32x4d``) are He et al. 2019's ResNet-C / ResNet-D, as timm names them. CIFAR family
 (3x3 stem, three stages): ``resnet{6n+2}`` / ``resnet{9n+2}`` (bottleneck) and the Wide ResNets
 of Zagoruyko & Komodakis 2016, ``wrn{6n+4}_{k}`` (pre-activation basic blocks of widths
-16k/32k/64k).
+16k/32k/64k). Big Transfer (Kolesnikov et al. 2020): ``resnetv2_{50,101,152}x{1,2,3,4}_bit``,
+timm's names for BiT's pre-activation ResNet-v2s with GroupNorm and weight-standardised convs,
+every width times the multiplier (``widen``).
 """
 
 from __future__ import annotations
@@ -42,8 +44,8 @@ class ArchSpec(NamedTuple):
   """What a model name means.
 
   ``family``: 'imagenet' | 'cifar'; ``block``: 'basic' | 'bottleneck'; ``variant``: 'resnet',
-  'resnext', 'wide_resnet' (torchvision's), 'resnetrs' (ResNet-RS) or 'wrn' (CIFAR Wide ResNet,
-  ``widen`` = k);
+  'resnext', 'wide_resnet' (torchvision's), 'resnetrs' (ResNet-RS), 'wrn' (CIFAR Wide ResNet,
+  ``widen`` = k) or 'bit' (Big Transfer's ResNet-v2, ``widen`` = the width multiplier);
   ``groups``/``width_per_group``: torchvision's bottleneck fields (1 / 64 for a ResNet).
   ``tweak``: He et al. 2019's ResNet-C ('c') or ResNet-D ('d'), timm's ``resnet50c``/``resnet50d``.
   """
@@ -91,6 +93,9 @@ _RESNEXT_RE = re.compile(
 _WIDE_RE = re.compile(r'wide_resnet(?P<depth>[1-9]\d*)_(?P<k>[1-9]\d*)')
 _WRN_RE = re.compile(r'wrn(?P<depth>[1-9]\d*)_(?P<k>[1-9]\d*)')
 _RS_RE = re.compile(r'resnetrs(?P<depth>[1-9]\d*)')
+_BIT_RE = re.compile(r'resnetv2_(?P<depth>[1-9]\d*)x(?P<k>[1-9]\d*)_bit')
+BIT_DEPTHS = (50, 101, 152)  # timm's resnetv2_*_bit: bottleneck depths
+BIT_WIDTHS = (1, 2, 3, 4)  # the width multipliers BiT trained (x1, x3 on 50/101; x2, x4 on 152)
 VALID_NAMES = (
   'resnet18, resnet34, resnet50, resnet101, resnet152 (ImageNet); '
   'their Bag of Tricks variants resnet{18,34,50,101,152}c (deep stem) and '
@@ -98,6 +103,8 @@ VALID_NAMES = (
   'resnext{50,101,152}_{G}x{W}d, e.g. resnext50_32x4d, resnext101_32x8d, resnext101_64x4d '
   '(resnext50d_32x4d: with the d tweaks); '
   'resnetrs{50,101,152,200,270,350,420} (ResNet-RS, Bello et al. 2021); '
+  'resnetv2_{50,101,152}x{1,2,3,4}_bit (Big Transfer, Kolesnikov et al. 2020: GroupNorm and '
+  "weight-standardised convs, timm's names, e.g. resnetv2_50x1_bit, resnetv2_152x4_bit); "
   "prefix se for squeeze-and-excitation blocks (timm's names: seresnet50, seresnet152d, "
   'seresnext50_32x4d; seresnet110 on CIFAR); '
   'wide_resnet{50,101,152}_{k}, e.g. wide_resnet50_2, wide_resnet101_2; '
@@ -182,6 +189,14 @@ def parse_name(name: str, block: Optional[str] = None) -> ArchSpec:
   family = _parse_family_name(name, block)
   if family is not None:
     return family
+  bit = _BIT_RE.fullmatch(name)
+  if bit is not None:
+    depth, k = int(bit['depth']), int(bit['k'])
+    if depth not in BIT_DEPTHS or k not in BIT_WIDTHS or block not in (None, 'bottleneck'):
+      raise ValueError(
+        f'{name!r}: Big Transfer nets are resnetv2_{{50,101,152}}x{{1,2,3,4}}_bit, bottleneck nets'
+      )
+    return ArchSpec('imagenet', depth, True, 'bottleneck', 'bit', widen=k)
   rs = _RS_RE.fullmatch(name)
   if rs is not None:
     if int(rs['depth']) not in RS_DEPTHS or block not in (None, 'bottleneck'):
@@ -237,7 +252,7 @@ def resolve_grouping(
     (groups, spec.groups, 'groups'),
     (width_per_group, spec.width_per_group, 'width_per_group'),
   ):
-    if given is not None and spec.variant in ('resnext', 'wide_resnet') and given != own:
+    if given is not None and spec.variant in ('resnext', 'wide_resnet', 'bit') and given != own:
       raise ValueError(f'{name} has {field}={own}; {field}={given} contradicts it')
     if given is not None and (not isinstance(given, int) or given < 1):
       raise ValueError(f'{field} must be a positive int, got {given!r}')
@@ -284,3 +299,48 @@ def resolve_tweaks(
       f'{"residual=False" if not residual else f"shortcut={shortcut!r}"} has no projections'
     )
   return deep, avg
+
+
+NORMS = ('batch', 'group')  # create_model's norm: BatchNorm (running statistics), GroupNorm
+BIT_WS_EPSILON = 1e-8  # BiT's StdConv2d epsilon (timm's _create_resnetv2_bit; its default 1e-6)
+
+
+def resolve_norm(
+  spec: ArchSpec,
+  name: str,
+  norm: Optional[str],
+  weight_standardization: Optional[bool],
+  *,
+  bn_group_size: Optional[int],
+  frozen_bn: bool,
+  frozen_bn_affine: bool,
+) -> tuple[str, Optional[float]]:
+  """(norm, weight-standardisation epsilon or None): the name's own (BiT: GroupNorm and
+  weight-standardised convs; others: BatchNorm, plain convs) unless given. A GroupNorm net keeps
+  no running statistics (no ``batch_stats``), so the options about them are refused."""
+  bit = spec.variant == 'bit'
+  if norm is not None and norm not in NORMS:
+    raise ValueError(f'norm must be one of {", ".join(NORMS)} or None, got {norm!r}')
+  norm = norm or ('group' if bit else 'batch')
+  ws = bit if weight_standardization is None else bool(weight_standardization)
+  if bit and (norm, ws) != ('group', True):
+    raise ValueError(
+      f'{name} is a Big Transfer net: GroupNorm and weight-standardised convs; norm={norm!r}, '
+      f'weight_standardization={weight_standardization!r} contradicts it'
+    )
+  if norm == 'group':
+    given = [
+      f'{k}={v!r}'
+      for k, v, off in (
+        ('bn_group_size', bn_group_size, None),
+        ('frozen_bn', frozen_bn, False),
+        ('frozen_bn_affine', frozen_bn_affine, False),
+      )
+      if v != off
+    ]
+    if given:
+      raise ValueError(
+        f'{name} normalises with GroupNorm (per example, no running statistics): '
+        f'{", ".join(given)} configures BatchNorm; leave it unset (None / False)'
+      )
+  return norm, (BIT_WS_EPSILON if ws else None)

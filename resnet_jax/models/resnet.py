@@ -59,6 +59,7 @@ from resnet_jax.models.names import (
   default_shortcut,
   parse_name,
   resolve_grouping,
+  resolve_norm,
   resolve_tweaks,
   stage_sizes,
 )
@@ -128,8 +129,20 @@ class ResNet(nn.Module):
   avg_down: bool = False  # ResNet-D: projection shortcuts average-pool instead of striding
   attention: str = 'none'  # 'se': squeeze-and-excitation blocks (models.attention)
   se_reduction: int = 16  # SE's ratio r (ResNet-RS: 4)
+  norm: str = 'batch'  # 'group': GroupNorm of gn_groups groups (BiT), no batch_stats
+  gn_groups: int = 32
+  weight_std_eps: Optional[float] = None  # weight-standardised convs with this epsilon (BiT)
 
   def _norm(self, train: bool, frozen: bool):
+    if self.norm == 'group':  # no statistics to freeze or update: train / frozen do not matter
+      return functools.partial(
+        nn.GroupNorm,
+        num_groups=self.gn_groups,
+        epsilon=self.bn_epsilon,
+        use_fast_variance=False,  # two-pass, as torch's group_norm
+        dtype=self.dtype,
+        param_dtype=jnp.float32,
+      )
     return functools.partial(
       layers.BatchNorm,
       use_running_average=not train or self.frozen_bn or frozen,
@@ -155,7 +168,7 @@ class ResNet(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> Any:
-    conv = functools.partial(layers.conv, dtype=self.dtype)
+    conv = functools.partial(layers.conv, dtype=self.dtype, weight_std_eps=self.weight_std_eps)
     frozen = lambda stage: stage <= self.frozen_stages  # stage 0 is the stem
     norm = self._norm(train, frozen(0))
     preact = self.block_cls.preact
@@ -192,7 +205,8 @@ class ResNet(nn.Module):
       for j in range(1 if self.scan else num_blocks):
         extra = {}
         if preact and i == 0 and j == 0:  # the unit right after the stem: see _PreActBlock
-          extra = {'shared_preact': True} if self.stem == 'cifar' else {'input_preactivated': True}
+          bare_stem = self.stem in ('cifar', 'bit')  # no norm in the stem: the unit has its own
+          extra = {'shared_preact': True} if bare_stem else {'input_preactivated': True}
         x = block_cls(
           width,
           strides=stride if j == 0 else 1,
@@ -228,7 +242,12 @@ class ResNet(nn.Module):
     ``rates``: the blocks' drop-path rates (all None: off), scanned over with the variables.
     """
     block_cls = nn.remat(self.block_cls, prevent_cse=False) if self.remat else self.block_cls
-    common = dict(common, conv=functools.partial(layers.conv, dtype=self.dtype, loop_friendly=None))
+    common = dict(
+      common,
+      conv=functools.partial(
+        layers.conv, dtype=self.dtype, loop_friendly=None, weight_std_eps=self.weight_std_eps
+      ),
+    )
     block = block_cls(width, strides=1, name=name, **common)
     xs = None if rates[0] is None else jnp.asarray(rates, jnp.float32)
     body = nn.scan(
@@ -278,6 +297,8 @@ def create_model(
   stem: Optional[str] = None,
   avg_down: Optional[bool] = None,
   attention: Optional[str] = None,
+  norm: Optional[str] = None,
+  weight_standardization: Optional[bool] = None,
 ) -> ResNet:
   """Build a ResNet, ResNeXt or Wide ResNet by name (see ``VALID_NAMES``) with the paper's options.
 
@@ -311,6 +332,13 @@ def create_model(
   None: the name's own (``resnet50c``: deep stem; ``resnet50d``: both; other names: neither).
   ResNet-B is ``stride_on='3x3'``, the ImageNet default. ``attention='se'``: squeeze-and-excitation
   blocks (Hu et al. 2018, ``models.attention``); None: the name's own (``seresnet50``: 'se').
+
+  Big Transfer (``resnetv2_50x1_bit`` ...; Kolesnikov et al. 2020, timm's ``ResNetV2``):
+  pre-activation bottlenecks (whatever ``preact`` says) strided on the 3x3, projection from the
+  pre-activated input in each stage's first unit, GroupNorm (32 groups) + ReLU, weight-standardised
+  convs (epsilon 1e-8), stem conv + zero pad + max-pool, final norm + ReLU; widths x the
+  multiplier. ``norm='group'`` / ``weight_standardization=True`` give any net those layers (None:
+  the name's own); a GroupNorm net has no ``batch_stats`` and refuses BatchNorm's options.
   """
   spec = parse_name(name, block)
   residual = residual and spec.residual
@@ -331,6 +359,21 @@ def create_model(
   groups, width_per_group = resolve_grouping(spec, name, groups, width_per_group)
   deep_stem, avg_down = resolve_tweaks(spec, name, stem, avg_down, residual, shortcut)
   attention = attention_lib.resolve(spec.attention, name, attention)
+  bit = spec.variant == 'bit'
+  norm, ws_eps = resolve_norm(
+    spec,
+    name,
+    norm,
+    weight_standardization,
+    bn_group_size=bn_group_size,
+    frozen_bn=frozen_bn,
+    frozen_bn_affine=frozen_bn_affine,
+  )
+  if bit and (stride_on != '3x3' or deep_stem or avg_down):
+    raise ValueError(
+      f"{name} (timm's BiT) strides its 3x3 convs and has the 7x7 stem and strided projections: "
+      f'stride_on={stride_on!r}, stem={stem!r}, avg_down={avg_down!r} contradicts it'
+    )
   if not 0.0 <= dropout_rate < 1.0:
     raise ValueError(f'dropout_rate must be in [0, 1), got {dropout_rate!r}')
   drop_path.check(drop_path_rate, drop_path_mode, drop_path_rule)
@@ -352,6 +395,8 @@ def create_model(
   if imagenet:
     widths, stem = IMAGENET_WIDTHS, 'deep' if deep_stem else 'imagenet'
     stem = 'deep_conv_pool' if spec.variant == 'resnetrs' else stem
+    if bit:
+      widths, stem, preact = tuple(w * spec.widen for w in IMAGENET_WIDTHS), 'bit', True
   else:
     widths, stem = tuple(w * spec.widen for w in CIFAR_WIDTHS), 'cifar'
   if not isinstance(frozen_stages, int) or not -1 <= frozen_stages <= len(sizes):
@@ -390,4 +435,6 @@ def create_model(
     avg_down=avg_down,
     attention=attention,
     se_reduction=4 if spec.variant == 'resnetrs' else attention_lib.SE_RATIO,
+    norm=norm,
+    weight_std_eps=ws_eps,
   )

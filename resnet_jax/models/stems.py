@@ -26,11 +26,13 @@ from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 ModuleDef = Any
 # ResNet.stem; create_model spells the first two 7x7/deep; 'deep_conv_pool' is ResNet-RS's deep
 # stem whose max-pool is a 3x3/2 conv + BN + ReLU (timm's replace_stem_pool: ``maxpool.0/.1``)
-STEMS = ('imagenet', 'deep', 'cifar', 'deep_conv_pool')
+# 'bit': Big Transfer's 7x7/2 conv alone (its first unit normalises), zero pad 1, 3x3/2 max-pool
+STEMS = ('imagenet', 'deep', 'cifar', 'deep_conv_pool', 'bit')
 # The deep stem's modules in the order of timm's nn.Sequential ``conv1``, with their indices there.
 DEEP_STEM_TORCH_INDEX = {
   'stem_conv1': 0,
@@ -49,8 +51,14 @@ def apply_stem(
   """The stem ``kind`` of ``STEMS`` on ``x``, ``width`` output channels (called inside the
   ResNet's compact ``__call__``, so the modules are the ResNet's own children).
 
-  A pre-activation CIFAR net keeps only the conv: its first block's BN-ReLU follows it.
+  A pre-activation CIFAR net keeps only the conv: its first block's BN-ReLU follows it. BiT's
+  stem (timm's ``stem_type='fixed'``) has no norm either: its conv output, negative values
+  included, is padded with zeros (not -inf: a zero can win the max) and max-pooled unpadded.
   """
+  if kind == 'bit':
+    x = conv(width, 7, 2, name='conv1', space_to_depth=None)(x)
+    x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    return nn.max_pool(x, (3, 3), strides=(2, 2), padding='VALID')
   if kind == 'imagenet':
     x = conv(width, 7, 2, name='conv1', space_to_depth=None)(x)
   elif kind in ('deep', 'deep_conv_pool'):
