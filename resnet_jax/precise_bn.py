@@ -68,6 +68,8 @@ def precise_batch_stats(
   """
   if not isinstance(num_batches, int) or num_batches < 1:
     raise ValueError(f'precise BN needs a positive number of batches, got {num_batches!r}')
+  if not jax.tree.leaves(variables.get('batch_stats', {})):  # GroupNorm nets (BiT)
+    raise ValueError('the model keeps no BatchNorm statistics (GroupNorm): precise BN has none')
   if 'bn_momentum' not in {f.name for f in getattr(model, '__dataclass_fields__', {}).values()}:
     raise ValueError(f'{type(model).__name__} has no bn_momentum field to set to 0')
   rep = replicated(mesh)

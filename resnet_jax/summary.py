@@ -13,7 +13,8 @@ model is traced abstractly (``jax.eval_shape``, no FLOPs spent), and contributes
 ``output elements x (kernel_h x kernel_w x in_channels / groups)`` (conv) or
 ``in_features x out_features`` (dense) multiply-accumulates for one image. BatchNorm, ReLU,
 pooling and additions are not multiply-accumulates and are not counted (the paper's convention).
-Parameter counts exclude BatchNorm running statistics (``batch_stats``).
+Parameter counts exclude BatchNorm running statistics (``batch_stats``; GroupNorm nets such as
+BiT's ``resnetv2_50x1_bit`` have none). A weight-standardised conv counts as the conv it is.
 """
 
 from __future__ import annotations
@@ -198,6 +199,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     'preact': model.block_cls.preact,
     'stem': {'imagenet': '7x7', 'deep': 'deep'}.get(model.stem, model.stem),
     'avg_down': model.avg_down,
+    'norm': model.norm,  # 'group': GroupNorm + weight-standardised convs (BiT), no batch_stats
     'attention': model.attention,  # 'se': squeeze-and-excitation blocks, at 1/se_reduction
     'se_reduction': model.se_reduction if model.attention == 'se' else None,
     'block': spec.block,

@@ -203,7 +203,9 @@ def from_torchvision(
     model = create_model(name, num_classes=1, features_only=True)
   else:
     if head not in sd:
-      raise ValueError(f'state_dict has no {head}: not a {_family(bit)} state_dict{_bit_hint(sd)}')
+      raise ValueError(
+        f'state_dict has no {head}: not a {_family(bit)} state_dict{_bit_hint(sd, bit)}'
+      )
     model = create_model(name, num_classes=int(np.shape(sd[head])[0]))
   abstract = jax.eval_shape(
     lambda x: model.init(jax.random.key(0), x, train=False),
