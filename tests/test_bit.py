@@ -413,3 +413,65 @@ def test_live_std_conv_and_group_norm_act(timm, torch):
   norm = narrow(gn_groups=32)._norm(False, False)(name='n')
   params = {'scale': gn.weight.detach().numpy(), 'bias': gn.bias.detach().numpy()}
   assert rel_err(nn.relu(norm.apply({'params': params}, jnp.asarray(y))), ref) < 1e-5
+
+
+# ------------------------------------------------------------------------- the CLIs, end to end
+
+
+@pytest.mark.slow
+def test_convert_cli_and_predict_on_timms_safetensors(tmp_path, capsys):
+  from PIL import Image
+  from safetensors.numpy import save_file
+
+  from resnet_jax import predict
+
+  path = str(tmp_path / 'model.safetensors')
+  save_file(golden_state_dict(), path)
+  convert.main(
+    ['--arch', GOLDEN['name'], '--torchvision-weights', path, '--out', str(tmp_path / 'c')]
+  )
+  assert f'wrote {GOLDEN["name"]} (23,' in capsys.readouterr().out  # 25.5 M - 990 classes' head
+  variables = pretrained.load_model_variables(str(tmp_path / 'c'))
+  model = create_model(GOLDEN['name'], num_classes=GOLDEN['num_classes'])
+  assert rel_err(model.apply(variables, jnp.asarray(golden_input())), GOLDEN['logits']) < 1e-4
+  image = tmp_path / 'image.png'
+  Image.fromarray(np.random.default_rng(9).integers(0, 256, (40, 50, 3), np.uint8)).save(image)
+  args = ['--arch', GOLDEN['name'], '--image-size', '32', str(image)]
+  predict.main(['--torchvision-weights', path, *args])
+  direct = capsys.readouterr().out.splitlines()
+  predict.main(['--checkpoint', str(tmp_path / 'c'), *args])
+  assert direct == capsys.readouterr().out.splitlines() and len(direct) == 5
+
+
+@pytest.mark.slow
+def test_training_resumes_and_evaluates(tmp_path):
+  """The README's smoke run: 2 steps of resnetv2_50x1_bit on synthetic data, then a resumed 3rd,
+  then evaluate; a BatchNorm option on the GroupNorm net is one error line."""
+  from tests import runner
+
+  workdir = str(tmp_path / 'w')
+  args = [
+    '--config.model.name=resnetv2_50x1_bit',
+    '--config.data.name=synthetic',
+    '--config.batch_size=4',
+    '--config.data.image_size=32',
+    '--config.data.eval_image_size=32',
+    '--config.eval_batch_size=8',
+    '--config.data.eval_crops=1',
+  ]
+  config = 'configs/imagenet.py:recipe=torchvision'
+  run = lambda *more: runner.run_main(
+    workdir, *args, *more, config=config, devices=1, fast_compile=True
+  )
+  runner.assert_ok(run('--config.num_train_steps=2'))
+  assert runner.finished_checkpoints(workdir) == [2]
+  resumed = runner.assert_ok(run('--config.num_train_steps=3'))
+  assert 'resuming from' in resumed.stderr and runner.results(workdir)['step'] == 3
+  # imagenet.py's 1000 classes: timm's count
+  assert runner.results(workdir)['params'] == GOLDEN['param_counts']['resnetv2_50x1_bit']
+  out = runner.run_evaluate(workdir, fast_compile=True)
+  assert out['num_examples'] == 32 and out['step'] == 3
+  bad = runner.run_main(
+    str(tmp_path / 'x'), *args, config='configs/imagenet.py', devices=1
+  )  # the paper recipe's ghost BN (groups of 32)
+  runner.assert_one_line_error(bad, 'bn_group_size=32 configures BatchNorm')
