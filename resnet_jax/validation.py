@@ -99,7 +99,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     config.model.bn_group_size,
     config.batch_size,
     n_dev,
-    frozen_bn=bool(config.model.frozen_bn),
+    frozen_bn=not uses_batch_statistics(config.model),
   )
 
 
@@ -318,3 +318,15 @@ def profile_window(spec: str) -> tuple[int, int] | None:
   if not 0 <= start < stop:
     raise ConfigError(f'profile_steps needs 0 <= START < STOP, got {spec!r}')
   return start, stop
+
+
+def uses_batch_statistics(model: ml_collections.ConfigDict) -> bool:
+  """Whether the configured net normalises with batch statistics in training: not with frozen
+  BN, nor a GroupNorm net (BiT's resnetv2_*_bit: per example, so accumulation is exact)."""
+  from resnet_jax.models import parse_name  # pylint: disable=import-outside-toplevel
+
+  try:
+    bit = parse_name(model.name, model.get('block')).variant == 'bit'
+  except ValueError:  # building the model names the problem
+    bit = False
+  return not (bool(model.frozen_bn) or bit)

@@ -13,6 +13,7 @@ narrow ResNetV2 and timm's own layers.
 
 import importlib.util
 import json
+import os
 import sys
 
 import flax.linen as nn
@@ -34,6 +35,7 @@ import make_bit_golden  # noqa: E402  (numpy only at import: torch is imported i
 
 sys.path.remove(golden_weights.FIXTURES)
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 with open(make_bit_golden.BIT_GOLDEN_JSON) as f:
   GOLDEN = json.load(f)
 
@@ -225,24 +227,27 @@ def test_precise_bn_is_refused_for_a_group_norm_net():
 # ---------------------------------------------------------------------------- training, restore
 
 
-def test_a_train_step_updates_params_and_keeps_no_batch_stats():
+def train_step(accum_steps=1):
+  """(state, one SGD step of the narrow net, a batch of 4 random 16x16 images)."""
   import optax
 
   from resnet_jax.train_step import batch_sharding, create_mesh
 
   mesh = create_mesh(jax.devices()[:1])
-  model = narrow(num_classes=4)
-  state = init_state(model, optax.sgd(0.1, momentum=0.9), (16, 16, 3), seed=0, mesh=mesh)
-  assert state.batch_stats == {}
-  step = jit_train_step(
-    mesh, jax.tree.map(lambda x: x.sharding, state), optax.constant_schedule(0.1)
-  )
+  state = init_state(narrow(num_classes=4), optax.sgd(0.1), (16, 16, 3), seed=0, mesh=mesh)
+  sharding = jax.tree.map(lambda x: x.sharding, state)
+  step = jit_train_step(mesh, sharding, optax.constant_schedule(0.1), accum_steps=accum_steps)
   rng = np.random.default_rng(0)
   batch = {
     'image': rng.normal(size=(4, 16, 16, 3)).astype(np.float32),
     'label': rng.integers(0, 4, size=4).astype(np.int32),
   }
-  batch = {k: jax.device_put(v, batch_sharding(mesh)) for k, v in batch.items()}
+  return state, step, {k: jax.device_put(v, batch_sharding(mesh)) for k, v in batch.items()}
+
+
+def test_a_train_step_updates_params_and_keeps_no_batch_stats():
+  state, step, batch = train_step()
+  assert state.batch_stats == {}
   before = jax.tree.map(np.array, state.params)  # the step donates the state
   new, metrics = step(state, batch)
   assert np.isfinite(float(metrics['loss'])) and int(new.step) == 1
@@ -251,6 +256,34 @@ def test_a_train_step_updates_params_and_keeps_no_batch_stats():
     lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()), new.params, before
   )
   assert min(jax.tree.leaves(moved)) > 0  # every parameter (GroupNorm's too) gets a gradient
+
+
+def test_gradient_accumulation_is_exact_and_allowed_for_group_norm():
+  """No batch statistics: micro-batches give the one-pass gradient, so the config check that
+  refuses accumulation with whole-batch BN lets a BiT net through (and still refuses resnet50)."""
+  from resnet_jax import validation
+  from resnet_jax.default_config import load_sibling_config
+
+  state, one, batch = train_step()
+  a = one(state, batch)[0].params
+  state, two, batch = train_step(accum_steps=2)
+  b = two(state, batch)[0].params
+  assert max(jax.tree.leaves(jax.tree.map(lambda x, y: float(jnp.abs(x - y).max()), a, b))) < 1e-5
+
+  imagenet = load_sibling_config(os.path.join(ROOT, 'configs', 'x.py'), 'imagenet')
+  config = imagenet.get_config('recipe=torchvision')
+  config.update_from_flattened_dict(
+    {
+      'model.name': 'resnetv2_50x1_bit',
+      'grad_accum_steps': 2,
+      'batch_size': 8,
+      'data.repeated_augmentations': 1,
+    }
+  )
+  validation.validate_config(config)
+  config.model.name = 'resnet50'
+  with pytest.raises(validation.ConfigError, match='whole-batch BN statistics'):
+    validation.validate_config(config)
 
 
 def test_converted_weights_save_and_load_without_batch_stats(tmp_path):
