@@ -10,7 +10,9 @@ https://download.pytorch.org/models/resnet50-11ad3fa6.pth) on a machine with int
 
 The key mapping (``from_torchvision``, ``to_torchvision``, ``torch_key``) lives in
 ``resnet_jax.torch_keys``: torchvision's names, and timm's deep stems and avg-pool shortcuts
-(``--arch resnet50d`` etc., He et al. 2019's ResNet-C/D).
+(``--arch resnet50d`` etc., He et al. 2019's ResNet-C/D), and timm's ``ResNetV2`` keys of the
+Big Transfer nets (``--arch resnetv2_50x1_bit``: GroupNorm, so the checkpoint has no
+``batch_stats``).
 
 torch is not needed: ``--torchvision-weights`` reads ``.pth`` files with
 ``resnet_jax.torch_checkpoint`` (a restricted unpickler that builds numpy arrays and refuses
@@ -173,7 +175,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     "resnext101_64x4d, wide_resnet50_2, wide_resnet101_2; or timm's Bag of Tricks nets "
     "resnet{18,34,50,101,152}d, resnet{50,101,152}c, resnext50d_32x4d; timm's SE nets "
     'seresnet{18,34,50,101,152}, seresnet152d, seresnext{50,101}_32x4d, seresnext101_32x8d, '
-    'seresnext101d_32x8d; ResNet-RS resnetrs{50,101,152,200,270,350,420}',
+    'seresnext101d_32x8d; ResNet-RS resnetrs{50,101,152,200,270,350,420}; Big Transfer '
+    'resnetv2_{50,101,152}x{1,2,3,4}_bit (timm ResNetV2 keys)',
   )
   parser.add_argument(
     '--torchvision-weights',
