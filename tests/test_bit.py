@@ -175,6 +175,25 @@ def test_weight_standardisation_per_output_channel():
   assert np.abs(np.asarray(a) - np.asarray(plain)).max() < 1e-4
 
 
+@pytest.mark.parametrize('path', [{'space_to_depth': True}, {'loop_friendly': True}])
+def test_weight_standardisation_composes_with_the_rewritten_convs(path):
+  """The GPU stem's space-to-depth conv and the CPU scan's loop-friendly one see the standardised
+  kernel too (values and gradients as lax's conv)."""
+  stride = 2 if 'space_to_depth' in path else 1
+  k = np.random.default_rng(3).normal(0.1, 1.0, (7, 7, 3, 4)).astype(np.float32)
+  x = jnp.asarray(np.random.default_rng(4).normal(size=(2, 15, 15, 3)), jnp.float32)
+
+  def run(**kw):
+    conv = layers.conv(4, 7, stride, name='c', weight_std_eps=1e-8, **kw)
+    f = lambda k, x: jnp.sum(jnp.sin(conv.apply({'params': {'kernel': k}}, x)))
+    return f(k, x), jax.grad(f, argnums=(0, 1))(k, x)
+
+  (a, ga), (b, gb) = run(**path), run()
+  assert abs(float(a - b)) < 1e-4 * abs(float(b))
+  for u, v in zip(ga, gb):
+    assert rel_err(u, v) < 1e-4
+
+
 def test_stem_pads_with_zeros_before_an_unpadded_max_pool():
   """timm's 'fixed' stem: ConstantPad2d(1, 0) + MaxPool2d(3, 2): a zero wins the border windows
   of a negative map (a -inf pad, as torch's own max-pool padding, would give -1 there)."""
