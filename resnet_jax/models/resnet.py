@@ -128,6 +128,7 @@ class ResNet(nn.Module):
   avg_down: bool = False  # ResNet-D: projection shortcuts average-pool instead of striding
   attention: str = 'none'  # 'se': squeeze-and-excitation blocks (models.attention)
   se_reduction: int = 16  # SE's ratio r (ResNet-RS: 4)
+  head_dropout_rate: float = 0.0  # dropout on the pooled features before fc, in training only
 
   def _norm(self, train: bool, frozen: bool):
     return functools.partial(
@@ -214,6 +215,8 @@ class ResNet(nn.Module):
     if self.features_only:
       return features
     x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+    if self.head_dropout_rate > 0:  # timm's drop_rate, TF's dropout_rate (ResNet-RS: 0.25-0.4)
+      x = nn.Dropout(self.head_dropout_rate, deterministic=not train, name='head_dropout')(x)
     return nn.Dense(
       self.num_classes,
       dtype=jnp.float32,
@@ -278,6 +281,7 @@ def create_model(
   stem: Optional[str] = None,
   avg_down: Optional[bool] = None,
   attention: Optional[str] = None,
+  head_dropout_rate: float = 0.0,
 ) -> ResNet:
   """Build a ResNet, ResNeXt or Wide ResNet by name (see ``VALID_NAMES``) with the paper's options.
 
@@ -311,6 +315,8 @@ def create_model(
   None: the name's own (``resnet50c``: deep stem; ``resnet50d``: both; other names: neither).
   ResNet-B is ``stride_on='3x3'``, the ImageNet default. ``attention='se'``: squeeze-and-excitation
   blocks (Hu et al. 2018, ``models.attention``); None: the name's own (``seresnet50``: 'se').
+  ``head_dropout_rate``: dropout on the pooled features before ``fc`` in training (timm's
+  ``drop_rate``, TF's ``dropout_rate``; ResNet-RS trains with 0.25-0.4); 0: no module, no rng.
   """
   spec = parse_name(name, block)
   residual = residual and spec.residual
@@ -333,6 +339,8 @@ def create_model(
   attention = attention_lib.resolve(spec.attention, name, attention)
   if not 0.0 <= dropout_rate < 1.0:
     raise ValueError(f'dropout_rate must be in [0, 1), got {dropout_rate!r}')
+  if not 0.0 <= head_dropout_rate < 1.0:
+    raise ValueError(f'head_dropout_rate must be in [0, 1), got {head_dropout_rate!r}')
   drop_path.check(drop_path_rate, drop_path_mode, drop_path_rule)
   if drop_path_rate > 0 and not residual:
     raise ValueError(
@@ -390,4 +398,5 @@ def create_model(
     avg_down=avg_down,
     attention=attention,
     se_reduction=4 if spec.variant == 'resnetrs' else attention_lib.SE_RATIO,
+    head_dropout_rate=float(head_dropout_rate),
   )
