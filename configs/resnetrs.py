@@ -2,11 +2,12 @@
 and Scaling Strategies", arXiv 2103.07579), for the `resnetrs50` ... `resnetrs420` models.
 
 Usage: `python -m resnet_jax.main --config=configs/resnetrs.py:depth=50 --workdir=runs/rs50`.
-Args: depth=50|101|152|200|270|350|420; size (one of the training sizes the authors released for
-that depth, which selects that config's regularisation; 0: the default below); batch (default
-4096; the lr follows it); bn_group (BN statistics over groups of that many examples; 0: the whole
-global batch); dataset=imagenet2012. Every field stays overridable (`--config.data.image_size=224`
-trains at another size with the chosen config's regularisation; the eval size follows it).
+Config args: depth=50|101|152|200|270|350|420; size (one of the training sizes the authors
+released for that depth, which selects that config's regularisation; 0: the default below); batch
+(default 4096; the lr follows it); bn_group (BN statistics over groups of that many examples; 0:
+the whole global batch); dataset=imagenet2012. Every field stays overridable
+(`--config.data.image_size=224` trains at another size with the chosen config's regularisation;
+the eval size follows it).
 
 Sources, and which value comes from which ([P] the paper; [T] its authors' code and per-model
 configs, tensorflow/tpu models/official/resnet (resnet_main.py, resnet_model.py, configs/
@@ -68,8 +69,9 @@ Per model ([T]'s yaml; [G] the same but for the magnitude noted above; top-1 fro
   RS-350   320    320   0.4      0.1           15           84.2       -
   RS-420   320    320   0.4      0.1           15           84.4       416
 
-The default size of a depth is the first [M] converts (RS-101 192, RS-152 256, RS-350 256). [M]'s
-test sizes are timm's own evaluations of the converted weights, not the paper's protocol.
+A depth's default size is that of the checkpoint [M] converts (its files resnetrs101_i192,
+resnetrs152_i256, resnetrs350_i256). [M]'s test sizes are timm's own evaluations of the converted
+weights, not the paper's protocol.
 
 Differences left:
 - [T]'s RandAugment draws from 16 operations (timm's 15 plus Cutout of up to 40 x level / 10
