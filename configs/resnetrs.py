@@ -47,8 +47,9 @@ official/vision/configs/experiments/image_classification/imagenet_resnetrs{depth
   level scale and, without `inc1`, the same level rules for Rotate (30 deg), Shear (0.3),
   Posterize, Solarize, SolarizeAdd, Color/Contrast/Brightness/Sharpness (0.1-1.9) and Invert.
   [T] applies both drawn operations always, so `-p1.0`; its magnitude 15 is above timm's default
-  cap of 10 (timm clips the level to `mmax`, this project refuses m > mmax rather than clip), so
-  the string names `-mmax15`: 'rand-m15-n2-mmax15-inc0-p1.0'.
+  cap of 10: timm clips the level to `mmax` (10 unless given; its auto_augment.py notes a larger
+  mmax is "closer to Google TF RA impl"), this project refuses m > mmax rather than clip silently,
+  so the string names `-mmax15`: 'rand-m15-n2-mmax15-inc0-p1.0' (timm_augment.py is unchanged).
 - Training crops: Inception-style random crops (area 0.08-1, aspect 3/4-4/3) [T] resized bicubic
   [T] (`data.interpolation='bicubic'`), flip, mean/std normalisation [T]. Evaluation: the centre
   crop of the same size as training ([T] evaluates at image_size; [G] at input_size), cut from
