@@ -55,9 +55,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.groups = ml_collections.FieldReference(None, field_type=int)
   c.model.width_per_group = ml_collections.FieldReference(None, field_type=int)
   c.model.dropout_rate = 0.0
+  # Dropout on the pooled features before the classifier, in training only (timm's drop_rate, TF's
+  # dropout_rate: ResNet-RS's 0.25-0.4, configs/resnetrs.py). 0: no dropout module at all.
+  c.model.head_dropout_rate = 0.0
   # Stochastic depth (Huang et al. 2016): block l of L drops its residual branch in training
   # with probability l / L * drop_path_rate (0.5: the paper's p_L); 'row' per example | 'batch'.
-  # drop_path_rule 'timm': (l - 1) / (L - 1) * drop_path_rate instead (timm's ResNet, RSB's).
+  # drop_path_rule 'timm': (l - 1) / (L - 1) * drop_path_rate instead (timm's ResNet, RSB's);
+  # 'stage': every block of stage s of S at (s + 1) / (S + 1) * drop_path_rate (TF's ResNet-RS).
   c.model.drop_path_rate = 0.0
   c.model.drop_path_mode = 'row'
   c.model.drop_path_rule = 'huang'

@@ -90,6 +90,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     )
   if not 0 <= config.data.random_erasing <= 1:
     raise ConfigError(f'data.random_erasing must be in [0, 1], got {config.data.random_erasing}')
+  validate_head_dropout(config.model)
   validate_optimizer(config.optimizer)
   validate_schedule_shape(config)
   validate_loss(config)
@@ -101,6 +102,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     n_dev,
     frozen_bn=not uses_batch_statistics(config.model),
   )
+
+
+def validate_head_dropout(model: ml_collections.ConfigDict) -> None:
+  """`model.head_dropout_rate` is a probability below 1 (at 1 every feature reaching the classifier
+  would be zeroed and the scaling 1 / (1 - rate) divide by zero)."""
+  rate = model.get('head_dropout_rate', 0.0)
+  if rate is None or not 0 <= rate < 1:
+    raise ConfigError(f'model.head_dropout_rate must be in [0, 1) (0: none), got {rate}')
 
 
 def validate_optimizer(o: ml_collections.ConfigDict) -> None:

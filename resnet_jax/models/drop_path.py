@@ -13,6 +13,9 @@ rate of the last block (the paper's p_L = 0.5 is ``drop_path_rate=0.5``): the fi
 is rate / L. ``rule='timm'`` is timm's ResNet instead, ``rate_l = (l - 1) / (L - 1) * rate``
 (``drop_path_rate * net_block_idx / (net_num_blocks - 1)``): the first block is never dropped, the
 last one still at ``rate`` ("ResNet strikes back" trains with it, so its recipes here use it).
+``rule='stage'`` is the TF ResNet-RS code's (tensorflow/tpu models/official/resnet, Bello et al.
+2021): every block of stage s of S gets ``(s + 1) / (S + 1) * rate`` (0.4, 0.6, 0.8, 1.0 x rate
+for the four ImageNet stages), one rate per stage rather than per block.
 
 Huang et al. drop a block for the whole mini-batch and scale the branch by p_l at test time.
 Here (``mode='row'``, timm's ``drop_path`` / torchvision's ``StochasticDepth(mode='row')``) each
@@ -35,7 +38,8 @@ import jax
 import jax.numpy as jnp
 
 MODES = ('row', 'batch')
-RULES = ('huang', 'timm')  # block l of L: l / L x rate | (l - 1) / (L - 1) x rate
+# block l of L: l / L x rate | (l - 1) / (L - 1) x rate | stage s of S: (s + 1) / (S + 1) x rate
+RULES = ('huang', 'timm', 'stage')
 # Where each block records its rate and per-example keep mask (train mode, drop path on) when
 # the caller makes it mutable: ``apply(..., mutable=['batch_stats', COLLECTION])``.
 COLLECTION = 'drop_path'
@@ -46,7 +50,11 @@ Rate = Union[float, jax.Array]
 def block_rates(stage_sizes: Sequence[int], rate: float, rule: str = 'huang') -> list[list[float]]:
   """Drop probability of every block, per stage: block l of L (from 1) gets l / L * rate
   (``'huang'``: Huang et al.'s linear decay, p_l = 1 - l / L (1 - p_L), with ``rate`` = 1 - p_L)
-  or (l - 1) / (L - 1) * rate (``'timm'``: timm's ResNet, the first block never dropped)."""
+  or (l - 1) / (L - 1) * rate (``'timm'``: timm's ResNet, the first block never dropped), or
+  (s + 1) / (S + 1) * rate for every block of stage s of S (``'stage'``: TF's ResNet-RS)."""
+  if rule == 'stage':
+    n = len(stage_sizes)
+    return [[(s + 2) / (n + 1) * rate] * size for s, size in enumerate(stage_sizes)]
   total = sum(stage_sizes)
   if rule == 'timm':
     position = lambda l: l / (total - 1) if total > 1 else 0.0  # l counted from 0
@@ -66,7 +74,9 @@ def check(rate: float, mode: str, rule: str = 'huang') -> None:
   if mode not in MODES:
     raise ValueError(f"drop_path_mode must be 'row' or 'batch', got {mode!r}")
   if rule not in RULES:
-    raise ValueError(f"drop_path_rule must be 'huang' or 'timm', got {rule!r}")
+    raise ValueError(
+      f"drop_path_rule must be 'huang' or 'timm', or 'stage' (TF's ResNet-RS), got {rule!r}"
+    )
 
 
 def drop_path(module: nn.Module, branch: jax.Array, rate: Optional[Rate], mode: str) -> jax.Array:

@@ -132,6 +132,7 @@ class ResNet(nn.Module):
   norm: str = 'batch'  # 'group': GroupNorm of gn_groups groups (BiT), no batch_stats
   gn_groups: int = 32
   weight_std_eps: Optional[float] = None  # weight-standardised convs with this epsilon (BiT)
+  head_dropout_rate: float = 0.0  # dropout on the pooled features before fc, in training only
 
   def _norm(self, train: bool, frozen: bool):
     if self.norm == 'group':  # no statistics to freeze or update: train / frozen do not matter
@@ -228,6 +229,8 @@ class ResNet(nn.Module):
     if self.features_only:
       return features
     x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+    if self.head_dropout_rate > 0:  # timm's drop_rate, TF's dropout_rate (ResNet-RS: 0.25-0.4)
+      x = nn.Dropout(self.head_dropout_rate, deterministic=not train, name='head_dropout')(x)
     return nn.Dense(
       self.num_classes,
       dtype=jnp.float32,
@@ -299,6 +302,7 @@ def create_model(
   attention: Optional[str] = None,
   norm: Optional[str] = None,
   weight_standardization: Optional[bool] = None,
+  head_dropout_rate: float = 0.0,
 ) -> ResNet:
   """Build a ResNet, ResNeXt or Wide ResNet by name (see ``VALID_NAMES``) with the paper's options.
 
@@ -339,6 +343,8 @@ def create_model(
   convs (epsilon 1e-8), stem conv + zero pad + max-pool, final norm + ReLU; widths x the
   multiplier. ``norm='group'`` / ``weight_standardization=True`` give any net those layers (None:
   the name's own); a GroupNorm net has no ``batch_stats`` and refuses BatchNorm's options.
+  ``head_dropout_rate``: dropout on the pooled features before ``fc`` in training (timm's
+  ``drop_rate``, TF's ``dropout_rate``; ResNet-RS trains with 0.25-0.4); 0: no module, no rng.
   """
   spec = parse_name(name, block)
   residual = residual and spec.residual
@@ -376,6 +382,8 @@ def create_model(
     )
   if not 0.0 <= dropout_rate < 1.0:
     raise ValueError(f'dropout_rate must be in [0, 1), got {dropout_rate!r}')
+  if not 0.0 <= head_dropout_rate < 1.0:
+    raise ValueError(f'head_dropout_rate must be in [0, 1), got {head_dropout_rate!r}')
   drop_path.check(drop_path_rate, drop_path_mode, drop_path_rule)
   if drop_path_rate > 0 and not residual:
     raise ValueError(
@@ -437,4 +445,5 @@ def create_model(
     se_reduction=4 if spec.variant == 'resnetrs' else attention_lib.SE_RATIO,
     norm=norm,
     weight_std_eps=ws_eps,
+    head_dropout_rate=float(head_dropout_rate),
   )
