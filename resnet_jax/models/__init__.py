@@ -2,9 +2,10 @@
 
 from resnet_jax.models import backbone, layout
 from resnet_jax.models.blocks import BasicBlock, Bottleneck, PreActBasicBlock, PreActBottleneck
+from resnet_jax.models.factory import create_model
 from resnet_jax.models.layers import BatchNorm, conv, shortcut
 from resnet_jax.models.names import IMAGENET_DEPTHS, VALID_NAMES, ArchSpec, parse_name
-from resnet_jax.models.resnet import ResNet, create_model
+from resnet_jax.models.resnet import ResNet
 
 __all__ = [
   'ArchSpec',
