@@ -12,7 +12,9 @@ its training set, read from the prepared dataset): the model was trained on noth
 Converted timm weights want timm's eval input instead: ``--interpolation bicubic --crop-pct 0.95``
 (the "ResNet strikes back" resnet50.a1_in1k's pretrained config) resizes the shorter side to
 floor(224 / 0.95) = 235 with PIL's bicubic, then centre-crops 224, as timm's
-``transforms_imagenet_eval`` does. Class
+``transforms_imagenet_eval`` does. BiT's weights (``resnetv2_*_bit``) were trained on inputs
+scaled to [-1, 1] (timm's pretrained configs: mean = std = 0.5, its IMAGENET_INCEPTION_MEAN/STD),
+so those names are normalised that way by default (``--normalize``). Class
 names come from torchvision's metadata when it is installed (read as a file, without importing
 torch), from ``--labels FILE`` (one name per line), or are ``class <i>``.
 """
@@ -41,6 +43,11 @@ from resnet_jax.workdir import CONFIG_FILE, as_path, read_run_config
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+# --normalize: name -> (mean, std) of the [0, 1] pixels the converted weights were trained on.
+NORMALIZATIONS = {
+  'imagenet': (IMAGENET_MEAN, IMAGENET_STD),  # torchvision's and most of timm's weights
+  'inception': (np.full(3, 0.5, np.float32), np.full(3, 0.5, np.float32)),  # BiT's: [-1, 1]
+}
 
 
 # Images with more pixels than this are refused before decoding (PIL's own default bound); a
@@ -82,10 +89,11 @@ def preprocess(
   image_size: int = 224,
   resize_size: int = 256,
   resample: int = Image.BILINEAR,
+  normalize: str = 'imagenet',
 ) -> np.ndarray:
   """torchvision ``Resize(resize_size) + CenterCrop(image_size) + ToTensor + Normalize``, as HWC
   (`resample`: the PIL filter of the resize; timm's eval transform with bicubic and crop_pct is
-  this with `resize_size` = floor(image_size / crop_pct)).
+  this with `resize_size` = floor(image_size / crop_pct); `normalize`: a `NORMALIZATIONS` key).
 
   When the resized image would exceed `MAX_RESIZED_PIXELS` (an extreme aspect ratio such as
   1 x 20000 becomes 256 x 5,120,000), only the centre crop is resampled, with PIL ``resize``'s
@@ -106,7 +114,8 @@ def preprocess(
     box = (crop[0] * sx, crop[1] * sy, crop[2] * sx, crop[3] * sy)
     image = image.resize((image_size, image_size), resample, box=box)
   x = np.asarray(image, np.float32) / 255.0
-  return (x - IMAGENET_MEAN) / IMAGENET_STD
+  mean, std = NORMALIZATIONS[normalize]
+  return (x - mean) / std
 
 
 def is_training_run(checkpoint: Optional[str]) -> bool:
@@ -248,9 +257,24 @@ def build_parser() -> argparse.ArgumentParser:
     type=crop_pct,
     help="timm's crop_pct: resize the shorter side to floor(size / crop_pct) (RSB: 0.95)",
   )
+  parser.add_argument(
+    '--normalize',
+    choices=sorted(NORMALIZATIONS),
+    help="the pixels' mean/std: imagenet (torchvision's), inception (0.5/0.5: [-1, 1]); "
+    'default inception for BiT names (resnetv2_*_bit), imagenet otherwise',
+  )
   parser.add_argument('--labels', help='text file with one class name per line')
   parser.add_argument('images', nargs='+', help='image files')
   return parser
+
+
+def default_normalization(arch: str) -> str:
+  """The normalisation converted weights of `arch` expect: BiT's [-1, 1], else ImageNet's."""
+  try:
+    bit = parse_name(arch).variant == 'bit'
+  except ValueError:  # an unknown name: reported when the model is built
+    bit = False
+  return 'inception' if bit else 'imagenet'
 
 
 def eval_geometry(args: argparse.Namespace) -> tuple[int, int, int]:
@@ -270,7 +294,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
   try:
     if is_training_run(args.checkpoint):
-      for flag in ('image_size', 'interpolation', 'crop_pct'):
+      for flag in ('image_size', 'interpolation', 'crop_pct', 'normalize'):
         if getattr(args, flag) is not None:
           raise ValueError(
             f'--{flag.replace("_", "-")}: {args.checkpoint} is a training run, whose own '
@@ -280,7 +304,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     else:
       size, resize, resample = eval_geometry(args)
       prepare = functools.partial(
-        preprocess, image_size=size, resize_size=resize, resample=resample
+        preprocess,
+        image_size=size,
+        resize_size=resize,
+        resample=resample,
+        normalize=args.normalize or default_normalization(args.arch),
       )
     batch = np.stack([prepare(open_image(p)) for p in args.images])
     variables = load_variables(args)
