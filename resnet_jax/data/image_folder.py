@@ -25,7 +25,12 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from resnet_jax.data.split import DatasetDamagedError, DatasetNotFoundError, SplitSource
+from resnet_jax.data.split import (
+  IMAGE_ERRORS,
+  DatasetNotFoundError,
+  SplitSource,
+  damaged_image,
+)
 from resnet_jax.workdir import write_atomic
 
 NAME = 'image_folder'
@@ -150,7 +155,8 @@ class FolderRecords:
 
   Picklable and small (Grain sends it to every worker): the paths are one byte array with end
   offsets, not a list of strings. A file that cannot be read, or whose bytes are not a whole
-  image, is a `DatasetDamagedError` naming it.
+  image, is a `DatasetDamagedError` naming it; so is one that fails to decode later
+  (`split.damage_named`, with the record's 'path').
   """
 
   def __init__(self, split_dir: str, classes: list[str], index: dict[str, np.ndarray], labels):
@@ -176,13 +182,10 @@ class FolderRecords:
       with open(path, 'rb') as f:
         data = f.read()
       _check_whole_image(data)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-      reason = ' '.join(str(e).split())[:200] or type(e).__name__
-      raise DatasetDamagedError(
-        f'image file {path} cannot be read as an image ({reason}): replace it with a good copy '
-        '(removing it changes the file list: a resumed run then sees other batches)'
-      ) from e
-    return {'image': data, 'label': int(self._labels[index])}
+    except IMAGE_ERRORS as e:
+      raise damaged_image(path, e) from e
+    # 'path': the pipeline names the file when decoding finds what the check above cannot
+    return {'image': data, 'label': int(self._labels[index]), 'path': path}
 
 
 def _check_whole_image(data: bytes) -> None:
@@ -190,7 +193,12 @@ def _check_whole_image(data: bytes) -> None:
   all (an empty file, an HTML error page) or a truncated one (an interrupted copy). A JPEG not
   ending in its EOI marker, or a PNG not in IEND, is decoded once here (trailing bytes after a
   whole image decode; a cut one raises); anything else only pays for its header."""
-  img = Image.open(io.BytesIO(data))
+  if not data:
+    raise ValueError('the file is empty')
+  try:
+    img = Image.open(io.BytesIO(data))
+  except Image.UnidentifiedImageError:  # its message names a BytesIO object, not the file
+    raise ValueError(f'no image format PIL reads; it begins {data[:16]!r}') from None
   tail = data[-32:].rstrip(b'\0')
   if (img.format == 'JPEG' and not tail.endswith(b'\xff\xd9')) or (
     img.format == 'PNG' and b'IEND' not in tail
@@ -237,10 +245,64 @@ def _check_classes(index: dict[str, np.ndarray], split_dir: str, split: str, roo
     )
 
 
+def is_numeral(name: str) -> bool:
+  """A class directory named by its class index, as str(k) writes it ('7', not '07')."""
+  return name.isascii() and name.isdigit() and str(int(name)) == name
+
+
+def _numeral_labels(
+  classes: list[str], num_classes: int, split: str, root: str, of_what: str
+) -> np.ndarray:
+  """The label of each numbered class directory: int(name), which must cover 0..N-1 exactly."""
+  numbers = [int(c) for c in classes]
+  if sorted(numbers) != list(range(num_classes)):
+    missing = sorted(set(range(num_classes)) - set(numbers))
+    beyond = sorted(n for n in numbers if n >= num_classes)
+    found = '; '.join(
+      f'{what} {", ".join(map(str, ns[:5]))}{", ..." if len(ns) > 5 else ""} ({len(ns)} in all)'
+      for what, ns in (('missing', missing), (f'{num_classes} and above:', beyond))
+      if ns
+    )
+    raise _not_found(
+      f"split '{split}' of image folder {root} has numbered class directories, read as class "
+      f"indices (ImageNet-V2's layout): they must be exactly 0..{num_classes - 1} {of_what} "
+      f"({found}): restore them, or name the directories as the train split's classes"
+    )
+  return np.asarray(numbers, np.int32)
+
+
+def _split_only(root: str, split: str, train_split: str) -> SplitSource | None:
+  """A split with no train split beside it whose class directories are all numbered (ImageNet-V2
+  extracted alone, to evaluate a run trained elsewhere): N classes, directory k is class k."""
+  split_dir = os.path.join(root, split)
+  if split == train_split or os.path.isdir(os.path.join(root, train_split)):
+    return None
+  if not os.path.isdir(split_dir):
+    return None
+  index = _cached_scan(split_dir)
+  classes = [str(c) for c in index['classes']]
+  if not classes or not all(is_numeral(c) for c in classes):
+    return None
+  _check_classes(index, split_dir, split, root)
+  n = len(classes)
+  of_what = f"for its {n} directories, as there is no train split '{train_split}' beside it"
+  labels = _numeral_labels(classes, n, split, root, of_what)[index['labels']]
+  records = FolderRecords(split_dir, classes, index, labels)
+  return SplitSource(records, n, (None, None, 3), encoded=True, cache_dir=None)
+
+
 def open_split(
   data_dir: str | None, split: str, train_split: str, hint_flag: str = '--config.data.eval_split'
 ) -> SplitSource:
-  """One split of the tree at `data_dir`, labelled by the train split's classes."""
+  """One split of the tree at `data_dir`, labelled by the train split's classes.
+
+  Another split's class directories are matched to the train split's by name, except when they
+  are all numbered ('0', '1', ... as ImageNet-V2 is distributed) and the train split's are not:
+  then directory k is the train split's k-th class in sorted order (ImageNet's sorted WordNet
+  ids), and 0..K-1 must all be there for K train classes. (torchvision's ImageFolder sorts such
+  names as strings, '0', '1', '10', '100', ..., and mislabels them.) A split whose train split
+  is absent is read only if its directories are numbered 0..N-1: N classes, directory k class k.
+  """
   if not data_dir:
     raise _not_found(
       "data.name='image_folder' reads the tree at config.data.data_dir (ROOT/<split>/<class>/"
@@ -252,6 +314,9 @@ def open_split(
     raise _not_found(
       f'config.data.data_dir={data_dir} {what}: image_folder reads ROOT/<split>/<class>/<image>'
     )
+  alone = _split_only(root, split, train_split)
+  if alone is not None:
+    return alone
   is_train = split == train_split
   train_dir = _split_dir(root, train_split, '--config.data.train_split', train_split)
   split_dir = train_dir if is_train else _split_dir(root, split, hint_flag, train_split)
@@ -261,6 +326,10 @@ def open_split(
   classes = [str(c) for c in index['classes']]
   if is_train:
     labels = index['labels']
+  elif all(is_numeral(c) for c in classes) and not any(is_numeral(c) for c in train_classes):
+    of_what = f"for the {len(train_classes)} classes of train split '{train_split}'"
+    labels = _numeral_labels(classes, len(train_classes), split, root, of_what)[index['labels']]
+    logging.info("split '%s' of %s: numbered class directories read as class indices", split, root)
   else:
     position = {name: i for i, name in enumerate(train_classes)}
     unknown = [c for c in classes if c not in position]

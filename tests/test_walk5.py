@@ -1,0 +1,207 @@
+"""Image-folder trees walked as a researcher would (2026-11-25): damaged images named wherever
+decoding finds them, and ImageNet-V2's numbered class folders."""
+
+import io
+import os
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import resnet_jax.data as data
+from resnet_jax.data import image_folder, pipeline, sources
+from tests.test_image_folder import _photos, _save, folder_config, make_tree
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch) -> str:
+  """The user cache (index and statistics) in this test's own directory."""
+  directory = str(tmp_path / 'user_cache')
+  monkeypatch.setenv('RESNET_JAX_CACHE_DIR', directory)
+  image_folder._MEMORY.clear()  # pylint: disable=protected-access
+  return directory
+
+
+@pytest.fixture
+def tree(tmp_path) -> str:
+  return make_tree(str(tmp_path / 'imagenet'))
+
+
+def _damage_the_middle(path: str) -> None:
+  """Random bytes in the middle of a JPEG's entropy-coded data (a bad sector, a flipped
+  transfer): the headers and the EOI marker stay whole, so only a full decode finds it."""
+  data = bytearray(open(path, 'rb').read())
+  start = data.find(b'\xff\xda')
+  middle = (start + len(data)) // 2
+  for seed in range(200):
+    damaged = bytearray(data)
+    n = (len(data) - start) // 4
+    damaged[middle : middle + n] = np.random.default_rng(seed).bytes(n)
+    try:
+      Image.open(io.BytesIO(bytes(damaged))).load()
+    except OSError:
+      break
+  else:
+    raise AssertionError('no damage PIL notices')
+  assert damaged.endswith(b'\xff\xd9') and damaged[:2] == b'\xff\xd8'
+  with open(path, 'wb') as f:
+    f.write(bytes(damaged))
+
+
+def _big_photo_tree(root: str) -> str:
+  """make_tree with larger JPEGs (80 x 112), whose compressed data has a middle to damage."""
+  make_tree(root)
+  for photo, name in zip(_photos(), ('img0.jpg', 'img1.jpg', 'img2.jpg')):
+    big = np.asarray(Image.fromarray(photo).resize((112, 80)))
+    _save(os.path.join(root, 'train', 'n02', name), big, 'JPEG')
+    _save(os.path.join(root, 'val', 'n10', name.replace('img', 'v').upper()), big, 'JPEG')
+  return root
+
+
+def _expect_damaged(path, call):
+  with pytest.raises(sources.DatasetDamagedError) as e:
+    call()
+  message = str(e.value)
+  assert path in message and 'broken data stream' in message and '\n' not in message, message
+
+
+def test_mid_file_damage_passes_the_read_and_is_named_where_decoding_finds_it(tmp_path):
+  """The cheap check when a file is read sees a whole JPEG; decoding fails later (the statistics,
+  a training batch, an eval batch): each names the file, not only PIL's 'broken data stream'."""
+  root = _big_photo_tree(str(tmp_path / 'tree'))
+  config = folder_config(root)
+  train = sources.open_split(config, 'train').records
+  paths = [train.path(i) for i in range(len(train))]
+  damaged = os.path.join(root, 'train', 'n02', 'img1.jpg')
+  _damage_the_middle(damaged)
+  assert train[paths.index(damaged)]['label'] == 1  # read and checked without complaint
+  _expect_damaged(damaged, lambda: pipeline.make_normalization(config))
+  pre = data.make_preprocessor(config)
+  transform = pipeline._TrainTransform(pre)  # pylint: disable=protected-access
+  record = train[paths.index(damaged)]
+  _expect_damaged(damaged, lambda: transform(record, np.random.default_rng(0)))
+  evaluation = pipeline._EvalExample(train, pre, 1, None)  # pylint: disable=protected-access
+  _expect_damaged(damaged, lambda: evaluation(paths.index(damaged)))
+  assert evaluation(0)['mask']  # the others still decode
+
+
+def test_mid_file_damage_is_named_from_a_grain_worker(tmp_path):
+  """Found by a Grain worker process during evaluation (data.num_workers=1), hours into a run."""
+  from absl import flags
+
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  root = _big_photo_tree(str(tmp_path / 'tree'))
+  damaged = os.path.join(root, 'val', 'n10', 'V1.JPG')
+  _damage_the_middle(damaged)
+  config = folder_config(root, num_workers=1)
+  it = data.create_eval_iterator(
+    config, split='val', local_batch_size=4, process_index=0, process_count=1
+  )
+  _expect_damaged(damaged, lambda: list(it))
+
+
+def test_records_carry_their_path_and_tfds_records_do_not_change(tree):
+  source = sources.open_split(folder_config(tree), 'train')
+  assert source.records[0]['path'] == os.path.join(tree, 'train', 'n01', 'alpha.PNG')
+  digits = sources.open_split(folder_config(None, name='digits'), 'train')
+  assert sorted(digits.records[0]) == ['image', 'label']
+
+
+def test_an_empty_file_and_a_text_file_say_what_they_are(tree):
+  source = sources.open_split(folder_config(tree), 'train')
+  empty, text = (os.path.join(tree, 'train', 'n02', n) for n in ('img1.jpg', 'img2.jpg'))
+  open(empty, 'wb').close()
+  with open(text, 'w') as f:
+    f.write('<html>404 Not Found</html>')
+  for path, reason in ((empty, 'the file is empty'), (text, "it begins b'<html>404 Not Fo")):
+    with pytest.raises(sources.DatasetDamagedError) as e:
+      source.records[[source.records.path(i) for i in range(20)].index(path)]  # pylint: disable=expression-not-assigned
+    assert path in str(e.value) and reason in str(e.value) and 'BytesIO' not in str(e.value)
+
+
+# ImageNet-V2 (Recht et al. 2019) is distributed as folders 0 ... 999, folder k holding class k
+# of ImageNet's sorted WordNet ids; torchvision's ImageFolder sorts the names as strings.
+WNIDS = [f'n{k:02d}' for k in range(12)]  # 12 classes: '10' and '11' sort before '2' as strings
+
+
+def _numbered_tree(root: str, train=WNIDS, v2=range(12), split='v2') -> str:
+  photos = _photos()
+  for k, name in enumerate(train or ()):
+    _save(os.path.join(root, 'train', name, 'a.jpg'), photos[k % 8], 'JPEG')
+  for k in v2:
+    _save(os.path.join(root, split, str(k), f'{k}.jpeg'), photos[k % 8], 'JPEG')
+  return root
+
+
+def _labels_by_file(source) -> dict[str, int]:
+  records = source.records
+  return {os.path.basename(records.path(i)): records[i]['label'] for i in range(len(records))}
+
+
+def test_numbered_folders_are_class_indices_of_the_sorted_train_classes(tmp_path):
+  """Folder k is train's k-th class: the label ImageNet-V2's folders mean (not the position of
+  'k' among the names sorted as strings, which ImageFolder gives)."""
+  root = _numbered_tree(str(tmp_path))
+  v2 = sources.open_split(folder_config(root, eval_split='v2'), 'v2')
+  assert v2.num_classes == 12
+  assert _labels_by_file(v2) == {f'{k}.jpeg': k for k in range(12)}
+  assert sorted(str(k) for k in range(12))[2] == '10'  # ImageFolder's label 2 for folder 10
+
+
+def test_numbered_train_classes_keep_matching_by_name(tmp_path):
+  """When train's folders are numbered too, the names are the classes (train's own ImageFolder
+  order, string-sorted), as for any other names: a trained model's labels stay right."""
+  root = _numbered_tree(str(tmp_path), train=[str(k) for k in range(12)])
+  v2 = sources.open_split(folder_config(root, eval_split='v2'), 'v2')
+  order = sorted(str(k) for k in range(12))
+  assert _labels_by_file(v2) == {f'{k}.jpeg': order.index(str(k)) for k in range(12)}
+
+
+@pytest.mark.parametrize(
+  'v2,needles',
+  [
+    ([k for k in range(12) if k not in (3, 7)], ('missing 3, 7 (2 in all)', 'exactly 0..11')),
+    (range(1, 13), ('missing 0 (1 in all)', '12 and above: 12 (1 in all)')),  # counted from 1
+    (range(13), ('12 and above: 12 (1 in all)', "12 classes of train split 'train'")),
+  ],
+)
+def test_numbered_folders_must_be_exactly_zero_to_k_minus_one(tmp_path, v2, needles):
+  root = _numbered_tree(str(tmp_path), v2=v2)
+  with pytest.raises(data.DatasetNotFoundError) as e:
+    sources.open_split(folder_config(root, eval_split='v2'), 'v2')
+  message = str(e.value)
+  assert "ImageNet-V2's layout" in message and '\n' not in message, message
+  for needle in needles:
+    assert needle in message, message
+
+
+def test_zero_padded_or_mixed_names_are_names(tmp_path):
+  """'07' is not how ImageNet-V2 writes 7: such folders are matched by name as any other."""
+  root = _numbered_tree(str(tmp_path), v2=range(12))
+  os.rename(os.path.join(root, 'v2', '7'), os.path.join(root, 'v2', '07'))
+  with pytest.raises(data.DatasetNotFoundError, match=r'does not \(0, 07, 1, 10, 11, \.\.\.'):
+    sources.open_split(folder_config(root, eval_split='v2'), 'v2')
+
+
+def test_a_numbered_split_without_a_train_split_has_its_own_count(tmp_path):
+  """ImageNet-V2 extracted alone (no train split): N folders 0..N-1 are N classes, k is k."""
+  root = _numbered_tree(str(tmp_path), train=None)
+  v2 = sources.open_split(folder_config(root, eval_split='v2'), 'v2')
+  assert v2.num_classes == 12 and v2.cache_dir is None
+  assert _labels_by_file(v2) == {f'{k}.jpeg': k for k in range(12)}
+  shutil.rmtree(os.path.join(root, 'v2', '5'))
+  with pytest.raises(
+    data.DatasetNotFoundError,
+    match="0..10 for its 11 directories, as there is no train split 'train' .*missing 5 ",
+  ):
+    image_folder._MEMORY.clear()  # pylint: disable=protected-access
+    sources.open_split(folder_config(root, eval_split='v2'), 'v2')
+
+
+def test_a_named_split_without_a_train_split_still_asks_for_it(tmp_path):
+  root = _numbered_tree(str(tmp_path), train=None)
+  os.rename(os.path.join(root, 'v2', '0'), os.path.join(root, 'v2', 'n00'))
+  with pytest.raises(data.DatasetNotFoundError, match="has no split 'train'"):
+    sources.open_split(folder_config(root, eval_split='v2'), 'v2')
