@@ -36,6 +36,7 @@ from resnet_jax.train_step import (
   metric_sums,
   replicated,
 )
+from resnet_jax.workdir import read_run_config
 
 
 @contextlib.contextmanager
@@ -190,6 +191,9 @@ def evaluate_workdir(
   # --dataset image_folder --data-dir ROOT: a tree to test on (ImageNet-V2 extracted); the run's
   # own data stays where it was read
   tree = dataset == image_folder.NAME and data_dir is not None
+  if dataset == image_folder.NAME and data_dir is None:  # before the run's data is opened
+    if read_run_config(workdir).data.name != dataset:
+      raise ValueError('--dataset image_folder reads the tree at --data-dir ROOT: add it')
   overrides = {'eval_batch_size': batch_size} if batch_size else {}
   if data_dir is not None and not tree:
     overrides['data.data_dir'] = data_dir
@@ -197,8 +201,6 @@ def evaluate_workdir(
   experiment = trained.experiment
   config, mesh = experiment.config, experiment.mesh
   preprocessor, eval_config = None, config
-  if dataset == image_folder.NAME and config.data.name != dataset and data_dir is None:
-    raise ValueError('--dataset image_folder reads the tree at --data-dir ROOT: add it')
   if dataset is not None and (dataset != config.data.name or tree):
     preprocessor = data.make_preprocessor(config)  # the run's geometry, on the other images
     eval_config = on_other_dataset(experiment, dataset, split, data_dir if tree else None)

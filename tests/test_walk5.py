@@ -205,3 +205,44 @@ def test_a_named_split_without_a_train_split_still_asks_for_it(tmp_path):
   os.rename(os.path.join(root, 'v2', '0'), os.path.join(root, 'v2', 'n00'))
   with pytest.raises(data.DatasetNotFoundError, match="has no split 'train'"):
     sources.open_split(folder_config(root, eval_split='v2'), 'v2')
+
+
+def test_evaluate_a_run_on_imagenet_v2_extracted_alone(tree, tmp_path):
+  """`evaluate --dataset image_folder --data-dir V2ROOT --split v2`: a tree of numbered folders
+  only, read with the run's preprocessing while the run's own data stays where it was; the
+  same images as the run's train split give the same numbers."""
+  from resnet_jax import evaluate, train
+
+  config = folder_config(tree)
+  config.model.name, config.batch_size, config.eval_batch_size = 'resnet8', 4, 4
+  config.num_train_steps, config.progress_bar, config.data.eval_crops = 1, False, 1
+  run = str(tmp_path / 'run')
+  train.train_and_evaluate(config, run)
+  v2 = str(tmp_path / 'imagenet_v2')
+  for k, name in enumerate(('n01', 'n02', 'n10')):  # train's sorted classes
+    shutil.copytree(os.path.join(tree, 'train', name), os.path.join(v2, 'v2', str(k)))
+  own = evaluate.evaluate_workdir(run, split='train', crops=1)
+  other = evaluate.evaluate_workdir(run, split='v2', crops=1, dataset='image_folder', data_dir=v2)
+  assert other['dataset'] == 'image_folder' and other['num_examples'] == 20
+  assert other['top1_error'] == own['top1_error'] and np.isclose(other['loss'], own['loss'])
+  same = evaluate.evaluate_workdir(run, split='train', crops=1, dataset='image_folder')
+  assert same == own  # the run's own tree: --dataset image_folder alone changes nothing
+  shutil.copytree(os.path.join(v2, 'v2', '2'), os.path.join(v2, 'v2', '3'))
+  image_folder._MEMORY.clear()  # pylint: disable=protected-access
+  with pytest.raises(ValueError, match='image_folder has 4 classes and the run was trained'):
+    evaluate.evaluate_workdir(run, split='v2', dataset='image_folder', data_dir=v2)
+
+
+def test_evaluate_dataset_image_folder_needs_the_tree(tmp_path):
+  """A run trained on another dataset: the tree is named by --data-dir, refused before the run's
+  own data (maybe ImageNet) is opened."""
+  import json
+
+  from resnet_jax import evaluate
+
+  run = tmp_path / 'run'
+  run.mkdir()
+  config = folder_config(None, name='imagenet2012').to_dict()
+  (run / 'config.json').write_text(json.dumps(config))
+  with pytest.raises(ValueError, match='--dataset image_folder reads the tree at --data-dir ROOT'):
+    evaluate.evaluate_workdir(str(run), split='v2', dataset='image_folder')
