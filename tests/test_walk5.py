@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 import resnet_jax.data as data
+from resnet_jax import multiscale
 from resnet_jax.data import image_folder, pipeline, sources
 from tests.test_image_folder import _photos, _save, folder_config, make_tree
 
@@ -84,6 +85,9 @@ def test_mid_file_damage_passes_the_read_and_is_named_where_decoding_finds_it(tm
   evaluation = pipeline._EvalExample(train, pre, 1, None)  # pylint: disable=protected-access
   _expect_damaged(damaged, lambda: evaluation(paths.index(damaged)))
   assert evaluation(0)['mask']  # the others still decode
+  slots = np.asarray([[paths.index(damaged), 32, 48]], np.int64)  # Table 4's whole image
+  whole = multiscale._Slot(train, pre, slots)  # pylint: disable=protected-access
+  _expect_damaged(damaged, lambda: whole(0))
 
 
 def test_mid_file_damage_is_named_from_a_grain_worker(tmp_path):
