@@ -4,7 +4,9 @@ The layout torchvision's `ImageFolder` reads (and how clusters keep ImageNet): c
 sorted names of the train split's subdirectories (`ImageFolder.find_classes`; for ImageNet the
 sorted WordNet ids, TFDS imagenet2012's and torchvision's/timm's class order), images are the files
 with torchvision's image extensions found under each class directory (recursively, symlinks
-followed, sorted). Another split's class directories are mapped to the train split's by name.
+followed, sorted). Another split's class directories are mapped to the train split's by name,
+or, when they are all numbers and train's are not (ImageNet-V2's folders 0..999), by index into
+train's sorted classes (`open_split`).
 
 The tree is only read. Its file index and the dataset statistics are cached in a user cache
 directory (`$RESNET_JAX_CACHE_DIR`, else `$XDG_CACHE_HOME/resnet_jax`, else
