@@ -204,11 +204,26 @@ def test_a_numbered_split_without_a_train_split_has_its_own_count(tmp_path):
     sources.open_split(folder_config(root, eval_split='v2'), 'v2')
 
 
-def test_a_named_split_without_a_train_split_still_asks_for_it(tmp_path):
+def test_a_named_split_without_a_train_split_asks_for_it_or_numbers(tmp_path):
   root = _numbered_tree(str(tmp_path), train=None)
   os.rename(os.path.join(root, 'v2', '0'), os.path.join(root, 'v2', 'n00'))
-  with pytest.raises(data.DatasetNotFoundError, match="has no split 'train'"):
+  with pytest.raises(data.DatasetNotFoundError) as e:
     sources.open_split(folder_config(root, eval_split='v2'), 'v2')
+  assert "no train split 'train' whose sorted class folders give the labels of split 'v2'" in str(
+    e.value
+  ) and "name v2's class folders by class index, 0..N-1" in str(e.value)
+
+
+def test_a_missing_split_is_reported_before_a_missing_train_split(tmp_path):
+  """`evaluate --dataset image_folder` without --split asks for 'test': say that, and how to
+  name the split in evaluate, rather than that the tree has no train split."""
+  root = _numbered_tree(str(tmp_path), train=None)
+  with pytest.raises(data.DatasetNotFoundError) as e:
+    sources.open_split(folder_config(root, eval_split='test'), 'test')
+  assert "no split 'test' (its subdirectories: v2)" in str(e.value)
+  assert '--config.data.eval_split=v2, or evaluate --split=v2' in str(e.value)
+  with pytest.raises(data.DatasetNotFoundError, match=r"no split 'train' .*train_split=v2\)$"):
+    sources.open_split(folder_config(root), 'train')  # training: train's own message
 
 
 def test_evaluate_a_run_on_imagenet_v2_extracted_alone(tree, tmp_path):

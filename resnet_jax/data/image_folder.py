@@ -223,7 +223,8 @@ def _split_dir(root: str, split: str, hint_flag: str, train_split: str) -> str:
       f'one directory per split, ROOT/{split}/<class>/<image>'
     )
   others = [s for s in existing if s not in (split, train_split)] or existing
-  example = f' (e.g. {hint_flag}={others[0]})' if others else ''
+  also = f', or evaluate --split={others[0]}' if split != train_split else ''
+  example = f' (e.g. {hint_flag}={others[0]}{also})' if others else ''
   raise _not_found(
     f"image folder {root} has no split '{split}' (its subdirectories: {', '.join(existing)}): "
     f'name one of them as the split{example}'
@@ -316,12 +317,20 @@ def open_split(
     raise _not_found(
       f'config.data.data_dir={data_dir} {what}: image_folder reads ROOT/<split>/<class>/<image>'
     )
+  is_train = split == train_split
+  if not is_train:  # the split asked for first: `evaluate --split` may name a split alone
+    _split_dir(root, split, hint_flag, train_split)
   alone = _split_only(root, split, train_split)
   if alone is not None:
     return alone
-  is_train = split == train_split
+  if not is_train and not os.path.isdir(os.path.join(root, train_split)):
+    raise _not_found(
+      f"image folder {root} has no train split '{train_split}' whose sorted class folders give "
+      f"the labels of split '{split}' (its subdirectories: {', '.join(_subdirectories(root))}): "
+      f"add it, or name {split}'s class folders by class index, 0..N-1 (ImageNet-V2's layout)"
+    )
   train_dir = _split_dir(root, train_split, '--config.data.train_split', train_split)
-  split_dir = train_dir if is_train else _split_dir(root, split, hint_flag, train_split)
+  split_dir = train_dir if is_train else os.path.join(root, split)
   train_classes = _subdirectories(train_dir)
   index = _cached_scan(split_dir)
   _check_classes(index, split_dir, split, root)
