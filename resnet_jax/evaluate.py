@@ -275,10 +275,15 @@ def on_other_dataset(
   source = sources.open_split(config, config.data.eval_split)
   run = experiment.dataset
   if source.num_classes != run.num_classes:
+    same = (
+      f"a tree: class folders 0..{run.num_classes - 1} as ImageNet-V2's, or a train split "
+      f'of {run.num_classes} class folders'
+      if name == image_folder.NAME
+      else 'e.g. cifar10_1 for cifar10, imagenet_v2 for imagenet2012'
+    )
     raise ValueError(
       f'{name} has {source.num_classes} classes and the run was trained on {run.name}, which has '
-      f'{run.num_classes}: --dataset needs the same label space (e.g. cifar10_1 for cifar10, '
-      'imagenet_v2 for imagenet2012)'
+      f'{run.num_classes}: --dataset needs the same label space ({same})'
     )
   if source.native_shape[2] != run.image_shape[2]:
     raise ValueError(
