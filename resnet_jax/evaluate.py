@@ -270,6 +270,8 @@ def on_other_dataset(
   config.data.name = name
   if data_dir is not None:
     config.data.data_dir = data_dir
+  if name == image_folder.NAME:  # a numbered split alone (ImageNet-V2) indexes the run's classes
+    config.model.num_classes = experiment.dataset.num_classes
   config.data.validation_size = 0  # the run's held-out images are carved from its own dataset
   config.data.eval_split = split or default_split(name)
   source = sources.open_split(config, config.data.eval_split)

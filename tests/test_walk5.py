@@ -163,22 +163,28 @@ def test_numbered_train_classes_keep_matching_by_name(tmp_path):
   assert _labels_by_file(v2) == {f'{k}.jpeg': order.index(str(k)) for k in range(12)}
 
 
+def test_numbered_folders_may_be_fewer_than_the_train_classes(tmp_path):
+  """As with names, a split may hold some of the classes: folder k is still class k."""
+  root = _numbered_tree(str(tmp_path), v2=(0, 4, 11))
+  v2 = sources.open_split(folder_config(root, eval_split='v2'), 'v2')
+  assert v2.num_classes == 12 and _labels_by_file(v2) == {'0.jpeg': 0, '4.jpeg': 4, '11.jpeg': 11}
+
+
 @pytest.mark.parametrize(
-  'v2,needles',
+  'v2,beyond',
   [
-    ([k for k in range(12) if k not in (3, 7)], ('missing 3, 7 (2 in all)', 'exactly 0..11')),
-    (range(1, 13), ('missing 0 (1 in all)', '12 and above: 12 (1 in all)')),  # counted from 1
-    (range(13), ('12 and above: 12 (1 in all)', "12 classes of train split 'train'")),
+    (range(1, 13), '(12: 1 in all)'),  # counted from 1
+    (range(14), '(12, 13: 2 in all)'),  # more numbers than train classes
   ],
 )
-def test_numbered_folders_must_be_exactly_zero_to_k_minus_one(tmp_path, v2, needles):
+def test_numbered_folders_must_be_below_the_train_class_count(tmp_path, v2, beyond):
   root = _numbered_tree(str(tmp_path), v2=v2)
   with pytest.raises(data.DatasetNotFoundError) as e:
     sources.open_split(folder_config(root, eval_split='v2'), 'v2')
   message = str(e.value)
-  assert "ImageNet-V2's layout" in message and '\n' not in message, message
-  for needle in needles:
-    assert needle in message, message
+  assert "ImageNet-V2's layout) of the 12 classes of train split 'train'" in message, message
+  assert f'so they must be below 12 {beyond}: number them from 0' in message, message
+  assert '\n' not in message
 
 
 def test_zero_padded_or_mixed_names_are_names(tmp_path):
@@ -189,19 +195,25 @@ def test_zero_padded_or_mixed_names_are_names(tmp_path):
     sources.open_split(folder_config(root, eval_split='v2'), 'v2')
 
 
-def test_a_numbered_split_without_a_train_split_has_its_own_count(tmp_path):
-  """ImageNet-V2 extracted alone (no train split): N folders 0..N-1 are N classes, k is k."""
+def test_a_numbered_split_without_a_train_split_indexes_the_models_classes(tmp_path):
+  """ImageNet-V2 extracted alone (no train split): folder k is class k of the model's classes
+  (config.model.num_classes, which evaluate --dataset sets to the run's); unknown, the N folders
+  must be 0..N-1, all there."""
   root = _numbered_tree(str(tmp_path), train=None)
   v2 = sources.open_split(folder_config(root, eval_split='v2'), 'v2')
   assert v2.num_classes == 12 and v2.cache_dir is None
   assert _labels_by_file(v2) == {f'{k}.jpeg': k for k in range(12)}
   shutil.rmtree(os.path.join(root, 'v2', '5'))
-  with pytest.raises(
-    data.DatasetNotFoundError,
-    match="0..10 for its 11 directories, as there is no train split 'train' .*missing 5 ",
-  ):
-    image_folder._MEMORY.clear()  # pylint: disable=protected-access
+  image_folder._MEMORY.clear()  # pylint: disable=protected-access
+  with pytest.raises(data.DatasetNotFoundError, match=r'exactly 0\.\.10 \(missing 5; 1 in all\)'):
     sources.open_split(folder_config(root, eval_split='v2'), 'v2')
+  config = folder_config(root, eval_split='v2')
+  config.model.num_classes = 1000
+  v2 = sources.open_split(config, 'v2')
+  assert v2.num_classes == 1000 and _labels_by_file(v2)['11.jpeg'] == 11
+  config.model.num_classes = 11
+  with pytest.raises(data.DatasetNotFoundError, match=r"model's 11 classes, so they must be below"):
+    sources.open_split(config, 'v2')
 
 
 def test_a_named_split_without_a_train_split_asks_for_it_or_numbers(tmp_path):
@@ -246,12 +258,24 @@ def test_evaluate_a_run_on_imagenet_v2_extracted_alone(tree, tmp_path):
   assert other['top1_error'] == own['top1_error'] and np.isclose(other['loss'], own['loss'])
   same = evaluate.evaluate_workdir(run, split='train', crops=1, dataset='image_folder')
   assert same == own  # the run's own tree: --dataset image_folder alone changes nothing
+  shutil.rmtree(os.path.join(v2, 'v2', '1'))  # some of the classes: still class k in folder k
+  image_folder._MEMORY.clear()  # pylint: disable=protected-access
+  fewer = evaluate.evaluate_workdir(run, split='v2', dataset='image_folder', data_dir=v2)
+  assert fewer['num_examples'] == 14
   shutil.copytree(os.path.join(v2, 'v2', '2'), os.path.join(v2, 'v2', '3'))
   image_folder._MEMORY.clear()  # pylint: disable=protected-access
   with pytest.raises(
-    ValueError, match=r'image_folder has 4 classes .*a tree: class folders 0\.\.2 as Ima'
+    ValueError, match=r"indices \(ImageNet-V2's layout\) of the model's 3 classes"
   ):
     evaluate.evaluate_workdir(run, split='v2', dataset='image_folder', data_dir=v2)
+  os.makedirs(os.path.join(v2, 'train'))  # a tree with a train split of 4 classes of its own
+  for k in range(4):
+    shutil.copytree(os.path.join(tree, 'train', 'n01'), os.path.join(v2, 'train', f'c{k}'))
+  image_folder._MEMORY.clear()  # pylint: disable=protected-access
+  with pytest.raises(
+    ValueError, match=r'image_folder has 4 classes .*a tree: class folders 0\.\.2 as'
+  ):
+    evaluate.evaluate_workdir(run, split='train', dataset='image_folder', data_dir=v2)
 
 
 def test_evaluate_dataset_image_folder_needs_the_tree(tmp_path):

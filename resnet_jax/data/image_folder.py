@@ -253,30 +253,49 @@ def is_numeral(name: str) -> bool:
   return name.isascii() and name.isdigit() and str(int(name)) == name
 
 
+def _listed(numbers: list[int]) -> str:
+  return f'{", ".join(map(str, numbers[:5]))}{", ..." if len(numbers) > 5 else ""}'
+
+
 def _numeral_labels(
-  classes: list[str], num_classes: int, split: str, root: str, of_what: str
-) -> np.ndarray:
-  """The label of each numbered class directory: int(name), which must cover 0..N-1 exactly."""
+  classes: list[str], num_classes: int | None, split: str, root: str, of_what: str
+) -> tuple[np.ndarray, int]:
+  """(int(name) of each numbered class directory, the class count). Each must be below
+  `num_classes` (a split may hold fewer classes, as with names; a count from 1 ends at
+  `num_classes` and is refused); `num_classes` None (no train split, no model): the directories
+  must be exactly 0..N-1, N the count."""
   numbers = [int(c) for c in classes]
-  if sorted(numbers) != list(range(num_classes)):
-    missing = sorted(set(range(num_classes)) - set(numbers))
-    beyond = sorted(n for n in numbers if n >= num_classes)
-    found = '; '.join(
-      f'{what} {", ".join(map(str, ns[:5]))}{", ..." if len(ns) > 5 else ""} ({len(ns)} in all)'
-      for what, ns in (('missing', missing), (f'{num_classes} and above:', beyond))
-      if ns
-    )
+  where = (
+    f"split '{split}' of image folder {root} has numbered class directories, read as class "
+    "indices (ImageNet-V2's layout)"
+  )
+  if num_classes is None:
+    n = len(numbers)
+    missing = sorted(set(range(n)) - set(numbers))
+    if missing:
+      raise _not_found(
+        f'{where}; with no train split beside it and no model to give the number of classes, '
+        f'they must be exactly 0..{n - 1} (missing {_listed(missing)}; {len(missing)} in all): '
+        'restore them, or put the train split beside it'
+      )
+    return np.asarray(numbers, np.int32), n
+  beyond = sorted(n for n in numbers if n >= num_classes)
+  if beyond:
     raise _not_found(
-      f"split '{split}' of image folder {root} has numbered class directories, read as class "
-      f"indices (ImageNet-V2's layout): they must be exactly 0..{num_classes - 1} {of_what} "
-      f"({found}): restore them, or name the directories as the train split's classes"
+      f'{where} {of_what}, so they must be below {num_classes} ({_listed(beyond)}: '
+      f'{len(beyond)} in all): number them from 0, as ImageNet-V2 does'
     )
-  return np.asarray(numbers, np.int32)
+  if len(numbers) < num_classes:
+    logging.info('%s: %d of the %d classes', where, len(numbers), num_classes)
+  return np.asarray(numbers, np.int32), num_classes
 
 
-def _split_only(root: str, split: str, train_split: str) -> SplitSource | None:
+def _split_only(
+  root: str, split: str, train_split: str, num_classes: int | None
+) -> SplitSource | None:
   """A split with no train split beside it whose class directories are all numbered (ImageNet-V2
-  extracted alone, to evaluate a run trained elsewhere): N classes, directory k is class k."""
+  extracted alone, to evaluate a run trained elsewhere): directory k is class k of the
+  `num_classes` the model has (None: of 0..N-1, all N present)."""
   split_dir = os.path.join(root, split)
   if split == train_split or os.path.isdir(os.path.join(root, train_split)):
     return None
@@ -287,24 +306,29 @@ def _split_only(root: str, split: str, train_split: str) -> SplitSource | None:
   if not classes or not all(is_numeral(c) for c in classes):
     return None
   _check_classes(index, split_dir, split, root)
-  n = len(classes)
-  of_what = f"for its {n} directories, as there is no train split '{train_split}' beside it"
-  labels = _numeral_labels(classes, n, split, root, of_what)[index['labels']]
-  records = FolderRecords(split_dir, classes, index, labels)
+  of_what = f"of the model's {num_classes} classes"
+  labels, n = _numeral_labels(classes, num_classes, split, root, of_what)
+  records = FolderRecords(split_dir, classes, index, labels[index['labels']])
   return SplitSource(records, n, (None, None, 3), encoded=True, cache_dir=None)
 
 
 def open_split(
-  data_dir: str | None, split: str, train_split: str, hint_flag: str = '--config.data.eval_split'
+  data_dir: str | None,
+  split: str,
+  train_split: str,
+  hint_flag: str = '--config.data.eval_split',
+  num_classes: int | None = None,
 ) -> SplitSource:
   """One split of the tree at `data_dir`, labelled by the train split's classes.
 
   Another split's class directories are matched to the train split's by name, except when they
   are all numbered ('0', '1', ... as ImageNet-V2 is distributed) and the train split's are not:
   then directory k is the train split's k-th class in sorted order (ImageNet's sorted WordNet
-  ids), and 0..K-1 must all be there for K train classes. (torchvision's ImageFolder sorts such
-  names as strings, '0', '1', '10', '100', ..., and mislabels them.) A split whose train split
-  is absent is read only if its directories are numbered 0..N-1: N classes, directory k class k.
+  ids), k below the K train classes. (torchvision's ImageFolder sorts such names as strings,
+  '0', '1', '10', '100', ..., and mislabels them.) A split whose train split is absent is read
+  only if its directories are numbered: directory k is class k of the model's `num_classes`
+  (`config.model.num_classes`, which `evaluate --dataset` sets to the run's), or, unknown, of
+  0..N-1 with all N present.
   """
   if not data_dir:
     raise _not_found(
@@ -320,7 +344,7 @@ def open_split(
   is_train = split == train_split
   if not is_train:  # the split asked for first: `evaluate --split` may name a split alone
     _split_dir(root, split, hint_flag, train_split)
-  alone = _split_only(root, split, train_split)
+  alone = _split_only(root, split, train_split, num_classes)
   if alone is not None:
     return alone
   if not is_train and not os.path.isdir(os.path.join(root, train_split)):
@@ -338,9 +362,9 @@ def open_split(
   if is_train:
     labels = index['labels']
   elif all(is_numeral(c) for c in classes) and not any(is_numeral(c) for c in train_classes):
-    of_what = f"for the {len(train_classes)} classes of train split '{train_split}'"
-    labels = _numeral_labels(classes, len(train_classes), split, root, of_what)[index['labels']]
-    logging.info("split '%s' of %s: numbered class directories read as class indices", split, root)
+    of_what = f"of the {len(train_classes)} classes of train split '{train_split}'"
+    numbers, _ = _numeral_labels(classes, len(train_classes), split, root, of_what)
+    labels = numbers[index['labels']]
   else:
     position = {name: i for i, name in enumerate(train_classes)}
     unknown = [c for c in classes if c not in position]
