@@ -291,3 +291,36 @@ def test_evaluate_dataset_image_folder_needs_the_tree(tmp_path):
   (run / 'config.json').write_text(json.dumps(config))
   with pytest.raises(ValueError, match='--dataset image_folder reads the tree at --data-dir ROOT'):
     evaluate.evaluate_workdir(str(run), split='v2', dataset='image_folder')
+
+
+def test_a_tfds_run_on_its_test_split_extracted_as_numbered_folders(tmp_path):
+  """A run trained on a TFDS dataset, evaluated on the same test images written out as folders
+  named by their label (ImageNet-V2's layout, some classes absent): the same numbers as on
+  TFDS, through `evaluate --dataset image_folder --data-dir`."""
+  from absl import flags
+
+  from resnet_jax import evaluate, train
+  from resnet_jax.data import generated
+
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  tfds_dir = str(tmp_path / 'tfds')
+  generated.prepare('tiny', tfds_dir)  # 5 classes of generated photo crops, no download
+  config = folder_config(tfds_dir, name='generated_jpegs/tiny', eval_split='test')
+  config.model.name, config.batch_size, config.eval_batch_size = 'resnet8', 4, 4
+  config.num_train_steps, config.progress_bar, config.data.eval_crops = 1, False, 1
+  run = str(tmp_path / 'run')
+  train.train_and_evaluate(config, run)
+  test = sources.open_split(config, 'test').records
+  v2 = tmp_path / 'v2'
+  for i in range(len(test)):
+    folder = v2 / 'imagenetv2-format' / str(test[i]['label'])
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f'{i}.jpeg').write_bytes(bytes(test[i]['image']))
+  assert len(os.listdir(v2 / 'imagenetv2-format')) < 5
+  own = evaluate.evaluate_workdir(run, split='test')
+  split = 'imagenetv2-format'
+  tree = evaluate.evaluate_workdir(run, split=split, dataset='image_folder', data_dir=str(v2))
+  assert tree.pop('dataset') == 'image_folder' and tree.pop('split') == split
+  own.pop('split')
+  assert tree == own
