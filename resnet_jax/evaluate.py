@@ -185,7 +185,9 @@ def evaluate_workdir(
   `data_dir`: where the dataset is now, when it is not where the run read it (moved, another
   machine, a relative path from another directory). `dataset`: another TFDS dataset with the
   run's label space (CIFAR-10.1's `cifar10_1` for a CIFAR-10 run, `imagenet_v2` for ImageNet),
-  read through the run's own evaluation preprocessing and normalisation. `weights`: 'model' or
+  read through the run's own evaluation preprocessing and normalisation; 'image_folder' with
+  `data_dir`: the tree at `data_dir` (the run's own data is still read where it was), such as
+  ImageNet-V2's numbered folders extracted alone. `weights`: 'model' or
   'ema' (the average a run with `ema_decay` > 0 kept; the JSON then says `"weights": "ema"`).
   """
   # --dataset image_folder --data-dir ROOT: a tree to test on (ImageNet-V2 extracted); the run's
