@@ -1,6 +1,7 @@
 """Image-folder trees walked as a researcher would (2026-11-25): damaged images named wherever
 decoding finds them, and ImageNet-V2's numbered class folders."""
 
+import contextlib
 import io
 import os
 import shutil
@@ -100,10 +101,13 @@ def test_mid_file_damage_is_named_from_a_grain_worker(tmp_path):
   damaged = os.path.join(root, 'val', 'n10', 'V1.JPG')
   _damage_the_middle(damaged)
   config = folder_config(root, num_workers=1)
-  it = data.create_eval_iterator(
-    config, split='val', local_batch_size=4, process_index=0, process_count=1
+  batches = iter(
+    data.create_eval_iterator(
+      config, split='val', local_batch_size=4, process_index=0, process_count=1
+    )
   )
-  _expect_damaged(damaged, lambda: list(it))
+  with contextlib.closing(batches):  # no worker outlives the test
+    _expect_damaged(damaged, lambda: list(batches))
 
 
 def test_records_carry_their_path_and_tfds_records_do_not_change(tree):
