@@ -33,12 +33,12 @@ def tree(tmp_path) -> str:
 def _damage_the_middle(path: str) -> None:
   """Random bytes in the middle of a JPEG's entropy-coded data (a bad sector, a flipped
   transfer): the headers and the EOI marker stay whole, so only a full decode finds it."""
-  data = bytearray(open(path, 'rb').read())
-  start = data.find(b'\xff\xda')
-  middle = (start + len(data)) // 2
+  original = bytearray(open(path, 'rb').read())
+  start = original.find(b'\xff\xda')
+  middle = (start + len(original)) // 2
   for seed in range(200):
-    damaged = bytearray(data)
-    n = (len(data) - start) // 4
+    damaged = bytearray(original)
+    n = (len(original) - start) // 4
     damaged[middle : middle + n] = np.random.default_rng(seed).bytes(n)
     try:
       Image.open(io.BytesIO(bytes(damaged))).load()
