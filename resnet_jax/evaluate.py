@@ -26,7 +26,7 @@ import ml_collections
 from jax.sharding import Mesh
 
 from resnet_jax import cli, data, multiscale, precise_bn, runtime
-from resnet_jax.data import sources
+from resnet_jax.data import image_folder, sources
 from resnet_jax.data.device_preprocess import make_device_preprocess
 from resnet_jax.train_step import (
   batch_sharding,
@@ -36,6 +36,7 @@ from resnet_jax.train_step import (
   metric_sums,
   replicated,
 )
+from resnet_jax.workdir import read_run_config
 
 
 @contextlib.contextmanager
@@ -184,19 +185,27 @@ def evaluate_workdir(
   `data_dir`: where the dataset is now, when it is not where the run read it (moved, another
   machine, a relative path from another directory). `dataset`: another TFDS dataset with the
   run's label space (CIFAR-10.1's `cifar10_1` for a CIFAR-10 run, `imagenet_v2` for ImageNet),
-  read through the run's own evaluation preprocessing and normalisation. `weights`: 'model' or
+  read through the run's own evaluation preprocessing and normalisation; 'image_folder' with
+  `data_dir`: the tree at `data_dir` (the run's own data is still read where it was), such as
+  ImageNet-V2's numbered folders extracted alone. `weights`: 'model' or
   'ema' (the average a run with `ema_decay` > 0 kept; the JSON then says `"weights": "ema"`).
   """
+  # --dataset image_folder --data-dir ROOT: a tree to test on (ImageNet-V2 extracted); the run's
+  # own data stays where it was read
+  tree = dataset == image_folder.NAME and data_dir is not None
+  if dataset == image_folder.NAME and data_dir is None:  # before the run's data is opened
+    if read_run_config(workdir).data.name != dataset:
+      raise ValueError('--dataset image_folder reads the tree at --data-dir ROOT: add it')
   overrides = {'eval_batch_size': batch_size} if batch_size else {}
-  if data_dir is not None:
+  if data_dir is not None and not tree:
     overrides['data.data_dir'] = data_dir
   trained = runtime.load_trained_model(workdir, overrides, weights=weights)
   experiment = trained.experiment
   config, mesh = experiment.config, experiment.mesh
   preprocessor, eval_config = None, config
-  if dataset is not None and dataset != config.data.name:
+  if dataset is not None and (dataset != config.data.name or tree):
     preprocessor = data.make_preprocessor(config)  # the run's geometry, on the other images
-    eval_config = on_other_dataset(experiment, dataset, split)
+    eval_config = on_other_dataset(experiment, dataset, split, data_dir if tree else None)
   split = split or eval_config.data.eval_split
   variables = jax.device_put(trained.variables, replicated(mesh))
   if precise_bn_batches is not None:
@@ -251,24 +260,34 @@ def default_split(name: str) -> str:
 
 
 def on_other_dataset(
-  experiment: runtime.Experiment, name: str, split: str | None
+  experiment: runtime.Experiment, name: str, split: str | None, data_dir: str | None = None
 ) -> ml_collections.ConfigDict:
-  """The run's config reading `split` (default 'test') of dataset `name`, its labels checked.
+  """The run's config reading `split` (default 'test') of dataset `name` (at `data_dir`, when
+  given), its labels checked.
 
   A test set built to match another (CIFAR-10.1, ImageNet-V2) measures how the run generalises;
   one with other classes or channels would give a number that means nothing, so it is refused.
   """
   config = experiment.config.copy_and_resolve_references()
   config.data.name = name
+  if data_dir is not None:
+    config.data.data_dir = data_dir
+  if name == image_folder.NAME:  # a numbered split alone (ImageNet-V2) indexes the run's classes
+    config.model.num_classes = experiment.dataset.num_classes
   config.data.validation_size = 0  # the run's held-out images are carved from its own dataset
   config.data.eval_split = split or default_split(name)
   source = sources.open_split(config, config.data.eval_split)
   run = experiment.dataset
   if source.num_classes != run.num_classes:
+    same = (
+      f"a tree: class folders 0..{run.num_classes - 1} as ImageNet-V2's, or a train split "
+      f'of {run.num_classes} class folders'
+      if name == image_folder.NAME
+      else 'e.g. cifar10_1 for cifar10, imagenet_v2 for imagenet2012'
+    )
     raise ValueError(
       f'{name} has {source.num_classes} classes and the run was trained on {run.name}, which has '
-      f'{run.num_classes}: --dataset needs the same label space (e.g. cifar10_1 for cifar10, '
-      'imagenet_v2 for imagenet2012)'
+      f'{run.num_classes}: --dataset needs the same label space ({same})'
     )
   if source.native_shape[2] != run.image_shape[2]:
     raise ValueError(
@@ -321,7 +340,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     '--dataset',
     help="another TFDS dataset with the run's classes, e.g. cifar10_1 (CIFAR-10.1), "
     "imagenet_v2, or imagenet2012_real (adds ReaL's error), read with the run's evaluation "
-    "preprocessing; --split defaults to 'test' ('validation' for imagenet2012_real)",
+    "preprocessing; --split defaults to 'test' ('validation' for imagenet2012_real). "
+    "image_folder: the tree at --data-dir ROOT (the run's own data stays where it was), e.g. "
+    'ImageNet-V2 extracted as ROOT/SPLIT/0..999',
   )
   parser.add_argument(
     '--weights',

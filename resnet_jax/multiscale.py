@@ -34,6 +34,7 @@ from jax.sharding import PartitionSpec as P
 
 from resnet_jax.data import augment as augment_lib
 from resnet_jax.data.pipeline import prefetched
+from resnet_jax.data.split import damage_named
 from resnet_jax.train_step import batch_sharding, device_batch, metric_sums, replicated
 
 logger = logging.getLogger(__name__)
@@ -109,7 +110,9 @@ class _Slot:
     index, h, w = (int(v) for v in self._slots[position])
     if index < 0:
       return np.zeros((h, w, self._pre.channels), np.uint8)
-    return self._pre.whole_image(self._records[index]['image'], (h, w))
+    record = self._records[index]
+    with damage_named(record):
+      return self._pre.whole_image(record['image'], (h, w))
 
 
 def gather_sizes(

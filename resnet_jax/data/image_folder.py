@@ -4,7 +4,9 @@ The layout torchvision's `ImageFolder` reads (and how clusters keep ImageNet): c
 sorted names of the train split's subdirectories (`ImageFolder.find_classes`; for ImageNet the
 sorted WordNet ids, TFDS imagenet2012's and torchvision's/timm's class order), images are the files
 with torchvision's image extensions found under each class directory (recursively, symlinks
-followed, sorted). Another split's class directories are mapped to the train split's by name.
+followed, sorted). Another split's class directories are mapped to the train split's by name,
+or, when they are all numbers and train's are not (ImageNet-V2's folders 0..999), by index into
+train's sorted classes (`open_split`).
 
 The tree is only read. Its file index and the dataset statistics are cached in a user cache
 directory (`$RESNET_JAX_CACHE_DIR`, else `$XDG_CACHE_HOME/resnet_jax`, else
@@ -25,7 +27,12 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from resnet_jax.data.split import DatasetDamagedError, DatasetNotFoundError, SplitSource
+from resnet_jax.data.split import (
+  IMAGE_ERRORS,
+  DatasetNotFoundError,
+  SplitSource,
+  damaged_image,
+)
 from resnet_jax.workdir import write_atomic
 
 NAME = 'image_folder'
@@ -150,7 +157,8 @@ class FolderRecords:
 
   Picklable and small (Grain sends it to every worker): the paths are one byte array with end
   offsets, not a list of strings. A file that cannot be read, or whose bytes are not a whole
-  image, is a `DatasetDamagedError` naming it.
+  image, is a `DatasetDamagedError` naming it; so is one that fails to decode later
+  (`split.damage_named`, with the record's 'path').
   """
 
   def __init__(self, split_dir: str, classes: list[str], index: dict[str, np.ndarray], labels):
@@ -176,13 +184,10 @@ class FolderRecords:
       with open(path, 'rb') as f:
         data = f.read()
       _check_whole_image(data)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-      reason = ' '.join(str(e).split())[:200] or type(e).__name__
-      raise DatasetDamagedError(
-        f'image file {path} cannot be read as an image ({reason}): replace it with a good copy '
-        '(removing it changes the file list: a resumed run then sees other batches)'
-      ) from e
-    return {'image': data, 'label': int(self._labels[index])}
+    except IMAGE_ERRORS as e:
+      raise damaged_image(path, e) from e
+    # 'path': the pipeline names the file when decoding finds what the check above cannot
+    return {'image': data, 'label': int(self._labels[index]), 'path': path}
 
 
 def _check_whole_image(data: bytes) -> None:
@@ -190,7 +195,12 @@ def _check_whole_image(data: bytes) -> None:
   all (an empty file, an HTML error page) or a truncated one (an interrupted copy). A JPEG not
   ending in its EOI marker, or a PNG not in IEND, is decoded once here (trailing bytes after a
   whole image decode; a cut one raises); anything else only pays for its header."""
-  img = Image.open(io.BytesIO(data))
+  if not data:
+    raise ValueError('the file is empty')
+  try:
+    img = Image.open(io.BytesIO(data))
+  except Image.UnidentifiedImageError:  # its message names a BytesIO object, not the file
+    raise ValueError(f'no image format PIL reads; it begins {data[:16]!r}') from None
   tail = data[-32:].rstrip(b'\0')
   if (img.format == 'JPEG' and not tail.endswith(b'\xff\xd9')) or (
     img.format == 'PNG' and b'IEND' not in tail
@@ -213,7 +223,8 @@ def _split_dir(root: str, split: str, hint_flag: str, train_split: str) -> str:
       f'one directory per split, ROOT/{split}/<class>/<image>'
     )
   others = [s for s in existing if s not in (split, train_split)] or existing
-  example = f' (e.g. {hint_flag}={others[0]})' if others else ''
+  also = f', or evaluate --split={others[0]}' if split != train_split else ''
+  example = f' (e.g. {hint_flag}={others[0]}{also})' if others else ''
   raise _not_found(
     f"image folder {root} has no split '{split}' (its subdirectories: {', '.join(existing)}): "
     f'name one of them as the split{example}'
@@ -237,10 +248,88 @@ def _check_classes(index: dict[str, np.ndarray], split_dir: str, split: str, roo
     )
 
 
+def is_numeral(name: str) -> bool:
+  """A class directory named by its class index, as str(k) writes it ('7', not '07')."""
+  return name.isascii() and name.isdigit() and str(int(name)) == name
+
+
+def _listed(numbers: list[int]) -> str:
+  return f'{", ".join(map(str, numbers[:5]))}{", ..." if len(numbers) > 5 else ""}'
+
+
+def _numeral_labels(
+  classes: list[str], num_classes: int | None, split: str, root: str, of_what: str
+) -> tuple[np.ndarray, int]:
+  """(int(name) of each numbered class directory, the class count). Each must be below
+  `num_classes` (a split may hold fewer classes, as with names; a count from 1 ends at
+  `num_classes` and is refused); `num_classes` None (no train split, no model): the directories
+  must be exactly 0..N-1, N the count."""
+  numbers = [int(c) for c in classes]
+  where = (
+    f"split '{split}' of image folder {root} has numbered class directories, read as class "
+    "indices (ImageNet-V2's layout)"
+  )
+  if num_classes is None:
+    n = len(numbers)
+    missing = sorted(set(range(n)) - set(numbers))
+    if missing:
+      raise _not_found(
+        f'{where}; with no train split beside it and no model to give the number of classes, '
+        f'they must be exactly 0..{n - 1} (missing {_listed(missing)}; {len(missing)} in all): '
+        'restore them, or put the train split beside it'
+      )
+    return np.asarray(numbers, np.int32), n
+  beyond = sorted(n for n in numbers if n >= num_classes)
+  if beyond:
+    raise _not_found(
+      f'{where} {of_what}, so they must be below {num_classes} ({_listed(beyond)}: '
+      f'{len(beyond)} in all): number them from 0, as ImageNet-V2 does'
+    )
+  if len(numbers) < num_classes:
+    logging.info('%s: %d of the %d classes', where, len(numbers), num_classes)
+  return np.asarray(numbers, np.int32), num_classes
+
+
+def _split_only(
+  root: str, split: str, train_split: str, num_classes: int | None
+) -> SplitSource | None:
+  """A split with no train split beside it whose class directories are all numbered (ImageNet-V2
+  extracted alone, to evaluate a run trained elsewhere): directory k is class k of the
+  `num_classes` the model has (None: of 0..N-1, all N present)."""
+  split_dir = os.path.join(root, split)
+  if split == train_split or os.path.isdir(os.path.join(root, train_split)):
+    return None
+  if not os.path.isdir(split_dir):
+    return None
+  index = _cached_scan(split_dir)
+  classes = [str(c) for c in index['classes']]
+  if not classes or not all(is_numeral(c) for c in classes):
+    return None
+  _check_classes(index, split_dir, split, root)
+  of_what = f"of the model's {num_classes} classes"
+  labels, n = _numeral_labels(classes, num_classes, split, root, of_what)
+  records = FolderRecords(split_dir, classes, index, labels[index['labels']])
+  return SplitSource(records, n, (None, None, 3), encoded=True, cache_dir=None)
+
+
 def open_split(
-  data_dir: str | None, split: str, train_split: str, hint_flag: str = '--config.data.eval_split'
+  data_dir: str | None,
+  split: str,
+  train_split: str,
+  hint_flag: str = '--config.data.eval_split',
+  num_classes: int | None = None,
 ) -> SplitSource:
-  """One split of the tree at `data_dir`, labelled by the train split's classes."""
+  """One split of the tree at `data_dir`, labelled by the train split's classes.
+
+  Another split's class directories are matched to the train split's by name, except when they
+  are all numbered ('0', '1', ... as ImageNet-V2 is distributed) and the train split's are not:
+  then directory k is the train split's k-th class in sorted order (ImageNet's sorted WordNet
+  ids), k below the K train classes. (torchvision's ImageFolder sorts such names as strings,
+  '0', '1', '10', '100', ..., and mislabels them.) A split whose train split is absent is read
+  only if its directories are numbered: directory k is class k of the model's `num_classes`
+  (`config.model.num_classes`, which `evaluate --dataset` sets to the run's), or, unknown, of
+  0..N-1 with all N present.
+  """
   if not data_dir:
     raise _not_found(
       "data.name='image_folder' reads the tree at config.data.data_dir (ROOT/<split>/<class>/"
@@ -253,14 +342,29 @@ def open_split(
       f'config.data.data_dir={data_dir} {what}: image_folder reads ROOT/<split>/<class>/<image>'
     )
   is_train = split == train_split
+  if not is_train:  # the split asked for first: `evaluate --split` may name a split alone
+    _split_dir(root, split, hint_flag, train_split)
+  alone = _split_only(root, split, train_split, num_classes)
+  if alone is not None:
+    return alone
+  if not is_train and not os.path.isdir(os.path.join(root, train_split)):
+    raise _not_found(
+      f"image folder {root} has no train split '{train_split}' whose sorted class folders give "
+      f"the labels of split '{split}' (its subdirectories: {', '.join(_subdirectories(root))}): "
+      f"add it, or name {split}'s class folders by class index, 0..N-1 (ImageNet-V2's layout)"
+    )
   train_dir = _split_dir(root, train_split, '--config.data.train_split', train_split)
-  split_dir = train_dir if is_train else _split_dir(root, split, hint_flag, train_split)
+  split_dir = train_dir if is_train else os.path.join(root, split)
   train_classes = _subdirectories(train_dir)
   index = _cached_scan(split_dir)
   _check_classes(index, split_dir, split, root)
   classes = [str(c) for c in index['classes']]
   if is_train:
     labels = index['labels']
+  elif all(is_numeral(c) for c in classes) and not any(is_numeral(c) for c in train_classes):
+    of_what = f"of the {len(train_classes)} classes of train split '{train_split}'"
+    numbers, _ = _numeral_labels(classes, len(train_classes), split, root, of_what)
+    labels = numbers[index['labels']]
   else:
     position = {name: i for i, name in enumerate(train_classes)}
     unknown = [c for c in classes if c not in position]

@@ -22,6 +22,7 @@ from absl import flags
 from resnet_jax.data import augment as augment_lib
 from resnet_jax.data import shared_memory, sources
 from resnet_jax.data import stats as stats_lib
+from resnet_jax.data.split import damage_named
 
 NORMALIZATIONS = ('per_pixel_mean', 'mean_std', 'scale')
 _SYNTHETIC_STATS_EXAMPLES = 256
@@ -134,9 +135,25 @@ def make_normalization(config: ml_collections.ConfigDict) -> Normalization:
   stats = stats_lib.cached_stats(
     key,
     None if data.name == 'synthetic' else train.cache_dir,
-    lambda: stats_lib.compute_stats(train.records, base.eval_uint8, limit),
+    lambda: stats_lib.compute_stats(_Decoded(train.records, base.eval_uint8), np.asarray, limit),
   )
   return Normalization(_normalizer(kind, stats), stats['pca_eigvals'], stats['pca_eigvecs'])
+
+
+class _Decoded:
+  """`records` with each image through `to_uint8`, an image that fails to decode named
+  (`damage_named`): what the statistics read."""
+
+  def __init__(self, records, to_uint8):
+    self._records, self._to_uint8 = records, to_uint8
+
+  def __len__(self) -> int:
+    return len(self._records)
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    record = self._records[index]
+    with damage_named(record):
+      return {'image': self._to_uint8(record['image'])}
 
 
 class _TrainTransform:
@@ -146,7 +163,9 @@ class _TrainTransform:
     self._pre = preprocessor
 
   def __call__(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
-    return {'image': self._pre.train(record['image'], rng), 'label': np.int32(record['label'])}
+    with damage_named(record):
+      image = self._pre.train(record['image'], rng)
+    return {'image': image, 'label': np.int32(record['label'])}
 
 
 class _EvalExample:
@@ -178,7 +197,8 @@ class _EvalExample:
       record = {'label_set': ()}
     else:
       record = self._records[index]
-      image = self._pre.eval(record['image'], crops=self._crops, scale=self._scale)
+      with damage_named(record):
+        image = self._pre.eval(record['image'], crops=self._crops, scale=self._scale)
       example = {
         'image': np.ascontiguousarray(image, self._dtype),
         'label': np.int32(record['label']),

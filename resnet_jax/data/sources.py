@@ -322,7 +322,9 @@ def open_split(config: ml_collections.ConfigDict, split: str) -> SplitSource:
   if name == 'image_folder':  # an extracted tree, ROOT/<split>/<class>/<image>
 
     def read(which: str) -> SplitSource:
-      return image_folder.open_split(data_dir, which, train_split)
+      # the model's class count: a numbered split alone (ImageNet-V2) has its labels in it
+      classes = config.model.get('num_classes') if 'model' in config else None
+      return image_folder.open_split(data_dir, which, train_split, num_classes=classes or None)
   else:
 
     def read(which: str) -> SplitSource:

@@ -3,8 +3,11 @@ raises: one home that `sources` (TFDS, digits, synthetic) and `image_folder` (tr
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
+
+from PIL import Image
 
 
 class DatasetNotFoundError(ValueError):
@@ -30,3 +33,35 @@ class SplitSource:
 
   def __len__(self) -> int:
     return len(self.records)
+
+
+# What reading or decoding a damaged image file raises (PIL: OSError 'broken data stream',
+# 'image file is truncated'; SyntaxError for a bad PNG; ValueError; OpenCV's decoder: ValueError).
+IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def damaged_image(path: str, error: BaseException) -> DatasetDamagedError:
+  """The one-line error for an image file that cannot be read or decoded, naming the file."""
+  reason = ' '.join(str(error).split())[:200] or type(error).__name__
+  return DatasetDamagedError(
+    f'image file {path} cannot be read as an image ({reason}): replace it with a good copy '
+    '(removing it changes the file list: a resumed run then sees other batches)'
+  )
+
+
+@contextlib.contextmanager
+def damage_named(record: dict[str, Any]) -> Iterator[None]:
+  """Decoding `record['image']` inside this block: an error becomes `damaged_image` naming the
+  file when the record came from one (its 'path': image-folder trees). Why: damage in the middle
+  of a JPEG's compressed data passes the cheap check of `image_folder` and is found only when a
+  Grain worker decodes the image, maybe hours in; PIL's 'broken data stream when reading image
+  file' says nothing of which of a million files it was."""
+  try:
+    yield
+  except DatasetNotFoundError:
+    raise
+  except IMAGE_ERRORS as e:
+    path = record.get('path')
+    if path is None:
+      raise
+    raise damaged_image(path, e) from e
