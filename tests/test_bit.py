@@ -529,3 +529,24 @@ def test_training_resumes_and_evaluates(tmp_path):
     str(tmp_path / 'x'), *args, config='configs/imagenet.py', devices=1
   )  # the paper recipe's ghost BN (groups of 32)
   runner.assert_one_line_error(bad, 'bn_group_size=32 configures BatchNorm')
+
+
+def test_predict_feeds_bit_weights_the_inputs_they_were_trained_on():
+  """timm's resnetv2_*_bit configs normalise with mean = std = 0.5 ([-1, 1] pixels), torchvision's
+  and most timm weights with ImageNet's mean/std: predict picks by name, --normalize overrides."""
+  from PIL import Image
+
+  from resnet_jax import predict
+
+  assert predict.default_normalization('resnetv2_50x1_bit') == 'inception'
+  assert predict.default_normalization('resnet50') == 'imagenet'
+  assert predict.default_normalization('no_such_net') == 'imagenet'  # refused when built
+  pixels = np.zeros((8, 8, 3), np.uint8)
+  pixels[:4] = 255
+  image = Image.fromarray(pixels)
+  bit = predict.preprocess(image, 8, 8, normalize='inception')
+  assert bit.min() == -1.0 and bit.max() == 1.0
+  tv = predict.preprocess(image, 8, 8)
+  np.testing.assert_allclose(tv[0, 0], (1 - predict.IMAGENET_MEAN) / predict.IMAGENET_STD, 1e-6)
+  args = predict.build_parser().parse_args(['--arch', 'resnet50', '--checkpoint', 'x', 'a.jpg'])
+  assert args.normalize is None  # so the name decides
