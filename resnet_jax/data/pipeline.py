@@ -22,6 +22,7 @@ from absl import flags
 from resnet_jax.data import augment as augment_lib
 from resnet_jax.data import shared_memory, sources
 from resnet_jax.data import stats as stats_lib
+from resnet_jax.data import workers as worker_processes
 from resnet_jax.data.split import damage_named
 
 NORMALIZATIONS = ('per_pixel_mean', 'mean_std', 'scale')
@@ -235,9 +236,8 @@ def prefetched(ds: grain.MapDataset, config: ml_collections.ConfigDict) -> grain
         'read them): run under absl.app, or call '
         'absl.flags.FLAGS.mark_as_parsed() first to use the defaults'
       )
-    it = it.mp_prefetch(
-      grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=prefetch)
-    )
+    options = grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=prefetch)
+    it = it.mp_prefetch(options, worker_init_fn=worker_processes.worker_init_fn())
     it = shared_memory.Released(it)
   return it
 
