@@ -27,9 +27,10 @@ config is built, `sources.open_split`; or give train_examples= / image_area=):
 Differences left: no gradient accumulation split (train.py's --batch_split: use grad_accum_steps);
 digits' 8 x 8 grayscale images go through the 128 px rule like CIFAR's 32 x 32.
 Config args: arch=resnetv2_50x1_bit (any resnetv2_{50,101,152}x{1,2,3,4}_bit), dataset=digits
-(or any TFDS name / image_folder with --config.data.data_dir), batch=512, lr=0.003 (at batch
-512), train_examples=0 and image_area=0 (0: from the train split), steps=0, image_size=0,
-resize=0 (0: the rule's), bf16.
+(or any TFDS name, or image_folder), data_dir= (the split is opened before --config.data.*
+overrides apply: give the data's directory here, not as --config.data.data_dir), batch=512,
+lr=0.003 (at batch 512), train_examples=0 and image_area=0 (0: from the train split), steps=0,
+image_size=0, resize=0 (0: the rule's), bf16.
 """
 
 from resnet_jax.default_config import base_config, parse_arg
@@ -64,6 +65,7 @@ def get_config(arg: str | None = None):
     arg,
     arch='resnetv2_50x1_bit',
     dataset='digits',
+    data_dir='',
     batch=512,
     lr=0.003,
     train_examples=0,
@@ -77,11 +79,18 @@ def get_config(arg: str | None = None):
   c.model.name = args.arch
   c.model.zero_init_head = True
   c.data.name = args.dataset
+  c.data.data_dir = args.data_dir or None
   n, area = args.train_examples, args.image_area or None
   if not n or not area:
     from resnet_jax.data import sources  # the split's size: the rule needs it at config time
 
-    train = sources.open_split(c, str(c.data.train_split))
+    try:
+      train = sources.open_split(c, str(c.data.train_split))
+    except ValueError as e:  # DatasetNotFoundError: one line saying how to prepare it
+      raise ValueError(
+        f'{e} (configs/bit.py reads the train split for the BiT-HyperRule; or give '
+        'train_examples= and image_area=)'
+      ) from None
     h, w = train.native_shape[:2]
     n = n or len(train)
     area = area or (h * w if h is not None else None)

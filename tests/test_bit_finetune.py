@@ -62,6 +62,13 @@ def test_the_config_reads_the_split_and_validates():
   validation.validate_config(big)
 
 
+def test_an_unknown_dataset_says_how_to_give_the_rule_its_sizes():
+  with pytest.raises(ValueError, match='unknown dataset.*give train_examples= and image_area='):
+    bit.get_config('dataset=no_such_dataset')
+  c = bit.get_config('dataset=no_such_dataset,train_examples=30000,image_area=50000')
+  assert (c.num_train_steps, c.data.image_size) == (10_000, 384)
+
+
 def test_lr_schedule_values_at_the_boundaries():
   c = bit.get_config('train_examples=50000,image_area=1024')
   lr = optim.create_learning_rate_fn(c, 100, c.num_train_steps)
