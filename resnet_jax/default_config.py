@@ -58,6 +58,8 @@ def base_config() -> ml_collections.ConfigDict:
   # Dropout on the pooled features before the classifier, in training only (timm's drop_rate, TF's
   # dropout_rate: ResNet-RS's 0.25-0.4, configs/resnetrs.py). 0: no dropout module at all.
   c.model.head_dropout_rate = 0.0
+  # The classifier's kernel starts at zero (BiT's fine-tuning head, configs/bit.py); False: He init
+  c.model.zero_init_head = False
   # Stochastic depth (Huang et al. 2016): block l of L drops its residual branch in training
   # with probability l / L * drop_path_rate (0.5: the paper's p_L); 'row' per example | 'batch'.
   # drop_path_rule 'timm': (l - 1) / (L - 1) * drop_path_rate instead (timm's ResNet, RSB's);
@@ -93,8 +95,12 @@ def base_config() -> ml_collections.ConfigDict:
     32  # only used by 'synthetic' (random data: eval only exercises the path)
   )
   c.data.channels = 3  # only used by 'synthetic'
-  c.data.augment = 'none'  # 'none' | 'cifar' | 'translate' | 'imagenet' | 'inception'
-  c.data.normalize = 'per_pixel_mean'  # 'per_pixel_mean' (paper) | 'mean_std' | 'scale'
+  c.data.augment = 'none'  # 'none' | 'cifar' | 'translate' | 'imagenet' | 'inception' | 'bit'
+  # 'bit' (BiT's fine-tuning): the whole image resized to this square, then a random image_size
+  # crop and flip; evaluation resizes straight to image_size. 0: image_size (flip only)
+  c.data.train_resize = 0
+  # 'per_pixel_mean' (paper) | 'mean_std' | 'scale' ([0, 1]) | 'inception' ([-1, 1]: BiT's)
+  c.data.normalize = 'per_pixel_mean'
   c.data.decoder = 'pil'  # JPEG decoder of the training crops: 'pil' | 'opencv' (if installed)
   # 'trivial_wide': TrivialAugment Wide on each training image after its crop and flip, as
   # torchvision's new recipe does (resnet_jax/data/auto_augment.py); 'rand_augment' (2 operations

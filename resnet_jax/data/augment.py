@@ -15,6 +15,9 @@ Modes (`config.data.augment`):
                PCA colour (device: AlexNet lighting, alpha ~ N(0, 0.1), eigen-decomposition of the
                train split's RGB covariance).
 - 'inception': random-resized crop (area 8%-100%, aspect 3/4-4/3) + flip.
+- 'bit':       BiT's fine-tuning (Kolesnikov et al. 2020, Sec. 3.3): the whole image resized to
+               `train_resize` x `train_resize` (aspect not kept), a random image_size crop, flip;
+               eval: the whole image resized straight to image_size x image_size.
 Eval ('imagenet'/'inception'): shorter side resized to image_size*256/224, then centre / 10 crops;
 `scale=S` gives a centred S x S square at shorter side S. The paper's Table 4 testing uses the
 whole image instead (`whole_image_shape`, `Preprocessor.whole_image`, `resnet_jax.multiscale`).
@@ -48,12 +51,13 @@ from resnet_jax.data.views import (  # noqa: F401  (public names importable from
   image_hw,
   open_image,
   resize_shorter,
+  squash,
   ten_crops,
   to_array,
   whole_image_shape,
 )
 
-AUGMENTS = ('none', 'cifar', 'translate', 'imagenet', 'inception')
+AUGMENTS = ('none', 'cifar', 'translate', 'imagenet', 'inception', 'bit')
 EVAL_RESIZE_RATIO = 256 / 224  # eval resize of the shorter side relative to the crop (256 for 224)
 SCALE_AUG_RANGE = (256 / 224, 480 / 224)  # paper's [256, 480] for 224 crops
 PCA_ALPHA_STD = 0.1
@@ -150,10 +154,17 @@ class Preprocessor:
   # timm's crop_pct: the eval crop is cut from the shorter side resized to floor(crop / crop_pct)
   # with torchvision's geometry; 0: eval_resize_size's rule
   eval_crop_pct: float = 0.0
+  # 'bit': the square side the whole image is resized to before the random crop (0: image_size)
+  train_resize: int = 0
 
   def __post_init__(self):
     if self.augment not in AUGMENTS:
       raise ValueError(f'config.data.augment={self.augment!r} is not one of {AUGMENTS}')
+    if self.train_resize and (self.augment != 'bit' or self.train_resize < self.image_size):
+      raise ValueError(
+        f'config.data.train_resize={self.train_resize} is the square the bit augment crops '
+        f'image_size={self.image_size} from: at least image_size, with augment bit only'
+      )
     auto_augment.parse(self.auto_augment)  # a ValueError names the accepted forms
     imagenet = self.augment in ('imagenet', 'inception')
     if (self.eval_size or self.eval_resize_size) and not imagenet:
@@ -244,7 +255,10 @@ class Preprocessor:
   def eval_uint8(self, image: Any) -> np.ndarray:
     """The centre crop at the training size, bilinear in the pipeline's geometry whatever
     `interpolation` says: what the dataset statistics are computed on (so they and their cache
-    do not depend on the filter), and the training input of the small-image modes."""
+    do not depend on the filter), and the training input of the small-image modes ('bit': its
+    eval input, the whole image squashed to image_size)."""
+    if self.augment == 'bit':
+      return squash(image, self.image_size, self.channels)
     return center_crop(self.base_uint8(image), self.image_size)
 
   def eval(self, image: Any, crops: int = 1, scale: int | None = None) -> np.ndarray:
@@ -257,6 +271,9 @@ class Preprocessor:
     """
     if crops not in (1, 2, 10):
       raise ValueError(f'crops must be 1, 2 or 10, got {crops}')
+    if self.augment == 'bit':  # BiT evaluates the whole image resized to the crop's square
+      side = self.image_size if scale is None else int(scale)
+      return np.ascontiguousarray(eval_views(squash(image, side, self.channels), crops, side))
     resample, geometry = eval_filter(self.interpolation), self.geometry
     if scale is not None:
       if crops == 10:
@@ -294,6 +311,11 @@ class Preprocessor:
     size = self.image_size
     if self.augment in ('none', 'cifar', 'translate'):
       return np.ascontiguousarray(self.eval_uint8(image))
+    if self.augment == 'bit':  # BiT: Resize((R, R)), RandomCrop(size), RandomHorizontalFlip
+      big = squash(image, self.train_resize or size, self.channels)
+      top, left = (int(rng.integers(0, big.shape[0] - size + 1)) for _ in range(2))
+      crop = big[top : top + size, left : left + size]
+      return np.ascontiguousarray(crop[:, ::-1] if rng.random() < 0.5 else crop)
     img = open_image(image, self.channels)
     w, h = img.size
     if self.augment == 'imagenet':

@@ -25,7 +25,7 @@ from resnet_jax.data import stats as stats_lib
 from resnet_jax.data import workers as worker_processes
 from resnet_jax.data.split import damage_named
 
-NORMALIZATIONS = ('per_pixel_mean', 'mean_std', 'scale')
+NORMALIZATIONS = ('per_pixel_mean', 'mean_std', 'scale', 'inception')
 _SYNTHETIC_STATS_EXAMPLES = 256
 
 
@@ -73,8 +73,9 @@ def _normalizer(kind: str, stats: dict[str, np.ndarray]) -> augment_lib.Normaliz
     return augment_lib.Normalizer(stats['pixel_mean'], np.asarray(stats['pixel_std'], np.float32))
   if kind == 'mean_std':
     return augment_lib.Normalizer(stats['channel_mean'], stats['channel_std'])
-  if kind == 'scale':
-    return augment_lib.Normalizer(np.zeros((), np.float32), np.asarray(255.0, np.float32))
+  if kind in ('scale', 'inception'):  # [0, 1]; inception: [-1, 1] (BiT's, timm's mean=std=0.5)
+    mean, std = (127.5, 127.5) if kind == 'inception' else (0.0, 255.0)
+    return augment_lib.Normalizer(np.asarray(mean, np.float32), np.asarray(std, np.float32))
   raise ValueError(f'config.data.normalize={kind!r} is not one of {NORMALIZATIONS}')
 
 
@@ -92,6 +93,7 @@ def make_preprocessor(config: ml_collections.ConfigDict) -> augment_lib.Preproce
     # read with defaults: configs and saved runs from before these fields lack them
     str(config.data.get('interpolation', 'bilinear')),
     float(config.data.get('eval_crop_pct', 0.0) or 0.0),
+    int(config.data.get('train_resize', 0) or 0),
   )
 
 
@@ -113,7 +115,7 @@ def make_normalization(config: ml_collections.ConfigDict) -> Normalization:
   kind = str(data.normalize)
   if kind not in NORMALIZATIONS:
     raise ValueError(f'config.data.normalize={kind!r} is not one of {NORMALIZATIONS}')
-  if kind == 'scale' and base.augment != 'imagenet':
+  if kind in ('scale', 'inception') and base.augment != 'imagenet':
     return Normalization(_normalizer(kind, {}), None, None)
   h, w = train.native_shape[:2]
   small = h is not None and h * w <= 64 * 64

@@ -58,6 +58,17 @@ def decode(img: Image.Image, channels: int, min_size: tuple[int, int] | None = N
   return img.convert(mode) if img.mode != mode else img
 
 
+def squash(image: Any, side: int, channels: int) -> np.ndarray:
+  """The whole image resized (bilinear, aspect not kept) to side x side, uint8 [side, side, C]:
+  BiT's `Resize((s, s))`, the 'bit' augment's pre-crop and eval input. JPEGs decode at the
+  smallest DCT scale still >= side x side."""
+  if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.shape[:2] == (side, side):
+    return image if image.ndim == 3 else image[..., None]
+  img = decode(open_image(image, channels), channels, (side, side))
+  img = img if img.size == (side, side) else img.resize((side, side), Image.BILINEAR)
+  return np.ascontiguousarray(to_array(img, channels))
+
+
 def to_array(img: Image.Image, channels: int) -> np.ndarray:
   array = np.asarray(img, dtype=np.uint8)
   return array[..., None] if channels == 1 else array

@@ -74,6 +74,7 @@ def create_model(
   norm: Optional[str] = None,
   weight_standardization: Optional[bool] = None,
   head_dropout_rate: float = 0.0,
+  zero_init_head: bool = False,
 ) -> ResNet:
   """Build a ResNet, ResNeXt or Wide ResNet by name (see ``VALID_NAMES``) with the paper's options.
 
@@ -114,6 +115,7 @@ def create_model(
   convs (epsilon 1e-8), stem conv + zero pad + max-pool, final norm + ReLU; widths x the
   multiplier. ``norm='group'`` / ``weight_standardization=True`` give any net those layers (None:
   the name's own); a GroupNorm net has no ``batch_stats`` and refuses BatchNorm's options.
+  ``zero_init_head``: ``fc``'s kernel starts at zero (BiT's fine-tuning head).
   ``head_dropout_rate``: dropout on the pooled features before ``fc`` in training (timm's
   ``drop_rate``, TF's ``dropout_rate``; ResNet-RS trains with 0.25-0.4); 0: no module, no rng.
   """
@@ -217,4 +219,5 @@ def create_model(
     norm=norm,
     weight_std_eps=ws_eps,
     head_dropout_rate=float(head_dropout_rate),
+    zero_init_head=bool(zero_init_head),
   )

@@ -115,6 +115,7 @@ class ResNet(nn.Module):
   gn_groups: int = 32
   weight_std_eps: Optional[float] = None  # weight-standardised convs with this epsilon (BiT)
   head_dropout_rate: float = 0.0  # dropout on the pooled features before fc, in training only
+  zero_init_head: bool = False  # fc's kernel starts at zero (BiT's fine-tuning; bias is zero)
 
   def _norm(self, train: bool, frozen: bool):
     if self.norm == 'group':  # no statistics to freeze or update: train / frozen do not matter
@@ -217,7 +218,7 @@ class ResNet(nn.Module):
       self.num_classes,
       dtype=jnp.float32,
       param_dtype=jnp.float32,
-      kernel_init=layers.dense_kernel_init,
+      kernel_init=nn.initializers.zeros if self.zero_init_head else layers.dense_kernel_init,
       name='fc',
     )(x)
 
