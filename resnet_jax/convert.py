@@ -33,6 +33,7 @@ import jax
 import numpy as np
 
 from resnet_jax import cli, torch_checkpoint, torch_weights
+from resnet_jax.models.names import parse_name
 from resnet_jax.models.stems import input_conv_name
 from resnet_jax.torch_keys import (  # noqa: F401  (re-exported: convert's API)
   IGNORED_SUFFIXES,
@@ -221,8 +222,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 
 def finetune_hint(arch: str, out: str, in_channels: int) -> str:
-  """The command that fine-tunes these weights. finetune.py's default dataset, digits, is
-  grayscale: RGB weights need another dataset there (they stopped with a stem-shape error)."""
+  """The command that fine-tunes these weights (BiT's: configs/bit.py, the BiT-HyperRule). The
+  configs' default dataset, digits, is grayscale: RGB weights need another dataset there (they
+  stopped with a stem-shape error)."""
   dataset = '' if in_channels == 1 else ',dataset=NAME'
   note = '  (digits, the default; dataset=NAME for another grayscale dataset)'
   if in_channels != 1:
@@ -230,8 +232,9 @@ def finetune_hint(arch: str, out: str, in_channels: int) -> str:
       f'  (NAME: a prepared TFDS dataset of {in_channels}-channel images; for digits, the '
       'default, convert with --in-channels 1)'
     )
+  config = 'bit.py' if parse_name(arch).variant == 'bit' else 'finetune.py'  # BiT-HyperRule
   return (
-    f'fine-tune: python -m resnet_jax.main --config=configs/finetune.py:arch={arch}{dataset} '
+    f'fine-tune: python -m resnet_jax.main --config=configs/{config}:arch={arch}{dataset} '
     f'--config.init_from={out} --workdir=...{note}'
   )
 

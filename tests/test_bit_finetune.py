@@ -168,3 +168,14 @@ def test_three_steps_of_the_config_on_digits(tmp_path):
   runner.assert_ok(out)
   result = runner.results(workdir)
   assert result['step'] == 3 and np.isfinite(result['eval']['loss'])
+
+
+def test_convert_points_bit_weights_at_the_hyperrule_config():
+  """convert's closing hint: BiT weights are fine-tuned with configs/bit.py (the BiT-HyperRule),
+  torchvision's with configs/finetune.py, as before."""
+  from resnet_jax import convert
+
+  bit = convert.finetune_hint('resnetv2_50x1_bit', '/tmp/w', 3)
+  assert '--config=configs/bit.py:arch=resnetv2_50x1_bit,dataset=NAME ' in bit
+  tv = convert.finetune_hint('resnet18', '/tmp/w', 3)
+  assert '--config=configs/finetune.py:arch=resnet18,dataset=NAME ' in tv
