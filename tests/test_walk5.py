@@ -13,21 +13,14 @@ from PIL import Image
 import resnet_jax.data as data
 from resnet_jax import multiscale
 from resnet_jax.data import image_folder, pipeline, sources
-from tests.test_image_folder import _photos, _save, folder_config, make_tree
-
-
-@pytest.fixture(autouse=True)
-def cache(tmp_path, monkeypatch) -> str:
-  """The user cache (index and statistics) in this test's own directory."""
-  directory = str(tmp_path / 'user_cache')
-  monkeypatch.setenv('RESNET_JAX_CACHE_DIR', directory)
-  image_folder._MEMORY.clear()  # pylint: disable=protected-access
-  return directory
-
-
-@pytest.fixture
-def tree(tmp_path) -> str:
-  return make_tree(str(tmp_path / 'imagenet'))
+from tests.test_image_folder import (  # cache, tree: the fixtures (the user cache here, a tree)
+  _photos,
+  _save,
+  cache,  # noqa: F401
+  folder_config,
+  make_tree,
+  tree,  # noqa: F401
+)
 
 
 def _damage_the_middle(path: str) -> None:
