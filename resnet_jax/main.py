@@ -7,7 +7,8 @@ Examples:
   python -m resnet_jax.main --config=configs/r18.py --workdir=runs/r18 --config.data.data_dir=DIR
 
 Configs (configs/): digits.py (offline demo), cifar.py, fashion_mnist.py, wrn.py, imagenet.py
-and r18.py ... r152.py, finetune.py. Text after ':' selects a variant (see each file's docstring);
+and r18.py ... r152.py, resnetrs.py, finetune.py, bit.py. Text after ':' selects a variant (see
+each file's docstring);
 --config.KEY=VALUE overrides any field (all fields: resnet_jax/default_config.py).
 Rerunning the same command with the same --workdir resumes the run. Outputs in DIR:
 metrics.jsonl, tensorboard/, checkpoints/, config.json and, at the end, results.json.
