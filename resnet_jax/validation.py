@@ -81,12 +81,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'data.eval_crops must be 1 or 10, got {config.data.eval_crops}')
   validate_data_sizes(config.data)
   validate_interpolation(config.data)
-  resize = config.data.get('train_resize', 0)
-  if resize and (config.data.augment != 'bit' or resize < config.data.image_size):
-    raise ConfigError(
-      f"data.train_resize={resize} is the square augment 'bit' crops image_size="
-      f'{config.data.image_size} from: at least image_size, with augment bit only (0: off)'
+  from resnet_jax.data import augment  # pylint: disable=import-outside-toplevel
+
+  try:
+    augment.check_train_resize(
+      config.data.augment, config.data.get('train_resize', 0), config.data.image_size
     )
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   if not 0 <= config.label_smoothing < 1:
     raise ConfigError(f'label_smoothing must be in [0, 1), got {config.label_smoothing}')
   reps = config.data.repeated_augmentations

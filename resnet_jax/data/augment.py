@@ -129,6 +129,17 @@ def resized_crop(
   return img.resize((size, size), resample, box=box)
 
 
+def check_train_resize(augment: str, train_resize: int, image_size: int) -> None:
+  """`data.train_resize` (0: off) is the square the 'bit' augment crops `image_size` from: other
+  modes would silently ignore it, and a smaller square has no such crop. One home for the
+  config's validation and the preprocessor's own check."""
+  if train_resize and (augment != 'bit' or train_resize < image_size):
+    raise ValueError(
+      f"data.train_resize={train_resize} is the square augment 'bit' crops image_size="
+      f'{image_size} from: at least image_size, with augment bit only (0: off)'
+    )
+
+
 @dataclasses.dataclass
 class Preprocessor:
   """Everything one example needs on the host, from stored record to uint8 model input."""
@@ -160,11 +171,7 @@ class Preprocessor:
   def __post_init__(self):
     if self.augment not in AUGMENTS:
       raise ValueError(f'config.data.augment={self.augment!r} is not one of {AUGMENTS}')
-    if self.train_resize and (self.augment != 'bit' or self.train_resize < self.image_size):
-      raise ValueError(
-        f'config.data.train_resize={self.train_resize} is the square the bit augment crops '
-        f'image_size={self.image_size} from: at least image_size, with augment bit only'
-      )
+    check_train_resize(self.augment, self.train_resize, self.image_size)
     auto_augment.parse(self.auto_augment)  # a ValueError names the accepted forms
     imagenet = self.augment in ('imagenet', 'inception')
     if (self.eval_size or self.eval_resize_size) and not imagenet:
