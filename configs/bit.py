@@ -27,10 +27,12 @@ config is built, `sources.open_split`; or give train_examples= / image_area=):
 Differences left: no gradient accumulation split (train.py's --batch_split: use grad_accum_steps);
 digits' 8 x 8 grayscale images go through the 128 px rule like CIFAR's 32 x 32.
 Config args: arch=resnetv2_50x1_bit (any resnetv2_{50,101,152}x{1,2,3,4}_bit), dataset=digits
-(or any TFDS name, or image_folder), data_dir= (the split is opened before --config.data.*
-overrides apply: give the data's directory here, not as --config.data.data_dir), batch=512,
+(or any TFDS name, or image_folder), data_dir=, train_split=train (e.g. a few-shot subset,
+train[:5%]), validation_size=0 (examples held out of the train split), batch=512,
 lr=0.003 (at batch 512), train_examples=0 and image_area=0 (0: from the train split), steps=0,
-image_size=0, resize=0 (0: the rule's), bf16.
+image_size=0, resize=0 (0: the rule's), bf16. The train split is read before --config.data.*
+overrides apply, so a run that overrides data.name, data.data_dir, data.train_split or
+data.validation_size afterwards is refused (`read_when_built`): give them as args.
 """
 
 from resnet_jax.default_config import base_config, parse_arg
@@ -66,6 +68,8 @@ def get_config(arg: str | None = None):
     arch='resnetv2_50x1_bit',
     dataset='digits',
     data_dir='',
+    train_split='train',
+    validation_size=0,
     batch=512,
     lr=0.003,
     train_examples=0,
@@ -80,10 +84,16 @@ def get_config(arg: str | None = None):
   c.model.zero_init_head = True
   c.data.name = args.dataset
   c.data.data_dir = args.data_dir or None
+  c.data.train_split = args.train_split
+  c.data.validation_size = args.validation_size
   n, area = args.train_examples, args.image_area or None
   if not n or not area:
     from resnet_jax.data import sources  # the split's size: the rule needs it at config time
 
+    read = {k: c.data[k] for k in ('name', 'data_dir', 'train_split', 'validation_size')}
+    c.read_when_built = dict(
+      data=read, by='configs/bit.py (args dataset=, data_dir=, train_split=, validation_size=)'
+    )
     try:
       train = sources.open_split(c, str(c.data.train_split))
     except ValueError as e:  # DatasetNotFoundError: one line saying how to prepare it

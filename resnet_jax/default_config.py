@@ -220,6 +220,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_best = False
   c.on_nonfinite = 'error'  # 'error': stop naming the step | 'skip': drop that update
   c.init_from = ''  # another run's workdir or a converted checkpoint: weights only
+  # The data fields a config file read while it was built, {section: {field: value}}, and `by`:
+  # which file and its args (configs/bit.py sizes its schedule by the train split). A later
+  # --config override of such a field is refused: the file's choices followed the old value.
+  c.read_when_built = ml_collections.ConfigDict()
   c.progress_bar = True
   c.profile_steps = ''  # 'START,STOP': write a jax.profiler trace of those steps to workdir/profile
   return c

@@ -98,6 +98,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     )
   if not 0 <= config.data.random_erasing <= 1:
     raise ConfigError(f'data.random_erasing must be in [0, 1], got {config.data.random_erasing}')
+  validate_read_when_built(config)
   validate_head_dropout(config.model)
   validate_optimizer(config.optimizer)
   validate_schedule_shape(config)
@@ -110,6 +111,22 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     n_dev,
     frozen_bn=not uses_batch_statistics(config.model),
   )
+
+
+def validate_read_when_built(config: ml_collections.ConfigDict) -> None:
+  """Refuses a field overridden after the config file read the data with it (``read_when_built``):
+  configs/bit.py chose steps, MixUp and resolution by the train split it read, so a later
+  ``--config.data.train_split=train[:1%]`` would silently train with the full split's rule."""
+  reads = config.get('read_when_built') or {}
+  for section, fields in reads.items():
+    if section == 'by':
+      continue
+    for key, value in fields.items():
+      if config[section][key] != value:
+        raise ConfigError(
+          f'{section}.{key} was set to {config[section][key]!r} after {reads.get("by")} read '
+          f'the data with {value!r} to make its choices: give the value as its arg instead'
+        )
 
 
 def validate_head_dropout(model: ml_collections.ConfigDict) -> None:

@@ -69,6 +69,51 @@ def test_an_unknown_dataset_says_how_to_give_the_rule_its_sizes():
   assert (c.num_train_steps, c.data.image_size) == (10_000, 384)
 
 
+def test_the_rule_reads_the_split_given_as_an_arg(monkeypatch):
+  """BiT's few-shot transfer trains on a slice of the train split: the rule sizes that slice."""
+  from resnet_jax.data import sources
+
+  sizes = {'train': 50_000, 'train[:1%]': 500}
+  opened = []
+
+  def fake_open_split(config, split):
+    opened.append((split, config.data.validation_size))
+    return type('Split', (), {'native_shape': (32, 32, 3), '__len__': lambda _: sizes[split]})()
+
+  monkeypatch.setattr(sources, 'open_split', fake_open_split)
+  full = bit.get_config('dataset=cifar10')
+  few = bit.get_config('dataset=cifar10,train_split=train[:1%],validation_size=50')
+  assert opened == [('train', 0), ('train[:1%]', 50)]
+  assert (full.num_train_steps, full.data.mixup_alpha) == (10_000, 0.1)
+  assert (few.num_train_steps, few.data.mixup_alpha) == (500, 0.0)
+  assert few.data.train_split == 'train[:1%]' and few.data.validation_size == 50
+
+
+@pytest.mark.parametrize(
+  'field, value',
+  [
+    ('train_split', 'train[:10%]'),
+    ('data_dir', '/elsewhere'),
+    ('name', 'synthetic'),
+    ('validation_size', 100),
+  ],
+)
+def test_overriding_what_the_rule_read_is_refused(field, value):
+  """`--config.data.train_split=...` after configs/bit.py chose steps and MixUp by the split it
+  read would train a few-shot slice on the full split's schedule: refused, naming the arg."""
+  c = bit.get_config('')
+  validation.validate_config(c)
+  c.data[field] = value
+  with pytest.raises(validation.ConfigError, match=f'data.{field} was set to .*configs/bit.py'):
+    validation.validate_config(c)
+
+
+def test_overrides_are_free_when_the_rule_read_nothing():
+  c = bit.get_config('train_examples=1000,image_area=1024')
+  c.data.train_split = 'train[:50%]'
+  validation.validate_config(c)
+
+
 def test_lr_schedule_values_at_the_boundaries():
   c = bit.get_config('train_examples=50000,image_area=1024')
   lr = optim.create_learning_rate_fn(c, 100, c.num_train_steps)
