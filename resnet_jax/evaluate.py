@@ -10,6 +10,8 @@ batches (`resnet_jax.precise_bn`), in memory only: the workdir is never written.
 evaluates the run's average of its weights (`resnet_jax.ema`) instead of the weights themselves.
 On a dataset with label sets (`--dataset=imagenet2012_real`: ReaL, Beyer et al. 2020) the JSON
 also has `real_top1_error` over the images that have a ReaL label, and `real_num_examples`.
+`--fewshot 1,5,10,25` reports few-shot linear probes of the features instead
+(`resnet_jax.fewshot`).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh
 
-from resnet_jax import cli, data, multiscale, precise_bn, runtime
+from resnet_jax import cli, data, fewshot, multiscale, precise_bn, runtime
 from resnet_jax.data import image_folder, sources
 from resnet_jax.data.device_preprocess import make_device_preprocess
 from resnet_jax.train_step import (
@@ -177,6 +179,7 @@ def evaluate_workdir(
   data_dir: str | None = None,
   dataset: str | None = None,
   weights: str = 'model',
+  probe: fewshot.Probe | None = None,
 ) -> dict[str, Any]:
   """Evaluates the newest good checkpoint of a training run, without writing to its workdir.
 
@@ -189,7 +192,11 @@ def evaluate_workdir(
   `data_dir`: the tree at `data_dir` (the run's own data is still read where it was), such as
   ImageNet-V2's numbered folders extracted alone. `weights`: 'model' or
   'ema' (the average a run with `ema_decay` > 0 kept; the JSON then says `"weights": "ema"`).
+  `probe`: few-shot linear probes of the features instead (`resnet_jax.fewshot`; `dataset` may
+  then have other classes; None for a probe's train split: 'train', the run's own for its data).
   """
+  if probe is not None and (crops or scales):
+    raise ValueError('--fewshot reads one centre view per image: leave out --crops and --scales')
   # --dataset image_folder --data-dir ROOT: a tree to test on (ImageNet-V2 extracted); the run's
   # own data stays where it was read
   tree = dataset == image_folder.NAME and data_dir is not None
@@ -202,6 +209,17 @@ def evaluate_workdir(
   trained = runtime.load_trained_model(workdir, overrides, weights=weights)
   experiment = trained.experiment
   config, mesh = experiment.config, experiment.mesh
+  if probe is not None:
+    other = dataset is not None and (dataset != config.data.name or tree)
+    return fewshot.probe_trained(
+      trained,
+      probe,
+      split,
+      dataset if other else None,
+      data_dir if tree else None,
+      precise_bn_batches,
+      weights,
+    )
   preprocessor, eval_config = None, config
   if dataset is not None and (dataset != config.data.name or tree):
     preprocessor = data.make_preprocessor(config)  # the run's geometry, on the other images
@@ -351,6 +369,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     help="the run's weights (model, the default) or their exponential moving average (ema, "
     'kept by a run trained with --config.ema_decay > 0)',
   )
+  fewshot.add_arguments(parser)
   args = parser.parse_args(argv)
   try:
     result = evaluate_workdir(
@@ -363,6 +382,7 @@ def main(argv: Sequence[str] | None = None) -> None:
       data_dir=args.data_dir,
       dataset=args.dataset,
       weights=args.weights,
+      probe=fewshot.probe_of(args),
     )
   except (ValueError, FileNotFoundError, PermissionError) as e:  # one clear line, no traceback
     cli.fail(e)

@@ -19,7 +19,9 @@ shorter sides, `resnet_jax.multiscale`), `every_steps` (default `eval_every_step
 the end), `batch_size` (default `eval_batch_size`), `dataset` (another prepared TFDS test set
 with the run's classes and channels, read through the run's own evaluation preprocessing, as
 `evaluate --dataset` reads it: CIFAR-10.1, ImageNet-V2, ReaL; its split defaults to 'test',
-ReaL's to 'validation'). Each one's records go to metrics.jsonl with `"split": NAME` and to
+ReaL's to 'validation'). With `shots` ('1,5,10,25') it is a few-shot linear probe of the
+features instead (`resnet_jax.fewshot`: also `seeds`, `l2_reg`, `train_split`; `dataset` may
+then have other classes). Each one's records go to metrics.jsonl with `"split": NAME` and to
 TensorBoard under NAME/, and its final figures to `results.json`'s `evals`.
 
 With `ema_decay` > 0 every evaluator also measures the average of the weights (`resnet_jax.ema`):
@@ -36,7 +38,7 @@ from typing import Any
 
 import ml_collections
 
-from resnet_jax import data, multiscale, runtime
+from resnet_jax import data, fewshot, multiscale, runtime
 from resnet_jax.ema import SUFFIX as EMA_SUFFIX
 from resnet_jax.evaluate import (
   default_split,
@@ -54,6 +56,7 @@ MAIN = 'eval'
 RESULT_KEYS = ('loss', 'top1_error', 'top5_error', 'num_examples')
 LABEL_SET_KEYS = ('real_top1_error', 'real_num_examples')  # datasets with label sets (ReaL)
 _FIELDS = ('split', 'crops', 'scales', 'every_steps', 'batch_size', 'dataset')
+_PROBE_FIELDS = ('shots', 'seeds', 'l2_reg', 'train_split')  # a few-shot probe (fewshot.py)
 _RESERVED = ('train', MAIN, 'config')
 
 
@@ -68,11 +71,18 @@ class Evaluator:
   every_steps: int  # <= 0: only at the end
   batch_size: int
   dataset: str | None = None  # None: the run's own
+  probe: fewshot.Probe | None = None  # a few-shot linear probe instead of the classifier
 
   def due(self, step: int, at_end: bool) -> bool:
     return at_end or (self.every_steps > 0 and step % self.every_steps == 0)
 
   def describe(self) -> str:
+    if self.probe is not None:
+      shots = ','.join(map(str, self.probe.shots))
+      where = (
+        f'{self.dataset + " " if self.dataset else ""}{self.probe.train_split} -> {self.split}'
+      )
+      return f'{where}, {shots}-shot linear probe, {self.probe.seeds} seeds'
     views = f'{self.crops} crop{"s" if self.crops > 1 else ""}'
     if self.scales:
       views = f'scales {",".join(map(str, self.scales))}, {views}'
@@ -81,6 +91,11 @@ class Evaluator:
   def summary(self, result: dict[str, Any]) -> dict[str, Any]:
     """The figures results.json keeps, with what they were measured on."""
     out = record_of(result)
+    if self.probe is not None:
+      out.update({k: v for k, v in result.items() if k.endswith('_seeds')})
+      out.update(split=self.split, train_split=self.probe.train_split, seeds=self.probe.seeds)
+      out.update(l2_reg=self.probe.l2_reg)
+      return {**out, **({'dataset': self.dataset} if self.dataset else {})}
     out.update(split=self.split, crops=self.crops)
     if self.scales:
       out['scales'] = list(self.scales)
@@ -91,7 +106,9 @@ class Evaluator:
 
 def record_of(result: dict[str, Any]) -> dict[str, Any]:
   """The figures of one evaluation that metrics.jsonl and results.json record."""
-  return {k: result[k] for k in RESULT_KEYS + LABEL_SET_KEYS if k in result}
+  out = {k: result[k] for k in RESULT_KEYS + LABEL_SET_KEYS if k in result}
+  out.update({k: v for k, v in result.items() if fewshot.is_mean_key(k)})  # a probe's errors
+  return out
 
 
 def from_config(config: ml_collections.ConfigDict) -> list[Evaluator]:
@@ -121,10 +138,11 @@ def _parse(name: str, spec: Any, config: ml_collections.ConfigDict) -> Evaluator
   if not isinstance(spec, (dict, ml_collections.ConfigDict)):
     raise ConfigError(f'{where} must be a dict of {", ".join(_FIELDS)}, got {spec!r}')
   spec = dict(spec.items())
-  unknown = sorted(set(spec) - set(_FIELDS))
+  unknown = sorted(set(spec) - set(_FIELDS + _PROBE_FIELDS))
   if unknown:
     raise ConfigError(
-      f'{where}: unknown field(s) {", ".join(unknown)}; valid: {", ".join(_FIELDS)}'
+      f'{where}: unknown field(s) {", ".join(unknown)}; valid: {", ".join(_FIELDS)} (a few-shot '
+      f'probe: {", ".join(_PROBE_FIELDS)})'
     )
   dataset = spec.get('dataset') or None
   if dataset is not None and not isinstance(dataset, str):
@@ -146,7 +164,35 @@ def _parse(name: str, spec: Any, config: ml_collections.ConfigDict) -> Evaluator
   if batch_size < 1:
     raise ConfigError(f'{where}.batch_size must be positive, got {batch_size}')
   every = _int(spec, 'every_steps', int(config.eval_every_steps), where)
-  return Evaluator(name, split, crops, scales, every, batch_size, dataset)
+  probe = _probe(spec, where, dataset, config)
+  if probe is not None and ('crops' in spec or scales):
+    raise ConfigError(f'{where}: a few-shot probe (shots) reads one centre view: drop crops/scales')
+  return Evaluator(name, split, crops, scales, every, batch_size, dataset, probe)
+
+
+def _probe(
+  spec: dict[str, Any], where: str, dataset: str | None, config: ml_collections.ConfigDict
+) -> fewshot.Probe | None:
+  """The few-shot probe `spec` asks for (its `shots`), None for a classifier evaluation."""
+  given = sorted(set(spec) & set(_PROBE_FIELDS))
+  if not given:
+    return None
+  if 'shots' not in spec:
+    raise ConfigError(f'{where}: {", ".join(given)} belong to a few-shot probe: add shots')
+  try:
+    shots = fewshot.parse_shots(spec['shots'])
+  except ValueError as e:
+    raise ConfigError(f'{where}.{e}') from None
+  seeds = _int(spec, 'seeds', fewshot.DEFAULT_SEEDS, where)
+  l2_reg = spec.get('l2_reg', fewshot.DEFAULT_L2_REG)
+  if seeds < 1:
+    raise ConfigError(f'{where}.seeds must be positive, got {seeds}')
+  if isinstance(l2_reg, bool) or not isinstance(l2_reg, (int, float)) or not l2_reg > 0:
+    raise ConfigError(f'{where}.l2_reg must be a positive number, got {l2_reg!r}')
+  train_split = spec.get('train_split') or ('train' if dataset else str(config.data.train_split))
+  if not isinstance(train_split, str):
+    raise ConfigError(f'{where}.train_split must be a split name, got {train_split!r}')
+  return fewshot.Probe(shots, seeds, float(l2_reg), train_split)
 
 
 def _int(spec: dict[str, Any], key: str, default: int, where: str) -> int:
@@ -167,6 +213,12 @@ def check_sources(schedule: list[Evaluator], experiment: runtime.Experiment) -> 
   """Opens every extra evaluator's split (another dataset's: its classes and channels checked
   too), so a misspelt or unprepared one fails before the run starts, not at its end."""
   for evaluator in schedule[1:]:
+    if evaluator.probe is not None:  # other classes allowed: the probe fits its own classifier
+      config = fewshot.probe_config(experiment, evaluator.dataset)
+      data.sources.open_split(config, evaluator.probe.train_split)
+      test = data.sources.open_split(config, evaluator.split)
+      fewshot.check_channels(experiment, test, str(config.data.name))
+      continue
     if evaluator.dataset is None:
       data.sources.open_split(experiment.config, evaluator.split)
       continue
@@ -189,10 +241,26 @@ class EvalRunner:
     self._label_set_step = None  # built for the first dataset with label sets (ReaL)
     self._configs: dict[tuple[int, str | None, str], ml_collections.ConfigDict] = {}
     self._preprocessor = None  # the run's host geometry, for another dataset's images
+    self._features_fn = None  # the few-shot probes' representation step
 
   def run(self, evaluator: Evaluator, variables: Any) -> dict[str, Any]:
-    """Mean loss and top-1/top-5 error of `variables` over the evaluator's whole split."""
+    """Mean loss and top-1/top-5 error of `variables` over the evaluator's whole split (a
+    probe's: its few-shot errors)."""
     experiment = self._experiment
+    if evaluator.probe is not None:
+      if self._features_fn is None:
+        self._features_fn = fewshot.jit_representation_fn(
+          experiment.mesh, experiment.model.apply, experiment.preprocess
+        )
+      return fewshot.run_probe(
+        experiment,
+        variables,
+        evaluator.probe,
+        dataset=evaluator.dataset,
+        split=evaluator.split,
+        batch_size=evaluator.batch_size,
+        features_fn=self._features_fn,
+      )
     config = self._config(evaluator.batch_size, evaluator.dataset, evaluator.split)
     preprocessor, step = None, self._eval_step
     if evaluator.dataset is not None:
@@ -257,6 +325,19 @@ def weights_of(state: Any, name: str) -> list[tuple[str, Any]]:
 def log_result(
   evaluator: Evaluator, step: int, result: dict[str, Any], name: str | None = None
 ) -> None:
+  if evaluator.probe is not None:
+    errors = ', '.join(
+      f'{k}-shot {100 * result[f"top1_error_{k}shot"]:.2f}%' for k in evaluator.probe.shots
+    )
+    logger.info(
+      '%s at step %d on %s (%d test examples): top-1 error %s',
+      name or evaluator.name,
+      step,
+      evaluator.describe(),
+      result['num_examples'],
+      errors,
+    )
+    return
   logger.info(
     '%s at step %d on %s (%d examples): top-1 error %.2f%%, top-5 error %.2f%%, loss %.4f',
     name or evaluator.name,

@@ -212,6 +212,9 @@ class ResNet(nn.Module):
     if self.features_only:
       return features
     x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+    # the representation few-shot probes read (resnet_jax.fewshot): stored only when the caller
+    # makes 'intermediates' mutable, a no-op otherwise
+    self.sow('intermediates', 'pre_logits', x)
     if self.head_dropout_rate > 0:  # timm's drop_rate, TF's dropout_rate (ResNet-RS: 0.25-0.4)
       x = nn.Dropout(self.head_dropout_rate, deterministic=not train, name='head_dropout')(x)
     return nn.Dense(
