@@ -292,12 +292,37 @@ def main(argv: list[str] | None = None, queue: tuple[Item, ...] = QUEUE, probe_a
   """`queue` and `probe_argv`: the tests' seam (stand-in items, a stand-in device record)."""
   argv = list(sys.argv[1:] if argv is None else argv)
   p = cli.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument('--out', required=True, help='the folder for queue.json (or, with --collect, ALL)')
-  p.add_argument('--budget-s', type=cli.positive_float, default=560, help='seconds for the queue')
+  p.add_argument(
+    '--out',
+    required=True,
+    help="a new folder for queue.json and the items' folders (with --collect: ALL)",
+  )
+  p.add_argument(
+    '--budget-s',
+    type=cli.positive_float,
+    default=560,
+    help="seconds for the whole queue: each item's timeout is what is left, and an item "
+    'expected to take longer is not started (a device call is limited to 600)',
+  )
   p.add_argument('--only', default=None, help='comma-separated item names (default: every item)')
-  p.add_argument('--done', action='append', default=[], metavar='PREV', help='skip what PREV ran')
-  p.add_argument('--tiny', action='store_true', help="each item's tiny variant, for the CPU")
-  p.add_argument('--collect', nargs='+', metavar='DIR', help='gather DIRs into one summary')
+  p.add_argument(
+    '--done',
+    action='append',
+    default=[],
+    metavar='PREV',
+    help='the --out of an earlier call: skip what finished there (repeatable)',
+  )
+  p.add_argument(
+    '--tiny',
+    action='store_true',
+    help="each item's tiny variant, for the CPU (the H100 expectations do not apply)",
+  )
+  p.add_argument(
+    '--collect',
+    nargs='+',
+    metavar='DIR',
+    help="gather the calls' DIRs into ALL/summary.md and summary.json",
+  )
   args = p.parse_args(argv)
   args.argv = argv
   names = [i.name for i in queue]

@@ -75,6 +75,26 @@ def _end_group(proc: subprocess.Popen) -> None:
   except ProcessLookupError:
     pass
   proc.wait()
+  deadline = time.monotonic() + _GRACE_S  # the next item starts on a GPU they have let go of
+  while _group_alive(proc.pid) and time.monotonic() < deadline:
+    time.sleep(0.05)
+
+
+def _group_alive(pgid: int) -> bool:
+  """Whether a process of the group still runs (zombies hold no memory); Linux's /proc."""
+  try:
+    pids = [p for p in os.listdir('/proc') if p.isdigit()]
+  except OSError:
+    return False
+  for pid in pids:
+    try:
+      with open(f'/proc/{pid}/stat') as f:
+        fields = f.read().rpartition(')')[2].split()  # after the command name: state, ppid, pgrp
+    except OSError:  # it exited meanwhile
+      continue
+    if len(fields) > 2 and fields[2] == str(pgid) and fields[0] != 'Z':
+      return True
+  return False
 
 
 def run_item(argv: tuple[str, ...], folder: str, timeout_s: float) -> dict:
@@ -122,8 +142,10 @@ def environment(probe_argv: tuple[str, ...]) -> dict:
   if shutil.which('nvidia-smi'):
     smi = subprocess.run(['nvidia-smi', '-L'], capture_output=True, text=True, timeout=60)
     env['nvidia_smi'] = smi.stdout.strip() or smi.stderr.strip()
-  git = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=ROOT, capture_output=True, text=True)
-  env['commit'] = git.stdout.strip() if git.returncode == 0 else None
+  env['commit'] = None  # outside a git checkout (a copy of the tree)
+  if shutil.which('git'):
+    git = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=ROOT, capture_output=True, text=True)
+    env['commit'] = git.stdout.strip() if git.returncode == 0 else None
   child = subprocess.run(
     [sys.executable, *probe_argv], cwd=ROOT, capture_output=True, text=True, timeout=300
   )

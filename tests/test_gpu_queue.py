@@ -91,13 +91,31 @@ def test_the_index_is_on_disk_before_and_after_every_item(tmp_path):
   assert not [f for f in os.listdir(out) if f.endswith('.tmp')]
 
 
-def test_an_item_past_the_budget_is_ended_with_its_workers_and_the_rest_skipped(tmp_path):
-  pid_file = tmp_path / 'worker.pid'
-  hang = (
-    'import subprocess, time; '
-    f'w = subprocess.Popen(["sleep", "120"]); open({str(pid_file)!r}, "w").write(str(w.pid)); '
-    'time.sleep(120)'
+def _gone(pid: int) -> bool:
+  """No such process, or a zombie that init has not reaped yet."""
+  state = f'/proc/{pid}/status'
+  return not os.path.exists(state) or '\nState:\tZ' in open(state).read()
+
+
+def _spawn(tmp_path, worker_code: str, then: str) -> str:
+  """Item code that starts a worker process (its pid in tmp_path/worker.pid), then runs `then`."""
+  (tmp_path / 'worker.py').write_text(worker_code)
+  return (
+    'import subprocess, sys, time; '
+    f'w = subprocess.Popen([sys.executable, {str(tmp_path / "worker.py")!r}]); '
+    f'open({str(tmp_path / "worker.pid")!r}, "w").write(str(w.pid)); ' + then
   )
+
+
+def test_an_item_past_the_budget_is_ended_with_its_workers_and_the_rest_skipped(tmp_path):
+  """SIGTERM to the item's whole process group first (its Grain or torch.compile workers may
+  clean up), SIGKILL after a grace."""
+  worker = (
+    'import signal, sys, time\n'
+    f'def term(*_):\n  open({str(tmp_path / "term")!r}, "w").write("TERM"); sys.exit(0)\n'
+    'signal.signal(signal.SIGTERM, term)\ntime.sleep(120)\n'
+  )
+  hang = _spawn(tmp_path, worker, 'time.sleep(120)')
   queue = [_item('hang', hang, expected_s=0.5), _item('after', 'pass', expected_s=0.5)]
   start = time.monotonic()
   index = _run(tmp_path / 'q', queue, '--budget-s', '4')
@@ -105,9 +123,34 @@ def test_an_item_past_the_budget_is_ended_with_its_workers_and_the_rest_skipped(
   hang_record, after = index['items']
   assert hang_record['status'] == 'timeout' and 3 < hang_record['wall_s'] < 15
   assert after['status'] == 'skipped' and after['reason'].startswith('the budget is spent')
-  worker = int(pid_file.read_text())  # the item's own child is gone too (or an unreaped zombie)
-  state = f'/proc/{worker}/status'
-  assert not os.path.exists(state) or '\nState:\tZ' in open(state).read()
+  assert (tmp_path / 'term').read_text() == 'TERM'
+  assert _gone(int((tmp_path / 'worker.pid').read_text()))
+
+
+def test_workers_an_item_leaves_behind_are_ended_with_it(tmp_path):
+  """An item that exits while its workers run on (a crash of the main process) leaves nothing
+  on the GPU for the next item."""
+  leave = _spawn(tmp_path, 'import time\ntime.sleep(120)\n', 'print("{}")')
+  index = _run(tmp_path / 'q', [_item('leave', leave)])
+  assert index['items'][0]['status'] == 'ok'
+  assert _gone(int((tmp_path / 'worker.pid').read_text()))
+
+
+def test_a_queue_stopped_by_sigterm_ends_its_item_and_says_so(tmp_path):
+  """The device tool, or a user, stopping the queue: the running item (and its workers) must not
+  run on, and queue.json must show what finished and what was cut off."""
+  stop_parent = _spawn(
+    tmp_path, 'import time\ntime.sleep(120)\n', 'import os, signal; os.kill(os.getppid(), '
+    'signal.SIGTERM); time.sleep(120)'
+  )  # fmt: skip
+  queue = [_item('first', 'pass'), _item('stopped', stop_parent), _item('never', 'pass')]
+  out = tmp_path / 'q'
+  with pytest.raises(SystemExit) as stop:
+    gq.main(['--out', str(out)], queue=tuple(queue), probe_argv=_GPU_PROBE)
+  assert stop.value.code == 128 + 15
+  index = json.loads((out / 'queue.json').read_text())
+  assert _status(index) == {'first': 'ok', 'stopped': 'interrupted', 'never': 'pending'}
+  assert not index['complete'] and _gone(int((tmp_path / 'worker.pid').read_text()))
 
 
 def test_done_skips_what_an_earlier_call_finished_and_collect_makes_one_summary(tmp_path):
@@ -167,6 +210,25 @@ def test_collect_flags_parts_from_different_devices(tmp_path, capsys):
   assert 'different devices (Other GPU, Stand-in GPU)' in capsys.readouterr().out
 
 
+def test_collect_takes_each_item_from_the_call_where_it_went_best():
+  """ok over failed over timed out over cut off; between equals, the later call (a rerun)."""
+  summary = _load('gpu_queue_summary')
+  calls = {
+    'q1': {'a': 'ok', 'b': 'timeout', 'c': 'ok', 'd': 'failed', 'e': 'running'},
+    'q2': {'a': 'done earlier', 'b': 'ok', 'c': 'ok', 'd': 'timeout', 'e': 'skipped'},
+  }
+  parts = [
+    (d, {'items': [{'name': n, 'status': s} for n, s in items.items()]})
+    for d, items in calls.items()
+  ]
+  got = {r['name']: (r['status'], r['part']) for r in summary._choose(parts, ['e', 'd', 'c'])}
+  assert got == {
+    'a': ('ok', 'q1'), 'b': ('ok', 'q2'), 'c': ('ok', 'q2'), 'd': ('failed', 'q1'),
+    'e': ('running', 'q1'),
+  }  # fmt: skip
+  assert [r['name'] for r in summary._choose(parts, ['e', 'd', 'c'])] == ['e', 'd', 'c', 'a', 'b']
+
+
 @pytest.mark.parametrize(
   'flags, message',
   [
@@ -205,6 +267,11 @@ def test_refusals_that_protect_measurements(tmp_path, capsys):
     assert err.startswith('error: ') and message in err and len(err.splitlines()) == 1, err
   for name in 'tcp':
     assert not (tmp_path / name / 'queue.json').exists()
+  cpu = dict(_GPU, platform='cpu', device_kind='cpu')
+  _run(tmp_path / 'tiny', queue, '--tiny', probe=('-c', f'import json; print(json.dumps({cpu!r}))'))
+  dirs = [str(tmp_path / 'q'), str(tmp_path / 'tiny')]
+  assert gq.main(['--collect', *dirs, '--out', str(tmp_path / 'all')], queue=queue) == 1
+  assert capsys.readouterr().err == 'error: --collect mixes --tiny and GPU queues\n'
 
 
 def test_the_queue_is_the_docs_list_and_every_command_parses():
