@@ -144,8 +144,10 @@ def environment(probe_argv: tuple[str, ...]) -> dict:
     env['nvidia_smi'] = smi.stdout.strip() or smi.stderr.strip()
   env['commit'] = None  # outside a git checkout (a copy of the tree)
   if shutil.which('git'):
-    git = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=ROOT, capture_output=True, text=True)
-    env['commit'] = git.stdout.strip() if git.returncode == 0 else None
+    git = lambda *a: subprocess.run(['git', *a], cwd=ROOT, capture_output=True, text=True)
+    head, changed = git('rev-parse', 'HEAD'), git('status', '--porcelain', '--untracked-files=no')
+    if head.returncode == 0:  # '+changes': the tree differs from the commit
+      env['commit'] = head.stdout.strip() + ('+changes' if changed.stdout.strip() else '')
   child = subprocess.run(
     [sys.executable, *probe_argv], cwd=ROOT, capture_output=True, text=True, timeout=300
   )

@@ -71,6 +71,12 @@ def _device(env: dict) -> str:
   return f'{env.get("device_kind")} ({env.get("platform")})'
 
 
+def _commit(commit: str | None) -> str:
+  if not commit:
+    return '?'
+  return commit[:10] + (' + changes' if commit.endswith('+changes') else '')
+
+
 def _figures(record: dict) -> str:
   """The item's headline figures, read as its script writes them."""
   if record['status'] not in ('ok', 'failed', 'timeout'):
@@ -126,7 +132,7 @@ def markdown(summary: dict, gpu_report_md: str | None) -> str:
     lines.append(
       f'| {p["dir"]} | {env.get("date")} | {_device(env)} | {env.get("jax_version")} | '
       f'{env.get("torch_version") or env.get("torch_error") or "absent"} | '
-      f'{env.get("xla_flags") or "unset"} | {(env.get("commit") or "?")[:10]} | '
+      f'{env.get("xla_flags") or "unset"} | {_commit(env.get("commit"))} | '
       f'{p["budget_s"]} | {p.get("wall_s")} |'
     )
   kinds = sorted({str(p['environment'].get('device_kind')) for p in summary['parts']})

@@ -76,6 +76,8 @@ def test_a_crash_costs_one_item_and_an_item_that_does_not_fit_is_skipped_for_the
   assert small['result'] is None and small['stdout_tail'] == 'not json\n'
   assert index['complete'] and index['environment']['device_kind'] == 'Stand-in GPU'
   assert index['environment']['xla_flags'] == os.environ.get('XLA_FLAGS', '')
+  commit = index['environment']['commit']  # None outside a git checkout
+  assert commit is None or re.fullmatch(r'[0-9a-f]{40}(\+changes)?', commit), commit
 
 
 def test_the_index_is_on_disk_before_and_after_every_item(tmp_path):
