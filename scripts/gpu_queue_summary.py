@@ -91,7 +91,7 @@ def _figures(record: dict) -> str:
       with open(os.path.join(record['part'], record['name'], _REPORT)) as f:
         rows = json.load(f)['rows']
       bad = sum('error' in row for row in rows)
-      return f'{len(rows) - bad} rows measured, {bad} did not run (merged report below)'
+      return f'{len(rows) - bad} of {len(rows)} rows measured (the merged report below)'
     if script == 'benchmark.py':
       return (
         f'{r["images_per_sec"]:,.0f} img/s (median step {r["step_ms_median"]} ms), '
