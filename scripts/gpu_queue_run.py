@@ -61,22 +61,26 @@ def _last_json(text: str) -> dict | None:
 
 
 def _end_group(proc: subprocess.Popen) -> None:
-  """Ends the item's process group (its Grain workers, torch.compile's workers too)."""
+  """Ends the item's process group (its Grain workers, torch.compile's workers too): SIGTERM to
+  all of them while the item runs, a grace for them to exit, then SIGKILL to what is left; and
+  returns once none runs, so that the next item starts on a GPU they have let go of."""
   if proc.poll() is None:
     try:
       os.killpg(proc.pid, signal.SIGTERM)
-      proc.wait(_GRACE_S)
-    except subprocess.TimeoutExpired:
-      pass
     except ProcessLookupError:
       pass
-  try:  # what is left of the group: the item itself after the grace, or orphaned workers
+    _wait_group(proc, _GRACE_S)
+  try:  # what is left: the item after the grace, or workers it left behind when it exited
     os.killpg(proc.pid, signal.SIGKILL)
   except ProcessLookupError:
     pass
+  _wait_group(proc, _GRACE_S)
   proc.wait()
-  deadline = time.monotonic() + _GRACE_S  # the next item starts on a GPU they have let go of
-  while _group_alive(proc.pid) and time.monotonic() < deadline:
+
+
+def _wait_group(proc: subprocess.Popen, seconds: float) -> None:
+  deadline = time.monotonic() + seconds
+  while (proc.poll() is None or _group_alive(proc.pid)) and time.monotonic() < deadline:
     time.sleep(0.05)
 
 

@@ -110,11 +110,12 @@ def _spawn(tmp_path, worker_code: str, then: str) -> str:
 
 
 def test_an_item_past_the_budget_is_ended_with_its_workers_and_the_rest_skipped(tmp_path):
-  """SIGTERM to the item's whole process group first (its Grain or torch.compile workers may
-  clean up), SIGKILL after a grace."""
+  """SIGTERM to the item's whole process group first, and a grace until they have all exited (a
+  worker may take a second to clean up), SIGKILL after it."""
   worker = (
     'import signal, sys, time\n'
-    f'def term(*_):\n  open({str(tmp_path / "term")!r}, "w").write("TERM"); sys.exit(0)\n'
+    'def term(*_):\n  time.sleep(1)\n'
+    f'  open({str(tmp_path / "term")!r}, "w").write("TERM"); sys.exit(0)\n'
     'signal.signal(signal.SIGTERM, term)\ntime.sleep(120)\n'
   )
   hang = _spawn(tmp_path, worker, 'time.sleep(120)')
