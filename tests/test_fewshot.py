@@ -168,8 +168,8 @@ def test_a_probe_may_read_a_dataset_of_other_classes(tmp_path):
 def test_evaluate_fewshot_on_the_command_line(tmp_path):
   """The CLI's promise: one JSON line with each shot count's error; bad flags: one error line."""
   workdir = str(tmp_path / 'w')
-  runner.assert_ok(runner.run_main(workdir, config='configs/digits.py:depth=8,steps=2,batch=16'))
-  out = runner.run_evaluate(workdir, '--fewshot', '1,10', '--seeds', '2')
+  train.train_and_evaluate(_config(), workdir, train_iter=ArrayBatches(16))
+  out = runner.run_evaluate(workdir, '--fewshot', '1,10', '--seeds', '2', fast_compile=True)
   assert out['top1_error_10shot'] < out['top1_error_1shot'] <= 1.0
   assert len(out['top1_error_10shot_seeds']) == 2 and out['train_split'] == 'train'
   for args, needle in [
