@@ -35,6 +35,7 @@ from jax.sharding import PartitionSpec as P
 from resnet_jax.data import augment as augment_lib
 from resnet_jax.data.pipeline import prefetched
 from resnet_jax.data.split import damage_named
+from resnet_jax.models.stems import STEM_STRIDES
 from resnet_jax.train_step import batch_sharding, device_batch, metric_sums, replicated
 
 logger = logging.getLogger(__name__)
@@ -46,9 +47,9 @@ def network_stride(model: Any) -> int:
   """Input pixels per pixel of the net's last feature map (32: ImageNet nets, 4: CIFAR nets)."""
   geometry = getattr(model, 'stage_geometry', None)
   stem = getattr(model, 'stem', None)
-  if geometry is None or stem not in ('imagenet', 'cifar'):
+  if geometry is None or stem not in STEM_STRIDES:
     raise ValueError(f'cannot tell the total stride of {type(model).__name__}: pass stride=')
-  return math.prod(s for s, _, _ in geometry()) * (4 if stem == 'imagenet' else 1)
+  return math.prod(s for s, _, _ in geometry()) * STEM_STRIDES[stem]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -113,8 +113,9 @@ def create_model(
   pre-activation bottlenecks (whatever ``preact`` says) strided on the 3x3, projection from the
   pre-activated input in each stage's first unit, GroupNorm (32 groups) + ReLU, weight-standardised
   convs (epsilon 1e-8), stem conv + zero pad + max-pool, final norm + ReLU; widths x the
-  multiplier. ``norm='group'`` / ``weight_standardization=True`` give any net those layers (None:
-  the name's own); a GroupNorm net has no ``batch_stats`` and refuses BatchNorm's options.
+  multiplier. ``norm='group'`` / ``weight_standardization=True`` give any ImageNet-family net those
+  layers (None: the name's own; a CIFAR net's 16 channels do not make 32 groups); a GroupNorm
+  net has no ``batch_stats`` and refuses BatchNorm's options.
   ``zero_init_head``: ``fc``'s kernel starts at zero (BiT's fine-tuning head).
   ``head_dropout_rate``: dropout on the pooled features before ``fc`` in training (timm's
   ``drop_rate``, TF's ``dropout_rate``; ResNet-RS trains with 0.25-0.4); 0: no module, no rng.

@@ -328,6 +328,11 @@ def resolve_norm(
       f'{name} is a Big Transfer net: GroupNorm and weight-standardised convs; norm={norm!r}, '
       f'weight_standardization={weight_standardization!r} contradicts it'
     )
+  if norm == 'group' and spec.family != 'imagenet':  # flax said so only at init, obscurely
+    raise ValueError(
+      f"{name}: GroupNorm's 32 groups need channel counts divisible by 32, and the CIFAR nets' "
+      "stem and first stage have 16; norm='group' is for the ImageNet-family nets"
+    )
   if norm == 'group':
     given = [
       f'{k}={v!r}'

@@ -33,6 +33,9 @@ ModuleDef = Any
 # stem whose max-pool is a 3x3/2 conv + BN + ReLU (timm's replace_stem_pool: ``maxpool.0/.1``)
 # 'bit': Big Transfer's 7x7/2 conv alone (its first unit normalises), zero pad 1, 3x3/2 max-pool
 STEMS = ('imagenet', 'deep', 'cifar', 'deep_conv_pool', 'bit')
+# Input pixels per pixel of each stem's output: every ImageNet stem halves twice (a strided conv,
+# then a max-pool or ResNet-RS's strided conv), the CIFAR stem keeps the size.
+STEM_STRIDES = {'imagenet': 4, 'deep': 4, 'cifar': 1, 'deep_conv_pool': 4, 'bit': 4}
 # The deep stem's modules in the order of timm's nn.Sequential ``conv1``, with their indices there.
 DEEP_STEM_TORCH_INDEX = {
   'stem_conv1': 0,
