@@ -79,6 +79,9 @@ def get_config(arg: str | None = None):
     resize=0,
     bf16=False,
   )
+  for key in ('steps', 'train_examples', 'image_area', 'image_size', 'resize', 'validation_size'):
+    if args[key] < 0:  # steps=-1 would mean "train num_epochs": millions of steps, silently
+      raise ValueError(f"configs/bit.py: {key} must be >= 0 (0: the rule's), got {args[key]}")
   c = base_config()
   c.model.name = args.arch
   c.model.zero_init_head = True
@@ -98,8 +101,9 @@ def get_config(arg: str | None = None):
       train = sources.open_split(c, str(c.data.train_split))
     except ValueError as e:  # DatasetNotFoundError: one line saying how to prepare it
       raise ValueError(
-        f'{e} (configs/bit.py reads the train split for the BiT-HyperRule; or give '
-        'train_examples= and image_area=)'
+        f'{e} (configs/bit.py reads the train split for the BiT-HyperRule while the config is '
+        'built, before --config.data.* overrides apply: give dataset=, data_dir=, train_split= '
+        'as its args; or give train_examples= and image_area=)'
       ) from None
     h, w = train.native_shape[:2]
     n = n or len(train)

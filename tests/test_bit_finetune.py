@@ -114,6 +114,21 @@ def test_overrides_are_free_when_the_rule_read_nothing():
   validation.validate_config(c)
 
 
+@pytest.mark.parametrize('arg', ['steps=-1', 'train_examples=-5', 'image_area=-1', 'resize=-2'])
+def test_negative_counts_are_refused(arg):
+  """steps=-1 became num_train_steps=-1, "train num_epochs": 3.2 million steps, silently."""
+  with pytest.raises(ValueError, match=f'{arg.split("=")[0]} must be >= 0'):
+    bit.get_config(arg)
+
+
+def test_an_unreadable_split_says_to_give_the_data_as_args():
+  """A --config.data.data_dir override comes too late for the rule: the hint says so."""
+  with pytest.raises(
+    ValueError, match='before --config.data.. overrides apply: give dataset=, data_dir='
+  ):
+    bit.get_config('dataset=image_folder')
+
+
 def test_lr_schedule_values_at_the_boundaries():
   c = bit.get_config('train_examples=50000,image_area=1024')
   lr = optim.create_learning_rate_fn(c, 100, c.num_train_steps)
