@@ -209,25 +209,25 @@ def evaluate_workdir(
   trained = runtime.load_trained_model(workdir, overrides, weights=weights)
   experiment = trained.experiment
   config, mesh = experiment.config, experiment.mesh
-  if probe is not None:
-    other = dataset is not None and (dataset != config.data.name or tree)
-    return fewshot.probe_trained(
-      trained,
-      probe,
-      split,
-      dataset if other else None,
-      data_dir if tree else None,
-      precise_bn_batches,
-      weights,
-    )
+  other = dataset is not None and (dataset != config.data.name or tree)
   preprocessor, eval_config = None, config
-  if dataset is not None and (dataset != config.data.name or tree):
+  if other and probe is None:  # a test set of the run's classes (a probe may read other classes)
     preprocessor = data.make_preprocessor(config)  # the run's geometry, on the other images
     eval_config = on_other_dataset(experiment, dataset, split, data_dir if tree else None)
-  split = split or eval_config.data.eval_split
   variables = jax.device_put(trained.variables, replicated(mesh))
   if precise_bn_batches is not None:
     variables = precise_bn.precise_bn_for_experiment(experiment, variables, precise_bn_batches)
+  if probe is not None:
+    result = fewshot.run_probe(
+      experiment,
+      variables,
+      probe,
+      dataset=dataset if other else None,
+      split=split,
+      data_dir=data_dir if tree else None,
+    )
+    return _annotated(result, trained.step, weights, precise_bn_batches)
+  split = split or eval_config.data.eval_split
   label_sets = sources.open_split(eval_config, split).label_sets
   if scales and label_sets:
     raise ValueError(
@@ -263,7 +263,12 @@ def evaluate_workdir(
   if eval_config is not config:
     result['dataset'] = str(eval_config.data.name)
   result['split'] = split
-  result['step'] = int(trained.step)
+  return _annotated(result, trained.step, weights, precise_bn_batches)
+
+
+def _annotated(result: dict, step: Any, weights: str, precise_bn_batches: int | None) -> dict:
+  """`result` with what was evaluated: the checkpoint's step, the weights, precise BN's batches."""
+  result['step'] = int(step)
   if weights != 'model':
     result['weights'] = weights
   if precise_bn_batches is not None:

@@ -31,7 +31,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from resnet_jax import cli, data, precise_bn, runtime
+from resnet_jax import cli, data, runtime
 from resnet_jax.data import sources
 from resnet_jax.train_step import batch_sharding, device_batch, replicated
 
@@ -229,6 +229,8 @@ def run_probe(
   if batch_size:
     config.eval_batch_size = batch_size
   own = config.data.name == experiment.config.data.name and data_dir is None
+  if not probe.train_split:  # the run's own train split for its data, 'train' for another's
+    probe = dataclasses.replace(probe, train_split=str(config.data.train_split) if own else 'train')
   split = split or (str(config.data.eval_split) if own else 'test')
   train_source = sources.open_split(config, probe.train_split)
   test_source = sources.open_split(config, split)
@@ -246,33 +248,6 @@ def run_probe(
   result.update(split=split, train_split=probe.train_split, seeds=probe.seeds, l2_reg=probe.l2_reg)
   if not own:
     result['dataset'] = name
-  return result
-
-
-def probe_trained(
-  trained: runtime.TrainedModel,
-  probe: Probe,
-  split: str | None,
-  dataset: str | None,
-  data_dir: str | None,
-  precise_bn_batches: int | None,
-  weights: str,
-) -> dict[str, Any]:
-  """`evaluate.evaluate_workdir` with a probe of `dataset` (None: the run's own): the weights it
-  restored (EMA, precise BN) probed; `data_dir`: an image tree's root."""
-  experiment = trained.experiment
-  variables = jax.device_put(trained.variables, replicated(experiment.mesh))
-  if precise_bn_batches is not None:
-    variables = precise_bn.precise_bn_for_experiment(experiment, variables, precise_bn_batches)
-  if not probe.train_split:
-    own_split = str(experiment.config.data.train_split)
-    probe = dataclasses.replace(probe, train_split=own_split if dataset is None else 'train')
-  result = run_probe(experiment, variables, probe, dataset=dataset, split=split, data_dir=data_dir)
-  result['step'] = int(trained.step)
-  if weights != 'model':
-    result['weights'] = weights
-  if precise_bn_batches is not None:
-    result['precise_bn_batches'] = int(precise_bn_batches)
   return result
 
 
