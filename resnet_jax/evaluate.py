@@ -17,7 +17,6 @@ also has `real_top1_error` over the images that have a ReaL label, and `real_num
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 from typing import Any, Callable, Sequence
@@ -39,26 +38,6 @@ from resnet_jax.train_step import (
   replicated,
 )
 from resnet_jax.workdir import read_run_config
-
-
-@contextlib.contextmanager
-def _eval_iterator(config, split, crops, preprocessor=None):
-  """This process's batches of the split, closed on exit: no Grain worker outlives a failed eval."""
-  n_dev, n_proc = jax.device_count(), jax.process_count()
-  global_batch = math.ceil(config.eval_batch_size / n_dev) * n_dev
-  it = iter(
-    data.create_eval_iterator(
-      config,
-      split=split,
-      local_batch_size=global_batch // n_proc,
-      process_index=jax.process_index(),
-      process_count=n_proc,
-      crops=crops,
-      preprocessor=preprocessor,
-    )
-  )
-  with contextlib.closing(it):
-    yield it
 
 
 def label_set_sums(probs: jax.Array, label_set: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
@@ -118,7 +97,7 @@ def run_evaluation(
   `preprocessor`: the host's geometry (default: `config.data`'s).
   """
   totals = None
-  with _eval_iterator(config, split, crops, preprocessor) as batches:
+  with runtime.eval_batches(config, split, crops, preprocessor) as batches:
     for local in batches:
       keys = ('image', 'label', 'mask') + (('label_set',) if 'label_set' in local else ())
       sums = eval_step(variables, device_batch(local, mesh, keys))
@@ -312,11 +291,7 @@ def on_other_dataset(
       f'{name} has {source.num_classes} classes and the run was trained on {run.name}, which has '
       f'{run.num_classes}: --dataset needs the same label space ({same})'
     )
-  if source.native_shape[2] != run.image_shape[2]:
-    raise ValueError(
-      f'{name} has {source.native_shape[2]}-channel images and the run was trained on '
-      f'{run.image_shape[2]}-channel ones ({run.name})'
-    )
+  experiment.check_channels(name, source.native_shape[2])
   return config
 
 

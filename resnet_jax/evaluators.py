@@ -217,7 +217,7 @@ def check_sources(schedule: list[Evaluator], experiment: runtime.Experiment) -> 
       config = fewshot.probe_config(experiment, evaluator.dataset)
       data.sources.open_split(config, evaluator.probe.train_split)
       test = data.sources.open_split(config, evaluator.split)
-      fewshot.check_channels(experiment, test, str(config.data.name))
+      experiment.check_channels(str(config.data.name), test.native_shape[2])
       continue
     if evaluator.dataset is None:
       data.sources.open_split(experiment.config, evaluator.split)

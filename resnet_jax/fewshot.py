@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 from typing import Any, Callable
 
 import jax
@@ -156,29 +155,15 @@ def representations(
   preprocessor: Any = None,
 ) -> tuple[np.ndarray, np.ndarray]:
   """(features [N, D], labels [N]) of every example of `split`, in the split's order."""
-  n_dev, n_proc = jax.device_count(), jax.process_count()
-  global_batch = math.ceil(config.eval_batch_size / n_dev) * n_dev
-  batches = data.create_eval_iterator(
-    config,
-    split=split,
-    local_batch_size=global_batch // n_proc,
-    process_index=jax.process_index(),
-    process_count=n_proc,
-    crops=1,
-    preprocessor=preprocessor,
-  )
   feats, labels = [], []
-  it = iter(batches)
-  try:
-    for local in it:
+  with runtime.eval_batches(config, split, 1, preprocessor) as batches:
+    for local in batches:
       out = jax.device_get(
         features_fn(variables, device_batch(local, mesh, ('image', 'label', 'mask')))
       )
       mask = np.asarray(out['mask'], bool)
       feats.append(np.asarray(out['features'])[mask])
       labels.append(np.asarray(out['label'])[mask])
-  finally:
-    getattr(it, 'close', lambda: None)()
   if not feats:
     raise ValueError(f'split {split!r} of {config.data.name} is empty')
   return np.concatenate(feats), np.concatenate(labels).astype(np.int64)
@@ -200,15 +185,6 @@ def probe_config(
   config.data.validation_size = 0
   config.model.num_classes = None  # a numbered image tree indexes no run's classes here
   return config
-
-
-def check_channels(experiment: runtime.Experiment, source: sources.SplitSource, name: str) -> None:
-  channels = source.native_shape[2]
-  if channels != experiment.dataset.image_shape[2]:
-    raise ValueError(
-      f'{name} has {channels}-channel images and the run was trained on '
-      f'{experiment.dataset.image_shape[2]}-channel ones ({experiment.dataset.name})'
-    )
 
 
 def run_probe(
@@ -235,7 +211,7 @@ def run_probe(
   train_source = sources.open_split(config, probe.train_split)
   test_source = sources.open_split(config, split)
   name = str(config.data.name)
-  check_channels(experiment, test_source, name)
+  experiment.check_channels(name, test_source.native_shape[2])
   preprocessor = None if own else data.make_preprocessor(experiment.config)
   fn = features_fn or jit_representation_fn(
     experiment.mesh, experiment.model.apply, experiment.preprocess

@@ -8,10 +8,11 @@ build their model here, from `config.model` (big_vision style: the fields of `co
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
-from typing import Any
+from typing import Any, Iterator
 
 import flax.linen as nn
 import jax
@@ -30,6 +31,29 @@ from resnet_jax.workdir import read_run_config
 logger = logging.getLogger(__name__)
 
 COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+@contextlib.contextmanager
+def eval_batches(
+  config: ml_collections.ConfigDict, split: str | None, crops: int, preprocessor: Any = None
+) -> Iterator[Any]:
+  """This process's batches of `split` at `config.eval_batch_size` rounded up to whole devices,
+  closed on exit: no Grain worker outlives a failed evaluation or probe."""
+  n_dev, n_proc = jax.device_count(), jax.process_count()
+  global_batch = math.ceil(config.eval_batch_size / n_dev) * n_dev
+  it = iter(
+    data.create_eval_iterator(
+      config,
+      split=split,
+      local_batch_size=global_batch // n_proc,
+      process_index=jax.process_index(),
+      process_count=n_proc,
+      crops=crops,
+      preprocessor=preprocessor,
+    )
+  )
+  with contextlib.closing(it):
+    yield it
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int | None = None) -> nn.Module:
@@ -56,6 +80,16 @@ class Experiment:
     """Shapes of {'params', 'batch_stats'}, without allocating them."""
     x = jax.ShapeDtypeStruct((1,) + self.dataset.image_shape, jnp.float32)
     return jax.eval_shape(lambda x: self.model.init(jax.random.key(0), x, train=False), x)
+
+  def check_channels(self, name: str, channels: int) -> None:
+    """Refuses dataset `name`'s `channels`-channel images where the network was trained on
+    another count: its figures would mean nothing (a test set, a few-shot probe)."""
+    run = self.dataset
+    if channels != run.image_shape[2]:
+      raise ValueError(
+        f'{name} has {channels}-channel images and the run was trained on '
+        f'{run.image_shape[2]}-channel ones ({run.name})'
+      )
 
 
 def build_experiment(config: ml_collections.ConfigDict) -> Experiment:

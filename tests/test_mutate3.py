@@ -226,7 +226,7 @@ def test_batches_with_label_sets_reach_the_label_set_step(monkeypatch):
 
   import jax
 
-  from resnet_jax import evaluate
+  from resnet_jax import evaluate, runtime
   from resnet_jax.default_config import load_sibling_config
   from resnet_jax.train_step import create_mesh
   from tests.test_evaluate import CONFIGS, _digits_state
@@ -235,14 +235,14 @@ def test_batches_with_label_sets_reach_the_label_set_step(monkeypatch):
   config.eval_batch_size = 128
   mesh = create_mesh(jax.devices()[:1])
   variables, _, model = _digits_state(mesh)
-  real_iterator = evaluate._eval_iterator
+  real_iterator = runtime.eval_batches
 
   @contextlib.contextmanager
   def with_sets(*args, **kwargs):
     with real_iterator(*args, **kwargs) as batches:
       yield ({**b, 'label_set': np.ones((len(b['label']), 10), bool)} for b in batches)
 
-  monkeypatch.setattr(evaluate, '_eval_iterator', with_sets)
+  monkeypatch.setattr(runtime, 'eval_batches', with_sets)
   as_float = lambda images, rng: images.astype(np.float32)
   step = evaluate.jit_label_set_eval_step(mesh, model.apply, preprocess=as_float)
   result = evaluate.run_evaluation(step, variables, config, mesh, split='test')
