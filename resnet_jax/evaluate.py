@@ -291,6 +291,7 @@ def on_other_dataset(
       f'{name} has {source.num_classes} classes and the run was trained on {run.name}, which has '
       f'{run.num_classes}: --dataset needs the same label space ({same})'
     )
+  experiment.check_class_names(name, source.class_names)
   experiment.check_channels(name, source.native_shape[2])
   return config
 

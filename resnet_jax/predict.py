@@ -15,8 +15,10 @@ floor(224 / 0.95) = 235 with PIL's bicubic, then centre-crops 224, as timm's
 ``transforms_imagenet_eval`` does. BiT's weights (``resnetv2_*_bit``) were trained on inputs
 scaled to [-1, 1] (timm's pretrained configs: mean = std = 0.5, its IMAGENET_INCEPTION_MEAN/STD),
 so those names are normalised that way by default (``--normalize``). Class
-names come from torchvision's metadata when it is installed (read as a file, without importing
-torch), from ``--labels FILE`` (one name per line), or are ``class <i>``.
+names come from ``--labels FILE`` (one name per line), else from a training run's own dataset
+(its ``class_names.json``: a tree's class folders, a TFDS dataset's label names), else, for 1000
+classes, from torchvision's metadata when it is installed (read as a file, without importing
+torch; also for runs on ImageNet, whose names are WordNet ids), else are ``class <i>``.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from resnet_jax.data import views
 from resnet_jax.default_config import base_config
 from resnet_jax.models import layout, parse_name
 from resnet_jax.models.stems import input_conv_name
-from resnet_jax.workdir import CONFIG_FILE, as_path, read_run_config
+from resnet_jax.workdir import CONFIG_FILE, as_path, read_class_names, read_run_config
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -147,8 +149,12 @@ def run_preprocess(workdir: str) -> Callable[[Image.Image], np.ndarray]:
   return preprocess_for_run
 
 
-def class_names(num_classes: int, labels_file: Optional[str] = None) -> list[str]:
-  """Names for the model's classes (see module docstring for the sources, in order)."""
+def class_names(
+  num_classes: int, labels_file: Optional[str] = None, run_names: Optional[list[str]] = None
+) -> list[str]:
+  """Names for the model's classes (see module docstring for the sources, in order).
+  `run_names`: a training run's (its class_names.json); ImageNet's WordNet ids give way to
+  torchvision's words for them, which are in the same (sorted-id) order."""
   if labels_file:
     try:
       with open(labels_file) as f:
@@ -158,6 +164,8 @@ def class_names(num_classes: int, labels_file: Optional[str] = None) -> list[str
     if len(names) != num_classes:
       raise ValueError(f'{labels_file} has {len(names)} names, the model has {num_classes} classes')
     return names
+  if run_names is not None and len(run_names) == num_classes and not _wordnet_ids(run_names):
+    return run_names
   if num_classes == 1000:
     spec = importlib.util.find_spec('torchvision')  # locates the package without importing it
     if spec is not None and spec.submodule_search_locations:
@@ -169,7 +177,14 @@ def class_names(num_classes: int, labels_file: Optional[str] = None) -> list[str
         names = list(getattr(module, '_IMAGENET_CATEGORIES', []))
         if len(names) == 1000:
           return names
+  if run_names is not None and len(run_names) == num_classes:
+    return run_names
   return [f'class {i}' for i in range(num_classes)]
+
+
+def _wordnet_ids(names: list[str]) -> bool:
+  """ImageNet's 1000 WordNet ids ('n01440764', ...), TFDS imagenet2012's and a tree's names."""
+  return len(names) == 1000 and all(len(n) == 9 and n[0] == 'n' and n[1:].isdigit() for n in names)
 
 
 def load_variables(args: argparse.Namespace) -> dict[str, Any]:
@@ -347,7 +362,8 @@ def _classify(
   if mismatch:
     parser.error(f'the weights do not fit {args.arch} with these options: {mismatch}')
 
-  names = class_names(num_classes, args.labels)
+  run_names = read_class_names(args.checkpoint) if is_training_run(args.checkpoint) else None
+  names = class_names(num_classes, args.labels, run_names)
   indices, probs = top5(model, variables, batch)
   for path, idx, prob in zip(args.images, indices, probs):
     if len(args.images) > 1:

@@ -12,7 +12,7 @@ import contextlib
 import dataclasses
 import logging
 import math
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import flax.linen as nn
 import jax
@@ -23,7 +23,9 @@ from etils import epath
 from jax.sharding import Mesh
 
 from resnet_jax import checkpointing, data, optim, pretrained
+from resnet_jax.data import image_folder
 from resnet_jax.data.device_preprocess import make_device_preprocess
+from resnet_jax.data.split import named_classes
 from resnet_jax.models import create_model, layout
 from resnet_jax.train_step import TrainState, abstract_state, create_mesh, init_state
 from resnet_jax.workdir import read_run_config
@@ -90,6 +92,26 @@ class Experiment:
         f'{name} has {channels}-channel images and the run was trained on '
         f'{run.image_shape[2]}-channel ones ({run.name})'
       )
+
+  def check_class_names(self, name: str, class_names: Sequence[str] | None) -> None:
+    """Refuses dataset `name` when its classes and the run's, both named, differ (in name or
+    order): a tree of other classes, or the same classes under other names, would count every
+    right answer wrong, silently. Numbered classes (ImageNet-V2's folders, CIFAR-10-C's labels)
+    index the run's and pass."""
+    names, run = named_classes(class_names), self.dataset
+    if names is None or run.class_names is None or names == run.class_names:
+      return
+    k = next((i for i, (a, b) in enumerate(zip(names, run.class_names)) if a != b), len(names))
+    layout = (
+      "name its class folders as the run's classes are named, or by class index, 0..N-1 "
+      "(ImageNet-V2's layout)"
+      if name == image_folder.NAME
+      else 'evaluate on a test set built for the same classes'
+    )
+    raise ValueError(
+      f'{name} names its classes otherwise than {run.name}, which the run was trained on: class '
+      f'{k} is {names[k]!r} there and {run.class_names[k]!r} in the run: {layout}'
+    )
 
 
 def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
@@ -198,8 +220,39 @@ def _restore_any_layout(
   return restored._replace(state=jax.device_put(state, training.state_sharding))
 
 
-def starting_point(training: Training, checkpointer: checkpointing.Checkpointer) -> StartingPoint:
-  """The newest good checkpoint, or a fresh state (from `config.init_from` weights if set)."""
+def initial_variables(training: Training) -> dict[str, Any] | None:
+  """`config.init_from`'s weights laid over a fresh init (its head re-initialised where the class
+  count differs); None without init_from. CheckpointMismatchError when they do not fit the model:
+  train checks this before it makes a new workdir, so a misfit leaves nothing behind."""
+  experiment = training.experiment
+  config, model = experiment.config, experiment.model
+  if not config.init_from:
+    return None
+  shape = (1,) + experiment.dataset.image_shape
+  fresh = jax.device_get(
+    jax.jit(lambda r: model.init(r, jnp.zeros(shape), train=False))(jax.random.key(config.seed))
+  )
+  given = pretrained.load_model_variables(config.init_from)
+  try:
+    weights = layout.for_model(given, model)
+  except checkpointing.CheckpointMismatchError:
+    raise
+  except ValueError as e:  # another depth: without this the error did not say init_from
+    raise checkpointing.CheckpointMismatchError(
+      f'init_from {config.init_from} does not fit this model: {e}'
+    ) from None
+  variables, reinit = pretrained.merge_pretrained(fresh, weights)
+  logger.info('initialised from %s (re-initialised: %s)', config.init_from, reinit or 'none')
+  return variables
+
+
+def starting_point(
+  training: Training,
+  checkpointer: checkpointing.Checkpointer,
+  initial: dict[str, Any] | None = None,
+) -> StartingPoint:
+  """The newest good checkpoint, or a fresh state (from `config.init_from` weights if set:
+  `initial`, when `initial_variables` already read them)."""
   restored = _restore_any_layout(training, checkpointer)
   if restored is not None:
     logger.info('resuming from %s/%d', checkpointer.directory, restored.step)
@@ -211,23 +264,7 @@ def starting_point(training: Training, checkpointer: checkpointing.Checkpointer)
     )
   experiment = training.experiment
   config, model, mesh = experiment.config, experiment.model, experiment.mesh
-  variables = None
-  if config.init_from:
-    shape = (1,) + experiment.dataset.image_shape
-    fresh = jax.device_get(
-      jax.jit(lambda r: model.init(r, jnp.zeros(shape), train=False))(jax.random.key(config.seed))
-    )
-    given = pretrained.load_model_variables(config.init_from)
-    try:
-      weights = layout.for_model(given, model)
-    except checkpointing.CheckpointMismatchError:
-      raise
-    except ValueError as e:  # another depth: without this the error did not say init_from
-      raise checkpointing.CheckpointMismatchError(
-        f'init_from {config.init_from} does not fit this model: {e}'
-      ) from None
-    variables, reinit = pretrained.merge_pretrained(fresh, weights)
-    logger.info('initialised from %s (re-initialised: %s)', config.init_from, reinit or 'none')
+  variables = initial if initial is not None else initial_variables(training)
   state = init_state(
     model,
     training.optimizer,

@@ -34,6 +34,7 @@ from resnet_jax.train_step import (
 )
 from resnet_jax.validation import ConfigError, profile_window, validate_config
 from resnet_jax.workdir import (
+  CLASS_NAMES_FILE,
   CONFIG_FILE,
   RESULTS_FILE,
   WorkdirLock,
@@ -105,9 +106,14 @@ def _prepare_workdir(
         )
 
 
-def _write_config(workdir: epath.Path, config: ml_collections.ConfigDict) -> None:
+def _write_config(
+  workdir: epath.Path, config: ml_collections.ConfigDict, dataset: data.DatasetInfo
+) -> None:
+  """config.json, and the class names (predict and evaluate name classes without the data)."""
   if jax.process_index() == 0:
     write_json(workdir / CONFIG_FILE, json.loads(config.to_json_best_effort()))
+    if dataset.class_names is not None:
+      write_json(workdir / CLASS_NAMES_FILE, list(dataset.class_names))
 
 
 def _device_batches(iterator, mesh) -> Iterator[tuple[Any, dict[str, jax.Array]]]:
@@ -169,11 +175,12 @@ def train_and_evaluate(
       raise ConfigError(
         f'init_from {config.init_from} is not a directory (a run workdir or converted weights)'
       )
+    initial = runtime.initial_variables(training) if fresh else None  # a misfit: no trace
     _prepare_workdir(workdir, config, lock if jax.process_index() == 0 else None)
     ckpt = checkpointing.Checkpointer(
       workdir, max_to_keep=config.max_to_keep, keep_best=config.keep_best
     )
-    start = runtime.starting_point(training, ckpt)
+    start = runtime.starting_point(training, ckpt, initial)
     if train_iter is None:
       train_iter = data.create_train_iterator(
         config,
@@ -186,7 +193,9 @@ def train_and_evaluate(
     with contextlib.closing(train_iter):
       if start.iterator_state is not None:  # the pipeline refuses another batch size or seed
         train_iter.set_state(start.iterator_state)
-      _write_config(workdir, config)  # only now: a refused run leaves the workdir as it was
+      _write_config(
+        workdir, config, training.experiment.dataset
+      )  # only now: a refused run leaves the workdir as it was
       return _train(
         config, workdir, training, ckpt, start, train_iter, writer, stop, profile, invocation_start
       )

@@ -251,7 +251,8 @@ def validate_data_sizes(data: ml_collections.ConfigDict) -> None:
 def validate_interpolation(data: ml_collections.ConfigDict) -> None:
   """`data.interpolation` is known, and `data.eval_crop_pct` is timm's crop_pct, in (0, 1] (0:
   off), not set beside `data.eval_resize` (both set the eval resize); both are read by the
-  ImageNet crop modes only, so elsewhere they would be silently ignored."""
+  ImageNet crop modes only, so elsewhere they would be silently ignored, as would
+  `data.decoder='opencv'`."""
   from resnet_jax.data import views  # pylint: disable=import-outside-toplevel
 
   interpolation = data.get('interpolation', 'bilinear')
@@ -271,6 +272,11 @@ def validate_interpolation(data: ml_collections.ConfigDict) -> None:
     raise ConfigError(
       f"data.interpolation / data.eval_crop_pct apply to the crop-based augment 'imagenet' or "
       f"'inception', not {data.augment!r}"
+    )
+  if data.get('decoder', 'pil') == 'opencv' and data.augment not in ('imagenet', 'inception'):
+    raise ConfigError(
+      "data.decoder='opencv' decodes the training crops of the crop-based augment 'imagenet' or "
+      f"'inception'; augment {data.augment!r} decodes with PIL: leave data.decoder='pil'"
     )
 
 

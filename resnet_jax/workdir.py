@@ -20,6 +20,7 @@ from resnet_jax.default_config import base_config
 
 CONFIG_FILE = 'config.json'
 RESULTS_FILE = 'results.json'
+CLASS_NAMES_FILE = 'class_names.json'  # what each label of the run names, in label order
 
 
 def as_path(workdir: str | epath.PathLike) -> epath.Path:
@@ -67,6 +68,21 @@ def read_results(workdir: str | epath.PathLike) -> dict[str, Any] | None:
   except (OSError, ValueError):
     return None
   return results if isinstance(results, dict) and {'step', 'eval'} <= results.keys() else None
+
+
+def read_class_names(workdir: str | epath.PathLike) -> list[str] | None:
+  """The names of the run's classes in label order, as training recorded them; None when it
+  recorded none (numbered or synthetic classes, or a run from before the file was written)."""
+  path = as_path(workdir) / CLASS_NAMES_FILE
+  if not path.exists():
+    return None
+  try:
+    names = json.loads(path.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise WorkdirError(f'{path} is not valid JSON ({e}): restore it or delete it') from None
+  if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+    raise WorkdirError(f'{path} is not a list of names: restore it or delete it')
+  return names
 
 
 def read_run_config(workdir: str | epath.PathLike) -> ml_collections.ConfigDict:

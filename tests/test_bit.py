@@ -227,6 +227,9 @@ def test_norm_option_on_any_net():
     ({'stride_on': '1x1'}, "stride_on='1x1'"),
     ({'stem': 'deep'}, "stem='deep'"),
     ({'avg_down': True}, 'avg_down=True'),
+    ({'shortcut': 'A'}, "shortcut='A'"),  # a CIFAR ablation's option: BiT's weights need B
+    ({'shortcut': 'C'}, "shortcut='C'"),
+    ({'residual': False}, 'residual=False contradicts it'),
     ({'groups': 32}, 'groups=1; groups=32 contradicts it'),
     ({'norm': 'layer'}, 'norm must be one of batch, group'),
   ],

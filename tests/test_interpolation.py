@@ -296,6 +296,7 @@ def test_config_fields_reach_the_pipeline_and_old_configs_read_the_defaults():
     ({'data.eval_crop_pct': -0.5}, 'data.eval_crop_pct must be in (0, 1]'),
     ({'data.eval_crop_pct': 0.9, 'data.eval_resize': 10}, 'both set the eval resize'),
     ({'data.interpolation': 'bicubic', 'data.augment': 'none'}, "not 'none'"),
+    ({'data.decoder': 'opencv', 'data.augment': 'bit'}, "augment 'bit' decodes with PIL"),
   ],
 )
 def test_bad_values_are_refused_before_anything_is_written(tmp_path, overrides, needle):

@@ -270,3 +270,16 @@ def test_cifar_paper_recipe_trains_on_the_prepared_python_archive(cifar10, tmp_p
     'cifar',
     '32000,48000',
   )
+
+
+def test_prepared_cifar10_names_its_classes_and_a_run_records_them(cifar10):
+  """TFDS reads CIFAR-10's names from the archive's batches.meta when it prepares it (mock data
+  has none): the run's classes are then named, so evaluate and predict can compare and print
+  them."""
+  import resnet_jax.data as data  # pylint: disable=import-outside-toplevel
+  from tests.runner import data_config  # pylint: disable=import-outside-toplevel
+
+  data_dir, _ = cifar10
+  config = data_config(name='cifar10', data_dir=data_dir, image_size=32, eval_split='test')
+  info = data.get_dataset_info(config)
+  assert info.class_names == tuple(official_archives.CIFAR10_NAMES)

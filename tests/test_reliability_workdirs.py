@@ -95,7 +95,8 @@ def _free_port() -> int:
 
 def test_init_from_weights_of_another_depth_names_init_from(tmp_path):
   """ResNet-8 weights into a ResNet-14 run failed with 'stage 1 has 1 blocks in the tree but the
-  model has stage sizes (2, 2, 2)': nothing said that init_from was the problem."""
+  model has stage sizes (2, 2, 2)': nothing said that init_from was the problem. The refusal
+  leaves no trace: the new workdir was left with a `.lock` and an empty checkpoints/."""
   small = runtime.build_model(_digits_config(8), num_classes=10)
   variables = jax.device_get(small.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), train=False))
   pretrained.save_model_variables(tmp_path / 'r8', variables)
@@ -103,6 +104,11 @@ def test_init_from_weights_of_another_depth_names_init_from(tmp_path):
   config.init_from = str(tmp_path / 'r8')
   with pytest.raises(ValueError, match=r'init_from .*r8 does not fit this model: stage 1 has 1'):
     train.train_and_evaluate(config, str(tmp_path / 'ft'))
+  assert not (tmp_path / 'ft').exists()
+  (tmp_path / 'kept').mkdir()  # a workdir made by hand beforehand stays as it was: empty
+  with pytest.raises(ValueError, match=r'init_from .*r8 does not fit this model'):
+    train.train_and_evaluate(config, str(tmp_path / 'kept'))
+  assert os.listdir(tmp_path / 'kept') == []
 
 
 def _digits_config(depth: int):

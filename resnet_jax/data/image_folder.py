@@ -383,6 +383,7 @@ def open_split(
     (None, None, 3),  # decoded to RGB, as torchvision's loader does (greyscale, CMYK, RGBA)
     encoded=True,
     cache_dir=_stats_dir(root, train_split),
+    class_names=tuple(train_classes),
   )
 
 

@@ -23,7 +23,7 @@ from resnet_jax.data import augment as augment_lib
 from resnet_jax.data import shared_memory, sources
 from resnet_jax.data import stats as stats_lib
 from resnet_jax.data import workers as worker_processes
-from resnet_jax.data.split import damage_named
+from resnet_jax.data.split import damage_named, named_classes
 
 NORMALIZATIONS = ('per_pixel_mean', 'mean_std', 'scale', 'inception')
 _SYNTHETIC_STATS_EXAMPLES = 256
@@ -39,6 +39,8 @@ class DatasetInfo:
   num_train_examples: int
   num_eval_examples: int
   eval_split: str
+  # what each label names (`split.named_classes`): descriptive, so not part of equality
+  class_names: tuple[str, ...] | None = dataclasses.field(default=None, compare=False)
 
 
 def _image_size(config: ml_collections.ConfigDict, source: sources.SplitSource) -> int:
@@ -65,6 +67,7 @@ def get_dataset_info(config: ml_collections.ConfigDict) -> DatasetInfo:
     len(train),
     len(evaluation),
     eval_split,
+    named_classes(train.class_names),
   )
 
 

@@ -282,6 +282,7 @@ def _tfds_split(name: str, data_dir: str | None, split: str) -> SplitSource:
     encoded=skip,
     cache_dir=directory,
     label_sets=label_set_key is not None,
+    class_names=tuple(features[label_key].names),
   )
 
 

@@ -30,9 +30,21 @@ class SplitSource:
   cache_dir: str | None = None  # where derived data (normalisation statistics) may be cached
   # Records also hold 'label_set': every label judged right for the image (ReaL, below)
   label_sets: bool = False
+  # The name of each label (TFDS's ClassLabel names, a tree's class folders); None when the
+  # labels are bare indices (numbered folders, synthetic data): see `named_classes`
+  class_names: tuple[str, ...] | None = None
 
   def __len__(self) -> int:
     return len(self.records)
+
+
+def named_classes(names: Sequence[str] | None) -> tuple[str, ...] | None:
+  """`names` when they name the classes; None when they only number them ('0', '1', ... as TFDS
+  writes for a ClassLabel given a count, e.g. digits, MNIST, CIFAR-10-C): numbers say nothing
+  about what a class is, so two label spaces can only be compared by name when both have names."""
+  if names is None or list(names) == [str(i) for i in range(len(names))]:
+    return None
+  return tuple(names)
 
 
 # What reading or decoding a damaged image file raises (PIL: OSError 'broken data stream',

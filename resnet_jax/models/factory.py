@@ -149,10 +149,12 @@ def create_model(
     frozen_bn=frozen_bn,
     frozen_bn_affine=frozen_bn_affine,
   )
-  if bit and (stride_on != '3x3' or deep_stem or avg_down):
+  if bit and (stride_on != '3x3' or deep_stem or avg_down or shortcut != 'B' or not residual):
     raise ValueError(
-      f"{name} (timm's BiT) strides its 3x3 convs and has the 7x7 stem and strided projections: "
-      f'stride_on={stride_on!r}, stem={stem!r}, avg_down={avg_down!r} contradicts it'
+      f"{name} (timm's BiT) strides its 3x3 convs and has the 7x7 stem, residual blocks and "
+      "strided projections where the shape changes (shortcut 'B'): "
+      f'stride_on={stride_on!r}, stem={stem!r}, avg_down={avg_down!r}, shortcut={shortcut!r}, '
+      f'residual={residual} contradicts it'
     )
   if not 0.0 <= dropout_rate < 1.0:
     raise ValueError(f'dropout_rate must be in [0, 1), got {dropout_rate!r}')

@@ -1,0 +1,132 @@
+"""What a run's classes are called (a tree's class folders, a TFDS dataset's label names), and
+what that protects: a test set is scored by a run only when its classes are the run's, by name
+wherever both name them, and `predict` prints the run's names."""
+
+import json
+import os
+import shutil
+import types
+
+import numpy as np
+import pytest
+
+import resnet_jax.data as data
+from resnet_jax import evaluate, predict, runtime, train
+from resnet_jax.data import image_folder, sources
+from resnet_jax.data.split import named_classes
+from resnet_jax.workdir import CLASS_NAMES_FILE, WorkdirError, read_class_names
+from tests.runner import data_config
+from tests.test_image_folder import (  # cache, tree: the fixtures (the user cache here, a tree)
+  _photos,
+  _save,
+  cache,  # noqa: F401
+  folder_config,
+  tree,  # noqa: F401
+)
+
+CIFAR10 = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
+
+
+def test_numbers_are_not_names():
+  """TFDS names a ClassLabel given only a count '0', '1', ... (digits, MNIST, CIFAR-10-C): that
+  says nothing about what the classes are, so such labels are compared by index only."""
+  assert named_classes(['0', '1', '2']) is None and named_classes(None) is None
+  assert named_classes(['cat', 'dog']) == ('cat', 'dog')
+  assert named_classes(['0', '1', '10', '2']) == ('0', '1', '10', '2')  # folders sorted as text
+
+
+def test_sources_carry_the_names_of_their_labels(tree):
+  """A tree's labels are its train split's sorted class folders, in every split (val holds two
+  of the three); digits' are numbers, so none (a prepared CIFAR-10's: test_real_datasets.py)."""
+  for split in ('train', 'val'):
+    source = sources.open_split(folder_config(tree), split)
+    assert source.class_names == ('n01', 'n02', 'n10')
+  assert data.get_dataset_info(folder_config(tree)).class_names == ('n01', 'n02', 'n10')
+  digits = data.get_dataset_info(data_config(name='digits', image_size=8, eval_split='test'))
+  assert digits.class_names is None
+
+
+STL10 = ('airplane', 'bird', 'car', 'cat', 'deer', 'dog', 'horse', 'monkey', 'ship', 'truck')
+
+
+def _run(class_names):
+  """What `check_class_names` reads of an Experiment: the run's dataset."""
+  info = data.DatasetInfo('cifar10', 10, (32, 32, 3), 1, 1, 'test', class_names)
+  return types.SimpleNamespace(dataset=info)
+
+
+@pytest.mark.parametrize(
+  'given, run_names, refused',
+  [
+    (STL10, CIFAR10, "class 1 is 'bird' there and 'automobile' in the run"),
+    (CIFAR10[::-1], CIFAR10, "class 0 is 'truck' there and 'airplane' in the run"),  # the order
+    (CIFAR10, CIFAR10, None),
+    (tuple(map(str, range(10))), CIFAR10, None),  # CIFAR-10-C's labels: indices of the run's
+    (CIFAR10, None, None),  # a run on digits or synthetic data: nothing to compare
+  ],
+)
+def test_a_test_set_with_other_class_names_is_refused(given, run_names, refused):
+  """STL-10 has CIFAR-10's count and channels but not its classes: scored by a CIFAR-10 run, its
+  'bird' images would be judged against the run's 'automobile'. Named classes must match."""
+  check = runtime.Experiment.check_class_names
+  if refused is None:
+    check(_run(run_names), 'stl10', given)
+    return
+  with pytest.raises(ValueError) as e:
+    check(_run(run_names), 'stl10', given)
+  assert refused in str(e.value) and 'a test set built for the same classes' in str(e.value)
+
+
+def test_a_tree_run_records_its_names_and_refuses_another_tree_s(tree, tmp_path, capsys):
+  """The run writes class_names.json; `evaluate --dataset image_folder` on a tree whose classes
+  have the run's count but other names is refused (it scored them by position, silently); the
+  same names pass; `predict --checkpoint RUN` prints the folder names, not 'class 1'."""
+  config = folder_config(tree)
+  config.model.name, config.batch_size, config.eval_batch_size = 'resnet8', 4, 4
+  config.num_train_steps, config.progress_bar, config.data.eval_crops = 1, False, 1
+  run = str(tmp_path / 'run')
+  train.train_and_evaluate(config, run)
+  assert read_class_names(run) == ['n01', 'n02', 'n10']
+
+  other = tmp_path / 'other'
+  for name, folder in (('n01', 'cat'), ('n02', 'dog'), ('n10', 'fox')):
+    shutil.copytree(os.path.join(tree, 'train', name), other / 'train' / folder)
+  with pytest.raises(ValueError) as e:
+    evaluate.evaluate_workdir(run, split='train', dataset='image_folder', data_dir=str(other))
+  assert "class 0 is 'cat' there and 'n01' in the run" in str(e.value)
+  assert "name its class folders as the run's classes are named, or by class index" in str(e.value)
+  for name, folder in (('n01', 'cat'), ('n02', 'dog'), ('n10', 'fox')):
+    os.rename(other / 'train' / folder, other / 'train' / name)
+  image_folder._MEMORY.clear()  # pylint: disable=protected-access
+  same = evaluate.evaluate_workdir(run, split='train', dataset='image_folder', data_dir=str(other))
+  own = evaluate.evaluate_workdir(run, split='train')
+  assert same['top1_error'] == own['top1_error'] and np.isclose(same['loss'], own['loss'])
+
+  photo = tmp_path / 'photo.png'
+  _save(str(photo), _photos()[0], 'PNG')
+  predict.main(['--arch', 'resnet8', '--checkpoint', run, str(photo)])
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert len(lines) == 3 and sorted(line.split()[1] for line in lines) == ['n01', 'n02', 'n10']
+  assert {line.split()[2] for line in lines} == {'(0)', '(1)', '(2)'}
+  for line in lines:  # each name beside its own index
+    assert ['n01', 'n02', 'n10'][int(line.split()[2].strip('()'))] == line.split()[1]
+
+
+def test_predict_names_come_from_labels_then_the_run_then_imagenet(tmp_path):
+  """--labels wins; a run's names next, except ImageNet's WordNet ids, for which torchvision's
+  words (same sorted-id order) read better; a damaged class_names.json is one clear error."""
+  assert predict.class_names(3, None, ['a', 'b', 'c']) == ['a', 'b', 'c']
+  labels = tmp_path / 'labels.txt'
+  labels.write_text('x\ny\nz\n')
+  assert predict.class_names(3, str(labels), ['a', 'b', 'c']) == ['x', 'y', 'z']
+  wnids = [f'n{i:08d}' for i in range(1000)]
+  imagenet = predict.class_names(1000, None, wnids)
+  torchvision = predict.class_names(1000)
+  assert imagenet == (torchvision if torchvision[0] != 'class 0' else wnids)
+  assert predict.class_names(2, None, None) == ['class 0', 'class 1']
+  (tmp_path / CLASS_NAMES_FILE).write_text('["a", ')
+  with pytest.raises(WorkdirError, match='class_names.json is not valid JSON'):
+    read_class_names(tmp_path)
+  (tmp_path / CLASS_NAMES_FILE).write_text(json.dumps({'a': 1}))
+  with pytest.raises(WorkdirError, match='is not a list of names'):
+    read_class_names(tmp_path)
