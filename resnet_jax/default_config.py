@@ -94,7 +94,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.num_eval_examples = (
     32  # only used by 'synthetic' (random data: eval only exercises the path)
   )
-  c.data.channels = 3  # only used by 'synthetic'
+  # 'synthetic': its images' channels; 'image_folder': files read as 1 (greyscale) or 3 (RGB)
+  c.data.channels = 3
   c.data.augment = 'none'  # 'none' | 'cifar' | 'translate' | 'imagenet' | 'inception' | 'bit'
   # 'bit' (BiT's fine-tuning): the whole image resized to this square, then a random image_size
   # crop and flip; evaluation resizes straight to image_size. 0: image_size (flip only)

@@ -270,13 +270,9 @@ def on_other_dataset(
   A test set built to match another (CIFAR-10.1, ImageNet-V2) measures how the run generalises;
   one with other classes or channels would give a number that means nothing, so it is refused.
   """
-  config = experiment.config.copy_and_resolve_references()
-  config.data.name = name
-  if data_dir is not None:
-    config.data.data_dir = data_dir
+  config = experiment.config_reading(name, data_dir)
   if name == image_folder.NAME:  # a numbered split alone (ImageNet-V2) indexes the run's classes
     config.model.num_classes = experiment.dataset.num_classes
-  config.data.validation_size = 0  # the run's held-out images are carved from its own dataset
   config.data.eval_split = split or default_split(name)
   source = sources.open_split(config, config.data.eval_split)
   run = experiment.dataset

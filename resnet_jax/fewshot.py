@@ -176,13 +176,9 @@ def probe_config(
 
   Unlike another test set (`evaluate.on_other_dataset`) the classes may differ: the probe learns
   its own classifier. The channels must match what the network was trained on."""
-  config = experiment.config.copy_and_resolve_references()
-  if name is None or (name == config.data.name and data_dir is None):
-    return config
-  config.data.name = name
-  if data_dir is not None:
-    config.data.data_dir = data_dir
-  config.data.validation_size = 0
+  if name is None or (name == experiment.config.data.name and data_dir is None):
+    return experiment.config.copy_and_resolve_references()
+  config = experiment.config_reading(name, data_dir)
   config.model.num_classes = None  # a numbered image tree indexes no run's classes here
   return config
 

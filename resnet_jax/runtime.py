@@ -93,6 +93,19 @@ class Experiment:
         f'{run.image_shape[2]}-channel ones ({run.name})'
       )
 
+  def config_reading(self, name: str, data_dir: str | None = None) -> ml_collections.ConfigDict:
+    """The run's config reading dataset `name` (at `data_dir`, when given) through the run's
+    own evaluation input: no held-out images (they are carved from the run's own data), and an
+    image tree read in the channels the network was trained on (a tree has no count of its own)."""
+    config = self.config.copy_and_resolve_references()
+    config.data.name = name
+    if data_dir is not None:
+      config.data.data_dir = data_dir
+    config.data.validation_size = 0
+    if name == image_folder.NAME:
+      config.data.channels = self.dataset.image_shape[2]
+    return config
+
   def check_class_names(self, name: str, class_names: Sequence[str] | None) -> None:
     """Refuses dataset `name` when its classes and the run's, both named, differ (in name or
     order): a tree of other classes, or the same classes under other names, would count every

@@ -291,7 +291,7 @@ def _numeral_labels(
 
 
 def _split_only(
-  root: str, split: str, train_split: str, num_classes: int | None
+  root: str, split: str, train_split: str, num_classes: int | None, channels: int
 ) -> SplitSource | None:
   """A split with no train split beside it whose class directories are all numbered (ImageNet-V2
   extracted alone, to evaluate a run trained elsewhere): directory k is class k of the
@@ -309,7 +309,7 @@ def _split_only(
   of_what = f"of the model's {num_classes} classes"
   labels, n = _numeral_labels(classes, num_classes, split, root, of_what)
   records = FolderRecords(split_dir, classes, index, labels[index['labels']])
-  return SplitSource(records, n, (None, None, 3), encoded=True, cache_dir=None)
+  return SplitSource(records, n, (None, None, channels), encoded=True, cache_dir=None)
 
 
 def open_split(
@@ -318,6 +318,7 @@ def open_split(
   train_split: str,
   hint_flag: str = '--config.data.eval_split',
   num_classes: int | None = None,
+  channels: int = 3,
 ) -> SplitSource:
   """One split of the tree at `data_dir`, labelled by the train split's classes.
 
@@ -328,7 +329,8 @@ def open_split(
   '0', '1', '10', '100', ..., and mislabels them.) A split whose train split is absent is read
   only if its directories are numbered: directory k is class k of the model's `num_classes`
   (`config.model.num_classes`, which `evaluate --dataset` sets to the run's), or, unknown, of
-  0..N-1 with all N present.
+  0..N-1 with all N present. Every file is read as `channels` channels: 3 (RGB, as torchvision's
+  loader converts greyscale, CMYK and RGBA files) or 1 (greyscale, for trees of X-rays or digits).
   """
   if not data_dir:
     raise _not_found(
@@ -344,7 +346,9 @@ def open_split(
   is_train = split == train_split
   if not is_train:  # the split asked for first: `evaluate --split` may name a split alone
     _split_dir(root, split, hint_flag, train_split)
-  alone = _split_only(root, split, train_split, num_classes)
+  if channels not in (1, 3):
+    raise ValueError(f'config.data.channels={channels}: image folders are read as 1 or 3 channels')
+  alone = _split_only(root, split, train_split, num_classes, channels)
   if alone is not None:
     return alone
   if not is_train and not os.path.isdir(os.path.join(root, train_split)):
@@ -380,19 +384,20 @@ def open_split(
   return SplitSource(
     records,
     len(train_classes),
-    (None, None, 3),  # decoded to RGB, as torchvision's loader does (greyscale, CMYK, RGBA)
+    (None, None, channels),  # every file converted, as torchvision's loader does to RGB
     encoded=True,
-    cache_dir=_stats_dir(root, train_split),
+    cache_dir=_stats_dir(root, train_split, channels),
     class_names=tuple(train_classes),
   )
 
 
-def _stats_dir(root: str, train_split: str) -> str | None:
+def _stats_dir(root: str, train_split: str, channels: int = 3) -> str | None:
   """A cache directory for the statistics of this tree's train split, keyed by the tree's real
-  path and its file list (so a changed tree gets new statistics); None if it cannot be made."""
+  path and its file list (so a changed tree gets new statistics) and, read as greyscale, by that;
+  None if it cannot be made."""
   real = os.path.realpath(os.path.join(root, train_split))
   index = _MEMORY.get(real) or _cached_scan(real)
-  key = _digest(real, index['files'])
+  key = _digest(real, index['files'], *(() if channels == 3 else (f'channels={channels}',)))
   directory = os.path.join(cache_root(), NAME, f'stats-{key}')
   try:
     os.makedirs(directory, exist_ok=True)

@@ -325,7 +325,13 @@ def open_split(config: ml_collections.ConfigDict, split: str) -> SplitSource:
     def read(which: str) -> SplitSource:
       # the model's class count: a numbered split alone (ImageNet-V2) has its labels in it
       classes = config.model.get('num_classes') if 'model' in config else None
-      return image_folder.open_split(data_dir, which, train_split, num_classes=classes or None)
+      return image_folder.open_split(
+        data_dir,
+        which,
+        train_split,
+        num_classes=classes or None,
+        channels=int(data.get('channels', 3)),
+      )
   else:
 
     def read(which: str) -> SplitSource:
