@@ -24,6 +24,7 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from jax.sharding import Mesh
 
 from resnet_jax import cli, data, fewshot, multiscale, precise_bn, runtime
@@ -189,10 +190,10 @@ def evaluate_workdir(
   experiment = trained.experiment
   config, mesh = experiment.config, experiment.mesh
   other = dataset is not None and (dataset != config.data.name or tree)
-  preprocessor, eval_config = None, config
+  preprocessor, eval_config, columns = None, config, None
   if other and probe is None:  # a test set of the run's classes (a probe may read other classes)
     preprocessor = data.make_preprocessor(config)  # the run's geometry, on the other images
-    eval_config = on_other_dataset(experiment, dataset, split, data_dir if tree else None)
+    eval_config, columns = on_other_dataset(experiment, dataset, split, data_dir if tree else None)
   variables = jax.device_put(trained.variables, replicated(mesh))
   if precise_bn_batches is not None:
     variables = precise_bn.precise_bn_for_experiment(experiment, variables, precise_bn_batches)
@@ -213,9 +214,10 @@ def evaluate_workdir(
       f'--scales is not supported on {eval_config.data.name} (its ReaL label sets are counted by '
       'the 1/2/10-crop evaluation only): leave --scales out'
     )
+  apply_fn = scored_on(experiment.model.apply, columns)
   if scales:
     result = run_multiscale_evaluation(
-      experiment.model.apply,
+      apply_fn,
       variables,
       eval_config,
       mesh,
@@ -229,7 +231,7 @@ def evaluate_workdir(
     result['scales'] = scales
   else:
     make_step = jit_label_set_eval_step if label_sets else jit_eval_step
-    eval_step = make_step(mesh, experiment.model.apply, preprocess=experiment.preprocess)
+    eval_step = make_step(mesh, apply_fn, preprocess=experiment.preprocess)
     result = run_evaluation(
       eval_step,
       variables,
@@ -241,6 +243,8 @@ def evaluate_workdir(
     )
   if eval_config is not config:
     result['dataset'] = str(eval_config.data.name)
+  if columns is not None:
+    result['classes_scored'] = len(columns)
   result['split'] = split
   return _annotated(result, trained.step, weights, precise_bn_batches)
 
@@ -263,12 +267,14 @@ def default_split(name: str) -> str:
 
 def on_other_dataset(
   experiment: runtime.Experiment, name: str, split: str | None, data_dir: str | None = None
-) -> ml_collections.ConfigDict:
+) -> tuple[ml_collections.ConfigDict, tuple[int, ...] | None]:
   """The run's config reading `split` (default 'test') of dataset `name` (at `data_dir`, when
-  given), its labels checked.
+  given), its labels checked; and the run's classes it is scored on (None: all of them).
 
   A test set built to match another (CIFAR-10.1, ImageNet-V2) measures how the run generalises;
-  one with other classes or channels would give a number that means nothing, so it is refused.
+  one named with a subset of the run's classes (ImageNet-A/R: 200 of ImageNet's) is scored on
+  those classes' logits (`scored_on`); one with other classes or channels would give a number
+  that means nothing, so it is refused.
   """
   config = experiment.config_reading(name, data_dir)
   if name == image_folder.NAME:  # a numbered split alone (ImageNet-V2) indexes the run's classes
@@ -276,20 +282,39 @@ def on_other_dataset(
   config.data.eval_split = split or default_split(name)
   source = sources.open_split(config, config.data.eval_split)
   run = experiment.dataset
+  columns = None
   if source.num_classes != run.num_classes:
-    same = (
-      f"a tree: class folders 0..{run.num_classes - 1} as ImageNet-V2's, or a train split "
-      f'of {run.num_classes} class folders'
-      if name == image_folder.NAME
-      else 'e.g. cifar10_1 for cifar10, imagenet_v2 for imagenet2012'
-    )
-    raise ValueError(
-      f'{name} has {source.num_classes} classes and the run was trained on {run.name}, which has '
-      f'{run.num_classes}: --dataset needs the same label space ({same})'
-    )
-  experiment.check_class_names(name, source.class_names)
+    columns = experiment.class_columns(source.class_names)
+    if columns is None:
+      same = (
+        f"a tree: class folders 0..{run.num_classes - 1} as ImageNet-V2's, or named as the "
+        "run's classes"
+        if name == image_folder.NAME
+        else 'e.g. cifar10_1 for cifar10, imagenet_v2 for imagenet2012'
+      )
+      raise ValueError(
+        f'{name} has {source.num_classes} classes and the run was trained on {run.name}, which '
+        f'has {run.num_classes}: --dataset needs the same label space, or a subset of its '
+        f"classes by name as ImageNet-A/R's ({same})"
+      )
+  else:
+    experiment.check_class_names(name, source.class_names)
   experiment.check_channels(name, source.native_shape[2])
-  return config
+  return config, columns
+
+
+def scored_on(apply_fn: Callable, columns: tuple[int, ...] | None) -> Callable:
+  """`apply_fn` keeping the logits of `columns` only: softmax, loss and top-1/top-5 of a test set
+  of a subset of the run's classes are then over those classes (Hendrycks et al.'s ImageNet-A/R
+  protocol), its label k meaning the run's class columns[k]."""
+  if columns is None:
+    return apply_fn
+  keep = np.asarray(columns, np.int32)
+
+  def apply(variables: Any, *args: Any, **kwargs: Any) -> jax.Array:
+    return apply_fn(variables, *args, **kwargs)[..., keep]
+
+  return apply
 
 
 def _scales(text: str) -> list[int]:

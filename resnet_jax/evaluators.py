@@ -46,6 +46,7 @@ from resnet_jax.evaluate import (
   on_other_dataset,
   run_evaluation,
   run_multiscale_evaluation,
+  scored_on,
 )
 from resnet_jax.train_step import jit_eval_step, model_variables
 from resnet_jax.validation import ConfigError
@@ -222,7 +223,7 @@ def check_sources(schedule: list[Evaluator], experiment: runtime.Experiment) -> 
     if evaluator.dataset is None:
       data.sources.open_split(experiment.config, evaluator.split)
       continue
-    config = on_other_dataset(experiment, evaluator.dataset, evaluator.split)
+    config, _ = on_other_dataset(experiment, evaluator.dataset, evaluator.split)
     if evaluator.scales and data.sources.open_split(config, evaluator.split).label_sets:
       raise ConfigError(
         f'evals.{evaluator.name}: scales are not supported on {evaluator.dataset} (its label '
@@ -239,7 +240,9 @@ class EvalRunner:
       experiment.mesh, experiment.model.apply, preprocess=experiment.preprocess
     )
     self._label_set_step = None  # built for the first dataset with label sets (ReaL)
-    self._configs: dict[tuple[int, str | None, str], ml_collections.ConfigDict] = {}
+    # (batch size, dataset, split) -> (config, the run's classes scored: None for all)
+    self._configs: dict[tuple[int, str | None, str], tuple[ml_collections.ConfigDict, Any]] = {}
+    self._subset_steps: dict[tuple[int, ...], Any] = {}  # eval steps of subsets (ImageNet-A/R)
     self._preprocessor = None  # the run's host geometry, for another dataset's images
     self._features_fn = None  # the few-shot probes' representation step
 
@@ -261,8 +264,14 @@ class EvalRunner:
         batch_size=evaluator.batch_size,
         features_fn=self._features_fn,
       )
-    config = self._config(evaluator.batch_size, evaluator.dataset, evaluator.split)
+    config, columns = self._config(evaluator.batch_size, evaluator.dataset, evaluator.split)
     preprocessor, step = None, self._eval_step
+    apply_fn = scored_on(experiment.model.apply, columns)
+    if columns is not None and columns not in self._subset_steps:
+      self._subset_steps[columns] = jit_eval_step(
+        experiment.mesh, apply_fn, preprocess=experiment.preprocess
+      )
+    step = self._subset_steps.get(columns, step)
     if evaluator.dataset is not None:
       if self._preprocessor is None:
         self._preprocessor = data.make_preprocessor(experiment.config)
@@ -275,7 +284,7 @@ class EvalRunner:
         step = self._label_set_step
     if evaluator.scales:
       return run_multiscale_evaluation(
-        experiment.model.apply,
+        apply_fn,
         variables,
         config,
         experiment.mesh,
@@ -296,21 +305,23 @@ class EvalRunner:
       preprocessor=preprocessor,
     )
 
-  def _config(self, batch_size: int, dataset: str | None, split: str) -> ml_collections.ConfigDict:
+  def _config(
+    self, batch_size: int, dataset: str | None, split: str
+  ) -> tuple[ml_collections.ConfigDict, tuple[int, ...] | None]:
     """The run's config with this eval batch size (the pipelines read it from the config),
-    reading `dataset` (another test set) when given."""
+    reading `dataset` (another test set) when given, and the run's classes it is scored on."""
     config = self._experiment.config
     if batch_size == config.eval_batch_size and dataset is None:
-      return config
+      return config, None
     key = (batch_size, dataset, split)
     if key not in self._configs:
-      copy = (
+      copy, columns = (
         on_other_dataset(self._experiment, dataset, split)
         if dataset is not None
-        else ml_collections.ConfigDict(config.to_dict())
+        else (ml_collections.ConfigDict(config.to_dict()), None)
       )
       copy.eval_batch_size = batch_size
-      self._configs[key] = copy
+      self._configs[key] = (copy, columns)
     return self._configs[key]
 
 

@@ -106,6 +106,18 @@ class Experiment:
       config.data.channels = self.dataset.image_shape[2]
     return config
 
+  def class_columns(self, class_names: Sequence[str] | None) -> tuple[int, ...] | None:
+    """The run's index of each of dataset's classes when they are fewer and all among the run's
+    by name (ImageNet-A's and -R's 200 WordNet ids among ImageNet's 1000), else None: such a test
+    set is scored on those classes' logits only, as Hendrycks et al. score ImageNet-A/R."""
+    names, run = named_classes(class_names), self.dataset.class_names
+    if names is None or run is None or len(names) >= len(run) or len(set(names)) < len(names):
+      return None
+    index = {name: i for i, name in enumerate(run)}
+    if not all(name in index for name in names):
+      return None
+    return tuple(index[name] for name in names)
+
   def check_class_names(self, name: str, class_names: Sequence[str] | None) -> None:
     """Refuses dataset `name` when its classes and the run's, both named, differ (in name or
     order): a tree of other classes, or the same classes under other names, would count every

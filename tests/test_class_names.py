@@ -7,8 +7,10 @@ import os
 import shutil
 import types
 
+import jax
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
 import resnet_jax.data as data
 from resnet_jax import evaluate, predict, runtime, train
@@ -130,3 +132,99 @@ def test_predict_names_come_from_labels_then_the_run_then_imagenet(tmp_path):
   (tmp_path / CLASS_NAMES_FILE).write_text(json.dumps({'a': 1}))
   with pytest.raises(WorkdirError, match='is not a list of names'):
     read_class_names(tmp_path)
+
+
+def test_a_subset_of_the_run_s_classes_maps_by_name():
+  """ImageNet-A/R hold 200 of ImageNet's 1000 classes, named by WordNet id: each maps to the
+  run's column of that name. Anything else (other names, as many classes, numbers, a name twice)
+  is no subset and stays refused."""
+  run = _run(CIFAR10)
+  columns = runtime.Experiment.class_columns
+  assert columns(run, ('truck', 'bird', 'cat')) == (9, 2, 3)
+  assert columns(run, ('truck', 'unicorn')) is None
+  assert columns(run, CIFAR10) is None  # the same count: compared by check_class_names instead
+  assert columns(run, ('0', '1')) is None and columns(_run(None), ('cat',)) is None
+  assert columns(run, ('cat', 'cat')) is None
+
+
+def test_scored_on_keeps_the_subset_s_logits():
+  """Hendrycks et al.'s protocol: softmax, loss and top-k over the subset's logits only, label k
+  of the test set meaning the run's class columns[k]."""
+  from resnet_jax.train_step import metric_sums
+
+  logits = np.log(np.asarray([[0.1, 0.6, 0.3], [0.5, 0.2, 0.3]], np.float32))
+  apply = evaluate.scored_on(lambda v, x, train: logits, (2, 0))
+  np.testing.assert_allclose(apply(None, None, train=False), logits[:, [2, 0]])
+  assert evaluate.scored_on(len, None) is len
+  probs = jax.nn.softmax(apply(None, None, train=False))
+  sums = metric_sums(probs, np.asarray([0, 0]), np.asarray([True, True]))
+  # image 0: 0.3 vs 0.1 -> column 2 (label 0) right; image 1: 0.3 vs 0.5 -> column 0 (label 1)
+  assert float(sums['top1_errors']) == 1.0 and float(sums['top5_errors']) == 0.0
+  np.testing.assert_allclose(float(sums['loss']), -np.log(0.75) - np.log(0.3 / 0.8), rtol=1e-5)
+
+
+def test_a_run_is_scored_on_a_tree_of_a_subset_of_its_classes(tree, tmp_path):
+  """`evaluate --dataset image_folder --data-dir A --split imagenet-a`: a tree of two of the run's
+  three classes, alone, named as the run's: scored on those two classes' logits (was refused:
+  another class count). The figures are those of the model's own logits restricted by hand."""
+  from resnet_jax.data import views
+
+  config = folder_config(tree)
+  config.model.name, config.batch_size, config.eval_batch_size = 'resnet8', 4, 4
+  config.num_train_steps, config.progress_bar, config.data.eval_crops = 2, False, 1
+  run = str(tmp_path / 'run')
+  train.train_and_evaluate(config, run)
+  subset = tmp_path / 'subset'
+  for name in ('n10', 'n01'):
+    shutil.copytree(os.path.join(tree, 'train', name), subset / 'imagenet-a' / name)
+  got = evaluate.evaluate_workdir(
+    run, split='imagenet-a', dataset='image_folder', data_dir=str(subset)
+  )
+  assert got['classes_scored'] == 2 and got['num_examples'] == 14
+
+  trained = runtime.load_trained_model(run)
+  prepare = predict.run_preprocess(run)
+  wrong, nll, count = 0, 0.0, 0
+  for label, name in enumerate(('n01', 'n10')):  # the tree's sorted folders: the run's 0 and 2
+    source = sources.open_split(folder_config(str(subset), eval_split='imagenet-a'), 'imagenet-a')
+    for i in range(len(source.records)):
+      record = source.records[i]
+      if record['label'] != label:
+        continue
+      x = prepare(views.open_image(record['image'], 3))[None]
+      logits = trained.experiment.model.apply(trained.variables, x, train=False)[0, [0, 2]]
+      probs = jax.nn.softmax(logits.astype(np.float32))
+      wrong += int(np.argmax(probs)) != label
+      nll -= float(np.log(probs[label]))
+      count += 1
+  assert count == 14 and got['top1_error'] == wrong / count
+  assert np.isclose(got['loss'], nll / count, rtol=1e-4)
+  assert got['top5_error'] == 0.0  # two classes: always in the top 5
+
+
+def test_imagenet_a_is_read_in_the_classes_it_holds_and_scored_on_them(tmp_path):
+  """TFDS labels ImageNet-A/R in all 1000 ImageNet classes; they hold 200. They are read in the
+  label space of the classes they hold (one pass, cached), so a run is scored on those classes'
+  logits, by `evaluate --dataset imagenet_a` and by an evaluator alike (TFDS's own builders,
+  mock records)."""
+  config = data_config(
+    name='imagenet2012', image_size=16, augment='inception', eval_split='validation'
+  )
+  config.data.data_dir = str(tmp_path / 'tfds')
+  config.model.name, config.batch_size, config.eval_batch_size = 'resnet8', 4, 4
+  config.num_train_steps, config.progress_bar = 1, False
+  config.evals.a = dict(dataset='imagenet_a')
+  run = str(tmp_path / 'run')
+  with tfds.testing.mock_data(num_examples=8, policy=tfds.testing.MockPolicy.USE_CODE):
+    raw = tfds.builder('imagenet_a').as_data_source('test')
+    every = tfds.builder('imagenet_a').info.features['label'].names
+    source = sources.open_split(data_config(name='imagenet_a', eval_split='test'), 'test')
+    held = sorted({every[int(raw[i]['label'])] for i in range(len(raw))})
+    assert source.class_names == tuple(held) and source.num_classes == len(held) < 1000
+    for i in range(len(raw)):  # each image keeps its class, renumbered among the held ones
+      assert source.class_names[source.records[i]['label']] == every[int(raw[i]['label'])]
+    result = train.train_and_evaluate(config, run)
+    got = evaluate.evaluate_workdir(run, dataset='imagenet_a')
+  assert got['classes_scored'] == len(held) and got['num_examples'] == 8
+  recorded = result['evals']['a']
+  assert recorded['top1_error'] == got['top1_error'] and np.isclose(recorded['loss'], got['loss'])

@@ -287,7 +287,7 @@ def test_an_evaluator_with_scales_on_a_dataset_with_label_sets_is_refused_before
 
   from resnet_jax import data, evaluators, validation
 
-  monkeypatch.setattr(evaluators, 'on_other_dataset', lambda experiment, d, s: 'its config')
+  monkeypatch.setattr(evaluators, 'on_other_dataset', lambda experiment, d, s: ('its config', None))
   monkeypatch.setattr(
     data.sources, 'open_split', lambda *a, **k: types.SimpleNamespace(label_sets=True)
   )
@@ -314,8 +314,9 @@ def test_an_evaluator_on_a_dataset_with_label_sets_uses_the_label_set_step(monke
     evaluators, 'jit_label_set_eval_step', lambda *a, **k: built.append(1) or 'label_set_step'
   )
   monkeypatch.setattr(data, 'make_preprocessor', lambda config: 'preprocessor')
-  other = lambda e, dataset, s: ml_collections.ConfigDict(
-    {'dataset': dataset, 'eval_batch_size': 8}
+  other = lambda e, dataset, s: (
+    ml_collections.ConfigDict({'dataset': dataset, 'eval_batch_size': 8}),
+    None,
   )
   monkeypatch.setattr(evaluators, 'on_other_dataset', other)
   monkeypatch.setattr(

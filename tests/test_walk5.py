@@ -213,14 +213,16 @@ def test_a_numbered_split_without_a_train_split_indexes_the_models_classes(tmp_p
     sources.open_split(config, 'v2')
 
 
-def test_a_named_split_without_a_train_split_asks_for_it_or_numbers(tmp_path):
-  root = _numbered_tree(str(tmp_path), train=None)
-  os.rename(os.path.join(root, 'v2', '0'), os.path.join(root, 'v2', 'n00'))
-  with pytest.raises(data.DatasetNotFoundError) as e:
-    sources.open_split(folder_config(root, eval_split='v2'), 'v2')
-  assert "no train split 'train' whose sorted class folders give the labels of split 'v2'" in str(
-    e.value
-  ) and "name v2's class folders by class index, 0..N-1" in str(e.value)
+def test_a_named_split_alone_is_labelled_by_its_own_sorted_folders(tmp_path):
+  """A split with named class folders and no train split beside it (ImageNet-A/R extracted
+  alone): its sorted folder names are its classes, which `evaluate --dataset` matches to the
+  run's by name (it was refused: nothing gave the folders a meaning then)."""
+  root = _numbered_tree(str(tmp_path), train=None, v2=range(3))
+  for k, name in ((0, 'n20'), (1, 'n03'), (2, 'n11')):
+    os.rename(os.path.join(root, 'v2', str(k)), os.path.join(root, 'v2', name))
+  alone = sources.open_split(folder_config(root, eval_split='v2'), 'v2')
+  assert alone.num_classes == 3 and alone.class_names == ('n03', 'n11', 'n20')
+  assert _labels_by_file(alone) == {'1.jpeg': 0, '2.jpeg': 1, '0.jpeg': 2}
 
 
 def test_a_missing_split_is_reported_before_a_missing_train_split(tmp_path):

@@ -293,9 +293,11 @@ def _numeral_labels(
 def _split_only(
   root: str, split: str, train_split: str, num_classes: int | None, channels: int
 ) -> SplitSource | None:
-  """A split with no train split beside it whose class directories are all numbered (ImageNet-V2
-  extracted alone, to evaluate a run trained elsewhere): directory k is class k of the
-  `num_classes` the model has (None: of 0..N-1, all N present)."""
+  """A split with no train split beside it (a test set extracted alone, to evaluate a run trained
+  elsewhere). Numbered class directories (ImageNet-V2's): directory k is class k of the
+  `num_classes` the model has (None: of 0..N-1, all N present). Named ones (ImageNet-A's and
+  -R's WordNet-id folders): the sorted names are the classes, which `evaluate` matches to the
+  run's by name."""
   split_dir = os.path.join(root, split)
   if split == train_split or os.path.isdir(os.path.join(root, train_split)):
     return None
@@ -303,9 +305,17 @@ def _split_only(
     return None
   index = _cached_scan(split_dir)
   classes = [str(c) for c in index['classes']]
-  if not classes or not all(is_numeral(c) for c in classes):
-    return None
   _check_classes(index, split_dir, split, root)
+  if not all(is_numeral(c) for c in classes):
+    records = FolderRecords(split_dir, classes, index, index['labels'])
+    return SplitSource(
+      records,
+      len(classes),
+      (None, None, channels),
+      encoded=True,
+      cache_dir=None,
+      class_names=tuple(classes),
+    )
   of_what = f"of the model's {num_classes} classes"
   labels, n = _numeral_labels(classes, num_classes, split, root, of_what)
   records = FolderRecords(split_dir, classes, index, labels[index['labels']])
@@ -326,11 +336,13 @@ def open_split(
   are all numbered ('0', '1', ... as ImageNet-V2 is distributed) and the train split's are not:
   then directory k is the train split's k-th class in sorted order (ImageNet's sorted WordNet
   ids), k below the K train classes. (torchvision's ImageFolder sorts such names as strings,
-  '0', '1', '10', '100', ..., and mislabels them.) A split whose train split is absent is read
-  only if its directories are numbered: directory k is class k of the model's `num_classes`
-  (`config.model.num_classes`, which `evaluate --dataset` sets to the run's), or, unknown, of
-  0..N-1 with all N present. Every file is read as `channels` channels: 3 (RGB, as torchvision's
-  loader converts greyscale, CMYK and RGBA files) or 1 (greyscale, for trees of X-rays or digits).
+  '0', '1', '10', '100', ..., and mislabels them.) A split whose train split is absent (a test
+  set extracted alone) has numbered directories, directory k being class k of the model's
+  `num_classes` (`config.model.num_classes`, which `evaluate --dataset` sets to the run's) or,
+  unknown, of 0..N-1 with all N present; or named ones, its sorted names being its classes
+  (`evaluate --dataset` matches them to the run's by name). Every file is read as `channels`
+  channels: 3 (RGB, as torchvision's loader converts greyscale, CMYK and RGBA files) or 1
+  (greyscale, for trees of X-rays or digits).
   """
   if not data_dir:
     raise _not_found(
@@ -351,12 +363,6 @@ def open_split(
   alone = _split_only(root, split, train_split, num_classes, channels)
   if alone is not None:
     return alone
-  if not is_train and not os.path.isdir(os.path.join(root, train_split)):
-    raise _not_found(
-      f"image folder {root} has no train split '{train_split}' whose sorted class folders give "
-      f"the labels of split '{split}' (its subdirectories: {', '.join(_subdirectories(root))}): "
-      f"add it, or name {split}'s class folders by class index, 0..N-1 (ImageNet-V2's layout)"
-    )
   train_dir = _split_dir(root, train_split, '--config.data.train_split', train_split)
   split_dir = train_dir if is_train else os.path.join(root, split)
   train_classes = _subdirectories(train_dir)

@@ -17,6 +17,7 @@ import numpy as np
 
 from resnet_jax.data import image_folder
 from resnet_jax.data import offline as offline_archives
+from resnet_jax.data import stats as stats_lib
 from resnet_jax.data.split import DatasetDamagedError, DatasetNotFoundError, SplitSource
 
 SYNTHETIC_NUM_TRAIN = 1_281_167  # ImageNet-sized epoch by default, for input/step benchmarks.
@@ -29,6 +30,10 @@ _HOLDOUT_SEED = 0  # fixed: the held-out examples must not change with the train
 # 50,000 validation images; an image may have several right labels, or none (then it is left out
 # of ReaL accuracy).
 LABEL_SETS = {'imagenet2012_real': ('original_label', 'real_label')}
+# Test sets labelled in ImageNet's 1000 classes that hold 200 of them (Hendrycks et al. 2021):
+# read in the label space of the classes they hold, so `evaluate --dataset` scores a run on those
+# classes' logits only, their benchmarks' protocol (scoring all 1000 gives other, higher errors).
+HELD_CLASSES_ONLY = ('imagenet_a', 'imagenet_r')
 
 
 def _base_name(name: str) -> str:
@@ -81,10 +86,11 @@ class _Renamed:
     directory: str,
     data_dir: str | None,
     label_set_key: str | None = None,
+    label_map: np.ndarray | None = None,
   ):
     self._records, self._image_key, self._label_key = records, image_key, label_key
     self._name, self._directory, self._data_dir = name, directory, data_dir
-    self._label_set_key = label_set_key
+    self._label_set_key, self._label_map = label_set_key, label_map
 
   def __len__(self) -> int:
     return len(self._records)
@@ -96,7 +102,9 @@ class _Renamed:
       raise DatasetDamagedError(
         _damaged_message(self._name, self._directory, self._data_dir, f'record {index}: {e}')
       ) from e
-    example = {'image': record[self._image_key], 'label': int(record[self._label_key])}
+    label = int(record[self._label_key])
+    label = label if self._label_map is None else int(self._label_map[label])
+    example = {'image': record[self._image_key], 'label': label}
     if self._label_set_key is not None:
       example['label_set'] = np.asarray(record[self._label_set_key], np.int32).reshape(-1)
     return example
@@ -271,19 +279,39 @@ def _tfds_split(name: str, data_dir: str | None, split: str) -> SplitSource:
     ) from e
   directory = os.fspath(builder.data_dir)
   label_set_key = LABEL_SETS.get(_base_name(name), (None, None))[1]
-  records = _Renamed(records, image_key, label_key, name, directory, data_dir, label_set_key)
+  names, label_map = tuple(features[label_key].names), None
+  if _base_name(name) in HELD_CLASSES_ONLY:
+    held = _held_classes(records, label_key, name, split, directory)
+    names, label_map = tuple(names[i] for i in held), np.full(len(names), -1, np.int32)
+    label_map[held] = np.arange(len(held))
+  records = _Renamed(
+    records, image_key, label_key, name, directory, data_dir, label_set_key, label_map
+  )
   if len(records):  # a deleted, truncated or emptied shard: found now, not hours in
     records[0]  # pylint: disable=pointless-statement
     records[len(records) - 1]  # pylint: disable=pointless-statement
   return SplitSource(
     records,
-    int(features[label_key].num_classes),
+    len(names),
     (shape[0], shape[1], int(shape[2])),
     encoded=skip,
     cache_dir=directory,
     label_sets=label_set_key is not None,
-    class_names=tuple(features[label_key].names),
+    class_names=names,
   )
+
+
+def _held_classes(
+  records: Sequence[dict[str, Any]], label_key: str, name: str, split: str, directory: str
+) -> np.ndarray:
+  """The sorted labels `split` holds (one pass over its records, cached beside the dataset)."""
+
+  def scan() -> dict[str, np.ndarray]:
+    labels = {int(records[i][label_key]) for i in range(len(records))}
+    return {'held': np.asarray(sorted(labels), np.int64)}
+
+  key = {'held_classes': name, 'split': split, 'examples': len(records), 'dir': directory}
+  return stats_lib.cached_stats(key, directory, scan)['held']
 
 
 def holdout_indices(num_train: int, validation_size: int) -> tuple[np.ndarray, np.ndarray]:
