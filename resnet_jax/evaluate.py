@@ -359,10 +359,11 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument(
     '--dataset',
     help="another TFDS dataset with the run's classes, e.g. cifar10_1 (CIFAR-10.1), "
-    "imagenet_v2, or imagenet2012_real (adds ReaL's error), read with the run's evaluation "
-    "preprocessing; --split defaults to 'test' ('validation' for imagenet2012_real). "
-    "image_folder: the tree at --data-dir ROOT (the run's own data stays where it was), e.g. "
-    'ImageNet-V2 extracted as ROOT/SPLIT/0..999',
+    "imagenet_v2, or imagenet2012_real (adds ReaL's error), or some of them, scored on those "
+    "(imagenet_a, imagenet_r), read with the run's evaluation preprocessing; --split defaults "
+    "to 'test' ('validation' for imagenet2012_real). image_folder: the tree at --data-dir ROOT "
+    "(the run's own data stays where it was), e.g. ImageNet-V2 extracted as ROOT/SPLIT/0..999 "
+    'or ImageNet-A as ROOT/SPLIT/<wnid>',
   )
   parser.add_argument(
     '--weights',
