@@ -24,12 +24,12 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from jax.sharding import Mesh
 
 from resnet_jax import cli, data, fewshot, multiscale, precise_bn, runtime
 from resnet_jax.data import image_folder, sources
 from resnet_jax.data.device_preprocess import make_device_preprocess
+from resnet_jax.other_datasets import on_other_dataset, scored_on
 from resnet_jax.train_step import (
   batch_sharding,
   device_batch,
@@ -257,64 +257,6 @@ def _annotated(result: dict, step: Any, weights: str, precise_bn_batches: int | 
   if precise_bn_batches is not None:
     result['precise_bn_batches'] = int(precise_bn_batches)
   return result
-
-
-def default_split(name: str) -> str:
-  """The split of test set `name` to evaluate: the one split CIFAR-10.1 and ImageNet-V2/-A/-R
-  have, 'test'; ReaL's, ImageNet's 'validation'."""
-  return 'validation' if name.split(':')[0] in sources.LABEL_SETS else 'test'
-
-
-def on_other_dataset(
-  experiment: runtime.Experiment, name: str, split: str | None, data_dir: str | None = None
-) -> tuple[ml_collections.ConfigDict, tuple[int, ...] | None]:
-  """The run's config reading `split` (default 'test') of dataset `name` (at `data_dir`, when
-  given), its labels checked; and the run's classes it is scored on (None: all of them).
-
-  A test set built to match another (CIFAR-10.1, ImageNet-V2) measures how the run generalises;
-  one named with a subset of the run's classes (ImageNet-A/R: 200 of ImageNet's) is scored on
-  those classes' logits (`scored_on`); one with other classes or channels would give a number
-  that means nothing, so it is refused.
-  """
-  config = experiment.config_reading(name, data_dir)
-  if name == image_folder.NAME:  # a numbered split alone (ImageNet-V2) indexes the run's classes
-    config.model.num_classes = experiment.dataset.num_classes
-  config.data.eval_split = split or default_split(name)
-  source = sources.open_split(config, config.data.eval_split)
-  run = experiment.dataset
-  columns = None
-  if source.num_classes != run.num_classes:
-    columns = experiment.class_columns(source.class_names)
-    if columns is None:
-      same = (
-        f"a tree: class folders 0..{run.num_classes - 1} as ImageNet-V2's, or named as the "
-        "run's classes"
-        if name == image_folder.NAME
-        else 'e.g. cifar10_1 for cifar10, imagenet_v2 for imagenet2012'
-      )
-      raise ValueError(
-        f'{name} has {source.num_classes} classes and the run was trained on {run.name}, which '
-        f'has {run.num_classes}: --dataset needs the same label space, or a subset of its '
-        f"classes by name as ImageNet-A/R's ({same})"
-      )
-  else:
-    experiment.check_class_names(name, source.class_names)
-  experiment.check_channels(name, source.native_shape[2])
-  return config, columns
-
-
-def scored_on(apply_fn: Callable, columns: tuple[int, ...] | None) -> Callable:
-  """`apply_fn` keeping the logits of `columns` only: softmax, loss and top-1/top-5 of a test set
-  of a subset of the run's classes are then over those classes (Hendrycks et al.'s ImageNet-A/R
-  protocol), its label k meaning the run's class columns[k]."""
-  if columns is None:
-    return apply_fn
-  keep = np.asarray(columns, np.int32)
-
-  def apply(variables: Any, *args: Any, **kwargs: Any) -> jax.Array:
-    return apply_fn(variables, *args, **kwargs)[..., keep]
-
-  return apply
 
 
 def _scales(text: str) -> list[int]:

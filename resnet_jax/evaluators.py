@@ -41,13 +41,11 @@ import ml_collections
 from resnet_jax import data, fewshot, multiscale, runtime
 from resnet_jax.ema import SUFFIX as EMA_SUFFIX
 from resnet_jax.evaluate import (
-  default_split,
   jit_label_set_eval_step,
-  on_other_dataset,
   run_evaluation,
   run_multiscale_evaluation,
-  scored_on,
 )
+from resnet_jax.other_datasets import default_split, on_other_dataset, scored_on
 from resnet_jax.train_step import jit_eval_step, model_variables
 from resnet_jax.validation import ConfigError
 

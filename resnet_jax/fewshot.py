@@ -174,8 +174,8 @@ def probe_config(
 ) -> ml_collections.ConfigDict:
   """The run's config reading dataset `name` (None: the run's own) with its evaluation view.
 
-  Unlike another test set (`evaluate.on_other_dataset`) the classes may differ: the probe learns
-  its own classifier. The channels must match what the network was trained on."""
+  Unlike another test set (`other_datasets.on_other_dataset`) the classes may differ: the probe
+  learns its own classifier. The channels must match what the network was trained on."""
   if name is None or (name == experiment.config.data.name and data_dir is None):
     return experiment.config.copy_and_resolve_references()
   config = experiment.config_reading(name, data_dir)

@@ -12,7 +12,7 @@ import contextlib
 import dataclasses
 import logging
 import math
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 import flax.linen as nn
 import jax
@@ -25,7 +25,6 @@ from jax.sharding import Mesh
 from resnet_jax import checkpointing, data, optim, pretrained
 from resnet_jax.data import image_folder
 from resnet_jax.data.device_preprocess import make_device_preprocess
-from resnet_jax.data.split import named_classes
 from resnet_jax.models import create_model, layout
 from resnet_jax.train_step import TrainState, abstract_state, create_mesh, init_state
 from resnet_jax.workdir import read_run_config
@@ -105,38 +104,6 @@ class Experiment:
     if name == image_folder.NAME:
       config.data.channels = self.dataset.image_shape[2]
     return config
-
-  def class_columns(self, class_names: Sequence[str] | None) -> tuple[int, ...] | None:
-    """The run's index of each of dataset's classes when they are fewer and all among the run's
-    by name (ImageNet-A's and -R's 200 WordNet ids among ImageNet's 1000), else None: such a test
-    set is scored on those classes' logits only, as Hendrycks et al. score ImageNet-A/R."""
-    names, run = named_classes(class_names), self.dataset.class_names
-    if names is None or run is None or len(names) >= len(run) or len(set(names)) < len(names):
-      return None
-    index = {name: i for i, name in enumerate(run)}
-    if not all(name in index for name in names):
-      return None
-    return tuple(index[name] for name in names)
-
-  def check_class_names(self, name: str, class_names: Sequence[str] | None) -> None:
-    """Refuses dataset `name` when its classes and the run's, both named, differ (in name or
-    order): a tree of other classes, or the same classes under other names, would count every
-    right answer wrong, silently. Numbered classes (ImageNet-V2's folders, CIFAR-10-C's labels)
-    index the run's and pass."""
-    names, run = named_classes(class_names), self.dataset
-    if names is None or run.class_names is None or names == run.class_names:
-      return
-    k = next((i for i, (a, b) in enumerate(zip(names, run.class_names)) if a != b), len(names))
-    layout = (
-      "name its class folders as the run's classes are named, or by class index, 0..N-1 "
-      "(ImageNet-V2's layout)"
-      if name == image_folder.NAME
-      else 'evaluate on a test set built for the same classes'
-    )
-    raise ValueError(
-      f'{name} names its classes otherwise than {run.name}, which the run was trained on: class '
-      f'{k} is {names[k]!r} there and {run.class_names[k]!r} in the run: {layout}'
-    )
 
 
 def build_experiment(config: ml_collections.ConfigDict) -> Experiment:

@@ -5,7 +5,6 @@ wherever both name them, and `predict` prints the run's names."""
 import json
 import os
 import shutil
-import types
 
 import jax
 import numpy as np
@@ -13,7 +12,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 import resnet_jax.data as data
-from resnet_jax import evaluate, predict, runtime, train
+from resnet_jax import evaluate, other_datasets, predict, runtime, train
 from resnet_jax.data import image_folder, sources
 from resnet_jax.data.split import named_classes
 from resnet_jax.workdir import CLASS_NAMES_FILE, WorkdirError, read_class_names
@@ -52,9 +51,8 @@ STL10 = ('airplane', 'bird', 'car', 'cat', 'deer', 'dog', 'horse', 'monkey', 'sh
 
 
 def _run(class_names):
-  """What `check_class_names` reads of an Experiment: the run's dataset."""
-  info = data.DatasetInfo('cifar10', 10, (32, 32, 3), 1, 1, 'test', class_names)
-  return types.SimpleNamespace(dataset=info)
+  """The run's dataset, as `check_class_names` and `class_columns` read it."""
+  return data.DatasetInfo('cifar10', 10, (32, 32, 3), 1, 1, 'test', class_names)
 
 
 @pytest.mark.parametrize(
@@ -70,12 +68,12 @@ def _run(class_names):
 def test_a_test_set_with_other_class_names_is_refused(given, run_names, refused):
   """STL-10 has CIFAR-10's count and channels but not its classes: scored by a CIFAR-10 run, its
   'bird' images would be judged against the run's 'automobile'. Named classes must match."""
-  check = runtime.Experiment.check_class_names
+  check = other_datasets.check_class_names
   if refused is None:
-    check(_run(run_names), 'stl10', given)
+    check('stl10', given, _run(run_names))
     return
   with pytest.raises(ValueError) as e:
-    check(_run(run_names), 'stl10', given)
+    check('stl10', given, _run(run_names))
   assert refused in str(e.value) and 'a test set built for the same classes' in str(e.value)
 
 
@@ -139,12 +137,12 @@ def test_a_subset_of_the_run_s_classes_maps_by_name():
   run's column of that name. Anything else (other names, as many classes, numbers, a name twice)
   is no subset and stays refused."""
   run = _run(CIFAR10)
-  columns = runtime.Experiment.class_columns
-  assert columns(run, ('truck', 'bird', 'cat')) == (9, 2, 3)
-  assert columns(run, ('truck', 'unicorn')) is None
-  assert columns(run, CIFAR10) is None  # the same count: compared by check_class_names instead
-  assert columns(run, ('0', '1')) is None and columns(_run(None), ('cat',)) is None
-  assert columns(run, ('cat', 'cat')) is None
+  columns = other_datasets.class_columns
+  assert columns(('truck', 'bird', 'cat'), run) == (9, 2, 3)
+  assert columns(('truck', 'unicorn'), run) is None
+  assert columns(CIFAR10, run) is None  # the same count: compared by check_class_names instead
+  assert columns(('0', '1'), run) is None and columns(('cat',), _run(None)) is None
+  assert columns(('cat', 'cat'), run) is None
 
 
 def test_scored_on_keeps_the_subset_s_logits():
@@ -153,9 +151,9 @@ def test_scored_on_keeps_the_subset_s_logits():
   from resnet_jax.train_step import metric_sums
 
   logits = np.log(np.asarray([[0.1, 0.6, 0.3], [0.5, 0.2, 0.3]], np.float32))
-  apply = evaluate.scored_on(lambda v, x, train: logits, (2, 0))
+  apply = other_datasets.scored_on(lambda v, x, train: logits, (2, 0))
   np.testing.assert_allclose(apply(None, None, train=False), logits[:, [2, 0]])
-  assert evaluate.scored_on(len, None) is len
+  assert other_datasets.scored_on(len, None) is len
   probs = jax.nn.softmax(apply(None, None, train=False))
   sums = metric_sums(probs, np.asarray([0, 0]), np.asarray([True, True]))
   # image 0: 0.3 vs 0.1 -> column 2 (label 0) right; image 1: 0.3 vs 0.5 -> column 0 (label 1)
