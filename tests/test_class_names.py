@@ -13,7 +13,7 @@ import tensorflow_datasets as tfds
 
 import resnet_jax.data as data
 from resnet_jax import evaluate, other_datasets, predict, runtime, train
-from resnet_jax.data import image_folder, sources
+from resnet_jax.data import folder_index, sources
 from resnet_jax.data.split import named_classes
 from resnet_jax.workdir import CLASS_NAMES_FILE, WorkdirError, read_class_names
 from tests.runner import data_config
@@ -97,7 +97,7 @@ def test_a_tree_run_records_its_names_and_refuses_another_tree_s(tree, tmp_path,
   assert "name its class folders as the run's classes are named, or by class index" in str(e.value)
   for name, folder in (('n01', 'cat'), ('n02', 'dog'), ('n10', 'fox')):
     os.rename(other / 'train' / folder, other / 'train' / name)
-  image_folder._MEMORY.clear()  # pylint: disable=protected-access
+  folder_index.MEMORY.clear()
   same = evaluate.evaluate_workdir(run, split='train', dataset='image_folder', data_dir=str(other))
   own = evaluate.evaluate_workdir(run, split='train')
   assert same['top1_error'] == own['top1_error'] and np.isclose(same['loss'], own['loss'])

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 import resnet_jax.data as data
-from resnet_jax.data import image_folder, pipeline, sources
+from resnet_jax.data import folder_index, pipeline, sources
 from tests.runner import assert_one_line_error, data_config, run_main
 
 
@@ -70,7 +70,7 @@ def cache(tmp_path, monkeypatch) -> str:
   """The user cache (index and statistics) in this test's own directory."""
   directory = str(tmp_path / 'user_cache')
   monkeypatch.setenv('RESNET_JAX_CACHE_DIR', directory)
-  image_folder._MEMORY.clear()  # pylint: disable=protected-access
+  folder_index.MEMORY.clear()
   return directory
 
 
@@ -310,10 +310,10 @@ def test_the_tree_is_never_written_and_statistics_are_cached_elsewhere(tree, cac
 def test_file_index_is_reused_until_the_tree_changes(tree, monkeypatch):
   config = folder_config(tree)
   assert len(sources.open_split(config, 'train')) == 20
-  image_folder._MEMORY.clear()  # pylint: disable=protected-access  -- a new process
+  folder_index.MEMORY.clear()  # as a new process
   scans = []
-  real_scan = image_folder.scan
-  monkeypatch.setattr(image_folder, 'scan', lambda d: scans.append(d) or real_scan(d))
+  real_scan = folder_index.scan
+  monkeypatch.setattr(folder_index, 'scan', lambda d: scans.append(d) or real_scan(d))
   assert len(sources.open_split(config, 'train')) == 20 and not scans  # from the user cache
   _save(os.path.join(tree, 'train', 'n10', 'sub', 'new.jpg'), _photos()[2], 'JPEG')
   assert len(sources.open_split(config, 'train')) == 21 and len(scans) == 1  # nested dir changed

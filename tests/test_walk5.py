@@ -12,7 +12,7 @@ from PIL import Image
 
 import resnet_jax.data as data
 from resnet_jax import multiscale
-from resnet_jax.data import image_folder, pipeline, sources
+from resnet_jax.data import folder_index, pipeline, sources
 from tests.test_image_folder import (  # cache, tree: the fixtures (the user cache here, a tree)
   _photos,
   _save,
@@ -201,7 +201,7 @@ def test_a_numbered_split_without_a_train_split_indexes_the_models_classes(tmp_p
   assert v2.num_classes == 12 and v2.cache_dir is None
   assert _labels_by_file(v2) == {f'{k}.jpeg': k for k in range(12)}
   shutil.rmtree(os.path.join(root, 'v2', '5'))
-  image_folder._MEMORY.clear()  # pylint: disable=protected-access
+  folder_index.MEMORY.clear()
   with pytest.raises(data.DatasetNotFoundError, match=r'exactly 0\.\.10 \(missing 5; 1 in all\)'):
     sources.open_split(folder_config(root, eval_split='v2'), 'v2')
   config = folder_config(root, eval_split='v2')
@@ -258,11 +258,11 @@ def test_evaluate_a_run_on_imagenet_v2_extracted_alone(tree, tmp_path):
   same = evaluate.evaluate_workdir(run, split='train', crops=1, dataset='image_folder')
   assert same == own  # the run's own tree: --dataset image_folder alone changes nothing
   shutil.rmtree(os.path.join(v2, 'v2', '1'))  # some of the classes: still class k in folder k
-  image_folder._MEMORY.clear()  # pylint: disable=protected-access
+  folder_index.MEMORY.clear()
   fewer = evaluate.evaluate_workdir(run, split='v2', dataset='image_folder', data_dir=v2)
   assert fewer['num_examples'] == 14
   shutil.copytree(os.path.join(v2, 'v2', '2'), os.path.join(v2, 'v2', '3'))
-  image_folder._MEMORY.clear()  # pylint: disable=protected-access
+  folder_index.MEMORY.clear()
   with pytest.raises(
     ValueError, match=r"indices \(ImageNet-V2's layout\) of the model's 3 classes"
   ):
@@ -270,7 +270,7 @@ def test_evaluate_a_run_on_imagenet_v2_extracted_alone(tree, tmp_path):
   os.makedirs(os.path.join(v2, 'train'))  # a tree with a train split of 4 classes of its own
   for k in range(4):
     shutil.copytree(os.path.join(tree, 'train', 'n01'), os.path.join(v2, 'train', f'c{k}'))
-  image_folder._MEMORY.clear()  # pylint: disable=protected-access
+  folder_index.MEMORY.clear()
   with pytest.raises(
     ValueError, match=r'image_folder has 4 classes .*a tree: class folders 0\.\.2 as'
   ):

@@ -8,17 +8,13 @@ followed, sorted). Another split's class directories are mapped to the train spl
 or, when they are all numbers and train's are not (ImageNet-V2's folders 0..999), by index into
 train's sorted classes (`open_split`).
 
-The tree is only read. Its file index and the dataset statistics are cached in a user cache
-directory (`$RESNET_JAX_CACHE_DIR`, else `$XDG_CACHE_HOME/resnet_jax`, else
-`~/.cache/resnet_jax`) keyed by the tree's real path and file list: listing 1.28M files on a
-network file system takes minutes, and the tree may be read-only. The index is used again while
-the modification times of every directory it listed are unchanged (adding, removing or renaming
-a file changes its directory's).
+The tree is only read. Its file index (`folder_index`) and the dataset statistics are cached in
+the user cache directory (`folder_index.cache_root()`), keyed by the tree's real path and file
+list.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 import os
@@ -27,129 +23,23 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from resnet_jax.data.folder_index import (
+  CACHE_DIR_NAME,
+  IMG_EXTENSIONS,
+  MEMORY,
+  cache_root,
+  cached_scan,
+  digest,
+  subdirectories,
+)
 from resnet_jax.data.split import (
   IMAGE_ERRORS,
   DatasetNotFoundError,
   SplitSource,
   damaged_image,
 )
-from resnet_jax.workdir import write_atomic
 
 NAME = 'image_folder'
-# torchvision.datasets.folder.IMG_EXTENSIONS, compared case-insensitively as torchvision does.
-IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
-_INDEX_VERSION = 2
-_MEMORY: dict[str, dict[str, np.ndarray]] = {}  # split dir -> index, revalidated on every open
-
-
-def cache_root() -> str:
-  """Where derived data of image trees goes (never into the tree itself)."""
-  explicit = os.environ.get('RESNET_JAX_CACHE_DIR')
-  if explicit:
-    return os.path.expanduser(explicit)
-  base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
-  return os.path.join(base, 'resnet_jax')
-
-
-def _digest(*parts: Any) -> str:
-  h = hashlib.sha256()
-  for part in parts:
-    h.update(part.tobytes() if isinstance(part, np.ndarray) else str(part).encode())
-    h.update(b'\0')
-  return h.hexdigest()[:16]
-
-
-def _subdirectories(directory: str) -> list[str]:
-  """Sorted names of the subdirectories (symlinks to directories count), as `find_classes`."""
-  return sorted(e.name for e in os.scandir(directory) if e.is_dir())
-
-
-def _walk(class_dir: str) -> tuple[list[tuple[str, list[str]]], list[str], list[int]]:
-  """([(dir, sorted image names)] sorted by dir, every dir listed, its mtime before listing)."""
-  found, dirs, mtimes, seen = [], [], [], set()
-  stack = [class_dir]
-  while stack:
-    directory = stack.pop()
-    st = os.stat(directory)
-    if (st.st_dev, st.st_ino) in seen:  # a symlink loop: torchvision's os.walk would not end
-      continue
-    seen.add((st.st_dev, st.st_ino))
-    dirs.append(directory)
-    mtimes.append(st.st_mtime_ns)
-    names = []
-    with os.scandir(directory) as entries:
-      for entry in entries:
-        if entry.is_dir():
-          stack.append(entry.path)
-        elif entry.name.lower().endswith(IMG_EXTENSIONS):
-          names.append(entry.name)
-    found.append((directory, sorted(names)))
-  return sorted(found), dirs, mtimes
-
-
-def scan(split_dir: str) -> dict[str, np.ndarray]:
-  """The index of one split: its classes, every image (class, path under the class directory)
-  in torchvision's order, and each directory listed with its modification time."""
-  classes = _subdirectories(split_dir)
-  names, labels, dirs, mtimes = [], [], [split_dir], [os.stat(split_dir).st_mtime_ns]
-  for label, name in enumerate(classes):
-    class_dir = os.path.join(split_dir, name)
-    found, class_dirs, class_mtimes = _walk(class_dir)
-    dirs += class_dirs
-    mtimes += class_mtimes
-    before = len(names)
-    for directory, files in found:
-      prefix = os.path.relpath(directory, class_dir)
-      names += [f if prefix == '.' else os.path.join(prefix, f) for f in files]
-    labels += [label] * (len(names) - before)
-  encoded = [n.encode('utf-8', 'surrogateescape') for n in names]
-  index = {
-    'version': np.int64(_INDEX_VERSION),
-    'classes': np.asarray(classes, dtype=str),
-    'blob': np.frombuffer(b''.join(encoded), np.uint8),
-    'ends': np.cumsum([len(e) for e in encoded], dtype=np.int64),
-    'labels': np.asarray(labels, np.int32),
-    'dirs': np.asarray([os.path.relpath(d, split_dir) for d in dirs], dtype=str),
-    'mtimes': np.asarray(mtimes, np.int64),
-  }
-  files = _digest(*(index[k] for k in ('classes', 'blob', 'ends', 'labels')))
-  return {**index, 'files': np.asarray(files)}
-
-
-def _still_valid(index: dict[str, np.ndarray], split_dir: str) -> bool:
-  if int(index.get('version', -1)) != _INDEX_VERSION:
-    return False
-  try:
-    now = [os.stat(os.path.join(split_dir, str(d))).st_mtime_ns for d in index['dirs']]
-  except OSError:
-    return False
-  return np.array_equal(np.asarray(now, np.int64), index['mtimes'])
-
-
-def _cached_scan(split_dir: str) -> dict[str, np.ndarray]:
-  """`scan(split_dir)`, from memory or the user cache while no listed directory changed."""
-  real = os.path.realpath(split_dir)
-  path = os.path.join(cache_root(), NAME, f'index-{_digest(real)}.npz')
-  index = _MEMORY.get(real)
-  if index is None and os.path.exists(path):
-    try:
-      with np.load(path) as f:
-        index = {k: f[k] for k in f.files}
-    except (OSError, ValueError, EOFError) as e:  # truncated, or another version: scan again
-      logging.warning('ignoring unreadable image folder index %s: %s', path, e)
-  if index is not None and _still_valid(index, real):
-    _MEMORY[real] = index
-    return index
-  index = scan(real)
-  _MEMORY[real] = index
-  try:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    buffer = io.BytesIO()
-    np.savez(buffer, **index)
-    write_atomic(path, buffer.getvalue())
-  except OSError as e:  # an unwritable cache: scan again next time
-    logging.info('could not cache the image folder index in %s: %s', path, e)
-  return index
 
 
 class FolderRecords:
@@ -216,7 +106,7 @@ def _split_dir(root: str, split: str, hint_flag: str, train_split: str) -> str:
   directory = os.path.join(root, split)
   if os.path.isdir(directory):
     return directory
-  existing = _subdirectories(root)
+  existing = subdirectories(root)
   if not existing:
     raise _not_found(
       f"image folder {root} has no split '{split}' and no subdirectories at all: it must hold "
@@ -303,7 +193,7 @@ def _split_only(
     return None
   if not os.path.isdir(split_dir):
     return None
-  index = _cached_scan(split_dir)
+  index = cached_scan(split_dir)
   classes = [str(c) for c in index['classes']]
   _check_classes(index, split_dir, split, root)
   if not all(is_numeral(c) for c in classes):
@@ -365,8 +255,8 @@ def open_split(
     return alone
   train_dir = _split_dir(root, train_split, '--config.data.train_split', train_split)
   split_dir = train_dir if is_train else os.path.join(root, split)
-  train_classes = _subdirectories(train_dir)
-  index = _cached_scan(split_dir)
+  train_classes = subdirectories(train_dir)
+  index = cached_scan(split_dir)
   _check_classes(index, split_dir, split, root)
   classes = [str(c) for c in index['classes']]
   if is_train:
@@ -402,9 +292,9 @@ def _stats_dir(root: str, train_split: str, channels: int = 3) -> str | None:
   path and its file list (so a changed tree gets new statistics) and, read as greyscale, by that;
   None if it cannot be made."""
   real = os.path.realpath(os.path.join(root, train_split))
-  index = _MEMORY.get(real) or _cached_scan(real)
-  key = _digest(real, index['files'], *(() if channels == 3 else (f'channels={channels}',)))
-  directory = os.path.join(cache_root(), NAME, f'stats-{key}')
+  index = MEMORY.get(real) or cached_scan(real)
+  key = digest(real, index['files'], *(() if channels == 3 else (f'channels={channels}',)))
+  directory = os.path.join(cache_root(), CACHE_DIR_NAME, f'stats-{key}')
   try:
     os.makedirs(directory, exist_ok=True)
   except OSError as e:
