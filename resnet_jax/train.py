@@ -193,9 +193,8 @@ def train_and_evaluate(
     with contextlib.closing(train_iter):
       if start.iterator_state is not None:  # the pipeline refuses another batch size or seed
         train_iter.set_state(start.iterator_state)
-      _write_config(
-        workdir, config, training.experiment.dataset
-      )  # only now: a refused run leaves the workdir as it was
+      # only now: a refused run leaves the workdir as it was
+      _write_config(workdir, config, training.experiment.dataset)
       return _train(
         config, workdir, training, ckpt, start, train_iter, writer, stop, profile, invocation_start
       )
