@@ -296,3 +296,6 @@ def test_test_sets_end_with_the_evaluate_command():
   assert prepare.evaluate_command('cifar10_1', None) == (
     'python -m resnet_jax.evaluate --workdir=runs/cifar10 --dataset=cifar10_1'
   )
+  assert prepare.evaluate_command('imagenet_a', None) == (
+    'python -m resnet_jax.evaluate --workdir=runs/r50 --dataset=imagenet_a'
+  )

@@ -9,8 +9,8 @@ imagenet2012 reads ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar from `--m
 (default DATA_DIR/downloads/manual, TFDS's own layout; imagenet2012_real the second only).
 Either way the data goes through TFDS's own builder, so the result is exactly what `tfds`
 produces (splits, features, label names). Any other TFDS image classification dataset can be
-prepared online by name. Test sets (imagenet2012_real, imagenet_v2, cifar10_1) end with the
-`evaluate` command instead of a training one. This wraps the TFDS Python API (TFDS's
+prepared online by name. Test sets (imagenet2012_real, imagenet_v2, imagenet_a, imagenet_r,
+cifar10_1) end with the `evaluate` command instead of a training one. This wraps the TFDS Python API (TFDS's
 command-line tool needs apache_beam, which the `[tf]` extra does not install).
 """
 
@@ -59,6 +59,8 @@ IMAGENET_TARS = ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar')
 EVALUATION_SETS = {
   'imagenet2012_real': 'runs/r50',  # ReaL labels of ImageNet's validation images
   'imagenet_v2': 'runs/r50',
+  'imagenet_a': 'runs/r50',  # 200 of ImageNet's classes: scored on those (other_datasets)
+  'imagenet_r': 'runs/r50',
   'cifar10_1': 'runs/cifar10',
 }
 # What each ImageNet-based builder reads from its manual directory.
