@@ -10,8 +10,8 @@ imagenet2012 reads ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar from `--m
 Either way the data goes through TFDS's own builder, so the result is exactly what `tfds`
 produces (splits, features, label names). Any other TFDS image classification dataset can be
 prepared online by name. Test sets (imagenet2012_real, imagenet_v2, imagenet_a, imagenet_r,
-cifar10_1) end with the `evaluate` command instead of a training one. This wraps the TFDS Python API (TFDS's
-command-line tool needs apache_beam, which the `[tf]` extra does not install).
+cifar10_1) end with the `evaluate` command instead of a training one. This wraps the TFDS Python
+API (TFDS's command-line tool needs apache_beam, which the `[tf]` extra does not install).
 """
 
 from __future__ import annotations
