@@ -1,0 +1,47 @@
+"""Last session's features walked as a researcher would (2026-11-25): few-shot linear probes as
+evaluators and from `evaluate --fewshot`, configs/bit.py's train_split / validation_size, the
+CIFAR ablation sweeps."""
+
+import subprocess
+import sys
+
+from runner import ROOT, assert_ok, env_with_devices, results
+
+# configs/digits.py's ResNet-8 with a few-shot probe among its evaluators
+_PROBE_CONFIG = f"""
+from resnet_jax.default_config import load_sibling_config
+
+
+def get_config(arg=None):
+  c = load_sibling_config(os.path.join({ROOT!r}, 'configs', 'x.py'), 'digits').get_config(arg)
+  c.evals.fs = dict(shots='1,5', seeds=2, every_steps=0)
+  return c
+"""
+
+
+def test_a_run_with_a_few_shot_evaluator_ends_with_its_errors_on_the_done_lines(tmp_path):
+  """The `done:` summary lists every extra evaluator's figures; a probe has one per shot count
+  and no `top1_error`, and the run ended with a KeyError traceback (exit 1) after writing
+  results.json, and again on every rerun of the finished run."""
+  config = tmp_path / 'digits_fs.py'
+  config.write_text(_PROBE_CONFIG)
+  workdir = str(tmp_path / 'run')
+  command = [
+    sys.executable,
+    '-m',
+    'resnet_jax.main',
+    f'--config={config}:depth=8,steps=2,batch=16',
+    f'--workdir={workdir}',
+    '--config.progress_bar=false',
+  ]
+  for attempt in ('trained', 'rerun of the finished run'):
+    proc = subprocess.run(
+      command, cwd=ROOT, env=env_with_devices(1), capture_output=True, text=True, timeout=600
+    )
+    assert_ok(proc)
+    fs = results(workdir)['evals']['fs']
+    line = (
+      f'  fs: train -> test few-shot top-1 error 1-shot {100 * fs["top1_error_1shot"]:.2f}%, '
+      f'5-shot {100 * fs["top1_error_5shot"]:.2f}% (360 test examples)'
+    )
+    assert line in proc.stdout.splitlines(), (attempt, proc.stdout)
