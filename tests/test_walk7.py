@@ -2,6 +2,7 @@
 evaluators and from `evaluate --fewshot`, configs/bit.py's train_split / validation_size, the
 CIFAR ablation sweeps."""
 
+import os
 import subprocess
 import sys
 
@@ -45,3 +46,27 @@ def test_a_run_with_a_few_shot_evaluator_ends_with_its_errors_on_the_done_lines(
       f'5-shot {100 * fs["top1_error_5shot"]:.2f}% (360 test examples)'
     )
     assert line in proc.stdout.splitlines(), (attempt, proc.stdout)
+
+
+def _config(name: str, arg: str):
+  from resnet_jax.default_config import load_sibling_config
+
+  return load_sibling_config(os.path.join(ROOT, 'configs', 'x.py'), name).get_config(arg)
+
+
+def test_a_sweeps_table_and_curve_never_read_a_few_shot_probe():
+  """summary.md reports the test split's classifier error (`cifar.py:val=5000` selects on the
+  held-out images and reports `evals.test`) and plots the fewest-view evaluator of that split. A
+  probe on the same split (a fewshot evaluator's default split is the eval split) has no
+  `top1_error`: picked as the table's (its name sorts before `test`) or the curve's (1 view,
+  beside ImageNet's 10-crop `eval`), `sweep.py` ended with KeyError 'top1_error'."""
+  from resnet_jax.analysis import sweep_report
+
+  config = _config('cifar', 'val=5000')
+  config.evals.fewshot = dict(shots='1,5', split='test', every_steps=0)
+  table, curve = sweep_report.reported_evaluators(config)
+  assert (table.name, curve.name) == ('test', 'test')
+  config = _config('imagenet', '')
+  config.evals.a_probe = dict(shots='5')  # on `validation`, the main split
+  table, curve = sweep_report.reported_evaluators(config)
+  assert (table.name, table.crops, curve.name, curve.crops) == ('eval', 10, 'center_crop', 1)
