@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from runner import ROOT, assert_ok, env_with_devices, results
 
 # configs/digits.py's ResNet-8 with a few-shot probe among its evaluators
@@ -70,3 +71,18 @@ def test_a_sweeps_table_and_curve_never_read_a_few_shot_probe():
   config.evals.a_probe = dict(shots='5')  # on `validation`, the main split
   table, curve = sweep_report.reported_evaluators(config)
   assert (table.name, table.crops, curve.name, curve.crops) == ('eval', 10, 'center_crop', 1)
+
+
+def test_an_infinite_ridge_penalty_is_refused_as_evaluate_refuses_it():
+  """`evaluate --l2-reg inf` stops with one line; `evals.NAME.l2_reg=float('inf')` trained and
+  recorded a meaningless probe (every prediction class 0: 88 % error on digits)."""
+  from resnet_jax import evaluators
+  from resnet_jax.validation import ConfigError
+
+  config = _config('digits', 'depth=8')
+  for bad in (float('inf'), float('nan'), 0.0):
+    config.evals.fs = dict(shots='5', l2_reg=bad)
+    with pytest.raises(ConfigError, match=r'evals\.fs\.l2_reg must be a positive number'):
+      evaluators.from_config(config)
+  config.evals.fs = dict(shots='5', l2_reg=1e6)
+  assert evaluators.from_config(config)[1].probe.l2_reg == 1e6
