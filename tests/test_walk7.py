@@ -15,7 +15,7 @@ from resnet_jax.default_config import load_sibling_config
 
 
 def get_config(arg=None):
-  c = load_sibling_config(os.path.join({ROOT!r}, 'configs', 'x.py'), 'digits').get_config(arg)
+  c = load_sibling_config({os.path.join(ROOT, 'configs', 'x.py')!r}, 'digits').get_config(arg)
   c.evals.fs = dict(shots='1,5', seeds=2, every_steps=0)
   return c
 """
