@@ -28,9 +28,10 @@ Differences left: no gradient accumulation split (train.py's --batch_split: use 
 digits' 8 x 8 grayscale images go through the 128 px rule like CIFAR's 32 x 32.
 Config args: arch=resnetv2_50x1_bit (any resnetv2_{50,101,152}x{1,2,3,4}_bit), dataset=digits
 (or any TFDS name, or image_folder), data_dir=, train_split=train (e.g. a few-shot subset,
-train[:5%]), validation_size=0 (examples held out of the train split), batch=512,
-lr=0.003 (at batch 512), train_examples=0 and image_area=0 (0: from the train split), steps=0,
-image_size=0, resize=0 (0: the rule's), bf16. The train split is read before --config.data.*
+train[:5%], of a TFDS dataset: an image folder's split is a folder, unsliced), validation_size=0
+(examples held out of the train split), batch=512, lr=0.003 (at batch 512), train_examples=0
+and image_area=0 (0: from the train split), steps=0, image_size=0, resize=0 (0: the rule's),
+bf16. The train split is read before --config.data.*
 overrides apply, so a run that overrides data.name, data.data_dir, data.train_split or
 data.validation_size afterwards is refused (`read_when_built`): give them as args.
 """

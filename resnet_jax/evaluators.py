@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from typing import Any
 
 import ml_collections
@@ -186,7 +187,7 @@ def _probe(
   l2_reg = spec.get('l2_reg', fewshot.DEFAULT_L2_REG)
   if seeds < 1:
     raise ConfigError(f'{where}.seeds must be positive, got {seeds}')
-  if isinstance(l2_reg, bool) or not isinstance(l2_reg, (int, float)) or not l2_reg > 0:
+  if isinstance(l2_reg, bool) or not isinstance(l2_reg, (int, float)) or not 0 < l2_reg < math.inf:
     raise ConfigError(f'{where}.l2_reg must be a positive number, got {l2_reg!r}')
   train_split = spec.get('train_split') or ('train' if dataset else str(config.data.train_split))
   if not isinstance(train_split, str):

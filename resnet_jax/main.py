@@ -215,16 +215,34 @@ def main(argv: list[str]) -> None:
       f'{os.path.join(FLAGS.workdir, "results.json")}'
     )
     for name, ev in results.get('evals', {}).items():
-      where = f'{ev["dataset"]} {ev["split"]}' if ev.get('dataset') else ev['split']
-      real = (
-        f', ReaL top-1 error {100 * ev["real_top1_error"]:.2f}% ({ev["real_num_examples"]})'
-        if 'real_top1_error' in ev
-        else ''
-      )
-      print(
-        f'  {name}: {where} top-1 error {100 * ev["top1_error"]:.2f}% '
-        f'({ev["num_examples"]} examples){real}'
-      )
+      print(evaluator_line(name, ev))
+
+
+def evaluator_line(name: str, ev: dict) -> str:
+  """The `done:` summary's line for extra evaluator `name`'s results.json figures; a few-shot
+  probe's has an error per shot count and no `top1_error`."""
+  from resnet_jax.fewshot import is_mean_key  # jax is loaded by now
+
+  where = f'{ev["dataset"]} {ev["split"]}' if ev.get('dataset') else ev['split']
+  if 'train_split' in ev:  # a few-shot probe (resnet_jax.fewshot)
+    errors = ', '.join(
+      f'{k[len("top1_error_") : -len("shot")]}-shot {100 * v:.2f}%'
+      for k, v in ev.items()
+      if is_mean_key(k)
+    )
+    return (
+      f'  {name}: {ev["train_split"]} -> {where} few-shot top-1 error {errors} '
+      f'({ev["num_examples"]} test examples)'
+    )
+  real = (
+    f', ReaL top-1 error {100 * ev["real_top1_error"]:.2f}% ({ev["real_num_examples"]})'
+    if 'real_top1_error' in ev
+    else ''
+  )
+  return (
+    f'  {name}: {where} top-1 error {100 * ev["top1_error"]:.2f}% '
+    f'({ev["num_examples"]} examples){real}'
+  )
 
 
 # A cross-process step that failed because of another process: gloo's collectives (CPU) and

@@ -47,11 +47,12 @@ def reported_evaluators(config) -> tuple[Any, Any]:
   The table reports the main evaluator, except that a run which selects on images held out of
   the training set reports its evaluator on `test` where it has one: that is the figure the
   paper's tables give. The curve is the same split with the fewest views, as the paper's
-  Fig. 4 plots centre-crop error during training while its tables report 10-crop.
+  Fig. 4 plots centre-crop error during training while its tables report 10-crop. Few-shot
+  probes (`shots`) measure the features, not the classifier, and have no `top1_error`: never these.
   """
   from resnet_jax import evaluators  # pylint: disable=import-outside-toplevel
 
-  declared = evaluators.from_config(config)
+  declared = [e for e in evaluators.from_config(config) if e.probe is None]
   table = declared[0]
   on_test = [e for e in declared if e.split == 'test' and not e.scales]
   if config.data.validation_size > 0 and table.split != 'test' and on_test:
