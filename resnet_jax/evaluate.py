@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 from typing import Any, Callable, Sequence
 
 import jax
@@ -183,6 +184,13 @@ def evaluate_workdir(
   if dataset == image_folder.NAME and data_dir is None:  # before the run's data is opened
     if read_run_config(workdir).data.name != dataset:
       raise ValueError('--dataset image_folder reads the tree at --data-dir ROOT: add it')
+  if (
+    data_dir is not None
+    and '://' not in data_dir
+    and not os.path.isdir(os.path.expanduser(data_dir))
+  ):
+    # a reader makes nothing: digits, prepared on first use, would be written there
+    raise ValueError(f'--data-dir {data_dir} is not a directory: name where the data is now')
   overrides = {'eval_batch_size': batch_size} if batch_size else {}
   if data_dir is not None and not tree:
     overrides['data.data_dir'] = data_dir

@@ -181,6 +181,11 @@ def test_evaluate_reads_a_moved_dataset_from_data_dir(tmp_path, capsys):
   assert got['num_examples'] == 360 and got['step'] == 2
   assert got['loss'] == pytest.approx(trained['eval']['loss'], rel=1e-5)
   assert not (tmp_path / 'a').exists()  # without the flag the digits would be prepared again there
+  with pytest.raises(SystemExit):  # a mistyped --data-dir: it made that directory and digits in it
+    evaluate.main(['--workdir', str(tmp_path / 'run'), '--data-dir', str(tmp_path / 'c')])
+  err = capsys.readouterr().err.strip()
+  assert err == f'error: --data-dir {tmp_path / "c"} is not a directory: name where the data is now'
+  assert not (tmp_path / 'c').exists()
 
 
 def test_out_of_device_memory_is_one_line_other_runtime_errors_are_not_hidden(
