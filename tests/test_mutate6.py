@@ -1,0 +1,455 @@
+"""Rules of last session's code (few-shot linear probes, runtime.eval_batches and
+Experiment.check_channels, evaluate's few-shot path, configs/bit.py's train_split and
+validation_size args with read_when_built, the stems' strides, the GPU queue scripts) that
+mutation audit 6 (a one-line change to each, one at a time; docs/mutation-audit-6.md) found no
+test for: each test below fails on that change and passes on the code."""
+
+import argparse
+import contextlib
+import os
+import re
+import sys
+
+import ml_collections
+import numpy as np
+import pytest
+
+from resnet_jax import evaluate, evaluators, fewshot, multiscale, runtime, validation
+from resnet_jax.data import sources
+from resnet_jax.default_config import load_config_module, load_sibling_config
+from tests.test_gpu_queue import _GPU, _GPU_PROBE, _item, _logs, _run, _status, gq
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(ROOT, 'configs', 'x.py')
+bit = load_config_module(os.path.join(ROOT, 'configs', 'bit.py'))
+
+
+def _with_evals(config, **evals):
+  c = config.copy_and_resolve_references()
+  for name, spec in evals.items():
+    c.evals[name] = spec
+  return c
+
+
+# ----------------------------------------------------------- few-shot probes: fewshot.py (F1-F45)
+
+
+def test_the_default_probe_is_bits():
+  """BiT / big_vision fewshot_lsr: 1, 5, 10, 25 shots and an L2 penalty of 1024; 3 seeds here,
+  also what `evaluate --fewshot` draws without --seeds."""
+  assert fewshot.Probe() == fewshot.Probe((1, 5, 10, 25), 3, 1024.0, 'train')
+  assert _probe_of('--fewshot', '1,5').seeds == 3
+
+
+def test_shots_are_a_sorted_set_and_an_empty_list_is_refused():
+  assert fewshot.parse_shots('10, 1,5,1') == (1, 5, 10)
+  for bad in ('', ' , '):
+    with pytest.raises(ValueError, match='positive counts'):
+      fewshot.parse_shots(bad)
+
+
+def test_a_class_is_short_only_below_k_images_and_a_class_without_any_counts():
+  """BiT's shots: a class with fewer than k training images uses all it has; `classes_short`
+  counts those, including the last class when the train split has none of it."""
+  train_y = np.array([0] * 5 + [1] * 3)  # class 2: no training image
+  train_x = np.eye(3)[train_y] * 4.0
+  test_y = np.array([0, 1, 2])
+  out = fewshot.probe_errors(
+    (train_x, train_y), (np.eye(3) * 4.0, test_y), 3, fewshot.Probe((3,), 1)
+  )
+  assert out['classes_short_3shot'] == 1  # class 2; class 1 has exactly 3
+
+
+def test_the_probes_l2_penalty_is_the_one_it_was_given():
+  """Each seed's error is the ridge error of its draw at the probe's own `l2_reg`, in the dual
+  form (2 shots of 3 classes, 16 features) and the primal (10 shots, 4 features)."""
+  rng = np.random.default_rng(5)
+  for shots, d in [(2, 16), (10, 4)]:
+    train_y = np.repeat(np.arange(3), 12)
+    train_x = rng.normal(size=(36, d)) + np.eye(3, d)[train_y]
+    test_y = rng.integers(0, 3, 300)
+    test_x = rng.normal(size=(300, d)) + np.eye(3, d)[test_y]
+    idx = fewshot.draw_shots(train_y, 3, shots, 0)
+    errs = {
+      l2: fewshot.ridge_error(train_x[idx], train_y[idx], test_x, test_y, 3, l2)
+      for l2 in (1e-3, 1.0, 1024.0)
+    }
+    assert len(set(errs.values())) == 3  # the penalty matters on these images
+    for l2, err in errs.items():
+      probe = fewshot.Probe((shots,), 1, l2)
+      out = fewshot.probe_errors((train_x, train_y), (test_x, test_y), 3, probe)
+      assert out[f'top1_error_{shots}shot'] == err
+
+
+def test_an_empty_split_is_named(monkeypatch):
+  @contextlib.contextmanager
+  def nothing(*args, **kwargs):
+    yield iter(())
+
+  monkeypatch.setattr(runtime, 'eval_batches', nothing)
+  config = ml_collections.ConfigDict({'data': {'name': 'digits'}})
+  with pytest.raises(ValueError, match="split 'train\\[:0\\]' of digits is empty"):
+    fewshot.representations(None, None, config, None, 'train[:0]')
+
+
+def _probe_of(*argv):
+  parser = argparse.ArgumentParser()
+  fewshot.add_arguments(parser)
+  return fewshot.probe_of(parser.parse_args(argv))
+
+
+def test_the_few_shot_flags_reach_the_probe_and_are_refused_without_fewshot():
+  assert _probe_of('--fewshot', '5', '--l2-reg', '8', '--train-split', 'train[:10]') == (
+    fewshot.Probe((5,), 3, 8.0, 'train[:10]')
+  )
+  for argv in (('--l2-reg', '8'), ('--train-split', 'train[:10]')):
+    with pytest.raises(ValueError, match='go with --fewshot SHOTS'):
+      _probe_of(*argv)
+
+
+@pytest.fixture(scope='module')
+def experiment():
+  """A digits run's experiment (1-channel 8 x 8 images, 10 classes), nothing trained."""
+  config = load_sibling_config(CONFIGS, 'digits').get_config('depth=8,steps=4,batch=16')
+  return runtime.build_experiment(config)
+
+
+class _Split:
+  def __init__(self, classes: int, channels: int):
+    self.num_classes, self.native_shape = classes, (8, 8, channels)
+
+
+def _fake_data(monkeypatch, classes=None, channels=1):
+  """sources.open_split and fewshot.representations stood in: which splits, configs and
+  preprocessors the probe reads; 4 images per class (classes: {split: count})."""
+  reads = []
+  classes = classes or {}
+
+  def open_split(config, split):
+    return _Split(classes.get(split, 10), channels)
+
+  def representations(fn, variables, config, mesh, split, preprocessor=None):
+    reads.append(dict(split=split, config=config, preprocessor=preprocessor))
+    n = classes.get(split, 10)
+    y = np.repeat(np.arange(n), 4)
+    return np.eye(n, 12)[y] * 3.0, y
+
+  monkeypatch.setattr(sources, 'open_split', open_split)
+  monkeypatch.setattr(fewshot, 'representations', representations)
+  return reads
+
+
+def test_a_probe_of_the_runs_own_data_reads_its_train_and_eval_splits(monkeypatch, experiment):
+  """Without --train-split / --split: the run's own train split (a run on a slice probes that
+  slice) and its eval split, through its own preprocessing; the evaluator's batch size."""
+  reads = _fake_data(monkeypatch)
+  config = experiment.config
+  monkeypatch.setitem(config.data, 'train_split', 'train[:80%]')
+  monkeypatch.setitem(config.data, 'eval_split', 'train[80%:]')
+  probe = _probe_of('--fewshot', '1')
+  out = fewshot.run_probe(experiment, None, probe, batch_size=24, features_fn=print)
+  assert [r['split'] for r in reads] == ['train[:80%]', 'train[80%:]']
+  assert (out['train_split'], out['split']) == ('train[:80%]', 'train[80%:]')
+  assert {r['config'].eval_batch_size for r in reads} == {24} and 'dataset' not in out
+  assert {r['preprocessor'] for r in reads} == {None}
+  schedule = evaluators.from_config(_with_evals(config, fs={'shots': '1'}))
+  assert schedule[-1].probe.train_split == 'train[:80%]'
+
+
+def test_another_dataset_is_read_whole_from_its_train_and_test_splits(monkeypatch, experiment):
+  """Another dataset: its 'train' and 'test' (its own defaults, not the run's slices), all of its
+  train split (no validation_size held out), its own classes, the run's preprocessing."""
+  reads = _fake_data(monkeypatch, classes={'train': 3, 'test': 3})
+  config = experiment.config
+  monkeypatch.setitem(config.data, 'train_split', 'train[:80%]')
+  monkeypatch.setitem(config.data, 'validation_size', 100)
+  out = fewshot.run_probe(
+    experiment, None, fewshot.Probe((1,), 1, train_split=''), dataset='other', features_fn=print
+  )
+  assert [r['split'] for r in reads] == ['train', 'test'] and out['dataset'] == 'other'
+  for r in reads:
+    assert r['config'].data.validation_size == 0 and r['config'].model.num_classes is None
+    assert r['preprocessor'] is not None
+  schedule = evaluators.from_config(_with_evals(config, fs={'shots': '1', 'dataset': 'other'}))
+  assert schedule[-1].probe.train_split == 'train'
+
+
+def test_the_runs_own_dataset_named_again_is_its_own_data(experiment):
+  """`dataset=` the run's own name (no data_dir): the run's config as it is, validation_size and
+  classes kept."""
+  config = experiment.config
+  own = fewshot.probe_config(experiment, str(config.data.name))
+  assert own.to_dict() == config.to_dict()
+  moved = fewshot.probe_config(experiment, str(config.data.name), '/elsewhere')
+  assert moved.data.data_dir == '/elsewhere'
+
+
+def test_a_probe_refuses_a_dataset_with_other_channels(monkeypatch, experiment):
+  """Digits' 1-channel features of RGB images mean nothing: refused, when the probe runs and
+  before training starts (an `evals` entry)."""
+  _fake_data(monkeypatch, channels=3)
+  with pytest.raises(ValueError, match='other has 3-channel images .* 1-channel ones'):
+    fewshot.run_probe(experiment, None, fewshot.Probe((1,), 1), dataset='other', features_fn=print)
+  schedule = evaluators.from_config(
+    _with_evals(experiment.config, fs={'shots': '1', 'dataset': 'other'})
+  )
+  with pytest.raises(ValueError, match='other has 3-channel images'):
+    evaluators.check_sources(schedule, experiment)
+
+
+def test_a_test_class_the_train_split_lacks_is_counted_short(monkeypatch, experiment):
+  """Classes are the larger of the two splits' counts: a test class with no training image
+  is one the probe was given no shot of."""
+  _fake_data(monkeypatch, classes={'train': 3, 'test': 4})
+  out = fewshot.run_probe(
+    experiment, None, fewshot.Probe((1,), 1), dataset='other', split='test', features_fn=print
+  )
+  assert out['classes_short_1shot'] == 1
+
+
+# -------------------------------------- evaluate's and the evals' few-shot paths (E1-E10, V1-V12)
+
+
+def test_evaluate_fewshot_refuses_scales_before_reading_the_run(tmp_path):
+  with pytest.raises(ValueError, match='--fewshot reads one centre view .* --scales'):
+    evaluate.evaluate_workdir(str(tmp_path / 'no_run'), scales=(32,), probe=fewshot.Probe())
+
+
+@pytest.mark.parametrize(
+  'spec, match',
+  [
+    ({'shots': '5', 'l2_reg': 0.0}, 'l2_reg must be a positive number'),
+    ({'shots': '5', 'l2_reg': float('nan')}, 'l2_reg must be a positive number'),
+    ({'shots': '5', 'l2_reg': True}, 'l2_reg must be a positive number'),
+    ({'shots': '5', 'scales': '8,10'}, 'one centre view: drop crops/scales'),
+  ],
+)
+def test_a_probes_penalty_must_be_a_positive_number_and_it_takes_no_scales(experiment, spec, match):
+  """A ridge penalty of 0 (or NaN) is no ridge (a singular system in the dual form); True is
+  not a number someone meant. Scales are several views: a probe reads one."""
+  with pytest.raises(validation.ConfigError, match=match):
+    evaluators.from_config(_with_evals(experiment.config, bad=spec))
+
+
+def test_a_probes_log_line_gives_its_errors_in_percent(caplog):
+  probe = fewshot.Probe(shots=(1, 5), seeds=2)
+  evaluator = evaluators.Evaluator('fs', 'test', 1, (), 0, 8, None, probe)
+  with caplog.at_level('INFO', logger=evaluators.logger.name):
+    evaluators.log_result(evaluator, 4, {'num_examples': 9, 'top1_error_1shot': 0.5,
+                                         'top1_error_5shot': 0.125})  # fmt: skip
+  assert 'top-1 error 1-shot 50.00%, 5-shot 12.50%' in caplog.text
+
+
+def test_an_evals_probe_runs_at_its_own_batch_size(monkeypatch, experiment):
+  seen = {}
+  monkeypatch.setattr(fewshot, 'run_probe', lambda *a, **kw: seen.update(kw) or {})
+  probe = fewshot.Probe(shots=(1,), seeds=1)
+  evaluator = evaluators.Evaluator('fs', 'test', 1, (), 0, 24, None, probe)
+  evaluators.EvalRunner(experiment).run(evaluator, None)
+  assert seen['batch_size'] == 24
+
+
+# ------------------------------------------------------- configs/bit.py's args (C1-C10, W1-W5)
+
+
+@pytest.mark.parametrize('arg', ['validation_size=-1', 'image_size=-8'])
+def test_every_count_arg_of_the_bit_config_refuses_a_negative_value(arg):
+  """validation_size=-1 would hold out no examples yet read as a choice; image_size=-8 a crop of
+  no size. Refused before any data is read, like steps=-1."""
+  with pytest.raises(ValueError, match=f'{arg.split("=")[0]} must be >= 0'):
+    bit.get_config(arg)
+
+
+def test_read_when_built_guards_any_section_it_names():
+  """default_config's contract: {section: {field: value}, 'by': who}; a config file that read a
+  model field while it was built is protected like configs/bit.py's data fields."""
+  c = bit.get_config('train_examples=1000,image_area=1024')
+  c.read_when_built = {'model': {'name': str(c.model.name)}, 'by': 'configs/mine.py'}
+  validation.validate_config(c)
+  c.model.name = 'resnetv2_101x1_bit'
+  with pytest.raises(validation.ConfigError, match=r'model\.name was set to .*configs/mine\.py'):
+    validation.validate_config(c)
+
+
+def test_a_config_without_read_when_built_still_validates():
+  """A config made without today's base_config() (a config file of its own, an older field set)
+  lacks the field: nothing was read when it was built, nothing to refuse, as for the loss
+  fields validate_config reads with .get."""
+  c = bit.get_config('train_examples=1000,image_area=1024')
+  del c['read_when_built']
+  validation.validate_config(c)
+
+
+# ------------------------------------------------------------- the stems' strides (S1-S8)
+
+
+def test_every_stem_has_a_stride_and_an_unknown_one_asks_for_stride():
+  """multiscale.network_stride knows each stem create_model builds; a net it cannot read (a
+  stem of its own) gets the one-line 'pass stride=' answer, not a KeyError."""
+  from resnet_jax.models import stems
+
+  assert set(stems.STEM_STRIDES) == set(stems.STEMS)
+
+  class Custom:
+    stem = 'patchify'
+
+    def stage_geometry(self):
+      return [(1, 1, 1)]
+
+  with pytest.raises(ValueError, match='cannot tell the total stride of Custom: pass stride='):
+    multiscale.network_stride(Custom())
+
+
+def test_groupnorm_is_refused_for_a_cifar_bottleneck_net_too():
+  """The CIFAR bottleneck nets (He et al. 2016's ResNet-164) also start with a 16-channel stem."""
+  from resnet_jax.models import create_model
+
+  with pytest.raises(ValueError, match="GroupNorm's 32 groups .* ImageNet-family"):
+    create_model('resnet164', block='bottleneck', norm='group', weight_standardization=True)
+
+
+# --------------------------------------------------------------- scripts/gpu_queue.py (Q1-Q43)
+
+
+def test_tiny_items_ignore_the_h100_expectations(tmp_path):
+  """--tiny runs each item's CPU variant: an item expected to take 500 s on the H100 is not
+  skipped for a 5 s budget (the expectations do not apply), only the budget's end stops it."""
+  cpu = dict(_GPU, platform='cpu', device_kind='cpu')
+  probe = ('-c', f'import json; print(json.dumps({cpu!r}))')
+  index = _run(tmp_path / 'q', [_item('big', 'pass', expected_s=500)], '--tiny', '--budget-s', '5',
+               probe=probe)  # fmt: skip
+  assert _status(index) == {'big': 'ok'}
+
+
+def test_done_chains_name_the_call_where_the_item_finished(tmp_path):
+  """A third call told of the second only: the items the second skipped as done earlier still
+  point at the first call's folder, where their results are."""
+  queue = [_item('a', 'pass'), _item('b', 'pass', expected_s=400)]
+  q1, q2, q3 = tmp_path / 'q1', tmp_path / 'q2', tmp_path / 'q3'
+  assert _status(_run(q1, queue, '--budget-s', '100')) == {'a': 'ok', 'b': 'skipped'}
+  _run(q2, queue, '--done', str(q1))
+  index = _run(q3, queue, '--done', str(q2))
+  assert {r['name']: r['from'] for r in index['items']} == {'a': str(q1), 'b': str(q2)}
+
+
+def test_only_runs_the_named_items_and_an_empty_list_is_refused(tmp_path, monkeypatch, capsys):
+  log = tmp_path / 'ran'
+  queue = [_item(n, _logs(log, n)) for n in 'abc']
+  index = _run(tmp_path / 'q', queue, '--only', 'c,a')
+  assert log.read_text().split() == ['a', 'c'] and list(_status(index)) == ['a', 'c']
+  monkeypatch.chdir(tmp_path)
+  for flags in (['--only', ','], ['--collect', 'q', '--done', 'q']):
+    with pytest.raises(SystemExit) as e:
+      gq.main(['--out', 'new', *flags], queue=tuple(queue), probe_argv=_GPU_PROBE)
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.startswith('error: ') and len(err.splitlines()) == 1, err
+  assert not (tmp_path / 'new').exists()
+
+
+def test_the_last_log_line_counts_done_earlier_items_as_finished(tmp_path, capsys):
+  queue = [_item('a', 'pass')]
+  _run(tmp_path / 'q1', queue)
+  capsys.readouterr()
+  _run(tmp_path / 'q2', queue, '--done', str(tmp_path / 'q1'))
+  assert capsys.readouterr().out.splitlines()[-1].endswith('not finished: none')
+
+
+def test_an_items_result_is_its_last_line_only_when_that_is_a_json_object(tmp_path):
+  """The scripts' convention: the last stdout line is one JSON object; a list or a number there
+  is not a result (summary reads keys from it): the stdout tail is kept instead."""
+  queue = [_item('list', 'print("[1, 2]")'), _item('obj', 'print(\'{"x": 1}\')')]
+  lst, obj = _run(tmp_path / 'q', queue)['items']
+  assert lst['result'] is None and lst['stdout_tail'] == '[1, 2]\n'
+  assert obj['result'] == {'x': 1} and 'stdout_tail' not in obj
+
+
+def test_an_item_that_exits_cleanly_on_sigterm_at_its_timeout_is_still_timed_out(tmp_path):
+  """Ended by the budget, not finished: 'timeout', so that the next call runs it again (--done
+  skips only ok and failed), even when the item catches SIGTERM and exits 0. Its output up to
+  then is kept (the item runs unbuffered)."""
+  code = (
+    'import signal, sys, time\n'
+    'signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))\n'
+    'print("started")\ntime.sleep(60)\n'
+  )
+  index = _run(tmp_path / 'q', [_item('slow', code, expected_s=0.5)], '--budget-s', '2')
+  record = index['items'][0]
+  assert (record['status'], record['rc']) == ('timeout', 0)
+  assert record['stdout_tail'] == 'started\n'
+
+
+def test_a_killed_items_output_is_kept_up_to_its_end(tmp_path, monkeypatch):
+  """An item killed outright (SIGKILL, the out-of-memory killer) keeps what it printed: items run
+  unbuffered, whatever the queue's own environment says."""
+  monkeypatch.delenv('PYTHONUNBUFFERED', raising=False)
+  code = 'import os, signal\nprint("step 1 done")\nos.kill(os.getpid(), signal.SIGKILL)\n'
+  record = _run(tmp_path / 'q', [_item('killed', code)])['items'][0]
+  assert (record['status'], record['rc']) == ('failed', -9)
+  assert record['stdout_tail'] == 'step 1 done\n'
+
+
+def test_the_environment_marks_a_tree_with_uncommitted_changes(tmp_path, monkeypatch):
+  """The commit a figure was measured at, '+changes' when the tracked files differ from it."""
+  import subprocess
+
+  runner = sys.modules['gpu_queue_run']
+  git = lambda *a: subprocess.run(
+    ['git', '-c', 'user.name=t', '-c', 'user.email=t@t', *a], cwd=tmp_path, check=True,
+    capture_output=True,
+  )  # fmt: skip
+  git('init', '-q')
+  (tmp_path / 'f').write_text('1')
+  git('add', 'f')
+  git('commit', '-q', '-m', 'c')
+  monkeypatch.setattr(runner, 'ROOT', str(tmp_path))
+  assert re.fullmatch(r'[0-9a-f]{40}', runner.environment(_GPU_PROBE)['commit'])
+  (tmp_path / 'f').write_text('2')
+  assert re.fullmatch(r'[0-9a-f]{40}\+changes', runner.environment(_GPU_PROBE)['commit'])
+
+
+def test_a_device_probe_that_exits_with_an_error_is_refused(tmp_path, capsys):
+  """Its JSON line may be a half-started backend's: a failing probe stops the queue."""
+  probe = ('-c', f'import json, sys; print(json.dumps({_GPU!r})); sys.exit(3)')
+  assert gq.main(['--out', str(tmp_path / 'q')], queue=(_item('a', 'pass'),), probe_argv=probe) == 1
+  err = capsys.readouterr().err
+  assert err.startswith('error: the device probe failed (rc 3)') and len(err.splitlines()) == 1
+
+
+def test_an_items_record_lists_the_files_it_wrote_in_its_folder(tmp_path):
+  code = 'import sys; open(sys.argv[1] + "/trace.json", "w").write("{}")'
+  queue = [gq.Item('w', ('-c', code, '{out}'), (), 1, 'stand-in')]
+  assert _run(tmp_path / 'q', queue)['items'][0]['files'] == ['trace.json']
+
+
+def test_the_summary_table_reads_as_the_calls_went():
+  """summary.md: the device as nvidia-smi names it (no UUID), the commit with '+ changes', no
+  different-devices warning for one device, a cut-off item said so, and a failed item's last
+  stderr line (its '|' escaped, so the table keeps its columns)."""
+  summary = sys.modules['gpu_queue_summary']
+  env = dict(_GPU, nvidia_smi='GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-1234)', date='d')
+  env['commit'] = 'a' * 40 + '+changes'
+  part = dict(dir='q1', environment=env, budget_s=560, wall_s=9.0)
+  items = [
+    dict(name='cut', status='running', part='q1', command='python scripts/x.py'),
+    dict(name='bad', status='failed', part='q1', command='python scripts/x.py',
+         stderr_tail='Traceback\nValueError: a | b\n'),
+  ]  # fmt: skip
+  merged = dict(rc=1, error='error: no rows')
+  md = summary.markdown(
+    dict(date='d', tiny=False, parts=[part], items=items, gpu_report=merged), None
+  )
+  assert '| q1 | d | GPU 0: NVIDIA H100 80GB HBM3 | 0 |' in md
+  assert '| aaaaaaaaaa + changes |' in md and 'different devices' not in md
+  assert '| cut | cut off (the command was killed) |' in md
+  assert md.count('\n| bad | failed |') == 1 and '| ValueError: a \\| b |' in md
+  assert 'The gpu_report parts did not merge: error: no rows' in md
+
+
+def test_a_folder_whose_queue_json_is_not_an_index_is_one_error_line(tmp_path, capsys):
+  (tmp_path / 'odd').mkdir()
+  (tmp_path / 'odd' / 'queue.json').write_text('{"items": []}')
+  for flags in (['--done', str(tmp_path / 'odd')], ['--collect', str(tmp_path / 'odd')]):
+    rc = gq.main(['--out', str(tmp_path / 'new'), *flags], queue=(_item('a', 'pass'),),
+                 probe_argv=_GPU_PROBE)  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 1 and err == f'error: {tmp_path / "odd" / "queue.json"} is not a gpu_queue index\n'
