@@ -139,6 +139,26 @@ def _fake_data(monkeypatch, classes=None, channels=1):
   return reads
 
 
+def test_the_probe_reads_the_features_of_the_runs_preprocessed_images(experiment):
+  """The representation is the classifier's input on the images as the run evaluates them
+  (uint8 batch -> the run's device preprocessing -> the net), not on raw pixels."""
+  import jax
+
+  model = experiment.model
+  n = experiment.mesh.size  # one image per device
+  images = np.random.default_rng(0).integers(0, 256, (n, 8, 8, 1), dtype=np.uint8)
+  variables = model.init(jax.random.key(0), np.zeros((1, 8, 8, 1), np.float32), train=False)
+  fn = fewshot.jit_representation_fn(experiment.mesh, model.apply, experiment.preprocess)
+  batch = {'image': images, 'label': np.arange(n), 'mask': np.ones(n, bool)}
+  got = fn(variables, batch)
+  x = experiment.preprocess(images, rng=None)
+  _, state = model.apply(variables, x, train=False, mutable=['intermediates'])
+  np.testing.assert_allclose(
+    got['features'], state['intermediates']['pre_logits'][0], rtol=1e-5, atol=1e-6
+  )
+  assert got['label'].tolist() == list(range(n))
+
+
 def test_a_probe_of_the_runs_own_data_reads_its_train_and_eval_splits(monkeypatch, experiment):
   """Without --train-split / --split: the run's own train split (a run on a slice probes that
   slice) and its eval split, through its own preprocessing; the evaluator's batch size."""
@@ -174,10 +194,12 @@ def test_another_dataset_is_read_whole_from_its_train_and_test_splits(monkeypatc
   assert schedule[-1].probe.train_split == 'train'
 
 
-def test_the_runs_own_dataset_named_again_is_its_own_data(experiment):
-  """`dataset=` the run's own name (no data_dir): the run's config as it is, validation_size and
-  classes kept."""
+def test_the_runs_own_dataset_named_again_is_its_own_data(monkeypatch, experiment):
+  """`dataset=` the run's own name (no data_dir): the run's config as it is, its held-out
+  validation examples and its class count kept."""
   config = experiment.config
+  monkeypatch.setitem(config.data, 'validation_size', 100)
+  monkeypatch.setitem(config.model, 'num_classes', 10)
   own = fewshot.probe_config(experiment, str(config.data.name))
   assert own.to_dict() == config.to_dict()
   moved = fewshot.probe_config(experiment, str(config.data.name), '/elsewhere')
