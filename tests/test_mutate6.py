@@ -183,6 +183,7 @@ def test_another_dataset_is_read_whole_from_its_train_and_test_splits(monkeypatc
   config = experiment.config
   monkeypatch.setitem(config.data, 'train_split', 'train[:80%]')
   monkeypatch.setitem(config.data, 'validation_size', 100)
+  monkeypatch.setitem(config.model, 'num_classes', 10)  # the run's, not the other dataset's
   out = fewshot.run_probe(
     experiment, None, fewshot.Probe((1,), 1, train_split=''), dataset='other', features_fn=print
   )
@@ -235,6 +236,20 @@ def test_a_test_class_the_train_split_lacks_is_counted_short(monkeypatch, experi
 def test_evaluate_fewshot_refuses_scales_before_reading_the_run(tmp_path):
   with pytest.raises(ValueError, match='--fewshot reads one centre view .* --scales'):
     evaluate.evaluate_workdir(str(tmp_path / 'no_run'), scales=(32,), probe=fewshot.Probe())
+
+
+def test_evaluate_with_the_runs_own_dataset_named_is_its_own_evaluation(tmp_path):
+  """`--dataset digits` on a digits run is no other dataset: the same figures and JSON as without
+  it (no 'dataset' key)."""
+  from resnet_jax import train
+  from tests.test_train_loop import ArrayBatches
+
+  config = load_sibling_config(CONFIGS, 'digits').get_config('depth=8,steps=2,batch=16')
+  config.progress_bar = False
+  run = str(tmp_path / 'run')
+  train.train_and_evaluate(config, run, train_iter=ArrayBatches(16))
+  named = evaluate.evaluate_workdir(run, dataset='digits')
+  assert named == evaluate.evaluate_workdir(run) and 'dataset' not in named
 
 
 @pytest.mark.parametrize(
