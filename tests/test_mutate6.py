@@ -238,18 +238,24 @@ def test_evaluate_fewshot_refuses_scales_before_reading_the_run(tmp_path):
     evaluate.evaluate_workdir(str(tmp_path / 'no_run'), scales=(32,), probe=fewshot.Probe())
 
 
-def test_evaluate_with_the_runs_own_dataset_named_is_its_own_evaluation(tmp_path):
-  """`--dataset digits` on a digits run is no other dataset: the same figures and JSON as without
-  it (no 'dataset' key)."""
+def test_evaluate_on_the_runs_own_data_named_or_moved_is_its_own_evaluation(tmp_path):
+  """`--dataset digits` on a digits run is no other dataset: the same JSON as without it (no
+  'dataset' key). `--fewshot --data-dir NEW` on a run whose data moved probes the run's own data
+  (its own splits, no 'dataset' key), as the classifier evaluation does."""
   from resnet_jax import train
   from tests.test_train_loop import ArrayBatches
 
   config = load_sibling_config(CONFIGS, 'digits').get_config('depth=8,steps=2,batch=16')
-  config.progress_bar = False
+  config.update_from_flattened_dict({'data.data_dir': str(tmp_path / 'a'), 'progress_bar': False})
   run = str(tmp_path / 'run')
   train.train_and_evaluate(config, run, train_iter=ArrayBatches(16))
   named = evaluate.evaluate_workdir(run, dataset='digits')
   assert named == evaluate.evaluate_workdir(run) and 'dataset' not in named
+  (tmp_path / 'a').rename(tmp_path / 'b')
+  probe = fewshot.Probe((1,), 1, train_split='')
+  moved = evaluate.evaluate_workdir(run, data_dir=str(tmp_path / 'b'), probe=probe)
+  assert 'dataset' not in moved and (moved['train_split'], moved['split']) == ('train', 'test')
+  assert moved['num_examples'] == 360 and not (tmp_path / 'a').exists()
 
 
 @pytest.mark.parametrize(
