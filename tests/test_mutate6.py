@@ -289,6 +289,49 @@ def test_an_evals_probe_runs_at_its_own_batch_size(monkeypatch, experiment):
   assert seen['batch_size'] == 24
 
 
+# ---------------------------------------------------------------- runtime.eval_batches (R1-R7)
+
+
+def test_eval_batches_give_each_process_its_share_of_whole_device_batches(monkeypatch):
+  """`eval_batch_size` rounded up to whole devices, split across the processes (each reads its
+  share, with its index), and closed on exit, an exception included: no Grain worker outlives a
+  failed evaluation. Two processes of two devices each stood in (jax's counts)."""
+  import jax
+
+  from resnet_jax import data
+
+  calls, closed = [], []
+
+  class Batches:
+    def __iter__(self):
+      return self
+
+    def __next__(self):
+      raise StopIteration
+
+    def close(self):
+      closed.append(True)
+
+  def create_eval_iterator(config, **kwargs):
+    calls.append(kwargs)
+    return Batches()
+
+  monkeypatch.setattr(data, 'create_eval_iterator', create_eval_iterator)
+  monkeypatch.setattr(jax, 'device_count', lambda: 4)
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  monkeypatch.setattr(jax, 'process_index', lambda: 1)
+  config = ml_collections.ConfigDict({'eval_batch_size': 10})
+  geometry = object()
+  with pytest.raises(KeyError):
+    with runtime.eval_batches(config, 'test[:50]', 10, geometry):
+      raise KeyError('a failed step')
+  assert calls == [
+    dict(split='test[:50]', local_batch_size=6, process_index=1, process_count=2, crops=10,
+         preprocessor=geometry)
+  ]  # fmt: skip
+  assert closed == [True]
+
+
 # ------------------------------------------------------- configs/bit.py's args (C1-C10, W1-W5)
 
 
