@@ -332,17 +332,6 @@ def test_eval_batches_give_each_process_its_share_of_whole_device_batches(monkey
   assert closed == [True]
 
 
-def test_check_channels_refuses_fewer_channels_as_well_as_more():
-  """An RGB run's features of grayscale images mean nothing either (evaluate's test sets and the
-  probes share this check)."""
-  import types
-
-  rgb = types.SimpleNamespace(dataset=types.SimpleNamespace(image_shape=(32, 32, 3), name='c10'))
-  runtime.Experiment.check_channels(rgb, 'cifar10_1', 3)
-  with pytest.raises(ValueError, match='digits has 1-channel images .* 3-channel ones \\(c10\\)'):
-    runtime.Experiment.check_channels(rgb, 'digits', 1)
-
-
 # ------------------------------------------------------- configs/bit.py's args (C1-C10, W1-W5)
 
 
