@@ -54,8 +54,8 @@ class Probe:
 def parse_shots(text: Any) -> tuple[int, ...]:
   """'1,5,10,25' -> (1, 5, 10, 25); anything else (empty, zero, not a number) is a ValueError."""
   parts = [p.strip() for p in str(text).split(',') if p.strip()]
-  if not parts or not all(p.isdigit() and int(p) > 0 for p in parts):
-    raise ValueError(
+  if not parts or not all(p.isascii() and p.isdigit() and int(p) > 0 for p in parts):
+    raise ValueError(  # isascii: '²' passes isdigit, then int() fails with its own message
       f"shots must be positive counts of images per class like '1,5,10,25', got {text!r}"
     )
   return tuple(sorted({int(p) for p in parts}))

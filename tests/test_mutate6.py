@@ -40,7 +40,7 @@ def test_the_default_probe_is_bits():
 
 def test_shots_are_a_sorted_set_and_an_empty_list_is_refused():
   assert fewshot.parse_shots('10, 1,5,1') == (1, 5, 10)
-  for bad in ('', ' , '):
+  for bad in ('', ' , ', '1,\u00b2'):  # '²' is a digit to str.isdigit, not to int()
     with pytest.raises(ValueError, match='positive counts'):
       fewshot.parse_shots(bad)
 
