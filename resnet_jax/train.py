@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import time
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import jax
 import ml_collections
@@ -39,6 +39,7 @@ from resnet_jax.workdir import (
   RESULTS_FILE,
   WorkdirLock,
   as_path,
+  check_recorded_class_names,
   read_results,
   read_run_config,
   write_json,
@@ -71,11 +72,15 @@ class NonFiniteLossError(RuntimeError):
 
 
 def _prepare_workdir(
-  workdir: epath.Path, config: ml_collections.ConfigDict, lock: WorkdirLock | None = None
+  workdir: epath.Path,
+  config: ml_collections.ConfigDict,
+  lock: WorkdirLock | None = None,
+  class_names: Sequence[str] | None = None,
 ) -> None:
   """Creates the workdir, takes its `lock` (a second run stops here), proves it and its
-  checkpoints/ writable, and refuses one holding a differently shaped run. Writes nothing that
-  stays: config.json comes once the run is accepted."""
+  checkpoints/ writable, and refuses one holding a differently shaped run, or one whose recorded
+  `class_names` differ (a tree's folders renamed: its labels would mean other classes). Writes
+  nothing that stays: config.json comes once the run is accepted."""
   if workdir.exists() and not workdir.is_dir():
     raise ConfigError(f'workdir {workdir} is a file, not a directory: use another --workdir')
   try:
@@ -104,6 +109,7 @@ def _prepare_workdir(
           f'workdir {workdir} holds a run with {field}={before!r}, this config has '
           f'{now!r}: use another --workdir (--config.init_from={workdir} starts from its weights)'
         )
+    check_recorded_class_names(workdir, class_names)
 
 
 def _write_config(
@@ -176,7 +182,12 @@ def train_and_evaluate(
         f'init_from {config.init_from} is not a directory (a run workdir or converted weights)'
       )
     initial = runtime.initial_variables(training) if fresh else None  # a misfit: no trace
-    _prepare_workdir(workdir, config, lock if jax.process_index() == 0 else None)
+    _prepare_workdir(
+      workdir,
+      config,
+      lock if jax.process_index() == 0 else None,
+      training.experiment.dataset.class_names,
+    )
     ckpt = checkpointing.Checkpointer(
       workdir, max_to_keep=config.max_to_keep, keep_best=config.keep_best
     )

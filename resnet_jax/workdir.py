@@ -10,7 +10,7 @@ import json
 import os
 import socket
 import uuid
-from typing import Any
+from typing import Any, Sequence
 
 import ml_collections
 from etils import epath
@@ -83,6 +83,21 @@ def read_class_names(workdir: str | epath.PathLike) -> list[str] | None:
   if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
     raise WorkdirError(f'{path} is not a list of names: restore it or delete it')
   return names
+
+
+def check_recorded_class_names(workdir: str | epath.PathLike, names: Sequence[str] | None) -> None:
+  """Refuses to resume a run on data whose classes are named otherwise than the run recorded (a
+  tree's folders renamed, added or removed): its labels would silently mean other classes."""
+  recorded = read_class_names(workdir)
+  if recorded is None or names is None or list(names) == recorded:
+    return
+  was, now = recorded + ['(none)'] * len(names), list(names) + ['(none)'] * len(recorded)
+  k = next(i for i, (a, b) in enumerate(zip(was, now)) if a != b)
+  raise WorkdirError(
+    f'workdir {as_path(workdir)} holds a run whose class {k} is {was[k]!r} ({CLASS_NAMES_FILE}); '
+    f'the data names it {now[k]!r}: its labels would mean other classes. Restore the class '
+    'folders, or use another --workdir'
+  )
 
 
 def read_run_config(workdir: str | epath.PathLike) -> ml_collections.ConfigDict:
