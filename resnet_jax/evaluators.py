@@ -101,6 +101,8 @@ class Evaluator:
       out['scales'] = list(self.scales)
     if self.dataset:
       out['dataset'] = self.dataset
+    if 'classes_scored' in result:
+      out['classes_scored'] = result['classes_scored']
     return out
 
 
@@ -282,7 +284,7 @@ class EvalRunner:
           )
         step = self._label_set_step
     if evaluator.scales:
-      return run_multiscale_evaluation(
+      result = run_multiscale_evaluation(
         apply_fn,
         variables,
         config,
@@ -294,15 +296,19 @@ class EvalRunner:
         preprocess=experiment.preprocess,
         preprocessor=preprocessor,
       )
-    return run_evaluation(
-      step,
-      variables,
-      config,
-      experiment.mesh,
-      split=evaluator.split,
-      crops=evaluator.crops,
-      preprocessor=preprocessor,
-    )
+    else:
+      result = run_evaluation(
+        step,
+        variables,
+        config,
+        experiment.mesh,
+        split=evaluator.split,
+        crops=evaluator.crops,
+        preprocessor=preprocessor,
+      )
+    if columns is not None:  # a subset of the run's classes (ImageNet-A/R), as evaluate's JSON
+      result['classes_scored'] = len(columns)
+    return result
 
   def _config(
     self, batch_size: int, dataset: str | None, split: str
