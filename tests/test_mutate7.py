@@ -10,7 +10,7 @@ import shutil
 import pytest
 
 from resnet_jax import other_datasets, runtime
-from resnet_jax.data import sources
+from resnet_jax.data import folder_index, sources
 from tests.test_image_folder import (  # cache, tree: the fixtures (the user cache here, a tree)
   cache,  # noqa: F401
   folder_config,
@@ -332,3 +332,33 @@ def test_a_subset_is_scored_on_its_classes_at_several_scales_too(tmp_path, monke
     got = evaluate.evaluate_workdir(run, dataset='imagenet_a', scales=[16])
   assert got['classes_scored'] == held < 1000
   assert widths == [held, held]  # the evaluator's, then evaluate's
+
+
+def test_an_rgb_tree_s_statistics_are_found_where_they_were_cached_before_greyscale_trees(tree):
+  """Reading a tree as greyscale (data.channels=1) keys its statistics apart; an RGB tree's
+  cache key is what it was before, the tree's real path and file list, so statistics already
+  computed for a large tree (a pass over every image) are found again, not computed anew."""
+  from resnet_jax.data import image_folder
+
+  real = os.path.realpath(os.path.join(tree, 'train'))
+  files = folder_index.cached_scan(real)['files']
+  before = os.path.join(
+    folder_index.cache_root(), 'image_folder', f'stats-{folder_index.digest(real, files)}'
+  )
+  assert image_folder._stats_dir(tree, 'train') == before
+  assert image_folder._stats_dir(tree, 'train', channels=3) == before
+  assert image_folder._stats_dir(tree, 'train', channels=1) != before
+
+
+def test_a_tree_alone_is_named_unless_every_folder_is_a_number(tmp_path):
+  """A test set extracted alone with named class folders, one of which happens to be a number
+  ('3' beside 'n01'), is named (its sorted folder names are its classes), not numbered: only
+  ImageNet-V2's all-number layout indexes the run's classes."""
+  from PIL import Image
+
+  for folder in ('n01', '3'):
+    os.makedirs(tmp_path / 'only' / 'test' / folder)
+    Image.new('RGB', (8, 8)).save(tmp_path / 'only' / 'test' / folder / 'a.png')
+  config = folder_config(str(tmp_path / 'only'), eval_split='test')
+  source = sources.open_split(config, 'test')
+  assert source.class_names == ('3', 'n01') and source.num_classes == 2
