@@ -362,3 +362,17 @@ def test_a_tree_alone_is_named_unless_every_folder_is_a_number(tmp_path):
   config = folder_config(str(tmp_path / 'only'), eval_split='test')
   source = sources.open_split(config, 'test')
   assert source.class_names == ('3', 'n01') and source.num_classes == 2
+
+
+@pytest.mark.parametrize('folders', [('n01', 'n10'), ('0', '2')])
+def test_a_tree_alone_is_read_in_the_channels_asked_for(folders, tmp_path):
+  """A test set extracted alone (named as ImageNet-A's, numbered as ImageNet-V2's) is read in
+  the run's channels like any tree: greyscale for a greyscale run, whatever its files hold."""
+  from PIL import Image
+
+  for folder in folders:
+    os.makedirs(tmp_path / 'only' / 'test' / folder)
+    Image.new('RGB', (8, 8), (200, 10, 10)).save(tmp_path / 'only' / 'test' / folder / 'a.png')
+  config = folder_config(str(tmp_path / 'only'), eval_split='test', channels=1)
+  config.model.num_classes = 3
+  assert sources.open_split(config, 'test').native_shape[2] == 1
