@@ -376,3 +376,15 @@ def test_a_tree_alone_is_read_in_the_channels_asked_for(folders, tmp_path):
   config = folder_config(str(tmp_path / 'only'), eval_split='test', channels=1)
   config.model.num_classes = 3
   assert sources.open_split(config, 'test').native_shape[2] == 1
+
+
+def test_a_probe_on_a_numbered_tree_reads_its_own_classes(tree, tmp_path):
+  """A few-shot probe learns its own classifier: a tree it reads is not taken as the run's
+  classes (model.num_classes is cleared), so a numbered tree alone has its own count."""
+  from resnet_jax import fewshot
+
+  config = folder_config(tree)
+  config.model.num_classes = 3
+  experiment = runtime.build_experiment(config)
+  probe = fewshot.probe_config(experiment, 'image_folder', str(tmp_path / 'other'))
+  assert probe.model.num_classes is None and experiment.config.model.num_classes == 3
