@@ -34,7 +34,6 @@ from resnet_jax.train_step import (
 )
 from resnet_jax.validation import ConfigError, profile_window, validate_config
 from resnet_jax.workdir import (
-  CLASS_NAMES_FILE,
   CONFIG_FILE,
   RESULTS_FILE,
   WorkdirLock,
@@ -43,6 +42,7 @@ from resnet_jax.workdir import (
   read_results,
   read_run_config,
   write_json,
+  write_run_record,
 )
 
 logger = logging.getLogger(__name__)
@@ -110,16 +110,6 @@ def _prepare_workdir(
           f'{now!r}: use another --workdir (--config.init_from={workdir} starts from its weights)'
         )
     check_recorded_class_names(workdir, class_names)
-
-
-def _write_config(
-  workdir: epath.Path, config: ml_collections.ConfigDict, dataset: data.DatasetInfo
-) -> None:
-  """config.json, and the class names (predict and evaluate name classes without the data)."""
-  if jax.process_index() == 0:
-    write_json(workdir / CONFIG_FILE, json.loads(config.to_json_best_effort()))
-    if dataset.class_names is not None:
-      write_json(workdir / CLASS_NAMES_FILE, list(dataset.class_names))
 
 
 def _device_batches(iterator, mesh) -> Iterator[tuple[Any, dict[str, jax.Array]]]:
@@ -205,7 +195,8 @@ def train_and_evaluate(
       if start.iterator_state is not None:  # the pipeline refuses another batch size or seed
         train_iter.set_state(start.iterator_state)
       # only now: a refused run leaves the workdir as it was
-      _write_config(workdir, config, training.experiment.dataset)
+      if jax.process_index() == 0:
+        write_run_record(workdir, config, training.experiment.dataset.class_names)
       return _train(
         config, workdir, training, ckpt, start, train_iter, writer, stop, profile, invocation_start
       )

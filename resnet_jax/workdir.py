@@ -100,6 +100,16 @@ def check_recorded_class_names(workdir: str | epath.PathLike, names: Sequence[st
   )
 
 
+def write_run_record(
+  workdir: epath.Path, config: ml_collections.ConfigDict, class_names: Sequence[str] | None
+) -> None:
+  """config.json, and class_names.json when the labels have names (predict and evaluate then
+  name the classes, and a resume checks them, without the data)."""
+  write_json(workdir / CONFIG_FILE, json.loads(config.to_json_best_effort()))
+  if class_names is not None:
+    write_json(workdir / CLASS_NAMES_FILE, list(class_names))
+
+
 def read_run_config(workdir: str | epath.PathLike) -> ml_collections.ConfigDict:
   """The config a run in `workdir` was started with, on top of today's defaults.
 

@@ -174,12 +174,16 @@ def test_a_subset_maps_to_the_run_s_columns_in_the_run_s_own_order():
 def test_class_names_json_keeps_the_label_order_and_refuses_a_list_of_other_things(tmp_path):
   """class_names.json: entry k names label k, in the dataset's own order (unsorted here), and a
   file that is a list of anything but names is one clear error."""
-  from resnet_jax import data, train
   from resnet_jax.default_config import base_config
-  from resnet_jax.workdir import CLASS_NAMES_FILE, WorkdirError, as_path, read_class_names
+  from resnet_jax.workdir import (
+    CLASS_NAMES_FILE,
+    WorkdirError,
+    as_path,
+    read_class_names,
+    write_run_record,
+  )
 
-  info = data.DatasetInfo('pets', 3, (32, 32, 3), 1, 1, 'test', ('truck', 'bird', 'cat'))
-  train._write_config(as_path(tmp_path), base_config(), info)
+  write_run_record(as_path(tmp_path), base_config(), ('truck', 'bird', 'cat'))
   assert read_class_names(tmp_path) == ['truck', 'bird', 'cat']
   (tmp_path / CLASS_NAMES_FILE).write_text('["a", 1]')
   with pytest.raises(WorkdirError, match='is not a list of names'):
