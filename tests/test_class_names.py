@@ -212,6 +212,7 @@ def test_imagenet_a_is_read_in_the_classes_it_holds_and_scored_on_them(tmp_path)
   config.model.name, config.batch_size, config.eval_batch_size = 'resnet8', 4, 4
   config.num_train_steps, config.progress_bar = 1, False
   config.evals.a = dict(dataset='imagenet_a')
+  config.evals.a_scales = dict(dataset='imagenet_a', scales='16,24')
   run = str(tmp_path / 'run')
   with tfds.testing.mock_data(num_examples=8, policy=tfds.testing.MockPolicy.USE_CODE):
     raw = tfds.builder('imagenet_a').as_data_source('test')
@@ -226,3 +227,6 @@ def test_imagenet_a_is_read_in_the_classes_it_holds_and_scored_on_them(tmp_path)
   assert got['classes_scored'] == len(held) and got['num_examples'] == 8
   recorded = result['evals']['a']
   assert recorded['top1_error'] == got['top1_error'] and np.isclose(recorded['loss'], got['loss'])
+  for name in ('a', 'a_scales'):  # recorded too (walk8: it was left out of results.json)
+    assert result['evals'][name]['classes_scored'] == len(held)
+  assert 'classes_scored' not in result['eval']

@@ -5,9 +5,8 @@ the code before its fix."""
 import os
 
 import pytest
-import tensorflow_datasets as tfds
 
-from resnet_jax import evaluate, train
+from resnet_jax import train
 from resnet_jax.data import folder_index
 from resnet_jax.workdir import (
   CLASS_NAMES_FILE,
@@ -15,7 +14,7 @@ from resnet_jax.workdir import (
   check_recorded_class_names,
   read_class_names,
 )
-from tests.runner import data_config, finished_checkpoints, results
+from tests.runner import finished_checkpoints
 from tests.test_image_folder import cache, folder_config, tree  # noqa: F401  (fixtures)
 
 
@@ -66,27 +65,3 @@ def test_recorded_class_names_must_match_the_data_s(tmp_path, names, refused):
   with pytest.raises(WorkdirError, match='Restore the class folders') as e:
     check_recorded_class_names(tmp_path, names)
   assert refused in str(e.value)
-
-
-def test_an_evaluator_of_a_subset_records_the_classes_it_scored(tmp_path):
-  """evaluate's JSON says `classes_scored` for ImageNet-A (its 200 of the run's 1000, here the
-  mock's few); the same evaluator in the run left it out of results.json, so its figure read as
-  a 1000-way error. TFDS's own builders, mock records; the plain evaluation has no such key."""
-  config = data_config(
-    name='imagenet2012', image_size=16, augment='inception', eval_split='validation'
-  )
-  config.data.data_dir = str(tmp_path / 'tfds')
-  config.model.name, config.batch_size, config.eval_batch_size = 'resnet8', 4, 4
-  config.num_train_steps, config.progress_bar = 1, False
-  config.evals.a = dict(dataset='imagenet_a')
-  config.evals.a_scales = dict(dataset='imagenet_a', scales='16,24')
-  run = str(tmp_path / 'run')
-  with tfds.testing.mock_data(num_examples=8, policy=tfds.testing.MockPolicy.USE_CODE):
-    train.train_and_evaluate(config, run)
-    got = evaluate.evaluate_workdir(run, dataset='imagenet_a')
-  recorded = results(run)
-  assert 1 < got['classes_scored'] < 1000
-  for name in ('a', 'a_scales'):
-    assert recorded['evals'][name]['classes_scored'] == got['classes_scored']
-  assert recorded['evals']['a']['top1_error'] == got['top1_error']
-  assert 'classes_scored' not in recorded['eval']
