@@ -27,7 +27,7 @@ from resnet_jax.data import image_folder
 from resnet_jax.data.device_preprocess import make_device_preprocess
 from resnet_jax.models import create_model, layout
 from resnet_jax.train_step import TrainState, abstract_state, create_mesh, init_state
-from resnet_jax.workdir import read_run_config
+from resnet_jax.workdir import check_recorded_class_names, read_run_config
 
 logger = logging.getLogger(__name__)
 
@@ -294,6 +294,7 @@ def load_trained_model(
       section = section[p]
     section[leaf] = value
   experiment = build_experiment(config)
+  check_recorded_class_names(workdir, experiment.dataset.class_names)  # renamed tree folders
   variables, step = checkpointing.restore_model_variables(workdir, weights=weights)
   variables = layout.for_model(variables, experiment.model)
   mismatch = checkpointing.describe_mismatch(experiment.abstract_variables(), variables)

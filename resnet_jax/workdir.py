@@ -86,8 +86,9 @@ def read_class_names(workdir: str | epath.PathLike) -> list[str] | None:
 
 
 def check_recorded_class_names(workdir: str | epath.PathLike, names: Sequence[str] | None) -> None:
-  """Refuses to resume a run on data whose classes are named otherwise than the run recorded (a
-  tree's folders renamed, added or removed): its labels would silently mean other classes."""
+  """Refuses to resume or evaluate a run on data whose classes are named otherwise than the run
+  recorded (a tree's folders renamed, added or removed): its labels would silently mean other
+  classes."""
   recorded = read_class_names(workdir)
   if recorded is None or names is None or list(names) == recorded:
     return
@@ -96,7 +97,7 @@ def check_recorded_class_names(workdir: str | epath.PathLike, names: Sequence[st
   raise WorkdirError(
     f'workdir {as_path(workdir)} holds a run whose class {k} is {was[k]!r} ({CLASS_NAMES_FILE}); '
     f'the data names it {now[k]!r}: its labels would mean other classes. Restore the class '
-    'folders, or use another --workdir'
+    'folders (or train in another --workdir)'
   )
 
 

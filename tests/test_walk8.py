@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from resnet_jax import train
+from resnet_jax import evaluate, train
 from resnet_jax.data import folder_index
 from resnet_jax.workdir import (
   CLASS_NAMES_FILE,
@@ -37,6 +37,8 @@ def test_a_run_does_not_resume_on_a_tree_whose_classes_were_renamed(tree, tmp_pa
     train.train_and_evaluate(config, run)
   assert "class 1 is 'n02' (class_names.json); the data names it 'n10'" in str(e.value)
   assert read_class_names(run) == ['n01', 'n02', 'n10'] and finished_checkpoints(run) == [1]
+  with pytest.raises(WorkdirError, match="class 1 is 'n02'"):  # evaluate scored it shifted
+    evaluate.evaluate_workdir(run)
   for split in ('train', 'val'):  # the folders restored, the run resumes
     if os.path.isdir(os.path.join(tree, split, 'n99')):
       os.rename(os.path.join(tree, split, 'n99'), os.path.join(tree, split, 'n02'))
