@@ -32,7 +32,7 @@ _HOLDOUT_SEED = 0  # fixed: the held-out examples must not change with the train
 LABEL_SETS = {'imagenet2012_real': ('original_label', 'real_label')}
 # Test sets labelled in ImageNet's 1000 classes that hold 200 of them (Hendrycks et al. 2021):
 # read in the label space of the classes they hold, so `evaluate --dataset` scores a run on those
-# classes' logits only, their benchmarks' protocol (scoring all 1000 gives other, higher errors).
+# classes' logits only, their benchmarks' protocol (all 1000 can only count more top-1 errors).
 HELD_CLASSES_ONLY = ('imagenet_a', 'imagenet_r')
 
 
