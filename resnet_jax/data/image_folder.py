@@ -196,20 +196,15 @@ def _split_only(
   index = cached_scan(split_dir)
   classes = [str(c) for c in index['classes']]
   _check_classes(index, split_dir, split, root)
-  if not all(is_numeral(c) for c in classes):
-    records = FolderRecords(split_dir, classes, index, index['labels'])
-    return SplitSource(
-      records,
-      len(classes),
-      (None, None, channels),
-      encoded=True,
-      cache_dir=None,
-      class_names=tuple(classes),
-    )
-  of_what = f"of the model's {num_classes} classes"
-  labels, n = _numeral_labels(classes, num_classes, split, root, of_what)
-  records = FolderRecords(split_dir, classes, index, labels[index['labels']])
-  return SplitSource(records, n, (None, None, channels), encoded=True, cache_dir=None)
+  if all(is_numeral(c) for c in classes):
+    of_what = f"of the model's {num_classes} classes"
+    numbers, n = _numeral_labels(classes, num_classes, split, root, of_what)
+    labels, names = numbers[index['labels']], None
+  else:  # named: its own sorted classes
+    labels, n, names = index['labels'], len(classes), tuple(classes)
+  records = FolderRecords(split_dir, classes, index, labels)
+  shape = (None, None, channels)
+  return SplitSource(records, n, shape, encoded=True, cache_dir=None, class_names=names)
 
 
 def open_split(
