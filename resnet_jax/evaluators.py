@@ -268,11 +268,12 @@ class EvalRunner:
     config, columns = self._config(evaluator.batch_size, evaluator.dataset, evaluator.split)
     preprocessor, step = None, self._eval_step
     apply_fn = scored_on(experiment.model.apply, columns)
-    if columns is not None and columns not in self._subset_steps:
-      self._subset_steps[columns] = jit_eval_step(
-        experiment.mesh, apply_fn, preprocess=experiment.preprocess
-      )
-    step = self._subset_steps.get(columns, step)
+    if columns is not None:  # compiled once per subset
+      if columns not in self._subset_steps:
+        self._subset_steps[columns] = jit_eval_step(
+          experiment.mesh, apply_fn, preprocess=experiment.preprocess
+        )
+      step = self._subset_steps[columns]
     if evaluator.dataset is not None:
       if self._preprocessor is None:
         self._preprocessor = data.make_preprocessor(experiment.config)
@@ -342,16 +343,13 @@ def log_result(
   evaluator: Evaluator, step: int, result: dict[str, Any], name: str | None = None
 ) -> None:
   if evaluator.probe is not None:
-    errors = ', '.join(
-      f'{k}-shot {100 * result[f"top1_error_{k}shot"]:.2f}%' for k in evaluator.probe.shots
-    )
     logger.info(
       '%s at step %d on %s (%d test examples): top-1 error %s',
       name or evaluator.name,
       step,
       evaluator.describe(),
       result['num_examples'],
-      errors,
+      fewshot.errors_text(result),
     )
     return
   logger.info(

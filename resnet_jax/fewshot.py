@@ -67,6 +67,12 @@ def is_mean_key(key: str) -> bool:
   return key.startswith('top1_error_') and key.endswith('shot')
 
 
+def errors_text(result: dict[str, Any]) -> str:
+  """A probe's mean errors by shot count, '1-shot 36.11%, 5-shot 15.83%' (logs and summaries)."""
+  shots = sorted(int(key[len('top1_error_') : -len('shot')]) for key in result if is_mean_key(key))
+  return ', '.join(f'{k}-shot {100 * result[f"top1_error_{k}shot"]:.2f}%' for k in shots)
+
+
 def ridge_error(
   train_x: np.ndarray,
   train_y: np.ndarray,

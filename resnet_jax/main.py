@@ -221,17 +221,12 @@ def main(argv: list[str]) -> None:
 def evaluator_line(name: str, ev: dict) -> str:
   """The `done:` summary's line for extra evaluator `name`'s results.json figures; a few-shot
   probe's has an error per shot count and no `top1_error`."""
-  from resnet_jax.fewshot import is_mean_key  # jax is loaded by now
+  from resnet_jax.fewshot import errors_text  # jax is loaded by now
 
   where = f'{ev["dataset"]} {ev["split"]}' if ev.get('dataset') else ev['split']
   if 'train_split' in ev:  # a few-shot probe (resnet_jax.fewshot)
-    errors = ', '.join(
-      f'{k[len("top1_error_") : -len("shot")]}-shot {100 * v:.2f}%'
-      for k, v in ev.items()
-      if is_mean_key(k)
-    )
     return (
-      f'  {name}: {ev["train_split"]} -> {where} few-shot top-1 error {errors} '
+      f'  {name}: {ev["train_split"]} -> {where} few-shot top-1 error {errors_text(ev)} '
       f'({ev["num_examples"]} test examples)'
     )
   real = (
