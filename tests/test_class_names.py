@@ -22,6 +22,7 @@ from tests.test_image_folder import (  # cache, tree: the fixtures (the user cac
   _save,
   cache,  # noqa: F401
   folder_config,
+  tiny_run_config,
   tree,  # noqa: F401
 )
 
@@ -81,9 +82,7 @@ def test_a_tree_run_records_its_names_and_refuses_another_tree_s(tree, tmp_path,
   """The run writes class_names.json; `evaluate --dataset image_folder` on a tree whose classes
   have the run's count but other names is refused (it scored them by position, silently); the
   same names pass; `predict --checkpoint RUN` prints the folder names, not 'class 1'."""
-  config = folder_config(tree)
-  config.model.name, config.batch_size, config.eval_batch_size = 'resnet8', 4, 4
-  config.num_train_steps, config.progress_bar, config.data.eval_crops = 1, False, 1
+  config = tiny_run_config(tree)
   run = str(tmp_path / 'run')
   train.train_and_evaluate(config, run)
   assert read_class_names(run) == ['n01', 'n02', 'n10']
@@ -167,9 +166,7 @@ def test_a_run_is_scored_on_a_tree_of_a_subset_of_its_classes(tree, tmp_path):
   another class count). The figures are those of the model's own logits restricted by hand."""
   from resnet_jax.data import views
 
-  config = folder_config(tree)
-  config.model.name, config.batch_size, config.eval_batch_size = 'resnet8', 4, 4
-  config.num_train_steps, config.progress_bar, config.data.eval_crops = 2, False, 1
+  config = tiny_run_config(tree, steps=2)
   run = str(tmp_path / 'run')
   train.train_and_evaluate(config, run)
   subset = tmp_path / 'subset'

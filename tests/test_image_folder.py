@@ -92,6 +92,14 @@ def folder_config(root: str, **overrides):
   return data_config(**{**fields, **overrides})
 
 
+def tiny_run_config(root: str, steps: int = 1):
+  """folder_config for a few training steps of ResNet-8 at batch 4, one eval crop."""
+  config = folder_config(root)
+  config.model.name, config.batch_size, config.eval_batch_size = 'resnet8', 4, 4
+  config.num_train_steps, config.progress_bar, config.data.eval_crops = steps, False, 1
+  return config
+
+
 def _paths(source: sources.SplitSource, split_dir: str) -> list[str]:
   records = source.records
   return [os.path.relpath(records.path(i), split_dir) for i in range(len(records))]

@@ -19,6 +19,7 @@ from tests.test_image_folder import (  # cache, tree: the fixtures (the user cac
   cache,  # noqa: F401
   folder_config,
   make_tree,
+  tiny_run_config,
   tree,  # noqa: F401
 )
 
@@ -243,9 +244,7 @@ def test_evaluate_a_run_on_imagenet_v2_extracted_alone(tree, tmp_path):
   same images as the run's train split give the same numbers."""
   from resnet_jax import evaluate, train
 
-  config = folder_config(tree)
-  config.model.name, config.batch_size, config.eval_batch_size = 'resnet8', 4, 4
-  config.num_train_steps, config.progress_bar, config.data.eval_crops = 1, False, 1
+  config = tiny_run_config(tree)
   run = str(tmp_path / 'run')
   train.train_and_evaluate(config, run)
   v2 = str(tmp_path / 'imagenet_v2')

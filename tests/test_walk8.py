@@ -15,16 +15,18 @@ from resnet_jax.workdir import (
   read_class_names,
 )
 from tests.runner import finished_checkpoints
-from tests.test_image_folder import cache, folder_config, tree  # noqa: F401  (fixtures)
+from tests.test_image_folder import (  # noqa: F401  (cache, tree: fixtures)
+  cache,
+  tiny_run_config,
+  tree,
+)
 
 
 def test_a_run_does_not_resume_on_a_tree_whose_classes_were_renamed(tree, tmp_path):
   """A tree's labels are its sorted class folders: renaming one (n02 -> n99) moves every class's
   label, so resuming would go on training the checkpoint's classifier on other classes, silently,
   and class_names.json was rewritten to the new names. Refused before anything is written."""
-  config = folder_config(tree)
-  config.model.name, config.batch_size, config.eval_batch_size = 'resnet8', 4, 4
-  config.num_train_steps, config.progress_bar, config.data.eval_crops = 1, False, 1
+  config = tiny_run_config(tree)
   run = str(tmp_path / 'run')
   train.train_and_evaluate(config, run)
   assert read_class_names(run) == ['n01', 'n02', 'n10']
